@@ -1,0 +1,168 @@
+"""The attention engine: continuous batching over the paged latent cache, one ``step`` at a time.
+
+``Engine(model, cfg, EngineConfig)`` takes a :class:`Transformer` already wired
+to an expert backend. Requests join with ``add_request`` and leave when they
+finish; ``step`` schedules, runs the model once, samples and reports the new
+tokens. ``generate`` runs a list of prompts to completion as one continuously
+batched job.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from moemesh.config import ModelConfig
+from moemesh.errors import InvalidRequestError
+
+from .block_manager import BlockManager
+from .model import Transformer
+from .runner import ModelRunner
+from .sampler import sample
+from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from .sequence import SamplingParams, Sequence, Status
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_tokens: int = 32768  # latent cache capacity, in tokens, across all sequences
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    mla_impl: str = "auto"  # auto | naive | absorbed
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token_id: int
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS or a stop token) | "length" (max_tokens or context)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+class Engine:
+    def __init__(self, model: Transformer, cfg: ModelConfig, config: EngineConfig = EngineConfig()):
+        self.cfg, self.config = cfg, config
+        dtype = model.embed.weight.dtype
+        num_blocks = max(1, config.kv_cache_tokens // config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
+        )
+        self.runner = ModelRunner(model, cfg, self.blocks, dtype, config.mla_impl)
+        self._seqs: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+
+    # ---- requests -------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Validate and queue a request; raise InvalidRequestError saying what to fix."""
+        self.validate(prompt_ids, params)
+        arrival = next(self._arrivals)
+        request_id = request_id or f"req-{arrival}"
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, list(prompt_ids), params, arrival)
+        if not params.greedy:
+            seq.generator = torch.Generator()
+            seq.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        vocab, context = self.cfg.vocab_size, self.cfg.max_position_embeddings
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        params.validate(vocab)
+        total = len(prompt_ids) + params.max_tokens
+        if total > context:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
+                f"model's context of {context} tokens: shorten the prompt or lower max_tokens"
+            )
+        need = len(prompt_ids) + params.max_tokens - 1
+        if self.blocks.blocks_for(need) > self.blocks.num_blocks:
+            raise InvalidRequestError(
+                f"this request needs {need} tokens of KV cache but the whole cache holds "
+                f"{self.blocks.capacity_tokens}: lower max_tokens or start the engine with a larger cache"
+            )
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None and seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- stepping -------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits = self.runner.run(scheduled)  # [n_sampling, vocab]
+        sampling = [item.seq for item in scheduled if item.samples]
+        for item in scheduled:
+            item.seq.num_cached += item.num_tokens
+        if not sampling:
+            return []
+        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        return [self._append(seq, tok) for seq, tok in zip(sampling, tokens)]
+
+    def _append(self, seq: Sequence, token: int) -> TokenEvent:
+        seq.output_ids.append(token)
+        p = seq.params
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.cfg.eos_token_ids):
+            reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._seqs.pop(seq.request_id, None)
+        return TokenEvent(seq.request_id, token, reason is not None, reason)
+
+    # ---- conveniences ---------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Run every prompt to completion as one continuously batched job; outputs in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        for p, sp in zip(prompts, plist):
+            self.validate(p, sp)
+        outputs = {}
+        for p, sp in zip(prompts, plist):
+            rid = self.add_request(p, sp)
+            outputs[rid] = RequestOutput(rid, list(p), [], None)
+        while self.has_unfinished():
+            for ev in self.step():
+                out = outputs.get(ev.request_id)
+                if out is not None:
+                    out.token_ids.append(ev.token_id)
+                    out.finish_reason = ev.finish_reason
+        return list(outputs.values())
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """fp32 logits at every prompt position, [L, vocab] (one prefill, cache released after)."""
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        self.validate(prompt_ids, params)
+        seq = Sequence("prompt-logits", list(prompt_ids), params, -1)
+        if not self.blocks.can_reserve(len(prompt_ids)):
+            raise InvalidRequestError("the KV cache is busy: no room to score this prompt now")
+        self.blocks.reserve(seq, len(prompt_ids))
+        try:
+            return self.runner.run([ScheduledSeq(seq, len(prompt_ids))], all_logits=True)
+        finally:
+            self.blocks.free(seq)

@@ -1,0 +1,406 @@
+"""DeepSeek-V2/V3 on an attention node: everything except the routed experts.
+
+One file, top to bottom: norms, rotary (YaRN), Multi-head Latent Attention,
+the dense MLP, the MoE gate, the MoE layer (routed experts through an injected
+:class:`~moemesh.expert_backend.ExpertBackend`), the block and the model.
+Weight names follow DeepSeek's reference (``wq_a``, ``wkv_a``, ``wkv_b``...);
+:func:`hf_to_local_name` maps Hugging Face checkpoint names onto them.
+
+Glossary of shape symbols:
+    T  tokens in the step, all sequences flattened
+    D  hidden_size                    H  num_attention_heads
+    C  kv_lora_rank (latent)          R  qk_rope_head_dim
+    N  qk_nope_head_dim               V  v_head_dim
+    Lq q_lora_rank                    E  n_routed_experts
+    K  num_experts_per_tok            I  intermediate size
+    B  sequences in an attention group, Q queries per sequence, S context length
+
+The model is transport- and scheduler-agnostic: a step is a flat token batch
+plus an :class:`AttnBatch` describing where each token sits in the paged
+latent cache (built by the engine's runner).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moemesh.config import ModelConfig, yarn_get_mscale
+from moemesh.expert_backend import ExpertBackend
+
+
+def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T with no bias (DeepSeek has none)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = _param(out_features, in_features, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(dim, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as the reference does, then scale in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ---- rotary embedding --------------------------------------------------
+
+
+class Rotary(nn.Module):
+    """RoPE on the R rope dims, with DeepSeek's YaRN frequency blend and mscale on cos/sin."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # [R/2]
+        self.attention_factor = 1.0
+        if cfg.yarn is not None:
+            inv_freq, self.attention_factor = _yarn_inv_freq(cfg, inv_freq)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.interleave = cfg.rope_interleave
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, ..., R]; cos/sin: [T, R/2]. Returns rotated x, halves laid out [x1', x2'].
+
+        Interleaved checkpoints pair dims (0,1),(2,3)...; the others pair i with i+R/2.
+        Only dot products of rotated vectors are used, so the output layout is free.
+        """
+        if self.interleave:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = x.chunk(2, dim=-1)
+        shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+        c, s = cos.view(shape), sin.view(shape)
+        xf1, xf2 = x1.float(), x2.float()
+        return torch.cat([xf1 * c - xf2 * s, xf2 * c + xf1 * s], dim=-1).to(x.dtype)
+
+
+def _yarn_inv_freq(cfg: ModelConfig, inv_freq_extra: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Blend interpolated and extrapolated frequencies over YaRN's correction range."""
+    y, dim, base = cfg.yarn, cfg.qk_rope_head_dim, cfg.rope_theta
+    assert y is not None
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(y.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(y.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (inv_freq_extra / y.factor) * (1 - extrapolation) + inv_freq_extra * extrapolation
+    if y.attention_factor is not None:
+        factor = y.attention_factor
+    elif y.mscale and y.mscale_all_dim:
+        factor = yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim)
+    else:
+        factor = yarn_get_mscale(y.factor)
+    return inv_freq, float(factor)
+
+
+# ---- attention ---------------------------------------------------------
+
+
+@dataclass
+class AttnGroup:
+    """Sequences attended together as one padded batch (B sequences, Q queries, S context)."""
+
+    token_index: torch.Tensor  # [B, Q] int64 row of each query in the flat batch (padding -> any row)
+    query_valid: torch.Tensor  # [B, Q] bool, False for padding
+    ctx_slots: torch.Tensor  # [B, S] int64 cache slot of each context position (padding -> slot 0)
+    mask: torch.Tensor  # [B, 1, Q, S] bool, True where query may attend key (causal, in range)
+    absorbed: bool  # attend over the latent directly (decode) or expand K/V first (naive)
+
+
+@dataclass
+class AttnBatch:
+    """Where each token of a step sits: positions, cache slots to write, groups to attend."""
+
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    groups: list[AttnGroup]
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention over a paged latent cache of [c_kv | k_pe] rows (C + R values)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads, self.kv_lora_rank = H, cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+        )
+        self.q_lora_rank = cfg.q_lora_rank
+        if cfg.q_lora_rank is None:
+            self.wq = Linear(D, H * cfg.qk_head_dim, dtype)
+        else:
+            self.wq_a = Linear(D, cfg.q_lora_rank, dtype)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype)
+            self.wq_b = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype)
+        self.wkv_a = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype)
+        self.wkv_b = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype)
+        self.wo = Linear(H * cfg.v_head_dim, D, dtype)
+        self.softmax_scale = cfg.softmax_scale
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, D]
+        rope: tuple[Rotary, torch.Tensor, torch.Tensor],
+        batch: AttnBatch,
+        kv_cache: torch.Tensor,  # [slots, C + R]
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        H, N, R, C = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        rotary, cos, sin = rope
+        if self.q_lora_rank is None:
+            q = self.wq(x)
+        else:
+            q = self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(T, H, N + R)
+        q_nope, q_pe = q[..., :N], rotary.apply(q[..., N:], cos, sin)  # [T, H, N], [T, H, R]
+        kv = self.wkv_a(x)  # [T, C + R]
+        c_kv = self.kv_norm(kv[:, :C])  # [T, C]
+        k_pe = rotary.apply(kv[:, C:], cos, sin)  # [T, R]
+        kv_cache[batch.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
+
+        out = x.new_empty(T, H, self.v_head_dim)  # [T, H, V]
+        for g in batch.groups:
+            qn, qp = q_nope[g.token_index], q_pe[g.token_index]  # [B, Q, H, N], [B, Q, H, R]
+            ctx = kv_cache[g.ctx_slots].to(x.dtype)  # [B, S, C + R]
+            attend = self._absorbed if g.absorbed else self._naive
+            o = attend(qn, qp, ctx[..., :C], ctx[..., C:], g.mask)  # [B, Q, H, V]
+            out[g.token_index[g.query_valid]] = o[g.query_valid]
+        return self.wo(out.view(T, H * self.v_head_dim))
+
+    def _softmax(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = scores.float().masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Expand the latent into per-head K and V (cheaper for long query chunks)."""
+        B, S = c_kv.shape[:2]
+        H, N, V = self.n_heads, self.qk_nope_head_dim, self.v_head_dim
+        kv = self.wkv_b(c_kv).view(B, S, H, N + V)  # [B, S, H, N + V]
+        k_nope, v = kv[..., :N], kv[..., N:]
+        scores = torch.einsum("bqhn,bshn->bhqs", q_nope, k_nope)
+        scores = scores + torch.einsum("bqhr,bsr->bhqs", q_pe, k_pe)  # [B, H, Q, S]
+        p = self._softmax(scores * self.softmax_scale, mask).to(v.dtype)
+        return torch.einsum("bhqs,bshv->bqhv", p, v)  # [B, Q, H, V]
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Fold W_UK into the query and W_UV into the output: attend over the C-dim latent."""
+        H, N = self.n_heads, self.qk_nope_head_dim
+        wkv_b = self.wkv_b.weight.view(H, N + self.v_head_dim, self.kv_lora_rank)  # [H, N + V, C]
+        q_c = torch.einsum("bqhn,hnc->bqhc", q_nope, wkv_b[:, :N])  # [B, Q, H, C]
+        scores = torch.einsum("bqhc,bsc->bhqs", q_c, c_kv)
+        scores = scores + torch.einsum("bqhr,bsr->bhqs", q_pe, k_pe)  # [B, H, Q, S]
+        p = self._softmax(scores * self.softmax_scale, mask).to(c_kv.dtype)
+        o_c = torch.einsum("bhqs,bsc->bqhc", p, c_kv)  # [B, Q, H, C]
+        return torch.einsum("bqhc,hvc->bqhv", o_c, wkv_b[:, N:])  # [B, Q, H, V]
+
+
+# ---- feed-forward ------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim, dtype)
+        self.w2 = Linear(inter_dim, dim, dtype)
+        self.w3 = Linear(dim, inter_dim, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """DeepSeekMoE router: scores (softmax|sigmoid), top-k selection (greedy|group_limited_greedy|noaux_tc).
+
+    Runs in fp32 like the reference. Returns (topk_idx [T, K], topk_weights [T, K] fp32).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.topk_method, self.scoring_func = cfg.topk_method, cfg.scoring_func
+        self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = _param(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32)
+        # noaux_tc's load-balancing bias shifts which experts are chosen, never their weights.
+        self.bias = _param(cfg.n_routed_experts, dtype=torch.float32) if cfg.topk_method == "noaux_tc" else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight)  # [T, E]
+        scores = logits.softmax(dim=-1) if self.scoring_func == "softmax" else logits.sigmoid()
+        if self.topk_method == "greedy":
+            weights, idx = torch.topk(scores, self.top_k, dim=-1, sorted=False)
+        elif self.topk_method == "group_limited_greedy":
+            keep = self._group_mask(scores.view(-1, self.n_group, self.n_experts // self.n_group).amax(-1))
+            weights, idx = torch.topk(scores.masked_fill(~keep, 0.0), self.top_k, dim=-1, sorted=False)
+        else:  # noaux_tc
+            choice = scores + self.bias  # [T, E]
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # [T, G, E/G]
+            keep = self._group_mask(grouped.topk(2, dim=-1).values.sum(-1))
+            idx = torch.topk(choice.masked_fill(~keep, float("-inf")), self.top_k, dim=-1, sorted=False)[1]
+            weights = scores.gather(1, idx)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, weights * self.route_scale
+
+    def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
+        """[T, G] group scores -> [T, E] bool, True for experts in the topk_group best groups."""
+        top = torch.topk(group_scores, self.topk_group, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)
+        return mask.repeat_interleave(self.n_experts // self.n_group, dim=1)
+
+
+class MoE(nn.Module):
+    """Gate + shared experts here; routed experts through the injected backend."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, backend: ExpertBackend, dtype: torch.dtype):
+        super().__init__()
+        self.layer_id = layer_id
+        self.gate = Gate(cfg)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype)
+            if cfg.n_shared_experts
+            else None
+        )
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_idx, topk_weights = self.gate(x)  # [T, K], [T, K]
+        handle = self.backend.dispatch(self.layer_id, x, topk_idx, topk_weights)
+        # Shared experts run here while the routed experts are computed elsewhere.
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        y = self.backend.combine(handle)  # [T, D]
+        return y if shared is None else y + shared
+
+
+# ---- the model ---------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, backend: ExpertBackend, dtype: torch.dtype):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = MLA(cfg, dtype)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.ffn = (
+            MoE(cfg, layer_id, backend, dtype)
+            if cfg.is_moe_layer(layer_id)
+            else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+        )
+
+    def forward(self, x, rope, batch: AttnBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, batch, kv_cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Embeddings, blocks, final norm and head. ``forward`` returns hidden states; ``logits`` projects."""
+
+    def __init__(self, cfg: ModelConfig, backend: ExpertBackend, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(cfg, i, backend, dtype) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype)
+        self.rotary = Rotary(cfg)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        batch: AttnBatch,
+        kv_caches: list[torch.Tensor],  # per layer [slots, C + R]
+    ) -> torch.Tensor:
+        x = self.embed(input_ids)  # [T, D]
+        cos, sin = self.rotary.cos_sin(batch.positions)  # [T, R/2]
+        rope = (self.rotary, cos, sin)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, rope, batch, kv_cache)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[T, D] final hidden states -> [T, vocab] fp32 logits."""
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return F.linear(h, weight).float()
+
+
+# ---- checkpoint names --------------------------------------------------
+
+_ATTN_NAMES = {
+    "q_proj": "wq",
+    "q_a_proj": "wq_a",
+    "q_a_layernorm": "q_norm",
+    "q_b_proj": "wq_b",
+    "kv_a_proj_with_mqa": "wkv_a",
+    "kv_a_layernorm": "kv_norm",
+    "kv_b_proj": "wkv_b",
+    "o_proj": "wo",
+}
+_MLP_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def hf_to_local_name(name: str) -> str | None:
+    """Map a Hugging Face DeepSeek tensor name onto this module's state dict; None if not ours.
+
+    Routed experts (``mlp.experts.*``) are not the attention node's and map to None.
+    """
+    if name == "model.embed_tokens.weight":
+        return "embed.weight"
+    if name == "model.norm.weight":
+        return "norm.weight"
+    if name == "lm_head.weight":
+        return "head.weight"
+    parts = name.split(".")
+    if len(parts) < 5 or parts[:2] != ["model", "layers"]:
+        return None
+    layer, module, rest = parts[2], parts[3], parts[4:]
+    prefix = f"layers.{layer}"
+    if module == "input_layernorm":
+        return f"{prefix}.attn_norm.{rest[-1]}"
+    if module == "post_attention_layernorm":
+        return f"{prefix}.ffn_norm.{rest[-1]}"
+    if module == "self_attn" and rest[0] in _ATTN_NAMES:
+        return f"{prefix}.attn.{_ATTN_NAMES[rest[0]]}.{rest[-1]}"
+    if module != "mlp":
+        return None
+    if rest[0] in _MLP_NAMES:
+        return f"{prefix}.ffn.{_MLP_NAMES[rest[0]]}.weight"
+    if rest[0] == "gate":
+        return f"{prefix}.ffn.gate.{'bias' if rest[1] == 'e_score_correction_bias' else 'weight'}"
+    if rest[0] == "shared_experts" and rest[1] in _MLP_NAMES:
+        return f"{prefix}.ffn.shared_experts.{_MLP_NAMES[rest[1]]}.weight"
+    return None

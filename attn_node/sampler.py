@@ -1,0 +1,36 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with a per-request seeded generator."""
+
+from __future__ import annotations
+
+import torch
+
+from .sequence import SamplingParams
+
+
+def sample(
+    logits: torch.Tensor,  # [B, vocab] fp32
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """One token per row. Greedy rows take the argmax; the others draw from the filtered distribution."""
+    tokens = logits.argmax(dim=-1)  # [B]
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        probs = _filtered_probs(logits[i] / p.temperature, p.top_k, p.top_p)
+        tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    return tokens.tolist()
+
+
+def _filtered_probs(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return probs

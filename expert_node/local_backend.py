@@ -1,0 +1,27 @@
+"""The in-process expert backend: routed experts computed by an ExpertShard in this process.
+
+This is what makes the single-process engine: the attention engine wired to a
+shard that holds every expert. ``dispatch`` computes eagerly (there is nothing
+to overlap with on one CPU stream), ``combine`` hands the result back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moemesh.expert_backend import ExpertBackend, ExpertBackendError
+
+from .shard import ExpertShard
+
+
+class LocalExpertBackend(ExpertBackend):
+    def __init__(self, shard: ExpertShard):
+        self.shard = shard
+
+    def dispatch(self, layer_id: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
+        if layer_id not in self.shard.hosted():
+            raise ExpertBackendError(f"no experts of MoE layer {layer_id} are loaded in this process")
+        return self.shard.forward(layer_id, x, topk_idx, topk_weights)
+
+    def combine(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
