@@ -22,6 +22,8 @@ def load_transformer(
     model = Transformer(cfg, backend, dtype)
     ckpt = Checkpoint(model_dir, cfg)
     wanted = {n: hf_to_local_name(n) for n in ckpt.names() if attention_side(n)}
+    if cfg.tie_word_embeddings:
+        wanted.pop("lm_head.weight", None)  # the head is the embedding; a stored copy is ignored
     tensors = ckpt.load([n for n, local in wanted.items() if local is not None], dtype=dtype, progress=progress,
                         desc="loading attention weights")
     state = {wanted[n]: t for n, t in tensors.items()}

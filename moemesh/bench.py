@@ -1,0 +1,91 @@
+"""``moemesh bench``: the same greedy workload through transformers and through moemesh, in one run.
+
+Figures are printed side by side because these machines are noisy: only the
+ratio from one run means much. Both sides run the same checkpoint in the same
+dtype, on the same random prompts, for exactly ``--new-tokens`` tokens (EOS is
+ignored on both sides), and the tokens are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from moemesh.attn_node.sequence import SamplingParams
+from moemesh.errors import MoemeshError
+from moemesh.generate_cmd import engine_config
+from moemesh.local import build_local, resolve_dtype
+
+
+def _load_hf(model_dir: str, dtype: torch.dtype):
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise MoemeshError("bench compares against transformers: pip install 'moemesh[bench]'") from None
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+
+def _time_best(fn, repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    mesh = build_local(args.model, args.dtype, engine_config(args), progress=not args.json)
+    cfg, engine = mesh.cfg, mesh.engine
+    dtype = resolve_dtype(args.dtype, cfg)
+    hf = _load_hf(args.model, dtype)
+    prompts = torch.randint(2, cfg.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+
+    def run_hf(n_new: int):
+        with torch.inference_mode():
+            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                              max_new_tokens=n_new, eos_token_id=None, pad_token_id=0)
+        return out[:, args.prompt_len:].tolist()
+
+    def run_engine(p: SamplingParams):
+        return [o.token_ids for o in engine.generate(prompts.tolist(), p)]
+
+    run_hf(2)  # warm-up: first calls allocate and pick kernels
+    run_engine(SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    hf_s, hf_tokens = _time_best(lambda: run_hf(args.new_tokens), args.repeats)
+    en_s, en_tokens = _time_best(lambda: run_engine(params), args.repeats)
+    generated = args.batch * args.new_tokens
+    elem = torch.tensor([], dtype=dtype).element_size()
+    result = {
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "hf_tokens_per_s": generated / hf_s,
+        "engine_tokens_per_s": generated / en_s,
+        "ratio": hf_s / en_s,
+        "tokens_match": sum(a == b for a, b in zip(hf_tokens, en_tokens)),
+        "latent_cache_bytes_per_token_per_layer": cfg.kv_cache_dim * elem,
+        "mha_cache_bytes_per_token_per_layer": cfg.mha_cache_dim * elem,
+        "latent_cache_bytes_per_token": cfg.kv_cache_dim * elem * cfg.num_hidden_layers,
+        "mha_cache_bytes_per_token": cfg.mha_cache_dim * elem * cfg.num_hidden_layers,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"workload: batch {args.batch}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+          f"greedy, {result['dtype']}, {result['threads']} threads")
+    print(f"{'':14}{'tokens/s':>12}{'seconds':>10}")
+    print(f"{'transformers':14}{result['hf_tokens_per_s']:12.1f}{hf_s:10.3f}")
+    print(f"{'moemesh':14}{result['engine_tokens_per_s']:12.1f}{en_s:10.3f}")
+    print(f"ratio moemesh/transformers: {result['ratio']:.2f}x; identical tokens for "
+          f"{result['tokens_match']}/{args.batch} prompts")
+    print(f"KV cache per token: latent {result['latent_cache_bytes_per_token']} B vs MHA "
+          f"{result['mha_cache_bytes_per_token']} B ({result['mha_cache_bytes_per_token'] / result['latent_cache_bytes_per_token']:.1f}x smaller)")
+    return 0

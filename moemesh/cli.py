@@ -1,0 +1,183 @@
+"""The ``moemesh`` command line: one entry point, a subcommand per job.
+
+Every failure a user can cause (a missing model directory, a config that is not
+DeepSeek, an out-of-range argument) ends with one line on stderr saying what to
+fix and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from moemesh.config import ConfigError
+from moemesh.errors import MoemeshError
+
+EXIT_USAGE = 2
+
+
+class UsageError(MoemeshError):
+    """A command-line argument is wrong; the message says which and why."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
+class _OrderedPrompts(argparse.Action):
+    """--prompt and --prompt-ids share one list so prompts keep the order they were given in."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        prompts = list(getattr(namespace, "prompts", None) or [])
+        prompts.append(("ids", values) if option_string == "--prompt-ids" else ("text", values))
+        namespace.prompts = prompts
+
+
+def _add_model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--model",
+        required=required,
+        metavar="DIR",
+        help="HF-format DeepSeek-V2/V3 checkpoint directory (config.json, *.safetensors, optional tokenizer.json)"
+        + ("" if required else "; default: a tiny random demo checkpoint, written on first use"),
+    )
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype; auto = the checkpoint's on GPU, float32 on CPU (default: auto)")
+    p.add_argument("--kv-cache-tokens", type=_positive_int, default=32768,
+                   help="latent KV cache capacity in tokens, shared by all sequences (default: 32768)")
+    p.add_argument("--block-size", type=_positive_int, default=16, help="KV cache block size in tokens (default: 16)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=64,
+                   help="sequences in the running batch at most (default: 64)")
+    p.add_argument("--max-batched-tokens", type=_positive_int, default=512,
+                   help="tokens computed per step at most; longer prompts are prefilled in chunks (default: 512)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moemesh",
+        description="Serve DeepSeek-V2/V3 mixture-of-experts models with attention/expert disaggregation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("tiny-checkpoint", help="write a small random DeepSeek checkpoint (for tests and demos)",
+                       description="Write a small random HF-format DeepSeek checkpoint (config.json, "
+                       "model.safetensors, tokenizer.json) that transformers itself loads.")
+    p.add_argument("dir", metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--arch", default="deepseek_v2", choices=["deepseek_v2", "deepseek_v3"],
+                   help="V2: softmax greedy routing, no q_lora_rank; V3: sigmoid noaux_tc routing with groups and "
+                   "correction bias, q_lora_rank set (default: deepseek_v2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes identical files")
+    p.add_argument("--hidden-size", type=_positive_int, default=128, help="hidden size D (default: 128)")
+    p.add_argument("--layers", type=_positive_int, default=3, help="decoder layers; the first is dense (default: 3)")
+    p.add_argument("--experts", type=_positive_int, default=16, help="routed experts per MoE layer (default: 16)")
+    p.add_argument("--experts-per-token", type=_positive_int, default=4, help="top-k experts per token (default: 4)")
+    p.add_argument("--shared-experts", type=int, default=1, help="shared experts per MoE layer (default: 1)")
+    p.add_argument("--kv-lora-rank", type=_positive_int, default=32, help="MLA latent size C (default: 32)")
+    p.add_argument("--vocab-size", type=_positive_int, default=512, help="vocabulary size (default: 512)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="stored weight dtype (default: float32)")
+
+    p = sub.add_parser("generate", help="generate from one or more prompts on this machine",
+                       description="Run prompts through the single-process engine (attention and every expert in "
+                       "this process) as one continuously batched job. Without --json, text streams as it is "
+                       "generated, prompt by prompt in order.")
+    _add_model_arg(p, required=False)
+    p.add_argument("--prompt", action=_OrderedPrompts, metavar="TEXT", help="a text prompt (repeatable)")
+    p.add_argument("--prompt-ids", action=_OrderedPrompts, type=_token_ids, metavar="IDS",
+                   help="a prompt as comma-separated token ids, e.g. 1,2,3 (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt at most (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling; prompt i uses seed + i")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt, in order, when done")
+    _add_engine_args(p)
+
+    p = sub.add_parser("bench", help="tokens/s of transformers and of moemesh on the same workload",
+                       description="Run the same greedy workload (random prompts) through transformers' generate "
+                       "and through the moemesh engine in one run; print tokens/s of each, the ratio, whether the "
+                       "tokens agree, and the latent cache bytes per token next to what MHA would need. Needs "
+                       "transformers (pip install 'moemesh[bench]').")
+    _add_model_arg(p)
+    p.add_argument("--batch", type=_positive_int, default=16, help="prompts run together (default: 16)")
+    p.add_argument("--prompt-len", type=_positive_int, default=32, help="tokens per prompt (default: 32)")
+    p.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens generated per prompt (default: 32)")
+    p.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per side; the best counts")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+    _add_engine_args(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "tiny-checkpoint":
+            return _cmd_tiny(args)
+        if args.command == "generate":
+            from moemesh.generate_cmd import run_generate
+
+            return run_generate(args)
+        if args.command == "bench":
+            from moemesh.bench import run_bench
+
+            return run_bench(args)
+    except (ConfigError, MoemeshError, ValueError, FileNotFoundError) as exc:
+        print(f"moemesh {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE
+
+
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    from moemesh.tiny import write_tiny_checkpoint
+
+    if args.shared_experts < 0:
+        raise UsageError(f"--shared-experts must be >= 0, got {args.shared_experts}")
+    if args.experts_per_token > args.experts:
+        raise UsageError(f"--experts-per-token ({args.experts_per_token}) exceeds --experts ({args.experts})")
+    path = write_tiny_checkpoint(
+        args.dir, arch=args.arch, seed=args.seed, hidden_size=args.hidden_size, layers=args.layers,
+        experts=args.experts, experts_per_token=args.experts_per_token, shared_experts=args.shared_experts,
+        kv_lora_rank=args.kv_lora_rank, vocab_size=args.vocab_size, dtype=args.dtype,
+    )
+    print(json.dumps({"path": str(path)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""``moemesh generate``: prompts through the single-process engine, streamed or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+
+from moemesh.attn_node.engine import EngineConfig
+from moemesh.attn_node.sequence import SamplingParams
+from moemesh.errors import InvalidRequestError
+from moemesh.local import build_local, ensure_demo_model
+from moemesh.tokenizer import Tokenizer
+
+DEMO_PROMPT = "The river ran past the old mill and"
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        block_size=args.block_size,
+        kv_cache_tokens=args.kv_cache_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_batched_tokens,
+    )
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    if args.max_tokens < 1:
+        raise InvalidRequestError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if not args.temperature >= 0:
+        raise InvalidRequestError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise InvalidRequestError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise InvalidRequestError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+
+
+def _encode(prompts: list[tuple[str, object]], tokenizer: Tokenizer | None) -> list[list[int]]:
+    out = []
+    for kind, value in prompts:
+        if kind == "ids":
+            out.append(list(value))
+        elif tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer.json: give prompts as --prompt-ids 1,2,3")
+        else:
+            out.append(tokenizer.encode(value))
+    return out
+
+
+@dataclass
+class _Stream:
+    """Per-prompt output; text is printed prompt by prompt, in order, as soon as it is that prompt's turn."""
+
+    decoder: object | None
+    token_ids: list[int] = field(default_factory=list)
+    pending: str = ""
+    text: str = ""
+    finish_reason: str | None = None
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    _check_sampling_args(args)
+    model_dir = args.model or str(ensure_demo_model())
+    prompts = getattr(args, "prompts", None) or [("text", DEMO_PROMPT)]
+    mesh = build_local(model_dir, args.dtype, engine_config(args), progress=not args.json)
+    tokenizer = mesh.tokenizer
+    prompt_ids = _encode(prompts, tokenizer)
+    params = [
+        SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            seed=None if args.seed is None else args.seed + i, ignore_eos=args.ignore_eos,
+        )
+        for i in range(len(prompt_ids))
+    ]
+    engine = mesh.engine
+    for ids, p in zip(prompt_ids, params):
+        engine.validate(ids, p)  # every prompt is checked before any runs
+    streams = {}
+    order = []
+    for ids, p in zip(prompt_ids, params):
+        rid = engine.add_request(ids, p)
+        streams[rid] = _Stream(tokenizer.incremental_decoder() if tokenizer else None)
+        order.append(rid)
+    printer = None if args.json else _OrderedPrinter(order, prompts, tokenizer)
+    while engine.has_unfinished():
+        for ev in engine.step():
+            s = streams[ev.request_id]
+            s.token_ids.append(ev.token_id)
+            piece = s.decoder.push(ev.token_id) if s.decoder else f"{ev.token_id} "
+            if ev.finished:
+                s.finish_reason = ev.finish_reason
+                if s.decoder:
+                    piece += s.decoder.flush()
+            s.text += piece
+            if printer:
+                printer.emit(ev.request_id, piece, ev.finished)
+    if args.json:
+        for i, rid in enumerate(order):
+            s = streams[rid]
+            obj = {"index": i, "prompt_ids": prompt_ids[i], "token_ids": s.token_ids,
+                   "finish_reason": s.finish_reason,
+                   "usage": {"prompt_tokens": len(prompt_ids[i]), "completion_tokens": len(s.token_ids)}}
+            if tokenizer:
+                obj["text"] = s.text
+            print(json.dumps(obj))
+    return 0
+
+
+class _OrderedPrinter:
+    def __init__(self, order: list[str], prompts: list[tuple[str, object]], tokenizer):
+        self.order, self.prompts, self.tokenizer = order, prompts, tokenizer
+        self.current = 0
+        self.buffers = {rid: "" for rid in order}
+        self.done = set()
+        self._header(0)
+
+    def _header(self, i: int) -> None:
+        if i >= len(self.order):
+            return
+        kind, value = self.prompts[i]
+        shown = value if kind == "text" else ",".join(map(str, value))
+        sys.stdout.write(f"{'' if i == 0 else chr(10)}[{i}] {shown}")
+        sys.stdout.flush()
+
+    def emit(self, rid: str, piece: str, finished: bool) -> None:
+        if rid == self.order[self.current]:
+            sys.stdout.write(piece)
+        else:
+            self.buffers[rid] += piece
+        if finished:
+            self.done.add(rid)
+        while self.current < len(self.order) and self.order[self.current] in self.done:
+            self.current += 1
+            if self.current < len(self.order):
+                self._header(self.current)
+                nxt = self.order[self.current]
+                sys.stdout.write(self.buffers.pop(nxt, ""))
+            else:
+                sys.stdout.write("\n")
+        sys.stdout.flush()

@@ -1,0 +1,65 @@
+"""The embedded single process: the attention engine wired to an in-process shard of every expert.
+
+This is the only place (with the CLI) that imports both roles: roles never
+import each other, the top of ``moemesh`` wires them together.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moemesh.attn_node.engine import Engine, EngineConfig
+from moemesh.attn_node.loader import load_transformer
+from moemesh.config import ModelConfig
+from moemesh.expert_node.loader import load_expert_shard
+from moemesh.expert_node.local_backend import LocalExpertBackend
+from moemesh.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LocalMesh:
+    cfg: ModelConfig
+    engine: Engine
+    tokenizer: Tokenizer | None
+
+
+def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
+    """'auto' = the checkpoint's dtype on a GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    if name == "auto":
+        return DTYPES[cfg.dtype] if torch.cuda.is_available() else torch.float32
+    return DTYPES[name]
+
+
+def build_local(
+    model_dir: str | Path,
+    dtype: str = "auto",
+    engine_config: EngineConfig = EngineConfig(),
+    progress: bool = True,
+) -> LocalMesh:
+    cfg = ModelConfig.from_dir(model_dir)
+    torch_dtype = resolve_dtype(dtype, cfg)
+    shard = load_expert_shard(str(model_dir), cfg, dtype=torch_dtype, progress=progress)
+    model = load_transformer(str(model_dir), cfg, LocalExpertBackend(shard), torch_dtype, progress)
+    return LocalMesh(cfg, Engine(model, cfg, engine_config), Tokenizer.from_dir(model_dir))
+
+
+def demo_model_dir() -> Path:
+    """Where the embedded default (a tiny random checkpoint) lives: $MOEMESH_HOME or ~/.cache/moemesh."""
+    home = os.environ.get("MOEMESH_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "moemesh")
+    return Path(home) / "demo-tiny-v3"
+
+
+def ensure_demo_model() -> Path:
+    """Write the tiny demo checkpoint the first time it is needed."""
+    from moemesh.tiny import write_tiny_checkpoint
+
+    path = demo_model_dir()
+    if not (path / "config.json").is_file():
+        write_tiny_checkpoint(path, arch="deepseek_v3", seed=0)
+    return path
