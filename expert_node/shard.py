@@ -9,7 +9,8 @@ up projections fused) and ``w2`` = [E_l, D, I], plus a table from logical
 expert id to local slot. For a batch it sorts the (row, expert) assignments it
 hosts by slot and runs two grouped GEMMs over the contiguous segments, then
 scatters the weighted results back onto the rows. There is no Python loop over
-tokens or experts.
+tokens or experts. Decode-sized batches that touch most experts use one padded
+batched matmul instead (see ``_use_padded``).
 """
 
 from __future__ import annotations
@@ -36,9 +37,14 @@ def _grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch
 class ExpertShard:
     """Holds (layer, expert) SwiGLU experts and computes their weighted sum for routed rows."""
 
-    def __init__(self, n_routed_experts: int, dtype: torch.dtype = torch.float32):
+    STRATEGIES = ("auto", "grouped", "padded")
+
+    def __init__(self, n_routed_experts: int, dtype: torch.dtype = torch.float32, strategy: str = "auto"):
+        if strategy not in self.STRATEGIES:
+            raise ValueError(f"strategy must be one of {self.STRATEGIES}, got {strategy!r}")
         self.n_routed_experts = n_routed_experts
         self.dtype = dtype
+        self.strategy = strategy  # auto picks per batch; the others force a path (tests, benchmarks)
         self._layers: dict[int, _LayerExperts] = {}
 
     # ---- what is hosted -------------------------------------------------
@@ -123,12 +129,45 @@ class ExpertShard:
         order = torch.argsort(slots, stable=True)
         hosted, slots = hosted[order], slots[order]  # grouped by local slot
         rows = hosted // top_k  # [A]
-        offs = torch.bincount(slots, minlength=len(le.expert_ids)).cumsum(0).to(torch.int32)  # [E_l]
+        counts = torch.bincount(slots, minlength=len(le.expert_ids))  # [E_l]
         xs = x[rows].to(self.dtype)  # [A, D]
-        inter = le.w2.shape[-1]
-        gate_up = _grouped_mm(xs, le.w13.transpose(1, 2), offs)  # [A, 2I]
-        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [A, I]
-        ys = _grouped_mm(h, le.w2.transpose(1, 2), offs)  # [A, D]
-        ys = ys * topk_weights.reshape(-1)[hosted].unsqueeze(1).to(ys.dtype)
+        padded = self.strategy == "padded" or (self.strategy == "auto" and _use_padded(counts, slots.numel()))
+        if padded:
+            ys = _padded_swiglu(xs, slots, counts, le)
+        else:
+            ys = _grouped_swiglu(xs, counts.cumsum(0).to(torch.int32), le)
+        ys = ys * topk_weights.reshape(-1)[hosted].unsqueeze(1).to(ys.dtype)  # [A, D]
         out.index_add_(0, rows, ys.to(out.dtype))
         return out
+
+
+def _use_padded(counts: torch.Tensor, assignments: int) -> bool:
+    """Decode-sized batches touching most experts: one padded bmm beats a per-expert GEMM loop.
+
+    Few rows per expert make each GEMM a memory-bound GEMV; a batched matmul over every
+    hosted expert spreads those weight reads over all cores, at the price of reading the
+    idle experts too and computing padding rows. Worth it when most experts are busy and
+    padding stays within a few times the real rows.
+    """
+    n_experts = counts.numel()
+    busy = int((counts > 0).sum())
+    return busy * 2 >= n_experts and int(counts.max()) * n_experts <= 4 * assignments + n_experts
+
+
+def _grouped_swiglu(xs: torch.Tensor, offs: torch.Tensor, le: _LayerExperts) -> torch.Tensor:
+    inter = le.w2.shape[-1]
+    gate_up = _grouped_mm(xs, le.w13.transpose(1, 2), offs)  # [A, 2I]
+    h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [A, I]
+    return _grouped_mm(h, le.w2.transpose(1, 2), offs)  # [A, D]
+
+
+def _padded_swiglu(xs: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor, le: _LayerExperts) -> torch.Tensor:
+    """Rows laid out [E_l, M, D] (M = most rows of any expert, zeros elsewhere), two bmm's."""
+    inter = le.w2.shape[-1]
+    starts = counts.cumsum(0) - counts  # [E_l] first assignment of each slot (slots are sorted)
+    rank = torch.arange(slots.numel()) - starts[slots]  # [A] row of each assignment within its expert
+    padded = xs.new_zeros(counts.numel(), int(counts.max()), xs.shape[1])  # [E_l, M, D]
+    padded[slots, rank] = xs
+    gate_up = torch.bmm(padded, le.w13.transpose(1, 2))  # [E_l, M, 2I]
+    h = F.silu(gate_up[..., :inter]) * gate_up[..., inter:]  # [E_l, M, I]
+    return torch.bmm(h, le.w2.transpose(1, 2))[slots, rank]  # [A, D]

@@ -22,6 +22,13 @@ class UsageError(MoemeshError):
     """A command-line argument is wrong; the message says which and why."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, and where to look), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -84,11 +91,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moemesh",
         description="Serve DeepSeek-V2/V3 mixture-of-experts models with attention/expert disaggregation.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     p = sub.add_parser("tiny-checkpoint", help="write a small random DeepSeek checkpoint (for tests and demos)",
                        description="Write a small random HF-format DeepSeek checkpoint (config.json, "
