@@ -52,6 +52,11 @@ class RequestOutput:
 
 class Engine:
     def __init__(self, model: Transformer, cfg: ModelConfig, config: EngineConfig = EngineConfig()):
+        if config.max_num_batched_tokens < config.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({config.max_num_seqs}), or some running sequences could never be scheduled"
+            )
         self.cfg, self.config = cfg, config
         dtype = model.embed.weight.dtype
         num_blocks = max(1, config.kv_cache_tokens // config.block_size)
@@ -74,7 +79,10 @@ class Engine:
         seq = Sequence(request_id, list(prompt_ids), params, arrival)
         if not params.greedy:
             seq.generator = torch.Generator()
-            seq.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            if params.seed is not None:
+                seq.generator.manual_seed(params.seed)
+            else:
+                seq.generator.seed()  # fresh entropy, without touching torch's global generator
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id

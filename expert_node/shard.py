@@ -31,7 +31,16 @@ class _LayerExperts:
 
 def _grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """[A, in] x [E_l, in, out] over row segments ending at ``offs`` -> [A, out]."""
-    return F.grouped_mm(x, w_t, offs=offs)
+    if (x.shape[1] * x.element_size()) % 16 == 0 and (w_t.shape[2] * w_t.element_size()) % 16 == 0:
+        return F.grouped_mm(x, w_t, offs=offs)
+    # torch's grouped GEMM needs 16-byte aligned rows; odd sizes take one GEMM per expert segment.
+    out = x.new_empty(x.shape[0], w_t.shape[2])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ w_t[e]
+        start = end
+    return out
 
 
 class ExpertShard:
@@ -54,7 +63,7 @@ class ExpertShard:
 
     def hosts(self, layer_id: int, expert_id: int) -> bool:
         le = self._layers.get(layer_id)
-        return le is not None and bool(le.slot_of[expert_id] >= 0)
+        return le is not None and 0 <= expert_id < self.n_routed_experts and bool(le.slot_of[expert_id] >= 0)
 
     def add_experts(
         self,
@@ -120,6 +129,8 @@ class ExpertShard:
         le = self._layers.get(layer_id)
         if le is None or x.shape[0] == 0:
             return out
+        if topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= self.n_routed_experts):
+            raise ValueError(f"routed expert ids must be in 0..{self.n_routed_experts - 1}")
         top_k = topk_idx.shape[1]
         slots = le.slot_of[topk_idx.reshape(-1)]  # [T*K], -1 where not hosted
         hosted = (slots >= 0).nonzero().squeeze(1)  # [A] flat (row, k) positions we compute

@@ -28,7 +28,7 @@ def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf = save_hf_model(request.param, path)
     # Small blocks and a small step budget, so block tables and chunked prefill are exercised.
-    mesh = build_local(path, "float32", EngineConfig(block_size=4, max_num_batched_tokens=24), progress=False)
+    mesh = build_local(path, "float32", EngineConfig(block_size=4, max_num_batched_tokens=24, max_num_seqs=8), progress=False)
     return hf, mesh
 
 
