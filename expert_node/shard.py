@@ -9,8 +9,8 @@ up projections fused) and ``w2`` = [E_l, D, I], plus a table from logical
 expert id to local slot. For a batch it sorts the (row, expert) assignments it
 hosts by slot and runs two grouped GEMMs over the contiguous segments, then
 scatters the weighted results back onto the rows. There is no Python loop over
-tokens or experts. Decode-sized batches that touch most experts use one padded
-batched matmul instead (see ``_use_padded``).
+tokens. On CPUs, where torch's grouped GEMM is a serial loop over every expert,
+``_pick_strategy`` chooses a padded batched matmul or a loop over busy experts.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch
 class ExpertShard:
     """Holds (layer, expert) SwiGLU experts and computes their weighted sum for routed rows."""
 
-    STRATEGIES = ("auto", "grouped", "padded")
+    STRATEGIES = ("auto", "grouped", "padded", "looped")
 
     def __init__(self, n_routed_experts: int, dtype: torch.dtype = torch.float32, strategy: str = "auto"):
         if strategy not in self.STRATEGIES:
@@ -142,9 +142,11 @@ class ExpertShard:
         rows = hosted // top_k  # [A]
         counts = torch.bincount(slots, minlength=len(le.expert_ids))  # [E_l]
         xs = x[rows].to(self.dtype)  # [A, D]
-        padded = self.strategy == "padded" or (self.strategy == "auto" and _use_padded(counts, slots.numel()))
-        if padded:
+        strategy = self.strategy if self.strategy != "auto" else _pick_strategy(counts, slots.numel(), x.is_cuda)
+        if strategy == "padded":
             ys = _padded_swiglu(xs, slots, counts, le)
+        elif strategy == "looped":
+            ys = _looped_swiglu(xs, counts, le)
         else:
             ys = _grouped_swiglu(xs, counts.cumsum(0).to(torch.int32), le)
         ys = ys * topk_weights.reshape(-1)[hosted].unsqueeze(1).to(ys.dtype)  # [A, D]
@@ -152,17 +154,35 @@ class ExpertShard:
         return out
 
 
-def _use_padded(counts: torch.Tensor, assignments: int) -> bool:
-    """Decode-sized batches touching most experts: one padded bmm beats a per-expert GEMM loop.
+def _pick_strategy(counts: torch.Tensor, assignments: int, cuda: bool) -> str:
+    """How to run this batch's experts; measured on CPU (see the closing notes of issue [A]).
 
-    Few rows per expert make each GEMM a memory-bound GEMV; a batched matmul over every
-    hosted expert spreads those weight reads over all cores, at the price of reading the
-    idle experts too and computing padding rows. Worth it when most experts are busy and
-    padding stays within a few times the real rows.
+    On GPUs the grouped GEMM is one kernel. On CPUs torch's grouped GEMM runs one GEMM per
+    hosted expert, empty ones included, on one core: decode-sized batches touching most
+    experts do better with one padded bmm over every hosted expert (memory-bound weight
+    reads spread over all cores, at the price of reading idle experts and padding rows);
+    batches touching few experts do better looping over just the busy ones.
     """
+    if cuda:
+        return "grouped"
     n_experts = counts.numel()
     busy = int((counts > 0).sum())
-    return busy * 2 >= n_experts and int(counts.max()) * n_experts <= 4 * assignments + n_experts
+    if busy * 2 >= n_experts and int(counts.max()) * n_experts <= 4 * assignments + n_experts:
+        return "padded"
+    return "looped"
+
+
+def _looped_swiglu(xs: torch.Tensor, counts: torch.Tensor, le: _LayerExperts) -> torch.Tensor:
+    """One GEMM pair per busy expert over its contiguous row segment (a loop over experts, not rows)."""
+    inter = le.w2.shape[-1]
+    out = xs.new_empty(xs.shape[0], le.w2.shape[1])  # [A, D]
+    start = 0
+    for slot, n in enumerate(counts.tolist()):
+        if n:
+            gate_up = xs[start : start + n] @ le.w13[slot].t()  # [n, 2I]
+            out[start : start + n] = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ le.w2[slot].t()
+            start += n
+    return out
 
 
 def _grouped_swiglu(xs: torch.Tensor, offs: torch.Tensor, le: _LayerExperts) -> torch.Tensor:

@@ -206,3 +206,30 @@ def test_local_backend():
     close(backend.combine(backend.dispatch(LAYER, x, idx, w)), reference(weights, x, idx, w))
     with pytest.raises(ExpertBackendError):
         backend.dispatch(LAYER + 1, x, idx, w)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "padded", "looped", "auto"])
+@pytest.mark.parametrize("T, subset", [(1, range(E)), (9, range(E)), (40, range(E)), (9, [0, 3, 5])])
+def test_every_strategy_matches_reference(strategy, T, subset):
+    weights = make_weights()
+    shard = ExpertShard(E, strategy=strategy)
+    shard.add_experts(LAYER, {e: weights[e] for e in subset})
+    x, idx, w = make_batch(T)
+    close(shard.forward(LAYER, x, idx, w), reference(weights, x, idx, w, experts=set(subset)))
+
+
+def test_unaligned_sizes_fall_back_from_grouped_gemm():
+    g = torch.Generator().manual_seed(0)
+    weights = {e: (torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g), torch.randn(7, 5, generator=g))
+               for e in range(3)}
+    shard = ExpertShard(3, strategy="grouped")
+    shard.add_experts(0, weights)
+    x = torch.randn(4, 7, generator=g)
+    idx = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2]])
+    w = torch.rand(4, 2, generator=g)
+    close(shard.forward(0, x, idx, w), reference(weights, x, idx, w))
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="strategy"):
+        ExpertShard(E, strategy="fast")
