@@ -130,7 +130,7 @@ class AttnGroup:
 
     token_index: torch.Tensor  # [B, Q] int64 row of each query in the flat batch (padding -> any row)
     query_valid: torch.Tensor  # [B, Q] bool, False for padding
-    ctx_slots: torch.Tensor  # [B, S] int64 cache slot of each context position (padding -> slot 0)
+    ctx_slots: torch.Tensor  # [B, S] int64 cache slot of each context position (padding -> a zeroed slot)
     mask: torch.Tensor  # [B, 1, Q, S] bool, True where query may attend key (causal, in range)
     absorbed: bool  # attend over the latent directly (decode) or expand K/V first (naive)
 

@@ -34,8 +34,13 @@ class ModelRunner:
             raise ValueError(f"mla_impl must be one of {MLA_IMPLS}, got {mla_impl!r}")
         self.model, self.cfg, self.blocks, self.mla_impl = model, cfg, blocks, mla_impl
         slots = blocks.num_blocks * blocks.block_size
-        # torch.empty: pages are touched only as blocks are used.
-        self.kv_caches = [torch.empty(slots, cfg.kv_cache_dim, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        # One extra zeroed slot past the blocks: padded context positions read it, so
+        # attention never multiplies a zero probability by uninitialised memory (0 * NaN = NaN).
+        self.null_slot = slots
+        # torch.empty elsewhere: pages are touched only as blocks are used.
+        self.kv_caches = [torch.empty(slots + 1, cfg.kv_cache_dim, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        for cache in self.kv_caches:
+            cache[self.null_slot].zero_()
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
@@ -83,15 +88,18 @@ class ModelRunner:
         q_pos = torch.zeros(B, Q, dtype=torch.int64)
         query_valid = torch.zeros(B, Q, dtype=torch.bool)
         tables = torch.zeros(B, n_blocks, dtype=torch.int64)
+        ctx_len = torch.zeros(B, 1, dtype=torch.int64)
         for b, (row, item) in enumerate(entries):
             n, start = item.num_tokens, item.seq.num_cached
             token_index[b, :n] = torch.arange(row, row + n)
             q_pos[b, :n] = torch.arange(start, start + n)
             query_valid[b, :n] = True
+            ctx_len[b] = start + n
             table = item.seq.block_table[: -(-(start + n) // bs)]
             tables[b, : len(table)] = torch.tensor(table, dtype=torch.int64)
         key_pos = torch.arange(S)  # [S]
         ctx_slots = tables[:, key_pos // bs] * bs + key_pos % bs  # [B, S]
+        ctx_slots = ctx_slots.masked_fill(key_pos[None, :] >= ctx_len, self.null_slot)
         # Causal within the sequence; a padded query (position 0) sees key 0 only and is discarded.
         mask = (key_pos[None, None, :] <= q_pos[:, :, None]).unsqueeze(1)  # [B, 1, Q, S]
         return AttnGroup(token_index, query_valid, ctx_slots, mask, absorbed)

@@ -184,6 +184,14 @@ def test_continuous_batching_equals_alone(tiny, alone, config):
     assert run_batched(engine(tiny, **config)) == alone
 
 
+def test_garbage_in_unwritten_cache_slots_never_leaks(tiny, alone):
+    """Padded context positions must not read uninitialised cache memory (0 * NaN poisons attention)."""
+    eng = engine(tiny, max_num_batched_tokens=8, block_size=4)
+    for cache in eng.runner.kv_caches:
+        cache[: eng.runner.null_slot].fill_(float("nan"))
+    assert run_batched(eng) == alone
+
+
 def test_chunked_prefill_really_interleaves(tiny):
     """Guard for the test above: with a budget of 8 some step mixes decodes and a mid-prompt chunk."""
     eng = engine(tiny, max_num_batched_tokens=8, block_size=4)
