@@ -32,6 +32,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     mla_impl: str = "auto"  # auto | naive | absorbed
+    micro_batches: int = 1  # >= 2: ping-pong micro-batches so attention overlaps remote experts
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
         )
-        self.runner = ModelRunner(model, cfg, self.blocks, dtype, config.mla_impl)
+        self.runner = ModelRunner(model, cfg, self.blocks, dtype, config.mla_impl, config.micro_batches)
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
 

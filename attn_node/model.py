@@ -297,13 +297,20 @@ class MoE(nn.Module):
         )
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def start(self, x: torch.Tensor):
+        """Route and dispatch; compute the shared experts while the routed ones run elsewhere."""
         topk_idx, topk_weights = self.gate(x)  # [T, K], [T, K]
         handle = self.backend.dispatch(self.layer_id, x, topk_idx, topk_weights)
-        # Shared experts run here while the routed experts are computed elsewhere.
         shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return handle, shared
+
+    def finish(self, pending) -> torch.Tensor:
+        handle, shared = pending
         y = self.backend.combine(handle)  # [T, D]
         return y if shared is None else y + shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.start(x))
 
 
 # ---- the model ---------------------------------------------------------
@@ -321,9 +328,19 @@ class Block(nn.Module):
             else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
         )
 
-    def forward(self, x, rope, batch: AttnBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+    def steps(self, x, rope, batch: AttnBatch, kv_cache: torch.Tensor):
+        """The block as a generator: it yields once while its routed experts are away.
+
+        A driver can run other micro-batches' attention at that point (ping-pong);
+        the value returned at StopIteration is the block's output.
+        """
         x = x + self.attn(self.attn_norm(x), rope, batch, kv_cache)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoE):
+            pending = self.ffn.start(h)
+            yield
+            return x + self.ffn.finish(pending)
+        return x + self.ffn(h)
 
 
 class Transformer(nn.Module):
@@ -345,11 +362,37 @@ class Transformer(nn.Module):
         batch: AttnBatch,
         kv_caches: list[torch.Tensor],  # per layer [slots, C + R]
     ) -> torch.Tensor:
+        return self.forward_micro_batches([(input_ids, batch)], kv_caches)[0]
+
+    def forward_micro_batches(
+        self,
+        micro_batches: list[tuple[torch.Tensor, AttnBatch]],
+        kv_caches: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """Run micro-batches through the layers in ping-pong (MegaScale-Infer's schedule).
+
+        Each micro-batch advances until its next MoE layer has dispatched, then the next
+        micro-batch runs; so micro-batch B's attention overlaps micro-batch A's routed
+        experts on the expert nodes. One micro-batch is the plain sequential forward.
+        """
+        runs = [self._layers(ids, batch, kv_caches) for ids, batch in micro_batches]
+        outputs: list[torch.Tensor | None] = [None] * len(runs)
+        active = list(range(len(runs)))
+        while active:
+            for i in list(active):
+                try:
+                    next(runs[i])
+                except StopIteration as done:
+                    outputs[i] = done.value
+                    active.remove(i)
+        return outputs
+
+    def _layers(self, input_ids: torch.Tensor, batch: AttnBatch, kv_caches: list[torch.Tensor]):
         x = self.embed(input_ids)  # [T, D]
         cos, sin = self.rotary.cos_sin(batch.positions)  # [T, R/2]
         rope = (self.rotary, cos, sin)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, batch, kv_cache)
+            x = yield from layer.steps(x, rope, batch, kv_cache)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

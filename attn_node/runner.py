@@ -21,6 +21,21 @@ from .scheduler import ScheduledSeq
 MLA_IMPLS = ("auto", "naive", "absorbed")
 
 
+def split_micro_batches(scheduled: list[ScheduledSeq], m: int) -> list[list[ScheduledSeq]]:
+    """Cut the step into at most ``m`` contiguous parts of about equal token counts (order kept)."""
+    m = max(1, min(m, len(scheduled)))
+    total = sum(item.num_tokens for item in scheduled)
+    parts: list[list[ScheduledSeq]] = [[]]
+    done = 0
+    for item in scheduled:
+        # Start a new part when this item's midpoint falls past the current part's share.
+        if parts[-1] and len(parts) < m and done + item.num_tokens / 2 >= total * len(parts) / m:
+            parts.append([])
+        parts[-1].append(item)
+        done += item.num_tokens
+    return parts
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -29,10 +44,14 @@ class ModelRunner:
         blocks: BlockManager,
         dtype: torch.dtype,
         mla_impl: str = "auto",
+        micro_batches: int = 1,
     ):
         if mla_impl not in MLA_IMPLS:
             raise ValueError(f"mla_impl must be one of {MLA_IMPLS}, got {mla_impl!r}")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.model, self.cfg, self.blocks, self.mla_impl = model, cfg, blocks, mla_impl
+        self.micro_batches = micro_batches
         slots = blocks.num_blocks * blocks.block_size
         # One extra zeroed slot past the blocks: padded context positions read it, so
         # attention never multiplies a zero probability by uninitialised memory (0 * NaN = NaN).
@@ -46,9 +65,10 @@ class ModelRunner:
     def run(self, scheduled: list[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
         """Run one step. Returns fp32 logits: one row per sampling sequence, in order
         (or, with ``all_logits``, one per computed token)."""
-        input_ids, batch, sample_rows = self.prepare(scheduled)
-        hidden = self.model(input_ids, batch, self.kv_caches)  # [T, D]
-        return self.model.logits(hidden if all_logits else hidden[sample_rows])
+        parts = [self.prepare(part) for part in split_micro_batches(scheduled, self.micro_batches)]
+        hiddens = self.model.forward_micro_batches([(ids, batch) for ids, batch, _ in parts], self.kv_caches)
+        rows = [h if all_logits else h[sample_rows] for h, (_, _, sample_rows) in zip(hiddens, parts)]
+        return self.model.logits(torch.cat(rows))  # [rows, vocab]
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, AttnBatch, torch.Tensor]:
         ids: list[int] = []

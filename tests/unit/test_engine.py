@@ -405,3 +405,8 @@ def test_unseeded_request_leaves_the_global_rng_alone(tiny):
     torch.manual_seed(1234)
     engine(tiny).add_request([1, 2, 3], SamplingParams(temperature=1.0))
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("micro_batches", [2, 3])
+def test_micro_batched_ping_pong_gives_the_same_tokens(tiny, alone, micro_batches):
+    assert run_batched(engine(tiny, max_num_batched_tokens=8, block_size=4, micro_batches=micro_batches)) == alone
