@@ -117,7 +117,7 @@ class ExpertShard:
         self,
         layer_id: int,
         x: torch.Tensor,  # [T, D]
-        topk_idx: torch.Tensor,  # [T, K] logical expert ids
+        topk_idx: torch.Tensor,  # [T, K] logical expert ids, -1 = skip
         topk_weights: torch.Tensor,  # [T, K]
     ) -> torch.Tensor:
         """Per row, sum_k w_k * SwiGLU_k(x) over the row's experts that this shard hosts; [T, D].
@@ -129,10 +129,12 @@ class ExpertShard:
         le = self._layers.get(layer_id)
         if le is None or x.shape[0] == 0:
             return out
-        if topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= self.n_routed_experts):
-            raise ValueError(f"routed expert ids must be in 0..{self.n_routed_experts - 1}")
+        if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= self.n_routed_experts):
+            raise ValueError(f"routed expert ids must be in 0..{self.n_routed_experts - 1} (or -1 = skip)")
         top_k = topk_idx.shape[1]
-        slots = le.slot_of[topk_idx.reshape(-1)]  # [T*K], -1 where not hosted
+        flat = topk_idx.reshape(-1).long()
+        # -1 marks an assignment another node computes (a replica took it): skip it like a foreign expert.
+        slots = torch.where(flat >= 0, le.slot_of[flat.clamp(min=0)], -1)  # [T*K], -1 where not ours
         hosted = (slots >= 0).nonzero().squeeze(1)  # [A] flat (row, k) positions we compute
         if hosted.numel() == 0:
             return out

@@ -88,6 +88,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="sequences in the running batch at most (default: 64)")
     p.add_argument("--max-batched-tokens", type=_positive_int, default=512,
                    help="tokens computed per step at most; longer prompts are prefilled in chunks (default: 512)")
+    p.add_argument("--micro-batches", type=_positive_int, default=None,
+                   help="split each step into this many micro-batches run in ping-pong, so one's attention "
+                   "overlaps another's remote experts (default: 1 = off; 2 with --expert-nodes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling; prompt i uses seed + i")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt, in order, when done")
+    p.add_argument("--expert-nodes", action="append", metavar="HOST:PORT=SPEC,...",
+                   help="run only the attention side here and send routed experts to these expert nodes "
+                   "(SPEC as in `moemesh expert-node --experts`; repeatable). Several nodes may host the same "
+                   "experts: rows are split across such replicas, and a lost node's rows go to another replica")
+    p.add_argument("--dispatch-timeout", type=float, default=30.0,
+                   help="seconds an expert node may take per MoE layer before its rows go to a replica "
+                   "(default: 30)")
     _add_engine_args(p)
+
+    p = sub.add_parser("expert-node", help="serve a shard of routed experts over gRPC",
+                       description="Load the routed experts named by --experts (and nothing else) and serve the "
+                       "ExpertDispatch gRPC service, with grpc.health.v1 (SERVING once loaded) and reflection. "
+                       "Prints {\"event\": \"ready\", \"port\": P} on stdout when serving. SIGTERM finishes "
+                       "in-flight messages, then exits.")
+    _add_model_arg(p)
+    p.add_argument("--experts", required=True, metavar="SPEC",
+                   help="experts to host: '0-7' (those ids in every MoE layer), '3:0-7' (layer 3 only), "
+                   "comma-separated items, or 'all'")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default: 0)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="expert weight dtype; auto = the checkpoint's on GPU, float32 on CPU")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     p = sub.add_parser("bench", help="tokens/s of transformers and of moemesh on the same workload",
                        description="Run the same greedy workload (random prompts) through transformers' generate "
@@ -157,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moemesh.generate_cmd import run_generate
 
             return run_generate(args)
+        if args.command == "expert-node":
+            return _cmd_expert_node(args)
         if args.command == "bench":
             from moemesh.bench import run_bench
 
@@ -168,6 +195,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
+
+
+def _cmd_expert_node(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from moemesh import logs
+    from moemesh.config import ModelConfig
+    from moemesh.expert_node.main import serve
+    from moemesh.local import resolve_dtype
+    from moemesh.placement import parse_expert_spec
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    logs.configure(args.log_level)
+    cfg = ModelConfig.from_dir(args.model)
+    parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
+    asyncio.run(serve(args.model, args.experts, args.host, args.port, resolve_dtype(args.dtype, cfg)))
+    return 0
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.sequence import SamplingParams
 from moemesh.errors import InvalidRequestError
-from moemesh.local import build_local, ensure_demo_model
+from moemesh.local import build_local, build_remote, ensure_demo_model
+from moemesh.placement import parse_expert_nodes
 from moemesh.tokenizer import Tokenizer
 
 DEMO_PROMPT = "The river ran past the old mill and"
@@ -22,6 +23,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_tokens=args.kv_cache_tokens,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_batched_tokens,
+        micro_batches=args.micro_batches or (2 if getattr(args, "expert_nodes", None) else 1),
     )
 
 
@@ -63,7 +65,18 @@ def run_generate(args: argparse.Namespace) -> int:
     _check_sampling_args(args)
     model_dir = args.model or str(ensure_demo_model())
     prompts = getattr(args, "prompts", None) or [("text", DEMO_PROMPT)]
-    mesh = build_local(model_dir, args.dtype, engine_config(args), progress=not args.json)
+    if getattr(args, "expert_nodes", None):
+        nodes = [node for text in args.expert_nodes for node in parse_expert_nodes(text)]
+        mesh = build_remote(model_dir, nodes, args.dtype, engine_config(args), not args.json, args.dispatch_timeout)
+    else:
+        mesh = build_local(model_dir, args.dtype, engine_config(args), progress=not args.json)
+    try:
+        return _run(args, mesh, prompts)
+    finally:
+        mesh.close()
+
+
+def _run(args: argparse.Namespace, mesh, prompts) -> int:
     tokenizer = mesh.tokenizer
     prompt_ids = _encode(prompts, tokenizer)
     params = [

@@ -1,4 +1,7 @@
-"""The embedded single process: the attention engine wired to an in-process shard of every expert.
+"""Wiring roles together: the embedded single process, and the attention side of a mesh.
+
+The single process is the attention engine wired to an in-process shard of every
+expert; the mesh's attention side is the same engine wired to the gRPC backend.
 
 This is the only place (with the CLI) that imports both roles: roles never
 import each other, the top of ``moemesh`` wires them together.
@@ -14,9 +17,11 @@ import torch
 
 from moemesh.attn_node.engine import Engine, EngineConfig
 from moemesh.attn_node.loader import load_transformer
+from moemesh.attn_node.remote_backend import RemoteExpertBackend
 from moemesh.config import ModelConfig
 from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.local_backend import LocalExpertBackend
+from moemesh.placement import Placement, parse_expert_spec
 from moemesh.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,6 +32,11 @@ class LocalMesh:
     cfg: ModelConfig
     engine: Engine
     tokenizer: Tokenizer | None
+    remote: RemoteExpertBackend | None = None
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
 
 
 def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
@@ -42,11 +52,29 @@ def build_local(
     engine_config: EngineConfig = EngineConfig(),
     progress: bool = True,
 ) -> LocalMesh:
+    """The single process: every expert in an in-process shard."""
     cfg = ModelConfig.from_dir(model_dir)
     torch_dtype = resolve_dtype(dtype, cfg)
     shard = load_expert_shard(str(model_dir), cfg, dtype=torch_dtype, progress=progress)
     model = load_transformer(str(model_dir), cfg, LocalExpertBackend(shard), torch_dtype, progress)
     return LocalMesh(cfg, Engine(model, cfg, engine_config), Tokenizer.from_dir(model_dir))
+
+
+def build_remote(
+    model_dir: str | Path,
+    expert_nodes: list[tuple[str, str]],
+    dtype: str = "auto",
+    engine_config: EngineConfig = EngineConfig(),
+    progress: bool = True,
+    dispatch_timeout_s: float = 30.0,
+) -> LocalMesh:
+    """The attention side of a mesh: routed experts on expert nodes, given as [(HOST:PORT, SPEC)]."""
+    cfg = ModelConfig.from_dir(model_dir)
+    torch_dtype = resolve_dtype(dtype, cfg)
+    hosted = [(address, parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)) for address, spec in expert_nodes]
+    backend = RemoteExpertBackend(cfg, Placement.from_hosted(hosted), timeout_s=dispatch_timeout_s)
+    model = load_transformer(str(model_dir), cfg, backend, torch_dtype, progress)
+    return LocalMesh(cfg, Engine(model, cfg, engine_config), Tokenizer.from_dir(model_dir), backend)
 
 
 def demo_model_dir() -> Path:

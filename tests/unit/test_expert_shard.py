@@ -181,11 +181,23 @@ def test_routed_id_too_large_raises():
         shard.forward(LAYER, x, torch.tensor([[0, E], [1, 2]]), w)
 
 
-def test_routed_id_negative_raises():
+def test_routed_id_below_minus_one_raises():
     shard = shard_with(make_weights(), range(E))
     x, _, w = make_batch(2)
-    with pytest.raises((IndexError, ValueError)):
-        shard.forward(LAYER, x, torch.tensor([[0, -1], [1, 2]]), w)
+    with pytest.raises(ValueError):
+        shard.forward(LAYER, x, torch.tensor([[0, -2], [1, 2]]), w)
+
+
+def test_minus_one_means_computed_elsewhere():
+    """A dispatcher marks assignments that another replica computes with -1."""
+    weights = make_weights()
+    shard = shard_with(weights, range(E))
+    x, idx, w = make_batch(5)
+    masked = idx.clone()
+    masked[::2, 0] = -1
+    keep = w.clone()
+    keep[::2, 0] = 0.0  # the reference skips them by weight
+    close(shard.forward(LAYER, x, masked, w), reference(weights, x, idx, keep))
 
 
 def test_bfloat16_shard_is_close_to_fp32():

@@ -1,0 +1,234 @@
+"""The gRPC expert backend: routed experts computed on expert nodes over long-lived Dispatch streams.
+
+Per MoE layer, ``dispatch`` picks a replica for every (row, expert) assignment
+(rows of a replicated expert are split across its live replicas), groups rows by
+destination node and sends one message per node on that node's stream, all at
+once; it returns without waiting. ``combine`` waits for the partial rows and
+sums them. If a node dies or misses the deadline, its assignments go to another
+live replica of the same experts; when an expert has none left, the step fails
+with :class:`ExpertsUnavailable` naming the experts. It never hangs: every wait
+has a deadline.
+
+Glossary: T rows, D hidden, K experts per token, E routed experts, N nodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from moemesh.codec import from_proto, to_proto
+from moemesh.config import ModelConfig
+from moemesh.expert_backend import ExpertBackend, ExpertBackendError
+from moemesh.logs import get_logger
+from moemesh.placement import Placement, describe_missing
+from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc
+
+log = get_logger("moemesh.attn_node.remote")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class ExpertsUnavailable(ExpertBackendError):
+    """No live replica hosts some routed experts; maps to gRPC UNAVAILABLE."""
+
+
+class NodeFailure(Exception):
+    def __init__(self, address: str, reason: str):
+        super().__init__(f"expert node {address}: {reason}")
+        self.address = address
+
+
+class NodeLink:
+    """One long-lived Dispatch stream to one expert node; responses resolve futures by message id."""
+
+    def __init__(self, address: str, connect_timeout_s: float = 10.0):
+        self.address = address
+        self.failure: str | None = None
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=connect_timeout_s)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise ExpertsUnavailable(f"expert node {address} did not answer within {connect_timeout_s:.0f}s") from None
+        self.stub = dispatch_pb2_grpc.ExpertDispatchStub(self._channel)
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._call = self.stub.Dispatch(self._requests())
+        threading.Thread(target=self._read, name=f"dispatch-{address}", daemon=True).start()
+
+    def info(self, timeout_s: float = 10.0) -> dispatch_pb2.InfoResponse:
+        return self.stub.Info(dispatch_pb2.InfoRequest(), timeout=timeout_s)
+
+    def send(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int) -> Future:
+        fut: Future = Future()
+        msg_id = next(self._ids)
+        with self._lock:
+            if self.failure is not None:
+                fut.set_exception(NodeFailure(self.address, self.failure))
+                return fut
+            self._pending[msg_id] = fut
+        self._outbox.put(dispatch_pb2.DispatchRequest(
+            id=msg_id, layer=layer, hidden=to_proto(x), topk_idx=to_proto(idx), topk_weights=to_proto(w),
+            placement_version=version,
+        ))
+        return fut
+
+    def _requests(self):
+        while (req := self._outbox.get()) is not None:
+            yield req
+
+    def _read(self) -> None:
+        try:
+            for resp in self._call:
+                with self._lock:
+                    fut = self._pending.pop(resp.id, None)
+                if fut is not None:
+                    fut.set_result(from_proto(resp.output))
+            self.fail("its stream ended (node drained or stopped)")
+        except grpc.RpcError as exc:
+            self.fail(f"{exc.code().name}: {exc.details()}")
+        except Exception as exc:  # a malformed response must not leave callers waiting
+            self.fail(f"bad response: {exc}")
+
+    def fail(self, reason: str) -> None:
+        with self._lock:
+            if self.failure is None:
+                self.failure = reason
+            pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(NodeFailure(self.address, reason))
+
+    def close(self) -> None:
+        self.fail("closed by the attention node")
+        self._outbox.put(None)
+        self._call.cancel()
+        self._channel.close()
+
+
+@dataclass
+class _Send:
+    node: int
+    rows: torch.Tensor  # [R] rows of x in this message
+    idx: torch.Tensor  # [R, K] expert ids for this node, -1 elsewhere
+    weights: torch.Tensor  # [R, K]
+    future: Future
+
+
+@dataclass
+class _Handle:
+    layer: int
+    x: torch.Tensor  # [T, D]
+    sends: list[_Send]
+    deadline: float
+
+
+class RemoteExpertBackend(ExpertBackend):
+    def __init__(self, cfg: ModelConfig, placement: Placement, timeout_s: float = 30.0,
+                 connect_timeout_s: float = 10.0):
+        placement.require_complete(cfg.moe_layers, cfg.n_routed_experts)
+        self.cfg, self.placement, self.timeout_s = cfg, placement, timeout_s
+        self.links = [NodeLink(address, connect_timeout_s) for address in placement.nodes]
+        for link in self.links:
+            _check_node(link, cfg)
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rebuild_tables()
+
+    # ---- replica tables -------------------------------------------------
+    def _rebuild_tables(self) -> None:
+        """Per layer: [E, max_replicas] live node ids (-1 pad) and [E] live replica counts."""
+        alive = {n for n, link in enumerate(self.links) if link.failure is None}
+        for layer in self.cfg.moe_layers:
+            live = [[n for n in self.placement.replicas.get((layer, e), ()) if n in alive]
+                    for e in range(self.cfg.n_routed_experts)]
+            width = max(1, max(len(r) for r in live))
+            table = torch.full((self.cfg.n_routed_experts, width), -1, dtype=torch.int64)
+            for e, nodes in enumerate(live):
+                table[e, : len(nodes)] = torch.tensor(nodes, dtype=torch.int64)
+            self._tables[layer] = (table, torch.tensor([len(r) for r in live], dtype=torch.int64))
+
+    def _assign(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
+        """[T, K] expert ids (-1 = none) -> [T, K] node ids; replicas take alternate rows."""
+        table, counts = self._tables[layer]
+        safe = idx.clamp(min=0)
+        n = counts[safe]  # [T, K]
+        if bool(((n == 0) & (idx >= 0)).any()):
+            lost = sorted(set(idx[(n == 0) & (idx >= 0)].tolist()))
+            raise ExpertsUnavailable(f"no live expert node hosts {describe_missing({layer: lost})}")
+        rows = torch.arange(idx.shape[0]).unsqueeze(1)  # [T, 1]
+        nodes = table[safe, rows % n.clamp(min=1)]  # [T, K]
+        return torch.where(idx >= 0, nodes, -1)
+
+    # ---- the backend interface -----------------------------------------
+    def dispatch(self, layer_id: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
+        handle = _Handle(layer_id, x, [], time.monotonic() + self.timeout_s)
+        self._send(handle, topk_idx, topk_weights)
+        return handle
+
+    def _send(self, handle: _Handle, idx: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        nodes = self._assign(handle.layer, idx)  # [R, K]
+        for node in torch.unique(nodes[nodes >= 0]).tolist():
+            mine = nodes == node  # [R, K]
+            sel = mine.any(dim=1).nonzero().squeeze(1)  # rows with work for this node
+            node_idx = torch.where(mine, idx, -1)[sel]
+            node_w = w[sel]
+            x_rows = sel if rows is None else rows[sel]
+            fut = self.links[node].send(handle.layer, handle.x[x_rows], node_idx, node_w, self.placement.version)
+            handle.sends.append(_Send(node, x_rows, node_idx, node_w, fut))
+
+    def combine(self, handle: _Handle) -> torch.Tensor:
+        out = torch.zeros_like(handle.x)  # [T, D]
+        pending = list(handle.sends)
+        while pending:
+            send = pending.pop(0)
+            try:
+                y = send.future.result(timeout=max(0.0, handle.deadline - time.monotonic()))
+            except (NodeFailure, FutureTimeout) as exc:
+                self._lose(send.node, str(exc) or "missed the dispatch deadline")
+                handle.sends = []
+                self._send(handle, send.idx, send.weights, rows=send.rows)  # to other replicas, or raise
+                pending.extend(handle.sends)
+                continue
+            out.index_add_(0, send.rows, y.to(out.dtype))
+        return out
+
+    def _lose(self, node: int, reason: str) -> None:
+        link = self.links[node]
+        if link.failure is None:
+            log.warning("expert_node_lost", node=link.address, reason=reason)
+            link.fail(reason)
+        self._rebuild_tables()
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+
+
+def _check_node(link: NodeLink, cfg: ModelConfig) -> None:
+    """Fail fast on a node that serves another model."""
+    try:
+        info = link.info()
+    except grpc.RpcError as exc:
+        raise ExpertsUnavailable(f"expert node {link.address}: {exc.code().name}: {exc.details()}") from None
+    if info.hidden_size != cfg.hidden_size or info.n_routed_experts != cfg.n_routed_experts:
+        raise ExpertBackendError(
+            f"expert node {link.address} serves a model with hidden_size {info.hidden_size} and "
+            f"{info.n_routed_experts} experts; this one has {cfg.hidden_size} and {cfg.n_routed_experts}"
+        )

@@ -1,0 +1,84 @@
+"""``moemesh expert-node``: load a shard of routed experts and serve Dispatch streams until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from moemesh.config import ModelConfig
+from moemesh.logs import get_logger
+from moemesh.placement import parse_expert_spec
+
+from .loader import load_expert_shard
+from .server import SERVICE_NAME, DispatchService, create_server
+
+log = get_logger("moemesh.expert_node")
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_timeout_s: float = 30.0) -> None:
+    cfg = ModelConfig.from_dir(model_dir)
+    experts = parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    # Bind first (health says NOT_SERVING while weights load), so probes see the node at once.
+    service = _LazyService()
+    server, bound, health_servicer = create_server(service, host, port)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, NOT_SERVING)
+    log.info("loading_experts", layers=len(experts), experts=sum(len(v) for v in experts.values()), port=bound)
+    shard = await asyncio.to_thread(load_expert_shard, model_dir, cfg, experts, dtype, sys.stderr.isatty())
+    service.attach(DispatchService(shard, cfg))
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, SERVING)
+    log.info("serving", host=host, port=bound)
+    print(json.dumps({"event": "ready", "port": bound}), flush=True)
+
+    await stop.wait()
+    log.info("draining", in_flight=service.in_flight)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, NOT_SERVING)
+    service.drain()
+    deadline = loop.time() + drain_timeout_s
+    while service.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    await server.stop(grace=1.0)
+    log.info("stopped")
+
+
+class _LazyService:
+    """Answers UNAVAILABLE until the shard is loaded, then delegates to the real service."""
+
+    def __init__(self):
+        self._service: DispatchService | None = None
+
+    def attach(self, service: DispatchService) -> None:
+        self._service = service
+
+    @property
+    def in_flight(self) -> int:
+        return self._service.in_flight if self._service else 0
+
+    def drain(self) -> None:
+        if self._service:
+            self._service.drain()
+
+    async def Dispatch(self, request_iterator, context):
+        if self._service is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "experts are still loading; retry when health is SERVING")
+        async for resp in self._service.Dispatch(request_iterator, context):
+            yield resp
+
+    async def Info(self, request, context):
+        if self._service is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "experts are still loading")
+        return await self._service.Info(request, context)

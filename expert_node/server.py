@@ -1,0 +1,129 @@
+"""The expert node's gRPC service: long-lived Dispatch streams over an ExpertShard.
+
+Each request on a stream is validated in full before any math: a bad message
+ends that stream with INVALID_ARGUMENT naming the problem, and every other
+stream keeps being served. Shard math runs on one worker thread, so the event
+loop keeps reading and writing other streams meanwhile (torch releases the GIL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moemesh.codec import CodecError, from_proto, to_proto
+from moemesh.config import ModelConfig
+from moemesh.logs import get_logger
+from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc, tensor_pb2
+
+from .shard import ExpertShard
+
+log = get_logger("moemesh.expert_node")
+
+SERVICE_NAME = dispatch_pb2.DESCRIPTOR.services_by_name["ExpertDispatch"].full_name
+HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_MESSAGE_BYTES = 256 << 20
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class BadRequest(ValueError):
+    """A Dispatch message that cannot be served; the message says why."""
+
+
+class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
+    def __init__(self, shard: ExpertShard, cfg: ModelConfig):
+        self.shard, self.cfg = shard, cfg
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
+        self._draining = asyncio.Event()
+        self.in_flight = 0
+
+    def drain(self) -> None:
+        """Stop taking new messages; streams end after their in-flight message."""
+        self._draining.set()
+
+    def parse(self, req: dispatch_pb2.DispatchRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hosted = self.shard.hosted()
+        if req.layer not in hosted:
+            raise BadRequest(f"layer {req.layer} has no experts on this node (hosted MoE layers: "
+                             f"{sorted(hosted) or 'none'})")
+        try:
+            x = from_proto(req.hidden, expect_dtypes=HIDDEN_DTYPES, expect_ndim=2)
+            idx = from_proto(req.topk_idx, expect_dtypes=(torch.int32, torch.int64), expect_ndim=2)
+            w = from_proto(req.topk_weights, expect_dtypes=(torch.float32,), expect_ndim=2)
+        except CodecError as exc:
+            raise BadRequest(str(exc)) from None
+        if x.shape[1] != self.cfg.hidden_size:
+            raise BadRequest(f"hidden has {x.shape[1]} columns; this model's hidden_size is {self.cfg.hidden_size}")
+        if idx.shape[0] != x.shape[0] or w.shape != idx.shape:
+            raise BadRequest(f"topk_idx {tuple(idx.shape)} and topk_weights {tuple(w.shape)} must both be "
+                             f"[{x.shape[0]}, K] to match hidden's {x.shape[0]} rows")
+        if idx.numel():
+            ids = idx.long()
+            if int(ids.min()) < -1 or int(ids.max()) >= self.cfg.n_routed_experts:
+                raise BadRequest(f"expert ids must be in 0..{self.cfg.n_routed_experts - 1} (or -1 = skip)")
+            wanted = torch.unique(ids[ids >= 0]).tolist()
+            foreign = sorted(set(wanted) - set(hosted[req.layer]))
+            if foreign:
+                raise BadRequest(f"layer {req.layer}: experts {foreign[:8]} are not hosted on this node")
+        if not torch.isfinite(w).all():
+            raise BadRequest("topk_weights contain NaN or infinity")
+        return x, idx, w
+
+    async def Dispatch(self, request_iterator, context):
+        loop = asyncio.get_running_loop()
+        async for req in request_iterator:
+            try:
+                x, idx, w = self.parse(req)
+            except BadRequest as exc:
+                log.warning("bad_dispatch", id=req.id, layer=req.layer, error=str(exc), peer=context.peer())
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self.in_flight += 1
+            try:
+                y = await loop.run_in_executor(self._worker, self.shard.forward, req.layer, x, idx, w)
+            finally:
+                self.in_flight -= 1
+            yield dispatch_pb2.DispatchResponse(id=req.id, output=to_proto(y.to(x.dtype)))
+            if self._draining.is_set():
+                return
+
+    async def Info(self, request, context):
+        dtype = str(self.shard.dtype).removeprefix("torch.")
+        return dispatch_pb2.InfoResponse(
+            model_type=self.cfg.arch,
+            hidden_size=self.cfg.hidden_size,
+            n_routed_experts=self.cfg.n_routed_experts,
+            experts=[dispatch_pb2.LayerExperts(layer=layer, experts=ids) for layer, ids in self.shard.hosted().items()],
+            dtype=dtype,
+        )
+
+
+def create_server(
+    service: DispatchService, host: str = "127.0.0.1", port: int = 0
+) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
+    """A grpc.aio server with Dispatch, health (NOT_SERVING until set) and reflection; returns the bound port."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    dispatch_pb2_grpc.add_ExpertDispatchServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}: is the port in use?")
+    return server, bound, health_servicer
+
+
+_ = tensor_pb2  # the Tensor message travels inside dispatch messages

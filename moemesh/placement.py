@@ -1,0 +1,132 @@
+"""Expert placement: which expert node hosts which (layer, expert), and the flag syntax for it.
+
+Vocabulary: a *logical expert* is (MoE layer, expert id); a *replica* is one copy
+of it on a node; a placement maps every logical expert to one or more replicas.
+
+Expert specs (``--experts`` on an expert node, the part after ``=`` in
+``--expert-nodes``) are comma-separated items:
+
+* ``0-7`` or ``5``: those expert ids in every MoE layer;
+* ``3:0-7`` or ``3:5``: those expert ids in MoE layer 3 only;
+* ``all``: every expert of every MoE layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moemesh.errors import InvalidRequestError
+
+
+class SpecError(InvalidRequestError):
+    """An expert spec or node list that cannot be parsed; the message shows the bad part."""
+
+
+def _ids(text: str, n_experts: int, spec: str) -> list[int]:
+    try:
+        if "-" in text:
+            lo, hi = (int(v) for v in text.split("-", 1))
+        else:
+            lo = hi = int(text)
+    except ValueError:
+        raise SpecError(f"expert spec {spec!r}: {text!r} is not an id or a range like 0-7") from None
+    if lo > hi or lo < 0 or hi >= n_experts:
+        raise SpecError(f"expert spec {spec!r}: {text!r} is outside 0..{n_experts - 1} or reversed")
+    return list(range(lo, hi + 1))
+
+
+def parse_expert_spec(spec: str, moe_layers: tuple[int, ...], n_experts: int) -> dict[int, list[int]]:
+    """``0-3,6`` / ``1:0-3,2:4-7`` / ``all`` -> {MoE layer: sorted expert ids}."""
+    hosted: dict[int, set[int]] = {}
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    if not items:
+        raise SpecError("expert spec is empty: give ids like 0-7, per-layer items like 3:0-7, or 'all'")
+    for item in items:
+        if item == "all":
+            for layer in moe_layers:
+                hosted.setdefault(layer, set()).update(range(n_experts))
+            continue
+        if ":" in item:
+            layer_text, ids_text = item.split(":", 1)
+            try:
+                layers = [int(layer_text)]
+            except ValueError:
+                raise SpecError(f"expert spec {spec!r}: layer {layer_text!r} is not an integer") from None
+            if layers[0] not in moe_layers:
+                raise SpecError(f"expert spec {spec!r}: layer {layers[0]} is not a MoE layer (MoE layers: "
+                                f"{_ranges(list(moe_layers))})")
+        else:
+            layers, ids_text = list(moe_layers), item
+        for layer in layers:
+            hosted.setdefault(layer, set()).update(_ids(ids_text, n_experts, spec))
+    return {layer: sorted(ids) for layer, ids in sorted(hosted.items())}
+
+
+def parse_expert_nodes(text: str) -> list[tuple[str, str]]:
+    """``HOST:PORT=SPEC,HOST:PORT=SPEC`` -> [(address, spec)]; a spec may itself contain commas."""
+    nodes: list[tuple[str, str]] = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        if "=" in item:
+            address, spec = item.split("=", 1)
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise SpecError(f"expert node {address!r} must be HOST:PORT")
+            nodes.append((address, spec))
+        elif nodes:
+            nodes[-1] = (nodes[-1][0], f"{nodes[-1][1]},{item}")
+        else:
+            raise SpecError(f"--expert-nodes {text!r}: expected HOST:PORT=SPEC first, got {item!r}")
+    if not nodes:
+        raise SpecError("--expert-nodes is empty: give HOST:PORT=SPEC[,HOST:PORT=SPEC...]")
+    return nodes
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0,1,2,5] -> '0-2,5' (for messages)."""
+    out, start = [], None
+    for i, v in enumerate(ids):
+        if start is None:
+            start = v
+        if i + 1 == len(ids) or ids[i + 1] != v + 1:
+            out.append(f"{start}-{v}" if v != start else f"{v}")
+            start = None
+    return ",".join(out)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Nodes by address and, per logical expert, the nodes holding a replica (in preference order)."""
+
+    nodes: tuple[str, ...]
+    replicas: dict[tuple[int, int], tuple[int, ...]] = field(hash=False)
+    version: int = 0
+
+    @classmethod
+    def from_hosted(cls, hosted: list[tuple[str, dict[int, list[int]]]], version: int = 0) -> "Placement":
+        replicas: dict[tuple[int, int], list[int]] = {}
+        for node, (_, layers) in enumerate(hosted):
+            for layer, ids in layers.items():
+                for e in ids:
+                    replicas.setdefault((layer, e), []).append(node)
+        return cls(tuple(a for a, _ in hosted), {k: tuple(v) for k, v in replicas.items()}, version)
+
+    def missing(self, moe_layers: tuple[int, ...], n_experts: int) -> dict[int, list[int]]:
+        """Logical experts no node hosts: {layer: expert ids}."""
+        gaps: dict[int, list[int]] = {}
+        for layer in moe_layers:
+            lacking = [e for e in range(n_experts) if not self.replicas.get((layer, e))]
+            if lacking:
+                gaps[layer] = lacking
+        return gaps
+
+    def require_complete(self, moe_layers: tuple[int, ...], n_experts: int) -> None:
+        gaps = self.missing(moe_layers, n_experts)
+        if gaps:
+            shown = "; ".join(f"layer {layer}: experts {_ranges(ids)}" for layer, ids in list(gaps.items())[:4])
+            raise SpecError(f"no expert node hosts {shown}: add nodes or widen their specs")
+
+
+def describe_missing(gaps: dict[int, list[int]]) -> str:
+    return "; ".join(f"layer {layer}: experts {_ranges(ids)}" for layer, ids in gaps.items())
