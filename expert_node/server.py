@@ -13,13 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moemesh.codec import CodecError, from_proto, to_proto
 from moemesh.config import ModelConfig
 from moemesh.logs import get_logger
-from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc, tensor_pb2
+from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc
 
 from .shard import ExpertShard
 
@@ -82,11 +83,14 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
         return x, idx, w
 
     async def Dispatch(self, request_iterator, context):
+        """Requests arrive as raw bytes (see ``handlers``) so undecodable ones get INVALID_ARGUMENT too."""
         loop = asyncio.get_running_loop()
-        async for req in request_iterator:
+        async for raw in request_iterator:
+            req = dispatch_pb2.DispatchRequest()
             try:
+                req.ParseFromString(raw)
                 x, idx, w = self.parse(req)
-            except BadRequest as exc:
+            except (BadRequest, DecodeError) as exc:
                 log.warning("bad_dispatch", id=req.id, layer=req.layer, error=str(exc), peer=context.peer())
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             self.in_flight += 1
@@ -109,12 +113,29 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
         )
 
 
+def handlers(service) -> grpc.GenericRpcHandler:
+    """The ExpertDispatch methods, with Dispatch taking undecoded bytes.
+
+    The generated stubs would reject a message that does not parse with a generic
+    INTERNAL error before our code sees it; decoding ourselves lets a garbled message
+    get INVALID_ARGUMENT with a reason, like any other malformed request.
+    """
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "Dispatch": grpc.stream_stream_rpc_method_handler(
+            service.Dispatch, request_deserializer=None,
+            response_serializer=dispatch_pb2.DispatchResponse.SerializeToString),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            service.Info, request_deserializer=dispatch_pb2.InfoRequest.FromString,
+            response_serializer=dispatch_pb2.InfoResponse.SerializeToString),
+    })
+
+
 def create_server(
     service: DispatchService, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
     """A grpc.aio server with Dispatch, health (NOT_SERVING until set) and reflection; returns the bound port."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    dispatch_pb2_grpc.add_ExpertDispatchServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((handlers(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -126,4 +147,3 @@ def create_server(
     return server, bound, health_servicer
 
 
-_ = tensor_pb2  # the Tensor message travels inside dispatch messages
