@@ -29,6 +29,7 @@ log = get_logger("moemesh.expert_node")
 SERVICE_NAME = dispatch_pb2.DESCRIPTOR.services_by_name["ExpertDispatch"].full_name
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_MESSAGE_BYTES = 256 << 20
+INLINE_ASSIGNMENTS = 64  # (row, expert) pairs computed on the event loop itself; more go to the worker thread
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -95,7 +96,11 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             self.in_flight += 1
             try:
-                y = await loop.run_in_executor(self._worker, self.shard.forward, req.layer, x, idx, w)
+                if idx.numel() <= INLINE_ASSIGNMENTS:
+                    # A decode-sized message costs less to compute than a thread hop would.
+                    y = self.shard.forward(req.layer, x, idx, w)
+                else:
+                    y = await loop.run_in_executor(self._worker, self.shard.forward, req.layer, x, idx, w)
             finally:
                 self.in_flight -= 1
             yield dispatch_pb2.DispatchResponse(id=req.id, output=to_proto(y.to(x.dtype)))

@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens generated per prompt (default: 32)")
     p.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per side; the best counts")
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+    p.add_argument("--mesh", action="store_true",
+                   help="instead: start 2 expert node processes on loopback and compare the single process with "
+                   "the mesh (micro-batch overlap on and off), and one dispatch hop with a raw TCP echo")
+    p.add_argument("--hop-samples", type=_positive_int, default=300, help="round trips timed for the hop (--mesh)")
     _add_engine_args(p)
     return parser
 
@@ -184,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "expert-node":
             return _cmd_expert_node(args)
+        if args.command == "bench" and args.mesh:
+            from moemesh.bench_mesh import run_mesh_bench
+
+            return run_mesh_bench(args)
         if args.command == "bench":
             from moemesh.bench import run_bench
 

@@ -1,0 +1,135 @@
+"""``moemesh bench --mesh``: the single process against the mesh (2 expert node processes), in one run.
+
+Reports tokens/s of the single process and of the mesh with micro-batch overlap
+on and off, and the round trip of one dispatch message (a decode step's rows for
+one node) against a raw TCP echo of the same number of bytes on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+from moemesh.attn_node.remote_backend import NodeLink
+from moemesh.attn_node.sequence import SamplingParams
+from moemesh.codec import to_proto
+from moemesh.generate_cmd import engine_config
+from moemesh.local import build_local, build_remote
+from moemesh.procs import spawn_expert_nodes
+from moemesh.v1 import dispatch_pb2
+
+ECHO_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0)); s.listen(1); print(s.getsockname()[1], flush=True)
+c, _ = s.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while (data := c.recv(1 << 20)):
+    c.sendall(data)
+"""
+
+
+def _tokens_per_s(engine, prompts, params) -> tuple[float, list[list[int]]]:
+    engine.generate(prompts, replace(params, max_tokens=2))  # warm-up
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    return len(prompts) * params.max_tokens / (time.perf_counter() - start), [o.token_ids for o in outs]
+
+
+def _hop_us(link: NodeLink, layer: int, rows: int, hidden: int, k: int, n: int) -> tuple[float, int]:
+    x = torch.randn(rows, hidden)
+    idx = torch.zeros(rows, k, dtype=torch.int64)
+    w = torch.full((rows, k), 1.0 / k)
+    size = dispatch_pb2.DispatchRequest(layer=layer, hidden=to_proto(x), topk_idx=to_proto(idx),
+                                        topk_weights=to_proto(w)).ByteSize()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        link.send(layer, x, idx, w, 0).result(timeout=30)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[n // 10:]) * 1e6, size
+
+
+def _tcp_echo_us(nbytes: int, n: int) -> float:
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        payload, times = b"x" * nbytes, []
+        for _ in range(n):
+            start = time.perf_counter()
+            sock.sendall(payload)
+            got = 0
+            while got < nbytes:
+                got += len(sock.recv(1 << 20))
+            times.append(time.perf_counter() - start)
+        sock.close()
+        return statistics.median(times[n // 10:]) * 1e6
+    finally:
+        server.kill()
+
+
+def run_mesh_bench(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    econf = engine_config(args)
+    local = build_local(args.model, args.dtype, replace(econf, micro_batches=1), progress=False)
+    cfg = local.cfg
+    half = cfg.n_routed_experts // 2
+    specs = [f"0-{half - 1}", f"{half}-{cfg.n_routed_experts - 1}"]
+    prompts = torch.randint(2, cfg.vocab_size, (args.batch, args.prompt_len),
+                            generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    with tempfile.TemporaryDirectory() as logs:
+        nodes = spawn_expert_nodes(args.model, specs, log_dir=logs)
+        try:
+            node_list = [(n.address, n.spec) for n in nodes]
+            local_tps, local_tokens = _tokens_per_s(local.engine, prompts, params)
+            results = {}
+            for overlap, m in (("on", args.micro_batches or 2), ("off", 1)):
+                mesh = build_remote(args.model, node_list, args.dtype, replace(econf, micro_batches=m), False)
+                try:
+                    results[overlap] = _tokens_per_s(mesh.engine, prompts, params)
+                finally:
+                    mesh.close()
+            link = NodeLink(nodes[0].address)
+            try:
+                hop, nbytes = _hop_us(link, cfg.moe_layers[0], args.batch, cfg.hidden_size,
+                                      cfg.num_experts_per_tok, args.hop_samples)
+            finally:
+                link.close()
+            echo = _tcp_echo_us(nbytes, args.hop_samples)
+        finally:
+            for node in nodes:
+                node.stop()
+    out = {
+        "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "expert_nodes": specs,
+        "engine_tokens_per_s": local_tps,
+        "mesh_tokens_per_s": results["on"][0],
+        "mesh_no_overlap_tokens_per_s": results["off"][0],
+        "mesh_vs_engine": results["on"][0] / local_tps,
+        "tokens_match": all(results[o][1] == local_tokens for o in results),
+        "hop_us": hop, "tcp_echo_us": echo, "hop_vs_tcp_echo": hop / echo, "hop_bytes": nbytes,
+    }
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"workload: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy; "
+          f"2 expert nodes ({specs[0]} | {specs[1]}) on loopback")
+    print(f"{'':26}{'tokens/s':>10}{'vs single':>11}")
+    print(f"{'single process':26}{local_tps:10.1f}{1.0:10.2f}x")
+    print(f"{'mesh, overlap on':26}{results['on'][0]:10.1f}{results['on'][0] / local_tps:10.2f}x")
+    print(f"{'mesh, overlap off':26}{results['off'][0]:10.1f}{results['off'][0] / local_tps:10.2f}x")
+    print(f"identical tokens: {'yes' if out['tokens_match'] else 'NO'}")
+    print(f"dispatch hop ({nbytes} B, {args.batch} rows): {hop:.0f} us; raw TCP echo of the same bytes: "
+          f"{echo:.0f} us ({hop / echo:.2f}x)")
+    return 0
