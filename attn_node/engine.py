@@ -16,6 +16,7 @@ import torch
 
 from moemesh.config import ModelConfig
 from moemesh.errors import InvalidRequestError
+from moemesh.expert_backend import ExpertBackendError
 
 from .block_manager import BlockManager
 from .model import Transformer
@@ -38,9 +39,10 @@ class EngineConfig:
 @dataclass(frozen=True)
 class TokenEvent:
     request_id: str
-    token_id: int
+    token_id: int | None  # None when the request failed
     finished: bool
-    finish_reason: str | None  # "stop" (EOS or a stop token) | "length" (max_tokens or context)
+    finish_reason: str | None  # "stop" (EOS or a stop token) | "length" (max_tokens) | "error"
+    error: str | None = None  # why the request failed (e.g. routed experts unavailable)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class RequestOutput:
     prompt_ids: list[int]
     token_ids: list[int]
     finish_reason: str | None
+    error: str | None = None
 
 
 class Engine:
@@ -122,7 +125,11 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        logits = self.runner.run(scheduled)  # [n_sampling, vocab]
+        try:
+            logits = self.runner.run(scheduled)  # [n_sampling, vocab]
+        except ExpertBackendError as exc:
+            # The step's sequences cannot go on; the others (waiting, or not in this step) can.
+            return [self._fail(item.seq, str(exc)) for item in scheduled]
         sampling = [item.seq for item in scheduled if item.samples]
         for item in scheduled:
             item.seq.num_cached += item.num_tokens
@@ -130,6 +137,11 @@ class Engine:
             return []
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         return [self._append(seq, tok) for seq, tok in zip(sampling, tokens)]
+
+    def _fail(self, seq: Sequence, error: str) -> TokenEvent:
+        self.scheduler.finish(seq, "error")
+        self._seqs.pop(seq.request_id, None)
+        return TokenEvent(seq.request_id, None, True, "error", error)
 
     def _append(self, seq: Sequence, token: int) -> TokenEvent:
         seq.output_ids.append(token)
@@ -158,8 +170,9 @@ class Engine:
             for ev in self.step():
                 out = outputs.get(ev.request_id)
                 if out is not None:
-                    out.token_ids.append(ev.token_id)
-                    out.finish_reason = ev.finish_reason
+                    if ev.token_id is not None:
+                        out.token_ids.append(ev.token_id)
+                    out.finish_reason, out.error = ev.finish_reason, ev.error
         return list(outputs.values())
 
     @torch.inference_mode()

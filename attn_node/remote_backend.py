@@ -130,6 +130,7 @@ class _Send:
     idx: torch.Tensor  # [R, K] expert ids for this node, -1 elsewhere
     weights: torch.Tensor  # [R, K]
     future: Future
+    deadline: float  # monotonic time by which the node must answer
 
 
 @dataclass
@@ -137,7 +138,6 @@ class _Handle:
     layer: int
     x: torch.Tensor  # [T, D]
     sends: list[_Send]
-    deadline: float
 
 
 class RemoteExpertBackend(ExpertBackend):
@@ -178,7 +178,7 @@ class RemoteExpertBackend(ExpertBackend):
 
     # ---- the backend interface -----------------------------------------
     def dispatch(self, layer_id: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
-        handle = _Handle(layer_id, x, [], time.monotonic() + self.timeout_s)
+        handle = _Handle(layer_id, x, [])
         self._send(handle, topk_idx, topk_weights)
         return handle
 
@@ -191,7 +191,7 @@ class RemoteExpertBackend(ExpertBackend):
             node_w = w[sel]
             x_rows = sel if rows is None else rows[sel]
             fut = self.links[node].send(handle.layer, handle.x[x_rows], node_idx, node_w, self.placement.version)
-            handle.sends.append(_Send(node, x_rows, node_idx, node_w, fut))
+            handle.sends.append(_Send(node, x_rows, node_idx, node_w, fut, time.monotonic() + self.timeout_s))
 
     def combine(self, handle: _Handle) -> torch.Tensor:
         out = torch.zeros_like(handle.x)  # [T, D]
@@ -199,9 +199,9 @@ class RemoteExpertBackend(ExpertBackend):
         while pending:
             send = pending.pop(0)
             try:
-                y = send.future.result(timeout=max(0.0, handle.deadline - time.monotonic()))
+                y = send.future.result(timeout=max(0.0, send.deadline - time.monotonic()))
             except (NodeFailure, FutureTimeout) as exc:
-                self._lose(send.node, str(exc) or "missed the dispatch deadline")
+                self._lose(send.node, str(exc) or f"missed the {self.timeout_s:g}s dispatch deadline")
                 handle.sends = []
                 self._send(handle, send.idx, send.weights, rows=send.rows)  # to other replicas, or raise
                 pending.extend(handle.sends)

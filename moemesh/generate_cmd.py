@@ -15,6 +15,7 @@ from moemesh.placement import parse_expert_nodes
 from moemesh.tokenizer import Tokenizer
 
 DEMO_PROMPT = "The river ran past the old mill and"
+EXIT_REQUEST_FAILED = 3  # some request failed while running (e.g. its experts became unavailable)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -59,6 +60,7 @@ class _Stream:
     pending: str = ""
     text: str = ""
     finish_reason: str | None = None
+    error: str | None = None
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -99,6 +101,12 @@ def _run(args: argparse.Namespace, mesh, prompts) -> int:
     while engine.has_unfinished():
         for ev in engine.step():
             s = streams[ev.request_id]
+            if ev.error is not None:
+                s.finish_reason, s.error = ev.finish_reason, ev.error
+                print(f"moemesh generate: request {order.index(ev.request_id)} failed: {ev.error}", file=sys.stderr)
+                if printer:
+                    printer.emit(ev.request_id, "", True)
+                continue
             s.token_ids.append(ev.token_id)
             piece = s.decoder.push(ev.token_id) if s.decoder else f"{ev.token_id} "
             if ev.finished:
@@ -116,8 +124,10 @@ def _run(args: argparse.Namespace, mesh, prompts) -> int:
                    "usage": {"prompt_tokens": len(prompt_ids[i]), "completion_tokens": len(s.token_ids)}}
             if tokenizer:
                 obj["text"] = s.text
+            if s.error is not None:
+                obj["error"] = s.error
             print(json.dumps(obj))
-    return 0
+    return EXIT_REQUEST_FAILED if any(s.error is not None for s in streams.values()) else 0
 
 
 class _OrderedPrinter:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from moemesh.attn_node.engine import Engine, EngineConfig
 from moemesh.attn_node.model import Transformer, hf_to_local_name
 from moemesh.attn_node.sequence import SamplingParams
+from moemesh.expert_backend import ExpertBackendError
 from moemesh.config import ModelConfig
 from moemesh.errors import InvalidRequestError
 from moemesh.expert_node.local_backend import LocalExpertBackend
@@ -410,3 +411,43 @@ def test_unseeded_request_leaves_the_global_rng_alone(tiny):
 @pytest.mark.parametrize("micro_batches", [2, 3])
 def test_micro_batched_ping_pong_gives_the_same_tokens(tiny, alone, micro_batches):
     assert run_batched(engine(tiny, max_num_batched_tokens=8, block_size=4, micro_batches=micro_batches)) == alone
+
+
+class _FailingBackend:
+    """Unit-test stand-in: the local experts until call N, then the routed experts are unavailable."""
+
+    def __init__(self, inner, fail_after: int):
+        self.inner, self.calls, self.fail_after = inner, 0, fail_after
+
+    def dispatch(self, layer_id, x, topk_idx, topk_weights):
+        self.calls += 1
+        if self.calls > self.fail_after:
+            raise ExpertBackendError(f"no live expert node hosts layer {layer_id}: experts 0-3")
+        return self.inner.dispatch(layer_id, x, topk_idx, topk_weights)
+
+    def combine(self, handle):
+        return self.inner.combine(handle)
+
+
+def test_unavailable_experts_fail_the_steps_requests_and_the_engine_goes_on(tiny):
+    model, cfg = tiny
+    moe_layers = [layer.ffn for layer in model.layers if hasattr(layer.ffn, "backend")]
+    inner = moe_layers[0].backend
+    failing = _FailingBackend(inner, fail_after=len(moe_layers) * 3)  # three good steps, then failure
+    for moe in moe_layers:
+        moe.backend = failing
+    try:
+        eng = Engine(model, cfg, EngineConfig())
+        rids = [eng.add_request(p, greedy(10)) for p in prompts_of([4, 6])]
+        events = []
+        while eng.has_unfinished():
+            events.extend(eng.step())
+        errors = [ev for ev in events if ev.finish_reason == "error"]
+        assert sorted(ev.request_id for ev in errors) == sorted(rids)
+        assert all(ev.token_id is None and "layer" in ev.error for ev in errors)
+        failing.fail_after = 10**9  # the experts come back: new requests run normally
+        out = eng.generate(prompts_of([5]), greedy(3))
+        assert out[0].finish_reason == "length" and len(out[0].token_ids) == 3
+    finally:
+        for moe in moe_layers:
+            moe.backend = inner
