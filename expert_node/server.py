@@ -12,6 +12,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -56,14 +57,14 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
         self._draining.set()
 
     def parse(self, req: dispatch_pb2.DispatchRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hosted = self.shard.hosted()
-        if req.layer not in hosted:
+        hosted = self.shard.hosted_mask(req.layer)
+        if hosted is None:
             raise BadRequest(f"layer {req.layer} has no experts on this node (hosted MoE layers: "
-                             f"{sorted(hosted) or 'none'})")
+                             f"{sorted(self.shard.hosted()) or 'none'})")
         try:
-            x = from_proto(req.hidden, expect_dtypes=HIDDEN_DTYPES, expect_ndim=2)
-            idx = from_proto(req.topk_idx, expect_dtypes=(torch.int32, torch.int64), expect_ndim=2)
-            w = from_proto(req.topk_weights, expect_dtypes=(torch.float32,), expect_ndim=2)
+            x = from_proto(req.hidden, expect_dtypes=HIDDEN_DTYPES, expect_ndim=2, name="hidden")
+            idx = from_proto(req.topk_idx, expect_dtypes=(torch.int32, torch.int64), expect_ndim=2, name="topk_idx")
+            w = from_proto(req.topk_weights, expect_dtypes=(torch.float32,), expect_ndim=2, name="topk_weights")
         except CodecError as exc:
             raise BadRequest(str(exc)) from None
         if x.shape[1] != self.cfg.hidden_size:
@@ -71,15 +72,17 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
         if idx.shape[0] != x.shape[0] or w.shape != idx.shape:
             raise BadRequest(f"topk_idx {tuple(idx.shape)} and topk_weights {tuple(w.shape)} must both be "
                              f"[{x.shape[0]}, K] to match hidden's {x.shape[0]} rows")
-        if idx.numel():
-            ids = idx.long()
-            if int(ids.min()) < -1 or int(ids.max()) >= self.cfg.n_routed_experts:
+        # numpy on these small arrays: a few microseconds where torch ops cost tens.
+        ids = idx.numpy()
+        if ids.size:
+            if ids.min() < -1 or ids.max() >= self.cfg.n_routed_experts:
                 raise BadRequest(f"expert ids must be in 0..{self.cfg.n_routed_experts - 1} (or -1 = skip)")
-            wanted = torch.unique(ids[ids >= 0]).tolist()
-            foreign = sorted(set(wanted) - set(hosted[req.layer]))
-            if foreign:
-                raise BadRequest(f"layer {req.layer}: experts {foreign[:8]} are not hosted on this node")
-        if not torch.isfinite(w).all():
+            routed = ids[ids >= 0]
+            foreign = routed[~hosted[routed]]
+            if foreign.size:
+                raise BadRequest(f"layer {req.layer}: experts {np.unique(foreign)[:8].tolist()} are not hosted "
+                                 "on this node")
+        if not np.isfinite(w.numpy()).all():
             raise BadRequest("topk_weights contain NaN or infinity")
         return x, idx, w
 

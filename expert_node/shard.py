@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +28,10 @@ class _LayerExperts:
     slot_of: torch.Tensor  # [E] int64, logical expert id -> local slot, -1 when not hosted
     w13: torch.Tensor  # [E_l, 2I, D]
     w2: torch.Tensor  # [E_l, D, I]
+
+    @property
+    def hosted(self) -> np.ndarray:
+        return (self.slot_of >= 0).numpy()
 
 
 def _grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -60,6 +65,11 @@ class ExpertShard:
     def hosted(self) -> dict[int, list[int]]:
         """layer id -> sorted logical expert ids held."""
         return {layer: sorted(le.expert_ids) for layer, le in self._layers.items()}
+
+    def hosted_mask(self, layer_id: int) -> np.ndarray | None:
+        """[E] bool, True for experts of ``layer_id`` held here; None when the layer has none."""
+        le = self._layers.get(layer_id)
+        return None if le is None else le.hosted
 
     def hosts(self, layer_id: int, expert_id: int) -> bool:
         le = self._layers.get(layer_id)

@@ -44,9 +44,10 @@ def _tokens_per_s(engine, prompts, params) -> tuple[float, list[list[int]]]:
     return len(prompts) * params.max_tokens / (time.perf_counter() - start), [o.token_ids for o in outs]
 
 
-def _hop_us(link: NodeLink, layer: int, rows: int, hidden: int, k: int, n: int) -> tuple[float, int]:
+def _hop_us(link: NodeLink, layer: int, rows: int, hidden: int, k: int, n: int, expert: int) -> tuple[float, int]:
+    """Median round trip of one Dispatch message; expert -1 = transport only (the node computes nothing)."""
     x = torch.randn(rows, hidden)
-    idx = torch.zeros(rows, k, dtype=torch.int64)
+    idx = torch.full((rows, k), expert, dtype=torch.int64)
     w = torch.full((rows, k), 1.0 / k)
     size = dispatch_pb2.DispatchRequest(layer=layer, hidden=to_proto(x), topk_idx=to_proto(idx),
                                         topk_weights=to_proto(w)).ByteSize()
@@ -94,18 +95,26 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
             node_list = [(n.address, n.spec) for n in nodes]
             local_tps, local_tokens = _tokens_per_s(local.engine, prompts, params)
             results = {}
-            for overlap, m in (("on", args.micro_batches or 2), ("off", 1)):
-                mesh = build_remote(args.model, node_list, args.dtype, replace(econf, micro_batches=m), False)
-                try:
-                    results[overlap] = _tokens_per_s(mesh.engine, prompts, params)
-                finally:
-                    mesh.close()
-            link = NodeLink(nodes[0].address)
+            # Three processes now share this machine's cores: one torch thread each, or OpenMP
+            # workers of different processes stall each other (measured: tiny ops took milliseconds).
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
             try:
-                hop, nbytes = _hop_us(link, cfg.moe_layers[0], args.batch, cfg.hidden_size,
-                                      cfg.num_experts_per_tok, args.hop_samples)
+                for overlap, m in (("on", max(2, args.micro_batches)), ("off", 1)):
+                    mesh = build_remote(args.model, node_list, args.dtype, replace(econf, micro_batches=m), False)
+                    try:
+                        results[overlap] = _tokens_per_s(mesh.engine, prompts, params)
+                    finally:
+                        mesh.close()
+                link = NodeLink(nodes[0].address)
+                try:
+                    shape = (cfg.moe_layers[0], args.batch, cfg.hidden_size, cfg.num_experts_per_tok, args.hop_samples)
+                    hop, nbytes = _hop_us(link, *shape, expert=-1)
+                    hop_compute, _ = _hop_us(link, *shape, expert=0)
+                finally:
+                    link.close()
             finally:
-                link.close()
+                torch.set_num_threads(threads)
             echo = _tcp_echo_us(nbytes, args.hop_samples)
         finally:
             for node in nodes:
@@ -119,6 +128,7 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
         "mesh_vs_engine": results["on"][0] / local_tps,
         "tokens_match": all(results[o][1] == local_tokens for o in results),
         "hop_us": hop, "tcp_echo_us": echo, "hop_vs_tcp_echo": hop / echo, "hop_bytes": nbytes,
+        "hop_with_expert_us": hop_compute,
     }
     if args.json:
         print(json.dumps(out))
@@ -130,6 +140,6 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
     print(f"{'mesh, overlap on':26}{results['on'][0]:10.1f}{results['on'][0] / local_tps:10.2f}x")
     print(f"{'mesh, overlap off':26}{results['off'][0]:10.1f}{results['off'][0] / local_tps:10.2f}x")
     print(f"identical tokens: {'yes' if out['tokens_match'] else 'NO'}")
-    print(f"dispatch hop ({nbytes} B, {args.batch} rows): {hop:.0f} us; raw TCP echo of the same bytes: "
-          f"{echo:.0f} us ({hop / echo:.2f}x)")
+    print(f"dispatch hop ({nbytes} B, {args.batch} rows, no expert work): {hop:.0f} us; raw TCP echo of the "
+          f"same bytes: {echo:.0f} us ({hop / echo:.2f}x); with one expert's work: {hop_compute:.0f} us")
     return 0

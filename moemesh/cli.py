@@ -88,9 +88,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="sequences in the running batch at most (default: 64)")
     p.add_argument("--max-batched-tokens", type=_positive_int, default=512,
                    help="tokens computed per step at most; longer prompts are prefilled in chunks (default: 512)")
-    p.add_argument("--micro-batches", type=_positive_int, default=None,
+    p.add_argument("--micro-batches", type=_positive_int, default=1,
                    help="split each step into this many micro-batches run in ping-pong, so one's attention "
-                   "overlaps another's remote experts (default: 1 = off; 2 with --expert-nodes)")
+                   "overlaps another's remote experts. Pays off when attention and experts run on separate "
+                   "hardware; on one shared CPU it costs (each micro-batch re-reads the expert weights) "
+                   "(default: 1 = off; bench --mesh measures 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:

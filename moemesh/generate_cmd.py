@@ -24,7 +24,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_tokens=args.kv_cache_tokens,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_batched_tokens,
-        micro_batches=args.micro_batches or (2 if getattr(args, "expert_nodes", None) else 1),
+        micro_batches=args.micro_batches,
     )
 
 

@@ -39,7 +39,8 @@ def spawn_expert_nodes(model_dir: str | Path, specs: list[str], timeout_s: float
         stderr = open(Path(log_dir) / f"expert-{i}.log", "w") if log_dir else subprocess.DEVNULL
         cmd = [sys.executable, "-m", "moemesh.cli", "expert-node", "--model", str(model_dir), "--experts", spec,
                "--port", "0"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=dict(os.environ)))
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("MOEMESH_NODE_THREADS", "1"))
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env))
     nodes = []
     deadline = time.monotonic() + timeout_s
     try:
