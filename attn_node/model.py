@@ -272,7 +272,9 @@ class Gate(nn.Module):
             keep = self._group_mask(grouped.topk(2, dim=-1).values.sum(-1))
             idx = torch.topk(choice.masked_fill(~keep, float("-inf")), self.top_k, dim=-1, sorted=False)[1]
             weights = scores.gather(1, idx)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:
+            # As transformers' V3 router (any K). transformers' V2 router ignores the flag; published V2
+            # configs set it false, where the two agree.
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return idx, weights * self.route_scale
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh.codec import from_proto, to_proto
 from moemesh.config import ModelConfig
@@ -61,10 +62,10 @@ class NodeLink:
         self.failure: str | None = None
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=connect_timeout_s)
-        except grpc.FutureTimeoutError:
+            _wait_serving(self._channel, address, connect_timeout_s)
+        except Exception:
             self._channel.close()
-            raise ExpertsUnavailable(f"expert node {address} did not answer within {connect_timeout_s:.0f}s") from None
+            raise
         self.stub = dispatch_pb2_grpc.ExpertDispatchStub(self._channel)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: dict[int, Future] = {}
@@ -78,6 +79,7 @@ class NodeLink:
 
     def send(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int) -> Future:
         fut: Future = Future()
+        fut.expected_shape = tuple(x.shape)  # a reply of any other shape fails the link, not the engine
         msg_id = next(self._ids)
         with self._lock:
             if self.failure is not None:
@@ -100,7 +102,10 @@ class NodeLink:
                 with self._lock:
                     fut = self._pending.pop(resp.id, None)
                 if fut is not None:
-                    fut.set_result(from_proto(resp.output))
+                    y = from_proto(resp.output)
+                    if tuple(y.shape) != fut.expected_shape:
+                        raise ValueError(f"reply {resp.id} has shape {tuple(y.shape)}, expected {fut.expected_shape}")
+                    fut.set_result(y)
             self.fail("its stream ended (node drained or stopped)")
         except grpc.RpcError as exc:
             self.fail(f"{exc.code().name}: {exc.details()}")
@@ -145,9 +150,14 @@ class RemoteExpertBackend(ExpertBackend):
                  connect_timeout_s: float = 10.0):
         placement.require_complete(cfg.moe_layers, cfg.n_routed_experts)
         self.cfg, self.placement, self.timeout_s = cfg, placement, timeout_s
-        self.links = [NodeLink(address, connect_timeout_s) for address in placement.nodes]
-        for link in self.links:
-            _check_node(link, cfg)
+        self.links: list[NodeLink] = []
+        try:
+            for node, address in enumerate(placement.nodes):
+                self.links.append(NodeLink(address, connect_timeout_s))
+                _check_node(self.links[-1], cfg, placement, node)
+        except BaseException:
+            self.close()  # no half-open mesh: channels and reader threads of the nodes reached so far
+            raise
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rebuild_tables()
 
@@ -221,8 +231,25 @@ class RemoteExpertBackend(ExpertBackend):
             link.close()
 
 
-def _check_node(link: NodeLink, cfg: ModelConfig) -> None:
-    """Fail fast on a node that serves another model."""
+def _wait_serving(channel: grpc.Channel, address: str, timeout_s: float) -> None:
+    """Block until the node's health says SERVING (its port opens before its weights are loaded)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=max(0.1, deadline - time.monotonic()))
+            if status.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            last = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
+        except grpc.RpcError as exc:
+            last = f"{exc.code().name}: {exc.details()}"
+        time.sleep(0.1)
+    raise ExpertsUnavailable(f"expert node {address} was not SERVING within {timeout_s:g}s (last: {last})")
+
+
+def _check_node(link: NodeLink, cfg: ModelConfig, placement: Placement, node: int) -> None:
+    """Fail fast on a node that serves another model or lacks experts the placement gives it."""
     try:
         info = link.info()
     except grpc.RpcError as exc:
@@ -232,3 +259,12 @@ def _check_node(link: NodeLink, cfg: ModelConfig) -> None:
             f"expert node {link.address} serves a model with hidden_size {info.hidden_size} and "
             f"{info.n_routed_experts} experts; this one has {cfg.hidden_size} and {cfg.n_routed_experts}"
         )
+    hosted = {(le.layer, e) for le in info.experts for e in le.experts}
+    claimed = {key for key, nodes in placement.replicas.items() if node in nodes}
+    lacking = sorted(claimed - hosted)
+    if lacking:
+        by_layer: dict[int, list[int]] = {}
+        for layer, e in lacking:
+            by_layer.setdefault(layer, []).append(e)
+        raise ExpertBackendError(f"expert node {link.address} does not host {describe_missing(by_layer)}, "
+                                 "which --expert-nodes assigns to it: fix its spec")

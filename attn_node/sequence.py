@@ -11,6 +11,9 @@ import torch
 from moemesh.errors import InvalidRequestError
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What vLLM users expect: temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
@@ -38,7 +41,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below this, logits / temperature overflows to inf and sampling is argmax anyway.
+        return self.temperature < GREEDY_BELOW
 
 
 class Status(enum.Enum):

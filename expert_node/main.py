@@ -37,6 +37,10 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
         await health_servicer.set(name, NOT_SERVING)
     log.info("loading_experts", layers=len(experts), experts=sum(len(v) for v in experts.values()), port=bound)
     shard = await asyncio.to_thread(load_expert_shard, model_dir, cfg, experts, dtype, sys.stderr.isatty())
+    if stop.is_set():  # told to stop while loading: never announce SERVING
+        await server.stop(grace=None)
+        log.info("stopped", reason="signal during load")
+        return
     service.attach(DispatchService(shard, cfg))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, SERVING)

@@ -72,6 +72,9 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
         if idx.shape[0] != x.shape[0] or w.shape != idx.shape:
             raise BadRequest(f"topk_idx {tuple(idx.shape)} and topk_weights {tuple(w.shape)} must both be "
                              f"[{x.shape[0]}, K] to match hidden's {x.shape[0]} rows")
+        if idx.shape[1] > self.cfg.num_experts_per_tok:
+            raise BadRequest(f"topk_idx has {idx.shape[1]} columns; this model routes each row to at most "
+                             f"{self.cfg.num_experts_per_tok} experts")
         # numpy on these small arrays: a few microseconds where torch ops cost tens.
         ids = idx.numpy()
         if ids.size:

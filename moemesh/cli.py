@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 
@@ -46,6 +47,26 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {value}")
     return value
 
 
@@ -132,14 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0 = off)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling; prompt i uses seed + i")
+    p.add_argument("--seed", type=_seed, default=None, help="seed for sampling; prompt i uses seed + i")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt, in order, when done")
     p.add_argument("--expert-nodes", action="append", metavar="HOST:PORT=SPEC,...",
                    help="run only the attention side here and send routed experts to these expert nodes "
                    "(SPEC as in `moemesh expert-node --experts`; repeatable). Several nodes may host the same "
                    "experts: rows are split across such replicas, and a lost node's rows go to another replica")
-    p.add_argument("--dispatch-timeout", type=float, default=30.0,
+    p.add_argument("--dispatch-timeout", type=_positive_float, default=30.0,
                    help="seconds an expert node may take per MoE layer before its rows go to a replica "
                    "(default: 30)")
     _add_engine_args(p)
@@ -181,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from moemesh import logs
+
+    logs.configure(getattr(args, "log_level", "warning"))  # JSON lines on stderr: stdout stays the command's output
     try:
         if args.command == "tiny-checkpoint":
             return _cmd_tiny(args)
@@ -198,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moemesh.bench import run_bench
 
             return run_bench(args)
-    except (ConfigError, MoemeshError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, MoemeshError, ValueError, OSError) as exc:
         print(f"moemesh {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -210,7 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_expert_node(args: argparse.Namespace) -> int:
     import asyncio
 
-    from moemesh import logs
     from moemesh.config import ModelConfig
     from moemesh.expert_node.main import serve
     from moemesh.local import resolve_dtype
@@ -218,7 +241,6 @@ def _cmd_expert_node(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
-    logs.configure(args.log_level)
     cfg = ModelConfig.from_dir(args.model)
     parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
     asyncio.run(serve(args.model, args.experts, args.host, args.port, resolve_dtype(args.dtype, cfg)))

@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from moemesh.errors import MoemeshError
+
 
 @runtime_checkable
 class ExpertBackend(Protocol):
@@ -39,5 +41,5 @@ class ExpertBackend(Protocol):
         ...
 
 
-class ExpertBackendError(RuntimeError):
+class ExpertBackendError(MoemeshError, RuntimeError):
     """The routed experts could not be computed (for example, no node hosts them)."""

@@ -10,6 +10,8 @@ import each other, the top of ``moemesh`` wires them together.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,5 +91,12 @@ def ensure_demo_model() -> Path:
 
     path = demo_model_dir()
     if not (path / "config.json").is_file():
-        write_tiny_checkpoint(path, arch="deepseek_v3", seed=0)
+        # Write beside it and rename: an interrupted or concurrent first run never leaves half a checkpoint.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
+        write_tiny_checkpoint(tmp, arch="deepseek_v3", seed=0)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another run got there first
+            shutil.rmtree(tmp, ignore_errors=True)
     return path

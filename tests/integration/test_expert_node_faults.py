@@ -31,6 +31,7 @@ from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.sequence import SamplingParams
 from moemesh.codec import from_proto, to_proto
 from moemesh.config import ModelConfig
+from moemesh.expert_backend import ExpertBackendError
 from moemesh.expert_node.loader import load_expert_shard
 from moemesh.local import build_local, build_remote
 from moemesh.placement import parse_expert_spec
@@ -204,6 +205,8 @@ def _malformed_cases(cfg: ModelConfig) -> list[tuple[str, bytes, str]]:
         ("negative dim", req(hidden=raw_tensor(F32, (-3, D), b"")), "negative"),
         ("huge dims", req(hidden=raw_tensor(F32, (1 << 40, 1 << 40), bytes(16))), "bytes"),
         ("K mismatch", req(topk_weights=torch.rand(3, 3)), "topk_weights"),
+        ("K above num_experts_per_tok", req(topk_idx=torch.zeros(3, 50, dtype=torch.int64),
+                                            topk_weights=torch.rand(3, 50)), "at most"),
         ("row mismatch", req(topk_idx=torch.tensor([[0, 1], [2, 3]]), topk_weights=torch.rand(2, 2)), "rows"),
         ("unknown layer", req(layer=99), "layer 99"),
         ("dense layer", req(layer=0), "layer 0"),
@@ -428,12 +431,13 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(nodes, model_dir, cfg):
         x, idx, w = sample_rows(list(range(8)), 3, 2, seed=5)
         torch.testing.assert_close(stream.ask(1, x, idx, w), shard.forward(1, x, idx, w), rtol=1e-5, atol=1e-5)
 
-        # ~1 s of expert math on the node (every row to all 8 experts), then SIGTERM while it runs.
-        rows = 120_000
+        # ~1 s of expert math on the node (every row to K experts), then SIGTERM while it runs.
+        rows = 480_000
         gen = torch.Generator().manual_seed(9)
         x = torch.randn(rows, cfg.hidden_size, generator=gen)
-        idx = torch.arange(8, dtype=torch.int32).repeat(rows, 1)
-        w = torch.rand(rows, 8, generator=gen)
+        k = cfg.num_experts_per_tok
+        idx = (torch.arange(rows, dtype=torch.int32).unsqueeze(1) * k + torch.arange(k, dtype=torch.int32)) % 8
+        w = torch.rand(rows, k, generator=gen)
         msg = request(2, x, idx, w, msg_id=stream._ids + 1)
         stream._ids += 1
         stream._outbox.put(msg)
@@ -476,3 +480,21 @@ def test_cli_generate_over_expert_nodes_matches_single_process(shared_nodes, mod
     assert len(single) == 2 and [o["prompt_ids"] for o in single] == [[5, 6, 7], [9, 10]]
     assert all(o["token_ids"] for o in single)
     assert mesh == single
+
+
+def test_spec_claiming_experts_a_node_lacks_is_refused(shared_nodes, model_dir):
+    """--expert-nodes must not assign a node experts it does not host: caught at connect, named."""
+    node = shared_nodes["pair"][0]  # hosts 0-3 only
+    with pytest.raises(ExpertBackendError, match="does not host"):
+        build_remote(model_dir, [(node.address, "all")], "float32", ENGINE, progress=False)
+
+
+def test_cli_unreachable_expert_node_is_one_line(model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "moemesh.cli", "generate", "--model", str(model_dir), "--prompt-ids", "1,2",
+         "--expert-nodes", "127.0.0.1:1=all"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "127.0.0.1:1" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -34,7 +34,7 @@ YARN = dict(
 
 # name -> (arch, overrides). Together they cover: V2 greedy and group_limited_greedy, V3 noaux_tc
 # with groups and a non-zero correction bias, q_lora_rank null and set, YaRN on V2 and V3,
-# first_k_dense_replace 0/1/2, tied and untied embeddings, interleaved and half-split rope.
+# first_k_dense_replace 0/1/2, tied and untied embeddings, interleaved and half-split rope, top-1 normalised.
 CONFIGS = {
     "v2_greedy_nolora_tied": ("v2", dict(num_hidden_layers=3, q_lora_rank=None, topk_method="greedy",
                                          first_k_dense_replace=1, tie_word_embeddings=True)),
@@ -46,6 +46,8 @@ CONFIGS = {
                                         first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5)),
     "v3_yarn_nolora": ("v3", dict(num_hidden_layers=3, q_lora_rank=None, n_group=2, topk_group=1,
                                   num_experts_per_tok=3, first_k_dense_replace=1, rope_parameters=YARN)),
+    "v3_top1_normalized": ("v3", dict(num_hidden_layers=2, q_lora_rank=16, n_group=2, topk_group=1,
+                                      num_experts_per_tok=1, first_k_dense_replace=1, norm_topk_prob=True)),
     "v3_halfsplit_rope_tied": ("v3", dict(num_hidden_layers=2, q_lora_rank=16, n_group=1, topk_group=1,
                                           first_k_dense_replace=0, rope_interleave=False, norm_topk_prob=False,
                                           tie_word_embeddings=True)),
