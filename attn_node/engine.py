@@ -43,6 +43,7 @@ class TokenEvent:
     finished: bool
     finish_reason: str | None  # "stop" (EOS or a stop token) | "length" (max_tokens) | "error"
     error: str | None = None  # why the request failed (e.g. routed experts unavailable)
+    error_code: str | None = None  # gRPC status name for the failure: UNAVAILABLE | INTERNAL
 
 
 @dataclass
@@ -129,7 +130,7 @@ class Engine:
             logits = self.runner.run(scheduled)  # [n_sampling, vocab]
         except ExpertBackendError as exc:
             # The step's sequences cannot go on; the others (waiting, or not in this step) can.
-            return [self._fail(item.seq, str(exc)) for item in scheduled]
+            return [self._fail(item.seq, str(exc), "UNAVAILABLE") for item in scheduled]
         sampling = [item.seq for item in scheduled if item.samples]
         for item in scheduled:
             item.seq.num_cached += item.num_tokens
@@ -138,10 +139,10 @@ class Engine:
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         return [self._append(seq, tok) for seq, tok in zip(sampling, tokens)]
 
-    def _fail(self, seq: Sequence, error: str) -> TokenEvent:
+    def _fail(self, seq: Sequence, error: str, code: str) -> TokenEvent:
         self.scheduler.finish(seq, "error")
         self._seqs.pop(seq.request_id, None)
-        return TokenEvent(seq.request_id, None, True, "error", error)
+        return TokenEvent(seq.request_id, None, True, "error", error, code)
 
     def _append(self, seq: Sequence, token: int) -> TokenEvent:
         seq.output_ids.append(token)

@@ -1,0 +1,122 @@
+"""The attention node's gRPC service (AttentionNode): Generate streams and Load, over an EngineLoop.
+
+Thin: it validates the request (INVALID_ARGUMENT naming the field), hands it to
+the engine thread, and turns token events into streamed responses with text
+decoded incrementally and stop strings applied. A client that goes away has its
+request aborted, freeing its cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moemesh.config import ModelConfig
+from moemesh.errors import InvalidRequestError, ResourceExhaustedError
+from moemesh.logs import get_logger
+from moemesh.requests import StopStringMatcher, check_request_id, sampling_from_proto
+from moemesh.tokenizer import Tokenizer
+from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
+
+from .engine_loop import EngineLoop
+from .sequence import SamplingParams
+
+log = get_logger("moemesh.attn_node.service")
+SERVICE_NAME = attention_pb2.DESCRIPTOR.services_by_name["AttentionNode"].full_name
+
+
+class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
+    def __init__(self, loop: EngineLoop, cfg: ModelConfig, tokenizer: Tokenizer | None):
+        self.loop, self.cfg, self.tokenizer = loop, cfg, tokenizer
+
+    def _prompt(self, request: inference_pb2.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "token_ids":
+            return list(request.token_ids.ids)
+        if kind == "text":
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: send prompt.token_ids instead of text")
+            return self.tokenizer.encode(request.text)
+        raise InvalidRequestError("prompt is missing: set text or token_ids")
+
+    def _engine_inputs(self, request) -> tuple[list[int], list[int], SamplingParams, StopStringMatcher]:
+        check_request_id(request.request_id)
+        prompt = self._prompt(request)
+        s = sampling_from_proto(request.sampling, self.cfg.vocab_size)
+        resume = list(request.resume_token_ids)
+        if len(resume) >= s.max_tokens:
+            raise InvalidRequestError("resume_token_ids must be fewer than sampling.max_tokens")
+        params = SamplingParams(
+            max_tokens=s.max_tokens - len(resume), temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            seed=s.seed, stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos,
+        )
+        return prompt, resume, params, StopStringMatcher(s.stop)
+
+    async def Generate(self, request, context):
+        try:
+            prompt, resume, params, matcher = self._engine_inputs(request)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        rid = request.request_id or uuid.uuid4().hex
+        events: asyncio.Queue = asyncio.Queue()
+        aio_loop = asyncio.get_running_loop()
+        try:
+            self.loop.submit(rid, prompt + resume, params, lambda ev: aio_loop.call_soon_threadsafe(events.put_nowait, ev))
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ResourceExhaustedError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        decoder = self.tokenizer.incremental_decoder() if self.tokenizer else None
+        for tok in resume:  # their text already reached the client; prime the decoder past it
+            if decoder:
+                decoder.push(tok)
+        produced, finished = len(resume), False
+        try:
+            while True:
+                ev = await events.get()
+                if ev.error is not None:
+                    finished = True
+                    await context.abort(getattr(grpc.StatusCode, ev.error_code or "INTERNAL"), ev.error)
+                produced += 1
+                piece = decoder.push(ev.token_id) if decoder else ""
+                if ev.finished and decoder:
+                    piece += decoder.flush()
+                text, stopped = matcher.push(piece)
+                reason = "stop" if stopped else ev.finish_reason
+                if stopped or ev.finished:
+                    finished = True
+                    if stopped and not ev.finished:
+                        self.loop.abort(rid)
+                    text += "" if stopped else matcher.flush()
+                    yield inference_pb2.GenerateResponse(
+                        request_id=rid, token_ids=[ev.token_id], text=text, finish_reason=reason,
+                        usage=inference_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=produced))
+                    return
+                yield inference_pb2.GenerateResponse(request_id=rid, token_ids=[ev.token_id], text=text)
+        finally:
+            if not finished:  # the client cancelled or the stream broke: free the request's cache
+                self.loop.abort(rid)
+
+    async def Load(self, request, context):
+        blocks = self.loop.engine.blocks
+        return attention_pb2.LoadResponse(
+            running=self.loop.num_running(), waiting=self.loop.num_waiting(),
+            cache_free_tokens=blocks.num_free * blocks.block_size, cache_total_tokens=blocks.capacity_tokens)
+
+
+def create_server(service: AttentionService, host: str = "127.0.0.1", port: int = 0):
+    """grpc.aio server with AttentionNode, health (set by the caller) and reflection; returns (server, port, health)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    attention_pb2_grpc.add_AttentionNodeServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}: is the port in use?")
+    return server, bound, health_servicer

@@ -1,0 +1,161 @@
+"""The attention node's gRPC service on 127.0.0.1 over a real engine (tiny checkpoint)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+
+from moemesh.attn_node.engine import EngineConfig
+from moemesh.attn_node.engine_loop import EngineLoop
+from moemesh.attn_node.sequence import SamplingParams
+from moemesh.attn_node.service import AttentionService, create_server
+from moemesh.local import build_local
+from moemesh.tiny import write_tiny_checkpoint
+from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
+
+pytestmark = pytest.mark.integration
+
+
+class _Served:
+    """An aio server on its own event-loop thread, so the test can use the sync client."""
+
+    def __init__(self, service):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server, self.port, _ = asyncio.run_coroutine_threadsafe(self._start(service), self.loop).result()
+
+    async def _start(self, service):
+        server, port, health = create_server(service)
+        await server.start()
+        return server, port, health
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.server.stop(None), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), arch="deepseek_v3", hidden_size=64, layers=2,
+                                 experts=8, experts_per_token=2)
+    mesh = build_local(path, "float32", EngineConfig(max_num_seqs=8, max_num_batched_tokens=64), progress=False)
+    reference = build_local(path, "float32", EngineConfig(), progress=False)
+    loop = EngineLoop(mesh.engine, max_pending=4).start()
+    served = _Served(AttentionService(loop, mesh.cfg, mesh.tokenizer))
+    channel = grpc.insecure_channel(f"127.0.0.1:{served.port}")
+    yield attention_pb2_grpc.AttentionNodeStub(channel), reference, mesh, loop
+    channel.close()
+    served.stop()
+    loop.stop()
+
+
+def _request(ids=None, text=None, **sampling):
+    sampling.setdefault("max_tokens", 8)
+    req = inference_pb2.GenerateRequest(sampling=inference_pb2.SamplingParams(**sampling))
+    if ids is not None:
+        req.token_ids.ids.extend(ids)
+    if text is not None:
+        req.text = text
+    return req
+
+
+def _collect(stub, req):
+    tokens, text, last = [], "", None
+    for resp in stub.Generate(req, timeout=60):
+        tokens.extend(resp.token_ids)
+        text += resp.text
+        last = resp
+    return tokens, text, last
+
+
+def test_streamed_tokens_equal_the_engine(node):
+    stub, reference, _, _ = node
+    prompts = [[0, 5, 9, 11], [0, 40, 41, 42, 43, 44, 45]]
+    want = [o.token_ids for o in reference.engine.generate(
+        prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))]
+    for prompt, expected in zip(prompts, want):
+        tokens, text, last = _collect(stub, _request(ids=prompt, max_tokens=8, ignore_eos=True))
+        assert tokens == expected
+        assert text == reference.tokenizer.decode(expected)
+        assert last.finish_reason == "length"
+        assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(prompt), 8)
+
+
+def test_text_prompt_and_resume_continue_the_same_tokens(node):
+    stub, _, _, _ = node
+    full, _, _ = _collect(stub, _request(text="The river", max_tokens=10, ignore_eos=True))
+    req = _request(text="The river", max_tokens=10, ignore_eos=True)
+    req.resume_token_ids.extend(full[:4])
+    rest, _, last = _collect(stub, req)
+    assert full[:4] + rest == full and last.usage.completion_tokens == 10
+
+
+def test_stop_string_ends_generation_and_is_not_emitted(node):
+    stub, reference, _, _ = node
+    tokens, text, _ = _collect(stub, _request(ids=[0, 5, 9], max_tokens=12, ignore_eos=True))
+    stop = text[3:5]
+    assert stop, text
+    tokens2, text2, last = _collect(stub, _request(ids=[0, 5, 9], max_tokens=12, ignore_eos=True, stop=[stop]))
+    assert last.finish_reason == "stop" and stop not in text2 and text.startswith(text2)
+
+
+@pytest.mark.parametrize("req, field", [
+    (_request(ids=[1, 2], max_tokens=0), "max_tokens"),
+    (_request(ids=[1, 2], temperature=-1.0), "temperature"),
+    (_request(ids=[1, 2], top_p=0.0), "top_p"),
+    (_request(ids=[1, 2], top_k=10**6), "top_k"),
+    (_request(ids=[1, 99999]), "vocabulary"),
+    (_request(), "prompt"),
+    (_request(ids=[1], stop=["x"] * 40), "stop"),
+    (_request(ids=[1], stop_token_ids=[10**6]), "stop_token_ids"),
+    (_request(ids=list(range(2, 300)) * 8, max_tokens=4), "context"),
+])
+def test_invalid_fields_are_invalid_argument(node, req, field):
+    stub = node[0]
+    with pytest.raises(grpc.RpcError) as exc:
+        _collect(stub, req)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in exc.value.details()
+    assert _collect(stub, _request(ids=[0, 3], max_tokens=2))[0]  # still serving
+
+
+def test_cancelled_stream_frees_the_request(node):
+    stub, _, mesh, _ = node
+    call = stub.Generate(_request(ids=[0, 5], max_tokens=500, ignore_eos=True), timeout=60)
+    next(call)
+    call.cancel()
+    for _ in range(200):
+        if not mesh.engine.has_unfinished():
+            break
+        threading.Event().wait(0.05)
+    assert not mesh.engine.has_unfinished()
+    load = stub.Load(attention_pb2.LoadRequest(), timeout=5)
+    assert load.running == 0 and load.cache_free_tokens == load.cache_total_tokens
+
+
+def test_full_inbox_is_resource_exhausted_and_never_unbounded(tmp_path):
+    from moemesh.errors import ResourceExhaustedError
+
+    path = write_tiny_checkpoint(tmp_path / "m", arch="deepseek_v2", hidden_size=64, layers=2, experts=4,
+                                 experts_per_token=2)
+    mesh = build_local(path, "float32", EngineConfig(max_num_seqs=1, max_num_batched_tokens=8), progress=False)
+    loop = EngineLoop(mesh.engine, max_pending=1).start()
+    done = threading.Event()
+    try:
+        long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        loop.submit("a", [0, 5], long, lambda ev: None)
+        for _ in range(400):  # until the engine thread has taken "a" into the running batch
+            if loop.num_running():
+                break
+            done.wait(0.01)
+        loop.submit("b", [0, 6], long, lambda ev: done.set() if ev.finished else None)
+        with pytest.raises(ResourceExhaustedError, match="waiting"):
+            loop.submit("c", [0, 7], long, lambda ev: None)
+    finally:
+        loop.abort("a")
+        loop.abort("b")
+        loop.stop()
