@@ -7,6 +7,7 @@ import torch
 from moemesh.checkpoint import Checkpoint, CheckpointError, attention_side
 from moemesh.config import ModelConfig
 from moemesh.expert_backend import ExpertBackend
+from moemesh.kernels.ops import Ops
 
 from .model import Transformer, hf_to_local_name
 
@@ -17,9 +18,10 @@ def load_transformer(
     backend: ExpertBackend,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    ops: Ops | None = None,
 ) -> Transformer:
     """Every weight except the routed experts, renamed onto :class:`Transformer` and checked for completeness."""
-    model = Transformer(cfg, backend, dtype)
+    model = Transformer(cfg, backend, dtype, ops)
     ckpt = Checkpoint(model_dir, cfg)
     wanted = {n: hf_to_local_name(n) for n in ckpt.names() if attention_side(n)}
     if cfg.tie_word_embeddings:

@@ -31,6 +31,7 @@ from torch import nn
 
 from moemesh.config import ModelConfig, yarn_get_mscale
 from moemesh.expert_backend import ExpertBackend
+from moemesh.kernels.ops import Ops, select_ops
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -133,6 +134,9 @@ class AttnGroup:
     ctx_slots: torch.Tensor  # [B, S] int64 cache slot of each context position (padding -> a zeroed slot)
     mask: torch.Tensor  # [B, 1, Q, S] bool, True where query may attend key (causal, in range)
     absorbed: bool  # attend over the latent directly (decode) or expand K/V first (naive)
+    block_tables: torch.Tensor  # [B, max_blocks] int64 (for the paged decode op)
+    context_lens: torch.Tensor  # [B] int64 tokens of context per sequence, this step's included
+    block_size: int
 
 
 @dataclass
@@ -147,8 +151,9 @@ class AttnBatch:
 class MLA(nn.Module):
     """Multi-head Latent Attention over a paged latent cache of [c_kv | k_pe] rows (C + R values)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, ops: Ops):
         super().__init__()
+        self.ops = ops
         D, H = cfg.hidden_size, cfg.num_attention_heads
         self.n_heads, self.kv_lora_rank = H, cfg.kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (
@@ -188,14 +193,17 @@ class MLA(nn.Module):
         kv = self.wkv_a(x)  # [T, C + R]
         c_kv = self.kv_norm(kv[:, :C])  # [T, C]
         k_pe = rotary.apply(kv[:, C:], cos, sin)  # [T, R]
-        kv_cache[batch.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
+        self.ops.store_latent(kv_cache, c_kv, k_pe, batch.slot_mapping)
 
         out = x.new_empty(T, H, self.v_head_dim)  # [T, H, V]
         for g in batch.groups:
             qn, qp = q_nope[g.token_index], q_pe[g.token_index]  # [B, Q, H, N], [B, Q, H, R]
-            ctx = kv_cache[g.ctx_slots].to(x.dtype)  # [B, S, C + R]
-            attend = self._absorbed if g.absorbed else self._naive
-            o = attend(qn, qp, ctx[..., :C], ctx[..., C:], g.mask)  # [B, Q, H, V]
+            if g.absorbed and g.token_index.shape[1] == 1:
+                o = self._decode(qn[:, 0], qp[:, 0], kv_cache, g).unsqueeze(1)  # [B, 1, H, V]
+            else:
+                ctx = kv_cache[g.ctx_slots].to(x.dtype)  # [B, S, C + R]
+                attend = self._absorbed if g.absorbed else self._naive
+                o = attend(qn, qp, ctx[..., :C], ctx[..., C:], g.mask)  # [B, Q, H, V]
             out[g.token_index[g.query_valid]] = o[g.query_valid]
         return self.wo(out.view(T, H * self.v_head_dim))
 
@@ -213,6 +221,15 @@ class MLA(nn.Module):
         scores = scores + torch.einsum("bqhr,bsr->bhqs", q_pe, k_pe)  # [B, H, Q, S]
         p = self._softmax(scores * self.softmax_scale, mask).to(v.dtype)
         return torch.einsum("bhqs,bshv->bqhv", p, v)  # [B, Q, H, V]
+
+    def _decode(self, q_nope, q_pe, kv_cache, g: AttnGroup):
+        """One query per sequence, absorbed, straight off the paged cache (the MLA decode op)."""
+        H, N = self.n_heads, self.qk_nope_head_dim
+        wkv_b = self.wkv_b.weight.view(H, N + self.v_head_dim, self.kv_lora_rank)  # [H, N + V, C]
+        q_c = torch.einsum("bhn,hnc->bhc", q_nope, wkv_b[:, :N])  # [B, H, C]
+        o_c = self.ops.mla_decode(q_c, q_pe, kv_cache, g.block_tables, g.context_lens, g.block_size,
+                                  self.softmax_scale)  # [B, H, C]
+        return torch.einsum("bhc,hvc->bhv", o_c.to(q_c.dtype), wkv_b[:, N:])  # [B, H, V]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Fold W_UK into the query and W_UV into the output: attend over the C-dim latent."""
@@ -248,8 +265,9 @@ class Gate(nn.Module):
     Runs in fp32 like the reference. Returns (topk_idx [T, K], topk_weights [T, K] fp32).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
+        self.route = ops.route
         self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.topk_method, self.scoring_func = cfg.topk_method, cfg.scoring_func
@@ -260,38 +278,22 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.weight)  # [T, E]
-        scores = logits.softmax(dim=-1) if self.scoring_func == "softmax" else logits.sigmoid()
-        if self.topk_method == "greedy":
-            weights, idx = torch.topk(scores, self.top_k, dim=-1, sorted=False)
-        elif self.topk_method == "group_limited_greedy":
-            keep = self._group_mask(scores.view(-1, self.n_group, self.n_experts // self.n_group).amax(-1))
-            weights, idx = torch.topk(scores.masked_fill(~keep, 0.0), self.top_k, dim=-1, sorted=False)
-        else:  # noaux_tc
-            choice = scores + self.bias  # [T, E]
-            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # [T, G, E/G]
-            keep = self._group_mask(grouped.topk(2, dim=-1).values.sum(-1))
-            idx = torch.topk(choice.masked_fill(~keep, float("-inf")), self.top_k, dim=-1, sorted=False)[1]
-            weights = scores.gather(1, idx)
-        if self.norm_topk_prob:
-            # As transformers' V3 router (any K). transformers' V2 router ignores the flag; published V2
-            # configs set it false, where the two agree.
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return idx, weights * self.route_scale
-
-    def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
-        """[T, G] group scores -> [T, E] bool, True for experts in the topk_group best groups."""
-        top = torch.topk(group_scores, self.topk_group, dim=-1, sorted=False)[1]
-        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)
-        return mask.repeat_interleave(self.n_experts // self.n_group, dim=1)
+        # The selection math (scores, group masks, top-k, normalisation) is the routing op:
+        # kernels/routing.py, route_ref in plain torch beside its Triton kernel.
+        return self.route(
+            logits, top_k=self.top_k, scoring_func=self.scoring_func, topk_method=self.topk_method,
+            n_group=self.n_group, topk_group=self.topk_group, norm_topk_prob=self.norm_topk_prob,
+            routed_scaling_factor=self.route_scale, bias=self.bias,
+        )
 
 
 class MoE(nn.Module):
     """Gate + shared experts here; routed experts through the injected backend."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, backend: ExpertBackend, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer_id: int, backend: ExpertBackend, dtype: torch.dtype, ops: Ops):
         super().__init__()
         self.layer_id = layer_id
-        self.gate = Gate(cfg)
+        self.gate = Gate(cfg, ops)
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype)
             if cfg.n_shared_experts
@@ -319,13 +321,13 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, backend: ExpertBackend, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer_id: int, backend: ExpertBackend, dtype: torch.dtype, ops: Ops):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = MLA(cfg, dtype)
+        self.attn = MLA(cfg, dtype, ops)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.ffn = (
-            MoE(cfg, layer_id, backend, dtype)
+            MoE(cfg, layer_id, backend, dtype, ops)
             if cfg.is_moe_layer(layer_id)
             else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
         )
@@ -348,12 +350,14 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Embeddings, blocks, final norm and head. ``forward`` returns hidden states; ``logits`` projects."""
 
-    def __init__(self, cfg: ModelConfig, backend: ExpertBackend, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, backend: ExpertBackend, dtype: torch.dtype = torch.float32,
+                 ops: Ops | None = None):
         super().__init__()
+        ops = ops or select_ops("cpu")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(cfg, i, backend, dtype) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, backend, dtype, ops) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype)
         self.rotary = Rotary(cfg)

@@ -122,4 +122,4 @@ class ModelRunner:
         ctx_slots = ctx_slots.masked_fill(key_pos[None, :] >= ctx_len, self.null_slot)
         # Causal within the sequence; a padded query (position 0) sees key 0 only and is discarded.
         mask = (key_pos[None, None, :] <= q_pos[:, :, None]).unsqueeze(1)  # [B, 1, Q, S]
-        return AttnGroup(token_index, query_valid, ctx_slots, mask, absorbed)
+        return AttnGroup(token_index, query_valid, ctx_slots, mask, absorbed, tables, ctx_len.squeeze(1), bs)

@@ -40,7 +40,8 @@ def load_expert_shard(
     experts: dict[int, list[int]] | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    fused_moe=None,
 ) -> ExpertShard:
-    shard = ExpertShard(cfg.n_routed_experts, dtype)
+    shard = ExpertShard(cfg.n_routed_experts, dtype, fused_moe=fused_moe)
     load_experts(shard, model_dir, cfg, all_experts(cfg) if experts is None else experts, dtype, progress)
     return shard

@@ -15,6 +15,7 @@ tokens. On CPUs, where torch's grouped GEMM is a serial loop over every expert,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,10 +54,12 @@ class ExpertShard:
 
     STRATEGIES = ("auto", "grouped", "padded", "looped")
 
-    def __init__(self, n_routed_experts: int, dtype: torch.dtype = torch.float32, strategy: str = "auto"):
+    def __init__(self, n_routed_experts: int, dtype: torch.dtype = torch.float32, strategy: str = "auto",
+                 fused_moe: Callable | None = None):
         if strategy not in self.STRATEGIES:
             raise ValueError(f"strategy must be one of {self.STRATEGIES}, got {strategy!r}")
         self.n_routed_experts = n_routed_experts
+        self.fused_moe = fused_moe  # the Triton fused-MoE op (GPUs); None = the CPU strategies below
         self.dtype = dtype
         self.strategy = strategy  # auto picks per batch; the others force a path (tests, benchmarks)
         self._layers: dict[int, _LayerExperts] = {}
@@ -141,6 +144,9 @@ class ExpertShard:
             return out
         if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= self.n_routed_experts):
             raise ValueError(f"routed expert ids must be in 0..{self.n_routed_experts - 1} (or -1 = skip)")
+        if self.fused_moe is not None:
+            local = torch.where(topk_idx >= 0, le.slot_of[topk_idx.clamp(min=0).long()], -1)  # [T, K] slots
+            return self.fused_moe(x.to(self.dtype), le.w13, le.w2, local, topk_weights.float()).to(x.dtype)
         top_k = topk_idx.shape[1]
         flat = topk_idx.reshape(-1).long()
         # -1 marks an assignment another node computes (a replica took it): skip it like a foreign expert.

@@ -109,6 +109,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="sequences in the running batch at most (default: 64)")
     p.add_argument("--max-batched-tokens", type=_positive_int, default=512,
                    help="tokens computed per step at most; longer prompts are prefilled in chunks (default: 512)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"],
+                   help="auto = Triton kernels on CUDA, plain-torch references on CPU; triton forces the kernels "
+                   "(on CPU set TRITON_INTERPRET=1 to run them in Triton's interpreter, slowly) (default: auto)")
     p.add_argument("--micro-batches", type=_positive_int, default=1,
                    help="split each step into this many micro-batches run in ping-pong, so one's attention "
                    "overlaps another's remote experts. Pays off when attention and experts run on separate "

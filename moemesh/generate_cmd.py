@@ -69,9 +69,10 @@ def run_generate(args: argparse.Namespace) -> int:
     prompts = getattr(args, "prompts", None) or [("text", DEMO_PROMPT)]
     if getattr(args, "expert_nodes", None):
         nodes = [node for text in args.expert_nodes for node in parse_expert_nodes(text)]
-        mesh = build_remote(model_dir, nodes, args.dtype, engine_config(args), not args.json, args.dispatch_timeout)
+        mesh = build_remote(model_dir, nodes, args.dtype, engine_config(args), not args.json, args.dispatch_timeout,
+                            kernels=args.kernels)
     else:
-        mesh = build_local(model_dir, args.dtype, engine_config(args), progress=not args.json)
+        mesh = build_local(model_dir, args.dtype, engine_config(args), progress=not args.json, kernels=args.kernels)
     try:
         return _run(args, mesh, prompts)
     finally:

@@ -23,6 +23,7 @@ from moemesh.attn_node.remote_backend import RemoteExpertBackend
 from moemesh.config import ModelConfig
 from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.local_backend import LocalExpertBackend
+from moemesh.kernels.ops import select_ops
 from moemesh.placement import Placement, parse_expert_spec
 from moemesh.tokenizer import Tokenizer
 
@@ -41,6 +42,11 @@ class LocalMesh:
             self.remote.close()
 
 
+def _device() -> torch.device:
+    # The engine runs on CPU today; GPU placement of weights and cache comes with the GPU work.
+    return torch.device("cpu")
+
+
 def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
     """'auto' = the checkpoint's dtype on a GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
     if name == "auto":
@@ -53,12 +59,14 @@ def build_local(
     dtype: str = "auto",
     engine_config: EngineConfig = EngineConfig(),
     progress: bool = True,
+    kernels: str = "auto",
 ) -> LocalMesh:
     """The single process: every expert in an in-process shard."""
     cfg = ModelConfig.from_dir(model_dir)
     torch_dtype = resolve_dtype(dtype, cfg)
-    shard = load_expert_shard(str(model_dir), cfg, dtype=torch_dtype, progress=progress)
-    model = load_transformer(str(model_dir), cfg, LocalExpertBackend(shard), torch_dtype, progress)
+    ops = select_ops(_device(), kernels)
+    shard = load_expert_shard(str(model_dir), cfg, dtype=torch_dtype, progress=progress, fused_moe=ops.fused_moe)
+    model = load_transformer(str(model_dir), cfg, LocalExpertBackend(shard), torch_dtype, progress, ops)
     return LocalMesh(cfg, Engine(model, cfg, engine_config), Tokenizer.from_dir(model_dir))
 
 
@@ -69,13 +77,18 @@ def build_remote(
     engine_config: EngineConfig = EngineConfig(),
     progress: bool = True,
     dispatch_timeout_s: float = 30.0,
+    kernels: str = "auto",
 ) -> LocalMesh:
     """The attention side of a mesh: routed experts on expert nodes, given as [(HOST:PORT, SPEC)]."""
     cfg = ModelConfig.from_dir(model_dir)
     torch_dtype = resolve_dtype(dtype, cfg)
     hosted = [(address, parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)) for address, spec in expert_nodes]
     backend = RemoteExpertBackend(cfg, Placement.from_hosted(hosted), timeout_s=dispatch_timeout_s)
-    model = load_transformer(str(model_dir), cfg, backend, torch_dtype, progress)
+    try:
+        model = load_transformer(str(model_dir), cfg, backend, torch_dtype, progress, select_ops(_device(), kernels))
+    except BaseException:
+        backend.close()
+        raise
     return LocalMesh(cfg, Engine(model, cfg, engine_config), Tokenizer.from_dir(model_dir), backend)
 
 
