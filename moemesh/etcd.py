@@ -1,0 +1,610 @@
+"""The one module that talks to etcd: node registry, watches, compare-and-swap and leader election.
+
+Nothing else in moemesh imports an etcd client; components hold a :class:`Registry` and the key
+names from :class:`Keys`. The client is ``aetcd`` (asyncio).
+
+Keys (all under ``/moemesh/<cluster>/``, values are JSON)::
+
+    nodes/<role>/<node_id>   node record, bound to the node's lease (gone when the process dies)
+    leader                   router leader: the leader's id as a JSON string, bound to its lease
+    placement                expert placement, written by the leader with put_if_version (no lease)
+
+Node record (``role`` and ``id`` are filled from ``register()``'s arguments)::
+
+    {"id": "expert-0", "role": "attn" | "expert", "address": "HOST:PORT",
+     "status": "loading" | "ready" | "draining",
+     "capacity": {...},                  # role-specific, e.g. {"slots": 16} or {"kv_blocks": 4096}
+     "experts": {"<layer>": [ids]}}      # expert nodes: what they host now (JSON keys are strings)
+
+Placement::
+
+    {"version": int, "layers": {"<layer>": {"<expert>": ["node id", ...]}}}
+
+Sessions: a Registry owns one etcd lease (TTL ``ttl_s``), refreshed every TTL/3 by a background
+task. If the lease is lost (etcd restarted with fresh data, a pause longer than the TTL, an
+operator revoke), the task grants a new lease and writes the node record again, with backoff;
+while etcd is unreachable it keeps retrying and never raises into the caller. After any outage the
+record is rewritten once, so a record that failed to update is eventually written. Leadership is
+bound to the lease too: a lost lease is lost leadership; callers re-``campaign()`` periodically
+(campaign is idempotent and says whether this registry holds the key).
+
+Watches: ``watch_prefix()`` first yields a snapshot of the keys present now (``snapshot=True``),
+then live events. When the stream breaks (etcd restarted or unreachable), it reconnects with
+backoff and yields a fresh snapshot: a put for every key present, and a delete for every key seen
+before that is gone. A consumer that applies events to a dict stays correct across outages (compare
+values, not revisions: an etcd that lost its data starts counting revisions again).
+
+One-shot calls (get, list, put_if_version, campaign, leader, ...) have deadlines and raise
+:class:`RegistryUnavailable`, naming the endpoint, when etcd does not answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Literal
+
+import aetcd
+
+from moemesh.errors import MoemeshError
+from moemesh.logs import get_logger
+
+log = get_logger("moemesh.etcd")
+
+ROLES = ("attn", "expert")
+STATUSES = ("loading", "ready", "draining")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class RegistryError(MoemeshError):
+    """etcd answered with an error."""
+
+
+class RegistryUnavailable(RegistryError):
+    """etcd did not answer in time (down, unreachable, or hung)."""
+
+
+# ---- keys and records (pure) --------------------------------------------------
+def _check_name(what: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{what} {name!r} must be letters, digits, '.', '_' or '-' (no '/'), "
+                         "starting with a letter or digit")
+    return name
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names for one cluster; every moemesh key lives under ``root``."""
+
+    cluster: str = "default"
+
+    def __post_init__(self):
+        _check_name("cluster name", self.cluster)
+
+    @property
+    def root(self) -> str:
+        return f"/moemesh/{self.cluster}/"
+
+    def nodes(self, role: str | None = None) -> str:
+        """Prefix of every node record, or of one role's."""
+        if role is None:
+            return f"{self.root}nodes/"
+        return f"{self.root}nodes/{_check_role(role)}/"
+
+    def node(self, role: str, node_id: str) -> str:
+        return f"{self.nodes(role)}{_check_name('node id', node_id)}"
+
+    def leader(self) -> str:
+        return f"{self.root}leader"
+
+    def placement(self) -> str:
+        return f"{self.root}placement"
+
+    def parse_node(self, key: str) -> tuple[str, str] | None:
+        """``(role, node_id)`` for a node key of this cluster, else None."""
+        prefix = self.nodes()
+        if not key.startswith(prefix):
+            return None
+        parts = key[len(prefix):].split("/")
+        if len(parts) != 2 or parts[0] not in ROLES or not _NAME.fullmatch(parts[1]):
+            return None
+        return parts[0], parts[1]
+
+    def check(self, key: str) -> str:
+        """Refuse keys outside this cluster's root (a typo would otherwise write elsewhere)."""
+        if not isinstance(key, str) or not key.startswith(self.root):
+            raise ValueError(f"etcd key {key!r} is not under {self.root!r}; build keys with Keys({self.cluster!r})")
+        return key
+
+
+def _check_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} must be one of {', '.join(ROLES)}")
+    return role
+
+
+def check_node_record(record: dict) -> dict:
+    """Validate a node record (see the module docstring); return it unchanged."""
+    if not isinstance(record, dict):
+        raise ValueError(f"node record must be a dict, got {type(record).__name__}")
+    for field in ("id", "role", "address", "status"):
+        if field not in record:
+            raise ValueError(f"node record lacks {field!r}: {record!r}")
+    _check_name("node id", record["id"])
+    _check_role(record["role"])
+    if record["status"] not in STATUSES:
+        raise ValueError(f"node status {record['status']!r} must be one of {', '.join(STATUSES)}")
+    if not isinstance(record["address"], str) or not record["address"]:
+        raise ValueError(f"node address must be 'HOST:PORT', got {record['address']!r}")
+    experts = record.get("experts", {})
+    if not isinstance(experts, dict) or not all(isinstance(v, list) for v in experts.values()):
+        raise ValueError(f"node experts must be {{layer: [expert ids]}}, got {experts!r}")
+    json.dumps(record)  # must be JSON (TypeError names the culprit otherwise)
+    return record
+
+
+def check_placement(placement: dict) -> dict:
+    """Validate a placement ``{"version": int, "layers": {layer: {expert: [node ids]}}}``."""
+    if not isinstance(placement, dict):
+        raise ValueError(f"placement must be a dict, got {type(placement).__name__}")
+    version = placement.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"placement version must be an int >= 0, got {version!r}")
+    layers = placement.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"placement layers must be {{layer: {{expert: [node ids]}}}}, got {layers!r}")
+    for layer, experts in layers.items():
+        if not isinstance(experts, dict):
+            raise ValueError(f"placement layer {layer!r} must map expert -> [node ids], got {experts!r}")
+        for expert, nodes in experts.items():
+            if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
+                raise ValueError(f"placement layer {layer!r} expert {expert!r}: node ids must be a list of "
+                                 f"strings, got {nodes!r}")
+    json.dumps(placement)
+    return placement
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an ``http://`` prefix is tolerated) -> ``(host, port)``."""
+    text = endpoint.strip()
+    for scheme in ("http://", "https://"):
+        if text.startswith(scheme):
+            text = text[len(scheme):]
+    host, sep, port = text.rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"etcd endpoint {endpoint!r} must be HOST:PORT, e.g. 127.0.0.1:2379")
+    return host, int(port)
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _decode(raw: bytes, key: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        log.warning("etcd_value_not_json", key=key)
+        return raw.decode(errors="replace")
+
+
+# ---- what the registry hands out -----------------------------------------------
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change under a watched prefix. ``snapshot``: part of the state sent on (re)connect."""
+
+    kind: Literal["put", "delete"]
+    key: str
+    value: Any  # decoded JSON; None for deletes
+    revision: int
+    snapshot: bool = False
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: Any
+    mod_revision: int
+    create_revision: int
+    lease: int  # 0: not bound to a lease
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    id: int
+    ttl: int  # seconds left; -1 when the lease no longer exists
+    granted_ttl: int
+    keys: tuple[str, ...]
+
+
+@dataclass
+class _Registration:
+    key: str
+    record: dict
+
+
+# ---- the registry --------------------------------------------------------------
+class Registry:
+    """One process's view of the cluster in etcd: its lease, its node record, watches, election."""
+
+    def __init__(self, client: aetcd.Client, endpoint: str, keys: Keys, ttl_s: float, timeout_s: float):
+        self._client = client
+        self.endpoint = endpoint
+        self.keys = keys
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self._lease: int | None = None
+        self._granted_ttl = max(2, math.ceil(ttl_s))
+        self._registration: _Registration | None = None
+        self._leader_keys: dict[str, str] = {}  # leader key -> my id, while we believe we hold it
+        self._dirty = False  # the record must be (re)written once etcd answers
+        self._stale_key: str | None = None  # a deregistered record still to delete
+        self._lock = asyncio.Lock()  # lease grant and record writes
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._closed_event = asyncio.Event()
+        self.lease_grants = 0  # how many leases this registry has granted (1 + re-registrations)
+
+    @classmethod
+    async def connect(cls, endpoint: str, cluster: str = "default", ttl_s: float = 5.0,
+                      timeout_s: float = 3.0) -> "Registry":
+        """Open a client to ``HOST:PORT`` and check that etcd answers (RegistryUnavailable if not)."""
+        if ttl_s <= 0 or timeout_s <= 0:
+            raise ValueError(f"ttl_s and timeout_s must be > 0, got {ttl_s} and {timeout_s}")
+        host, port = parse_endpoint(endpoint)
+        keys = Keys(cluster)
+        options = {
+            # reconnect quickly after an etcd restart (gRPC's default backoff grows to 120 s)
+            "grpc.initial_reconnect_backoff_ms": 100,
+            "grpc.min_reconnect_backoff_ms": 100,
+            "grpc.max_reconnect_backoff_ms": 1000,
+            # notice a silently dead connection under a long watch; etcd refuses pings < 5 s apart
+            "grpc.keepalive_time_ms": 10_000,
+            "grpc.keepalive_timeout_ms": 5_000,
+        }
+        client = aetcd.Client(host, port, timeout=timeout_s, options=options)
+        reg = cls(client, f"{host}:{port}", keys, ttl_s, timeout_s)
+        try:
+            await reg._rpc(client.get(keys.leader().encode()), "connect")
+        except BaseException:
+            await reg._close_client()
+            raise
+        return reg
+
+    # ---- node registration -------------------------------------------------------
+    async def register(self, role: str, node_id: str, record: dict) -> bool:
+        """Write this node's record under ``nodes/<role>/<node_id>``, bound to the lease, and keep it there.
+
+        Returns True when written now; False when etcd did not answer (the background task keeps
+        trying; it never raises into the caller). ``id`` and ``role`` are filled in.
+        """
+        key = self.keys.node(role, node_id)
+        record = check_node_record({**record, "id": node_id, "role": role})
+        if self._registration is not None and self._registration.key != key:
+            raise ValueError(f"this Registry already registered {self._registration.key}; use one per node")
+        self._registration = _Registration(key, record)
+        return await self._write_record("register")
+
+    async def update(self, record: dict) -> bool:
+        """Rewrite the node record (same key, same lease); True if written now, else written later."""
+        if self._registration is None:
+            raise RuntimeError("update() before register()")
+        role, node_id = self.keys.parse_node(self._registration.key)
+        self._registration.record = check_node_record({**record, "id": node_id, "role": role})
+        return await self._write_record("update")
+
+    async def deregister(self) -> None:
+        """Delete the node record (its lease stays, for leadership).
+
+        Raises RegistryUnavailable if etcd does not answer; the keep-alive task deletes it later.
+        """
+        registration, self._registration = self._registration, None
+        self._dirty = False
+        if registration is not None:
+            self._stale_key = registration.key
+            async with self._lock:
+                await self._delete_stale()
+
+    async def _delete_stale(self) -> None:
+        """Under the lock: delete a deregistered record (it is bound to a lease we keep alive)."""
+        if self._stale_key is not None:
+            await self._rpc(self._client.delete(self._stale_key.encode()), f"delete {self._stale_key}")
+            log.info("etcd_deregistered", key=self._stale_key)
+            self._stale_key = None
+
+    @property
+    def registered(self) -> bool:
+        """True while a record is registered and the last write of it succeeded."""
+        return self._registration is not None and self._lease is not None and not self._dirty
+
+    @property
+    def lease_id(self) -> int | None:
+        return self._lease
+
+    async def _write_record(self, what: str) -> bool:
+        self._ensure_task()
+        try:
+            async with self._lock:
+                await self._ensure_lease()
+                await self._put_record()
+            return True
+        except RegistryError as e:
+            self._dirty = True
+            self._wake.set()
+            log.warning("etcd_write_deferred", op=what, key=self._registration.key, error=str(e))
+            return False
+
+    async def _put_record(self) -> None:
+        """Under the lock, with a lease: write the record (if any)."""
+        reg = self._registration
+        if reg is not None:
+            await self._rpc(self._client.put(reg.key.encode(), _encode(reg.record), lease=self._lease),
+                            f"put {reg.key}")
+        self._dirty = False
+
+    async def _ensure_lease(self) -> int:
+        """Under the lock: the current lease, granting one if there is none."""
+        if self._lease is None:
+            lease = await self._rpc(self._client.lease(max(2, math.ceil(self.ttl_s))), "lease grant")
+            self._lease, self._granted_ttl = lease.id, lease.ttl
+            self.lease_grants += 1
+            log.info("etcd_lease_granted", lease=f"{lease.id:x}", ttl=lease.ttl, endpoint=self.endpoint)
+        return self._lease
+
+    # ---- keep-alive --------------------------------------------------------------
+    def _ensure_task(self) -> None:
+        if self._closed:
+            raise RuntimeError("Registry is closed")
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._keepalive(), name="moemesh-etcd-keepalive")
+
+    async def _keepalive(self) -> None:
+        """Refresh the lease every TTL/3; on loss grant a new one and rewrite the record. Never raises."""
+        backoff, failing = 0.1, False
+        while not self._closed:
+            self._wake.clear()
+            interval = max(0.2, self._granted_ttl / 3)
+            delay = interval
+            try:
+                async with self._lock:
+                    if self._lease is not None:
+                        ttl = await self._refresh(self._lease, timeout_s=min(self.timeout_s, interval))
+                        if ttl <= 0:
+                            log.warning("etcd_lease_lost", lease=f"{self._lease:x}", endpoint=self.endpoint,
+                                        key=self._registration and self._registration.key)
+                            self._lease, self._stale_key = None, None
+                            self._leader_keys.clear()
+                            self._dirty = self._registration is not None
+                        else:
+                            await self._delete_stale()
+                    if self._registration is not None and (self._lease is None or self._dirty):
+                        await self._ensure_lease()
+                        await self._put_record()
+                        log.info("etcd_registered", key=self._registration.key, lease=f"{self._lease:x}")
+                if failing:
+                    log.info("etcd_reachable_again", endpoint=self.endpoint)
+                failing, backoff = False, 0.1
+            except RegistryError as e:
+                if not failing:
+                    log.warning("etcd_keepalive_failed", endpoint=self.endpoint, error=str(e))
+                failing = True
+                self._dirty = self._registration is not None  # rewrite once etcd answers again
+                delay, backoff = backoff, min(backoff * 2, interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not kill the session: log it and keep going
+                log.exception("etcd_keepalive_error", endpoint=self.endpoint)
+                delay = interval
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _refresh(self, lease: int, timeout_s: float) -> int:
+        reply = await self._rpc(self._client.refresh_lease(lease), "lease keep-alive", timeout_s)
+        return reply.TTL if reply is not None else 0
+
+    async def lease_info(self, lease_id: int | None = None) -> LeaseInfo | None:
+        """TTL left, granted TTL and keys of a lease (ours by default); None if we hold none."""
+        lease_id = self._lease if lease_id is None else lease_id
+        if lease_id is None:
+            return None
+        info = await self._rpc(self._client.get_lease_info(lease_id, keys=True), "lease info")
+        return LeaseInfo(lease_id, info.TTL, info.grantedTTL, tuple(k.decode() for k in info.keys))
+
+    # ---- reads, watches, compare-and-swap -----------------------------------------
+    async def get(self, key: str) -> Any:
+        """The decoded value at ``key``, or None."""
+        entry = await self.get_entry(key)
+        return None if entry is None else entry.value
+
+    async def get_entry(self, key: str) -> Entry | None:
+        """Value plus revisions and lease (``mod_revision`` is what put_if_version compares)."""
+        kv = await self._rpc(self._client.get(self.keys.check(key).encode()), f"get {key}")
+        if kv is None:
+            return None
+        return Entry(key, _decode(kv.value, key), kv.mod_revision, kv.create_revision, kv.lease)
+
+    async def list(self, prefix: str) -> dict[str, Any]:
+        """Every key under ``prefix`` with its decoded value."""
+        rng = await self._rpc(self._client.get_prefix(self.keys.check(prefix).encode()), f"list {prefix}")
+        return {kv.key.decode(): _decode(kv.value, kv.key.decode()) for kv in rng}
+
+    async def put_if_version(self, key: str, value: Any, expected_mod_revision: int) -> bool:
+        """Compare-and-swap: write ``value`` (no lease) iff the key's mod_revision is as expected.
+
+        ``expected_mod_revision=0`` means "only if absent". Read the current one with get_entry().
+        """
+        key = self.keys.check(key)
+        tx = self._client.transactions
+        ok, _ = await self._rpc(self._client.transaction(
+            compare=[tx.mod(key.encode()) == int(expected_mod_revision)],
+            success=[tx.put(key.encode(), _encode(value))],
+            failure=[],
+        ), f"put_if_version {key}")
+        return bool(ok)
+
+    async def watch_prefix(self, prefix: str) -> AsyncIterator[WatchEvent]:
+        """Yield a snapshot of ``prefix`` then live changes; re-snapshot after every reconnect.
+
+        Runs until the Registry is closed or the consumer stops iterating. Never raises for etcd
+        outages: it retries with backoff (up to 1 s apart) and logs once per outage.
+        """
+        prefix_b = self.keys.check(prefix).encode()
+        known: set[str] = set()
+        backoff, failing = 0.1, False
+        while not self._closed:
+            watch = None
+            try:
+                snap = await self._rpc(self._client.get_prefix(prefix_b), f"list {prefix}")
+                revision = snap.header.revision
+                watch = await self._rpc(self._client.watch_prefix(prefix_b, start_revision=revision + 1),
+                                        f"watch {prefix}")
+            except RegistryError as e:
+                if not failing and not self._closed:
+                    log.warning("etcd_watch_retrying", prefix=prefix, endpoint=self.endpoint, error=str(e))
+                failing = True
+                await self._sleep_unless_closed(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            if failing:
+                log.info("etcd_watch_resumed", prefix=prefix, endpoint=self.endpoint, revision=revision)
+            backoff, failing = 0.1, False
+            try:
+                present = set()
+                for kv in snap:
+                    key = kv.key.decode()
+                    present.add(key)
+                    yield WatchEvent("put", key, _decode(kv.value, key), kv.mod_revision, snapshot=True)
+                for key in sorted(known - present):
+                    yield WatchEvent("delete", key, None, revision, snapshot=True)
+                known = present
+                async for ev in watch:
+                    key = ev.kv.key.decode()
+                    if ev.kind == "PUT":
+                        known.add(key)
+                        yield WatchEvent("put", key, _decode(ev.kv.value, key), ev.kv.mod_revision)
+                    else:
+                        known.discard(key)
+                        yield WatchEvent("delete", key, None, ev.kv.mod_revision)
+            except aetcd.ClientError as e:
+                if not self._closed:
+                    log.warning("etcd_watch_broken", prefix=prefix, endpoint=self.endpoint, error=str(e))
+                    failing = True
+            finally:
+                await self._cancel_watch(watch)
+            await self._sleep_unless_closed(backoff)
+
+    async def _sleep_unless_closed(self, delay: float) -> None:
+        try:
+            await asyncio.wait_for(self._closed_event.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _cancel_watch(self, watch) -> None:
+        try:
+            await asyncio.wait_for(watch.cancel(), 1.0)
+        except Exception:  # the stream is already gone
+            pass
+
+    # ---- leader election ----------------------------------------------------------
+    async def campaign(self, leader_key: str, my_id: str) -> bool:
+        """Become leader if nobody is: create ``leader_key`` = my_id bound to our lease, atomically.
+
+        True if this registry holds the key now (newly or already); False if another does.
+        Idempotent: call it periodically; after a lost lease it returns False until it wins again.
+        """
+        key = self.keys.check(leader_key)
+        self._ensure_task()
+        async with self._lock:
+            lease = await self._ensure_lease()
+        tx = self._client.transactions
+        ok, responses = await self._rpc(self._client.transaction(
+            compare=[tx.create(key.encode()) == 0],
+            success=[tx.put(key.encode(), _encode(my_id), lease=lease)],
+            failure=[tx.get(key.encode())],
+        ), f"campaign {key}")
+        if ok:
+            self._leader_keys[key] = my_id
+            log.info("etcd_elected", key=key, id=my_id, lease=f"{lease:x}")
+            return True
+        current = responses[0][0][1] if responses and responses[0] else None
+        if current is not None and current.lease == lease and _decode(current.value, key) == my_id:
+            self._leader_keys[key] = my_id
+            return True
+        self._leader_keys.pop(key, None)
+        return False
+
+    async def leader(self, leader_key: str) -> str | None:
+        """The current leader's id, or None."""
+        return await self.get(leader_key)
+
+    async def resign(self, leader_key: str | None = None) -> None:
+        """Give up leadership (of one key, or of all this registry holds): delete the key if still ours."""
+        held = list(self._leader_keys.items()) if leader_key is None else \
+            [(leader_key, self._leader_keys[leader_key])] if leader_key in self._leader_keys else []
+        tx = self._client.transactions
+        for key, my_id in held:
+            await self._rpc(self._client.transaction(
+                compare=[tx.value(key.encode()) == _encode(my_id)],
+                success=[tx.delete(key.encode())],
+                failure=[],
+            ), f"resign {key}")
+            self._leader_keys.pop(key, None)
+            log.info("etcd_resigned", key=key, id=my_id)
+
+    # ---- closing --------------------------------------------------------------------
+    async def close(self) -> None:
+        """Stop the keep-alive and revoke the lease, so our keys go at once. Never raises for etcd outages."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closed_event.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except BaseException:
+                pass
+        if self._lease is not None:
+            try:
+                await self._rpc(self._client.revoke_lease(self._lease), "lease revoke", min(self.timeout_s, 2.0),
+                                closing=True)
+            except RegistryError as e:
+                log.warning("etcd_revoke_failed", endpoint=self.endpoint, error=str(e),
+                            note="keys go when the lease expires")
+            self._lease = None
+        self._leader_keys.clear()
+        await self._close_client()
+
+    async def _close_client(self) -> None:
+        try:
+            await asyncio.wait_for(self._client.close(), self.timeout_s)
+        except Exception:
+            pass
+
+    async def __aenter__(self) -> "Registry":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ---- one place that turns client errors into ours -------------------------------
+    async def _rpc(self, coro, what: str, timeout_s: float | None = None, closing: bool = False):
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if self._closed and not closing:
+            coro.close()
+            raise RegistryError(f"Registry for etcd at {self.endpoint} is closed ({what})")
+        try:
+            return await asyncio.wait_for(coro, timeout_s)
+        except asyncio.TimeoutError as e:
+            raise RegistryUnavailable(f"etcd at {self.endpoint} did not answer {what} within {timeout_s:g} s; "
+                                      "is etcd running (moemesh up starts one)?") from e
+        except (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError) as e:
+            raise RegistryUnavailable(f"etcd at {self.endpoint} is unreachable ({what}): {e}") from e
+        except aetcd.ClientError as e:
+            raise RegistryError(f"etcd at {self.endpoint} refused {what}: {e}") from e
