@@ -26,6 +26,7 @@ from .engine_loop import EngineLoop
 from .sequence import SamplingParams
 
 log = get_logger("moemesh.attn_node.service")
+MAX_TOKENIZE_CHARS = 1 << 20
 SERVICE_NAME = attention_pb2.DESCRIPTOR.services_by_name["AttentionNode"].full_name
 
 
@@ -100,6 +101,21 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
         finally:
             if not finished:  # the client cancelled or the stream broke: free the request's cache
                 self.loop.abort(rid)
+
+    async def Tokenize(self, request, context):
+        if self.tokenizer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer.json")
+        if len(request.text) > MAX_TOKENIZE_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"text is longer than {MAX_TOKENIZE_CHARS} characters")
+        return inference_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
+
+    async def ModelInfo(self, request, context):
+        cfg = self.cfg
+        return inference_pb2.ModelInfoResponse(
+            model_type=cfg.arch, vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_position_embeddings,
+            num_hidden_layers=cfg.num_hidden_layers, n_routed_experts=cfg.n_routed_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok, eos_token_ids=list(cfg.eos_token_ids),
+            has_tokenizer=self.tokenizer is not None)
 
     async def Load(self, request, context):
         blocks = self.loop.engine.blocks

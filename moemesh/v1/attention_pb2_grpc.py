@@ -45,6 +45,16 @@ class AttentionNodeStub:
                 request_serializer=moemesh_dot_v1_dot_attention__pb2.LoadRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_attention__pb2.LoadResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/moemesh.v1.AttentionNode/Tokenize',
+                request_serializer=moemesh_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.ModelInfo = channel.unary_unary(
+                '/moemesh.v1.AttentionNode/ModelInfo',
+                request_serializer=moemesh_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
+                _registered_method=True)
 
 
 class AttentionNodeServicer:
@@ -64,6 +74,19 @@ class AttentionNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The router has no model files: it forwards these to an attention node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModelInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AttentionNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +99,16 @@ def add_AttentionNodeServicer_to_server(servicer, server):
                     servicer.Load,
                     request_deserializer=moemesh_dot_v1_dot_attention__pb2.LoadRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_attention__pb2.LoadResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=moemesh_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'ModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelInfo,
+                    request_deserializer=moemesh_dot_v1_dot_inference__pb2.ModelInfoRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_inference__pb2.ModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +165,60 @@ class AttentionNode:
             '/moemesh.v1.AttentionNode/Load',
             moemesh_dot_v1_dot_attention__pb2.LoadRequest.SerializeToString,
             moemesh_dot_v1_dot_attention__pb2.LoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.AttentionNode/Tokenize',
+            moemesh_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            moemesh_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.AttentionNode/ModelInfo',
+            moemesh_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
+            moemesh_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

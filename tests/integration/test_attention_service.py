@@ -159,3 +159,11 @@ def test_full_inbox_is_resource_exhausted_and_never_unbounded(tmp_path):
         loop.abort("a")
         loop.abort("b")
         loop.stop()
+
+
+def test_tokenize_and_model_info(node):
+    stub, reference, mesh, _ = node
+    got = stub.Tokenize(inference_pb2.TokenizeRequest(text="The river ran"), timeout=5)
+    assert list(got.token_ids) == mesh.tokenizer.encode("The river ran")
+    info = stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=5)
+    assert (info.model_type, info.vocab_size, info.has_tokenizer) == ("deepseek_v3", mesh.cfg.vocab_size, True)
