@@ -99,6 +99,16 @@ def _add_model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
+def _add_node_args(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument("--etcd", metavar="HOST:PORT", help="etcd endpoint: register there and follow the placement")
+    p.add_argument("--cluster", default="default", help="cluster name: keys live under /moemesh/<cluster>/")
+    p.add_argument("--node-id", help=f"id in the registry (default: {role}-<hostname>-<port>)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--advertise-host", help="host other nodes dial (default: the listen host; hostname for 0.0.0.0)")
+    p.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default: 0)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto = the checkpoint's on GPU, float32 on CPU (default: auto)")
@@ -174,14 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
                        "Prints {\"event\": \"ready\", \"port\": P} on stdout when serving. SIGTERM finishes "
                        "in-flight messages, then exits.")
     _add_model_arg(p)
-    p.add_argument("--experts", required=True, metavar="SPEC",
-                   help="experts to host: '0-7' (those ids in every MoE layer), '3:0-7' (layer 3 only), "
-                   "comma-separated items, or 'all'")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default: 0)")
+    p.add_argument("--experts", metavar="SPEC",
+                   help="experts to host, fixed: '0-7' (those ids in every MoE layer), '3:0-7' (layer 3 only), "
+                   "comma-separated items, or 'all'. Without it, --etcd is required and the router's placement "
+                   "says what to host")
+    _add_node_args(p, "expert")
+    p.add_argument("--slots", type=_positive_int, default=None,
+                   help="experts per MoE layer this node can hold (default: all of them); the router replicates "
+                   "experts into spare slots")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="expert weight dtype; auto = the checkpoint's on GPU, float32 on CPU")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    p = sub.add_parser("attn-node", help="serve the attention side (engine + KV cache) over gRPC",
+                       description="Run the continuous-batching engine with the MLA latent cache behind the internal "
+                       "AttentionNode gRPC service (health, reflection). Routed experts live on expert nodes: found "
+                       "through etcd (--etcd: the leader router's placement) or given with --expert-nodes. Prints "
+                       "{\"event\": \"ready\", \"port\": P} on stdout once serving; SIGTERM drains.")
+    _add_model_arg(p)
+    _add_node_args(p, "attn")
+    p.add_argument("--expert-nodes", action="append", metavar="HOST:PORT=SPEC,...",
+                   help="a fixed placement instead of etcd's (as in `moemesh generate --expert-nodes`)")
+    p.add_argument("--dispatch-timeout", type=_positive_float, default=30.0,
+                   help="seconds an expert node may take per MoE layer before its rows go to a replica")
+    p.add_argument("--max-pending", type=_positive_int, default=256,
+                   help="requests waiting for the engine at most; more are refused with RESOURCE_EXHAUSTED")
+    _add_engine_args(p)
 
     p = sub.add_parser("bench", help="tokens/s of transformers and of moemesh on the same workload",
                        description="Run the same greedy workload (random prompts) through transformers' generate "
@@ -217,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "expert-node":
             return _cmd_expert_node(args)
+        if args.command == "attn-node":
+            return _cmd_attn_node(args)
         if args.command == "bench" and args.mesh:
             from moemesh.bench_mesh import run_mesh_bench
 
@@ -245,8 +274,43 @@ def _cmd_expert_node(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     cfg = ModelConfig.from_dir(args.model)
+    dtype = resolve_dtype(args.dtype, cfg)
+    if args.experts is None:
+        if args.etcd is None:
+            raise UsageError("give --experts SPEC (a fixed shard) or --etcd HOST:PORT (the router's placement)")
+        from moemesh.expert_node.control import serve_registered
+
+        asyncio.run(serve_registered(args.model, args.etcd, args.cluster, args.host, args.port, dtype,
+                                     node_id=args.node_id, slots=args.slots, advertise=args.advertise_host))
+        return 0
     parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
-    asyncio.run(serve(args.model, args.experts, args.host, args.port, resolve_dtype(args.dtype, cfg)))
+    asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype))
+    return 0
+
+
+def _cmd_attn_node(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from moemesh.attn_node.control import serve_attention
+    from moemesh.config import ModelConfig
+    from moemesh.generate_cmd import engine_config
+    from moemesh.local import resolve_dtype
+    from moemesh.placement import Placement, parse_expert_nodes, parse_expert_spec
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.etcd is None and not args.expert_nodes:
+        raise UsageError("give --etcd HOST:PORT (placement from the router) or --expert-nodes HOST:PORT=SPEC,...")
+    cfg = ModelConfig.from_dir(args.model)
+    static = None
+    if args.expert_nodes:
+        nodes = [node for text in args.expert_nodes for node in parse_expert_nodes(text)]
+        static = Placement.from_hosted(
+            [(address, parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)) for address, spec in nodes])
+    asyncio.run(serve_attention(
+        args.model, args.host, args.port, resolve_dtype(args.dtype, cfg), engine_config(args), etcd=args.etcd,
+        cluster=args.cluster, static=static, node_id=args.node_id, advertise=args.advertise_host,
+        kernels=args.kernels, dispatch_timeout_s=args.dispatch_timeout, max_pending=args.max_pending))
     return 0
 
 

@@ -1,0 +1,69 @@
+"""A node's view of the cluster, built from etcd watch events: node records and the placement.
+
+Pure state (no I/O): feed it :class:`~moemesh.etcd.WatchEvent`s from a watch on the
+cluster root and ask what this node should host, or which expert nodes serve the
+current placement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moemesh.etcd import Keys, WatchEvent
+from moemesh.placement import Placement
+
+
+class ClusterView:
+    def __init__(self, keys: Keys):
+        self.keys = keys
+        self.nodes: dict[tuple[str, str], dict[str, Any]] = {}  # (role, id) -> record
+        self.placement: dict[str, Any] | None = None
+
+    def apply(self, ev: WatchEvent) -> bool:
+        """Apply one event; True when something changed."""
+        if ev.key == self.keys.placement():
+            new = ev.value if ev.kind == "put" else None
+            changed, self.placement = new != self.placement, new
+            return changed
+        parsed = self.keys.parse_node(ev.key)
+        if parsed is None:
+            return False
+        if ev.kind == "delete":
+            return self.nodes.pop(parsed, None) is not None
+        changed = self.nodes.get(parsed) != ev.value
+        self.nodes[parsed] = ev.value
+        return changed
+
+    @property
+    def placement_version(self) -> int:
+        return int(self.placement["version"]) if self.placement else 0
+
+    def assignment(self, node_id: str) -> dict[int, list[int]]:
+        """{MoE layer: sorted expert ids} the current placement gives ``node_id``."""
+        out: dict[int, list[int]] = {}
+        for layer, experts in (self.placement or {}).get("layers", {}).items():
+            for expert, nodes in experts.items():
+                if node_id in nodes:
+                    out.setdefault(int(layer), []).append(int(expert))
+        return {layer: sorted(ids) for layer, ids in sorted(out.items())}
+
+    def serving_placement(self) -> Placement | None:
+        """The placement as addresses, once every expert node it names is ready hosting its share."""
+        if not self.placement:
+            return None
+        ids = sorted({n for experts in self.placement["layers"].values() for nodes in experts.values() for n in nodes})
+        records = [self.nodes.get(("expert", node_id)) for node_id in ids]
+        if not ids or any(r is None or r.get("status") != "ready" for r in records):
+            return None
+        for node_id, record in zip(ids, records):
+            hosted = {(int(layer), e) for layer, es in record.get("experts", {}).items() for e in es}
+            wanted = {(layer, e) for layer, es in self.assignment(node_id).items() for e in es}
+            if not wanted <= hosted:
+                return None  # that node has not loaded its share of this version yet
+        index = {node_id: i for i, node_id in enumerate(ids)}
+        replicas = {
+            (int(layer), int(expert)): tuple(index[n] for n in nodes)
+            for layer, experts in self.placement["layers"].items()
+            for expert, nodes in experts.items()
+        }
+        return Placement(tuple(r["address"] for r in records), replicas, self.placement_version)
