@@ -17,7 +17,8 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton")
 from moe_utils import kernel_device, kernel_module, sort_by_expert  # noqa: E402
 
-from moemesh.attn_node.model import Gate  # noqa: E402
+from moemesh.attn_node.model import Gate
+from moemesh.kernels.ops import select_ops  # noqa: E402
 from moemesh.config import ModelConfig  # noqa: E402
 from moemesh.tiny import tiny_config_dict  # noqa: E402
 
@@ -112,12 +113,13 @@ GATES = {
 
 
 @pytest.mark.parametrize("name", list(GATES))
-def test_reference_matches_attn_node_gate(name):
+def test_attn_node_gate_on_the_kernel_matches_the_reference(name):
+    """The model's Gate passes every config field to the routing op: kernel-backed Gate == route_ref."""
     arch, experts, top_k, overrides = GATES[name]
     d = tiny_config_dict(arch=arch, hidden_size=64, experts=experts, experts_per_token=top_k)
     d.update(overrides)
     cfg = ModelConfig.from_dict(d)
-    gate = Gate(cfg)
+    gate = Gate(cfg, select_ops("cpu", "triton"))
     gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
         gate.weight.copy_(torch.randn(experts, cfg.hidden_size, generator=gen) * 0.3)
