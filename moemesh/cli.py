@@ -99,6 +99,15 @@ def _add_model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
+def _add_router_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", required=True, metavar="HOST:PORT", help="the router's client address")
+    p.add_argument("--token-file", metavar="F", help="file holding the bearer token the router requires")
+    p.add_argument("--tls-ca", metavar="F", help="CA certificate to verify the router (turns TLS on)")
+    p.add_argument("--tls-cert", metavar="F", help="client certificate, for a router requiring mTLS")
+    p.add_argument("--tls-key", metavar="F", help="client private key, for a router requiring mTLS")
+    p.add_argument("--timeout", type=_positive_float, default=300.0, help="seconds for the whole call (default: 300)")
+
+
 def _add_node_args(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--etcd", metavar="HOST:PORT", help="etcd endpoint: register there and follow the placement")
     p.add_argument("--cluster", default="default", help="cluster name: keys live under /moemesh/<cluster>/")
@@ -210,6 +219,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for the engine at most; more are refused with RESOURCE_EXHAUSTED")
     _add_engine_args(p)
 
+    p = sub.add_parser("query", help="send a generation to a running mesh's router",
+                       description="Generate through a router with the client SDK. Streams text as it arrives; "
+                       "--json prints one object (token_ids, text, finish_reason, usage) when done. Errors: exit 1 "
+                       "and one line with the gRPC status name (e.g. INVALID_ARGUMENT, UNAUTHENTICATED).")
+    _add_router_client_args(p)
+    p.add_argument("--prompt", action=_OrderedPrompts, metavar="TEXT", help="a text prompt")
+    p.add_argument("--prompt-ids", action=_OrderedPrompts, type=_token_ids, metavar="IDS",
+                   help="a prompt as comma-separated token ids")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0 = off)")
+    p.add_argument("--seed", type=_seed, default=None, help="sampling seed")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--json", action="store_true", help="print one JSON object when done")
+
+    p = sub.add_parser("status", help="nodes, placement and loads of a running mesh",
+                       description="Ask a router for the cluster status: every node (role, address, status, "
+                       "experts or load) and the placement version.")
+    _add_router_client_args(p)
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+
     p = sub.add_parser("bench", help="tokens/s of transformers and of moemesh on the same workload",
                        description="Run the same greedy workload (random prompts) through transformers' generate "
                        "and through the moemesh engine in one run; print tokens/s of each, the ratio, whether the "
@@ -246,6 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_expert_node(args)
         if args.command == "attn-node":
             return _cmd_attn_node(args)
+        if args.command == "query":
+            from moemesh.query_cmd import run_query
+
+            return run_query(args)
+        if args.command == "status":
+            from moemesh.query_cmd import run_status
+
+            return run_status(args)
         if args.command == "bench" and args.mesh:
             from moemesh.bench_mesh import run_mesh_bench
 

@@ -1,0 +1,67 @@
+"""``moemesh query`` and ``moemesh status``: a cluster's router, through the client SDK."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from moemesh.router import MeshClient, MeshError
+
+EXIT_RPC_ERROR = 1
+
+
+def _client(args: argparse.Namespace) -> MeshClient:
+    return MeshClient(args.router, token_file=args.token_file, tls=bool(args.tls_ca), ca_file=args.tls_ca,
+                      cert_file=args.tls_cert, key_file=args.tls_key, timeout_s=args.timeout)
+
+
+def _fail(command: str, exc: MeshError) -> int:
+    print(f"moemesh {command}: {exc.status}: {exc.details}", file=sys.stderr)
+    return EXIT_RPC_ERROR
+
+
+def run_query(args: argparse.Namespace) -> int:
+    kind, value = args.prompts[-1] if getattr(args, "prompts", None) else (None, None)
+    if kind is None:
+        print("moemesh query: error: give --prompt TEXT or --prompt-ids IDS", file=sys.stderr)
+        return 2
+    prompt = dict(prompt=value) if kind == "text" else dict(prompt_ids=list(value))
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or None)
+    try:
+        with _client(args) as client:
+            if args.json:
+                r = client.generate(**prompt, **sampling)
+                print(json.dumps({"request_id": r.request_id, "token_ids": r.token_ids, "text": r.text,
+                                  "finish_reason": r.finish_reason,
+                                  "usage": {"prompt_tokens": r.usage.prompt_tokens,
+                                            "completion_tokens": r.usage.completion_tokens}}))
+                return 0
+            for chunk in client.stream(**prompt, **sampling):
+                sys.stdout.write(chunk.text if chunk.text or not chunk.token_ids else
+                                 " ".join(map(str, chunk.token_ids)) + " ")
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return 0
+    except MeshError as exc:
+        return _fail("query", exc)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            status = client.cluster_status()
+    except MeshError as exc:
+        return _fail("status", exc)
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    print(f"placement version {status.get('placement_version', 0)}; leader {status.get('leader') or '-'}")
+    for node in status.get("nodes", []):
+        experts = sum(len(le.get("experts", [])) for le in node.get("experts", []))
+        load = f"running {node.get('running', 0)}, waiting {node.get('waiting', 0)}" if node.get("role") == "attn" \
+            else f"{experts} experts"
+        print(f"  {node.get('role', '?'):6} {node.get('id', '?'):24} {node.get('address', '?'):22} "
+              f"{node.get('status', '?'):9} {load}")
+    return 0
