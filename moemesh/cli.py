@@ -219,6 +219,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for the engine at most; more are refused with RESOURCE_EXHAUSTED")
     _add_engine_args(p)
 
+    from moemesh.router.main import add_router_parser
+
+    add_router_parser(sub)
+
+    p = sub.add_parser("up", help="run the whole mesh on this machine: etcd, router, attention and expert nodes",
+                       description="Start etcd (data in a temporary directory), the router, the expert nodes and the "
+                       "attention nodes as separate processes on 127.0.0.1. Without --model, a tiny random demo "
+                       "checkpoint is written and used. Prints one JSON line with the router address when the mesh "
+                       "is ready; Ctrl-C or SIGTERM stops every process it started.")
+    _add_model_arg(p, required=False)
+    p.add_argument("--attn-nodes", type=_positive_int, default=1, help="attention node processes (default: 1)")
+    p.add_argument("--expert-nodes", type=_positive_int, default=2, help="expert node processes (default: 2)")
+    p.add_argument("--host", default="127.0.0.1", help="router listen address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="router port for clients; 0 picks one (default: 50051)")
+    p.add_argument("--etcd-port", type=int, default=0, help="etcd client port; 0 picks one (default: 0)")
+    p.add_argument("--cluster", default="default", help="cluster name in etcd (default: default)")
+    p.add_argument("--auth-token-file", metavar="F", help="the router requires this bearer token from clients")
+    p.add_argument("--tls-cert", metavar="F", help="router TLS certificate (with --tls-key)")
+    p.add_argument("--tls-key", metavar="F", help="router TLS private key")
+    p.add_argument("--tls-ca", metavar="F", help="CA for client certificates: the router then requires mTLS")
+    p.add_argument("--log-dir", metavar="DIR", help="where each process writes its log (default: a temporary dir)")
+    p.add_argument("--ready-timeout", type=_positive_float, default=300.0,
+                   help="seconds to wait for every process to be ready (default: 300)")
+
     p = sub.add_parser("query", help="send a generation to a running mesh's router",
                        description="Generate through a router with the client SDK. Streams text as it arrives; "
                        "--json prints one object (token_ids, text, finish_reason, usage) when done. Errors: exit 1 "
@@ -278,6 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_expert_node(args)
         if args.command == "attn-node":
             return _cmd_attn_node(args)
+        if args.command == "router":
+            from moemesh.router.main import run_router
+
+            return run_router(args)
+        if args.command == "up":
+            from moemesh.up import run_up
+
+            return run_up(args)
         if args.command == "query":
             from moemesh.query_cmd import run_query
 
