@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from moemesh import metrics
 from moemesh.errors import ResourceExhaustedError
 from moemesh.logs import get_logger
 
@@ -44,6 +45,10 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> "EngineLoop":
+        blocks = self.engine.blocks
+        metrics.QUEUE_DEPTH.labels("attn").set_function(lambda: len(self._inbox) + self.num_waiting())
+        metrics.RUNNING.labels("attn").set_function(self.num_running)
+        metrics.CACHE_USAGE.labels("attn").set_function(lambda: 1.0 - blocks.num_free / blocks.num_blocks)
         self._thread.start()
         return self
 

@@ -26,6 +26,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moemesh import metrics
 from moemesh.codec import from_proto, to_proto
 from moemesh.config import ModelConfig
 from moemesh.expert_backend import ExpertBackend, ExpertBackendError
@@ -143,6 +144,7 @@ class _Handle:
     layer: int
     x: torch.Tensor  # [T, D]
     sends: list[_Send]
+    started: float = 0.0
 
 
 class RemoteExpertBackend(ExpertBackend):
@@ -188,7 +190,7 @@ class RemoteExpertBackend(ExpertBackend):
 
     # ---- the backend interface -----------------------------------------
     def dispatch(self, layer_id: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
-        handle = _Handle(layer_id, x, [])
+        handle = _Handle(layer_id, x, [], time.monotonic())
         self._send(handle, topk_idx, topk_weights)
         return handle
 
@@ -217,6 +219,7 @@ class RemoteExpertBackend(ExpertBackend):
                 pending.extend(handle.sends)
                 continue
             out.index_add_(0, send.rows, y.to(out.dtype))
+        metrics.DISPATCH_LATENCY.labels("attn").observe(time.monotonic() - handle.started)
         return out
 
     def _lose(self, node: int, reason: str) -> None:

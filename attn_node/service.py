@@ -9,12 +9,14 @@ request aborted, freeing its cache.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moemesh import metrics
 from moemesh.config import ModelConfig
 from moemesh.errors import InvalidRequestError, ResourceExhaustedError
 from moemesh.logs import get_logger
@@ -27,6 +29,7 @@ from .sequence import SamplingParams
 
 log = get_logger("moemesh.attn_node.service")
 MAX_TOKENIZE_CHARS = 1 << 20
+ROLE = "attn"
 SERVICE_NAME = attention_pb2.DESCRIPTOR.services_by_name["AttentionNode"].full_name
 
 
@@ -76,12 +79,21 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
             if decoder:
                 decoder.push(tok)
         produced, finished = len(resume), False
+        started = last = time.monotonic()
         try:
             while True:
                 ev = await events.get()
                 if ev.error is not None:
                     finished = True
+                    metrics.REQUESTS.labels(ROLE, "error").inc()
                     await context.abort(getattr(grpc.StatusCode, ev.error_code or "INTERNAL"), ev.error)
+                now = time.monotonic()
+                if produced == len(resume):
+                    metrics.TIME_TO_FIRST_TOKEN.labels(ROLE).observe(now - started)
+                else:
+                    metrics.TIME_PER_OUTPUT_TOKEN.labels(ROLE).observe(now - last)
+                last = now
+                metrics.GENERATED_TOKENS.labels(ROLE).inc()
                 produced += 1
                 piece = decoder.push(ev.token_id) if decoder else ""
                 if ev.finished and decoder:
@@ -90,6 +102,7 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
                 reason = "stop" if stopped else ev.finish_reason
                 if stopped or ev.finished:
                     finished = True
+                    metrics.REQUESTS.labels(ROLE, reason).inc()
                     if stopped and not ev.finished:
                         self.loop.abort(rid)
                     text += "" if stopped else matcher.flush()
@@ -100,6 +113,7 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
                 yield inference_pb2.GenerateResponse(request_id=rid, token_ids=[ev.token_id], text=text)
         finally:
             if not finished:  # the client cancelled or the stream broke: free the request's cache
+                metrics.REQUESTS.labels(ROLE, "cancelled").inc()
                 self.loop.abort(rid)
 
     async def Tokenize(self, request, context):

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moemesh import metrics
 from moemesh.codec import CodecError, from_proto, to_proto
 from moemesh.config import ModelConfig
 from moemesh.logs import get_logger
@@ -98,6 +99,7 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
                 req.ParseFromString(raw)
                 x, idx, w = self.parse(req)
             except (BadRequest, DecodeError) as exc:
+                metrics.EXPERT_MESSAGES.labels("invalid").inc()
                 log.warning("bad_dispatch", id=req.id, layer=req.layer, error=str(exc), peer=context.peer())
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             self.in_flight += 1
@@ -109,6 +111,8 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
                     y = await loop.run_in_executor(self._worker, self.shard.forward, req.layer, x, idx, w)
             finally:
                 self.in_flight -= 1
+            metrics.EXPERT_MESSAGES.labels("ok").inc()
+            _count_tokens(req.layer, idx)
             yield dispatch_pb2.DispatchResponse(id=req.id, output=to_proto(y.to(x.dtype)))
             if self._draining.is_set():
                 return
@@ -122,6 +126,14 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
             experts=[dispatch_pb2.LayerExperts(layer=layer, experts=ids) for layer, ids in self.shard.hosted().items()],
             dtype=dtype,
         )
+
+
+def _count_tokens(layer: int, idx: torch.Tensor) -> None:
+    """Tokens per (layer, expert), the load statistic Prometheus scrapes."""
+    ids, counts = np.unique(idx.numpy(), return_counts=True)
+    for expert, n in zip(ids.tolist(), counts.tolist()):
+        if expert >= 0:
+            metrics.EXPERT_TOKENS.labels(str(layer), str(expert)).inc(n)
 
 
 def handlers(service) -> grpc.GenericRpcHandler:

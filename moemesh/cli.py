@@ -116,6 +116,12 @@ def _add_node_args(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--advertise-host", help="host other nodes dial (default: the listen host; hostname for 0.0.0.0)")
     p.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default: 0)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_metrics_arg(p)
+
+
+def _add_metrics_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve Prometheus metrics at http://0.0.0.0:P/metrics (default: off)")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -221,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from moemesh.router.main import add_router_parser
 
-    add_router_parser(sub)
+    _add_metrics_arg(add_router_parser(sub))
 
     p = sub.add_parser("up", help="run the whole mesh on this machine: etcd, router, attention and expert nodes",
                        description="Start etcd (data in a temporary directory), the router, the expert nodes and the "
@@ -292,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs.configure(getattr(args, "log_level", "warning"))  # JSON lines on stderr: stdout stays the command's output
     try:
+        if getattr(args, "metrics_port", None) is not None:
+            from moemesh.metrics import serve_metrics
+
+            serve_metrics(args.metrics_port)
         if args.command == "tiny-checkpoint":
             return _cmd_tiny(args)
         if args.command == "generate":

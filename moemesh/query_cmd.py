@@ -38,9 +38,10 @@ def run_query(args: argparse.Namespace) -> int:
                                   "usage": {"prompt_tokens": r.usage.prompt_tokens,
                                             "completion_tokens": r.usage.completion_tokens}}))
                 return 0
+            as_text = client.model_info().has_tokenizer  # without a tokenizer, show the token ids
             for chunk in client.stream(**prompt, **sampling):
-                sys.stdout.write(chunk.text if chunk.text or not chunk.token_ids else
-                                 " ".join(map(str, chunk.token_ids)) + " ")
+                # Empty text is normal mid-character: the next chunk completes it.
+                sys.stdout.write(chunk.text if as_text else "".join(f"{t} " for t in chunk.token_ids))
                 sys.stdout.flush()
             sys.stdout.write("\n")
             return 0

@@ -161,6 +161,18 @@ def test_full_inbox_is_resource_exhausted_and_never_unbounded(tmp_path):
         loop.stop()
 
 
+def test_prometheus_metrics_count_requests_tokens_and_latency(node):
+    from prometheus_client import REGISTRY
+
+    stub = node[0]
+    before = REGISTRY.get_sample_value("moemesh_generated_tokens_total", {"role": "attn"}) or 0.0
+    _collect(stub, _request(ids=[0, 5, 9], max_tokens=5, ignore_eos=True))
+    assert REGISTRY.get_sample_value("moemesh_generated_tokens_total", {"role": "attn"}) == before + 5
+    assert REGISTRY.get_sample_value("moemesh_requests_total", {"role": "attn", "outcome": "length"}) >= 1
+    assert REGISTRY.get_sample_value("moemesh_time_to_first_token_seconds_count", {"role": "attn"}) >= 1
+    assert REGISTRY.get_sample_value("moemesh_kv_cache_usage_ratio", {"role": "attn"}) is not None
+
+
 def test_tokenize_and_model_info(node):
     stub, reference, mesh, _ = node
     got = stub.Tokenize(inference_pb2.TokenizeRequest(text="The river ran"), timeout=5)

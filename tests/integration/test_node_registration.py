@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.sequence import SamplingParams
 from moemesh.etcd import Keys, Registry
-from moemesh.etcd_server import EtcdServer
+from moemesh.etcd_server import EtcdServer, free_port
 from moemesh.local import build_local
 from moemesh.tiny import write_tiny_checkpoint
 from moemesh.v1 import attention_pb2_grpc, inference_pb2
@@ -60,7 +61,9 @@ def test_nodes_register_follow_the_placement_and_serve(tmp_path):
                                   experts_per_token=2)
     with EtcdServer() as etcd:
         ep = etcd.endpoint
-        procs = [_spawn(["expert-node", "--model", str(model), "--etcd", ep, "--node-id", f"e{i}"],
+        metrics_port = free_port()
+        procs = [_spawn(["expert-node", "--model", str(model), "--etcd", ep, "--node-id", f"e{i}"]
+                        + (["--metrics-port", str(metrics_port)] if i == 0 else []),
                         tmp_path / f"e{i}.log") for i in range(2)]
         procs.append(_spawn(["attn-node", "--model", str(model), "--etcd", ep, "--node-id", "a0"],
                             tmp_path / "a0.log"))
@@ -86,6 +89,9 @@ def test_nodes_register_follow_the_placement_and_serve(tmp_path):
             want = local.engine.generate([[0, 7, 9, 30]], SamplingParams(max_tokens=10, temperature=0.0,
                                                                           ignore_eos=True))[0].token_ids
             assert got == want
+            scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            assert 'moemesh_expert_tokens_total{expert="0",layer="1"}' in scraped
+            assert 'moemesh_expert_messages_total{outcome="ok"}' in scraped
 
             procs[1].kill()  # SIGKILL: no deregistration; the lease (TTL 5 s) must drop the key
             t0 = time.monotonic()

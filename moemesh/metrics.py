@@ -1,0 +1,32 @@
+"""Prometheus metrics shared by every role; each process serves them with ``--metrics-port``.
+
+Names follow Prometheus conventions (``_total``, ``_seconds``); a ``role`` label
+tells router, attention and expert processes apart when scraped together.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REQUESTS = Counter("moemesh_requests_total", "Generate requests finished, by outcome", ["role", "outcome"])
+GENERATED_TOKENS = Counter("moemesh_generated_tokens_total", "Tokens generated", ["role"])
+TIME_TO_FIRST_TOKEN = Histogram("moemesh_time_to_first_token_seconds", "Request arrival to first token",
+                                ["role"], buckets=_LATENCY)
+TIME_PER_OUTPUT_TOKEN = Histogram("moemesh_time_per_output_token_seconds", "Gap between consecutive tokens",
+                                  ["role"], buckets=_LATENCY)
+QUEUE_DEPTH = Gauge("moemesh_queue_depth", "Requests waiting for the engine", ["role"])
+RUNNING = Gauge("moemesh_running_sequences", "Sequences in the running batch", ["role"])
+CACHE_USAGE = Gauge("moemesh_kv_cache_usage_ratio", "Fraction of latent KV cache blocks in use", ["role"])
+DISPATCH_LATENCY = Histogram("moemesh_dispatch_latency_seconds", "MoE layer dispatch to combined result",
+                             ["role"], buckets=_LATENCY)
+EXPERT_TOKENS = Counter("moemesh_expert_tokens_total", "Routed (token, expert) assignments computed",
+                        ["layer", "expert"])
+EXPERT_MESSAGES = Counter("moemesh_expert_messages_total", "Dispatch messages served, by outcome", ["outcome"])
+
+
+def serve_metrics(port: int | None, host: str = "0.0.0.0") -> None:
+    """Expose /metrics over HTTP on ``port`` (None: off)."""
+    if port is not None:
+        start_http_server(port, addr=host)

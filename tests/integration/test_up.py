@@ -1,0 +1,99 @@
+"""`moemesh up` end to end: real etcd, router, attention and expert node processes; the SDK as the client."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+import torch
+
+from moemesh.router import MeshClient, MeshError
+from oracle.hf_models import save_hf_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def _start_up(model_dir, log_dir, *extra):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--port", "0", "--log-dir",
+         str(log_dir), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 180)
+    assert ready, "moemesh up was not ready within 180 s"
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read()[-3000:]
+    return proc, json.loads(line)
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v3")
+    hf = save_hf_model("v3_noaux_groups_bias", path)
+    proc, ready = _start_up(path, tmp_path_factory.mktemp("logs"))
+    yield hf, proc, ready
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_sdk_tokens_equal_transformers_for_concurrent_requests(mesh):
+    hf, _, ready = mesh
+    prompts = [[5, 9, 33, 2], list(range(40, 53)), [7] * 3]
+    with MeshClient(ready["router"], timeout_s=120) as client:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(lambda p: client.generate(prompt_ids=p, max_tokens=16, temperature=0.0,
+                                                              ignore_eos=True), prompts))
+        streamed = [t for chunk in client.stream(prompt_ids=prompts[1], max_tokens=16, temperature=0.0,
+                                                 ignore_eos=True) for t in chunk.token_ids]
+    for prompt, result in zip(prompts, results):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, eos_token_id=None,
+                               pad_token_id=0)[0, len(prompt):].tolist()
+        assert result.token_ids == want and result.finish_reason == "length"
+    assert streamed == results[1].token_ids
+
+
+def test_status_lists_every_node_and_the_placement(mesh):
+    _, _, ready = mesh
+    with MeshClient(ready["router"]) as client:
+        status = client.cluster_status()
+    roles = sorted(n["role"] for n in status["nodes"])
+    assert roles == ["attn", "expert", "expert"] and status["placement_version"] >= 1
+    assert all(n["status"] == "ready" for n in status["nodes"])
+
+
+def test_invalid_request_is_invalid_argument_and_the_router_stays_up(mesh):
+    _, _, ready = mesh
+    with MeshClient(ready["router"]) as client:
+        with pytest.raises(MeshError) as exc:
+            client.generate(prompt_ids=[1, 2], max_tokens=16, top_p=1.5)
+        assert exc.value.status == "INVALID_ARGUMENT" and "top_p" in exc.value.details
+        assert client.generate(prompt_ids=[1, 2], max_tokens=2, temperature=0.0).token_ids
+
+
+def test_sigterm_stops_everything(mesh):
+    _, proc, _ = mesh
+    children = _descendants(proc.pid)
+    assert len(children) >= 4  # etcd, router, 1 attention node, 2 expert nodes (and their helpers)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(psutil.pid_exists(pid) and psutil.Process(pid).status() !=
+                                              psutil.STATUS_ZOMBIE for pid in children):
+        time.sleep(0.2)
+    alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left behind: {alive}"
