@@ -1,0 +1,140 @@
+"""``moemesh router``: serve ``moemesh.v1.Inference`` for a cluster until SIGTERM/SIGINT.
+
+The CLI adds the subcommand with :func:`add_router_parser` and runs it with :func:`run_router`::
+
+    moemesh router --etcd HOST:PORT [--cluster NAME] [--host H] [--port P] [--router-id ID]
+                   [--auth-token-file F] [--tls-cert F --tls-key F [--tls-ca F]] [--max-inflight N]
+                   [--lease-ttl S] [--log-level L]
+
+Prints ``{"event": "ready", "port": P, "router_id": ID}`` on stdout once connected to etcd
+(gRPC health SERVING). Bad flags raise ValueError / MoemeshError / OSError with one-line messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import math
+import signal
+import uuid
+from typing import Callable
+
+from moemesh.etcd import Keys, parse_endpoint
+from moemesh.logs import get_logger
+
+from .auth import TLSFiles, read_token_file
+from .server import Router
+
+log = get_logger("moemesh.router")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535 (0 picks a free port), got {value}")
+    return value
+
+
+def _ttl(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 2):
+        raise argparse.ArgumentTypeError(f"must be >= 2 seconds, got {text}")
+    return value
+
+
+def add_router_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``router`` to an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "router", help="serve the client-facing Inference service of a cluster",
+        description="Serve moemesh.v1.Inference (Generate, Tokenize, ModelInfo, ClusterStatus) for the cluster "
+        "registered in etcd: each Generate goes to the least loaded ready attention node (another one if it "
+        "fails before its first token). Routers elect a leader in etcd; the leader writes the expert placement. "
+        "Every replica serves clients. gRPC health (SERVING once connected to etcd) and reflection are open; "
+        "prints {\"event\": \"ready\", \"port\": P, \"router_id\": ID} on stdout when serving.")
+    p.add_argument("--etcd", required=True, metavar="HOST:PORT", help="etcd endpoint, e.g. 127.0.0.1:2379")
+    p.add_argument("--cluster", default="default", help="cluster name: keys live under /moemesh/NAME/ "
+                   "(default: default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=0, help="port to listen on; 0 picks a free one (default: 0)")
+    p.add_argument("--router-id", default=None, help="this replica's id in the leader key (default: random)")
+    p.add_argument("--auth-token-file", default=None, metavar="F",
+                   help="require 'authorization: Bearer <token>' on Inference calls, the token being F's content")
+    p.add_argument("--tls-cert", default=None, metavar="F", help="PEM server certificate (with --tls-key): TLS port")
+    p.add_argument("--tls-key", default=None, metavar="F", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", default=None, metavar="F",
+                   help="PEM CA: require client certificates it signed (mTLS)")
+    p.add_argument("--max-inflight", type=_positive_int, default=512,
+                   help="Generate streams served at once; more are refused with RESOURCE_EXHAUSTED (default: 512)")
+    p.add_argument("--lease-ttl", type=_ttl, default=5.0,
+                   help="etcd lease TTL in seconds: how soon another router takes over a dead leader (default: 5)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_id: str | None = None,
+                       auth_token: str | None = None, tls: TLSFiles | None = None,
+                       ready_cb: Callable[[int], object] | None = None, max_inflight: int = 512,
+                       ttl_s: float = 5.0, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``ready_cb(port)`` once connected to etcd."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            pass
+    router = Router(etcd, cluster, host, port, router_id=router_id, auth_token=auth_token, tls=tls,
+                    max_inflight=max_inflight, ttl_s=ttl_s)
+    try:
+        await router.start()
+        waiter = asyncio.ensure_future(router.connected())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if waiter.done() and ready_cb is not None:
+            result = ready_cb(router.port)
+            if inspect.isawaitable(result):
+                await result
+        await stopper
+        waiter.cancel()
+        log.info("router_stopping", router_id=router.router_id)
+    finally:
+        await router.stop()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
+def run_router(args: argparse.Namespace) -> int:
+    """Run ``moemesh router`` from parsed flags (see :func:`add_router_parser`); returns the exit code."""
+    parse_endpoint(args.etcd)  # ValueError naming the flag's format
+    Keys(args.cluster)
+    tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
+    token = read_token_file(args.auth_token_file) if args.auth_token_file else None
+    router_id = getattr(args, "router_id", None) or f"router-{uuid.uuid4().hex[:8]}"
+
+    def ready(port: int) -> None:
+        print(json.dumps({"event": "ready", "port": port, "router_id": router_id}), flush=True)
+
+    asyncio.run(serve_router(args.etcd, args.cluster, args.host, args.port, router_id=router_id,
+                             auth_token=token, tls=tls, ready_cb=ready,
+                             max_inflight=getattr(args, "max_inflight", 512), ttl_s=getattr(args, "lease_ttl", 5.0)))
+    return 0

@@ -1,0 +1,119 @@
+"""The attention nodes as the router reaches them: one channel per node, their loads, the try order.
+
+Loads come from each node's Load RPC (short deadline), cached for ``load_max_age_s`` so a burst
+of requests does not send a burst of Load calls; concurrent refreshes of one node share one call.
+Between samples the router counts its own streams per node, and a node's queue is never taken to
+be shorter than that count (so requests arriving together spread instead of piling on one node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import grpc
+
+from moemesh.logs import get_logger
+from moemesh.v1 import attention_pb2, attention_pb2_grpc
+
+from .cluster import ClusterView
+from .selection import NodeLoad, rank_nodes
+
+log = get_logger("moemesh.router.pool")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # a restarted node should be reachable again within a second, not after gRPC's long backoff
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class AttentionPool:
+    def __init__(self, view: ClusterView, load_timeout_s: float = 0.5, load_max_age_s: float = 0.2):
+        self.view = view
+        self.load_timeout_s = load_timeout_s
+        self.load_max_age_s = load_max_age_s
+        self._channels: dict[str, tuple[str, grpc.aio.Channel, attention_pb2_grpc.AttentionNodeStub]] = {}
+        self._loads: dict[str, tuple[float, NodeLoad]] = {}
+        self._pending: dict[str, asyncio.Task] = {}
+        self.streams: dict[str, int] = {}  # this router's open Generate streams per node
+
+    def stub(self, record: dict) -> attention_pb2_grpc.AttentionNodeStub:
+        """The stub for a node record; a new channel when the node's address changed."""
+        node_id, address = record["id"], record["address"]
+        held = self._channels.get(node_id)
+        if held is not None and held[0] == address:
+            return held[2]
+        if held is not None:
+            asyncio.get_running_loop().create_task(held[1].close())
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        stub = attention_pb2_grpc.AttentionNodeStub(channel)
+        self._channels[node_id] = (address, channel, stub)
+        self._loads.pop(node_id, None)
+        return stub
+
+    def prune(self) -> None:
+        """Close channels of nodes no longer in the view."""
+        live = {r["id"] for r in self.view.records("attn")}
+        for node_id in [n for n in self._channels if n not in live]:
+            _, channel, _ = self._channels.pop(node_id)
+            self._loads.pop(node_id, None)
+            asyncio.get_running_loop().create_task(channel.close())
+
+    def forget_load(self, node_id: str) -> None:
+        """Drop a node's cached load (after it failed a call), so the next pick asks it again."""
+        self._loads.pop(node_id, None)
+
+    async def load(self, record: dict) -> NodeLoad:
+        """The node's load, from the cache when fresh; ``known=False`` when it did not answer."""
+        node_id = record["id"]
+        self.stub(record)  # (re)opens the channel if the address changed, dropping a stale load
+        cached = self._loads.get(node_id)
+        if cached is not None and time.monotonic() - cached[0] < self.load_max_age_s:
+            return cached[1]
+        task = self._pending.get(node_id)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._fetch(record))
+            self._pending[node_id] = task
+        return await asyncio.shield(task)
+
+    async def _fetch(self, record: dict) -> NodeLoad:
+        node_id = record["id"]
+        try:
+            r = await self.stub(record).Load(attention_pb2.LoadRequest(), timeout=self.load_timeout_s)
+            load = NodeLoad(node_id, r.running, r.waiting, r.cache_free_tokens, r.cache_total_tokens)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("attn_load_failed", node=node_id, address=record["address"], code=exc.code().name,
+                        error=exc.details())
+            load = NodeLoad(node_id, known=False)
+        self._loads[node_id] = (time.monotonic(), load)
+        return load
+
+    def _with_streams(self, load: NodeLoad) -> NodeLoad:
+        mine = self.streams.get(load.node_id, 0)
+        if load.known and mine > load.queue:
+            return replace(load, waiting=load.waiting + mine - load.queue)
+        return load
+
+    async def ranked(self, exclude: set[str] = frozenset()) -> list[tuple[dict, NodeLoad]]:
+        """Ready attention nodes not in ``exclude``, best first, with their loads."""
+        self.prune()
+        records = [r for r in self.view.ready_attention_nodes() if r["id"] not in exclude]
+        if not records:
+            return []
+        loads = await asyncio.gather(*(self.load(r) for r in records))
+        by_id = {r["id"]: r for r in records}
+        return [(by_id[load.node_id], load) for load in rank_nodes([self._with_streams(x) for x in loads])]
+
+    async def close(self) -> None:
+        for task in self._pending.values():
+            task.cancel()
+        channels, self._channels = self._channels, {}
+        await asyncio.gather(*(ch.close() for _, ch, _ in channels.values()), return_exceptions=True)

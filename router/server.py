@@ -1,0 +1,413 @@
+"""The router's gRPC front door: ``moemesh.v1.Inference`` over the cluster's attention nodes.
+
+Generate validates the request, picks a ready attention node (:mod:`.selection` over the loads in
+:mod:`.pool`), and proxies that node's token stream. A node that fails before its first token
+(UNAVAILABLE, unreachable, RESOURCE_EXHAUSTED) is skipped and the next one tried; a failure after
+tokens have reached the client ends the call with the node's status. Tokenize and ModelInfo go to
+a ready attention node (the router has no model files); ClusterStatus answers from the live view.
+
+Every router replica serves clients; the :class:`~.cluster.ControlPlane` decides which one leads.
+The request id (the client's, or a fresh one) travels to the node in the request and in gRPC
+metadata ``x-request-id``; the node that served it comes back in initial metadata ``x-moemesh-node``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moemesh import metrics
+from moemesh.errors import InvalidRequestError, MoemeshError, ResourceExhaustedError
+from moemesh.etcd import Keys, Registry, RegistryError
+from moemesh.logs import get_logger
+from moemesh.requests import check_request_id, sampling_from_proto
+from moemesh.v1 import inference_pb2, inference_pb2_grpc
+
+from .auth import INFERENCE_SERVICE, BearerTokenInterceptor, TLSFiles
+from .cluster import ClusterView, ControlPlane
+from .pool import AttentionPool
+
+log = get_logger("moemesh.router")
+ROLE = "router"  # the metrics label
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+MAX_TEXT_CHARS = 1 << 20
+RETRY_BEFORE_FIRST_TOKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class NoNodeError(MoemeshError):
+    """No attention node can take the call now: retry later."""
+
+
+STATUS_OF = {  # the one table from domain errors to gRPC status codes
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NoNodeError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_of(exc: MoemeshError) -> grpc.StatusCode:
+    return next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
+
+
+class InferenceService(inference_pb2_grpc.InferenceServicer):
+    """Thin servicer: validate, pick a node, proxy; domain errors become status codes via STATUS_OF."""
+
+    def __init__(self, view: ClusterView, pool: AttentionPool, *, max_inflight: int = 512,
+                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0):
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+        self.view, self.pool = view, pool
+        self.max_inflight = max_inflight
+        self.call_timeout_s = call_timeout_s
+        self.generate_timeout_s = generate_timeout_s
+        self.inflight = 0
+        self._model_info: inference_pb2.ModelInfoResponse | None = None
+        self._model_info_lock = asyncio.Lock()
+
+    # ---- helpers ----------------------------------------------------------------
+    def _check_synced(self) -> None:
+        if not self.view.synced:
+            raise NoNodeError("the router is not connected to etcd yet, so it knows no attention node: retry soon")
+
+    async def _ranked(self, exclude: set[str] = frozenset()):
+        self._check_synced()
+        ranked = await self.pool.ranked(exclude)
+        if not ranked and not exclude:
+            raise NoNodeError("no attention node is ready")
+        return ranked
+
+    async def _unary(self, method: str, request, what: str):
+        """Call ``method`` on the best ready node; on UNAVAILABLE/RESOURCE_EXHAUSTED try the next."""
+        tried: set[str] = set()
+        errors: list[str] = []
+        while True:
+            ranked = await self._ranked(tried)
+            if not ranked:
+                raise NoNodeError(f"no attention node answered {what}: {'; '.join(errors)}")
+            record, _ = ranked[0]
+            tried.add(record["id"])
+            try:
+                return await getattr(self.pool.stub(record), method)(request, timeout=self.call_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRY_BEFORE_FIRST_TOKEN:
+                    raise
+                self.pool.forget_load(record["id"])
+                errors.append(f"{record['id']}: {exc.code().name} {exc.details()}")
+
+    async def model_info(self) -> inference_pb2.ModelInfoResponse:
+        """The model's shape, asked of an attention node once and kept (forgotten when none is left)."""
+        if not self.view.records("attn"):
+            self._model_info = None
+        if self._model_info is None:
+            async with self._model_info_lock:
+                if self._model_info is None:
+                    self._model_info = await self._unary("ModelInfo", inference_pb2.ModelInfoRequest(), "ModelInfo")
+        return self._model_info
+
+    async def _abort(self, context, exc: Exception):
+        if isinstance(exc, grpc.aio.AioRpcError):
+            await context.abort(exc.code(), exc.details() or exc.code().name)
+        await context.abort(status_of(exc), str(exc))
+
+    # ---- Generate ---------------------------------------------------------------
+    async def validate(self, request: inference_pb2.GenerateRequest) -> None:
+        """Every field the router can check without the model's files (InvalidRequestError names it)."""
+        check_request_id(request.request_id)
+        kind = request.WhichOneof("prompt")
+        if kind is None:
+            raise InvalidRequestError("prompt is missing: set prompt text or token_ids")
+        if request.resume_token_ids:
+            raise InvalidRequestError("resume_token_ids is internal to the cluster (router -> attention node); "
+                                      "clients must leave it empty")
+        info = await self.model_info()
+        sampling = sampling_from_proto(request.sampling, info.vocab_size)
+        context = info.max_position_embeddings
+        if kind == "text":
+            if not request.text:
+                raise InvalidRequestError("prompt text is empty: give some text or token_ids")
+            if len(request.text) > MAX_TEXT_CHARS:
+                raise InvalidRequestError(f"prompt text has {len(request.text)} characters; at most {MAX_TEXT_CHARS}")
+            if not info.has_tokenizer:
+                raise InvalidRequestError("this model has no tokenizer: send prompt token_ids instead of text")
+            n_prompt = 1  # the attention node counts the tokens; at least one
+        else:
+            ids = request.token_ids.ids
+            if not ids:
+                raise InvalidRequestError("prompt token_ids is empty: give at least one token")
+            bad = [t for t in ids if t >= info.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"prompt token_ids {bad[:5]} are outside the vocabulary "
+                                          f"(0..{info.vocab_size - 1})")
+            n_prompt = len(ids)
+        if context and n_prompt + sampling.max_tokens > context:
+            raise InvalidRequestError(
+                f"prompt ({n_prompt} tokens) + sampling.max_tokens ({sampling.max_tokens}) exceeds the model's "
+                f"context of {context} tokens: shorten the prompt or lower max_tokens")
+
+    async def Generate(self, request, context):
+        rid = request.request_id or uuid.uuid4().hex
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            if self.inflight >= self.max_inflight:
+                log.warning("generate_refused", reason="max_inflight", inflight=self.inflight)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"the router has {self.max_inflight} generations in flight: retry later")
+            self.inflight += 1
+            outcome = "cancelled"  # unless the stream ends otherwise
+            started = last = time.monotonic()
+            first = True
+            try:
+                async for response in self._generate(request, rid, context):
+                    now = time.monotonic()
+                    (metrics.TIME_TO_FIRST_TOKEN if first else metrics.TIME_PER_OUTPUT_TOKEN).labels(ROLE).observe(
+                        now - (started if first else last))
+                    metrics.GENERATED_TOKENS.labels(ROLE).inc(len(response.token_ids))
+                    first, last = False, now
+                    if response.finish_reason:
+                        outcome = response.finish_reason
+                    yield response
+            except BaseException as exc:
+                outcome = "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "error"
+                raise
+            finally:
+                self.inflight -= 1
+                metrics.REQUESTS.labels(ROLE, outcome).inc()
+
+    async def _generate(self, request, rid: str, context):
+        started = time.monotonic()
+        try:
+            await self.validate(request)
+        except (MoemeshError, grpc.aio.AioRpcError) as exc:
+            log.info("generate_rejected", error=str(exc) if isinstance(exc, MoemeshError) else exc.details())
+            await self._abort(context, exc)
+        forward = inference_pb2.GenerateRequest()
+        forward.CopyFrom(request)
+        forward.request_id = rid
+        tried: set[str] = set()
+        errors: list[str] = []
+        codes: list[grpc.StatusCode] = []
+        tokens = 0
+        while True:
+            try:
+                ranked = await self._ranked(tried)
+            except NoNodeError as exc:
+                await self._abort(context, exc)
+            if not ranked:
+                log.warning("generate_no_node", tried=sorted(tried), errors=errors)
+                busy = set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # all full: back off, do not reconnect
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if busy else grpc.StatusCode.UNAVAILABLE,
+                                    f"no attention node could take the request: {'; '.join(errors)}")
+            record, load = ranked[0]
+            node_id = record["id"]
+            tried.add(node_id)
+            remaining = context.time_remaining()  # the client's deadline bounds every attempt
+            timeout = self.generate_timeout_s if remaining is None else min(remaining, self.generate_timeout_s)
+            call = self.pool.stub(record).Generate(forward, timeout=timeout, metadata=(("x-request-id", rid),))
+            self.pool.streams[node_id] = self.pool.streams.get(node_id, 0) + 1
+            try:
+                async for response in call:
+                    if tokens == 0:
+                        await context.send_initial_metadata((("x-moemesh-node", node_id),))
+                        log.info("generate_first_token", node=node_id, attempts=len(tried), node_queue=load.queue,
+                                 ttft_ms=round((time.monotonic() - started) * 1000, 1))
+                    tokens += len(response.token_ids) or 1
+                    yield response
+                    if response.finish_reason:
+                        log.info("generate_done", node=node_id, finish_reason=response.finish_reason,
+                                 completion_tokens=response.usage.completion_tokens,
+                                 seconds=round(time.monotonic() - started, 3))
+                return
+            except grpc.aio.AioRpcError as exc:
+                code, details = exc.code(), exc.details() or exc.code().name
+                if tokens == 0 and code in RETRY_BEFORE_FIRST_TOKEN:
+                    self.pool.forget_load(node_id)
+                    errors.append(f"{node_id}: {code.name} {details}")
+                    codes.append(code)
+                    log.warning("generate_failover", node=node_id, code=code.name, error=details)
+                    continue
+                log.warning("generate_failed", node=node_id, code=code.name, error=details, tokens=tokens)
+                if tokens and code == grpc.StatusCode.UNAVAILABLE:
+                    details = f"attention node {node_id} failed after streaming {tokens} token(s): {details}"
+                await context.abort(code, details)
+            finally:
+                self.pool.streams[node_id] -= 1
+                call.cancel()
+
+    # ---- the other Inference methods ----------------------------------------------
+    async def Tokenize(self, request, context):
+        if len(request.text) > MAX_TEXT_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"text has {len(request.text)} characters; at most {MAX_TEXT_CHARS}")
+        try:
+            return await self._unary("Tokenize", request, "Tokenize")
+        except (MoemeshError, grpc.aio.AioRpcError) as exc:
+            await self._abort(context, exc)
+
+    async def ModelInfo(self, request, context):
+        try:
+            return await self.model_info()
+        except (MoemeshError, grpc.aio.AioRpcError) as exc:
+            await self._abort(context, exc)
+
+    async def ClusterStatus(self, request, context):
+        try:
+            self._check_synced()
+        except NoNodeError as exc:
+            await self._abort(context, exc)
+        records = self.view.records()
+        attn = [r for r in records if r["role"] == "attn" and r.get("address")]
+        loads = dict(zip([r["id"] for r in attn], await asyncio.gather(*(self.pool.load(r) for r in attn))))
+        nodes = []
+        for r in records:
+            status = inference_pb2.NodeStatus(id=r["id"], role=r["role"], address=str(r.get("address", "")),
+                                              status=str(r.get("status", "")))
+            for layer, ids in sorted(_experts(r).items()):
+                status.experts.add(layer=layer, experts=ids)
+            load = loads.get(r["id"])
+            if load is not None and load.known:
+                status.running, status.waiting, status.cache_free = load.running, load.waiting, load.cache_free
+            nodes.append(status)
+        return inference_pb2.ClusterStatusResponse(nodes=nodes, placement_version=self.view.placement_version(),
+                                                   leader=self.view.leader or "")
+
+
+def _experts(record: dict) -> dict[int, list[int]]:
+    """A record's ``experts`` as {layer: sorted ids}, skipping what is not integers."""
+    out = {}
+    for layer, ids in (record.get("experts") or {}).items():
+        try:
+            out[int(layer)] = sorted(int(i) for i in ids)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def create_server(service: InferenceService, host: str = "127.0.0.1", port: int = 0, *,
+                  tls: TLSFiles | None = None, auth_token: str | None = None):
+    """grpc.aio server with Inference, health and reflection; returns ``(server, port, health)``.
+
+    With ``auth_token``, Inference methods need ``authorization: Bearer <token>``; with ``tls``, the
+    port is TLS (mTLS when ``tls.ca`` is set). Health and reflection stay open for probes.
+    """
+    interceptors = [BearerTokenInterceptor(auth_token)] if auth_token else []
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+    inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"could not bind {address}: {exc}; is the port in use?") from None
+    if bound == 0:
+        raise OSError(f"could not bind {address}: is the port in use?")
+    return server, bound, health_servicer
+
+
+class Router:
+    """One router replica: the gRPC server, its etcd session, view, pool and control plane.
+
+    ``await start()`` binds and serves at once (health NOT_SERVING, calls UNAVAILABLE) and connects
+    to etcd in the background, retrying; ``await connected()`` waits until health is SERVING.
+    """
+
+    def __init__(self, etcd: str, cluster: str = "default", host: str = "127.0.0.1", port: int = 0, *,
+                 router_id: str | None = None, auth_token: str | None = None, tls: TLSFiles | None = None,
+                 max_inflight: int = 512, ttl_s: float = 5.0, etcd_timeout_s: float = 3.0,
+                 settle_s: float = 1.0, load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
+                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0):
+        self.etcd, self.host, self.requested_port = etcd, host, port
+        self.keys = Keys(cluster)
+        self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
+        if not self.router_id.isprintable() or len(self.router_id) > 128:
+            raise ValueError(f"router id must be printable and at most 128 characters, got {self.router_id!r}")
+        self.ttl_s, self.etcd_timeout_s, self.settle_s = ttl_s, etcd_timeout_s, settle_s
+        self.view = ClusterView(self.keys)
+        self.pool = AttentionPool(self.view, load_timeout_s, load_max_age_s)
+        self.service = InferenceService(self.view, self.pool, max_inflight=max_inflight,
+                                        call_timeout_s=call_timeout_s, generate_timeout_s=generate_timeout_s)
+        self._tls, self._auth_token = tls, auth_token
+        self.server = self.health = None
+        self.port: int | None = None
+        self.registry: Registry | None = None
+        self.control: ControlPlane | None = None
+        self._connected = asyncio.Event()
+        self._connect_task: asyncio.Task | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.control is not None and self.control.is_leader
+
+    async def start(self) -> int:
+        self.server, self.port, self.health = create_server(
+            self.service, self.host, self.requested_port, tls=self._tls, auth_token=self._auth_token)
+        await self.server.start()
+        for name in ("", INFERENCE_SERVICE):
+            await self.health.set(name, NOT_SERVING)
+        log.info("router_listening", host=self.host, port=self.port, router_id=self.router_id,
+                 tls=self._tls is not None, mtls=bool(self._tls and self._tls.ca), auth=bool(self._auth_token))
+        self._connect_task = asyncio.get_running_loop().create_task(self._connect(), name="router-connect")
+        return self.port
+
+    async def connected(self, timeout_s: float | None = None) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout_s)
+
+    async def _connect(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                self.registry = await Registry.connect(self.etcd, self.keys.cluster, ttl_s=self.ttl_s,
+                                                       timeout_s=self.etcd_timeout_s)
+                self.control = ControlPlane(self.registry, self.router_id, self.view, settle_s=self.settle_s)
+                await self.control.prime()
+                break
+            except RegistryError as exc:
+                log.warning("router_etcd_retrying", etcd=self.etcd, error=str(exc), retry_in_s=backoff)
+                if self.registry is not None:
+                    await self.registry.close()
+                    self.registry = self.control = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+        self.control.start()
+        for name in ("", INFERENCE_SERVICE):
+            await self.health.set(name, SERVING)
+        self._connected.set()
+        log.info("router_serving", etcd=self.etcd, cluster=self.keys.cluster, port=self.port,
+                 attention_nodes=len(self.view.records("attn")), expert_nodes=len(self.view.records("expert")))
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """NOT_SERVING, let in-flight streams finish (up to ``grace_s``), then leave etcd (leadership goes at once)."""
+        if self.health is not None:
+            for name in ("", INFERENCE_SERVICE):
+                await self.health.set(name, NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(grace_s)
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            try:
+                await self._connect_task
+            except BaseException:
+                pass
+        if self.control is not None:
+            await self.control.stop()
+        if self.registry is not None:
+            await self.registry.close()
+        await self.pool.close()
+        log.info("router_stopped", router_id=self.router_id)

@@ -1,0 +1,503 @@
+"""The router end to end on loopback: real etcd, real in-process attention nodes on a tiny model.
+
+The attention nodes' records are written here through a Registry (standing in for the nodes' own
+registration). Each scenario that elects or places uses its own cluster name, so they stay apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moemesh.attn_node.engine import EngineConfig
+from moemesh.attn_node.engine_loop import EngineLoop
+from moemesh.attn_node.service import AttentionService, create_server
+from moemesh.etcd import Registry
+from moemesh.etcd_server import EtcdServer, free_port
+from moemesh.local import build_local
+from moemesh.router.auth import TLSFiles
+from moemesh.router.server import Router
+from moemesh.tiny import write_tiny_checkpoint
+from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+CLUSTER = "routing"
+TTL = 2.0
+Code = grpc.StatusCode
+
+
+class Background:
+    """One event loop on a thread for every async server and registry; the test drives it synchronously."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout_s: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def eventually(probe, timeout_s: float, what: str, interval_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(interval_s)
+
+
+class AttnNode:
+    """An AttentionService on 127.0.0.1 plus its record in etcd (role attn, status ready)."""
+
+    def __init__(self, bg: Background, etcd: str, node_id: str, servicer, cluster: str = CLUSTER):
+        self.bg, self.node_id = bg, node_id
+        self.server, self.port = bg.run(self._serve(servicer))
+        self.address = f"127.0.0.1:{self.port}"
+        self.registry = bg.run(self._register(etcd, cluster))
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = attention_pb2_grpc.AttentionNodeStub(self.channel)
+
+    async def _serve(self, servicer):
+        server, port, _ = create_server(servicer)
+        await server.start()
+        return server, port
+
+    async def _register(self, etcd, cluster):
+        reg = await Registry.connect(etcd, cluster, ttl_s=TTL)
+        await reg.register("attn", self.node_id, {"address": self.address, "status": "ready"})
+        return reg
+
+    def stop_server(self):
+        self.bg.run(self.server.stop(None))
+
+    def close(self):
+        self.channel.close()
+        self.bg.run(self.server.stop(None))
+        self.bg.run(self.registry.close())
+
+
+class FakeNode(attention_pb2_grpc.AttentionNodeServicer):
+    """Looks idle with a huge free cache (so it is picked first) but refuses every Generate with ``code``."""
+
+    def __init__(self, code: Code):
+        self.code, self.generate_calls = code, 0
+
+    async def Load(self, request, context):
+        return attention_pb2.LoadResponse(running=0, waiting=0, cache_free_tokens=10**9, cache_total_tokens=10**9)
+
+    async def Generate(self, request, context):
+        self.generate_calls += 1
+        await context.abort(self.code, "fake node refuses")
+        yield  # pragma: no cover
+
+    async def ModelInfo(self, request, context):
+        await context.abort(Code.UNAVAILABLE, "fake node")
+
+
+@pytest.fixture(scope="module")
+def bg():
+    b = Background()
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def nodes(bg, etcd, tmp_path_factory):
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), arch="deepseek_v3", hidden_size=64, layers=2,
+                                 experts=8, experts_per_token=2)
+    out, loops = [], []
+    for i in range(2):
+        mesh = build_local(path, "float32", EngineConfig(max_num_seqs=8, max_num_batched_tokens=64,
+                                                         kv_cache_tokens=8192), progress=False)
+        loop = EngineLoop(mesh.engine, max_pending=16).start()
+        loops.append(loop)
+        out.append(AttnNode(bg, etcd.endpoint, f"attn-{i}", AttentionService(loop, mesh.cfg, mesh.tokenizer)))
+    out[0].tokenizer = mesh.tokenizer
+    yield out
+    for node in out:
+        node.close()
+    for loop in loops:
+        loop.stop()
+
+
+def start_router(bg, etcd, cluster=CLUSTER, **kw) -> Router:
+    kw.setdefault("ttl_s", TTL)
+    kw.setdefault("settle_s", 0.2)
+    router = Router(etcd.endpoint, cluster, **kw)
+    bg.run(router.start())
+    bg.run(router.connected(10))
+    return router
+
+
+@pytest.fixture(scope="module")
+def router(bg, etcd, nodes):
+    r = start_router(bg, etcd, router_id="router-main")
+    eventually(lambda: len(r.view.ready_attention_nodes()) == 2, 5, "router sees both attention nodes")
+    channel = grpc.insecure_channel(f"127.0.0.1:{r.port}")
+    r.stub = inference_pb2_grpc.InferenceStub(channel)
+    yield r
+    channel.close()
+    bg.run(r.stop(grace_s=1))
+
+
+def request(ids=None, text=None, **sampling):
+    sampling.setdefault("max_tokens", 8)
+    req = inference_pb2.GenerateRequest(sampling=inference_pb2.SamplingParams(**sampling))
+    if ids is not None:
+        req.token_ids.ids.extend(ids)
+    if text is not None:
+        req.text = text
+    return req
+
+
+def collect(stub, req, metadata=None):
+    """(tokens, text, last response, node id from the router's initial metadata)."""
+    call = stub.Generate(req, timeout=30, metadata=metadata)
+    tokens, text, last = [], "", None
+    for resp in call:
+        tokens.extend(resp.token_ids)
+        text += resp.text
+        last = resp
+    node = dict(call.initial_metadata() or ()).get("x-moemesh-node")
+    return tokens, text, last, node
+
+
+def _router_metric(name: str, **labels) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, {"role": "router", **labels}) or 0.0
+
+
+def test_generate_streams_what_the_node_streams(router, nodes):
+    finished = _router_metric("moemesh_requests_total", outcome="length")
+    for prompt in ([0, 5, 9, 11], [0, 40, 41, 42, 43]):
+        direct = collect(nodes[0].stub, request(ids=prompt, max_tokens=10, ignore_eos=True))
+        tokens, text, last, node = collect(router.stub, request(ids=prompt, max_tokens=10, ignore_eos=True))
+        assert (tokens, text) == direct[:2] and len(tokens) == 10
+        assert last.finish_reason == "length"
+        assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(prompt), 10)
+        assert node == "attn-0"  # both idle: the tie goes to the lower id
+    assert _router_metric("moemesh_requests_total", outcome="length") == finished + 2
+    assert _router_metric("moemesh_time_to_first_token_seconds_count") >= 2
+
+
+def test_text_prompt_and_request_id(router, nodes):
+    req = request(text="The river", max_tokens=6, ignore_eos=True)
+    req.request_id = "client-req-1"
+    tokens, text, last, _ = collect(router.stub, req)
+    assert tokens == collect(nodes[1].stub, request(text="The river", max_tokens=6, ignore_eos=True))[0]
+    assert text == nodes[0].tokenizer.decode(tokens)
+    assert last.request_id == "client-req-1"
+    assert collect(router.stub, request(text="The river", max_tokens=2))[2].request_id  # one is made up
+
+
+def test_request_goes_to_the_less_loaded_node(router, nodes):
+    busy = nodes[0].stub.Generate(request(ids=[0, 5], max_tokens=1900, ignore_eos=True), timeout=60)
+    try:
+        next(busy)
+        eventually(lambda: nodes[0].stub.Load(attention_pb2.LoadRequest(), timeout=5).running == 1, 5,
+                   "attn-0 runs the long request")
+        time.sleep(router.pool.load_max_age_s + 0.05)  # past the router's cached loads
+        assert collect(router.stub, request(ids=[0, 7], max_tokens=3))[3] == "attn-1"
+    finally:
+        busy.cancel()
+    eventually(lambda: nodes[0].stub.Load(attention_pb2.LoadRequest(), timeout=5).running == 0, 5, "attn-0 idle")
+
+
+def test_concurrent_requests_spread_over_both_nodes(router, nodes):
+    from concurrent.futures import ThreadPoolExecutor
+
+    time.sleep(router.pool.load_max_age_s + 0.05)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: collect(router.stub, request(ids=[0, 3 + i], max_tokens=200,
+                                                                   ignore_eos=True)), range(4)))
+    assert {g[3] for g in got} == {"attn-0", "attn-1"}
+
+
+@pytest.mark.parametrize("code", [Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED])
+def test_failover_before_the_first_token(bg, etcd, router, nodes, code):
+    fake = FakeNode(code)
+    flaky = AttnNode(bg, etcd.endpoint, "attn-00-flaky", fake)
+    dead_reg = bg.run(Registry.connect(etcd.endpoint, CLUSTER, ttl_s=TTL))  # a ready record, nothing listening
+    bg.run(dead_reg.register("attn", "attn-000-dead", {"address": f"127.0.0.1:{free_port()}", "status": "ready"}))
+    try:
+        eventually(lambda: len(router.view.ready_attention_nodes()) == 4, 5, "router sees the extra records")
+        want = collect(nodes[0].stub, request(ids=[0, 5, 9], max_tokens=6, ignore_eos=True))[0]
+        tokens, _, last, node = collect(router.stub, request(ids=[0, 5, 9], max_tokens=6, ignore_eos=True))
+        assert fake.generate_calls == 1  # tried first (it looked idlest), refused, skipped
+        assert node in ("attn-0", "attn-1") and tokens == want and last.finish_reason == "length"
+        assert router.stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=5).vocab_size > 0
+    finally:
+        flaky.close()
+        bg.run(dead_reg.close())
+    eventually(lambda: len(router.view.ready_attention_nodes()) == 2, 5, "extra records gone")
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda r: setattr(r.sampling, "max_tokens", 0), "max_tokens"),
+    (lambda r: setattr(r.sampling, "temperature", -1.0), "temperature"),
+    (lambda r: setattr(r.sampling, "top_p", 0.0), "top_p"),
+    (lambda r: setattr(r.sampling, "top_k", 10**6), "top_k"),
+    (lambda r: r.token_ids.ids.append(99999), "vocabulary"),
+    (lambda r: r.ClearField("token_ids"), "prompt"),
+    (lambda r: r.token_ids.ClearField("ids"), "token_ids is empty"),
+    (lambda r: setattr(r, "text", ""), "text is empty"),
+    (lambda r: r.sampling.stop.extend(["x"] * 40), "stop"),
+    (lambda r: r.sampling.stop_token_ids.append(10**6), "stop_token_ids"),
+    (lambda r: r.token_ids.ids.extend(list(range(2, 300)) * 7), "context"),
+    (lambda r: setattr(r, "request_id", "bad\x00id"), "request_id"),
+    (lambda r: r.resume_token_ids.append(3), "resume_token_ids"),
+])
+def test_invalid_fields_are_invalid_argument(router, mutate, field):
+    req = request(ids=[0, 3], max_tokens=4)
+    mutate(req)
+    with pytest.raises(grpc.RpcError) as exc:
+        collect(router.stub, req)
+    assert exc.value.code() == Code.INVALID_ARGUMENT
+    assert field in exc.value.details()
+    assert collect(router.stub, request(ids=[0, 3], max_tokens=2))[0]  # still serving
+
+
+def test_tokenize_model_info_and_cluster_status(router, nodes):
+    got = router.stub.Tokenize(inference_pb2.TokenizeRequest(text="The river ran"), timeout=5)
+    assert list(got.token_ids) == nodes[0].tokenizer.encode("The river ran")
+    info = router.stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=5)
+    assert (info.model_type, info.max_position_embeddings, info.has_tokenizer) == ("deepseek_v3", 2048, True)
+    status = router.stub.ClusterStatus(inference_pb2.ClusterStatusRequest(), timeout=5)
+    assert [(n.id, n.role, n.address, n.status) for n in status.nodes] == [
+        ("attn-0", "attn", nodes[0].address, "ready"), ("attn-1", "attn", nodes[1].address, "ready")]
+    assert all(n.cache_free == 1.0 and n.running == 0 for n in status.nodes)
+    assert (status.placement_version, status.leader) == (0, "router-main")
+
+
+def test_auth_token_required_on_inference_not_on_health(bg, etcd, nodes):
+    r = start_router(bg, etcd, auth_token="s3cret-token")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{r.port}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            for metadata in (None, (("authorization", "Bearer wrong"),), (("authorization", "s3cret-token"),)):
+                with pytest.raises(grpc.RpcError) as exc:
+                    collect(stub, request(ids=[0, 3], max_tokens=2), metadata=metadata)
+                assert exc.value.code() == Code.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as exc:
+                    stub.ClusterStatus(inference_pb2.ClusterStatusRequest(), timeout=5, metadata=metadata)
+                assert exc.value.code() == Code.UNAUTHENTICATED
+            ok = (("authorization", "Bearer s3cret-token"),)
+            assert collect(stub, request(ids=[0, 3], max_tokens=2), metadata=ok)[2].finish_reason == "length"
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        bg.run(r.stop(grace_s=1))
+
+
+def test_bounded_inflight_is_resource_exhausted(bg, etcd, nodes):
+    r = start_router(bg, etcd, max_inflight=1)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{r.port}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            long = stub.Generate(request(ids=[0, 5], max_tokens=1900, ignore_eos=True), timeout=60)
+            next(long)
+            with pytest.raises(grpc.RpcError) as exc:
+                collect(stub, request(ids=[0, 3], max_tokens=2))
+            assert exc.value.code() == Code.RESOURCE_EXHAUSTED and "in flight" in exc.value.details()
+            long.cancel()
+            eventually(lambda: r.service.inflight == 0, 5, "the cancelled stream is released")
+            assert collect(stub, request(ids=[0, 3], max_tokens=2))[0]
+    finally:
+        bg.run(r.stop(grace_s=1))
+
+
+def _make_certs(d: Path) -> None:
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *newkey, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=moemesh-test-ca")
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for serial, stem in enumerate(("server", "client"), start=1):
+        run("req", *newkey, "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", f"/CN=moemesh-test-{stem}")
+        run("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", str(serial),
+            "-days", "1", "-extfile", f"{stem}.ext", "-out", f"{stem}.pem")
+
+
+def test_mtls_refuses_plaintext_and_clients_without_a_certificate(bg, etcd, nodes, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI to make test certificates")
+    _make_certs(tmp_path)
+    tls = TLSFiles.from_flags(str(tmp_path / "server.pem"), str(tmp_path / "server.key"), str(tmp_path / "ca.pem"))
+    r = start_router(bg, etcd, tls=tls)
+    addr, ca = f"127.0.0.1:{r.port}", (tmp_path / "ca.pem").read_bytes()
+    key, cert = (tmp_path / "client.key").read_bytes(), (tmp_path / "client.pem").read_bytes()
+    info = inference_pb2.ModelInfoRequest()
+    try:
+        with grpc.secure_channel(addr, grpc.ssl_channel_credentials(ca, key, cert)) as channel:
+            assert inference_pb2_grpc.InferenceStub(channel).ModelInfo(info, timeout=5).vocab_size > 0
+        for channel in (grpc.insecure_channel(addr), grpc.secure_channel(addr, grpc.ssl_channel_credentials(ca))):
+            with channel, pytest.raises(grpc.RpcError) as exc:
+                inference_pb2_grpc.InferenceStub(channel).ModelInfo(info, timeout=3)
+            assert exc.value.code() == Code.UNAVAILABLE
+    finally:
+        bg.run(r.stop(grace_s=1))
+
+
+def test_two_routers_one_leader_and_takeover(bg, etcd):
+    watcher = bg.run(Registry.connect(etcd.endpoint, "election"))
+    leader_key = watcher.keys.leader()
+    a = start_router(bg, etcd, "election", router_id="router-a")
+    b = None
+    try:
+        eventually(lambda: a.is_leader, 5, "the first router leads")
+        b = start_router(bg, etcd, "election", router_id="router-b")
+        time.sleep(TTL)  # a few campaign rounds
+        assert (a.is_leader, b.is_leader) == (True, False)
+        assert bg.run(watcher.leader(leader_key)) == "router-a"
+        bg.run(a.registry.close())  # the leader's etcd session dies: its lease and key go
+        eventually(lambda: b.is_leader, 3 * TTL, "the second router takes over")
+        assert bg.run(watcher.leader(leader_key)) == "router-b"
+    finally:
+        for r in (a, b):
+            if r is not None:
+                bg.run(r.stop(grace_s=1))
+        bg.run(watcher.close())
+
+
+def test_leader_places_every_expert_and_republishes_without_a_gone_node(bg, etcd):
+    cluster = "placing"
+    capacity = {"slots": 8, "moe_layers": [1, 2], "n_routed_experts": 8}
+    experts = []
+    for i in range(2):
+        reg = bg.run(Registry.connect(etcd.endpoint, cluster, ttl_s=TTL))
+        bg.run(reg.register("expert", f"expert-{i}", {"address": f"127.0.0.1:{7000 + i}", "status": "loading",
+                                                      "capacity": capacity}))
+        experts.append(reg)
+    r = start_router(bg, etcd, cluster, router_id="router-p")
+    channel = grpc.insecure_channel(f"127.0.0.1:{r.port}")
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    try:
+        key = experts[0].keys.placement()
+        placement = eventually(lambda: bg.run(experts[0].get(key)), 10, "the leader writes a placement")
+        assert placement["version"] == 1 and sorted(placement["layers"]) == ["1", "2"]
+        for layer in ("1", "2"):
+            assert sorted(placement["layers"][layer], key=int) == [str(e) for e in range(8)]
+            assert all(sorted(ids) == ["expert-0", "expert-1"] for ids in placement["layers"][layer].values())
+        bg.run(experts[0].update({"address": "127.0.0.1:7000", "status": "ready", "capacity": capacity,
+                                  "experts": {"1": [0, 1], "2": [0, 1]}}))
+        eventually(lambda: r.view.placement_version() == 1, 5, "the router's view has the placement")
+
+        def status_ready():
+            s = stub.ClusterStatus(inference_pb2.ClusterStatusRequest(), timeout=5)
+            return s if s.nodes and s.nodes[0].status == "ready" else None
+        status = eventually(status_ready, 5, "ClusterStatus shows expert-0 ready")
+        assert [(n.id, n.role) for n in status.nodes] == [("expert-0", "expert"), ("expert-1", "expert")]
+        assert [(e.layer, list(e.experts)) for e in status.nodes[0].experts] == [(1, [0, 1]), (2, [0, 1])]
+        assert (status.placement_version, status.leader) == (1, "router-p")
+
+        bg.run(experts[1].close())  # expert-1 dies: the leader republishes without it
+        placement = eventually(lambda: (p := bg.run(experts[0].get(key)))["version"] == 2 and p, 10,
+                               "placement version 2")
+        assert all(ids == ["expert-0"] for layer in placement["layers"].values() for ids in layer.values())
+        assert r.control.placements_written == 2
+    finally:
+        channel.close()
+        bg.run(r.stop(grace_s=1))
+        for reg in experts:
+            bg.run(reg.close())
+
+
+def test_stopped_node_requests_go_to_the_other(router, nodes):
+    nodes[0].stop_server()  # the node idle ties would pick; its record stays "ready" in etcd
+    served = [collect(router.stub, request(ids=[0, 3 + i], max_tokens=3))[3] for i in range(4)]
+    assert served == ["attn-1"] * 4
+    nodes[1].stop_server()
+    with pytest.raises(grpc.RpcError) as exc:
+        collect(router.stub, request(ids=[0, 3], max_tokens=3))
+    assert exc.value.code() == Code.UNAVAILABLE and "no attention node could take the request" in exc.value.details()
+
+
+ROUTER_MAIN = """
+import argparse, sys
+from moemesh import logs
+from moemesh.router.main import add_router_parser, run_router
+logs.configure("info")
+parser = argparse.ArgumentParser()
+add_router_parser(parser.add_subparsers(dest="command"))
+sys.exit(run_router(parser.parse_args(sys.argv[1:])))
+"""
+
+
+def test_router_process_serves_until_sigterm_and_leaves_etcd(bg, etcd, tmp_path):
+    import json
+    import signal
+    import sys
+
+    token = tmp_path / "token"
+    token.write_text("tok-123\n")
+    proc = subprocess.Popen([sys.executable, "-c", ROUTER_MAIN, "router", "--etcd", etcd.endpoint, "--cluster", "proc",
+                             "--router-id", "router-proc", "--lease-ttl", "2", "--auth-token-file", str(token)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watcher = bg.run(Registry.connect(etcd.endpoint, "proc"))
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert ready == {"event": "ready", "port": ready["port"], "router_id": "router-proc"}
+        with grpc.insecure_channel(f"127.0.0.1:{ready['port']}") as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            status = inference_pb2_grpc.InferenceStub(channel).ClusterStatus(
+                inference_pb2.ClusterStatusRequest(), timeout=5, metadata=(("authorization", "Bearer tok-123"),))
+            assert list(status.nodes) == []
+        eventually(lambda: bg.run(watcher.leader(watcher.keys.leader())) == "router-proc", 5, "the process leads")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert bg.run(watcher.leader(watcher.keys.leader())) is None  # leadership released at once
+        assert '"router_stopped"' in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        bg.run(watcher.close())
+
+
+def test_bad_flags_fail_before_serving(tmp_path):
+    import argparse
+
+    from moemesh.errors import MoemeshError
+    from moemesh.router.main import add_router_parser, run_router
+
+    parser = argparse.ArgumentParser()
+    add_router_parser(parser.add_subparsers(dest="command"))
+    (tmp_path / "empty").write_text("")
+    for argv, message in [
+        (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-ca", "ca.pem"], "--tls-ca needs --tls-cert"),
+        (["--tls-cert", "missing.pem", "--tls-key", "missing.key"], "cannot read"),
+        (["--auth-token-file", str(tmp_path / "empty")], "is empty"),
+        (["--cluster", "a/b"], "cluster name"),
+    ]:
+        args = parser.parse_args(["router", "--etcd", "127.0.0.1:1", *argv])
+        with pytest.raises((MoemeshError, ValueError), match=message):
+            run_router(args)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        run_router(parser.parse_args(["router", "--etcd", "nowhere"]))
