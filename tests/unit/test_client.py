@@ -49,6 +49,9 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
 
     def Generate(self, request, context):
         self._enter("Generate", request, context)
+        if self.release is not None:
+            # Also learn of a cancel from gRPC itself, in case it lands before the hold loop polls.
+            context.add_callback(lambda: None if self.release.is_set() else self.cancelled.set())
         for i, (ids, text) in enumerate(CHUNKS):
             if i == 1 and self.fail_after_first is not None:
                 context.abort(self.fail_after_first, "node lost mid-stream")
