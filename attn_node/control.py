@@ -22,6 +22,7 @@ from moemesh.kernels.ops import select_ops
 from moemesh.logs import get_logger
 from moemesh.node_ids import advertise_address, default_node_id
 from moemesh.placement import Placement
+from moemesh.tls import TLSFiles
 from moemesh.tokenizer import Tokenizer
 
 from .engine import Engine, EngineConfig
@@ -39,7 +40,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
                           etcd: str | None = None, cluster: str = "default", static: Placement | None = None,
                           node_id: str | None = None, advertise: str | None = None, kernels: str = "auto",
                           dispatch_timeout_s: float = 30.0, drain_timeout_s: float = 60.0,
-                          max_pending: int = 256) -> None:
+                          max_pending: int = 256, tls: TLSFiles | None = None) -> None:
     cfg = ModelConfig.from_dir(model_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -49,7 +50,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     model = await asyncio.to_thread(load_transformer, model_dir, cfg, backend, dtype, False, select_ops("cpu", kernels))
     engine_loop = EngineLoop(Engine(model, cfg, engine_config), max_pending=max_pending).start()
     service = AttentionService(engine_loop, cfg, Tokenizer.from_dir(model_dir))
-    server, bound, health = create_server(service, host, port)
+    server, bound, health = create_server(service, host, port, tls)
     await server.start()
 
     async def set_health(status) -> None:
@@ -60,6 +61,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     node_id = node_id or default_node_id("attn", bound)
     blocks = engine_loop.engine.blocks
     record = {"address": advertise_address(host, bound, advertise), "status": "loading", "experts": {},
+              "tls": tls is not None,
               "capacity": {"kv_cache_tokens": blocks.capacity_tokens, "max_num_seqs": engine_config.max_num_seqs}}
 
     async def became_ready() -> None:
@@ -68,7 +70,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
 
     reg = follower = None
     if static is not None:
-        backend.install(await asyncio.to_thread(RemoteExpertBackend, cfg, static, dispatch_timeout_s))
+        backend.install(await asyncio.to_thread(RemoteExpertBackend, cfg, static, dispatch_timeout_s, 10.0, tls))
         await became_ready()
     if etcd is not None:
         reg = await Registry.connect(etcd, cluster)
@@ -76,7 +78,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
             record["status"] = "ready"
         await reg.register("attn", node_id, record)
         follower = asyncio.create_task(
-            _follow_placement(reg, Keys(cluster), cfg, backend, record, dispatch_timeout_s, became_ready))
+            _follow_placement(reg, Keys(cluster), cfg, backend, record, dispatch_timeout_s, became_ready, tls))
     await stop.wait()
 
     log.info("draining", running=engine_loop.num_running(), waiting=engine_loop.num_waiting())
@@ -94,7 +96,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     log.info("stopped")
 
 
-async def _follow_placement(reg, keys, cfg, backend, record, dispatch_timeout_s, became_ready) -> None:
+async def _follow_placement(reg, keys, cfg, backend, record, dispatch_timeout_s, became_ready, tls) -> None:
     view = ClusterView(keys)
     serving: Placement | None = None
     async for ev in reg.watch_prefix(keys.root):
@@ -104,7 +106,7 @@ async def _follow_placement(reg, keys, cfg, backend, record, dispatch_timeout_s,
         if placement is None or placement == serving:
             continue
         try:
-            new = await asyncio.to_thread(RemoteExpertBackend, cfg, placement, dispatch_timeout_s)
+            new = await asyncio.to_thread(RemoteExpertBackend, cfg, placement, dispatch_timeout_s, 10.0, tls)
         except Exception as exc:  # a node went away between its record and our dial: wait for the next change
             log.warning("placement_connect_failed", version=placement.version, error=str(exc))
             continue

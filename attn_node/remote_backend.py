@@ -32,6 +32,8 @@ from moemesh.config import ModelConfig
 from moemesh.expert_backend import ExpertBackend, ExpertBackendError
 from moemesh.logs import get_logger
 from moemesh.placement import Placement, describe_missing
+from moemesh.tls import TLSFiles
+from moemesh.tls import channel as tls_channel
 from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc
 
 log = get_logger("moemesh.attn_node.remote")
@@ -58,10 +60,10 @@ class NodeFailure(Exception):
 class NodeLink:
     """One long-lived Dispatch stream to one expert node; responses resolve futures by message id."""
 
-    def __init__(self, address: str, connect_timeout_s: float = 10.0):
+    def __init__(self, address: str, connect_timeout_s: float = 10.0, tls: TLSFiles | None = None):
         self.address = address
         self.failure: str | None = None
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = tls_channel(address, tls, CHANNEL_OPTIONS)
         try:
             _wait_serving(self._channel, address, connect_timeout_s)
         except Exception:
@@ -149,13 +151,13 @@ class _Handle:
 
 class RemoteExpertBackend(ExpertBackend):
     def __init__(self, cfg: ModelConfig, placement: Placement, timeout_s: float = 30.0,
-                 connect_timeout_s: float = 10.0):
+                 connect_timeout_s: float = 10.0, tls: TLSFiles | None = None):
         placement.require_complete(cfg.moe_layers, cfg.n_routed_experts)
         self.cfg, self.placement, self.timeout_s = cfg, placement, timeout_s
         self.links: list[NodeLink] = []
         try:
             for node, address in enumerate(placement.nodes):
-                self.links.append(NodeLink(address, connect_timeout_s))
+                self.links.append(NodeLink(address, connect_timeout_s, tls))
                 _check_node(self.links[-1], cfg, placement, node)
         except BaseException:
             self.close()  # no half-open mesh: channels and reader threads of the nodes reached so far

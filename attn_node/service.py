@@ -13,6 +13,7 @@ import time
 import uuid
 
 import grpc
+import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -21,6 +22,7 @@ from moemesh.config import ModelConfig
 from moemesh.errors import InvalidRequestError, ResourceExhaustedError
 from moemesh.logs import get_logger
 from moemesh.requests import StopStringMatcher, check_request_id, sampling_from_proto
+from moemesh.tls import TLSFiles, add_port
 from moemesh.tokenizer import Tokenizer
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 
@@ -65,7 +67,10 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
             prompt, resume, params, matcher = self._engine_inputs(request)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        rid = request.request_id or uuid.uuid4().hex
+        # The router sends its request id in the request and in x-request-id; every log line of this call carries it.
+        metadata = dict(context.invocation_metadata() or ())
+        rid = request.request_id or metadata.get("x-request-id") or uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(request_id=rid)
         events: asyncio.Queue = asyncio.Queue()
         aio_loop = asyncio.get_running_loop()
         try:
@@ -86,6 +91,7 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
                 if ev.error is not None:
                     finished = True
                     metrics.REQUESTS.labels(ROLE, "error").inc()
+                    log.warning("request_failed", error=ev.error, code=ev.error_code)
                     await context.abort(getattr(grpc.StatusCode, ev.error_code or "INTERNAL"), ev.error)
                 now = time.monotonic()
                 if produced == len(resume):
@@ -103,6 +109,8 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
                 if stopped or ev.finished:
                     finished = True
                     metrics.REQUESTS.labels(ROLE, reason).inc()
+                    log.info("request_finished", prompt_tokens=len(prompt), completion_tokens=produced,
+                             finish_reason=reason, seconds=round(time.monotonic() - started, 4))
                     if stopped and not ev.finished:
                         self.loop.abort(rid)
                     text += "" if stopped else matcher.flush()
@@ -138,7 +146,7 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
             cache_free_tokens=blocks.num_free * blocks.block_size, cache_total_tokens=blocks.capacity_tokens)
 
 
-def create_server(service: AttentionService, host: str = "127.0.0.1", port: int = 0):
+def create_server(service: AttentionService, host: str = "127.0.0.1", port: int = 0, tls: TLSFiles | None = None):
     """grpc.aio server with AttentionNode, health (set by the caller) and reflection; returns (server, port, health)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     attention_pb2_grpc.add_AttentionNodeServicer_to_server(service, server)
@@ -146,7 +154,4 @@ def create_server(service: AttentionService, host: str = "127.0.0.1", port: int 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}: is the port in use?")
-    return server, bound, health_servicer
+    return server, add_port(server, f"{host}:{port}", tls), health_servicer

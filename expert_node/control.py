@@ -31,7 +31,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, port: int, dtype, *,
                            node_id: str | None = None, slots: int | None = None, advertise: str | None = None,
-                           drain_timeout_s: float = 30.0) -> None:
+                           drain_timeout_s: float = 30.0, tls=None) -> None:
     cfg = ModelConfig.from_dir(model_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -39,7 +39,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
         loop.add_signal_handler(sig, stop.set)
     shard = ExpertShard(cfg.n_routed_experts, dtype)
     service = DispatchService(shard, cfg)
-    server, bound, health = create_server(service, host, port)
+    server, bound, health = create_server(service, host, port, tls)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, NOT_SERVING)
@@ -48,6 +48,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
     reg = await Registry.connect(etcd, cluster)
     record = {
         "address": advertise_address(host, bound, advertise), "status": "loading", "experts": {},
+        "tls": tls is not None,
         "capacity": {"slots": slots or cfg.n_routed_experts, "moe_layers": list(cfg.moe_layers),
                      "n_routed_experts": cfg.n_routed_experts},
     }

@@ -21,7 +21,8 @@ log = get_logger("moemesh.expert_node")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_timeout_s: float = 30.0) -> None:
+async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_timeout_s: float = 30.0,
+                tls=None) -> None:
     cfg = ModelConfig.from_dir(model_dir)
     experts = parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)
     stop = asyncio.Event()
@@ -31,7 +32,7 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
 
     # Bind first (health says NOT_SERVING while weights load), so probes see the node at once.
     service = _LazyService()
-    server, bound, health_servicer = create_server(service, host, port)
+    server, bound, health_servicer = create_server(service, host, port, tls)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, NOT_SERVING)

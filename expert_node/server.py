@@ -22,6 +22,7 @@ from moemesh import metrics
 from moemesh.codec import CodecError, from_proto, to_proto
 from moemesh.config import ModelConfig
 from moemesh.logs import get_logger
+from moemesh.tls import TLSFiles, add_port
 from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc
 
 from .shard import ExpertShard
@@ -154,7 +155,7 @@ def handlers(service) -> grpc.GenericRpcHandler:
 
 
 def create_server(
-    service: DispatchService, host: str = "127.0.0.1", port: int = 0
+    service: DispatchService, host: str = "127.0.0.1", port: int = 0, tls: TLSFiles | None = None
 ) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
     """A grpc.aio server with Dispatch, health (NOT_SERVING until set) and reflection; returns the bound port."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -164,9 +165,6 @@ def create_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}: is the port in use?")
-    return server, bound, health_servicer
+    return server, add_port(server, f"{host}:{port}", tls), health_servicer
 
 

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from moemesh.config import ConfigError
+from moemesh.tls import TLSFiles
 from moemesh.errors import MoemeshError
 
 EXIT_USAGE = 2
@@ -116,6 +117,10 @@ def _add_node_args(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--advertise-host", help="host other nodes dial (default: the listen host; hostname for 0.0.0.0)")
     p.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default: 0)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--tls-cert", metavar="F", help="PEM certificate: serve TLS, and present it when dialing nodes")
+    p.add_argument("--tls-key", metavar="F", help="PEM private key for --tls-cert")
+    p.add_argument("--tls-ca", metavar="F", help="CA of the mesh: require client certificates it signed (mTLS) "
+                   "and verify the nodes this one dials")
     _add_metrics_arg(p)
 
 
@@ -357,16 +362,18 @@ def _cmd_expert_node(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     cfg = ModelConfig.from_dir(args.model)
     dtype = resolve_dtype(args.dtype, cfg)
+    tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
     if args.experts is None:
         if args.etcd is None:
             raise UsageError("give --experts SPEC (a fixed shard) or --etcd HOST:PORT (the router's placement)")
         from moemesh.expert_node.control import serve_registered
 
         asyncio.run(serve_registered(args.model, args.etcd, args.cluster, args.host, args.port, dtype,
-                                     node_id=args.node_id, slots=args.slots, advertise=args.advertise_host))
+                                     node_id=args.node_id, slots=args.slots, advertise=args.advertise_host,
+                                     tls=tls))
         return 0
     parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
-    asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype))
+    asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype, tls=tls))
     return 0
 
 
@@ -392,7 +399,8 @@ def _cmd_attn_node(args: argparse.Namespace) -> int:
     asyncio.run(serve_attention(
         args.model, args.host, args.port, resolve_dtype(args.dtype, cfg), engine_config(args), etcd=args.etcd,
         cluster=args.cluster, static=static, node_id=args.node_id, advertise=args.advertise_host,
-        kernels=args.kernels, dispatch_timeout_s=args.dispatch_timeout, max_pending=args.max_pending))
+        kernels=args.kernels, dispatch_timeout_s=args.dispatch_timeout, max_pending=args.max_pending,
+        tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)))
     return 0
 
 

@@ -25,13 +25,21 @@ from moemesh.local import ensure_demo_model
 from moemesh.procs import RoleProcess, spawn, stop_all, wait_ready
 
 
-def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
-    out = ["router", "--etcd", etcd, "--cluster", args.cluster, "--host", args.host, "--port", str(args.port)]
-    for flag in ("auth_token_file", "tls_cert", "tls_key", "tls_ca"):
+def _tls_args(args: argparse.Namespace) -> list[str]:
+    """One mesh CA: every role serves TLS with the same files and dials the others with them."""
+    out = []
+    for flag in ("tls_cert", "tls_key", "tls_ca"):
         value = getattr(args, flag, None)
         if value:
-            out += [f"--{flag.replace('_', '-')}", str(value)]
+            out += [f"--{flag.replace('_', '-')}", str(Path(value).resolve())]
     return out
+
+
+def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
+    out = ["router", "--etcd", etcd, "--cluster", args.cluster, "--host", args.host, "--port", str(args.port)]
+    if args.auth_token_file:
+        out += ["--auth-token-file", str(Path(args.auth_token_file).resolve())]
+    return out + _tls_args(args)
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -52,10 +60,10 @@ def run_up(args: argparse.Namespace) -> int:
         slots = math.ceil(cfg.n_routed_experts / args.expert_nodes)  # an even split, no replicas by default
         plan = [("router", _router_args(args, etcd.endpoint))]
         plan += [(f"expert-{i}", ["expert-node", "--model", model, "--etcd", etcd.endpoint, "--cluster",
-                                  args.cluster, "--node-id", f"expert-{i}", "--slots", str(slots)])
+                                  args.cluster, "--node-id", f"expert-{i}", "--slots", str(slots), *_tls_args(args)])
                  for i in range(args.expert_nodes)]
         plan += [(f"attn-{i}", ["attn-node", "--model", model, "--etcd", etcd.endpoint, "--cluster", args.cluster,
-                                "--node-id", f"attn-{i}"]) for i in range(args.attn_nodes)]
+                                "--node-id", f"attn-{i}", *_tls_args(args)]) for i in range(args.attn_nodes)]
         for name, cmd in plan:
             procs.append(RoleProcess(name, spawn(name, cmd, log_dir, threads)))
         deadline = time.monotonic() + args.ready_timeout

@@ -7,57 +7,14 @@ requires ``authorization: Bearer <token>`` when the router has a token.
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from moemesh.errors import MoemeshError
+from moemesh.tls import SecurityConfigError, TLSFiles, read_file as _read  # noqa: F401  (re-exported)
 from moemesh.v1 import inference_pb2
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-
-
-class SecurityConfigError(MoemeshError, ValueError):
-    """A TLS or token option is wrong (missing file, half a key pair); the message says which."""
-
-
-def _read(path: str | Path, what: str) -> bytes:
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise SecurityConfigError(f"cannot read {what} {str(p)!r}: {exc.strerror or exc}") from None
-    if not data.strip():
-        raise SecurityConfigError(f"{what} {str(p)!r} is empty")
-    return data
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    """PEM files for a TLS server port; with ``ca``, clients must present a certificate it signed (mTLS)."""
-
-    cert: str
-    key: str
-    ca: str | None = None
-
-    @classmethod
-    def from_flags(cls, cert: str | None, key: str | None, ca: str | None = None) -> "TLSFiles | None":
-        """``--tls-cert/--tls-key/--tls-ca`` -> TLSFiles, None when none is given; errors for half a set."""
-        if cert is None and key is None:
-            if ca is not None:
-                raise SecurityConfigError("--tls-ca needs --tls-cert and --tls-key (mTLS runs over TLS)")
-            return None
-        if cert is None or key is None:
-            raise SecurityConfigError("--tls-cert and --tls-key go together: give both, or neither")
-        files = cls(str(cert), str(key), None if ca is None else str(ca))
-        files.server_credentials()  # unreadable files fail here, before binding
-        return files
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        pair = (_read(self.key, "TLS key (--tls-key)"), _read(self.cert, "TLS certificate (--tls-cert)"))
-        root = None if self.ca is None else _read(self.ca, "client CA (--tls-ca)")
-        return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
 
 
 def read_token_file(path: str | Path) -> str:

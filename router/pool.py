@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import grpc
 
+from moemesh.tls import TLSFiles, channel as tls_channel
 from moemesh.logs import get_logger
 from moemesh.v1 import attention_pb2, attention_pb2_grpc
 
@@ -36,8 +37,10 @@ CHANNEL_OPTIONS = [
 
 
 class AttentionPool:
-    def __init__(self, view: ClusterView, load_timeout_s: float = 0.5, load_max_age_s: float = 0.2):
+    def __init__(self, view: ClusterView, load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
+                 tls: TLSFiles | None = None):
         self.view = view
+        self.tls = tls  # certificate and CA for attention nodes whose records say they serve TLS
         self.load_timeout_s = load_timeout_s
         self.load_max_age_s = load_max_age_s
         self._channels: dict[str, tuple[str, grpc.aio.Channel, attention_pb2_grpc.AttentionNodeStub]] = {}
@@ -53,7 +56,8 @@ class AttentionPool:
             return held[2]
         if held is not None:
             asyncio.get_running_loop().create_task(held[1].close())
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # TLS when the node says it serves TLS (its record's "tls"), with this router's certificate and CA.
+        channel = tls_channel(address, self.tls if record.get("tls") else None, CHANNEL_OPTIONS, aio=True)
         stub = attention_pb2_grpc.AttentionNodeStub(channel)
         self._channels[node_id] = (address, channel, stub)
         self._loads.pop(node_id, None)

@@ -340,7 +340,7 @@ class Router:
             raise ValueError(f"router id must be printable and at most 128 characters, got {self.router_id!r}")
         self.ttl_s, self.etcd_timeout_s, self.settle_s = ttl_s, etcd_timeout_s, settle_s
         self.view = ClusterView(self.keys)
-        self.pool = AttentionPool(self.view, load_timeout_s, load_max_age_s)
+        self.pool = AttentionPool(self.view, load_timeout_s, load_max_age_s, tls=tls)
         self.service = InferenceService(self.view, self.pool, max_inflight=max_inflight,
                                         call_timeout_s=call_timeout_s, generate_timeout_s=generate_timeout_s)
         self._tls, self._auth_token = tls, auth_token

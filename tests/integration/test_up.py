@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
@@ -85,6 +86,15 @@ def test_invalid_request_is_invalid_argument_and_the_router_stays_up(mesh):
         assert client.generate(prompt_ids=[1, 2], max_tokens=2, temperature=0.0).token_ids
 
 
+def test_request_id_reaches_the_attention_node_logs(mesh):
+    _, _, ready = mesh
+    with MeshClient(ready["router"]) as client:
+        client.generate(prompt_ids=[4, 4, 4], max_tokens=2, request_id="trace-me-42")
+    log = (Path(ready["logs"]) / "attn-0.log").read_text()
+    lines = [json.loads(line) for line in log.splitlines() if "trace-me-42" in line]
+    assert any(e.get("event") == "request_finished" and e.get("request_id") == "trace-me-42" for e in lines), log[-2000:]
+
+
 def test_sigterm_stops_everything(mesh):
     _, proc, _ = mesh
     children = _descendants(proc.pid)
@@ -97,3 +107,30 @@ def test_sigterm_stops_everything(mesh):
         time.sleep(0.2)
     alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"left behind: {alive}"
+
+
+def test_tls_mesh_with_auth_serves_only_authenticated_tls_clients(tmp_path):
+    from tls_certs import make_mesh_certs
+
+    certs = make_mesh_certs(tmp_path)
+    (tmp_path / "token").write_text("s3cret\n")
+    model = tmp_path / "m"
+    save_hf_model("v2_group_limited_lora", model)
+    proc, ready = _start_up(model, tmp_path / "logs", "--tls-cert", str(certs / "node.pem"), "--tls-key",
+                            str(certs / "node.key"), "--tls-ca", str(certs / "ca.pem"), "--auth-token-file",
+                            str(tmp_path / "token"))
+    try:
+        tls = dict(ca_file=str(certs / "ca.pem"), cert_file=str(certs / "client.pem"),
+                   key_file=str(certs / "client.key"))
+        with MeshClient(ready["router"], token="s3cret", **tls) as client:
+            assert len(client.generate(prompt_ids=[3, 4, 5], max_tokens=4, temperature=0.0).token_ids) == 4
+        with MeshClient(ready["router"], **tls) as client, pytest.raises(MeshError) as exc:
+            client.generate(prompt_ids=[3, 4], max_tokens=2)
+        assert exc.value.status == "UNAUTHENTICATED"
+        with MeshClient(ready["router"], token="s3cret", timeout_s=5, retries=0) as client, \
+                pytest.raises(MeshError) as exc:
+            client.generate(prompt_ids=[3, 4], max_tokens=2)  # plaintext against a TLS port
+        assert exc.value.status == "UNAVAILABLE"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
