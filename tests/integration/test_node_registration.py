@@ -93,6 +93,13 @@ def test_nodes_register_follow_the_placement_and_serve(tmp_path):
             assert 'moemesh_expert_tokens_total{expert="0",layer="1"}' in scraped
             assert 'moemesh_expert_messages_total{outcome="ok"}' in scraped
 
+            # etcd goes away: nodes keep serving on what they know; when it is back, they are registered again.
+            etcd.kill()
+            assert [t for r in stub.Generate(req, timeout=60) for t in r.token_ids] == want
+            etcd.restart()
+            assert len(_wait_keys(ep, KEYS.nodes(), 3)) == 3
+            assert [t for r in stub.Generate(req, timeout=60) for t in r.token_ids] == want
+
             procs[1].kill()  # SIGKILL: no deregistration; the lease (TTL 5 s) must drop the key
             t0 = time.monotonic()
             _wait_keys(ep, KEYS.nodes("expert"), 1, timeout_s=15)
