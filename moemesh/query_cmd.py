@@ -56,6 +56,7 @@ def run_status(args: argparse.Namespace) -> int:
     except MeshError as exc:
         return _fail("status", exc)
     if args.json:
+        status["placement"] = {"version": int(status.get("placement_version", 0))}
         print(json.dumps(status))
         return 0
     print(f"placement version {status.get('placement_version', 0)}; leader {status.get('leader') or '-'}")
