@@ -1,0 +1,179 @@
+"""deploy/ renders offline, validates against the Kubernetes schemas, and runs real moemesh commands."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moemesh.cli import build_parser
+
+from .manifests import (COMPONENTS, KUBECTL, OVERLAYS, config_map, container_env, containers, docs,
+                        moemesh_argv, pod_specs, render_component_on_base, render_overlay)
+
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: deploy/ cannot be rendered")
+
+K8S_VERSION = "1.32.0"
+VALIDATE = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent)) or shutil.which(
+    "kubernetes-validate")
+ROLE_COMMANDS = {"router": "router", "attn": "attn-node", "expert": "expert-node"}
+PORT_VARS = {"router": "MOEMESH_ROUTER_PORT", "attn": "MOEMESH_ATTN_PORT", "expert": "MOEMESH_EXPERT_PORT"}
+RENDERS = [("overlay", name) for name in OVERLAYS] + [("component", name) for name in COMPONENTS]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[tuple[str, str], str]:
+    return {key: render_overlay(key[1]) if key[0] == "overlay" else render_component_on_base(key[1])
+            for key in RENDERS}
+
+
+def test_every_overlay_and_component_exists():
+    assert {"dev", "gpu"} <= set(OVERLAYS)
+    assert {"ratio-1-2", "ratio-1-4", "expert-pool-b"} <= set(COMPONENTS)
+
+
+@pytest.mark.parametrize("key", RENDERS, ids=[f"{k}-{n}" for k, n in RENDERS])
+def test_renders_and_validates_strict(rendered, key):
+    if VALIDATE is None:
+        pytest.skip("kubernetes-validate is not installed (pip install -e '.[test]')")
+    out = subprocess.run([VALIDATE, "--strict", "--quiet", "-k", K8S_VERSION, "-"], input=rendered[key],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"{key} does not validate:\n{out.stdout}\n{out.stderr}"
+
+
+@pytest.mark.parametrize("key", RENDERS, ids=[f"{k}-{n}" for k, n in RENDERS])
+def test_images_pinned(rendered, key):
+    for obj, c, _ in containers(docs(rendered[key])):
+        image = c["image"]
+        name, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
+        assert tag and tag != "latest" and "@" not in tag, f"{obj['metadata']['name']}/{c['name']}: {image} not pinned"
+        assert "/" in name, f"{image}: the image name was not set by kustomize"
+    if key[0] == "overlay":  # one moemesh build per overlay
+        tags = {c["image"] for _, c, _ in containers(docs(rendered[key])) if "moemesh/moemesh" in c["image"]}
+        assert len(tags) == 1, f"{key}: moemesh images {tags}"
+
+
+@pytest.mark.parametrize("key", RENDERS, ids=[f"{k}-{n}" for k, n in RENDERS])
+def test_moemesh_commands_parse(rendered, key):
+    """Every moemesh container's args are a real subcommand the CLI's own parser accepts."""
+    objs = docs(rendered[key])
+    seen = set()
+    parser = build_parser()
+    for obj, c, init in containers(objs):
+        env = container_env(c, objs, {"POD_NAME": "pod-0", "POD_NAMESPACE": "ns", "POD_IP": "10.0.0.1"})
+        argv = moemesh_argv(c, env)
+        if argv is None or not c["image"].split("/")[-1].startswith("moemesh"):
+            continue
+        assert "$(" not in " ".join(argv), f"{c['name']}: unresolved variable in {argv}"
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{obj['metadata']['name']}/{c['name']}: the CLI rejects {argv}")
+        seen.add(args.command)
+        role = obj["spec"]["template"]["metadata"]["labels"].get("moemesh.io/role")
+        if not init:
+            assert args.command == ROLE_COMMANDS[role], f"{role} pod runs {args.command}"
+    assert {"router", "attn-node", "expert-node"} <= seen
+
+
+@pytest.mark.parametrize("key", RENDERS, ids=[f"{k}-{n}" for k, n in RENDERS])
+def test_pod_conventions(rendered, key):
+    """Probes on the served port, matching metrics annotation, labels, security, resources, grace."""
+    objs = docs(rendered[key])
+    cm = config_map(objs)
+    for obj, spec in pod_specs(objs):
+        name = obj["metadata"]["name"]
+        meta = obj["spec"]["template"]["metadata"]
+        labels = meta["labels"]
+        for label in ("name", "instance", "component", "part-of", "version"):
+            assert f"app.kubernetes.io/{label}" in labels, f"{name}: no app.kubernetes.io/{label}"
+        role = labels["moemesh.io/role"]
+        ann = meta["annotations"]
+        assert ann["prometheus.io/scrape"] == "true"
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0
+        assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+        if role in ROLE_COMMANDS:
+            assert ann["prometheus.io/port"] == cm["MOEMESH_METRICS_PORT"]
+            port = int(cm[PORT_VARS[role]])
+            grace = spec["terminationGracePeriodSeconds"]
+            assert grace >= {"router": 30, "attn": 120, "expert": 60}[role], f"{name}: grace {grace}"
+        for _, c, init in containers([obj]):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert c["resources"]["requests"] and c["resources"]["limits"], f"{name}/{c['name']}: resources"
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            if init or role not in ROLE_COMMANDS:
+                continue
+            assert "/tmp" in mounts, f"{name}: read-only root needs a writable /tmp"
+            assert {p["containerPort"] for p in c["ports"]} == {port, int(cm["MOEMESH_METRICS_PORT"])}
+            probes = [c["readinessProbe"], c["livenessProbe"]] + ([c["startupProbe"]] if "startupProbe" in c else [])
+            tls = any(a.startswith("--tls-cert") for a in c["args"])
+            for probe in probes:
+                if tls:  # the kubelet's gRPC probe speaks no TLS: grpc_health_probe with the mesh cert
+                    cmd = probe["exec"]["command"]
+                    assert cmd[0] == "grpc_health_probe" and f"-addr=localhost:{port}" in cmd and "-tls" in cmd
+                else:
+                    assert probe["grpc"]["port"] == port, f"{name}: probe {probe}"
+            if tls:
+                assert "/etc/moemesh/tls" in mounts
+                secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
+                assert secrets == ["moemesh-tls"]
+
+
+def test_base_shape(rendered):
+    """etcd has 3 members with claims; router >= 2; HPAs on both pools; PDB per role; policies."""
+    objs = docs(rendered[("component", "ratio-1-2")])
+    by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
+    etcd = by[("StatefulSet", "moemesh-etcd")]
+    assert etcd["spec"]["replicas"] == 3 and etcd["spec"]["volumeClaimTemplates"]
+    args = " ".join(etcd["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert all(f"moemesh-etcd-{i}=http://moemesh-etcd-{i}.moemesh-etcd." in args for i in range(3))
+    image = etcd["spec"]["template"]["spec"]["containers"][0]["image"]
+    major, minor, patch = (int(x) for x in image.rsplit(":v", 1)[1].split("."))
+    assert image.startswith("quay.io/coreos/etcd:") and (major, minor) == (3, 5) and patch >= 6
+    assert by[("Deployment", "moemesh-router")]["spec"]["replicas"] >= 2
+    targets = {o["spec"]["scaleTargetRef"]["name"] for o in objs if o["kind"] == "HorizontalPodAutoscaler"}
+    assert {"moemesh-expert", "moemesh-attn"} <= targets
+    pdb_roles = {o["spec"]["selector"]["matchLabels"]["moemesh.io/role"] for o in objs
+                 if o["kind"] == "PodDisruptionBudget"}
+    assert pdb_roles == {"etcd", "router", "attn", "expert"}
+    assert sum(o["kind"] == "NetworkPolicy" for o in objs) >= 3
+
+
+def test_ratios(rendered):
+    for r in (2, 4):
+        by = {(o["kind"], o["metadata"]["name"]): o for o in docs(rendered[("component", f"ratio-1-{r}")])}
+        attn = by[("StatefulSet", "moemesh-attn")]["spec"]["replicas"]
+        assert by[("StatefulSet", "moemesh-expert")]["spec"]["replicas"] == r * attn
+
+
+def test_expert_pool_b_joins_the_same_mesh(rendered):
+    objs = docs(rendered[("component", "expert-pool-b")])
+    by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
+    a, b = by[("StatefulSet", "moemesh-expert")], by[("StatefulSet", "moemesh-expert-b")]
+    assert a["spec"]["selector"]["matchLabels"] != b["spec"]["selector"]["matchLabels"]
+    spec_b = b["spec"]["template"]["spec"]
+    assert spec_b["nodeSelector"] and spec_b["tolerations"]
+    env = {"POD_NAME": "p", "POD_NAMESPACE": "n"}
+    argv_a = moemesh_argv(a["spec"]["template"]["spec"]["containers"][0], container_env(
+        a["spec"]["template"]["spec"]["containers"][0], objs, env))
+    argv_b = moemesh_argv(spec_b["containers"][0], container_env(spec_b["containers"][0], objs, env))
+    pick = lambda argv, flag: [x for x in argv if x.startswith(flag)]  # noqa: E731
+    for flag in ("--cluster=", "--etcd=", "--model="):
+        assert pick(argv_a, flag) == pick(argv_b, flag)
+
+
+def test_gpu_overlay(rendered):
+    objs = docs(rendered[("overlay", "gpu")])
+    for obj, c, init in containers(objs):
+        role = obj["spec"]["template"]["metadata"]["labels"]["moemesh.io/role"]
+        if role in ("attn", "expert") and not init:
+            assert c["resources"]["limits"]["nvidia.com/gpu"]
+            assert c["image"].endswith("-cu128")
+        if role == "attn":
+            assert "--kernels=triton" in c["args"]
