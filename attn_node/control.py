@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from moemesh.cluster_view import ClusterView
 from moemesh.config import ModelConfig
 from moemesh.etcd import Keys, Registry
+from moemesh.health_port import start_health_port
 from moemesh.kernels.ops import select_ops
 from moemesh.logs import get_logger
 from moemesh.node_ids import advertise_address, default_node_id
@@ -40,7 +41,8 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
                           etcd: str | None = None, cluster: str = "default", static: Placement | None = None,
                           node_id: str | None = None, advertise: str | None = None, kernels: str = "auto",
                           dispatch_timeout_s: float = 30.0, drain_timeout_s: float = 60.0,
-                          max_pending: int = 256, tls: TLSFiles | None = None) -> None:
+                          max_pending: int = 256, tls: TLSFiles | None = None,
+                          health_port: int | None = None) -> None:
     cfg = ModelConfig.from_dir(model_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -52,6 +54,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     service = AttentionService(engine_loop, cfg, Tokenizer.from_dir(model_dir))
     server, bound, health = create_server(service, host, port, tls)
     await server.start()
+    health_server = await start_health_port(health, host, health_port)  # noqa: F841 (kept alive)
 
     async def set_health(status) -> None:
         for name in ("", SERVICE_NAME):

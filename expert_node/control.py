@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from moemesh.cluster_view import ClusterView
 from moemesh.config import ModelConfig
 from moemesh.etcd import Keys, Registry
+from moemesh.health_port import start_health_port
 from moemesh.logs import get_logger
 from moemesh.node_ids import advertise_address, default_node_id
 
@@ -31,7 +32,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, port: int, dtype, *,
                            node_id: str | None = None, slots: int | None = None, advertise: str | None = None,
-                           drain_timeout_s: float = 30.0, tls=None) -> None:
+                           drain_timeout_s: float = 30.0, tls=None, health_port: int | None = None) -> None:
     cfg = ModelConfig.from_dir(model_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -41,6 +42,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
     service = DispatchService(shard, cfg)
     server, bound, health = create_server(service, host, port, tls)
     await server.start()
+    health_server = await start_health_port(health, host, health_port)  # noqa: F841 (kept alive)
     for name in ("", SERVICE_NAME):
         await health.set(name, NOT_SERVING)
     node_id = node_id or default_node_id("expert", bound)

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from moemesh.config import ModelConfig
+from moemesh.health_port import start_health_port
 from moemesh.logs import get_logger
 from moemesh.placement import parse_expert_spec
 
@@ -22,7 +23,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_timeout_s: float = 30.0,
-                tls=None) -> None:
+                tls=None, health_port: int | None = None) -> None:
     cfg = ModelConfig.from_dir(model_dir)
     experts = parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)
     stop = asyncio.Event()
@@ -34,6 +35,7 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
     service = _LazyService()
     server, bound, health_servicer = create_server(service, host, port, tls)
     await server.start()
+    health_server = await start_health_port(health_servicer, host, health_port)  # noqa: F841 (kept alive)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, NOT_SERVING)
     log.info("loading_experts", layers=len(experts), experts=sum(len(v) for v in experts.values()), port=bound)

@@ -127,6 +127,9 @@ def _add_node_args(p: argparse.ArgumentParser, role: str) -> None:
 def _add_metrics_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None, metavar="P",
                    help="serve Prometheus metrics at http://0.0.0.0:P/metrics (default: off)")
+    p.add_argument("--health-port", type=int, default=None, metavar="P",
+                   help="also serve grpc.health.v1 alone, in plaintext, on P: for probes that cannot do (m)TLS, "
+                   "such as Kubernetes' native gRPC probes (default: off)")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -370,10 +373,11 @@ def _cmd_expert_node(args: argparse.Namespace) -> int:
 
         asyncio.run(serve_registered(args.model, args.etcd, args.cluster, args.host, args.port, dtype,
                                      node_id=args.node_id, slots=args.slots, advertise=args.advertise_host,
-                                     tls=tls))
+                                     tls=tls, health_port=args.health_port))
         return 0
     parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
-    asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype, tls=tls))
+    asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype, tls=tls,
+                      health_port=args.health_port))
     return 0
 
 
@@ -400,7 +404,7 @@ def _cmd_attn_node(args: argparse.Namespace) -> int:
         args.model, args.host, args.port, resolve_dtype(args.dtype, cfg), engine_config(args), etcd=args.etcd,
         cluster=args.cluster, static=static, node_id=args.node_id, advertise=args.advertise_host,
         kernels=args.kernels, dispatch_timeout_s=args.dispatch_timeout, max_pending=args.max_pending,
-        tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)))
+        tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca), health_port=args.health_port))
     return 0
 
 

@@ -92,7 +92,8 @@ def add_router_parser(subparsers) -> argparse.ArgumentParser:
 async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_id: str | None = None,
                        auth_token: str | None = None, tls: TLSFiles | None = None,
                        ready_cb: Callable[[int], object] | None = None, max_inflight: int = 512,
-                       ttl_s: float = 5.0, stop: asyncio.Event | None = None) -> None:
+                       ttl_s: float = 5.0, stop: asyncio.Event | None = None,
+                       health_port: int | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``ready_cb(port)`` once connected to etcd."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -104,7 +105,7 @@ async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
             pass
     router = Router(etcd, cluster, host, port, router_id=router_id, auth_token=auth_token, tls=tls,
-                    max_inflight=max_inflight, ttl_s=ttl_s)
+                    max_inflight=max_inflight, ttl_s=ttl_s, health_port=health_port)
     try:
         await router.start()
         waiter = asyncio.ensure_future(router.connected())
@@ -136,5 +137,6 @@ def run_router(args: argparse.Namespace) -> int:
 
     asyncio.run(serve_router(args.etcd, args.cluster, args.host, args.port, router_id=router_id,
                              auth_token=token, tls=tls, ready_cb=ready,
-                             max_inflight=getattr(args, "max_inflight", 512), ttl_s=getattr(args, "lease_ttl", 5.0)))
+                             max_inflight=getattr(args, "max_inflight", 512), ttl_s=getattr(args, "lease_ttl", 5.0),
+                             health_port=getattr(args, "health_port", None)))
     return 0

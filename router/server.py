@@ -22,6 +22,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moemesh.health_port import start_health_port
 from moemesh import metrics
 from moemesh.errors import InvalidRequestError, MoemeshError, ResourceExhaustedError
 from moemesh.etcd import Keys, Registry, RegistryError
@@ -330,6 +331,7 @@ class Router:
 
     def __init__(self, etcd: str, cluster: str = "default", host: str = "127.0.0.1", port: int = 0, *,
                  router_id: str | None = None, auth_token: str | None = None, tls: TLSFiles | None = None,
+                 health_port: int | None = None,
                  max_inflight: int = 512, ttl_s: float = 5.0, etcd_timeout_s: float = 3.0,
                  settle_s: float = 1.0, load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
                  call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0):
@@ -344,6 +346,7 @@ class Router:
         self.service = InferenceService(self.view, self.pool, max_inflight=max_inflight,
                                         call_timeout_s=call_timeout_s, generate_timeout_s=generate_timeout_s)
         self._tls, self._auth_token = tls, auth_token
+        self.health_port = health_port
         self.server = self.health = None
         self.port: int | None = None
         self.registry: Registry | None = None
@@ -359,6 +362,7 @@ class Router:
         self.server, self.port, self.health = create_server(
             self.service, self.host, self.requested_port, tls=self._tls, auth_token=self._auth_token)
         await self.server.start()
+        self.health_server = await start_health_port(self.health, self.host, self.health_port)
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, NOT_SERVING)
         log.info("router_listening", host=self.host, port=self.port, router_id=self.router_id,

@@ -97,7 +97,7 @@ def test_dev_overlay_serves_a_request(tmp_path):
                 env = container_env(c, objs, {"POD_NAME": pod, "POD_NAMESPACE": namespace, "POD_IP": "127.0.0.1"})
                 env.update({"MOEMESH_ETCD": etcd.endpoint, "MOEMESH_ROUTER_PORT": str(free_port()),
                             "MOEMESH_ATTN_PORT": str(free_port()), "MOEMESH_EXPERT_PORT": str(free_port()),
-                            "MOEMESH_METRICS_PORT": str(free_port())})
+                            "MOEMESH_METRICS_PORT": str(free_port()), "MOEMESH_HEALTH_PORT": str(free_port())})
                 argv = moemesh_argv(c, env)
                 assert argv is not None, f"{pod}/{c['name']} does not run the moemesh entrypoint"
                 assert not any(a.startswith("--tls") for a in argv), "dev has no TLS"

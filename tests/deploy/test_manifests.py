@@ -110,15 +110,14 @@ def test_pod_conventions(rendered, key):
             if init or role not in ROLE_COMMANDS:
                 continue
             assert "/tmp" in mounts, f"{name}: read-only root needs a writable /tmp"
-            assert {p["containerPort"] for p in c["ports"]} == {port, int(cm["MOEMESH_METRICS_PORT"])}
+            health = int(cm["MOEMESH_HEALTH_PORT"])
+            assert {p["containerPort"] for p in c["ports"]} == {port, int(cm["MOEMESH_METRICS_PORT"]), health}
+            assert "--health-port=$(MOEMESH_HEALTH_PORT)" in c["args"], f"{name}: no plaintext health port"
             probes = [c["readinessProbe"], c["livenessProbe"]] + ([c["startupProbe"]] if "startupProbe" in c else [])
             tls = any(a.startswith("--tls-cert") for a in c["args"])
             for probe in probes:
-                if tls:  # the kubelet's gRPC probe speaks no TLS: grpc_health_probe with the mesh cert
-                    cmd = probe["exec"]["command"]
-                    assert cmd[0] == "grpc_health_probe" and f"-addr=localhost:{port}" in cmd and "-tls" in cmd
-                else:
-                    assert probe["grpc"]["port"] == port, f"{name}: probe {probe}"
+                # Native kubelet gRPC probes speak no TLS: they check the plaintext health-only port.
+                assert probe["grpc"]["port"] == health and "exec" not in probe, f"{name}: probe {probe}"
             if tls:
                 assert "/etc/moemesh/tls" in mounts
                 secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]

@@ -1,0 +1,23 @@
+"""An optional plaintext port serving only grpc.health.v1, for probes that cannot speak (m)TLS.
+
+Kubernetes' native gRPC probes dial without TLS; when a role's service port is mTLS, they check
+this port instead. It shares the role's HealthServicer, so both ports report the same status.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from moemesh.tls import add_port
+
+
+async def start_health_port(health_servicer, host: str, port: int | None) -> grpc.aio.Server | None:
+    """Serve ``health_servicer`` alone on ``host:port`` (None: no health port)."""
+    if port is None:
+        return None
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_port(server, f"{host}:{port}", None)
+    await server.start()
+    return server
