@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_metrics_arg(add_router_parser(sub))
 
+    from moemesh.plan_cmd import add_plan_parser
+
+    add_plan_parser(sub)
+
     p = sub.add_parser("up", help="run the whole mesh on this machine: etcd, router, attention and expert nodes",
                        description="Start etcd (data in a temporary directory), the router, the expert nodes and the "
                        "attention nodes as separate processes on 127.0.0.1. Without --model, a tiny random demo "
@@ -324,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moemesh.router.main import run_router
 
             return run_router(args)
+        if args.command == "plan":
+            from moemesh.plan_cmd import run_plan
+
+            return run_plan(args)
         if args.command == "up":
             from moemesh.up import run_up
 
