@@ -16,48 +16,20 @@ import argparse
 import asyncio
 import inspect
 import json
-import math
 import signal
 import uuid
 from typing import Callable
 
 from moemesh.etcd import Keys, parse_endpoint
+from moemesh.argtypes import port as _port
+from moemesh.argtypes import positive_int as _positive_int
+from moemesh.argtypes import seconds_at_least
 from moemesh.logs import get_logger
 
 from .auth import TLSFiles, read_token_file
 from .server import Router
 
 log = get_logger("moemesh.router")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 0..65535 (0 picks a free port), got {value}")
-    return value
-
-
-def _ttl(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 2):
-        raise argparse.ArgumentTypeError(f"must be >= 2 seconds, got {text}")
-    return value
 
 
 def add_router_parser(subparsers) -> argparse.ArgumentParser:
@@ -83,7 +55,7 @@ def add_router_parser(subparsers) -> argparse.ArgumentParser:
                    help="PEM CA: require client certificates it signed (mTLS)")
     p.add_argument("--max-inflight", type=_positive_int, default=512,
                    help="Generate streams served at once; more are refused with RESOURCE_EXHAUSTED (default: 512)")
-    p.add_argument("--lease-ttl", type=_ttl, default=5.0,
+    p.add_argument("--lease-ttl", type=seconds_at_least(2), default=5.0,
                    help="etcd lease TTL in seconds: how soon another router takes over a dead leader (default: 5)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
