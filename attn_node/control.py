@@ -28,6 +28,7 @@ from moemesh.tokenizer import Tokenizer
 
 from .engine import Engine, EngineConfig
 from .engine_loop import EngineLoop
+from .load_stats import LoadStats
 from .loader import load_transformer
 from .remote_backend import RemoteExpertBackend
 from .service import SERVICE_NAME, AttentionService, create_server
@@ -49,9 +50,11 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     backend = SwitchableBackend()
-    model = await asyncio.to_thread(load_transformer, model_dir, cfg, backend, dtype, False, select_ops("cpu", kernels))
+    stats = LoadStats(cfg.moe_layers, cfg.n_routed_experts)
+    model = await asyncio.to_thread(load_transformer, model_dir, cfg, backend, dtype, False,
+                                    select_ops("cpu", kernels), stats)
     engine_loop = EngineLoop(Engine(model, cfg, engine_config), max_pending=max_pending).start()
-    service = AttentionService(engine_loop, cfg, Tokenizer.from_dir(model_dir))
+    service = AttentionService(engine_loop, cfg, Tokenizer.from_dir(model_dir), stats)
     server, bound, health = create_server(service, host, port, tls)
     await server.start()
     health_server = await start_health_port(health, host, health_port)  # noqa: F841 (kept alive)

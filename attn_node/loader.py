@@ -19,9 +19,10 @@ def load_transformer(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     ops: Ops | None = None,
+    stats=None,
 ) -> Transformer:
     """Every weight except the routed experts, renamed onto :class:`Transformer` and checked for completeness."""
-    model = Transformer(cfg, backend, dtype, ops)
+    model = Transformer(cfg, backend, dtype, ops, stats)
     ckpt = Checkpoint(model_dir, cfg)
     wanted = {n: hf_to_local_name(n) for n in ckpt.names() if attention_side(n)}
     if cfg.tie_word_embeddings:

@@ -290,10 +290,12 @@ class Gate(nn.Module):
 class MoE(nn.Module):
     """Gate + shared experts here; routed experts through the injected backend."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, backend: ExpertBackend, dtype: torch.dtype, ops: Ops):
+    def __init__(self, cfg: ModelConfig, layer_id: int, backend: ExpertBackend, dtype: torch.dtype, ops: Ops,
+                 stats=None):
         super().__init__()
         self.layer_id = layer_id
         self.gate = Gate(cfg, ops)
+        self.stats = stats  # optional LoadStats: routed tokens per expert, the placement planner's input
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype)
             if cfg.n_shared_experts
@@ -304,6 +306,8 @@ class MoE(nn.Module):
     def start(self, x: torch.Tensor):
         """Route and dispatch; compute the shared experts while the routed ones run elsewhere."""
         topk_idx, topk_weights = self.gate(x)  # [T, K], [T, K]
+        if self.stats is not None:
+            self.stats.add(self.layer_id, topk_idx)
         handle = self.backend.dispatch(self.layer_id, x, topk_idx, topk_weights)
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         return handle, shared
@@ -321,13 +325,14 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, backend: ExpertBackend, dtype: torch.dtype, ops: Ops):
+    def __init__(self, cfg: ModelConfig, layer_id: int, backend: ExpertBackend, dtype: torch.dtype, ops: Ops,
+                 stats=None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.attn = MLA(cfg, dtype, ops)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.ffn = (
-            MoE(cfg, layer_id, backend, dtype, ops)
+            MoE(cfg, layer_id, backend, dtype, ops, stats)
             if cfg.is_moe_layer(layer_id)
             else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
         )
@@ -351,13 +356,13 @@ class Transformer(nn.Module):
     """Embeddings, blocks, final norm and head. ``forward`` returns hidden states; ``logits`` projects."""
 
     def __init__(self, cfg: ModelConfig, backend: ExpertBackend, dtype: torch.dtype = torch.float32,
-                 ops: Ops | None = None):
+                 ops: Ops | None = None, stats=None):
         super().__init__()
         ops = ops or select_ops("cpu")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(cfg, i, backend, dtype, ops) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, backend, dtype, ops, stats) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype)
         self.rotary = Rotary(cfg)

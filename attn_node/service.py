@@ -27,6 +27,7 @@ from moemesh.tokenizer import Tokenizer
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 
 from .engine_loop import EngineLoop
+from .load_stats import LoadStats
 from .sequence import SamplingParams
 
 log = get_logger("moemesh.attn_node.service")
@@ -36,8 +37,8 @@ SERVICE_NAME = attention_pb2.DESCRIPTOR.services_by_name["AttentionNode"].full_n
 
 
 class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
-    def __init__(self, loop: EngineLoop, cfg: ModelConfig, tokenizer: Tokenizer | None):
-        self.loop, self.cfg, self.tokenizer = loop, cfg, tokenizer
+    def __init__(self, loop: EngineLoop, cfg: ModelConfig, tokenizer: Tokenizer | None, stats: LoadStats | None = None):
+        self.loop, self.cfg, self.tokenizer, self.stats = loop, cfg, tokenizer, stats
 
     def _prompt(self, request: inference_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
@@ -141,9 +142,12 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
 
     async def Load(self, request, context):
         blocks = self.loop.engine.blocks
+        loads = self.stats.snapshot() if self.stats is not None else {}
         return attention_pb2.LoadResponse(
             running=self.loop.num_running(), waiting=self.loop.num_waiting(),
-            cache_free_tokens=blocks.num_free * blocks.block_size, cache_total_tokens=blocks.capacity_tokens)
+            cache_free_tokens=blocks.num_free * blocks.block_size, cache_total_tokens=blocks.capacity_tokens,
+            expert_loads=[attention_pb2.LayerLoad(layer=layer, tokens=tokens) for layer, tokens in loads.items()],
+            window_seconds=self.stats.window_s if self.stats is not None else 0.0)
 
 
 def create_server(service: AttentionService, host: str = "127.0.0.1", port: int = 0, tls: TLSFiles | None = None):

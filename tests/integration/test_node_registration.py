@@ -18,7 +18,7 @@ from moemesh.etcd import Keys, Registry
 from moemesh.etcd_server import EtcdServer, free_port
 from moemesh.local import build_local
 from moemesh.tiny import write_tiny_checkpoint
-from moemesh.v1 import attention_pb2_grpc, inference_pb2
+from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 KEYS = Keys("default")
@@ -89,6 +89,11 @@ def test_nodes_register_follow_the_placement_and_serve(tmp_path):
             want = local.engine.generate([[0, 7, 9, 30]], SamplingParams(max_tokens=10, temperature=0.0,
                                                                           ignore_eos=True))[0].token_ids
             assert got == want
+            load = stub.Load(attention_pb2.LoadRequest(), timeout=10)
+            routed = {ll.layer: list(ll.tokens) for ll in load.expert_loads}
+            assert sorted(routed) == [1, 2] and load.window_seconds > 0
+            # every prompt and generated token that passed a MoE layer was routed to top-2 experts
+            assert all(sum(tokens) == 2 * (4 + 10 - 1) for tokens in routed.values()), routed
             scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
             assert 'moemesh_expert_tokens_total{expert="0",layer="1"}' in scraped
             assert 'moemesh_expert_messages_total{outcome="ok"}' in scraped
