@@ -301,48 +301,9 @@ class _Retry:
 
 
 class _ClientBase:
-    def __init__(
-        self,
-        address: str,
-        *,
-        timeout_s: float,
-        retries: int,
-        backoff_s: float,
-        token: str | None,
-        token_file: str | Path | None,
-        tls: bool,
-        ca_file: str | Path | None,
-        cert_file: str | Path | None,
-        key_file: str | Path | None,
-        server_name: str | None,
-        options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None,
-    ):
-        if not address:
-            raise ValueError("address must be HOST:PORT of a moemesh router")
-        self.address = address
-        self.timeout_s = _check_timeout(timeout_s)
-        self.retries = _uint("retries", retries)
-        if not backoff_s >= 0:
-            raise ValueError(f"backoff_s must be >= 0, got {backoff_s!r}")
-        self.backoff_s = float(backoff_s)
-        bearer = _read_token(token, token_file)
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {bearer}"),) if bearer else ()
-        self._credentials = _credentials(tls, ca_file, cert_file, key_file)
-        self._options = _channel_options(options, server_name, self._credentials is not None)
+    """Settings, credentials and the channel, shared by the sync and async clients (``_grpc`` differs)."""
 
-    def _retry(self, timeout_s: float | None) -> _Retry:
-        return _Retry(self.timeout_s if timeout_s is None else _check_timeout(timeout_s), self.retries, self.backoff_s)
-
-    def __repr__(self) -> str:
-        tls = "tls" if self._credentials is not None else "plaintext"
-        return f"{type(self).__name__}({self.address!r}, {tls}, timeout_s={self.timeout_s:g})"
-
-
-# ------------------------------------------------------------------------------------------------ sync client
-
-
-class MeshClient(_ClientBase):
-    """Blocking client. Thread-safe (one channel, shared); close it, or use it as a context manager."""
+    _grpc: Any = grpc  # grpc or grpc.aio: which channel the subclass opens
 
     def __init__(
         self,
@@ -360,16 +321,37 @@ class MeshClient(_ClientBase):
         server_name: str | None = None,
         options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
     ):
-        super().__init__(
-            address, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, token=token, token_file=token_file,
-            tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file, server_name=server_name,
-            options=options,
-        )  # fmt: skip
+        if not address:
+            raise ValueError("address must be HOST:PORT of a moemesh router")
+        self.address = address
+        self.timeout_s = _check_timeout(timeout_s)
+        self.retries = _uint("retries", retries)
+        if not backoff_s >= 0:
+            raise ValueError(f"backoff_s must be >= 0, got {backoff_s!r}")
+        self.backoff_s = float(backoff_s)
+        bearer = _read_token(token, token_file)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {bearer}"),) if bearer else ()
+        self._credentials = _credentials(tls, ca_file, cert_file, key_file)
+        self._options = _channel_options(options, server_name, self._credentials is not None)
         if self._credentials is None:
-            self._channel = grpc.insecure_channel(address, options=self._options)
+            self._channel = self._grpc.insecure_channel(address, options=self._options)
         else:
-            self._channel = grpc.secure_channel(address, self._credentials, options=self._options)
+            self._channel = self._grpc.secure_channel(address, self._credentials, options=self._options)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+
+    def _retry(self, timeout_s: float | None) -> _Retry:
+        return _Retry(self.timeout_s if timeout_s is None else _check_timeout(timeout_s), self.retries, self.backoff_s)
+
+    def __repr__(self) -> str:
+        tls = "tls" if self._credentials is not None else "plaintext"
+        return f"{type(self).__name__}({self.address!r}, {tls}, timeout_s={self.timeout_s:g})"
+
+
+# ------------------------------------------------------------------------------------------------ sync client
+
+
+class MeshClient(_ClientBase):
+    """Blocking client. Thread-safe (one channel, shared); close it, or use it as a context manager."""
 
     def close(self) -> None:
         self._channel.close()
@@ -496,32 +478,7 @@ class AsyncMeshClient(_ClientBase):
     """`grpc.aio` client with MeshClient's API: `await` the calls, `async for` over `stream(...)`.
     Create it inside the event loop that uses it; `await close()` or `async with`."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        timeout_s: float = 60.0,
-        retries: int = 3,
-        backoff_s: float = 0.2,
-        token: str | None = None,
-        token_file: str | Path | None = None,
-        tls: bool = False,
-        ca_file: str | Path | None = None,
-        cert_file: str | Path | None = None,
-        key_file: str | Path | None = None,
-        server_name: str | None = None,
-        options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
-    ):
-        super().__init__(
-            address, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, token=token, token_file=token_file,
-            tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file, server_name=server_name,
-            options=options,
-        )  # fmt: skip
-        if self._credentials is None:
-            self._channel = grpc.aio.insecure_channel(address, options=self._options)
-        else:
-            self._channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
-        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+    _grpc = grpc.aio
 
     async def close(self) -> None:
         await self._channel.close()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from moemesh.etcd import check_placement
+from moemesh.etcd_keys import check_placement
 
 Assignment = dict[int, dict[int, list[str]]]  # MoE layer -> expert id -> node ids (primary first)
 
