@@ -36,6 +36,8 @@ from moemesh.tls import TLSFiles
 from moemesh.tls import channel as tls_channel
 from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc
 
+from .replica_routes import ExpertsUnavailable, ReplicaRoutes
+
 log = get_logger("moemesh.attn_node.remote")
 
 CHANNEL_OPTIONS = [
@@ -47,8 +49,6 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class ExpertsUnavailable(ExpertBackendError):
-    """No live replica hosts some routed experts; maps to gRPC UNAVAILABLE."""
 
 
 class NodeFailure(Exception):
@@ -162,33 +162,14 @@ class RemoteExpertBackend(ExpertBackend):
         except BaseException:
             self.close()  # no half-open mesh: channels and reader threads of the nodes reached so far
             raise
-        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.routes = ReplicaRoutes(cfg.moe_layers, cfg.n_routed_experts, placement)
         self._rebuild_tables()
 
-    # ---- replica tables -------------------------------------------------
     def _rebuild_tables(self) -> None:
-        """Per layer: [E, max_replicas] live node ids (-1 pad) and [E] live replica counts."""
-        alive = {n for n, link in enumerate(self.links) if link.failure is None}
-        for layer in self.cfg.moe_layers:
-            live = [[n for n in self.placement.replicas.get((layer, e), ()) if n in alive]
-                    for e in range(self.cfg.n_routed_experts)]
-            width = max(1, max(len(r) for r in live))
-            table = torch.full((self.cfg.n_routed_experts, width), -1, dtype=torch.int64)
-            for e, nodes in enumerate(live):
-                table[e, : len(nodes)] = torch.tensor(nodes, dtype=torch.int64)
-            self._tables[layer] = (table, torch.tensor([len(r) for r in live], dtype=torch.int64))
+        self.routes.rebuild({n for n, link in enumerate(self.links) if link.failure is None})
 
     def _assign(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
-        """[T, K] expert ids (-1 = none) -> [T, K] node ids; replicas take alternate rows."""
-        table, counts = self._tables[layer]
-        safe = idx.clamp(min=0)
-        n = counts[safe]  # [T, K]
-        if bool(((n == 0) & (idx >= 0)).any()):
-            lost = sorted(set(idx[(n == 0) & (idx >= 0)].tolist()))
-            raise ExpertsUnavailable(f"no live expert node hosts {describe_missing({layer: lost})}")
-        rows = torch.arange(idx.shape[0]).unsqueeze(1)  # [T, 1]
-        nodes = table[safe, rows % n.clamp(min=1)]  # [T, K]
-        return torch.where(idx >= 0, nodes, -1)
+        return self.routes.assign(layer, idx)
 
     # ---- the backend interface -----------------------------------------
     def dispatch(self, layer_id: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):

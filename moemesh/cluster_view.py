@@ -66,4 +66,9 @@ class ClusterView:
             for layer, experts in self.placement["layers"].items()
             for expert, nodes in experts.items()
         }
-        return Placement(tuple(r["address"] for r in records), replicas, self.placement_version)
+        shares = {
+            (int(layer), int(expert)): tuple(float(f) for f in fractions)
+            for layer, experts in (self.placement.get("shares") or {}).items()
+            for expert, fractions in experts.items()
+        }
+        return Placement(tuple(r["address"] for r in records), replicas, self.placement_version, shares)

@@ -93,7 +93,12 @@ def check_node_record(record: dict) -> dict:
 
 
 def check_placement(placement: dict) -> dict:
-    """Validate a placement ``{"version": int, "layers": {layer: {expert: [node ids]}}}``."""
+    """Validate a placement ``{"version": int, "layers": {layer: {expert: [node ids]}}}``.
+
+    Optional: ``"shares"`` (same keys as ``layers``; per replica the fraction of the expert's tokens it
+    takes; equal shares when absent) and ``"stats"`` (what the planner expected: balancedness per layer,
+    node loads, replicas moved; shown by ``moemesh status``).
+    """
     if not isinstance(placement, dict):
         raise ValueError(f"placement must be a dict, got {type(placement).__name__}")
     version = placement.get("version")
@@ -109,8 +114,28 @@ def check_placement(placement: dict) -> dict:
             if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
                 raise ValueError(f"placement layer {layer!r} expert {expert!r}: node ids must be a list of "
                                  f"strings, got {nodes!r}")
+    shares = placement.get("shares")
+    if shares is not None:
+        _check_shares(layers, shares)
     json.dumps(placement)
     return placement
+
+
+def _check_shares(layers: dict, shares: object) -> None:
+    """``shares[layer][expert]``: one fraction >= 0 per node of ``layers[layer][expert]``, summing to 1."""
+    if not isinstance(shares, dict):
+        raise ValueError(f"placement shares must be {{layer: {{expert: [fractions]}}}}, got {shares!r}")
+    for layer, experts in shares.items():
+        if layer not in layers or not isinstance(experts, dict):
+            raise ValueError(f"placement shares name layer {layer!r}, which is not placed")
+        for expert, fractions in experts.items():
+            nodes = layers[layer].get(expert)
+            ok = (isinstance(fractions, list) and nodes is not None and len(fractions) == len(nodes)
+                  and all(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 0 for f in fractions)
+                  and abs(sum(fractions) - 1.0) < 1e-6)
+            if not ok:
+                raise ValueError(f"placement shares of layer {layer!r} expert {expert!r} must be one fraction "
+                                 f">= 0 per replica node {nodes!r}, summing to 1; got {fractions!r}")
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:

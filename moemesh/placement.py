@@ -102,6 +102,12 @@ class Placement:
     nodes: tuple[str, ...]
     replicas: dict[tuple[int, int], tuple[int, ...]] = field(hash=False)
     version: int = 0
+    # Fraction of a logical expert's tokens each replica takes (aligned with ``replicas``); missing = equal.
+    shares: dict[tuple[int, int], tuple[float, ...]] = field(default_factory=dict, hash=False)
+
+    def share_of(self, key: tuple[int, int]) -> tuple[float, ...]:
+        nodes = self.replicas.get(key, ())
+        return self.shares.get(key) or tuple(1.0 / len(nodes) for _ in nodes)
 
     @classmethod
     def from_hosted(cls, hosted: list[tuple[str, dict[int, list[int]]]], version: int = 0) -> "Placement":

@@ -27,7 +27,8 @@ Algorithm, per layer:
 4. The plan without redundant replicas is computed too; the replicated plan is used unless it is worse
    (so replication is never worse than none).
 
-With a previous placement, its replicas are kept and only their shares are re-balanced (step 3), unless the fresh
+With a previous placement (experts whose nodes all left are first put into free slots), its replicas are kept and
+only their shares are re-balanced (step 3), unless the fresh
 plan's balancedness exceeds the kept one's by more than ``min_gain`` (default 0.02, in balancedness units): moving
 weights is the expensive part, shares are free. A fresh plan replacing a previous one has its nodes relabelled to
 overlap the previous placement as much as possible (nodes are interchangeable in a fresh plan), so it moves as
@@ -187,8 +188,6 @@ def _check_previous(previous: Sequence[Sequence[Sequence[int]]], n_layers: int, 
         per_node = [0] * n_nodes
         holders = []
         for e, nodes in enumerate(layer):
-            if not nodes:
-                raise PlanError(f"previous placement: layer {l} expert {e} has no replica")
             if len(set(nodes)) != len(nodes):
                 raise PlanError(f"previous placement: layer {l} expert {e} is twice on one node")
             for n in nodes:
@@ -327,22 +326,48 @@ def _moved(holders: Holders, previous: Holders | None) -> int:
     return sum(1 for nodes, prev in zip(holders, previous) for n in nodes if n not in prev)
 
 
+def _repair(loads: Sequence[float], previous: Holders, n_nodes: int, slots_per_node: int) -> Holders | None:
+    """Place the experts that lost every replica (their nodes left) into free slots, hottest first onto the
+    least loaded node; None when there is no room (then only a fresh plan fits)."""
+    held: list[set[int]] = [set() for _ in range(n_nodes)]
+    node_load = [0.0] * n_nodes
+    for e, nodes in enumerate(previous):
+        for n in nodes:
+            held[n].add(e)
+            node_load[n] += loads[e] / len(nodes)
+    out = [tuple(nodes) for nodes in previous]
+    for e in sorted((e for e, nodes in enumerate(previous) if not nodes), key=lambda e: (-loads[e], e)):
+        free = [n for n in range(n_nodes) if len(held[n]) < slots_per_node]
+        if not free:
+            return None
+        node = min(free, key=lambda n: (node_load[n], n))
+        held[node].add(e)
+        node_load[node] += loads[e]
+        out[e] = (node,)
+    return tuple(out)
+
+
 def _plan_layer(loads: Sequence[float], n_nodes: int, slots_per_node: int, previous: Holders | None,
-                min_gain: float) -> LayerPlan:
-    fresh = _pack(loads, _replica_counts(loads, n_nodes, slots_per_node), n_nodes, slots_per_node)
+                min_gain: float, replicate: bool = True) -> LayerPlan:
+    fresh = _pack(loads, [1] * len(loads), n_nodes, slots_per_node)
     result = _evaluate(loads, fresh, n_nodes)
-    plain = _pack(loads, [1] * len(loads), n_nodes, slots_per_node)
-    plain_result = _evaluate(loads, plain, n_nodes)
-    if plain_result[2] > result[2]:
-        fresh, result = plain, plain_result
+    if replicate:
+        replicated = _pack(loads, _replica_counts(loads, n_nodes, slots_per_node), n_nodes, slots_per_node)
+        replicated_result = _evaluate(loads, replicated, n_nodes)
+        if replicated_result[2] >= result[2]:
+            fresh, result = replicated, replicated_result
     holders, kept = fresh, False
-    if previous is not None:
-        keep_result = _evaluate(loads, previous, n_nodes)
+    keep = None if previous is None else _repair(loads, previous, n_nodes, slots_per_node)
+    if previous is not None and keep is None:
+        holders = _relabel(fresh, previous, n_nodes)
+        result = _evaluate(loads, holders, n_nodes)
+    elif keep is not None:
+        keep_result = _evaluate(loads, keep, n_nodes)
         if result[2] - keep_result[2] > min_gain:
             holders = _relabel(fresh, previous, n_nodes)
             result = _evaluate(loads, holders, n_nodes)
         else:
-            holders, result, kept = previous, keep_result, True
+            holders, result, kept = keep, keep_result, True
     shares, node_load, balancedness = result
     replicas = tuple(tuple(Replica(n, s) for n, s in zip(nodes, sh)) for nodes, sh in zip(holders, shares))
     return LayerPlan(replicas, tuple(node_load), balancedness, _moved(holders, previous), kept)
@@ -350,12 +375,13 @@ def _plan_layer(loads: Sequence[float], n_nodes: int, slots_per_node: int, previ
 
 def plan_placement(loads: Sequence[Sequence[float]], n_nodes: int, slots_per_node: int,
                    previous: Sequence[Sequence[Sequence[int]]] | None = None,
-                   min_gain: float = DEFAULT_MIN_GAIN) -> Plan:
+                   min_gain: float = DEFAULT_MIN_GAIN, replicate: bool = True) -> Plan:
     """Place every (layer, expert) on ``n_nodes`` nodes of ``slots_per_node`` slots each.
 
     ``loads[l][e]``: tokens routed to expert e of layer l (>= 0). ``previous[l][e]``: the nodes that held expert e
     of layer l (e.g. from :func:`previous_from_json`); kept unless a fresh plan is more than ``min_gain`` more
-    balanced. Raises PlanError on bad input.
+    balanced. An expert with no node in ``previous`` (its nodes left) is put into a free slot; the rest stay.
+    ``replicate=False``: one replica per expert (spare slots stay empty). Raises PlanError on bad input.
     """
     loads = check_loads([list(layer) for layer in loads])
     _check_shape(len(loads[0]), n_nodes, slots_per_node)
@@ -363,5 +389,6 @@ def plan_placement(loads: Sequence[Sequence[float]], n_nodes: int, slots_per_nod
         raise PlanError(f"min gain must be a finite number >= 0, got {min_gain!r}")
     prev = (_check_previous(previous, len(loads), len(loads[0]), n_nodes, slots_per_node)
             if previous is not None else [None] * len(loads))
-    layers = tuple(_plan_layer(layer, n_nodes, slots_per_node, p, min_gain) for layer, p in zip(loads, prev))
+    layers = tuple(_plan_layer(layer, n_nodes, slots_per_node, p, min_gain, replicate)
+                   for layer, p in zip(loads, prev))
     return Plan(n_nodes, slots_per_node, layers)

@@ -195,7 +195,6 @@ def test_bad_input(args, message):
     ([[[0], [1], [1]]], "has 3 experts"),
     ([[[0], [2]]], "outside 0..1"),
     ([[[0, 0], [1]]], "twice on one node"),
-    ([[[0], []]], "has no replica"),
     ([[[0, 1], [0, 1]]], "more than 1 slots"),
 ])
 def test_bad_previous(previous, message):
@@ -212,3 +211,25 @@ def test_bad_previous(previous, message):
 def test_bad_previous_json(data, message):
     with pytest.raises(PlanError, match=message):
         previous_from_json(data)
+
+
+def test_orphans_of_a_lost_node_go_to_free_slots_and_the_rest_stays():
+    # 3 nodes x 2 slots; node 2 left: experts 2 and 3 lost their only replica
+    previous = [[[0], [1], [], [], [0, 1]]]
+    plan = plan_placement([[4, 4, 3, 1, 2]], 3, 2, previous, min_gain=1.0)
+    nodes = [[r.node for r in reps] for reps in plan.layers[0].replicas]
+    assert nodes[:2] == [[0], [1]] and nodes[4] == [0, 1]  # kept where they were
+    assert sorted(nodes[2] + nodes[3]) == [2, 2]  # the hotter orphan first, both onto the empty node 2
+    assert plan.layers[0].kept_previous and plan.moved == 2
+
+
+def test_orphans_without_free_slots_get_a_fresh_plan():
+    # 2 nodes x 2 slots, both full with replicas of experts 0 and 1: expert 2 has nowhere to go
+    plan = plan_placement([[1, 1, 1]], 2, 2, [[[0, 1], [0, 1], []]], min_gain=1.0)
+    assert all(reps for reps in plan.layers[0].replicas) and not plan.layers[0].kept_previous
+
+
+def test_replicate_false_keeps_one_replica_per_expert():
+    plan = plan_placement([[30, 1, 1, 1]], 2, 4, replicate=False)
+    assert [len(reps) for reps in plan.layers[0].replicas] == [1, 1, 1, 1]
+    assert len(plan_placement([[30, 1, 1, 1]], 2, 4).layers[0].replicas[0]) == 2
