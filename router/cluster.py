@@ -4,10 +4,22 @@ Every router replica watches ``/moemesh/<cluster>/`` (node records, the leader k
 into a :class:`ClusterView`, which the Inference service reads without touching etcd. Every replica
 campaigns for the leader key every TTL/2; the leader alone writes placement, with compare-and-swap.
 
-The leader writes a placement (``spread_experts`` over the expert nodes present) when there is no
-valid one: none yet, one that does not cover the model's experts, or one that names an expert node
-that is gone or draining. It waits until the set of expert nodes has been stable for ``settle_s``
-first, so nodes starting together are spread over together.
+The leader plans placement (``router/planner.py``) over the live expert nodes: not draining, and not
+``down`` by its health watch (``router/expert_health.py``, which notices a killed node long before
+its lease expires). It re-plans
+
+* at once when the placement cannot serve: none yet, an expert without a live replica, a replica on a
+  node that died or is draining (kept replicas stay where they are; orphans go to free slots);
+* when expert nodes joined (after ``settle_s`` without further joins, so nodes starting together are
+  planned over together): sticky to the previous placement, but the newcomers take load;
+* every ``rebalance_interval_s``, on the routed-token counts the attention nodes report (their Load
+  RPC): published only when replicas move (the fresh plan beats keeping by ``min_gain``) or shares
+  change by more than ``placement_state.SHARE_CHANGE``, and not while attention nodes are still
+  switching to the last version.
+
+Applying a version without pausing service is the nodes' part: expert nodes load what is new and keep
+what they lose until every attention node serves the new version; attention nodes switch between steps
+once every expert node holds its share (``moemesh/cluster_view.py``).
 
 What expert node records must carry for this (``capacity``)::
 
@@ -22,12 +34,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from moemesh.etcd import Registry, RegistryError, WatchEvent
 from moemesh.logs import get_logger
 
-from .spread import SpreadError, placement_dict, placement_problem, spread_experts
+from .expert_health import ExpertHealth
+from .placement_state import (loads_matrix, placement_problem, placement_record, planned_nodes, previous_holders,
+                              publish_reason)
+from .planner import DEFAULT_MIN_GAIN, PlanError, plan_placement
 
 log = get_logger("moemesh.router.cluster")
 
@@ -43,6 +60,7 @@ class ClusterView:
         self.synced = False  # True once a snapshot of etcd has been applied
         self.experts_changed = asyncio.Event()
         self.experts_changed_at = time.monotonic()
+        self.experts_joined_at = time.monotonic()  # a new expert node id appeared (plans wait settle_s after)
 
     def apply(self, kind: str, key: str, value: Any) -> None:
         """Apply one put/delete (from a watch or a listing) to the view."""
@@ -56,6 +74,8 @@ class ClusterView:
         if parsed is None:
             return
         before = self.nodes.get(parsed)
+        if parsed[0] == "expert" and before is None and kind == "put":
+            self.experts_joined_at = time.monotonic()
         if kind == "put" and isinstance(value, dict):
             self.nodes[parsed] = {**value, "id": parsed[1], "role": parsed[0]}
         else:
@@ -104,20 +124,40 @@ def min_slots(experts: list[dict]) -> int | None:
     return min(slots) if slots else None
 
 
+@dataclass(frozen=True)
+class PlacementPolicy:
+    """How the leader plans (router flags of the same names)."""
+
+    settle_s: float = 1.0  # wait this long after the last expert node joined before planning over it
+    rebalance_interval_s: float = 30.0  # re-plan on measured loads this often; 0 = only on membership changes
+    min_gain: float = DEFAULT_MIN_GAIN  # balancedness gain that justifies moving replicas on a periodic re-plan
+    replicate: bool = True  # spare slots take replicas of hot experts
+
+
+LoadsFetcher = Callable[[], Awaitable[tuple[dict[int, list[float]], int]]]  # -> ({layer: tokens per expert}, nodes)
+
+
+async def _no_loads() -> tuple[dict[int, list[float]], int]:
+    return {}, 0
+
+
 class ControlPlane:
-    """Keeps a ClusterView current, campaigns for leadership, and (as leader) writes placement."""
+    """Keeps a ClusterView current, campaigns for leadership, and (as leader) plans and writes placement."""
 
     def __init__(self, registry: Registry, router_id: str, view: ClusterView, *,
-                 campaign_interval_s: float | None = None, settle_s: float = 1.0):
+                 campaign_interval_s: float | None = None, policy: PlacementPolicy | None = None, fetch_loads: LoadsFetcher | None = None, tls=None):
         self.registry = registry
         self.keys = registry.keys
         self.router_id = router_id
         self.view = view
         self.campaign_interval_s = campaign_interval_s or max(0.2, registry.ttl_s / 2)
-        self.settle_s = settle_s
+        self.policy = policy = policy or PlacementPolicy()
+        self.fetch_loads = fetch_loads or _no_loads
+        self.health = ExpertHealth(self.view.experts_changed.set, tls)
         self.is_leader = False
         self.placements_written = 0
         self._last_problem: str | None = None
+        self._next_rebalance = time.monotonic() + policy.rebalance_interval_s
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
 
@@ -142,6 +182,7 @@ class ControlPlane:
             except BaseException:
                 pass
         self._tasks = []
+        await self.health.close()
 
     # ---- the watch ---------------------------------------------------------------
     async def _watch(self) -> None:
@@ -173,7 +214,9 @@ class ControlPlane:
                 log.info("router_leadership", leader=leader, router_id=self.router_id)
                 self.is_leader = leader
                 self._last_problem = None
+                self._next_rebalance = time.monotonic() + self.policy.rebalance_interval_s
             if leader:
+                self.health.sync(self.view.records("expert"))
                 try:
                     wait_s = min(wait_s, await self._reconcile())
                 except RegistryError as exc:
@@ -191,14 +234,21 @@ class ControlPlane:
             log.warning("router_placement_blocked", reason=problem, **fields)
         self._last_problem = problem
 
+    def live_experts(self) -> list[dict]:
+        """Expert nodes a placement may use: registered, not draining, not down by the health watch."""
+        return [r for r in self.view.records("expert")
+                if r.get("status") != "draining" and r["id"] not in self.health.down]
+
+    def _attention_behind(self, version: int) -> list[str]:
+        """Attention nodes still serving an older placement version than ``version``."""
+        return [r["id"] for r in self.view.records("attn") if r.get("status") in ("ready", "draining")
+                and isinstance(r.get("placement_version"), int) and r["placement_version"] < version]
+
     async def _reconcile(self) -> float:
-        """As leader: write a placement if the current one is not valid. Returns seconds until next look."""
-        experts = [r for r in self.view.records("expert") if r.get("status") != "draining"]
+        """As leader: re-plan when needed and write the placement. Returns seconds until the next look."""
+        experts = self.live_experts()
         if not experts:
             return self.campaign_interval_s
-        settle_left = self.view.experts_changed_at + self.settle_s - time.monotonic()
-        if settle_left > 0:
-            return settle_left
         shape = model_shape(experts)
         if isinstance(shape, str):
             self._note(shape)
@@ -208,27 +258,77 @@ class ControlPlane:
         entry = await self.registry.get_entry(self.keys.placement())
         current = None if entry is None else entry.value
         problem = placement_problem(current, moe_layers, n_experts, node_ids)
-        if problem is None:
+        joined = sorted(set(node_ids) - planned_nodes(current)) if problem is None else []
+        now = time.monotonic()
+        if problem is not None and current is None:
+            settle_left = self.view.experts_joined_at + self.policy.settle_s - now
+            if settle_left > 0:  # nodes starting together are planned over together
+                return settle_left
+            reason, min_gain = problem, self.policy.min_gain
+        elif problem is not None:  # a node died or drains: at once
+            reason, min_gain = problem, self.policy.min_gain
+        elif joined:
+            settle_left = self.view.experts_joined_at + self.policy.settle_s - now
+            if settle_left > 0:
+                return settle_left
+            reason, min_gain = f"expert nodes joined: {', '.join(joined)}", 0.0
+        elif self.policy.rebalance_interval_s > 0 and now >= self._next_rebalance:
+            self._next_rebalance = now + self.policy.rebalance_interval_s
+            behind = self._attention_behind(_version_of(current))
+            if behind:
+                log.info("router_rebalance_deferred", reason="attention nodes still switching", nodes=behind)
+                return min(self.campaign_interval_s, self.policy.rebalance_interval_s)
+            reason, min_gain = "periodic rebalance", self.policy.min_gain
+        else:
             self._last_problem = None
-            return self.campaign_interval_s
-        slots = min_slots(experts)
+            wait = self.campaign_interval_s
+            if self.policy.rebalance_interval_s > 0:
+                wait = min(wait, max(0.05, self._next_rebalance - now))
+            return wait
+        observed, reporting = await self.fetch_loads()
+        loads = loads_matrix(observed, moe_layers, n_experts)
+        slots = min_slots(experts) or n_experts
+        previous = previous_holders(current, moe_layers, n_experts, node_ids)
         try:
-            assignment = spread_experts(list(moe_layers), n_experts, node_ids, slots)
-        except SpreadError as exc:
-            self._note(str(exc))
+            plan = self._plan(loads, len(node_ids), min(slots, n_experts), previous, min_gain)
+        except PlanError as exc:
+            self._note(str(exc), nodes=node_ids, slots=slots)
             return self.campaign_interval_s
-        old = current.get("version") if isinstance(current, dict) else None
-        version = (old if isinstance(old, int) and not isinstance(old, bool) and old >= 0 else 0) + 1
-        placement = placement_dict(version, assignment)
+        version = _version_of(current) + 1
+        window = int(sum(sum(row) for row in observed.values()))
+        placement = placement_record(plan, version, moe_layers, node_ids, reason, window)
+        if problem is None and not joined:
+            why = publish_reason(current, placement)
+            if why is None:
+                log.info("router_rebalance_skipped", balancedness=min(plan.layers[i].balancedness
+                                                                      for i in range(len(plan.layers))),
+                         attention_nodes_reporting=reporting)
+                return self.campaign_interval_s
+            placement["stats"]["reason"] = reason = f"{reason}: {why}"
         written = await self.registry.put_if_version(self.keys.placement(), placement,
                                                      0 if entry is None else entry.mod_revision)
-        if written:
-            self.placements_written += 1
-            self._last_problem = None
-            replicas = sum(len(ids) for ids in assignment[moe_layers[0]].values())
-            log.info("router_placement_written", version=version, reason=problem, nodes=node_ids,
-                     moe_layers=len(moe_layers), experts=n_experts, slots=slots, replicas_per_layer=replicas)
-        else:
+        if not written:
             log.info("router_placement_raced", version=version, note="placement changed under us; looking again")
             return 0.05
+        self.placements_written += 1
+        self._last_problem = None
+        log.info("router_placement_written", version=version, reason=reason, nodes=node_ids,
+                 moe_layers=len(moe_layers), experts=n_experts, slots=slots, moved=plan.moved,
+                 balancedness=round(min(lp.balancedness for lp in plan.layers), 4), window_tokens=window,
+                 attention_nodes_reporting=reporting)
         return self.campaign_interval_s
+
+
+    def _plan(self, loads, n_nodes: int, slots: int, previous, min_gain: float):
+        """Plan sticky to ``previous``; afresh when the previous placement does not fit (e.g. fewer slots now)."""
+        if previous is not None:
+            try:
+                return plan_placement(loads, n_nodes, slots, previous, min_gain, self.policy.replicate)
+            except PlanError as exc:
+                log.info("router_previous_placement_unusable", error=str(exc))
+        return plan_placement(loads, n_nodes, slots, None, min_gain, self.policy.replicate)
+
+
+def _version_of(placement: object) -> int:
+    version = placement.get("version") if isinstance(placement, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) and version >= 0 else 0

@@ -4,7 +4,8 @@ The CLI adds the subcommand with :func:`add_router_parser` and runs it with :fun
 
     moemesh router --etcd HOST:PORT [--cluster NAME] [--host H] [--port P] [--router-id ID]
                    [--auth-token-file F] [--tls-cert F --tls-key F [--tls-ca F]] [--max-inflight N]
-                   [--lease-ttl S] [--log-level L]
+                   [--lease-ttl S] [--rebalance-interval S] [--min-gain G] [--no-replicas]
+                   [--settle S] [--log-level L]
 
 Prints ``{"event": "ready", "port": P, "router_id": ID}`` on stdout once connected to etcd
 (gRPC health SERVING). Bad flags raise ValueError / MoemeshError / OSError with one-line messages.
@@ -27,6 +28,7 @@ from moemesh.argtypes import seconds_at_least
 from moemesh.logs import get_logger
 
 from .auth import TLSFiles, read_token_file
+from .cluster import PlacementPolicy
 from .server import Router
 
 log = get_logger("moemesh.router")
@@ -57,6 +59,17 @@ def add_router_parser(subparsers) -> argparse.ArgumentParser:
                    help="Generate streams served at once; more are refused with RESOURCE_EXHAUSTED (default: 512)")
     p.add_argument("--lease-ttl", type=seconds_at_least(2), default=5.0,
                    help="etcd lease TTL in seconds: how soon another router takes over a dead leader (default: 5)")
+    g = p.add_argument_group("expert placement (done by the leader)")
+    g.add_argument("--rebalance-interval", type=seconds_at_least(0), default=30.0, metavar="S",
+                   help="re-plan expert placement every S seconds on the routed-token counts the attention nodes "
+                   "report (their last 60 s); 0 = only when expert nodes join, leave or die (default: 30)")
+    g.add_argument("--min-gain", type=seconds_at_least(0), default=0.02, metavar="G",
+                   help="a periodic re-plan moves expert weights only if balancedness (mean / max node load per "
+                   "layer) improves by more than G; otherwise it only re-balances replicas' shares (default: 0.02)")
+    g.add_argument("--no-replicas", action="store_true",
+                   help="one replica per expert: leave spare expert slots empty instead of replicating hot experts")
+    g.add_argument("--settle", type=seconds_at_least(0), default=1.0, metavar="S",
+                   help="after an expert node joins, wait S seconds for others before planning (default: 1)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -65,7 +78,7 @@ async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_
                        auth_token: str | None = None, tls: TLSFiles | None = None,
                        ready_cb: Callable[[int], object] | None = None, max_inflight: int = 512,
                        ttl_s: float = 5.0, stop: asyncio.Event | None = None,
-                       health_port: int | None = None) -> None:
+                       health_port: int | None = None, policy: PlacementPolicy | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``ready_cb(port)`` once connected to etcd."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -77,7 +90,7 @@ async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
             pass
     router = Router(etcd, cluster, host, port, router_id=router_id, auth_token=auth_token, tls=tls,
-                    max_inflight=max_inflight, ttl_s=ttl_s, health_port=health_port)
+                    max_inflight=max_inflight, ttl_s=ttl_s, health_port=health_port, policy=policy)
     try:
         await router.start()
         waiter = asyncio.ensure_future(router.connected())
@@ -96,6 +109,14 @@ async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_
             loop.remove_signal_handler(sig)
 
 
+def _policy(args: argparse.Namespace) -> PlacementPolicy:
+    default = PlacementPolicy()
+    return PlacementPolicy(settle_s=getattr(args, "settle", default.settle_s),
+                           rebalance_interval_s=getattr(args, "rebalance_interval", default.rebalance_interval_s),
+                           min_gain=getattr(args, "min_gain", default.min_gain),
+                           replicate=not getattr(args, "no_replicas", False))
+
+
 def run_router(args: argparse.Namespace) -> int:
     """Run ``moemesh router`` from parsed flags (see :func:`add_router_parser`); returns the exit code."""
     parse_endpoint(args.etcd)  # ValueError naming the flag's format
@@ -110,5 +131,5 @@ def run_router(args: argparse.Namespace) -> int:
     asyncio.run(serve_router(args.etcd, args.cluster, args.host, args.port, router_id=router_id,
                              auth_token=token, tls=tls, ready_cb=ready,
                              max_inflight=getattr(args, "max_inflight", 512), ttl_s=getattr(args, "lease_ttl", 5.0),
-                             health_port=getattr(args, "health_port", None)))
+                             health_port=getattr(args, "health_port", None), policy=_policy(args)))
     return 0

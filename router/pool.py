@@ -116,6 +116,25 @@ class AttentionPool:
         by_id = {r["id"]: r for r in records}
         return [(by_id[load.node_id], load) for load in rank_nodes([self._with_streams(x) for x in loads])]
 
+    async def expert_loads(self) -> tuple[dict[int, list[float]], int]:
+        """Routed tokens per (MoE layer, expert) over the attention nodes' windows, summed; and how many answered."""
+        records = self.view.ready_attention_nodes()
+        replies = await asyncio.gather(
+            *(self.stub(r).Load(attention_pb2.LoadRequest(), timeout=self.load_timeout_s) for r in records),
+            return_exceptions=True)
+        summed: dict[int, list[float]] = {}
+        answered = 0
+        for record, reply in zip(records, replies):
+            if isinstance(reply, BaseException):
+                log.warning("attn_expert_loads_failed", node=record["id"], error=str(reply))
+                continue
+            answered += 1
+            for layer_load in reply.expert_loads:
+                row = summed.setdefault(layer_load.layer, [0.0] * len(layer_load.tokens))
+                for e, tokens in enumerate(layer_load.tokens[: len(row)]):
+                    row[e] += tokens
+        return summed, answered
+
     async def close(self) -> None:
         for task in self._pending.values():
             task.cancel()

@@ -31,7 +31,7 @@ from moemesh.requests import check_request_id, sampling_from_proto
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
 from .auth import INFERENCE_SERVICE, BearerTokenInterceptor, TLSFiles
-from .cluster import ClusterView, ControlPlane
+from .cluster import ClusterView, ControlPlane, PlacementPolicy
 from .pool import AttentionPool
 
 log = get_logger("moemesh.router")
@@ -333,14 +333,16 @@ class Router:
                  router_id: str | None = None, auth_token: str | None = None, tls: TLSFiles | None = None,
                  health_port: int | None = None,
                  max_inflight: int = 512, ttl_s: float = 5.0, etcd_timeout_s: float = 3.0,
-                 settle_s: float = 1.0, load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
+                 policy: PlacementPolicy | None = None,
+                 load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
                  call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0):
         self.etcd, self.host, self.requested_port = etcd, host, port
         self.keys = Keys(cluster)
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
         if not self.router_id.isprintable() or len(self.router_id) > 128:
             raise ValueError(f"router id must be printable and at most 128 characters, got {self.router_id!r}")
-        self.ttl_s, self.etcd_timeout_s, self.settle_s = ttl_s, etcd_timeout_s, settle_s
+        self.ttl_s, self.etcd_timeout_s = ttl_s, etcd_timeout_s
+        self.policy = policy or PlacementPolicy()
         self.view = ClusterView(self.keys)
         self.pool = AttentionPool(self.view, load_timeout_s, load_max_age_s, tls=tls)
         self.service = InferenceService(self.view, self.pool, max_inflight=max_inflight,
@@ -379,7 +381,8 @@ class Router:
             try:
                 self.registry = await Registry.connect(self.etcd, self.keys.cluster, ttl_s=self.ttl_s,
                                                        timeout_s=self.etcd_timeout_s)
-                self.control = ControlPlane(self.registry, self.router_id, self.view, settle_s=self.settle_s)
+                self.control = ControlPlane(self.registry, self.router_id, self.view, policy=self.policy,
+                                            fetch_loads=self.pool.expert_loads, tls=self._tls)
                 await self.control.prime()
                 break
             except RegistryError as exc:

@@ -25,6 +25,7 @@ from moemesh.etcd_server import EtcdServer, free_port
 from moemesh.local import build_local
 from moemesh.router.auth import TLSFiles
 from moemesh.router.server import Router
+from moemesh.router.cluster import PlacementPolicy
 from moemesh.tiny import write_tiny_checkpoint
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -144,7 +145,7 @@ def nodes(bg, etcd, tmp_path_factory):
 
 def start_router(bg, etcd, cluster=CLUSTER, **kw) -> Router:
     kw.setdefault("ttl_s", TTL)
-    kw.setdefault("settle_s", 0.2)
+    kw.setdefault("policy", PlacementPolicy(settle_s=0.2))
     router = Router(etcd.endpoint, cluster, **kw)
     bg.run(router.start())
     bg.run(router.connected(10))
