@@ -2,8 +2,10 @@
 
 Start-up: load the attention weights, bind (health NOT_SERVING), register
 ``status: loading``; when the placement's expert nodes are all ready, connect to
-them and turn ``ready``/SERVING. A newer placement installs a new backend between
-steps. Without etcd, ``--expert-nodes`` gives a static placement instead.
+them and turn ``ready``/SERVING. A newer placement (once its expert nodes hold
+their shares) installs a new backend between two engine steps, and the record's
+``placement_version`` says so: expert nodes drop experts only after every attention
+node has moved on. Without etcd, ``--expert-nodes`` gives a static placement instead.
 SIGTERM: ``draining`` (the router stops sending), in-flight requests finish, exit.
 """
 
@@ -116,7 +118,7 @@ async def _follow_placement(reg, keys, cfg, backend, record, dispatch_timeout_s,
         except Exception as exc:  # a node went away between its record and our dial: wait for the next change
             log.warning("placement_connect_failed", version=placement.version, error=str(exc))
             continue
-        backend.install(new)
+        await asyncio.to_thread(backend.install, new)  # takes effect between two engine steps
         first = serving is None
         serving = placement
         record.update(status="ready", placement_version=placement.version)

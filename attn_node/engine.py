@@ -10,6 +10,7 @@ batched job.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from moemesh.config import ModelConfig
 from moemesh.errors import InvalidRequestError
 from moemesh.expert_backend import ExpertBackendError
+from moemesh.logs import get_logger
 
 from .block_manager import BlockManager
 from .model import Transformer
@@ -24,6 +26,8 @@ from .runner import ModelRunner
 from .sampler import sample
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import SamplingParams, Sequence, Status
+
+log = get_logger("moemesh.attn_node.engine")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     mla_impl: str = "auto"  # auto | naive | absorbed
     micro_batches: int = 1  # >= 2: ping-pong micro-batches so attention overlaps remote experts
+    expert_wait_s: float = 30.0  # a step whose experts are unreachable waits this long for a new placement
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,7 @@ class Engine:
         if not scheduled:
             return []
         try:
-            logits = self.runner.run(scheduled)  # [n_sampling, vocab]
+            logits = self._run(scheduled)  # [n_sampling, vocab]
         except ExpertBackendError as exc:
             # The step's sequences cannot go on; the others (waiting, or not in this step) can.
             return [self._fail(item.seq, str(exc), "UNAVAILABLE") for item in scheduled]
@@ -138,6 +143,31 @@ class Engine:
             return []
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         return [self._append(seq, tok) for seq, tok in zip(sampling, tokens)]
+
+    def _run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """Run the model once; if its experts were unreachable, wait (bounded) for a new placement and re-run.
+
+        A re-run computes exactly what the failed run would have: the KV it wrote is written again at the
+        same slots (``num_cached`` only advances after success) and nothing was sampled yet.
+        """
+        backend = self.runner.model.expert_backend
+        if not hasattr(backend, "begin_step"):
+            return self.runner.run(scheduled)
+        deadline = time.monotonic() + self.config.expert_wait_s
+        while True:
+            generation = backend.begin_step()
+            try:
+                return self.runner.run(scheduled)
+            except ExpertBackendError as exc:
+                error = exc
+            finally:
+                backend.end_step()
+            left = deadline - time.monotonic()
+            log.warning("step_waiting_for_placement", error=str(error), wait_s=round(max(0.0, left), 1),
+                        sequences=len(scheduled))
+            if left <= 0 or not backend.wait_for_change(generation, left):
+                raise error
+            log.info("step_retried", generation=backend.generation)
 
     def _fail(self, seq: Sequence, error: str, code: str) -> TokenEvent:
         self.scheduler.finish(seq, "error")

@@ -360,6 +360,7 @@ class Transformer(nn.Module):
         super().__init__()
         ops = ops or select_ops("cpu")
         self.cfg = cfg
+        self.expert_backend = backend  # the engine calls its step hooks, if it has them
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(Block(cfg, i, backend, dtype, ops, stats) for i in range(cfg.num_hidden_layers))

@@ -1,9 +1,13 @@
 """The attention node's expert backend under the control plane: a slot the current placement's backend fills.
 
 The engine holds this object for life; a new placement version installs a new
-:class:`RemoteExpertBackend`. Each dispatch handle remembers the backend that made
-it, so a swap between dispatch and combine of a layer cannot mix versions; the
-old backend is closed once no step can still be using it.
+:class:`RemoteExpertBackend`. Installs take effect between steps: the engine
+brackets each step's model run with ``begin_step``/``end_step``, and a backend
+installed during a step waits for its end, so one step never mixes versions and
+the old backend can be closed as soon as it is replaced.
+
+After a step failed because experts were unreachable, the engine calls
+``wait_for_change`` (bounded) and re-runs the step on the backend installed meanwhile.
 """
 
 from __future__ import annotations
@@ -12,25 +16,65 @@ import threading
 
 from moemesh.expert_backend import ExpertBackend
 
-from .remote_backend import ExpertsUnavailable, RemoteExpertBackend
-
-RETIRE_AFTER_S = 30.0  # an old backend's streams close after this (steps take far less)
+from .replica_routes import ExpertsUnavailable
 
 
 class SwitchableBackend(ExpertBackend):
     def __init__(self):
-        self._current: RemoteExpertBackend | None = None
-        self._lock = threading.Lock()
+        self._current: ExpertBackend | None = None
+        self._pending: ExpertBackend | None = None
+        self._in_step = False
+        self._generation = 0  # bumped by every backend that takes effect
+        self._changed = threading.Condition()
 
     @property
-    def current(self) -> RemoteExpertBackend | None:
+    def current(self) -> ExpertBackend | None:
         return self._current
 
-    def install(self, backend: RemoteExpertBackend) -> None:
-        with self._lock:
-            old, self._current = self._current, backend
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def install(self, backend: ExpertBackend, timeout_s: float | None = None) -> bool:
+        """Make ``backend`` current at the next step boundary; block until it is (True) or ``timeout_s`` passes."""
+        with self._changed:
+            replaced, self._pending = self._pending, backend
+            if not self._in_step:
+                self._promote()
+            took = self._changed.wait_for(lambda: self._current is backend or self._pending is not backend,
+                                          timeout_s)
+        if replaced is not None:
+            replaced.close()  # installed over before it ever served
+        return took and self._current is backend
+
+    def _promote(self) -> None:
+        """Under the lock, outside a step: the pending backend becomes current; the old one is closed."""
+        if self._pending is None:
+            return
+        old, self._current, self._pending = self._current, self._pending, None
+        self._generation += 1
+        self._changed.notify_all()
         if old is not None:
-            threading.Timer(RETIRE_AFTER_S, old.close).start()
+            old.close()  # no step can hold a handle of it: installs happen between steps
+
+    def begin_step(self) -> int:
+        with self._changed:
+            self._promote()
+            self._in_step = True
+            return self._generation
+
+    def end_step(self) -> None:
+        with self._changed:
+            self._in_step = False
+            self._promote()
+
+    def wait_for_change(self, generation: int, timeout_s: float) -> bool:
+        """Block (not in a step) until a backend newer than ``generation`` is current; False on timeout."""
+        with self._changed:
+            changed = self._changed.wait_for(
+                lambda: self._generation != generation or self._pending is not None, timeout_s)
+            self._promote()
+            return changed
 
     def dispatch(self, layer_id, x, topk_idx, topk_weights):
         backend = self._current
@@ -43,7 +87,9 @@ class SwitchableBackend(ExpertBackend):
         return backend.combine(inner)
 
     def close(self) -> None:
-        with self._lock:
-            backend, self._current = self._current, None
-        if backend is not None:
+        with self._changed:
+            backends = [b for b in (self._current, self._pending) if b is not None]
+            self._current = self._pending = None
+            self._changed.notify_all()
+        for backend in backends:
             backend.close()

@@ -1,10 +1,18 @@
 """Expert node under the control plane: register in etcd, host what the placement assigns, report ready.
 
-The node binds first (health NOT_SERVING) and registers ``status: loading`` with its
-capacity; when the leader router's placement names it, it loads exactly those
-experts (dropping any it no longer owns), rewrites its record with what it hosts
-and ``status: ready``, and turns health SERVING. SIGTERM: ``status: draining``,
-finish in-flight messages, deregister, exit.
+The node binds first (health NOT_SERVING) and registers ``status: loading`` with its capacity. A placement
+version is applied in two phases so no attention node ever routes to an expert that is gone:
+
+1. load the experts the new version assigns and this node lacks, keep the ones it no longer assigns,
+   then publish ``experts`` (everything held) and ``placement_version`` in the record (attention
+   nodes switch once every expert node has published its share);
+2. once every attention node serves that version (its record's ``placement_version``), drop the
+   experts the version no longer assigns here.
+
+SIGTERM drains: ``status: draining``, and the leader plans the node away; the node keeps serving until
+no placement names it and every attention node has moved on (or ``drain_timeout_s``, or at once when
+there is no other live expert node or no leader to plan it away), then finishes in-flight messages,
+deregisters and exits.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from moemesh.logs import get_logger
 from moemesh.node_ids import advertise_address, default_node_id
 
 from .loader import load_experts
-from .server import SERVICE_NAME, DispatchService, create_server
+from .server import SERVICE_NAME, DispatchService, create_server, finish_in_flight
 from .shard import ExpertShard
 
 log = get_logger("moemesh.expert_node.control")
@@ -56,56 +64,98 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
     }
     await reg.register("expert", node_id, record)
     log.info("registered", node_id=node_id, address=record["address"], etcd=etcd)
-    watcher = asyncio.create_task(_follow_placement(reg, keys, node_id, record, shard, service, model_dir, cfg,
-                                                    dtype, health))
+    node = _PlacementFollower(reg, keys, node_id, record, shard, service, model_dir, cfg, dtype, health)
+    watcher = asyncio.create_task(node.follow())
     await stop.wait()
-    watcher.cancel()
     log.info("draining", in_flight=service.in_flight)
     record["status"] = "draining"
     await reg.update(record)
-    for name in ("", SERVICE_NAME):
-        await health.set(name, NOT_SERVING)
-    service.drain()
-    deadline = loop.time() + drain_timeout_s
-    while service.in_flight and loop.time() < deadline:
-        await asyncio.sleep(0.01)
+    try:
+        await asyncio.wait_for(node.planned_away.wait(), drain_timeout_s)
+        log.info("planned_away", placement_version=node.view.placement_version)
+    except asyncio.TimeoutError:
+        log.warning("drain_timeout", seconds=drain_timeout_s, note="exiting while a placement may still name this "
+                    "node; attention nodes fail over to replicas or wait for the leader's re-plan")
+    watcher.cancel()
+    await finish_in_flight(service, health, drain_timeout_s)
     await server.stop(grace=1.0)
     await reg.close()
     log.info("stopped")
 
 
-async def _follow_placement(reg, keys, node_id, record, shard, service, model_dir, cfg, dtype, health) -> None:
-    view = ClusterView(keys)
-    announced = False
-    async for ev in reg.watch_prefix(keys.root):
-        if not view.apply(ev) or ev.key != keys.placement():
-            continue
-        want = view.assignment(node_id)
-        have = shard.hosted()
-        if want == have and record["status"] == "ready":
-            continue
+class _PlacementFollower:
+    """Watches the cluster and applies placement versions to the shard in two phases (module docstring)."""
+
+    def __init__(self, reg, keys, node_id, record, shard, service, model_dir, cfg, dtype, health):
+        self.reg, self.keys, self.node_id, self.record = reg, keys, node_id, record
+        self.shard, self.service, self.model_dir, self.cfg, self.dtype = shard, service, model_dir, cfg, dtype
+        self.health = health
+        self.view = ClusterView(keys)
+        self.loaded_version = -1
+        self.planned_away = asyncio.Event()
+        self._announced = False
+
+    async def follow(self) -> None:
+        async for ev in self.reg.watch_prefix(self.keys.root):
+            if not self.view.apply(ev):
+                continue
+            if ev.key == self.keys.placement() and self.view.placement_version != self.loaded_version:
+                await self._load_version()
+            await self._drop_unassigned()
+            self._check_planned_away()
+
+    async def _on_worker(self, fn, *args):
+        # On the thread that runs expert math, so a load or drop never races a computation.
+        return await asyncio.get_running_loop().run_in_executor(self.service._worker, fn, *args)
+
+    async def _load_version(self) -> None:
+        version, want, have = self.view.placement_version, self.view.assignment(self.node_id), self.shard.hosted()
         add = {layer: [e for e in ids if e not in have.get(layer, [])] for layer, ids in want.items()}
         add = {layer: ids for layer, ids in add.items() if ids}
-        drop = {layer: [e for e in ids if e not in want.get(layer, [])] for layer, ids in have.items()}
-        log.info("placement", version=view.placement_version, load=sum(map(len, add.values())),
-                 drop=sum(map(len, drop.values())))
-        # On the worker thread that runs expert math, so a load never races a computation.
-        await asyncio.get_running_loop().run_in_executor(
-            service._worker, _apply, shard, model_dir, cfg, dtype, add, drop)
-        record.update(status="ready", experts={str(layer): ids for layer, ids in shard.hosted().items()},
-                      placement_version=view.placement_version)
-        await reg.update(record)
+        log.info("placement_loading", version=version, load=sum(map(len, add.values())))
+        if add:
+            await self._on_worker(load_experts, self.shard, self.model_dir, self.cfg, add, self.dtype, False)
+        self.loaded_version = self.service.placement_version = version
+        await self._publish(status="ready" if self.record["status"] != "draining" else "draining")
         for name in ("", SERVICE_NAME):
-            await health.set(name, SERVING)
-        if not announced:
-            announced = True
-            print(json.dumps({"event": "ready", "port": int(record["address"].rsplit(":", 1)[1]),
-                              "node_id": node_id}), flush=True)
+            await self.health.set(name, SERVING)
+        if not self._announced:
+            self._announced = True
+            print(json.dumps({"event": "ready", "port": int(self.record["address"].rsplit(":", 1)[1]),
+                              "node_id": self.node_id}), flush=True)
+
+    async def _drop_unassigned(self) -> None:
+        """Phase 2: drop what the loaded version no longer assigns here, once no attention node can route to it."""
+        version = self.loaded_version
+        if version < 0 or self.view.attention_behind(version):
+            return
+        want = self.view.assignment(self.node_id)
+        drop = {layer: [e for e in ids if e not in want.get(layer, [])] for layer, ids in self.shard.hosted().items()}
+        drop = {layer: ids for layer, ids in drop.items() if ids}
+        if not drop:
+            return
+        log.info("placement_dropping", version=version, drop=sum(map(len, drop.values())))
+        await self._on_worker(_drop, self.shard, drop)
+        await self._publish()
+
+    async def _publish(self, **fields) -> None:
+        self.record.update(fields, experts={str(layer): ids for layer, ids in self.shard.hosted().items()},
+                           placement_version=self.loaded_version)
+        await self.reg.update(self.record)
+
+    def _check_planned_away(self) -> None:
+        """While draining: done when no placement names this node and attention nodes have moved on, or when no
+        re-plan can come (no leader, or no other live expert node to take over)."""
+        if self.record["status"] != "draining" or self.planned_away.is_set():
+            return
+        others = [r for node_id, r in self.view.records("expert").items()
+                  if node_id != self.node_id and r.get("status") != "draining"]
+        moved_on = not self.view.in_placement(self.node_id) and not self.view.attention_behind(
+            self.view.placement_version)
+        if moved_on or not others or self.view.leader is None:
+            self.planned_away.set()
 
 
-def _apply(shard: ExpertShard, model_dir: str, cfg: ModelConfig, dtype, add: dict, drop: dict) -> None:
-    if add:
-        load_experts(shard, model_dir, cfg, add, dtype, progress=False)
+def _drop(shard: ExpertShard, drop: dict) -> None:
     for layer, ids in drop.items():
-        if ids:
-            shard.drop_experts(layer, ids)
+        shard.drop_experts(layer, ids)

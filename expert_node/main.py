@@ -16,7 +16,7 @@ from moemesh.logs import get_logger
 from moemesh.placement import parse_expert_spec
 
 from .loader import load_expert_shard
-from .server import SERVICE_NAME, DispatchService, create_server
+from .server import SERVICE_NAME, DispatchService, create_server, finish_in_flight
 
 log = get_logger("moemesh.expert_node")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -52,12 +52,7 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
 
     await stop.wait()
     log.info("draining", in_flight=service.in_flight)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, NOT_SERVING)
-    service.drain()
-    deadline = loop.time() + drain_timeout_s
-    while service.in_flight and loop.time() < deadline:
-        await asyncio.sleep(0.01)
+    await finish_in_flight(service, health_servicer, drain_timeout_s)
     await server.stop(grace=1.0)
     log.info("stopped")
 

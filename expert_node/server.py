@@ -53,6 +53,8 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
         self._draining = asyncio.Event()
         self.in_flight = 0
+        self.tokens_computed = 0  # routed (token, expert) assignments, for Info and `moemesh status`
+        self.placement_version = 0  # set by the control loop once a version's experts are loaded
 
     def drain(self) -> None:
         """Stop taking new messages; streams end after their in-flight message."""
@@ -113,7 +115,7 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
             finally:
                 self.in_flight -= 1
             metrics.EXPERT_MESSAGES.labels("ok").inc()
-            _count_tokens(req.layer, idx)
+            self.tokens_computed += _count_tokens(req.layer, idx)
             yield dispatch_pb2.DispatchResponse(id=req.id, output=to_proto(y.to(x.dtype)))
             if self._draining.is_set():
                 return
@@ -126,15 +128,31 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
             n_routed_experts=self.cfg.n_routed_experts,
             experts=[dispatch_pb2.LayerExperts(layer=layer, experts=ids) for layer, ids in self.shard.hosted().items()],
             dtype=dtype,
+            tokens_computed=self.tokens_computed,
+            placement_version=self.placement_version,
         )
 
 
-def _count_tokens(layer: int, idx: torch.Tensor) -> None:
-    """Tokens per (layer, expert), the load statistic Prometheus scrapes."""
+def _count_tokens(layer: int, idx: torch.Tensor) -> int:
+    """Tokens per (layer, expert), the load statistic Prometheus scrapes; returns the total."""
     ids, counts = np.unique(idx.numpy(), return_counts=True)
+    total = 0
     for expert, n in zip(ids.tolist(), counts.tolist()):
         if expert >= 0:
             metrics.EXPERT_TOKENS.labels(str(layer), str(expert)).inc(n)
+            total += n
+    return total
+
+
+async def finish_in_flight(service, health_servicer, drain_timeout_s: float) -> None:
+    """Health NOT_SERVING, take no new messages, and wait (bounded) for the ones being computed."""
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    service.drain()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + drain_timeout_s
+    while service.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.01)
 
 
 def handlers(service) -> grpc.GenericRpcHandler:

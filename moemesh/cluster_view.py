@@ -18,9 +18,14 @@ class ClusterView:
         self.keys = keys
         self.nodes: dict[tuple[str, str], dict[str, Any]] = {}  # (role, id) -> record
         self.placement: dict[str, Any] | None = None
+        self.leader: str | None = None
 
     def apply(self, ev: WatchEvent) -> bool:
         """Apply one event; True when something changed."""
+        if ev.key == self.keys.leader():
+            new = ev.value if ev.kind == "put" else None
+            changed, self.leader = new != self.leader, new
+            return changed
         if ev.key == self.keys.placement():
             new = ev.value if ev.kind == "put" else None
             changed, self.placement = new != self.placement, new
@@ -37,6 +42,22 @@ class ClusterView:
     @property
     def placement_version(self) -> int:
         return int(self.placement["version"]) if self.placement else 0
+
+    def records(self, role: str) -> dict[str, dict[str, Any]]:
+        return {node_id: r for (ro, node_id), r in self.nodes.items() if ro == role}
+
+    def attention_behind(self, version: int) -> list[str]:
+        """Attention nodes that may still route by a placement older than ``version``.
+
+        Those ready or draining whose record says an older ``placement_version``; a node that has none
+        yet (still loading) will start on the newest.
+        """
+        return sorted(node_id for node_id, r in self.records("attn").items()
+                      if r.get("status") in ("ready", "draining") and int(r.get("placement_version") or 0) < version)
+
+    def in_placement(self, node_id: str) -> bool:
+        return any(node_id in nodes for experts in (self.placement or {}).get("layers", {}).values()
+                   for nodes in experts.values())
 
     def assignment(self, node_id: str) -> dict[int, list[int]]:
         """{MoE layer: sorted expert ids} the current placement gives ``node_id``."""

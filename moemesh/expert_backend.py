@@ -13,6 +13,13 @@ that row's top-k routed experts. Local, gRPC and torch.distributed backends
 implement this protocol; the attention engine is built against it alone.
 
 Shapes: T rows, D hidden size, K experts per token.
+
+A backend whose experts can move (the attention node's, which follows the
+placement) may also offer step hooks, which the engine calls when present:
+``begin_step() -> generation`` and ``end_step()`` around each model run (a new
+placement takes effect only between them), and ``wait_for_change(generation,
+timeout_s) -> bool`` after a step failed with :class:`ExpertBackendError`:
+True once a newer backend is in place, so the engine re-runs the step on it.
 """
 
 from __future__ import annotations
