@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from moemesh.argtypes import non_negative_float as _non_negative_float
 from moemesh.argtypes import positive_float as _positive_float
 from moemesh.argtypes import positive_int as _positive_int
 from moemesh.argtypes import seed as _seed
@@ -222,6 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", metavar="DIR", help="where each process writes its log (default: a temporary dir)")
     p.add_argument("--ready-timeout", type=_positive_float, default=300.0,
                    help="seconds to wait for every process to be ready (default: 300)")
+    p.add_argument("--expert-slots", type=_positive_int, default=None, metavar="S",
+                   help="experts per MoE layer each expert node can hold (default: the even share plus 25%%, "
+                   "room for replicas of hot experts)")
+    p.add_argument("--rebalance-interval", type=_non_negative_float, default=30.0, metavar="S",
+                   help="the router re-plans expert placement on measured loads every S seconds; 0 = only when "
+                   "expert nodes join or leave (default: 30)")
+    p.add_argument("--no-replicas", action="store_true", help="one replica per expert (no hot-expert replicas)")
+    p.add_argument("--control-port", type=int, default=0,
+                   help="port of the MeshControl service that adds and removes expert nodes while the mesh runs "
+                   "(`moemesh mesh`); 0 picks one, printed as \"control\" in the ready line (default: 0)")
+
+    from moemesh.mesh_cmd import add_mesh_parser
+
+    add_mesh_parser(sub)
 
     p = sub.add_parser("query", help="send a generation to a running mesh's router",
                        description="Generate through a router with the client SDK. Streams text as it arrives; "
@@ -302,6 +317,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moemesh.query_cmd import run_query
 
             return run_query(args)
+        if args.command == "mesh":
+            import grpc
+
+            from moemesh.mesh_cmd import run_mesh
+
+            try:
+                return run_mesh(args)
+            except grpc.RpcError as exc:
+                print(f"moemesh mesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
         if args.command == "status":
             from moemesh.query_cmd import run_status
 

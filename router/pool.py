@@ -16,7 +16,7 @@ import grpc
 
 from moemesh.tls import TLSFiles, channel as tls_channel
 from moemesh.logs import get_logger
-from moemesh.v1 import attention_pb2, attention_pb2_grpc
+from moemesh.v1 import attention_pb2, attention_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc
 
 from .cluster import ClusterView
 from .selection import NodeLoad, rank_nodes
@@ -134,6 +134,17 @@ class AttentionPool:
                 for e, tokens in enumerate(layer_load.tokens[: len(row)]):
                     row[e] += tokens
         return summed, answered
+
+    async def expert_info(self, record: dict):
+        """An expert node's Info (tokens computed, experts held), or None if it does not answer in time."""
+        channel = tls_channel(record["address"], self.tls if record.get("tls") else None, CHANNEL_OPTIONS, aio=True)
+        try:
+            return await dispatch_pb2_grpc.ExpertDispatchStub(channel).Info(dispatch_pb2.InfoRequest(),
+                                                                            timeout=self.load_timeout_s)
+        except grpc.aio.AioRpcError:
+            return None
+        finally:
+            await channel.close()
 
     async def close(self) -> None:
         for task in self._pending.values():

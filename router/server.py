@@ -271,19 +271,46 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await self._abort(context, exc)
         records = self.view.records()
         attn = [r for r in records if r["role"] == "attn" and r.get("address")]
-        loads = dict(zip([r["id"] for r in attn], await asyncio.gather(*(self.pool.load(r) for r in attn))))
+        experts = [r for r in records if r["role"] == "expert" and r.get("address")]
+        loads, infos = await asyncio.gather(asyncio.gather(*(self.pool.load(r) for r in attn)),
+                                            asyncio.gather(*(self.pool.expert_info(r) for r in experts)))
+        loads = dict(zip([r["id"] for r in attn], loads))
+        infos = dict(zip([r["id"] for r in experts], infos))
+        stats = (self.view.placement or {}).get("stats") or {}
+        planned = _planned_fractions(stats)
         nodes = []
         for r in records:
             status = inference_pb2.NodeStatus(id=r["id"], role=r["role"], address=str(r.get("address", "")),
-                                              status=str(r.get("status", "")))
+                                              status=str(r.get("status", "")),
+                                              placement_version=_uint(r.get("placement_version")),
+                                              planned_load=planned.get(r["id"], 0.0))
             for layer, ids in sorted(_experts(r).items()):
                 status.experts.add(layer=layer, experts=ids)
             load = loads.get(r["id"])
             if load is not None and load.known:
                 status.running, status.waiting, status.cache_free = load.running, load.waiting, load.cache_free
+            info = infos.get(r["id"])
+            if info is not None:
+                status.tokens_computed = info.tokens_computed
             nodes.append(status)
-        return inference_pb2.ClusterStatusResponse(nodes=nodes, placement_version=self.view.placement_version(),
-                                                   leader=self.view.leader or "")
+        balance = [inference_pb2.LayerBalance(layer=int(layer), balancedness=float(b))
+                   for layer, b in sorted((stats.get("balancedness") or {}).items(), key=lambda kv: int(kv[0]))]
+        return inference_pb2.ClusterStatusResponse(
+            nodes=nodes, placement_version=self.view.placement_version(), leader=self.view.leader or "",
+            balance=balance, moved=_uint(stats.get("moved")), placement_reason=str(stats.get("reason", "")),
+            window_tokens=_uint(stats.get("window_tokens")))
+
+
+def _uint(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _planned_fractions(stats: dict) -> dict[str, float]:
+    """Each expert node's fraction of the routed tokens in the placement's plan (summed over layers)."""
+    loads = {node: sum(v for v in per_layer if isinstance(v, (int, float)))
+             for node, per_layer in (stats.get("node_loads") or {}).items() if isinstance(per_layer, list)}
+    total = sum(loads.values())
+    return {node: load / total for node, load in loads.items()} if total > 0 else {}
 
 
 def _experts(record: dict) -> dict[int, list[int]]:

@@ -109,7 +109,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "role", "address", "status", "experts", "running", "waiting", "cache_free")
+    __slots__ = ("id", "role", "address", "status", "experts", "running", "waiting", "cache_free", "placement_version", "planned_load", "tokens_computed")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,9 @@ class NodeStatus(_message.Message):
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     CACHE_FREE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_LOAD_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     address: str
@@ -126,7 +129,10 @@ class NodeStatus(_message.Message):
     running: int
     waiting: int
     cache_free: float
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExpertIds, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_free: _Optional[float] = ...) -> None: ...
+    placement_version: int
+    planned_load: float
+    tokens_computed: int
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExpertIds, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_free: _Optional[float] = ..., placement_version: _Optional[int] = ..., planned_load: _Optional[float] = ..., tokens_computed: _Optional[int] = ...) -> None: ...
 
 class LayerExpertIds(_message.Message):
     __slots__ = ("layer", "experts")
@@ -136,12 +142,28 @@ class LayerExpertIds(_message.Message):
     experts: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class LayerBalance(_message.Message):
+    __slots__ = ("layer", "balancedness")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    balancedness: float
+    def __init__(self, layer: _Optional[int] = ..., balancedness: _Optional[float] = ...) -> None: ...
+
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("nodes", "placement_version", "leader")
+    __slots__ = ("nodes", "placement_version", "leader", "balance", "moved", "placement_reason", "window_tokens")
     NODES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_REASON_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     placement_version: int
     leader: str
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., placement_version: _Optional[int] = ..., leader: _Optional[str] = ...) -> None: ...
+    balance: _containers.RepeatedCompositeFieldContainer[LayerBalance]
+    moved: int
+    placement_reason: str
+    window_tokens: int
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., placement_version: _Optional[int] = ..., leader: _Optional[str] = ..., balance: _Optional[_Iterable[_Union[LayerBalance, _Mapping]]] = ..., moved: _Optional[int] = ..., placement_reason: _Optional[str] = ..., window_tokens: _Optional[int] = ...) -> None: ...
