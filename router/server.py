@@ -40,6 +40,7 @@ from .auth import INFERENCE_SERVICE, BearerTokenInterceptor, TLSFiles
 from .cluster import ClusterView, ControlPlane
 from .pool import AttentionPool
 from .resume import StreamProgress, failure_reason
+from .selection import NodeLoad
 
 log = get_logger("moemesh.router")
 ROLE = "router"  # the metrics label
@@ -251,7 +252,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         reason=reason, tokens_sent=len(progress.sent))
 
     async def _pick_node(self, context, progress: StreamProgress, tried: set[str], errors: list[str],
-                         codes: list) -> tuple[dict, object]:
+                         codes: list) -> tuple[dict, NodeLoad]:
         """The best ready node not tried yet; when none is left, abort the call saying what each answered."""
         try:
             ranked = await self._ranked(tried)
