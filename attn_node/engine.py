@@ -23,7 +23,7 @@ from moemesh.logs import get_logger
 from .block_manager import BlockManager
 from .model import Transformer
 from .runner import ModelRunner
-from .sampler import sample
+from .sampler import sample, skip_draws
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import SamplingParams, Sequence, Status
 
@@ -79,9 +79,17 @@ class Engine:
         self._arrivals = itertools.count()
 
     # ---- requests -------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Validate and queue a request; raise InvalidRequestError saying what to fix."""
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    resumed: int = 0) -> str:
+        """Validate and queue a request; raise InvalidRequestError saying what to fix.
+
+        ``resumed``: how many ids at the end of ``prompt_ids`` an earlier node already sampled for this
+        request (a router resuming it after that node failed); a seeded generator skips their draws so
+        the random stream goes on where it stopped.
+        """
         self.validate(prompt_ids, params)
+        if not 0 <= resumed < len(prompt_ids):
+            raise InvalidRequestError(f"resumed must be in [0, {len(prompt_ids)}) (the prompt's length), got {resumed}")
         arrival = next(self._arrivals)
         request_id = request_id or f"req-{arrival}"
         if request_id in self._seqs:
@@ -91,6 +99,7 @@ class Engine:
             seq.generator = torch.Generator()
             if params.seed is not None:
                 seq.generator.manual_seed(params.seed)
+                skip_draws(seq.generator, self.cfg.vocab_size, resumed)
             else:
                 seq.generator.seed()  # fresh entropy, without touching torch's global generator
         self._seqs[request_id] = seq

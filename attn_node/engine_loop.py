@@ -32,6 +32,7 @@ class _Submit:
     prompt_ids: list[int]
     params: SamplingParams
     on_event: EventCallback
+    resumed: int = 0  # prompt ids an earlier node sampled (see Engine.add_request)
 
 
 class EngineLoop:
@@ -53,7 +54,8 @@ class EngineLoop:
         return self
 
     # ---- called from any thread ------------------------------------------
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, on_event: EventCallback) -> None:
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, on_event: EventCallback,
+               resumed: int = 0) -> None:
         """Validate now (raises InvalidRequestError), queue for the engine thread."""
         self.engine.validate(prompt_ids, params)
         with self._cv:
@@ -62,7 +64,7 @@ class EngineLoop:
             if len(self._inbox) + self.num_waiting() >= self.max_pending:
                 raise ResourceExhaustedError(
                     f"{self.max_pending} requests are already waiting on this attention node: retry later")
-            self._inbox.append(_Submit(request_id, prompt_ids, params, on_event))
+            self._inbox.append(_Submit(request_id, prompt_ids, params, on_event, resumed))
             self._cv.notify()
 
     def abort(self, request_id: str) -> None:
@@ -103,7 +105,7 @@ class EngineLoop:
                 self.engine.abort(item[1])
             return
         try:
-            self.engine.add_request(item.prompt_ids, item.params, item.request_id)
+            self.engine.add_request(item.prompt_ids, item.params, item.request_id, item.resumed)
         except Exception as exc:  # validated at submit; a duplicate id or a race lands here
             item.on_event(TokenEvent(item.request_id, None, True, "error", str(exc), "INVALID_ARGUMENT"))
             return

@@ -22,6 +22,22 @@ def sample(
     return tokens.tolist()
 
 
+def skip_draws(generator: torch.Generator, vocab_size: int, n: int) -> None:
+    """Advance ``generator`` past ``n`` draws of :func:`sample` over a ``vocab_size``-entry distribution.
+
+    A resumed request (tokens sampled on a node that died) continues the random stream where that node
+    left it. This relies on a draw's use of the generator depending on the row's shape only, never on
+    its values: ``torch.multinomial`` of one sample takes one exponential per vocabulary entry (its
+    exponential-race fast path), so n draws over a flat distribution advance the state exactly as the
+    n real draws did. tests/unit/test_sampler.py checks it, so a torch that changes this fails there.
+    """
+    if n <= 0:
+        return
+    flat = torch.full((vocab_size,), 1.0 / vocab_size, device=generator.device)
+    for _ in range(n):
+        torch.multinomial(flat, 1, generator=generator)
+
+
 def _filtered_probs(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]

@@ -4,6 +4,13 @@ Thin: it validates the request (INVALID_ARGUMENT naming the field), hands it to
 the engine thread, and turns token events into streamed responses with text
 decoded incrementally and stop strings applied. A client that goes away has its
 request aborted, freeing its cache.
+
+Resuming (``resume_token_ids``, from the router after another node failed mid-stream): those
+tokens follow the prompt as output already generated. They count against max_tokens and in
+usage.completion_tokens, a seeded generator skips their draws, and the text decoder and stop
+matcher are replayed over them first, so the stream continues exactly where the client's text
+stands: what the failed node had sent is not sent again, and text it held back (a partial
+character, a possible stop-string prefix) is still held here and sent when it resolves.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from moemesh.errors import InvalidRequestError, ResourceExhaustedError
 from moemesh.logs import get_logger
 from moemesh.requests import StopStringMatcher, check_request_id, sampling_from_proto
 from moemesh.tls import TLSFiles, add_port
-from moemesh.tokenizer import Tokenizer
+from moemesh.tokenizer import IncrementalDecoder, Tokenizer
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 
 from .engine_loop import EngineLoop
@@ -57,6 +64,15 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
         resume = list(request.resume_token_ids)
         if len(resume) >= s.max_tokens:
             raise InvalidRequestError("resume_token_ids must be fewer than sampling.max_tokens")
+        bad = [t for t in resume if t >= self.cfg.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"resume_token_ids {bad[:5]} are outside the vocabulary "
+                                      f"(0..{self.cfg.vocab_size - 1})")
+        # A stop or EOS token among them would have ended the generation on the node that sampled it.
+        ended = [t for t in resume if t in s.stop_token_ids or (not s.ignore_eos and t in self.cfg.eos_token_ids)]
+        if ended:
+            raise InvalidRequestError(f"resume_token_ids contain stop/EOS token {ended[0]}: that generation "
+                                      "had already finished")
         params = SamplingParams(
             max_tokens=s.max_tokens - len(resume), temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             seed=s.seed, stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos,
@@ -66,6 +82,8 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
     async def Generate(self, request, context):
         try:
             prompt, resume, params, matcher = self._engine_inputs(request)
+            decoder = self.tokenizer.incremental_decoder() if self.tokenizer else None
+            replay_streamed_text(resume, decoder, matcher)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         # The router sends its request id in the request and in x-request-id; every log line of this call carries it.
@@ -74,16 +92,15 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
         structlog.contextvars.bind_contextvars(request_id=rid)
         events: asyncio.Queue = asyncio.Queue()
         aio_loop = asyncio.get_running_loop()
+        if resume:
+            log.info("request_resumed", prompt_tokens=len(prompt), resumed_tokens=len(resume))
         try:
-            self.loop.submit(rid, prompt + resume, params, lambda ev: aio_loop.call_soon_threadsafe(events.put_nowait, ev))
+            self.loop.submit(rid, prompt + resume, params,
+                             lambda ev: aio_loop.call_soon_threadsafe(events.put_nowait, ev), resumed=len(resume))
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ResourceExhaustedError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        decoder = self.tokenizer.incremental_decoder() if self.tokenizer else None
-        for tok in resume:  # their text already reached the client; prime the decoder past it
-            if decoder:
-                decoder.push(tok)
         produced, finished = len(resume), False
         started = last = time.monotonic()
         try:
@@ -148,6 +165,17 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
             cache_free_tokens=blocks.num_free * blocks.block_size, cache_total_tokens=blocks.capacity_tokens,
             expert_loads=[attention_pb2.LayerLoad(layer=layer, tokens=tokens) for layer, tokens in loads.items()],
             window_seconds=self.stats.window_s if self.stats is not None else 0.0)
+
+
+def replay_streamed_text(resume: list[int], decoder: IncrementalDecoder | None, matcher: StopStringMatcher) -> None:
+    """Bring ``decoder`` and ``matcher`` to where they stood after the failed node's last sent token.
+
+    Their output is dropped (the client has it); what they still hold is the text that node held back.
+    """
+    for token in resume:
+        _, stopped = matcher.push(decoder.push(token) if decoder else "")
+        if stopped:  # that node would have finished the stream there
+            raise InvalidRequestError("resume_token_ids complete a stop string: that generation had already finished")
 
 
 def create_server(service: AttentionService, host: str = "127.0.0.1", port: int = 0, tls: TLSFiles | None = None):

@@ -20,6 +20,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def port(text: str) -> int:
     value = _number(text, int, "a port number")
     if not 0 <= value <= 65535:

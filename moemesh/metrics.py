@@ -16,6 +16,9 @@ TIME_TO_FIRST_TOKEN = Histogram("moemesh_time_to_first_token_seconds", "Request 
                                 ["role"], buckets=_LATENCY)
 TIME_PER_OUTPUT_TOKEN = Histogram("moemesh_time_per_output_token_seconds", "Gap between consecutive tokens",
                                   ["role"], buckets=_LATENCY)
+GENERATE_RESUMES = Counter("moemesh_generate_resumes_total",
+                           "Generations re-run on another attention node after theirs failed mid-stream, by reason",
+                           ["role", "reason"])
 QUEUE_DEPTH = Gauge("moemesh_queue_depth", "Requests waiting for the engine", ["role"])
 RUNNING = Gauge("moemesh_running_sequences", "Sequences in the running batch", ["role"])
 CACHE_USAGE = Gauge("moemesh_kv_cache_usage_ratio", "Fraction of latent KV cache blocks in use", ["role"])

@@ -22,6 +22,7 @@ import uuid
 from typing import Callable
 
 from moemesh.etcd import Keys, parse_endpoint
+from moemesh.argtypes import non_negative_int
 from moemesh.argtypes import port as _port
 from moemesh.argtypes import positive_int as _positive_int
 from moemesh.argtypes import non_negative_float, seconds_at_least
@@ -29,7 +30,7 @@ from moemesh.logs import get_logger
 
 from .auth import TLSFiles, read_token_file
 from .cluster import PlacementPolicy
-from .server import Router
+from .server import MAX_RESUMES, Router
 
 log = get_logger("moemesh.router")
 
@@ -57,6 +58,9 @@ def add_router_parser(subparsers) -> argparse.ArgumentParser:
                    help="PEM CA: require client certificates it signed (mTLS)")
     p.add_argument("--max-inflight", type=_positive_int, default=512,
                    help="Generate streams served at once; more are refused with RESOURCE_EXHAUSTED (default: 512)")
+    p.add_argument("--max-resumes", type=non_negative_int, default=MAX_RESUMES,
+                   help="times one generation may move to another attention node after its node failed "
+                        f"mid-stream; 0 ends such streams with the error (default: {MAX_RESUMES})")
     p.add_argument("--lease-ttl", type=seconds_at_least(2), default=5.0,
                    help="etcd lease TTL in seconds: how soon another router takes over a dead leader (default: 5)")
     g = p.add_argument_group("expert placement (done by the leader)")
@@ -78,7 +82,8 @@ async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_
                        auth_token: str | None = None, tls: TLSFiles | None = None,
                        ready_cb: Callable[[int], object] | None = None, max_inflight: int = 512,
                        ttl_s: float = 5.0, stop: asyncio.Event | None = None,
-                       health_port: int | None = None, policy: PlacementPolicy | None = None) -> None:
+                       health_port: int | None = None, policy: PlacementPolicy | None = None,
+                       max_resumes: int = MAX_RESUMES) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``ready_cb(port)`` once connected to etcd."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -90,7 +95,8 @@ async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
             pass
     router = Router(etcd, cluster, host, port, router_id=router_id, auth_token=auth_token, tls=tls,
-                    max_inflight=max_inflight, ttl_s=ttl_s, health_port=health_port, policy=policy)
+                    max_inflight=max_inflight, ttl_s=ttl_s, health_port=health_port, policy=policy,
+                    max_resumes=max_resumes)
     try:
         await router.start()
         waiter = asyncio.ensure_future(router.connected())
@@ -131,5 +137,6 @@ def run_router(args: argparse.Namespace) -> int:
     asyncio.run(serve_router(args.etcd, args.cluster, args.host, args.port, router_id=router_id,
                              auth_token=token, tls=tls, ready_cb=ready,
                              max_inflight=getattr(args, "max_inflight", 512), ttl_s=getattr(args, "lease_ttl", 5.0),
-                             health_port=getattr(args, "health_port", None), policy=_policy(args)))
+                             health_port=getattr(args, "health_port", None), policy=_policy(args),
+                             max_resumes=getattr(args, "max_resumes", MAX_RESUMES)))
     return 0

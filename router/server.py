@@ -1,14 +1,20 @@
 """The router's gRPC front door: ``moemesh.v1.Inference`` over the cluster's attention nodes.
 
 Generate validates the request, picks a ready attention node (:mod:`.selection` over the loads in
-:mod:`.pool`), and proxies that node's token stream. A node that fails before its first token
-(UNAVAILABLE, unreachable, RESOURCE_EXHAUSTED) is skipped and the next one tried; a failure after
-tokens have reached the client ends the call with the node's status. Tokenize and ModelInfo go to
-a ready attention node (the router has no model files); ClusterStatus answers from the live view.
+:mod:`.pool`), and proxies that node's token stream. A node that dies or goes away (UNAVAILABLE;
+CANCELLED/ABORTED while draining or gone; a stream that ends without a finish_reason), or one that
+is full before its first token (RESOURCE_EXHAUSTED), is left for the next ready node. When tokens
+had already reached the client, the next node resumes the generation from the prompt plus exactly
+those tokens (:mod:`.resume`), and the client's stream goes on with no token repeated or missing, at
+most ``max_resumes`` times, within the client's deadline, never after the client left. Other errors
+end the call with the node's status. Tokenize and ModelInfo go to a ready attention node (the router
+has no model files); ClusterStatus answers from the live view.
 
 Every router replica serves clients; the :class:`~.cluster.ControlPlane` decides which one leads.
 The request id (the client's, or a fresh one) travels to the node in the request and in gRPC
-metadata ``x-request-id``; the node that served it comes back in initial metadata ``x-moemesh-node``.
+metadata ``x-request-id``; the node that served it comes back in initial metadata ``x-moemesh-node``,
+and the nodes that streamed it (in order, more than one after a resume) in trailing metadata
+``x-moemesh-nodes``, with ``x-moemesh-resumes``.
 """
 
 from __future__ import annotations
@@ -33,13 +39,16 @@ from moemesh.v1 import inference_pb2, inference_pb2_grpc
 from .auth import INFERENCE_SERVICE, BearerTokenInterceptor, TLSFiles
 from .cluster import ClusterView, ControlPlane, PlacementPolicy
 from .pool import AttentionPool
+from .resume import StreamProgress, failure_reason
+from .selection import NodeLoad
 
 log = get_logger("moemesh.router")
 ROLE = "router"  # the metrics label
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_TEXT_CHARS = 1 << 20
-RETRY_BEFORE_FIRST_TOKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+RETRY_BEFORE_FIRST_TOKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)  # unary calls
+MAX_RESUMES = 3  # times one generation may move to another node after tokens reached the client
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 16 << 20),
     ("grpc.max_send_message_length", 16 << 20),
@@ -69,9 +78,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Thin servicer: validate, pick a node, proxy; domain errors become status codes via STATUS_OF."""
 
     def __init__(self, view: ClusterView, pool: AttentionPool, *, max_inflight: int = 512,
-                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0):
+                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES):
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+        if max_resumes < 0:
+            raise ValueError(f"max_resumes must be >= 0, got {max_resumes}")
+        self.max_resumes = max_resumes
         self.view, self.pool = view, pool
         self.max_inflight = max_inflight
         self.call_timeout_s = call_timeout_s
@@ -198,55 +210,106 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         forward = inference_pb2.GenerateRequest()
         forward.CopyFrom(request)
         forward.request_id = rid
+        progress = StreamProgress(forward)
         tried: set[str] = set()
         errors: list[str] = []
-        codes: list[grpc.StatusCode] = []
-        tokens = 0
+        codes: list[grpc.StatusCode | None] = []
+        failed: tuple[str, str] | None = None  # (node, reason) of the last attempt that broke
         while True:
-            try:
-                ranked = await self._ranked(tried)
-            except NoNodeError as exc:
-                await self._abort(context, exc)
-            if not ranked:
-                log.warning("generate_no_node", tried=sorted(tried), errors=errors)
-                busy = set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # all full: back off, do not reconnect
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if busy else grpc.StatusCode.UNAVAILABLE,
-                                    f"no attention node could take the request: {'; '.join(errors)}")
-            record, load = ranked[0]
+            record, load = await self._pick_node(context, progress, tried, errors, codes)
             node_id = record["id"]
             tried.add(node_id)
-            remaining = context.time_remaining()  # the client's deadline bounds every attempt
-            timeout = self.generate_timeout_s if remaining is None else min(remaining, self.generate_timeout_s)
-            call = self.pool.stub(record).Generate(forward, timeout=timeout, metadata=(("x-request-id", rid),))
+            if progress.started:
+                self._note_resume(progress, node_id, *failed)
+            call = self.pool.stub(record).Generate(progress.next_request(), timeout=self._attempt_timeout(context),
+                                                   metadata=(("x-request-id", rid),))
             self.pool.streams[node_id] = self.pool.streams.get(node_id, 0) + 1
+            from_node, code, details = 0, None, "the stream ended without a finish_reason"
             try:
                 async for response in call:
-                    if tokens == 0:
+                    if not progress.nodes:  # the client's first response: name the node serving it
                         await context.send_initial_metadata((("x-moemesh-node", node_id),))
                         log.info("generate_first_token", node=node_id, attempts=len(tried), node_queue=load.queue,
                                  ttft_ms=round((time.monotonic() - started) * 1000, 1))
-                    tokens += len(response.token_ids) or 1
                     yield response
+                    progress.record(node_id, response)  # only now does the client have it
+                    from_node += 1
                     if response.finish_reason:
-                        log.info("generate_done", node=node_id, finish_reason=response.finish_reason,
-                                 completion_tokens=response.usage.completion_tokens,
-                                 seconds=round(time.monotonic() - started, 3))
-                return
+                        self._finish(context, progress, response, started)
+                        return
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or exc.code().name
-                if tokens == 0 and code in RETRY_BEFORE_FIRST_TOKEN:
-                    self.pool.forget_load(node_id)
-                    errors.append(f"{node_id}: {code.name} {details}")
-                    codes.append(code)
-                    log.warning("generate_failover", node=node_id, code=code.name, error=details)
-                    continue
-                log.warning("generate_failed", node=node_id, code=code.name, error=details, tokens=tokens)
-                if tokens and code == grpc.StatusCode.UNAVAILABLE:
-                    details = f"attention node {node_id} failed after streaming {tokens} token(s): {details}"
-                await context.abort(code, details)
             finally:
                 self.pool.streams[node_id] -= 1
                 call.cancel()
+            reason = failure_reason(code, self._node_status(node_id), from_node)
+            await self._check_can_move(context, progress, node_id, code, details, reason)
+            self.pool.forget_load(node_id)
+            errors.append(f"{node_id}: {code.name if code else 'OK'} {details}")
+            codes.append(code)
+            failed = (node_id, reason)
+            log.warning("generate_failover", node=node_id, code=code.name if code else None, error=details,
+                        reason=reason, tokens_sent=len(progress.sent))
+
+    async def _pick_node(self, context, progress: StreamProgress, tried: set[str], errors: list[str],
+                         codes: list) -> tuple[dict, NodeLoad]:
+        """The best ready node not tried yet; when none is left, abort the call saying what each answered."""
+        try:
+            ranked = await self._ranked(tried)
+        except NoNodeError as exc:
+            await self._abort(context, exc)
+        if ranked:
+            return ranked[0]
+        log.warning("generate_no_node", tried=sorted(tried), errors=errors, tokens_sent=len(progress.sent))
+        busy = set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # all full: back off, do not reconnect
+        after = f" after {len(progress.sent)} token(s) were streamed" if progress.started else ""
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if busy else grpc.StatusCode.UNAVAILABLE,
+                            f"no attention node could take the request{after}: {'; '.join(errors)}")
+
+    def _attempt_timeout(self, context) -> float:
+        remaining = context.time_remaining()  # the client's deadline bounds every attempt
+        return self.generate_timeout_s if remaining is None else min(remaining, self.generate_timeout_s)
+
+    def _node_status(self, node_id: str) -> str | None:
+        """The node's record status now; None when its record is gone (lease expired, node left)."""
+        record = self.view.nodes.get(("attn", node_id))
+        return None if record is None else record.get("status")
+
+    async def _check_can_move(self, context, progress: StreamProgress, node_id: str, code, details: str,
+                              reason: str | None) -> None:
+        """Abort the client's call unless the generation may go on on another node."""
+        tokens = len(progress.sent)
+        if reason is None:  # the request's own failure (bad argument, deadline, ...): another node would agree
+            log.warning("generate_failed", node=node_id, code=code.name, error=details, tokens=tokens)
+            await context.abort(code, details)
+        if context.cancelled():  # the client went away: nobody to resume for
+            log.info("generate_cancelled", node=node_id, tokens=tokens)
+            raise asyncio.CancelledError()
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"attention node {node_id} failed ({details}) after {tokens} token(s) and the "
+                                "client's deadline has passed")
+        if progress.started and (progress.resumes >= self.max_resumes or not progress.can_resume()):
+            log.warning("generate_failed", node=node_id, code=code.name if code else None, error=details,
+                        tokens=tokens, resumes=progress.resumes)
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"attention node {node_id} failed after streaming {tokens} token(s) and the "
+                                f"generation has already moved {progress.resumes} time(s): {details}")
+
+    def _note_resume(self, progress: StreamProgress, node_id: str, failed_node: str, reason: str) -> None:
+        progress.resumes += 1
+        metrics.GENERATE_RESUMES.labels(ROLE, reason).inc()
+        log.info("generate_resumed", node=node_id, failed_node=failed_node, reason=reason,
+                 tokens_carried=len(progress.sent), resumes=progress.resumes)
+
+    def _finish(self, context, progress: StreamProgress, last, started: float) -> None:
+        # Which nodes served the stream (in order) and how often it moved, for clients that care.
+        context.set_trailing_metadata((("x-moemesh-nodes", ",".join(progress.nodes)),
+                                       ("x-moemesh-resumes", str(progress.resumes))))
+        log.info("generate_done", node=progress.nodes[-1], finish_reason=last.finish_reason,
+                 completion_tokens=last.usage.completion_tokens, resumes=progress.resumes,
+                 seconds=round(time.monotonic() - started, 3))
 
     # ---- the other Inference methods ----------------------------------------------
     async def Tokenize(self, request, context):
@@ -362,7 +425,7 @@ class Router:
                  max_inflight: int = 512, ttl_s: float = 5.0, etcd_timeout_s: float = 3.0,
                  policy: PlacementPolicy | None = None,
                  load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
-                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0):
+                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES):
         self.etcd, self.host, self.requested_port = etcd, host, port
         self.keys = Keys(cluster)
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
@@ -373,7 +436,8 @@ class Router:
         self.view = ClusterView(self.keys)
         self.pool = AttentionPool(self.view, load_timeout_s, load_max_age_s, tls=tls)
         self.service = InferenceService(self.view, self.pool, max_inflight=max_inflight,
-                                        call_timeout_s=call_timeout_s, generate_timeout_s=generate_timeout_s)
+                                        call_timeout_s=call_timeout_s, generate_timeout_s=generate_timeout_s,
+                                        max_resumes=max_resumes)
         self._tls, self._auth_token = tls, auth_token
         self.health_port = health_port
         self.server = self.health = None

@@ -94,6 +94,52 @@ def test_text_prompt_and_resume_continue_the_same_tokens(node):
     assert full[:4] + rest == full and last.usage.completion_tokens == 10
 
 
+def _stream(stub, req):
+    """Every response, as the client receives them."""
+    return list(stub.Generate(req, timeout=60))
+
+
+@pytest.mark.parametrize("with_stop", [False, True])
+def test_resume_at_every_token_continues_tokens_text_and_usage_exactly(node, with_stop):
+    # What the router does after a node died: the same request plus the token ids the client already has.
+    # The client's text so far plus the resumed stream's text must be the uninterrupted text, with a stop
+    # string's held-back prefix neither lost nor sent twice.
+    stub = node[0]
+    prompt = dict(text="The river", max_tokens=14, ignore_eos=True)
+    _, plain, _ = _collect(stub, _request(**prompt))
+    stop = [plain[6:9]] if with_stop else []
+    assert not with_stop or len(stop[0]) == 3, plain
+    full = _stream(stub, _request(**prompt, stop=stop))
+    tokens = [t for r in full for t in r.token_ids]
+    assert full[-1].finish_reason == ("stop" if with_stop else "length")
+    for cut in range(1, len(full)):
+        req = _request(**prompt, stop=stop)
+        req.resume_token_ids.extend(tokens[:cut])
+        rest = _stream(stub, req)
+        assert tokens[:cut] + [t for r in rest for t in r.token_ids] == tokens
+        assert "".join(r.text for r in full[:cut] + rest) == "".join(r.text for r in full), cut
+        assert rest[-1].finish_reason == full[-1].finish_reason
+        assert rest[-1].usage.completion_tokens == len(tokens)
+        assert rest[-1].usage.prompt_tokens == full[-1].usage.prompt_tokens
+
+
+def test_resume_past_the_end_of_a_generation_is_invalid(node):
+    stub, reference = node[0], node[1]
+    tokens, _, _ = _collect(stub, _request(ids=[0, 5, 9], max_tokens=12, ignore_eos=True))
+    sent = reference.tokenizer.decode(tokens[:8])
+    assert len(sent) >= 4, sent
+    cases = [(dict(stop_token_ids=[tokens[2]]), tokens[:3], "stop/EOS token"),
+             (dict(stop=[sent[2:4]]), tokens[:8], "stop string"),
+             (dict(), tokens[:3] + [10**6], "vocabulary"),
+             (dict(max_tokens=3), tokens[:3], "fewer than sampling.max_tokens")]
+    for sampling, resume, message in cases:
+        req = _request(ids=[0, 5, 9], **{"max_tokens": 12, "ignore_eos": True, **sampling})
+        req.resume_token_ids.extend(resume)
+        with pytest.raises(grpc.RpcError) as exc:
+            _collect(stub, req)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in exc.value.details()
+
+
 def test_stop_string_ends_generation_and_is_not_emitted(node):
     stub, reference, _, _ = node
     tokens, text, _ = _collect(stub, _request(ids=[0, 5, 9], max_tokens=12, ignore_eos=True))

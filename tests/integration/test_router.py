@@ -111,6 +111,36 @@ class FakeNode(attention_pb2_grpc.AttentionNodeServicer):
         await context.abort(Code.UNAVAILABLE, "fake node")
 
 
+class DyingNode(attention_pb2_grpc.AttentionNodeServicer):
+    """Looks idlest (so it is picked first), streams the first ``k`` responses of ``script``, then fails.
+
+    ``fail`` is a status code to abort with, or None to end the stream without a finish_reason;
+    ``before_failing`` (async) runs just before, e.g. to mark the node draining.
+    """
+
+    def __init__(self, script, k: int, fail: Code | None, before_failing=None):
+        self.script, self.k, self.fail, self.before_failing = script, k, fail, before_failing
+        self.requests = []
+
+    async def Load(self, request, context):
+        return attention_pb2.LoadResponse(running=0, waiting=0, cache_free_tokens=10**9, cache_total_tokens=10**9)
+
+    async def Generate(self, request, context):
+        self.requests.append(request)
+        for response in self.script[: self.k]:
+            out = inference_pb2.GenerateResponse()
+            out.CopyFrom(response)
+            out.request_id = request.request_id
+            yield out
+        if self.before_failing is not None:
+            await self.before_failing()
+        if self.fail is not None:
+            await context.abort(self.fail, "dying node fails")
+
+    async def ModelInfo(self, request, context):
+        await context.abort(Code.UNAVAILABLE, "dying node: ask another")
+
+
 @pytest.fixture(scope="module")
 def bg():
     b = Background()
@@ -254,6 +284,78 @@ def test_failover_before_the_first_token(bg, etcd, router, nodes, code):
         flaky.close()
         bg.run(dead_reg.close())
     eventually(lambda: len(router.view.ready_attention_nodes()) == 2, 5, "extra records gone")
+
+
+def collect_all(stub, req):
+    """(responses, initial metadata, trailing metadata) of one Generate through ``stub``."""
+    call = stub.Generate(req, timeout=30)
+    responses = list(call)
+    return responses, dict(call.initial_metadata() or ()), dict(call.trailing_metadata() or ())
+
+
+def _tokens(responses) -> list[int]:
+    return [t for r in responses for t in r.token_ids]
+
+
+@pytest.mark.parametrize("fail, reason, stop", [
+    (Code.UNAVAILABLE, "unavailable", False),  # the node's process died or its connection broke
+    (Code.UNAVAILABLE, "unavailable", True),  # ... with a stop string whose prefix the dead node held back
+    (None, "stream_ended", False),  # it closed the stream without finishing it
+    (Code.CANCELLED, "draining", False),  # a draining node's grace ran out
+])
+def test_node_failing_mid_stream_is_resumed_on_another_without_gap_or_duplicate(bg, etcd, router, nodes, fail,
+                                                                                  reason, stop):
+    req = request(text="The river", max_tokens=14, ignore_eos=True)
+    if stop:
+        plain = "".join(r.text for r in nodes[0].stub.Generate(req, timeout=30))
+        req.sampling.stop.append(plain[6:9])
+    want = list(nodes[0].stub.Generate(req, timeout=30))  # fault-free, straight from a node
+    assert len(want) > 5, want
+
+    async def mark_draining():
+        await dying.registry.update({"address": dying.address, "status": "draining"})
+        for _ in range(250):
+            if router.view.nodes.get(("attn", "attn-00-dying"), {}).get("status") == "draining":
+                return
+            await asyncio.sleep(0.02)
+
+    fake = DyingNode(want, 4, fail, mark_draining if fail == Code.CANCELLED else None)
+    dying = AttnNode(bg, etcd.endpoint, "attn-00-dying", fake)
+    resumes = _router_metric("moemesh_generate_resumes_total", reason=reason)
+    try:
+        eventually(lambda: len(router.view.ready_attention_nodes()) == 3, 5, "router sees the dying node")
+        got, initial, trailing = collect_all(router.stub, req)
+    finally:
+        dying.close()
+    assert len(fake.requests) == 1 and not fake.requests[0].resume_token_ids
+    assert _tokens(got) == _tokens(want)  # nothing missing, nothing twice
+    assert "".join(r.text for r in got) == "".join(r.text for r in want)
+    assert [r.finish_reason for r in got] == [r.finish_reason for r in want]
+    assert (got[-1].usage.prompt_tokens, got[-1].usage.completion_tokens) == (
+        want[-1].usage.prompt_tokens, want[-1].usage.completion_tokens)
+    assert initial["x-moemesh-node"] == "attn-00-dying"
+    first, second = trailing["x-moemesh-nodes"].split(",")
+    assert first == "attn-00-dying" and second in ("attn-0", "attn-1") and trailing["x-moemesh-resumes"] == "1"
+    assert _router_metric("moemesh_generate_resumes_total", reason=reason) == resumes + 1
+    eventually(lambda: len(router.view.ready_attention_nodes()) == 2, 5, "dying node's record gone")
+
+
+@pytest.mark.parametrize("fail", [Code.INTERNAL, Code.CANCELLED, Code.INVALID_ARGUMENT])
+def test_mid_stream_errors_that_are_not_the_node_going_away_reach_the_client(bg, etcd, router, nodes, fail):
+    req = request(ids=[0, 5, 9], max_tokens=10, ignore_eos=True)
+    want = list(nodes[0].stub.Generate(req, timeout=30))
+    dying = AttnNode(bg, etcd.endpoint, "attn-00-dying", DyingNode(want, 3, fail))
+    got = []
+    try:
+        eventually(lambda: len(router.view.ready_attention_nodes()) == 3, 5, "router sees the dying node")
+        with pytest.raises(grpc.RpcError) as exc:
+            for response in router.stub.Generate(req, timeout=30):
+                got.append(response)
+    finally:
+        dying.close()
+    assert exc.value.code() == fail and "dying node fails" in exc.value.details()
+    assert _tokens(got) == _tokens(want[:3])
+    eventually(lambda: len(router.view.ready_attention_nodes()) == 2, 5, "dying node's record gone")
 
 
 @pytest.mark.parametrize("mutate, field", [

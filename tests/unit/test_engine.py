@@ -451,3 +451,24 @@ def test_unavailable_experts_fail_the_steps_requests_and_the_engine_goes_on(tiny
     finally:
         for moe in moe_layers:
             moe.backend = inner
+
+
+@pytest.mark.parametrize("params", [greedy(12), sampled(12, top_k=20), sampled(12, seed=3, top_p=0.8)])
+def test_resumed_request_continues_the_same_tokens(tiny, params):
+    # A router resuming after a node died: prompt + the tokens the client has, the rest of max_tokens,
+    # resumed= that many; greedy and seeded sampling go on exactly as the uninterrupted request.
+    (prompt,) = prompts_of([6], seed=4)
+    (full,) = engine(tiny).generate([prompt], params)
+    for cut in (1, 5, 11):
+        eng = engine(tiny)
+        eng.add_request(prompt + full.token_ids[:cut], dataclasses.replace(params, max_tokens=12 - cut),
+                        resumed=cut)
+        rest = []
+        while eng.has_unfinished():
+            rest += [ev.token_id for ev in eng.step()]
+        assert full.token_ids[:cut] + rest == full.token_ids
+
+
+def test_resumed_must_leave_a_prompt(tiny):
+    with pytest.raises(InvalidRequestError, match="resumed"):
+        engine(tiny).add_request([1, 2], greedy(2), resumed=2)

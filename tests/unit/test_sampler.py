@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moemesh.attn_node.sampler import sample
+from moemesh.attn_node.sampler import sample, skip_draws
 from moemesh.attn_node.sequence import SamplingParams
 
 
@@ -121,3 +121,25 @@ def test_temperature_flattens_the_distribution():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
     _check_frequencies(logits, temperature=2.0, seed=1)
     _check_frequencies(logits, temperature=0.5, seed=2)
+
+
+def test_skip_draws_continues_the_seeded_stream_as_if_the_draws_had_happened():
+    # The draws a failed node made came from other distributions (each step its own logits, any filter):
+    # skipping as many on a fresh generator must leave it where the real draws left theirs.
+    vocab, n = 64, 6
+    params = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.3, top_p=0.4),
+              SamplingParams(temperature=1.0)]
+    for p in params:
+        logits = rand_logits(n + 4, vocab, seed=5)
+        g = gen(11)
+        full = [sample(logits[i : i + 1], [p], [g])[0] for i in range(n + 4)]
+        resumed = gen(11)
+        skip_draws(resumed, vocab, n)
+        assert [sample(logits[i : i + 1], [p], [resumed])[0] for i in range(n, n + 4)] == full[n:]
+        assert torch.equal(resumed.get_state(), g.get_state())
+
+
+def test_skip_no_draws_leaves_the_generator_alone():
+    g = gen(3)
+    skip_draws(g, 50, 0)
+    assert torch.equal(g.get_state(), gen(3).get_state())
