@@ -1,0 +1,260 @@
+"""Elastic expert pools end to end, through `moemesh up`: real etcd, router, attention and expert node processes.
+
+Load-driven rebalancing, scaling 2 -> 3 -> 2 expert nodes and SIGKILLed expert nodes (with and without
+replicas of their experts), all while clients stream: every request must complete with exactly the tokens
+of a fault-free single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+import pytest
+
+from moemesh.attn_node.sequence import SamplingParams
+from moemesh.local import build_local
+from moemesh.router import MeshClient
+from moemesh.tiny import write_tiny_checkpoint
+from moemesh.v1 import control_pb2, control_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+MAX_TOKENS = 24
+PROMPTS = [[3 + i, 40 + 7 * i, 11, 90 - i, 5 * i + 1] for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("elastic") / "m", arch="deepseek_v3", hidden_size=64,
+                                 layers=3, experts=8, experts_per_token=2)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """Fault-free greedy tokens of every prompt, from the single-process engine."""
+    engine = build_local(model, progress=False).engine
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    return {tuple(p): out.token_ids for p, out in zip(PROMPTS, engine.generate(PROMPTS, params))}
+
+
+class Mesh:
+    """A running `moemesh up` and handles on its router and MeshControl service."""
+
+    def __init__(self, model, log_dir: Path, *flags: str):
+        self.log_dir = log_dir
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--port", "0", "--log-dir",
+             str(log_dir), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 180)
+        assert ready, "moemesh up was not ready within 180 s"
+        line = self.proc.stdout.readline()
+        assert line, self.proc.stderr.read()[-3000:]
+        self.ready = json.loads(line)
+        self.client = MeshClient(self.ready["router"], timeout_s=120)
+        self._channel = grpc.insecure_channel(self.ready["control"])
+        self.control = control_pb2_grpc.MeshControlStub(self._channel)
+
+    def processes(self) -> dict[str, control_pb2.Process]:
+        reply = self.control.ListProcesses(control_pb2.ListProcessesRequest(), timeout=10)
+        return {p.name: p for p in reply.processes}
+
+    def status(self) -> dict:
+        return self.client.cluster_status()
+
+    def expert_info(self, name: str) -> dispatch_pb2.InfoResponse:
+        port = self.processes()[name].port
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return dispatch_pb2_grpc.ExpertDispatchStub(channel).Info(dispatch_pb2.InfoRequest(), timeout=10)
+
+    def wait_status(self, predicate, timeout_s: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.status()
+            if predicate(status):
+                return status
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; last status: {json.dumps(status)[:3000]}")
+
+    def close(self) -> None:
+        self.client.close()
+        self._channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _experts(status: dict) -> dict[str, dict]:
+    return {n["id"]: n for n in status["nodes"] if n["role"] == "expert"}
+
+
+def _settled(status: dict, version: int | None = None) -> bool:
+    """Every node serves the current placement version (and it is newer than ``version``)."""
+    v = int(status["placement_version"])
+    live = [n for n in status["nodes"] if n["status"] == "ready"]
+    return (version is None or v > version) and live and all(int(n["placement_version"]) == v for n in live)
+
+
+class Streams:
+    """Client threads that keep streaming the PROMPTS and check every result against the reference."""
+
+    def __init__(self, client: MeshClient, reference: dict, threads: int = 16):
+        self.client, self.reference = client, reference
+        self.stop = threading.Event()
+        self.completed = 0
+        self.errors: list[str] = []
+        self.token_times: list[float] = []  # arrival time of every streamed chunk
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            prompt = PROMPTS[(i + n) % len(PROMPTS)]
+            n += 1
+            tokens = []
+            try:
+                for chunk in self.client.stream(prompt_ids=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                                ignore_eos=True):
+                    tokens += chunk.token_ids
+                    with self._lock:
+                        self.token_times.append(time.monotonic())
+            except Exception as exc:  # noqa: BLE001 - every failure is a finding
+                with self._lock:
+                    self.errors.append(f"{prompt}: {exc}")
+                continue
+            with self._lock:
+                if tokens != self.reference[tuple(prompt)]:
+                    self.errors.append(f"{prompt}: got {tokens}, want {self.reference[tuple(prompt)]}")
+                self.completed += 1
+
+    def wait_completed(self, count: int, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.completed < count and time.monotonic() < deadline and not self.errors:
+            time.sleep(0.05)
+        assert not self.errors, self.errors[:3]
+        assert self.completed >= count, f"only {self.completed} of {count} requests completed"
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(180)
+        assert not self.errors, self.errors[:3]
+
+
+def test_rebalance_follows_the_measured_skew_and_nodes_compute_the_planned_shares(model, reference, tmp_path):
+    mesh = Mesh(model, tmp_path, "--expert-nodes", "2", "--expert-slots", "6", "--rebalance-interval", "2")
+    try:
+        first = mesh.wait_status(_settled, 60, "the first placement")
+        assert first["window_tokens"] == 0 and "no placement" in first["placement_reason"]
+        skewed = [PROMPTS[0]] * 8  # one prompt over and over: a few experts carry most tokens
+        for prompt in skewed:
+            assert mesh.client.generate(prompt_ids=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                        ignore_eos=True).token_ids == reference[tuple(prompt)]
+        rebalanced = mesh.wait_status(lambda s: _settled(s, first["placement_version"]) and s["window_tokens"] > 0,
+                                      60, "a placement planned on the measured loads")
+        assert "periodic rebalance" in rebalanced["placement_reason"]
+        time.sleep(5)  # let the window settle: later re-plans only publish when shares move by > 0.05
+        status = mesh.wait_status(_settled, 30, "a settled placement")
+        before = {name: mesh.expert_info(name).tokens_computed for name in _experts(status)}
+        for prompt in skewed:
+            assert mesh.client.generate(prompt_ids=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                        ignore_eos=True).token_ids == reference[tuple(prompt)]
+        after = mesh.status()
+        assert after["placement_version"] == status["placement_version"], "placement changed during the measurement"
+        computed = {name: mesh.expert_info(name).tokens_computed - before[name] for name in before}
+        total = sum(computed.values())
+        for name, node in _experts(after).items():
+            measured, planned = computed[name] / total, node["planned_load"]
+            print(f"{name}: planned {planned:.3f} computed {measured:.3f}")
+            assert abs(measured - planned) < 0.06, (name, measured, planned)
+        assert min(b["balancedness"] for b in after["balance"]) > 0.8
+    finally:
+        mesh.close()
+
+
+def test_scale_two_three_two_expert_nodes_while_streaming(model, reference, tmp_path):
+    mesh = Mesh(model, tmp_path, "--expert-nodes", "2", "--expert-slots", "4", "--rebalance-interval", "0")
+    streams = None
+    try:
+        mesh.wait_status(_settled, 60, "the first placement")
+        streams = Streams(mesh.client, reference)
+        streams.wait_completed(16)
+        joined_at = time.monotonic()
+        mesh.control.AddExpertNodes(control_pb2.AddExpertNodesRequest(count=1, wait_ready=True), timeout=120)
+        status = mesh.wait_status(lambda s: "expert-2" in _experts(s) and _experts(s)["expert-2"]["planned_load"] > 0
+                                  and _settled(s), 60, "expert-2 in the placement")
+        deadline = time.monotonic() + 60
+        while mesh.expert_info("expert-2").tokens_computed == 0:
+            assert time.monotonic() < deadline, "expert-2 never computed a token"
+            time.sleep(0.05)
+        print(f"joining node took load {time.monotonic() - joined_at:.2f} s after it was started")
+        assert "expert nodes joined: expert-2" in status["placement_reason"]
+        done = streams.completed
+        streams.wait_completed(done + 16)
+        reply = mesh.control.RemoveExpertNode(control_pb2.RemoveExpertNodeRequest(name="expert-0", wait_exit=True),
+                                              timeout=120)
+        assert reply.processes[0].state == "exited" and reply.processes[0].exit_code == 0
+        status = mesh.wait_status(lambda s: "expert-0" not in _experts(s) and _settled(s), 30, "expert-0 gone")
+        assert sorted(_experts(status)) == ["expert-1", "expert-2"]
+        done = streams.completed
+        streams.wait_completed(done + 16)
+        streams.finish()
+        assert "drain_timeout" not in (tmp_path / "expert-0.log").read_text()
+    finally:
+        if streams is not None:
+            streams.stop.set()
+        mesh.close()
+
+
+@pytest.mark.parametrize("replicas", [True, False], ids=["with-replicas", "without-replicas"])
+def test_sigkilled_expert_node_loses_no_request(model, reference, tmp_path, replicas):
+    # 8 slots per node: the survivor can take every expert. With replicas, each expert is on both nodes.
+    flags = ["--expert-nodes", "2", "--expert-slots", "8", "--rebalance-interval", "0"]
+    mesh = Mesh(model, tmp_path, *flags, *([] if replicas else ["--no-replicas"]))
+    streams = None
+    try:
+        status = mesh.wait_status(_settled, 60, "the first placement")
+        held = {name: sum(len(le["experts"]) for le in node["experts"]) for name, node in _experts(status).items()}
+        assert held == ({"expert-0": 16, "expert-1": 16} if replicas else {"expert-0": 8, "expert-1": 8})
+        streams = Streams(mesh.client, reference)
+        streams.wait_completed(16)
+        victim = mesh.processes()["expert-1"]
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = time.time()
+        done = streams.completed
+        streams.wait_completed(done + 32)
+        status = mesh.wait_status(lambda s: _settled(s) and s["nodes"] and all(
+            n["id"] != "expert-1" for n in s["nodes"] if n["status"] == "ready"), 30, "a placement without expert-1")
+        streams.finish()
+        assert status["placement_reason"].startswith("it names expert nodes that are gone")
+        events = [json.loads(line) for line in (tmp_path / "attn-0.log").read_text().splitlines()
+                  if line.startswith("{")]
+        waited = [e for e in events if e.get("event") == "step_waiting_for_placement"]
+        retried = [e for e in events if e.get("event") == "step_retried"]
+        if replicas:
+            assert not waited, "with replicas, rows must go to the surviving replica within the step"
+        else:
+            assert waited and retried, "without replicas, a step waits for the re-plan and runs again"
+            seconds = datetime.fromisoformat(retried[0]["timestamp"]).timestamp() - killed_at
+            print(f"without replicas: step re-run on the new placement {seconds:.3f} s after SIGKILL")
+    finally:
+        if streams is not None:
+            streams.stop.set()
+        mesh.close()
