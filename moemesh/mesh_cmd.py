@@ -30,13 +30,16 @@ def add_mesh_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds to wait for an answer (default: 300)")
     p.add_argument("--json", action="store_true", help="print the processes as one JSON object")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    actions.add_parser("list", help="every process of the mesh and its state")
+    listing = actions.add_parser("list", help="every process of the mesh and its state")
     add = actions.add_parser("add-experts", help="start more expert nodes")
     add.add_argument("--count", type=positive_int, default=1, help="how many (default: 1)")
     add.add_argument("--wait", action="store_true", help="return once they serve")
     remove = actions.add_parser("remove-expert", help="drain and stop one expert node")
     remove.add_argument("name", help="its name, e.g. expert-1 (see `list`)")
     remove.add_argument("--wait", action="store_true", help="return once it has exited")
+    for action in (listing, add, remove):  # --json after the action too (SUPPRESS: not overriding one before it)
+        action.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                            help="print the processes as one JSON object")
     return p
 
 

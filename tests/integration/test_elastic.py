@@ -217,10 +217,22 @@ def test_scale_two_three_two_expert_nodes_while_streaming(model, reference, tmp_
         streams.wait_completed(done + 16)
         streams.finish()
         assert "drain_timeout" not in (tmp_path / "expert-0.log").read_text()
+        listed = _mesh_cli(mesh, "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        states = {p["name"]: p["state"] for p in json.loads(listed.stdout)["processes"]}
+        assert states == {"router": "running", "expert-0": "exited", "expert-1": "running", "expert-2": "running",
+                          "attn-0": "running"}
+        unknown = _mesh_cli(mesh, "remove-expert", "expert-9")
+        assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr and "expert-1" in unknown.stderr
     finally:
         if streams is not None:
             streams.stop.set()
         mesh.close()
+
+
+def _mesh_cli(mesh: Mesh, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moemesh.cli", "mesh", "--control", mesh.ready["control"], *args],
+                          capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("replicas", [True, False], ids=["with-replicas", "without-replicas"])

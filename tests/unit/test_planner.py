@@ -233,3 +233,29 @@ def test_replicate_false_keeps_one_replica_per_expert():
     plan = plan_placement([[30, 1, 1, 1]], 2, 4, replicate=False)
     assert [len(reps) for reps in plan.layers[0].replicas] == [1, 1, 1, 1]
     assert len(plan_placement([[30, 1, 1, 1]], 2, 4).layers[0].replicas[0]) == 2
+
+
+def _zipf(n_experts: int, seed: int) -> list[float]:
+    """Zipf s=1: the expert of popularity rank r gets 1/r of the top load; ranks shuffled per layer."""
+    ranks = list(range(n_experts))
+    random.Random(seed).shuffle(ranks)
+    return [1000.0 / (ranks[e] + 1) for e in range(n_experts)]
+
+
+def test_zipf_skew_is_balanced_and_a_drifted_replan_keeps_balance_while_moving_little():
+    experts, nodes, slots = 64, 8, 10  # 80 slots per layer: 25% spare
+    loads = [_zipf(experts, seed) for seed in range(4)]
+    plan = plan_placement(loads, nodes, slots)
+    _check_invariants(plan, loads)
+    assert all(layer.balancedness >= 0.995 for layer in plan.layers)
+    assert all(layer.balancedness < 0.7 for layer in plan_placement(loads, nodes, slots, replicate=False).layers)
+
+    rng = random.Random(7)
+    drifted = [[v * rng.lognormvariate(0.0, 0.3) for v in layer] for layer in loads]  # the next window
+    replan = plan_placement(drifted, nodes, slots, _nodes(plan))
+    _check_invariants(replan, drifted)
+    assert all(layer.balancedness >= 0.97 for layer in replan.layers)
+    replicas = sum(len(reps) for layer in replan.layers for reps in layer.replicas)
+    assert replan.moved <= 0.1 * replicas
+    fresh = plan_placement(drifted, nodes, slots)  # without --previous every replica counts as moved
+    assert fresh.moved == sum(len(reps) for layer in fresh.layers for reps in layer.replicas)
