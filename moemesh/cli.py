@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an expert node may take per MoE layer before its rows go to a replica")
     p.add_argument("--max-pending", type=_positive_int, default=256,
                    help="requests waiting for the engine at most; more are refused with RESOURCE_EXHAUSTED")
+    p.add_argument("--expert-wait", type=_non_negative_float, default=30.0, metavar="S",
+                   help="when a step's experts are on no reachable node, wait up to S seconds for the leader's "
+                   "re-plan and re-run the step; then fail its requests (default: 30)")
     _add_engine_args(p)
 
     from moemesh.router.main import add_router_parser

@@ -198,13 +198,16 @@ def test_scale_two_three_two_expert_nodes_while_streaming(model, reference, tmp_
         streams.wait_completed(16)
         joined_at = time.monotonic()
         mesh.control.AddExpertNodes(control_pb2.AddExpertNodesRequest(count=1, wait_ready=True), timeout=120)
+        registered_at = time.monotonic()  # the process is up and registered in etcd
         status = mesh.wait_status(lambda s: "expert-2" in _experts(s) and _experts(s)["expert-2"]["planned_load"] > 0
                                   and _settled(s), 60, "expert-2 in the placement")
         deadline = time.monotonic() + 60
         while mesh.expert_info("expert-2").tokens_computed == 0:
             assert time.monotonic() < deadline, "expert-2 never computed a token"
             time.sleep(0.05)
-        print(f"joining node took load {time.monotonic() - joined_at:.2f} s after it was started")
+        now = time.monotonic()
+        print(f"joining node: serving {registered_at - joined_at:.2f} s after its start, computing routed tokens "
+              f"{now - registered_at:.2f} s after that")
         assert "expert nodes joined: expert-2" in status["placement_reason"]
         done = streams.completed
         streams.wait_completed(done + 16)

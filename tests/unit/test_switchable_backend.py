@@ -1,0 +1,61 @@
+"""SwitchableBackend: installs take effect between steps; a failed step can wait for the next backend."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from moemesh.attn_node.replica_routes import ExpertsUnavailable
+from moemesh.attn_node.switchable_backend import SwitchableBackend
+
+
+class Fake:
+    def __init__(self, name):
+        self.name, self.closed = name, False
+
+    def dispatch(self, layer_id, x, topk_idx, topk_weights):
+        return self.name
+
+    def combine(self, handle):
+        return torch.zeros(1)
+
+    def close(self):
+        self.closed = True
+
+
+def test_install_outside_a_step_is_immediate_and_closes_the_old_one():
+    sb = SwitchableBackend()
+    with pytest.raises(ExpertsUnavailable, match="no expert placement"):
+        sb.dispatch(1, None, None, None)
+    a, b = Fake("a"), Fake("b")
+    assert sb.install(a) and sb.current is a
+    assert sb.install(b) and sb.current is b and a.closed
+
+
+def test_install_during_a_step_waits_for_its_end():
+    sb = SwitchableBackend()
+    a, b = Fake("a"), Fake("b")
+    sb.install(a)
+    generation = sb.begin_step()
+    done = threading.Event()
+    threading.Thread(target=lambda: (sb.install(b), done.set()), daemon=True).start()
+    assert not done.wait(0.2)
+    assert sb.dispatch(1, None, None, None) == (a, "a")  # the step keeps its backend
+    sb.end_step()
+    assert done.wait(5) and sb.current is b and a.closed and sb.generation == generation + 1
+
+
+def test_wait_for_change_wakes_on_install_and_times_out_without():
+    sb = SwitchableBackend()
+    sb.install(Fake("a"))
+    generation = sb.begin_step()
+    sb.end_step()
+    assert not sb.wait_for_change(generation, 0.05)
+    b = Fake("b")
+    threading.Timer(0.1, lambda: sb.install(b)).start()
+    started = time.monotonic()
+    assert sb.wait_for_change(generation, 10) and sb.current is b
+    assert time.monotonic() - started < 9
