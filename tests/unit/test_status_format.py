@@ -1,0 +1,33 @@
+"""`moemesh status` text: placement, balancedness, per-node planned and computed load."""
+
+from moemesh.query_cmd import format_status
+
+
+def test_format_status_shows_the_plan_and_every_node():
+    status = {
+        "placement_version": 4, "leader": "router-a", "placement_reason": "periodic rebalance: replicas moved",
+        "moved": 3, "window_tokens": 1200,
+        "balance": [{"layer": 1, "balancedness": 0.99}, {"layer": 2, "balancedness": 0.95}],
+        "nodes": [
+            {"id": "attn-0", "role": "attn", "address": "h:1", "status": "ready", "placement_version": 4,
+             "running": 2, "waiting": 1, "cache_free": 0.5},
+            {"id": "expert-0", "role": "expert", "address": "h:2", "status": "ready", "placement_version": 4,
+             "experts": [{"layer": 1, "experts": [0, 1]}, {"layer": 2, "experts": [0]}], "planned_load": 0.6,
+             "tokens_computed": 300},
+            {"id": "expert-1", "role": "expert", "address": "h:3", "status": "draining", "placement_version": 3,
+             "experts": [], "planned_load": 0.4, "tokens_computed": 100},
+        ],
+    }
+    lines = format_status(status).splitlines()
+    assert lines[0] == "placement version 4; leader router-a"
+    assert "periodic rebalance: replicas moved; moved 3 replicas; load window 1200 routed tokens" in lines[1]
+    assert lines[2].endswith("worst 0.950; by layer 1:0.990 2:0.950")
+    assert "running 2, waiting 1, cache free 50%" in lines[3]
+    assert "3 experts, planned load 60.0%, computed 300 routed tokens (75.0%)" in lines[4]
+    assert "draining" in lines[5] and "v3" in lines[5]
+
+
+def test_format_status_before_any_traffic():
+    text = format_status({"placement_version": 1, "leader": "", "placement_reason": "there is no placement yet",
+                          "window_tokens": 0, "nodes": []})
+    assert "leader -" in text and "(no traffic yet: even spread)" in text
