@@ -35,6 +35,11 @@ def _tls_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _transport_args(args: argparse.Namespace) -> list[str]:
+    transport = getattr(args, "transport", "grpc")
+    return [] if transport == "grpc" else ["--transport", transport]
+
+
 def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
     out = ["router", "--etcd", etcd, "--cluster", args.cluster, "--host", args.host, "--port", str(args.port)]
     if args.auth_token_file:
@@ -60,10 +65,12 @@ def run_up(args: argparse.Namespace) -> int:
         slots = math.ceil(cfg.n_routed_experts / args.expert_nodes)  # an even split, no replicas by default
         plan = [("router", _router_args(args, etcd.endpoint))]
         plan += [(f"expert-{i}", ["expert-node", "--model", model, "--etcd", etcd.endpoint, "--cluster",
-                                  args.cluster, "--node-id", f"expert-{i}", "--slots", str(slots), *_tls_args(args)])
+                                  args.cluster, "--node-id", f"expert-{i}", "--slots", str(slots), *_tls_args(args),
+                                  *_transport_args(args)])
                  for i in range(args.expert_nodes)]
         plan += [(f"attn-{i}", ["attn-node", "--model", model, "--etcd", etcd.endpoint, "--cluster", args.cluster,
-                                "--node-id", f"attn-{i}", *_tls_args(args)]) for i in range(args.attn_nodes)]
+                                "--node-id", f"attn-{i}", *_tls_args(args), *_transport_args(args)])
+                 for i in range(args.attn_nodes)]
         for name, cmd in plan:
             procs.append(RoleProcess(name, spawn(name, cmd, log_dir, threads)))
         deadline = time.monotonic() + args.ready_timeout
