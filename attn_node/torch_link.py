@@ -24,6 +24,7 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import grpc
@@ -39,10 +40,6 @@ from .remote_backend import CHANNEL_OPTIONS, NodeLink
 
 log = get_logger("moemesh.attn_node.torch")
 
-_PING = object()
-_STOP = object()
-
-
 class PairFailure(Exception):
     def __init__(self, address: str, reason: str):
         super().__init__(f"torch transport to {address}: {reason}")
@@ -53,17 +50,21 @@ class TorchPair:
     """One pair group with one expert node; connects in the background (``ready`` is set once up or failed)."""
 
     def __init__(self, address: str, channel: grpc.Channel, hidden_size: int, timeout_s: float,
-                 connect_timeout_s: float, device: torch.device, ping_s: float, version: int):
+                 connect_timeout_s: float, device: torch.device, ping_s: float, version: int,
+                 on_lost: Callable[[Future, tuple], None] | None = None):
         self.address, self.hidden_size, self.timeout_s = address, hidden_size, timeout_s
+        self.on_lost = on_lost  # gets (future, send args) of each message the group did not answer
         self.device, self.backend, self.ping_s = device, p2p.backend_for(device), ping_s
         self.failure: str | None = None
         self.ready = threading.Event()
         self.messages = 0
+        self.inline_bytes = 0
+        self._pg = None  # the request group while the pair is up; the reader thread holds the reply group
         self._closed = False
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._last_send = time.monotonic()
         self._inflight: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending: dict[int, Future] = {}
-        self._lock = threading.Lock()
+        self._pending: dict[int, tuple[Future, tuple]] = {}
+        self._lock = threading.Lock()  # posting order is frame order
         self._ids = itertools.count()
         self._call = torch_transport_pb2_grpc.TorchTransportStub(channel).Session(torch_transport_pb2.SessionRequest(
             backend=self.backend, hidden_size=hidden_size, timeout_s=timeout_s, ping_interval_s=ping_s,
@@ -100,115 +101,133 @@ class TorchPair:
         with self._lock:
             if self.failure is not None:  # closed or failed while we met
                 return
-            threading.Thread(target=self._send_loop, args=(req_pg,), name=f"torch-send-{self.address}",
+            self._pg, self.inline_bytes = req_pg, first.inline_bytes
+            self._last_send = time.monotonic()
+            threading.Thread(target=self._read_loop, args=(req_pg, rep_pg), name=f"torch-read-{self.address}",
                              daemon=True).start()
-            threading.Thread(target=self._read_loop, args=(rep_pg,), name=f"torch-read-{self.address}",
-                             daemon=True).start()
-            threading.Thread(target=self._watch, name=f"torch-session-{self.address}", daemon=True).start()
+            threading.Thread(target=self._keep, name=f"torch-keep-{self.address}", daemon=True).start()
         log.info("torch_pair_up", node=self.address, backend=first.backend, store=first.store)
         self.ready.set()
 
-    def _watch(self) -> None:
-        """The session call ends when the expert node ends the group (draining, a bad frame, its own failure)."""
-        try:
-            for _ in self._call:
-                pass
-            reason = "the expert node ended the session"
-        except grpc.RpcError as exc:
-            reason = f"session ended ({exc.code().name}: {exc.details()})"
-        if not self._closed:
-            self.fail(reason)
-
     # ---- data -------------------------------------------------------------
     def send(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int) -> Future:
+        """Post the request's sends now (in call order); the reader thread waits for them and for the reply."""
         fut: Future = Future()
+        args = (layer, x, idx, w, version)
         msg_id = next(self._ids)
-        header, body = p2p.pack_request(msg_id, layer, x, idx, w, version, self.device)
-        meta = (msg_id, x.shape[0], x.dtype, time.monotonic() + self.timeout_s)
+        messages = p2p.pack_request(msg_id, layer, x, idx, w, version, self.device, self.inline_bytes)
         with self._lock:
             if self.failure is not None or self._closed:
-                fut.set_exception(PairFailure(self.address, self.failure or "closed by the attention node"))
+                self._lost(fut, args, self.failure or "closed by the attention node")
                 return fut
-            self._pending[msg_id] = fut
-            self._outbox.put((header, body, meta))
+            try:
+                works = [self._pg.send([m], p2p.EXPERT_RANK, p2p.TAG_REQUEST) for m in messages]
+            except RuntimeError as exc:  # gloo refuses at once when the pair's connection is gone
+                works, error = None, str(exc)
+            else:
+                self._pending[msg_id] = (fut, args)
+                # the works (and the messages they send from) stay referenced until the reader has waited
+                self._inflight.put((msg_id, x.shape[0], x.dtype, time.monotonic() + self.timeout_s, works, messages))
+                self._last_send = time.monotonic()
+        if works is None:
+            self.fail(f"sending a dispatch frame: {error}")
+            self._lost(fut, args, self.failure)
         return fut
 
-    def _send_loop(self, pg) -> None:
-        dst, backend = p2p.EXPERT_RANK, self.backend
-        try:
-            while True:
-                try:
-                    item = self._outbox.get(timeout=self.ping_s)
-                except queue.Empty:
-                    item = _PING
-                if self.failure is not None or item is _STOP:
-                    return
-                if item is _PING or item is None:  # None: closing, say bye after everything queued
-                    kind = p2p.KIND_PING if item is _PING else p2p.KIND_BYE
-                    p2p.wait(pg.send([p2p.control_header(kind, self.device)], dst, p2p.TAG_REQUEST), self.timeout_s,
-                             backend, "sending a ping" if item is _PING else "saying bye")
-                    if item is None:
-                        self._inflight.put(None)
-                        return
-                    continue
-                header, body, meta = item
-                self._inflight.put(meta)  # the reader posts the reply's recv while we send
-                works = [pg.send([header], dst, p2p.TAG_REQUEST), pg.send([body], dst, p2p.TAG_REQUEST)]
-                for work in works:
-                    p2p.wait(work, meta[3] - time.monotonic(), backend, "sending a dispatch frame")
-        except p2p.P2PError as exc:
-            self.fail(str(exc))
+    def _lost(self, fut: Future, args: tuple, reason: str) -> None:
+        if self.on_lost is not None:
+            self.on_lost(fut, args)
+        elif not fut.done():
+            fut.set_exception(PairFailure(self.address, reason))
 
-    def _read_loop(self, pg) -> None:
+    def _read_loop(self, req_pg, pg) -> None:
+        """Replies in frame order. Holds both groups: they are destroyed when this returns, never under a wait."""
         src, backend = p2p.EXPERT_RANK, self.backend
         try:
-            while (meta := self._inflight.get()) is not None:
-                msg_id, rows, dtype, deadline = meta
+            while (item := self._inflight.get()) is not None:
+                msg_id, rows, dtype, deadline, works, _ = item
+                if msg_id is None:  # a control frame (ping, bye): only its send to wait for
+                    for work in works:
+                        p2p.wait(work, deadline - time.monotonic(), backend, "sending a control frame")
+                    continue
                 buf = torch.empty(p2p.reply_bytes(rows, self.hidden_size, dtype), dtype=torch.uint8, device=self.device)
-                p2p.wait(pg.recv([buf], src, p2p.TAG_REPLY), deadline - time.monotonic(), backend,
-                         "waiting for a reply")
+                reply = pg.recv([buf], src, p2p.TAG_REPLY)
+                for work in works:
+                    p2p.wait(work, deadline - time.monotonic(), backend, "sending a dispatch frame")
+                p2p.wait(reply, deadline - time.monotonic(), backend, "waiting for a reply")
                 got, status, y = p2p.unpack_reply(buf, rows, self.hidden_size, dtype)
                 if got != msg_id or status != 0:
                     raise p2p.P2PError(f"reply {got} (status {status}) where {msg_id} was due: frames out of step")
                 with self._lock:
-                    fut = self._pending.pop(msg_id, None)
+                    entry = self._pending.pop(msg_id, None)
                 self.messages += 1
-                if fut is not None:
-                    fut.set_result(y)
+                if entry is not None:
+                    entry[0].set_result(y)
         except p2p.P2PError as exc:
             self.fail(str(exc))
 
+    def _keep(self) -> None:
+        """Ping when idle, so the expert node's bounded wait for the next frame does not end a quiet group."""
+        while self.failure is None and not self._closed:
+            time.sleep(self.ping_s / 4)
+            if time.monotonic() - self._last_send >= self.ping_s:
+                self._control(p2p.KIND_PING)
+
+    def _control(self, kind: int) -> bool:
+        frame = p2p.control_frame(kind, self.device)
+        with self._lock:
+            if self.failure is not None or self._pg is None:
+                return False
+            try:
+                work = self._pg.send([frame], p2p.EXPERT_RANK, p2p.TAG_REQUEST)
+            except RuntimeError as exc:
+                error = str(exc)
+            else:
+                self._inflight.put((None, 0, None, time.monotonic() + self.timeout_s, [work], [frame]))
+                self._last_send = time.monotonic()
+                return True
+        self.fail(f"sending a control frame: {error}")
+        return False
+
     # ---- ends -------------------------------------------------------------
     def fail(self, reason: str) -> None:
-        """The group is done: unanswered messages fail with PairFailure (the link resends them over gRPC)."""
+        """The group is done: unanswered messages go to ``on_lost`` (the link resends them over gRPC)."""
         with self._lock:
             first = self.failure is None
             if first:
                 self.failure = reason
             pending, self._pending = self._pending, {}
-        self._outbox.put(_STOP)
+            self._pg = None  # the reader thread drops the groups when it returns (its waits are bounded)
         self._inflight.put(None)
         self.ready.set()
         if first and not self._closed:
             log.warning("torch_pair_failed", node=self.address, reason=reason,
                         fallback="gRPC until the next placement version")
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(PairFailure(self.address, reason))
-        # Our threads drop the group when they return (each wait is bounded), which closes its sockets;
-        # destroying it under a blocked wait is not safe.
+        for fut, args in pending.values():
+            self._lost(fut, args, reason)
         self._call.cancel()
 
     def close(self) -> None:
+        """Say bye after the frames already posted; the reader finishes their replies, then the group goes."""
+        frame = p2p.control_frame(p2p.KIND_BYE, self.device)
         with self._lock:
-            self._closed = True  # sends from now on fail (the link sends them over gRPC, closed too)
-        if self.up:
-            self._outbox.put(None)  # bye after what is queued; the reader then finishes its replies
-            timer = threading.Timer(self.timeout_s, self.fail, args=("closed by the attention node",))
-            timer.daemon = True
-            timer.start()  # a backstop: a group that cannot say bye is failed (its waits are bounded anyway)
-        else:
+            if self._closed:
+                return
+            self._closed = True  # no sends, no pings from now on
+            pg, self._pg = (self._pg if self.failure is None else None), None
+            if pg is not None:
+                try:
+                    work = pg.send([frame], p2p.EXPERT_RANK, p2p.TAG_REQUEST)
+                    self._inflight.put((None, 0, None, time.monotonic() + self.timeout_s, [work], [frame]))
+                except RuntimeError:
+                    pg = None
+        self._inflight.put(None)
+        if pg is None:
             self.fail("closed by the attention node")
+            return
+        timer = threading.Timer(self.timeout_s, self.fail, args=("closed by the attention node",))
+        timer.daemon = True
+        timer.start()  # a backstop: then end the session call (and anything still unanswered)
 
 
 class TorchLink:
@@ -223,7 +242,7 @@ class TorchLink:
         try:
             self._channel = tls_channel(address, tls, CHANNEL_OPTIONS)
             self.pair = TorchPair(address, self._channel, hidden_size, timeout_s, connect_timeout_s,
-                                  torch.device(device), ping_s, version)
+                                  torch.device(device), ping_s, version, on_lost=self._resend)
         except BaseException:
             self.grpc.close()
             raise
@@ -249,17 +268,12 @@ class TorchLink:
         if not self.pair.up:
             self.fallback_messages += self.pair.failure is not None
             return self.grpc.send(layer, x, idx, w, version)
-        outer: Future = Future()
+        return self.pair.send(layer, x, idx, w, version)
 
-        def done(inner: Future) -> None:
-            if inner.exception() is None:
-                outer.set_result(inner.result())
-                return
-            self.fallback_messages += 1  # the group broke with this message in flight: resend it over gRPC
-            self.grpc.send(layer, x, idx, w, version).add_done_callback(lambda again: _copy(again, outer))
-
-        self.pair.send(layer, x, idx, w, version).add_done_callback(done)
-        return outer
+    def _resend(self, fut: Future, args: tuple) -> None:
+        """A message the group did not answer goes over gRPC; its future is resolved by that answer."""
+        self.fallback_messages += 1
+        self.grpc.send(*args).add_done_callback(lambda again: _copy(again, fut))
 
     def fail(self, reason: str) -> None:
         self.pair.fail(reason)
@@ -274,6 +288,8 @@ class TorchLink:
 
 
 def _copy(src: Future, dst: Future) -> None:
+    if dst.done():
+        return
     if src.exception() is not None:
         dst.set_exception(src.exception())
     else:

@@ -41,11 +41,12 @@ IDLE_PINGS = 6  # a peer silent for this many ping intervals is gone
 class _Session:
     """One pair group with one attention node, served on its own thread."""
 
-    def __init__(self, svc: DispatchService, store, prefix: str, backend: str, peer_host: str,
+    def __init__(self, svc: DispatchService, store: str, prefix: str, backend: str, peer_host: str,
                  timeout_s: float, idle_s: float, version: int):
         self.svc, self.store, self.prefix, self.backend = svc, store, prefix, backend
         self.peer_host, self.timeout_s, self.idle_s, self.version = peer_host, timeout_s, idle_s, version
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.inline_bytes = p2p.INLINE_BYTES if backend == "gloo" else 0  # NCCL needs equal sizes at both ends
         self.stopping = threading.Event()
         self.busy = False  # between a header and its reply
         self.error: tuple[grpc.StatusCode, str] | None = None
@@ -61,7 +62,9 @@ class _Session:
     def _run(self) -> None:
         try:
             hostname = p2p.local_host_toward(self.peer_host)
-            req_pg, rep_pg = p2p.new_pair_group(self.store, self.prefix, p2p.EXPERT_RANK, self.backend,
+            # A store client of our own: one TCPStore object blocks its other users while a rendezvous waits.
+            store = p2p.connect_store(self.store, self.timeout_s)
+            req_pg, rep_pg = p2p.new_pair_group(store, self.prefix, p2p.EXPERT_RANK, self.backend,
                                                 self.timeout_s, hostname, self.device)
             log.info("torch_session_up", prefix=self.prefix, backend=self.backend, peer=self.peer_host,
                      version=self.version)
@@ -85,32 +88,42 @@ class _Session:
 
     def _serve(self, req_pg, rep_pg) -> None:
         backend, src = self.backend, p2p.ATTN_RANK
-        while not self.stopping.is_set():
-            header = torch.empty(p2p.HEADER_LEN, dtype=torch.int64, device=self.device)
-            p2p.wait(req_pg.recv([header], src, p2p.TAG_REQUEST), self.idle_s, backend, "waiting for a frame")
-            h = p2p.unpack_header(header)
-            if h.kind == p2p.KIND_PING:
-                continue
-            if h.kind == p2p.KIND_BYE:
-                return
-            self.busy = True
-            self._check_header(h)
-            body = torch.empty(h.body_bytes, dtype=torch.uint8, device=self.device)
-            p2p.wait(req_pg.recv([body], src, p2p.TAG_REQUEST), self.timeout_s, backend, "receiving a body")
-            x, idx, w = p2p.unpack_body(body, h)
-            self._check_rows(h.layer, idx, w)
-            y = self.svc.shard.forward(h.layer, x, idx, w).to(x.dtype)
-            reply = p2p.pack_reply(h.msg_id, y)
-            p2p.wait(rep_pg.send([reply], src, p2p.TAG_REPLY), self.timeout_s, backend, "sending a reply")
-            metrics.EXPERT_MESSAGES.labels("ok").inc()
-            _count_tokens(h.layer, idx.cpu())
-            self.messages += 1
-            self.busy = False
+        frame = torch.empty(p2p.HEADER_BYTES + self.inline_bytes, dtype=torch.uint8, device=self.device)
+        sending = None  # (work, buffer) of the last reply: waited for before the next one is sent, and at the end
+        try:
+            while not self.stopping.is_set():
+                p2p.wait(req_pg.recv([frame], src, p2p.TAG_REQUEST), self.idle_s, backend, "waiting for a frame")
+                h = p2p.unpack_header(frame)
+                if h.kind == p2p.KIND_PING:
+                    continue
+                if h.kind == p2p.KIND_BYE:
+                    return
+                self.busy = True
+                self._check_header(h)
+                if h.kind == p2p.KIND_INLINE:
+                    body = frame[p2p.HEADER_BYTES:]
+                else:
+                    body = torch.empty(h.body_bytes, dtype=torch.uint8, device=self.device)
+                    p2p.wait(req_pg.recv([body], src, p2p.TAG_REQUEST), self.timeout_s, backend, "receiving a body")
+                x, ids, weights = p2p.unpack_body(body, h)
+                self._check_rows(h.layer, ids, weights)
+                idx, w = torch.from_numpy(ids).to(self.device), torch.from_numpy(weights).to(self.device)
+                reply = p2p.pack_reply(h.msg_id, self.svc.shard.forward(h.layer, x, idx, w).to(x.dtype))
+                if sending is not None:
+                    p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")
+                sending = (rep_pg.send([reply], src, p2p.TAG_REPLY), reply)
+                metrics.EXPERT_MESSAGES.labels("ok").inc()
+                _count_tokens(h.layer, torch.from_numpy(ids))
+                self.messages += 1
+                self.busy = False
+        finally:
+            if sending is not None and self.error is None:
+                p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")  # delivered before the group goes
 
     # ---- validation: what DispatchService.parse checks, on frames ---------
     def _check_header(self, h: p2p.Header) -> None:
         cfg = self.svc.cfg
-        if h.kind != p2p.KIND_DISPATCH:
+        if h.kind not in (p2p.KIND_DISPATCH, p2p.KIND_INLINE):
             raise BadRequest(f"unknown frame kind {h.kind}")
         if self.svc.shard.hosted_mask(h.layer) is None:
             raise BadRequest(f"layer {h.layer} has no experts on this node (hosted MoE layers: "
@@ -123,16 +136,18 @@ class _Session:
             raise BadRequest(f"k = {h.k}; this model routes each row to 1..{cfg.num_experts_per_tok} experts")
         if h.rows < 1 or h.body_bytes > p2p.MAX_BODY_BYTES:
             raise BadRequest(f"{h.rows} rows: the body must be 1 row to {p2p.MAX_BODY_BYTES} bytes")
+        if h.kind == p2p.KIND_INLINE and h.body_bytes > self.inline_bytes:
+            raise BadRequest(f"an inline body of {h.body_bytes} bytes; this session carries at most "
+                             f"{self.inline_bytes} in a frame")
 
-    def _check_rows(self, layer: int, idx: torch.Tensor, w: torch.Tensor) -> None:
-        ids = idx.cpu().numpy()
+    def _check_rows(self, layer: int, ids: np.ndarray, w: np.ndarray) -> None:
         if ids.min() < -1 or ids.max() >= self.svc.cfg.n_routed_experts:
             raise BadRequest(f"expert ids must be in 0..{self.svc.cfg.n_routed_experts - 1} (or -1 = skip)")
         routed = ids[ids >= 0]
         foreign = routed[~self.svc.shard.hosted_mask(layer)[routed]]
         if foreign.size:
             raise BadRequest(f"layer {layer}: experts {np.unique(foreign)[:8].tolist()} are not hosted on this node")
-        if not bool(torch.isfinite(w).all()):
+        if not np.isfinite(w).all():
             raise BadRequest("topk_weights contain NaN or infinity")
 
 
@@ -170,13 +185,13 @@ class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
         prefix = f"s-{secrets.token_hex(12)}/"
         loop = asyncio.get_running_loop()
         ended = asyncio.Event()
-        session = _Session(svc, self.store, prefix, backend, _peer_host(context.peer()), timeout_s, idle_s,
-                           request.placement_version)
+        session = _Session(svc, f"127.0.0.1:{self.store.port}", prefix, backend, _peer_host(context.peer()),
+                           timeout_s, idle_s, request.placement_version)
         self.sessions[prefix] = session
         try:
             session.start(lambda: loop.call_soon_threadsafe(ended.set))
             yield torch_transport_pb2.SessionEvent(store=self.store_address, prefix=prefix, rank=p2p.ATTN_RANK,
-                                                   world_size=2, backend=backend)
+                                                   world_size=2, backend=backend, inline_bytes=session.inline_bytes)
             waits = [asyncio.ensure_future(self._draining.wait()), asyncio.ensure_future(ended.wait())]
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

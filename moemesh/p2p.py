@@ -14,17 +14,22 @@ Nothing is serialized: a frame is raw tensor memory, which is why both ends must
 share byte order (little-endian everywhere we run, as for the codec)::
 
     request, attention -> expert (TAG_REQUEST)
-      header  int64[8]  [kind, msg_id, layer, rows, k, version, dtype, hidden]
-      body    uint8[]   topk_idx int32 [rows, k] | topk_weights float32 [rows, k] | hidden [rows, hidden]
-                        (only for KIND_DISPATCH; PING and BYE are a header alone)
+      frame   uint8[64 + inline_bytes]: the header int64[8]
+              [kind, msg_id, layer, rows, k, version, dtype, hidden], then for KIND_INLINE the body
+      body    uint8[]: topk_idx int32 [rows, k] | topk_weights float32 [rows, k] | hidden [rows, hidden]
+              in the frame (KIND_INLINE) or as a second message of its own size (KIND_DISPATCH)
+      PING and BYE are a header alone
     reply, expert -> attention (TAG_REPLY)
-      uint8[16 + rows * hidden * itemsize]   int64 msg_id, int64 status (0), then the partial rows
-                                             in the request's dtype
+      uint8[16 + rows * hidden * itemsize]: int64 msg_id, int64 status (0), then the partial rows
+      in the request's dtype
 
-Both sides know every size before they post a ``recv`` (the header carries the
-body's, the request the reply's). Sends and receives between the pair are
-matched in order; each side keeps one sending and one receiving thread per
-peer, so order is the order of ``send`` calls.
+The expert node posts one receive of ``64 + inline_bytes`` for every frame; gloo
+lets a shorter message land in it, so a decode-sized request is one message each
+way, like a gRPC round trip. Larger bodies (and every body on NCCL, which needs
+equal sizes on both ends: ``inline_bytes`` is 0 there) follow in a second message
+whose size the header gave. Sends and receives between the pair are matched in
+order: the attention node posts its sends under one lock, and the expert node
+handles one frame at a time.
 
 Every wait has a timeout (:func:`wait`). A gloo wait that times out closes the
 pair's connection, so a timeout is the end of a group, never a retry.
@@ -43,6 +48,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -51,11 +57,13 @@ from moemesh.codec import dtype_from_proto, dtype_to_proto
 if not dist.is_available():  # pragma: no cover - every torch wheel we install has it
     raise ImportError("the torch transport needs torch.distributed, which this torch build lacks")
 
-KIND_DISPATCH, KIND_PING, KIND_BYE = 1, 2, 3
+KIND_DISPATCH, KIND_PING, KIND_BYE, KIND_INLINE = 1, 2, 3, 4
 TAG_REQUEST, TAG_REPLY = 0, 1
 HEADER_LEN = 8
+HEADER_BYTES = HEADER_LEN * 8
 REPLY_PREFIX = 16  # bytes: int64 msg_id, int64 status
 ATTN_RANK, EXPERT_RANK = 0, 1
+INLINE_BYTES = 1 << 20  # gloo: bodies up to 1 MiB ride in the header's frame (a [64, 4096] fp32 decode batch)
 MAX_BODY_BYTES = 256 << 20  # as gRPC's message limit
 
 
@@ -85,38 +93,57 @@ def backend_for(device: torch.device | str) -> str:
 
 
 # ---- frames -----------------------------------------------------------------
-def control_header(kind: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    return torch.tensor([kind, 0, 0, 0, 0, 0, 0, 0], dtype=torch.int64, device=device)
+# On CPU, frames are built and read through numpy views of one buffer: a decode-sized message is
+# tens of bytes of metadata, and a numpy view costs ~1 us where a torch op costs ~10.
+def control_frame(kind: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor([kind, 0, 0, 0, 0, 0, 0, 0], dtype=torch.int64).view(torch.uint8).to(device)
 
 
 def pack_request(msg_id: int, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int,
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(header, body) for one dispatch message; the body is a copy (the caller may reuse x)."""
+                 device: torch.device | str = "cpu", inline_bytes: int = 0) -> list[torch.Tensor]:
+    """The messages of one dispatch request, in send order: [frame] or [frame, body]. Copies (x may be reused)."""
     rows, hidden = x.shape
     k = idx.shape[1]
-    header = torch.tensor([KIND_DISPATCH, msg_id, layer, rows, k, version, dtype_to_proto(x.dtype), hidden],
-                          dtype=torch.int64, device=device)
-    meta = torch.cat([idx.to(device=device, dtype=torch.int32),
-                      w.to(device=device, dtype=torch.float32).view(torch.int32)], dim=1)  # [rows, 2k]
-    body = torch.cat([meta.reshape(-1).view(torch.uint8), x.to(device).contiguous().reshape(-1).view(torch.uint8)])
-    return header, body
+    split = rows * k * 8
+    body_bytes = split + x.numel() * x.dtype.itemsize
+    kind = KIND_INLINE if body_bytes <= inline_bytes else KIND_DISPATCH
+    head = [kind, msg_id, layer, rows, k, version, dtype_to_proto(x.dtype), hidden]
+    if torch.device(device).type != "cpu":
+        header = torch.tensor(head, dtype=torch.int64).view(torch.uint8).to(device)
+        meta = torch.cat([idx.to(device=device, dtype=torch.int32),
+                          w.to(device=device, dtype=torch.float32).view(torch.int32)], dim=1)  # [rows, 2k]
+        body = torch.cat([meta.reshape(-1).view(torch.uint8), x.to(device).contiguous().reshape(-1).view(torch.uint8)])
+        return [torch.cat([header, body])] if kind == KIND_INLINE else [header, body]
+    buf = torch.empty(HEADER_BYTES + body_bytes, dtype=torch.uint8)
+    raw = buf.numpy()
+    raw[:HEADER_BYTES].view(np.int64)[:] = head
+    meta = raw[HEADER_BYTES:HEADER_BYTES + split].view(np.int32).reshape(rows, 2 * k)
+    meta[:, :k] = idx.cpu().numpy()
+    meta[:, k:] = w.detach().cpu().float().numpy().view(np.int32)
+    buf[HEADER_BYTES + split:].view(x.dtype).view(rows, hidden).copy_(x)
+    return [buf] if kind == KIND_INLINE else [buf[:HEADER_BYTES], buf[HEADER_BYTES:]]
 
 
-def unpack_header(header: torch.Tensor) -> Header:
-    kind, msg_id, layer, rows, k, version, code, hidden = header.tolist()
+def unpack_header(frame: torch.Tensor) -> Header:
+    head = frame[:HEADER_BYTES]
+    kind, msg_id, layer, rows, k, version, code, hidden = (
+        head.numpy() if head.device.type == "cpu" else head.cpu().numpy()).view(np.int64).tolist()
     try:
-        dtype = dtype_from_proto(code) if kind == KIND_DISPATCH else None
+        dtype = dtype_from_proto(code) if kind in (KIND_DISPATCH, KIND_INLINE) else None
     except ValueError:
         dtype = None
     return Header(kind, msg_id, layer, rows, k, version, dtype, hidden)
 
 
-def unpack_body(body: torch.Tensor, h: Header) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden [rows, hidden], topk_idx int32 [rows, k], topk_weights float32 [rows, k]), views of ``body``."""
+def unpack_body(body: torch.Tensor, h: Header) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(hidden [rows, hidden] on the body's device, topk_idx int32 and topk_weights float32 [rows, k] in numpy).
+
+    hidden is a view of ``body``; the numpy arrays are host copies, for checks and the shard."""
     split = h.rows * h.k * 8
-    meta = body[:split].view(torch.int32).view(h.rows, 2 * h.k)
-    x = body[split:].view(h.dtype).view(h.rows, h.hidden)
-    return x, meta[:, : h.k].contiguous(), meta[:, h.k:].contiguous().view(torch.float32)
+    meta = body[:split]
+    meta = (meta.numpy() if meta.device.type == "cpu" else meta.cpu().numpy()).view(np.int32).reshape(h.rows, 2 * h.k)
+    x = body[split:h.body_bytes].view(h.dtype).view(h.rows, h.hidden)
+    return x, np.ascontiguousarray(meta[:, : h.k]), np.ascontiguousarray(meta[:, h.k:]).view(np.float32)
 
 
 def reply_bytes(rows: int, hidden: int, dtype: torch.dtype) -> int:
@@ -124,12 +151,19 @@ def reply_bytes(rows: int, hidden: int, dtype: torch.dtype) -> int:
 
 
 def pack_reply(msg_id: int, y: torch.Tensor, status: int = 0) -> torch.Tensor:
-    head = torch.tensor([msg_id, status], dtype=torch.int64, device=y.device).view(torch.uint8)
-    return torch.cat([head, y.contiguous().reshape(-1).view(torch.uint8)])
+    rows, hidden = y.shape
+    buf = torch.empty(reply_bytes(rows, hidden, y.dtype), dtype=torch.uint8, device=y.device)
+    if y.device.type == "cpu":
+        buf[:REPLY_PREFIX].numpy().view(np.int64)[:] = (msg_id, status)
+    else:
+        buf[:REPLY_PREFIX].copy_(torch.tensor([msg_id, status], dtype=torch.int64).view(torch.uint8))
+    buf[REPLY_PREFIX:].view(y.dtype).view(rows, hidden).copy_(y)
+    return buf
 
 
 def unpack_reply(buf: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) -> tuple[int, int, torch.Tensor]:
-    msg_id, status = buf[:REPLY_PREFIX].view(torch.int64).tolist()
+    head = buf[:REPLY_PREFIX]
+    msg_id, status = (head.numpy() if head.device.type == "cpu" else head.cpu().numpy()).view(np.int64).tolist()
     return msg_id, status, buf[REPLY_PREFIX:].view(dtype).view(rows, hidden)
 
 
@@ -142,7 +176,10 @@ def host_store(port: int = 0, timeout_s: float = 30.0) -> dist.TCPStore:
 
 def connect_store(address: str, timeout_s: float) -> dist.TCPStore:
     host, _, port = address.rpartition(":")
-    return dist.TCPStore(host.strip("[]"), int(port), None, False, datetime.timedelta(seconds=timeout_s))
+    try:
+        return dist.TCPStore(host.strip("[]"), int(port), None, False, datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:  # DistNetworkError, ValueError
+        raise P2PError(f"cannot reach the rendezvous store {address}: {exc}") from exc
 
 
 def local_host_toward(host: str) -> str:

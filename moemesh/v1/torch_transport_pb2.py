@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n moemesh/v1/torch_transport.proto\x12\nmoemesh.v1\"}\n\x0eSessionRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x17\n\x0fping_interval_s\x18\x04 \x01(\x01\x12\x19\n\x11placement_version\x18\x05 \x01(\x04\"`\n\x0cSessionEvent\x12\r\n\x05store\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t2S\n\x0eTorchTransport\x12\x41\n\x07Session\x12\x1a.moemesh.v1.SessionRequest\x1a\x18.moemesh.v1.SessionEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n moemesh/v1/torch_transport.proto\x12\nmoemesh.v1\"}\n\x0eSessionRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x17\n\x0fping_interval_s\x18\x04 \x01(\x01\x12\x19\n\x11placement_version\x18\x05 \x01(\x04\"v\n\x0cSessionEvent\x12\r\n\x05store\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x14\n\x0cinline_bytes\x18\x06 \x01(\x04\x32S\n\x0eTorchTransport\x12\x41\n\x07Session\x12\x1a.moemesh.v1.SessionRequest\x1a\x18.moemesh.v1.SessionEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONREQUEST']._serialized_start=48
   _globals['_SESSIONREQUEST']._serialized_end=173
   _globals['_SESSIONEVENT']._serialized_start=175
-  _globals['_SESSIONEVENT']._serialized_end=271
-  _globals['_TORCHTRANSPORT']._serialized_start=273
-  _globals['_TORCHTRANSPORT']._serialized_end=356
+  _globals['_SESSIONEVENT']._serialized_end=293
+  _globals['_TORCHTRANSPORT']._serialized_start=295
+  _globals['_TORCHTRANSPORT']._serialized_end=378
 # @@protoc_insertion_point(module_scope)

@@ -19,15 +19,17 @@ class SessionRequest(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., hidden_size: _Optional[int] = ..., timeout_s: _Optional[float] = ..., ping_interval_s: _Optional[float] = ..., placement_version: _Optional[int] = ...) -> None: ...
 
 class SessionEvent(_message.Message):
-    __slots__ = ("store", "prefix", "rank", "world_size", "backend")
+    __slots__ = ("store", "prefix", "rank", "world_size", "backend", "inline_bytes")
     STORE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    INLINE_BYTES_FIELD_NUMBER: _ClassVar[int]
     store: str
     prefix: str
     rank: int
     world_size: int
     backend: str
-    def __init__(self, store: _Optional[str] = ..., prefix: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    inline_bytes: int
+    def __init__(self, store: _Optional[str] = ..., prefix: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ..., inline_bytes: _Optional[int] = ...) -> None: ...
