@@ -210,6 +210,8 @@ class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
         finally:  # also when the caller cancels: the thread stops after its current frame
             session.stopping.set()
             self.sessions.pop(prefix, None)
+            log.info("torch_session_closed", prefix=prefix, messages=session.messages,
+                     draining=self._draining.is_set(), error=session.error[1] if session.error else None)
 
 
 def _peer_host(peer: str) -> str:
