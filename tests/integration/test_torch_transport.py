@@ -5,7 +5,8 @@
   (rows go to the replica); a draining node (SIGTERM) ends its groups, exits 0, tokens unchanged;
 * an expert node that ends its groups while it keeps serving gRPC: the same node's rows go over gRPC;
 * an expert node without the torch transport: everything over gRPC from the start;
-* a bad frame ends only its own group (INVALID_ARGUMENT, logged); the node serves new groups.
+* a bad frame ends only its own group (INVALID_ARGUMENT, logged); the node serves new groups;
+* an attention peer SIGKILLed mid-stream: the node ends that group at once and serves new ones.
 """
 
 from __future__ import annotations
@@ -241,3 +242,50 @@ def test_bad_frame_ends_only_its_own_group(nodes, model_dir):
     finally:
         bad.close()
         good.close()
+
+
+ATTN_PEER = """
+import sys, torch
+from moemesh.attn_node.torch_link import TorchLink
+link = TorchLink(sys.argv[1], hidden_size=int(sys.argv[2]), timeout_s=30)
+assert link.wait_ready(30), link.pair.failure
+x, idx, w = torch.randn(4, int(sys.argv[2])), torch.zeros(4, 2, dtype=torch.int64), torch.full((4, 2), 0.5)
+print("up", flush=True)
+while True:
+    link.send(1, x, idx, w, 0).result(30)
+"""
+
+
+def test_attention_peer_killed_mid_stream_ends_only_its_group(nodes, model_dir):
+    import subprocess
+    import sys
+
+    (node,) = nodes.start(model_dir, ["0-3"], TORCH)
+    hidden = ModelConfig.from_dir(model_dir).hidden_size
+    peer = subprocess.Popen([sys.executable, "-c", ATTN_PEER, node.address, str(hidden)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        for line in peer.stdout:  # (structlog prints to stdout in an unconfigured process)
+            if line.strip() == "up":
+                break
+        assert peer.poll() is None, "the peer died before its group was up"
+        time.sleep(0.5)  # frames flowing
+        peer.kill()
+        peer.wait(10)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 10 and not any(e.get("event") == "torch_session_closed"
+                                                     for e in node.log_events()):
+            time.sleep(0.05)
+        closed = [e for e in node.log_events() if e.get("event") == "torch_session_closed"]
+        assert closed and closed[0]["messages"] > 0, node.stderr_tail()
+        assert time.monotonic() - t0 < 10, "the node noticed the dead peer at once, not after the idle timeout"
+        link = TorchLink(node.address, hidden_size=hidden, timeout_s=10)
+        try:
+            assert link.wait_ready(30)
+            link.send(1, torch.randn(2, hidden), torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5), 0).result(30)
+            assert link.transport == "torch"
+        finally:
+            link.close()
+    finally:
+        if peer.poll() is None:
+            peer.kill()
