@@ -60,6 +60,7 @@ class TorchPair:
         self.messages = 0
         self.inline_bytes = 0
         self._pg = None  # the request group while the pair is up; the reader thread holds the reply group
+        self._reader: threading.Thread | None = None  # owns the groups: they go when it returns
         self._closed = False
         self._last_send = time.monotonic()
         self._inflight: queue.SimpleQueue = queue.SimpleQueue()
@@ -103,8 +104,9 @@ class TorchPair:
                 return
             self._pg, self.inline_bytes = req_pg, first.inline_bytes
             self._last_send = time.monotonic()
-            threading.Thread(target=self._read_loop, args=(req_pg, rep_pg), name=f"torch-read-{self.address}",
-                             daemon=True).start()
+            self._reader = threading.Thread(target=self._read_loop, args=(req_pg, rep_pg),
+                                            name=f"torch-read-{self.address}", daemon=True)
+            self._reader.start()
             threading.Thread(target=self._keep, name=f"torch-keep-{self.address}", daemon=True).start()
         log.info("torch_pair_up", node=self.address, backend=first.backend, store=first.store)
         self.ready.set()
@@ -224,10 +226,12 @@ class TorchPair:
         self._inflight.put(None)
         if pg is None:
             self.fail("closed by the attention node")
-            return
-        timer = threading.Timer(self.timeout_s, self.fail, args=("closed by the attention node",))
-        timer.daemon = True
-        timer.start()  # a backstop: then end the session call (and anything still unanswered)
+        # Wait (bounded: every wait of the reader is) until the groups are gone, so that a process exiting
+        # right after close() never tears torch.distributed down under a thread still using it.
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(self.timeout_s + 1.0)
+        self.fail("closed by the attention node")  # ends the session call; anything unanswered goes to on_lost
 
 
 class TorchLink:

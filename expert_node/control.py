@@ -81,6 +81,8 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
     while service.in_flight and loop.time() < deadline:
         await asyncio.sleep(0.01)
     await server.stop(grace=1.0)
+    if torch_transport is not None:
+        await torch_transport.wait_closed(drain_timeout_s)
     await reg.close()
     log.info("stopped")
 

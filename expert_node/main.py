@@ -69,6 +69,8 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
     while service.in_flight and loop.time() < deadline:
         await asyncio.sleep(0.01)
     await server.stop(grace=1.0)
+    if torch_transport is not None:
+        await torch_transport.wait_closed(drain_timeout_s)
     log.info("stopped")
 
 

@@ -158,12 +158,23 @@ class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
         self._dispatch = dispatch
         self.store = p2p.host_store(store_port)
         self.store_address = f"{advertise_host}:{self.store.port}"
-        self.sessions: dict[str, _Session] = {}
+        self.sessions: dict[str, _Session] = {}  # open Session calls
+        self._threads: set[_Session] = set()  # sessions whose thread still holds a group
         self._draining = asyncio.Event()
 
     def drain(self) -> None:
         """Refuse new sessions; end each open one after its in-flight frame."""
         self._draining.set()
+
+    async def wait_closed(self, timeout_s: float) -> bool:
+        """After drain: wait until every group is gone (its peer closes it on seeing the session end).
+
+        A process must not exit while a session thread still holds a group: torch.distributed torn down
+        under it aborts the process. True when all are gone within ``timeout_s``."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._threads and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        return not self._threads
 
     async def Session(self, request, context):
         svc = self._dispatch()
@@ -188,8 +199,14 @@ class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
         session = _Session(svc, f"127.0.0.1:{self.store.port}", prefix, backend, _peer_host(context.peer()),
                            timeout_s, idle_s, request.placement_version)
         self.sessions[prefix] = session
+        self._threads.add(session)
+
+        def on_done() -> None:  # on the session's thread, once its groups are dropped
+            loop.call_soon_threadsafe(ended.set)
+            loop.call_soon_threadsafe(self._threads.discard, session)
+
         try:
-            session.start(lambda: loop.call_soon_threadsafe(ended.set))
+            session.start(on_done)
             yield torch_transport_pb2.SessionEvent(store=self.store_address, prefix=prefix, rank=p2p.ATTN_RANK,
                                                    world_size=2, backend=backend, inline_bytes=session.inline_bytes)
             waits = [asyncio.ensure_future(self._draining.wait()), asyncio.ensure_future(ended.wait())]

@@ -71,5 +71,7 @@ def test_up_torch_gives_transformers_greedy_tokens(tmp_path):
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     assert code == 0
+    for log in logs.glob("*.log"):  # every role exits cleanly, groups torn down before the process ends
+        assert "terminate called" not in log.read_text(), log.read_text()[-2000:]
     served = sum(e["messages"] for i in range(2) for e in _events(logs / f"expert-{i}.log", "torch_session_closed"))
     assert served > 0, "no dispatch message went over the torch transport"
