@@ -284,11 +284,9 @@ class TorchLink:
         self.grpc.fail(reason)
 
     def close(self) -> None:
-        self.pair.close()
+        self.pair.close()  # returns once the group is gone (bounded)
         self.grpc.close()
-        timer = threading.Timer(self.pair.timeout_s + 1.0, self._channel.close)  # after the pair's bye
-        timer.daemon = True
-        timer.start()
+        self._channel.close()
 
 
 def _copy(src: Future, dst: Future) -> None:
