@@ -35,6 +35,7 @@ from .loader import load_transformer
 from .remote_backend import RemoteExpertBackend
 from .service import SERVICE_NAME, AttentionService, create_server
 from .switchable_backend import SwitchableBackend
+from .torch_link import links_for
 
 log = get_logger("moemesh.attn_node.control")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -45,7 +46,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
                           node_id: str | None = None, advertise: str | None = None, kernels: str = "auto",
                           dispatch_timeout_s: float = 30.0, drain_timeout_s: float = 60.0,
                           max_pending: int = 256, tls: TLSFiles | None = None,
-                          health_port: int | None = None) -> None:
+                          health_port: int | None = None, transport: str = "grpc") -> None:
     cfg = ModelConfig.from_dir(model_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -78,7 +79,8 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
 
     reg = follower = None
     if static is not None:
-        backend.install(await asyncio.to_thread(RemoteExpertBackend, cfg, static, dispatch_timeout_s, 10.0, tls))
+        backend.install(await asyncio.to_thread(RemoteExpertBackend, cfg, static, dispatch_timeout_s, 10.0, tls,
+                                                links_for(transport, cfg.hidden_size, dispatch_timeout_s)))
         await became_ready()
     if etcd is not None:
         reg = await Registry.connect(etcd, cluster)
@@ -86,7 +88,8 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
             record["status"] = "ready"
         await reg.register("attn", node_id, record)
         follower = asyncio.create_task(
-            _follow_placement(reg, Keys(cluster), cfg, backend, record, dispatch_timeout_s, became_ready, tls))
+            _follow_placement(reg, Keys(cluster), cfg, backend, record, dispatch_timeout_s, became_ready, tls,
+                              transport))
     await stop.wait()
 
     log.info("draining", running=engine_loop.num_running(), waiting=engine_loop.num_waiting())
@@ -104,7 +107,8 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     log.info("stopped")
 
 
-async def _follow_placement(reg, keys, cfg, backend, record, dispatch_timeout_s, became_ready, tls) -> None:
+async def _follow_placement(reg, keys, cfg, backend, record, dispatch_timeout_s, became_ready, tls,
+                            transport="grpc") -> None:
     view = ClusterView(keys)
     serving: Placement | None = None
     async for ev in reg.watch_prefix(keys.root):
@@ -114,7 +118,9 @@ async def _follow_placement(reg, keys, cfg, backend, record, dispatch_timeout_s,
         if placement is None or placement == serving:
             continue
         try:
-            new = await asyncio.to_thread(RemoteExpertBackend, cfg, placement, dispatch_timeout_s, 10.0, tls)
+            # --transport torch: each placement version gets new links, hence new pair groups (re-formed here)
+            new = await asyncio.to_thread(RemoteExpertBackend, cfg, placement, dispatch_timeout_s, 10.0, tls,
+                                          links_for(transport, cfg.hidden_size, dispatch_timeout_s, placement.version))
         except Exception as exc:  # a node went away between its record and our dial: wait for the next change
             log.warning("placement_connect_failed", version=placement.version, error=str(exc))
             continue

@@ -151,13 +151,15 @@ class _Handle:
 
 class RemoteExpertBackend(ExpertBackend):
     def __init__(self, cfg: ModelConfig, placement: Placement, timeout_s: float = 30.0,
-                 connect_timeout_s: float = 10.0, tls: TLSFiles | None = None):
+                 connect_timeout_s: float = 10.0, tls: TLSFiles | None = None, link_factory=None):
         placement.require_complete(cfg.moe_layers, cfg.n_routed_experts)
         self.cfg, self.placement, self.timeout_s = cfg, placement, timeout_s
         self.links: list[NodeLink] = []
+        # link_factory(address, connect_timeout_s, tls) -> a NodeLink-like link (attn_node/torch_link.py: torch_links)
+        make_link = link_factory or NodeLink
         try:
             for node, address in enumerate(placement.nodes):
-                self.links.append(NodeLink(address, connect_timeout_s, tls))
+                self.links.append(make_link(address, connect_timeout_s, tls))
                 _check_node(self.links[-1], cfg, placement, node)
         except BaseException:
             self.close()  # no half-open mesh: channels and reader threads of the nodes reached so far

@@ -54,8 +54,9 @@ class SwitchableBackend(ExpertBackend):
         old, self._current, self._pending = self._current, self._pending, None
         self._generation += 1
         self._changed.notify_all()
-        if old is not None:
-            old.close()  # no step can hold a handle of it: installs happen between steps
+        if old is not None:  # no step can hold a handle of it (installs happen between steps); closing may
+            # wait for links' threads, so not on the engine's thread
+            threading.Thread(target=old.close, name="close-old-backend", daemon=True).start()
 
     def begin_step(self) -> int:
         with self._changed:

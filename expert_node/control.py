@@ -40,7 +40,8 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, port: int, dtype, *,
                            node_id: str | None = None, slots: int | None = None, advertise: str | None = None,
-                           drain_timeout_s: float = 30.0, tls=None, health_port: int | None = None) -> None:
+                           drain_timeout_s: float = 30.0, tls=None, health_port: int | None = None,
+                           transport: str = "grpc", torch_port: int = 0) -> None:
     cfg = ModelConfig.from_dir(model_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -49,6 +50,12 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
     shard = ExpertShard(cfg.n_routed_experts, dtype)
     service = DispatchService(shard, cfg)
     server, bound, health = create_server(service, host, port, tls)
+    torch_transport = None
+    if transport == "torch":  # TorchTransport sessions beside ExpertDispatch (the fallback)
+        from .torch_server import attach
+
+        torch_transport = attach(server, lambda: service, advertise_address(host, 0, advertise).rpartition(":")[0],
+                                 torch_port)
     await server.start()
     health_server = await start_health_port(health, host, health_port)  # noqa: F841 (kept alive)
     for name in ("", SERVICE_NAME):
@@ -62,6 +69,8 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
         "capacity": {"slots": slots or cfg.n_routed_experts, "moe_layers": list(cfg.moe_layers),
                      "n_routed_experts": cfg.n_routed_experts},
     }
+    if torch_transport is not None:
+        record["torch_store"] = torch_transport.store_address  # the rendezvous: where pair groups meet
     await reg.register("expert", node_id, record)
     log.info("registered", node_id=node_id, address=record["address"], etcd=etcd)
     node = _PlacementFollower(reg, keys, node_id, record, shard, service, model_dir, cfg, dtype, health)
@@ -77,8 +86,12 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
         log.warning("drain_timeout", seconds=drain_timeout_s, note="exiting while a placement may still name this "
                     "node; attention nodes fail over to replicas or wait for the leader's re-plan")
     watcher.cancel()
+    if torch_transport is not None:
+        torch_transport.drain()
     await finish_in_flight(service, health, drain_timeout_s)
     await server.stop(grace=1.0)
+    if torch_transport is not None:
+        await torch_transport.wait_closed(drain_timeout_s)
     await reg.close()
     log.info("stopped")
 

@@ -23,7 +23,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_timeout_s: float = 30.0,
-                tls=None, health_port: int | None = None) -> None:
+                tls=None, health_port: int | None = None, transport: str = "grpc", torch_port: int = 0) -> None:
     cfg = ModelConfig.from_dir(model_dir)
     experts = parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)
     stop = asyncio.Event()
@@ -34,6 +34,14 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
     # Bind first (health says NOT_SERVING while weights load), so probes see the node at once.
     service = _LazyService()
     server, bound, health_servicer = create_server(service, host, port, tls)
+    torch_transport = None
+    if transport == "torch":  # TorchTransport sessions beside ExpertDispatch (the fallback)
+        from moemesh.node_ids import advertise_address
+
+        from .torch_server import attach
+
+        torch_transport = attach(server, lambda: service._service, advertise_address(host, 0).rpartition(":")[0],
+                                 torch_port)
     await server.start()
     health_server = await start_health_port(health_servicer, host, health_port)  # noqa: F841 (kept alive)
     for name in ("", SERVICE_NAME):
@@ -52,8 +60,12 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
 
     await stop.wait()
     log.info("draining", in_flight=service.in_flight)
+    if torch_transport is not None:
+        torch_transport.drain()
     await finish_in_flight(service, health_servicer, drain_timeout_s)
     await server.stop(grace=1.0)
+    if torch_transport is not None:
+        await torch_transport.wait_closed(drain_timeout_s)
     log.info("stopped")
 
 

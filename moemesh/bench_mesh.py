@@ -2,7 +2,9 @@
 
 Reports tokens/s of the single process and of the mesh with micro-batch overlap
 on and off, and the round trip of one dispatch message (a decode step's rows for
-one node) against a raw TCP echo of the same number of bytes on loopback.
+one node) against a raw TCP echo of the same number of bytes on loopback. With
+``--transport torch`` the expert nodes serve both transports and every figure of
+the mesh is measured for gRPC and for torch.distributed side by side.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import replace
 import torch
 
 from moemesh.attn_node.remote_backend import NodeLink
+from moemesh.attn_node.torch_link import TorchLink
 from moemesh.attn_node.sequence import SamplingParams
 from moemesh.codec import to_proto
 from moemesh.generate_cmd import engine_config
@@ -79,6 +82,31 @@ def _tcp_echo_us(nbytes: int, n: int) -> float:
         server.kill()
 
 
+def _mesh_run(args, econf, node_list, transport: str, micro_batches: int, prompts, params):
+    mesh = build_remote(args.model, node_list, args.dtype, replace(econf, micro_batches=micro_batches), False,
+                        transport=transport)
+    try:
+        if transport == "torch":
+            for link in mesh.remote.links:
+                if not link.wait_ready(60):
+                    raise RuntimeError(f"torch transport to {link.address} did not come up: {link.pair.failure}")
+        tps, tokens = _tokens_per_s(mesh.engine, prompts, params)
+        fallbacks = sum(getattr(link, "fallback_messages", 0) for link in mesh.remote.links)
+        return tps, tokens, fallbacks
+    finally:
+        mesh.close()
+
+
+def _link(transport: str, address: str, hidden_size: int):
+    if transport == "grpc":
+        return NodeLink(address)
+    link = TorchLink(address, hidden_size=hidden_size)
+    if not link.wait_ready(60):
+        link.close()
+        raise RuntimeError(f"torch transport to {address} did not come up: {link.pair.failure}")
+    return link
+
+
 def run_mesh_bench(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     econf = engine_config(args)
@@ -89,57 +117,73 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
     prompts = torch.randint(2, cfg.vocab_size, (args.batch, args.prompt_len),
                             generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    transports = ["grpc"] if getattr(args, "transport", "grpc") == "grpc" else ["grpc", args.transport]
+    extra = [] if transports == ["grpc"] else ["--transport", "torch"]  # such nodes serve both
     with tempfile.TemporaryDirectory() as logs:
-        nodes = spawn_expert_nodes(args.model, specs, log_dir=logs)
+        nodes = spawn_expert_nodes(args.model, specs, log_dir=logs, extra_args=extra)
         try:
             node_list = [(n.address, n.spec) for n in nodes]
             local_tps, local_tokens = _tokens_per_s(local.engine, prompts, params)
-            results = {}
+            results, hops = {}, {}
             # Three processes now share this machine's cores: one torch thread each, or OpenMP
             # workers of different processes stall each other (measured: tiny ops took milliseconds).
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                for overlap, m in (("on", max(2, args.micro_batches)), ("off", 1)):
-                    mesh = build_remote(args.model, node_list, args.dtype, replace(econf, micro_batches=m), False)
+                for transport in transports:
+                    for overlap, m in (("on", max(2, args.micro_batches)), ("off", 1)):
+                        results[transport, overlap] = _mesh_run(args, econf, node_list, transport, m, prompts, params)
+                    link = _link(transport, nodes[0].address, cfg.hidden_size)
                     try:
-                        results[overlap] = _tokens_per_s(mesh.engine, prompts, params)
+                        shape = (cfg.moe_layers[0], args.batch, cfg.hidden_size, cfg.num_experts_per_tok,
+                                 args.hop_samples)
+                        hop, nbytes = _hop_us(link, *shape, expert=-1)
+                        hop_compute, _ = _hop_us(link, *shape, expert=0)
+                        hops[transport] = (hop, hop_compute)
                     finally:
-                        mesh.close()
-                link = NodeLink(nodes[0].address)
-                try:
-                    shape = (cfg.moe_layers[0], args.batch, cfg.hidden_size, cfg.num_experts_per_tok, args.hop_samples)
-                    hop, nbytes = _hop_us(link, *shape, expert=-1)
-                    hop_compute, _ = _hop_us(link, *shape, expert=0)
-                finally:
-                    link.close()
+                        link.close()
             finally:
                 torch.set_num_threads(threads)
             echo = _tcp_echo_us(nbytes, args.hop_samples)
         finally:
             for node in nodes:
                 node.stop()
+    grpc_on, grpc_off = results["grpc", "on"][0], results["grpc", "off"][0]
     out = {
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "expert_nodes": specs,
+        "expert_nodes": specs, "transports": transports,
         "engine_tokens_per_s": local_tps,
-        "mesh_tokens_per_s": results["on"][0],
-        "mesh_no_overlap_tokens_per_s": results["off"][0],
-        "mesh_vs_engine": results["on"][0] / local_tps,
-        "tokens_match": all(results[o][1] == local_tokens for o in results),
-        "hop_us": hop, "tcp_echo_us": echo, "hop_vs_tcp_echo": hop / echo, "hop_bytes": nbytes,
-        "hop_with_expert_us": hop_compute,
+        "mesh_tokens_per_s": grpc_on,
+        "mesh_no_overlap_tokens_per_s": grpc_off,
+        "mesh_vs_engine": grpc_on / local_tps,
+        "tokens_match": all(r[1] == local_tokens for r in results.values()),
+        "hop_us": hops["grpc"][0], "tcp_echo_us": echo, "hop_vs_tcp_echo": hops["grpc"][0] / echo, "hop_bytes": nbytes,
+        "hop_with_expert_us": hops["grpc"][1],
     }
+    if "torch" in transports:
+        out.update({
+            "torch_mesh_tokens_per_s": results["torch", "on"][0],
+            "torch_mesh_no_overlap_tokens_per_s": results["torch", "off"][0],
+            "torch_hop_us": hops["torch"][0], "torch_hop_with_expert_us": hops["torch"][1],
+            "torch_fallback_messages": results["torch", "on"][2] + results["torch", "off"][2],
+        })
     if args.json:
         print(json.dumps(out))
         return 0
     print(f"workload: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy; "
           f"2 expert nodes ({specs[0]} | {specs[1]}) on loopback")
-    print(f"{'':26}{'tokens/s':>10}{'vs single':>11}")
-    print(f"{'single process':26}{local_tps:10.1f}{1.0:10.2f}x")
-    print(f"{'mesh, overlap on':26}{results['on'][0]:10.1f}{results['on'][0] / local_tps:10.2f}x")
-    print(f"{'mesh, overlap off':26}{results['off'][0]:10.1f}{results['off'][0] / local_tps:10.2f}x")
+    print(f"{'':30}{'tokens/s':>10}{'vs single':>11}")
+    print(f"{'single process':30}{local_tps:10.1f}{1.0:10.2f}x")
+    for transport in transports:
+        for overlap in ("on", "off"):
+            tps = results[transport, overlap][0]
+            print(f"{f'mesh {transport}, overlap {overlap}':30}{tps:10.1f}{tps / local_tps:10.2f}x")
     print(f"identical tokens: {'yes' if out['tokens_match'] else 'NO'}")
-    print(f"dispatch hop ({nbytes} B, {args.batch} rows, no expert work): {hop:.0f} us; raw TCP echo of the "
-          f"same bytes: {echo:.0f} us ({hop / echo:.2f}x); with one expert's work: {hop_compute:.0f} us")
+    print(f"dispatch hop ({nbytes} B of gRPC message, {args.batch} rows; raw TCP echo of the same bytes: {echo:.0f} us):")
+    for transport in transports:
+        hop, hop_compute = hops[transport]
+        print(f"  {transport:5} no expert work: {hop:7.0f} us ({hop / echo:.2f}x echo); with one expert's work: "
+              f"{hop_compute:7.0f} us")
+    if "torch" in transports and out["torch_fallback_messages"]:
+        print(f"note: {out['torch_fallback_messages']} torch messages fell back to gRPC")
     return 0

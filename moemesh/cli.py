@@ -95,6 +95,23 @@ def _add_metrics_arg(p: argparse.ArgumentParser) -> None:
                    "such as Kubernetes' native gRPC probes (default: off)")
 
 
+TRANSPORTS = ("grpc", "torch")
+
+
+def _add_transport_arg(p: argparse.ArgumentParser, role: str) -> None:
+    help_text = {
+        "attn": "how routed-expert rows travel: grpc (Dispatch streams) or torch (a torch.distributed group per "
+                "expert node, NCCL on CUDA, gloo on CPU, with gRPC as the fallback; the expert nodes must run "
+                "--transport torch too, else their rows go over gRPC) (default: grpc)",
+        "expert": "torch: also serve TorchTransport sessions (a torch.distributed group per attention node; "
+                  "Dispatch stays the fallback) (default: grpc)",
+        "up": "the expert transport of every attention and expert node (default: grpc)",
+        "bench": "torch: also measure the torch transport, side by side with gRPC in the same run (--mesh) "
+                 "(default: grpc)",
+    }[role]
+    p.add_argument("--transport", default="grpc", choices=TRANSPORTS, help=help_text)
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto = the checkpoint's on GPU, float32 on CPU (default: auto)")
@@ -180,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "experts into spare slots")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="expert weight dtype; auto = the checkpoint's on GPU, float32 on CPU")
+    _add_transport_arg(p, "expert")
+    p.add_argument("--torch-port", type=int, default=0, metavar="P",
+                   help="with --transport torch: port of the TCPStore where groups rendezvous (default: 0 = any)")
 
     p = sub.add_parser("attn-node", help="serve the attention side (engine + KV cache) over gRPC",
                        description="Run the continuous-batching engine with the MLA latent cache behind the internal "
@@ -197,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-wait", type=_non_negative_float, default=30.0, metavar="S",
                    help="when a step's experts are on no reachable node, wait up to S seconds for the leader's "
                    "re-plan and re-run the step; then fail its requests (default: 30)")
+    _add_transport_arg(p, "attn")
     _add_engine_args(p)
 
     from moemesh.router.main import add_router_parser
@@ -240,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     from moemesh.mesh_cmd import add_mesh_parser
 
     add_mesh_parser(sub)
+    _add_transport_arg(p, "up")
 
     p = sub.add_parser("query", help="send a generation to a running mesh's router",
                        description="Generate through a router with the client SDK. Streams text as it arrives; "
@@ -279,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: start 2 expert node processes on loopback and compare the single process with "
                    "the mesh (micro-batch overlap on and off), and one dispatch hop with a raw TCP echo")
     p.add_argument("--hop-samples", type=_positive_int, default=300, help="round trips timed for the hop (--mesh)")
+    _add_transport_arg(p, "bench")
     _add_engine_args(p)
     return parser
 
@@ -361,6 +384,8 @@ def _cmd_expert_node(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if not 0 <= args.torch_port <= 65535:
+        raise UsageError(f"--torch-port must be in 0..65535, got {args.torch_port}")
     cfg = ModelConfig.from_dir(args.model)
     dtype = resolve_dtype(args.dtype, cfg)
     tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
@@ -371,11 +396,12 @@ def _cmd_expert_node(args: argparse.Namespace) -> int:
 
         asyncio.run(serve_registered(args.model, args.etcd, args.cluster, args.host, args.port, dtype,
                                      node_id=args.node_id, slots=args.slots, advertise=args.advertise_host,
-                                     tls=tls, health_port=args.health_port))
+                                     tls=tls, health_port=args.health_port, transport=args.transport,
+                                     torch_port=args.torch_port))
         return 0
     parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
     asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype, tls=tls,
-                      health_port=args.health_port))
+                      health_port=args.health_port, transport=args.transport, torch_port=args.torch_port))
     return 0
 
 
@@ -402,7 +428,8 @@ def _cmd_attn_node(args: argparse.Namespace) -> int:
         args.model, args.host, args.port, resolve_dtype(args.dtype, cfg), engine_config(args), etcd=args.etcd,
         cluster=args.cluster, static=static, node_id=args.node_id, advertise=args.advertise_host,
         kernels=args.kernels, dispatch_timeout_s=args.dispatch_timeout, max_pending=args.max_pending,
-        tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca), health_port=args.health_port))
+        tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca), health_port=args.health_port,
+        transport=args.transport))
     return 0
 
 

@@ -20,6 +20,7 @@ import torch
 from moemesh.attn_node.engine import Engine, EngineConfig
 from moemesh.attn_node.loader import load_transformer
 from moemesh.attn_node.remote_backend import RemoteExpertBackend
+from moemesh.attn_node.torch_link import links_for
 from moemesh.config import ModelConfig
 from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.local_backend import LocalExpertBackend
@@ -78,12 +79,18 @@ def build_remote(
     progress: bool = True,
     dispatch_timeout_s: float = 30.0,
     kernels: str = "auto",
+    transport: str = "grpc",
 ) -> LocalMesh:
-    """The attention side of a mesh: routed experts on expert nodes, given as [(HOST:PORT, SPEC)]."""
+    """The attention side of a mesh: routed experts on expert nodes, given as [(HOST:PORT, SPEC)].
+
+    ``transport="torch"``: payloads over a torch.distributed group per node (attn_node/torch_link.py);
+    the groups form in the background, rows go over gRPC until they are up."""
     cfg = ModelConfig.from_dir(model_dir)
     torch_dtype = resolve_dtype(dtype, cfg)
     hosted = [(address, parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)) for address, spec in expert_nodes]
-    backend = RemoteExpertBackend(cfg, Placement.from_hosted(hosted), timeout_s=dispatch_timeout_s)
+    backend = RemoteExpertBackend(cfg, Placement.from_hosted(hosted), timeout_s=dispatch_timeout_s,
+                                  link_factory=links_for(transport, cfg.hidden_size, dispatch_timeout_s,
+                                                         device=_device()))
     try:
         model = load_transformer(str(model_dir), cfg, backend, torch_dtype, progress, select_ops(_device(), kernels))
     except BaseException:

@@ -95,9 +95,10 @@ def stop_all(procs: list[RoleProcess], timeout_s: float = 20.0) -> None:
 
 
 def spawn_expert_nodes(model_dir: str | Path, specs: list[str], timeout_s: float = 120.0,
-                       log_dir: str | Path | None = None) -> list[NodeProcess]:
+                       log_dir: str | Path | None = None, extra_args: list[str] = ()) -> list[NodeProcess]:
     """Start one fixed-shard expert node per spec on free loopback ports; return once every node serves."""
-    procs = [spawn(f"expert-{i}", ["expert-node", "--model", str(model_dir), "--experts", spec, "--port", "0"],
+    procs = [spawn(f"expert-{i}", ["expert-node", "--model", str(model_dir), "--experts", spec, "--port", "0",
+                                   *extra_args],
                    log_dir, threads=int(os.environ.get("MOEMESH_NODE_THREADS", "1")))
              for i, spec in enumerate(specs)]
     nodes = []

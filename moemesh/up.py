@@ -41,6 +41,11 @@ def _tls_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _transport_args(args: argparse.Namespace) -> list[str]:
+    transport = getattr(args, "transport", "grpc")
+    return [] if transport == "grpc" else ["--transport", transport]
+
+
 def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
     out = ["router", "--etcd", etcd, "--cluster", args.cluster, "--host", args.host, "--port", str(args.port),
            "--rebalance-interval", str(args.rebalance_interval)]
@@ -73,7 +78,7 @@ def run_up(args: argparse.Namespace) -> int:
 
     def expert_args(name: str) -> list[str]:
         return ["expert-node", "--model", model, "--etcd", etcd.endpoint, "--cluster", args.cluster,
-                "--node-id", name, "--slots", str(slots), *_tls_args(args)]
+                "--node-id", name, "--slots", str(slots), *_tls_args(args), *_transport_args(args)]
 
     mesh = LocalMesh(log_dir, expert_args, threads=1)  # one thread each: the processes share this machine's cores
     control = None
@@ -83,7 +88,8 @@ def run_up(args: argparse.Namespace) -> int:
         mesh.add_experts(args.expert_nodes, watch=False)
         for i in range(args.attn_nodes):
             mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, "--cluster",
-                                             args.cluster, "--node-id", f"attn-{i}", *_tls_args(args)])
+                                             args.cluster, "--node-id", f"attn-{i}", *_tls_args(args),
+                                             *_transport_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
         control, control_port = serve_control(mesh, args.host, args.control_port)
         print(json.dumps({"event": "ready", "router": f"{args.host}:{router.port}", "etcd": etcd.endpoint,

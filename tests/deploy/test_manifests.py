@@ -176,3 +176,7 @@ def test_gpu_overlay(rendered):
             assert c["image"].endswith("-cu128")
         if role == "attn":
             assert "--kernels=triton" in c["args"]
+        if role in ("attn", "expert") and not init:
+            assert "--transport=torch" in c["args"], f"{role}: the gpu overlay moves rows over NCCL"
+    policies = {o["metadata"]["name"] for o in objs if o["kind"] == "NetworkPolicy"}
+    assert "moemesh-torch-transport" in policies

@@ -1,0 +1,246 @@
+"""The expert node's side of the torch transport (``--transport torch``): TorchTransport sessions.
+
+An attention node calls ``Session``; this node answers with its TCPStore address
+and a fresh key prefix, joins the pair group as rank 1 and serves dispatch frames
+(``moemesh/p2p.py``) on one thread per session: receive a header and its body,
+validate them as the gRPC path does, run the shard, send the partial rows back.
+The call stays open while the group lives. Either end closing it ends the group:
+a cancelled call lets the thread stop after its current frame; a group that fails
+(a dead or silent peer, a bad frame) ends the call with a status saying why. A
+session never blocks forever: the idle wait for the next header is bounded by a
+few of the peer's ping intervals, every other wait by the peer's timeout.
+
+ExpertDispatch keeps serving beside this service: it is the attention node's
+fallback for rows the group cannot carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moemesh import metrics, p2p
+from moemesh.logs import get_logger
+from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
+
+from .server import HIDDEN_DTYPES, BadRequest, DispatchService, _count_tokens
+
+log = get_logger("moemesh.expert_node.torch")
+
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.1, 600.0
+IDLE_PINGS = 6  # a peer silent for this many ping intervals is gone
+
+
+class _Session:
+    """One pair group with one attention node, served on its own thread."""
+
+    def __init__(self, svc: DispatchService, store: str, prefix: str, backend: str, peer_host: str,
+                 timeout_s: float, idle_s: float, version: int):
+        self.svc, self.store, self.prefix, self.backend = svc, store, prefix, backend
+        self.peer_host, self.timeout_s, self.idle_s, self.version = peer_host, timeout_s, idle_s, version
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.inline_bytes = p2p.INLINE_BYTES if backend == "gloo" else 0  # NCCL needs equal sizes at both ends
+        self.stopping = threading.Event()
+        self.busy = False  # between a header and its reply
+        self.error: tuple[grpc.StatusCode, str] | None = None
+        self.messages = 0
+        self.done = threading.Event()
+        self._on_done: Callable[[], None] | None = None
+        self.thread = threading.Thread(target=self._run, name=f"torch-session-{prefix}", daemon=True)
+
+    def start(self, on_done: Callable[[], None]) -> None:
+        self._on_done = on_done
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            hostname = p2p.local_host_toward(self.peer_host)
+            # A store client of our own: one TCPStore object blocks its other users while a rendezvous waits.
+            store = p2p.connect_store(self.store, self.timeout_s)
+            req_pg, rep_pg = p2p.new_pair_group(store, self.prefix, p2p.EXPERT_RANK, self.backend,
+                                                self.timeout_s, hostname, self.device)
+            log.info("torch_session_up", prefix=self.prefix, backend=self.backend, peer=self.peer_host,
+                     version=self.version)
+            self._serve(req_pg, rep_pg)
+        except BadRequest as exc:
+            metrics.EXPERT_MESSAGES.labels("invalid").inc()
+            log.warning("bad_torch_frame", prefix=self.prefix, error=str(exc))
+            self.error = (grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except p2p.P2PError as exc:
+            self.error = (grpc.StatusCode.UNAVAILABLE, str(exc))
+        except Exception as exc:  # the shard failed: end this group, the peer falls back to gRPC
+            log.exception("torch_session_failed", prefix=self.prefix)
+            self.error = (grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        finally:
+            req_pg = rep_pg = None  # noqa: F841 - the groups' last references: their sockets close now
+            log.info("torch_session_down", prefix=self.prefix, messages=self.messages,
+                     error=self.error[1] if self.error else None)
+            self.done.set()
+            if self._on_done is not None:
+                self._on_done()
+
+    def _serve(self, req_pg, rep_pg) -> None:
+        backend, src = self.backend, p2p.ATTN_RANK
+        frame = torch.empty(p2p.HEADER_BYTES + self.inline_bytes, dtype=torch.uint8, device=self.device)
+        sending = None  # (work, buffer) of the last reply: waited for before the next one is sent, and at the end
+        try:
+            while not self.stopping.is_set():
+                p2p.wait(req_pg.recv([frame], src, p2p.TAG_REQUEST), self.idle_s, backend, "waiting for a frame")
+                h = p2p.unpack_header(frame)
+                if h.kind == p2p.KIND_PING:
+                    continue
+                if h.kind == p2p.KIND_BYE:
+                    return
+                self.busy = True
+                self._check_header(h)
+                if h.kind == p2p.KIND_INLINE:
+                    body = frame[p2p.HEADER_BYTES:]
+                else:
+                    body = torch.empty(h.body_bytes, dtype=torch.uint8, device=self.device)
+                    p2p.wait(req_pg.recv([body], src, p2p.TAG_REQUEST), self.timeout_s, backend, "receiving a body")
+                x, ids, weights = p2p.unpack_body(body, h)
+                self._check_rows(h.layer, ids, weights)
+                idx, w = torch.from_numpy(ids).to(self.device), torch.from_numpy(weights).to(self.device)
+                reply = p2p.pack_reply(h.msg_id, self.svc.shard.forward(h.layer, x, idx, w).to(x.dtype))
+                if sending is not None:
+                    p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")
+                sending = (rep_pg.send([reply], src, p2p.TAG_REPLY), reply)
+                metrics.EXPERT_MESSAGES.labels("ok").inc()
+                _count_tokens(h.layer, torch.from_numpy(ids))
+                self.messages += 1
+                self.busy = False
+        finally:
+            if sending is not None and self.error is None:
+                p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")  # delivered before the group goes
+
+    # ---- validation: what DispatchService.parse checks, on frames ---------
+    def _check_header(self, h: p2p.Header) -> None:
+        cfg = self.svc.cfg
+        if h.kind not in (p2p.KIND_DISPATCH, p2p.KIND_INLINE):
+            raise BadRequest(f"unknown frame kind {h.kind}")
+        if self.svc.shard.hosted_mask(h.layer) is None:
+            raise BadRequest(f"layer {h.layer} has no experts on this node (hosted MoE layers: "
+                             f"{sorted(self.svc.shard.hosted()) or 'none'})")
+        if h.dtype not in HIDDEN_DTYPES:
+            raise BadRequest(f"hidden dtype {h.dtype} is not one of {', '.join(map(str, HIDDEN_DTYPES))}")
+        if h.hidden != cfg.hidden_size:
+            raise BadRequest(f"hidden has {h.hidden} columns; this model's hidden_size is {cfg.hidden_size}")
+        if not 1 <= h.k <= cfg.num_experts_per_tok:
+            raise BadRequest(f"k = {h.k}; this model routes each row to 1..{cfg.num_experts_per_tok} experts")
+        if h.rows < 1 or h.body_bytes > p2p.MAX_BODY_BYTES:
+            raise BadRequest(f"{h.rows} rows: the body must be 1 row to {p2p.MAX_BODY_BYTES} bytes")
+        if h.kind == p2p.KIND_INLINE and h.body_bytes > self.inline_bytes:
+            raise BadRequest(f"an inline body of {h.body_bytes} bytes; this session carries at most "
+                             f"{self.inline_bytes} in a frame")
+
+    def _check_rows(self, layer: int, ids: np.ndarray, w: np.ndarray) -> None:
+        if ids.min() < -1 or ids.max() >= self.svc.cfg.n_routed_experts:
+            raise BadRequest(f"expert ids must be in 0..{self.svc.cfg.n_routed_experts - 1} (or -1 = skip)")
+        routed = ids[ids >= 0]
+        foreign = routed[~self.svc.shard.hosted_mask(layer)[routed]]
+        if foreign.size:
+            raise BadRequest(f"layer {layer}: experts {np.unique(foreign)[:8].tolist()} are not hosted on this node")
+        if not np.isfinite(w).all():
+            raise BadRequest("topk_weights contain NaN or infinity")
+
+
+class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
+    """Session calls over a TCPStore this node hosts; ``dispatch()`` gives the loaded DispatchService or None."""
+
+    def __init__(self, dispatch: Callable[[], DispatchService | None], advertise_host: str, store_port: int = 0):
+        self._dispatch = dispatch
+        self.store = p2p.host_store(store_port)
+        self.store_address = f"{advertise_host}:{self.store.port}"
+        self.sessions: dict[str, _Session] = {}  # open Session calls
+        self._threads: set[_Session] = set()  # sessions whose thread still holds a group
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """Refuse new sessions; end each open one after its in-flight frame."""
+        self._draining.set()
+
+    async def wait_closed(self, timeout_s: float) -> bool:
+        """After drain: wait until every group is gone (its peer closes it on seeing the session end).
+
+        A process must not exit while a session thread still holds a group: torch.distributed torn down
+        under it aborts the process. True when all are gone within ``timeout_s``."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._threads and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        return not self._threads
+
+    async def Session(self, request, context):
+        svc = self._dispatch()
+        if svc is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "experts are still loading; retry when health is SERVING")
+        if self._draining.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "expert node is draining")
+        backend = request.backend or "gloo"
+        if backend == "nccl" and not (dist.is_nccl_available() and torch.cuda.is_available()):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "nccl asked for, but this expert node has no CUDA device or NCCL")
+        if backend not in ("gloo", "nccl"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"backend {backend!r}: gloo or nccl")
+        if request.hidden_size != svc.cfg.hidden_size:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"hidden_size {request.hidden_size}; this expert node serves {svc.cfg.hidden_size}")
+        timeout_s = min(max(request.timeout_s or 30.0, MIN_TIMEOUT_S), MAX_TIMEOUT_S)
+        idle_s = IDLE_PINGS * min(max(request.ping_interval_s or 5.0, MIN_TIMEOUT_S), MAX_TIMEOUT_S)
+        prefix = f"s-{secrets.token_hex(12)}/"
+        loop = asyncio.get_running_loop()
+        ended = asyncio.Event()
+        session = _Session(svc, f"127.0.0.1:{self.store.port}", prefix, backend, _peer_host(context.peer()),
+                           timeout_s, idle_s, request.placement_version)
+        self.sessions[prefix] = session
+        self._threads.add(session)
+
+        def on_done() -> None:  # on the session's thread, once its groups are dropped
+            loop.call_soon_threadsafe(ended.set)
+            loop.call_soon_threadsafe(self._threads.discard, session)
+
+        try:
+            session.start(on_done)
+            yield torch_transport_pb2.SessionEvent(store=self.store_address, prefix=prefix, rank=p2p.ATTN_RANK,
+                                                   world_size=2, backend=backend, inline_bytes=session.inline_bytes)
+            waits = [asyncio.ensure_future(self._draining.wait()), asyncio.ensure_future(ended.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if not ended.is_set():  # draining: finish the frame in flight, then tell the peer
+                session.stopping.set()
+                for _ in range(int(timeout_s / 0.01)):
+                    if not session.busy:
+                        break
+                    await asyncio.sleep(0.01)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "expert node is draining")
+            if session.error is not None:
+                await context.abort(*session.error)
+        finally:  # also when the caller cancels: the thread stops after its current frame
+            session.stopping.set()
+            self.sessions.pop(prefix, None)
+            log.info("torch_session_closed", prefix=prefix, messages=session.messages,
+                     draining=self._draining.is_set(), error=session.error[1] if session.error else None)
+
+
+def _peer_host(peer: str) -> str:
+    """gRPC's ``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5`` -> the host part."""
+    _, _, rest = peer.partition(":")
+    return rest.rpartition(":")[0].strip("[]") or "127.0.0.1"
+
+
+def attach(server: grpc.aio.Server, dispatch: Callable[[], DispatchService | None], advertise_host: str,
+           store_port: int = 0) -> TorchTransportService:
+    """Add the TorchTransport service to a not yet started server; returns it (``.store_address``, ``.drain()``)."""
+    service = TorchTransportService(dispatch, advertise_host, store_port)
+    torch_transport_pb2_grpc.add_TorchTransportServicer_to_server(service, server)
+    log.info("torch_transport", store=service.store_address)
+    return service

@@ -1,0 +1,241 @@
+"""The torch.distributed data plane (``--transport torch``): pair groups and the frames they carry.
+
+Both roles use this module; neither imports the other. An attention node and one
+expert node form a process group of their own (world size 2: attention node rank
+0, expert node rank 1) per placement version, so a membership change or a dead
+peer touches only that pair. The expert node hosts a ``TCPStore`` (its address is
+in its etcd record and in the ``TorchTransport.Session`` answer); each group
+rendezvouses under its own key prefix there. Groups are built directly
+(``ProcessGroupGloo`` / ``ProcessGroupNCCL``), never through
+``init_process_group``, so one process holds any number of them.
+
+Frames are tensors sent with ``send``/``recv``; the gRPC codec is not involved.
+Nothing is serialized: a frame is raw tensor memory, which is why both ends must
+share byte order (little-endian everywhere we run, as for the codec)::
+
+    request, attention -> expert (TAG_REQUEST)
+      frame   uint8[64 + inline_bytes]: the header int64[8]
+              [kind, msg_id, layer, rows, k, version, dtype, hidden], then for KIND_INLINE the body
+      body    uint8[]: topk_idx int32 [rows, k] | topk_weights float32 [rows, k] | hidden [rows, hidden]
+              in the frame (KIND_INLINE) or as a second message of its own size (KIND_DISPATCH)
+      PING and BYE are a header alone
+    reply, expert -> attention (TAG_REPLY)
+      uint8[16 + rows * hidden * itemsize]: int64 msg_id, int64 status (0), then the partial rows
+      in the request's dtype
+
+The expert node posts one receive of ``64 + inline_bytes`` for every frame; gloo
+lets a shorter message land in it, so a decode-sized request is one message each
+way, like a gRPC round trip. Larger bodies (and every body on NCCL, which needs
+equal sizes on both ends: ``inline_bytes`` is 0 there) follow in a second message
+whose size the header gave. Sends and receives between the pair are matched in
+order: the attention node posts its sends under one lock, and the expert node
+handles one frame at a time.
+
+Every wait has a timeout (:func:`wait`). A gloo wait that times out closes the
+pair's connection, so a timeout is the end of a group, never a retry.
+
+CUDA: with CUDA tensors the backend is NCCL (:func:`backend_for`), with two groups
+per pair (one per direction: NCCL matches a pair's sends and receives in issue
+order on one stream, so requests and replies must not share a communicator), and
+waits poll ``is_completed`` up to the deadline, then abort the communicator.
+This path is written but untested here: these machines have no GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moemesh.codec import dtype_from_proto, dtype_to_proto
+
+if not dist.is_available():  # pragma: no cover - every torch wheel we install has it
+    raise ImportError("the torch transport needs torch.distributed, which this torch build lacks")
+
+KIND_DISPATCH, KIND_PING, KIND_BYE, KIND_INLINE = 1, 2, 3, 4
+TAG_REQUEST, TAG_REPLY = 0, 1
+HEADER_LEN = 8
+HEADER_BYTES = HEADER_LEN * 8
+REPLY_PREFIX = 16  # bytes: int64 msg_id, int64 status
+ATTN_RANK, EXPERT_RANK = 0, 1
+INLINE_BYTES = 1 << 20  # gloo: bodies up to 1 MiB ride in the header's frame (a [64, 4096] fp32 decode batch)
+MAX_BODY_BYTES = 256 << 20  # as gRPC's message limit
+
+
+class P2PError(RuntimeError):
+    """A send, receive or rendezvous of a pair group failed or timed out; the group is unusable."""
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: int
+    msg_id: int
+    layer: int
+    rows: int
+    k: int
+    version: int
+    dtype: torch.dtype | None  # None for PING/BYE, or a code this side does not know
+    hidden: int
+
+    @property
+    def body_bytes(self) -> int:
+        return self.rows * self.k * 8 + self.rows * self.hidden * self.dtype.itemsize
+
+
+def backend_for(device: torch.device | str) -> str:
+    """NCCL between CUDA devices, gloo for CPU tensors."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+# ---- frames -----------------------------------------------------------------
+# On CPU, frames are built and read through numpy views of one buffer: a decode-sized message is
+# tens of bytes of metadata, and a numpy view costs ~1 us where a torch op costs ~10.
+def control_frame(kind: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor([kind, 0, 0, 0, 0, 0, 0, 0], dtype=torch.int64).view(torch.uint8).to(device)
+
+
+def pack_request(msg_id: int, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int,
+                 device: torch.device | str = "cpu", inline_bytes: int = 0) -> list[torch.Tensor]:
+    """The messages of one dispatch request, in send order: [frame] or [frame, body]. Copies (x may be reused)."""
+    rows, hidden = x.shape
+    k = idx.shape[1]
+    split = rows * k * 8
+    body_bytes = split + x.numel() * x.dtype.itemsize
+    kind = KIND_INLINE if body_bytes <= inline_bytes else KIND_DISPATCH
+    head = [kind, msg_id, layer, rows, k, version, dtype_to_proto(x.dtype), hidden]
+    if torch.device(device).type != "cpu":
+        header = torch.tensor(head, dtype=torch.int64).view(torch.uint8).to(device)
+        meta = torch.cat([idx.to(device=device, dtype=torch.int32),
+                          w.to(device=device, dtype=torch.float32).view(torch.int32)], dim=1)  # [rows, 2k]
+        body = torch.cat([meta.reshape(-1).view(torch.uint8), x.to(device).contiguous().reshape(-1).view(torch.uint8)])
+        return [torch.cat([header, body])] if kind == KIND_INLINE else [header, body]
+    buf = torch.empty(HEADER_BYTES + body_bytes, dtype=torch.uint8)
+    raw = buf.numpy()
+    raw[:HEADER_BYTES].view(np.int64)[:] = head
+    meta = raw[HEADER_BYTES:HEADER_BYTES + split].view(np.int32).reshape(rows, 2 * k)
+    meta[:, :k] = idx.cpu().numpy()
+    meta[:, k:] = w.detach().cpu().float().numpy().view(np.int32)
+    buf[HEADER_BYTES + split:].view(x.dtype).view(rows, hidden).copy_(x)
+    return [buf] if kind == KIND_INLINE else [buf[:HEADER_BYTES], buf[HEADER_BYTES:]]
+
+
+def unpack_header(frame: torch.Tensor) -> Header:
+    head = frame[:HEADER_BYTES]
+    kind, msg_id, layer, rows, k, version, code, hidden = (
+        head.numpy() if head.device.type == "cpu" else head.cpu().numpy()).view(np.int64).tolist()
+    try:
+        dtype = dtype_from_proto(code) if kind in (KIND_DISPATCH, KIND_INLINE) else None
+    except ValueError:
+        dtype = None
+    return Header(kind, msg_id, layer, rows, k, version, dtype, hidden)
+
+
+def unpack_body(body: torch.Tensor, h: Header) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(hidden [rows, hidden] on the body's device, topk_idx int32 and topk_weights float32 [rows, k] in numpy).
+
+    hidden is a view of ``body``; the numpy arrays are host copies, for checks and the shard."""
+    split = h.rows * h.k * 8
+    meta = body[:split]
+    meta = (meta.numpy() if meta.device.type == "cpu" else meta.cpu().numpy()).view(np.int32).reshape(h.rows, 2 * h.k)
+    x = body[split:h.body_bytes].view(h.dtype).view(h.rows, h.hidden)
+    return x, np.ascontiguousarray(meta[:, : h.k]), np.ascontiguousarray(meta[:, h.k:]).view(np.float32)
+
+
+def reply_bytes(rows: int, hidden: int, dtype: torch.dtype) -> int:
+    return REPLY_PREFIX + rows * hidden * dtype.itemsize
+
+
+def pack_reply(msg_id: int, y: torch.Tensor, status: int = 0) -> torch.Tensor:
+    rows, hidden = y.shape
+    buf = torch.empty(reply_bytes(rows, hidden, y.dtype), dtype=torch.uint8, device=y.device)
+    if y.device.type == "cpu":
+        buf[:REPLY_PREFIX].numpy().view(np.int64)[:] = (msg_id, status)
+    else:
+        buf[:REPLY_PREFIX].copy_(torch.tensor([msg_id, status], dtype=torch.int64).view(torch.uint8))
+    buf[REPLY_PREFIX:].view(y.dtype).view(rows, hidden).copy_(y)
+    return buf
+
+
+def unpack_reply(buf: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) -> tuple[int, int, torch.Tensor]:
+    head = buf[:REPLY_PREFIX]
+    msg_id, status = (head.numpy() if head.device.type == "cpu" else head.cpu().numpy()).view(np.int64).tolist()
+    return msg_id, status, buf[REPLY_PREFIX:].view(dtype).view(rows, hidden)
+
+
+# ---- groups -----------------------------------------------------------------
+def host_store(port: int = 0, timeout_s: float = 30.0) -> dist.TCPStore:
+    """The expert node's rendezvous store (a TCPStore server on ``port``; 0 picks one: ``.port``)."""
+    return dist.TCPStore("0.0.0.0", port, None, True, datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def connect_store(address: str, timeout_s: float) -> dist.TCPStore:
+    host, _, port = address.rpartition(":")
+    try:
+        return dist.TCPStore(host.strip("[]"), int(port), None, False, datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:  # DistNetworkError, ValueError
+        raise P2PError(f"cannot reach the rendezvous store {address}: {exc}") from exc
+
+
+def local_host_toward(host: str) -> str:
+    """This machine's address on the route to ``host`` (what a gloo device must bind so the peer reaches it)."""
+    host = host.strip("[]")
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(sockaddr)  # UDP: picks the route, sends nothing
+        return s.getsockname()[0]
+
+
+def new_pair_group(store, prefix: str, rank: int, backend: str, timeout_s: float, hostname: str,
+                   device: torch.device | None = None) -> tuple:
+    """(request group, reply group) of a world-size-2 group under ``prefix``; the same object twice for gloo.
+
+    Blocks until the peer joins (at most ``timeout_s``)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        if backend == "gloo":
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=hostname)]
+            opts._threads = 1  # collectives only; send/recv do not use these threads
+            pg = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}pg/", store), rank, 2, opts)
+            return pg, pg
+        if backend == "nccl":  # pragma: no cover - needs CUDA
+            if not dist.is_nccl_available() or device is None or device.type != "cuda":
+                raise P2PError("the nccl backend needs a CUDA build of torch and a CUDA device")
+            torch.cuda.set_device(device)
+            groups = []
+            for direction in ("req", "rep"):
+                opts = dist.ProcessGroupNCCL.Options()
+                opts._timeout = timeout
+                groups.append(dist.ProcessGroupNCCL(dist.PrefixStore(f"{prefix}{direction}/", store), rank, 2, opts))
+            return groups[0], groups[1]
+        raise P2PError(f"unknown torch.distributed backend {backend!r} (gloo or nccl)")
+    except P2PError:
+        raise
+    except Exception as exc:  # DistStoreError, gloo's RuntimeError: one type for callers
+        raise P2PError(f"rendezvous under {prefix!r} failed: {exc}") from exc
+
+
+def wait(work, timeout_s: float, backend: str = "gloo", what: str = "p2p operation") -> None:
+    """Wait for one send/recv at most ``timeout_s``; P2PError (the group is then unusable) otherwise."""
+    timeout_s = max(timeout_s, 0.001)
+    try:
+        if backend == "gloo":
+            work.wait(datetime.timedelta(seconds=timeout_s))
+            return
+        deadline = time.monotonic() + timeout_s  # NCCL: wait() would only make the stream wait
+        spins = 0
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout_s:g}s")
+            spins += 1
+            time.sleep(0 if spins < 1000 else 50e-6)
+        work.wait()  # raises the operation's own error, if it had one
+    except Exception as exc:
+        raise P2PError(f"{what}: {exc}") from exc

@@ -1,0 +1,130 @@
+"""moemesh/p2p.py: the torch transport's frames, and the gloo behaviour they rely on.
+
+Frames are pure; the group tests run two gloo pair groups in this process (one
+per thread, each with its own store client, as the two nodes do).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from moemesh import p2p
+
+
+def _rows(rows=3, hidden=8, k=2, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=gen).to(dtype)
+    idx = torch.randint(0, 16, (rows, k), generator=gen)
+    idx[0, -1] = -1
+    w = torch.rand(rows, k, generator=gen)
+    return x, idx, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("inline", [True, False])
+def test_request_round_trip(dtype, inline):
+    x, idx, w = _rows(dtype=dtype)
+    messages = p2p.pack_request(7, 3, x, idx, w, 42, inline_bytes=1 << 20 if inline else 0)
+    assert len(messages) == (1 if inline else 2)
+    h = p2p.unpack_header(messages[0])
+    assert (h.kind, h.msg_id, h.layer, h.rows, h.k, h.version, h.dtype, h.hidden) == (
+        p2p.KIND_INLINE if inline else p2p.KIND_DISPATCH, 7, 3, 3, 2, 42, dtype, 8)
+    body = messages[0][p2p.HEADER_BYTES:] if inline else messages[1]
+    assert body.numel() == h.body_bytes
+    got_x, got_idx, got_w = p2p.unpack_body(body, h)
+    assert torch.equal(got_x, x) and got_x.dtype == dtype
+    assert got_idx.tolist() == idx.tolist() and got_w.tolist() == w.tolist()
+
+
+def test_inline_only_up_to_the_limit_and_the_body_is_a_copy():
+    x, idx, w = _rows(rows=4, hidden=16)
+    body_bytes = 4 * 2 * 8 + x.numel() * 4
+    assert len(p2p.pack_request(0, 1, x, idx, w, 0, inline_bytes=body_bytes)) == 1
+    messages = p2p.pack_request(0, 1, x, idx, w, 0, inline_bytes=body_bytes - 1)
+    assert len(messages) == 2 and messages[0].numel() == p2p.HEADER_BYTES
+    x.zero_()  # the caller may reuse its tensors once sent
+    got, _, _ = p2p.unpack_body(messages[1], p2p.unpack_header(messages[0]))
+    assert got.abs().sum() > 0
+
+
+def test_control_frames_and_unknown_dtypes():
+    for kind in (p2p.KIND_PING, p2p.KIND_BYE):
+        h = p2p.unpack_header(p2p.control_frame(kind))
+        assert h.kind == kind and h.dtype is None
+    frame = torch.tensor([p2p.KIND_DISPATCH, 0, 1, 1, 1, 0, 99, 8], dtype=torch.int64).view(torch.uint8)
+    assert p2p.unpack_header(frame).dtype is None  # the expert node rejects it by name
+
+
+def test_reply_round_trip():
+    y = torch.randn(5, 8).to(torch.bfloat16)
+    buf = p2p.pack_reply(11, y)
+    assert buf.numel() == p2p.reply_bytes(5, 8, torch.bfloat16)
+    msg_id, status, got = p2p.unpack_reply(buf, 5, 8, torch.bfloat16)
+    assert (msg_id, status) == (11, 0) and torch.equal(got, y)
+
+
+def test_backend_for_device():
+    assert p2p.backend_for("cpu") == "gloo"
+    assert p2p.backend_for(torch.device("cuda", 0)) == "nccl"
+
+
+def test_local_host_toward_loopback():
+    assert p2p.local_host_toward("127.0.0.1") == "127.0.0.1"
+
+
+# ---- gloo, two groups in this process -----------------------------------------
+@pytest.fixture
+def pair():
+    store = p2p.host_store(0)
+    address = f"127.0.0.1:{store.port}"
+    groups: dict[int, tuple] = {}
+
+    def join(rank):
+        groups[rank] = p2p.new_pair_group(p2p.connect_store(address, 10), "t/", rank, "gloo", 10, "127.0.0.1")
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(groups) == {0, 1}
+    yield groups[0][0], groups[1][0]
+
+
+def test_a_shorter_message_lands_in_a_longer_receive(pair):
+    """The frame protocol posts one receive of 64 + inline_bytes for frames of any size up to that."""
+    attn, expert = pair
+    x, idx, w = _rows()
+    (frame,) = p2p.pack_request(1, 2, x, idx, w, 0, inline_bytes=p2p.INLINE_BYTES)
+    buf = torch.zeros(p2p.HEADER_BYTES + p2p.INLINE_BYTES, dtype=torch.uint8)
+    recv = expert.recv([buf], p2p.ATTN_RANK, p2p.TAG_REQUEST)
+    send = attn.send([frame], p2p.EXPERT_RANK, p2p.TAG_REQUEST)
+    p2p.wait(recv, 10)
+    p2p.wait(send, 10)
+    h = p2p.unpack_header(buf)
+    got, _, _ = p2p.unpack_body(buf[p2p.HEADER_BYTES:], h)
+    assert torch.equal(got, x)
+
+
+def test_a_timed_out_wait_is_the_end_of_the_group(pair):
+    """Why every timeout fails the pair for good instead of retrying: gloo closes the connection."""
+    attn, expert = pair
+    buf = torch.zeros(p2p.HEADER_BYTES, dtype=torch.uint8)
+    with pytest.raises(p2p.P2PError, match="reply"):
+        p2p.wait(attn.recv([buf], p2p.EXPERT_RANK, p2p.TAG_REPLY), 0.2, what="waiting for a reply")
+    with pytest.raises(RuntimeError, match="closed"):  # the peer's next operation: refused at once, or failed
+        p2p.wait(expert.send([p2p.control_frame(p2p.KIND_PING)], p2p.ATTN_RANK, p2p.TAG_REPLY), 5)
+
+
+def test_rendezvous_without_a_peer_times_out():
+    store = p2p.host_store(0)
+    with pytest.raises(p2p.P2PError, match="rendezvous"):
+        p2p.new_pair_group(p2p.connect_store(f"127.0.0.1:{store.port}", 1), "lonely/", 0, "gloo", 0.5, "127.0.0.1")
+
+
+def test_unreachable_store_is_a_p2p_error():
+    with pytest.raises(p2p.P2PError, match="rendezvous store"):
+        p2p.connect_store("127.0.0.1:1", 0.5)
