@@ -31,7 +31,7 @@ from moemesh.logs import get_logger
 from moemesh.node_ids import advertise_address, default_node_id
 
 from .loader import load_experts
-from .server import SERVICE_NAME, DispatchService, create_server, finish_in_flight
+from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, create_server, finish_in_flight
 from .shard import ExpertShard
 
 log = get_logger("moemesh.expert_node.control")
@@ -49,7 +49,8 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
         loop.add_signal_handler(sig, stop.set)
     shard = ExpertShard(cfg.n_routed_experts, dtype)
     service = DispatchService(shard, cfg)
-    server, bound, health = create_server(service, host, port, tls)
+    server, bound, health = create_server(service, host, port, tls,
+                                          (TORCH_SERVICE_NAME,) if transport == "torch" else ())
     torch_transport = None
     if transport == "torch":  # TorchTransport sessions beside ExpertDispatch (the fallback)
         from .torch_server import attach

@@ -23,13 +23,14 @@ from moemesh.codec import CodecError, from_proto, to_proto
 from moemesh.config import ModelConfig
 from moemesh.logs import get_logger
 from moemesh.tls import TLSFiles, add_port
-from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc
+from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc, torch_transport_pb2
 
 from .shard import ExpertShard
 
 log = get_logger("moemesh.expert_node")
 
 SERVICE_NAME = dispatch_pb2.DESCRIPTOR.services_by_name["ExpertDispatch"].full_name
+TORCH_SERVICE_NAME = torch_transport_pb2.DESCRIPTOR.services_by_name["TorchTransport"].full_name
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_MESSAGE_BYTES = 256 << 20
 INLINE_ASSIGNMENTS = 64  # (row, expert) pairs computed on the event loop itself; more go to the worker thread
@@ -173,15 +174,20 @@ def handlers(service) -> grpc.GenericRpcHandler:
 
 
 def create_server(
-    service: DispatchService, host: str = "127.0.0.1", port: int = 0, tls: TLSFiles | None = None
+    service: DispatchService, host: str = "127.0.0.1", port: int = 0, tls: TLSFiles | None = None,
+    also_reflect: tuple[str, ...] = (),
 ) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
-    """A grpc.aio server with Dispatch, health (NOT_SERVING until set) and reflection; returns the bound port."""
+    """A grpc.aio server with Dispatch, health (NOT_SERVING until set) and reflection; returns the bound port.
+
+    ``also_reflect``: full names of services the caller adds before starting it (e.g. TorchTransport).
+    """
     server = grpc.aio.server(options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((handlers(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, *also_reflect,
+         reflection.SERVICE_NAME), server
     )
     return server, add_port(server, f"{host}:{port}", tls), health_servicer
 

@@ -238,10 +238,11 @@ def _mesh_cli(mesh: Mesh, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("replicas", [True, False], ids=["with-replicas", "without-replicas"])
-def test_sigkilled_expert_node_loses_no_request(model, reference, tmp_path, replicas):
+@pytest.mark.parametrize("replicas, transport", [(True, "grpc"), (False, "grpc"), (False, "torch")],
+                         ids=["with-replicas", "without-replicas", "without-replicas-torch"])
+def test_sigkilled_expert_node_loses_no_request(model, reference, tmp_path, replicas, transport):
     # 8 slots per node: the survivor can take every expert. With replicas, each expert is on both nodes.
-    flags = ["--expert-nodes", "2", "--expert-slots", "8", "--rebalance-interval", "0"]
+    flags = ["--expert-nodes", "2", "--expert-slots", "8", "--rebalance-interval", "0", "--transport", transport]
     mesh = Mesh(model, tmp_path, *flags, *([] if replicas else ["--no-replicas"]))
     streams = None
     try:
@@ -268,7 +269,7 @@ def test_sigkilled_expert_node_loses_no_request(model, reference, tmp_path, repl
         else:
             assert waited and retried, "without replicas, a step waits for the re-plan and runs again"
             seconds = datetime.fromisoformat(retried[0]["timestamp"]).timestamp() - killed_at
-            print(f"without replicas: step re-run on the new placement {seconds:.3f} s after SIGKILL")
+            print(f"without replicas ({transport}): step re-run on the new placement {seconds:.3f} s after SIGKILL")
     finally:
         if streams is not None:
             streams.stop.set()

@@ -15,8 +15,10 @@ import asyncio
 import threading
 import time
 
+import grpc
 import pytest
 import torch
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.sequence import SamplingParams
@@ -89,6 +91,9 @@ def torch_mesh(model_dir, procs, timeout_s=20.0, ready=True):
 
 def test_tokens_over_torch_equal_the_single_process(nodes, model_dir, prompts, reference_tokens):
     procs = nodes.start(model_dir, ["0-3", "4-7"], TORCH)
+    with grpc.insecure_channel(procs[0].address) as channel:  # reflection lists the torch service too
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert "moemesh.v1.TorchTransport" in services and "moemesh.v1.ExpertDispatch" in services, services
     mesh = torch_mesh(model_dir, procs)
     try:
         assert run_engine(mesh.engine, prompts) == reference_tokens
