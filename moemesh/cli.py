@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dispatch-timeout", type=_positive_float, default=30.0,
                    help="seconds an expert node may take per MoE layer before its rows go to a replica "
                    "(default: 30)")
+    _add_transport_arg(p, "attn")
     _add_engine_args(p)
 
     p = sub.add_parser("expert-node", help="serve a shard of routed experts over gRPC",

@@ -71,7 +71,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if getattr(args, "expert_nodes", None):
         nodes = [node for text in args.expert_nodes for node in parse_expert_nodes(text)]
         mesh = build_remote(model_dir, nodes, args.dtype, engine_config(args), not args.json, args.dispatch_timeout,
-                            kernels=args.kernels)
+                            kernels=args.kernels, transport=args.transport)
     else:
         mesh = build_local(model_dir, args.dtype, engine_config(args), progress=not args.json, kernels=args.kernels)
     try:

@@ -12,6 +12,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -30,7 +33,7 @@ from moemesh.expert_node.torch_server import attach
 from moemesh.local import build_local, build_remote
 from oracle.hf_models import save_hf_model
 
-from .mesh_procs import NodeSet, node_list
+from .mesh_procs import NodeSet, expert_nodes_flag, node_list
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -294,3 +297,19 @@ def test_attention_peer_killed_mid_stream_ends_only_its_group(nodes, model_dir):
     finally:
         if peer.poll() is None:
             peer.kill()
+
+
+def test_generate_cli_over_torch_prints_the_reference_tokens(nodes, model_dir, prompts, reference_tokens):
+    procs = nodes.start(model_dir, ["0-3", "4-7"], TORCH)
+    args = [sys.executable, "-m", "moemesh.cli", "generate", "--model", str(model_dir), "--max-tokens",
+            str(NEW_TOKENS), "--temperature", "0", "--ignore-eos", "--json", "--transport", "torch",
+            "--expert-nodes", expert_nodes_flag(procs)]
+    for prompt in prompts:
+        args += ["--prompt-ids", ",".join(map(str, prompt))]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads(line)["token_ids"] for line in proc.stdout.splitlines() if line.strip()] == reference_tokens
+    time.sleep(0.5)  # the bye ends each group on the node's side
+    for node in procs:  # the rows went over the torch groups
+        downs = [e for e in node.log_events() if e.get("event") == "torch_session_down"]
+        assert downs and downs[-1]["messages"] > 0, node.stderr_tail()
