@@ -117,6 +117,14 @@ async def _follow_placement(reg, keys, cfg, backend, record, dispatch_timeout_s,
         placement = view.serving_placement()
         if placement is None or placement == serving:
             continue
+        current = backend.current
+        if serving is not None and current is not None and _same_replicas(placement, serving):
+            current.reroute(placement)  # only shares changed: keep the links (and torch groups)
+            serving = placement
+            record.update(status="ready", placement_version=placement.version)
+            await reg.update(record)
+            log.info("placement_shares_updated", version=placement.version)
+            continue
         try:
             # --transport torch: each placement version gets new links, hence new pair groups (re-formed here)
             new = await asyncio.to_thread(RemoteExpertBackend, cfg, placement, dispatch_timeout_s, 10.0, tls,
@@ -132,3 +140,7 @@ async def _follow_placement(reg, keys, cfg, backend, record, dispatch_timeout_s,
         log.info("placement_installed", version=placement.version, nodes=list(placement.nodes))
         if first:
             await became_ready()
+
+
+def _same_replicas(a: Placement, b: Placement) -> bool:
+    return a.nodes == b.nodes and a.replicas == b.replicas

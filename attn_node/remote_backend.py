@@ -167,6 +167,18 @@ class RemoteExpertBackend(ExpertBackend):
         self.routes = ReplicaRoutes(cfg.moe_layers, cfg.n_routed_experts, placement)
         self._rebuild_tables()
 
+    def reroute(self, placement: Placement) -> None:
+        """Take a placement that only changes replicas' shares (same nodes, same replicas): no new links.
+
+        A periodic rebalance often moves nothing but shares; re-dialling every node (and re-forming torch
+        groups) for that would be wasted work.
+        """
+        if placement.nodes != self.placement.nodes or placement.replicas != self.placement.replicas:
+            raise ValueError("reroute takes only a placement with the same nodes and replicas; build a new backend")
+        routes = ReplicaRoutes(self.cfg.moe_layers, self.cfg.n_routed_experts, placement)
+        routes.rebuild({n for n, link in enumerate(self.links) if link.failure is None})
+        self.placement, self.routes = placement, routes  # attribute swaps: a concurrent dispatch sees old or new
+
     def _rebuild_tables(self) -> None:
         self.routes.rebuild({n for n, link in enumerate(self.links) if link.failure is None})
 
