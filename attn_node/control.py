@@ -17,6 +17,7 @@ import signal
 
 from grpc_health.v1 import health_pb2
 
+from moemesh.checkpoint import checkpoint_fingerprint
 from moemesh.cluster_view import ClusterView
 from moemesh.config import ModelConfig
 from moemesh.etcd import Keys, Registry
@@ -48,6 +49,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
                           max_pending: int = 256, tls: TLSFiles | None = None,
                           health_port: int | None = None, transport: str = "grpc") -> None:
     cfg = ModelConfig.from_dir(model_dir)
+    checkpoint = checkpoint_fingerprint(model_dir)  # expert nodes must serve the same one
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,7 +82,8 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     reg = follower = None
     if static is not None:
         backend.install(await asyncio.to_thread(RemoteExpertBackend, cfg, static, dispatch_timeout_s, 10.0, tls,
-                                                links_for(transport, cfg.hidden_size, dispatch_timeout_s)))
+                                                links_for(transport, cfg.hidden_size, dispatch_timeout_s),
+                                                checkpoint=checkpoint))
         await became_ready()
     if etcd is not None:
         reg = await Registry.connect(etcd, cluster)
@@ -89,7 +92,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
         await reg.register("attn", node_id, record)
         follower = asyncio.create_task(
             _follow_placement(reg, Keys(cluster), cfg, backend, record, dispatch_timeout_s, became_ready, tls,
-                              transport))
+                              transport, checkpoint))
     await stop.wait()
 
     log.info("draining", running=engine_loop.num_running(), waiting=engine_loop.num_waiting())
@@ -108,7 +111,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
 
 
 async def _follow_placement(reg, keys, cfg, backend, record, dispatch_timeout_s, became_ready, tls,
-                            transport="grpc") -> None:
+                            transport="grpc", checkpoint="") -> None:
     view = ClusterView(keys)
     serving: Placement | None = None
     async for ev in reg.watch_prefix(keys.root):
@@ -128,7 +131,8 @@ async def _follow_placement(reg, keys, cfg, backend, record, dispatch_timeout_s,
         try:
             # --transport torch: each placement version gets new links, hence new pair groups (re-formed here)
             new = await asyncio.to_thread(RemoteExpertBackend, cfg, placement, dispatch_timeout_s, 10.0, tls,
-                                          links_for(transport, cfg.hidden_size, dispatch_timeout_s, placement.version))
+                                          links_for(transport, cfg.hidden_size, dispatch_timeout_s, placement.version),
+                                          checkpoint=checkpoint)
         except Exception as exc:  # a node went away between its record and our dial: wait for the next change
             log.warning("placement_connect_failed", version=placement.version, error=str(exc))
             continue

@@ -151,7 +151,8 @@ class _Handle:
 
 class RemoteExpertBackend(ExpertBackend):
     def __init__(self, cfg: ModelConfig, placement: Placement, timeout_s: float = 30.0,
-                 connect_timeout_s: float = 10.0, tls: TLSFiles | None = None, link_factory=None):
+                 connect_timeout_s: float = 10.0, tls: TLSFiles | None = None, link_factory=None,
+                 checkpoint: str = ""):
         placement.require_complete(cfg.moe_layers, cfg.n_routed_experts)
         self.cfg, self.placement, self.timeout_s = cfg, placement, timeout_s
         self.links: list[NodeLink] = []
@@ -160,7 +161,7 @@ class RemoteExpertBackend(ExpertBackend):
         try:
             for node, address in enumerate(placement.nodes):
                 self.links.append(make_link(address, connect_timeout_s, tls))
-                _check_node(self.links[-1], cfg, placement, node)
+                _check_node(self.links[-1], cfg, placement, node, checkpoint)
         except BaseException:
             self.close()  # no half-open mesh: channels and reader threads of the nodes reached so far
             raise
@@ -248,7 +249,7 @@ def _wait_serving(channel: grpc.Channel, address: str, timeout_s: float) -> None
     raise ExpertsUnavailable(f"expert node {address} was not SERVING within {timeout_s:g}s (last: {last})")
 
 
-def _check_node(link: NodeLink, cfg: ModelConfig, placement: Placement, node: int) -> None:
+def _check_node(link: NodeLink, cfg: ModelConfig, placement: Placement, node: int, checkpoint: str = "") -> None:
     """Fail fast on a node that serves another model or lacks experts the placement gives it."""
     try:
         info = link.info()
@@ -259,6 +260,10 @@ def _check_node(link: NodeLink, cfg: ModelConfig, placement: Placement, node: in
             f"expert node {link.address} serves a model with hidden_size {info.hidden_size} and "
             f"{info.n_routed_experts} experts; this one has {cfg.hidden_size} and {cfg.n_routed_experts}"
         )
+    if checkpoint and info.checkpoint and info.checkpoint != checkpoint:
+        raise ExpertBackendError(
+            f"expert node {link.address} serves checkpoint {info.checkpoint}, this attention node {checkpoint}: "
+            "same shape, other weights; point both at the same model directory (or finish the roll-out)")
     hosted = {(le.layer, e) for le in info.experts for e in le.experts}
     claimed = {key for key, nodes in placement.replicas.items() if node in nodes}
     lacking = sorted(claimed - hosted)

@@ -23,6 +23,7 @@ import signal
 
 from grpc_health.v1 import health_pb2
 
+from moemesh.checkpoint import checkpoint_fingerprint
 from moemesh.cluster_view import ClusterView
 from moemesh.config import ModelConfig
 from moemesh.etcd import Keys, Registry
@@ -48,7 +49,8 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     shard = ExpertShard(cfg.n_routed_experts, dtype)
-    service = DispatchService(shard, cfg)
+    checkpoint = checkpoint_fingerprint(model_dir)
+    service = DispatchService(shard, cfg, checkpoint)
     server, bound, health = create_server(service, host, port, tls,
                                           (TORCH_SERVICE_NAME,) if transport == "torch" else ())
     torch_transport = None
@@ -68,7 +70,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
         "address": advertise_address(host, bound, advertise), "status": "loading", "experts": {},
         "tls": tls is not None,
         "capacity": {"slots": slots or cfg.n_routed_experts, "moe_layers": list(cfg.moe_layers),
-                     "n_routed_experts": cfg.n_routed_experts},
+                     "n_routed_experts": cfg.n_routed_experts, "checkpoint": checkpoint},
     }
     if torch_transport is not None:
         record["torch_store"] = torch_transport.store_address  # the rendezvous: where pair groups meet

@@ -10,6 +10,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2
 
+from moemesh.checkpoint import checkpoint_fingerprint
 from moemesh.config import ModelConfig
 from moemesh.health_port import start_health_port
 from moemesh.logs import get_logger
@@ -53,7 +54,7 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
         await server.stop(grace=None)
         log.info("stopped", reason="signal during load")
         return
-    service.attach(DispatchService(shard, cfg))
+    service.attach(DispatchService(shard, cfg, checkpoint_fingerprint(model_dir)))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, SERVING)
     log.info("serving", host=host, port=bound)

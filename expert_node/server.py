@@ -49,8 +49,9 @@ class BadRequest(ValueError):
 
 
 class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
-    def __init__(self, shard: ExpertShard, cfg: ModelConfig):
+    def __init__(self, shard: ExpertShard, cfg: ModelConfig, checkpoint: str = ""):
         self.shard, self.cfg = shard, cfg
+        self.checkpoint = checkpoint  # fingerprint of the checkpoint served (Info; attention nodes compare)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
         self._draining = asyncio.Event()
         self.in_flight = 0
@@ -131,6 +132,7 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
             dtype=dtype,
             tokens_computed=self.tokens_computed,
             placement_version=self.placement_version,
+            checkpoint=self.checkpoint,
         )
 
 

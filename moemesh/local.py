@@ -21,6 +21,7 @@ from moemesh.attn_node.engine import Engine, EngineConfig
 from moemesh.attn_node.loader import load_transformer
 from moemesh.attn_node.remote_backend import RemoteExpertBackend
 from moemesh.attn_node.torch_link import links_for
+from moemesh.checkpoint import checkpoint_fingerprint
 from moemesh.config import ModelConfig
 from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.local_backend import LocalExpertBackend
@@ -90,7 +91,8 @@ def build_remote(
     hosted = [(address, parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)) for address, spec in expert_nodes]
     backend = RemoteExpertBackend(cfg, Placement.from_hosted(hosted), timeout_s=dispatch_timeout_s,
                                   link_factory=links_for(transport, cfg.hidden_size, dispatch_timeout_s,
-                                                         device=_device()))
+                                                         device=_device()),
+                                  checkpoint=checkpoint_fingerprint(model_dir))
     try:
         model = load_transformer(str(model_dir), cfg, backend, torch_dtype, progress, select_ops(_device(), kernels))
     except BaseException:

@@ -25,9 +25,10 @@ What expert node records must carry for this (``capacity``)::
 
     {"moe_layers": [1, 2, ...],   # the model's MoE layer indices (ModelConfig.moe_layers)
      "n_routed_experts": 64,      # routed experts per MoE layer
-     "slots": 16}                 # optional: experts per MoE layer the node can host; enables replicas
+     "slots": 16,                 # optional: experts per MoE layer the node can host; enables replicas
+     "checkpoint": "9f2c..."}     # optional: moemesh.checkpoint.checkpoint_fingerprint of its model
 
-Nodes that disagree on ``moe_layers``/``n_routed_experts`` get no placement (logged once).
+Nodes that disagree on ``moe_layers``/``n_routed_experts``/``checkpoint`` get no placement (logged once).
 """
 
 from __future__ import annotations
@@ -110,11 +111,14 @@ def model_shape(experts: list[dict]) -> tuple[tuple[int, ...], int] | str:
         if not ok:
             return (f"expert node {record['id']} does not publish capacity.moe_layers (MoE layer indices) and "
                     f"capacity.n_routed_experts (an int >= 1) in its record")
-        shapes.setdefault((tuple(sorted(set(layers))), n), []).append(record["id"])
+        checkpoint = cap.get("checkpoint") if isinstance(cap.get("checkpoint"), str) else ""
+        shapes.setdefault((tuple(sorted(set(layers))), n, checkpoint), []).append(record["id"])
     if len(shapes) > 1:
-        detail = "; ".join(f"{ids}: {len(s[0])} MoE layers x {s[1]} experts" for s, ids in shapes.items())
+        detail = "; ".join(f"{ids}: {len(s[0])} MoE layers x {s[1]} experts, checkpoint {s[2] or '?'}"
+                           for s, ids in shapes.items())
         return f"expert nodes disagree on the model ({detail}): are they serving the same checkpoint?"
-    return next(iter(shapes))
+    layers, n, _ = next(iter(shapes))
+    return layers, n
 
 
 def min_slots(experts: list[dict]) -> int | None:

@@ -36,7 +36,7 @@ from moemesh.expert_node.loader import load_expert_shard
 from moemesh.local import build_local, build_remote
 from moemesh.placement import parse_expert_spec
 from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc, tensor_pb2
-from oracle.hf_models import save_hf_model
+from oracle.hf_models import build_hf_model, save_hf_model
 
 from .mesh_procs import NodeSet, expert_nodes_flag, node_list
 
@@ -480,6 +480,14 @@ def test_cli_generate_over_expert_nodes_matches_single_process(shared_nodes, mod
     assert len(single) == 2 and [o["prompt_ids"] for o in single] == [[5, 6, 7], [9, 10]]
     assert all(o["token_ids"] for o in single)
     assert mesh == single
+
+
+def test_attention_side_refuses_an_expert_node_serving_other_weights(shared_nodes, tmp_path):
+    """Same config and shapes, other weights: the checkpoint fingerprints differ and the connect fails, named."""
+    other = tmp_path / "other"
+    build_hf_model(CONFIG, seed=1).save_pretrained(other)
+    with pytest.raises(ExpertBackendError, match="serves checkpoint .* this attention node"):
+        build_remote(other, node_list(shared_nodes["pair"]), "float32", ENGINE, progress=False)
 
 
 def test_spec_claiming_experts_a_node_lacks_is_refused(shared_nodes, model_dir):

@@ -1,0 +1,28 @@
+"""checkpoint_fingerprint: equal for the same files, different for other weights of the same shape."""
+
+import shutil
+
+import pytest
+
+from moemesh.checkpoint import CheckpointError, checkpoint_fingerprint
+from moemesh.router.cluster import model_shape
+from moemesh.tiny import write_tiny_checkpoint
+
+
+def test_same_files_same_fingerprint_other_weights_other(tmp_path):
+    a = write_tiny_checkpoint(tmp_path / "a", hidden_size=32, layers=2, experts=4, experts_per_token=2, seed=0)
+    b = write_tiny_checkpoint(tmp_path / "b", hidden_size=32, layers=2, experts=4, experts_per_token=2, seed=1)
+    copy = shutil.copytree(a, tmp_path / "copy")
+    assert checkpoint_fingerprint(a) == checkpoint_fingerprint(copy)
+    assert checkpoint_fingerprint(a) != checkpoint_fingerprint(b)
+    assert len(checkpoint_fingerprint(a)) == 16
+    with pytest.raises(CheckpointError, match="cannot fingerprint"):
+        checkpoint_fingerprint(tmp_path / "missing")
+
+
+def test_the_leader_refuses_expert_nodes_on_two_checkpoints():
+    cap = {"moe_layers": [1], "n_routed_experts": 4}
+    same = [{"id": "e0", "capacity": {**cap, "checkpoint": "x"}}, {"id": "e1", "capacity": {**cap, "checkpoint": "x"}}]
+    assert model_shape(same) == ((1,), 4)
+    mixed = [same[0], {"id": "e1", "capacity": {**cap, "checkpoint": "y"}}]
+    assert "checkpoint y" in model_shape(mixed) and "same checkpoint" in model_shape(mixed)
