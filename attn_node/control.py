@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 
 from grpc_health.v1 import health_pb2
 
@@ -39,6 +40,7 @@ from .switchable_backend import SwitchableBackend
 from .torch_link import links_for
 
 log = get_logger("moemesh.attn_node.control")
+CONNECT_TIMEOUT_S = 5.0  # a placement's expert nodes are ready by their records: they answer fast
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -90,9 +92,8 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
         if static is not None:
             record["status"] = "ready"
         await reg.register("attn", node_id, record)
-        follower = asyncio.create_task(
-            _follow_placement(reg, Keys(cluster), cfg, backend, record, dispatch_timeout_s, became_ready, tls,
-                              transport, checkpoint))
+        follower = asyncio.create_task(_PlacementFollower(
+            reg, Keys(cluster), cfg, backend, record, dispatch_timeout_s, became_ready, tls, transport, checkpoint).run())
     await stop.wait()
 
     log.info("draining", running=engine_loop.num_running(), waiting=engine_loop.num_waiting())
@@ -110,40 +111,108 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     log.info("stopped")
 
 
-async def _follow_placement(reg, keys, cfg, backend, record, dispatch_timeout_s, became_ready, tls,
-                            transport="grpc", checkpoint="") -> None:
-    view = ClusterView(keys)
-    serving: Placement | None = None
-    async for ev in reg.watch_prefix(keys.root):
-        if not view.apply(ev):
-            continue
-        placement = view.serving_placement()
-        if placement is None or placement == serving:
-            continue
-        current = backend.current
-        if serving is not None and current is not None and _same_replicas(placement, serving):
-            current.reroute(placement)  # only shares changed: keep the links (and torch groups)
-            serving = placement
-            record.update(status="ready", placement_version=placement.version)
-            await reg.update(record)
-            log.info("placement_shares_updated", version=placement.version)
-            continue
+TICK_S = 1.0  # look again even without etcd events: retry a failed dial, re-dial a node whose link broke
+REDIAL_AFTER_S = 3.0  # a broken link is re-dialled only if no re-plan took its node out by then
+
+
+class _PlacementFollower:
+    """Installs the serving placement's backend; retries failed dials and re-dials links that broke.
+
+    A link breaks when its node died (the leader re-plans within milliseconds) or on a transient fault
+    (a missed deadline, a restart at the same address): then nothing in etcd changes, so the follower
+    re-dials the same placement itself once the link has been down for REDIAL_AFTER_S.
+    """
+
+    def __init__(self, reg, keys, cfg, backend, record, dispatch_timeout_s, became_ready, tls, transport, checkpoint):
+        self.reg, self.keys, self.cfg, self.backend, self.record = reg, keys, cfg, backend, record
+        self.dispatch_timeout_s, self.became_ready, self.tls = dispatch_timeout_s, became_ready, tls
+        self.transport, self.checkpoint = transport, checkpoint
+        self.view = ClusterView(keys)
+        self.serving: Placement | None = None
+        self.broken_since: float | None = None
+        self.retry_at, self.backoff = 0.0, 0.5
+
+    async def run(self) -> None:
+        events: asyncio.Queue = asyncio.Queue()
+        pump = asyncio.create_task(self._pump(events))
         try:
-            # --transport torch: each placement version gets new links, hence new pair groups (re-formed here)
-            new = await asyncio.to_thread(RemoteExpertBackend, cfg, placement, dispatch_timeout_s, 10.0, tls,
-                                          links_for(transport, cfg.hidden_size, dispatch_timeout_s, placement.version),
-                                          checkpoint=checkpoint)
-        except Exception as exc:  # a node went away between its record and our dial: wait for the next change
-            log.warning("placement_connect_failed", version=placement.version, error=str(exc))
-            continue
-        await asyncio.to_thread(backend.install, new)  # takes effect between two engine steps
-        first = serving is None
-        serving = placement
-        record.update(status="ready", placement_version=placement.version)
-        await reg.update(record)
-        log.info("placement_installed", version=placement.version, nodes=list(placement.nodes))
+            while True:
+                try:
+                    self.view.apply(await asyncio.wait_for(events.get(), TICK_S))
+                    while not events.empty():
+                        self.view.apply(events.get_nowait())
+                except asyncio.TimeoutError:
+                    pass
+                try:
+                    await self._reconcile()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # never stop following: log, and the next tick tries again
+                    log.exception("placement_follow_failed")
+        finally:
+            pump.cancel()
+
+    async def _pump(self, events: asyncio.Queue) -> None:
+        async for ev in self.reg.watch_prefix(self.keys.root):
+            events.put_nowait(ev)
+
+    def _broken(self, current) -> bool:
+        """True once some link of the current backend has been down for REDIAL_AFTER_S."""
+        if current is None or not any(link.failure is not None for link in current.links):
+            self.broken_since = None
+            return False
+        now = time.monotonic()
+        self.broken_since = self.broken_since or now
+        return now - self.broken_since >= REDIAL_AFTER_S
+
+    async def _reconcile(self) -> None:
+        placement = self.view.serving_placement()
+        if placement is None:
+            return
+        current = self.backend.current
+        broken = self._broken(current)
+        if (placement == self.serving and not broken) or time.monotonic() < self.retry_at:
+            return
+        if not broken and self.serving is not None and current is not None and _same_replicas(placement, self.serving):
+            current.reroute(placement)  # only shares changed: keep the links (and torch groups)
+            await self._serve(placement, "placement_shares_updated")
+            return
+        new = await self._build(placement)
+        if new is None:
+            return
+        await asyncio.to_thread(self.backend.install, new)  # takes effect between two engine steps
+        self.broken_since = None
+        first = self.serving is None
+        await self._serve(placement, "placement_redialled" if placement == self.serving else "placement_installed")
         if first:
-            await became_ready()
+            await self.became_ready()
+
+    async def _build(self, placement: Placement):
+        """A backend for ``placement``, or None (logged; retried with backoff). Closed if we are cancelled."""
+        # --transport torch: each placement version gets new links, hence new pair groups (re-formed here)
+        task = asyncio.ensure_future(asyncio.to_thread(
+            RemoteExpertBackend, self.cfg, placement, self.dispatch_timeout_s, CONNECT_TIMEOUT_S, self.tls,
+            links_for(self.transport, self.cfg.hidden_size, self.dispatch_timeout_s, placement.version),
+            checkpoint=self.checkpoint))
+        try:
+            new = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: t.cancelled() or t.exception() or t.result().close())
+            raise
+        except Exception as exc:  # a node went away between its record and our dial, or is not serving yet
+            self.retry_at = time.monotonic() + self.backoff
+            log.warning("placement_connect_failed", version=placement.version, error=str(exc),
+                        retry_in_s=self.backoff)
+            self.backoff = min(self.backoff * 2, 5.0)
+            return None
+        self.backoff = 0.5
+        return new
+
+    async def _serve(self, placement: Placement, event: str) -> None:
+        self.serving = placement
+        self.record.update(status="ready", placement_version=placement.version)
+        await self.reg.update(self.record)
+        log.info(event, version=placement.version, nodes=list(placement.nodes))
 
 
 def _same_replicas(a: Placement, b: Placement) -> bool:

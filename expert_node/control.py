@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 
 from grpc_health.v1 import health_pb2
 
@@ -36,6 +37,8 @@ from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, create_se
 from .shard import ExpertShard
 
 log = get_logger("moemesh.expert_node.control")
+TICK_S = 1.0  # look again even without etcd events (retry a failed load)
+FAILURES_BEFORE_FAILED = 3  # consecutive failed applies before the record says "failed"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -110,15 +113,44 @@ class _PlacementFollower:
         self.loaded_version = -1
         self.planned_away = asyncio.Event()
         self._announced = False
+        self.failures, self.retry_at = 0, 0.0
 
     async def follow(self) -> None:
+        events: asyncio.Queue = asyncio.Queue()
+        pump = asyncio.create_task(self._pump(events))
+        try:
+            while True:
+                try:
+                    self.view.apply(await asyncio.wait_for(events.get(), TICK_S))
+                    while not events.empty():
+                        self.view.apply(events.get_nowait())
+                except asyncio.TimeoutError:
+                    pass
+                try:
+                    await self._step()
+                    self.failures = 0
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # never stop following: log, back off, try again
+                    self.failures += 1
+                    self.retry_at = time.monotonic() + min(0.5 * 2 ** self.failures, 10.0)
+                    log.exception("placement_apply_failed", failures=self.failures)
+                    if self.failures == FAILURES_BEFORE_FAILED and self.record["status"] != "draining":
+                        # The leader plans around a failed node instead of waiting for it forever.
+                        await self._publish(status="failed", error=str(exc)[:500])
+        finally:
+            pump.cancel()
+
+    async def _pump(self, events: asyncio.Queue) -> None:
         async for ev in self.reg.watch_prefix(self.keys.root):
-            if not self.view.apply(ev):
-                continue
-            if ev.key == self.keys.placement() and self.view.placement_version != self.loaded_version:
-                await self._load_version()
-            await self._drop_unassigned()
-            self._check_planned_away()
+            events.put_nowait(ev)
+
+    async def _step(self) -> None:
+        due = time.monotonic() >= self.retry_at
+        if self.view.placement is not None and self.view.placement_version != self.loaded_version and due:
+            await self._load_version()
+        await self._drop_unassigned()
+        self._check_planned_away()
 
     async def _on_worker(self, fn, *args):
         # On the thread that runs expert math, so a load or drop never races a computation.
@@ -132,6 +164,7 @@ class _PlacementFollower:
         if add:
             await self._on_worker(load_experts, self.shard, self.model_dir, self.cfg, add, self.dtype, False)
         self.loaded_version = self.service.placement_version = version
+        self.record.pop("error", None)
         await self._publish(status="ready" if self.record["status"] != "draining" else "draining")
         for name in ("", SERVICE_NAME):
             await self.health.set(name, SERVING)
@@ -151,12 +184,15 @@ class _PlacementFollower:
         if not drop:
             return
         log.info("placement_dropping", version=version, drop=sum(map(len, drop.values())))
+        # Publish the smaller set first: nobody may read "hosted" from the record while the drop runs.
+        keep = {layer: [e for e in ids if e not in drop.get(layer, [])] for layer, ids in self.shard.hosted().items()}
+        await self._publish(experts={str(layer): ids for layer, ids in keep.items() if ids})
         await self._on_worker(_drop, self.shard, drop)
         await self._publish()
 
     async def _publish(self, **fields) -> None:
-        self.record.update(fields, experts={str(layer): ids for layer, ids in self.shard.hosted().items()},
-                           placement_version=self.loaded_version)
+        fields.setdefault("experts", {str(layer): ids for layer, ids in self.shard.hosted().items()})
+        self.record.update(fields, placement_version=self.loaded_version)
         await self.reg.update(self.record)
 
     def _check_planned_away(self) -> None:
@@ -165,7 +201,7 @@ class _PlacementFollower:
         if self.record["status"] != "draining" or self.planned_away.is_set():
             return
         others = [r for node_id, r in self.view.records("expert").items()
-                  if node_id != self.node_id and r.get("status") != "draining"]
+                  if node_id != self.node_id and r.get("status") not in ("draining", "failed")]
         moved_on = not self.view.in_placement(self.node_id) and not self.view.attention_behind(
             self.view.placement_version)
         if moved_on or not others or self.view.leader is None:

@@ -51,6 +51,7 @@ class BadRequest(ValueError):
 class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
     def __init__(self, shard: ExpertShard, cfg: ModelConfig, checkpoint: str = ""):
         self.shard, self.cfg = shard, cfg
+        shard.strict = True  # see ExpertShard.strict
         self.checkpoint = checkpoint  # fingerprint of the checkpoint served (Info; attention nodes compare)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
         self._draining = asyncio.Event()
@@ -114,6 +115,10 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
                     y = self.shard.forward(req.layer, x, idx, w)
                 else:
                     y = await loop.run_in_executor(self._worker, self.shard.forward, req.layer, x, idx, w)
+            except ValueError as exc:  # an expert dropped between validation and math (see ExpertShard.strict)
+                metrics.EXPERT_MESSAGES.labels("invalid").inc()
+                log.warning("dispatch_expert_gone", id=req.id, layer=req.layer, error=str(exc))
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             finally:
                 self.in_flight -= 1
             metrics.EXPERT_MESSAGES.labels("ok").inc()

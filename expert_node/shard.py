@@ -63,6 +63,9 @@ class ExpertShard:
         self.dtype = dtype
         self.strategy = strategy  # auto picks per batch; the others force a path (tests, benchmarks)
         self._layers: dict[int, _LayerExperts] = {}
+        # strict: a routed expert this shard lacks is an error, not a zero contribution (the Dispatch service
+        # validates first; this re-checks against the snapshot used, in case a drop ran in between)
+        self.strict = False
 
     # ---- what is hosted -------------------------------------------------
     def hosted(self) -> dict[int, list[int]]:
@@ -125,6 +128,14 @@ class ExpertShard:
             w2=w2.to(self.dtype).contiguous(),
         )
 
+    @staticmethod
+    def _check_hosted(layer_id: int, le: "_LayerExperts", topk_idx: torch.Tensor) -> None:
+        flat = topk_idx.reshape(-1).long()
+        lacking = (flat >= 0) & (le.slot_of[flat.clamp(min=0)] < 0)
+        if bool(lacking.any()):
+            missing = sorted(set(flat[lacking].tolist()))
+            raise ValueError(f"layer {layer_id}: experts {missing[:8]} are not hosted here (dropped meanwhile?)")
+
     # ---- math -----------------------------------------------------------
     def forward(
         self,
@@ -140,10 +151,14 @@ class ExpertShard:
         """
         out = torch.zeros_like(x)  # [T, D]
         le = self._layers.get(layer_id)
+        if le is None and self.strict and bool((topk_idx >= 0).any()):
+            raise ValueError(f"layer {layer_id} has no experts here (dropped meanwhile?)")
         if le is None or x.shape[0] == 0:
             return out
         if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= self.n_routed_experts):
             raise ValueError(f"routed expert ids must be in 0..{self.n_routed_experts - 1} (or -1 = skip)")
+        if self.strict:
+            self._check_hosted(layer_id, le, topk_idx)
         if self.fused_moe is not None:
             local = torch.where(topk_idx >= 0, le.slot_of[topk_idx.clamp(min=0).long()], -1)  # [T, K] slots
             return self.fused_moe(x.to(self.dtype), le.w13, le.w2, local, topk_weights.float()).to(x.dtype)

@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the router re-plans expert placement on measured loads every S seconds; 0 = only when "
                    "expert nodes join or leave (default: 30)")
     p.add_argument("--no-replicas", action="store_true", help="one replica per expert (no hot-expert replicas)")
+    p.add_argument("--dispatch-timeout", type=_positive_float, default=30.0, metavar="S",
+                   help="seconds an expert node may take per MoE layer before the attention nodes send its rows "
+                   "to a replica (default: 30)")
     p.add_argument("--control-port", type=int, default=0,
                    help="port of the MeshControl service that adds and removes expert nodes while the mesh runs "
                    "(`moemesh mesh`); 0 picks one, printed as \"control\" in the ready line (default: 0)")

@@ -76,6 +76,8 @@ class ClusterView:
         records = [self.nodes.get(("expert", node_id)) for node_id in ids]
         if not ids or any(r is None or r.get("status") != "ready" for r in records):
             return None
+        if any(int(r.get("placement_version") or 0) < self.placement_version for r in records):
+            return None  # that node has not finished applying this version (its experts list may be stale)
         for node_id, record in zip(ids, records):
             hosted = {(int(layer), e) for layer, es in record.get("experts", {}).items() for e in es}
             wanted = {(layer, e) for layer, es in self.assignment(node_id).items() for e in es}

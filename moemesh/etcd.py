@@ -12,7 +12,7 @@ Keys (all under ``/moemesh/<cluster>/``, values are JSON)::
 Node record (``role`` and ``id`` are filled from ``register()``'s arguments)::
 
     {"id": "expert-0", "role": "attn" | "expert", "address": "HOST:PORT",
-     "status": "loading" | "ready" | "draining",
+     "status": "loading" | "ready" | "draining" | "failed",
      "capacity": {...},                  # role-specific, e.g. {"slots": 16} or {"kv_blocks": 4096}
      "experts": {"<layer>": [ids]}}      # expert nodes: what they host now (JSON keys are strings)
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 ROLES = ("attn", "expert")
-STATUSES = ("loading", "ready", "draining")
+STATUSES = ("loading", "ready", "draining", "failed")  # failed: cannot apply the placement (see its "error")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 

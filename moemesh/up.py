@@ -88,8 +88,8 @@ def run_up(args: argparse.Namespace) -> int:
         mesh.add_experts(args.expert_nodes, watch=False)
         for i in range(args.attn_nodes):
             mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, "--cluster",
-                                             args.cluster, "--node-id", f"attn-{i}", *_tls_args(args),
-                                             *_transport_args(args)])
+                                             args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
+                                             str(args.dispatch_timeout), *_tls_args(args), *_transport_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
         control, control_port = serve_control(mesh, args.host, args.control_port)
         print(json.dumps({"event": "ready", "router": f"{args.host}:{router.port}", "etcd": etcd.endpoint,

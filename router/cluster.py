@@ -162,6 +162,7 @@ class ControlPlane:
         self.placements_written = 0
         self._last_problem: str | None = None
         self._next_rebalance = time.monotonic() + policy.rebalance_interval_s
+        self._deferred_for: list[str] = []
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
 
@@ -217,6 +218,8 @@ class ControlPlane:
             if leader != self.is_leader:
                 log.info("router_leadership", leader=leader, router_id=self.router_id)
                 self.is_leader = leader
+                if not leader:
+                    self.health.sync([])  # only the leader watches expert nodes
                 self._last_problem = None
                 self._next_rebalance = time.monotonic() + self.policy.rebalance_interval_s
             if leader:
@@ -239,9 +242,9 @@ class ControlPlane:
         self._last_problem = problem
 
     def live_experts(self) -> list[dict]:
-        """Expert nodes a placement may use: registered, not draining, not down by the health watch."""
+        """Expert nodes a placement may use: registered, not draining or failed, not down by the health watch."""
         return [r for r in self.view.records("expert")
-                if r.get("status") != "draining" and r["id"] not in self.health.down]
+                if r.get("status") not in ("draining", "failed") and r["id"] not in self.health.down]
 
     def _attention_behind(self, version: int) -> list[str]:
         """Attention nodes still serving an older placement version than ``version``."""
@@ -277,11 +280,14 @@ class ControlPlane:
                 return settle_left
             reason, min_gain = f"expert nodes joined: {', '.join(joined)}", 0.0
         elif self.policy.rebalance_interval_s > 0 and now >= self._next_rebalance:
-            self._next_rebalance = now + self.policy.rebalance_interval_s
             behind = self._attention_behind(_version_of(current))
             if behind:
-                log.info("router_rebalance_deferred", reason="attention nodes still switching", nodes=behind)
+                if behind != self._deferred_for:  # once per set of lagging nodes, not every look
+                    log.info("router_rebalance_deferred", reason="attention nodes still switching", nodes=behind)
+                self._deferred_for = behind
                 return min(self.campaign_interval_s, self.policy.rebalance_interval_s)
+            self._deferred_for = []
+            self._next_rebalance = now + self.policy.rebalance_interval_s
             reason, min_gain = "periodic rebalance", self.policy.min_gain
         else:
             self._last_problem = None

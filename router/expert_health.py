@@ -21,6 +21,7 @@ from moemesh.tls import channel as tls_channel
 log = get_logger("moemesh.router.expert_health")
 
 RETRY_S = 0.5
+CONFIRM_S = 0.5  # a node whose Watch broke must answer a Check within this, or it is down
 
 
 class ExpertHealth:
@@ -56,9 +57,13 @@ class ExpertHealth:
                         answered = True
                         self._mark(node_id, down=False)
                 except grpc.aio.AioRpcError as exc:
-                    if answered:
+                    # One broken stream can be a blip: down only if a fresh Check fails too (a dead
+                    # process refuses the connection at once, so this costs little).
+                    if answered and not await _answers(stub):
                         log.warning("expert_node_unreachable", node=node_id, address=address, code=exc.code().name)
                         self._mark(node_id, down=True)
+                except Exception:  # never let a watch die silently: log and watch again
+                    log.exception("expert_health_watch_failed", node=node_id, address=address)
                 await asyncio.sleep(RETRY_S)
         finally:
             await channel.close()
@@ -77,3 +82,11 @@ class ExpertHealth:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _answers(stub: health_pb2_grpc.HealthStub, timeout_s: float = CONFIRM_S) -> bool:
+    try:
+        await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        return True
+    except grpc.aio.AioRpcError:
+        return False

@@ -274,3 +274,38 @@ def test_sigkilled_expert_node_loses_no_request(model, reference, tmp_path, repl
         if streams is not None:
             streams.stop.set()
         mesh.close()
+
+
+def test_a_link_broken_by_a_stall_is_redialled_once_the_node_answers_again(model, reference, tmp_path):
+    """SIGSTOP past the dispatch deadline: rows go to the replica; after SIGCONT the attention node re-dials the
+    same placement by itself (nothing changed in etcd) and the node takes rows again."""
+    mesh = Mesh(model, tmp_path, "--expert-nodes", "2", "--expert-slots", "8", "--rebalance-interval", "0",
+                "--dispatch-timeout", "1")
+    streams = None
+    try:
+        mesh.wait_status(_settled, 60, "the first placement")
+        streams = Streams(mesh.client, reference, threads=4)
+        streams.wait_completed(8)
+        victim = mesh.processes()["expert-1"]
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            done = streams.completed
+            streams.wait_completed(done + 8)  # served by expert-0 alone after the deadline
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        log = tmp_path / "attn-0.log"
+        deadline = time.monotonic() + 30
+        while "placement_redialled" not in log.read_text():
+            assert time.monotonic() < deadline, "the attention node never re-dialled expert-1"
+            time.sleep(0.2)
+        before = mesh.expert_info("expert-1").tokens_computed
+        done = streams.completed
+        streams.wait_completed(done + 8)
+        assert mesh.expert_info("expert-1").tokens_computed > before, "expert-1 takes no rows after the re-dial"
+        streams.finish()
+        status = mesh.status()
+        assert status["placement_version"] == 1  # nothing was re-planned: the node never looked dead
+    finally:
+        if streams is not None:
+            streams.stop.set()
+        mesh.close()
