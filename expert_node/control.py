@@ -21,6 +21,7 @@ import asyncio
 import json
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from grpc_health.v1 import health_pb2
 
@@ -114,6 +115,7 @@ class _PlacementFollower:
         self.planned_away = asyncio.Event()
         self._announced = False
         self.failures, self.retry_at = 0, 0.0
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-loader")
 
     async def follow(self) -> None:
         events: asyncio.Queue = asyncio.Queue()
@@ -152,9 +154,11 @@ class _PlacementFollower:
         await self._drop_unassigned()
         self._check_planned_away()
 
-    async def _on_worker(self, fn, *args):
-        # On the thread that runs expert math, so a load or drop never races a computation.
-        return await asyncio.get_running_loop().run_in_executor(self.service._worker, fn, *args)
+    async def _on_loader(self, fn, *args):
+        # Not on the expert-math thread: a load can take seconds and must not hold up Dispatch messages. It is
+        # safe beside computations: ExpertShard builds a new immutable layer snapshot and swaps it in, and a
+        # computation keeps the snapshot it started with (loads and drops themselves run one at a time here).
+        return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
 
     async def _load_version(self) -> None:
         version, want, have = self.view.placement_version, self.view.assignment(self.node_id), self.shard.hosted()
@@ -162,7 +166,7 @@ class _PlacementFollower:
         add = {layer: ids for layer, ids in add.items() if ids}
         log.info("placement_loading", version=version, load=sum(map(len, add.values())))
         if add:
-            await self._on_worker(load_experts, self.shard, self.model_dir, self.cfg, add, self.dtype, False)
+            await self._on_loader(load_experts, self.shard, self.model_dir, self.cfg, add, self.dtype, False)
         self.loaded_version = self.service.placement_version = version
         self.record.pop("error", None)
         await self._publish(status="ready" if self.record["status"] != "draining" else "draining")
@@ -187,7 +191,7 @@ class _PlacementFollower:
         # Publish the smaller set first: nobody may read "hosted" from the record while the drop runs.
         keep = {layer: [e for e in ids if e not in drop.get(layer, [])] for layer, ids in self.shard.hosted().items()}
         await self._publish(experts={str(layer): ids for layer, ids in keep.items() if ids})
-        await self._on_worker(_drop, self.shard, drop)
+        await self._on_loader(_drop, self.shard, drop)
         await self._publish()
 
     async def _publish(self, **fields) -> None:

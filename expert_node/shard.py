@@ -116,6 +116,8 @@ class ExpertShard:
         }
 
     def _rebuild(self, layer_id: int, weights: dict[int, tuple[torch.Tensor, ...]]) -> None:
+        # A new _LayerExperts replaces the old in one assignment: forward() reads a layer's snapshot once, so
+        # loads and drops may run on another thread than the math (never two of them at once, though).
         expert_ids = sorted(weights)
         w13 = torch.stack([torch.cat([weights[e][0], weights[e][1]], dim=0) for e in expert_ids])
         w2 = torch.stack([weights[e][2] for e in expert_ids])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 import structlog
 
@@ -24,6 +25,9 @@ def configure(level: str = "info", json: bool = True) -> None:
     )
 
 
+_WRITE = threading.Lock()  # one line per event even when threads log at once (print() writes text and "\n" apart)
+
+
 class _StderrLogger:
     """Writes each event to whatever sys.stderr is *now* (tests and daemons swap it; a bound file may close)."""
 
@@ -32,7 +36,9 @@ class _StderrLogger:
 
     def msg(self, message: str) -> None:
         try:
-            print(message, file=sys.stderr, flush=True)
+            with _WRITE:
+                sys.stderr.write(message + "\n")
+                sys.stderr.flush()
         except ValueError:  # stderr was closed under us: drop the line rather than fail the caller
             pass
 
