@@ -133,28 +133,13 @@ class _PlacementFollower:
         self.retry_at, self.backoff = 0.0, 0.5
 
     async def run(self) -> None:
-        events: asyncio.Queue = asyncio.Queue()
-        pump = asyncio.create_task(self._pump(events))
-        try:
-            while True:
-                try:
-                    self.view.apply(await asyncio.wait_for(events.get(), TICK_S))
-                    while not events.empty():
-                        self.view.apply(events.get_nowait())
-                except asyncio.TimeoutError:
-                    pass
-                try:
-                    await self._reconcile()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # never stop following: log, and the next tick tries again
-                    log.exception("placement_follow_failed")
-        finally:
-            pump.cancel()
-
-    async def _pump(self, events: asyncio.Queue) -> None:
-        async for ev in self.reg.watch_prefix(self.keys.root):
-            events.put_nowait(ev)
+        async for batch in self.reg.watch_batches(self.keys.root, TICK_S):
+            for ev in batch:
+                self.view.apply(ev)
+            try:
+                await self._reconcile()
+            except Exception:  # never stop following: log, and the next tick tries again
+                log.exception("placement_follow_failed")
 
     def _broken(self, current) -> bool:
         """True once some link of the current backend has been down for REDIAL_AFTER_S."""

@@ -118,34 +118,19 @@ class _PlacementFollower:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-loader")
 
     async def follow(self) -> None:
-        events: asyncio.Queue = asyncio.Queue()
-        pump = asyncio.create_task(self._pump(events))
-        try:
-            while True:
-                try:
-                    self.view.apply(await asyncio.wait_for(events.get(), TICK_S))
-                    while not events.empty():
-                        self.view.apply(events.get_nowait())
-                except asyncio.TimeoutError:
-                    pass
-                try:
-                    await self._step()
-                    self.failures = 0
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # never stop following: log, back off, try again
-                    self.failures += 1
-                    self.retry_at = time.monotonic() + min(0.5 * 2 ** self.failures, 10.0)
-                    log.exception("placement_apply_failed", failures=self.failures)
-                    if self.failures == FAILURES_BEFORE_FAILED and self.record["status"] != "draining":
-                        # The leader plans around a failed node instead of waiting for it forever.
-                        await self._publish(status="failed", error=str(exc)[:500])
-        finally:
-            pump.cancel()
-
-    async def _pump(self, events: asyncio.Queue) -> None:
-        async for ev in self.reg.watch_prefix(self.keys.root):
-            events.put_nowait(ev)
+        async for batch in self.reg.watch_batches(self.keys.root, TICK_S):
+            for ev in batch:
+                self.view.apply(ev)
+            try:
+                await self._step()
+                self.failures = 0
+            except Exception as exc:  # never stop following: log, back off, try again
+                self.failures += 1
+                self.retry_at = time.monotonic() + min(0.5 * 2 ** self.failures, 10.0)
+                log.exception("placement_apply_failed", failures=self.failures)
+                if self.failures == FAILURES_BEFORE_FAILED and self.record["status"] != "draining":
+                    # The leader plans around a failed node instead of waiting for it forever.
+                    await self._publish(status="failed", error=str(exc)[:500])
 
     async def _step(self) -> None:
         due = time.monotonic() >= self.retry_at

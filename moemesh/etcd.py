@@ -336,6 +336,28 @@ class Registry:
         ), f"put_if_version {key}")
         return bool(ok)
 
+    async def watch_batches(self, prefix: str, tick_s: float) -> AsyncIterator[list[WatchEvent]]:
+        """:meth:`watch_prefix` in batches: every event that arrived since the last batch, or ``[]`` after
+        ``tick_s`` without one (so a follower also re-checks its state when etcd is quiet, e.g. to retry)."""
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            async for ev in self.watch_prefix(prefix):
+                events.put_nowait(ev)
+
+        task = asyncio.create_task(pump(), name=f"watch-{prefix}")
+        try:
+            while True:
+                try:
+                    batch = [await asyncio.wait_for(events.get(), tick_s)]
+                except asyncio.TimeoutError:
+                    batch = []
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                yield batch
+        finally:
+            task.cancel()
+
     async def watch_prefix(self, prefix: str) -> AsyncIterator[WatchEvent]:
         """Yield a snapshot of ``prefix`` then live changes; re-snapshot after every reconnect.
 

@@ -317,6 +317,23 @@ def test_unavailable_fails_fast(own_etcd):
 
 # ---- watch, compare-and-swap, election ------------------------------------------------
 @pytest.mark.timeout(30)
+def test_watch_batches_group_events_and_tick_when_quiet(etcd):
+    async def main():
+        a = await Registry.connect(etcd.endpoint, cluster="batches", ttl_s=TTL)
+        k = a.keys
+        await a.register("expert", "e0", RECORD)
+        batches = a.watch_batches(k.nodes(), 0.2)
+        first = await batches.__anext__()  # the snapshot
+        assert [(e.key, e.snapshot) for e in first] == [(k.node("expert", "e0"), True)]
+        assert await batches.__anext__() == []  # nothing for 0.2 s: an empty batch, so followers re-check
+        await a.update({**RECORD, "status": "draining"})
+        got = await batches.__anext__()
+        assert [(e.kind, e.value["status"]) for e in got] == [("put", "draining")]
+        await batches.aclose()
+        await a.close()
+    run(main())
+
+
 def test_watch_prefix_snapshot_then_events(etcd):
     async def main():
         a = await Registry.connect(etcd.endpoint, cluster="watch", ttl_s=TTL)
