@@ -7,11 +7,9 @@ registration). Each scenario that elects or places uses its own cluster name, so
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -28,6 +26,7 @@ from moemesh.router.server import Router
 from moemesh.router.cluster import PlacementPolicy
 from moemesh.tiny import write_tiny_checkpoint
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2, inference_pb2_grpc
+from tls_certs import CLIENT, SERVER, openssl_certs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -432,24 +431,8 @@ def test_bounded_inflight_is_resource_exhausted(bg, etcd, nodes):
         bg.run(r.stop(grace_s=1))
 
 
-def _make_certs(d: Path) -> None:
-    def run(*args):
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run("req", "-x509", *newkey, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=moemesh-test-ca")
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for serial, stem in enumerate(("server", "client"), start=1):
-        run("req", *newkey, "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", f"/CN=moemesh-test-{stem}")
-        run("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", str(serial),
-            "-days", "1", "-extfile", f"{stem}.ext", "-out", f"{stem}.pem")
-
-
 def test_mtls_refuses_plaintext_and_clients_without_a_certificate(bg, etcd, nodes, tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl CLI to make test certificates")
-    _make_certs(tmp_path)
+    openssl_certs(tmp_path, {"server": SERVER, "client": CLIENT})
     tls = TLSFiles.from_flags(str(tmp_path / "server.pem"), str(tmp_path / "server.key"), str(tmp_path / "ca.pem"))
     r = start_router(bg, etcd, tls=tls)
     addr, ca = f"127.0.0.1:{r.port}", (tmp_path / "ca.pem").read_bytes()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import shutil
-import subprocess
 import threading
 import time
 from concurrent import futures
@@ -19,6 +18,7 @@ import pytest
 from moemesh.router import AsyncMeshClient, GenerateResult, MeshClient, MeshError, TokenChunk
 from moemesh.router.client import ModelInfo, Usage
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
+from tls_certs import CLIENT, openssl_certs
 
 Code = grpc.StatusCode
 CHUNKS = [([11], "Hel"), ([12], "lo"), ([13, 14], " you")]
@@ -340,20 +340,6 @@ def _certs_with_cryptography(d: Path) -> None:
         write(stem, key, issue(f"moemesh-test-{stem}", key, ca.subject, ca_key, False, exts))
 
 
-def _certs_with_openssl(d: Path) -> None:
-    def run(*args):
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run("req", "-x509", *newkey, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=moemesh-test-ca")
-    (d / "server.ext").write_text("subjectAltName=DNS:moemesh.test,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for serial, stem in enumerate(("server", "client"), start=1):
-        run("req", *newkey, "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", f"/CN=moemesh-test-{stem}")
-        run("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", str(serial),
-            "-days", "1", "-extfile", f"{stem}.ext", "-out", f"{stem}.pem")  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
     """A test CA, a server certificate for moemesh.test and 127.0.0.1, and a client certificate."""
@@ -363,7 +349,8 @@ def certs(tmp_path_factory) -> Path:
     except ImportError:
         if shutil.which("openssl") is None:
             pytest.skip("TLS tests need the cryptography package or the openssl CLI to make certificates")
-        _certs_with_openssl(d)
+        openssl_certs(d, {"server": "subjectAltName=DNS:moemesh.test,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+                          "client": CLIENT})
     else:
         _certs_with_cryptography(d)
     return d
