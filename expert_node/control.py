@@ -34,7 +34,7 @@ from moemesh.logs import get_logger
 from moemesh.node_ids import advertise_address, default_node_id
 
 from .loader import load_experts
-from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, create_server, finish_in_flight
+from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, create_server, shut_down
 from .shard import ExpertShard
 
 log = get_logger("moemesh.expert_node.control")
@@ -93,12 +93,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
         log.warning("drain_timeout", seconds=drain_timeout_s, note="exiting while a placement may still name this "
                     "node; attention nodes fail over to replicas or wait for the leader's re-plan")
     watcher.cancel()
-    if torch_transport is not None:
-        torch_transport.drain()
-    await finish_in_flight(service, health, drain_timeout_s)
-    await server.stop(grace=1.0)
-    if torch_transport is not None:
-        await torch_transport.wait_closed(drain_timeout_s)
+    await shut_down(server, service, health, drain_timeout_s, torch_transport)
     await reg.close()
     log.info("stopped")
 

@@ -17,7 +17,7 @@ from moemesh.logs import get_logger
 from moemesh.placement import parse_expert_spec
 
 from .loader import load_expert_shard
-from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, create_server, finish_in_flight
+from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, create_server, shut_down
 
 log = get_logger("moemesh.expert_node")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -62,12 +62,7 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
 
     await stop.wait()
     log.info("draining", in_flight=service.in_flight)
-    if torch_transport is not None:
-        torch_transport.drain()
-    await finish_in_flight(service, health_servicer, drain_timeout_s)
-    await server.stop(grace=1.0)
-    if torch_transport is not None:
-        await torch_transport.wait_closed(drain_timeout_s)
+    await shut_down(server, service, health_servicer, drain_timeout_s, torch_transport)
     log.info("stopped")
 
 

@@ -152,6 +152,18 @@ def _count_tokens(layer: int, idx: torch.Tensor) -> int:
     return total
 
 
+async def shut_down(server: grpc.aio.Server, service, health_servicer, drain_timeout_s: float,
+                    torch_transport=None) -> None:
+    """The end of every expert node: no new messages (gRPC or torch), finish the ones in flight, stop serving,
+    and wait for torch pair groups to close (so no process ends under a live group)."""
+    if torch_transport is not None:
+        torch_transport.drain()
+    await finish_in_flight(service, health_servicer, drain_timeout_s)
+    await server.stop(grace=1.0)
+    if torch_transport is not None:
+        await torch_transport.wait_closed(drain_timeout_s)
+
+
 async def finish_in_flight(service, health_servicer, drain_timeout_s: float) -> None:
     """Health NOT_SERVING, take no new messages, and wait (bounded) for the ones being computed."""
     for name in ("", SERVICE_NAME):

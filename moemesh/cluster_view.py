@@ -7,10 +7,21 @@ current placement.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from moemesh.etcd import Keys, WatchEvent
 from moemesh.placement import Placement
+
+
+def attention_behind(records: Iterable[tuple[str, dict[str, Any]]], version: int) -> list[str]:
+    """Attention nodes (``(id, record)`` pairs) that may still route by a placement older than ``version``.
+
+    Those ready or draining whose record names an older ``placement_version``. A node still loading will
+    start on the newest; one without a version follows no placement (static ``--expert-nodes``).
+    """
+    return sorted(node_id for node_id, r in records if r.get("status") in ("ready", "draining")
+                  and isinstance(r.get("placement_version"), int) and r["placement_version"] < version)
 
 
 class ClusterView:
@@ -47,13 +58,7 @@ class ClusterView:
         return {node_id: r for (ro, node_id), r in self.nodes.items() if ro == role}
 
     def attention_behind(self, version: int) -> list[str]:
-        """Attention nodes that may still route by a placement older than ``version``.
-
-        Those ready or draining whose record says an older ``placement_version``; a node that has none
-        yet (still loading) will start on the newest.
-        """
-        return sorted(node_id for node_id, r in self.records("attn").items()
-                      if r.get("status") in ("ready", "draining") and int(r.get("placement_version") or 0) < version)
+        return attention_behind(self.records("attn").items(), version)
 
     def in_placement(self, node_id: str) -> bool:
         return any(node_id in nodes for experts in (self.placement or {}).get("layers", {}).values()

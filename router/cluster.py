@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from moemesh.cluster_view import attention_behind
 from moemesh.etcd import Registry, RegistryError, WatchEvent
 from moemesh.logs import get_logger
 
@@ -60,7 +61,6 @@ class ClusterView:
         self.placement: dict | None = None
         self.synced = False  # True once a snapshot of etcd has been applied
         self.experts_changed = asyncio.Event()
-        self.experts_changed_at = time.monotonic()
         self.experts_joined_at = time.monotonic()  # a new expert node id appeared (plans wait settle_s after)
 
     def apply(self, kind: str, key: str, value: Any) -> None:
@@ -82,7 +82,6 @@ class ClusterView:
         else:
             self.nodes.pop(parsed, None)
         if parsed[0] == "expert" and self.nodes.get(parsed) != before:
-            self.experts_changed_at = time.monotonic()
             self.experts_changed.set()
 
     def apply_event(self, event: WatchEvent) -> None:
@@ -246,11 +245,6 @@ class ControlPlane:
         return [r for r in self.view.records("expert")
                 if r.get("status") not in ("draining", "failed") and r["id"] not in self.health.down]
 
-    def _attention_behind(self, version: int) -> list[str]:
-        """Attention nodes still serving an older placement version than ``version``."""
-        return [r["id"] for r in self.view.records("attn") if r.get("status") in ("ready", "draining")
-                and isinstance(r.get("placement_version"), int) and r["placement_version"] < version]
-
     async def _reconcile(self) -> float:
         """As leader: re-plan when needed and write the placement. Returns seconds until the next look."""
         experts = self.live_experts()
@@ -280,7 +274,7 @@ class ControlPlane:
                 return settle_left
             reason, min_gain = f"expert nodes joined: {', '.join(joined)}", 0.0
         elif self.policy.rebalance_interval_s > 0 and now >= self._next_rebalance:
-            behind = self._attention_behind(_version_of(current))
+            behind = attention_behind(((r["id"], r) for r in self.view.records("attn")), _version_of(current))
             if behind:
                 if behind != self._deferred_for:  # once per set of lagging nodes, not every look
                     log.info("router_rebalance_deferred", reason="attention nodes still switching", nodes=behind)

@@ -64,3 +64,11 @@ def test_bad_shares_are_refused():
         check_placement({"version": 1, "layers": {"1": {"0": ["a", "b"]}}, "shares": {"1": {"0": [0.5, 0.2]}}})
     with pytest.raises(ValueError, match="one fraction"):
         check_placement({"version": 1, "layers": {"1": {"0": ["a", "b"]}}, "shares": {"1": {"0": [1.0]}}})
+
+
+def test_attention_behind_counts_only_serving_nodes_with_an_older_version():
+    from moemesh.cluster_view import attention_behind
+    records = [("a", {"status": "ready", "placement_version": 3}), ("b", {"status": "draining", "placement_version": 2}),
+               ("c", {"status": "loading"}), ("d", {"status": "ready"}), ("e", {"status": "ready", "placement_version": 4})]
+    assert attention_behind(records, 4) == ["a", "b"]
+    assert attention_behind(records, 2) == []
