@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moemesh.config import ModelConfig
+from moemesh.model.config import ModelConfig
 from moemesh.errors import InvalidRequestError
 from moemesh.expert_backend import ExpertBackendError
 from moemesh.logs import get_logger

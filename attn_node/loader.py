@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from moemesh.checkpoint import Checkpoint, CheckpointError, attention_side
-from moemesh.config import ModelConfig
+from moemesh.model.checkpoint import Checkpoint, CheckpointError, attention_side
+from moemesh.model.config import ModelConfig
 from moemesh.expert_backend import ExpertBackend
 from moemesh.kernels.ops import Ops
 

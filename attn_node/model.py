@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemesh.config import ModelConfig, yarn_get_mscale
+from moemesh.model.config import ModelConfig, yarn_get_mscale
 from moemesh.expert_backend import ExpertBackend
 from moemesh.kernels.ops import Ops, select_ops
 

@@ -27,13 +27,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh import metrics
-from moemesh.codec import from_proto, to_proto
-from moemesh.config import ModelConfig
+from moemesh.wire.codec import from_proto, to_proto
+from moemesh.model.config import ModelConfig
 from moemesh.expert_backend import ExpertBackend, ExpertBackendError
 from moemesh.logs import get_logger
-from moemesh.placement import Placement, describe_missing
-from moemesh.tls import TLSFiles
-from moemesh.tls import channel as tls_channel
+from moemesh.control.placement import Placement, describe_missing
+from moemesh.wire.tls import TLSFiles
+from moemesh.wire.tls import channel as tls_channel
 from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc
 
 from .replica_routes import ExpertsUnavailable, ReplicaRoutes

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from moemesh.expert_backend import ExpertBackendError
-from moemesh.placement import Placement, describe_missing
+from moemesh.control.placement import Placement, describe_missing
 
 _GOLDEN = 0.6180339887498949  # frac(golden ratio): successive multiples spread evenly over [0, 1)
 _PLASTIC = 0.7548776662466927  # a second irrational step so experts do not draw in lockstep

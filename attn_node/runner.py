@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moemesh.config import ModelConfig
+from moemesh.model.config import ModelConfig
 
 from .block_manager import BlockManager
 from .model import AttnBatch, AttnGroup, Transformer

@@ -25,12 +25,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moemesh import metrics
-from moemesh.config import ModelConfig
+from moemesh.model.config import ModelConfig
 from moemesh.errors import InvalidRequestError, ResourceExhaustedError
 from moemesh.logs import get_logger
-from moemesh.requests import StopStringMatcher, check_request_id, sampling_from_proto
-from moemesh.tls import TLSFiles, add_port
-from moemesh.tokenizer import IncrementalDecoder, Tokenizer
+from moemesh.wire.requests import StopStringMatcher, check_request_id, sampling_from_proto
+from moemesh.wire.tls import TLSFiles, add_port
+from moemesh.model.tokenizer import IncrementalDecoder, Tokenizer
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 
 from .engine_loop import EngineLoop

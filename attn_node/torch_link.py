@@ -6,7 +6,7 @@ failover are the same for both transports: the backend takes a link factory.
 
 Each TorchLink holds a gRPC NodeLink to the same expert node (for Info, and as
 the fallback) and a :class:`TorchPair`: a world-size-2 process group with that
-node (``moemesh/p2p.py``), set up through the node's ``TorchTransport.Session``
+node (``moemesh/wire/p2p.py``), set up through the node's ``TorchTransport.Session``
 call in the background. Rows travel over gRPC until the group is up, and again
 for good once it fails (a dead or silent peer, a timeout, a closed session):
 messages the group had not answered are sent again over gRPC, and the backend
@@ -30,10 +30,10 @@ from concurrent.futures import Future
 import grpc
 import torch
 
-from moemesh import p2p
+from moemesh.wire import p2p
 from moemesh.logs import get_logger
-from moemesh.tls import TLSFiles
-from moemesh.tls import channel as tls_channel
+from moemesh.wire.tls import TLSFiles
+from moemesh.wire.tls import channel as tls_channel
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 
 from .remote_backend import CHANNEL_OPTIONS, NodeLink

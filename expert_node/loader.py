@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from moemesh.checkpoint import Checkpoint, expert_tensor_names
-from moemesh.config import ModelConfig
+from moemesh.model.checkpoint import Checkpoint, expert_tensor_names
+from moemesh.model.config import ModelConfig
 
 from .shard import ExpertShard
 

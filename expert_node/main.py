@@ -10,11 +10,11 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2
 
-from moemesh.checkpoint import checkpoint_fingerprint
-from moemesh.config import ModelConfig
-from moemesh.health_port import start_health_port
+from moemesh.model.checkpoint import checkpoint_fingerprint
+from moemesh.model.config import ModelConfig
+from moemesh.wire.health_port import start_health_port
 from moemesh.logs import get_logger
-from moemesh.placement import parse_expert_spec
+from moemesh.control.placement import parse_expert_spec
 
 from .loader import load_expert_shard
 from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, create_server, shut_down
@@ -38,7 +38,7 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
                                                    (TORCH_SERVICE_NAME,) if transport == "torch" else ())
     torch_transport = None
     if transport == "torch":  # TorchTransport sessions beside ExpertDispatch (the fallback)
-        from moemesh.node_ids import advertise_address
+        from moemesh.control.node_ids import advertise_address
 
         from .torch_server import attach
 

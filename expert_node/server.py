@@ -19,10 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moemesh import metrics
-from moemesh.codec import CodecError, from_proto, to_proto
-from moemesh.config import ModelConfig
+from moemesh.wire.codec import CodecError, from_proto, to_proto
+from moemesh.model.config import ModelConfig
 from moemesh.logs import get_logger
-from moemesh.tls import TLSFiles, add_port
+from moemesh.wire.tls import TLSFiles, add_port
 from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc, torch_transport_pb2
 
 from .shard import ExpertShard

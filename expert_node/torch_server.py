@@ -2,7 +2,7 @@
 
 An attention node calls ``Session``; this node answers with its TCPStore address
 and a fresh key prefix, joins the pair group as rank 1 and serves dispatch frames
-(``moemesh/p2p.py``) on one thread per session: receive a header and its body,
+(``moemesh/wire/p2p.py``) on one thread per session: receive a header and its body,
 validate them as the gRPC path does, run the shard, send the partial rows back.
 The call stays open while the group lives. Either end closing it ends the group:
 a cancelled call lets the thread stop after its current frame; a group that fails
@@ -26,7 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moemesh import metrics, p2p
+from moemesh import metrics
+
+from moemesh.wire import p2p
 from moemesh.logs import get_logger
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 

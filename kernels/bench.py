@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moemesh.checkpoint import dequantize_fp8_blockwise
+from moemesh.model.checkpoint import dequantize_fp8_blockwise
 
 from .cache_store import store_latent, store_latent_ref
 from .fused_moe import fused_moe, fused_moe_fp8, fused_moe_fp8_ref, fused_moe_ref
@@ -269,7 +269,7 @@ class Bench:
             q[e0 : e0 + w.shape[0]] = (w * (448.0 / amax)).to(torch.float8_e4m3fn).view(-1, N, Kd)
             s[e0 : e0 + w.shape[0]] = (amax / 448.0).view(-1, N // blk, Kd // blk)
         deq = torch.empty(E, N, Kd, dtype=self.dtype, device=self.dev)
-        for i in range(E):  # moemesh.checkpoint's dequantization, as fused_moe_fp8_ref does it
+        for i in range(E):  # moemesh.model.checkpoint's dequantization, as fused_moe_fp8_ref does it
             deq[i] = dequantize_fp8_blockwise(q[i], s[i], (blk, blk)).to(self.dtype)
         return q, s, deq
 

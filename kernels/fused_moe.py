@@ -503,7 +503,7 @@ def fused_moe_ref(
 
 
 def _dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    from moemesh.checkpoint import dequantize_fp8_blockwise
+    from moemesh.model.checkpoint import dequantize_fp8_blockwise
 
     return torch.stack([dequantize_fp8_blockwise(q[e], scale_inv[e], tuple(block)) for e in range(q.shape[0])])
 
@@ -519,7 +519,7 @@ def fused_moe_fp8_ref(
     block: tuple[int, int] = (128, 128),
     **_: object,
 ) -> torch.Tensor:
-    """Dequantize the weights to x's dtype (moemesh.checkpoint's one dequantization), then :func:`fused_moe_ref`."""
+    """Dequantize the weights to x's dtype (moemesh.model.checkpoint's one dequantization), then :func:`fused_moe_ref`."""
     w13 = _dequantize(w13_q, w13_scale_inv, block).to(x.dtype)
     w2 = _dequantize(w2_q, w2_scale_inv, block).to(x.dtype)
     return fused_moe_ref(x, w13, w2, topk_idx, topk_weights)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from moemesh.tls import SecurityConfigError, TLSFiles, read_file as _read  # noqa: F401  (re-exported)
+from moemesh.wire.tls import SecurityConfigError, TLSFiles, read_file as _read  # noqa: F401  (re-exported)
 from moemesh.v1 import inference_pb2
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name

@@ -19,14 +19,14 @@ its lease expires). It re-plans
 
 Applying a version without pausing service is the nodes' part: expert nodes load what is new and keep
 what they lose until every attention node serves the new version; attention nodes switch between steps
-once every expert node holds its share (``moemesh/cluster_view.py``).
+once every expert node holds its share (``moemesh/control/cluster_view.py``).
 
 What expert node records must carry for this (``capacity``)::
 
     {"moe_layers": [1, 2, ...],   # the model's MoE layer indices (ModelConfig.moe_layers)
      "n_routed_experts": 64,      # routed experts per MoE layer
      "slots": 16,                 # optional: experts per MoE layer the node can host; enables replicas
-     "checkpoint": "9f2c..."}     # optional: moemesh.checkpoint.checkpoint_fingerprint of its model
+     "checkpoint": "9f2c..."}     # optional: moemesh.model.checkpoint.checkpoint_fingerprint of its model
 
 Nodes that disagree on ``moe_layers``/``n_routed_experts``/``checkpoint`` get no placement (logged once).
 """
@@ -39,8 +39,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from moemesh.cluster_view import attention_behind
-from moemesh.etcd import Registry, RegistryError, WatchEvent
+from moemesh.control.cluster_view import attention_behind
+from moemesh.control.etcd import Registry, RegistryError, WatchEvent
 from moemesh.logs import get_logger
 
 from .expert_health import ExpertHealth

@@ -15,8 +15,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh.logs import get_logger
-from moemesh.tls import TLSFiles
-from moemesh.tls import channel as tls_channel
+from moemesh.wire.tls import TLSFiles
+from moemesh.wire.tls import channel as tls_channel
 
 log = get_logger("moemesh.router.expert_health")
 

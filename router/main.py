@@ -21,7 +21,7 @@ import signal
 import uuid
 from typing import Callable
 
-from moemesh.etcd import Keys, parse_endpoint
+from moemesh.control.etcd import Keys, parse_endpoint
 from moemesh.argtypes import non_negative_int
 from moemesh.argtypes import port as _port
 from moemesh.argtypes import positive_int as _positive_int

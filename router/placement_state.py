@@ -1,7 +1,7 @@
 """Between the planner and etcd: a placement record <-> planner terms, and when a new plan is worth publishing.
 
 Pure (no I/O, no clock). The planner speaks node *indices* and per-layer lists; the etcd placement speaks
-node *ids* and ``{"<layer>": {"<expert>": [...]}}`` (see ``moemesh.etcd_keys.check_placement``). The
+node *ids* and ``{"<layer>": {"<expert>": [...]}}`` (see ``moemesh.control.keys.check_placement``). The
 record also carries ``"stats"``: what the leader expected when it wrote it (shown by ``moemesh status``)::
 
     {"reason": "expert nodes joined: expert-2", "nodes": ["expert-0", ...],   # the nodes planned over
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from moemesh.etcd_keys import check_placement
+from moemesh.control.keys import check_placement
 
 from .planner import Plan
 

@@ -1,6 +1,6 @@
 """Expert placement planner (pure: no I/O, no clock, no randomness; the same input gives the same plan).
 
-Glossary (one vocabulary with ``moemesh.placement``):
+Glossary (one vocabulary with ``moemesh.control.placement``):
 
 * **logical expert**: expert id ``e`` of one MoE layer (E of them per layer);
 * **replica** (physical expert): one copy of a logical expert's weights on one expert node; every logical

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import grpc
 
-from moemesh.tls import TLSFiles, channel as tls_channel
+from moemesh.wire.tls import TLSFiles, channel as tls_channel
 from moemesh.logs import get_logger
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc
 

@@ -28,12 +28,12 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moemesh.health_port import start_health_port
+from moemesh.wire.health_port import start_health_port
 from moemesh import metrics
 from moemesh.errors import InvalidRequestError, MoemeshError, ResourceExhaustedError
-from moemesh.etcd import Keys, Registry, RegistryError
+from moemesh.control.etcd import Keys, Registry, RegistryError
 from moemesh.logs import get_logger
-from moemesh.requests import check_request_id, sampling_from_proto
+from moemesh.wire.requests import check_request_id, sampling_from_proto
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
 from .auth import INFERENCE_SERVICE, BearerTokenInterceptor, TLSFiles

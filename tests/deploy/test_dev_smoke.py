@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from moemesh.etcd_server import EtcdServer, free_port
+from moemesh.launch.etcd_server import EtcdServer, free_port
 
 from .manifests import KUBECTL, container_env, containers, docs, moemesh_argv, render_overlay
 

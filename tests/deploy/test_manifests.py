@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from moemesh.cli import build_parser
+from moemesh.cli.main import build_parser
 
 from .manifests import (COMPONENTS, KUBECTL, OVERLAYS, config_map, container_env, containers, docs,
                         moemesh_argv, pod_specs, render_component_on_base, render_overlay)

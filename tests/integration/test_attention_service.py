@@ -12,8 +12,8 @@ from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.engine_loop import EngineLoop
 from moemesh.attn_node.sequence import SamplingParams
 from moemesh.attn_node.service import AttentionService, create_server
-from moemesh.local import build_local
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.launch.embedded import build_local
+from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 
 pytestmark = pytest.mark.integration

@@ -18,9 +18,9 @@ import time
 import grpc
 import pytest
 
-from moemesh.etcd_server import EtcdServer
-from moemesh.procs import RoleProcess, spawn, stop_all, wait_ready
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.launch.etcd_server import EtcdServer
+from moemesh.launch.procs import RoleProcess, spawn, stop_all, wait_ready
+from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.model.tiny import write_tiny_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -22,9 +22,9 @@ import grpc
 import pytest
 
 from moemesh.attn_node.sequence import SamplingParams
-from moemesh.local import build_local
+from moemesh.launch.embedded import build_local
 from moemesh.router import MeshClient
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.v1 import control_pb2, control_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

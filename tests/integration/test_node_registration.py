@@ -14,10 +14,10 @@ import pytest
 
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.sequence import SamplingParams
-from moemesh.etcd import Keys, Registry
-from moemesh.etcd_server import EtcdServer, free_port
-from moemesh.local import build_local
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.control.etcd import Keys, Registry
+from moemesh.launch.etcd_server import EtcdServer, free_port
+from moemesh.launch.embedded import build_local
+from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

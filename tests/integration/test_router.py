@@ -18,13 +18,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.engine_loop import EngineLoop
 from moemesh.attn_node.service import AttentionService, create_server
-from moemesh.etcd import Registry
-from moemesh.etcd_server import EtcdServer, free_port
-from moemesh.local import build_local
+from moemesh.control.etcd import Registry
+from moemesh.launch.etcd_server import EtcdServer, free_port
+from moemesh.launch.embedded import build_local
 from moemesh.router.auth import TLSFiles
 from moemesh.router.server import Router
 from moemesh.router.cluster import PlacementPolicy
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tls_certs import CLIENT, SERVER, openssl_certs
 

@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from moemesh.etcd import Registry
+from moemesh.control.etcd import Registry
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
 from .test_router import TTL, bg, etcd, eventually, start_router  # noqa: F401 (bg, etcd: fixtures)

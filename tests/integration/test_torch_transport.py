@@ -26,11 +26,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.sequence import SamplingParams
 from moemesh.attn_node.torch_link import PairFailure, TorchLink
-from moemesh.config import ModelConfig
+from moemesh.model.config import ModelConfig
 from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.server import DispatchService, create_server
 from moemesh.expert_node.torch_server import attach
-from moemesh.local import build_local, build_remote
+from moemesh.launch.embedded import build_local, build_remote
 from oracle.hf_models import save_hf_model
 
 from .mesh_procs import NodeSet, expert_nodes_flag, node_list

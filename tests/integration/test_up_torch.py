@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moemesh.etcd import Keys, Registry
+from moemesh.control.etcd import Keys, Registry
 from moemesh.router import MeshClient
 from oracle.hf_models import save_hf_model
 

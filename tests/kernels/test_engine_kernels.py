@@ -11,8 +11,8 @@ import torch  # noqa: E402
 
 from moemesh.attn_node.engine import EngineConfig  # noqa: E402
 from moemesh.attn_node.sequence import SamplingParams  # noqa: E402
-from moemesh.local import build_local  # noqa: E402
-from moemesh.tiny import write_tiny_checkpoint  # noqa: E402
+from moemesh.launch.embedded import build_local  # noqa: E402
+from moemesh.model.tiny import write_tiny_checkpoint  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])

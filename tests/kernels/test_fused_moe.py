@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from moe_utils import assert_close, kernel_device, kernel_module  # noqa: E402
 
-from moemesh.checkpoint import quantize_fp8_blockwise  # noqa: E402
+from moemesh.model.checkpoint import quantize_fp8_blockwise  # noqa: E402
 
 moe = kernel_module("moemesh.kernels.fused_moe")
 

@@ -19,8 +19,8 @@ from moe_utils import kernel_device, kernel_module, sort_by_expert  # noqa: E402
 
 from moemesh.attn_node.model import Gate
 from moemesh.kernels.ops import select_ops  # noqa: E402
-from moemesh.config import ModelConfig  # noqa: E402
-from moemesh.tiny import tiny_config_dict  # noqa: E402
+from moemesh.model.config import ModelConfig  # noqa: E402
+from moemesh.model.tiny import tiny_config_dict  # noqa: E402
 
 routing = kernel_module("moemesh.kernels.routing")
 

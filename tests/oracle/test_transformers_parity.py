@@ -13,7 +13,7 @@ import torch
 
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.sequence import SamplingParams
-from moemesh.local import build_local
+from moemesh.launch.embedded import build_local
 
 from .hf_models import CONFIGS, save_hf_model
 

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import moemesh.checkpoint as ck
-from moemesh.checkpoint import (
+import moemesh.model.checkpoint as ck
+from moemesh.model.checkpoint import (
     Checkpoint,
     CheckpointError,
     attention_side,
@@ -23,8 +23,8 @@ from moemesh.checkpoint import (
     write_dequantized,
     write_fp8_twin,
 )
-from moemesh.config import ModelConfig
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.model.config import ModelConfig
+from moemesh.model.tiny import write_tiny_checkpoint
 
 # hidden 96 makes several weight shapes (e.g. kv_a_proj 48 rows, experts 48 wide) not multiples of 32.
 TINY = dict(arch="deepseek_v3", hidden_size=96, layers=3, experts=8, experts_per_token=2)

@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from moemesh.checkpoint import CheckpointError, checkpoint_fingerprint
+from moemesh.model.checkpoint import CheckpointError, checkpoint_fingerprint
 from moemesh.router.cluster import model_shape
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.model.tiny import write_tiny_checkpoint
 
 
 def test_same_files_same_fingerprint_other_weights_other(tmp_path):

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from moemesh.cli import build_parser, main
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.cli.main import build_parser, main
+from moemesh.model.tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""moemesh.codec: bit-exact round trips over the wire, and clear errors for malformed tensors."""
+"""moemesh.wire.codec: bit-exact round trips over the wire, and clear errors for malformed tensors."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moemesh import codec
-from moemesh.codec import CodecError, from_proto, to_proto
+from moemesh.wire import codec
+from moemesh.wire.codec import CodecError, from_proto, to_proto
 from moemesh.v1 import dispatch_pb2, tensor_pb2
 
 DType = tensor_pb2.DType

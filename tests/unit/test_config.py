@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from moemesh.config import ConfigError, ModelConfig, QuantConfig, YarnScaling
-from moemesh.tiny import tiny_config_dict
+from moemesh.model.config import ConfigError, ModelConfig, QuantConfig, YarnScaling
+from moemesh.model.tiny import tiny_config_dict
 
 YARN = {
     "type": "yarn",

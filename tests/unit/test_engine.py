@@ -19,7 +19,7 @@ from moemesh.attn_node.engine import Engine, EngineConfig
 from moemesh.attn_node.model import Transformer, hf_to_local_name
 from moemesh.attn_node.sequence import SamplingParams
 from moemesh.expert_backend import ExpertBackendError
-from moemesh.config import ModelConfig
+from moemesh.model.config import ModelConfig
 from moemesh.errors import InvalidRequestError
 from moemesh.expert_node.local_backend import LocalExpertBackend
 from moemesh.expert_node.shard import ExpertShard

@@ -1,10 +1,10 @@
-"""The pure part of moemesh.etcd: key names, record and placement checks, endpoint parsing."""
+"""The pure part of moemesh.control.etcd: key names, record and placement checks, endpoint parsing."""
 
 from __future__ import annotations
 
 import pytest
 
-from moemesh.etcd import Keys, check_node_record, check_placement, parse_endpoint
+from moemesh.control.etcd import Keys, check_node_record, check_placement, parse_endpoint
 
 
 def test_keys_exact():

@@ -1,4 +1,4 @@
-"""moemesh/p2p.py: the torch transport's frames, and the gloo behaviour they rely on.
+"""moemesh/wire/p2p.py: the torch transport's frames, and the gloo behaviour they rely on.
 
 Frames are pure; the group tests run two gloo pair groups in this process (one
 per thread, each with its own store client, as the two nodes do).
@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from moemesh import p2p
+from moemesh.wire import p2p
 
 
 def _rows(rows=3, hidden=8, k=2, dtype=torch.float32, seed=0):

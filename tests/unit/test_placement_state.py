@@ -59,7 +59,7 @@ def test_placement_problem():
 
 
 def test_bad_shares_are_refused():
-    from moemesh.etcd_keys import check_placement
+    from moemesh.control.keys import check_placement
     with pytest.raises(ValueError, match="summing to 1"):
         check_placement({"version": 1, "layers": {"1": {"0": ["a", "b"]}}, "shares": {"1": {"0": [0.5, 0.2]}}})
     with pytest.raises(ValueError, match="one fraction"):
@@ -67,7 +67,7 @@ def test_bad_shares_are_refused():
 
 
 def test_attention_behind_counts_only_serving_nodes_with_an_older_version():
-    from moemesh.cluster_view import attention_behind
+    from moemesh.control.cluster_view import attention_behind
     records = [("a", {"status": "ready", "placement_version": 3}), ("b", {"status": "draining", "placement_version": 2}),
                ("c", {"status": "loading"}), ("d", {"status": "ready"}), ("e", {"status": "ready", "placement_version": 4})]
     assert attention_behind(records, 4) == ["a", "b"]

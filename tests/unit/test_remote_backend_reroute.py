@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from moemesh.attn_node.remote_backend import RemoteExpertBackend
-from moemesh.config import ModelConfig
-from moemesh.placement import Placement
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.model.config import ModelConfig
+from moemesh.control.placement import Placement
+from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.v1 import dispatch_pb2
 
 

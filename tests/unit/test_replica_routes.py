@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from moemesh.attn_node.replica_routes import ExpertsUnavailable, ReplicaRoutes
-from moemesh.placement import Placement
+from moemesh.control.placement import Placement
 
 
 def _placement(shares=None):

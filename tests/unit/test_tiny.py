@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moemesh.checkpoint import Checkpoint
-from moemesh.config import ConfigError, ModelConfig
-from moemesh.tiny import write_tiny_checkpoint
+from moemesh.model.checkpoint import Checkpoint
+from moemesh.model.config import ConfigError, ModelConfig
+from moemesh.model.tiny import write_tiny_checkpoint
 
 ARCHS = ["deepseek_v2", "deepseek_v3"]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from moemesh.tiny import build_tokenizer, write_tiny_checkpoint
-from moemesh.tokenizer import IncrementalDecoder, Tokenizer
+from moemesh.model.tiny import build_tokenizer, write_tiny_checkpoint
+from moemesh.model.tokenizer import IncrementalDecoder, Tokenizer
 
 TEXTS = ["héllo wörld 你好", "The river ran past the old mill.", "emoji 🙂🚀 and tabs\tand\nnewlines", ""]
 

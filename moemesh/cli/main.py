@@ -16,8 +16,8 @@ from moemesh.argtypes import non_negative_float as _non_negative_float
 from moemesh.argtypes import positive_float as _positive_float
 from moemesh.argtypes import positive_int as _positive_int
 from moemesh.argtypes import seed as _seed
-from moemesh.config import ConfigError
-from moemesh.tls import TLSFiles
+from moemesh.model.config import ConfigError
+from moemesh.wire.tls import TLSFiles
 from moemesh.errors import MoemeshError
 
 EXIT_USAGE = 2
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_metrics_arg(add_router_parser(sub))
 
-    from moemesh.plan_cmd import add_plan_parser
+    from moemesh.cli.plan import add_plan_parser
 
     add_plan_parser(sub)
 
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port of the MeshControl service that adds and removes expert nodes while the mesh runs "
                    "(`moemesh mesh`); 0 picks one, printed as \"control\" in the ready line (default: 0)")
 
-    from moemesh.mesh_cmd import add_mesh_parser
+    from moemesh.cli.mesh import add_mesh_parser
 
     add_mesh_parser(sub)
     _add_transport_arg(p, "up")
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "tiny-checkpoint":
             return _cmd_tiny(args)
         if args.command == "generate":
-            from moemesh.generate_cmd import run_generate
+            from moemesh.cli.generate import run_generate
 
             return run_generate(args)
         if args.command == "expert-node":
@@ -336,21 +336,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_router(args)
         if args.command == "plan":
-            from moemesh.plan_cmd import run_plan
+            from moemesh.cli.plan import run_plan
 
             return run_plan(args)
         if args.command == "up":
-            from moemesh.up import run_up
+            from moemesh.cli.up import run_up
 
             return run_up(args)
         if args.command == "query":
-            from moemesh.query_cmd import run_query
+            from moemesh.cli.query import run_query
 
             return run_query(args)
         if args.command == "mesh":
             import grpc
 
-            from moemesh.mesh_cmd import run_mesh
+            from moemesh.cli.mesh import run_mesh
 
             try:
                 return run_mesh(args)
@@ -358,15 +358,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"moemesh mesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
         if args.command == "status":
-            from moemesh.query_cmd import run_status
+            from moemesh.cli.query import run_status
 
             return run_status(args)
         if args.command == "bench" and args.mesh:
-            from moemesh.bench_mesh import run_mesh_bench
+            from moemesh.cli.bench_mesh import run_mesh_bench
 
             return run_mesh_bench(args)
         if args.command == "bench":
-            from moemesh.bench import run_bench
+            from moemesh.cli.bench import run_bench
 
             return run_bench(args)
     except (ConfigError, MoemeshError, ValueError, OSError) as exc:
@@ -381,10 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_expert_node(args: argparse.Namespace) -> int:
     import asyncio
 
-    from moemesh.config import ModelConfig
+    from moemesh.model.config import ModelConfig
     from moemesh.expert_node.main import serve
-    from moemesh.local import resolve_dtype
-    from moemesh.placement import parse_expert_spec
+    from moemesh.launch.embedded import resolve_dtype
+    from moemesh.control.placement import parse_expert_spec
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
@@ -396,7 +396,7 @@ def _cmd_expert_node(args: argparse.Namespace) -> int:
     if args.experts is None:
         if args.etcd is None:
             raise UsageError("give --experts SPEC (a fixed shard) or --etcd HOST:PORT (the router's placement)")
-        from moemesh.expert_node.control import serve_registered
+        from moemesh.expert_node.registered import serve_registered
 
         asyncio.run(serve_registered(args.model, args.etcd, args.cluster, args.host, args.port, dtype,
                                      node_id=args.node_id, slots=args.slots, advertise=args.advertise_host,
@@ -412,11 +412,11 @@ def _cmd_expert_node(args: argparse.Namespace) -> int:
 def _cmd_attn_node(args: argparse.Namespace) -> int:
     import asyncio
 
-    from moemesh.attn_node.control import serve_attention
-    from moemesh.config import ModelConfig
-    from moemesh.generate_cmd import engine_config
-    from moemesh.local import resolve_dtype
-    from moemesh.placement import Placement, parse_expert_nodes, parse_expert_spec
+    from moemesh.attn_node.serve import serve_attention
+    from moemesh.model.config import ModelConfig
+    from moemesh.cli.generate import engine_config
+    from moemesh.launch.embedded import resolve_dtype
+    from moemesh.control.placement import Placement, parse_expert_nodes, parse_expert_spec
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
@@ -438,7 +438,7 @@ def _cmd_attn_node(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
-    from moemesh.tiny import write_tiny_checkpoint
+    from moemesh.model.tiny import write_tiny_checkpoint
 
     if args.shared_experts < 0:
         raise UsageError(f"--shared-experts must be >= 0, got {args.shared_experts}")

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.sequence import SamplingParams
 from moemesh.errors import InvalidRequestError
-from moemesh.local import build_local, build_remote, ensure_demo_model
-from moemesh.placement import parse_expert_nodes
-from moemesh.tokenizer import Tokenizer
+from moemesh.launch.embedded import build_local, build_remote, ensure_demo_model
+from moemesh.control.placement import parse_expert_nodes
+from moemesh.model.tokenizer import Tokenizer
 
 DEMO_PROMPT = "The river ran past the old mill and"
 EXIT_REQUEST_FAILED = 3  # some request failed while running (e.g. its experts became unavailable)

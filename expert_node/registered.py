@@ -25,19 +25,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 from grpc_health.v1 import health_pb2
 
-from moemesh.checkpoint import checkpoint_fingerprint
-from moemesh.cluster_view import ClusterView
-from moemesh.config import ModelConfig
-from moemesh.etcd import Keys, Registry
-from moemesh.health_port import start_health_port
+from moemesh.model.checkpoint import checkpoint_fingerprint
+from moemesh.control.cluster_view import ClusterView
+from moemesh.model.config import ModelConfig
+from moemesh.control.etcd import Keys, Registry
+from moemesh.wire.health_port import start_health_port
 from moemesh.logs import get_logger
-from moemesh.node_ids import advertise_address, default_node_id
+from moemesh.control.node_ids import advertise_address, default_node_id
 
 from .loader import load_experts
 from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, create_server, shut_down
 from .shard import ExpertShard
 
-log = get_logger("moemesh.expert_node.control")
+log = get_logger("moemesh.expert_node.registered")
 TICK_S = 1.0  # look again even without etcd events (retry a failed load)
 FAILURES_BEFORE_FAILED = 3  # consecutive failed applies before the record says "failed"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -80,7 +80,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
         record["torch_store"] = torch_transport.store_address  # the rendezvous: where pair groups meet
     await reg.register("expert", node_id, record)
     log.info("registered", node_id=node_id, address=record["address"], etcd=etcd)
-    node = _PlacementFollower(reg, keys, node_id, record, shard, service, model_dir, cfg, dtype, health)
+    node = ShardFollower(reg, keys, node_id, record, shard, service, model_dir, cfg, dtype, health)
     watcher = asyncio.create_task(node.follow())
     await stop.wait()
     log.info("draining", in_flight=service.in_flight)
@@ -98,7 +98,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
     log.info("stopped")
 
 
-class _PlacementFollower:
+class ShardFollower:
     """Watches the cluster and applies placement versions to the shard in two phases (module docstring)."""
 
     def __init__(self, reg, keys, node_id, record, shard, service, model_dir, cfg, dtype, health):

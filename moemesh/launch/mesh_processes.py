@@ -1,6 +1,6 @@
 """The processes of a ``moemesh up`` mesh, and the MeshControl gRPC service that adds and removes expert nodes.
 
-``LocalMesh`` owns the process table (thread-safe: the control service's threads and ``up``'s main loop
+``ProcessMesh`` owns the process table (thread-safe: the control service's threads and ``up``'s main loop
 share it). Expert and attention nodes may come and go (removed, or killed from outside) without stopping
 the mesh: the router re-plans around them. Only the router's exit stops ``up``.
 """
@@ -19,10 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moemesh.logs import get_logger
-from moemesh.procs import RoleProcess, spawn, wait_ready
+from moemesh.launch.procs import RoleProcess, spawn, wait_ready
 from moemesh.v1 import control_pb2, control_pb2_grpc
 
-log = get_logger("moemesh.up")
+log = get_logger("moemesh.cli.up")
 
 CONTROL_SERVICE = control_pb2.DESCRIPTOR.services_by_name["MeshControl"].full_name
 MAX_ADD = 64  # expert nodes one AddExpertNodes call may start
@@ -43,7 +43,7 @@ class MeshProcess(RoleProcess):
         return "running" if self.ready else "starting"
 
 
-class LocalMesh:
+class ProcessMesh:
     """The role processes of one local mesh. ``expert_args(name)`` builds an expert node's command line."""
 
     def __init__(self, log_dir: Path, expert_args: Callable[[str], list[str]], threads: int = 1):
@@ -108,7 +108,7 @@ class LocalMesh:
 
 
 class MeshControlService(control_pb2_grpc.MeshControlServicer):
-    def __init__(self, mesh: LocalMesh):
+    def __init__(self, mesh: ProcessMesh):
         self.mesh = mesh
 
     def _list(self, procs: list[MeshProcess]) -> control_pb2.ListProcessesResponse:
@@ -150,7 +150,7 @@ class MeshControlService(control_pb2_grpc.MeshControlServicer):
         return self._list([p])
 
 
-def serve_control(mesh: LocalMesh, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, int]:
+def serve_control(mesh: ProcessMesh, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, int]:
     """The MeshControl service (with health and reflection) on a thread-pool server; returns (server, port)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-control"))
     control_pb2_grpc.add_MeshControlServicer_to_server(MeshControlService(mesh), server)

@@ -16,8 +16,8 @@ import torch
 
 from moemesh.attn_node.sequence import SamplingParams
 from moemesh.errors import MoemeshError
-from moemesh.generate_cmd import engine_config
-from moemesh.local import build_local, resolve_dtype
+from moemesh.cli.generate import engine_config
+from moemesh.launch.embedded import build_local, resolve_dtype
 
 
 def _load_hf(model_dir: str, dtype: torch.dtype):

@@ -18,17 +18,17 @@ import time
 
 from grpc_health.v1 import health_pb2
 
-from moemesh.checkpoint import checkpoint_fingerprint
-from moemesh.cluster_view import ClusterView
-from moemesh.config import ModelConfig
-from moemesh.etcd import Keys, Registry
-from moemesh.health_port import start_health_port
+from moemesh.model.checkpoint import checkpoint_fingerprint
+from moemesh.control.cluster_view import ClusterView
+from moemesh.model.config import ModelConfig
+from moemesh.control.etcd import Keys, Registry
+from moemesh.wire.health_port import start_health_port
 from moemesh.kernels.ops import select_ops
 from moemesh.logs import get_logger
-from moemesh.node_ids import advertise_address, default_node_id
-from moemesh.placement import Placement
-from moemesh.tls import TLSFiles
-from moemesh.tokenizer import Tokenizer
+from moemesh.control.node_ids import advertise_address, default_node_id
+from moemesh.control.placement import Placement
+from moemesh.wire.tls import TLSFiles
+from moemesh.model.tokenizer import Tokenizer
 
 from .engine import Engine, EngineConfig
 from .engine_loop import EngineLoop
@@ -39,7 +39,7 @@ from .service import SERVICE_NAME, AttentionService, create_server
 from .switchable_backend import SwitchableBackend
 from .torch_link import links_for
 
-log = get_logger("moemesh.attn_node.control")
+log = get_logger("moemesh.attn_node.serve")
 CONNECT_TIMEOUT_S = 5.0  # a placement's expert nodes are ready by their records: they answer fast
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -92,7 +92,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
         if static is not None:
             record["status"] = "ready"
         await reg.register("attn", node_id, record)
-        follower = asyncio.create_task(_PlacementFollower(
+        follower = asyncio.create_task(BackendFollower(
             reg, Keys(cluster), cfg, backend, record, dispatch_timeout_s, became_ready, tls, transport, checkpoint).run())
     await stop.wait()
 
@@ -115,7 +115,7 @@ TICK_S = 1.0  # look again even without etcd events: retry a failed dial, re-dia
 REDIAL_AFTER_S = 3.0  # a broken link is re-dialled only if no re-plan took its node out by then
 
 
-class _PlacementFollower:
+class BackendFollower:
     """Installs the serving placement's backend; retries failed dials and re-dials links that broke.
 
     A link breaks when its node died (the leader re-plans within milliseconds) or on a transient fault

@@ -21,19 +21,19 @@ from moemesh.attn_node.engine import Engine, EngineConfig
 from moemesh.attn_node.loader import load_transformer
 from moemesh.attn_node.remote_backend import RemoteExpertBackend
 from moemesh.attn_node.torch_link import links_for
-from moemesh.checkpoint import checkpoint_fingerprint
-from moemesh.config import ModelConfig
+from moemesh.model.checkpoint import checkpoint_fingerprint
+from moemesh.model.config import ModelConfig
 from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.local_backend import LocalExpertBackend
 from moemesh.kernels.ops import select_ops
-from moemesh.placement import Placement, parse_expert_spec
-from moemesh.tokenizer import Tokenizer
+from moemesh.control.placement import Placement, parse_expert_spec
+from moemesh.model.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class LocalMesh:
+class EmbeddedMesh:
     cfg: ModelConfig
     engine: Engine
     tokenizer: Tokenizer | None
@@ -62,14 +62,14 @@ def build_local(
     engine_config: EngineConfig = EngineConfig(),
     progress: bool = True,
     kernels: str = "auto",
-) -> LocalMesh:
+) -> EmbeddedMesh:
     """The single process: every expert in an in-process shard."""
     cfg = ModelConfig.from_dir(model_dir)
     torch_dtype = resolve_dtype(dtype, cfg)
     ops = select_ops(_device(), kernels)
     shard = load_expert_shard(str(model_dir), cfg, dtype=torch_dtype, progress=progress, fused_moe=ops.fused_moe)
     model = load_transformer(str(model_dir), cfg, LocalExpertBackend(shard), torch_dtype, progress, ops)
-    return LocalMesh(cfg, Engine(model, cfg, engine_config), Tokenizer.from_dir(model_dir))
+    return EmbeddedMesh(cfg, Engine(model, cfg, engine_config), Tokenizer.from_dir(model_dir))
 
 
 def build_remote(
@@ -81,7 +81,7 @@ def build_remote(
     dispatch_timeout_s: float = 30.0,
     kernels: str = "auto",
     transport: str = "grpc",
-) -> LocalMesh:
+) -> EmbeddedMesh:
     """The attention side of a mesh: routed experts on expert nodes, given as [(HOST:PORT, SPEC)].
 
     ``transport="torch"``: payloads over a torch.distributed group per node (attn_node/torch_link.py);
@@ -98,7 +98,7 @@ def build_remote(
     except BaseException:
         backend.close()
         raise
-    return LocalMesh(cfg, Engine(model, cfg, engine_config), Tokenizer.from_dir(model_dir), backend)
+    return EmbeddedMesh(cfg, Engine(model, cfg, engine_config), Tokenizer.from_dir(model_dir), backend)
 
 
 def demo_model_dir() -> Path:
@@ -109,7 +109,7 @@ def demo_model_dir() -> Path:
 
 def ensure_demo_model() -> Path:
     """Write the tiny demo checkpoint the first time it is needed."""
-    from moemesh.tiny import write_tiny_checkpoint
+    from moemesh.model.tiny import write_tiny_checkpoint
 
     path = demo_model_dir()
     if not (path / "config.json").is_file():

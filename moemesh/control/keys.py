@@ -1,4 +1,4 @@
-"""Key names and record schemas of the etcd registry: pure, no client (see moemesh/etcd.py for the I/O).
+"""Key names and record schemas of the etcd registry: pure, no client (see moemesh/control/etcd.py for the I/O).
 
 Pure modules (the placement code, the cluster view) import these without pulling in the etcd client.
 """

@@ -48,7 +48,7 @@ from moemesh.v1 import tensor_pb2
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in CI
     raise ImportError(
-        "moemesh.codec assumes a little-endian host: Tensor.data is raw little-endian bytes "
+        "moemesh.wire.codec assumes a little-endian host: Tensor.data is raw little-endian bytes "
         f"and this host is {sys.byteorder}-endian"
     )
 

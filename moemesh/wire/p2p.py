@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moemesh.codec import dtype_from_proto, dtype_to_proto
+from moemesh.wire.codec import dtype_from_proto, dtype_to_proto
 
 if not dist.is_available():  # pragma: no cover - every torch wheel we install has it
     raise ImportError("the torch transport needs torch.distributed, which this torch build lacks")

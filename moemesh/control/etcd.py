@@ -51,7 +51,7 @@ import aetcd
 from moemesh.errors import MoemeshError
 from moemesh.logs import get_logger
 
-log = get_logger("moemesh.etcd")
+log = get_logger("moemesh.control.etcd")
 
 class RegistryError(MoemeshError):
     """etcd answered with an error."""
@@ -62,7 +62,7 @@ class RegistryUnavailable(RegistryError):
 
 
 # ---- keys and records (pure) --------------------------------------------------
-from moemesh.etcd_keys import (  # noqa: E402,F401  (re-exported: callers import them from here too)
+from moemesh.control.keys import (  # noqa: E402,F401  (re-exported: callers import them from here too)
     ROLES, STATUSES, Keys, check_node_record, check_placement, parse_endpoint,
 )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from moemesh.tls import add_port
+from moemesh.wire.tls import add_port
 
 
 async def start_health_port(health_servicer, host: str, port: int | None) -> grpc.aio.Server | None:

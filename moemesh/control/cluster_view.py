@@ -1,6 +1,6 @@
 """A node's view of the cluster, built from etcd watch events: node records and the placement.
 
-Pure state (no I/O): feed it :class:`~moemesh.etcd.WatchEvent`s from a watch on the
+Pure state (no I/O): feed it :class:`~moemesh.control.etcd.WatchEvent`s from a watch on the
 cluster root and ask what this node should host, or which expert nodes serve the
 current placement.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from moemesh.etcd import Keys, WatchEvent
-from moemesh.placement import Placement
+from moemesh.control.etcd import Keys, WatchEvent
+from moemesh.control.placement import Placement
 
 
 def attention_behind(records: Iterable[tuple[str, dict[str, Any]]], version: int) -> list[str]:

@@ -22,11 +22,11 @@ import threading
 import time
 from pathlib import Path
 
-from moemesh.config import ModelConfig
-from moemesh.etcd_server import EtcdServer
-from moemesh.local import ensure_demo_model
-from moemesh.local_mesh import LocalMesh, serve_control
-from moemesh.procs import stop_all
+from moemesh.model.config import ModelConfig
+from moemesh.launch.etcd_server import EtcdServer
+from moemesh.launch.embedded import ensure_demo_model
+from moemesh.launch.mesh_processes import ProcessMesh, serve_control
+from moemesh.launch.procs import stop_all
 
 SPARE_SLOTS = 1.25  # default expert slots: the even share plus 25% room for replicas of hot experts
 
@@ -80,7 +80,7 @@ def run_up(args: argparse.Namespace) -> int:
         return ["expert-node", "--model", model, "--etcd", etcd.endpoint, "--cluster", args.cluster,
                 "--node-id", name, "--slots", str(slots), *_tls_args(args), *_transport_args(args)]
 
-    mesh = LocalMesh(log_dir, expert_args, threads=1)  # one thread each: the processes share this machine's cores
+    mesh = ProcessMesh(log_dir, expert_args, threads=1)  # one thread each: the processes share this machine's cores
     control = None
     try:
         etcd.start()

@@ -24,10 +24,10 @@ import torch
 from moemesh.attn_node.remote_backend import NodeLink
 from moemesh.attn_node.torch_link import TorchLink
 from moemesh.attn_node.sequence import SamplingParams
-from moemesh.codec import to_proto
-from moemesh.generate_cmd import engine_config
-from moemesh.local import build_local, build_remote
-from moemesh.procs import spawn_expert_nodes
+from moemesh.wire.codec import to_proto
+from moemesh.cli.generate import engine_config
+from moemesh.launch.embedded import build_local, build_remote
+from moemesh.launch.procs import spawn_expert_nodes
 from moemesh.v1 import dispatch_pb2
 
 ECHO_SERVER = """
