@@ -12,12 +12,35 @@ import argparse
 import json
 import time
 
-import torch
+from typing import TYPE_CHECKING
 
-from moemesh.attn_node.sequence import SamplingParams
+from moemesh.argtypes import positive_int
+from moemesh.cli import flags
 from moemesh.errors import MoemeshError
-from moemesh.cli.generate import engine_config
-from moemesh.launch.embedded import build_local, resolve_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="tokens/s of transformers and of moemesh on the same workload",
+                              description="Run the same greedy workload (random prompts) through transformers' generate "
+                              "and through the moemesh engine in one run; print tokens/s of each, the ratio, whether the "
+                              "tokens agree, and the latent cache bytes per token next to what MHA would need. Needs "
+                              "transformers (pip install 'moemesh[bench]').")
+    flags.add_model_arg(p)
+    p.add_argument("--batch", type=positive_int, default=16, help="prompts run together (default: 16)")
+    p.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt (default: 32)")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated per prompt (default: 32)")
+    p.add_argument("--repeats", type=positive_int, default=1, help="timed runs per side; the best counts")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+    p.add_argument("--mesh", action="store_true",
+                   help="instead: start 2 expert node processes on loopback and compare the single process with "
+                   "the mesh (micro-batch overlap on and off), and one dispatch hop with a raw TCP echo")
+    p.add_argument("--hop-samples", type=positive_int, default=300, help="round trips timed for the hop (--mesh)")
+    flags.add_transport_arg(p, "bench")
+    flags.add_engine_args(p)
+    return p
 
 
 def _load_hf(model_dir: str, dtype: torch.dtype):
@@ -37,7 +60,21 @@ def _time_best(fn, repeats: int) -> tuple[float, object]:
     return best, result
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    if args.mesh:
+        from moemesh.cli.bench_mesh import run_mesh_bench
+
+        return run_mesh_bench(args)
+    return _run_bench(args)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from moemesh.attn_node.sequence import SamplingParams
+    from moemesh.cli.generate import engine_config
+    from moemesh.launch.embedded import build_local, resolve_dtype
+
     torch.manual_seed(0)
     mesh = build_local(args.model, args.dtype, engine_config(args), progress=not args.json)
     cfg, engine = mesh.cfg, mesh.engine

@@ -7,18 +7,51 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from moemesh.attn_node.engine import EngineConfig
-from moemesh.attn_node.sequence import SamplingParams
+from typing import TYPE_CHECKING
+
+from moemesh.argtypes import positive_float, seed
+from moemesh.cli import flags
 from moemesh.errors import InvalidRequestError
-from moemesh.launch.embedded import build_local, build_remote, ensure_demo_model
-from moemesh.control.placement import parse_expert_nodes
-from moemesh.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the engine (torch) loads only when a command runs, so `moemesh --help` stays quick
+    from moemesh.attn_node.engine import EngineConfig
+    from moemesh.model.tokenizer import Tokenizer
 
 DEMO_PROMPT = "The river ran past the old mill and"
 EXIT_REQUEST_FAILED = 3  # some request failed while running (e.g. its experts became unavailable)
 
 
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="generate from one or more prompts on this machine",
+                              description="Run prompts through the single-process engine (attention and every expert in "
+                              "this process) as one continuously batched job. Without --json, text streams as it is "
+                              "generated, prompt by prompt in order.")
+    flags.add_model_arg(p, required=False)
+    p.add_argument("--prompt", action=flags.OrderedPrompts, metavar="TEXT", help="a text prompt (repeatable)")
+    p.add_argument("--prompt-ids", action=flags.OrderedPrompts, type=flags.token_ids, metavar="IDS",
+                   help="a prompt as comma-separated token ids, e.g. 1,2,3 (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt at most (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0 = off)")
+    p.add_argument("--seed", type=seed, default=None, help="seed for sampling; prompt i uses seed + i")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt, in order, when done")
+    p.add_argument("--expert-nodes", action="append", metavar="HOST:PORT=SPEC,...",
+                   help="run only the attention side here and send routed experts to these expert nodes "
+                   "(SPEC as in `moemesh expert-node --experts`; repeatable). Several nodes may host the same "
+                   "experts: rows are split across such replicas, and a lost node's rows go to another replica")
+    p.add_argument("--dispatch-timeout", type=positive_float, default=30.0,
+                   help="seconds an expert node may take per MoE layer before its rows go to a replica "
+                   "(default: 30)")
+    flags.add_transport_arg(p, "attn")
+    flags.add_engine_args(p)
+    return p
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    from moemesh.attn_node.engine import EngineConfig
+
     return EngineConfig(
         block_size=args.block_size,
         kv_cache_tokens=args.kv_cache_tokens,
@@ -64,7 +97,10 @@ class _Stream:
     error: str | None = None
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    from moemesh.control.placement import parse_expert_nodes
+    from moemesh.launch.embedded import build_local, build_remote, ensure_demo_model
+
     _check_sampling_args(args)
     model_dir = args.model or str(ensure_demo_model())
     prompts = getattr(args, "prompts", None) or [("text", DEMO_PROMPT)]
@@ -81,6 +117,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, mesh, prompts) -> int:
+    from moemesh.attn_node.sequence import SamplingParams
+
     tokenizer = mesh.tokenizer
     prompt_ids = _encode(prompts, tokenizer)
     params = [

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 
 import grpc
@@ -19,7 +20,7 @@ from moemesh.argtypes import positive_float, positive_int
 from moemesh.v1 import control_pb2, control_pb2_grpc
 
 
-def add_mesh_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "mesh", help="add or remove expert nodes of a running `moemesh up`",
         description="Talk to the MeshControl service of a running `moemesh up` (its ready line's \"control\" "
@@ -43,7 +44,15 @@ def add_mesh_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run_mesh(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except grpc.RpcError as exc:
+        print(f"moemesh mesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.control) as channel:
         stub = control_pb2_grpc.MeshControlStub(channel)
         if args.action == "list":

@@ -1,6 +1,6 @@
 """``moemesh plan``: plan an expert placement from per-layer expert loads (see ``moemesh.router.planner``).
 
-The CLI adds the subcommand with :func:`add_plan_parser` and runs it with :func:`run_plan`::
+The CLI adds the subcommand with :func:`add_parser` and runs it with :func:`run`::
 
     moemesh plan --loads LOADS.json --nodes N --slots-per-node S [--previous PLAN.json] [--min-gain G] [--json]
 
@@ -23,7 +23,7 @@ from moemesh.router.planner import (DEFAULT_MIN_GAIN, Plan, PlanError, loads_fro
 EXIT_BAD_INPUT = 2
 
 
-def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``plan`` to an argparse subparsers object; returns its parser."""
     p = subparsers.add_parser(
         "plan", help="plan expert replicas and shares on expert nodes from per-expert loads",
@@ -70,8 +70,8 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def run_plan(args: argparse.Namespace) -> int:
-    """Run ``moemesh plan`` from parsed flags (see :func:`add_plan_parser`); returns the exit code."""
+def run(args: argparse.Namespace) -> int:
+    """Run ``moemesh plan`` from parsed flags (see :func:`add_parser`); returns the exit code."""
     try:
         loads = loads_from_json(_read_json(args.loads, "--loads"))
         previous = previous_from_json(_read_json(args.previous, "--previous")) if args.previous else None

@@ -1,4 +1,4 @@
-"""``moemesh query`` and ``moemesh status``: a cluster's router, through the client SDK."""
+"""``moemesh query``: one generation through a cluster's router, with the client SDK."""
 
 from __future__ import annotations
 
@@ -6,22 +6,44 @@ import argparse
 import json
 import sys
 
+from moemesh.argtypes import seed
+from moemesh.cli import flags
 from moemesh.router import MeshClient, MeshError
 
 EXIT_RPC_ERROR = 1
 
 
-def _client(args: argparse.Namespace) -> MeshClient:
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("query", help="send a generation to a running mesh's router",
+                              description="Generate through a router with the client SDK. Streams text as it arrives; "
+                              "--json prints one object (token_ids, text, finish_reason, usage) when done. Errors: exit 1 "
+                              "and one line with the gRPC status name (e.g. INVALID_ARGUMENT, UNAUTHENTICATED).")
+    flags.add_router_client_args(p)
+    p.add_argument("--prompt", action=flags.OrderedPrompts, metavar="TEXT", help="a text prompt")
+    p.add_argument("--prompt-ids", action=flags.OrderedPrompts, type=flags.token_ids, metavar="IDS",
+                   help="a prompt as comma-separated token ids")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0 = off)")
+    p.add_argument("--seed", type=seed, default=None, help="sampling seed")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--json", action="store_true", help="print one JSON object when done")
+    return p
+
+
+def client_for(args: argparse.Namespace) -> MeshClient:
     return MeshClient(args.router, token_file=args.token_file, tls=bool(args.tls_ca), ca_file=args.tls_ca,
                       cert_file=args.tls_cert, key_file=args.tls_key, timeout_s=args.timeout)
 
 
-def _fail(command: str, exc: MeshError) -> int:
+def fail(command: str, exc: MeshError) -> int:
     print(f"moemesh {command}: {exc.status}: {exc.details}", file=sys.stderr)
     return EXIT_RPC_ERROR
 
 
-def run_query(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     kind, value = args.prompts[-1] if getattr(args, "prompts", None) else (None, None)
     if kind is None:
         print("moemesh query: error: give --prompt TEXT or --prompt-ids IDS", file=sys.stderr)
@@ -30,7 +52,7 @@ def run_query(args: argparse.Namespace) -> int:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or None)
     try:
-        with _client(args) as client:
+        with client_for(args) as client:
             if args.json:
                 r = client.generate(**prompt, **sampling)
                 print(json.dumps({"request_id": r.request_id, "token_ids": r.token_ids, "text": r.text,
@@ -46,45 +68,4 @@ def run_query(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
             return 0
     except MeshError as exc:
-        return _fail("query", exc)
-
-
-def run_status(args: argparse.Namespace) -> int:
-    try:
-        with _client(args) as client:
-            status = client.cluster_status()
-    except MeshError as exc:
-        return _fail("status", exc)
-    if args.json:
-        print(json.dumps(status))
-        return 0
-    print(format_status(status))
-    return 0
-
-
-def format_status(status: dict) -> str:
-    """Placement (version, why, moves, balancedness per layer), then one line per node with its load."""
-    lines = [f"placement version {status.get('placement_version', 0)}; leader {status.get('leader') or '-'}"]
-    if status.get("placement_reason"):
-        window = int(status.get("window_tokens", 0))
-        lines.append(f"  planned because: {status['placement_reason']}; moved {status.get('moved', 0)} replicas; "
-                     f"load window {window} routed tokens" + (" (no traffic yet: even spread)" if not window else ""))
-    balance = status.get("balance") or []
-    if balance:
-        worst = min(b["balancedness"] for b in balance)
-        per_layer = " ".join(f"{b['layer']}:{b['balancedness']:.3f}" for b in balance)
-        lines.append(f"  balancedness (mean/max node load) worst {worst:.3f}; by layer {per_layer}")
-    computed = sum(int(n.get("tokens_computed", 0)) for n in status.get("nodes", []) if n.get("role") == "expert")
-    for node in status.get("nodes", []):
-        if node.get("role") == "attn":
-            load = (f"running {node.get('running', 0)}, waiting {node.get('waiting', 0)}, "
-                    f"cache free {float(node.get('cache_free', 0)):.0%}")
-        else:
-            experts = sum(len(le.get("experts", [])) for le in node.get("experts", []))
-            tokens = int(node.get("tokens_computed", 0))
-            share = f" ({tokens / computed:.1%})" if computed else ""
-            load = (f"{experts} experts, planned load {float(node.get('planned_load', 0)):.1%}, "
-                    f"computed {tokens} routed tokens{share}")
-        lines.append(f"  {node.get('role', '?'):6} {node.get('id', '?'):24} {node.get('address', '?'):22} "
-                     f"{node.get('status', '?'):9} v{node.get('placement_version', 0):<4} {load}")
-    return "\n".join(lines)
+        return fail("query", exc)

@@ -22,13 +22,47 @@ import threading
 import time
 from pathlib import Path
 
-from moemesh.model.config import ModelConfig
-from moemesh.launch.etcd_server import EtcdServer
-from moemesh.launch.embedded import ensure_demo_model
-from moemesh.launch.mesh_processes import ProcessMesh, serve_control
-from moemesh.launch.procs import stop_all
+from moemesh.argtypes import non_negative_float, positive_float, positive_int
+from moemesh.cli import flags
 
 SPARE_SLOTS = 1.25  # default expert slots: the even share plus 25% room for replicas of hot experts
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("up", help="run the whole mesh on this machine: etcd, router, attention and expert nodes",
+                              description="Start etcd (data in a temporary directory), the router, the expert nodes and the "
+                              "attention nodes as separate processes on 127.0.0.1. Without --model, a tiny random demo "
+                              "checkpoint is written and used. Prints one JSON line with the router address when the mesh "
+                              "is ready; Ctrl-C or SIGTERM stops every process it started.")
+    flags.add_model_arg(p, required=False)
+    p.add_argument("--attn-nodes", type=positive_int, default=1, help="attention node processes (default: 1)")
+    p.add_argument("--expert-nodes", type=positive_int, default=2, help="expert node processes (default: 2)")
+    p.add_argument("--host", default="127.0.0.1", help="router listen address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="router port for clients; 0 picks one (default: 50051)")
+    p.add_argument("--etcd-port", type=int, default=0, help="etcd client port; 0 picks one (default: 0)")
+    p.add_argument("--cluster", default="default", help="cluster name in etcd (default: default)")
+    p.add_argument("--auth-token-file", metavar="F", help="the router requires this bearer token from clients")
+    p.add_argument("--tls-cert", metavar="F", help="router TLS certificate (with --tls-key)")
+    p.add_argument("--tls-key", metavar="F", help="router TLS private key")
+    p.add_argument("--tls-ca", metavar="F", help="CA for client certificates: the router then requires mTLS")
+    p.add_argument("--log-dir", metavar="DIR", help="where each process writes its log (default: a temporary dir)")
+    p.add_argument("--ready-timeout", type=positive_float, default=300.0,
+                   help="seconds to wait for every process to be ready (default: 300)")
+    p.add_argument("--expert-slots", type=positive_int, default=None, metavar="S",
+                   help="experts per MoE layer each expert node can hold (default: the even share plus 25%%, "
+                   "room for replicas of hot experts)")
+    p.add_argument("--rebalance-interval", type=non_negative_float, default=30.0, metavar="S",
+                   help="the router re-plans expert placement on measured loads every S seconds; 0 = only when "
+                   "expert nodes join or leave (default: 30)")
+    p.add_argument("--no-replicas", action="store_true", help="one replica per expert (no hot-expert replicas)")
+    p.add_argument("--dispatch-timeout", type=positive_float, default=30.0, metavar="S",
+                   help="seconds an expert node may take per MoE layer before the attention nodes send its rows "
+                   "to a replica (default: 30)")
+    p.add_argument("--control-port", type=int, default=0,
+                   help="port of the MeshControl service that adds and removes expert nodes while the mesh runs "
+                   "(`moemesh mesh`); 0 picks one, printed as \"control\" in the ready line (default: 0)")
+    flags.add_transport_arg(p, "up")
+    return p
 
 
 def _tls_args(args: argparse.Namespace) -> list[str]:
@@ -63,7 +97,13 @@ def expert_slots(n_experts: int, expert_nodes: int, requested: int | None) -> in
     return min(n_experts, math.ceil(SPARE_SLOTS * n_experts / expert_nodes))
 
 
-def run_up(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    from moemesh.launch.embedded import ensure_demo_model
+    from moemesh.launch.etcd_server import EtcdServer
+    from moemesh.launch.mesh_processes import ProcessMesh, serve_control
+    from moemesh.launch.procs import stop_all
+    from moemesh.model.config import ModelConfig
+
     started = time.monotonic()
     model = args.model or str(ensure_demo_model())
     cfg = ModelConfig.from_dir(model)

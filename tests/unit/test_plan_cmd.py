@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from moemesh.cli.main import _Parser
-from moemesh.cli.plan import add_plan_parser, run_plan
+from moemesh.cli.flags import Parser as _Parser
+from moemesh.cli.plan import add_parser as add_plan_parser, run as run_plan
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """`moemesh status` text: placement, balancedness, per-node planned and computed load."""
 
-from moemesh.cli.query import format_status
+from moemesh.cli.status import format_status
 
 
 def test_format_status_shows_the_plan_and_every_node():

@@ -1,0 +1,64 @@
+"""``moemesh expert-node``: serve a shard of routed experts (fixed, or as the placement in etcd says)."""
+
+from __future__ import annotations
+
+import argparse
+
+from moemesh.argtypes import positive_int
+from moemesh.cli import flags
+from moemesh.cli.flags import UsageError
+from moemesh.wire.tls import TLSFiles
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("expert-node", help="serve a shard of routed experts over gRPC",
+                              description="Load the routed experts named by --experts (and nothing else) and serve the "
+                              "ExpertDispatch gRPC service, with grpc.health.v1 (SERVING once loaded) and reflection. "
+                              "Prints {\"event\": \"ready\", \"port\": P} on stdout when serving. SIGTERM finishes "
+                              "in-flight messages, then exits.")
+    flags.add_model_arg(p)
+    p.add_argument("--experts", metavar="SPEC",
+                   help="experts to host, fixed: '0-7' (those ids in every MoE layer), '3:0-7' (layer 3 only), "
+                   "comma-separated items, or 'all'. Without it, --etcd is required and the router's placement "
+                   "says what to host")
+    flags.add_node_args(p, "expert")
+    p.add_argument("--slots", type=positive_int, default=None,
+                   help="experts per MoE layer this node can hold (default: all of them); the router replicates "
+                   "experts into spare slots")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="expert weight dtype; auto = the checkpoint's on GPU, float32 on CPU")
+    flags.add_transport_arg(p, "expert")
+    p.add_argument("--torch-port", type=int, default=0, metavar="P",
+                   help="with --transport torch: port of the TCPStore where groups rendezvous (default: 0 = any)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from moemesh.model.config import ModelConfig
+    from moemesh.expert_node.main import serve
+    from moemesh.launch.embedded import resolve_dtype
+    from moemesh.control.placement import parse_expert_spec
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if not 0 <= args.torch_port <= 65535:
+        raise UsageError(f"--torch-port must be in 0..65535, got {args.torch_port}")
+    cfg = ModelConfig.from_dir(args.model)
+    dtype = resolve_dtype(args.dtype, cfg)
+    tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
+    if args.experts is None:
+        if args.etcd is None:
+            raise UsageError("give --experts SPEC (a fixed shard) or --etcd HOST:PORT (the router's placement)")
+        from moemesh.expert_node.registered import serve_registered
+
+        asyncio.run(serve_registered(args.model, args.etcd, args.cluster, args.host, args.port, dtype,
+                                     node_id=args.node_id, slots=args.slots, advertise=args.advertise_host,
+                                     tls=tls, health_port=args.health_port, transport=args.transport,
+                                     torch_port=args.torch_port))
+        return 0
+    parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
+    asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype, tls=tls,
+                      health_port=args.health_port, transport=args.transport, torch_port=args.torch_port))
+    return 0

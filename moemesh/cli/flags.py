@@ -1,0 +1,122 @@
+"""Arguments shared by several commands, and the parser class every command uses.
+
+A usage error is one line (what is wrong, and where to look) and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moemesh.argtypes import positive_float, positive_int
+from moemesh.errors import MoemeshError
+
+EXIT_USAGE = 2
+
+
+class UsageError(MoemeshError):
+    """A command-line argument is wrong; the message says which and why."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, and where to look), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
+class OrderedPrompts(argparse.Action):
+    """--prompt and --prompt-ids share one list so prompts keep the order they were given in."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        prompts = list(getattr(namespace, "prompts", None) or [])
+        prompts.append(("ids", values) if option_string == "--prompt-ids" else ("text", values))
+        namespace.prompts = prompts
+
+
+def add_model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--model",
+        required=required,
+        metavar="DIR",
+        help="HF-format DeepSeek-V2/V3 checkpoint directory (config.json, *.safetensors, optional tokenizer.json)"
+        + ("" if required else "; default: a tiny random demo checkpoint, written on first use"),
+    )
+
+
+def add_router_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", required=True, metavar="HOST:PORT", help="the router's client address")
+    p.add_argument("--token-file", metavar="F", help="file holding the bearer token the router requires")
+    p.add_argument("--tls-ca", metavar="F", help="CA certificate to verify the router (turns TLS on)")
+    p.add_argument("--tls-cert", metavar="F", help="client certificate, for a router requiring mTLS")
+    p.add_argument("--tls-key", metavar="F", help="client private key, for a router requiring mTLS")
+    p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds for the whole call (default: 300)")
+
+
+def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument("--etcd", metavar="HOST:PORT", help="etcd endpoint: register there and follow the placement")
+    p.add_argument("--cluster", default="default", help="cluster name: keys live under /moemesh/<cluster>/")
+    p.add_argument("--node-id", help=f"id in the registry (default: {role}-<hostname>-<port>)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--advertise-host", help="host other nodes dial (default: the listen host; hostname for 0.0.0.0)")
+    p.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default: 0)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--tls-cert", metavar="F", help="PEM certificate: serve TLS, and present it when dialing nodes")
+    p.add_argument("--tls-key", metavar="F", help="PEM private key for --tls-cert")
+    p.add_argument("--tls-ca", metavar="F", help="CA of the mesh: require client certificates it signed (mTLS) "
+                   "and verify the nodes this one dials")
+    add_metrics_arg(p)
+
+
+def add_metrics_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve Prometheus metrics at http://0.0.0.0:P/metrics (default: off)")
+    p.add_argument("--health-port", type=int, default=None, metavar="P",
+                   help="also serve grpc.health.v1 alone, in plaintext, on P: for probes that cannot do (m)TLS, "
+                   "such as Kubernetes' native gRPC probes (default: off)")
+
+
+TRANSPORTS = ("grpc", "torch")
+
+
+def add_transport_arg(p: argparse.ArgumentParser, role: str) -> None:
+    help_text = {
+        "attn": "how routed-expert rows travel: grpc (Dispatch streams) or torch (a torch.distributed group per "
+                "expert node, NCCL on CUDA, gloo on CPU, with gRPC as the fallback; the expert nodes must run "
+                "--transport torch too, else their rows go over gRPC) (default: grpc)",
+        "expert": "torch: also serve TorchTransport sessions (a torch.distributed group per attention node; "
+                  "Dispatch stays the fallback) (default: grpc)",
+        "up": "the expert transport of every attention and expert node (default: grpc)",
+        "bench": "torch: also measure the torch transport, side by side with gRPC in the same run (--mesh) "
+                 "(default: grpc)",
+    }[role]
+    p.add_argument("--transport", default="grpc", choices=TRANSPORTS, help=help_text)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype; auto = the checkpoint's on GPU, float32 on CPU (default: auto)")
+    p.add_argument("--kv-cache-tokens", type=positive_int, default=32768,
+                   help="latent KV cache capacity in tokens, shared by all sequences (default: 32768)")
+    p.add_argument("--block-size", type=positive_int, default=16, help="KV cache block size in tokens (default: 16)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=64,
+                   help="sequences in the running batch at most (default: 64)")
+    p.add_argument("--max-batched-tokens", type=positive_int, default=512,
+                   help="tokens computed per step at most; longer prompts are prefilled in chunks (default: 512)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"],
+                   help="auto = Triton kernels on CUDA, plain-torch references on CPU; triton forces the kernels "
+                   "(on CPU set TRITON_INTERPRET=1 to run them in Triton's interpreter, slowly) (default: auto)")
+    p.add_argument("--micro-batches", type=positive_int, default=1,
+                   help="split each step into this many micro-batches run in ping-pong, so one's attention "
+                   "overlaps another's remote experts. Pays off when attention and experts run on separate "
+                   "hardware; on one shared CPU it costs (each micro-batch re-reads the expert weights) "
+                   "(default: 1 = off; bench --mesh measures 2)")

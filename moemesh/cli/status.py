@@ -1,0 +1,60 @@
+"""``moemesh status``: nodes, placement and loads of a running mesh, from its router."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from moemesh.cli import flags
+from moemesh.cli.query import client_for, fail
+from moemesh.router import MeshError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("status", help="nodes, placement and loads of a running mesh",
+                              description="Ask a router for the cluster status: every node (role, address, status, "
+                              "experts or load) and the placement version.")
+    flags.add_router_client_args(p)
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with client_for(args) as client:
+            status = client.cluster_status()
+    except MeshError as exc:
+        return fail("status", exc)
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict) -> str:
+    """Placement (version, why, moves, balancedness per layer), then one line per node with its load."""
+    lines = [f"placement version {status.get('placement_version', 0)}; leader {status.get('leader') or '-'}"]
+    if status.get("placement_reason"):
+        window = int(status.get("window_tokens", 0))
+        lines.append(f"  planned because: {status['placement_reason']}; moved {status.get('moved', 0)} replicas; "
+                     f"load window {window} routed tokens" + (" (no traffic yet: even spread)" if not window else ""))
+    balance = status.get("balance") or []
+    if balance:
+        worst = min(b["balancedness"] for b in balance)
+        per_layer = " ".join(f"{b['layer']}:{b['balancedness']:.3f}" for b in balance)
+        lines.append(f"  balancedness (mean/max node load) worst {worst:.3f}; by layer {per_layer}")
+    computed = sum(int(n.get("tokens_computed", 0)) for n in status.get("nodes", []) if n.get("role") == "expert")
+    for node in status.get("nodes", []):
+        if node.get("role") == "attn":
+            load = (f"running {node.get('running', 0)}, waiting {node.get('waiting', 0)}, "
+                    f"cache free {float(node.get('cache_free', 0)):.0%}")
+        else:
+            experts = sum(len(le.get("experts", [])) for le in node.get("experts", []))
+            tokens = int(node.get("tokens_computed", 0))
+            share = f" ({tokens / computed:.1%})" if computed else ""
+            load = (f"{experts} experts, planned load {float(node.get('planned_load', 0)):.1%}, "
+                    f"computed {tokens} routed tokens{share}")
+        lines.append(f"  {node.get('role', '?'):6} {node.get('id', '?'):24} {node.get('address', '?'):22} "
+                     f"{node.get('status', '?'):9} v{node.get('placement_version', 0):<4} {load}")
+    return "\n".join(lines)
