@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from .choose import use_triton
+
 try:
     import triton
     import triton.language as tl
@@ -137,17 +139,8 @@ def store_latent_ref(
 
 
 def select_store_latent(device: torch.device | str, force_triton: bool = False) -> StoreLatentFn:
-    """Choose once, at construction: the Triton kernel on CUDA devices (or when forced), else the reference.
-
-    force_triton=True returns the kernel on any device; on CPU it then needs TRITON_INTERPRET=1 set before
-    this module is imported (tests do so).
-    """
-    device = torch.device(device)
-    if force_triton or device.type == "cuda":
-        if not HAS_TRITON:
-            raise RuntimeError(f"select_store_latent: no kernel for {device} without triton; pip install triton")
-        return store_latent
-    return store_latent_ref
+    """Choose once, at construction (the rule: :func:`kernels.choose.use_triton`)."""
+    return store_latent if use_triton(device, force_triton, "select_store_latent") else store_latent_ref
 
 
 def store_latent_op(kv_cache: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -55,6 +55,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .choose import use_triton
+
 try:
     import triton
     import triton.language as tl
@@ -533,10 +535,7 @@ def select_fused_moe(device: torch.device | str, force_triton: bool = False, *, 
 
     ``fp8=True`` selects the block-scaled FP8 pair (:func:`fused_moe_fp8` / :func:`fused_moe_fp8_ref`).
     """
-    device = torch.device(device)
-    triton_ok = force_triton or device.type == "cuda"
-    if triton_ok and not HAS_TRITON:
-        raise RuntimeError(f"select_fused_moe: triton is not installed, so no kernel for {device}; pip install triton")
+    triton_ok = use_triton(device, force_triton, "select_fused_moe")
     if fp8:
         return fused_moe_fp8 if triton_ok else fused_moe_fp8_ref
     return fused_moe if triton_ok else fused_moe_ref

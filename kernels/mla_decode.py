@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from .choose import use_triton
+
 try:
     import triton
     import triton.language as tl
@@ -326,17 +328,8 @@ def mla_decode_ref(
 
 
 def select_mla_decode(device: torch.device | str, force_triton: bool = False) -> MlaDecodeFn:
-    """Choose once, at construction: the Triton kernel on CUDA devices (or when forced), else the reference.
-
-    force_triton=True returns the kernel on any device; on CPU it then needs TRITON_INTERPRET=1 set before
-    this module is imported (tests do so).
-    """
-    device = torch.device(device)
-    if force_triton or device.type == "cuda":
-        if not HAS_TRITON:
-            raise RuntimeError(f"select_mla_decode: no kernel for {device} without triton; pip install triton")
-        return mla_decode
-    return mla_decode_ref
+    """Choose once, at construction (the rule: :func:`kernels.choose.use_triton`)."""
+    return mla_decode if use_triton(device, force_triton, "select_mla_decode") else mla_decode_ref
 
 
 def mla_decode_op(

@@ -32,6 +32,8 @@ from collections.abc import Callable
 
 import torch
 
+from .choose import use_triton
+
 try:
     import triton
     import triton.language as tl
@@ -256,9 +258,4 @@ def route_ref(
 
 def select_route(device: torch.device | str, force_triton: bool = False) -> Callable:
     """The routing function for ``device``, chosen once: Triton on CUDA (or when forced), torch elsewhere."""
-    device = torch.device(device)
-    if force_triton or device.type == "cuda":
-        if not HAS_TRITON:
-            raise RuntimeError(f"select_route: triton is not installed, so no kernel for {device}; pip install triton")
-        return route
-    return route_ref
+    return route if use_triton(device, force_triton, "select_route") else route_ref
