@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 from moemesh.model.checkpoint import checkpoint_fingerprint
 from moemesh.control.cluster_view import ClusterView
 from moemesh.model.config import ModelConfig
-from moemesh.control.etcd import Keys, Registry
+from moemesh.control.etcd import Registry
 from moemesh.wire.health_port import start_health_port
 from moemesh.kernels.ops import select_ops
 from moemesh.logs import get_logger
@@ -93,7 +93,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
             record["status"] = "ready"
         await reg.register("attn", node_id, record)
         follower = asyncio.create_task(BackendFollower(
-            reg, Keys(cluster), cfg, backend, record, dispatch_timeout_s, became_ready, tls, transport, checkpoint).run())
+            reg, cfg, backend, record, dispatch_timeout_s, became_ready, tls, transport, checkpoint).run())
     await stop.wait()
 
     log.info("draining", running=engine_loop.num_running(), waiting=engine_loop.num_waiting())
@@ -123,17 +123,17 @@ class BackendFollower:
     re-dials the same placement itself once the link has been down for REDIAL_AFTER_S.
     """
 
-    def __init__(self, reg, keys, cfg, backend, record, dispatch_timeout_s, became_ready, tls, transport, checkpoint):
-        self.reg, self.keys, self.cfg, self.backend, self.record = reg, keys, cfg, backend, record
+    def __init__(self, reg, cfg, backend, record, dispatch_timeout_s, became_ready, tls, transport, checkpoint):
+        self.reg, self.cfg, self.backend, self.record = reg, cfg, backend, record
         self.dispatch_timeout_s, self.became_ready, self.tls = dispatch_timeout_s, became_ready, tls
         self.transport, self.checkpoint = transport, checkpoint
-        self.view = ClusterView(keys)
+        self.view = ClusterView()
         self.serving: Placement | None = None
         self.broken_since: float | None = None
         self.retry_at, self.backoff = 0.0, 0.5
 
     async def run(self) -> None:
-        async for batch in self.reg.watch_batches(self.keys.root, TICK_S):
+        async for batch in self.reg.watch_cluster(TICK_S):
             for ev in batch:
                 self.view.apply(ev)
             try:

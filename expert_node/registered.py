@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2
 from moemesh.model.checkpoint import checkpoint_fingerprint
 from moemesh.control.cluster_view import ClusterView
 from moemesh.model.config import ModelConfig
-from moemesh.control.etcd import Keys, Registry
+from moemesh.control.etcd import Registry
 from moemesh.wire.health_port import start_health_port
 from moemesh.logs import get_logger
 from moemesh.control.node_ids import advertise_address, default_node_id
@@ -68,7 +68,6 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
     for name in ("", SERVICE_NAME):
         await health.set(name, NOT_SERVING)
     node_id = node_id or default_node_id("expert", bound)
-    keys = Keys(cluster)
     reg = await Registry.connect(etcd, cluster)
     record = {
         "address": advertise_address(host, bound, advertise), "status": "loading", "experts": {},
@@ -80,7 +79,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
         record["torch_store"] = torch_transport.store_address  # the rendezvous: where pair groups meet
     await reg.register("expert", node_id, record)
     log.info("registered", node_id=node_id, address=record["address"], etcd=etcd)
-    node = ShardFollower(reg, keys, node_id, record, shard, service, model_dir, cfg, dtype, health)
+    node = ShardFollower(reg, node_id, record, shard, service, model_dir, cfg, dtype, health)
     watcher = asyncio.create_task(node.follow())
     await stop.wait()
     log.info("draining", in_flight=service.in_flight)
@@ -101,11 +100,11 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
 class ShardFollower:
     """Watches the cluster and applies placement versions to the shard in two phases (module docstring)."""
 
-    def __init__(self, reg, keys, node_id, record, shard, service, model_dir, cfg, dtype, health):
-        self.reg, self.keys, self.node_id, self.record = reg, keys, node_id, record
+    def __init__(self, reg, node_id, record, shard, service, model_dir, cfg, dtype, health):
+        self.reg, self.node_id, self.record = reg, node_id, record
         self.shard, self.service, self.model_dir, self.cfg, self.dtype = shard, service, model_dir, cfg, dtype
         self.health = health
-        self.view = ClusterView(keys)
+        self.view = ClusterView()
         self.loaded_version = -1
         self.planned_away = asyncio.Event()
         self._announced = False
@@ -113,7 +112,7 @@ class ShardFollower:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-loader")
 
     async def follow(self) -> None:
-        async for batch in self.reg.watch_batches(self.keys.root, TICK_S):
+        async for batch in self.reg.watch_cluster(TICK_S):
             for ev in batch:
                 self.view.apply(ev)
             try:
@@ -184,8 +183,8 @@ class ShardFollower:
         re-plan can come (no leader, or no other live expert node to take over)."""
         if self.record["status"] != "draining" or self.planned_away.is_set():
             return
-        others = [r for node_id, r in self.view.records("expert").items()
-                  if node_id != self.node_id and r.get("status") not in ("draining", "failed")]
+        others = [r for r in self.view.records("expert")
+                  if r.id != self.node_id and r.status not in ("draining", "failed")]
         moved_on = not self.view.in_placement(self.node_id) and not self.view.attention_behind(
             self.view.placement_version)
         if moved_on or not others or self.view.leader is None:

@@ -1,7 +1,8 @@
 """The router's control plane: a live view of the cluster from etcd, leader election, placement.
 
 Every router replica watches ``/moemesh/<cluster>/`` (node records, the leader key, the placement)
-into a :class:`ClusterView`, which the Inference service reads without touching etcd. Every replica
+into a :class:`~moemesh.control.cluster_view.ClusterView`, which the Inference service reads without
+touching etcd. Every replica
 campaigns for the leader key every TTL/2; the leader alone writes placement, with compare-and-swap.
 
 The leader plans placement (``router/planner.py``) over the live expert nodes: not draining, and not
@@ -29,6 +30,7 @@ What expert node records must carry for this (``capacity``)::
      "checkpoint": "9f2c..."}     # optional: moemesh.model.checkpoint.checkpoint_fingerprint of its model
 
 Nodes that disagree on ``moe_layers``/``n_routed_experts``/``checkpoint`` get no placement (logged once).
+When to re-plan is decided by the pure ``router/replan.py``; this module does the I/O around it.
 """
 
 from __future__ import annotations
@@ -36,82 +38,34 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
-from moemesh.control.cluster_view import attention_behind
-from moemesh.control.etcd import Registry, RegistryError, WatchEvent
+from moemesh.control.cluster_view import ClusterView
+from moemesh.control.etcd import Registry, RegistryError
+from moemesh.control.events import ClusterEvent, NodeChanged, NodeDown, NodeUp
+from moemesh.control.records import NodeRecord
 from moemesh.logs import get_logger
 
 from .expert_health import ExpertHealth
 from .placement_state import (loads_matrix, placement_problem, placement_record, planned_nodes, previous_holders,
-                              publish_reason)
+                              publish_reason, read_placement, version_of)
 from .planner import DEFAULT_MIN_GAIN, PlanError, plan_placement
+from .replan import Look, Timers, decide_replan
 
 log = get_logger("moemesh.router.cluster")
+TICK_S = 1.0  # the watch's quiet tick (the router only acts on events; ticks are ignored)
 
 
-class ClusterView:
-    """What etcd says now: node records by (role, id), the leader's id, the placement (plain dicts)."""
-
-    def __init__(self, registry_keys):
-        self.keys = registry_keys
-        self.nodes: dict[tuple[str, str], dict] = {}
-        self.leader: str | None = None
-        self.placement: dict | None = None
-        self.synced = False  # True once a snapshot of etcd has been applied
-        self.experts_changed = asyncio.Event()
-        self.experts_joined_at = time.monotonic()  # a new expert node id appeared (plans wait settle_s after)
-
-    def apply(self, kind: str, key: str, value: Any) -> None:
-        """Apply one put/delete (from a watch or a listing) to the view."""
-        if key == self.keys.leader():
-            self.leader = value if kind == "put" and isinstance(value, str) else None
-            return
-        if key == self.keys.placement():
-            self.placement = value if kind == "put" and isinstance(value, dict) else None
-            return
-        parsed = self.keys.parse_node(key)
-        if parsed is None:
-            return
-        before = self.nodes.get(parsed)
-        if parsed[0] == "expert" and before is None and kind == "put":
-            self.experts_joined_at = time.monotonic()
-        if kind == "put" and isinstance(value, dict):
-            self.nodes[parsed] = {**value, "id": parsed[1], "role": parsed[0]}
-        else:
-            self.nodes.pop(parsed, None)
-        if parsed[0] == "expert" and self.nodes.get(parsed) != before:
-            self.experts_changed.set()
-
-    def apply_event(self, event: WatchEvent) -> None:
-        self.apply(event.kind, event.key, event.value)
-
-    def records(self, role: str | None = None) -> list[dict]:
-        """Node records (of one role), sorted by (role, id)."""
-        return [r for (ro, _), r in sorted(self.nodes.items()) if role is None or ro == role]
-
-    def ready_attention_nodes(self) -> list[dict]:
-        return [r for r in self.records("attn") if r.get("status") == "ready" and r.get("address")]
-
-    def placement_version(self) -> int:
-        version = (self.placement or {}).get("version", 0)
-        return version if isinstance(version, int) and not isinstance(version, bool) and version >= 0 else 0
-
-
-def model_shape(experts: list[dict]) -> tuple[tuple[int, ...], int] | str:
+def model_shape(experts: list[NodeRecord]) -> tuple[tuple[int, ...], int] | str:
     """``(moe_layers, n_routed_experts)`` agreed by the expert records' capacity, or why not."""
     shapes = {}
     for record in experts:
-        cap = record.get("capacity") or {}
-        layers, n = cap.get("moe_layers"), cap.get("n_routed_experts")
-        ok = (isinstance(layers, list) and layers and all(isinstance(x, int) and x >= 0 for x in layers)
-              and isinstance(n, int) and not isinstance(n, bool) and n >= 1)
-        if not ok:
-            return (f"expert node {record['id']} does not publish capacity.moe_layers (MoE layer indices) and "
+        cap = record.capacity
+        if cap is None or not cap.moe_layers or cap.n_routed_experts is None:
+            return (f"expert node {record.id} does not publish capacity.moe_layers (MoE layer indices) and "
                     f"capacity.n_routed_experts (an int >= 1) in its record")
-        checkpoint = cap.get("checkpoint") if isinstance(cap.get("checkpoint"), str) else ""
-        shapes.setdefault((tuple(sorted(set(layers))), n, checkpoint), []).append(record["id"])
+        shapes.setdefault((tuple(sorted(set(cap.moe_layers))), cap.n_routed_experts, cap.checkpoint or ""),
+                          []).append(record.id)
     if len(shapes) > 1:
         detail = "; ".join(f"{ids}: {len(s[0])} MoE layers x {s[1]} experts, checkpoint {s[2] or '?'}"
                            for s, ids in shapes.items())
@@ -120,10 +74,9 @@ def model_shape(experts: list[dict]) -> tuple[tuple[int, ...], int] | str:
     return layers, n
 
 
-def min_slots(experts: list[dict]) -> int | None:
+def min_slots(experts: list[NodeRecord]) -> int | None:
     """The smallest ``capacity.slots`` among the records that publish one (None if none does)."""
-    slots = [(r.get("capacity") or {}).get("slots") for r in experts]
-    slots = [s for s in slots if isinstance(s, int) and not isinstance(s, bool)]
+    slots = [r.capacity.slots for r in experts if r.capacity is not None and r.capacity.slots is not None]
     return min(slots) if slots else None
 
 
@@ -148,28 +101,37 @@ class ControlPlane:
     """Keeps a ClusterView current, campaigns for leadership, and (as leader) plans and writes placement."""
 
     def __init__(self, registry: Registry, router_id: str, view: ClusterView, *,
-                 campaign_interval_s: float | None = None, policy: PlacementPolicy | None = None, fetch_loads: LoadsFetcher | None = None, tls=None):
+                 campaign_interval_s: float | None = None, policy: PlacementPolicy | None = None,
+                 fetch_loads: LoadsFetcher | None = None, tls=None):
         self.registry = registry
-        self.keys = registry.keys
         self.router_id = router_id
         self.view = view
         self.campaign_interval_s = campaign_interval_s or max(0.2, registry.ttl_s / 2)
         self.policy = policy = policy or PlacementPolicy()
         self.fetch_loads = fetch_loads or _no_loads
-        self.health = ExpertHealth(self.view.experts_changed.set, tls)
+        self.experts_changed = asyncio.Event()  # an expert node's record changed, or its health did
+        self.experts_joined_at = time.monotonic()  # a new expert node id appeared (plans wait settle_s after)
+        self.health = ExpertHealth(self.experts_changed.set, tls)
         self.is_leader = False
         self.placements_written = 0
         self._last_problem: str | None = None
-        self._next_rebalance = time.monotonic() + policy.rebalance_interval_s
-        self._deferred_for: list[str] = []
+        self._timers = Timers(time.monotonic() + policy.rebalance_interval_s)
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
 
     async def prime(self) -> None:
         """Load the view from one listing of etcd (RegistryError if etcd does not answer)."""
-        for key, value in (await self.registry.list(self.keys.root)).items():
-            self.view.apply("put", key, value)
+        for event in await self.registry.read_cluster():
+            self._apply(event)
         self.view.synced = True
+
+    def _apply(self, event: ClusterEvent) -> None:
+        node = event.record if isinstance(event, (NodeUp, NodeChanged)) else None
+        role = node.role if node is not None else event.role if isinstance(event, NodeDown) else None
+        if node is not None and role == "expert" and self.view.node(role, node.id) is None:
+            self.experts_joined_at = time.monotonic()
+        if self.view.apply(event) and role == "expert":
+            self.experts_changed.set()
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -192,9 +154,10 @@ class ControlPlane:
     async def _watch(self) -> None:
         while not self._stopping:
             try:
-                async for event in self.registry.watch_prefix(self.keys.root):
-                    self.view.apply_event(event)
-                    self.view.synced = True
+                async for batch in self.registry.watch_cluster(TICK_S):
+                    for event in batch:
+                        self._apply(event)
+                        self.view.synced = True
                 return  # the registry was closed
             except asyncio.CancelledError:
                 raise
@@ -204,12 +167,11 @@ class ControlPlane:
 
     # ---- election and placement ----------------------------------------------------
     async def _lead(self) -> None:
-        leader_key = self.keys.leader()
         while not self._stopping:
             wait_s = self.campaign_interval_s
-            self.view.experts_changed.clear()  # changes from here on wake the next round
+            self.experts_changed.clear()  # changes from here on wake the next round
             try:
-                leader = await self.registry.campaign(leader_key, self.router_id)
+                leader = await self.registry.campaign_leader(self.router_id)
             except RegistryError as exc:
                 leader = False
                 if self.is_leader:
@@ -220,7 +182,7 @@ class ControlPlane:
                 if not leader:
                     self.health.sync([])  # only the leader watches expert nodes
                 self._last_problem = None
-                self._next_rebalance = time.monotonic() + self.policy.rebalance_interval_s
+                self._timers = replace(self._timers, next_rebalance=time.monotonic() + self.policy.rebalance_interval_s)
             if leader:
                 self.health.sync(self.view.records("expert"))
                 try:
@@ -230,7 +192,7 @@ class ControlPlane:
                 except Exception:
                     log.exception("router_placement_error")
             try:
-                await asyncio.wait_for(self.view.experts_changed.wait(), max(0.05, wait_s))
+                await asyncio.wait_for(self.experts_changed.wait(), max(0.05, wait_s))
             except asyncio.TimeoutError:
                 pass
 
@@ -240,13 +202,14 @@ class ControlPlane:
             log.warning("router_placement_blocked", reason=problem, **fields)
         self._last_problem = problem
 
-    def live_experts(self) -> list[dict]:
+    def live_experts(self) -> list[NodeRecord]:
         """Expert nodes a placement may use: registered, not draining or failed, not down by the health watch."""
         return [r for r in self.view.records("expert")
-                if r.get("status") not in ("draining", "failed") and r["id"] not in self.health.down]
+                if r.status not in ("draining", "failed") and r.id not in self.health.down]
 
     async def _reconcile(self) -> float:
-        """As leader: re-plan when needed and write the placement. Returns seconds until the next look."""
+        """As leader: re-plan when ``decide_replan`` says so and write the placement. Returns seconds until the
+        next look."""
         experts = self.live_experts()
         if not experts:
             return self.campaign_interval_s
@@ -255,73 +218,59 @@ class ControlPlane:
             self._note(shape)
             return self.campaign_interval_s
         moe_layers, n_experts = shape
-        node_ids = [r["id"] for r in experts]
-        entry = await self.registry.get_entry(self.keys.placement())
-        current = None if entry is None else entry.value
-        problem = placement_problem(current, moe_layers, n_experts, node_ids)
-        joined = sorted(set(node_ids) - planned_nodes(current)) if problem is None else []
-        now = time.monotonic()
-        if problem is not None and current is None:
-            settle_left = self.view.experts_joined_at + self.policy.settle_s - now
-            if settle_left > 0:  # nodes starting together are planned over together
-                return settle_left
-            reason, min_gain = problem, self.policy.min_gain
-        elif problem is not None:  # a node died or drains: at once
-            reason, min_gain = problem, self.policy.min_gain
-        elif joined:
-            settle_left = self.view.experts_joined_at + self.policy.settle_s - now
-            if settle_left > 0:
-                return settle_left
-            reason, min_gain = f"expert nodes joined: {', '.join(joined)}", 0.0
-        elif self.policy.rebalance_interval_s > 0 and now >= self._next_rebalance:
-            behind = attention_behind(((r["id"], r) for r in self.view.records("attn")), _version_of(current))
-            if behind:
-                if behind != self._deferred_for:  # once per set of lagging nodes, not every look
-                    log.info("router_rebalance_deferred", reason="attention nodes still switching", nodes=behind)
-                self._deferred_for = behind
-                return min(self.campaign_interval_s, self.policy.rebalance_interval_s)
-            self._deferred_for = []
-            self._next_rebalance = now + self.policy.rebalance_interval_s
-            reason, min_gain = "periodic rebalance", self.policy.min_gain
-        else:
+        node_ids = [r.id for r in experts]
+        entry = await self.registry.placement_entry()
+        current, malformed = read_placement(None if entry is None else entry.value)
+        version = version_of(None if entry is None else entry.value)
+        problem = malformed or placement_problem(current, moe_layers, n_experts, node_ids)
+        look = Look(entry is not None, problem, tuple(sorted(set(node_ids) - planned_nodes(current))),
+                    self.experts_joined_at, tuple(self.view.attention_behind(version)))
+        policy = self.policy
+        decision = decide_replan(look, self._timers, time.monotonic(), settle_s=policy.settle_s,
+                                 rebalance_interval_s=policy.rebalance_interval_s, min_gain=policy.min_gain,
+                                 campaign_interval_s=self.campaign_interval_s)
+        if decision.kind == "defer" and decision.timers.deferred_for != self._timers.deferred_for:
+            # once per set of lagging nodes, not every look
+            log.info("router_rebalance_deferred", reason="attention nodes still switching",
+                     nodes=list(decision.timers.deferred_for))
+        self._timers = decision.timers
+        if decision.kind == "idle":
             self._last_problem = None
-            wait = self.campaign_interval_s
-            if self.policy.rebalance_interval_s > 0:
-                wait = min(wait, max(0.05, self._next_rebalance - now))
-            return wait
+        if decision.kind != "plan":
+            return decision.wait_s
+        reason = decision.reason
         observed, reporting = await self.fetch_loads()
         loads = loads_matrix(observed, moe_layers, n_experts)
         slots = min_slots(experts) or n_experts
         previous = previous_holders(current, moe_layers, n_experts, node_ids)
         try:
-            plan = self._plan(loads, len(node_ids), min(slots, n_experts), previous, min_gain)
+            plan = self._plan(loads, len(node_ids), min(slots, n_experts), previous, decision.min_gain)
         except PlanError as exc:
             self._note(str(exc), nodes=node_ids, slots=slots)
             return self.campaign_interval_s
-        version = _version_of(current) + 1
         window = int(sum(sum(row) for row in observed.values()))
-        placement = placement_record(plan, version, moe_layers, node_ids, reason, window)
-        if problem is None and not joined:
+        placement = placement_record(plan, version + 1, moe_layers, node_ids, reason, window)
+        if not decision.publish_always:
             why = publish_reason(current, placement)
             if why is None:
                 log.info("router_rebalance_skipped", balancedness=min(plan.layers[i].balancedness
                                                                       for i in range(len(plan.layers))),
                          attention_nodes_reporting=reporting)
                 return self.campaign_interval_s
-            placement["stats"]["reason"] = reason = f"{reason}: {why}"
-        written = await self.registry.put_if_version(self.keys.placement(), placement,
-                                                     0 if entry is None else entry.mod_revision)
+            reason = f"{reason}: {why}"
+            placement = replace(placement, stats=replace(placement.stats, reason=reason))
+        written = await self.registry.write_placement(placement, 0 if entry is None else entry.mod_revision)
         if not written:
-            log.info("router_placement_raced", version=version, note="placement changed under us; looking again")
+            log.info("router_placement_raced", version=placement.version,
+                     note="placement changed under us; looking again")
             return 0.05
         self.placements_written += 1
         self._last_problem = None
-        log.info("router_placement_written", version=version, reason=reason, nodes=node_ids,
+        log.info("router_placement_written", version=placement.version, reason=reason, nodes=node_ids,
                  moe_layers=len(moe_layers), experts=n_experts, slots=slots, moved=plan.moved,
                  balancedness=round(min(lp.balancedness for lp in plan.layers), 4), window_tokens=window,
                  attention_nodes_reporting=reporting)
         return self.campaign_interval_s
-
 
     def _plan(self, loads, n_nodes: int, slots: int, previous, min_gain: float):
         """Plan sticky to ``previous``; afresh when the previous placement does not fit (e.g. fewer slots now)."""
@@ -331,8 +280,3 @@ class ControlPlane:
             except PlanError as exc:
                 log.info("router_previous_placement_unusable", error=str(exc))
         return plan_placement(loads, n_nodes, slots, None, min_gain, self.policy.replicate)
-
-
-def _version_of(placement: object) -> int:
-    version = placement.get("version") if isinstance(placement, dict) else None
-    return version if isinstance(version, int) and not isinstance(version, bool) and version >= 0 else 0

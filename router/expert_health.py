@@ -14,6 +14,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moemesh.control.records import NodeRecord
 from moemesh.logs import get_logger
 from moemesh.wire.tls import TLSFiles
 from moemesh.wire.tls import channel as tls_channel
@@ -31,21 +32,21 @@ class ExpertHealth:
         self.down: set[str] = set()
         self._watches: dict[str, tuple[str, asyncio.Task]] = {}  # node id -> (address, task)
 
-    def sync(self, records: list[dict]) -> None:
-        """Watch exactly the nodes in ``records`` (expert node records with "id" and "address")."""
-        wanted = {r["id"]: r for r in records if r.get("address")}
+    def sync(self, records: list[NodeRecord]) -> None:
+        """Watch exactly the nodes in ``records`` (expert node records)."""
+        wanted = {r.id: r for r in records if r.address}
         for node_id in [n for n, (address, _) in self._watches.items()
-                        if n not in wanted or wanted[n]["address"] != address]:
+                        if n not in wanted or wanted[n].address != address]:
             self._watches.pop(node_id)[1].cancel()
             self.down.discard(node_id)
         for node_id, record in wanted.items():
             if node_id not in self._watches:
                 task = asyncio.get_running_loop().create_task(self._watch(node_id, record), name=f"health-{node_id}")
-                self._watches[node_id] = (record["address"], task)
+                self._watches[node_id] = (record.address, task)
 
-    async def _watch(self, node_id: str, record: dict) -> None:
-        address = record["address"]
-        channel = tls_channel(address, self.tls if record.get("tls") else None,
+    async def _watch(self, node_id: str, record: NodeRecord) -> None:
+        address = record.address
+        channel = tls_channel(address, self.tls if record.tls else None,
                               [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)],
                               aio=True)
         stub = health_pb2_grpc.HealthStub(channel)

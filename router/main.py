@@ -21,7 +21,7 @@ import signal
 import uuid
 from typing import Callable
 
-from moemesh.control.etcd import Keys, parse_endpoint
+from moemesh.control.etcd import check_cluster_name, parse_endpoint
 from moemesh.argtypes import non_negative_int
 from moemesh.argtypes import port as _port
 from moemesh.argtypes import positive_int as _positive_int
@@ -126,7 +126,7 @@ def _policy(args: argparse.Namespace) -> PlacementPolicy:
 def run_router(args: argparse.Namespace) -> int:
     """Run ``moemesh router`` from parsed flags (see :func:`add_router_parser`); returns the exit code."""
     parse_endpoint(args.etcd)  # ValueError naming the flag's format
-    Keys(args.cluster)
+    check_cluster_name(args.cluster)
     tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
     token = read_token_file(args.auth_token_file) if args.auth_token_file else None
     router_id = getattr(args, "router_id", None) or f"router-{uuid.uuid4().hex[:8]}"

@@ -14,11 +14,12 @@ from dataclasses import replace
 
 import grpc
 
+from moemesh.control.cluster_view import ClusterView
+from moemesh.control.records import NodeRecord
 from moemesh.wire.tls import TLSFiles, channel as tls_channel
 from moemesh.logs import get_logger
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc
 
-from .cluster import ClusterView
 from .selection import NodeLoad, rank_nodes
 
 log = get_logger("moemesh.router.pool")
@@ -48,16 +49,16 @@ class AttentionPool:
         self._pending: dict[str, asyncio.Task] = {}
         self.streams: dict[str, int] = {}  # this router's open Generate streams per node
 
-    def stub(self, record: dict) -> attention_pb2_grpc.AttentionNodeStub:
+    def stub(self, record: NodeRecord) -> attention_pb2_grpc.AttentionNodeStub:
         """The stub for a node record; a new channel when the node's address changed."""
-        node_id, address = record["id"], record["address"]
+        node_id, address = record.id, record.address
         held = self._channels.get(node_id)
         if held is not None and held[0] == address:
             return held[2]
         if held is not None:
             asyncio.get_running_loop().create_task(held[1].close())
         # TLS when the node says it serves TLS (its record's "tls"), with this router's certificate and CA.
-        channel = tls_channel(address, self.tls if record.get("tls") else None, CHANNEL_OPTIONS, aio=True)
+        channel = tls_channel(address, self.tls if record.tls else None, CHANNEL_OPTIONS, aio=True)
         stub = attention_pb2_grpc.AttentionNodeStub(channel)
         self._channels[node_id] = (address, channel, stub)
         self._loads.pop(node_id, None)
@@ -65,7 +66,7 @@ class AttentionPool:
 
     def prune(self) -> None:
         """Close channels of nodes no longer in the view."""
-        live = {r["id"] for r in self.view.records("attn")}
+        live = {r.id for r in self.view.records("attn")}
         for node_id in [n for n in self._channels if n not in live]:
             _, channel, _ = self._channels.pop(node_id)
             self._loads.pop(node_id, None)
@@ -75,9 +76,9 @@ class AttentionPool:
         """Drop a node's cached load (after it failed a call), so the next pick asks it again."""
         self._loads.pop(node_id, None)
 
-    async def load(self, record: dict) -> NodeLoad:
+    async def load(self, record: NodeRecord) -> NodeLoad:
         """The node's load, from the cache when fresh; ``known=False`` when it did not answer."""
-        node_id = record["id"]
+        node_id = record.id
         self.stub(record)  # (re)opens the channel if the address changed, dropping a stale load
         cached = self._loads.get(node_id)
         if cached is not None and time.monotonic() - cached[0] < self.load_max_age_s:
@@ -88,13 +89,13 @@ class AttentionPool:
             self._pending[node_id] = task
         return await asyncio.shield(task)
 
-    async def _fetch(self, record: dict) -> NodeLoad:
-        node_id = record["id"]
+    async def _fetch(self, record: NodeRecord) -> NodeLoad:
+        node_id = record.id
         try:
             r = await self.stub(record).Load(attention_pb2.LoadRequest(), timeout=self.load_timeout_s)
             load = NodeLoad(node_id, r.running, r.waiting, r.cache_free_tokens, r.cache_total_tokens)
         except grpc.aio.AioRpcError as exc:
-            log.warning("attn_load_failed", node=node_id, address=record["address"], code=exc.code().name,
+            log.warning("attn_load_failed", node=node_id, address=record.address, code=exc.code().name,
                         error=exc.details())
             load = NodeLoad(node_id, known=False)
         self._loads[node_id] = (time.monotonic(), load)
@@ -106,14 +107,14 @@ class AttentionPool:
             return replace(load, waiting=load.waiting + mine - load.queue)
         return load
 
-    async def ranked(self, exclude: set[str] = frozenset()) -> list[tuple[dict, NodeLoad]]:
+    async def ranked(self, exclude: set[str] = frozenset()) -> list[tuple[NodeRecord, NodeLoad]]:
         """Ready attention nodes not in ``exclude``, best first, with their loads."""
         self.prune()
-        records = [r for r in self.view.ready_attention_nodes() if r["id"] not in exclude]
+        records = [r for r in self.view.ready_attention_nodes() if r.id not in exclude]
         if not records:
             return []
         loads = await asyncio.gather(*(self.load(r) for r in records))
-        by_id = {r["id"]: r for r in records}
+        by_id = {r.id: r for r in records}
         return [(by_id[load.node_id], load) for load in rank_nodes([self._with_streams(x) for x in loads])]
 
     async def expert_loads(self) -> tuple[dict[int, list[float]], int]:
@@ -126,7 +127,7 @@ class AttentionPool:
         answered = 0
         for record, reply in zip(records, replies):
             if isinstance(reply, BaseException):
-                log.warning("attn_expert_loads_failed", node=record["id"], error=str(reply))
+                log.warning("attn_expert_loads_failed", node=record.id, error=str(reply))
                 continue
             answered += 1
             for layer_load in reply.expert_loads:
@@ -135,9 +136,9 @@ class AttentionPool:
                     row[e] += tokens
         return summed, answered
 
-    async def expert_info(self, record: dict):
+    async def expert_info(self, record: NodeRecord):
         """An expert node's Info (tokens computed, experts held), or None if it does not answer in time."""
-        channel = tls_channel(record["address"], self.tls if record.get("tls") else None, CHANNEL_OPTIONS, aio=True)
+        channel = tls_channel(record.address, self.tls if record.tls else None, CHANNEL_OPTIONS, aio=True)
         try:
             return await dispatch_pb2_grpc.ExpertDispatchStub(channel).Info(dispatch_pb2.InfoRequest(),
                                                                             timeout=self.load_timeout_s)

@@ -31,13 +31,15 @@ from grpc_reflection.v1alpha import reflection
 from moemesh.wire.health_port import start_health_port
 from moemesh import metrics
 from moemesh.errors import InvalidRequestError, MoemeshError, ResourceExhaustedError
-from moemesh.control.etcd import Keys, Registry, RegistryError
+from moemesh.control.cluster_view import ClusterView
+from moemesh.control.etcd import Registry, RegistryError, check_cluster_name
+from moemesh.control.records import NodeRecord, PlacementStats
 from moemesh.logs import get_logger
 from moemesh.wire.requests import check_request_id, sampling_from_proto
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
 from .auth import INFERENCE_SERVICE, BearerTokenInterceptor, TLSFiles
-from .cluster import ClusterView, ControlPlane, PlacementPolicy
+from .cluster import ControlPlane, PlacementPolicy
 from .pool import AttentionPool
 from .resume import StreamProgress, failure_reason
 from .selection import NodeLoad
@@ -113,14 +115,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if not ranked:
                 raise NoNodeError(f"no attention node answered {what}: {'; '.join(errors)}")
             record, _ = ranked[0]
-            tried.add(record["id"])
+            tried.add(record.id)
             try:
                 return await getattr(self.pool.stub(record), method)(request, timeout=self.call_timeout_s)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in RETRY_BEFORE_FIRST_TOKEN:
                     raise
-                self.pool.forget_load(record["id"])
-                errors.append(f"{record['id']}: {exc.code().name} {exc.details()}")
+                self.pool.forget_load(record.id)
+                errors.append(f"{record.id}: {exc.code().name} {exc.details()}")
 
     async def model_info(self) -> inference_pb2.ModelInfoResponse:
         """The model's shape, asked of an attention node once and kept (forgotten when none is left)."""
@@ -217,7 +219,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         failed: tuple[str, str] | None = None  # (node, reason) of the last attempt that broke
         while True:
             record, load = await self._pick_node(context, progress, tried, errors, codes)
-            node_id = record["id"]
+            node_id = record.id
             tried.add(node_id)
             if progress.started:
                 self._note_resume(progress, node_id, *failed)
@@ -252,7 +254,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         reason=reason, tokens_sent=len(progress.sent))
 
     async def _pick_node(self, context, progress: StreamProgress, tried: set[str], errors: list[str],
-                         codes: list) -> tuple[dict, NodeLoad]:
+                         codes: list) -> tuple[NodeRecord, NodeLoad]:
         """The best ready node not tried yet; when none is left, abort the call saying what each answered."""
         try:
             ranked = await self._ranked(tried)
@@ -272,8 +274,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def _node_status(self, node_id: str) -> str | None:
         """The node's record status now; None when its record is gone (lease expired, node left)."""
-        record = self.view.nodes.get(("attn", node_id))
-        return None if record is None else record.get("status")
+        record = self.view.node("attn", node_id)
+        return None if record is None else record.status
 
     async def _check_can_move(self, context, progress: StreamProgress, node_id: str, code, details: str,
                               reason: str | None) -> None:
@@ -333,58 +335,34 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except NoNodeError as exc:
             await self._abort(context, exc)
         records = self.view.records()
-        attn = [r for r in records if r["role"] == "attn" and r.get("address")]
-        experts = [r for r in records if r["role"] == "expert" and r.get("address")]
+        attn = [r for r in records if r.role == "attn" and r.address]
+        experts = [r for r in records if r.role == "expert" and r.address]
         loads, infos = await asyncio.gather(asyncio.gather(*(self.pool.load(r) for r in attn)),
                                             asyncio.gather(*(self.pool.expert_info(r) for r in experts)))
-        loads = dict(zip([r["id"] for r in attn], loads))
-        infos = dict(zip([r["id"] for r in experts], infos))
-        stats = (self.view.placement or {}).get("stats") or {}
-        planned = _planned_fractions(stats)
+        loads = dict(zip([r.id for r in attn], loads))
+        infos = dict(zip([r.id for r in experts], infos))
+        placement = self.view.placement
+        stats = (placement.stats if placement is not None else None) or PlacementStats()
+        planned = stats.planned_fractions()
         nodes = []
         for r in records:
-            status = inference_pb2.NodeStatus(id=r["id"], role=r["role"], address=str(r.get("address", "")),
-                                              status=str(r.get("status", "")),
-                                              placement_version=_uint(r.get("placement_version")),
-                                              planned_load=planned.get(r["id"], 0.0))
-            for layer, ids in sorted(_experts(r).items()):
+            status = inference_pb2.NodeStatus(id=r.id, role=r.role, address=r.address, status=r.status,
+                                              placement_version=r.placement_version or 0,
+                                              planned_load=planned.get(r.id, 0.0))
+            for layer, ids in r.hosted().items():
                 status.experts.add(layer=layer, experts=ids)
-            load = loads.get(r["id"])
+            load = loads.get(r.id)
             if load is not None and load.known:
                 status.running, status.waiting, status.cache_free = load.running, load.waiting, load.cache_free
-            info = infos.get(r["id"])
+            info = infos.get(r.id)
             if info is not None:
                 status.tokens_computed = info.tokens_computed
             nodes.append(status)
-        balance = [inference_pb2.LayerBalance(layer=int(layer), balancedness=float(b))
-                   for layer, b in sorted((stats.get("balancedness") or {}).items(), key=lambda kv: int(kv[0]))]
+        balance = [inference_pb2.LayerBalance(layer=layer, balancedness=float(b))
+                   for layer, b in sorted(stats.balancedness.items())]
         return inference_pb2.ClusterStatusResponse(
-            nodes=nodes, placement_version=self.view.placement_version(), leader=self.view.leader or "",
-            balance=balance, moved=_uint(stats.get("moved")), placement_reason=str(stats.get("reason", "")),
-            window_tokens=_uint(stats.get("window_tokens")))
-
-
-def _uint(value) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-def _planned_fractions(stats: dict) -> dict[str, float]:
-    """Each expert node's fraction of the routed tokens in the placement's plan (summed over layers)."""
-    loads = {node: sum(v for v in per_layer if isinstance(v, (int, float)))
-             for node, per_layer in (stats.get("node_loads") or {}).items() if isinstance(per_layer, list)}
-    total = sum(loads.values())
-    return {node: load / total for node, load in loads.items()} if total > 0 else {}
-
-
-def _experts(record: dict) -> dict[int, list[int]]:
-    """A record's ``experts`` as {layer: sorted ids}, skipping what is not integers."""
-    out = {}
-    for layer, ids in (record.get("experts") or {}).items():
-        try:
-            out[int(layer)] = sorted(int(i) for i in ids)
-        except (TypeError, ValueError):
-            continue
-    return out
+            nodes=nodes, placement_version=self.view.placement_version, leader=self.view.leader or "",
+            balance=balance, moved=stats.moved, placement_reason=stats.reason, window_tokens=stats.window_tokens)
 
 
 def create_server(service: InferenceService, host: str = "127.0.0.1", port: int = 0, *,
@@ -427,13 +405,13 @@ class Router:
                  load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
                  call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES):
         self.etcd, self.host, self.requested_port = etcd, host, port
-        self.keys = Keys(cluster)
+        self.cluster = check_cluster_name(cluster)
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
         if not self.router_id.isprintable() or len(self.router_id) > 128:
             raise ValueError(f"router id must be printable and at most 128 characters, got {self.router_id!r}")
         self.ttl_s, self.etcd_timeout_s = ttl_s, etcd_timeout_s
         self.policy = policy or PlacementPolicy()
-        self.view = ClusterView(self.keys)
+        self.view = ClusterView()
         self.pool = AttentionPool(self.view, load_timeout_s, load_max_age_s, tls=tls)
         self.service = InferenceService(self.view, self.pool, max_inflight=max_inflight,
                                         call_timeout_s=call_timeout_s, generate_timeout_s=generate_timeout_s,
@@ -470,7 +448,7 @@ class Router:
         backoff = 0.1
         while True:
             try:
-                self.registry = await Registry.connect(self.etcd, self.keys.cluster, ttl_s=self.ttl_s,
+                self.registry = await Registry.connect(self.etcd, self.cluster, ttl_s=self.ttl_s,
                                                        timeout_s=self.etcd_timeout_s)
                 self.control = ControlPlane(self.registry, self.router_id, self.view, policy=self.policy,
                                             fetch_loads=self.pool.expert_loads, tls=self._tls)
@@ -487,7 +465,7 @@ class Router:
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, SERVING)
         self._connected.set()
-        log.info("router_serving", etcd=self.etcd, cluster=self.keys.cluster, port=self.port,
+        log.info("router_serving", etcd=self.etcd, cluster=self.cluster, port=self.port,
                  attention_nodes=len(self.view.records("attn")), expert_nodes=len(self.view.records("expert")))
 
     async def stop(self, grace_s: float = 5.0) -> None:

@@ -1,102 +1,104 @@
-"""A node's view of the cluster, built from etcd watch events: node records and the placement.
+"""A process's view of the cluster: typed node records, the placement and the leader, from etcd watch events.
 
-Pure state (no I/O): feed it :class:`~moemesh.control.etcd.WatchEvent`s from a watch on the
-cluster root and ask what this node should host, or which expert nodes serve the
-current placement.
+The one view every role keeps (the router's control plane and Inference service, attention nodes, expert
+nodes). Pure state, no I/O: feed it the typed events of ``Registry.watch_cluster`` (see
+``moemesh/control/events.py``) and ask it questions in the mesh's vocabulary:
+
+* which **physical replicas** (copies of a **logical expert** ``(layer, expert)``) the current
+  **placement version** gives a node (:meth:`ClusterView.assignment`);
+* which attention nodes still route by an older version (:meth:`ClusterView.attention_behind`): an expert
+  node drops a replica only once none does;
+* the placement as addresses, once every expert node it names has loaded its share
+  (:meth:`ClusterView.serving_placement`): an attention node switches to it then.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
-from moemesh.control.etcd import Keys, WatchEvent
+from moemesh.control.events import ClusterEvent, LeaderChanged, NodeChanged, NodeDown, NodeUp, PlacementChanged
 from moemesh.control.placement import Placement
+from moemesh.control.records import NodeRecord, PlacementRecord
 
 
-def attention_behind(records: Iterable[tuple[str, dict[str, Any]]], version: int) -> list[str]:
-    """Attention nodes (``(id, record)`` pairs) that may still route by a placement older than ``version``.
+def attention_behind(records: Iterable[NodeRecord], version: int) -> list[str]:
+    """Ids of the attention node ``records`` that may still route by a placement older than ``version``.
 
     Those ready or draining whose record names an older ``placement_version``. A node still loading will
     start on the newest; one without a version follows no placement (static ``--expert-nodes``).
     """
-    return sorted(node_id for node_id, r in records if r.get("status") in ("ready", "draining")
-                  and isinstance(r.get("placement_version"), int) and r["placement_version"] < version)
+    return sorted(r.id for r in records
+                  if r.serving and r.placement_version is not None and r.placement_version < version)
 
 
 class ClusterView:
-    def __init__(self, keys: Keys):
-        self.keys = keys
-        self.nodes: dict[tuple[str, str], dict[str, Any]] = {}  # (role, id) -> record
-        self.placement: dict[str, Any] | None = None
+    def __init__(self):
+        self.nodes: dict[tuple[str, str], NodeRecord] = {}  # (role, id) -> record
+        self.placement: PlacementRecord | None = None
         self.leader: str | None = None
+        self.synced = False  # set by the feeder once a snapshot of etcd has been applied
 
-    def apply(self, ev: WatchEvent) -> bool:
+    def apply(self, ev: ClusterEvent) -> bool:
         """Apply one event; True when something changed."""
-        if ev.key == self.keys.leader():
-            new = ev.value if ev.kind == "put" else None
-            changed, self.leader = new != self.leader, new
-            return changed
-        if ev.key == self.keys.placement():
-            new = ev.value if ev.kind == "put" else None
-            changed, self.placement = new != self.placement, new
-            return changed
-        parsed = self.keys.parse_node(ev.key)
-        if parsed is None:
-            return False
-        if ev.kind == "delete":
-            return self.nodes.pop(parsed, None) is not None
-        changed = self.nodes.get(parsed) != ev.value
-        self.nodes[parsed] = ev.value
+        if isinstance(ev, LeaderChanged):
+            changed, self.leader = ev.leader != self.leader, ev.leader
+        elif isinstance(ev, PlacementChanged):
+            changed, self.placement = ev.placement != self.placement, ev.placement
+        elif isinstance(ev, NodeDown):
+            changed = self.nodes.pop((ev.role, ev.node_id), None) is not None
+        elif isinstance(ev, (NodeUp, NodeChanged)):
+            key = (ev.record.role, ev.record.id)
+            changed = self.nodes.get(key) != ev.record
+            self.nodes[key] = ev.record
+        else:
+            raise TypeError(f"not a cluster event: {ev!r}")
         return changed
 
-    @property
-    def placement_version(self) -> int:
-        return int(self.placement["version"]) if self.placement else 0
+    # ---- nodes ---------------------------------------------------------------------------------
+    def node(self, role: str, node_id: str) -> NodeRecord | None:
+        return self.nodes.get((role, node_id))
 
-    def records(self, role: str) -> dict[str, dict[str, Any]]:
-        return {node_id: r for (ro, node_id), r in self.nodes.items() if ro == role}
+    def records(self, role: str | None = None) -> list[NodeRecord]:
+        """Node records (of one role), sorted by (role, id)."""
+        return [r for (ro, _), r in sorted(self.nodes.items()) if role is None or ro == role]
+
+    def ready_attention_nodes(self) -> list[NodeRecord]:
+        return [r for r in self.records("attn") if r.status == "ready" and r.address]
 
     def attention_behind(self, version: int) -> list[str]:
-        return attention_behind(self.records("attn").items(), version)
+        return attention_behind(self.records("attn"), version)
+
+    # ---- the placement -------------------------------------------------------------------------
+    @property
+    def placement_version(self) -> int:
+        return self.placement.version if self.placement else 0
 
     def in_placement(self, node_id: str) -> bool:
-        return any(node_id in nodes for experts in (self.placement or {}).get("layers", {}).values()
-                   for nodes in experts.values())
+        return self.placement is not None and self.placement.in_placement(node_id)
 
-    def assignment(self, node_id: str) -> dict[int, list[int]]:
-        """{MoE layer: sorted expert ids} the current placement gives ``node_id``."""
-        out: dict[int, list[int]] = {}
-        for layer, experts in (self.placement or {}).get("layers", {}).items():
-            for expert, nodes in experts.items():
-                if node_id in nodes:
-                    out.setdefault(int(layer), []).append(int(expert))
-        return {layer: sorted(ids) for layer, ids in sorted(out.items())}
+    def assignment(self, node_id: str) -> dict[int, tuple[int, ...]]:
+        """{MoE layer: sorted expert ids} the current placement gives ``node_id`` ({} without one)."""
+        return self.placement.assignment(node_id) if self.placement else {}
 
     def serving_placement(self) -> Placement | None:
         """The placement as addresses, once every expert node it names is ready hosting its share."""
-        if not self.placement:
+        placement = self.placement
+        if placement is None:
             return None
-        ids = sorted({n for experts in self.placement["layers"].values() for nodes in experts.values() for n in nodes})
-        records = [self.nodes.get(("expert", node_id)) for node_id in ids]
-        if not ids or any(r is None or r.get("status") != "ready" for r in records):
+        ids = placement.node_ids()
+        records = [self.node("expert", node_id) for node_id in ids]
+        if not ids or any(r is None or r.status != "ready" for r in records):
             return None
-        if any(int(r.get("placement_version") or 0) < self.placement_version for r in records):
+        if any((r.placement_version or 0) < placement.version for r in records):
             return None  # that node has not finished applying this version (its experts list may be stale)
         for node_id, record in zip(ids, records):
-            hosted = {(int(layer), e) for layer, es in record.get("experts", {}).items() for e in es}
-            wanted = {(layer, e) for layer, es in self.assignment(node_id).items() for e in es}
+            hosted = {(layer, e) for layer, es in record.hosted().items() for e in es}
+            wanted = {(layer, e) for layer, es in placement.assignment(node_id).items() for e in es}
             if not wanted <= hosted:
                 return None  # that node has not loaded its share of this version yet
         index = {node_id: i for i, node_id in enumerate(ids)}
-        replicas = {
-            (int(layer), int(expert)): tuple(index[n] for n in nodes)
-            for layer, experts in self.placement["layers"].items()
-            for expert, nodes in experts.items()
-        }
-        shares = {
-            (int(layer), int(expert)): tuple(float(f) for f in fractions)
-            for layer, experts in (self.placement.get("shares") or {}).items()
-            for expert, fractions in experts.items()
-        }
-        return Placement(tuple(r["address"] for r in records), replicas, self.placement_version, shares)
+        replicas = {(layer, expert): tuple(index[n] for n in nodes)
+                    for layer, experts in placement.layers.items() for expert, nodes in experts.items()}
+        shares = {(layer, expert): tuple(float(f) for f in fractions)
+                  for layer, experts in (placement.shares or {}).items() for expert, fractions in experts.items()}
+        return Placement(tuple(r.address for r in records), replicas, placement.version, shares)

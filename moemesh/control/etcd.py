@@ -1,7 +1,9 @@
 """The one module that talks to etcd: node registry, watches, compare-and-swap and leader election.
 
-Nothing else in moemesh imports an etcd client; components hold a :class:`Registry` and the key
-names from :class:`Keys`. The client is ``aetcd`` (asyncio).
+Nothing else in moemesh imports an etcd client; components hold a :class:`Registry`. Roles read the
+cluster as typed records and events (``watch_cluster``, ``read_cluster``, ``placement_entry``,
+``write_placement``, ``campaign_leader``; ``moemesh/control/records.py`` and ``events.py``), so key names
+(:class:`Keys`) stay inside moemesh.control. The client is ``aetcd`` (asyncio).
 
 Keys (all under ``/moemesh/<cluster>/``, values are JSON)::
 
@@ -13,12 +15,15 @@ Node record (``role`` and ``id`` are filled from ``register()``'s arguments)::
 
     {"id": "expert-0", "role": "attn" | "expert", "address": "HOST:PORT",
      "status": "loading" | "ready" | "draining" | "failed",
-     "capacity": {...},                  # role-specific, e.g. {"slots": 16} or {"kv_blocks": 4096}
-     "experts": {"<layer>": [ids]}}      # expert nodes: what they host now (JSON keys are strings)
+     "capacity": {...},                  # role-specific, e.g. {"slots": 16} or {"kv_cache_tokens": 4096}
+     "experts": {"<layer>": [ids]},      # expert nodes: what they host now (JSON keys are strings)
+     "placement_version": int,           # the placement version the node has applied
+     "tls": bool, "torch_store": "HOST:PORT", "error": "..."}   # optional (see records.NodeRecord)
 
 Placement::
 
-    {"version": int, "layers": {"<layer>": {"<expert>": ["node id", ...]}}}
+    {"version": int, "layers": {"<layer>": {"<expert>": ["node id", ...]}},
+     "shares": {...}, "stats": {...}}    # optional (see records.PlacementRecord)
 
 Sessions: a Registry owns one etcd lease (TTL ``ttl_s``), refreshed every TTL/3 by a background
 task. If the lease is lost (etcd restarted with fresh data, a pause longer than the TTL, an
@@ -63,8 +68,10 @@ class RegistryUnavailable(RegistryError):
 
 # ---- keys and records (pure) --------------------------------------------------
 from moemesh.control.keys import (  # noqa: E402,F401  (re-exported: callers import them from here too)
-    ROLES, STATUSES, Keys, check_node_record, check_placement, parse_endpoint,
+    ROLES, STATUSES, Keys, check_cluster_name, check_node_record, check_placement, parse_endpoint,
 )
+from moemesh.control.events import ClusterEvent, ClusterEvents  # noqa: E402
+from moemesh.control.records import NodeRecord, PlacementRecord  # noqa: E402
 
 
 def _encode(value: Any) -> bytes:
@@ -171,7 +178,7 @@ class Registry:
         trying; it never raises into the caller). ``id`` and ``role`` are filled in.
         """
         key = self.keys.node(role, node_id)
-        record = check_node_record({**record, "id": node_id, "role": role})
+        record = NodeRecord.from_json({**record, "id": node_id, "role": role}).to_json()
         if self._registration is not None and self._registration.key != key:
             raise ValueError(f"this Registry already registered {self._registration.key}; use one per node")
         self._registration = _Registration(key, record)
@@ -182,7 +189,7 @@ class Registry:
         if self._registration is None:
             raise RuntimeError("update() before register()")
         role, node_id = self.keys.parse_node(self._registration.key)
-        self._registration.record = check_node_record({**record, "id": node_id, "role": role})
+        self._registration.record = NodeRecord.from_json({**record, "id": node_id, "role": role}).to_json()
         return await self._write_record("update")
 
     async def deregister(self) -> None:
@@ -335,6 +342,32 @@ class Registry:
             failure=[],
         ), f"put_if_version {key}")
         return bool(ok)
+
+    # ---- the cluster, typed (roles use these, not key names) ------------------------
+    async def read_cluster(self) -> list[ClusterEvent]:
+        """One listing of the cluster root as typed events (what a watch's first snapshot would say)."""
+        events = ClusterEvents(self.keys)
+        decoded = (events.decode("put", key, value) for key, value in (await self.list(self.keys.root)).items())
+        return [ev for ev in decoded if ev is not None]
+
+    async def watch_cluster(self, tick_s: float) -> AsyncIterator[list[ClusterEvent]]:
+        """:meth:`watch_batches` on the cluster root, as typed events (``moemesh/control/events.py``)."""
+        events = ClusterEvents(self.keys)
+        async for batch in self.watch_batches(self.keys.root, tick_s):
+            decoded = (events.decode(ev.kind, ev.key, ev.value) for ev in batch)
+            yield [ev for ev in decoded if ev is not None]
+
+    async def placement_entry(self) -> Entry | None:
+        """The stored placement (its raw value, which may not parse) and its mod_revision, or None."""
+        return await self.get_entry(self.keys.placement())
+
+    async def write_placement(self, placement: PlacementRecord, expected_mod_revision: int) -> bool:
+        """Compare-and-swap the placement (see :meth:`put_if_version`)."""
+        return await self.put_if_version(self.keys.placement(), placement.to_json(), expected_mod_revision)
+
+    async def campaign_leader(self, my_id: str) -> bool:
+        """:meth:`campaign` for the cluster's router leader key."""
+        return await self.campaign(self.keys.leader(), my_id)
 
     async def watch_batches(self, prefix: str, tick_s: float) -> AsyncIterator[list[WatchEvent]]:
         """:meth:`watch_prefix` in batches: every event that arrived since the last batch, or ``[]`` after

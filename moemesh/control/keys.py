@@ -21,6 +21,11 @@ def _check_name(what: str, name: str) -> str:
     return name
 
 
+def check_cluster_name(cluster: str) -> str:
+    """A cluster name fit for keys (``/moemesh/<cluster>/``); ValueError saying what is allowed otherwise."""
+    return _check_name("cluster name", cluster)
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names for one cluster; every moemesh key lives under ``root``."""
@@ -28,7 +33,7 @@ class Keys:
     cluster: str = "default"
 
     def __post_init__(self):
-        _check_name("cluster name", self.cluster)
+        check_cluster_name(self.cluster)
 
     @property
     def root(self) -> str:

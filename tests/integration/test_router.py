@@ -314,7 +314,8 @@ def test_node_failing_mid_stream_is_resumed_on_another_without_gap_or_duplicate(
     async def mark_draining():
         await dying.registry.update({"address": dying.address, "status": "draining"})
         for _ in range(250):
-            if router.view.nodes.get(("attn", "attn-00-dying"), {}).get("status") == "draining":
+            record = router.view.node("attn", "attn-00-dying")
+            if record is not None and record.status == "draining":
                 return
             await asyncio.sleep(0.02)
 

@@ -59,7 +59,7 @@ def test_leader_places_every_expert_and_republishes_without_a_gone_node(bg, etcd
             assert all(sorted(ids) == ["expert-0", "expert-1"] for ids in placement["layers"][layer].values())
         bg.run(experts[0].update({"address": "127.0.0.1:7000", "status": "ready", "capacity": capacity,
                                   "experts": {"1": [0, 1], "2": [0, 1]}}))
-        eventually(lambda: r.view.placement_version() == 1, 5, "the router's view has the placement")
+        eventually(lambda: r.view.placement_version == 1, 5, "the router's view has the placement")
 
         def status_ready():
             s = stub.ClusterStatus(inference_pb2.ClusterStatusRequest(), timeout=5)

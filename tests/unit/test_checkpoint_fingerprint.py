@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 
+from moemesh.control.records import NodeRecord
 from moemesh.model.checkpoint import CheckpointError, checkpoint_fingerprint
 from moemesh.router.cluster import model_shape
 from moemesh.model.tiny import write_tiny_checkpoint
@@ -20,9 +21,19 @@ def test_same_files_same_fingerprint_other_weights_other(tmp_path):
         checkpoint_fingerprint(tmp_path / "missing")
 
 
+def expert(node_id: str, capacity: dict) -> NodeRecord:
+    return NodeRecord.from_json({"id": node_id, "role": "expert", "address": "h:1", "status": "ready",
+                                 "capacity": capacity})
+
+
 def test_the_leader_refuses_expert_nodes_on_two_checkpoints():
     cap = {"moe_layers": [1], "n_routed_experts": 4}
-    same = [{"id": "e0", "capacity": {**cap, "checkpoint": "x"}}, {"id": "e1", "capacity": {**cap, "checkpoint": "x"}}]
+    same = [expert("e0", {**cap, "checkpoint": "x"}), expert("e1", {**cap, "checkpoint": "x"})]
     assert model_shape(same) == ((1,), 4)
-    mixed = [same[0], {"id": "e1", "capacity": {**cap, "checkpoint": "y"}}]
+    mixed = [same[0], expert("e1", {**cap, "checkpoint": "y"})]
     assert "checkpoint y" in model_shape(mixed) and "same checkpoint" in model_shape(mixed)
+
+
+def test_the_leader_names_an_expert_node_without_the_model_shape():
+    assert model_shape([expert("e2", {"slots": 2})]).startswith("expert node e2 does not publish capacity.moe_layers")
+    assert model_shape([expert("e3", {"moe_layers": [], "n_routed_experts": 4})]).startswith("expert node e3")
