@@ -1,10 +1,13 @@
 """The attention engine: continuous batching over the paged latent cache, one ``step`` at a time.
 
-``Engine(model, cfg, EngineConfig)`` takes a :class:`Transformer` already wired
-to an expert backend. Requests join with ``add_request`` and leave when they
-finish; ``step`` schedules, runs the model once, samples and reports the new
-tokens. ``generate`` runs a list of prompts to completion as one continuously
-batched job.
+``Engine(model, cfg, EngineConfig, backend=...)`` takes a :class:`Transformer` whose
+MoE layers are attached to ``backend`` (attn_node/attach.py: ``attach_experts``)
+and brackets every model run with that backend's step hooks. Requests join with
+``add_request`` and leave when they finish; ``step`` is schedule -> run ->
+postprocess: the scheduler picks the step's tokens, the model runs once (re-run
+on a new placement if its experts were unreachable) and samples, and the
+scheduler applies the sampled tokens. ``generate`` runs a list of prompts to
+completion as one continuously batched job.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ import torch
 
 from moemesh.model.config import ModelConfig
 from moemesh.errors import InvalidRequestError
-from moemesh.expert_backend import ExpertBackendError
+from moemesh.expert_backend import ExpertBackend, ExpertBackendError, require_backend
 from moemesh.logs import get_logger
 
 from .block_manager import BlockManager
 from .model import Transformer
 from .runner import ModelRunner
 from .sampler import sample, skip_draws
-from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from .scheduler import SampledToken, ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import SamplingParams, Sequence, Status
 
 log = get_logger("moemesh.attn_node.engine")
@@ -61,18 +64,23 @@ class RequestOutput:
 
 
 class Engine:
-    def __init__(self, model: Transformer, cfg: ModelConfig, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: Transformer, cfg: ModelConfig, config: EngineConfig = EngineConfig(), *,
+                 backend: ExpertBackend):
         if config.max_num_batched_tokens < config.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= max_num_seqs "
                 f"({config.max_num_seqs}), or some running sequences could never be scheduled"
             )
-        self.cfg, self.config = cfg, config
+        require_backend(backend)
+        if any(moe.backend is not backend for moe in model.moe_layers()):
+            raise ValueError("the model's MoE layers are not attached to this backend: "
+                             "call attach_experts(model, backend) first")
+        self.cfg, self.config, self.backend = cfg, config, backend
         dtype = model.embed.weight.dtype
         num_blocks = max(1, config.kv_cache_tokens // config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, cfg.eos_token_ids), self.blocks
         )
         self.runner = ModelRunner(model, cfg, self.blocks, dtype, config.mla_impl, config.micro_batches)
         self._seqs: dict[str, Sequence] = {}
@@ -141,30 +149,30 @@ class Engine:
         if not scheduled:
             return []
         try:
-            logits = self._run(scheduled)  # [n_sampling, vocab]
+            tokens = self._run(scheduled)  # one per sequence whose step reaches its end
         except ExpertBackendError as exc:
             # The step's sequences cannot go on; the others (waiting, or not in this step) can.
             return [self._fail(item.seq, str(exc), "UNAVAILABLE") for item in scheduled]
+        return [self._event(sampled) for sampled in self.scheduler.postprocess(scheduled, tokens)]
+
+    def _run(self, scheduled: list[ScheduledSeq]) -> list[int]:
+        """Run the model once and sample a token for every sequence whose step reaches its end."""
+        logits = self._run_model(scheduled)  # [n_sampling, vocab]
         sampling = [item.seq for item in scheduled if item.samples]
-        for item in scheduled:
-            item.seq.num_cached += item.num_tokens
         if not sampling:
             return []
-        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
-        return [self._append(seq, tok) for seq, tok in zip(sampling, tokens)]
+        return sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
 
-    def _run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+    def _run_model(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Run the model once; if its experts were unreachable, wait (bounded) for a new placement and re-run.
 
         A re-run computes exactly what the failed run would have: the KV it wrote is written again at the
-        same slots (``num_cached`` only advances after success) and nothing was sampled yet.
+        same slots (``num_cached`` only advances in postprocess, after success) and nothing was sampled yet.
         """
-        backend = self.runner.model.expert_backend
-        if not hasattr(backend, "begin_step"):
-            return self.runner.run(scheduled)
+        backend = self.backend
         deadline = time.monotonic() + self.config.expert_wait_s
+        generation = backend.begin_step()
         while True:
-            generation = backend.begin_step()
             try:
                 return self.runner.run(scheduled)
             except ExpertBackendError as exc:
@@ -176,25 +184,19 @@ class Engine:
                         sequences=len(scheduled))
             if left <= 0 or not backend.wait_for_change(generation, left):
                 raise error
-            log.info("step_retried", generation=backend.generation)
+            generation = backend.begin_step()
+            log.info("step_retried", generation=generation)
 
     def _fail(self, seq: Sequence, error: str, code: str) -> TokenEvent:
         self.scheduler.finish(seq, "error")
         self._seqs.pop(seq.request_id, None)
         return TokenEvent(seq.request_id, None, True, "error", error, code)
 
-    def _append(self, seq: Sequence, token: int) -> TokenEvent:
-        seq.output_ids.append(token)
-        p = seq.params
-        reason = None
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.cfg.eos_token_ids):
-            reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens:
-            reason = "length"
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            self._seqs.pop(seq.request_id, None)
-        return TokenEvent(seq.request_id, token, reason is not None, reason)
+    def _event(self, sampled: SampledToken) -> TokenEvent:
+        finished = sampled.finish_reason is not None
+        if finished:
+            self._seqs.pop(sampled.seq.request_id, None)
+        return TokenEvent(sampled.seq.request_id, sampled.token, finished, sampled.finish_reason)
 
     # ---- conveniences ---------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

@@ -1,4 +1,7 @@
-"""Build the attention-side Transformer from a checkpoint directory (never reading routed experts)."""
+"""Build the attention-side Transformer from a checkpoint directory (never reading routed experts).
+
+The model comes back with no expert backend: the caller attaches one (attn_node/attach.py).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import torch
 
 from moemesh.model.checkpoint import Checkpoint, CheckpointError, attention_side
 from moemesh.model.config import ModelConfig
-from moemesh.expert_backend import ExpertBackend
 from moemesh.kernels.ops import Ops
 
 from .model import Transformer, hf_to_local_name
@@ -15,14 +17,12 @@ from .model import Transformer, hf_to_local_name
 def load_transformer(
     model_dir: str,
     cfg: ModelConfig,
-    backend: ExpertBackend,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     ops: Ops | None = None,
-    stats=None,
 ) -> Transformer:
     """Every weight except the routed experts, renamed onto :class:`Transformer` and checked for completeness."""
-    model = Transformer(cfg, backend, dtype, ops, stats)
+    model = Transformer(cfg, dtype, ops)
     ckpt = Checkpoint(model_dir, cfg)
     wanted = {n: hf_to_local_name(n) for n in ckpt.names() if attention_side(n)}
     if cfg.tie_word_embeddings:

@@ -1,8 +1,8 @@
 """DeepSeek-V2/V3 on an attention node: everything except the routed experts.
 
 One file, top to bottom: norms, rotary (YaRN), Multi-head Latent Attention,
-the dense MLP, the MoE gate, the MoE layer (routed experts through an injected
-:class:`~moemesh.expert_backend.ExpertBackend`), the block and the model.
+the dense MLP, the MoE gate, the MoE layer (routed experts through an
+:class:`~moemesh.expert_backend.ExpertBackend` attached from outside), the block and the model.
 Weight names follow DeepSeek's reference (``wq_a``, ``wkv_a``, ``wkv_b``...);
 :func:`hf_to_local_name` maps Hugging Face checkpoint names onto them.
 
@@ -288,23 +288,28 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    """Gate + shared experts here; routed experts through the injected backend."""
+    """Gate + shared experts here; routed experts through the backend attached from outside.
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, backend: ExpertBackend, dtype: torch.dtype, ops: Ops,
-                 stats=None):
+    The model is built without one: wiring code sets ``backend`` (and, where the placement
+    planner needs it, ``stats``) on every MoE layer (attn_node/attach.py: ``attach_experts``).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, ops: Ops):
         super().__init__()
         self.layer_id = layer_id
         self.gate = Gate(cfg, ops)
-        self.stats = stats  # optional LoadStats: routed tokens per expert, the placement planner's input
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype)
             if cfg.n_shared_experts
             else None
         )
-        self.backend = backend
+        self.backend: ExpertBackend | None = None
+        self.stats = None  # optional LoadStats: routed tokens per expert, the placement planner's input
 
     def start(self, x: torch.Tensor):
         """Route and dispatch; compute the shared experts while the routed ones run elsewhere."""
+        if self.backend is None:
+            raise RuntimeError(f"MoE layer {self.layer_id} has no expert backend: attach one with attach_experts")
         topk_idx, topk_weights = self.gate(x)  # [T, K], [T, K]
         if self.stats is not None:
             self.stats.add(self.layer_id, topk_idx)
@@ -325,14 +330,13 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, backend: ExpertBackend, dtype: torch.dtype, ops: Ops,
-                 stats=None):
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, ops: Ops):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.attn = MLA(cfg, dtype, ops)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.ffn = (
-            MoE(cfg, layer_id, backend, dtype, ops, stats)
+            MoE(cfg, layer_id, dtype, ops)
             if cfg.is_moe_layer(layer_id)
             else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
         )
@@ -355,18 +359,19 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Embeddings, blocks, final norm and head. ``forward`` returns hidden states; ``logits`` projects."""
 
-    def __init__(self, cfg: ModelConfig, backend: ExpertBackend, dtype: torch.dtype = torch.float32,
-                 ops: Ops | None = None, stats=None):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, ops: Ops | None = None):
         super().__init__()
         ops = ops or select_ops("cpu")
         self.cfg = cfg
-        self.expert_backend = backend  # the engine calls its step hooks, if it has them
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(cfg, i, backend, dtype, ops, stats) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, dtype, ops) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype)
         self.rotary = Rotary(cfg)
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
 
     def forward(
         self,

@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moemesh import metrics
 from moemesh.wire.codec import from_proto, to_proto
 from moemesh.model.config import ModelConfig
-from moemesh.expert_backend import ExpertBackend, ExpertBackendError
+from moemesh.expert_backend import ExpertBackendError, StaticExpertBackend
 from moemesh.logs import get_logger
 from moemesh.control.placement import Placement, describe_missing
 from moemesh.wire.tls import TLSFiles
@@ -149,7 +149,10 @@ class _Handle:
     started: float = 0.0
 
 
-class RemoteExpertBackend(ExpertBackend):
+class RemoteExpertBackend(StaticExpertBackend):
+    """One placement, fixed for the backend's life (a new version is a new backend): the step hooks are no-ops;
+    failover within the placement happens in ``combine``."""
+
     def __init__(self, cfg: ModelConfig, placement: Placement, timeout_s: float = 30.0,
                  connect_timeout_s: float = 10.0, tls: TLSFiles | None = None, link_factory=None,
                  checkpoint: str = ""):

@@ -5,6 +5,10 @@ long prompt never stalls them); what is left of the token budget goes to
 prompt chunks, oldest request first, admitting waiting requests while the
 sequence limit and the KV cache allow. Long prompts are prefilled in chunks
 across steps (chunked prefill) while others decode.
+
+After a step ran, ``postprocess`` owns what it changed in the sequences: the
+cache advanced, the sampled tokens appended, and sequences that ended (EOS or a
+stop token: "stop"; ``max_tokens``: "length") finished and their blocks freed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .sequence import Sequence, Status
 class SchedulerConfig:
     max_num_seqs: int = 64  # sequences in the running batch at most
     max_num_batched_tokens: int = 512  # tokens computed in one step at most (prefill chunk budget)
+    eos_token_ids: tuple[int, ...] = ()  # the model's end-of-sequence tokens (a request may ignore them)
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,23 @@ class ScheduledSeq:
     def samples(self) -> bool:
         """True when this step reaches the end of the sequence, so a token is sampled."""
         return self.seq.num_cached + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    seq: Sequence
+    token: int
+    finish_reason: str | None  # "stop" | "length" when this token ended the sequence, else None
+
+
+def finish_reason(seq: Sequence, token: int, eos_token_ids: tuple[int, ...]) -> str | None:
+    """Why ``seq`` ends with ``token`` just appended, or None while it goes on."""
+    p = seq.params
+    if token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids):
+        return "stop"
+    if len(seq.output_ids) >= p.max_tokens:
+        return "length"
+    return None
 
 
 class Scheduler:
@@ -73,6 +95,23 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_cached, budget)
             out.append(ScheduledSeq(seq, n))
             budget -= n
+        return out
+
+    def postprocess(self, scheduled: list[ScheduledSeq], tokens: list[int]) -> list[SampledToken]:
+        """Apply a step that ran: ``tokens`` holds one sampled token per sequence whose step reached its end,
+        in ``scheduled`` order. Returns them as :class:`SampledToken`, finished sequences already freed."""
+        sampling = [item.seq for item in scheduled if item.samples]  # before num_cached moves
+        if len(sampling) != len(tokens):
+            raise ValueError(f"{len(tokens)} sampled tokens for {len(sampling)} sampling sequences")
+        for item in scheduled:
+            item.seq.num_cached += item.num_tokens
+        out = []
+        for seq, token in zip(sampling, tokens):
+            seq.output_ids.append(token)
+            reason = finish_reason(seq, token, self.config.eos_token_ids)
+            if reason is not None:
+                self.finish(seq, reason)
+            out.append(SampledToken(seq, token, reason))
         return out
 
     def finish(self, seq: Sequence, reason: str) -> None:

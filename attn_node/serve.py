@@ -30,6 +30,7 @@ from moemesh.control.placement import Placement
 from moemesh.wire.tls import TLSFiles
 from moemesh.model.tokenizer import Tokenizer
 
+from .attach import attach_experts
 from .engine import Engine, EngineConfig
 from .engine_loop import EngineLoop
 from .load_stats import LoadStats
@@ -58,9 +59,9 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
         loop.add_signal_handler(sig, stop.set)
     backend = SwitchableBackend()
     stats = LoadStats(cfg.moe_layers, cfg.n_routed_experts)
-    model = await asyncio.to_thread(load_transformer, model_dir, cfg, backend, dtype, False,
-                                    select_ops("cpu", kernels), stats)
-    engine_loop = EngineLoop(Engine(model, cfg, engine_config), max_pending=max_pending).start()
+    model = await asyncio.to_thread(load_transformer, model_dir, cfg, dtype, False, select_ops("cpu", kernels))
+    engine = Engine(attach_experts(model, backend, stats), cfg, engine_config, backend=backend)
+    engine_loop = EngineLoop(engine, max_pending=max_pending).start()
     service = AttentionService(engine_loop, cfg, Tokenizer.from_dir(model_dir), stats)
     server, bound, health = create_server(service, host, port, tls)
     await server.start()

@@ -1,8 +1,9 @@
 """The attention node's expert backend under the control plane: a slot the current placement's backend fills.
 
 The engine holds this object for life; a new placement version installs a new
-:class:`RemoteExpertBackend`. Installs take effect between steps: the engine
-brackets each step's model run with ``begin_step``/``end_step``, and a backend
+:class:`RemoteExpertBackend`. It is the one backend whose step hooks do work
+(the others derive from ``StaticExpertBackend``). Installs take effect between
+steps: the engine brackets each step's model run with ``begin_step``/``end_step``, and a backend
 installed during a step waits for its end, so one step never mixes versions and
 the old backend can be closed as soon as it is replaced.
 

@@ -2,19 +2,20 @@
 
 This is what makes the single-process engine: the attention engine wired to a
 shard that holds every expert. ``dispatch`` computes eagerly (there is nothing
-to overlap with on one CPU stream), ``combine`` hands the result back.
+to overlap with on one CPU stream), ``combine`` hands the result back. Its
+experts never move, so the step hooks are the static base's no-ops.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moemesh.expert_backend import ExpertBackend, ExpertBackendError
+from moemesh.expert_backend import ExpertBackendError, StaticExpertBackend
 
 from .shard import ExpertShard
 
 
-class LocalExpertBackend(ExpertBackend):
+class LocalExpertBackend(StaticExpertBackend):
     def __init__(self, shard: ExpertShard):
         self.shard = shard
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from moemesh.attn_node.attach import attach_experts
 from moemesh.attn_node.engine import Engine, EngineConfig
 from moemesh.attn_node.loader import load_transformer
 from moemesh.attn_node.remote_backend import RemoteExpertBackend
@@ -37,11 +38,10 @@ class EmbeddedMesh:
     cfg: ModelConfig
     engine: Engine
     tokenizer: Tokenizer | None
-    remote: RemoteExpertBackend | None = None
+    remote: RemoteExpertBackend | None = None  # the mesh's backend, for its links; None in the single process
 
     def close(self) -> None:
-        if self.remote is not None:
-            self.remote.close()
+        self.engine.backend.close()
 
 
 def _device() -> torch.device:
@@ -68,8 +68,9 @@ def build_local(
     torch_dtype = resolve_dtype(dtype, cfg)
     ops = select_ops(_device(), kernels)
     shard = load_expert_shard(str(model_dir), cfg, dtype=torch_dtype, progress=progress, fused_moe=ops.fused_moe)
-    model = load_transformer(str(model_dir), cfg, LocalExpertBackend(shard), torch_dtype, progress, ops)
-    return EmbeddedMesh(cfg, Engine(model, cfg, engine_config), Tokenizer.from_dir(model_dir))
+    backend = LocalExpertBackend(shard)
+    model = attach_experts(load_transformer(str(model_dir), cfg, torch_dtype, progress, ops), backend)
+    return EmbeddedMesh(cfg, Engine(model, cfg, engine_config, backend=backend), Tokenizer.from_dir(model_dir))
 
 
 def build_remote(
@@ -94,11 +95,12 @@ def build_remote(
                                                          device=_device()),
                                   checkpoint=checkpoint_fingerprint(model_dir))
     try:
-        model = load_transformer(str(model_dir), cfg, backend, torch_dtype, progress, select_ops(_device(), kernels))
+        model = load_transformer(str(model_dir), cfg, torch_dtype, progress, select_ops(_device(), kernels))
+        engine = Engine(attach_experts(model, backend), cfg, engine_config, backend=backend)
     except BaseException:
         backend.close()
         raise
-    return EmbeddedMesh(cfg, Engine(model, cfg, engine_config), Tokenizer.from_dir(model_dir), backend)
+    return EmbeddedMesh(cfg, engine, Tokenizer.from_dir(model_dir), backend)
 
 
 def demo_model_dir() -> Path:

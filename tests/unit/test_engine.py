@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import threading
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from moemesh.attn_node.attach import attach_experts
 from moemesh.attn_node.engine import Engine, EngineConfig
 from moemesh.attn_node.model import Transformer, hf_to_local_name
 from moemesh.attn_node.sequence import SamplingParams
-from moemesh.expert_backend import ExpertBackendError
+from moemesh.attn_node.switchable_backend import SwitchableBackend
+from moemesh.expert_backend import ExpertBackendError, StaticExpertBackend
 from moemesh.model.config import ModelConfig
 from moemesh.errors import InvalidRequestError
 from moemesh.expert_node.local_backend import LocalExpertBackend
@@ -27,7 +32,13 @@ from moemesh.expert_node.shard import ExpertShard
 VOCAB, CONTEXT = 300, 96
 
 
-def build_tiny_model(model_dir: Path, arch: str = "v2") -> tuple[Transformer, ModelConfig]:
+class Tiny(NamedTuple):
+    model: Transformer  # attached to backend
+    cfg: ModelConfig
+    backend: LocalExpertBackend
+
+
+def build_tiny_model(model_dir: Path, arch: str = "v2") -> Tiny:
     """Write a tiny random DeepSeek checkpoint with transformers and load it into moemesh's model."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -71,35 +82,35 @@ def build_tiny_model(model_dir: Path, arch: str = "v2") -> tuple[Transformer, Mo
                 for e in range(cfg.n_routed_experts)
             },
         )
-    model = Transformer(cfg, LocalExpertBackend(shard))
+    model = Transformer(cfg)
     state = {hf_to_local_name(k): v for k, v in sd.items() if hf_to_local_name(k)}
     if cfg.tie_word_embeddings:
         state.pop("head.weight", None)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
-    return model, cfg
+    backend = LocalExpertBackend(shard)
+    return Tiny(attach_experts(model, backend), cfg, backend)
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> tuple[Transformer, ModelConfig]:
+def tiny(tmp_path_factory) -> Tiny:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-v2"), "v2")
 
 
 @pytest.fixture(scope="session")
-def tiny_v3(tmp_path_factory) -> tuple[Transformer, ModelConfig]:
+def tiny_v3(tmp_path_factory) -> Tiny:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-v3"), "v3")
 
 
-def engine(model_cfg, **config) -> Engine:
-    model, cfg = model_cfg
+def engine(tiny: Tiny, **config) -> Engine:
     if "max_num_batched_tokens" in config:  # the engine requires budget >= max_num_seqs
         config.setdefault("max_num_seqs", config["max_num_batched_tokens"])
-    return Engine(model, cfg, EngineConfig(**config))
+    return Engine(tiny.model, tiny.cfg, EngineConfig(**config), backend=tiny.backend)
 
 
 def test_budget_smaller_than_seq_limit_is_refused(tiny):
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        Engine(*tiny, EngineConfig(max_num_batched_tokens=4, max_num_seqs=8))
+        Engine(tiny.model, tiny.cfg, EngineConfig(max_num_batched_tokens=4, max_num_seqs=8), backend=tiny.backend)
 
 
 def prompts_of(lengths, seed=0) -> list[list[int]]:
@@ -349,17 +360,17 @@ def test_stop_token_stops_with_stop(tiny, alone):
 
 
 def test_eos_stops_unless_ignore_eos(tiny, alone):
-    model, cfg = tiny
+    model, cfg, backend = tiny
     full = alone[0]
     eos = full[3]
     k = full.index(eos)
     eos_cfg = dataclasses.replace(cfg, eos_token_ids=(eos,))
     (prompt,) = prompts_of([LENGTHS[0]])
     params = SamplingParams(max_tokens=len(full), temperature=0.0)
-    (out,) = Engine(model, eos_cfg).generate([prompt], params)
+    (out,) = Engine(model, eos_cfg, backend=backend).generate([prompt], params)
     assert out.token_ids == full[: k + 1]
     assert out.finish_reason == "stop"
-    (out,) = Engine(model, eos_cfg).generate([prompt], dataclasses.replace(params, ignore_eos=True))
+    (out,) = Engine(model, eos_cfg, backend=backend).generate([prompt], dataclasses.replace(params, ignore_eos=True))
     assert out.token_ids == full
     assert out.finish_reason == "length"
 
@@ -413,15 +424,16 @@ def test_micro_batched_ping_pong_gives_the_same_tokens(tiny, alone, micro_batche
     assert run_batched(engine(tiny, max_num_batched_tokens=8, block_size=4, micro_batches=micro_batches)) == alone
 
 
-class _FailingBackend:
+class _FailingBackend(StaticExpertBackend):
     """Unit-test stand-in: the local experts until call N, then the routed experts are unavailable."""
 
-    def __init__(self, inner, fail_after: int):
-        self.inner, self.calls, self.fail_after = inner, 0, fail_after
+    def __init__(self, inner, fail_after: int, on_fail=lambda: None):
+        self.inner, self.calls, self.fail_after, self.on_fail = inner, 0, fail_after, on_fail
 
     def dispatch(self, layer_id, x, topk_idx, topk_weights):
         self.calls += 1
         if self.calls > self.fail_after:
+            self.on_fail()
             raise ExpertBackendError(f"no live expert node hosts layer {layer_id}: experts 0-3")
         return self.inner.dispatch(layer_id, x, topk_idx, topk_weights)
 
@@ -430,27 +442,74 @@ class _FailingBackend:
 
 
 def test_unavailable_experts_fail_the_steps_requests_and_the_engine_goes_on(tiny):
-    model, cfg = tiny
-    moe_layers = [layer.ffn for layer in model.layers if hasattr(layer.ffn, "backend")]
-    inner = moe_layers[0].backend
-    failing = _FailingBackend(inner, fail_after=len(moe_layers) * 3)  # three good steps, then failure
-    for moe in moe_layers:
-        moe.backend = failing
+    model, cfg, inner = tiny
+    failing = _FailingBackend(inner, fail_after=len(model.moe_layers()) * 3)  # three good steps, then failure
+    attach_experts(model, failing)
     try:
-        eng = Engine(model, cfg, EngineConfig())
+        eng = Engine(model, cfg, EngineConfig(), backend=failing)
         rids = [eng.add_request(p, greedy(10)) for p in prompts_of([4, 6])]
         events = []
+        started = time.monotonic()
         while eng.has_unfinished():
             events.extend(eng.step())
+        assert time.monotonic() - started < EngineConfig.expert_wait_s  # a static backend never waits
         errors = [ev for ev in events if ev.finish_reason == "error"]
         assert sorted(ev.request_id for ev in errors) == sorted(rids)
-        assert all(ev.token_id is None and "layer" in ev.error for ev in errors)
+        assert all(ev.token_id is None and "layer" in ev.error and ev.error_code == "UNAVAILABLE" for ev in errors)
         failing.fail_after = 10**9  # the experts come back: new requests run normally
         out = eng.generate(prompts_of([5]), greedy(3))
         assert out[0].finish_reason == "length" and len(out[0].token_ids) == 3
     finally:
-        for moe in moe_layers:
-            moe.backend = inner
+        attach_experts(model, inner)
+
+
+def test_a_step_whose_experts_fail_waits_for_the_next_backend_and_reruns(tiny, alone):
+    """Experts lost mid-step (after one MoE layer dispatched): the step waits, re-runs on the backend
+    installed meanwhile, and every request generates exactly what it does alone."""
+    model, cfg, inner = tiny
+    switch = SwitchableBackend()
+    installs = []
+
+    def install_the_good_one():  # from another thread, as the placement follower does
+        if not installs:
+            installs.append(threading.Thread(target=switch.install, args=(inner,)))
+            installs[0].start()
+
+    failing = _FailingBackend(inner, fail_after=len(model.moe_layers()) * 2 + 1, on_fail=install_the_good_one)
+    switch.install(failing)
+    attach_experts(model, switch)
+    try:
+        eng = Engine(model, cfg, EngineConfig(max_num_batched_tokens=8, max_num_seqs=8, block_size=4),
+                     backend=switch)
+        assert run_batched(eng) == alone
+        assert failing.calls == failing.fail_after + 1  # it failed once, and only the new backend ran after
+        assert switch.current is inner and switch.generation == 2
+    finally:
+        attach_experts(model, inner)
+
+
+def test_a_step_waits_at_most_expert_wait_s_then_fails_its_requests(tiny):
+    model, cfg, inner = tiny
+    switch = SwitchableBackend()
+    switch.install(_FailingBackend(inner, fail_after=0))
+    attach_experts(model, switch)
+    try:
+        eng = Engine(model, cfg, EngineConfig(expert_wait_s=0.2), backend=switch)
+        rids = [eng.add_request(p, greedy(4)) for p in prompts_of([4, 6])]
+        started = time.monotonic()
+        events = eng.step()
+        assert time.monotonic() - started >= 0.2
+        assert [(ev.request_id, ev.token_id, ev.finished, ev.finish_reason, ev.error_code) for ev in events] == [
+            (rid, None, True, "error", "UNAVAILABLE") for rid in rids]
+        assert not eng.has_unfinished() and eng.blocks.num_free == eng.blocks.num_blocks
+    finally:
+        attach_experts(model, inner)
+
+
+def test_the_engine_runs_only_on_the_backend_its_model_is_attached_to(tiny):
+    other = LocalExpertBackend(tiny.backend.shard)
+    with pytest.raises(ValueError, match="attach_experts"):
+        Engine(tiny.model, tiny.cfg, backend=other)
 
 
 @pytest.mark.parametrize("params", [greedy(12), sampled(12, top_k=20), sampled(12, seed=3, top_p=0.8)])

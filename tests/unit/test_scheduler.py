@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from moemesh.attn_node.block_manager import BlockManager
-from moemesh.attn_node.scheduler import Scheduler, SchedulerConfig
+from moemesh.attn_node.scheduler import SampledToken, Scheduler, SchedulerConfig, finish_reason
 from moemesh.attn_node.sequence import SamplingParams, Sequence, Status
 
 _arrivals = itertools.count()
@@ -183,3 +185,72 @@ def test_samples_flag():
     a.num_cached += 5
     (second,) = sched.schedule()
     assert (second.num_tokens, second.samples) == (5, True)  # chunk ends at the end of the prompt
+
+
+# ---- postprocess: applying a step that ran ------------------------------------
+
+EOS = 50
+
+
+def seq_with(max_tokens=4, stop=(), ignore_eos=False, outputs=()) -> Sequence:
+    params = SamplingParams(max_tokens=max_tokens, stop_token_ids=stop, ignore_eos=ignore_eos)
+    seq = Sequence("s", [1, 2, 3], params, next(_arrivals))
+    seq.output_ids.extend(outputs)
+    return seq
+
+
+@pytest.mark.parametrize(
+    "kw, token, want",
+    [
+        ({}, 7, None),
+        ({}, EOS, "stop"),
+        ({"ignore_eos": True}, EOS, None),
+        ({"stop": (9,)}, 9, "stop"),
+        ({"stop": (9,), "ignore_eos": True}, 9, "stop"),  # ignore_eos ignores EOS only
+        ({"max_tokens": 3, "outputs": (5, 6)}, 7, "length"),
+        ({"max_tokens": 3, "outputs": (5, 6)}, EOS, "stop"),  # a stop on the last allowed token is a stop
+        ({"max_tokens": 3, "outputs": (5, 6), "ignore_eos": True}, EOS, "length"),
+        ({"max_tokens": 3, "outputs": (5,)}, 7, None),
+    ],
+)
+def test_finish_reason(kw, token, want):
+    seq = seq_with(**kw)
+    seq.output_ids.append(token)  # as postprocess does, before asking
+    assert finish_reason(seq, token, (EOS, 51)) == want
+
+
+def test_postprocess_advances_appends_and_finishes_exactly():
+    sched = Scheduler(SchedulerConfig(8, 15, eos_token_ids=(EOS,)), BlockManager(64, 4))
+    a = make_seq("a", 3, max_tokens=2)  # ends by length on its second token
+    b = make_seq("b", 10, max_tokens=5)  # a chunk that stops mid-prompt: no token
+    c = Sequence("c", [4, 5], SamplingParams(max_tokens=5), next(_arrivals))  # ends by EOS
+    d = Sequence("d", [4, 5], SamplingParams(max_tokens=5, ignore_eos=True), next(_arrivals))  # goes on past EOS
+    for s in (a, c, d, b):
+        sched.add(s)
+    items = sched.schedule()
+    assert [(it.seq.request_id, it.num_tokens, it.samples) for it in items] == [
+        ("a", 3, True), ("c", 2, True), ("d", 2, True), ("b", 8, False)]
+    out = sched.postprocess(items, [11, EOS, EOS])
+    assert out == [SampledToken(a, 11, None), SampledToken(c, EOS, "stop"), SampledToken(d, EOS, None)]
+    assert [(s.num_cached, s.output_ids, s.status) for s in (a, b, c, d)] == [
+        (3, [11], Status.RUNNING), (8, [], Status.RUNNING), (2, [EOS], Status.FINISHED), (2, [EOS], Status.RUNNING)]
+    assert c.finish_reason == "stop" and c.block_table == [] and sched.running == [a, d, b]
+
+    items = sched.schedule()
+    assert [(it.seq.request_id, it.num_tokens, it.samples) for it in items] == [
+        ("a", 1, True), ("d", 1, True), ("b", 2, True)]
+    out = sched.postprocess(items, [12, 13, 14])
+    assert out == [SampledToken(a, 12, "length"), SampledToken(d, 13, None), SampledToken(b, 14, None)]
+    assert a.status is Status.FINISHED and a.finish_reason == "length" and a.output_ids == [11, 12]
+    assert sched.running == [d, b]
+    blocks_in_use = sum(len(s.block_table) for s in (b, d))
+    assert sched.blocks.num_free == sched.blocks.num_blocks - blocks_in_use
+
+
+def test_postprocess_refuses_a_token_count_that_does_not_match_the_step():
+    sched = make_sched()
+    sched.add(make_seq("a", 3))
+    items = sched.schedule()
+    with pytest.raises(ValueError, match="2 sampled tokens for 1"):
+        sched.postprocess(items, [1, 2])
+    assert items[0].seq.num_cached == 0  # nothing applied
