@@ -15,7 +15,7 @@ import torch
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.sequence import SamplingParams
 from moemesh.local import build_local, build_remote
-from oracle.hf_models import save_hf_model
+from tests.oracle.hf_models import save_hf_model
 
 from .mesh_procs import NodeSet, node_list
 

@@ -16,7 +16,7 @@ import torch
 
 from moemesh.etcd import Keys, Registry
 from moemesh.router import MeshClient
-from oracle.hf_models import save_hf_model
+from tests.oracle.hf_models import save_hf_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
