@@ -23,7 +23,7 @@ from moemesh.procs import RoleProcess, spawn, stop_all, wait_ready
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 from tests.helpers import eventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 CLUSTER = "failover"
 READY_TIMEOUT_S = 240.0

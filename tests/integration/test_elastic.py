@@ -28,7 +28,7 @@ from moemesh.tiny import write_tiny_checkpoint
 from tests.helpers import DEADLINE_S
 from moemesh.v1 import control_pb2, control_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
 MAX_TOKENS = 24
 PROMPTS = [[3 + i, 40 + 7 * i, 11, 90 - i, 5 * i + 1] for i in range(16)]

@@ -84,6 +84,7 @@ def test_etcd_server_lifecycle(tmp_path):
 
 
 # ---- registration -------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_register_lease_and_close(etcd):
     async def main():
@@ -135,6 +136,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_registrant_process_paused_then_killed(etcd):
     proc = subprocess.Popen([sys.executable, "-c", REGISTRANT, etcd.endpoint, str(TTL)],
@@ -178,6 +180,7 @@ async def _absent(reg, key):
 
 
 # ---- etcd restarts --------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_etcd_restart_and_outage(own_etcd):
     etcd = own_etcd
@@ -259,6 +262,7 @@ def test_revoked_lease_reregisters(etcd):
     run(main())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_unavailable_fails_fast(own_etcd):
     async def main():

@@ -41,7 +41,7 @@ from tests.oracle.hf_models import build_hf_model, save_hf_model
 
 from .mesh_procs import NodeSet, expert_nodes_flag, node_list
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
 
 CONFIG = "v3_noaux_groups_bias"  # MoE layers 1 and 2, 8 experts, K = 2, hidden 64
 DISPATCH = "/moemesh.v1.ExpertDispatch/Dispatch"

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moemesh.etcd_server import free_port
 from moemesh.tiny import write_tiny_checkpoint
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 def test_plaintext_health_port_beside_an_mtls_service_port(tmp_path):

@@ -20,7 +20,7 @@ from moemesh.local import build_local
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 from tests.helpers import DEADLINE_S, aeventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 KEYS = Keys("default")
 
 

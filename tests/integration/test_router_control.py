@@ -19,6 +19,7 @@ from .test_router import TTL, bg, start_router  # noqa: F401 (bg: a fixture)
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
+@pytest.mark.slow
 def test_two_routers_one_leader_and_takeover(bg, etcd):
     watcher = bg.run(Registry.connect(etcd.endpoint, "election"))
     leader_key = watcher.keys.leader()

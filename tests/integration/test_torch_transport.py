@@ -36,7 +36,7 @@ from tests.helpers import eventually
 
 from .mesh_procs import NodeSet, expert_nodes_flag, node_list
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 
 CONFIG = "v3_noaux_groups_bias"  # MoE layers 1 and 2, 8 experts, K = 2, hidden 64
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=24, max_num_seqs=8)

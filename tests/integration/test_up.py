@@ -19,7 +19,7 @@ import torch
 from moemesh.router import MeshClient, MeshError
 from tests.oracle.hf_models import save_hf_model
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def _start_up(model_dir, log_dir, *extra):
