@@ -98,34 +98,40 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
 
     async def Dispatch(self, request_iterator, context):
         """Requests arrive as raw bytes (see ``handlers``) so undecodable ones get INVALID_ARGUMENT too."""
-        loop = asyncio.get_running_loop()
         async for raw in request_iterator:
-            req = dispatch_pb2.DispatchRequest()
-            try:
-                req.ParseFromString(raw)
-                x, idx, w = self.parse(req)
-            except (BadRequest, DecodeError) as exc:
-                metrics.EXPERT_MESSAGES.labels("invalid").inc()
-                log.warning("bad_dispatch", id=req.id, layer=req.layer, error=str(exc), peer=context.peer())
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            # In flight from the moment it is read until its reply is written: decoding a large message and
+            # writing its reply take as long as the math, and a drain (finish_in_flight) must wait for all of it.
             self.in_flight += 1
             try:
-                if idx.numel() <= INLINE_ASSIGNMENTS:
-                    # A decode-sized message costs less to compute than a thread hop would.
-                    y = self.shard.forward(req.layer, x, idx, w)
-                else:
-                    y = await loop.run_in_executor(self._worker, self.shard.forward, req.layer, x, idx, w)
-            except ValueError as exc:  # an expert dropped between validation and math (see ExpertShard.strict)
-                metrics.EXPERT_MESSAGES.labels("invalid").inc()
-                log.warning("dispatch_expert_gone", id=req.id, layer=req.layer, error=str(exc))
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+                yield await self._serve_one(raw, context)
             finally:
                 self.in_flight -= 1
-            metrics.EXPERT_MESSAGES.labels("ok").inc()
-            self.tokens_computed += _count_tokens(req.layer, idx)
-            yield dispatch_pb2.DispatchResponse(id=req.id, output=to_proto(y.to(x.dtype)))
             if self._draining.is_set():
                 return
+
+    async def _serve_one(self, raw: bytes, context) -> dispatch_pb2.DispatchResponse:
+        req = dispatch_pb2.DispatchRequest()
+        try:
+            req.ParseFromString(raw)
+            x, idx, w = self.parse(req)
+        except (BadRequest, DecodeError) as exc:
+            metrics.EXPERT_MESSAGES.labels("invalid").inc()
+            log.warning("bad_dispatch", id=req.id, layer=req.layer, error=str(exc), peer=context.peer())
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            if idx.numel() <= INLINE_ASSIGNMENTS:
+                # A decode-sized message costs less to compute than a thread hop would.
+                y = self.shard.forward(req.layer, x, idx, w)
+            else:
+                y = await asyncio.get_running_loop().run_in_executor(self._worker, self.shard.forward, req.layer,
+                                                                     x, idx, w)
+        except ValueError as exc:  # an expert dropped between validation and math (see ExpertShard.strict)
+            metrics.EXPERT_MESSAGES.labels("invalid").inc()
+            log.warning("dispatch_expert_gone", id=req.id, layer=req.layer, error=str(exc))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        metrics.EXPERT_MESSAGES.labels("ok").inc()
+        self.tokens_computed += _count_tokens(req.layer, idx)
+        return dispatch_pb2.DispatchResponse(id=req.id, output=to_proto(y.to(x.dtype)))
 
     async def Info(self, request, context):
         dtype = str(self.shard.dtype).removeprefix("torch.")

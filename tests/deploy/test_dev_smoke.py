@@ -22,10 +22,9 @@ import pytest
 
 from moemesh.launch.etcd_server import EtcdServer, free_port
 
-from .manifests import KUBECTL, container_env, containers, docs, moemesh_argv, render_overlay
+from .manifests import container_env, containers, docs, moemesh_argv, render_overlay
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240),
-              pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: deploy/ cannot be rendered")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 READY_S = 150.0
 

@@ -11,10 +11,10 @@ import pytest
 
 from moemesh.cli.main import build_parser
 
-from .manifests import (COMPONENTS, KUBECTL, OVERLAYS, config_map, container_env, containers, docs,
-                        moemesh_argv, pod_specs, render_component_on_base, render_overlay)
+from .manifests import (COMPONENTS, OVERLAYS, config_map, container_env, containers, docs, moemesh_argv,
+                        pod_specs, render_component_on_base, render_overlay, require_tool)
 
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: deploy/ cannot be rendered")
+pytestmark = pytest.mark.unit  # renders with kubectl (see tests/deploy/conftest.py: never skipped in CI)
 
 K8S_VERSION = "1.32.0"
 VALIDATE = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent)) or shutil.which(
@@ -37,8 +37,7 @@ def test_every_overlay_and_component_exists():
 
 @pytest.mark.parametrize("key", RENDERS, ids=[f"{k}-{n}" for k, n in RENDERS])
 def test_renders_and_validates_strict(rendered, key):
-    if VALIDATE is None:
-        pytest.skip("kubernetes-validate is not installed (pip install -e '.[test]')")
+    require_tool(VALIDATE, "kubernetes-validate", "pip install -e '.[test]'")
     out = subprocess.run([VALIDATE, "--strict", "--quiet", "-k", K8S_VERSION, "-"], input=rendered[key],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"{key} does not validate:\n{out.stdout}\n{out.stderr}"

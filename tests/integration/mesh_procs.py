@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tests.helpers import wait_stopped
+
 READY_TIMEOUT_S = 60.0
 
 
@@ -107,27 +109,6 @@ class ExpertProc:
                 events.append(obj)
         return events
 
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the process so far (Linux /proc), None where unavailable."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def wait_busy(self, cpu_s: float, timeout_s: float = 10.0) -> None:
-        """Return once the process has burnt ``cpu_s`` more CPU seconds (or after a plain sleep without /proc)."""
-        start = self.cpu_seconds()
-        if start is None:
-            time.sleep(min(timeout_s, 1.0))
-            return
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            now = self.cpu_seconds()
-            if now is None or now - start >= cpu_s:
-                return
-            time.sleep(0.01)
-
     # ---- lifecycle ------------------------------------------------------
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -145,9 +126,10 @@ class ExpertProc:
         self.send_signal(signal.SIGTERM)
 
     def stop(self) -> None:
-        """SIGSTOP: the node stops answering but keeps its sockets open."""
+        """SIGSTOP: the node stops answering but keeps its sockets open (returns once it really is stopped)."""
         self.send_signal(signal.SIGSTOP)
         self.stopped = True
+        wait_stopped(self.pid)
 
     def cont(self) -> None:
         self.send_signal(signal.SIGCONT)

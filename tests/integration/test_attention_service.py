@@ -39,8 +39,8 @@ class _Served:
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    path = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), arch="deepseek_v3", hidden_size=64, layers=2,
+def node(tiny_checkpoint):
+    path = tiny_checkpoint(arch="deepseek_v3", hidden_size=64, layers=2,
                                  experts=8, experts_per_token=2)
     mesh = build_local(path, "float32", EngineConfig(max_num_seqs=8, max_num_batched_tokens=64), progress=False)
     reference = build_local(path, "float32", EngineConfig(), progress=False)

@@ -20,10 +20,10 @@ import pytest
 
 from moemesh.launch.etcd_server import EtcdServer
 from moemesh.launch.procs import RoleProcess, spawn, stop_all, wait_ready
-from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
+from tests.helpers import eventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 CLUSTER = "failover"
 READY_TIMEOUT_S = 240.0
@@ -33,15 +33,15 @@ STOP_PROMPT = "The river"
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
+def mesh(tmp_path_factory, tiny_checkpoint):
     """etcd, router, 2 expert nodes, 2 attention nodes; yields (router address, {attn node id: process})."""
-    model = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), arch="deepseek_v3", hidden_size=64, layers=3,
+    model = tiny_checkpoint(arch="deepseek_v3", hidden_size=64, layers=3,
                                   experts=8, experts_per_token=2)
     logs = tmp_path_factory.mktemp("logs")
     procs: list[RoleProcess] = []
     with EtcdServer(data_dir=tmp_path_factory.mktemp("etcd")) as etcd:
         common = ["--etcd", etcd.endpoint, "--cluster", CLUSTER]
-        plan = [("router", ["router", *common, "--port", "0", "--lease-ttl", "2"])]
+        plan = [("router", ["router", *common, "--port", "0", "--lease-ttl", "5"])]
         plan += [(f"expert-{i}", ["expert-node", "--model", str(model), *common, "--node-id", f"expert-{i}",
                                   "--slots", "4"]) for i in range(2)]
         plan += [(f"attn-{i}", ["attn-node", "--model", str(model), *common, "--node-id", f"attn-{i}"])
@@ -123,11 +123,7 @@ def _same_stream(got: dict, want: dict) -> None:
 
 
 def _wait_for(probe, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not probe():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.01)
+    eventually(probe, timeout_s, what, interval_s=0.01)
 
 
 def test_sigkill_attention_node_mid_stream_streams_continue_identically(mesh):

@@ -10,7 +10,7 @@ import pytest
 
 from moemesh.model.tiny import write_tiny_checkpoint
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_bench_mesh_torch_json(tmp_path):

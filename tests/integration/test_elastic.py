@@ -25,9 +25,10 @@ from moemesh.attn_node.sequence import SamplingParams
 from moemesh.launch.embedded import build_local
 from moemesh.router import MeshClient
 from moemesh.model.tiny import write_tiny_checkpoint
+from tests.helpers import DEADLINE_S
 from moemesh.v1 import control_pb2, control_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
 MAX_TOKENS = 24
 PROMPTS = [[3 + i, 40 + 7 * i, 11, 90 - i, 5 * i + 1] for i in range(16)]
@@ -85,6 +86,18 @@ class Mesh:
                 return status
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {what}; last status: {json.dumps(status)[:3000]}")
+
+    def wait_stable(self, quiet_s: float, timeout_s: float, what: str) -> dict:
+        """A settled status whose placement version has not changed for ``quiet_s`` (re-plans have stopped)."""
+        state = {"version": None, "since": time.monotonic()}
+
+        def stable(status: dict) -> bool:
+            if not _settled(status) or status["placement_version"] != state["version"]:
+                state["version"], state["since"] = status["placement_version"], time.monotonic()
+                return False
+            return time.monotonic() - state["since"] >= quiet_s
+
+        return self.wait_status(stable, timeout_s, what)
 
     def close(self) -> None:
         self.client.close()
@@ -161,7 +174,7 @@ class Streams:
 def test_rebalance_follows_the_measured_skew_and_nodes_compute_the_planned_shares(model, reference, tmp_path):
     mesh = Mesh(model, tmp_path, "--expert-nodes", "2", "--expert-slots", "6", "--rebalance-interval", "2")
     try:
-        first = mesh.wait_status(_settled, 60, "the first placement")
+        first = mesh.wait_status(_settled, DEADLINE_S, "the first placement")
         assert first["window_tokens"] == 0 and "no placement" in first["placement_reason"]
         skewed = [PROMPTS[0]] * 8  # one prompt over and over: a few experts carry most tokens
         for prompt in skewed:
@@ -170,8 +183,9 @@ def test_rebalance_follows_the_measured_skew_and_nodes_compute_the_planned_share
         rebalanced = mesh.wait_status(lambda s: _settled(s, first["placement_version"]) and s["window_tokens"] > 0,
                                       60, "a placement planned on the measured loads")
         assert "periodic rebalance" in rebalanced["placement_reason"]
-        time.sleep(5)  # let the window settle: later re-plans only publish when shares move by > 0.05
-        status = mesh.wait_status(_settled, 30, "a settled placement")
+        # Let the window settle: later re-plans only publish when shares move by > 0.05. Wait for a placement that
+        # stays put for 3 rebalance intervals (2 s each) rather than a fixed 5 s guess at how long that takes.
+        status = mesh.wait_stable(6.0, DEADLINE_S, "a placement that no re-plan moves")
         before = {name: mesh.expert_info(name).tokens_computed for name in _experts(status)}
         for prompt in skewed:
             assert mesh.client.generate(prompt_ids=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
@@ -193,14 +207,14 @@ def test_scale_two_three_two_expert_nodes_while_streaming(model, reference, tmp_
     mesh = Mesh(model, tmp_path, "--expert-nodes", "2", "--expert-slots", "4", "--rebalance-interval", "0")
     streams = None
     try:
-        mesh.wait_status(_settled, 60, "the first placement")
+        mesh.wait_status(_settled, DEADLINE_S, "the first placement")
         streams = Streams(mesh.client, reference)
         streams.wait_completed(16)
         joined_at = time.monotonic()
         mesh.control.AddExpertNodes(control_pb2.AddExpertNodesRequest(count=1, wait_ready=True), timeout=120)
         registered_at = time.monotonic()  # the process is up and registered in etcd
         status = mesh.wait_status(lambda s: "expert-2" in _experts(s) and _experts(s)["expert-2"]["planned_load"] > 0
-                                  and _settled(s), 60, "expert-2 in the placement")
+                                  and _settled(s), DEADLINE_S, "expert-2 in the placement")
         deadline = time.monotonic() + 60
         while mesh.expert_info("expert-2").tokens_computed == 0:
             assert time.monotonic() < deadline, "expert-2 never computed a token"
@@ -214,7 +228,7 @@ def test_scale_two_three_two_expert_nodes_while_streaming(model, reference, tmp_
         reply = mesh.control.RemoveExpertNode(control_pb2.RemoveExpertNodeRequest(name="expert-0", wait_exit=True),
                                               timeout=120)
         assert reply.processes[0].state == "exited" and reply.processes[0].exit_code == 0
-        status = mesh.wait_status(lambda s: "expert-0" not in _experts(s) and _settled(s), 30, "expert-0 gone")
+        status = mesh.wait_status(lambda s: "expert-0" not in _experts(s) and _settled(s), DEADLINE_S, "expert-0 gone")
         assert sorted(_experts(status)) == ["expert-1", "expert-2"]
         done = streams.completed
         streams.wait_completed(done + 16)
@@ -246,7 +260,7 @@ def test_sigkilled_expert_node_loses_no_request(model, reference, tmp_path, repl
     mesh = Mesh(model, tmp_path, *flags, *([] if replicas else ["--no-replicas"]))
     streams = None
     try:
-        status = mesh.wait_status(_settled, 60, "the first placement")
+        status = mesh.wait_status(_settled, DEADLINE_S, "the first placement")
         held = {name: sum(len(le["experts"]) for le in node["experts"]) for name, node in _experts(status).items()}
         assert held == ({"expert-0": 16, "expert-1": 16} if replicas else {"expert-0": 8, "expert-1": 8})
         streams = Streams(mesh.client, reference)
@@ -257,7 +271,7 @@ def test_sigkilled_expert_node_loses_no_request(model, reference, tmp_path, repl
         done = streams.completed
         streams.wait_completed(done + 32)
         status = mesh.wait_status(lambda s: _settled(s) and s["nodes"] and all(
-            n["id"] != "expert-1" for n in s["nodes"] if n["status"] == "ready"), 30, "a placement without expert-1")
+            n["id"] != "expert-1" for n in s["nodes"] if n["status"] == "ready"), DEADLINE_S, "a placement without expert-1")
         streams.finish()
         assert status["placement_reason"].startswith("it names expert nodes that are gone")
         events = [json.loads(line) for line in (tmp_path / "attn-0.log").read_text().splitlines()
@@ -283,7 +297,7 @@ def test_a_link_broken_by_a_stall_is_redialled_once_the_node_answers_again(model
                 "--dispatch-timeout", "1")
     streams = None
     try:
-        mesh.wait_status(_settled, 60, "the first placement")
+        mesh.wait_status(_settled, DEADLINE_S, "the first placement")
         streams = Streams(mesh.client, reference, threads=4)
         streams.wait_completed(8)
         victim = mesh.processes()["expert-1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moemesh.attn_node.engine import EngineConfig
@@ -9,6 +10,9 @@ from moemesh.attn_node.sequence import SamplingParams
 from moemesh.model.checkpoint import write_dequantized, write_fp8_twin
 from moemesh.launch.embedded import build_local
 from moemesh.model.tiny import write_tiny_checkpoint
+
+# In-process (no servers or child processes), so unit, though it lives beside the mesh tests.
+pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
 
 def test_fp8_checkpoint_generates_like_its_dequantized_twin(tmp_path):

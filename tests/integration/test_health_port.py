@@ -13,11 +13,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moemesh.launch.etcd_server import free_port
 from moemesh.model.tiny import write_tiny_checkpoint
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 def test_plaintext_health_port_beside_an_mtls_service_port(tmp_path):
-    from tls_certs import make_mesh_certs
+    from tests.tls_certs import make_mesh_certs
 
     certs = make_mesh_certs(tmp_path)
     model = write_tiny_checkpoint(tmp_path / "m", arch="deepseek_v2", hidden_size=64, layers=2, experts=4,

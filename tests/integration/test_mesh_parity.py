@@ -15,11 +15,11 @@ import torch
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.sequence import SamplingParams
 from moemesh.launch.embedded import build_local, build_remote
-from oracle.hf_models import save_hf_model
+from tests.oracle.hf_models import save_hf_model
 
 from .mesh_procs import NodeSet, node_list
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
 NEW_TOKENS = 24
 PROMPT_LENGTHS = (5, 13, 30)

@@ -17,10 +17,10 @@ from moemesh.attn_node.sequence import SamplingParams
 from moemesh.control.etcd import Keys, Registry
 from moemesh.launch.etcd_server import EtcdServer, free_port
 from moemesh.launch.embedded import build_local
-from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
+from tests.helpers import DEADLINE_S, aeventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 KEYS = Keys("default")
 
 
@@ -43,21 +43,18 @@ async def _with_registry(endpoint, fn):
         await reg.close()
 
 
-def _wait_keys(endpoint, prefix, count, timeout_s=30.0):
+def _wait_keys(endpoint, prefix, count, timeout_s=DEADLINE_S):
     async def poll(reg):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        async def probe():
             keys = await reg.list(prefix)
-            if len(keys) == count:
-                return keys
-            await asyncio.sleep(0.2)
-        raise AssertionError(f"expected {count} keys under {prefix}, have {await reg.list(prefix)}")
+            return keys if len(keys) == count else None
+        return await aeventually(probe, timeout_s, f"{count} keys under {prefix}", interval_s=0.2)
 
     return asyncio.run(_with_registry(endpoint, poll))
 
 
-def test_nodes_register_follow_the_placement_and_serve(tmp_path):
-    model = write_tiny_checkpoint(tmp_path / "m", arch="deepseek_v3", hidden_size=64, layers=3, experts=8,
+def test_nodes_register_follow_the_placement_and_serve(tmp_path, tiny_checkpoint):
+    model = tiny_checkpoint(arch="deepseek_v3", hidden_size=64, layers=3, experts=8,
                                   experts_per_token=2)
     with EtcdServer() as etcd:
         ep = etcd.endpoint
@@ -107,7 +104,7 @@ def test_nodes_register_follow_the_placement_and_serve(tmp_path):
 
             procs[1].kill()  # SIGKILL: no deregistration; the lease (TTL 5 s) must drop the key
             t0 = time.monotonic()
-            _wait_keys(ep, KEYS.nodes("expert"), 1, timeout_s=15)
+            _wait_keys(ep, KEYS.nodes("expert"), 1)
             assert time.monotonic() - t0 < 12
         finally:
             for p in procs:

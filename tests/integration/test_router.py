@@ -19,19 +19,19 @@ from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.engine_loop import EngineLoop
 from moemesh.attn_node.service import AttentionService, create_server
 from moemesh.control.etcd import Registry
-from moemesh.launch.etcd_server import EtcdServer, free_port
+from moemesh.launch.etcd_server import free_port
 from moemesh.launch.embedded import build_local
 from moemesh.router.auth import TLSFiles
 from moemesh.router.server import Router
 from moemesh.router.cluster import PlacementPolicy
-from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2, inference_pb2_grpc
-from tls_certs import CLIENT, SERVER, openssl_certs
+from tests.helpers import DEADLINE_S, eventually  # noqa: F401 (eventually: test_router_control)
+from tests.tls_certs import CLIENT, SERVER, openssl_certs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 CLUSTER = "routing"
-TTL = 2.0
+TTL = 5.0  # no test here waits for a lease to expire (closing a registry revokes its lease)
 Code = grpc.StatusCode
 
 
@@ -49,17 +49,6 @@ class Background:
     def close(self):
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
-
-
-def eventually(probe, timeout_s: float, what: str, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(interval_s)
 
 
 class AttnNode:
@@ -148,14 +137,8 @@ def bg():
 
 
 @pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def nodes(bg, etcd, tmp_path_factory):
-    path = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), arch="deepseek_v3", hidden_size=64, layers=2,
+def nodes(bg, etcd, tiny_checkpoint):
+    path = tiny_checkpoint(arch="deepseek_v3", hidden_size=64, layers=2,
                                  experts=8, experts_per_token=2)
     out, loops = [], []
     for i in range(2):
@@ -184,7 +167,7 @@ def start_router(bg, etcd, cluster=CLUSTER, **kw) -> Router:
 @pytest.fixture(scope="module")
 def router(bg, etcd, nodes):
     r = start_router(bg, etcd, router_id="router-main")
-    eventually(lambda: len(r.view.ready_attention_nodes()) == 2, 5, "router sees both attention nodes")
+    eventually(lambda: len(r.view.ready_attention_nodes()) == 2, DEADLINE_S, "router sees both attention nodes")
     channel = grpc.insecure_channel(f"127.0.0.1:{r.port}")
     r.stub = inference_pb2_grpc.InferenceStub(channel)
     yield r
@@ -247,13 +230,13 @@ def test_request_goes_to_the_less_loaded_node(router, nodes):
     busy = nodes[0].stub.Generate(request(ids=[0, 5], max_tokens=1900, ignore_eos=True), timeout=60)
     try:
         next(busy)
-        eventually(lambda: nodes[0].stub.Load(attention_pb2.LoadRequest(), timeout=5).running == 1, 5,
+        eventually(lambda: nodes[0].stub.Load(attention_pb2.LoadRequest(), timeout=5).running == 1, DEADLINE_S,
                    "attn-0 runs the long request")
         time.sleep(router.pool.load_max_age_s + 0.05)  # past the router's cached loads
         assert collect(router.stub, request(ids=[0, 7], max_tokens=3))[3] == "attn-1"
     finally:
         busy.cancel()
-    eventually(lambda: nodes[0].stub.Load(attention_pb2.LoadRequest(), timeout=5).running == 0, 5, "attn-0 idle")
+    eventually(lambda: nodes[0].stub.Load(attention_pb2.LoadRequest(), timeout=5).running == 0, DEADLINE_S, "attn-0 idle")
 
 
 def test_concurrent_requests_spread_over_both_nodes(router, nodes):
@@ -273,7 +256,7 @@ def test_failover_before_the_first_token(bg, etcd, router, nodes, code):
     dead_reg = bg.run(Registry.connect(etcd.endpoint, CLUSTER, ttl_s=TTL))  # a ready record, nothing listening
     bg.run(dead_reg.register("attn", "attn-000-dead", {"address": f"127.0.0.1:{free_port()}", "status": "ready"}))
     try:
-        eventually(lambda: len(router.view.ready_attention_nodes()) == 4, 5, "router sees the extra records")
+        eventually(lambda: len(router.view.ready_attention_nodes()) == 4, DEADLINE_S, "router sees the extra records")
         want = collect(nodes[0].stub, request(ids=[0, 5, 9], max_tokens=6, ignore_eos=True))[0]
         tokens, _, last, node = collect(router.stub, request(ids=[0, 5, 9], max_tokens=6, ignore_eos=True))
         assert fake.generate_calls == 1  # tried first (it looked idlest), refused, skipped
@@ -282,7 +265,7 @@ def test_failover_before_the_first_token(bg, etcd, router, nodes, code):
     finally:
         flaky.close()
         bg.run(dead_reg.close())
-    eventually(lambda: len(router.view.ready_attention_nodes()) == 2, 5, "extra records gone")
+    eventually(lambda: len(router.view.ready_attention_nodes()) == 2, DEADLINE_S, "extra records gone")
 
 
 def collect_all(stub, req):
@@ -323,7 +306,7 @@ def test_node_failing_mid_stream_is_resumed_on_another_without_gap_or_duplicate(
     dying = AttnNode(bg, etcd.endpoint, "attn-00-dying", fake)
     resumes = _router_metric("moemesh_generate_resumes_total", reason=reason)
     try:
-        eventually(lambda: len(router.view.ready_attention_nodes()) == 3, 5, "router sees the dying node")
+        eventually(lambda: len(router.view.ready_attention_nodes()) == 3, DEADLINE_S, "router sees the dying node")
         got, initial, trailing = collect_all(router.stub, req)
     finally:
         dying.close()
@@ -337,7 +320,7 @@ def test_node_failing_mid_stream_is_resumed_on_another_without_gap_or_duplicate(
     first, second = trailing["x-moemesh-nodes"].split(",")
     assert first == "attn-00-dying" and second in ("attn-0", "attn-1") and trailing["x-moemesh-resumes"] == "1"
     assert _router_metric("moemesh_generate_resumes_total", reason=reason) == resumes + 1
-    eventually(lambda: len(router.view.ready_attention_nodes()) == 2, 5, "dying node's record gone")
+    eventually(lambda: len(router.view.ready_attention_nodes()) == 2, DEADLINE_S, "dying node's record gone")
 
 
 @pytest.mark.parametrize("fail", [Code.INTERNAL, Code.CANCELLED, Code.INVALID_ARGUMENT])
@@ -347,7 +330,7 @@ def test_mid_stream_errors_that_are_not_the_node_going_away_reach_the_client(bg,
     dying = AttnNode(bg, etcd.endpoint, "attn-00-dying", DyingNode(want, 3, fail))
     got = []
     try:
-        eventually(lambda: len(router.view.ready_attention_nodes()) == 3, 5, "router sees the dying node")
+        eventually(lambda: len(router.view.ready_attention_nodes()) == 3, DEADLINE_S, "router sees the dying node")
         with pytest.raises(grpc.RpcError) as exc:
             for response in router.stub.Generate(req, timeout=30):
                 got.append(response)
@@ -355,7 +338,7 @@ def test_mid_stream_errors_that_are_not_the_node_going_away_reach_the_client(bg,
         dying.close()
     assert exc.value.code() == fail and "dying node fails" in exc.value.details()
     assert _tokens(got) == _tokens(want[:3])
-    eventually(lambda: len(router.view.ready_attention_nodes()) == 2, 5, "dying node's record gone")
+    eventually(lambda: len(router.view.ready_attention_nodes()) == 2, DEADLINE_S, "dying node's record gone")
 
 
 @pytest.mark.parametrize("mutate, field", [
@@ -426,7 +409,7 @@ def test_bounded_inflight_is_resource_exhausted(bg, etcd, nodes):
                 collect(stub, request(ids=[0, 3], max_tokens=2))
             assert exc.value.code() == Code.RESOURCE_EXHAUSTED and "in flight" in exc.value.details()
             long.cancel()
-            eventually(lambda: r.service.inflight == 0, 5, "the cancelled stream is released")
+            eventually(lambda: r.service.inflight == 0, DEADLINE_S, "the cancelled stream is released")
             assert collect(stub, request(ids=[0, 3], max_tokens=2))[0]
     finally:
         bg.run(r.stop(grace_s=1))
@@ -479,7 +462,7 @@ def test_router_process_serves_until_sigterm_and_leaves_etcd(bg, etcd, tmp_path)
     token = tmp_path / "token"
     token.write_text("tok-123\n")
     proc = subprocess.Popen([sys.executable, "-c", ROUTER_MAIN, "router", "--etcd", etcd.endpoint, "--cluster", "proc",
-                             "--router-id", "router-proc", "--lease-ttl", "2", "--auth-token-file", str(token)],
+                             "--router-id", "router-proc", "--lease-ttl", "5", "--auth-token-file", str(token)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watcher = bg.run(Registry.connect(etcd.endpoint, "proc"))
     try:
@@ -491,7 +474,7 @@ def test_router_process_serves_until_sigterm_and_leaves_etcd(bg, etcd, tmp_path)
             status = inference_pb2_grpc.InferenceStub(channel).ClusterStatus(
                 inference_pb2.ClusterStatusRequest(), timeout=5, metadata=(("authorization", "Bearer tok-123"),))
             assert list(status.nodes) == []
-        eventually(lambda: bg.run(watcher.leader(watcher.keys.leader())) == "router-proc", 5, "the process leads")
+        eventually(lambda: bg.run(watcher.leader(watcher.keys.leader())) == "router-proc", DEADLINE_S, "the process leads")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         assert bg.run(watcher.leader(watcher.keys.leader())) is None  # leadership released at once

@@ -12,24 +12,27 @@ import pytest
 from moemesh.control.etcd import Registry
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
-from .test_router import TTL, bg, etcd, eventually, start_router  # noqa: F401 (bg, etcd: fixtures)
+from tests.helpers import DEADLINE_S, eventually
+
+from .test_router import TTL, bg, start_router  # noqa: F401 (bg: a fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
+@pytest.mark.slow
 def test_two_routers_one_leader_and_takeover(bg, etcd):
     watcher = bg.run(Registry.connect(etcd.endpoint, "election"))
     leader_key = watcher.keys.leader()
     a = start_router(bg, etcd, "election", router_id="router-a")
     b = None
     try:
-        eventually(lambda: a.is_leader, 5, "the first router leads")
+        eventually(lambda: a.is_leader, DEADLINE_S, "the first router leads")
         b = start_router(bg, etcd, "election", router_id="router-b")
-        time.sleep(TTL)  # a few campaign rounds
+        time.sleep(TTL)  # the thing under test: a few campaign rounds (every TTL/3) and b does not take over
         assert (a.is_leader, b.is_leader) == (True, False)
         assert bg.run(watcher.leader(leader_key)) == "router-a"
         bg.run(a.registry.close())  # the leader's etcd session dies: its lease and key go
-        eventually(lambda: b.is_leader, 3 * TTL, "the second router takes over")
+        eventually(lambda: b.is_leader, DEADLINE_S, "the second router takes over")
         assert bg.run(watcher.leader(leader_key)) == "router-b"
     finally:
         for r in (a, b):
@@ -52,25 +55,25 @@ def test_leader_places_every_expert_and_republishes_without_a_gone_node(bg, etcd
     stub = inference_pb2_grpc.InferenceStub(channel)
     try:
         key = experts[0].keys.placement()
-        placement = eventually(lambda: bg.run(experts[0].get(key)), 10, "the leader writes a placement")
+        placement = eventually(lambda: bg.run(experts[0].get(key)), DEADLINE_S, "the leader writes a placement")
         assert placement["version"] == 1 and sorted(placement["layers"]) == ["1", "2"]
         for layer in ("1", "2"):
             assert sorted(placement["layers"][layer], key=int) == [str(e) for e in range(8)]
             assert all(sorted(ids) == ["expert-0", "expert-1"] for ids in placement["layers"][layer].values())
         bg.run(experts[0].update({"address": "127.0.0.1:7000", "status": "ready", "capacity": capacity,
                                   "experts": {"1": [0, 1], "2": [0, 1]}}))
-        eventually(lambda: r.view.placement_version == 1, 5, "the router's view has the placement")
+        eventually(lambda: r.view.placement_version == 1, DEADLINE_S, "the router's view has the placement")
 
         def status_ready():
             s = stub.ClusterStatus(inference_pb2.ClusterStatusRequest(), timeout=5)
             return s if s.nodes and s.nodes[0].status == "ready" else None
-        status = eventually(status_ready, 5, "ClusterStatus shows expert-0 ready")
+        status = eventually(status_ready, DEADLINE_S, "ClusterStatus shows expert-0 ready")
         assert [(n.id, n.role) for n in status.nodes] == [("expert-0", "expert"), ("expert-1", "expert")]
         assert [(e.layer, list(e.experts)) for e in status.nodes[0].experts] == [(1, [0, 1]), (2, [0, 1])]
         assert (status.placement_version, status.leader) == (1, "router-p")
 
         bg.run(experts[1].close())  # expert-1 dies: the leader republishes without it
-        placement = eventually(lambda: (p := bg.run(experts[0].get(key)))["version"] == 2 and p, 10,
+        placement = eventually(lambda: (p := bg.run(experts[0].get(key)))["version"] == 2 and p, DEADLINE_S,
                                "placement version 2")
         assert all(ids == ["expert-0"] for layer in placement["layers"].values() for ids in layer.values())
         assert r.control.placements_written == 2

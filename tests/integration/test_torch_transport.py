@@ -31,11 +31,12 @@ from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.server import DispatchService, create_server
 from moemesh.expert_node.torch_server import attach
 from moemesh.launch.embedded import build_local, build_remote
-from oracle.hf_models import save_hf_model
+from tests.oracle.hf_models import save_hf_model
+from tests.helpers import eventually
 
 from .mesh_procs import NodeSet, expert_nodes_flag, node_list
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 
 CONFIG = "v3_noaux_groups_bias"  # MoE layers 1 and 2, 8 experts, K = 2, hidden 64
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=24, max_num_seqs=8)
@@ -105,10 +106,9 @@ def test_tokens_over_torch_equal_the_single_process(nodes, model_dir, prompts, r
             assert link.grpc.failure is None
     finally:
         mesh.close()
-    time.sleep(0.5)  # the bye ends each group on the node's side
-    for proc in procs:
-        downs = [e for e in proc.log_events() if e.get("event") == "torch_session_down"]
-        assert downs and downs[-1]["error"] is None and downs[-1]["messages"] > 0, proc.stderr_tail()
+    for proc in procs:  # the bye ends each group on the node's side
+        downs = eventually(lambda: _events(proc, "torch_session_down"), what=f"torch_session_down on {proc.spec}")
+        assert downs[-1]["error"] is None and downs[-1]["messages"] > 0, proc.stderr_tail()
 
 
 def test_sigkill_mid_generation_with_replicas(nodes, model_dir, prompts, reference_tokens):
@@ -117,14 +117,18 @@ def test_sigkill_mid_generation_with_replicas(nodes, model_dir, prompts, referen
     timeout_s = 20.0
     mesh = torch_mesh(model_dir, [a, b, c], timeout_s)
     try:
+        killed = {}
+
         def on_step(n):
-            if n == 4:
+            if n == 4:  # prefill done for some, decoding for others
                 b.kill()
                 b.wait(timeout=10)
+                killed["at"] = time.monotonic()
+            elif n == 5:  # the step that met the dead node: timed from the kill, not over the whole run
+                killed["failover_s"] = time.monotonic() - killed["at"]
 
-        t0 = time.monotonic()
         assert run_engine(mesh.engine, prompts, on_step) == reference_tokens
-        assert time.monotonic() - t0 < timeout_s, "a dead peer is noticed at once, not at the deadline"
+        assert killed["failover_s"] < timeout_s, "a dead peer is noticed at once, not at the deadline"
         links = mesh.remote.links
         assert links[1].failure is not None and links[1].pair.failure is not None
         assert [link.transport for link in (links[0], links[2])] == ["torch", "torch"]
@@ -137,13 +141,15 @@ def test_stopped_peer_times_out_and_the_replica_takes_its_rows(nodes, model_dir,
     timeout_s = 2.0
     mesh = torch_mesh(model_dir, [a, b], timeout_s)
     try:
+        stopped = {}
+
         def on_step(n):
             if n == 3:
+                stopped["at"] = time.monotonic()
                 b.stop()
 
-        t0 = time.monotonic()
         assert run_engine(mesh.engine, prompts, on_step) == reference_tokens
-        total = time.monotonic() - t0
+        total = time.monotonic() - stopped["at"]  # from the SIGSTOP to the end, not over the whole run
         assert mesh.remote.links[1].failure is not None and mesh.remote.links[0].transport == "torch"
         assert total < 3 * timeout_s + 15, f"{total:.1f}s: one deadline, not one per layer or step"
         assert b.alive()
@@ -238,11 +244,8 @@ def test_bad_frame_ends_only_its_own_group(nodes, model_dir):
         bad.pair.on_lost = None  # see the failure itself, not its gRPC retry
         with pytest.raises(PairFailure):
             bad.send(1, x, torch.tensor([[0, 7], [1, 2]]), w, 0).result(30)  # expert 7 lives elsewhere
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not any(e.get("event") == "bad_torch_frame" for e in node.log_events()):
-            time.sleep(0.05)
-        events = [e for e in node.log_events() if e.get("event") == "bad_torch_frame"]
-        assert events and "not hosted" in events[0]["error"], node.stderr_tail()
+        events = eventually(lambda: _events(node, "bad_torch_frame"), what="the node logs bad_torch_frame")
+        assert "not hosted" in events[0]["error"], node.stderr_tail()
         y = good.send(1, x, torch.tensor([[0, 3], [1, 2]]), w, 0).result(30)
         shard = load_expert_shard(str(model_dir), cfg, {1: [0, 1, 2, 3]}, progress=False)
         torch.testing.assert_close(y, shard.forward(1, x, torch.tensor([[0, 3], [1, 2]]), w), rtol=1e-5, atol=1e-5)
@@ -258,7 +261,8 @@ from moemesh.attn_node.torch_link import TorchLink
 link = TorchLink(sys.argv[1], hidden_size=int(sys.argv[2]), timeout_s=30)
 assert link.wait_ready(30), link.pair.failure
 x, idx, w = torch.randn(4, int(sys.argv[2])), torch.zeros(4, 2, dtype=torch.int64), torch.full((4, 2), 0.5)
-print("up", flush=True)
+link.send(1, x, idx, w, 0).result(30)
+print("up", flush=True)  # the group is up and a frame went through it
 while True:
     link.send(1, x, idx, w, 0).result(30)
 """
@@ -277,8 +281,7 @@ def test_attention_peer_killed_mid_stream_ends_only_its_group(nodes, model_dir):
             if line.strip() == "up":
                 break
         assert peer.poll() is None, "the peer died before its group was up"
-        time.sleep(0.5)  # frames flowing
-        peer.kill()
+        peer.kill()  # frames flowing: the peer said "up" after its first reply
         peer.wait(10)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 10 and not any(e.get("event") == "torch_session_closed"
@@ -309,7 +312,10 @@ def test_generate_cli_over_torch_prints_the_reference_tokens(nodes, model_dir, p
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [json.loads(line)["token_ids"] for line in proc.stdout.splitlines() if line.strip()] == reference_tokens
-    time.sleep(0.5)  # the bye ends each group on the node's side
-    for node in procs:  # the rows went over the torch groups
-        downs = [e for e in node.log_events() if e.get("event") == "torch_session_down"]
-        assert downs and downs[-1]["messages"] > 0, node.stderr_tail()
+    for node in procs:  # the rows went over the torch groups; the bye ends each group on the node's side
+        downs = eventually(lambda: _events(node, "torch_session_down"), what=f"torch_session_down on {node.spec}")
+        assert downs[-1]["messages"] > 0, node.stderr_tail()
+
+
+def _events(proc, name: str) -> list[dict]:
+    return [e for e in proc.log_events() if e.get("event") == name]

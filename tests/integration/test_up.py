@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from moemesh.router import MeshClient, MeshError
-from oracle.hf_models import save_hf_model
+from tests.oracle.hf_models import save_hf_model
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def _start_up(model_dir, log_dir, *extra):
@@ -110,7 +110,7 @@ def test_sigterm_stops_everything(mesh):
 
 
 def test_tls_mesh_with_auth_serves_only_authenticated_tls_clients(tmp_path):
-    from tls_certs import make_mesh_certs
+    from tests.tls_certs import make_mesh_certs
 
     certs = make_mesh_certs(tmp_path)
     (tmp_path / "token").write_text("s3cret\n")

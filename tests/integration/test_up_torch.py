@@ -16,9 +16,9 @@ import torch
 
 from moemesh.control.etcd import Keys, Registry
 from moemesh.router import MeshClient
-from oracle.hf_models import save_hf_model
+from tests.oracle.hf_models import save_hf_model
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def _events(path: Path, name: str) -> list[dict]:

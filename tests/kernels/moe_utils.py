@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from kernel_utils import interpreting, kernel_device  # noqa: F401  (re-exported for the test modules)
-from kernel_utils import load_kernel_module as kernel_module  # noqa: F401
+from .kernel_utils import interpreting, kernel_device  # noqa: F401  (re-exported for the test modules)
+from .kernel_utils import load_kernel_module as kernel_module  # noqa: F401
 
 # (atol, rtol) of a kernel against its torch reference on the same inputs.
 TOLERANCES = {

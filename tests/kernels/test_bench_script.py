@@ -21,6 +21,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_dry_run_prints_a_checked_row_for_every_op_and_size():
     proc = _bench("--dry-run", "--json")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -37,6 +38,7 @@ def test_dry_run_prints_a_checked_row_for_every_op_and_size():
     assert per_op == {"mla_decode": 18, "store_latent": 3, "fused_moe": 9, "fused_moe_fp8": 3, "route": 9}
 
 
+@pytest.mark.slow
 def test_dry_run_table_and_size_filter():
     proc = _bench("--dry-run", "--sizes", "v2", "--ops", "moe_fp8,route")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,6 +50,7 @@ def test_dry_run_table_and_size_filter():
     assert lines[-1] == "# 6 rows, 0 failed"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_without_a_gpu_it_exits_2_with_one_line():
     proc = _bench("--json")

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from kernel_utils import interpreting, kernel_device, load_kernel_module  # noqa: E402
+from .kernel_utils import interpreting, kernel_device, load_kernel_module  # noqa: E402
 
 store = load_kernel_module("moemesh.kernels.cache_store")
 mla = load_kernel_module("moemesh.kernels.mla_decode")

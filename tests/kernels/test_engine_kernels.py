@@ -15,6 +15,7 @@ from moemesh.launch.embedded import build_local  # noqa: E402
 from moemesh.model.tiny import write_tiny_checkpoint  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
 def test_forced_kernels_give_the_reference_tokens(tmp_path, arch):
     path = write_tiny_checkpoint(tmp_path / arch, arch=arch, hidden_size=64, layers=2, experts=8,

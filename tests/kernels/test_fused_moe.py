@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-from moe_utils import assert_close, kernel_device, kernel_module  # noqa: E402
+from .moe_utils import assert_close, kernel_device, kernel_module  # noqa: E402
 
 from moemesh.model.checkpoint import quantize_fp8_blockwise  # noqa: E402
 

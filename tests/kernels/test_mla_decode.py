@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from kernel_utils import assert_close, kernel_device, load_kernel_module  # noqa: E402
+from .kernel_utils import assert_close, kernel_device, load_kernel_module  # noqa: E402
 
 mla = load_kernel_module("moemesh.kernels.mla_decode")
 

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
-from moe_utils import kernel_device, kernel_module, sort_by_expert  # noqa: E402
+from .moe_utils import kernel_device, kernel_module, sort_by_expert  # noqa: E402
 
 from moemesh.attn_node.model import Gate
 from moemesh.kernels.ops import select_ops  # noqa: E402

@@ -46,6 +46,7 @@ def test_prefill_logits_match(pair):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_batched_greedy_tokens_match(pair):
     hf, mesh = pair
     prompts = _prompts(mesh.cfg.vocab_size)

@@ -59,6 +59,7 @@ def test_bad_arguments_give_one_line(argv, needle, tiny_dir, not_deepseek, tmp_p
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_no_traceback_from_the_real_entry_point(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "moemesh.cli", "generate", "--model", str(tmp_path / "missing"), "--prompt-ids", "1"],

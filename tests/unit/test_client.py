@@ -18,7 +18,7 @@ import pytest
 from moemesh.router import AsyncMeshClient, GenerateResult, MeshClient, MeshError, TokenChunk
 from moemesh.router.client import ModelInfo, Usage
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
-from tls_certs import CLIENT, openssl_certs
+from tests.tls_certs import CLIENT, openssl_certs
 
 Code = grpc.StatusCode
 CHUNKS = [([11], "Hel"), ([12], "lo"), ([13, 14], " you")]

@@ -149,6 +149,7 @@ def run_batched(eng: Engine) -> list[list[int]]:
 # ---- MLA: absorbed == naive ---------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["v2", "v3"])
 def test_absorbed_mla_equals_naive(arch, request):
     model_cfg = request.getfixturevalue("tiny" if arch == "v2" else "tiny_v3")
@@ -192,6 +193,7 @@ def test_prompt_logits_predict_the_first_greedy_token(tiny):
     ],
     ids=["default", "chunked", "chunked-2seqs", "chunked-naive"],
 )
+@pytest.mark.slow
 def test_continuous_batching_equals_alone(tiny, alone, config):
     assert run_batched(engine(tiny, **config)) == alone
 
@@ -419,6 +421,7 @@ def test_unseeded_request_leaves_the_global_rng_alone(tiny):
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batches", [2, 3])
 def test_micro_batched_ping_pong_gives_the_same_tokens(tiny, alone, micro_batches):
     assert run_batched(engine(tiny, max_num_batched_tokens=8, block_size=4, micro_batches=micro_batches)) == alone
@@ -512,6 +515,7 @@ def test_the_engine_runs_only_on_the_backend_its_model_is_attached_to(tiny):
         Engine(tiny.model, tiny.cfg, backend=other)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params", [greedy(12), sampled(12, top_k=20), sampled(12, seed=3, top_p=0.8)])
 def test_resumed_request_continues_the_same_tokens(tiny, params):
     # A router resuming after a node died: prompt + the tokens the client has, the rest of max_tokens,
