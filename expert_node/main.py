@@ -17,7 +17,7 @@ from moemesh.logs import get_logger
 from moemesh.control.placement import parse_expert_spec
 
 from .loader import load_expert_shard
-from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, create_server, shut_down
+from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, dispatch_server, shut_down
 
 log = get_logger("moemesh.expert_node")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -34,8 +34,8 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
 
     # Bind first (health says NOT_SERVING while weights load), so probes see the node at once.
     service = _LazyService()
-    server, bound, health_servicer = create_server(service, host, port, tls,
-                                                   (TORCH_SERVICE_NAME,) if transport == "torch" else ())
+    server, bound, health_servicer = dispatch_server(service, host, port, tls,
+                                                     (TORCH_SERVICE_NAME,) if transport == "torch" else ())
     torch_transport = None
     if transport == "torch":  # TorchTransport sessions beside ExpertDispatch (the fallback)
         from moemesh.control.node_ids import advertise_address

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from moemesh.attn_node.sequence import SamplingParams
+from moemesh.sampling import SamplingParams
 from moemesh.errors import MoemeshError
 from moemesh.cli.generate import engine_config
 from moemesh.launch.embedded import build_local, resolve_dtype

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from moemesh.attn_node.engine import Engine, EngineConfig
 from moemesh.attn_node.model import Transformer, hf_to_local_name
-from moemesh.attn_node.sequence import SamplingParams
+from moemesh.sampling import SamplingParams
 from moemesh.expert_backend import ExpertBackendError
 from moemesh.model.config import ModelConfig
 from moemesh.errors import InvalidRequestError
@@ -294,25 +294,18 @@ def test_generate_refuses_before_queueing_anything(tiny):
         ([1, VOCAB], greedy(4), "vocabulary"),
         ([1, -1], greedy(4), "vocabulary"),
         ([1, 2.0], greedy(4), "vocabulary"),
-        ([1, 2], SamplingParams(temperature=-0.5), "temperature"),
-        ([1, 2], SamplingParams(temperature=float("nan")), "temperature"),
-        ([1, 2], SamplingParams(top_p=0.0), "top_p"),
-        ([1, 2], SamplingParams(top_p=1.5), "top_p"),
-        ([1, 2], SamplingParams(top_k=-1), "top_k"),
-        ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
-        ([1, 2], SamplingParams(max_tokens=-3), "max_tokens"),
-        ([1, 2], SamplingParams(stop_token_ids=(VOCAB,)), "stop_token_ids"),
     ],
-    ids=[
-        "empty", "id-too-big", "id-negative", "id-float", "neg-temperature", "nan-temperature", "top_p-0",
-        "top_p-big", "top_k-neg", "max_tokens-0", "max_tokens-neg", "stop-id",
-    ],
+    ids=["empty", "id-too-big", "id-negative", "id-float"],
 )  # fmt: skip
 def test_bad_inputs_are_refused(tiny, prompt, params, match):
     eng = engine(tiny)
     with pytest.raises(InvalidRequestError, match=match):
         eng.add_request(prompt, params)
     assert not eng.has_unfinished()
+
+
+# Sampling fields are checked where a request enters the process (tests/unit/test_sampling.py); the engine
+# takes a checked SamplingParams as is.
 
 
 def test_duplicate_request_id_is_refused(tiny):
@@ -444,7 +437,8 @@ def test_unavailable_experts_fail_the_steps_requests_and_the_engine_goes_on(tiny
             events.extend(eng.step())
         errors = [ev for ev in events if ev.finish_reason == "error"]
         assert sorted(ev.request_id for ev in errors) == sorted(rids)
-        assert all(ev.token_id is None and "layer" in ev.error for ev in errors)
+        assert all(ev.token_id is None and isinstance(ev.error, ExpertBackendError) and "layer" in str(ev.error)
+                   for ev in errors)
         failing.fail_after = 10**9  # the experts come back: new requests run normally
         out = eng.generate(prompts_of([5]), greedy(3))
         assert out[0].finish_reason == "length" and len(out[0].token_ids) == 3

@@ -6,7 +6,8 @@ import itertools
 
 from moemesh.attn_node.block_manager import BlockManager
 from moemesh.attn_node.scheduler import Scheduler, SchedulerConfig
-from moemesh.attn_node.sequence import SamplingParams, Sequence, Status
+from moemesh.attn_node.sequence import Sequence, Status
+from moemesh.sampling import SamplingParams
 
 _arrivals = itertools.count()
 
