@@ -7,12 +7,13 @@ import json
 import signal
 import sys
 
-import grpc
 from grpc_health.v1 import health_pb2
 
 from moemesh.model.checkpoint import checkpoint_fingerprint
 from moemesh.model.config import ModelConfig
+from moemesh.errors import UnavailableError
 from moemesh.wire.health_port import start_health_port
+from moemesh.wire.status import abort
 from moemesh.logs import get_logger
 from moemesh.control.placement import parse_expert_spec
 
@@ -85,11 +86,11 @@ class _LazyService:
 
     async def Dispatch(self, request_iterator, context):
         if self._service is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "experts are still loading; retry when health is SERVING")
+            await abort(context, UnavailableError("experts are still loading; retry when health is SERVING"))
         async for resp in self._service.Dispatch(request_iterator, context):
             yield resp
 
     async def Info(self, request, context):
         if self._service is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "experts are still loading")
+            await abort(context, UnavailableError("experts are still loading"))
         return await self._service.Info(request, context)
