@@ -231,7 +231,7 @@ class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
             session.stopping.set()
             self.sessions.pop(prefix, None)
             log.info("torch_session_closed", prefix=prefix, messages=session.messages,
-                     draining=self._draining.is_set(), error=session.error[1] if session.error else None)
+                     draining=self._draining.is_set(), error=str(session.error) if session.error else None)
 
 
 def _peer_host(peer: str) -> str:
