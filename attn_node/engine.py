@@ -19,16 +19,17 @@ from dataclasses import dataclass
 import torch
 
 from moemesh.model.config import ModelConfig
-from moemesh.errors import InvalidRequestError
+from moemesh.errors import InvalidRequestError, MoemeshError
 from moemesh.expert_backend import ExpertBackend, ExpertBackendError, require_backend
 from moemesh.logs import get_logger
+from moemesh.sampling import SamplingParams
 
 from .block_manager import BlockManager
 from .model import Transformer
 from .runner import ModelRunner
 from .sampler import sample, skip_draws
 from .scheduler import SampledToken, ScheduledSeq, Scheduler, SchedulerConfig
-from .sequence import SamplingParams, Sequence, Status
+from .sequence import Sequence, Status
 
 log = get_logger("moemesh.attn_node.engine")
 
@@ -50,8 +51,7 @@ class TokenEvent:
     token_id: int | None  # None when the request failed
     finished: bool
     finish_reason: str | None  # "stop" (EOS or a stop token) | "length" (max_tokens) | "error"
-    error: str | None = None  # why the request failed (e.g. routed experts unavailable)
-    error_code: str | None = None  # gRPC status name for the failure: UNAVAILABLE | INTERNAL
+    error: MoemeshError | None = None  # why the request failed, typed (servers map it by moemesh.wire.status)
 
 
 @dataclass
@@ -60,7 +60,7 @@ class RequestOutput:
     prompt_ids: list[int]
     token_ids: list[int]
     finish_reason: str | None
-    error: str | None = None
+    error: MoemeshError | None = None
 
 
 class Engine:
@@ -89,7 +89,10 @@ class Engine:
     # ---- requests -------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     resumed: int = 0) -> str:
-        """Validate and queue a request; raise InvalidRequestError saying what to fix.
+        """Check and queue a request; raise InvalidRequestError saying what to fix.
+
+        ``params`` were checked where the request entered the process (SamplingParams.check); here only
+        what the engine alone knows is checked (see :meth:`validate`).
 
         ``resumed``: how many ids at the end of ``prompt_ids`` an earlier node already sampled for this
         request (a router resuming it after that node failed); a seeded generator skips their draws so
@@ -115,13 +118,13 @@ class Engine:
         return request_id
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """What only the engine can check: the prompt's ids, and its length against context and cache."""
         vocab, context = self.cfg.vocab_size, self.cfg.max_position_embeddings
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty: give at least one token")
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-        params.validate(vocab)
         total = len(prompt_ids) + params.max_tokens
         if total > context:
             raise InvalidRequestError(
@@ -152,7 +155,7 @@ class Engine:
             tokens = self._run(scheduled)  # one per sequence whose step reaches its end
         except ExpertBackendError as exc:
             # The step's sequences cannot go on; the others (waiting, or not in this step) can.
-            return [self._fail(item.seq, str(exc), "UNAVAILABLE") for item in scheduled]
+            return [self._fail(item.seq, exc) for item in scheduled]
         return [self._event(sampled) for sampled in self.scheduler.postprocess(scheduled, tokens)]
 
     def _run(self, scheduled: list[ScheduledSeq]) -> list[int]:
@@ -187,10 +190,10 @@ class Engine:
             generation = backend.begin_step()
             log.info("step_retried", generation=generation)
 
-    def _fail(self, seq: Sequence, error: str, code: str) -> TokenEvent:
+    def _fail(self, seq: Sequence, error: MoemeshError) -> TokenEvent:
         self.scheduler.finish(seq, "error")
         self._seqs.pop(seq.request_id, None)
-        return TokenEvent(seq.request_id, None, True, "error", error, code)
+        return TokenEvent(seq.request_id, None, True, "error", error)
 
     def _event(self, sampled: SampledToken) -> TokenEvent:
         finished = sampled.finish_reason is not None

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from moemesh import metrics
-from moemesh.errors import ResourceExhaustedError
+from moemesh.errors import MoemeshError, ResourceExhaustedError
 from moemesh.logs import get_logger
+from moemesh.sampling import SamplingParams
 
 from .engine import Engine, TokenEvent
-from .sequence import SamplingParams
 
 log = get_logger("moemesh.attn_node.loop")
 
@@ -56,7 +56,7 @@ class EngineLoop:
     # ---- called from any thread ------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, on_event: EventCallback,
                resumed: int = 0) -> None:
-        """Validate now (raises InvalidRequestError), queue for the engine thread."""
+        """Check the prompt now (raises InvalidRequestError), queue for the engine thread."""
         self.engine.validate(prompt_ids, params)
         with self._cv:
             if self._stopping:
@@ -107,7 +107,8 @@ class EngineLoop:
         try:
             self.engine.add_request(item.prompt_ids, item.params, item.request_id, item.resumed)
         except Exception as exc:  # validated at submit; a duplicate id or a race lands here
-            item.on_event(TokenEvent(item.request_id, None, True, "error", str(exc), "INVALID_ARGUMENT"))
+            error = exc if isinstance(exc, MoemeshError) else MoemeshError(f"internal error: {exc}")
+            item.on_event(TokenEvent(item.request_id, None, True, "error", error))
             return
         self._callbacks[item.request_id] = item.on_event
 
@@ -116,8 +117,8 @@ class EngineLoop:
             events = self.engine.step()
         except Exception as exc:  # never let one bad step kill the loop: fail what was running
             log.exception("engine_step_failed")
-            events = [TokenEvent(rid, None, True, "error", f"internal error: {exc}", "INTERNAL")
-                      for rid in list(self._callbacks)]
+            error = MoemeshError(f"internal error: {exc}")  # INTERNAL: a bug, not the request's fault
+            events = [TokenEvent(rid, None, True, "error", error) for rid in list(self._callbacks)]
             for rid in list(self._callbacks):
                 self.engine.abort(rid)
         for ev in events:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .sequence import SamplingParams
+from moemesh.sampling import SamplingParams
 
 
 def sample(

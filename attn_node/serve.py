@@ -36,7 +36,7 @@ from .engine_loop import EngineLoop
 from .load_stats import LoadStats
 from .loader import load_transformer
 from .remote_backend import RemoteExpertBackend
-from .service import SERVICE_NAME, AttentionService, create_server
+from .service import SERVICE_NAME, AttentionService, attention_server
 from .switchable_backend import SwitchableBackend
 from .torch_link import links_for
 
@@ -63,7 +63,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     engine = Engine(attach_experts(model, backend, stats), cfg, engine_config, backend=backend)
     engine_loop = EngineLoop(engine, max_pending=max_pending).start()
     service = AttentionService(engine_loop, cfg, Tokenizer.from_dir(model_dir), stats)
-    server, bound, health = create_server(service, host, port, tls)
+    server, bound, health = attention_server(service, host, port, tls)
     await server.start()
     health_server = await start_health_port(health, host, health_port)  # noqa: F841 (kept alive)
 

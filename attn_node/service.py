@@ -16,26 +16,26 @@ character, a possible stop-string prefix) is still held here and sent when it re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 
-import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from moemesh import metrics
 from moemesh.model.config import ModelConfig
-from moemesh.errors import InvalidRequestError, ResourceExhaustedError
+from moemesh.errors import FailedPreconditionError, InvalidRequestError, MoemeshError
 from moemesh.logs import get_logger
+from moemesh.sampling import SamplingParams
 from moemesh.wire.requests import StopStringMatcher, check_request_id, sampling_from_proto
-from moemesh.wire.tls import TLSFiles, add_port
+from moemesh.wire.server import create_server
+from moemesh.wire.status import abort
+from moemesh.wire.tls import TLSFiles
 from moemesh.model.tokenizer import IncrementalDecoder, Tokenizer
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 
 from .engine_loop import EngineLoop
 from .load_stats import LoadStats
-from .sequence import SamplingParams
 
 log = get_logger("moemesh.attn_node.service")
 MAX_TOKENIZE_CHARS = 1 << 20
@@ -73,10 +73,8 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
         if ended:
             raise InvalidRequestError(f"resume_token_ids contain stop/EOS token {ended[0]}: that generation "
                                       "had already finished")
-        params = SamplingParams(
-            max_tokens=s.max_tokens - len(resume), temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-            seed=s.seed, stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos,
-        )
+        # The engine samples what is left of max_tokens; the stop strings stay here, with the text.
+        params = dataclasses.replace(s, max_tokens=s.max_tokens - len(resume), stop=())
         return prompt, resume, params, StopStringMatcher(s.stop)
 
     async def Generate(self, request, context):
@@ -85,7 +83,7 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
             decoder = self.tokenizer.incremental_decoder() if self.tokenizer else None
             replay_streamed_text(resume, decoder, matcher)
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, exc)
         # The router sends its request id in the request and in x-request-id; every log line of this call carries it.
         metadata = dict(context.invocation_metadata() or ())
         rid = request.request_id or metadata.get("x-request-id") or uuid.uuid4().hex
@@ -97,10 +95,8 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
         try:
             self.loop.submit(rid, prompt + resume, params,
                              lambda ev: aio_loop.call_soon_threadsafe(events.put_nowait, ev), resumed=len(resume))
-        except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except ResourceExhaustedError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except MoemeshError as exc:  # invalid for this engine, or its inbox is full
+            await abort(context, exc)
         produced, finished = len(resume), False
         started = last = time.monotonic()
         try:
@@ -109,8 +105,8 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
                 if ev.error is not None:
                     finished = True
                     metrics.REQUESTS.labels(ROLE, "error").inc()
-                    log.warning("request_failed", error=ev.error, code=ev.error_code)
-                    await context.abort(getattr(grpc.StatusCode, ev.error_code or "INTERNAL"), ev.error)
+                    log.warning("request_failed", error=str(ev.error), kind=type(ev.error).__name__)
+                    await abort(context, ev.error)
                 now = time.monotonic()
                 if produced == len(resume):
                     metrics.TIME_TO_FIRST_TOKEN.labels(ROLE).observe(now - started)
@@ -144,9 +140,9 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
 
     async def Tokenize(self, request, context):
         if self.tokenizer is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer.json")
+            await abort(context, FailedPreconditionError("this model has no tokenizer.json"))
         if len(request.text) > MAX_TOKENIZE_CHARS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"text is longer than {MAX_TOKENIZE_CHARS} characters")
+            await abort(context, InvalidRequestError(f"text is longer than {MAX_TOKENIZE_CHARS} characters"))
         return inference_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
 
     async def ModelInfo(self, request, context):
@@ -178,12 +174,7 @@ def replay_streamed_text(resume: list[int], decoder: IncrementalDecoder | None, 
             raise InvalidRequestError("resume_token_ids complete a stop string: that generation had already finished")
 
 
-def create_server(service: AttentionService, host: str = "127.0.0.1", port: int = 0, tls: TLSFiles | None = None):
-    """grpc.aio server with AttentionNode, health (set by the caller) and reflection; returns (server, port, health)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-    attention_pb2_grpc.add_AttentionNodeServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    return server, add_port(server, f"{host}:{port}", tls), health_servicer
+def attention_server(service: AttentionService, host: str = "127.0.0.1", port: int = 0, tls: TLSFiles | None = None):
+    """The AttentionNode server (see :func:`moemesh.wire.server.create_server`); returns (server, port, health)."""
+    return create_server("attn", lambda server: attention_pb2_grpc.add_AttentionNodeServicer_to_server(service, server),
+                         (SERVICE_NAME,), host, port, tls=tls)

@@ -7,17 +7,18 @@ import json
 import signal
 import sys
 
-import grpc
 from grpc_health.v1 import health_pb2
 
 from moemesh.model.checkpoint import checkpoint_fingerprint
 from moemesh.model.config import ModelConfig
+from moemesh.errors import UnavailableError
 from moemesh.wire.health_port import start_health_port
+from moemesh.wire.status import abort
 from moemesh.logs import get_logger
 from moemesh.control.placement import parse_expert_spec
 
 from .loader import load_expert_shard
-from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, create_server, shut_down
+from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, dispatch_server, shut_down
 
 log = get_logger("moemesh.expert_node")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -34,8 +35,8 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
 
     # Bind first (health says NOT_SERVING while weights load), so probes see the node at once.
     service = _LazyService()
-    server, bound, health_servicer = create_server(service, host, port, tls,
-                                                   (TORCH_SERVICE_NAME,) if transport == "torch" else ())
+    server, bound, health_servicer = dispatch_server(service, host, port, tls,
+                                                     (TORCH_SERVICE_NAME,) if transport == "torch" else ())
     torch_transport = None
     if transport == "torch":  # TorchTransport sessions beside ExpertDispatch (the fallback)
         from moemesh.control.node_ids import advertise_address
@@ -85,11 +86,11 @@ class _LazyService:
 
     async def Dispatch(self, request_iterator, context):
         if self._service is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "experts are still loading; retry when health is SERVING")
+            await abort(context, UnavailableError("experts are still loading; retry when health is SERVING"))
         async for resp in self._service.Dispatch(request_iterator, context):
             yield resp
 
     async def Info(self, request, context):
         if self._service is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "experts are still loading")
+            await abort(context, UnavailableError("experts are still loading"))
         return await self._service.Info(request, context)

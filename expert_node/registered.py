@@ -34,7 +34,7 @@ from moemesh.logs import get_logger
 from moemesh.control.node_ids import advertise_address, default_node_id
 
 from .loader import load_experts
-from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, create_server, shut_down
+from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, dispatch_server, shut_down
 from .shard import ExpertShard
 
 log = get_logger("moemesh.expert_node.registered")
@@ -55,8 +55,8 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
     shard = ExpertShard(cfg.n_routed_experts, dtype)
     checkpoint = checkpoint_fingerprint(model_dir)
     service = DispatchService(shard, cfg, checkpoint)
-    server, bound, health = create_server(service, host, port, tls,
-                                          (TORCH_SERVICE_NAME,) if transport == "torch" else ())
+    server, bound, health = dispatch_server(service, host, port, tls,
+                                            (TORCH_SERVICE_NAME,) if transport == "torch" else ())
     torch_transport = None
     if transport == "torch":  # TorchTransport sessions beside ExpertDispatch (the fallback)
         from .torch_server import attach

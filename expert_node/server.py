@@ -15,14 +15,16 @@ import grpc
 import numpy as np
 import torch
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from moemesh import metrics
+from moemesh.errors import FailedPreconditionError, InvalidRequestError
 from moemesh.wire.codec import CodecError, from_proto, to_proto
 from moemesh.model.config import ModelConfig
 from moemesh.logs import get_logger
-from moemesh.wire.tls import TLSFiles, add_port
+from moemesh.wire.server import create_server
+from moemesh.wire.status import abort
+from moemesh.wire.tls import TLSFiles
 from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc, torch_transport_pb2
 
 from .shard import ExpertShard
@@ -32,19 +34,10 @@ log = get_logger("moemesh.expert_node")
 SERVICE_NAME = dispatch_pb2.DESCRIPTOR.services_by_name["ExpertDispatch"].full_name
 TORCH_SERVICE_NAME = torch_transport_pb2.DESCRIPTOR.services_by_name["TorchTransport"].full_name
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_MESSAGE_BYTES = 256 << 20
 INLINE_ASSIGNMENTS = 64  # (row, expert) pairs computed on the event loop itself; more go to the worker thread
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 
 
-class BadRequest(ValueError):
+class BadRequest(InvalidRequestError):
     """A Dispatch message that cannot be served; the message says why."""
 
 
@@ -112,12 +105,15 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
     async def _serve_one(self, raw: bytes, context) -> dispatch_pb2.DispatchResponse:
         req = dispatch_pb2.DispatchRequest()
         try:
-            req.ParseFromString(raw)
+            try:
+                req.ParseFromString(raw)
+            except DecodeError as exc:
+                raise BadRequest(f"the DispatchRequest does not parse: {exc}") from None
             x, idx, w = self.parse(req)
-        except (BadRequest, DecodeError) as exc:
+        except BadRequest as exc:
             metrics.EXPERT_MESSAGES.labels("invalid").inc()
             log.warning("bad_dispatch", id=req.id, layer=req.layer, error=str(exc), peer=context.peer())
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, exc)
         try:
             if idx.numel() <= INLINE_ASSIGNMENTS:
                 # A decode-sized message costs less to compute than a thread hop would.
@@ -128,7 +124,7 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
         except ValueError as exc:  # an expert dropped between validation and math (see ExpertShard.strict)
             metrics.EXPERT_MESSAGES.labels("invalid").inc()
             log.warning("dispatch_expert_gone", id=req.id, layer=req.layer, error=str(exc))
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await abort(context, FailedPreconditionError(str(exc)))
         metrics.EXPERT_MESSAGES.labels("ok").inc()
         self.tokens_computed += _count_tokens(req.layer, idx)
         return dispatch_pb2.DispatchResponse(id=req.id, output=to_proto(y.to(x.dtype)))
@@ -198,22 +194,11 @@ def handlers(service) -> grpc.GenericRpcHandler:
     })
 
 
-def create_server(
-    service: DispatchService, host: str = "127.0.0.1", port: int = 0, tls: TLSFiles | None = None,
-    also_reflect: tuple[str, ...] = (),
-) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
-    """A grpc.aio server with Dispatch, health (NOT_SERVING until set) and reflection; returns the bound port.
+def dispatch_server(service: DispatchService, host: str = "127.0.0.1", port: int = 0, tls: TLSFiles | None = None,
+                    also_reflect: tuple[str, ...] = ()) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
+    """The ExpertDispatch server (see :func:`moemesh.wire.server.create_server`); returns (server, port, health).
 
     ``also_reflect``: full names of services the caller adds before starting it (e.g. TorchTransport).
     """
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((handlers(service),))
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, *also_reflect,
-         reflection.SERVICE_NAME), server
-    )
-    return server, add_port(server, f"{host}:{port}", tls), health_servicer
-
-
+    return create_server("expert", lambda server: server.add_generic_rpc_handlers((handlers(service),)),
+                         (SERVICE_NAME, *also_reflect), host, port, tls=tls)

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 from moemesh import metrics
+from moemesh.errors import FailedPreconditionError, InvalidRequestError, MoemeshError, UnavailableError
+from moemesh.wire.status import abort
 
 from moemesh.wire import p2p
 from moemesh.logs import get_logger
@@ -51,7 +53,7 @@ class _Session:
         self.inline_bytes = p2p.INLINE_BYTES if backend == "gloo" else 0  # NCCL needs equal sizes at both ends
         self.stopping = threading.Event()
         self.busy = False  # between a header and its reply
-        self.error: tuple[grpc.StatusCode, str] | None = None
+        self.error: MoemeshError | None = None  # why the session ended, typed (moemesh.wire.status maps it)
         self.messages = 0
         self.done = threading.Event()
         self._on_done: Callable[[], None] | None = None
@@ -74,16 +76,16 @@ class _Session:
         except BadRequest as exc:
             metrics.EXPERT_MESSAGES.labels("invalid").inc()
             log.warning("bad_torch_frame", prefix=self.prefix, error=str(exc))
-            self.error = (grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self.error = exc
         except p2p.P2PError as exc:
-            self.error = (grpc.StatusCode.UNAVAILABLE, str(exc))
+            self.error = UnavailableError(str(exc))
         except Exception as exc:  # the shard failed: end this group, the peer falls back to gRPC
             log.exception("torch_session_failed", prefix=self.prefix)
-            self.error = (grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self.error = MoemeshError(f"{type(exc).__name__}: {exc}")  # INTERNAL
         finally:
             req_pg = rep_pg = None  # noqa: F841 - the groups' last references: their sockets close now
             log.info("torch_session_down", prefix=self.prefix, messages=self.messages,
-                     error=self.error[1] if self.error else None)
+                     error=str(self.error) if self.error else None)
             self.done.set()
             if self._on_done is not None:
                 self._on_done()
@@ -181,18 +183,17 @@ class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
     async def Session(self, request, context):
         svc = self._dispatch()
         if svc is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "experts are still loading; retry when health is SERVING")
+            await abort(context, UnavailableError("experts are still loading; retry when health is SERVING"))
         if self._draining.is_set():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "expert node is draining")
+            await abort(context, UnavailableError("expert node is draining"))
         backend = request.backend or "gloo"
         if backend == "nccl" and not (dist.is_nccl_available() and torch.cuda.is_available()):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "nccl asked for, but this expert node has no CUDA device or NCCL")
+            await abort(context, FailedPreconditionError("nccl asked for, but this expert node has no CUDA device or NCCL"))
         if backend not in ("gloo", "nccl"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"backend {backend!r}: gloo or nccl")
+            await abort(context, InvalidRequestError(f"backend {backend!r}: gloo or nccl"))
         if request.hidden_size != svc.cfg.hidden_size:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"hidden_size {request.hidden_size}; this expert node serves {svc.cfg.hidden_size}")
+            await abort(context, FailedPreconditionError(
+                f"hidden_size {request.hidden_size}; this expert node serves {svc.cfg.hidden_size}"))
         timeout_s = min(max(request.timeout_s or 30.0, MIN_TIMEOUT_S), MAX_TIMEOUT_S)
         idle_s = IDLE_PINGS * min(max(request.ping_interval_s or 5.0, MIN_TIMEOUT_S), MAX_TIMEOUT_S)
         prefix = f"s-{secrets.token_hex(12)}/"
@@ -223,14 +224,14 @@ class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
                     if not session.busy:
                         break
                     await asyncio.sleep(0.01)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "expert node is draining")
+                await abort(context, UnavailableError("expert node is draining"))
             if session.error is not None:
-                await context.abort(*session.error)
+                await abort(context, session.error)
         finally:  # also when the caller cancels: the thread stops after its current frame
             session.stopping.set()
             self.sessions.pop(prefix, None)
             log.info("torch_session_closed", prefix=prefix, messages=session.messages,
-                     draining=self._draining.is_set(), error=session.error[1] if session.error else None)
+                     draining=self._draining.is_set(), error=str(session.error) if session.error else None)
 
 
 def _peer_host(peer: str) -> str:

@@ -13,3 +13,23 @@ class InvalidRequestError(MoemeshError, ValueError):
 
 class ResourceExhaustedError(MoemeshError):
     """A bounded queue or cache is full right now: retry later or send less."""
+
+
+class NotFoundError(MoemeshError, LookupError):
+    """The thing the request names does not exist (the message lists what does)."""
+
+
+class UnauthenticatedError(MoemeshError):
+    """The caller did not prove who it is (missing or wrong token or certificate)."""
+
+
+class UnavailableError(MoemeshError):
+    """Nothing can serve the request right now (no ready node, shutting down): retry, maybe elsewhere."""
+
+
+class FailedPreconditionError(MoemeshError):
+    """The request is fine but this server is not in a state to serve it (e.g. no tokenizer): do not retry here."""
+
+
+class DeadlineExceededError(MoemeshError, TimeoutError):
+    """The work did not finish within the caller's deadline; it may still complete in the background."""

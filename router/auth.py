@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 
+from moemesh.errors import UnauthenticatedError
+from moemesh.wire.status import abort
 from moemesh.wire.tls import SecurityConfigError, TLSFiles, read_file as _read  # noqa: F401  (re-exported)
 from moemesh.v1 import inference_pb2
 
@@ -27,13 +29,13 @@ def read_token_file(path: str | Path) -> str:
 
 def _deny_unary(message: str):
     async def deny(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, UnauthenticatedError(message))
     return deny
 
 
 def _deny_stream(message: str):
     async def deny(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, UnauthenticatedError(message))
         yield  # pragma: no cover - makes this an async generator, as a server-streaming handler must be
     return deny
 

@@ -23,6 +23,8 @@ Behaviour every call shares:
   so the server's logs tie the attempts together.
 - Errors: every `grpc.RpcError` comes out as `MeshError` (`.code`, `.status`, `.details`), also mid-stream.
   Bad arguments the client can see by itself raise `ValueError` before anything is sent.
+- Sampling: keywords (`max_tokens=8, temperature=0, stop="END"`, ...) or `params=` a
+  `moemesh.sampling.SamplingParams` the caller built and checked (`SamplingParams(...).check()`).
 - Auth and TLS: `token`/`token_file` send `authorization: Bearer <token>` metadata (the file is read once, at
   construction). `tls=True` (implied by `ca_file`/`cert_file`/`key_file`) verifies the server against `ca_file`
   (system roots when omitted); `cert_file` + `key_file` add a client certificate for mTLS; `server_name`
@@ -38,13 +40,15 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import grpc
 from google.protobuf import json_format
 
 from moemesh.errors import MoemeshError
+from moemesh.sampling import SamplingParams
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
+from moemesh.wire.requests import sampling_to_proto
 
 __all__ = [
     "AsyncMeshClient",
@@ -202,40 +206,36 @@ def _uint(name: str, value: int, minimum: int = 0) -> int:
     return value
 
 
-def _generate_request(
-    prompt: str | None,
-    prompt_ids: Sequence[int] | None,
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    seed: int | None,
-    stop: Sequence[str] | str | None,
-    stop_token_ids: Sequence[int] | None,
-    ignore_eos: bool,
-    request_id: str | None,
-) -> inference_pb2.GenerateRequest:
-    """Checks what protobuf would reject cryptically (types, unsigned ranges); value ranges that depend on the
-    model (context length, vocab) are the server's to check, and come back as INVALID_ARGUMENT."""
+class Sampling(TypedDict, total=False):
+    """The sampling keywords of `stream`/`generate` (moemesh.sampling.SamplingParams' fields and defaults);
+    `stop` may also be one string."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: Sequence[str] | str | None
+    stop_token_ids: Sequence[int] | None
+    ignore_eos: bool
+
+
+def _generate_request(prompt: str | None, prompt_ids: Sequence[int] | None, params: SamplingParams | None,
+                      request_id: str | None, sampling: Sampling) -> inference_pb2.GenerateRequest:
+    """Checks what the client can see by itself (SamplingParams.check without the vocabulary); what depends on
+    the model (context length, vocab) is the server's to check, and comes back as INVALID_ARGUMENT."""
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("pass exactly one of prompt= (text) or prompt_ids= (token ids)")
     if prompt is not None and not isinstance(prompt, str):
         raise ValueError(f"prompt must be a str, got {type(prompt).__name__}; use prompt_ids= for token ids")
-    if isinstance(stop, str):
-        stop = [stop]
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    sampling = inference_pb2.SamplingParams(
-        max_tokens=_uint("max_tokens", max_tokens, minimum=1),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=_uint("top_k", top_k),
-        seed=seed,
-        stop_token_ids=[_uint("stop_token_ids[]", t) for t in (stop_token_ids or ())],
-        stop=list(stop or ()),
-        ignore_eos=bool(ignore_eos),
-    )
-    req = inference_pb2.GenerateRequest(request_id=request_id or uuid.uuid4().hex, sampling=sampling)
+    if params is None:  # else the caller built and checked its own
+        stop = sampling.pop("stop", None)
+        params = SamplingParams(stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+                                stop_token_ids=tuple(sampling.pop("stop_token_ids", None) or ()),
+                                **sampling).check()
+    elif sampling:
+        raise ValueError(f"pass params= or sampling keywords ({', '.join(sampling)}), not both")
+    req = inference_pb2.GenerateRequest(request_id=request_id or uuid.uuid4().hex, sampling=sampling_to_proto(params))
     if prompt is not None:
         req.text = prompt
     else:
@@ -342,6 +342,10 @@ class _ClientBase:
     def _retry(self, timeout_s: float | None) -> _Retry:
         return _Retry(self.timeout_s if timeout_s is None else _check_timeout(timeout_s), self.retries, self.backoff_s)
 
+    def _start(self, prompt, prompt_ids, params, request_id, timeout_s, sampling) -> tuple[Any, _Retry]:
+        """The request and the retry budget of one `stream`/`generate` call; arguments checked (ValueError)."""
+        return _generate_request(prompt, prompt_ids, params, request_id, sampling), self._retry(timeout_s)
+
     def __repr__(self) -> str:
         tls = "tls" if self._credentials is not None else "plaintext"
         return f"{type(self).__name__}({self.address!r}, {tls}, timeout_s={self.timeout_s:g})"
@@ -370,29 +374,12 @@ class MeshClient(_ClientBase):
             except grpc.RpcError as err:
                 time.sleep(retry.delay_after(err))
 
-    def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        prompt_ids: Sequence[int] | None = None,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] | str | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        request_id: str | None = None,
-        timeout_s: float | None = None,
-    ) -> Iterator[TokenChunk]:
+    def stream(self, prompt: str | None = None, *, prompt_ids: Sequence[int] | None = None,
+               params: SamplingParams | None = None, request_id: str | None = None, timeout_s: float | None = None,
+               **sampling: Unpack[Sampling]) -> Iterator[TokenChunk]:
         """Yields chunks as the server sends them. Arguments are checked now (ValueError), the call starts on
         the first `next()`; leaving the loop early cancels the generation on the server."""
-        request = _generate_request(
-            prompt, prompt_ids, max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos,
-            request_id,
-        )  # fmt: skip
-        return self._stream(request, self._retry(timeout_s))
+        return self._stream(*self._start(prompt, prompt_ids, params, request_id, timeout_s, sampling))
 
     def _stream(self, request: inference_pb2.GenerateRequest, retry: _Retry) -> Iterator[TokenChunk]:
         while True:
@@ -411,29 +398,13 @@ class MeshClient(_ClientBase):
                 call.cancel()  # no-op once the call has finished; stops the server when the caller stops early
             time.sleep(delay)
 
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        prompt_ids: Sequence[int] | None = None,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] | str | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        request_id: str | None = None,
-        timeout_s: float | None = None,
-    ) -> GenerateResult:
+    def generate(self, prompt: str | None = None, *, prompt_ids: Sequence[int] | None = None,
+                 params: SamplingParams | None = None, request_id: str | None = None, timeout_s: float | None = None,
+                 **sampling: Unpack[Sampling]) -> GenerateResult:
         """The whole generation at once (the stream, folded)."""
-        request = _generate_request(
-            prompt, prompt_ids, max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos,
-            request_id,
-        )  # fmt: skip
+        request, retry = self._start(prompt, prompt_ids, params, request_id, timeout_s, sampling)
         acc = _Accumulator(request.request_id)
-        for chunk in self._stream(request, self._retry(timeout_s)):
+        for chunk in self._stream(request, retry):
             acc.add(chunk)
         return acc.result()
 
@@ -498,29 +469,12 @@ class AsyncMeshClient(_ClientBase):
                 delay = retry.delay_after(err)
             await asyncio.sleep(delay)
 
-    def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        prompt_ids: Sequence[int] | None = None,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] | str | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        request_id: str | None = None,
-        timeout_s: float | None = None,
-    ) -> AsyncIterator[TokenChunk]:
+    def stream(self, prompt: str | None = None, *, prompt_ids: Sequence[int] | None = None,
+               params: SamplingParams | None = None, request_id: str | None = None, timeout_s: float | None = None,
+               **sampling: Unpack[Sampling]) -> AsyncIterator[TokenChunk]:
         """`async for chunk in client.stream(...)`: arguments are checked now (ValueError); the call starts on
         the first iteration. Leaving early: `await it.aclose()` (or let it be collected) cancels the call."""
-        request = _generate_request(
-            prompt, prompt_ids, max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos,
-            request_id,
-        )  # fmt: skip
-        return self._stream(request, self._retry(timeout_s))
+        return self._stream(*self._start(prompt, prompt_ids, params, request_id, timeout_s, sampling))
 
     async def _stream(self, request: inference_pb2.GenerateRequest, retry: _Retry) -> AsyncIterator[TokenChunk]:
         while True:
@@ -539,28 +493,12 @@ class AsyncMeshClient(_ClientBase):
                 call.cancel()
             await asyncio.sleep(delay)
 
-    async def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        prompt_ids: Sequence[int] | None = None,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] | str | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        request_id: str | None = None,
-        timeout_s: float | None = None,
-    ) -> GenerateResult:
-        request = _generate_request(
-            prompt, prompt_ids, max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos,
-            request_id,
-        )  # fmt: skip
+    async def generate(self, prompt: str | None = None, *, prompt_ids: Sequence[int] | None = None,
+                       params: SamplingParams | None = None, request_id: str | None = None,
+                       timeout_s: float | None = None, **sampling: Unpack[Sampling]) -> GenerateResult:
+        request, retry = self._start(prompt, prompt_ids, params, request_id, timeout_s, sampling)
         acc = _Accumulator(request.request_id)
-        async for chunk in self._stream(request, self._retry(timeout_s)):
+        async for chunk in self._stream(request, retry):
             acc.add(chunk)
         return acc.result()
 

@@ -25,17 +25,20 @@ import uuid
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
 from moemesh.wire.health_port import start_health_port
 from moemesh import metrics
-from moemesh.errors import InvalidRequestError, MoemeshError, ResourceExhaustedError
 from moemesh.control.cluster_view import ClusterView
 from moemesh.control.etcd import Registry, RegistryError, check_cluster_name
 from moemesh.control.records import NodeRecord, PlacementStats
+from moemesh.errors import (
+    DeadlineExceededError, InvalidRequestError, MoemeshError, ResourceExhaustedError, UnavailableError,
+)
 from moemesh.logs import get_logger
 from moemesh.wire.requests import check_request_id, sampling_from_proto
+from moemesh.wire.server import create_server
+from moemesh.wire.status import abort
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
 from .auth import INFERENCE_SERVICE, BearerTokenInterceptor, TLSFiles
@@ -51,33 +54,14 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 MAX_TEXT_CHARS = 1 << 20
 RETRY_BEFORE_FIRST_TOKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)  # unary calls
 MAX_RESUMES = 3  # times one generation may move to another node after tokens reached the client
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", 16 << 20),
-    ("grpc.max_send_message_length", 16 << 20),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 
 
-class NoNodeError(MoemeshError):
+class NoNodeError(UnavailableError):
     """No attention node can take the call now: retry later."""
 
 
-STATUS_OF = {  # the one table from domain errors to gRPC status codes
-    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
-    ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NoNodeError: grpc.StatusCode.UNAVAILABLE,
-}
-
-
-def status_of(exc: MoemeshError) -> grpc.StatusCode:
-    return next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
-
-
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    """Thin servicer: validate, pick a node, proxy; domain errors become status codes via STATUS_OF."""
+    """Thin servicer: validate, pick a node, proxy; domain errors become status codes (moemesh.wire.status)."""
 
     def __init__(self, view: ClusterView, pool: AttentionPool, *, max_inflight: int = 512,
                  call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES):
@@ -134,11 +118,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     self._model_info = await self._unary("ModelInfo", inference_pb2.ModelInfoRequest(), "ModelInfo")
         return self._model_info
 
-    async def _abort(self, context, exc: Exception):
-        if isinstance(exc, grpc.aio.AioRpcError):
-            await context.abort(exc.code(), exc.details() or exc.code().name)
-        await context.abort(status_of(exc), str(exc))
-
     # ---- Generate ---------------------------------------------------------------
     async def validate(self, request: inference_pb2.GenerateRequest) -> None:
         """Every field the router can check without the model's files (InvalidRequestError names it)."""
@@ -179,8 +158,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         with structlog.contextvars.bound_contextvars(request_id=rid):
             if self.inflight >= self.max_inflight:
                 log.warning("generate_refused", reason="max_inflight", inflight=self.inflight)
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"the router has {self.max_inflight} generations in flight: retry later")
+                await abort(context, ResourceExhaustedError(
+                    f"the router has {self.max_inflight} generations in flight: retry later"))
             self.inflight += 1
             outcome = "cancelled"  # unless the stream ends otherwise
             started = last = time.monotonic()
@@ -208,7 +187,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await self.validate(request)
         except (MoemeshError, grpc.aio.AioRpcError) as exc:
             log.info("generate_rejected", error=str(exc) if isinstance(exc, MoemeshError) else exc.details())
-            await self._abort(context, exc)
+            await abort(context, exc)
         forward = inference_pb2.GenerateRequest()
         forward.CopyFrom(request)
         forward.request_id = rid
@@ -259,14 +238,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             ranked = await self._ranked(tried)
         except NoNodeError as exc:
-            await self._abort(context, exc)
+            await abort(context, exc)
         if ranked:
             return ranked[0]
         log.warning("generate_no_node", tried=sorted(tried), errors=errors, tokens_sent=len(progress.sent))
         busy = set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # all full: back off, do not reconnect
         after = f" after {len(progress.sent)} token(s) were streamed" if progress.started else ""
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if busy else grpc.StatusCode.UNAVAILABLE,
-                            f"no attention node could take the request{after}: {'; '.join(errors)}")
+        await abort(context, (ResourceExhaustedError if busy else UnavailableError)(
+            f"no attention node could take the request{after}: {'; '.join(errors)}"))
 
     def _attempt_timeout(self, context) -> float:
         remaining = context.time_remaining()  # the client's deadline bounds every attempt
@@ -289,15 +268,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             raise asyncio.CancelledError()
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"attention node {node_id} failed ({details}) after {tokens} token(s) and the "
-                                "client's deadline has passed")
+            await abort(context, DeadlineExceededError(
+                f"attention node {node_id} failed ({details}) after {tokens} token(s) and the client's deadline "
+                "has passed"))
         if progress.started and (progress.resumes >= self.max_resumes or not progress.can_resume()):
             log.warning("generate_failed", node=node_id, code=code.name if code else None, error=details,
                         tokens=tokens, resumes=progress.resumes)
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"attention node {node_id} failed after streaming {tokens} token(s) and the "
-                                f"generation has already moved {progress.resumes} time(s): {details}")
+            await abort(context, UnavailableError(
+                f"attention node {node_id} failed after streaming {tokens} token(s) and the generation has "
+                f"already moved {progress.resumes} time(s): {details}"))
 
     def _note_resume(self, progress: StreamProgress, node_id: str, failed_node: str, reason: str) -> None:
         progress.resumes += 1
@@ -316,24 +295,24 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     # ---- the other Inference methods ----------------------------------------------
     async def Tokenize(self, request, context):
         if len(request.text) > MAX_TEXT_CHARS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"text has {len(request.text)} characters; at most {MAX_TEXT_CHARS}")
+            await abort(context, InvalidRequestError(
+                f"text has {len(request.text)} characters; at most {MAX_TEXT_CHARS}"))
         try:
             return await self._unary("Tokenize", request, "Tokenize")
         except (MoemeshError, grpc.aio.AioRpcError) as exc:
-            await self._abort(context, exc)
+            await abort(context, exc)
 
     async def ModelInfo(self, request, context):
         try:
             return await self.model_info()
         except (MoemeshError, grpc.aio.AioRpcError) as exc:
-            await self._abort(context, exc)
+            await abort(context, exc)
 
     async def ClusterStatus(self, request, context):
         try:
             self._check_synced()
         except NoNodeError as exc:
-            await self._abort(context, exc)
+            await abort(context, exc)
         records = self.view.records()
         attn = [r for r in records if r.role == "attn" and r.address]
         experts = [r for r in records if r.role == "expert" and r.address]
@@ -365,29 +344,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             balance=balance, moved=stats.moved, placement_reason=stats.reason, window_tokens=stats.window_tokens)
 
 
-def create_server(service: InferenceService, host: str = "127.0.0.1", port: int = 0, *,
-                  tls: TLSFiles | None = None, auth_token: str | None = None):
-    """grpc.aio server with Inference, health and reflection; returns ``(server, port, health)``.
+def inference_server(service: InferenceService, host: str = "127.0.0.1", port: int = 0, *,
+                     tls: TLSFiles | None = None, auth_token: str | None = None):
+    """The Inference server (see :func:`moemesh.wire.server.create_server`); returns ``(server, port, health)``.
 
     With ``auth_token``, Inference methods need ``authorization: Bearer <token>``; with ``tls``, the
     port is TLS (mTLS when ``tls.ca`` is set). Health and reflection stay open for probes.
     """
-    interceptors = [BearerTokenInterceptor(auth_token)] if auth_token else []
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
-    inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
-    address = f"{host}:{port}"
-    try:
-        bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise OSError(f"could not bind {address}: {exc}; is the port in use?") from None
-    if bound == 0:
-        raise OSError(f"could not bind {address}: is the port in use?")
-    return server, bound, health_servicer
+    return create_server("router", lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(service, server),
+                         (INFERENCE_SERVICE,), host, port, tls=tls,
+                         interceptors=[BearerTokenInterceptor(auth_token)] if auth_token else [])
 
 
 class Router:
@@ -430,7 +396,7 @@ class Router:
         return self.control is not None and self.control.is_leader
 
     async def start(self) -> int:
-        self.server, self.port, self.health = create_server(
+        self.server, self.port, self.health = inference_server(
             self.service, self.host, self.requested_port, tls=self._tls, auth_token=self._auth_token)
         await self.server.start()
         self.health_server = await start_health_port(self.health, self.host, self.health_port)

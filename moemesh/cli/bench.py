@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from moemesh.argtypes import positive_int
 from moemesh.cli import flags
+from moemesh.sampling import SamplingParams
 from moemesh.errors import MoemeshError
 
 if TYPE_CHECKING:
@@ -71,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from moemesh.attn_node.sequence import SamplingParams
     from moemesh.cli.generate import engine_config
     from moemesh.launch.embedded import build_local, resolve_dtype
 

@@ -23,7 +23,7 @@ import torch
 
 from moemesh.attn_node.remote_backend import NodeLink
 from moemesh.attn_node.torch_link import TorchLink
-from moemesh.attn_node.sequence import SamplingParams
+from moemesh.sampling import SamplingParams
 from moemesh.wire.codec import to_proto
 from moemesh.cli.generate import engine_config
 from moemesh.launch.embedded import build_local, build_remote

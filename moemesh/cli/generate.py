@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from moemesh.argtypes import positive_float, seed
 from moemesh.cli import flags
 from moemesh.errors import InvalidRequestError
+from moemesh.sampling import SamplingParams, flag_name
 
 if TYPE_CHECKING:  # the engine (torch) loads only when a command runs, so `moemesh --help` stays quick
     from moemesh.attn_node.engine import EngineConfig
@@ -62,15 +63,15 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def _check_sampling_args(args: argparse.Namespace) -> None:
-    if args.max_tokens < 1:
-        raise InvalidRequestError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if not args.temperature >= 0:
-        raise InvalidRequestError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise InvalidRequestError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise InvalidRequestError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+def sampling_params(args: argparse.Namespace, n_prompts: int) -> list[SamplingParams]:
+    """One checked SamplingParams per prompt (prompt i seeds with --seed + i); errors name the flag."""
+    return [
+        SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            seed=None if args.seed is None else args.seed + i, ignore_eos=args.ignore_eos,
+        ).check(name=flag_name)
+        for i in range(n_prompts)
+    ]
 
 
 def _encode(prompts: list[tuple[str, object]], tokenizer: Tokenizer | None) -> list[list[int]]:
@@ -94,16 +95,16 @@ class _Stream:
     pending: str = ""
     text: str = ""
     finish_reason: str | None = None
-    error: str | None = None
+    error: Exception | None = None
 
 
 def run(args: argparse.Namespace) -> int:
     from moemesh.control.placement import parse_expert_nodes
     from moemesh.launch.embedded import build_local, build_remote, ensure_demo_model
 
-    _check_sampling_args(args)
-    model_dir = args.model or str(ensure_demo_model())
     prompts = getattr(args, "prompts", None) or [("text", DEMO_PROMPT)]
+    params = sampling_params(args, len(prompts))  # before any model loads
+    model_dir = args.model or str(ensure_demo_model())
     if getattr(args, "expert_nodes", None):
         nodes = [node for text in args.expert_nodes for node in parse_expert_nodes(text)]
         mesh = build_remote(model_dir, nodes, args.dtype, engine_config(args), not args.json, args.dispatch_timeout,
@@ -111,23 +112,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         mesh = build_local(model_dir, args.dtype, engine_config(args), progress=not args.json, kernels=args.kernels)
     try:
-        return _run(args, mesh, prompts)
+        return _run(args, mesh, prompts, params)
     finally:
         mesh.close()
 
 
-def _run(args: argparse.Namespace, mesh, prompts) -> int:
-    from moemesh.attn_node.sequence import SamplingParams
-
+def _run(args: argparse.Namespace, mesh, prompts, params: list[SamplingParams]) -> int:
     tokenizer = mesh.tokenizer
     prompt_ids = _encode(prompts, tokenizer)
-    params = [
-        SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            seed=None if args.seed is None else args.seed + i, ignore_eos=args.ignore_eos,
-        )
-        for i in range(len(prompt_ids))
-    ]
     engine = mesh.engine
     for ids, p in zip(prompt_ids, params):
         engine.validate(ids, p)  # every prompt is checked before any runs
@@ -165,7 +157,7 @@ def _run(args: argparse.Namespace, mesh, prompts) -> int:
             if tokenizer:
                 obj["text"] = s.text
             if s.error is not None:
-                obj["error"] = s.error
+                obj["error"] = str(s.error)
             print(json.dumps(obj))
     return EXIT_REQUEST_FAILED if any(s.error is not None for s in streams.values()) else 0
 

@@ -9,6 +9,7 @@ import sys
 from moemesh.argtypes import seed
 from moemesh.cli import flags
 from moemesh.router import MeshClient, MeshError
+from moemesh.sampling import SamplingParams, flag_name
 
 EXIT_RPC_ERROR = 1
 
@@ -49,19 +50,20 @@ def run(args: argparse.Namespace) -> int:
         print("moemesh query: error: give --prompt TEXT or --prompt-ids IDS", file=sys.stderr)
         return 2
     prompt = dict(prompt=value) if kind == "text" else dict(prompt_ids=list(value))
-    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or None)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
+                            stop=tuple(args.stop or ())).check(name=flag_name)  # before connecting
     try:
         with client_for(args) as client:
             if args.json:
-                r = client.generate(**prompt, **sampling)
+                r = client.generate(**prompt, params=params)
                 print(json.dumps({"request_id": r.request_id, "token_ids": r.token_ids, "text": r.text,
                                   "finish_reason": r.finish_reason,
                                   "usage": {"prompt_tokens": r.usage.prompt_tokens,
                                             "completion_tokens": r.usage.completion_tokens}}))
                 return 0
             as_text = client.model_info().has_tokenizer  # without a tokenizer, show the token ids
-            for chunk in client.stream(**prompt, **sampling):
+            for chunk in client.stream(**prompt, params=params):
                 # Empty text is normal mid-character: the next chunk completes it.
                 sys.stdout.write(chunk.text if as_text else "".join(f"{t} " for t in chunk.token_ids))
                 sys.stdout.flush()

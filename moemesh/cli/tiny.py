@@ -6,7 +6,6 @@ import argparse
 import json
 
 from moemesh.argtypes import positive_int
-from moemesh.cli import flags
 from moemesh.cli.flags import UsageError
 
 

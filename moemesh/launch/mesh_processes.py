@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
+from moemesh.errors import DeadlineExceededError, InvalidRequestError, NotFoundError
 from moemesh.logs import get_logger
+from moemesh.wire.server import create_server
 from moemesh.launch.procs import RoleProcess, spawn, wait_ready
 from moemesh.v1 import control_pb2, control_pb2_grpc
 
@@ -124,14 +124,13 @@ class MeshControlService(control_pb2_grpc.MeshControlServicer):
 
     def AddExpertNodes(self, request, context):
         if not 1 <= request.count <= MAX_ADD:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"count must be 1..{MAX_ADD}, got {request.count}")
+            raise InvalidRequestError(f"count must be 1..{MAX_ADD}, got {request.count}")
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else 600.0) if request.wait_ready else None
         added = self.mesh.add_experts(request.count, deadline)
         if request.wait_ready and not all(p.ready for p in added):
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"{', '.join(p.name for p in added if not p.ready)} not ready yet; they keep starting "
-                          "(see ListProcesses)")
+            raise DeadlineExceededError(f"{', '.join(p.name for p in added if not p.ready)} not ready yet; they keep "
+                                        "starting (see ListProcesses)")
         return self._list(added)
 
     def RemoveExpertNode(self, request, context):
@@ -139,28 +138,25 @@ class MeshControlService(control_pb2_grpc.MeshControlServicer):
             p = self.mesh.remove_expert(request.name)
         except KeyError:
             names = [p.name for p in self.mesh.snapshot() if p.role == "expert"]
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"no expert node named {request.name!r}; expert nodes: {', '.join(names) or 'none'}")
+            raise NotFoundError(
+                f"no expert node named {request.name!r}; expert nodes: {', '.join(names) or 'none'}") from None
         if request.wait_exit:
             remaining = context.time_remaining()
             try:
                 p.proc.wait(remaining if remaining is not None else None)
             except Exception:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{p.name} is still draining")
+                raise DeadlineExceededError(f"{p.name} is still draining") from None
         return self._list([p])
 
 
 def serve_control(mesh: ProcessMesh, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, int]:
-    """The MeshControl service (with health and reflection) on a thread-pool server; returns (server, port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-control"))
-    control_pb2_grpc.add_MeshControlServicer_to_server(MeshControlService(mesh), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (CONTROL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind the control port {host}:{port}: is it in use?")
+    """The MeshControl service (with health and reflection) on a thread-pool server, started; returns (server, port).
+
+    Its methods raise domain errors; the server's status interceptor turns them into status codes.
+    """
+    server, bound, health_servicer = create_server(
+        "control", lambda server: control_pb2_grpc.add_MeshControlServicer_to_server(MeshControlService(mesh), server),
+        (CONTROL_SERVICE,), host, port, aio=False, max_workers=4)
     server.start()
     for name in ("", CONTROL_SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,63 +1,32 @@
-"""Generate requests at the process boundary: proto -> validated engine inputs, shared by router and nodes.
+"""Generate requests at the process boundary: proto <-> SamplingParams, shared by router, nodes and SDK.
 
-Every field is checked here, so servers answer INVALID_ARGUMENT with a message
-naming the field before anything reaches the engine.
+``sampling_from_proto`` checks every field (SamplingParams.check, names prefixed ``sampling.``), so
+servers answer INVALID_ARGUMENT with a message naming the field before anything reaches the engine.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 from moemesh.errors import InvalidRequestError
+from moemesh.sampling import SamplingParams
 from moemesh.v1 import inference_pb2
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_LENGTH = 256
-MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_LENGTH = 128
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """The sampling fields of a request, validated (engine SamplingParams plus stop strings)."""
-
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop_token_ids: tuple[int, ...]
-    stop: tuple[str, ...]
-    ignore_eos: bool
-
-
-def sampling_from_proto(msg: inference_pb2.SamplingParams, vocab_size: int) -> Sampling:
-    if msg.max_tokens < 1:
-        raise InvalidRequestError("sampling.max_tokens must be >= 1")
-    if not (math.isfinite(msg.temperature) and msg.temperature >= 0):
-        raise InvalidRequestError(f"sampling.temperature must be >= 0 (0 = greedy), got {msg.temperature}")
-    top_p = msg.top_p if msg.HasField("top_p") else 1.0
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise InvalidRequestError(f"sampling.top_p must be in (0, 1], got {top_p}")
-    if msg.top_k > vocab_size:
-        raise InvalidRequestError(f"sampling.top_k must be <= the vocabulary size {vocab_size}, got {msg.top_k}")
-    if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        raise InvalidRequestError(f"sampling.stop_token_ids has {len(msg.stop_token_ids)} ids; at most "
-                                  f"{MAX_STOP_TOKEN_IDS}")
-    bad = [t for t in msg.stop_token_ids if t >= vocab_size]
-    if bad:
-        raise InvalidRequestError(f"sampling.stop_token_ids {bad[:5]} are outside the vocabulary (size {vocab_size})")
-    if len(msg.stop) > MAX_STOP_STRINGS:
-        raise InvalidRequestError(f"sampling.stop has {len(msg.stop)} strings; at most {MAX_STOP_STRINGS}")
-    if any(not s or len(s) > MAX_STOP_LENGTH for s in msg.stop):
-        raise InvalidRequestError(f"sampling.stop strings must be 1..{MAX_STOP_LENGTH} characters")
-    if msg.HasField("seed") and msg.seed >= 2**63:
-        raise InvalidRequestError("sampling.seed must be < 2^63")
-    return Sampling(
-        max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=top_p, top_k=msg.top_k,
-        seed=msg.seed if msg.HasField("seed") else None, stop_token_ids=tuple(msg.stop_token_ids),
+def sampling_from_proto(msg: inference_pb2.SamplingParams, vocab_size: int) -> SamplingParams:
+    """The request's sampling fields, checked against the model's vocabulary (InvalidRequestError)."""
+    params = SamplingParams(
+        max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        top_k=msg.top_k, seed=msg.seed if msg.HasField("seed") else None, stop_token_ids=tuple(msg.stop_token_ids),
         stop=tuple(msg.stop), ignore_eos=msg.ignore_eos,
+    )
+    return params.check(vocab_size, name=lambda field: f"sampling.{field}")
+
+
+def sampling_to_proto(params: SamplingParams) -> inference_pb2.SamplingParams:
+    return inference_pb2.SamplingParams(
+        max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        seed=params.seed, stop_token_ids=params.stop_token_ids, stop=params.stop, ignore_eos=params.ignore_eos,
     )
 
 

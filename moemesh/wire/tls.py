@@ -66,7 +66,10 @@ class TLSFiles:
 
 def add_port(server, address: str, tls: TLSFiles | None) -> int:
     """Bind ``address`` with or without TLS; an OSError naming the address when it cannot."""
-    bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+    except RuntimeError as exc:  # newer grpc raises where older returned 0
+        raise OSError(f"could not bind {address}: {exc}; is the port in use?") from None
     if bound == 0:
         raise OSError(f"could not bind {address}: is the port in use?")
     return bound

@@ -10,8 +10,8 @@ import pytest
 
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.engine_loop import EngineLoop
-from moemesh.attn_node.sequence import SamplingParams
-from moemesh.attn_node.service import AttentionService, create_server
+from moemesh.sampling import SamplingParams
+from moemesh.attn_node.service import AttentionService, attention_server
 from moemesh.launch.embedded import build_local
 from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
@@ -29,7 +29,7 @@ class _Served:
         self.server, self.port, _ = asyncio.run_coroutine_threadsafe(self._start(service), self.loop).result()
 
     async def _start(self, service):
-        server, port, health = create_server(service)
+        server, port, health = attention_server(service)
         await server.start()
         return server, port, health
 

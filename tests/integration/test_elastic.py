@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from moemesh.attn_node.sequence import SamplingParams
+from moemesh.sampling import SamplingParams
 from moemesh.launch.embedded import build_local
 from moemesh.router import MeshClient
 from moemesh.model.tiny import write_tiny_checkpoint

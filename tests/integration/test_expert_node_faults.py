@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from moemesh.attn_node.engine import EngineConfig
-from moemesh.attn_node.sequence import SamplingParams
+from moemesh.sampling import SamplingParams
 from moemesh.wire.codec import from_proto, to_proto
 from moemesh.model.config import ModelConfig
 from moemesh.expert_backend import ExpertBackendError
@@ -373,7 +373,7 @@ def test_sigkill_without_replica_fails_the_step_naming_the_experts(nodes, model_
         assert elapsed < timeout_s + 5, f"took {elapsed:.1f}s"
         assert len(failed) == len(prompts) and not mesh.engine.has_unfinished()
         assert all(ev.token_id is None and ev.finished for ev in failed)
-        message = failed[0].error
+        message = str(failed[0].error)
         assert "no live expert node hosts" in message
         named = re.findall(r"layer (\d+): experts ([\d,\-]+)", message)
         assert named, message

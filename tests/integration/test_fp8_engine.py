@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moemesh.attn_node.engine import EngineConfig
-from moemesh.attn_node.sequence import SamplingParams
+from moemesh.sampling import SamplingParams
 from moemesh.model.checkpoint import write_dequantized, write_fp8_twin
 from moemesh.launch.embedded import build_local
 from moemesh.model.tiny import write_tiny_checkpoint

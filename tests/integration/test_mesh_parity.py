@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moemesh.attn_node.engine import EngineConfig
-from moemesh.attn_node.sequence import SamplingParams
+from moemesh.sampling import SamplingParams
 from moemesh.launch.embedded import build_local, build_remote
 from tests.oracle.hf_models import save_hf_model
 

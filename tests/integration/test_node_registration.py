@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from moemesh.attn_node.engine import EngineConfig
-from moemesh.attn_node.sequence import SamplingParams
+from moemesh.sampling import SamplingParams
 from moemesh.control.etcd import Keys, Registry
 from moemesh.launch.etcd_server import EtcdServer, free_port
 from moemesh.launch.embedded import build_local

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.attn_node.engine_loop import EngineLoop
-from moemesh.attn_node.service import AttentionService, create_server
+from moemesh.attn_node.service import AttentionService, attention_server
 from moemesh.control.etcd import Registry
 from moemesh.launch.etcd_server import free_port
 from moemesh.launch.embedded import build_local
@@ -63,7 +63,7 @@ class AttnNode:
         self.stub = attention_pb2_grpc.AttentionNodeStub(self.channel)
 
     async def _serve(self, servicer):
-        server, port, _ = create_server(servicer)
+        server, port, _ = attention_server(servicer)
         await server.start()
         return server, port
 

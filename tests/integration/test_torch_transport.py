@@ -24,11 +24,11 @@ import torch
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from moemesh.attn_node.engine import EngineConfig
-from moemesh.attn_node.sequence import SamplingParams
+from moemesh.sampling import SamplingParams
 from moemesh.attn_node.torch_link import PairFailure, TorchLink
 from moemesh.model.config import ModelConfig
 from moemesh.expert_node.loader import load_expert_shard
-from moemesh.expert_node.server import DispatchService, create_server
+from moemesh.expert_node.server import DispatchService, dispatch_server
 from moemesh.expert_node.torch_server import attach
 from moemesh.launch.embedded import build_local, build_remote
 from tests.oracle.hf_models import save_hf_model
@@ -183,7 +183,7 @@ class _InProcessExpert:
         self.server, self.port, self.torch = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result()
 
     async def _start(self):
-        server, port, health = create_server(self.dispatch)
+        server, port, health = dispatch_server(self.dispatch)
         torch_service = attach(server, lambda: self.dispatch, "127.0.0.1")
         await server.start()
         await health.set("", 1)  # SERVING

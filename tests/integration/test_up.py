@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from moemesh.router import MeshClient, MeshError
+from moemesh.sampling import SamplingParams
 from tests.oracle.hf_models import save_hf_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -80,8 +81,10 @@ def test_status_lists_every_node_and_the_placement(mesh):
 def test_invalid_request_is_invalid_argument_and_the_router_stays_up(mesh):
     _, _, ready = mesh
     with MeshClient(ready["router"]) as client:
-        with pytest.raises(MeshError) as exc:
+        with pytest.raises(ValueError, match="top_p"):  # the SDK checks the sampling fields before sending
             client.generate(prompt_ids=[1, 2], max_tokens=16, top_p=1.5)
+        with pytest.raises(MeshError) as exc:  # params= is sent as given: the router checks it again
+            client.generate(prompt_ids=[1, 2], params=SamplingParams(max_tokens=16, top_p=1.5))
         assert exc.value.status == "INVALID_ARGUMENT" and "top_p" in exc.value.details
         assert client.generate(prompt_ids=[1, 2], max_tokens=2, temperature=0.0).token_ids
 

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from moemesh.attn_node.engine import EngineConfig  # noqa: E402
-from moemesh.attn_node.sequence import SamplingParams  # noqa: E402
+from moemesh.sampling import SamplingParams  # noqa: E402
 from moemesh.launch.embedded import build_local  # noqa: E402
 from moemesh.model.tiny import write_tiny_checkpoint  # noqa: E402
 

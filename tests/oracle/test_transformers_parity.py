@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moemesh.attn_node.engine import EngineConfig
-from moemesh.attn_node.sequence import SamplingParams
+from moemesh.sampling import SamplingParams
 from moemesh.launch.embedded import build_local
 
 from .hf_models import CONFIGS, save_hf_model

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from moemesh.attn_node.block_manager import BlockManager
-from moemesh.attn_node.sequence import SamplingParams, Sequence
+from moemesh.attn_node.sequence import Sequence
+from moemesh.sampling import SamplingParams
 
 
 def make_seq(name: str = "s", prompt_len: int = 1) -> Sequence:

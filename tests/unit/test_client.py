@@ -17,7 +17,9 @@ import pytest
 
 from moemesh.router import AsyncMeshClient, GenerateResult, MeshClient, MeshError, TokenChunk
 from moemesh.router.client import ModelInfo, Usage
+from moemesh.sampling import SamplingParams
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
+from moemesh.wire.requests import sampling_from_proto
 from tests.tls_certs import CLIENT, openssl_certs
 
 Code = grpc.StatusCode
@@ -147,6 +149,18 @@ def test_prompt_ids_defaults_and_no_token(fake):
     assert list(req.token_ids.ids) == [5, 6, 7] and req.request_id == "mine" and res.request_id == "mine"
     s = req.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.HasField("seed")) == (16, 1.0, 1.0, 0, False)
+
+
+def test_params_is_sent_as_given_and_never_with_keywords(fake):
+    params = SamplingParams(max_tokens=3, temperature=0.5, top_p=0.5, top_k=2, seed=1, stop=("x",))
+    with MeshClient(fake.address) as mesh:
+        mesh.generate(prompt_ids=[1], params=params)
+        with pytest.raises(ValueError, match="not both"):
+            mesh.generate(prompt_ids=[1], params=params, max_tokens=2)
+        with pytest.raises(ValueError, match="top_p must be in"):
+            mesh.generate(prompt_ids=[1], top_p=1.5)
+    [(_, req, _)] = fake.calls
+    assert sampling_from_proto(req.sampling, vocab_size=10) == params
 
 
 def test_arguments_checked_before_sending(fake, tmp_path):

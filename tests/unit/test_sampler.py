@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moemesh.attn_node.sampler import sample, skip_draws
-from moemesh.attn_node.sequence import SamplingParams
+from moemesh.sampling import SamplingParams
 
 
 def gen(seed: int) -> torch.Generator:

@@ -8,7 +8,8 @@ import pytest
 
 from moemesh.attn_node.block_manager import BlockManager
 from moemesh.attn_node.scheduler import SampledToken, Scheduler, SchedulerConfig, finish_reason
-from moemesh.attn_node.sequence import SamplingParams, Sequence, Status
+from moemesh.attn_node.sequence import Sequence, Status
+from moemesh.sampling import SamplingParams
 
 _arrivals = itertools.count()
 

@@ -1,0 +1,59 @@
+"""``create_server(...) -> (server, port, health)``: every moemesh gRPC server, built one way.
+
+One table of server options (message sizes per role, keepalive), health (NOT_SERVING until the
+role says otherwise) and reflection on every server, the bind with or without TLS, and the
+:mod:`moemesh.wire.status` interceptor (undecodable requests and domain errors as status codes).
+Roles add their servicers through ``add``, a function of the server; port 0 binds a free port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moemesh.wire.status import StatusInterceptor, SyncStatusInterceptor
+from moemesh.wire.tls import TLSFiles, add_port
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# The largest message each role's server takes and sends: routers see prompts and tokens; attention
+# nodes the same plus resumes; expert nodes whole hidden-state batches (one prefill chunk of rows).
+MAX_MESSAGE_BYTES = {"router": 16 << 20, "attn": 64 << 20, "expert": 256 << 20, "control": 4 << 20}
+# Servers accept keepalive pings from clients every 20 s even without calls, and ping back.
+KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+
+
+def server_options(role: str) -> list[tuple[str, int]]:
+    size = MAX_MESSAGE_BYTES[role]
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size), *KEEPALIVE_OPTIONS]
+
+
+def create_server(role: str, add: Callable[[grpc.Server], None], services: Sequence[str], host: str = "127.0.0.1",
+                  port: int = 0, *, tls: TLSFiles | None = None, interceptors: Sequence = (), aio: bool = True,
+                  max_workers: int = 4):
+    """A server with ``add``'s servicers, health and reflection, bound to ``host:port``; ``(server, port, health)``.
+
+    ``services``: the full names ``add`` registers (reflection lists them, health reports on them).
+    ``interceptors`` run before the status interceptor (e.g. the router's bearer-token check).
+    ``aio=False`` builds a thread-pool ``grpc.server`` of ``max_workers`` threads instead of grpc.aio.
+    """
+    options = server_options(role)
+    if aio:
+        server = grpc.aio.server(options=options, interceptors=[*interceptors, StatusInterceptor()])
+        health_servicer = health.aio.HealthServicer()
+    else:
+        pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{role}-grpc")
+        server = grpc.server(pool, options=options, interceptors=[*interceptors, SyncStatusInterceptor()])
+        health_servicer = health.HealthServicer()
+    add(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*services, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    return server, add_port(server, f"{host}:{port}", tls), health_servicer
