@@ -15,6 +15,7 @@ import asyncio
 import json
 import signal
 import time
+from dataclasses import replace
 
 from grpc_health.v1 import health_pb2
 
@@ -22,6 +23,7 @@ from moemesh.model.checkpoint import checkpoint_fingerprint
 from moemesh.control.cluster_view import ClusterView
 from moemesh.model.config import ModelConfig
 from moemesh.control.etcd import Registry
+from moemesh.control.records import Capacity, NodeRecord
 from moemesh.wire.health_port import start_health_port
 from moemesh.kernels.ops import select_ops
 from moemesh.logs import get_logger
@@ -74,9 +76,9 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     await set_health(NOT_SERVING)
     node_id = node_id or default_node_id("attn", bound)
     blocks = engine_loop.engine.blocks
-    record = {"address": advertise_address(host, bound, advertise), "status": "loading", "experts": {},
-              "tls": tls is not None,
-              "capacity": {"kv_cache_tokens": blocks.capacity_tokens, "max_num_seqs": engine_config.max_num_seqs}}
+    record = NodeRecord(node_id, "attn", advertise_address(host, bound, advertise), "loading", experts={},
+                        tls=tls is not None, capacity=Capacity(kv_cache_tokens=blocks.capacity_tokens,
+                                                               max_num_seqs=engine_config.max_num_seqs))
 
     async def became_ready() -> None:
         await set_health(SERVING)
@@ -90,18 +92,15 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
         await became_ready()
     if etcd is not None:
         reg = await Registry.connect(etcd, cluster)
-        if static is not None:
-            record["status"] = "ready"
-        await reg.register("attn", node_id, record)
+        await reg.register(record if static is None else replace(record, status="ready"))
         follower = asyncio.create_task(BackendFollower(
-            reg, cfg, backend, record, dispatch_timeout_s, became_ready, tls, transport, checkpoint).run())
+            reg, cfg, backend, dispatch_timeout_s, became_ready, tls, transport, checkpoint).run())
     await stop.wait()
 
     log.info("draining", running=engine_loop.num_running(), waiting=engine_loop.num_waiting())
     await set_health(NOT_SERVING)
     if reg is not None:
-        record["status"] = "draining"
-        await reg.update(record)
+        await reg.update(status="draining")
     await server.stop(grace=drain_timeout_s)  # in-flight Generate streams finish; new calls are refused
     if follower is not None:
         follower.cancel()
@@ -124,8 +123,8 @@ class BackendFollower:
     re-dials the same placement itself once the link has been down for REDIAL_AFTER_S.
     """
 
-    def __init__(self, reg, cfg, backend, record, dispatch_timeout_s, became_ready, tls, transport, checkpoint):
-        self.reg, self.cfg, self.backend, self.record = reg, cfg, backend, record
+    def __init__(self, reg, cfg, backend, dispatch_timeout_s, became_ready, tls, transport, checkpoint):
+        self.reg, self.cfg, self.backend = reg, cfg, backend
         self.dispatch_timeout_s, self.became_ready, self.tls = dispatch_timeout_s, became_ready, tls
         self.transport, self.checkpoint = transport, checkpoint
         self.view = ClusterView()
@@ -196,8 +195,7 @@ class BackendFollower:
 
     async def _serve(self, placement: Placement, event: str) -> None:
         self.serving = placement
-        self.record.update(status="ready", placement_version=placement.version)
-        await self.reg.update(self.record)
+        await self.reg.update(status="ready", placement_version=placement.version)
         log.info(event, version=placement.version, nodes=list(placement.nodes))
 
 

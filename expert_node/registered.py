@@ -29,6 +29,7 @@ from moemesh.model.checkpoint import checkpoint_fingerprint
 from moemesh.control.cluster_view import ClusterView
 from moemesh.model.config import ModelConfig
 from moemesh.control.etcd import Registry
+from moemesh.control.records import Capacity, NodeRecord
 from moemesh.wire.health_port import start_health_port
 from moemesh.logs import get_logger
 from moemesh.control.node_ids import advertise_address, default_node_id
@@ -69,22 +70,19 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
         await health.set(name, NOT_SERVING)
     node_id = node_id or default_node_id("expert", bound)
     reg = await Registry.connect(etcd, cluster)
-    record = {
-        "address": advertise_address(host, bound, advertise), "status": "loading", "experts": {},
-        "tls": tls is not None,
-        "capacity": {"slots": slots or cfg.n_routed_experts, "moe_layers": list(cfg.moe_layers),
-                     "n_routed_experts": cfg.n_routed_experts, "checkpoint": checkpoint},
-    }
-    if torch_transport is not None:
-        record["torch_store"] = torch_transport.store_address  # the rendezvous: where pair groups meet
-    await reg.register("expert", node_id, record)
-    log.info("registered", node_id=node_id, address=record["address"], etcd=etcd)
-    node = ShardFollower(reg, node_id, record, shard, service, model_dir, cfg, dtype, health)
+    record = NodeRecord(
+        node_id, "expert", advertise_address(host, bound, advertise), "loading", experts={}, tls=tls is not None,
+        capacity=Capacity(moe_layers=tuple(cfg.moe_layers), n_routed_experts=cfg.n_routed_experts,
+                          slots=slots or cfg.n_routed_experts, checkpoint=checkpoint),
+        # The rendezvous: where torch pair groups meet.
+        torch_store=None if torch_transport is None else torch_transport.store_address)
+    await reg.register(record)
+    log.info("registered", node_id=node_id, address=record.address, etcd=etcd)
+    node = ShardFollower(reg, node_id, shard, service, model_dir, cfg, dtype, health)
     watcher = asyncio.create_task(node.follow())
     await stop.wait()
     log.info("draining", in_flight=service.in_flight)
-    record["status"] = "draining"
-    await reg.update(record)
+    await reg.update(status="draining")
     try:
         await asyncio.wait_for(node.planned_away.wait(), drain_timeout_s)
         log.info("planned_away", placement_version=node.view.placement_version)
@@ -100,8 +98,8 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
 class ShardFollower:
     """Watches the cluster and applies placement versions to the shard in two phases (module docstring)."""
 
-    def __init__(self, reg, node_id, record, shard, service, model_dir, cfg, dtype, health):
-        self.reg, self.node_id, self.record = reg, node_id, record
+    def __init__(self, reg, node_id, shard, service, model_dir, cfg, dtype, health):
+        self.reg, self.node_id = reg, node_id
         self.shard, self.service, self.model_dir, self.cfg, self.dtype = shard, service, model_dir, cfg, dtype
         self.health = health
         self.view = ClusterView()
@@ -122,7 +120,7 @@ class ShardFollower:
                 self.failures += 1
                 self.retry_at = time.monotonic() + min(0.5 * 2 ** self.failures, 10.0)
                 log.exception("placement_apply_failed", failures=self.failures)
-                if self.failures == FAILURES_BEFORE_FAILED and self.record["status"] != "draining":
+                if self.failures == FAILURES_BEFORE_FAILED and not self.draining:
                     # The leader plans around a failed node instead of waiting for it forever.
                     await self._publish(status="failed", error=str(exc)[:500])
 
@@ -147,13 +145,12 @@ class ShardFollower:
         if add:
             await self._on_loader(load_experts, self.shard, self.model_dir, self.cfg, add, self.dtype, False)
         self.loaded_version = self.service.placement_version = version
-        self.record.pop("error", None)
-        await self._publish(status="ready" if self.record["status"] != "draining" else "draining")
+        await self._publish(status="draining" if self.draining else "ready", error=None)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, SERVING)
         if not self._announced:
             self._announced = True
-            print(json.dumps({"event": "ready", "port": int(self.record["address"].rsplit(":", 1)[1]),
+            print(json.dumps({"event": "ready", "port": int(self.reg.record.address.rsplit(":", 1)[1]),
                               "node_id": self.node_id}), flush=True)
 
     async def _drop_unassigned(self) -> None:
@@ -169,19 +166,22 @@ class ShardFollower:
         log.info("placement_dropping", version=version, drop=sum(map(len, drop.values())))
         # Publish the smaller set first: nobody may read "hosted" from the record while the drop runs.
         keep = {layer: [e for e in ids if e not in drop.get(layer, [])] for layer, ids in self.shard.hosted().items()}
-        await self._publish(experts={str(layer): ids for layer, ids in keep.items() if ids})
+        await self._publish(experts={layer: tuple(ids) for layer, ids in keep.items() if ids})
         await self._on_loader(_drop, self.shard, drop)
         await self._publish()
 
     async def _publish(self, **fields) -> None:
-        fields.setdefault("experts", {str(layer): ids for layer, ids in self.shard.hosted().items()})
-        self.record.update(fields, placement_version=self.loaded_version)
-        await self.reg.update(self.record)
+        fields.setdefault("experts", {layer: tuple(ids) for layer, ids in self.shard.hosted().items()})
+        await self.reg.update(**fields, placement_version=self.loaded_version)
+
+    @property
+    def draining(self) -> bool:
+        return self.reg.record.status == "draining"
 
     def _check_planned_away(self) -> None:
         """While draining: done when no placement names this node and attention nodes have moved on, or when no
         re-plan can come (no leader, or no other live expert node to take over)."""
-        if self.record["status"] != "draining" or self.planned_away.is_set():
+        if not self.draining or self.planned_away.is_set():
             return
         others = [r for r in self.view.records("expert")
                   if r.id != self.node_id and r.status not in ("draining", "failed")]

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from moemesh.control.records import NodeRecord
+
 T = TypeVar("T")
 
 # Polls bound hangs, they do not measure speed: generous, so a loaded 2-core box never trips them.
@@ -97,3 +99,8 @@ def wait_stopped(pid: int, timeout_s: float = DEADLINE_S) -> None:
         time.sleep(0.5)
         return
     eventually(lambda: process_stopped(pid), timeout_s, f"process {pid} stopped after SIGSTOP")
+
+
+def node_record(role: str, node_id: str, fields: dict):
+    """A typed node record from its JSON fields (what a role registers), for registry tests."""
+    return NodeRecord.from_json({**fields, "id": node_id, "role": role})

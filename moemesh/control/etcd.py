@@ -11,7 +11,7 @@ Keys (all under ``/moemesh/<cluster>/``, values are JSON)::
     leader                   router leader: the leader's id as a JSON string, bound to its lease
     placement                expert placement, written by the leader with put_if_version (no lease)
 
-Node record (``role`` and ``id`` are filled from ``register()``'s arguments)::
+Node record (a :class:`NodeRecord` given to ``register()``, changed by ``update(**fields)``)::
 
     {"id": "expert-0", "role": "attn" | "expert", "address": "HOST:PORT",
      "status": "loading" | "ready" | "draining" | "failed",
@@ -46,9 +46,11 @@ One-shot calls (get, list, put_if_version, campaign, leader, ...) have deadlines
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, AsyncIterator, Literal
 
 import aetcd
@@ -118,7 +120,12 @@ class LeaseInfo:
 @dataclass
 class _Registration:
     key: str
-    record: dict
+    record: NodeRecord
+
+
+def _checked(record: Mapping[str, Any]) -> NodeRecord:
+    """A node record about to be written, checked as every reader will check it."""
+    return NodeRecord.from_json(dict(record))
 
 
 # ---- the registry --------------------------------------------------------------
@@ -171,25 +178,35 @@ class Registry:
         return reg
 
     # ---- node registration -------------------------------------------------------
-    async def register(self, role: str, node_id: str, record: dict) -> bool:
-        """Write this node's record under ``nodes/<role>/<node_id>``, bound to the lease, and keep it there.
+    async def register(self, record: NodeRecord) -> bool:
+        """Write this node's record under ``nodes/<role>/<id>``, bound to the lease, and keep it there.
 
         Returns True when written now; False when etcd did not answer (the background task keeps
-        trying; it never raises into the caller). ``id`` and ``role`` are filled in.
+        trying; it never raises into the caller).
         """
-        key = self.keys.node(role, node_id)
-        record = NodeRecord.from_json({**record, "id": node_id, "role": role}).to_json()
+        record = _checked(record.to_json())
+        key = self.keys.node(record.role, record.id)
         if self._registration is not None and self._registration.key != key:
             raise ValueError(f"this Registry already registered {self._registration.key}; use one per node")
         self._registration = _Registration(key, record)
         return await self._write_record("register")
 
-    async def update(self, record: dict) -> bool:
-        """Rewrite the node record (same key, same lease); True if written now, else written later."""
+    @property
+    def record(self) -> NodeRecord | None:
+        """This node's record as last written (or about to be), None before :meth:`register`."""
+        return None if self._registration is None else self._registration.record
+
+    async def update(self, **changes: Any) -> bool:
+        """Change fields of the node record (``status="draining"``, ``placement_version=3``, ``error=None``...)
+        and rewrite it (same key, same lease); True if written now, else written later.
+
+        The record lives here, so every part of the node that changes it (the serving loop, the placement
+        follower) changes the one record, and a change never undoes another's.
+        """
         if self._registration is None:
             raise RuntimeError("update() before register()")
-        role, node_id = self.keys.parse_node(self._registration.key)
-        self._registration.record = NodeRecord.from_json({**record, "id": node_id, "role": role}).to_json()
+        reg = self._registration
+        reg.record = _checked(dataclasses.replace(reg.record, **changes).to_json())
         return await self._write_record("update")
 
     async def deregister(self) -> None:
@@ -237,7 +254,7 @@ class Registry:
         """Under the lock, with a lease: write the record (if any)."""
         reg = self._registration
         if reg is not None:
-            await self._rpc(self._client.put(reg.key.encode(), _encode(reg.record), lease=self._lease),
+            await self._rpc(self._client.put(reg.key.encode(), _encode(reg.record.to_json()), lease=self._lease),
                             f"put {reg.key}")
         self._dirty = False
 

@@ -26,7 +26,7 @@ import pytest
 
 from moemesh.control.etcd import Registry, RegistryUnavailable
 from moemesh.launch.etcd_server import EtcdServer, find_etcd_binary, free_port
-from tests.helpers import DEADLINE_S, aeventually, wait_stopped
+from tests.helpers import DEADLINE_S, aeventually, node_record, wait_stopped
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def test_register_lease_and_close(etcd):
         reg = await Registry.connect(etcd.endpoint, cluster="reg", ttl_s=LEASE_TTL)
         other = await Registry.connect(etcd.endpoint, cluster="reg")
         key = reg.keys.node("expert", "e0")
-        assert await reg.register("expert", "e0", RECORD) is True
+        assert await reg.register(node_record("expert", "e0", RECORD)) is True
         entry = await other.get_entry(key)
         assert entry.value == {**RECORD, "id": "e0", "role": "expert"}
         assert entry.lease == reg.lease_id != 0
@@ -100,7 +100,7 @@ def test_register_lease_and_close(etcd):
 
         await asyncio.sleep(LEASE_TTL * 1.5)  # the thing under test: the keep-alive holds it past the TTL
         assert (await other.get_entry(key)).lease == entry.lease
-        assert await reg.update({**RECORD, "status": "draining"}) is True
+        assert await reg.update(status="draining") is True
         updated = await other.get_entry(key)
         assert updated.value["status"] == "draining" and updated.lease == entry.lease
         assert reg.registered and reg.lease_grants == 1
@@ -110,7 +110,7 @@ def test_register_lease_and_close(etcd):
         assert (await other.lease_info(entry.lease)).ttl == -1
 
         reg2 = await Registry.connect(etcd.endpoint, cluster="reg", ttl_s=LEASE_TTL)
-        await reg2.register("attn", "a0", RECORD)
+        await reg2.register(node_record("attn", "a0", RECORD))
         assert await other.list(other.keys.nodes()) == {other.keys.node("attn", "a0"): {**RECORD, "id": "a0",
                                                                                           "role": "attn"}}
         await reg2.deregister()
@@ -124,11 +124,12 @@ REGISTRANT = """
 import asyncio, sys
 from moemesh import logs
 from moemesh.control.etcd import Registry
+from moemesh.control.records import NodeRecord
 logs.configure()  # JSON lines on stderr
 
 async def main():
     reg = await Registry.connect(sys.argv[1], cluster="proc", ttl_s=float(sys.argv[2]))
-    assert await reg.register("expert", "child", {"address": "127.0.0.1:1", "status": "ready"})
+    assert await reg.register(NodeRecord("child", "expert", "127.0.0.1:1", "ready"))
     print("registered", flush=True)
     await asyncio.sleep(3600)
 
@@ -189,7 +190,7 @@ def test_etcd_restart_and_outage(own_etcd):
         node = await Registry.connect(etcd.endpoint, cluster="rs", ttl_s=TTL, timeout_s=1.0)
         observer = await Registry.connect(etcd.endpoint, cluster="rs", timeout_s=1.0)
         key = node.keys.node("expert", "e0")
-        assert await node.register("expert", "e0", RECORD)
+        assert await node.register(node_record("expert", "e0", RECORD))
         watcher = Watcher(observer, observer.keys.nodes())
         await watcher.wait(lambda e: e.key == key and e.snapshot, 2.0, "first snapshot")
 
@@ -213,7 +214,7 @@ def test_etcd_restart_and_outage(own_etcd):
         with pytest.raises(RegistryUnavailable, match=etcd.endpoint):
             await observer.get(key)
         assert time.monotonic() - t0 < 1.0 + SCHED_SLACK_S
-        assert await node.update({**RECORD, "status": "draining"}) is False  # written once etcd is back
+        assert await node.update(status="draining") is False  # written once etcd is back
         await asyncio.sleep(TTL + 1)  # the thing under test: an outage longer than the TTL
         await asyncio.to_thread(etcd.start)
         await seen_again("snapshot after an outage longer than the TTL")
@@ -246,7 +247,7 @@ def test_revoked_lease_reregisters(etcd):
         node = await Registry.connect(etcd.endpoint, cluster="revoke", ttl_s=LEASE_TTL)
         observer = await Registry.connect(etcd.endpoint, cluster="revoke")
         key = node.keys.node("attn", "a0")
-        await node.register("attn", "a0", RECORD)
+        await node.register(node_record("attn", "a0", RECORD))
         watcher = Watcher(observer, observer.keys.nodes())
         await watcher.wait(lambda e: e.snapshot, 2.0, "snapshot")
         old = node.lease_id
@@ -286,7 +287,7 @@ def test_unavailable_fails_fast(own_etcd):
                     await call()
                 assert time.monotonic() - t0 < 0.5 + SCHED_SLACK_S
             t0 = time.monotonic()
-            assert await reg.register("expert", "e0", RECORD) is False  # deferred, not raised
+            assert await reg.register(node_record("expert", "e0", RECORD)) is False  # deferred, not raised
             assert time.monotonic() - t0 < 2 * 0.5 + SCHED_SLACK_S  # may wait for the keep-alive's own attempt
         finally:
             own_etcd.proc.send_signal(signal.SIGCONT)
@@ -312,12 +313,12 @@ def test_watch_batches_group_events_and_tick_when_quiet(etcd):
     async def main():
         a = await Registry.connect(etcd.endpoint, cluster="batches", ttl_s=LEASE_TTL)
         k = a.keys
-        await a.register("expert", "e0", RECORD)
+        await a.register(node_record("expert", "e0", RECORD))
         batches = a.watch_batches(k.nodes(), 0.2)
         first = await batches.__anext__()  # the snapshot
         assert [(e.key, e.snapshot) for e in first] == [(k.node("expert", "e0"), True)]
         assert await batches.__anext__() == []  # nothing for 0.2 s: an empty batch, so followers re-check
-        await a.update({**RECORD, "status": "draining"})
+        await a.update(status="draining")
         got = await batches.__anext__()
         assert [(e.kind, e.value["status"]) for e in got] == [("put", "draining")]
         await batches.aclose()
@@ -330,11 +331,11 @@ def test_watch_prefix_snapshot_then_events(etcd):
         a = await Registry.connect(etcd.endpoint, cluster="watch", ttl_s=LEASE_TTL)
         b = await Registry.connect(etcd.endpoint, cluster="watch", ttl_s=LEASE_TTL)
         k = a.keys
-        await a.register("expert", "e0", RECORD)
+        await a.register(node_record("expert", "e0", RECORD))
         watcher = Watcher(b, k.nodes())
         await watcher.wait(lambda e: e.snapshot, 2.0, "snapshot")
-        await b.register("attn", "a0", RECORD)
-        await a.update({**RECORD, "status": "draining"})
+        await b.register(node_record("attn", "a0", RECORD))
+        await a.update(status="draining")
         await b.put_if_version(k.placement(), {"version": 1, "layers": {}}, 0)  # outside the prefix
         await a.deregister()
         await watcher.wait(lambda e: e.kind == "delete", 2.0, "delete")

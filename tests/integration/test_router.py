@@ -25,7 +25,7 @@ from moemesh.router.auth import TLSFiles
 from moemesh.router.server import Router
 from moemesh.router.cluster import PlacementPolicy
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2, inference_pb2_grpc
-from tests.helpers import DEADLINE_S, eventually  # noqa: F401 (eventually: test_router_control)
+from tests.helpers import DEADLINE_S, eventually, node_record  # noqa: F401 (eventually: test_router_control)
 from tests.tls_certs import CLIENT, SERVER, openssl_certs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -69,7 +69,7 @@ class AttnNode:
 
     async def _register(self, etcd, cluster):
         reg = await Registry.connect(etcd, cluster, ttl_s=TTL)
-        await reg.register("attn", self.node_id, {"address": self.address, "status": "ready"})
+        await reg.register(node_record("attn", self.node_id, {"address": self.address, "status": "ready"}))
         return reg
 
     def stop_server(self):
@@ -254,7 +254,7 @@ def test_failover_before_the_first_token(bg, etcd, router, nodes, code):
     fake = FakeNode(code)
     flaky = AttnNode(bg, etcd.endpoint, "attn-00-flaky", fake)
     dead_reg = bg.run(Registry.connect(etcd.endpoint, CLUSTER, ttl_s=TTL))  # a ready record, nothing listening
-    bg.run(dead_reg.register("attn", "attn-000-dead", {"address": f"127.0.0.1:{free_port()}", "status": "ready"}))
+    bg.run(dead_reg.register(node_record("attn", "attn-000-dead", {"address": f"127.0.0.1:{free_port()}", "status": "ready"})))
     try:
         eventually(lambda: len(router.view.ready_attention_nodes()) == 4, DEADLINE_S, "router sees the extra records")
         want = collect(nodes[0].stub, request(ids=[0, 5, 9], max_tokens=6, ignore_eos=True))[0]
@@ -295,7 +295,7 @@ def test_node_failing_mid_stream_is_resumed_on_another_without_gap_or_duplicate(
     assert len(want) > 5, want
 
     async def mark_draining():
-        await dying.registry.update({"address": dying.address, "status": "draining"})
+        await dying.registry.update(status="draining")
         for _ in range(250):
             record = router.view.node("attn", "attn-00-dying")
             if record is not None and record.status == "draining":

@@ -12,7 +12,7 @@ import pytest
 from moemesh.control.etcd import Registry
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
-from tests.helpers import DEADLINE_S, eventually
+from tests.helpers import DEADLINE_S, eventually, node_record
 
 from .test_router import TTL, bg, start_router  # noqa: F401 (bg: a fixture)
 
@@ -47,8 +47,8 @@ def test_leader_places_every_expert_and_republishes_without_a_gone_node(bg, etcd
     experts = []
     for i in range(2):
         reg = bg.run(Registry.connect(etcd.endpoint, cluster, ttl_s=TTL))
-        bg.run(reg.register("expert", f"expert-{i}", {"address": f"127.0.0.1:{7000 + i}", "status": "loading",
-                                                      "capacity": capacity}))
+        bg.run(reg.register(node_record("expert", f"expert-{i}", {"address": f"127.0.0.1:{7000 + i}",
+                                                                  "status": "loading", "capacity": capacity})))
         experts.append(reg)
     r = start_router(bg, etcd, cluster, router_id="router-p")
     channel = grpc.insecure_channel(f"127.0.0.1:{r.port}")
@@ -60,8 +60,7 @@ def test_leader_places_every_expert_and_republishes_without_a_gone_node(bg, etcd
         for layer in ("1", "2"):
             assert sorted(placement["layers"][layer], key=int) == [str(e) for e in range(8)]
             assert all(sorted(ids) == ["expert-0", "expert-1"] for ids in placement["layers"][layer].values())
-        bg.run(experts[0].update({"address": "127.0.0.1:7000", "status": "ready", "capacity": capacity,
-                                  "experts": {"1": [0, 1], "2": [0, 1]}}))
+        bg.run(experts[0].update(status="ready", experts={1: (0, 1), 2: (0, 1)}))
         eventually(lambda: r.view.placement_version == 1, DEADLINE_S, "the router's view has the placement")
 
         def status_ready():
