@@ -37,10 +37,10 @@ from .engine import Engine, EngineConfig
 from .engine_loop import EngineLoop
 from .load_stats import LoadStats
 from .loader import load_transformer
-from .remote_backend import RemoteExpertBackend
+from .experts.remote_backend import RemoteExpertBackend
 from .service import SERVICE_NAME, AttentionService, attention_server
-from .switchable_backend import SwitchableBackend
-from .torch_link import links_for
+from .experts.switchable_backend import SwitchableBackend
+from .experts.torch_link import links_for
 
 log = get_logger("moemesh.attn_node.serve")
 CONNECT_TIMEOUT_S = 5.0  # a placement's expert nodes are ready by their records: they answer fast

@@ -21,8 +21,8 @@ from dataclasses import replace
 
 import torch
 
-from moemesh.attn_node.remote_backend import NodeLink
-from moemesh.attn_node.torch_link import TorchLink
+from moemesh.attn_node.experts.remote_backend import NodeLink
+from moemesh.attn_node.experts.torch_link import TorchLink
 from moemesh.sampling import SamplingParams
 from moemesh.wire.codec import to_proto
 from moemesh.cli.generate import engine_config

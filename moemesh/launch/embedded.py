@@ -20,8 +20,8 @@ import torch
 from moemesh.attn_node.attach import attach_experts
 from moemesh.attn_node.engine import Engine, EngineConfig
 from moemesh.attn_node.loader import load_transformer
-from moemesh.attn_node.remote_backend import RemoteExpertBackend
-from moemesh.attn_node.torch_link import links_for
+from moemesh.attn_node.experts.remote_backend import RemoteExpertBackend
+from moemesh.attn_node.experts.torch_link import links_for
 from moemesh.model.checkpoint import checkpoint_fingerprint
 from moemesh.model.config import ModelConfig
 from moemesh.expert_node.loader import load_expert_shard
@@ -85,7 +85,7 @@ def build_remote(
 ) -> EmbeddedMesh:
     """The attention side of a mesh: routed experts on expert nodes, given as [(HOST:PORT, SPEC)].
 
-    ``transport="torch"``: payloads over a torch.distributed group per node (attn_node/torch_link.py);
+    ``transport="torch"``: payloads over a torch.distributed group per node (attn_node/experts/torch_link.py);
     the groups form in the background, rows go over gRPC until they are up."""
     cfg = ModelConfig.from_dir(model_dir)
     torch_dtype = resolve_dtype(dtype, cfg)

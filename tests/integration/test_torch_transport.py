@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.sampling import SamplingParams
-from moemesh.attn_node.torch_link import PairFailure, TorchLink
+from moemesh.attn_node.experts.torch_link import PairFailure, TorchLink
 from moemesh.model.config import ModelConfig
 from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.server import DispatchService, dispatch_server
@@ -257,7 +257,7 @@ def test_bad_frame_ends_only_its_own_group(nodes, model_dir):
 
 ATTN_PEER = """
 import sys, torch
-from moemesh.attn_node.torch_link import TorchLink
+from moemesh.attn_node.experts.torch_link import TorchLink
 link = TorchLink(sys.argv[1], hidden_size=int(sys.argv[2]), timeout_s=30)
 assert link.wait_ready(30), link.pair.failure
 x, idx, w = torch.randn(4, int(sys.argv[2])), torch.zeros(4, 2, dtype=torch.int64), torch.full((4, 2), 0.5)

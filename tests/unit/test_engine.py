@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from moemesh.attn_node.attach import attach_experts
 from moemesh.attn_node.engine import Engine, EngineConfig
 from moemesh.attn_node.model import Transformer, hf_to_local_name
-from moemesh.attn_node.switchable_backend import SwitchableBackend
+from moemesh.attn_node.experts.switchable_backend import SwitchableBackend
 from moemesh.expert_backend import ExpertBackendError, StaticExpertBackend
 from moemesh.sampling import SamplingParams
 from moemesh.wire.status import status_for

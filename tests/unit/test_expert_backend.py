@@ -16,8 +16,8 @@ from moemesh.attn_node.attach import attach_experts
 from moemesh.attn_node.engine import Engine
 from moemesh.attn_node.load_stats import LoadStats
 from moemesh.attn_node.model import MoE, Transformer
-from moemesh.attn_node.remote_backend import RemoteExpertBackend
-from moemesh.attn_node.switchable_backend import SwitchableBackend
+from moemesh.attn_node.experts.remote_backend import RemoteExpertBackend
+from moemesh.attn_node.experts.switchable_backend import SwitchableBackend
 from moemesh.expert_backend import ExpertBackend, StaticExpertBackend, require_backend
 from moemesh.expert_node.local_backend import LocalExpertBackend
 from moemesh.model.config import ModelConfig

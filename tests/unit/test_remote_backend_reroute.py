@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.attn_node.remote_backend import RemoteExpertBackend
+from moemesh.attn_node.experts.remote_backend import RemoteExpertBackend
 from moemesh.model.config import ModelConfig
 from moemesh.control.placement import Placement
 from moemesh.model.tiny import write_tiny_checkpoint

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moemesh.attn_node.replica_routes import ExpertsUnavailable, ReplicaRoutes
+from moemesh.attn_node.experts.replica_routes import ExpertsUnavailable, ReplicaRoutes
 from moemesh.control.placement import Placement
 
 

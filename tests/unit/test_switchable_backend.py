@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from moemesh.attn_node.replica_routes import ExpertsUnavailable
-from moemesh.attn_node.switchable_backend import SwitchableBackend
+from moemesh.attn_node.experts.replica_routes import ExpertsUnavailable
+from moemesh.attn_node.experts.switchable_backend import SwitchableBackend
 from tests.helpers import eventually
 
 

@@ -159,7 +159,7 @@ class RemoteExpertBackend(StaticExpertBackend):
         placement.require_complete(cfg.moe_layers, cfg.n_routed_experts)
         self.cfg, self.placement, self.timeout_s = cfg, placement, timeout_s
         self.links: list[NodeLink] = []
-        # link_factory(address, connect_timeout_s, tls) -> a NodeLink-like link (attn_node/torch_link.py: torch_links)
+        # link_factory(address, connect_timeout_s, tls) -> a NodeLink-like link (attn_node/experts/torch_link.py: torch_links)
         make_link = link_factory or NodeLink
         try:
             for node, address in enumerate(placement.nodes):
