@@ -55,7 +55,7 @@ from typing import Any, AsyncIterator, Literal
 
 import aetcd
 
-from moemesh.errors import MoemeshError
+from moemesh.errors import MoemeshError, UnavailableError
 from moemesh.logs import get_logger
 
 log = get_logger("moemesh.control.etcd")
@@ -64,7 +64,7 @@ class RegistryError(MoemeshError):
     """etcd answered with an error."""
 
 
-class RegistryUnavailable(RegistryError):
+class RegistryUnavailable(RegistryError, UnavailableError):
     """etcd did not answer in time (down, unreachable, or hung)."""
 
 

@@ -17,7 +17,6 @@ import inspect
 
 import grpc
 
-from moemesh.control.etcd import RegistryUnavailable
 from moemesh.errors import (
     DeadlineExceededError, FailedPreconditionError, InvalidRequestError, MoemeshError, NotFoundError,
     ResourceExhaustedError, UnauthenticatedError, UnavailableError,
@@ -32,9 +31,8 @@ STATUS: dict[type[BaseException], grpc.StatusCode] = {
     ResourceExhaustedError: Code.RESOURCE_EXHAUSTED,
     FailedPreconditionError: Code.FAILED_PRECONDITION,
     UnauthenticatedError: Code.UNAUTHENTICATED,
-    UnavailableError: Code.UNAVAILABLE,
+    UnavailableError: Code.UNAVAILABLE,  # also RegistryUnavailable (etcd does not answer)
     ExpertBackendError: Code.UNAVAILABLE,  # routed experts unreachable: another attention node may do better
-    RegistryUnavailable: Code.UNAVAILABLE,
     DeadlineExceededError: Code.DEADLINE_EXCEEDED,
     MoemeshError: Code.INTERNAL,
 }
