@@ -115,7 +115,9 @@ def test_a_timed_out_wait_is_the_end_of_the_group(pair):
     buf = torch.zeros(p2p.HEADER_BYTES, dtype=torch.uint8)
     with pytest.raises(p2p.P2PError, match="reply"):
         p2p.wait(attn.recv([buf], p2p.EXPERT_RANK, p2p.TAG_REPLY), 0.2, what="waiting for a reply")
-    with pytest.raises(RuntimeError, match="closed"):  # the peer's next operation: refused at once, or failed
+    # The peer's next operation fails: refused at once ("closed") once it has seen the connection close, or,
+    # on a loaded machine where it has not noticed yet, by its own timeout. Either way the pair is over.
+    with pytest.raises(RuntimeError, match="closed|Timed out"):
         p2p.wait(expert.send([p2p.control_frame(p2p.KIND_PING)], p2p.ATTN_RANK, p2p.TAG_REPLY), 5)
 
 
