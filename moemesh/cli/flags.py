@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from moemesh.argtypes import positive_float, positive_int
+from moemesh.argtypes import positive_float, positive_int, seed
 from moemesh.errors import MoemeshError
 
 EXIT_USAGE = 2
@@ -60,6 +60,22 @@ def add_router_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", metavar="F", help="client certificate, for a router requiring mTLS")
     p.add_argument("--tls-key", metavar="F", help="client private key, for a router requiring mTLS")
     p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds for the whole call (default: 300)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, *, several_prompts: bool) -> None:
+    """The prompt and sampling flags of ``generate`` (several prompts) and ``query`` (one)."""
+    more = " (repeatable)" if several_prompts else ""
+    p.add_argument("--prompt", action=OrderedPrompts, metavar="TEXT", help="a text prompt" + more)
+    p.add_argument("--prompt-ids", action=OrderedPrompts, type=token_ids, metavar="IDS",
+                   help="a prompt as comma-separated token ids, e.g. 1,2,3" + more)
+    p.add_argument("--max-tokens", type=int, default=64,
+                   help=f"tokens to generate{' per prompt' if several_prompts else ''} at most (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0 = off)")
+    p.add_argument("--seed", type=seed, default=None,
+                   help="seed for sampling" + ("; prompt i uses seed + i" if several_prompts else ""))
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
 def add_node_args(p: argparse.ArgumentParser, role: str) -> None:

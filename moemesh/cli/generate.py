@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
-from moemesh.argtypes import positive_float, seed
+from moemesh.argtypes import positive_float
 from moemesh.cli import flags
 from moemesh.errors import InvalidRequestError
 from moemesh.sampling import SamplingParams, flag_name
@@ -28,15 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               "this process) as one continuously batched job. Without --json, text streams as it is "
                               "generated, prompt by prompt in order.")
     flags.add_model_arg(p, required=False)
-    p.add_argument("--prompt", action=flags.OrderedPrompts, metavar="TEXT", help="a text prompt (repeatable)")
-    p.add_argument("--prompt-ids", action=flags.OrderedPrompts, type=flags.token_ids, metavar="IDS",
-                   help="a prompt as comma-separated token ids, e.g. 1,2,3 (repeatable)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt at most (default: 64)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0 = off)")
-    p.add_argument("--seed", type=seed, default=None, help="seed for sampling; prompt i uses seed + i")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    flags.add_sampling_args(p, several_prompts=True)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt, in order, when done")
     p.add_argument("--expert-nodes", action="append", metavar="HOST:PORT=SPEC,...",
                    help="run only the attention side here and send routed experts to these expert nodes "

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 
-from moemesh.argtypes import seed
 from moemesh.cli import flags
 from moemesh.router import MeshClient, MeshError
 from moemesh.sampling import SamplingParams, flag_name
@@ -20,16 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               "--json prints one object (token_ids, text, finish_reason, usage) when done. Errors: exit 1 "
                               "and one line with the gRPC status name (e.g. INVALID_ARGUMENT, UNAUTHENTICATED).")
     flags.add_router_client_args(p)
-    p.add_argument("--prompt", action=flags.OrderedPrompts, metavar="TEXT", help="a text prompt")
-    p.add_argument("--prompt-ids", action=flags.OrderedPrompts, type=flags.token_ids, metavar="IDS",
-                   help="a prompt as comma-separated token ids")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0 = off)")
-    p.add_argument("--seed", type=seed, default=None, help="sampling seed")
+    flags.add_sampling_args(p, several_prompts=False)
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     p.add_argument("--json", action="store_true", help="print one JSON object when done")
     return p
 
