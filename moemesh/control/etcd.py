@@ -123,6 +123,29 @@ class _Registration:
     record: NodeRecord
 
 
+async def next_batch(events: asyncio.Queue, tick_s: float) -> list:
+    """Every item queued now, waiting up to ``tick_s`` for the first; ``[]`` if none came.
+
+    Not ``asyncio.wait_for(events.get(), tick_s)``: before Python 3.12 it returns the item and drops the
+    cancellation when both land together (python/cpython#86296), so a consumer cancelled while events
+    keep arriving (a router stopping while expert nodes exit) would loop on and its stop would hang.
+    """
+    batch = []
+    if events.empty():
+        getter = asyncio.ensure_future(events.get())
+        try:
+            done, _ = await asyncio.wait({getter}, timeout=tick_s)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if not done:
+            return []
+        batch.append(getter.result())
+    while not events.empty():
+        batch.append(events.get_nowait())
+    return batch
+
+
 def _checked(record: Mapping[str, Any]) -> NodeRecord:
     """A node record about to be written, checked as every reader will check it."""
     return NodeRecord.from_json(dict(record))
@@ -398,13 +421,7 @@ class Registry:
         task = asyncio.create_task(pump(), name=f"watch-{prefix}")
         try:
             while True:
-                try:
-                    batch = [await asyncio.wait_for(events.get(), tick_s)]
-                except asyncio.TimeoutError:
-                    batch = []
-                while not events.empty():
-                    batch.append(events.get_nowait())
-                yield batch
+                yield await next_batch(events, tick_s)
         finally:
             task.cancel()
 
