@@ -95,9 +95,6 @@ def process_stopped(pid: int) -> bool:
 
 def wait_stopped(pid: int, timeout_s: float = DEADLINE_S) -> None:
     """Return once a SIGSTOPped process really is stopped (all threads ``T``)."""
-    if not Path(f"/proc/{pid}/task").is_dir():  # no /proc: the best we can do is a short pause
-        time.sleep(0.5)
-        return
     eventually(lambda: process_stopped(pid), timeout_s, f"process {pid} stopped after SIGSTOP")
 
 
