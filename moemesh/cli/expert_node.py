@@ -25,8 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--slots", type=positive_int, default=None,
                    help="experts per MoE layer this node can hold (default: all of them); the router replicates "
                    "experts into spare slots")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="expert weight dtype; auto = the checkpoint's on GPU, float32 on CPU")
+    flags.add_device_args(p, "expert weight")
     flags.add_transport_arg(p, "expert")
     p.add_argument("--torch-port", type=int, default=0, metavar="P",
                    help="with --transport torch: port of the TCPStore where groups rendezvous (default: 0 = any)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from moemesh.argtypes import positive_float, positive_int, seed
+from moemesh.devices import DEVICE_HELP, DTYPE_CHOICES, FP8_MODES, device_arg
 from moemesh.errors import MoemeshError
 
 EXIT_USAGE = 2
@@ -118,9 +119,22 @@ def add_transport_arg(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--transport", default="grpc", choices=TRANSPORTS, help=help_text)
 
 
+def add_device_args(p: argparse.ArgumentParser, what: str = "compute") -> None:
+    """--device, --dtype and --fp8: where weights, the latent cache and the experts live, and in what."""
+    p.add_argument("--device", type=device_arg, default="auto", metavar="DEV",
+                   help=f"where weights, the latent cache and the routed experts live: {DEVICE_HELP} "
+                   "(default: auto)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help=f"{what} dtype; auto = the checkpoint's on CUDA, float32 on CPU (default: auto)")
+    p.add_argument("--fp8", default="auto", choices=FP8_MODES,
+                   help="FP8 block-quantized checkpoints (DeepSeek-V3's layout): keep = routed experts stay e4m3 "
+                   "with their block scales (half the bytes of bf16; the FP8 fused-MoE kernel on CUDA, a slow "
+                   "per-call dequantization on CPU); dequant = convert them to --dtype at load; auto = keep on "
+                   "CUDA, dequant on CPU (default: auto)")
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype; auto = the checkpoint's on GPU, float32 on CPU (default: auto)")
+    add_device_args(p)
     p.add_argument("--kv-cache-tokens", type=positive_int, default=32768,
                    help="latent KV cache capacity in tokens, shared by all sequences (default: 32768)")
     p.add_argument("--block-size", type=positive_int, default=16, help="KV cache block size in tokens (default: 16)")
