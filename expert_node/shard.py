@@ -55,12 +55,13 @@ class ExpertShard:
     STRATEGIES = ("auto", "grouped", "padded", "looped")
 
     def __init__(self, n_routed_experts: int, dtype: torch.dtype = torch.float32, strategy: str = "auto",
-                 fused_moe: Callable | None = None):
+                 fused_moe: Callable | None = None, device: torch.device | str = "cpu"):
         if strategy not in self.STRATEGIES:
             raise ValueError(f"strategy must be one of {self.STRATEGIES}, got {strategy!r}")
         self.n_routed_experts = n_routed_experts
         self.fused_moe = fused_moe  # the Triton fused-MoE op (GPUs); None = the CPU strategies below
         self.dtype = dtype
+        self.device = torch.device(device)  # where the weights live and the math runs
         self.strategy = strategy  # auto picks per batch; the others force a path (tests, benchmarks)
         self._layers: dict[int, _LayerExperts] = {}
         # strict: a routed expert this shard lacks is an error, not a zero contribution (the Dispatch service
@@ -126,8 +127,8 @@ class ExpertShard:
         self._layers[layer_id] = _LayerExperts(
             expert_ids=expert_ids,
             slot_of=slot_of,
-            w13=w13.to(self.dtype).contiguous(),
-            w2=w2.to(self.dtype).contiguous(),
+            w13=w13.to(self.device, self.dtype).contiguous(),
+            w2=w2.to(self.device, self.dtype).contiguous(),
         )
 
     @staticmethod
