@@ -68,6 +68,17 @@ if ! $dry; then
     # A system interpreter without moemesh: install this checkout into it, offline (no dependencies).
     "$py" -m pip install --quiet --no-deps --no-build-isolation --no-index -e "$root"
   fi
+  # Every section's imports, up front: a missing package is one line here, not six FAILs later.
+  if ! missing="$("$py" -c '
+import importlib, sys
+for m in ("moemesh.cli.main", "moemesh.launch.embedded", "moemesh.kernels.bench", "transformers", "triton"):
+    try:
+        importlib.import_module(m)
+    except ImportError as exc:
+        print(f"{m} ({exc})"); sys.exit(1)' 2>/dev/null)"; then
+    echo "gpu-check: $py cannot import $missing; install moemesh[test] there (offline: carry its wheels)" >&2
+    exit 2
+  fi
 else
   gpus="N"
 fi
