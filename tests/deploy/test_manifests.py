@@ -179,3 +179,29 @@ def test_gpu_overlay(rendered):
             assert "--transport=torch" in c["args"], f"{role}: the gpu overlay moves rows over NCCL"
     policies = {o["metadata"]["name"] for o in objs if o["kind"] == "NetworkPolicy"}
     assert "moemesh-torch-transport" in policies
+
+
+def test_gpu_overlay_computes_on_the_gpu(rendered):
+    """Attention and expert containers run --device=cuda and each requests (and is limited to) a GPU."""
+    objs = docs(rendered[("overlay", "gpu")])
+    parser = build_parser()
+    seen = set()
+    for obj, c, init in containers(objs):
+        role = obj["spec"]["template"]["metadata"]["labels"]["moemesh.io/role"]
+        if role not in ("attn", "expert") or init:
+            continue
+        seen.add(role)
+        env = container_env(c, objs, {"POD_NAME": "pod-0", "POD_NAMESPACE": "ns", "POD_IP": "10.0.0.1"})
+        args = parser.parse_args(moemesh_argv(c, env))
+        assert args.device == "cuda", f"{role}: --device {args.device}, expected cuda"
+        assert args.dtype == "bfloat16" and args.fp8 in ("auto", "keep"), f"{role}: {args.dtype}, --fp8 {args.fp8}"
+        resources = c["resources"]
+        assert int(resources["requests"]["nvidia.com/gpu"]) >= 1, f"{role}: no GPU requested"
+        assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"]
+        if role == "attn":
+            assert args.kernels in ("triton", "auto"), f"attn: --kernels {args.kernels}"
+    assert seen == {"attn", "expert"}
+    # The CPU overlay leaves the device to auto (CPU there): no pod of dev asks for a GPU.
+    dev = docs(rendered[("overlay", "dev")])
+    for obj, c, _ in containers(dev):
+        assert "nvidia.com/gpu" not in c["resources"].get("limits", {}), obj["metadata"]["name"]
