@@ -103,7 +103,7 @@ def _check_inputs(kv_cache, c_kv, k_pe, slot_mapping) -> None:
 
 
 @torch.library.custom_op(op_name("store_latent"), mutates_args=("kv_cache",))
-def store_latent_op(
+def store_latent_launch(
     kv_cache: torch.Tensor,  # [slots, C + R], stride 1 along C + R; written
     c_kv: torch.Tensor,  # [T, C], stride 1 along C
     k_pe: torch.Tensor,  # [T, R], stride 1 along R
@@ -121,7 +121,7 @@ def store_latent_op(
     )  # fmt: skip
 
 
-@store_latent_op.register_fake
+@store_latent_launch.register_fake
 def _(kv_cache, c_kv, k_pe, slot_mapping):
     op = "store_latent"
     expect_one_device(op, kv_cache=kv_cache, c_kv=c_kv, k_pe=k_pe, slot_mapping=slot_mapping)
@@ -148,7 +148,7 @@ def store_latent(
         return
     c_kv = c_kv if c_kv.stride(1) == 1 else c_kv.contiguous()
     k_pe = k_pe if k_pe.stride(1) == 1 else k_pe.contiguous()
-    store_latent_op(kv_cache, c_kv, k_pe, slot_mapping.contiguous())
+    store_latent_launch(kv_cache, c_kv, k_pe, slot_mapping.contiguous())
 
 
 def store_latent_ref(

@@ -275,21 +275,21 @@ def moe_align_block_size(
     n_assign, dev = flat.numel(), flat.device
     key = torch.where(flat < 0, n_experts, flat)  # skipped assignments sort last
     order = torch.argsort(key, stable=True)  # [A]
-    sorted_key = key[order]
+    sorted_key = key.gather(0, order)  # (gather, narrow: Python indexing fails on fake CUDA tensors)
     counts = torch.zeros(n_experts + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
-    blocks = (counts[:n_experts] + block_m - 1) // block_m  # [E]
+    blocks = (counts.narrow(0, 0, n_experts) + block_m - 1) // block_m  # [E]
     block_end = blocks.cumsum(0)  # [E]
     padded_start = (block_end - blocks) * block_m  # [E] first padded row of each expert
     start = counts.cumsum(0) - counts  # [E+1] first sorted assignment of each expert
-    rank = torch.arange(n_assign, device=dev) - start[sorted_key]  # [A] position within its expert
+    rank = torch.arange(n_assign, device=dev) - start.gather(0, sorted_key)  # [A] position within its expert
     n_blocks = (n_assign + min(n_experts, n_assign) * (block_m - 1)) // block_m
     size = n_blocks * block_m
-    pos = torch.where(sorted_key < n_experts, padded_start[sorted_key.clamp(max=n_experts - 1)] + rank, size)
+    pos = torch.where(sorted_key < n_experts, padded_start.gather(0, sorted_key.clamp(max=n_experts - 1)) + rank, size)
     sorted_ids = torch.full((size + 1,), n_assign, dtype=torch.int32, device=dev)
     sorted_ids.scatter_(0, pos, order.to(torch.int32))
     block_expert = torch.searchsorted(block_end, torch.arange(n_blocks, device=dev), right=True)
     block_expert = torch.where(block_expert < n_experts, block_expert, -1).to(torch.int32)
-    return sorted_ids[:size], block_expert
+    return sorted_ids.narrow(0, 0, size), block_expert
 
 
 # ---- wrappers --------------------------------------------------------------
@@ -338,7 +338,7 @@ def _check_routing(x, topk_idx, topk_weights, n_experts: int, check_ids: bool) -
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move them to one device")
     if check_ids and topk_idx.numel():
-        lo, hi = int(topk_idx.min()), int(topk_idx.max())
+        lo, hi = topk_idx.min().item(), topk_idx.max().item()  # the one host sync (check_ids=False skips it)
         if lo < -1 or hi >= n_experts:
             raise ValueError(f"topk_idx holds ids in {lo}..{hi}; they must be in 0..{n_experts - 1} or -1 (skip)")
 
@@ -378,7 +378,7 @@ def _fp8_weights(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op(op_name("fused_moe_gate_up"), mutates_args=())
-def fused_moe_gate_up_op(
+def fused_moe_gate_up_launch(
     x: torch.Tensor,  # [T, D]
     w13: torch.Tensor,  # [E, 2I, D] x's dtype, or float8_e4m3fn with w13_scale_inv
     w13_scale_inv: torch.Tensor | None,  # [E, ceil(2I/bn), ceil(D/bk)] fp32, FP8 only
@@ -414,7 +414,7 @@ def _check_layout(op: str, sorted_ids, block_expert, block_m: int) -> None:
     expect(sorted_ids.numel() == block_expert.numel() * block_m, op, "sorted_ids must hold block_m rows per block")
 
 
-@fused_moe_gate_up_op.register_fake
+@fused_moe_gate_up_launch.register_fake
 def _(x, w13, w13_scale_inv, sorted_ids, block_expert, top_k, block_m, block_n, block_k, scale_bn, scale_bk,
       scale_per_column):  # fmt: skip
     op = "fused_moe_gate_up"
@@ -428,7 +428,7 @@ def _(x, w13, w13_scale_inv, sorted_ids, block_expert, top_k, block_m, block_n, 
 
 
 @torch.library.custom_op(op_name("fused_moe_down"), mutates_args=())
-def fused_moe_down_op(
+def fused_moe_down_launch(
     h: torch.Tensor,  # [A_pad, I]
     w2: torch.Tensor,  # [E, D, I] h's dtype, or float8_e4m3fn with w2_scale_inv
     w2_scale_inv: torch.Tensor | None,  # [E, ceil(D/bn), ceil(I/bk)] fp32, FP8 only
@@ -459,7 +459,7 @@ def fused_moe_down_op(
     return ys
 
 
-@fused_moe_down_op.register_fake
+@fused_moe_down_launch.register_fake
 def _(h, w2, w2_scale_inv, routing_weights, sorted_ids, block_expert, block_m, block_n, block_k, scale_bn, scale_bk,
       scale_per_column):  # fmt: skip
     op = "fused_moe_down"
@@ -475,7 +475,7 @@ def _(h, w2, w2_scale_inv, routing_weights, sorted_ids, block_expert, block_m, b
     return h.new_empty(routing_weights.numel(), w2.shape[1])
 
 
-def _launch(x, w13, w2, topk_idx, topk_weights, *, n_experts, d, inter, fp8=None) -> torch.Tensor:
+def _run(x, w13, w2, topk_idx, topk_weights, *, n_experts, d, inter, fp8=None) -> torch.Tensor:
     """Align, run both kernels, sum over K. ``fp8`` = (w13_scale_inv, w2_scale_inv, (bn, bk)) or None.
 
     All torch glue, no host sync: the layout comes from moe_align_block_size on the device and the
@@ -502,11 +502,11 @@ def _launch(x, w13, w2, topk_idx, topk_weights, *, n_experts, d, inter, fp8=None
         bk_13 = min(_pow2(d, 16, 64), step) if per_column else _pow2(d, 16, 32)
         bk_2 = min(_pow2(inter, 16, 64), step) if per_column else _pow2(inter, 16, 32)
 
-    h = fused_moe_gate_up_op(
+    h = fused_moe_gate_up_launch(
         x, w13, s13, sorted_ids, block_expert, top_k, block_m, _pow2(inter, 16, 64), bk_13, bn, bk, per_column
     )  # [A_pad, I]
     rw = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [A]
-    ys = fused_moe_down_op(
+    ys = fused_moe_down_launch(
         h, w2, s2, rw, sorted_ids, block_expert, block_m, _pow2(d, 16, 64), bk_2, bn, bk, per_column
     )  # [A, D], row t*K+k; skipped rows 0
     return ys.view(t, top_k, d).sum(dim=1, dtype=torch.float32).to(x.dtype)  # [T, D]
@@ -532,7 +532,7 @@ def fused_moe(
     if w13.dtype != x.dtype or w2.dtype != x.dtype:
         raise ValueError(f"w13/w2 must have x's dtype {x.dtype}, got {w13.dtype}/{w2.dtype} (FP8: use fused_moe_fp8)")
     _check_routing(x, topk_idx, topk_weights, n_experts, check_ids)
-    return _launch(x, w13, w2, topk_idx, topk_weights, n_experts=n_experts, d=d, inter=inter)
+    return _run(x, w13, w2, topk_idx, topk_weights, n_experts=n_experts, d=d, inter=inter)
 
 
 def _check_scales(name: str, w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> None:
@@ -572,7 +572,7 @@ def fused_moe_fp8(
     _check_scales("w13", w13_q, w13_scale_inv, block)
     _check_scales("w2", w2_q, w2_scale_inv, block)
     _check_routing(x, topk_idx, topk_weights, n_experts, check_ids)
-    return _launch(
+    return _run(
         x, w13_q, w2_q, topk_idx, topk_weights, n_experts=n_experts, d=d, inter=inter,
         fp8=(w13_scale_inv, w2_scale_inv, tuple(block)),
     )  # fmt: skip

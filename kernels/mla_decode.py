@@ -248,7 +248,7 @@ def _check_max_context_len(max_context_len: int | None, capacity: int, op: str) 
 
 
 @torch.library.custom_op(op_name("mla_decode_split"), mutates_args=())
-def mla_decode_split_op(
+def mla_decode_split_launch(
     q_c: torch.Tensor,  # [B, H, C], stride 1 along C
     q_pe: torch.Tensor,  # [B, H, R], stride 1 along R
     kv_cache: torch.Tensor,  # [slots, C + R], stride 1 along C + R
@@ -283,7 +283,7 @@ def mla_decode_split_op(
     return part_m, part_l, part_acc
 
 
-@mla_decode_split_op.register_fake
+@mla_decode_split_launch.register_fake
 def _(q_c, q_pe, kv_cache, block_tables, context_lens, block_size, scale_log2, num_splits, block_n):
     op = "mla_decode_split"
     expect_one_device(op, q_c=q_c, q_pe=q_pe, kv_cache=kv_cache, block_tables=block_tables, context_lens=context_lens)
@@ -300,7 +300,7 @@ def _(q_c, q_pe, kv_cache, block_tables, context_lens, block_size, scale_log2, n
 
 
 @torch.library.custom_op(op_name("mla_decode_merge"), mutates_args=("out",))
-def mla_decode_merge_op(
+def mla_decode_merge_launch(
     part_m: torch.Tensor,  # [B, H, S] fp32
     part_l: torch.Tensor,  # [B, H, S] fp32
     part_acc: torch.Tensor,  # [B, H, S, C] fp32
@@ -315,7 +315,7 @@ def mla_decode_merge_op(
     )  # fmt: skip
 
 
-@mla_decode_merge_op.register_fake
+@mla_decode_merge_launch.register_fake
 def _(part_m, part_l, part_acc, out):
     op = "mla_decode_merge"
     expect_one_device(op, part_m=part_m, part_l=part_l, part_acc=part_acc, out=out)
@@ -373,10 +373,10 @@ def mla_decode(
     if num_splits is None:
         longest = capacity if max_context_len is None else max_context_len
         num_splits = _pick_num_splits(B, -(-H // _BLOCK_H), longest, block_n, q_c.device)
-    parts = mla_decode_split_op(
+    parts = mla_decode_split_launch(
         q_c, q_pe, kv_cache, block_tables, context_lens, block_size, float(softmax_scale) * _LOG2E, num_splits, block_n
     )  # ([B, H, S], [B, H, S], [B, H, S, C])
-    mla_decode_merge_op(*parts, out)
+    mla_decode_merge_launch(*parts, out)
     return out
 
 
@@ -408,19 +408,21 @@ def mla_decode_ref(
     if max_context_len is not None:
         S = max_context_len
     else:
-        S = int(ctx_len.max()) if B else 0
-        if S > capacity or (B and int(ctx_len.min()) < 0):
+        S = ctx_len.max().item() if B else 0
+        if S > capacity or (B and ctx_len.min().item() < 0):
             raise ValueError(f"mla_decode_ref: context_lens must lie in [0, {capacity}] (block table capacity)")
+    # Methods, not t[...] or ~t: those fail on fake CUDA tensors on a CPU-only torch build (tests/fake_cuda.py).
     pos = torch.arange(S, device=q_c.device)  # [S]
-    valid = pos[None, :] < ctx_len[:, None]  # [B, S]
-    tables = block_tables.long()[:, pos // block_size]  # [B, S]
+    valid = pos.unsqueeze(0) < ctx_len.unsqueeze(1)  # [B, S]
+    tables = block_tables.long().index_select(1, pos // block_size)  # [B, S]
     slots = torch.where(valid, tables * block_size + pos % block_size, 0)  # [B, S]
-    ctx = kv_cache[slots].to(q_c.dtype).float()  # [B, S, C + R]
-    c_kv, k_pe = ctx[..., :C], ctx[..., C:]
+    ctx = kv_cache.index_select(0, slots.reshape(-1)).view(B, S, -1).to(q_c.dtype).float()  # [B, S, C + R]
+    c_kv, k_pe = ctx.narrow(2, 0, C), ctx.narrow(2, C, ctx.shape[2] - C)
     scores = torch.einsum("bhc,bsc->bhs", q_c.float(), c_kv)
     scores = scores + torch.einsum("bhr,bsr->bhs", q_pe.float(), k_pe)  # [B, H, S]
-    scores = (scores * softmax_scale).masked_fill(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).masked_fill(~valid[:, None, :], 0.0)  # a 0-length context: zeros
+    invalid = valid.unsqueeze(1).logical_not()  # [B, 1, S]
+    scores = (scores * softmax_scale).masked_fill(invalid, float("-inf"))
+    p = torch.softmax(scores, dim=-1).masked_fill(invalid, 0.0)  # a 0-length context: zeros
     return torch.einsum("bhs,bsc->bhc", p, c_kv).to(q_c.dtype)  # [B, H, C]
 
 

@@ -187,7 +187,7 @@ def _check(
 
 
 @torch.library.custom_op(op_name("route"), mutates_args=())
-def route_op(
+def route_launch(
     logits: torch.Tensor,  # [T, E]
     bias: torch.Tensor | None,  # [E] fp32, contiguous (noaux_tc only)
     top_k: int,
@@ -216,7 +216,7 @@ def route_op(
     return idx, weights
 
 
-@route_op.register_fake
+@route_launch.register_fake
 def _(logits, bias, top_k, n_group, group_size, topk_group, sigmoid, method, norm, scale):
     op = "route"
     expect_one_device(op, logits=logits, bias=bias)
@@ -253,7 +253,7 @@ def route(
     if t == 0:
         empty = logits.new_empty(0, top_k, dtype=torch.int64)
         return empty, logits.new_empty(0, top_k, dtype=torch.float32)
-    return route_op(
+    return route_launch(
         logits, bias.float().contiguous() if bias is not None else None,
         top_k, groups, group_size, topk_group if topk_method != "greedy" else 1,
         scoring_func == "sigmoid", TOPK_METHODS.index(topk_method), bool(norm_topk_prob), float(routed_scaling_factor),
