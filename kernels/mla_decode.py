@@ -237,7 +237,8 @@ def _check_max_context_len(max_context_len: int | None, capacity: int, op: str) 
     """The caller's host-side bound on context_lens (shape-only: nothing is read off the device)."""
     if max_context_len is None:
         return
-    if isinstance(max_context_len, bool) or not isinstance(max_context_len, int) or not 0 <= max_context_len <= capacity:
+    is_int = isinstance(max_context_len, int) and not isinstance(max_context_len, bool)
+    if not is_int or not 0 <= max_context_len <= capacity:
         raise ValueError(
             f"{op}: max_context_len must be None or an int in [0, {capacity}] (block table capacity), "
             f"got {max_context_len!r}"

@@ -171,8 +171,18 @@ def test_fake_impls_check_the_op_contract():
     with fake_cuda():
         q_c, q_pe, kv_cache, block_tables, context_lens = _decode_inputs()
         with pytest.raises(ValueError, match="moemesh::mla_decode_split: kv_cache"):
-            torch.ops.moemesh.mla_decode_split(q_c, q_pe, kv_cache.narrow(1, 0, C + R - 1), block_tables, context_lens, BLOCK,
-                                               0.1, 2, 32)  # fmt: skip
+            narrow = kv_cache.narrow(1, 0, C + R - 1)  # one column short
+            torch.ops.moemesh.mla_decode_split(q_c, q_pe, narrow, block_tables, context_lens, BLOCK, 0.1, 2, 32)
         with pytest.raises(ValueError, match="moemesh::store_latent: all tensors must be on one device"):
             torch.ops.moemesh.store_latent(kv_cache, q_c.select(1, 0), q_pe.select(1, 0),
                                            torch.zeros(B, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_BLOCKS * BLOCK + 1, 2.0, True])
+def test_max_context_len_is_checked_on_the_host(ops, bad):
+    with fake_cuda():
+        args = _decode_inputs()
+        with pytest.raises(ValueError, match="max_context_len must be None or an int"):
+            ops.mla_decode(*args, BLOCK, 0.1, max_context_len=bad)
+        with pytest.raises(ValueError, match="max_context_len must be None or an int"):
+            mla_decode_ref(*args, BLOCK, 0.1, max_context_len=bad)
