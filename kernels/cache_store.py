@@ -6,6 +6,10 @@ Symbols: T tokens, C kv_lora_rank (latent), R qk_rope_head_dim.
 
 A negative slot marks a padding token and is skipped. Slots must be distinct (which duplicate wins is
 unspecified) and below kv_cache.shape[0]; the kernel ignores larger ones to stay in bounds.
+
+The launch is the torch custom op ``moemesh::store_latent`` (mutates kv_cache; a fake impl lets it run
+under FakeTensorMode, see kernels/library.py). The Triton path never reads device data on the host; the
+reference selects the kept rows with a boolean mask (a data-dependent shape), fine on the CPU it serves.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Callable
 import torch
 
 from .choose import use_triton
+from .library import expect, expect_one_device, op_name
 
 try:
     import triton
@@ -97,25 +102,16 @@ def _check_inputs(kv_cache, c_kv, k_pe, slot_mapping) -> None:
         raise TypeError(f"store_latent: slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
 
 
-def store_latent(
-    kv_cache: torch.Tensor,  # [slots, C + R], written in place
-    c_kv: torch.Tensor,  # [T, C]
-    k_pe: torch.Tensor,  # [T, R]
-    slot_mapping: torch.Tensor,  # [T] int32/int64, negative = skip
+@torch.library.custom_op(op_name("store_latent"), mutates_args=("kv_cache",))
+def store_latent_launch(
+    kv_cache: torch.Tensor,  # [slots, C + R], stride 1 along C + R; written
+    c_kv: torch.Tensor,  # [T, C], stride 1 along C
+    k_pe: torch.Tensor,  # [T, R], stride 1 along R
+    slot_mapping: torch.Tensor,  # [T], contiguous
 ) -> None:
-    """Triton: scatter T latent rows into the cache (cast to its dtype); BLOCK_T tokens per program."""
-    if not HAS_TRITON:
-        raise RuntimeError("store_latent: triton is not installed; use store_latent_ref or select_store_latent(device)")
-    _check_inputs(kv_cache, c_kv, k_pe, slot_mapping)
-    if kv_cache.stride(1) != 1:
-        raise ValueError("store_latent: kv_cache rows must be contiguous (stride 1 along C + R)")
+    """The store kernel (a custom op, see kernels/library.py): BLOCK_T tokens per program."""
     T, C = c_kv.shape
     R = k_pe.shape[1]
-    if T == 0:
-        return
-    c_kv = c_kv if c_kv.stride(1) == 1 else c_kv.contiguous()
-    k_pe = k_pe if k_pe.stride(1) == 1 else k_pe.contiguous()
-    slot_mapping = slot_mapping.contiguous()
     store_latent_kernel[(triton.cdiv(T, _BLOCK_T),)](
         kv_cache, c_kv, k_pe, slot_mapping,
         T, kv_cache.shape[0], C, R, kv_cache.stride(0), c_kv.stride(0), k_pe.stride(0),
@@ -125,13 +121,43 @@ def store_latent(
     )  # fmt: skip
 
 
+@store_latent_launch.register_fake
+def _(kv_cache, c_kv, k_pe, slot_mapping):
+    op = "store_latent"
+    expect_one_device(op, kv_cache=kv_cache, c_kv=c_kv, k_pe=k_pe, slot_mapping=slot_mapping)
+    expect(c_kv.dim() == 2 and k_pe.dim() == 2 and slot_mapping.dim() == 1, op, "c_kv [T, C], k_pe [T, R], slots [T]")
+    expect(c_kv.shape[0] == k_pe.shape[0] == slot_mapping.shape[0], op, "c_kv, k_pe and slot_mapping: one T")
+    expect(kv_cache.dim() == 2 and kv_cache.shape[1] == c_kv.shape[1] + k_pe.shape[1], op, "kv_cache [slots, C + R]")
+    expect(all(t.dtype in _FLOAT_DTYPES for t in (kv_cache, c_kv, k_pe)), op, "float32/float16/bfloat16 rows")
+    expect(slot_mapping.dtype in _INDEX_DTYPES, op, "slot_mapping must be int32 or int64")
+
+
+def store_latent(
+    kv_cache: torch.Tensor,  # [slots, C + R], written in place
+    c_kv: torch.Tensor,  # [T, C]
+    k_pe: torch.Tensor,  # [T, R]
+    slot_mapping: torch.Tensor,  # [T] int32/int64, negative = skip
+) -> None:
+    """Triton: scatter T latent rows into the cache (cast to its dtype); checks shapes only (no host sync)."""
+    if not HAS_TRITON:
+        raise RuntimeError("store_latent: triton is not installed; use store_latent_ref or select_store_latent(device)")
+    _check_inputs(kv_cache, c_kv, k_pe, slot_mapping)
+    if kv_cache.stride(1) != 1:
+        raise ValueError("store_latent: kv_cache rows must be contiguous (stride 1 along C + R)")
+    if c_kv.shape[0] == 0:
+        return
+    c_kv = c_kv if c_kv.stride(1) == 1 else c_kv.contiguous()
+    k_pe = k_pe if k_pe.stride(1) == 1 else k_pe.contiguous()
+    store_latent_launch(kv_cache, c_kv, k_pe, slot_mapping.contiguous())
+
+
 def store_latent_ref(
     kv_cache: torch.Tensor,  # [slots, C + R], written in place
     c_kv: torch.Tensor,  # [T, C]
     k_pe: torch.Tensor,  # [T, R]
     slot_mapping: torch.Tensor,  # [T], negative = skip
 ) -> None:
-    """Plain torch: index_put of the concatenated rows; skips negative slots."""
+    """Plain torch: index_put of the concatenated rows; skips negative slots (a boolean mask: the CPU path)."""
     _check_inputs(kv_cache, c_kv, k_pe, slot_mapping)
     keep = slot_mapping >= 0
     rows = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)  # [T, C + R]

@@ -43,6 +43,12 @@ Dtypes: fp32, fp16, bf16. Accumulation is fp32; fp32 dots use IEEE precision
 ``TRITON_INTERPRET=1`` bf16 tiles are upcast to fp32 inside the kernel.
 
 :func:`select_fused_moe` chooses the Triton op or the torch reference once.
+
+Each launch is a torch custom op (``moemesh::fused_moe_gate_up`` returning ``h``,
+``moemesh::fused_moe_down`` returning the per-assignment rows), with a fake impl (kernels/library.py);
+the routing layout and the sum over K are torch glue outside the ops, so FakeTensorMode runs them
+too. Host syncs: none, except ``check_ids=True`` (the default at this API boundary), which reads the
+id range on the host; the op set the model calls (kernels/ops.py) passes ``check_ids=False``.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from .choose import use_triton
+from .library import expect, expect_one_device, op_name
 
 try:
     import triton
@@ -268,21 +275,21 @@ def moe_align_block_size(
     n_assign, dev = flat.numel(), flat.device
     key = torch.where(flat < 0, n_experts, flat)  # skipped assignments sort last
     order = torch.argsort(key, stable=True)  # [A]
-    sorted_key = key[order]
+    sorted_key = key.gather(0, order)  # (gather, narrow: Python indexing fails on fake CUDA tensors)
     counts = torch.zeros(n_experts + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
-    blocks = (counts[:n_experts] + block_m - 1) // block_m  # [E]
+    blocks = (counts.narrow(0, 0, n_experts) + block_m - 1) // block_m  # [E]
     block_end = blocks.cumsum(0)  # [E]
     padded_start = (block_end - blocks) * block_m  # [E] first padded row of each expert
     start = counts.cumsum(0) - counts  # [E+1] first sorted assignment of each expert
-    rank = torch.arange(n_assign, device=dev) - start[sorted_key]  # [A] position within its expert
+    rank = torch.arange(n_assign, device=dev) - start.gather(0, sorted_key)  # [A] position within its expert
     n_blocks = (n_assign + min(n_experts, n_assign) * (block_m - 1)) // block_m
     size = n_blocks * block_m
-    pos = torch.where(sorted_key < n_experts, padded_start[sorted_key.clamp(max=n_experts - 1)] + rank, size)
+    pos = torch.where(sorted_key < n_experts, padded_start.gather(0, sorted_key.clamp(max=n_experts - 1)) + rank, size)
     sorted_ids = torch.full((size + 1,), n_assign, dtype=torch.int32, device=dev)
     sorted_ids.scatter_(0, pos, order.to(torch.int32))
     block_expert = torch.searchsorted(block_end, torch.arange(n_blocks, device=dev), right=True)
     block_expert = torch.where(block_expert < n_experts, block_expert, -1).to(torch.int32)
-    return sorted_ids[:size], block_expert
+    return sorted_ids.narrow(0, 0, size), block_expert
 
 
 # ---- wrappers --------------------------------------------------------------
@@ -331,7 +338,7 @@ def _check_routing(x, topk_idx, topk_weights, n_experts: int, check_ids: bool) -
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move them to one device")
     if check_ids and topk_idx.numel():
-        lo, hi = int(topk_idx.min()), int(topk_idx.max())
+        lo, hi = topk_idx.min().item(), topk_idx.max().item()  # the one host sync (check_ids=False skips it)
         if lo < -1 or hi >= n_experts:
             raise ValueError(f"topk_idx holds ids in {lo}..{hi}; they must be in 0..{n_experts - 1} or -1 (skip)")
 
@@ -362,56 +369,146 @@ def _check_weights(x, w13, w2) -> tuple[int, int, int]:
     return n_experts, d, inter
 
 
-def _launch(x, w13, w2, topk_idx, topk_weights, *, n_experts, d, inter, fp8=None) -> torch.Tensor:
-    """Align, run both kernels, sum over K. ``fp8`` = (w13_scale_inv, w2_scale_inv, (bn, bk)) or None."""
+# ---- the custom ops: one per Triton launch (see kernels/library.py) --------
+
+
+def _fp8_weights(w: torch.Tensor) -> torch.Tensor:
+    """float8 weights as the kernel reads them on this device: as they are, or their uint8 bits to decode."""
+    return w if _native_e4m3(w.device) else w.view(torch.uint8)
+
+
+@torch.library.custom_op(op_name("fused_moe_gate_up"), mutates_args=())
+def fused_moe_gate_up_launch(
+    x: torch.Tensor,  # [T, D]
+    w13: torch.Tensor,  # [E, 2I, D] x's dtype, or float8_e4m3fn with w13_scale_inv
+    w13_scale_inv: torch.Tensor | None,  # [E, ceil(2I/bn), ceil(D/bk)] fp32, FP8 only
+    sorted_ids: torch.Tensor,  # [A_pad] int32, from moe_align_block_size
+    block_expert: torch.Tensor,  # [A_pad / block_m] int32
+    top_k: int,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    scale_bn: int,  # FP8 block (rows, cols); 1 otherwise
+    scale_bk: int,
+    scale_per_column: bool,
+) -> torch.Tensor:
+    """Gate and up GEMMs of each row block against its expert, silu(gate) * up: h [A_pad, I] in x's dtype."""
+    inter = w13.shape[1] // 2
+    fp8 = w13_scale_inv is not None
+    w = _fp8_weights(w13) if fp8 else w13
+    s = w13_scale_inv if fp8 else w13  # never read without FP8
+    h = torch.empty(sorted_ids.numel(), inter, dtype=x.dtype, device=x.device)  # [A_pad, I]
+    fused_moe_gate_up_kernel[(block_expert.numel(), triton.cdiv(inter, block_n))](
+        x, w, s, h, sorted_ids, block_expert,
+        x.shape[0] * top_k, top_k, x.shape[1], inter,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        s.stride(0), s.stride(1), s.stride(2), h.stride(0), scale_bn, scale_bk,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_DTYPE=_dot_dtype(x.dtype), FP8=fp8,
+        SCALE_PER_COLUMN=scale_per_column, DECODE_E4M3=w.dtype == torch.uint8,
+    )  # fmt: skip
+    return h
+
+
+def _check_layout(op: str, sorted_ids, block_expert, block_m: int) -> None:
+    expect(sorted_ids.dtype == block_expert.dtype == torch.int32, op, "sorted_ids and block_expert must be int32")
+    expect(sorted_ids.numel() == block_expert.numel() * block_m, op, "sorted_ids must hold block_m rows per block")
+
+
+@fused_moe_gate_up_launch.register_fake
+def _(x, w13, w13_scale_inv, sorted_ids, block_expert, top_k, block_m, block_n, block_k, scale_bn, scale_bk,
+      scale_per_column):  # fmt: skip
+    op = "fused_moe_gate_up"
+    expect_one_device(op, x=x, w13=w13, w13_scale_inv=w13_scale_inv, sorted_ids=sorted_ids, block_expert=block_expert)
+    expect(x.dim() == 2 and w13.dim() == 3 and w13.shape[2] == x.shape[1], op, "x [T, D], w13 [E, 2I, D]")
+    fp8 = w13.dtype == torch.float8_e4m3fn
+    expect(fp8 == (w13_scale_inv is not None), op, "float8 w13 comes with w13_scale_inv, other dtypes without")
+    expect(fp8 or w13.dtype == x.dtype, op, "w13 must have x's dtype")
+    _check_layout(op, sorted_ids, block_expert, block_m)
+    return x.new_empty(sorted_ids.numel(), w13.shape[1] // 2)
+
+
+@torch.library.custom_op(op_name("fused_moe_down"), mutates_args=())
+def fused_moe_down_launch(
+    h: torch.Tensor,  # [A_pad, I]
+    w2: torch.Tensor,  # [E, D, I] h's dtype, or float8_e4m3fn with w2_scale_inv
+    w2_scale_inv: torch.Tensor | None,  # [E, ceil(D/bn), ceil(I/bk)] fp32, FP8 only
+    routing_weights: torch.Tensor,  # [A] fp32, row t*K+k
+    sorted_ids: torch.Tensor,  # [A_pad] int32
+    block_expert: torch.Tensor,  # [A_pad / block_m] int32
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    scale_bn: int,
+    scale_bk: int,
+    scale_per_column: bool,
+) -> torch.Tensor:
+    """h @ w2[e]^T times the routing weight, per assignment: ys [A, D] in h's dtype (skipped rows 0)."""
+    n_assign, d, inter = routing_weights.numel(), w2.shape[1], w2.shape[2]
+    fp8 = w2_scale_inv is not None
+    w = _fp8_weights(w2) if fp8 else w2
+    s = w2_scale_inv if fp8 else w2  # never read without FP8
+    ys = torch.zeros(n_assign, d, dtype=h.dtype, device=h.device)  # [A, D], row t*K+k
+    fused_moe_down_kernel[(block_expert.numel(), triton.cdiv(d, block_n))](
+        h, w, s, ys, routing_weights, sorted_ids, block_expert,
+        n_assign, d, inter,
+        h.stride(0), w.stride(0), w.stride(1), w.stride(2),
+        s.stride(0), s.stride(1), s.stride(2), ys.stride(0), scale_bn, scale_bk,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_DTYPE=_dot_dtype(h.dtype), FP8=fp8,
+        SCALE_PER_COLUMN=scale_per_column, DECODE_E4M3=w.dtype == torch.uint8,
+    )  # fmt: skip
+    return ys
+
+
+@fused_moe_down_launch.register_fake
+def _(h, w2, w2_scale_inv, routing_weights, sorted_ids, block_expert, block_m, block_n, block_k, scale_bn, scale_bk,
+      scale_per_column):  # fmt: skip
+    op = "fused_moe_down"
+    expect_one_device(op, h=h, w2=w2, w2_scale_inv=w2_scale_inv, routing_weights=routing_weights,
+                      sorted_ids=sorted_ids, block_expert=block_expert)  # fmt: skip
+    expect(h.dim() == 2 and w2.dim() == 3 and w2.shape[2] == h.shape[1], op, "h [A_pad, I], w2 [E, D, I]")
+    fp8 = w2.dtype == torch.float8_e4m3fn
+    expect(fp8 == (w2_scale_inv is not None), op, "float8 w2 comes with w2_scale_inv, other dtypes without")
+    expect(fp8 or w2.dtype == h.dtype, op, "w2 must have h's dtype")
+    expect(routing_weights.dim() == 1 and routing_weights.dtype == torch.float32, op, "routing_weights: fp32 [A]")
+    expect(h.shape[0] == sorted_ids.numel(), op, "h must have one row per sorted_ids entry")
+    _check_layout(op, sorted_ids, block_expert, block_m)
+    return h.new_empty(routing_weights.numel(), w2.shape[1])
+
+
+def _run(x, w13, w2, topk_idx, topk_weights, *, n_experts, d, inter, fp8=None) -> torch.Tensor:
+    """Align, run both kernels, sum over K. ``fp8`` = (w13_scale_inv, w2_scale_inv, (bn, bk)) or None.
+
+    All torch glue, no host sync: the layout comes from moe_align_block_size on the device and the
+    tile sizes from shapes only.
+    """
     t, top_k = topk_idx.shape
     out = x.new_zeros(t, d)
     if t == 0 or top_k == 0:
         return out
     n_assign = t * top_k
     block_m = _pow2(math.ceil(n_assign / n_experts), 16, 64)
-    sorted_ids, block_expert = moe_align_block_size(topk_idx, n_experts, block_m)
-    n_blocks = block_expert.numel()
-    dot_dtype = _dot_dtype(x.dtype)
-    decode = False
+    sorted_ids, block_expert = moe_align_block_size(topk_idx, n_experts, block_m)  # [A_pad], [A_pad / block_m]
     if fp8 is None:
-        s13 = s2 = w13  # never read (FP8=False)
+        s13 = s2 = None
         bn = bk = 1
         bk_13 = _pow2(d, 16, 64)
         bk_2 = _pow2(inter, 16, 64)
         per_column = True
     else:
         s13, s2, (bn, bk) = fp8
-        if not _native_e4m3(x.device):
-            decode = True
-            w13, w2 = w13.view(torch.uint8), w2.view(torch.uint8)
         # A BK (a power of two >= 16) divides bk iff bk is a multiple of 16: then one scale per column per K step.
         per_column = bk % 16 == 0
         step = bk & -bk if per_column else 32  # largest power of two dividing bk
         bk_13 = min(_pow2(d, 16, 64), step) if per_column else _pow2(d, 16, 32)
         bk_2 = min(_pow2(inter, 16, 64), step) if per_column else _pow2(inter, 16, 32)
-    common = dict(DOT_DTYPE=dot_dtype, FP8=fp8 is not None, SCALE_PER_COLUMN=per_column, DECODE_E4M3=decode)
 
-    h = torch.empty(n_blocks * block_m, inter, dtype=x.dtype, device=x.device)  # [A_pad, I]
-    bn_13 = _pow2(inter, 16, 64)
-    fused_moe_gate_up_kernel[(n_blocks, triton.cdiv(inter, bn_13))](
-        x, w13, s13, h, sorted_ids, block_expert,
-        n_assign, top_k, d, inter,
-        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
-        s13.stride(0), s13.stride(1), s13.stride(2), h.stride(0), bn, bk,
-        BLOCK_M=block_m, BLOCK_N=bn_13, BLOCK_K=bk_13, **common,
-    )  # fmt: skip
-
-    ys = torch.zeros(n_assign, d, dtype=x.dtype, device=x.device)  # [A, D], row t*K+k; skipped rows stay 0
+    h = fused_moe_gate_up_launch(
+        x, w13, s13, sorted_ids, block_expert, top_k, block_m, _pow2(inter, 16, 64), bk_13, bn, bk, per_column
+    )  # [A_pad, I]
     rw = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [A]
-    bn_2 = _pow2(d, 16, 64)
-    fused_moe_down_kernel[(n_blocks, triton.cdiv(d, bn_2))](
-        h, w2, s2, ys, rw, sorted_ids, block_expert,
-        n_assign, d, inter,
-        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
-        s2.stride(0), s2.stride(1), s2.stride(2), ys.stride(0), bn, bk,
-        BLOCK_M=block_m, BLOCK_N=bn_2, BLOCK_K=bk_2, **common,
-    )  # fmt: skip
+    ys = fused_moe_down_launch(
+        h, w2, s2, rw, sorted_ids, block_expert, block_m, _pow2(d, 16, 64), bk_2, bn, bk, per_column
+    )  # [A, D], row t*K+k; skipped rows 0
     return ys.view(t, top_k, d).sum(dim=1, dtype=torch.float32).to(x.dtype)  # [T, D]
 
 
@@ -435,7 +532,7 @@ def fused_moe(
     if w13.dtype != x.dtype or w2.dtype != x.dtype:
         raise ValueError(f"w13/w2 must have x's dtype {x.dtype}, got {w13.dtype}/{w2.dtype} (FP8: use fused_moe_fp8)")
     _check_routing(x, topk_idx, topk_weights, n_experts, check_ids)
-    return _launch(x, w13, w2, topk_idx, topk_weights, n_experts=n_experts, d=d, inter=inter)
+    return _run(x, w13, w2, topk_idx, topk_weights, n_experts=n_experts, d=d, inter=inter)
 
 
 def _check_scales(name: str, w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> None:
@@ -475,7 +572,7 @@ def fused_moe_fp8(
     _check_scales("w13", w13_q, w13_scale_inv, block)
     _check_scales("w2", w2_q, w2_scale_inv, block)
     _check_routing(x, topk_idx, topk_weights, n_experts, check_ids)
-    return _launch(
+    return _run(
         x, w13_q, w2_q, topk_idx, topk_weights, n_experts=n_experts, d=d, inter=inter,
         fp8=(w13_scale_inv, w2_scale_inv, tuple(block)),
     )  # fmt: skip

@@ -16,6 +16,11 @@ block table over its chunk of one sequence's context with an online softmax and 
 (max, sum of exponentials, unnormalised weighted sum of c_kv). A second kernel merges the S partials
 of each (sequence, head) with the log-sum-exp trick. Accumulation is fp32; the output has q_c's dtype.
 A sequence with context length 0 gets zeros.
+
+Each kernel launch is a torch custom op (``moemesh::mla_decode_split``, ``moemesh::mla_decode_merge``,
+see kernels/library.py) with a fake impl, so the wrapper runs under FakeTensorMode. No host sync: the
+Triton wrapper checks shapes only. The reference reads context_lens on the host unless the caller passes
+``max_context_len`` (the longest context, which the runner knows on the host as its S).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Callable
 import torch
 
 from .choose import use_triton
+from .library import expect, expect_one_device, op_name
 
 try:
     import triton
@@ -213,12 +219,114 @@ def _check_inputs(q_c, q_pe, kv_cache, block_tables, context_lens, block_size, s
         raise ValueError(f"mla_decode: softmax_scale must be finite, got {softmax_scale!r}")
 
 
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a real CUDA device; 1 elsewhere (CPU, or fake CUDA on a CPU-only build)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
 def _pick_num_splits(batch: int, head_blocks: int, max_context: int, block_n: int, device: torch.device) -> int:
     """Enough programs for about two waves over the device, without splits shorter than 2 loop steps."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    want = -(-2 * sms // max(1, batch * head_blocks))
+    want = -(-2 * _sm_count(device) // max(1, batch * head_blocks))
     useful = max(1, -(-max_context // (2 * block_n)))
     return max(1, min(want, useful, _MAX_SPLITS))
+
+
+def _check_max_context_len(max_context_len: int | None, capacity: int, op: str) -> None:
+    """The caller's host-side bound on context_lens (shape-only: nothing is read off the device)."""
+    if max_context_len is None:
+        return
+    is_int = isinstance(max_context_len, int) and not isinstance(max_context_len, bool)
+    if not is_int or not 0 <= max_context_len <= capacity:
+        raise ValueError(
+            f"{op}: max_context_len must be None or an int in [0, {capacity}] (block table capacity), "
+            f"got {max_context_len!r}"
+        )
+
+
+# ---- the custom ops: one per Triton launch (see kernels/library.py) --------
+
+
+@torch.library.custom_op(op_name("mla_decode_split"), mutates_args=())
+def mla_decode_split_launch(
+    q_c: torch.Tensor,  # [B, H, C], stride 1 along C
+    q_pe: torch.Tensor,  # [B, H, R], stride 1 along R
+    kv_cache: torch.Tensor,  # [slots, C + R], stride 1 along C + R
+    block_tables: torch.Tensor,  # [B, max_blocks], stride 1 along max_blocks
+    context_lens: torch.Tensor,  # [B], contiguous
+    block_size: int,
+    scale_log2: float,  # softmax_scale * log2(e)
+    num_splits: int,
+    block_n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The split-KV kernel: per (sequence, head, split) partials (max, sum, acc), all fp32."""
+    B, H, C = q_c.shape
+    R = q_pe.shape[2]
+    part_m = torch.empty(B, H, num_splits, dtype=torch.float32, device=q_c.device)  # [B, H, S]
+    part_l = torch.empty_like(part_m)  # [B, H, S]
+    part_acc = torch.empty(B, H, num_splits, C, dtype=torch.float32, device=q_c.device)  # [B, H, S, C]
+    on_cuda = q_c.device.type == "cuda"
+    upcast = not on_cuda and torch.bfloat16 in (q_c.dtype, kv_cache.dtype)
+    launch = {"num_warps": 4, "num_stages": 2} if on_cuda else {}
+    mla_decode_kernel[(B, triton.cdiv(H, _BLOCK_H), num_splits)](
+        q_c, q_pe, kv_cache, block_tables, context_lens, part_m, part_l, part_acc,
+        scale_log2,
+        q_c.stride(0), q_c.stride(1), q_pe.stride(0), q_pe.stride(1), kv_cache.stride(0), block_tables.stride(0),
+        H, C, R, block_size, block_tables.shape[1], num_splits,
+        BLOCK_H=_BLOCK_H,
+        BLOCK_C=max(16, triton.next_power_of_2(C)),
+        BLOCK_R=max(16, triton.next_power_of_2(R)),
+        BLOCK_N=block_n,
+        UPCAST=upcast,
+        **launch,
+    )  # fmt: skip
+    return part_m, part_l, part_acc
+
+
+@mla_decode_split_launch.register_fake
+def _(q_c, q_pe, kv_cache, block_tables, context_lens, block_size, scale_log2, num_splits, block_n):
+    op = "mla_decode_split"
+    expect_one_device(op, q_c=q_c, q_pe=q_pe, kv_cache=kv_cache, block_tables=block_tables, context_lens=context_lens)
+    expect(q_c.dim() == 3 and q_pe.dim() == 3 and q_c.shape[:2] == q_pe.shape[:2], op, "q_c [B, H, C], q_pe [B, H, R]")
+    B, H, C = q_c.shape
+    expect(kv_cache.dim() == 2 and kv_cache.shape[1] == C + q_pe.shape[2], op, "kv_cache must be [slots, C + R]")
+    expect(block_tables.dim() == 2 and block_tables.shape[0] == B, op, "block_tables must be [B, max_blocks]")
+    expect(tuple(context_lens.shape) == (B,), op, "context_lens must be [B]")
+    expect(q_c.dtype in _FLOAT_DTYPES and q_pe.dtype == q_c.dtype, op, "q_c and q_pe: one float dtype")
+    expect(block_tables.dtype in _INDEX_DTYPES and context_lens.dtype in _INDEX_DTYPES, op, "int32/int64 indices")
+    expect(block_size >= 1 and num_splits >= 1 and block_n >= 16, op, "block_size, num_splits >= 1, block_n >= 16")
+    part_m = q_c.new_empty(B, H, num_splits, dtype=torch.float32)
+    return part_m, torch.empty_like(part_m), q_c.new_empty(B, H, num_splits, C, dtype=torch.float32)
+
+
+@torch.library.custom_op(op_name("mla_decode_merge"), mutates_args=("out",))
+def mla_decode_merge_launch(
+    part_m: torch.Tensor,  # [B, H, S] fp32
+    part_l: torch.Tensor,  # [B, H, S] fp32
+    part_acc: torch.Tensor,  # [B, H, S, C] fp32
+    out: torch.Tensor,  # [B, H, C], stride 1 along C; written
+) -> None:
+    """The merge kernel: log-sum-exp over the S partials of each (sequence, head), into ``out``."""
+    B, H, num_splits, C = part_acc.shape
+    mla_decode_merge_kernel[(B, H)](
+        part_m, part_l, part_acc, out, out.stride(0), out.stride(1), H, C, num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_C=max(16, triton.next_power_of_2(C)),
+    )  # fmt: skip
+
+
+@mla_decode_merge_launch.register_fake
+def _(part_m, part_l, part_acc, out):
+    op = "mla_decode_merge"
+    expect_one_device(op, part_m=part_m, part_l=part_l, part_acc=part_acc, out=out)
+    expect(part_acc.dim() == 4 and part_m.shape == part_l.shape == part_acc.shape[:3], op, "partials [B, H, S(, C)]")
+    expect(all(t.dtype == torch.float32 for t in (part_m, part_l, part_acc)), op, "partials must be fp32")
+    B, H, _, C = part_acc.shape
+    expect(tuple(out.shape) == (B, H, C) and out.dtype in _FLOAT_DTYPES, op, "out must be a float [B, H, C]")
+
+
+# ---- wrappers --------------------------------------------------------------
 
 
 def mla_decode(
@@ -232,12 +340,15 @@ def mla_decode(
     num_splits: int | None = None,
     *,
     block_n: int | None = None,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """Triton split-KV absorbed MLA decode; returns o_c [B, H, C] in q_c's dtype (fp32 accumulation).
 
-    context_lens[b] must be at most max_blocks * block_size (the kernel never reads past the table).
-    num_splits (None: picked from the device and the batch) splits each context across programs;
-    block_n (a power of two >= 16) is the positions per loop step.
+    No host sync: the checks read shapes only. context_lens[b] must be at most max_blocks * block_size
+    (the kernel never reads past the table, whatever context_lens says). max_context_len, the caller's
+    host-known bound on context_lens (the runner's S), only sizes the default num_splits; None = the
+    table's capacity. num_splits (None: picked from the device and the batch) splits each context across
+    programs; block_n (a power of two >= 16) is the positions per loop step.
     """
     if not HAS_TRITON:
         raise RuntimeError("mla_decode: triton is not installed; use mla_decode_ref or select_mla_decode(device)")
@@ -249,46 +360,24 @@ def mla_decode(
         raise ValueError(f"mla_decode: block_n must be a power of two >= 16, got {block_n}")
     if kv_cache.stride(1) != 1:
         raise ValueError("mla_decode: kv_cache rows must be contiguous (stride 1 along C + R)")
+    capacity = block_tables.shape[1] * block_size
+    _check_max_context_len(max_context_len, capacity, "mla_decode")
 
     B, H, C = q_c.shape
-    R = q_pe.shape[2]
-    out = torch.empty(B, H, C, dtype=q_c.dtype, device=q_c.device)
+    out = torch.empty(B, H, C, dtype=q_c.dtype, device=q_c.device)  # [B, H, C]
     if B == 0 or H == 0:
         return out
     q_c = q_c if q_c.stride(2) == 1 else q_c.contiguous()
     q_pe = q_pe if q_pe.stride(2) == 1 else q_pe.contiguous()
     block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     context_lens = context_lens.contiguous()
-
-    head_blocks = triton.cdiv(H, _BLOCK_H)
-    max_blocks = block_tables.shape[1]
     if num_splits is None:
-        num_splits = _pick_num_splits(B, head_blocks, max_blocks * block_size, block_n, q_c.device)
-    part_m = torch.empty(B, H, num_splits, dtype=torch.float32, device=q_c.device)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(B, H, num_splits, C, dtype=torch.float32, device=q_c.device)
-
-    on_cuda = q_c.device.type == "cuda"
-    upcast = not on_cuda and torch.bfloat16 in (q_c.dtype, kv_cache.dtype)
-    launch = {"num_warps": 4, "num_stages": 2} if on_cuda else {}
-    block_c = max(16, triton.next_power_of_2(C))
-    mla_decode_kernel[(B, head_blocks, num_splits)](
-        q_c, q_pe, kv_cache, block_tables, context_lens, part_m, part_l, part_acc,
-        float(softmax_scale) * _LOG2E,
-        q_c.stride(0), q_c.stride(1), q_pe.stride(0), q_pe.stride(1), kv_cache.stride(0), block_tables.stride(0),
-        H, C, R, block_size, max_blocks, num_splits,
-        BLOCK_H=_BLOCK_H,
-        BLOCK_C=block_c,
-        BLOCK_R=max(16, triton.next_power_of_2(R)),
-        BLOCK_N=block_n,
-        UPCAST=upcast,
-        **launch,
-    )  # fmt: skip
-    mla_decode_merge_kernel[(B, H)](
-        part_m, part_l, part_acc, out, out.stride(0), out.stride(1), H, C, num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits),
-        BLOCK_C=block_c,
-    )  # fmt: skip
+        longest = capacity if max_context_len is None else max_context_len
+        num_splits = _pick_num_splits(B, -(-H // _BLOCK_H), longest, block_n, q_c.device)
+    parts = mla_decode_split_launch(
+        q_c, q_pe, kv_cache, block_tables, context_lens, block_size, float(softmax_scale) * _LOG2E, num_splits, block_n
+    )  # ([B, H, S], [B, H, S], [B, H, S, C])
+    mla_decode_merge_launch(*parts, out)
     return out
 
 
@@ -301,29 +390,40 @@ def mla_decode_ref(
     block_size: int,
     softmax_scale: float,
     num_splits: int | None = None,  # accepted for signature parity; the reference never splits
+    *,
+    max_context_len: int | None = None,
     **_: object,
 ) -> torch.Tensor:
     """Plain torch: gather the context rows, softmax in fp32; o_c [B, H, C] in q_c's dtype.
 
     The cache is read in q_c's dtype (as the model does), then everything runs in fp32.
+    max_context_len None: context_lens is read on the host (one sync) to size the gather and checked to
+    lie in [0, capacity]. Given (the caller's host-known bound, e.g. the runner's S), nothing is read
+    off the device: the gather is max_context_len wide, and positions past it are not attended.
     """
     _check_inputs(q_c, q_pe, kv_cache, block_tables, context_lens, block_size, softmax_scale)
     B, H, C = q_c.shape
     ctx_len = context_lens.long()
-    S = int(ctx_len.max()) if B else 0
     capacity = block_tables.shape[1] * block_size
-    if S > capacity or (B and int(ctx_len.min()) < 0):
-        raise ValueError(f"mla_decode_ref: context_lens must lie in [0, {capacity}] (block table capacity)")
+    _check_max_context_len(max_context_len, capacity, "mla_decode_ref")
+    if max_context_len is not None:
+        S = max_context_len
+    else:
+        S = ctx_len.max().item() if B else 0
+        if S > capacity or (B and ctx_len.min().item() < 0):
+            raise ValueError(f"mla_decode_ref: context_lens must lie in [0, {capacity}] (block table capacity)")
+    # Methods, not t[...] or ~t: those fail on fake CUDA tensors on a CPU-only torch build (tests/fake_cuda.py).
     pos = torch.arange(S, device=q_c.device)  # [S]
-    valid = pos[None, :] < ctx_len[:, None]  # [B, S]
-    tables = block_tables.long()[:, pos // block_size]  # [B, S]
+    valid = pos.unsqueeze(0) < ctx_len.unsqueeze(1)  # [B, S]
+    tables = block_tables.long().index_select(1, pos // block_size)  # [B, S]
     slots = torch.where(valid, tables * block_size + pos % block_size, 0)  # [B, S]
-    ctx = kv_cache[slots].to(q_c.dtype).float()  # [B, S, C + R]
-    c_kv, k_pe = ctx[..., :C], ctx[..., C:]
+    ctx = kv_cache.index_select(0, slots.reshape(-1)).view(B, S, -1).to(q_c.dtype).float()  # [B, S, C + R]
+    c_kv, k_pe = ctx.narrow(2, 0, C), ctx.narrow(2, C, ctx.shape[2] - C)
     scores = torch.einsum("bhc,bsc->bhs", q_c.float(), c_kv)
     scores = scores + torch.einsum("bhr,bsr->bhs", q_pe.float(), k_pe)  # [B, H, S]
-    scores = (scores * softmax_scale).masked_fill(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).masked_fill(~valid[:, None, :], 0.0)  # a 0-length context: zeros
+    invalid = valid.unsqueeze(1).logical_not()  # [B, 1, S]
+    scores = (scores * softmax_scale).masked_fill(invalid, float("-inf"))
+    p = torch.softmax(scores, dim=-1).masked_fill(invalid, 0.0)  # a 0-length context: zeros
     return torch.einsum("bhs,bsc->bhc", p, c_kv).to(q_c.dtype)  # [B, H, C]
 
 
@@ -341,7 +441,10 @@ def mla_decode_op(
     block_size: int,
     softmax_scale: float,
     num_splits: int | None = None,
+    *,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """Per-call dispatch by q_c's device (Triton on CUDA, reference elsewhere); prefer select_mla_decode once."""
     fn = select_mla_decode(q_c.device)
-    return fn(q_c, q_pe, kv_cache, block_tables, context_lens, block_size, softmax_scale, num_splits)
+    return fn(q_c, q_pe, kv_cache, block_tables, context_lens, block_size, softmax_scale, num_splits,
+              max_context_len=max_context_len)

@@ -23,7 +23,9 @@ as a [G, S] tile padded to powers of two, so per-group reductions are plain
 axis reductions; group and expert selection are K (or ``topk_group``) rounds of
 arg-max and mask, ties going to the lowest expert id.
 
-:func:`select_route` chooses the Triton op or the torch reference once.
+:func:`select_route` chooses the Triton op or the torch reference once. The launch is the torch
+custom op ``moemesh::route`` with a fake impl (kernels/library.py), so it runs under FakeTensorMode;
+neither the kernel's wrapper nor the reference reads device data on the host.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from collections.abc import Callable
 import torch
 
 from .choose import use_triton
+from .library import expect, expect_one_device, op_name
 
 try:
     import triton
@@ -183,6 +186,50 @@ def _check(
     return n_group, group_size
 
 
+@torch.library.custom_op(op_name("route"), mutates_args=())
+def route_launch(
+    logits: torch.Tensor,  # [T, E]
+    bias: torch.Tensor | None,  # [E] fp32, contiguous (noaux_tc only)
+    top_k: int,
+    n_group: int,  # groups as the kernel sees them (greedy: 1)
+    group_size: int,
+    topk_group: int,
+    sigmoid: bool,
+    method: int,  # TOPK_METHODS.index(topk_method)
+    norm: bool,
+    scale: float,  # routed_scaling_factor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing kernel (a custom op, see kernels/library.py): (idx [T, K] int64, weights [T, K] fp32)."""
+    t = logits.shape[0]
+    idx = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
+    block_g, block_s = _pow2(n_group), _pow2(group_size)
+    # tokens per program: up to 16, fewer for wide expert tiles (V3: 256 experts -> 8 tokens)
+    block_t = max(1, min(16, _pow2(t), 2048 // (block_g * block_s)))
+    route_kernel[(triton.cdiv(t, block_t),)](
+        logits, bias if bias is not None else logits, idx, weights,
+        t, logits.stride(0), logits.stride(1), scale,
+        N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group,
+        TOP_K=top_k, SIGMOID=sigmoid, METHOD=method, NORM=norm,
+        BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_K=_pow2(top_k),
+    )  # fmt: skip
+    return idx, weights
+
+
+@route_launch.register_fake
+def _(logits, bias, top_k, n_group, group_size, topk_group, sigmoid, method, norm, scale):
+    op = "route"
+    expect_one_device(op, logits=logits, bias=bias)
+    expect(logits.dim() == 2 and logits.dtype.is_floating_point, op, "logits must be a floating [T, E] tensor")
+    expect(n_group * group_size == logits.shape[1], op, "n_group * group_size must be E")
+    expect(1 <= top_k <= logits.shape[1] and 1 <= topk_group <= n_group, op, "top_k in 1..E, topk_group in 1..G")
+    expect(0 <= method < len(TOPK_METHODS), op, f"method must index {TOPK_METHODS}")
+    if bias is not None:
+        expect(tuple(bias.shape) == (logits.shape[1],) and bias.dtype == torch.float32, op, "bias must be fp32 [E]")
+    t = logits.shape[0]
+    return logits.new_empty(t, top_k, dtype=torch.int64), logits.new_empty(t, top_k, dtype=torch.float32)
+
+
 def route(
     logits: torch.Tensor,  # [T, E]
     *,
@@ -195,27 +242,22 @@ def route(
     routed_scaling_factor: float = 1.0,
     bias: torch.Tensor | None = None,  # [E], noaux_tc only
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton routing: (topk_idx [T, K] int64, topk_weights [T, K] fp32); the K ids in no set order."""
+    """Triton routing: (topk_idx [T, K] int64, topk_weights [T, K] fp32); the K ids in no set order.
+
+    The checks read shapes only (no host sync).
+    """
     if not HAS_TRITON:
         raise RuntimeError("route: triton is not installed; use route_ref or select_route(device)")
     groups, group_size = _check(logits, top_k, scoring_func, topk_method, n_group, topk_group, bias)
     t = logits.shape[0]
-    idx = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
-    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
     if t == 0:
-        return idx, weights
-    block_g, block_s = _pow2(groups), _pow2(group_size)
-    # tokens per program: up to 16, fewer for wide expert tiles (V3: 256 experts -> 8 tokens)
-    block_t = max(1, min(16, _pow2(t), 2048 // (block_g * block_s)))
-    route_kernel[(triton.cdiv(t, block_t),)](
-        logits, bias.float().contiguous() if bias is not None else logits, idx, weights,
-        t, logits.stride(0), logits.stride(1), float(routed_scaling_factor),
-        N_GROUP=groups, GROUP_SIZE=group_size, TOPK_GROUP=topk_group if topk_method != "greedy" else 1,
-        TOP_K=top_k, SIGMOID=scoring_func == "sigmoid", METHOD=TOPK_METHODS.index(topk_method),
-        NORM=bool(norm_topk_prob),
-        BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_K=_pow2(top_k),
+        empty = logits.new_empty(0, top_k, dtype=torch.int64)
+        return empty, logits.new_empty(0, top_k, dtype=torch.float32)
+    return route_launch(
+        logits, bias.float().contiguous() if bias is not None else None,
+        top_k, groups, group_size, topk_group if topk_method != "greedy" else 1,
+        scoring_func == "sigmoid", TOPK_METHODS.index(topk_method), bool(norm_topk_prob), float(routed_scaling_factor),
     )  # fmt: skip
-    return idx, weights
 
 
 def route_ref(
