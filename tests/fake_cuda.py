@@ -29,6 +29,7 @@ from collections.abc import Iterator
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -52,6 +53,82 @@ class DeviceAudit(TorchDispatchMode):
         return out
 
 
+class _CudaIndexing(TorchFunctionMode):
+    """Route the Python entry points that need a real CUDA device guard onto plain aten ops.
+
+    On the CPU-only build, ``t[...]``, ``t[...] = v``, ``~t`` and ``t.copy_(s)`` on a fake CUDA tensor raise
+    "PyTorch is not linked with support for cuda devices" in their Python bindings (before any op is
+    dispatched), while the aten ops they stand for run fine. This mode translates them with the same
+    semantics, so model code keeps its ordinary indexing; the ops below still go through the fake mode,
+    its device checks and the audit.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__getitem__:
+            return _getitem(*args)
+        if func is torch.Tensor.__setitem__:
+            return _setitem(*args)
+        if func is torch.Tensor.__invert__:
+            return torch.ops.aten.bitwise_not.default(args[0])
+        if func is torch.Tensor.copy_:
+            return torch.ops.aten.copy_.default(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _basic_view(x: torch.Tensor, index) -> tuple[torch.Tensor, list]:
+    """Apply ints, slices, None and Ellipsis as views; return the view and [(dim, tensor)] still to gather."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(i is Ellipsis for i in items):
+        at = next(n for n, i in enumerate(items) if i is Ellipsis)
+        used = sum(1 for i in items if i is not None and i is not Ellipsis)
+        items[at : at + 1] = [slice(None)] * (x.dim() - used)
+    dim, advanced = 0, []
+    for item in items:
+        if item is None:
+            x = torch.ops.aten.unsqueeze.default(x, dim)
+            dim += 1
+        elif isinstance(item, bool):
+            raise NotImplementedError("fake_cuda indexing: a bool index")
+        elif isinstance(item, int):
+            x = torch.ops.aten.select.int(x, dim, item)
+        elif isinstance(item, slice):
+            x = torch.ops.aten.slice.Tensor(x, dim, item.start, item.stop, item.step or 1)
+            dim += 1
+        elif isinstance(item, torch.Tensor):
+            advanced.append((dim, item))
+            dim += 1
+        else:
+            raise NotImplementedError(f"fake_cuda indexing: index of type {type(item).__name__}")
+    return x, advanced
+
+
+def _tensor_indices(x: torch.Tensor, advanced: list) -> list:
+    indices = [None] * x.dim()
+    for dim, t in advanced:
+        indices[dim] = t
+    while indices and indices[-1] is None:
+        indices.pop()
+    return indices
+
+
+def _getitem(x: torch.Tensor, index):
+    view, advanced = _basic_view(x, index)
+    if not advanced:
+        return torch.ops.aten.alias.default(view)
+    return torch.ops.aten.index.Tensor(view, _tensor_indices(view, advanced))
+
+
+def _setitem(x: torch.Tensor, index, value) -> None:
+    view, advanced = _basic_view(x, index)
+    if not isinstance(value, torch.Tensor):
+        value = torch.ops.aten.full.default([], value, dtype=x.dtype, device=x.device)
+    if advanced:
+        torch.ops.aten.index_put_.default(view, _tensor_indices(view, advanced), value)
+    else:
+        torch.ops.aten.copy_.default(view, value)
+
+
 class FakeCuda:
     """The active fake mode; ``audit()`` watches one stretch of code (the step) inside it."""
 
@@ -67,5 +144,5 @@ class FakeCuda:
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[FakeCuda]:
     """Fake tensors, CUDA allowed on this build; real tensors met inside are an error, not a silent mix."""
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode, _CudaIndexing():
         yield FakeCuda(mode)
