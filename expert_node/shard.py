@@ -165,23 +165,26 @@ class ExpertShard:
                                  f"keeps {self.fp8_block} blocks")
 
     def _export(self, layer_id: int) -> dict[int, Weights] | dict[int, Fp8Weights]:
-        """The hosted experts of a layer as add_experts takes them (FP8 stays e4m3, padding removed)."""
+        """The hosted experts of a layer as add_experts takes them (FP8 stays e4m3, padding removed); views of
+        the device tensors. ``unbind``/``narrow``, not ``[...]``: the same views, and ones fake CUDA tensors take
+        on a CPU-only torch build (its Python indexing asks for a CUDA device guard)."""
         le = self._layers.get(layer_id)
         if le is None:
             return {}
-        inter = le.inter
+        inter, ids = le.inter, le.expert_ids
         if le.w13_scale_inv is None:
-            return {e: (le.w13[s, :inter], le.w13[s, inter:], le.w2[s]) for s, e in enumerate(le.expert_ids)}
+            return {e: (w13.narrow(0, 0, inter), w13.narrow(0, inter, inter), w2)
+                    for e, w13, w2 in zip(ids, le.w13.unbind(0), le.w2.unbind(0))}
         bn, bk = self.fp8_block
         padded = le.w2.shape[-1]  # I'
         rows, cols = math.ceil(inter / bn), math.ceil(inter / bk)  # the unpadded scale grids
         grid = padded // bn  # gate's scale rows in the padded layout (I' is a multiple of bn)
         out = {}
-        for s, e in enumerate(le.expert_ids):
-            w13, s13 = le.w13[s], le.w13_scale_inv[s]
-            gate = Fp8Tensor(w13[:inter], s13[:rows], self.fp8_block)
-            up = Fp8Tensor(w13[padded : padded + inter], s13[grid : grid + rows], self.fp8_block)
-            down = Fp8Tensor(le.w2[s][:, :inter], le.w2_scale_inv[s][:, :cols], self.fp8_block)
+        for e, w13, s13, w2, s2 in zip(ids, le.w13.unbind(0), le.w13_scale_inv.unbind(0), le.w2.unbind(0),
+                                       le.w2_scale_inv.unbind(0)):
+            gate = Fp8Tensor(w13.narrow(0, 0, inter), s13.narrow(0, 0, rows), self.fp8_block)
+            up = Fp8Tensor(w13.narrow(0, padded, inter), s13.narrow(0, grid, rows), self.fp8_block)
+            down = Fp8Tensor(w2.narrow(1, 0, inter), s2.narrow(1, 0, cols), self.fp8_block)
             out[e] = (gate, up, down)
         return out
 
@@ -191,7 +194,7 @@ class ExpertShard:
         expert_ids = sorted(weights)
         slot_of_host = np.full(self.n_routed_experts, -1, dtype=np.int64)
         slot_of_host[expert_ids] = np.arange(len(expert_ids))
-        slot_of = torch.from_numpy(slot_of_host.copy()).to(self.device)
+        slot_of = torch.tensor(slot_of_host.tolist(), device=self.device)  # one upload per rebuild, never per batch
         if self.fp8_block is None:
             dev = [tuple(w.to(self.device, self.dtype) for w in weights[e]) for e in expert_ids]
             w13 = torch.stack([torch.cat([gate, up], dim=0) for gate, up, _ in dev]).contiguous()
