@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 
+import torch
 from grpc_health.v1 import health_pb2
 
 from moemesh.model.checkpoint import checkpoint_fingerprint
@@ -17,7 +18,7 @@ from moemesh.wire.status import abort
 from moemesh.logs import get_logger
 from moemesh.control.placement import parse_expert_spec
 
-from .loader import load_expert_shard
+from .loader import default_fused_moe, load_expert_shard
 from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, dispatch_server, shut_down
 
 log = get_logger("moemesh.expert_node")
@@ -25,7 +26,10 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_timeout_s: float = 30.0,
-                tls=None, health_port: int | None = None, transport: str = "grpc", torch_port: int = 0) -> None:
+                tls=None, health_port: int | None = None, transport: str = "grpc", torch_port: int = 0, *,
+                device: torch.device | str = "cpu", keep_fp8: bool = False) -> None:
+    """``device``: where the experts live and compute (resolved by the caller); ``keep_fp8``: FP8 checkpoints'
+    experts stay e4m3 there."""
     cfg = ModelConfig.from_dir(model_dir)
     experts = parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)
     stop = asyncio.Event()
@@ -49,13 +53,16 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
     health_server = await start_health_port(health_servicer, host, health_port)  # noqa: F841 (kept alive)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, NOT_SERVING)
-    log.info("loading_experts", layers=len(experts), experts=sum(len(v) for v in experts.values()), port=bound)
-    shard = await asyncio.to_thread(load_expert_shard, model_dir, cfg, experts, dtype, sys.stderr.isatty())
+    log.info("loading_experts", layers=len(experts), experts=sum(len(v) for v in experts.values()), port=bound,
+             device=str(device), fp8_kept=keep_fp8 and cfg.quant is not None)
+    shard = await asyncio.to_thread(load_expert_shard, model_dir, cfg, experts, dtype, sys.stderr.isatty(),
+                                    default_fused_moe(device), device=device, keep_fp8=keep_fp8)
     if stop.is_set():  # told to stop while loading: never announce SERVING
         await server.stop(grace=None)
         log.info("stopped", reason="signal during load")
         return
     service.attach(DispatchService(shard, cfg, checkpoint_fingerprint(model_dir)))
+    log.info("experts_loaded", bytes=shard.nbytes())
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, SERVING)
     log.info("serving", host=host, port=bound)

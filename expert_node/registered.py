@@ -23,6 +23,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from grpc_health.v1 import health_pb2
 
 from moemesh.model.checkpoint import checkpoint_fingerprint
@@ -34,7 +35,7 @@ from moemesh.wire.health_port import start_health_port
 from moemesh.logs import get_logger
 from moemesh.control.node_ids import advertise_address, default_node_id
 
-from .loader import load_experts
+from .loader import default_fused_moe, load_experts, new_expert_shard
 from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, dispatch_server, shut_down
 from .shard import ExpertShard
 
@@ -47,13 +48,16 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, port: int, dtype, *,
                            node_id: str | None = None, slots: int | None = None, advertise: str | None = None,
                            drain_timeout_s: float = 30.0, tls=None, health_port: int | None = None,
-                           transport: str = "grpc", torch_port: int = 0) -> None:
+                           transport: str = "grpc", torch_port: int = 0, device: torch.device | str = "cpu",
+                           keep_fp8: bool = False) -> None:
+    """``device``: where the experts live and compute (resolved by the caller); ``keep_fp8``: FP8 checkpoints'
+    experts stay e4m3 there, also those loaded later as placements change."""
     cfg = ModelConfig.from_dir(model_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    shard = ExpertShard(cfg.n_routed_experts, dtype)
+    shard = new_expert_shard(cfg, dtype, default_fused_moe(device), device=device, keep_fp8=keep_fp8)
     checkpoint = checkpoint_fingerprint(model_dir)
     service = DispatchService(shard, cfg, checkpoint)
     server, bound, health = dispatch_server(service, host, port, tls,

@@ -4,6 +4,10 @@ Each request on a stream is validated in full before any math: a bad message
 ends that stream with INVALID_ARGUMENT naming the problem, and every other
 stream keeps being served. Shard math runs on one worker thread, so the event
 loop keeps reading and writing other streams meanwhile (torch releases the GIL).
+
+Rows arrive as host bytes. :func:`compute` moves them to the shard's device once,
+runs the shard with the ids validated on the host copy (no device read), and
+brings the result back once.
 """
 
 from __future__ import annotations
@@ -115,11 +119,12 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
             log.warning("bad_dispatch", id=req.id, layer=req.layer, error=str(exc), peer=context.peer())
             await abort(context, exc)
         try:
-            if idx.numel() <= INLINE_ASSIGNMENTS:
-                # A decode-sized message costs less to compute than a thread hop would.
-                y = self.shard.forward(req.layer, x, idx, w)
+            if idx.numel() <= INLINE_ASSIGNMENTS and self.shard.device.type == "cpu":
+                # A decode-sized message costs less to compute than a thread hop would (on a CPU; a GPU's
+                # copy back waits for the kernels, which must not hold up the event loop).
+                y = compute(self.shard, req.layer, x, idx, w)
             else:
-                y = await asyncio.get_running_loop().run_in_executor(self._worker, self.shard.forward, req.layer,
+                y = await asyncio.get_running_loop().run_in_executor(self._worker, compute, self.shard, req.layer,
                                                                      x, idx, w)
         except ValueError as exc:  # an expert dropped between validation and math (see ExpertShard.strict)
             metrics.EXPERT_MESSAGES.labels("invalid").inc()
@@ -127,7 +132,7 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
             await abort(context, FailedPreconditionError(str(exc)))
         metrics.EXPERT_MESSAGES.labels("ok").inc()
         self.tokens_computed += _count_tokens(req.layer, idx)
-        return dispatch_pb2.DispatchResponse(id=req.id, output=to_proto(y.to(x.dtype)))
+        return dispatch_pb2.DispatchResponse(id=req.id, output=to_proto(y))
 
     async def Info(self, request, context):
         dtype = str(self.shard.dtype).removeprefix("torch.")
@@ -141,6 +146,20 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
             placement_version=self.placement_version,
             checkpoint=self.checkpoint,
         )
+
+
+def compute(shard: ExpertShard, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+            host_ids: np.ndarray | None = None) -> torch.Tensor:
+    """The shard's partial rows for host tensors (validated by the caller), back on the host in x's dtype.
+
+    One copy to the device per input and one back; the shard re-checks the ids against the layer snapshot it
+    uses on their host copy (``host_ids``, default ``idx.numpy()``), so nothing reads device memory but the
+    final copy.
+    """
+    dev = shard.device
+    ids = idx.numpy() if host_ids is None else host_ids
+    y = shard.forward(layer, x.to(dev), idx.to(dev), w.to(dev), host_ids=ids)  # [T, D] on dev
+    return y.to("cpu", x.dtype)
 
 
 def _count_tokens(layer: int, idx: torch.Tensor) -> int:

@@ -2,19 +2,35 @@
 
 Glossary: T rows, D hidden size, I moe_intermediate_size, K experts per token,
 E_l experts this shard hosts in a layer, A = number of (row, expert) assignments
-that land on this shard.
+that land on this shard, (bn, bk) the FP8 scale block.
 
 The shard stores each layer's experts stacked, ``w13`` = [E_l, 2I, D] (gate and
 up projections fused) and ``w2`` = [E_l, D, I], plus a table from logical
-expert id to local slot. For a batch it sorts the (row, expert) assignments it
-hosts by slot and runs two grouped GEMMs over the contiguous segments, then
-scatters the weighted results back onto the rows. There is no Python loop over
-tokens. On CPUs, where torch's grouped GEMM is a serial loop over every expert,
-``_pick_strategy`` chooses a padded batched matmul or a loop over busy experts.
+expert id to local slot (on the device, with a CPU mirror for bookkeeping and
+host-side validation). Everything lives on the device given at construction.
+
+Two ways to compute a batch:
+
+* an injected fused-MoE op (the Triton kernel on GPUs): one call per layer, no
+  host sync; ids must be valid, so they are checked at the boundary (the Dispatch
+  service checks its host copy, see ``forward(host_ids=)``) or trusted (the
+  model's own gate, ``validate=False``);
+* on CPUs, where torch's grouped GEMM is a serial loop over every expert, it sorts
+  the hosted assignments by slot and ``_pick_strategy`` chooses a padded batched
+  matmul, a loop over busy experts or grouped GEMMs. These read the routing on the
+  host: they are the CPU path only.
+
+FP8 kept (``fp8_block`` set): DeepSeek-V3's block-quantized experts stay e4m3,
+``w13`` [E_l, 2I', D] and ``w2`` [E_l, D, I'] with fp32 ``w13_scale_inv``
+[E_l, ceil(2I'/bn), ceil(D/bk)] and ``w2_scale_inv`` [E_l, ceil(D/bn), ceil(I'/bk)],
+computed by the FP8 fused-MoE op. Fusing gate and up keeps the scale blocks aligned
+only when I is a multiple of bn, so otherwise I is padded to I' = ceil(I/bn) * bn
+with zero weights (exact: silu(0) * 0 = 0, and the zero down columns add nothing).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,17 +38,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moemesh.model.checkpoint import Fp8Tensor
 
-@dataclass
+Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I, D], up [I, D], down [D, I]
+Fp8Weights = tuple[Fp8Tensor, Fp8Tensor, Fp8Tensor]  # the same, block-quantized
+
+
+@dataclass(frozen=True)
 class _LayerExperts:
     expert_ids: list[int]  # logical id of each local slot
-    slot_of: torch.Tensor  # [E] int64, logical expert id -> local slot, -1 when not hosted
-    w13: torch.Tensor  # [E_l, 2I, D]
-    w2: torch.Tensor  # [E_l, D, I]
+    slot_of: torch.Tensor  # [E] int64 on the device: logical expert id -> local slot, -1 when not hosted
+    slot_of_host: np.ndarray  # [E] the same on the host: bookkeeping and validation, never a device read
+    w13: torch.Tensor  # [E_l, 2I', D] compute dtype, or e4m3 (w13_q) when FP8 is kept
+    w2: torch.Tensor  # [E_l, D, I'] likewise
+    inter: int  # I of the checkpoint; I' > I only for FP8 layers padded to whole scale blocks
+    w13_scale_inv: torch.Tensor | None = None  # [E_l, ceil(2I'/bn), ceil(D/bk)] fp32, FP8 only
+    w2_scale_inv: torch.Tensor | None = None  # [E_l, ceil(D/bn), ceil(I'/bk)] fp32, FP8 only
 
     @property
     def hosted(self) -> np.ndarray:
-        return (self.slot_of >= 0).numpy()
+        return self.slot_of_host >= 0
+
+    def nbytes(self) -> int:
+        parts = (self.slot_of, self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 def _grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -55,14 +84,22 @@ class ExpertShard:
     STRATEGIES = ("auto", "grouped", "padded", "looped")
 
     def __init__(self, n_routed_experts: int, dtype: torch.dtype = torch.float32, strategy: str = "auto",
-                 fused_moe: Callable | None = None, device: torch.device | str = "cpu"):
+                 fused_moe: Callable | None = None, device: torch.device | str = "cpu", *,
+                 fp8_block: tuple[int, int] | None = None, fused_moe_fp8: Callable | None = None):
         if strategy not in self.STRATEGIES:
             raise ValueError(f"strategy must be one of {self.STRATEGIES}, got {strategy!r}")
         self.n_routed_experts = n_routed_experts
         self.fused_moe = fused_moe  # the Triton fused-MoE op (GPUs); None = the CPU strategies below
-        self.dtype = dtype
+        self.dtype = dtype  # the compute dtype (activations; also the weights unless FP8 is kept)
         self.device = torch.device(device)  # where the weights live and the math runs
         self.strategy = strategy  # auto picks per batch; the others force a path (tests, benchmarks)
+        # FP8 kept: experts stay e4m3 with (bn, bk) block scales and run through the FP8 fused-MoE op.
+        self.fp8_block = None if fp8_block is None else (int(fp8_block[0]), int(fp8_block[1]))
+        if self.fp8_block is not None and fused_moe_fp8 is None:
+            from moemesh.kernels.fused_moe import select_fused_moe
+
+            fused_moe_fp8 = select_fused_moe(self.device, fp8=True)  # Triton on CUDA, the reference elsewhere
+        self.fused_moe_fp8 = fused_moe_fp8
         self._layers: dict[int, _LayerExperts] = {}
         # strict: a routed expert this shard lacks is an error, not a zero contribution (the Dispatch service
         # validates first; this re-checks against the snapshot used, in case a drop ran in between)
@@ -80,19 +117,25 @@ class ExpertShard:
 
     def hosts(self, layer_id: int, expert_id: int) -> bool:
         le = self._layers.get(layer_id)
-        return le is not None and 0 <= expert_id < self.n_routed_experts and bool(le.slot_of[expert_id] >= 0)
+        return le is not None and 0 <= expert_id < self.n_routed_experts and bool(le.slot_of_host[expert_id] >= 0)
 
-    def add_experts(
-        self,
-        layer_id: int,
-        weights: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    ) -> None:
-        """Add experts to a layer. ``weights``: expert id -> (gate [I, D], up [I, D], down [D, I])."""
+    def nbytes(self) -> int:
+        """Bytes the hosted experts take on the device (weights, FP8 scales, slot tables)."""
+        return sum(le.nbytes() for le in self._layers.values())
+
+    # ---- loading and dropping -------------------------------------------
+    def add_experts(self, layer_id: int, weights: dict[int, Weights] | dict[int, Fp8Weights]) -> None:
+        """Add experts to a layer. ``weights``: expert id -> (gate [I, D], up [I, D], down [D, I]).
+
+        Plain tensors on a dequantized shard, :class:`Fp8Tensor` triples on an FP8-kept one
+        (``fp8_block`` set); any device, they are copied to the shard's.
+        """
         if not weights:
             return
-        for e in weights:
+        for e, triple in weights.items():
             if not 0 <= e < self.n_routed_experts:
                 raise ValueError(f"expert id {e} is outside 0..{self.n_routed_experts - 1}")
+            self._check_kind(e, triple)
         kept = self._export(layer_id)
         kept.update(weights)
         self._rebuild(layer_id, kept)
@@ -106,38 +149,100 @@ class ExpertShard:
         else:
             self._layers.pop(layer_id, None)
 
-    def _export(self, layer_id: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _check_kind(self, expert_id: int, triple: tuple) -> None:
+        fp8 = [isinstance(w, Fp8Tensor) for w in triple]
+        if len(triple) != 3 or (any(fp8) and not all(fp8)):
+            raise ValueError(f"expert {expert_id}: weights must be (gate, up, down), all tensors or all Fp8Tensor")
+        if self.fp8_block is None and fp8[0]:
+            raise ValueError(f"expert {expert_id}: FP8 weights given to a shard that dequantizes (fp8_block=None); "
+                             "dequantize them or build the shard with fp8_block")
+        if self.fp8_block is not None:
+            if not fp8[0]:
+                raise ValueError(f"expert {expert_id}: this shard keeps FP8 ({self.fp8_block} blocks) and needs "
+                                 "Fp8Tensor weights (Checkpoint.load(..., keep_fp8=True)), got plain tensors")
+            if any(w.block != self.fp8_block for w in triple):
+                raise ValueError(f"expert {expert_id}: weights in {triple[0].block} blocks, but this shard "
+                                 f"keeps {self.fp8_block} blocks")
+
+    def _export(self, layer_id: int) -> dict[int, Weights] | dict[int, Fp8Weights]:
+        """The hosted experts of a layer as add_experts takes them (FP8 stays e4m3, padding removed); views of
+        the device tensors. ``unbind``/``narrow``, not ``[...]``: the same views, and ones fake CUDA tensors take
+        on a CPU-only torch build (its Python indexing asks for a CUDA device guard)."""
         le = self._layers.get(layer_id)
         if le is None:
             return {}
-        inter = le.w2.shape[-1]
-        return {
-            e: (le.w13[s, :inter], le.w13[s, inter:], le.w2[s])
-            for s, e in enumerate(le.expert_ids)
-        }
+        inter, ids = le.inter, le.expert_ids
+        if le.w13_scale_inv is None:
+            return {e: (w13.narrow(0, 0, inter), w13.narrow(0, inter, inter), w2)
+                    for e, w13, w2 in zip(ids, le.w13.unbind(0), le.w2.unbind(0))}
+        bn, bk = self.fp8_block
+        padded = le.w2.shape[-1]  # I'
+        rows, cols = math.ceil(inter / bn), math.ceil(inter / bk)  # the unpadded scale grids
+        grid = padded // bn  # gate's scale rows in the padded layout (I' is a multiple of bn)
+        out = {}
+        for e, w13, s13, w2, s2 in zip(ids, le.w13.unbind(0), le.w13_scale_inv.unbind(0), le.w2.unbind(0),
+                                       le.w2_scale_inv.unbind(0)):
+            gate = Fp8Tensor(w13.narrow(0, 0, inter), s13.narrow(0, 0, rows), self.fp8_block)
+            up = Fp8Tensor(w13.narrow(0, padded, inter), s13.narrow(0, grid, rows), self.fp8_block)
+            down = Fp8Tensor(w2.narrow(1, 0, inter), s2.narrow(1, 0, cols), self.fp8_block)
+            out[e] = (gate, up, down)
+        return out
 
-    def _rebuild(self, layer_id: int, weights: dict[int, tuple[torch.Tensor, ...]]) -> None:
+    def _rebuild(self, layer_id: int, weights: dict[int, tuple]) -> None:
         # A new _LayerExperts replaces the old in one assignment: forward() reads a layer's snapshot once, so
         # loads and drops may run on another thread than the math (never two of them at once, though).
         expert_ids = sorted(weights)
-        w13 = torch.stack([torch.cat([weights[e][0], weights[e][1]], dim=0) for e in expert_ids])
-        w2 = torch.stack([weights[e][2] for e in expert_ids])
-        slot_of = torch.full((self.n_routed_experts,), -1, dtype=torch.int64)
-        slot_of[expert_ids] = torch.arange(len(expert_ids))
-        self._layers[layer_id] = _LayerExperts(
-            expert_ids=expert_ids,
-            slot_of=slot_of,
-            w13=w13.to(self.device, self.dtype).contiguous(),
-            w2=w2.to(self.device, self.dtype).contiguous(),
-        )
+        slot_of_host = np.full(self.n_routed_experts, -1, dtype=np.int64)
+        slot_of_host[expert_ids] = np.arange(len(expert_ids))
+        slot_of = torch.tensor(slot_of_host.tolist(), device=self.device)  # one upload per rebuild, never per batch
+        if self.fp8_block is None:
+            dev = [tuple(w.to(self.device, self.dtype) for w in weights[e]) for e in expert_ids]
+            w13 = torch.stack([torch.cat([gate, up], dim=0) for gate, up, _ in dev]).contiguous()
+            w2 = torch.stack([down for _, _, down in dev]).contiguous()
+            self._layers[layer_id] = _LayerExperts(expert_ids, slot_of, slot_of_host, w13, w2, w2.shape[-1])
+            return
+        self._layers[layer_id] = self._build_fp8(expert_ids, slot_of, slot_of_host, weights)
 
-    @staticmethod
-    def _check_hosted(layer_id: int, le: "_LayerExperts", topk_idx: torch.Tensor) -> None:
-        flat = topk_idx.reshape(-1).long()
-        lacking = (flat >= 0) & (le.slot_of[flat.clamp(min=0)] < 0)
-        if bool(lacking.any()):
-            missing = sorted(set(flat[lacking].tolist()))
-            raise ValueError(f"layer {layer_id}: experts {missing[:8]} are not hosted here (dropped meanwhile?)")
+    def _build_fp8(self, expert_ids, slot_of, slot_of_host, weights) -> _LayerExperts:
+        bn, _ = self.fp8_block
+        inter = weights[expert_ids[0]][0].shape[0]
+        padded = math.ceil(inter / bn) * bn  # I': gate and up fill whole scale-row blocks, so [gate; up] aligns
+        w13_q, w13_s, w2_q, w2_s = [], [], [], []
+        for e in expert_ids:
+            gate, up, down = (self._to_device(w) for w in weights[e])
+            if gate.shape[0] != inter or up.shape != gate.shape or down.shape != (gate.shape[1], inter):
+                raise ValueError(f"expert {e}: gate {list(gate.shape)}, up {list(up.shape)}, down "
+                                 f"{list(down.shape)} do not match [I, D], [I, D], [D, I] with I = {inter}")
+            gate, up, down = _pad_fp8(gate, padded, None), _pad_fp8(up, padded, None), _pad_fp8(down, None, padded)
+            w13_q.append(torch.cat([gate.q, up.q]))
+            w13_s.append(torch.cat([gate.scale_inv, up.scale_inv]))
+            w2_q.append(down.q)
+            w2_s.append(down.scale_inv)
+        return _LayerExperts(
+            expert_ids, slot_of, slot_of_host,
+            w13=torch.stack(w13_q).contiguous(), w2=torch.stack(w2_q).contiguous(), inter=inter,
+            w13_scale_inv=torch.stack(w13_s).contiguous(), w2_scale_inv=torch.stack(w2_s).contiguous(),
+        )  # fmt: skip
+
+    def _to_device(self, w: Fp8Tensor) -> Fp8Tensor:
+        return Fp8Tensor(w.q.to(self.device), w.scale_inv.to(self.device, torch.float32), w.block)
+
+    # ---- validation -----------------------------------------------------
+    def _validate(self, layer_id: int, le: _LayerExperts | None, ids: np.ndarray) -> None:
+        """Expert ids in range and, when strict, hosted in the snapshot used; reads only host data."""
+        if ids.size and (ids.min() < -1 or ids.max() >= self.n_routed_experts):
+            raise ValueError(f"routed expert ids must be in 0..{self.n_routed_experts - 1} (or -1 = skip)")
+        if not self.strict:
+            return
+        routed = ids[ids >= 0]
+        if le is None:
+            if routed.size:
+                raise ValueError(f"layer {layer_id} has no experts here (dropped meanwhile?)")
+            return
+        missing = np.unique(routed[~le.hosted[routed]])
+        if missing.size:
+            raise ValueError(f"layer {layer_id}: experts {missing[:8].tolist()} are not hosted here "
+                             "(dropped meanwhile?)")
 
     # ---- math -----------------------------------------------------------
     def forward(
@@ -146,29 +251,43 @@ class ExpertShard:
         x: torch.Tensor,  # [T, D]
         topk_idx: torch.Tensor,  # [T, K] logical expert ids, -1 = skip
         topk_weights: torch.Tensor,  # [T, K]
+        *,
+        validate: bool = True,
+        host_ids: np.ndarray | None = None,  # [T, K] a host copy of topk_idx, for validation
     ) -> torch.Tensor:
         """Per row, sum_k w_k * SwiGLU_k(x) over the row's experts that this shard hosts; [T, D].
 
         Rows whose experts all live elsewhere come back as zeros, so partial results
         from several shards simply add up.
+
+        ``validate`` checks the ids first (and, when ``strict``, that they are hosted in the
+        snapshot used). It reads ``host_ids`` when given, else copies ``topk_idx`` to the
+        host: a device sync on GPUs, so GPU callers pass ``host_ids`` (the Dispatch
+        service has them) or ``validate=False`` (ids from the model's own gate).
         """
         out = torch.zeros_like(x)  # [T, D]
-        le = self._layers.get(layer_id)
-        if le is None and self.strict and bool((topk_idx >= 0).any()):
-            raise ValueError(f"layer {layer_id} has no experts here (dropped meanwhile?)")
-        if le is None or x.shape[0] == 0:
+        le = self._layers.get(layer_id)  # one snapshot for the whole call
+        if validate:
+            ids = host_ids if host_ids is not None else topk_idx.detach().cpu().numpy()
+            self._validate(layer_id, le, np.asarray(ids))
+        if le is None or x.shape[0] == 0 or topk_idx.shape[1] == 0:
             return out
-        if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= self.n_routed_experts):
-            raise ValueError(f"routed expert ids must be in 0..{self.n_routed_experts - 1} (or -1 = skip)")
-        if self.strict:
-            self._check_hosted(layer_id, le, topk_idx)
+        if le.w13_scale_inv is not None:
+            return self.fused_moe_fp8(
+                x.to(self.dtype), le.w13, le.w13_scale_inv, le.w2, le.w2_scale_inv,
+                _local_slots(le, topk_idx), topk_weights.float(), self.fp8_block, check_ids=False,
+            ).to(x.dtype)  # fmt: skip
         if self.fused_moe is not None:
-            local = torch.where(topk_idx >= 0, le.slot_of[topk_idx.clamp(min=0).long()], -1)  # [T, K] slots
-            return self.fused_moe(x.to(self.dtype), le.w13, le.w2, local, topk_weights.float()).to(x.dtype)
+            local = _local_slots(le, topk_idx)  # [T, K]
+            return self.fused_moe(x.to(self.dtype), le.w13, le.w2, local, topk_weights.float(),
+                                  check_ids=False).to(x.dtype)
+        return self._forward_cpu(le, x, topk_idx, topk_weights, out)
+
+    def _forward_cpu(self, le: _LayerExperts, x, topk_idx, topk_weights, out) -> torch.Tensor:
+        """The CPU strategies: hosted assignments sorted by slot, computed per expert segment (host reads)."""
         top_k = topk_idx.shape[1]
-        flat = topk_idx.reshape(-1).long()
         # -1 marks an assignment another node computes (a replica took it): skip it like a foreign expert.
-        slots = torch.where(flat >= 0, le.slot_of[flat.clamp(min=0)], -1)  # [T*K], -1 where not ours
+        slots = _local_slots(le, topk_idx).reshape(-1)  # [T*K], -1 where not ours
         hosted = (slots >= 0).nonzero().squeeze(1)  # [A] flat (row, k) positions we compute
         if hosted.numel() == 0:
             return out
@@ -188,6 +307,30 @@ class ExpertShard:
         ys = ys * topk_weights.reshape(-1)[hosted].unsqueeze(1).to(ys.dtype)  # [A, D]
         out.index_add_(0, rows, ys.to(out.dtype))
         return out
+
+
+def _local_slots(le: _LayerExperts, topk_idx: torch.Tensor) -> torch.Tensor:
+    """[T, K] local slot of each assignment, -1 where skipped or not hosted; on the device, no host read.
+
+    index_select, not ``slot_of[ids]``: the same gather, and the one that also runs on fake CUDA tensors.
+    """
+    flat = topk_idx.reshape(-1).long()  # [T*K]
+    slots = le.slot_of.index_select(0, flat.clamp(min=0))  # [T*K]
+    return torch.where(flat >= 0, slots, -1).view(topk_idx.shape)
+
+
+def _pad_fp8(w: Fp8Tensor, rows: int | None, cols: int | None) -> Fp8Tensor:
+    """``w`` grown to ``rows`` x ``cols`` with zero weights; new scale blocks get 1 (any scale times 0 is 0)."""
+    r, c = w.shape
+    rows, cols = rows or r, cols or c
+    if (rows, cols) == (r, c):
+        return w
+    bn, bk = w.block
+    # e4m3 zero is the all-zero byte: pad the uint8 view (float8 padding kernels are not everywhere).
+    q = F.pad(w.q.view(torch.uint8), (0, cols - c, 0, rows - r)).view(torch.float8_e4m3fn)
+    gr, gc = w.scale_inv.shape
+    s = F.pad(w.scale_inv, (0, math.ceil(cols / bk) - gc, 0, math.ceil(rows / bn) - gr), value=1.0)
+    return Fp8Tensor(q, s, w.block)
 
 
 def _pick_strategy(counts: torch.Tensor, assignments: int, cuda: bool) -> str:

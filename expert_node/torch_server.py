@@ -111,8 +111,11 @@ class _Session:
                     p2p.wait(req_pg.recv([body], src, p2p.TAG_REQUEST), self.timeout_s, backend, "receiving a body")
                 x, ids, weights = p2p.unpack_body(body, h)
                 self._check_rows(h.layer, ids, weights)
-                idx, w = torch.from_numpy(ids).to(self.device), torch.from_numpy(weights).to(self.device)
-                reply = p2p.pack_reply(h.msg_id, self.svc.shard.forward(h.layer, x, idx, w).to(x.dtype))
+                # The rows come on the frames' device; the shard computes on its own (ids checked on the host copy).
+                shard = self.svc.shard
+                idx, w = torch.from_numpy(ids).to(shard.device), torch.from_numpy(weights).to(shard.device)
+                y = shard.forward(h.layer, x.to(shard.device), idx, w, host_ids=ids)  # [T, D]
+                reply = p2p.pack_reply(h.msg_id, y.to(x.device, x.dtype))
                 if sending is not None:
                     p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")
                 sending = (rep_pg.send([reply], src, p2p.TAG_REPLY), reply)

@@ -35,17 +35,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from moemesh.model.config import ModelConfig
-    from moemesh.expert_node.main import serve
-    from moemesh.launch.embedded import resolve_dtype
     from moemesh.control.placement import parse_expert_spec
+    from moemesh.devices import keep_fp8, resolve_device, resolve_dtype
+    from moemesh.expert_node.main import serve
+    from moemesh.model.config import ModelConfig
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if not 0 <= args.torch_port <= 65535:
         raise UsageError(f"--torch-port must be in 0..65535, got {args.torch_port}")
+    device = resolve_device(args.device)  # before anything loads: a missing GPU is one line, not a traceback
     cfg = ModelConfig.from_dir(args.model)
-    dtype = resolve_dtype(args.dtype, cfg)
+    dtype = resolve_dtype(args.dtype, cfg.dtype, device)
+    keep = keep_fp8(args.fp8, device)
     tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
     if args.experts is None:
         if args.etcd is None:
@@ -55,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(serve_registered(args.model, args.etcd, args.cluster, args.host, args.port, dtype,
                                      node_id=args.node_id, slots=args.slots, advertise=args.advertise_host,
                                      tls=tls, health_port=args.health_port, transport=args.transport,
-                                     torch_port=args.torch_port))
+                                     torch_port=args.torch_port, device=device, keep_fp8=keep))
         return 0
     parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
     asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype, tls=tls,
-                      health_port=args.health_port, transport=args.transport, torch_port=args.torch_port))
+                      health_port=args.health_port, transport=args.transport, torch_port=args.torch_port,
+                      device=device, keep_fp8=keep))
     return 0

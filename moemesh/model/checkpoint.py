@@ -14,8 +14,10 @@ bf16 router logits would pick different experts than the reference does.
 FP8: V3/R1 store most linear weights as float8 e4m3 ``X.weight`` with an fp32
 ``X.weight_scale_inv`` holding one scale per ``block_size`` block (128x128; edge
 blocks may be partial). They are dequantized on load (``w.float() * scale``), so the
-rest of moemesh only ever sees ordinary floating weights. ``*_scale_inv`` tensors
-are therefore never listed by :meth:`Checkpoint.names` nor returned by ``load``.
+rest of moemesh only ever sees ordinary floating weights -- unless the load asks
+``keep_fp8=True`` (routed experts kept e4m3 on a GPU): then each such weight comes back
+as an :class:`Fp8Tensor`, the stored e4m3 bytes with their fp32 scales. ``*_scale_inv``
+tensors are never listed by :meth:`Checkpoint.names` nor returned on their own by ``load``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import re
 import shutil
 import struct
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,23 @@ _DTYPE_BYTES = {
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as asked; the message says what is missing or wrong."""
+
+
+@dataclass(frozen=True)
+class Fp8Tensor:
+    """One block-quantized 2-D weight as stored: ``q * scale_inv`` (each scale over its block) is the weight."""
+
+    q: torch.Tensor  # [rows, cols] float8_e4m3fn
+    scale_inv: torch.Tensor  # [ceil(rows/block[0]), ceil(cols/block[1])] float32
+    block: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32, by the one dequantization used on load (:func:`dequantize_fp8_blockwise`)."""
+        return dequantize_fp8_blockwise(self.q, self.scale_inv, self.block)
 
 
 # ---- role filters ---------------------------------------------------------
@@ -136,6 +156,13 @@ def dequantize_fp8_blockwise(
     The one dequantization used both on load and by :func:`write_dequantized`, so an FP8
     checkpoint and its dequantized twin load to bit-identical weights.
     """
+    _check_scale_shape(q, scale_inv, block, name)
+    rows, cols = q.shape
+    scale = scale_inv.float().repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
+    return q.float() * scale
+
+
+def _check_scale_shape(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str) -> None:
     if q.dim() != 2:
         raise CheckpointError(f"{name}: FP8 weights must be 2-D, got shape {tuple(q.shape)}")
     want = _scale_grid(q.shape, block)
@@ -144,9 +171,6 @@ def dequantize_fp8_blockwise(
             f"{name}{SCALE_SUFFIX} has shape {list(scale_inv.shape)}, but a {list(q.shape)} weight in "
             f"{block[0]}x{block[1]} blocks needs {list(want)}: check quantization_config.weight_block_size"
         )
-    rows, cols = q.shape
-    scale = scale_inv.float().repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
-    return q.float() * scale
 
 
 # ---- safetensors headers --------------------------------------------------
@@ -303,13 +327,16 @@ class Checkpoint:
         dtype: torch.dtype,
         progress: bool = True,
         desc: str = "loading weights",
-    ) -> dict[str, torch.Tensor]:
+        keep_fp8: bool = False,
+    ) -> dict[str, torch.Tensor | Fp8Tensor]:
         """Read the selected tensors, FP8 dequantized and cast per the module's dtype rule.
 
         ``select`` is a predicate over :meth:`names` (e.g. :func:`attention_side`) or an
         explicit list of names (e.g. from :func:`expert_tensor_names`); explicit names
         that the checkpoint lacks raise :class:`CheckpointError`. Shards holding none of
         the selected tensors are never opened. The result follows the selection order.
+        ``keep_fp8``: FP8 weights come back as :class:`Fp8Tensor` (stored bytes, no
+        dequantization, no cast); other tensors follow the dtype rule as usual.
         """
         names = self._resolve(select)
         by_file: dict[str, list[str]] = {}
@@ -336,24 +363,28 @@ class Checkpoint:
                             weight = key[: -len(SCALE_SUFFIX)]
                             scales[weight] = raw
                             if weight in pending:
-                                out[weight] = self._finish(weight, pending.pop(weight), raw, dtype)
+                                out[weight] = self._finish(weight, pending.pop(weight), raw, dtype, keep_fp8)
                         elif key + SCALE_SUFFIX in self._where and key not in scales:
                             pending[key] = raw
                         else:
-                            out[key] = self._finish(key, raw, scales.get(key), dtype)
+                            out[key] = self._finish(key, raw, scales.get(key), dtype, keep_fp8)
         finally:
             bar.close()
         if pending:  # only reachable if a scale listed in the index was never read
             raise CheckpointError(f"no {SCALE_SUFFIX} was read for {', '.join(list(pending)[:5])}")
         return {n: out[n] for n in names}
 
-    def _finish(self, name: str, raw: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    def _finish(self, name: str, raw: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
+                keep_fp8: bool = False) -> torch.Tensor | Fp8Tensor:
         target = torch.float32 if keeps_fp32(name) else dtype
         if scale is not None:
             if raw.dtype != torch.float8_e4m3fn:
                 raise CheckpointError(
                     f"{name} has a {SCALE_SUFFIX} sibling but is stored as {raw.dtype}, not float8_e4m3fn"
                 )
+            if keep_fp8:
+                _check_scale_shape(raw, scale, self.fp8_block, name)
+                return Fp8Tensor(raw, scale.float(), self.fp8_block)
             return dequantize_fp8_blockwise(raw, scale, self.fp8_block, name=name).to(target)
         if raw.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise CheckpointError(f"{name} is stored as {raw.dtype} but has no {name}{SCALE_SUFFIX} to dequantize it")

@@ -279,3 +279,18 @@ def test_dequantized_twin_loads_in_transformers(tiny, tmp_path):
     deq = write_dequantized(write_fp8_twin(tiny, tmp_path / "fp8", block=(32, 32)), tmp_path / "deq")
     _, info = transformers.AutoModelForCausalLM.from_pretrained(deq, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_keep_fp8_returns_the_stored_e4m3_and_scales(tiny, tmp_path):
+    fp8 = write_fp8_twin(tiny, tmp_path / "fp8", block=(32, 32))
+    ckpt = open_ckpt(fp8)
+    names = [*expert_tensor_names(1, 3), "model.layers.1.mlp.gate.weight", "model.norm.weight"]
+    kept = ckpt.load(names, dtype=torch.bfloat16, keep_fp8=True)
+    deq = ckpt.load(names, dtype=torch.float32)
+    for name in expert_tensor_names(1, 3):
+        t = kept[name]
+        assert isinstance(t, ck.Fp8Tensor) and t.block == (32, 32)
+        assert t.q.dtype == torch.float8_e4m3fn and t.scale_inv.dtype == torch.float32
+        assert torch.equal(t.dequantize(), deq[name])
+    assert kept["model.layers.1.mlp.gate.weight"].dtype == torch.float32  # the router rule still holds
+    assert kept["model.norm.weight"].dtype == torch.bfloat16  # never quantized: the dtype rule as usual
