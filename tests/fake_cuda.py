@@ -13,6 +13,12 @@ a CPU tensor, so a test can assert that a step creates nothing on the CPU (``aud
 Host data turned into tensors (``torch.tensor(list, device=...)``, seen as ``aten.lift_fresh``) is an
 upload, counted apart in ``audit.uploads``: the step's inputs, never its math.
 
+A CPU-only torch registers no CUDA device guard, and Python-level indexing (``x[0]``, ``x[idx]``,
+``x[..., :n]``) and ``torch.tensor(..., device="cuda")`` open one: "PyTorch is not linked with support for
+cuda devices" even on fake tensors (``FakeTensorMode``'s own ``_ensureCUDADeviceGuardSet`` does not cover
+them in torch 2.13). :func:`fake_cuda` therefore registers c10's ``FakeGuardImpl`` for CUDA once per process:
+a 3-line C++ file compiled with g++ against torch's headers (about 2 s, cached beside torch's extension builds).
+
 Usage (weights and inputs are built in the fake mode, the step alone is audited)::
 
     with fake_cuda() as fake:
@@ -25,7 +31,15 @@ Usage (weights and inputs are built in the fake mode, the step alone is audited)
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -64,8 +78,39 @@ class FakeCuda:
             yield audit
 
 
+_GUARD_SOURCE = """#include <c10/core/impl/FakeGuardImpl.h>
+C10_REGISTER_GUARD_IMPL(CUDA, c10::impl::FakeGuardImpl<c10::DeviceType::CUDA>);
+"""
+_guard: ctypes.CDLL | None = None
+
+
+def _register_fake_cuda_guard() -> None:
+    """Give a CPU-only torch a CUDA device guard that does nothing (c10's FakeGuardImpl); once per process."""
+    global _guard
+    if _guard is not None or torch.cuda._is_compiled():
+        return  # a CUDA build has its own guard
+    torch_dir = Path(torch.__file__).parent
+    key = hashlib.sha256(f"{torch.__version__} {sys.version} {_GUARD_SOURCE}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    lib = cache / f"moemesh_fake_cuda_guard_{key}.so"
+    if not lib.is_file():
+        cxx = shutil.which(os.environ.get("CXX", "g++"))
+        if cxx is None:
+            raise RuntimeError("fake_cuda needs a C++ compiler (g++) to give this CPU-only torch a CUDA device guard")
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src, out = Path(tmp) / "guard.cpp", Path(tmp) / "guard.so"
+            src.write_text(_GUARD_SOURCE)
+            subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{torch_dir / 'include'}", str(src),
+                            f"-L{torch_dir / 'lib'}", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(out)],
+                           check=True, capture_output=True)
+            os.replace(out, lib)  # atomic: a concurrent run sees the whole library or none
+    _guard = ctypes.CDLL(str(lib))  # its static initializer registers the guard
+
+
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[FakeCuda]:
     """Fake tensors, CUDA allowed on this build; real tensors met inside are an error, not a silent mix."""
+    _register_fake_cuda_guard()
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         yield FakeCuda(mode)
