@@ -48,6 +48,8 @@ from torch.utils._pytree import tree_flatten
 
 CUDA = torch.device("cuda", 0)
 _UPLOAD_OPS = {"aten.lift_fresh.default", "aten.lift_fresh_copy.default"}
+# torch.tensor(...) under torch.inference_mode also detaches the fresh host tensor in place: part of the upload.
+_PART_OF_UPLOAD = {"aten.detach_.default"}
 
 
 class DeviceAudit(TorchDispatchMode):
@@ -60,6 +62,8 @@ class DeviceAudit(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if str(func) in _PART_OF_UPLOAD:
+            return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 (self.uploads if str(func) in _UPLOAD_OPS else self.cpu_ops).append((str(func), tuple(t.shape)))
