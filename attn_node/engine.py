@@ -27,7 +27,7 @@ from moemesh.sampling import SamplingParams
 from .block_manager import BlockManager
 from .model import Transformer
 from .runner import ModelRunner
-from .sampler import sample, skip_draws
+from .sampler import sample_tokens, skip_draws
 from .scheduler import SampledToken, ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 
@@ -77,6 +77,7 @@ class Engine:
                              "call attach_experts(model, backend) first")
         self.cfg, self.config, self.backend = cfg, config, backend
         dtype = model.embed.weight.dtype
+        self.device = model.device  # the cache, the step's inputs and the sampler's generators live there too
         num_blocks = max(1, config.kv_cache_tokens // config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
@@ -107,7 +108,7 @@ class Engine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, list(prompt_ids), params, arrival)
         if not params.greedy:
-            seq.generator = torch.Generator()
+            seq.generator = torch.Generator(device=self.device)  # draws happen where the logits are
             if params.seed is not None:
                 seq.generator.manual_seed(params.seed)
                 skip_draws(seq.generator, self.cfg.vocab_size, resumed)
@@ -164,7 +165,8 @@ class Engine:
         sampling = [item.seq for item in scheduled if item.samples]
         if not sampling:
             return []
-        return sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        tokens = sample_tokens(logits, [s.params for s in sampling], [s.generator for s in sampling])  # [n] on device
+        return tokens.tolist()  # the step's one host read: everything before it stays on the device
 
     def _run_model(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Run the model once; if its experts were unreachable, wait (bounded) for a new placement and re-run.

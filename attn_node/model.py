@@ -130,7 +130,6 @@ class AttnGroup:
     """Sequences attended together as one padded batch (B sequences, Q queries, S context)."""
 
     token_index: torch.Tensor  # [B, Q] int64 row of each query in the flat batch (padding -> any row)
-    query_valid: torch.Tensor  # [B, Q] bool, False for padding
     ctx_slots: torch.Tensor  # [B, S] int64 cache slot of each context position (padding -> a zeroed slot)
     mask: torch.Tensor  # [B, 1, Q, S] bool, True where query may attend key (causal, in range)
     absorbed: bool  # attend over the latent directly (decode) or expand K/V first (naive)
@@ -146,6 +145,10 @@ class AttnBatch:
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64
     groups: list[AttnGroup]
+    # [T] int64: each token's row in the groups' outputs, flattened [B * Q] and concatenated in group
+    # order. Padding queries are never picked, so the attention output is one gather (no boolean mask,
+    # whose data-dependent size would be a host sync on a GPU).
+    out_rows: torch.Tensor
 
 
 class MLA(nn.Module):
@@ -195,7 +198,7 @@ class MLA(nn.Module):
         k_pe = rotary.apply(kv[:, C:], cos, sin)  # [T, R]
         self.ops.store_latent(kv_cache, c_kv, k_pe, batch.slot_mapping)
 
-        out = x.new_empty(T, H, self.v_head_dim)  # [T, H, V]
+        outs = []
         for g in batch.groups:
             qn, qp = q_nope[g.token_index], q_pe[g.token_index]  # [B, Q, H, N], [B, Q, H, R]
             if g.absorbed and g.token_index.shape[1] == 1:
@@ -204,8 +207,9 @@ class MLA(nn.Module):
                 ctx = kv_cache[g.ctx_slots].to(x.dtype)  # [B, S, C + R]
                 attend = self._absorbed if g.absorbed else self._naive
                 o = attend(qn, qp, ctx[..., :C], ctx[..., C:], g.mask)  # [B, Q, H, V]
-            out[g.token_index[g.query_valid]] = o[g.query_valid]
-        return self.wo(out.view(T, H * self.v_head_dim))
+            outs.append(o.flatten(0, 1))  # [B * Q, H, V]
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs))[batch.out_rows]  # [T, H, V]
+        return self.wo(out.reshape(T, H * self.v_head_dim))
 
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         scores = scores.float().masked_fill(~mask, float("-inf"))
@@ -227,8 +231,9 @@ class MLA(nn.Module):
         H, N = self.n_heads, self.qk_nope_head_dim
         wkv_b = self.wkv_b.weight.view(H, N + self.v_head_dim, self.kv_lora_rank)  # [H, N + V, C]
         q_c = torch.einsum("bhn,hnc->bhc", q_nope, wkv_b[:, :N])  # [B, H, C]
+        # S, the longest context, is a shape the runner knows on the host: the op need not read context_lens.
         o_c = self.ops.mla_decode(q_c, q_pe, kv_cache, g.block_tables, g.context_lens, g.block_size,
-                                  self.softmax_scale)  # [B, H, C]
+                                  self.softmax_scale, max_context_len=g.ctx_slots.shape[1])  # [B, H, C]
         return torch.einsum("bhc,hvc->bhv", o_c.to(q_c.dtype), wkv_b[:, N:])  # [B, H, V]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
@@ -359,16 +364,28 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Embeddings, blocks, final norm and head. ``forward`` returns hidden states; ``logits`` projects."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, ops: Ops | None = None):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, ops: Ops | None = None,
+                 device: torch.device | str = "cpu"):
+        """Every parameter is made on ``device`` (``meta``: shapes only, for a loader that assigns the
+        checkpoint's tensors); ``ops`` default to :func:`select_ops` for that device."""
         super().__init__()
-        ops = ops or select_ops("cpu")
+        device = torch.device(device)
+        ops = ops or select_ops(device)
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(cfg, i, dtype, ops) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype)
-        self.rotary = Rotary(cfg)
+        with device:  # the default device of every factory call below: no CPU copy on the way
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+            self.embed.weight.requires_grad_(False)
+            self.layers = nn.ModuleList(Block(cfg, i, dtype, ops) for i in range(cfg.num_hidden_layers))
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+            self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype)
+        # Frequencies computed in fp32 on the host, as the reference does at init, then moved: the same bits
+        # on every device (a buffer, not in the state dict: a loader building on meta makes it again).
+        self.rotary = Rotary(cfg).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live: the step's inputs, the latent cache and the sampler go there too."""
+        return self.embed.weight.device
 
     def moe_layers(self) -> list[MoE]:
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]

@@ -7,19 +7,32 @@ import torch
 from moemesh.sampling import SamplingParams
 
 
-def sample(
+def sample_tokens(
     logits: torch.Tensor,  # [B, vocab] fp32
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-) -> list[int]:
-    """One token per row. Greedy rows take the argmax; the others draw from the filtered distribution."""
+) -> torch.Tensor:
+    """One token per row, [B] int64 on the logits' device, without reading anything back to the host.
+
+    Greedy rows take the argmax; the others draw from the filtered distribution with their own generator
+    (on the same device as the logits). The caller reads the ids once per step (:func:`sample`).
+    """
     tokens = logits.argmax(dim=-1)  # [B]
     for i, p in enumerate(params):
         if p.greedy:
             continue
         probs = _filtered_probs(logits[i] / p.temperature, p.top_k, p.top_p)
         tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    return tokens.tolist()
+    return tokens
+
+
+def sample(
+    logits: torch.Tensor,  # [B, vocab] fp32
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """:func:`sample_tokens`, read back: the step's one host sync."""
+    return sample_tokens(logits, params, generators).tolist()
 
 
 def skip_draws(generator: torch.Generator, vocab_size: int, n: int) -> None:
@@ -47,6 +60,6 @@ def _filtered_probs(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_probs[drop] = 0.0
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)  # not sorted_probs[drop]: a mask's size is a host read
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return probs

@@ -52,7 +52,9 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
                           node_id: str | None = None, advertise: str | None = None, kernels: str = "auto",
                           dispatch_timeout_s: float = 30.0, drain_timeout_s: float = 60.0,
                           max_pending: int = 256, tls: TLSFiles | None = None,
-                          health_port: int | None = None, transport: str = "grpc") -> None:
+                          health_port: int | None = None, transport: str = "grpc", device="cpu") -> None:
+    """``device`` (resolved by the caller, as ``dtype``): the weights, latent cache, sampler, load counts and the
+    torch transport's frames live there."""
     cfg = ModelConfig.from_dir(model_dir)
     checkpoint = checkpoint_fingerprint(model_dir)  # expert nodes must serve the same one
     stop = asyncio.Event()
@@ -60,8 +62,9 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     backend = SwitchableBackend()
-    stats = LoadStats(cfg.moe_layers, cfg.n_routed_experts)
-    model = await asyncio.to_thread(load_transformer, model_dir, cfg, dtype, False, select_ops("cpu", kernels))
+    stats = LoadStats(cfg.moe_layers, cfg.n_routed_experts, device=device)
+    model = await asyncio.to_thread(load_transformer, model_dir, cfg, dtype, False, select_ops(device, kernels),
+                                    device)
     engine = Engine(attach_experts(model, backend, stats), cfg, engine_config, backend=backend)
     engine_loop = EngineLoop(engine, max_pending=max_pending).start()
     service = AttentionService(engine_loop, cfg, Tokenizer.from_dir(model_dir), stats)
@@ -87,14 +90,15 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     reg = follower = None
     if static is not None:
         backend.install(await asyncio.to_thread(RemoteExpertBackend, cfg, static, dispatch_timeout_s, 10.0, tls,
-                                                links_for(transport, cfg.hidden_size, dispatch_timeout_s),
+                                                links_for(transport, cfg.hidden_size, dispatch_timeout_s,
+                                                          device=device),
                                                 checkpoint=checkpoint))
         await became_ready()
     if etcd is not None:
         reg = await Registry.connect(etcd, cluster)
         await reg.register(record if static is None else replace(record, status="ready"))
         follower = asyncio.create_task(BackendFollower(
-            reg, cfg, backend, dispatch_timeout_s, became_ready, tls, transport, checkpoint).run())
+            reg, cfg, backend, dispatch_timeout_s, became_ready, tls, transport, checkpoint, device).run())
     await stop.wait()
 
     log.info("draining", running=engine_loop.num_running(), waiting=engine_loop.num_waiting())
@@ -123,10 +127,10 @@ class BackendFollower:
     re-dials the same placement itself once the link has been down for REDIAL_AFTER_S.
     """
 
-    def __init__(self, reg, cfg, backend, dispatch_timeout_s, became_ready, tls, transport, checkpoint):
+    def __init__(self, reg, cfg, backend, dispatch_timeout_s, became_ready, tls, transport, checkpoint, device="cpu"):
         self.reg, self.cfg, self.backend = reg, cfg, backend
         self.dispatch_timeout_s, self.became_ready, self.tls = dispatch_timeout_s, became_ready, tls
-        self.transport, self.checkpoint = transport, checkpoint
+        self.transport, self.checkpoint, self.device = transport, checkpoint, device
         self.view = ClusterView()
         self.serving: Placement | None = None
         self.broken_since: float | None = None
@@ -177,7 +181,7 @@ class BackendFollower:
         # --transport torch: each placement version gets new links, hence new pair groups (re-formed here)
         task = asyncio.ensure_future(asyncio.to_thread(
             RemoteExpertBackend, self.cfg, placement, self.dispatch_timeout_s, CONNECT_TIMEOUT_S, self.tls,
-            links_for(self.transport, self.cfg.hidden_size, self.dispatch_timeout_s, placement.version),
+            links_for(self.transport, self.cfg.hidden_size, self.dispatch_timeout_s, placement.version, self.device),
             checkpoint=self.checkpoint))
         try:
             new = await asyncio.shield(task)

@@ -13,6 +13,12 @@ a CPU tensor, so a test can assert that a step creates nothing on the CPU (``aud
 Host data turned into tensors (``torch.tensor(list, device=...)``, seen as ``aten.lift_fresh``) is an
 upload, counted apart in ``audit.uploads``: the step's inputs, never its math.
 
+A CPU-only torch registers no CUDA device guard, and Python-level indexing (``x[0]``, ``x[idx]``,
+``x[..., :n]``) and ``torch.tensor(..., device="cuda")`` open one: "PyTorch is not linked with support for
+cuda devices" even on fake tensors (``FakeTensorMode``'s own ``_ensureCUDADeviceGuardSet`` does not cover
+them in torch 2.13). :func:`fake_cuda` therefore registers c10's ``FakeGuardImpl`` for CUDA once per process:
+a 3-line C++ file compiled with g++ against torch's headers (about 2 s, cached beside torch's extension builds).
+
 Usage (weights and inputs are built in the fake mode, the step alone is audited)::
 
     with fake_cuda() as fake:
@@ -25,16 +31,25 @@ Usage (weights and inputs are built in the fake mode, the step alone is audited)
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 CUDA = torch.device("cuda", 0)
 _UPLOAD_OPS = {"aten.lift_fresh.default", "aten.lift_fresh_copy.default"}
+# torch.tensor(...) under torch.inference_mode also detaches the fresh host tensor in place: part of the upload.
+_PART_OF_UPLOAD = {"aten.detach_.default"}
 
 
 class DeviceAudit(TorchDispatchMode):
@@ -47,86 +62,12 @@ class DeviceAudit(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if str(func) in _PART_OF_UPLOAD:
+            return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 (self.uploads if str(func) in _UPLOAD_OPS else self.cpu_ops).append((str(func), tuple(t.shape)))
         return out
-
-
-class _CudaIndexing(TorchFunctionMode):
-    """Route the Python entry points that need a real CUDA device guard onto plain aten ops.
-
-    On the CPU-only build, ``t[...]``, ``t[...] = v``, ``~t`` and ``t.copy_(s)`` on a fake CUDA tensor raise
-    "PyTorch is not linked with support for cuda devices" in their Python bindings (before any op is
-    dispatched), while the aten ops they stand for run fine. This mode translates them with the same
-    semantics, so model code keeps its ordinary indexing; the ops below still go through the fake mode,
-    its device checks and the audit.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.__getitem__:
-            return _getitem(*args)
-        if func is torch.Tensor.__setitem__:
-            return _setitem(*args)
-        if func is torch.Tensor.__invert__:
-            return torch.ops.aten.bitwise_not.default(args[0])
-        if func is torch.Tensor.copy_:
-            return torch.ops.aten.copy_.default(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def _basic_view(x: torch.Tensor, index) -> tuple[torch.Tensor, list]:
-    """Apply ints, slices, None and Ellipsis as views; return the view and [(dim, tensor)] still to gather."""
-    items = list(index) if isinstance(index, tuple) else [index]
-    if any(i is Ellipsis for i in items):
-        at = next(n for n, i in enumerate(items) if i is Ellipsis)
-        used = sum(1 for i in items if i is not None and i is not Ellipsis)
-        items[at : at + 1] = [slice(None)] * (x.dim() - used)
-    dim, advanced = 0, []
-    for item in items:
-        if item is None:
-            x = torch.ops.aten.unsqueeze.default(x, dim)
-            dim += 1
-        elif isinstance(item, bool):
-            raise NotImplementedError("fake_cuda indexing: a bool index")
-        elif isinstance(item, int):
-            x = torch.ops.aten.select.int(x, dim, item)
-        elif isinstance(item, slice):
-            x = torch.ops.aten.slice.Tensor(x, dim, item.start, item.stop, item.step or 1)
-            dim += 1
-        elif isinstance(item, torch.Tensor):
-            advanced.append((dim, item))
-            dim += 1
-        else:
-            raise NotImplementedError(f"fake_cuda indexing: index of type {type(item).__name__}")
-    return x, advanced
-
-
-def _tensor_indices(x: torch.Tensor, advanced: list) -> list:
-    indices = [None] * x.dim()
-    for dim, t in advanced:
-        indices[dim] = t
-    while indices and indices[-1] is None:
-        indices.pop()
-    return indices
-
-
-def _getitem(x: torch.Tensor, index):
-    view, advanced = _basic_view(x, index)
-    if not advanced:
-        return torch.ops.aten.alias.default(view)
-    return torch.ops.aten.index.Tensor(view, _tensor_indices(view, advanced))
-
-
-def _setitem(x: torch.Tensor, index, value) -> None:
-    view, advanced = _basic_view(x, index)
-    if not isinstance(value, torch.Tensor):
-        value = torch.ops.aten.full.default([], value, dtype=x.dtype, device=x.device)
-    if advanced:
-        torch.ops.aten.index_put_.default(view, _tensor_indices(view, advanced), value)
-    else:
-        torch.ops.aten.copy_.default(view, value)
 
 
 class FakeCuda:
@@ -141,8 +82,39 @@ class FakeCuda:
             yield audit
 
 
+_GUARD_SOURCE = """#include <c10/core/impl/FakeGuardImpl.h>
+C10_REGISTER_GUARD_IMPL(CUDA, c10::impl::FakeGuardImpl<c10::DeviceType::CUDA>);
+"""
+_guard: ctypes.CDLL | None = None
+
+
+def _register_fake_cuda_guard() -> None:
+    """Give a CPU-only torch a CUDA device guard that does nothing (c10's FakeGuardImpl); once per process."""
+    global _guard
+    if _guard is not None or torch.cuda._is_compiled():
+        return  # a CUDA build has its own guard
+    torch_dir = Path(torch.__file__).parent
+    key = hashlib.sha256(f"{torch.__version__} {sys.version} {_GUARD_SOURCE}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    lib = cache / f"moemesh_fake_cuda_guard_{key}.so"
+    if not lib.is_file():
+        cxx = shutil.which(os.environ.get("CXX", "g++"))
+        if cxx is None:
+            raise RuntimeError("fake_cuda needs a C++ compiler (g++) to give this CPU-only torch a CUDA device guard")
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src, out = Path(tmp) / "guard.cpp", Path(tmp) / "guard.so"
+            src.write_text(_GUARD_SOURCE)
+            subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{torch_dir / 'include'}", str(src),
+                            f"-L{torch_dir / 'lib'}", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(out)],
+                           check=True, capture_output=True)
+            os.replace(out, lib)  # atomic: a concurrent run sees the whole library or none
+    _guard = ctypes.CDLL(str(lib))  # its static initializer registers the guard
+
+
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[FakeCuda]:
     """Fake tensors, CUDA allowed on this build; real tensors met inside are an error, not a silent mix."""
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode, _CudaIndexing():
+    _register_fake_cuda_guard()
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         yield FakeCuda(mode)

@@ -38,13 +38,14 @@ def run(args: argparse.Namespace) -> int:
     from moemesh.attn_node.serve import serve_attention
     from moemesh.model.config import ModelConfig
     from moemesh.cli.generate import engine_config
-    from moemesh.launch.embedded import resolve_dtype
+    from moemesh.devices import resolve_device, resolve_dtype
     from moemesh.control.placement import Placement, parse_expert_nodes, parse_expert_spec
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.etcd is None and not args.expert_nodes:
         raise UsageError("give --etcd HOST:PORT (placement from the router) or --expert-nodes HOST:PORT=SPEC,...")
+    device = resolve_device(args.device)  # before anything loads: a missing GPU is one line, not a traceback
     cfg = ModelConfig.from_dir(args.model)
     static = None
     if args.expert_nodes:
@@ -52,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
         static = Placement.from_hosted(
             [(address, parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)) for address, spec in nodes])
     asyncio.run(serve_attention(
-        args.model, args.host, args.port, resolve_dtype(args.dtype, cfg), engine_config(args), etcd=args.etcd,
+        args.model, args.host, args.port, resolve_dtype(args.dtype, cfg.dtype, device), engine_config(args), etcd=args.etcd,
         cluster=args.cluster, static=static, node_id=args.node_id, advertise=args.advertise_host,
         kernels=args.kernels, dispatch_timeout_s=args.dispatch_timeout, max_pending=args.max_pending,
         tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca), health_port=args.health_port,
-        transport=args.transport))
+        transport=args.transport, device=device))
     return 0

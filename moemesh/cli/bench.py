@@ -27,8 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="tokens/s of transformers and of moemesh on the same workload",
                               description="Run the same greedy workload (random prompts) through transformers' generate "
                               "and through the moemesh engine in one run; print tokens/s of each, the ratio, whether the "
-                              "tokens agree, and the latent cache bytes per token next to what MHA would need. Needs "
-                              "transformers (pip install 'moemesh[bench]').")
+                              "tokens agree, and the latent cache bytes per token next to what MHA would need. Both run on "
+                              "--device in --dtype. Needs transformers (pip install 'moemesh[bench]').")
     flags.add_model_arg(p)
     p.add_argument("--batch", type=positive_int, default=16, help="prompts run together (default: 16)")
     p.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt (default: 32)")
@@ -44,12 +44,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _load_hf(model_dir: str, dtype: torch.dtype):
+def _load_hf(model_dir: str, dtype: torch.dtype, device: torch.device):
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise MoemeshError("bench compares against transformers: pip install 'moemesh[bench]'") from None
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
 
 def _time_best(fn, repeats: int) -> tuple[float, object]:
@@ -73,19 +73,20 @@ def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from moemesh.cli.generate import engine_config
-    from moemesh.launch.embedded import build_local, resolve_dtype
+    from moemesh.launch.embedded import build_local
 
     torch.manual_seed(0)
-    mesh = build_local(args.model, args.dtype, engine_config(args), progress=not args.json)
-    cfg, engine = mesh.cfg, mesh.engine
-    dtype = resolve_dtype(args.dtype, cfg)
-    hf = _load_hf(args.model, dtype)
+    mesh = build_local(args.model, args.dtype, engine_config(args), progress=not args.json, kernels=args.kernels,
+                       device=args.device, fp8=args.fp8)
+    cfg, engine, dtype, device = mesh.cfg, mesh.engine, mesh.dtype, mesh.device
+    hf = _load_hf(args.model, dtype, device)  # the same device and dtype as the engine
     prompts = torch.randint(2, cfg.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    hf_prompts = prompts.to(device)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
 
     def run_hf(n_new: int):
         with torch.inference_mode():
-            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+            out = hf.generate(hf_prompts, attention_mask=torch.ones_like(hf_prompts), do_sample=False,
                               max_new_tokens=n_new, eos_token_id=None, pad_token_id=0)
         return out[:, args.prompt_len:].tolist()
 
@@ -103,6 +104,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
         "threads": torch.get_num_threads(),
         "hf_tokens_per_s": generated / hf_s,
         "engine_tokens_per_s": generated / en_s,
@@ -117,7 +119,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(f"workload: batch {args.batch}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-          f"greedy, {result['dtype']}, {result['threads']} threads")
+          f"greedy, {result['dtype']} on {result['device']}, {result['threads']} threads")
     print(f"{'':14}{'tokens/s':>12}{'seconds':>10}")
     print(f"{'transformers':14}{result['hf_tokens_per_s']:12.1f}{hf_s:10.3f}")
     print(f"{'moemesh':14}{result['engine_tokens_per_s']:12.1f}{en_s:10.3f}")

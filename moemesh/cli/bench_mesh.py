@@ -84,7 +84,7 @@ def _tcp_echo_us(nbytes: int, n: int) -> float:
 
 def _mesh_run(args, econf, node_list, transport: str, micro_batches: int, prompts, params):
     mesh = build_remote(args.model, node_list, args.dtype, replace(econf, micro_batches=micro_batches), False,
-                        transport=transport)
+                        kernels=args.kernels, transport=transport, device=args.device)
     try:
         if transport == "torch":
             for link in mesh.remote.links:
@@ -110,7 +110,8 @@ def _link(transport: str, address: str, hidden_size: int):
 def run_mesh_bench(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     econf = engine_config(args)
-    local = build_local(args.model, args.dtype, replace(econf, micro_batches=1), progress=False)
+    local = build_local(args.model, args.dtype, replace(econf, micro_batches=1), progress=False, kernels=args.kernels,
+                        device=args.device, fp8=args.fp8)
     cfg = local.cfg
     half = cfg.n_routed_experts // 2
     specs = [f"0-{half - 1}", f"{half}-{cfg.n_routed_experts - 1}"]
@@ -119,6 +120,7 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     transports = ["grpc"] if getattr(args, "transport", "grpc") == "grpc" else ["grpc", args.transport]
     extra = [] if transports == ["grpc"] else ["--transport", "torch"]  # such nodes serve both
+    extra += ["--device", args.device, "--dtype", args.dtype, "--fp8", args.fp8]  # the experts where attention is
     with tempfile.TemporaryDirectory() as logs:
         nodes = spawn_expert_nodes(args.model, specs, log_dir=logs, extra_args=extra)
         try:
@@ -151,7 +153,7 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
     grpc_on, grpc_off = results["grpc", "on"][0], results["grpc", "off"][0]
     out = {
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "expert_nodes": specs, "transports": transports,
+        "expert_nodes": specs, "transports": transports, "device": str(local.device),
         "engine_tokens_per_s": local_tps,
         "mesh_tokens_per_s": grpc_on,
         "mesh_no_overlap_tokens_per_s": grpc_off,

@@ -92,17 +92,20 @@ class _Stream:
 
 def run(args: argparse.Namespace) -> int:
     from moemesh.control.placement import parse_expert_nodes
+    from moemesh.devices import resolve_device
     from moemesh.launch.embedded import build_local, build_remote, ensure_demo_model
 
     prompts = getattr(args, "prompts", None) or [("text", DEMO_PROMPT)]
     params = sampling_params(args, len(prompts))  # before any model loads
+    resolve_device(args.device)  # likewise: a missing GPU is one line before the demo checkpoint is written
     model_dir = args.model or str(ensure_demo_model())
     if getattr(args, "expert_nodes", None):
         nodes = [node for text in args.expert_nodes for node in parse_expert_nodes(text)]
         mesh = build_remote(model_dir, nodes, args.dtype, engine_config(args), not args.json, args.dispatch_timeout,
-                            kernels=args.kernels, transport=args.transport)
+                            kernels=args.kernels, transport=args.transport, device=args.device)
     else:
-        mesh = build_local(model_dir, args.dtype, engine_config(args), progress=not args.json, kernels=args.kernels)
+        mesh = build_local(model_dir, args.dtype, engine_config(args), progress=not args.json, kernels=args.kernels,
+                           device=args.device, fp8=args.fp8)
     try:
         return _run(args, mesh, prompts, params)
     finally:

@@ -62,6 +62,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="port of the MeshControl service that adds and removes expert nodes while the mesh runs "
                    "(`moemesh mesh`); 0 picks one, printed as \"control\" in the ready line (default: 0)")
     flags.add_transport_arg(p, "up")
+    flags.add_device_args(p, "attention and expert weight")
     return p
 
 
@@ -73,6 +74,11 @@ def _tls_args(args: argparse.Namespace) -> list[str]:
         if value:
             out += [f"--{flag.replace('_', '-')}", str(Path(value).resolve())]
     return out
+
+
+def _device_args(args: argparse.Namespace) -> list[str]:
+    """Every attention and expert node computes on the same ``--device`` setting, in the same dtype."""
+    return ["--device", args.device, "--dtype", args.dtype, "--fp8", args.fp8]
 
 
 def _transport_args(args: argparse.Namespace) -> list[str]:
@@ -98,6 +104,7 @@ def expert_slots(n_experts: int, expert_nodes: int, requested: int | None) -> in
 
 
 def run(args: argparse.Namespace) -> int:
+    from moemesh.devices import resolve_device
     from moemesh.launch.embedded import ensure_demo_model
     from moemesh.launch.etcd_server import EtcdServer
     from moemesh.launch.mesh_processes import ProcessMesh, serve_control
@@ -105,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from moemesh.model.config import ModelConfig
 
     started = time.monotonic()
+    resolve_device(args.device)  # here, not in each child: a missing GPU is one line before anything starts
     model = args.model or str(ensure_demo_model())
     cfg = ModelConfig.from_dir(model)
     stop = threading.Event()
@@ -118,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
     def expert_args(name: str) -> list[str]:
         return ["expert-node", "--model", model, "--etcd", etcd.endpoint, "--cluster", args.cluster,
-                "--node-id", name, "--slots", str(slots), *_tls_args(args), *_transport_args(args)]
+                "--node-id", name, "--slots", str(slots), *_tls_args(args), *_transport_args(args), *_device_args(args)]
 
     mesh = ProcessMesh(log_dir, expert_args, threads=1)  # one thread each: the processes share this machine's cores
     control = None
@@ -129,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         for i in range(args.attn_nodes):
             mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, "--cluster",
                                              args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
-                                             str(args.dispatch_timeout), *_tls_args(args), *_transport_args(args)])
+                                             str(args.dispatch_timeout), *_tls_args(args), *_transport_args(args),
+                                             *_device_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
         control, control_port = serve_control(mesh, args.host, args.control_port)
         print(json.dumps({"event": "ready", "router": f"{args.host}:{router.port}", "etcd": etcd.endpoint,

@@ -28,9 +28,8 @@ from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.local_backend import LocalExpertBackend
 from moemesh.kernels.ops import select_ops
 from moemesh.control.placement import Placement, parse_expert_spec
+from moemesh import devices
 from moemesh.model.tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -39,21 +38,11 @@ class EmbeddedMesh:
     engine: Engine
     tokenizer: Tokenizer | None
     remote: RemoteExpertBackend | None = None  # the mesh's backend, for its links; None in the single process
+    device: torch.device = torch.device("cpu")  # where the weights, the latent cache and the sampler live
+    dtype: torch.dtype = torch.float32
 
     def close(self) -> None:
         self.engine.backend.close()
-
-
-def _device() -> torch.device:
-    # The engine runs on CPU today; GPU placement of weights and cache comes with the GPU work.
-    return torch.device("cpu")
-
-
-def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
-    """'auto' = the checkpoint's dtype on a GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
-    if name == "auto":
-        return DTYPES[cfg.dtype] if torch.cuda.is_available() else torch.float32
-    return DTYPES[name]
 
 
 def build_local(
@@ -62,15 +51,23 @@ def build_local(
     engine_config: EngineConfig = EngineConfig(),
     progress: bool = True,
     kernels: str = "auto",
+    device: str = "auto",
+    fp8: str = "auto",
 ) -> EmbeddedMesh:
-    """The single process: every expert in an in-process shard."""
+    """The single process: every expert in an in-process shard, everything on one ``device``.
+
+    ``device``/``dtype``/``fp8`` as the flags (moemesh/devices.py); resolved once, here: an absent
+    device raises DeviceUnavailableError before anything loads."""
     cfg = ModelConfig.from_dir(model_dir)
-    torch_dtype = resolve_dtype(dtype, cfg)
-    ops = select_ops(_device(), kernels)
-    shard = load_expert_shard(str(model_dir), cfg, dtype=torch_dtype, progress=progress, fused_moe=ops.fused_moe)
+    torch_device = devices.resolve_device(device)
+    torch_dtype = devices.resolve_dtype(dtype, cfg.dtype, torch_device)
+    ops = select_ops(torch_device, kernels)
+    shard = load_expert_shard(str(model_dir), cfg, dtype=torch_dtype, progress=progress, fused_moe=ops.fused_moe,
+                              fused_moe_fp8=ops.fused_moe_fp8, device=torch_device, keep_fp8=devices.keep_fp8(fp8, torch_device))
     backend = LocalExpertBackend(shard)
-    model = attach_experts(load_transformer(str(model_dir), cfg, torch_dtype, progress, ops), backend)
-    return EmbeddedMesh(cfg, Engine(model, cfg, engine_config, backend=backend), Tokenizer.from_dir(model_dir))
+    model = attach_experts(load_transformer(str(model_dir), cfg, torch_dtype, progress, ops, torch_device), backend)
+    return EmbeddedMesh(cfg, Engine(model, cfg, engine_config, backend=backend), Tokenizer.from_dir(model_dir),
+                        device=torch_device, dtype=torch_dtype)
 
 
 def build_remote(
@@ -82,25 +79,28 @@ def build_remote(
     dispatch_timeout_s: float = 30.0,
     kernels: str = "auto",
     transport: str = "grpc",
+    device: str = "auto",
 ) -> EmbeddedMesh:
-    """The attention side of a mesh: routed experts on expert nodes, given as [(HOST:PORT, SPEC)].
+    """The attention side of a mesh on ``device``: routed experts on expert nodes, given as [(HOST:PORT, SPEC)].
 
     ``transport="torch"``: payloads over a torch.distributed group per node (attn_node/experts/torch_link.py);
     the groups form in the background, rows go over gRPC until they are up."""
     cfg = ModelConfig.from_dir(model_dir)
-    torch_dtype = resolve_dtype(dtype, cfg)
+    torch_device = devices.resolve_device(device)
+    torch_dtype = devices.resolve_dtype(dtype, cfg.dtype, torch_device)
     hosted = [(address, parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)) for address, spec in expert_nodes]
     backend = RemoteExpertBackend(cfg, Placement.from_hosted(hosted), timeout_s=dispatch_timeout_s,
                                   link_factory=links_for(transport, cfg.hidden_size, dispatch_timeout_s,
-                                                         device=_device()),
+                                                         device=torch_device),
                                   checkpoint=checkpoint_fingerprint(model_dir))
     try:
-        model = load_transformer(str(model_dir), cfg, torch_dtype, progress, select_ops(_device(), kernels))
+        model = load_transformer(str(model_dir), cfg, torch_dtype, progress, select_ops(torch_device, kernels),
+                                 torch_device)
         engine = Engine(attach_experts(model, backend), cfg, engine_config, backend=backend)
     except BaseException:
         backend.close()
         raise
-    return EmbeddedMesh(cfg, engine, Tokenizer.from_dir(model_dir), backend)
+    return EmbeddedMesh(cfg, engine, Tokenizer.from_dir(model_dir), backend, torch_device, torch_dtype)
 
 
 def demo_model_dir() -> Path:
