@@ -63,7 +63,8 @@ def build_local(
     torch_dtype = devices.resolve_dtype(dtype, cfg.dtype, torch_device)
     ops = select_ops(torch_device, kernels)
     shard = load_expert_shard(str(model_dir), cfg, dtype=torch_dtype, progress=progress, fused_moe=ops.fused_moe,
-                              fused_moe_fp8=ops.fused_moe_fp8, device=torch_device, keep_fp8=devices.keep_fp8(fp8, torch_device))
+                              fused_moe_fp8=ops.fused_moe_fp8, device=torch_device,
+                              keep_fp8=devices.keep_fp8(fp8, torch_device))
     backend = LocalExpertBackend(shard)
     model = attach_experts(load_transformer(str(model_dir), cfg, torch_dtype, progress, ops, torch_device), backend)
     return EmbeddedMesh(cfg, Engine(model, cfg, engine_config, backend=backend), Tokenizer.from_dir(model_dir),
