@@ -33,6 +33,7 @@ class ReplicaRoutes:
         # per layer: [E, W] live node ids (-1 pad), [E, W] cumulative shares (2.0 pad), [E] live counts
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._nodes: dict[int, tuple[int, ...]] = {}  # per layer: live nodes it can route to (host side)
+        self._node_ids: dict[int, torch.Tensor] = {}  # the same, [M] on the device
         self._lost: dict[int, bool] = {}  # per layer: some expert has no live replica (host side)
         self._draws: dict[int, int] = {}  # rows assigned so far per layer: where the sequence continues
         self.rebuild(set(range(len(placement.nodes))))
@@ -63,11 +64,16 @@ class ReplicaRoutes:
                                    torch.tensor(cum, dtype=torch.float64, device=dev),
                                    torch.tensor([len(r) for r in live], dtype=torch.int64, device=dev))
             self._nodes[layer] = tuple(sorted({n for nodes in live for n in nodes}))
+            self._node_ids[layer] = torch.tensor(self._nodes[layer], dtype=torch.int64, device=dev)
             self._lost[layer] = any(not nodes for nodes in live)
 
     def nodes_of(self, layer: int) -> tuple[int, ...]:
         """The live nodes ``assign`` can return for ``layer``, known on the host without reading the routing."""
         return self._nodes[layer]
+
+    def node_ids(self, layer: int) -> torch.Tensor:
+        """``nodes_of(layer)`` as a [M] tensor on the device."""
+        return self._node_ids[layer]
 
     def assign(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         """[T, K] expert ids (-1 = none) -> [T, K] node indices (-1 where idx is -1), on idx's device."""
