@@ -95,7 +95,7 @@ class HostStaging:
 
     def _copy(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         order = sorted(range(len(tensors)), key=lambda i: -tensors[i].dtype.itemsize)
-        parts = [tensors[i].detach().contiguous().reshape(-1).view(torch.uint8) for i in order]
+        parts = [_flat_bytes(tensors[i].detach()) for i in order]
         packed = torch.cat(parts)  # [B] uint8 on the device
         nbytes = packed.numel()
         if self._buf is None or self._buf.numel() < nbytes:
@@ -111,6 +111,13 @@ class HostStaging:
             views[i] = host[offset:offset + part.numel()].view(t.dtype).view(t.shape)
             offset += part.numel()
         return views
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """[numel * itemsize] uint8 view of ``t`` (a copy only if it is not contiguous)."""
+    if not t.is_contiguous():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t.reshape(-1).view(torch.uint8)
 
 
 class _Staged:
@@ -303,8 +310,10 @@ class RemoteExpertBackend(StaticExpertBackend):
         """One message per node the layer can reach; device ops of static shape, no host read.
 
         ``rows`` [T]: which row of x each row of ``idx`` is (a resend after a failure); None = row t is row t."""
-        nodes = self._assign(handle.layer, idx)  # [T, K]
         t, k = idx.shape
+        if t == 0:
+            return
+        nodes = self._assign(handle.layer, idx)  # [T, K]
         reach = self.routes.nodes_of(handle.layer)  # the M nodes this layer can reach, known on the host
         mine = nodes.unsqueeze(0) == self.routes.node_ids(handle.layer).view(-1, 1, 1)  # [M, T, K]
         arange = torch.arange(t, device=idx.device)  # [T]
@@ -318,10 +327,11 @@ class RemoteExpertBackend(StaticExpertBackend):
         node_w = w.index_select(0, flat).view(-1, t, k)  # [M, T, K]
         node_x = handle.x.index_select(0, x_rows.reshape(-1)).view(-1, t, handle.x.shape[1])  # [M, T, D]
         deadline = time.monotonic() + self.timeout_s
-        for m, node in enumerate(reach):
-            fut = self.links[node].send(handle.layer, node_x[m], node_idx[m], node_w[m], self.placement.version,
-                                        trim=True)
-            handle.sends.append(_Send(node, x_rows[m], slot[m], node_idx[m], node_w[m], fut, deadline))
+        # unbind, not [m]: per-node views without Python indexing
+        for node, xm, im, wm, rm, sm in zip(reach, node_x.unbind(0), node_idx.unbind(0), node_w.unbind(0),
+                                             x_rows.unbind(0), slot.unbind(0)):
+            fut = self.links[node].send(handle.layer, xm, im, wm, self.placement.version, trim=True)
+            handle.sends.append(_Send(node, rm, sm, im, wm, fut, deadline))
 
     def combine(self, handle: _Handle) -> torch.Tensor:
         out = torch.zeros_like(handle.x)  # [T, D]
@@ -362,7 +372,8 @@ def _work_first(has: torch.Tensor, arange: torch.Tensor) -> tuple[torch.Tensor, 
 
     cumsum and scatter: static shapes, so no host read (``nonzero`` would need the count on the host)."""
     c = has.long().cumsum(1)  # [M, T] rows with work up to and including each row
-    slot = torch.where(has, c - 1, c[:, -1:] + arange - c)  # [M, T] with work: its rank; without: after them
+    count = c.narrow(1, c.shape[1] - 1, 1)  # [M, 1] rows with work per node
+    slot = torch.where(has, c - 1, count + arange - c)  # [M, T] with work: its rank; without: after them
     return torch.empty_like(slot).scatter_(1, slot, arange.expand_as(slot)), slot
 
 

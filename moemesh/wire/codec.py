@@ -204,6 +204,6 @@ def from_proto(
     except (RuntimeError, ValueError, OverflowError) as e:  # e.g. more dims than torch allows
         raise CodecError(f"{name}: cannot build a tensor of shape {list(shape)}: {e}") from e
     if device is not None and torch.device(device).type != "cpu":
-        t = t.to(device)  # the one upload (pageable source: the copy is done when this returns)
+        t = t.to(device=torch.device(device))  # the one upload (pageable source: the copy is done when this returns)
     return t
 
