@@ -92,7 +92,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
         backend.install(await asyncio.to_thread(RemoteExpertBackend, cfg, static, dispatch_timeout_s, 10.0, tls,
                                                 links_for(transport, cfg.hidden_size, dispatch_timeout_s,
                                                           device=device),
-                                                checkpoint=checkpoint))
+                                                checkpoint=checkpoint, device=device))
         await became_ready()
     if etcd is not None:
         reg = await Registry.connect(etcd, cluster)
@@ -182,7 +182,7 @@ class BackendFollower:
         task = asyncio.ensure_future(asyncio.to_thread(
             RemoteExpertBackend, self.cfg, placement, self.dispatch_timeout_s, CONNECT_TIMEOUT_S, self.tls,
             links_for(self.transport, self.cfg.hidden_size, self.dispatch_timeout_s, placement.version, self.device),
-            checkpoint=self.checkpoint))
+            checkpoint=self.checkpoint, device=self.device))
         try:
             new = await asyncio.shield(task)
         except asyncio.CancelledError:

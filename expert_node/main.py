@@ -48,7 +48,7 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
         from .torch_server import attach
 
         torch_transport = attach(server, lambda: service._service, advertise_address(host, 0).rpartition(":")[0],
-                                 torch_port)
+                                 torch_port, device)
     await server.start()
     health_server = await start_health_port(health_servicer, host, health_port)  # noqa: F841 (kept alive)
     for name in ("", SERVICE_NAME):

@@ -67,7 +67,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
         from .torch_server import attach
 
         torch_transport = attach(server, lambda: service, advertise_address(host, 0, advertise).rpartition(":")[0],
-                                 torch_port)
+                                 torch_port, device)
     await server.start()
     health_server = await start_health_port(health, host, health_port)  # noqa: F841 (kept alive)
     for name in ("", SERVICE_NAME):

@@ -46,10 +46,12 @@ class _Session:
     """One pair group with one attention node, served on its own thread."""
 
     def __init__(self, svc: DispatchService, store: str, prefix: str, backend: str, peer_host: str,
-                 timeout_s: float, idle_s: float, version: int):
+                 timeout_s: float, idle_s: float, version: int, device: torch.device = torch.device("cpu")):
         self.svc, self.store, self.prefix, self.backend = svc, store, prefix, backend
         self.peer_host, self.timeout_s, self.idle_s, self.version = peer_host, timeout_s, idle_s, version
-        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        # frames: on the node's device with NCCL (device to device), in host memory with gloo
+        self.device = device if backend == "nccl" else torch.device("cpu")
+        self.compute = getattr(svc.shard, "device", self.device)  # where the shard's weights are
         self.inline_bytes = p2p.INLINE_BYTES if backend == "gloo" else 0  # NCCL needs equal sizes at both ends
         self.stopping = threading.Event()
         self.busy = False  # between a header and its reply
@@ -109,13 +111,13 @@ class _Session:
                 else:
                     body = torch.empty(h.body_bytes, dtype=torch.uint8, device=self.device)
                     p2p.wait(req_pg.recv([body], src, p2p.TAG_REQUEST), self.timeout_s, backend, "receiving a body")
-                x, ids, weights = p2p.unpack_body(body, h)
+                _, ids, weights = p2p.unpack_body(body, h)  # host copies of ids and weights: validated before math
                 self._check_rows(h.layer, ids, weights)
-                # The rows come on the frames' device; the shard computes on its own (ids checked on the host copy).
-                shard = self.svc.shard
-                idx, w = torch.from_numpy(ids).to(shard.device), torch.from_numpy(weights).to(shard.device)
-                y = shard.forward(h.layer, x.to(shard.device), idx, w, host_ids=ids)  # [T, D]
-                reply = p2p.pack_reply(h.msg_id, y.to(x.device, x.dtype))
+                x, idx, w = p2p.body_tensors(body, h)  # on the frame's device: the rows stay there
+                # The shard computes on its own device; the ids were checked on their host copy just above.
+                y = self.svc.shard.forward(h.layer, x.to(self.compute), idx.to(self.compute), w.to(self.compute),
+                                           host_ids=ids)  # [T, D]
+                reply = p2p.pack_reply(h.msg_id, y.to(device=self.device, dtype=x.dtype))
                 if sending is not None:
                     p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")
                 sending = (rep_pg.send([reply], src, p2p.TAG_REPLY), reply)
@@ -161,8 +163,10 @@ class _Session:
 class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
     """Session calls over a TCPStore this node hosts; ``dispatch()`` gives the loaded DispatchService or None."""
 
-    def __init__(self, dispatch: Callable[[], DispatchService | None], advertise_host: str, store_port: int = 0):
+    def __init__(self, dispatch: Callable[[], DispatchService | None], advertise_host: str, store_port: int = 0,
+                 device: torch.device | str = "cpu"):
         self._dispatch = dispatch
+        self.device = torch.device(device)  # the expert node's --device: NCCL frames live there
         self.store = p2p.host_store(store_port)
         self.store_address = f"{advertise_host}:{self.store.port}"
         self.sessions: dict[str, _Session] = {}  # open Session calls
@@ -190,8 +194,10 @@ class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
         if self._draining.is_set():
             await abort(context, UnavailableError("expert node is draining"))
         backend = request.backend or "gloo"
-        if backend == "nccl" and not (dist.is_nccl_available() and torch.cuda.is_available()):
-            await abort(context, FailedPreconditionError("nccl asked for, but this expert node has no CUDA device or NCCL"))
+        if backend == "nccl" and not (dist.is_nccl_available() and self.device.type == "cuda"):
+            await abort(context, FailedPreconditionError(
+                f"nccl asked for, but this expert node runs on {self.device}"
+                f"{'' if dist.is_nccl_available() else ' without NCCL'}: use --transport grpc or --device cuda"))
         if backend not in ("gloo", "nccl"):
             await abort(context, InvalidRequestError(f"backend {backend!r}: gloo or nccl"))
         if request.hidden_size != svc.cfg.hidden_size:
@@ -203,7 +209,7 @@ class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
         loop = asyncio.get_running_loop()
         ended = asyncio.Event()
         session = _Session(svc, f"127.0.0.1:{self.store.port}", prefix, backend, _peer_host(context.peer()),
-                           timeout_s, idle_s, request.placement_version)
+                           timeout_s, idle_s, request.placement_version, self.device)
         self.sessions[prefix] = session
         self._threads.add(session)
 
@@ -244,9 +250,11 @@ def _peer_host(peer: str) -> str:
 
 
 def attach(server: grpc.aio.Server, dispatch: Callable[[], DispatchService | None], advertise_host: str,
-           store_port: int = 0) -> TorchTransportService:
-    """Add the TorchTransport service to a not yet started server; returns it (``.store_address``, ``.drain()``)."""
-    service = TorchTransportService(dispatch, advertise_host, store_port)
+           store_port: int = 0, device: torch.device | str = "cpu") -> TorchTransportService:
+    """Add the TorchTransport service to a not yet started server; returns it (``.store_address``, ``.drain()``).
+
+    ``device``: the expert node's ``--device`` (its shard's); NCCL sessions put their frames there."""
+    service = TorchTransportService(dispatch, advertise_host, store_port, device)
     torch_transport_pb2_grpc.add_TorchTransportServicer_to_server(service, server)
     log.info("torch_transport", store=service.store_address)
     return service

@@ -3,7 +3,18 @@
 Per MoE layer, ``dispatch`` picks a replica for every (row, expert) assignment
 (rows of a replicated expert are split across its live replicas), groups rows by
 destination node and sends one message per node on that node's stream, all at
-once; it returns without waiting. ``combine`` waits for the partial rows and
+once; it returns without waiting.
+
+No host sync in that assembly: which nodes a layer can reach is known on the host
+(the placement), and each node's message is built with device ops of static shape:
+all T rows, those with work for the node first (a stable partition, no
+``nonzero``), ids of experts routed elsewhere set to -1. The link decides what
+crosses: the gRPC link copies the message to pinned host memory in one transfer
+per node per layer (the inherent sync of a host transport), reads there how many
+leading rows have work and sends only those; the NCCL link sends all T rows
+device to device and the expert node skips the -1 ids. A reply has the first n
+<= T rows of the message; ``combine`` puts them back in row order and sums on the
+device. ``combine`` waits for the partial rows and
 sums them. If a node dies or misses the deadline, its assignments go to another
 live replica of the same experts; when an expert has none left, the step fails
 with :class:`ExpertsUnavailable` naming the experts. It never hangs: every wait
@@ -15,6 +26,7 @@ Glossary: T rows, D hidden, K experts per token, E routed experts, N nodes.
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import threading
 import time
@@ -23,6 +35,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -57,11 +70,95 @@ class NodeFailure(Exception):
         self.address = address
 
 
-class NodeLink:
-    """One long-lived Dispatch stream to one expert node; responses resolve futures by message id."""
+def _copy_done(device: torch.device) -> None:
+    """Block until the copies queued so far on ``device``'s current stream are done (one event wait)."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    event.synchronize()
 
-    def __init__(self, address: str, connect_timeout_s: float = 10.0, tls: TLSFiles | None = None):
+
+class HostStaging:
+    """A reusable pinned host buffer: one message's device tensors cross to host memory in ONE copy.
+
+    The tensors are packed into one device buffer (largest element size first, so every part's offset is
+    aligned for its dtype), copied into the pinned buffer without blocking, and that copy is waited for:
+    the one sync a host transport cannot avoid. Used under ``with``: the views are valid until it exits.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._buf: torch.Tensor | None = None  # uint8, pinned, grown to the largest message seen
+        self._lock = threading.Lock()  # one message in the buffer at a time
+
+    def __call__(self, *tensors: torch.Tensor):
+        return _Staged(self, tensors)
+
+    def _copy(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        order = sorted(range(len(tensors)), key=lambda i: -tensors[i].dtype.itemsize)
+        parts = [_flat_bytes(tensors[i].detach()) for i in order]
+        packed = torch.cat(parts)  # [B] uint8 on the device
+        nbytes = packed.numel()
+        if self._buf is None or self._buf.numel() < nbytes:
+            self._buf = torch.empty(1 << max(12, math.ceil(math.log2(max(nbytes, 1)))), dtype=torch.uint8,
+                                    pin_memory=True)
+        host = self._buf[:nbytes]
+        host.copy_(packed, non_blocking=True)
+        _copy_done(packed.device)
+        views: list[torch.Tensor | None] = [None] * len(tensors)
+        offset = 0
+        for i, part in zip(order, parts):
+            t = tensors[i]
+            views[i] = host[offset:offset + part.numel()].view(t.dtype).view(t.shape)
+            offset += part.numel()
+        return views
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """[numel * itemsize] uint8 view of ``t`` (a copy only if it is not contiguous)."""
+    if not t.is_contiguous():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t.reshape(-1).view(torch.uint8)
+
+
+class _Staged:
+    def __init__(self, staging: HostStaging | None, tensors: tuple[torch.Tensor, ...]):
+        self.staging, self.tensors = staging, tensors
+
+    def __enter__(self) -> list[torch.Tensor]:
+        if self.staging is None:  # host tensors already
+            return list(self.tensors)
+        self.staging._lock.acquire()
+        try:
+            return self.staging._copy(self.tensors)
+        except BaseException:
+            self.staging._lock.release()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        if self.staging is not None:
+            self.staging._lock.release()
+
+
+def rows_with_work(ids: np.ndarray) -> int:
+    """How many leading rows of a message to send: up to the last row with an expert id >= 0.
+
+    The backend puts a node's rows with work first, so the rest are all -1 and need not cross."""
+    work = (ids >= 0).any(axis=1)  # [T]
+    return 0 if not work.any() else len(work) - int(np.argmax(work[::-1]))
+
+
+class NodeLink:
+    """One long-lived Dispatch stream to one expert node; responses resolve futures by message id.
+
+    ``device``: where the model's tensors live (given once). On a device, each message crosses to host memory
+    in one copy (:class:`HostStaging`) and each reply is uploaded back in one copy; on the CPU neither happens.
+    """
+
+    def __init__(self, address: str, connect_timeout_s: float = 10.0, tls: TLSFiles | None = None, *,
+                 device: torch.device | str = "cpu"):
         self.address = address
+        self.device = torch.device(device)
+        self._staging = HostStaging(self.device) if self.device.type != "cpu" else None
         self.failure: str | None = None
         self._channel = tls_channel(address, tls, CHANNEL_OPTIONS)
         try:
@@ -80,19 +177,30 @@ class NodeLink:
     def info(self, timeout_s: float = 10.0) -> dispatch_pb2.InfoResponse:
         return self.stub.Info(dispatch_pb2.InfoRequest(), timeout=timeout_s)
 
-    def send(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int) -> Future:
+    def send(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int,
+             trim: bool = False) -> Future:
+        """Send rows of ``x`` with their ids and weights; the future's result is the partial rows, on ``device``.
+
+        ``trim``: send only the leading rows up to the last one with work (the backend puts those first); the
+        result has that many rows, and with none no message is sent."""
         fut: Future = Future()
-        fut.expected_shape = tuple(x.shape)  # a reply of any other shape fails the link, not the engine
+        with _Staged(self._staging, (x, idx, w)) as (hx, hidx, hw):
+            n = rows_with_work(hidx.numpy()) if trim else x.shape[0]
+            fut.expected_shape = (n, x.shape[1])  # a reply of any other shape fails the link, not the engine
+            if n == 0:
+                fut.set_result(torch.zeros((0, x.shape[1]), dtype=x.dtype, device=x.device))
+                return fut
+            # encoded inside the with: the host views live in the reusable staging buffer
+            req = dispatch_pb2.DispatchRequest(layer=layer, hidden=to_proto(hx[:n]), topk_idx=to_proto(hidx[:n]),
+                                               topk_weights=to_proto(hw[:n]), placement_version=version)
         msg_id = next(self._ids)
+        req.id = msg_id
         with self._lock:
             if self.failure is not None:
                 fut.set_exception(NodeFailure(self.address, self.failure))
                 return fut
             self._pending[msg_id] = fut
-        self._outbox.put(dispatch_pb2.DispatchRequest(
-            id=msg_id, layer=layer, hidden=to_proto(x), topk_idx=to_proto(idx), topk_weights=to_proto(w),
-            placement_version=version,
-        ))
+        self._outbox.put(req)
         return fut
 
     def _requests(self):
@@ -105,7 +213,7 @@ class NodeLink:
                 with self._lock:
                     fut = self._pending.pop(resp.id, None)
                 if fut is not None:
-                    y = from_proto(resp.output)
+                    y = from_proto(resp.output, device=self.device)  # on a device: the reply's one upload
                     if tuple(y.shape) != fut.expected_shape:
                         raise ValueError(f"reply {resp.id} has shape {tuple(y.shape)}, expected {fut.expected_shape}")
                     fut.set_result(y)
@@ -134,9 +242,10 @@ class NodeLink:
 @dataclass
 class _Send:
     node: int
-    rows: torch.Tensor  # [R] rows of x in this message
-    idx: torch.Tensor  # [R, K] expert ids for this node, -1 elsewhere
-    weights: torch.Tensor  # [R, K]
+    rows: torch.Tensor  # [T] message slot -> row of x (a permutation: rows with work for the node first)
+    slot: torch.Tensor  # [T] row of x -> message slot (the inverse permutation)
+    idx: torch.Tensor  # [T, K] expert ids for this node, -1 elsewhere, in message order
+    weights: torch.Tensor  # [T, K] in message order
     future: Future
     deadline: float  # monotonic time by which the node must answer
 
@@ -155,12 +264,14 @@ class RemoteExpertBackend(StaticExpertBackend):
 
     def __init__(self, cfg: ModelConfig, placement: Placement, timeout_s: float = 30.0,
                  connect_timeout_s: float = 10.0, tls: TLSFiles | None = None, link_factory=None,
-                 checkpoint: str = ""):
+                 checkpoint: str = "", device: torch.device | str = "cpu"):
         placement.require_complete(cfg.moe_layers, cfg.n_routed_experts)
         self.cfg, self.placement, self.timeout_s = cfg, placement, timeout_s
+        self.device = torch.device(device)  # the model's: routing tables live there
         self.links: list[NodeLink] = []
-        # link_factory(address, connect_timeout_s, tls) -> a NodeLink-like link (attn_node/experts/torch_link.py: torch_links)
-        make_link = link_factory or NodeLink
+        # link_factory(address, connect_timeout_s, tls) -> a NodeLink-like link (attn_node/experts/torch_link.py:
+        # links_for); its links must take the same device
+        make_link = link_factory or (lambda a, c, t: NodeLink(a, c, t, device=self.device))
         try:
             for node, address in enumerate(placement.nodes):
                 self.links.append(make_link(address, connect_timeout_s, tls))
@@ -168,7 +279,7 @@ class RemoteExpertBackend(StaticExpertBackend):
         except BaseException:
             self.close()  # no half-open mesh: channels and reader threads of the nodes reached so far
             raise
-        self.routes = ReplicaRoutes(cfg.moe_layers, cfg.n_routed_experts, placement)
+        self.routes = ReplicaRoutes(cfg.moe_layers, cfg.n_routed_experts, placement, self.device)
         self._rebuild_tables()
 
     def reroute(self, placement: Placement) -> None:
@@ -179,7 +290,7 @@ class RemoteExpertBackend(StaticExpertBackend):
         """
         if placement.nodes != self.placement.nodes or placement.replicas != self.placement.replicas:
             raise ValueError("reroute takes only a placement with the same nodes and replicas; build a new backend")
-        routes = ReplicaRoutes(self.cfg.moe_layers, self.cfg.n_routed_experts, placement)
+        routes = ReplicaRoutes(self.cfg.moe_layers, self.cfg.n_routed_experts, placement, self.device)
         routes.rebuild({n for n, link in enumerate(self.links) if link.failure is None})
         self.placement, self.routes = placement, routes  # attribute swaps: a concurrent dispatch sees old or new
 
@@ -196,18 +307,35 @@ class RemoteExpertBackend(StaticExpertBackend):
         return handle
 
     def _send(self, handle: _Handle, idx: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        nodes = self._assign(handle.layer, idx)  # [R, K]
-        for node in torch.unique(nodes[nodes >= 0]).tolist():
-            mine = nodes == node  # [R, K]
-            sel = mine.any(dim=1).nonzero().squeeze(1)  # rows with work for this node
-            node_idx = torch.where(mine, idx, -1)[sel]
-            node_w = w[sel]
-            x_rows = sel if rows is None else rows[sel]
-            fut = self.links[node].send(handle.layer, handle.x[x_rows], node_idx, node_w, self.placement.version)
-            handle.sends.append(_Send(node, x_rows, node_idx, node_w, fut, time.monotonic() + self.timeout_s))
+        """One message per node the layer can reach; device ops of static shape, no host read.
+
+        ``rows`` [T]: which row of x each row of ``idx`` is (a resend after a failure); None = row t is row t."""
+        t, k = idx.shape
+        if t == 0:
+            return
+        nodes = self._assign(handle.layer, idx)  # [T, K]
+        reach = self.routes.nodes_of(handle.layer)  # the M nodes this layer can reach, known on the host
+        mine = nodes.unsqueeze(0) == self.routes.node_ids(handle.layer).view(-1, 1, 1)  # [M, T, K]
+        arange = torch.arange(t, device=idx.device)  # [T]
+        local, slot = _work_first(mine.any(dim=2), arange)  # [M, T] message slot -> row of idx, and back
+        flat = local.reshape(-1)  # [M*T]
+        x_rows = local
+        if rows is not None:  # rows of idx are not rows of x: compose, and invert the composition
+            x_rows = rows.index_select(0, flat).view_as(local)  # [M, T] message slot -> row of x
+            slot = torch.empty_like(x_rows).scatter_(1, x_rows, arange.expand_as(x_rows))  # [M, T] row of x -> slot
+        node_idx = torch.where(mine, idx, -1).gather(1, local.unsqueeze(-1).expand(-1, -1, k))  # [M, T, K]
+        node_w = w.index_select(0, flat).view(-1, t, k)  # [M, T, K]
+        node_x = handle.x.index_select(0, x_rows.reshape(-1)).view(-1, t, handle.x.shape[1])  # [M, T, D]
+        deadline = time.monotonic() + self.timeout_s
+        # unbind, not [m]: per-node views without Python indexing
+        for node, xm, im, wm, rm, sm in zip(reach, node_x.unbind(0), node_idx.unbind(0), node_w.unbind(0),
+                                             x_rows.unbind(0), slot.unbind(0)):
+            fut = self.links[node].send(handle.layer, xm, im, wm, self.placement.version, trim=True)
+            handle.sends.append(_Send(node, rm, sm, im, wm, fut, deadline))
 
     def combine(self, handle: _Handle) -> torch.Tensor:
         out = torch.zeros_like(handle.x)  # [T, D]
+        t = out.shape[0]
         pending = list(handle.sends)
         while pending:
             send = pending.pop(0)
@@ -219,7 +347,10 @@ class RemoteExpertBackend(StaticExpertBackend):
                 self._send(handle, send.idx, send.weights, rows=send.rows)  # to other replicas, or raise
                 pending.extend(handle.sends)
                 continue
-            out.index_add_(0, send.rows, y.to(out.dtype))
+            y = y.to(out.dtype)  # [n, D]: the message's first n rows (the rest had no work for the node)
+            if y.shape[0] < t:
+                y = torch.cat([y, y.new_zeros(t - y.shape[0], y.shape[1])])  # [T, D]
+            out += y.index_select(0, send.slot)  # back in row order, summed on the device
         metrics.DISPATCH_LATENCY.labels("attn").observe(time.monotonic() - handle.started)
         return out
 
@@ -233,6 +364,17 @@ class RemoteExpertBackend(StaticExpertBackend):
     def close(self) -> None:
         for link in self.links:
             link.close()
+
+
+def _work_first(has: torch.Tensor, arange: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per node, a stable partition of T rows, those with ``has`` [M, T] first:
+    (order [M, T] slot -> row, slot [M, T] row -> slot).
+
+    cumsum and scatter: static shapes, so no host read (``nonzero`` would need the count on the host)."""
+    c = has.long().cumsum(1)  # [M, T] rows with work up to and including each row
+    count = c.narrow(1, c.shape[1] - 1, 1)  # [M, 1] rows with work per node
+    slot = torch.where(has, c - 1, count + arange - c)  # [M, T] with work: its rank; without: after them
+    return torch.empty_like(slot).scatter_(1, slot, arange.expand_as(slot)), slot
 
 
 def _wait_serving(channel: grpc.Channel, address: str, timeout_s: float) -> None:

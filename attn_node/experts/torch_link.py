@@ -36,7 +36,7 @@ from moemesh.wire.tls import TLSFiles
 from moemesh.wire.tls import channel as tls_channel
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 
-from .remote_backend import CHANNEL_OPTIONS, NodeLink
+from .remote_backend import CHANNEL_OPTIONS, NodeLink, rows_with_work
 
 log = get_logger("moemesh.attn_node.torch")
 
@@ -112,10 +112,21 @@ class TorchPair:
         self.ready.set()
 
     # ---- data -------------------------------------------------------------
-    def send(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int) -> Future:
-        """Post the request's sends now (in call order); the reader thread waits for them and for the reply."""
+    def send(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int,
+             trim: bool = False) -> Future:
+        """Post the request's sends now (in call order); the reader thread waits for them and for the reply.
+
+        ``trim`` as NodeLink's, on gloo only."""
         fut: Future = Future()
-        args = (layer, x, idx, w, version)
+        args = (layer, x, idx, w, version, trim)
+        if trim and self.backend == "gloo":
+            # host tensors: trailing rows without work (the backend puts them last) need not cross. On NCCL
+            # all T rows go (counting them would be a host read of device data); the expert skips the -1 ids.
+            n = rows_with_work(idx.numpy())
+            if n == 0:
+                fut.set_result(torch.zeros((0, x.shape[1]), dtype=x.dtype, device=x.device))
+                return fut
+            x, idx, w = x[:n], idx[:n], w[:n]
         msg_id = next(self._ids)
         messages = p2p.pack_request(msg_id, layer, x, idx, w, version, self.device, self.inline_bytes)
         with self._lock:
@@ -241,7 +252,7 @@ class TorchLink:
                  hidden_size: int, timeout_s: float = 30.0, device: torch.device | str = "cpu",
                  ping_s: float = 5.0, version: int = 0):
         self.address = address
-        self.grpc = NodeLink(address, connect_timeout_s, tls)
+        self.grpc = NodeLink(address, connect_timeout_s, tls, device=device)
         self.fallback_messages = 0
         try:
             self._channel = tls_channel(address, tls, CHANNEL_OPTIONS)
@@ -268,11 +279,12 @@ class TorchLink:
         self.pair.ready.wait(timeout_s)
         return self.pair.up
 
-    def send(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int) -> Future:
+    def send(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int,
+             trim: bool = False) -> Future:
         if not self.pair.up:
             self.fallback_messages += self.pair.failure is not None
-            return self.grpc.send(layer, x, idx, w, version)
-        return self.pair.send(layer, x, idx, w, version)
+            return self.grpc.send(layer, x, idx, w, version, trim)
+        return self.pair.send(layer, x, idx, w, version, trim)
 
     def _resend(self, fut: Future, args: tuple) -> None:
         """A message the group did not answer goes over gRPC; its future is resolved by that answer."""
@@ -311,9 +323,10 @@ def torch_links(hidden_size: int, timeout_s: float = 30.0, device: torch.device 
 
 def links_for(transport: str, hidden_size: int, timeout_s: float = 30.0, version: int = 0,
               device: torch.device | str = "cpu"):
-    """RemoteExpertBackend's ``link_factory`` for ``--transport``: None (plain NodeLinks) for grpc."""
+    """RemoteExpertBackend's ``link_factory`` for ``--transport``; ``device`` is the model's (the backend's too)."""
     if transport == "grpc":
-        return None
+        return lambda address, connect_timeout_s=10.0, tls=None: NodeLink(address, connect_timeout_s, tls,
+                                                                          device=device)
     if transport != "torch":
         raise ValueError(f"--transport {transport!r}: grpc or torch")
     return torch_links(hidden_size, timeout_s, device, version=version)

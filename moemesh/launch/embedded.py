@@ -93,7 +93,7 @@ def build_remote(
     backend = RemoteExpertBackend(cfg, Placement.from_hosted(hosted), timeout_s=dispatch_timeout_s,
                                   link_factory=links_for(transport, cfg.hidden_size, dispatch_timeout_s,
                                                          device=torch_device),
-                                  checkpoint=checkpoint_fingerprint(model_dir))
+                                  checkpoint=checkpoint_fingerprint(model_dir), device=torch_device)
     try:
         model = load_transformer(str(model_dir), cfg, torch_dtype, progress, select_ops(torch_device, kernels),
                                  torch_device)

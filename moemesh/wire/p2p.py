@@ -38,7 +38,16 @@ CUDA: with CUDA tensors the backend is NCCL (:func:`backend_for`), with two grou
 per pair (one per direction: NCCL matches a pair's sends and receives in issue
 order on one stream, so requests and replies must not share a communicator), and
 waits poll ``is_completed`` up to the deadline, then abort the communicator.
-This path is written but untested here: these machines have no GPU.
+On NCCL every frame is a CUDA tensor and the rows (hidden states, ids, weights,
+partial outputs) never visit host memory. Small host-built fields (a header, a
+reply's prefix) go up through pinned memory without blocking (:func:`_upload`).
+The host reads that remain are each needed, and each says why where it happens:
+the expert node reads a header (it must learn the sizes of what follows) and the
+ids and weights (validated before any math: a bad id on the GPU is a device-side
+assert that ends the CUDA context); the attention node reads a reply's 16-byte
+prefix (its message id and status) once the receive is complete.
+This path is written but untested here: these machines have no GPU (and NCCL
+refuses two ranks on one GPU).
 """
 
 from __future__ import annotations
@@ -95,8 +104,25 @@ def backend_for(device: torch.device | str) -> str:
 # ---- frames -----------------------------------------------------------------
 # On CPU, frames are built and read through numpy views of one buffer: a decode-sized message is
 # tens of bytes of metadata, and a numpy view costs ~1 us where a torch op costs ~10.
+def _upload(values: list[int], device: torch.device | str) -> torch.Tensor:
+    """int64 values as uint8 bytes on ``device``; on a CUDA device without blocking the host.
+
+    A pageable host-to-device copy waits for the stream (a sync); from pinned memory with ``non_blocking`` it does
+    not, and torch's pinned-memory cache keeps the source until the copy has run."""
+    host = torch.tensor(values, dtype=torch.int64)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return host.view(torch.uint8)
+    return host.pin_memory().to(device=device, non_blocking=True).view(torch.uint8)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a (small) device frame field; on the CPU the tensor itself. Callers say why they need it."""
+    return t if t.device.type == "cpu" else t.cpu()
+
+
 def control_frame(kind: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    return torch.tensor([kind, 0, 0, 0, 0, 0, 0, 0], dtype=torch.int64).view(torch.uint8).to(device)
+    return _upload([kind, 0, 0, 0, 0, 0, 0, 0], device)
 
 
 def pack_request(msg_id: int, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int,
@@ -109,10 +135,13 @@ def pack_request(msg_id: int, layer: int, x: torch.Tensor, idx: torch.Tensor, w:
     kind = KIND_INLINE if body_bytes <= inline_bytes else KIND_DISPATCH
     head = [kind, msg_id, layer, rows, k, version, dtype_to_proto(x.dtype), hidden]
     if torch.device(device).type != "cpu":
-        header = torch.tensor(head, dtype=torch.int64).view(torch.uint8).to(device)
+        # device to device: rows, ids and weights are packed on the device (x, idx, w are there already);
+        # only the header's eight host ints go up, through pinned memory (no sync)
+        header = _upload(head, device)
         meta = torch.cat([idx.to(device=device, dtype=torch.int32),
                           w.to(device=device, dtype=torch.float32).view(torch.int32)], dim=1)  # [rows, 2k]
-        body = torch.cat([meta.reshape(-1).view(torch.uint8), x.to(device).contiguous().reshape(-1).view(torch.uint8)])
+        rows_bytes = x.to(device=device).reshape(-1).view(torch.uint8)  # reshape copies only a strided x
+        body = torch.cat([meta.reshape(-1).view(torch.uint8), rows_bytes])
         return [torch.cat([header, body])] if kind == KIND_INLINE else [header, body]
     buf = torch.empty(HEADER_BYTES + body_bytes, dtype=torch.uint8)
     raw = buf.numpy()
@@ -125,9 +154,9 @@ def pack_request(msg_id: int, layer: int, x: torch.Tensor, idx: torch.Tensor, w:
 
 
 def unpack_header(frame: torch.Tensor) -> Header:
-    head = frame[:HEADER_BYTES]
-    kind, msg_id, layer, rows, k, version, code, hidden = (
-        head.numpy() if head.device.type == "cpu" else head.cpu().numpy()).view(np.int64).tolist()
+    # host read (a sync on a device): the receiver must learn the frame's kind and sizes to post what follows
+    head = _to_host(frame.narrow(0, 0, HEADER_BYTES))
+    kind, msg_id, layer, rows, k, version, code, hidden = head.numpy().view(np.int64).tolist()
     try:
         dtype = dtype_from_proto(code) if kind in (KIND_DISPATCH, KIND_INLINE) else None
     except ValueError:
@@ -135,14 +164,25 @@ def unpack_header(frame: torch.Tensor) -> Header:
     return Header(kind, msg_id, layer, rows, k, version, dtype, hidden)
 
 
+def body_tensors(body: torch.Tensor, h: Header) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [rows, hidden], topk_idx int32 [rows, k], topk_weights float32 [rows, k]) on ``body``'s device:
+    hidden is a view, ids and weights are small contiguous copies (on NCCL the shard computes from these; nothing
+    goes through the host)."""
+    split = h.rows * h.k * 8
+    meta = body.narrow(0, 0, split).view(torch.int32).view(h.rows, 2 * h.k)
+    x = body.narrow(0, split, h.body_bytes - split).view(h.dtype).view(h.rows, h.hidden)
+    return x, meta.narrow(1, 0, h.k).contiguous(), meta.narrow(1, h.k, h.k).contiguous().view(torch.float32)
+
+
 def unpack_body(body: torch.Tensor, h: Header) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """(hidden [rows, hidden] on the body's device, topk_idx int32 and topk_weights float32 [rows, k] in numpy).
 
-    hidden is a view of ``body``; the numpy arrays are host copies, for checks and the shard."""
+    hidden is a view of ``body``; the numpy arrays are host copies, for checks (and the shard, on the CPU)."""
     split = h.rows * h.k * 8
-    meta = body[:split]
-    meta = (meta.numpy() if meta.device.type == "cpu" else meta.cpu().numpy()).view(np.int32).reshape(h.rows, 2 * h.k)
-    x = body[split:h.body_bytes].view(h.dtype).view(h.rows, h.hidden)
+    # host read (a sync on a device): ids and weights are validated before any math, because an id out of range
+    # on a GPU is a device-side assert that ends the CUDA context; it is T*K*8 bytes, not the rows
+    meta = _to_host(body.narrow(0, 0, split)).numpy().view(np.int32).reshape(h.rows, 2 * h.k)
+    x = body.narrow(0, split, h.body_bytes - split).view(h.dtype).view(h.rows, h.hidden)
     return x, np.ascontiguousarray(meta[:, : h.k]), np.ascontiguousarray(meta[:, h.k:]).view(np.float32)
 
 
@@ -156,15 +196,17 @@ def pack_reply(msg_id: int, y: torch.Tensor, status: int = 0) -> torch.Tensor:
     if y.device.type == "cpu":
         buf[:REPLY_PREFIX].numpy().view(np.int64)[:] = (msg_id, status)
     else:
-        buf[:REPLY_PREFIX].copy_(torch.tensor([msg_id, status], dtype=torch.int64).view(torch.uint8))
-    buf[REPLY_PREFIX:].view(y.dtype).view(rows, hidden).copy_(y)
+        buf.narrow(0, 0, REPLY_PREFIX).copy_(_upload([msg_id, status], y.device))  # device to device, no sync
+    buf.narrow(0, REPLY_PREFIX, buf.numel() - REPLY_PREFIX).view(y.dtype).view(rows, hidden).copy_(y)
     return buf
 
 
 def unpack_reply(buf: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) -> tuple[int, int, torch.Tensor]:
-    head = buf[:REPLY_PREFIX]
-    msg_id, status = (head.numpy() if head.device.type == "cpu" else head.cpu().numpy()).view(np.int64).tolist()
-    return msg_id, status, buf[REPLY_PREFIX:].view(dtype).view(rows, hidden)
+    """(msg_id, status, the partial rows [rows, hidden]: a view of ``buf``, on its device)."""
+    # host read of 16 bytes (on a device, after the receive completed): frames must be checked in step before
+    # their rows are handed on; the rows themselves stay where they are
+    msg_id, status = _to_host(buf.narrow(0, 0, REPLY_PREFIX)).numpy().view(np.int64).tolist()
+    return msg_id, status, buf.narrow(0, REPLY_PREFIX, buf.numel() - REPLY_PREFIX).view(dtype).view(rows, hidden)
 
 
 # ---- groups -----------------------------------------------------------------

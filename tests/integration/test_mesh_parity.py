@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from moemesh.attn_node.engine import EngineConfig
+from moemesh.attn_node.experts.remote_backend import rows_with_work
 from moemesh.sampling import SamplingParams
 from moemesh.launch.embedded import build_local, build_remote
 from tests.oracle.hf_models import save_hf_model
@@ -111,12 +112,14 @@ def test_every_node_served_rows(case):
 
 
 def _count_rows(mesh) -> list[int]:
-    """Wrap each node link's ``send`` to count the rows sent to it; returns the live counters."""
+    """Wrap each node link's ``send`` to count the rows that cross to it; returns the live counters.
+
+    The backend hands every node all T rows (those with work first) with ``trim``: only those with work cross."""
     counts = [0] * len(mesh.remote.links)
     for i, link in enumerate(mesh.remote.links):
-        def counting(layer, x, idx, w, version, _send=link.send, _i=i):
-            counts[_i] += x.shape[0]
-            return _send(layer, x, idx, w, version)
+        def counting(layer, x, idx, w, version, trim=False, _send=link.send, _i=i):
+            counts[_i] += rows_with_work(idx.numpy()) if trim else x.shape[0]
+            return _send(layer, x, idx, w, version, trim)
 
         link.send = counting
     return counts

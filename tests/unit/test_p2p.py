@@ -39,6 +39,17 @@ def test_request_round_trip(dtype, inline):
     assert got_idx.tolist() == idx.tolist() and got_w.tolist() == w.tolist()
 
 
+def test_body_tensors_are_the_body_on_its_device():
+    x, idx, w = _rows(dtype=torch.bfloat16)
+    frame, body = p2p.pack_request(1, 2, x, idx, w, 0)
+    h = p2p.unpack_header(frame)
+    got_x, got_idx, got_w = p2p.body_tensors(body, h)
+    assert got_x.data_ptr() == body.data_ptr() + h.rows * h.k * 8  # the rows are a view: no copy
+    assert torch.equal(got_x, x) and got_idx.dtype == torch.int32 and got_w.dtype == torch.float32
+    assert got_idx.tolist() == idx.tolist() and torch.equal(got_w, w)
+    assert got_idx.is_contiguous() and got_w.is_contiguous()
+
+
 def test_inline_only_up_to_the_limit_and_the_body_is_a_copy():
     x, idx, w = _rows(rows=4, hidden=16)
     body_bytes = 4 * 2 * 8 + x.numel() * 4
