@@ -1,66 +1,21 @@
-"""Router security: TLS (optionally mutual) and the bearer-token check on the Inference service.
+"""Router security: TLS (optionally mutual) and who may call the Inference service.
 
-Health and reflection stay open (probes carry no token); every ``moemesh.v1.Inference`` method
-requires ``authorization: Bearer <token>`` when the router has a token.
+The router's port is checked like every other port of the mesh (:mod:`moemesh.wire.authz`): with
+``--tls-ca`` callers present certificates whose SAN names their role; with ``--auth-token-file`` the
+token identifies the ``client`` role (``authorization: Bearer <token>``). Inference takes the
+``client`` and ``operator`` roles; health stays open (probes carry no credentials), reflection takes
+any identity. A router with neither credential runs open.
 """
 
 from __future__ import annotations
 
-import hmac
-from pathlib import Path
-
-import grpc
-
-from moemesh.errors import UnauthenticatedError
-from moemesh.wire.status import abort
+from moemesh.wire.authz import Authenticator
+from moemesh.wire.identity import INFERENCE as INFERENCE_SERVICE, TokenBook, read_token_file  # noqa: F401
 from moemesh.wire.tls import SecurityConfigError, TLSFiles, read_file as _read  # noqa: F401  (re-exported)
-from moemesh.v1 import inference_pb2
-
-INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
-def read_token_file(path: str | Path) -> str:
-    """The bearer token in ``path`` (surrounding whitespace stripped); an error if unreadable or empty."""
-    token = _read(path, "auth token file (--auth-token-file)").decode(errors="replace").strip()
-    if not token or any(c.isspace() for c in token):
-        raise SecurityConfigError(f"auth token file {str(path)!r} must hold one token without spaces")
-    return token
-
-
-def _deny_unary(message: str):
-    async def deny(request, context):
-        await abort(context, UnauthenticatedError(message))
-    return deny
-
-
-def _deny_stream(message: str):
-    async def deny(request, context):
-        await abort(context, UnauthenticatedError(message))
-        yield  # pragma: no cover - makes this an async generator, as a server-streaming handler must be
-    return deny
-
-
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses Inference calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED)."""
-
-    def __init__(self, token: str, service: str = INFERENCE_SERVICE):
-        if not token:
-            raise SecurityConfigError("the bearer token is empty")
-        self._expected = f"Bearer {token}".encode()
-        self._prefix = f"/{service}/"
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefix):
-            return handler
-        given = next((v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"), None)
-        if given is not None and hmac.compare_digest(
-                given.encode() if isinstance(given, str) else given, self._expected):
-            return handler
-        message = ("missing bearer token: send metadata 'authorization: Bearer <token>'" if given is None
-                   else "wrong bearer token")
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                _deny_stream(message), handler.request_deserializer, handler.response_serializer)
-        return grpc.unary_unary_rpc_method_handler(
-            _deny_unary(message), handler.request_deserializer, handler.response_serializer)
+def router_authenticator(tls: TLSFiles | None, auth_token: str | None) -> Authenticator:
+    """mTLS identities when the port requires client certificates; the client token when one is set."""
+    if auth_token is not None and not auth_token:
+        raise SecurityConfigError("the bearer token is empty")
+    return Authenticator(mtls=bool(tls and tls.ca), tokens=TokenBook({"client": auth_token}) if auth_token else None)

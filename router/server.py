@@ -41,7 +41,7 @@ from moemesh.wire.server import create_server
 from moemesh.wire.status import abort
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
-from .auth import INFERENCE_SERVICE, BearerTokenInterceptor, TLSFiles
+from .auth import INFERENCE_SERVICE, TLSFiles, router_authenticator
 from .cluster import ControlPlane, PlacementPolicy
 from .pool import AttentionPool
 from .resume import StreamProgress, failure_reason
@@ -348,12 +348,11 @@ def inference_server(service: InferenceService, host: str = "127.0.0.1", port: i
                      tls: TLSFiles | None = None, auth_token: str | None = None):
     """The Inference server (see :func:`moemesh.wire.server.create_server`); returns ``(server, port, health)``.
 
-    With ``auth_token``, Inference methods need ``authorization: Bearer <token>``; with ``tls``, the
-    port is TLS (mTLS when ``tls.ca`` is set). Health and reflection stay open for probes.
+    With ``auth_token`` (the client role's token) or mTLS (``tls.ca``), every call but health needs
+    credentials (:func:`router.auth.router_authenticator`); health stays open for probes.
     """
     return create_server("router", lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(service, server),
-                         (INFERENCE_SERVICE,), host, port, tls=tls,
-                         interceptors=[BearerTokenInterceptor(auth_token)] if auth_token else [])
+                         (INFERENCE_SERVICE,), host, port, tls=tls, auth=router_authenticator(tls, auth_token))
 
 
 class Router:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from moemesh.cli import (attn_node, bench, expert_node, generate, mesh, plan, query, router, status, tiny,
-                         up)
+from moemesh.cli import (attn_node, bench, certs, expert_node, generate, mesh, plan, query, router, status,
+                         tiny, up)
 from moemesh.cli.flags import EXIT_USAGE, Parser
 from moemesh.errors import MoemeshError
 from moemesh.model.config import ConfigError
@@ -28,6 +28,7 @@ COMMANDS = {
     "router": router,
     "plan": plan,
     "up": up,
+    "certs": certs,
     "mesh": mesh,
     "query": query,
     "status": status,

@@ -4,6 +4,9 @@
     moemesh mesh --control HOST:PORT add-experts [--count N] [--wait]
     moemesh mesh --control HOST:PORT remove-expert NAME [--wait]
 
+On a TLS mesh (``moemesh up --tls DIR``) add ``--tls-ca DIR/ca.pem --tls-cert DIR/operator.pem --tls-key
+DIR/operator.key``: MeshControl takes only the operator's credential.
+
 ``--control`` is the ``"control"`` address in ``moemesh up``'s ready line. Prints one line per process
 (or ``--json``); errors: exit 1 and one line naming the gRPC status.
 """
@@ -29,6 +32,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "flowing.")
     p.add_argument("--control", required=True, metavar="HOST:PORT", help="the MeshControl address of `moemesh up`")
     p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds to wait for an answer (default: 300)")
+    p.add_argument("--tls-ca", metavar="F", help="the mesh CA (`moemesh up --tls DIR`: DIR/ca.pem); turns TLS on")
+    p.add_argument("--tls-cert", metavar="F", help="the operator's certificate (DIR/operator.pem)")
+    p.add_argument("--tls-key", metavar="F", help="the operator's private key (DIR/operator.key)")
+    p.add_argument("--token-file", metavar="F", help="file holding the operator's bearer token")
     p.add_argument("--json", action="store_true", help="print the processes as one JSON object")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="every process of the mesh and its state")
@@ -52,17 +59,34 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """TLS with the operator's certificate when given (a TLS mesh's MeshControl requires it), else plaintext."""
+    from moemesh.wire.tls import TLSFiles, read_file
+
+    if args.tls_ca is None and args.tls_cert is None:
+        return grpc.insecure_channel(args.control)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("moemesh mesh: --tls-cert and --tls-key go together")
+    if args.tls_cert is None:
+        return grpc.secure_channel(args.control, grpc.ssl_channel_credentials(read_file(args.tls_ca, "CA (--tls-ca)")))
+    return grpc.secure_channel(args.control, TLSFiles(args.tls_cert, args.tls_key, args.tls_ca).channel_credentials())
+
+
 def _run(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.control) as channel:
+    from moemesh.wire.identity import read_token_file
+
+    metadata = (("authorization", f"Bearer {read_token_file(args.token_file, 'token file (--token-file)')}"),) \
+        if args.token_file else None
+    with _channel(args) as channel:
         stub = control_pb2_grpc.MeshControlStub(channel)
         if args.action == "list":
-            reply = stub.ListProcesses(control_pb2.ListProcessesRequest(), timeout=args.timeout)
+            reply = stub.ListProcesses(control_pb2.ListProcessesRequest(), timeout=args.timeout, metadata=metadata)
         elif args.action == "add-experts":
             reply = stub.AddExpertNodes(control_pb2.AddExpertNodesRequest(count=args.count, wait_ready=args.wait),
-                                        timeout=args.timeout)
+                                        timeout=args.timeout, metadata=metadata)
         else:
             reply = stub.RemoveExpertNode(control_pb2.RemoveExpertNodeRequest(name=args.name, wait_exit=args.wait),
-                                          timeout=args.timeout)
+                                          timeout=args.timeout, metadata=metadata)
     rows = [{"name": p.name, "role": p.role, "pid": p.pid, "port": p.port, "state": p.state,
              **({"exit_code": p.exit_code} if p.state == "exited" else {})} for p in reply.processes]
     if args.json:

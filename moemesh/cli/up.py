@@ -42,9 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--etcd-port", type=int, default=0, help="etcd client port; 0 picks one (default: 0)")
     p.add_argument("--cluster", default="default", help="cluster name in etcd (default: default)")
     p.add_argument("--auth-token-file", metavar="F", help="the router requires this bearer token from clients")
-    p.add_argument("--tls-cert", metavar="F", help="router TLS certificate (with --tls-key)")
-    p.add_argument("--tls-key", metavar="F", help="router TLS private key")
-    p.add_argument("--tls-ca", metavar="F", help="CA for client certificates: the router then requires mTLS")
+    p.add_argument("--tls", metavar="DIR", help="mTLS on every port with the role certificates in DIR (`moemesh certs "
+                   "DIR`): each process serves and dials with its role's pair; clients need client.pem (or "
+                   "operator.pem), MeshControl operator.pem")
     p.add_argument("--log-dir", metavar="DIR", help="where each process writes its log (default: a temporary dir)")
     p.add_argument("--ready-timeout", type=positive_float, default=300.0,
                    help="seconds to wait for every process to be ready (default: 300)")
@@ -66,14 +66,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _tls_args(args: argparse.Namespace) -> list[str]:
-    """One mesh CA: every role serves TLS with the same files and dials the others with them."""
-    out = []
-    for flag in ("tls_cert", "tls_key", "tls_ca"):
-        value = getattr(args, flag, None)
-        if value:
-            out += [f"--{flag.replace('_', '-')}", str(Path(value).resolve())]
-    return out
+def _tls_args(args: argparse.Namespace, role: str) -> list[str]:
+    """One mesh CA: each role serves TLS with its own certificate (its identity) and dials the others with it."""
+    if not getattr(args, "tls", None):
+        return []
+    d = Path(args.tls).resolve()
+    return ["--tls-cert", str(d / f"{role}.pem"), "--tls-key", str(d / f"{role}.key"), "--tls-ca", str(d / "ca.pem")]
+
+
+def control_tls(args: argparse.Namespace):
+    """MeshControl's TLS files with ``--tls`` (its control.pem, the CA: callers need a certificate); else None."""
+    from moemesh.wire.tls import TLSFiles
+
+    if not getattr(args, "tls", None):
+        return None
+    d = Path(args.tls).resolve()
+    return TLSFiles.from_flags(str(d / "control.pem"), str(d / "control.key"), str(d / "ca.pem"))
 
 
 def _device_args(args: argparse.Namespace) -> list[str]:
@@ -93,7 +101,7 @@ def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
         out.append("--no-replicas")
     if args.auth_token_file:
         out += ["--auth-token-file", str(Path(args.auth_token_file).resolve())]
-    return out + _tls_args(args)
+    return out + _tls_args(args, "router")
 
 
 def expert_slots(n_experts: int, expert_nodes: int, requested: int | None) -> int:
@@ -112,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from moemesh.model.config import ModelConfig
 
     started = time.monotonic()
+    tls = control_tls(args)  # a missing or unreadable certificate directory fails here, before anything starts
     resolve_device(args.device)  # here, not in each child: a missing GPU is one line before anything starts
     model = args.model or str(ensure_demo_model())
     cfg = ModelConfig.from_dir(model)
@@ -126,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     def expert_args(name: str) -> list[str]:
         return ["expert-node", "--model", model, "--etcd", etcd.endpoint, "--cluster", args.cluster,
-                "--node-id", name, "--slots", str(slots), *_tls_args(args), *_transport_args(args), *_device_args(args)]
+                "--node-id", name, "--slots", str(slots), *_tls_args(args, "expert"), *_transport_args(args), *_device_args(args)]
 
     mesh = ProcessMesh(log_dir, expert_args, threads=1)  # one thread each: the processes share this machine's cores
     control = None
@@ -137,12 +146,12 @@ def run(args: argparse.Namespace) -> int:
         for i in range(args.attn_nodes):
             mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, "--cluster",
                                              args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
-                                             str(args.dispatch_timeout), *_tls_args(args), *_transport_args(args),
+                                             str(args.dispatch_timeout), *_tls_args(args, "attn"), *_transport_args(args),
                                              *_device_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
-        control, control_port = serve_control(mesh, args.host, args.control_port)
+        control, control_port = serve_control(mesh, args.host, args.control_port, tls=tls)
         print(json.dumps({"event": "ready", "router": f"{args.host}:{router.port}", "etcd": etcd.endpoint,
-                          "control": f"{args.host}:{control_port}", "attn_nodes": args.attn_nodes,
+                          "control": f"{args.host}:{control_port}", "tls": tls is not None, "attn_nodes": args.attn_nodes,
                           "expert_nodes": args.expert_nodes, "expert_slots": slots, "model": model,
                           "logs": str(log_dir), "seconds": round(time.monotonic() - started, 2)}), flush=True)
         reported: set[str] = set()

@@ -18,7 +18,9 @@ from grpc_health.v1 import health_pb2
 
 from moemesh.errors import DeadlineExceededError, InvalidRequestError, NotFoundError
 from moemesh.logs import get_logger
+from moemesh.wire.authz import Authenticator
 from moemesh.wire.server import create_server
+from moemesh.wire.tls import TLSFiles
 from moemesh.launch.procs import RoleProcess, spawn, wait_ready
 from moemesh.v1 import control_pb2, control_pb2_grpc
 
@@ -149,14 +151,17 @@ class MeshControlService(control_pb2_grpc.MeshControlServicer):
         return self._list([p])
 
 
-def serve_control(mesh: ProcessMesh, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, int]:
+def serve_control(mesh: ProcessMesh, host: str = "127.0.0.1", port: int = 0, *, tls: TLSFiles | None = None,
+                  auth: Authenticator | None = None) -> tuple[grpc.Server, int]:
     """The MeshControl service (with health and reflection) on a thread-pool server, started; returns (server, port).
 
-    Its methods raise domain errors; the server's status interceptor turns them into status codes.
+    With ``tls`` (and its CA) the port is mTLS and only the operator's certificate may call MeshControl;
+    ``auth`` adds tokens (:mod:`moemesh.wire.authz`). Its methods raise domain errors; the server's
+    status interceptor turns them into status codes.
     """
     server, bound, health_servicer = create_server(
         "control", lambda server: control_pb2_grpc.add_MeshControlServicer_to_server(MeshControlService(mesh), server),
-        (CONTROL_SERVICE,), host, port, aio=False, max_workers=4)
+        (CONTROL_SERVICE,), host, port, tls=tls, aio=False, max_workers=4, auth=auth)
     server.start()
     for name in ("", CONTROL_SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

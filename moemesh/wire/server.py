@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moemesh.wire.authz import Authenticator, AuthInterceptor, SyncAuthInterceptor
 from moemesh.wire.status import StatusInterceptor, SyncStatusInterceptor
 from moemesh.wire.tls import TLSFiles, add_port
 
@@ -38,14 +39,20 @@ def server_options(role: str) -> list[tuple[str, int]]:
 
 def create_server(role: str, add: Callable[[grpc.Server], None], services: Sequence[str], host: str = "127.0.0.1",
                   port: int = 0, *, tls: TLSFiles | None = None, interceptors: Sequence = (), aio: bool = True,
-                  max_workers: int = 4):
+                  max_workers: int = 4, auth: Authenticator | None = None):
     """A server with ``add``'s servicers, health and reflection, bound to ``host:port``; ``(server, port, health)``.
 
     ``services``: the full names ``add`` registers (reflection lists them, health reports on them).
     ``interceptors`` run before the status interceptor (e.g. the router's bearer-token check).
     ``aio=False`` builds a thread-pool ``grpc.server`` of ``max_workers`` threads instead of grpc.aio.
+    ``auth``: who may call what (:mod:`moemesh.wire.authz`); by default, the mTLS identities when ``tls``
+    requires client certificates, else none (an open server, as a mesh without credentials runs).
     """
     options = server_options(role)
+    if auth is None:
+        auth = Authenticator(mtls=bool(tls and tls.ca))
+    if auth.secured:
+        interceptors = [AuthInterceptor(auth) if aio else SyncAuthInterceptor(auth), *interceptors]
     if aio:
         server = grpc.aio.server(options=options, interceptors=[*interceptors, StatusInterceptor()])
         health_servicer = health.aio.HealthServicer()

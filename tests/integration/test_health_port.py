@@ -17,15 +17,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120
 
 
 def test_plaintext_health_port_beside_an_mtls_service_port(tmp_path):
-    from tests.tls_certs import make_mesh_certs
+    from tests.tls_certs import mesh_certs
 
-    certs = make_mesh_certs(tmp_path)
+    certs = mesh_certs(tmp_path)
     model = write_tiny_checkpoint(tmp_path / "m", arch="deepseek_v2", hidden_size=64, layers=2, experts=4,
                                   experts_per_token=2)
     health_port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moemesh.cli", "expert-node", "--model", str(model), "--experts", "all",
-         "--tls-cert", str(certs / "node.pem"), "--tls-key", str(certs / "node.key"), "--tls-ca",
+         "--tls-cert", str(certs / "expert.pem"), "--tls-key", str(certs / "expert.key"), "--tls-ca",
          str(certs / "ca.pem"), "--health-port", str(health_port)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

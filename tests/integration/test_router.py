@@ -21,12 +21,11 @@ from moemesh.attn_node.service import AttentionService, attention_server
 from moemesh.control.etcd import Registry
 from moemesh.launch.etcd_server import free_port
 from moemesh.launch.embedded import build_local
-from moemesh.router.auth import TLSFiles
 from moemesh.router.server import Router
 from moemesh.router.cluster import PlacementPolicy
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.helpers import DEADLINE_S, eventually, node_record  # noqa: F401 (eventually: test_router_control)
-from tests.tls_certs import CLIENT, SERVER, openssl_certs
+from tests.tls_certs import mesh_certs, role_tls
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -416,8 +415,8 @@ def test_bounded_inflight_is_resource_exhausted(bg, etcd, nodes):
 
 
 def test_mtls_refuses_plaintext_and_clients_without_a_certificate(bg, etcd, nodes, tmp_path):
-    openssl_certs(tmp_path, {"server": SERVER, "client": CLIENT})
-    tls = TLSFiles.from_flags(str(tmp_path / "server.pem"), str(tmp_path / "server.key"), str(tmp_path / "ca.pem"))
+    mesh_certs(tmp_path)
+    tls = role_tls(tmp_path, "router")
     r = start_router(bg, etcd, tls=tls)
     addr, ca = f"127.0.0.1:{r.port}", (tmp_path / "ca.pem").read_bytes()
     key, cert = (tmp_path / "client.key").read_bytes(), (tmp_path / "client.pem").read_bytes()

@@ -113,15 +113,13 @@ def test_sigterm_stops_everything(mesh):
 
 
 def test_tls_mesh_with_auth_serves_only_authenticated_tls_clients(tmp_path):
-    from tests.tls_certs import make_mesh_certs
+    from tests.tls_certs import mesh_certs
 
-    certs = make_mesh_certs(tmp_path)
+    certs = mesh_certs(tmp_path / "certs")
     (tmp_path / "token").write_text("s3cret\n")
     model = tmp_path / "m"
     save_hf_model("v2_group_limited_lora", model)
-    proc, ready = _start_up(model, tmp_path / "logs", "--tls-cert", str(certs / "node.pem"), "--tls-key",
-                            str(certs / "node.key"), "--tls-ca", str(certs / "ca.pem"), "--auth-token-file",
-                            str(tmp_path / "token"))
+    proc, ready = _start_up(model, tmp_path / "logs", "--tls", str(certs), "--auth-token-file", str(tmp_path / "token"))
     try:
         tls = dict(ca_file=str(certs / "ca.pem"), cert_file=str(certs / "client.pem"),
                    key_file=str(certs / "client.key"))

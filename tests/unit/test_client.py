@@ -5,7 +5,6 @@ router is tested end to end elsewhere."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import shutil
 import threading
 import time
@@ -20,7 +19,7 @@ from moemesh.router.client import ModelInfo, Usage
 from moemesh.sampling import SamplingParams
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 from moemesh.wire.requests import sampling_from_proto
-from tests.tls_certs import CLIENT, openssl_certs
+from tests.tls_certs import mesh_certs
 
 Code = grpc.StatusCode
 CHUNKS = [([11], "Hel"), ([12], "lo"), ([13, 14], " you")]
@@ -311,62 +310,12 @@ def test_retries_until_the_server_comes_up(serve):
 # ----------------------------------------------------------------------------------------------------- TLS
 
 
-def _certs_with_cryptography(d: Path) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def issue(cn, key, issuer, issuer_key, ca, extensions):
-        b = (
-            x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )  # fmt: skip
-        for ext in extensions:
-            b = b.add_extension(ext, critical=False)
-        return b.sign(issuer_key, hashes.SHA256())
-
-    def write(stem, key, cert):
-        (d / f"{stem}.key").write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption())
-        )  # fmt: skip
-        (d / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    import ipaddress
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = issue("moemesh-test-ca", ca_key, name("moemesh-test-ca"), ca_key, True, [])
-    write("ca", ca_key, ca)
-    san = x509.SubjectAlternativeName([x509.DNSName("moemesh.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    for stem, exts in (
-        ("server", [san, x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])]),
-        ("client", [x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])]),
-    ):
-        key = ec.generate_private_key(ec.SECP256R1())
-        write(stem, key, issue(f"moemesh-test-{stem}", key, ca.subject, ca_key, False, exts))
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
-    """A test CA, a server certificate for moemesh.test and 127.0.0.1, and a client certificate."""
-    d = tmp_path_factory.mktemp("certs")
-    try:
-        import cryptography  # noqa: F401
-    except ImportError:
-        if shutil.which("openssl") is None:
-            pytest.skip("TLS tests need the cryptography package or the openssl CLI to make certificates")
-        openssl_certs(d, {"server": "subjectAltName=DNS:moemesh.test,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-                          "client": CLIENT})
-    else:
-        _certs_with_cryptography(d)
+    """The mesh CA (moemesh certs), its router certificate also for moemesh.test as server.pem, and client.pem."""
+    d = mesh_certs(tmp_path_factory.mktemp("certs"), sans=["moemesh.test"])
+    for suffix in ("pem", "key"):
+        shutil.copy(d / f"router.{suffix}", d / f"server.{suffix}")
     return d
 
 
