@@ -10,7 +10,8 @@ any identity. A router with neither credential runs open.
 from __future__ import annotations
 
 from moemesh.wire.authz import Authenticator
-from moemesh.wire.identity import INFERENCE as INFERENCE_SERVICE, TokenBook, read_token_file  # noqa: F401
+from moemesh.wire.identity import (INFERENCE as INFERENCE_SERVICE, TokenBook, process_tokens,  # noqa: F401
+                                   read_token_file, read_tokens_file, use_tokens)
 from moemesh.wire.tls import SecurityConfigError, TLSFiles, read_file as _read  # noqa: F401  (re-exported)
 
 
@@ -18,4 +19,7 @@ def router_authenticator(tls: TLSFiles | None, auth_token: str | None) -> Authen
     """mTLS identities when the port requires client certificates; the client token when one is set."""
     if auth_token is not None and not auth_token:
         raise SecurityConfigError("the bearer token is empty")
-    return Authenticator(mtls=bool(tls and tls.ca), tokens=TokenBook({"client": auth_token}) if auth_token else None)
+    tokens = process_tokens()  # --auth-tokens
+    if auth_token:  # --auth-token-file: the client role's token
+        tokens = tokens.with_token("client", auth_token) if tokens else TokenBook({"client": auth_token})
+    return Authenticator(mtls=bool(tls and tls.ca), tokens=tokens)

@@ -28,7 +28,7 @@ from moemesh.argtypes import positive_int as _positive_int
 from moemesh.argtypes import non_negative_float, seconds_at_least
 from moemesh.logs import get_logger
 
-from .auth import TLSFiles, read_token_file
+from .auth import TLSFiles, read_token_file, read_tokens_file, use_tokens
 from .cluster import PlacementPolicy
 from .server import MAX_RESUMES, Router
 
@@ -52,6 +52,9 @@ def add_router_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--router-id", default=None, help="this replica's id in the leader key (default: random)")
     p.add_argument("--auth-token-file", default=None, metavar="F",
                    help="require 'authorization: Bearer <token>' on Inference calls, the token being F's content")
+    p.add_argument("--auth-tokens", default=None, metavar="F",
+                   help="'<role> <token>' lines: accept these tokens as those roles, and send the router token to "
+                   "the nodes it dials (docs/security.md)")
     p.add_argument("--tls-cert", default=None, metavar="F", help="PEM server certificate (with --tls-key): TLS port")
     p.add_argument("--tls-key", default=None, metavar="F", help="PEM private key of --tls-cert")
     p.add_argument("--tls-ca", default=None, metavar="F",
@@ -129,6 +132,8 @@ def run_router(args: argparse.Namespace) -> int:
     check_cluster_name(args.cluster)
     tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
     token = read_token_file(args.auth_token_file) if args.auth_token_file else None
+    if getattr(args, "auth_tokens", None):
+        use_tokens(read_tokens_file(args.auth_tokens), "router")
     router_id = getattr(args, "router_id", None) or f"router-{uuid.uuid4().hex[:8]}"
 
     def ready(port: int) -> None:

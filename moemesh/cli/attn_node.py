@@ -7,6 +7,7 @@ import argparse
 from moemesh.argtypes import non_negative_float, positive_float, positive_int
 from moemesh.cli import flags
 from moemesh.cli.flags import UsageError
+from moemesh.wire.identity import read_tokens_file, use_tokens
 from moemesh.wire.tls import TLSFiles
 
 
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.etcd is None and not args.expert_nodes:
         raise UsageError("give --etcd HOST:PORT (placement from the router) or --expert-nodes HOST:PORT=SPEC,...")
     device = resolve_device(args.device)  # before anything loads: a missing GPU is one line, not a traceback
+    if args.auth_tokens:
+        use_tokens(read_tokens_file(args.auth_tokens), "attn")
     cfg = ModelConfig.from_dir(args.model)
     static = None
     if args.expert_nodes:

@@ -7,6 +7,7 @@ import argparse
 from moemesh.argtypes import positive_int
 from moemesh.cli import flags
 from moemesh.cli.flags import UsageError
+from moemesh.wire.identity import read_tokens_file, use_tokens
 from moemesh.wire.tls import TLSFiles
 
 
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, cfg.dtype, device)
     keep = keep_fp8(args.fp8, device)
     tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
+    if args.auth_tokens:
+        use_tokens(read_tokens_file(args.auth_tokens), "expert")
     if args.experts is None:
         if args.etcd is None:
             raise UsageError("give --experts SPEC (a fixed shard) or --etcd HOST:PORT (the router's placement)")

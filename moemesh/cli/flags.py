@@ -91,7 +91,13 @@ def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--tls-key", metavar="F", help="PEM private key for --tls-cert")
     p.add_argument("--tls-ca", metavar="F", help="CA of the mesh: require client certificates it signed (mTLS) "
                    "and verify the nodes this one dials")
+    add_auth_tokens_arg(p)
     add_metrics_arg(p)
+
+
+def add_auth_tokens_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--auth-tokens", metavar="F", help="'<role> <token>' lines: this process's servers accept these "
+                   "tokens as those roles, and it sends its own role's token to the nodes it dials (docs/security.md)")
 
 
 def add_metrics_arg(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import secrets
 import shutil
 import signal
 import sys
@@ -84,6 +86,27 @@ def control_tls(args: argparse.Namespace):
     return TLSFiles.from_flags(str(d / "control.pem"), str(d / "control.key"), str(d / "ca.pem"))
 
 
+def mesh_tokens(args: argparse.Namespace, work: Path) -> tuple[dict[str, str], Path | None]:
+    """Without --tls, ``--auth-token-file`` secures every port with tokens: the clients' token from the file and a
+    fresh random token per mesh role, in ``work/tokens`` (0600, passed to every child as ``--auth-tokens``), the
+    operator's also in ``work/operator.token`` for ``moemesh mesh --token-file``. ({}, None) otherwise."""
+    from moemesh.wire.identity import read_token_file
+
+    if getattr(args, "tls", None) or not args.auth_token_file:
+        return {}, None
+    tokens = {"client": read_token_file(args.auth_token_file),
+              **{role: secrets.token_urlsafe(32) for role in ("router", "attn", "expert", "operator")}}
+    _secret(work / "tokens", "".join(f"{role} {token}\n" for role, token in tokens.items()))
+    _secret(work / "operator.token", tokens["operator"] + "\n")
+    return tokens, work / "tokens"
+
+
+def _secret(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def _device_args(args: argparse.Namespace) -> list[str]:
     """Every attention and expert node computes on the same ``--device`` setting, in the same dtype."""
     return ["--device", args.device, "--dtype", args.dtype, "--fp8", args.fp8]
@@ -99,7 +122,7 @@ def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
            "--rebalance-interval", str(args.rebalance_interval)]
     if args.no_replicas:
         out.append("--no-replicas")
-    if args.auth_token_file:
+    if args.auth_token_file and getattr(args, "tls", None):  # without --tls, the client token is in --auth-tokens
         out += ["--auth-token-file", str(Path(args.auth_token_file).resolve())]
     return out + _tls_args(args, "router")
 
@@ -118,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     from moemesh.launch.mesh_processes import ProcessMesh, serve_control
     from moemesh.launch.procs import stop_all
     from moemesh.model.config import ModelConfig
+    from moemesh.wire.authz import Authenticator
+    from moemesh.wire.identity import TokenBook
 
     started = time.monotonic()
     tls = control_tls(args)  # a missing or unreadable certificate directory fails here, before anything starts
@@ -130,28 +155,34 @@ def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="moemesh-up-"))
     log_dir = Path(args.log_dir) if args.log_dir else work / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    tokens, tokens_file = mesh_tokens(args, work)
+    token_args = [] if tokens_file is None else ["--auth-tokens", str(tokens_file)]
     etcd = EtcdServer(data_dir=work / "etcd", client_port=args.etcd_port)
     slots = expert_slots(cfg.n_routed_experts, args.expert_nodes, args.expert_slots)
 
     def expert_args(name: str) -> list[str]:
         return ["expert-node", "--model", model, "--etcd", etcd.endpoint, "--cluster", args.cluster,
-                "--node-id", name, "--slots", str(slots), *_tls_args(args, "expert"), *_transport_args(args), *_device_args(args)]
+                "--node-id", name, "--slots", str(slots), *_tls_args(args, "expert"), *token_args,
+                *_transport_args(args), *_device_args(args)]
 
     mesh = ProcessMesh(log_dir, expert_args, threads=1)  # one thread each: the processes share this machine's cores
     control = None
     try:
         etcd.start()
-        router = mesh.start("router", "router", _router_args(args, etcd.endpoint))
+        router = mesh.start("router", "router", [*_router_args(args, etcd.endpoint), *token_args])
         mesh.add_experts(args.expert_nodes, watch=False)
         for i in range(args.attn_nodes):
             mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, "--cluster",
                                              args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
-                                             str(args.dispatch_timeout), *_tls_args(args, "attn"), *_transport_args(args),
-                                             *_device_args(args)])
+                                             str(args.dispatch_timeout), *_tls_args(args, "attn"), *token_args,
+                                             *_transport_args(args), *_device_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
-        control, control_port = serve_control(mesh, args.host, args.control_port, tls=tls)
+        control, control_port = serve_control(mesh, args.host, args.control_port, tls=tls,
+                                              auth=Authenticator(tokens=TokenBook(tokens)) if tokens else None)
         print(json.dumps({"event": "ready", "router": f"{args.host}:{router.port}", "etcd": etcd.endpoint,
-                          "control": f"{args.host}:{control_port}", "tls": tls is not None, "attn_nodes": args.attn_nodes,
+                          "control": f"{args.host}:{control_port}", "tls": tls is not None,
+                          **({"operator_token_file": str(work / "operator.token")} if tokens else {}),
+                          "attn_nodes": args.attn_nodes,
                           "expert_nodes": args.expert_nodes, "expert_slots": slots, "model": model,
                           "logs": str(log_dir), "seconds": round(time.monotonic() - started, 2)}), flush=True)
         reported: set[str] = set()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from moemesh.wire import tls as _tls
 from moemesh.wire.tls import SecurityConfigError, read_file
 
 ROLES = ("client", "router", "attn", "expert", "operator")
@@ -111,6 +112,12 @@ class TokenBook:
         # Digests, so that every comparison is over 32 bytes whatever the tokens' lengths.
         self._digests = {role: hashlib.sha256(t.encode()).digest() for role, t in tokens.items()}
 
+    def with_token(self, role: str, token: str) -> "TokenBook":
+        """This book with ``role``'s token set to ``token`` (replacing any)."""
+        book = TokenBook({role: token})
+        book._digests = {**self._digests, **book._digests}
+        return book
+
     @property
     def roles(self) -> frozenset[str]:
         return frozenset(self._digests)
@@ -177,3 +184,39 @@ def decide(method: str, identity: Identity | None, token_error: str | None = Non
     may = ", ".join(sorted(roles)) or "no role"
     return Decision(False, "PERMISSION_DENIED",
                     f"{identity.role} credentials may not call {service}/{name}; {may} may")
+
+
+def read_tokens_file(path: str | Path) -> dict[str, str]:
+    """``--auth-tokens F``: one ``<role> <token>`` line per role (``#`` comments); role -> token."""
+    tokens: dict[str, str] = {}
+    text = read_file(path, "tokens file (--auth-tokens)").decode(errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or parts[0] not in ROLES:
+            raise SecurityConfigError(f"tokens file {str(path)!r} line {number}: expected '<role> <token>' with a "
+                                      f"role among {', '.join(ROLES)}")  # the line itself may hold a token
+        if parts[0] in tokens:
+            raise SecurityConfigError(f"tokens file {str(path)!r} line {number}: a second {parts[0]} token")
+        tokens[parts[0]] = parts[1]
+    if not tokens:
+        raise SecurityConfigError(f"tokens file {str(path)!r} holds no tokens")
+    return tokens
+
+
+_process_tokens: TokenBook | None = None
+
+
+def use_tokens(tokens: dict[str, str] | None, role: str) -> TokenBook | None:
+    """Once, at a process's start: its servers accept ``tokens`` (as their roles); it dials with ``tokens[role]``."""
+    global _process_tokens
+    _process_tokens = TokenBook(tokens) if tokens else None
+    _tls.set_dial_token((tokens or {}).get(role))
+    return _process_tokens
+
+
+def process_tokens() -> TokenBook | None:
+    """The tokens this process's servers accept (:func:`use_tokens`); None: certificates only, or open."""
+    return _process_tokens

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moemesh.wire.authz import Authenticator, AuthInterceptor, SyncAuthInterceptor
+from moemesh.wire.identity import process_tokens
 from moemesh.wire.status import StatusInterceptor, SyncStatusInterceptor
 from moemesh.wire.tls import TLSFiles, add_port
 
@@ -46,11 +47,12 @@ def create_server(role: str, add: Callable[[grpc.Server], None], services: Seque
     ``interceptors`` run before the status interceptor (e.g. the router's bearer-token check).
     ``aio=False`` builds a thread-pool ``grpc.server`` of ``max_workers`` threads instead of grpc.aio.
     ``auth``: who may call what (:mod:`moemesh.wire.authz`); by default, the mTLS identities when ``tls``
-    requires client certificates, else none (an open server, as a mesh without credentials runs).
+    requires client certificates and this process's tokens (``--auth-tokens``); with neither, an open server,
+    as a mesh without credentials runs.
     """
     options = server_options(role)
     if auth is None:
-        auth = Authenticator(mtls=bool(tls and tls.ca))
+        auth = Authenticator(mtls=bool(tls and tls.ca), tokens=process_tokens())
     if auth.secured:
         interceptors = [AuthInterceptor(auth) if aio else SyncAuthInterceptor(auth), *interceptors]
     if aio:

@@ -75,9 +75,73 @@ def add_port(server, address: str, tls: TLSFiles | None) -> int:
     return bound
 
 
+# This process's bearer token for the nodes it dials, set once at startup by its entry point
+# (moemesh.wire.identity.use_tokens); None: it dials with its certificate alone, or anonymously.
+_dial_metadata: tuple[tuple[str, str], ...] = ()
+
+
+def set_dial_token(token: str | None) -> None:
+    global _dial_metadata
+    _dial_metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, details, metadata):
+        self.method, self.timeout, self.credentials = details.method, details.timeout, details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+        self.metadata = metadata
+
+
+def _with_token(details, aio: bool):
+    metadata = (*tuple(details.metadata or ()), *_dial_metadata)
+    if aio:
+        return details._replace(metadata=grpc.aio.Metadata(*metadata))
+    return _CallDetails(details, metadata)
+
+
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds this process's ``authorization`` metadata to every call of a sync channel."""
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(_with_token(details, False), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(_with_token(details, False), requests)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
+def _aio_token_interceptors():
+    class UU(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            return await continuation(_with_token(details, True), request)
+
+    class US(grpc.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, continuation, details, request):
+            return await continuation(_with_token(details, True), request)
+
+    class SU(grpc.aio.StreamUnaryClientInterceptor):
+        async def intercept_stream_unary(self, continuation, details, requests):
+            return await continuation(_with_token(details, True), requests)
+
+    class SS(grpc.aio.StreamStreamClientInterceptor):
+        async def intercept_stream_stream(self, continuation, details, requests):
+            return await continuation(_with_token(details, True), requests)
+
+    return [UU(), US(), SU(), SS()]
+
+
 def channel(address: str, tls: TLSFiles | None, options, aio: bool = False):
-    """A channel to another mesh process, TLS when this process has TLS files."""
-    grpc_mod = grpc.aio if aio else grpc
-    if tls is None:
-        return grpc_mod.insecure_channel(address, options=options)
-    return grpc_mod.secure_channel(address, tls.channel_credentials(), options=options)
+    """A channel to another mesh process: TLS when this process has TLS files; its token on every call if set."""
+    if aio:
+        interceptors = _aio_token_interceptors() if _dial_metadata else None
+        if tls is None:
+            return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options, interceptors=interceptors)
+    ch = (grpc.insecure_channel(address, options=options) if tls is None
+          else grpc.secure_channel(address, tls.channel_credentials(), options=options))
+    return grpc.intercept_channel(ch, _TokenInterceptor()) if _dial_metadata else ch

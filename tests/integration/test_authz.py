@@ -94,10 +94,14 @@ def probe(address: str, caller: str, method: str, kind: str, request, certs: Pat
     return "served"
 
 
-def render(table: dict[str, dict[str, str]]) -> str:
-    rows = ["| port / method | " + " | ".join(CALLERS) + " |", "|---" * (len(CALLERS) + 1) + "|"]
-    rows += [f"| {name} | " + " | ".join(cells[c] for c in CALLERS) + " |" for name, cells in table.items()]
+def render_for(table: dict[str, dict[str, str]], callers) -> str:
+    rows = ["| port / method | " + " | ".join(callers) + " |", "|---" * (len(callers) + 1) + "|"]
+    rows += [f"| {name} | " + " | ".join(cells[c] for c in callers) + " |" for name, cells in table.items()]
     return "\n".join(rows)
+
+
+def render(table: dict[str, dict[str, str]]) -> str:
+    return render_for(table, CALLERS)
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +158,69 @@ def test_the_sdk_with_a_client_certificate_generates_and_anonymous_mesh_control_
                                  capture_output=True, text=True, timeout=60)
     assert as_operator.returncode == 0, as_operator.stderr
     assert {p["role"] for p in json.loads(as_operator.stdout)["processes"]} == {"router", "attn", "expert"}
+
+
+# ---- a mesh secured by tokens alone: `moemesh up --auth-token-file F` without --tls -------------------------------
+TOKEN_CALLERS = ("anonymous", "wrong-token", "client", "operator", "router", "attn", "expert")
+
+
+def _token_probe(address: str, caller: str, tokens: dict[str, str], method: str, kind: str, request) -> str:
+    token = {"anonymous": None, "wrong-token": "not-a-mesh-token"}.get(caller, tokens.get(caller))
+    metadata = None if token is None else (("authorization", f"Bearer {token}"),)
+    with grpc.insecure_channel(address) as channel:
+        data = b"" if request is None else request.SerializeToString()
+        try:
+            if kind == "uu":
+                channel.unary_unary(method)(data, timeout=10, metadata=metadata)
+            elif kind == "us":
+                list(channel.unary_stream(method)(data, timeout=10, metadata=metadata))
+            else:
+                list(channel.stream_stream(method)(iter([] if request is None else [data]), timeout=10,
+                                                   metadata=metadata))
+        except grpc.RpcError as exc:
+            return REFUSED_CODES.get(exc.code(), f"served ({exc.code().name})")
+    return "served"
+
+
+def test_a_token_mesh_refuses_anonymous_callers_and_wrong_roles_on_every_port(tmp_path):
+    from moemesh.model.tiny import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "m", arch="deepseek_v2", hidden_size=64, layers=2, experts=4,
+                                  experts_per_token=2)
+    (tmp_path / "client.token").write_text("the-clients-token\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--port", "0", "--attn-nodes", "1",
+         "--expert-nodes", "1", "--transport", "torch", "--auth-token-file", str(tmp_path / "client.token"),
+         "--log-dir", str(tmp_path / "logs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert select.select([proc.stdout], [], [], 240)[0], "moemesh up was not ready within 240 s"
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-3000:]
+        ready = json.loads(line)
+        token_dir = Path(ready["operator_token_file"]).parent
+        assert (token_dir / "tokens").stat().st_mode & 0o077 == 0  # the tokens file is the user's alone
+        tokens = dict(line.split() for line in (token_dir / "tokens").read_text().splitlines())
+        assert tokens["client"] == "the-clients-token"
+        with MeshClient(ready["router"], token="the-clients-token") as client:
+            assert len(client.generate(prompt_ids=[3, 4, 5], max_tokens=3, temperature=0.0).token_ids) == 3
+            with MeshClient(ready["router"], token=tokens["operator"]) as operator:
+                nodes = operator.cluster_status()["nodes"]
+        addresses = {"router": ready["router"], "control": ready["control"],
+                     **{role: next(n["address"] for n in nodes if n["role"] == role) for role in ("attn", "expert")}}
+        table = {name: {c: _token_probe(addresses[where], c, tokens, method, kind, request) for c in TOKEN_CALLERS}
+                 for name, where, method, kind, request, _ in PROBES}
+        print("\n" + render_for(table, TOKEN_CALLERS))
+        expected = {name: {c: "UNAUTHENTICATED" if c in ("anonymous", "wrong-token") and "health" not in name
+                           else "served" if c in roles or "health" in name else "PERMISSION_DENIED"
+                           for c in TOKEN_CALLERS}
+                    for name, _, _, _, _, roles in PROBES}
+        assert {name: {c: cell.split(" ")[0] for c, cell in cells.items()} for name, cells in table.items()} == expected
+        run = [sys.executable, "-m", "moemesh.cli", "mesh", "--control", ready["control"], "--timeout", "10"]
+        anonymous = subprocess.run([*run, "remove-expert", "expert-0"], capture_output=True, text=True, timeout=60)
+        assert anonymous.returncode == 1 and "UNAUTHENTICATED" in anonymous.stderr
+        listed = subprocess.run([*run, "--token-file", ready["operator_token_file"], "--json", "list"],
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
