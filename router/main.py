@@ -42,7 +42,8 @@ def add_router_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve moemesh.v1.Inference (Generate, Tokenize, ModelInfo, ClusterStatus) for the cluster "
         "registered in etcd: each Generate goes to the least loaded ready attention node (another one if it "
         "fails before its first token). Routers elect a leader in etcd; the leader writes the expert placement. "
-        "Every replica serves clients. gRPC health (SERVING once connected to etcd) and reflection are open; "
+        "Every replica serves clients. gRPC health (SERVING once connected to etcd) is open; with "
+        "credentials (--tls-ca, tokens) every other call needs them (docs/security.md); "
         "prints {\"event\": \"ready\", \"port\": P, \"router_id\": ID} on stdout when serving.")
     p.add_argument("--etcd", required=True, metavar="HOST:PORT", help="etcd endpoint, e.g. 127.0.0.1:2379")
     p.add_argument("--cluster", default="default", help="cluster name: keys live under /moemesh/NAME/ "
@@ -51,7 +52,8 @@ def add_router_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=0, help="port to listen on; 0 picks a free one (default: 0)")
     p.add_argument("--router-id", default=None, help="this replica's id in the leader key (default: random)")
     p.add_argument("--auth-token-file", default=None, metavar="F",
-                   help="require 'authorization: Bearer <token>' on Inference calls, the token being F's content")
+                   help="the client role's token: require 'authorization: Bearer <token>' from clients, the token being "
+                   "F's content")
     p.add_argument("--auth-tokens", default=None, metavar="F",
                    help="'<role> <token>' lines: accept these tokens as those roles, and send the router token to "
                    "the nodes it dials (docs/security.md)")

@@ -61,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
     """TLS with the operator's certificate when given (a TLS mesh's MeshControl requires it), else plaintext."""
-    from moemesh.wire.tls import TLSFiles, read_file
+    from moemesh.wire.tls import SecurityConfigError, TLSFiles, read_file
 
     if args.tls_ca is None and args.tls_cert is None:
         return grpc.insecure_channel(args.control)
     if (args.tls_cert is None) != (args.tls_key is None):
-        raise SystemExit("moemesh mesh: --tls-cert and --tls-key go together")
+        raise SecurityConfigError("--tls-cert and --tls-key go together: give both, or neither")
     if args.tls_cert is None:
         return grpc.secure_channel(args.control, grpc.ssl_channel_credentials(read_file(args.tls_ca, "CA (--tls-ca)")))
     return grpc.secure_channel(args.control, TLSFiles(args.tls_cert, args.tls_key, args.tls_ca).channel_credentials())
