@@ -22,6 +22,7 @@ import uuid
 from typing import Callable
 
 from moemesh.control.etcd import check_cluster_name, parse_endpoint
+from moemesh.control.etcd_credentials import EtcdCredentials
 from moemesh.argtypes import non_negative_int
 from moemesh.argtypes import port as _port
 from moemesh.argtypes import positive_int as _positive_int
@@ -83,7 +84,7 @@ async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_
                        ready_cb: Callable[[int], object] | None = None, max_inflight: int = 512,
                        ttl_s: float = 5.0, stop: asyncio.Event | None = None,
                        health_port: int | None = None, policy: PlacementPolicy | None = None,
-                       max_resumes: int = MAX_RESUMES) -> None:
+                       max_resumes: int = MAX_RESUMES, etcd_credentials: EtcdCredentials | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``ready_cb(port)`` once connected to etcd."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,7 +97,7 @@ async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_
             pass
     router = Router(etcd, cluster, host, port, router_id=router_id, auth_token=auth_token, tls=tls,
                     max_inflight=max_inflight, ttl_s=ttl_s, health_port=health_port, policy=policy,
-                    max_resumes=max_resumes)
+                    max_resumes=max_resumes, etcd_credentials=etcd_credentials)
     try:
         await router.start()
         waiter = asyncio.ensure_future(router.connected())
@@ -138,5 +139,6 @@ def run_router(args: argparse.Namespace) -> int:
                              auth_token=token, tls=tls, ready_cb=ready,
                              max_inflight=getattr(args, "max_inflight", 512), ttl_s=getattr(args, "lease_ttl", 5.0),
                              health_port=getattr(args, "health_port", None), policy=_policy(args),
-                             max_resumes=getattr(args, "max_resumes", MAX_RESUMES)))
+                             max_resumes=getattr(args, "max_resumes", MAX_RESUMES),
+                             etcd_credentials=getattr(args, "etcd_credentials", None)))
     return 0

@@ -369,8 +369,10 @@ class Router:
                  max_inflight: int = 512, ttl_s: float = 5.0, etcd_timeout_s: float = 3.0,
                  policy: PlacementPolicy | None = None,
                  load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
-                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES):
+                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES,
+                 etcd_credentials=None):
         self.etcd, self.host, self.requested_port = etcd, host, port
+        self.etcd_credentials = etcd_credentials  # EtcdCredentials for a secured etcd, or None
         self.cluster = check_cluster_name(cluster)
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
         if not self.router_id.isprintable() or len(self.router_id) > 128:
@@ -415,7 +417,8 @@ class Router:
         while True:
             try:
                 self.registry = await Registry.connect(self.etcd, self.cluster, ttl_s=self.ttl_s,
-                                                       timeout_s=self.etcd_timeout_s)
+                                                       timeout_s=self.etcd_timeout_s,
+                                                       credentials=self.etcd_credentials)
                 self.control = ControlPlane(self.registry, self.router_id, self.view, policy=self.policy,
                                             fetch_loads=self.pool.expert_loads, tls=self._tls)
                 await self.control.prime()

@@ -106,7 +106,7 @@ def expert_slots(n_experts: int, expert_nodes: int, requested: int | None) -> in
 def run(args: argparse.Namespace) -> int:
     from moemesh.devices import resolve_device
     from moemesh.launch.embedded import ensure_demo_model
-    from moemesh.launch.etcd_server import EtcdServer
+    from moemesh.launch.etcd_server import EtcdServer, secure_etcd
     from moemesh.launch.mesh_processes import ProcessMesh, serve_control
     from moemesh.launch.procs import stop_all
     from moemesh.model.config import ModelConfig
@@ -121,27 +121,33 @@ def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="moemesh-up-"))
     log_dir = Path(args.log_dir) if args.log_dir else work / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    etcd = EtcdServer(data_dir=work / "etcd", client_port=args.etcd_port)
+    # A TLS mesh's etcd: TLS with the mesh's certificate, client certificates required, auth on (root, a
+    # generated password in a 0600 file here); every child gets the same --etcd-* flags.
+    secured = secure_etcd(work, args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    etcd_flags = secured.credentials.to_args() if secured else []
+    etcd = EtcdServer(data_dir=work / "etcd", client_port=args.etcd_port, tls=secured and secured.tls,
+                      root_password=secured and secured.credentials.password)
     slots = expert_slots(cfg.n_routed_experts, args.expert_nodes, args.expert_slots)
 
     def expert_args(name: str) -> list[str]:
-        return ["expert-node", "--model", model, "--etcd", etcd.endpoint, "--cluster", args.cluster,
+        return ["expert-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags, "--cluster", args.cluster,
                 "--node-id", name, "--slots", str(slots), *_tls_args(args), *_transport_args(args), *_device_args(args)]
 
     mesh = ProcessMesh(log_dir, expert_args, threads=1)  # one thread each: the processes share this machine's cores
     control = None
     try:
         etcd.start()
-        router = mesh.start("router", "router", _router_args(args, etcd.endpoint))
+        router = mesh.start("router", "router", [*_router_args(args, etcd.endpoint), *etcd_flags])
         mesh.add_experts(args.expert_nodes, watch=False)
         for i in range(args.attn_nodes):
-            mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, "--cluster",
-                                             args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
+            mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags,
+                                             "--cluster", args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
                                              str(args.dispatch_timeout), *_tls_args(args), *_transport_args(args),
                                              *_device_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
         control, control_port = serve_control(mesh, args.host, args.control_port)
         print(json.dumps({"event": "ready", "router": f"{args.host}:{router.port}", "etcd": etcd.endpoint,
+                          "etcd_tls": secured is not None,
                           "control": f"{args.host}:{control_port}", "attn_nodes": args.attn_nodes,
                           "expert_nodes": args.expert_nodes, "expert_slots": slots, "model": model,
                           "logs": str(log_dir), "seconds": round(time.monotonic() - started, 2)}), flush=True)
@@ -163,5 +169,7 @@ def run(args: argparse.Namespace) -> int:
         stop_all(procs)
         etcd.stop()
         shutil.rmtree(work / "etcd", ignore_errors=True)
+        if secured is not None:  # the root password goes with the mesh, whatever happens to the logs
+            Path(secured.credentials.password_file).unlink(missing_ok=True)
         if not args.log_dir and all(p.proc.returncode == 0 for p in procs):
             shutil.rmtree(work, ignore_errors=True)
