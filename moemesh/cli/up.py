@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         control, control_port = serve_control(mesh, args.host, args.control_port)
         print(json.dumps({"event": "ready", "router": f"{args.host}:{router.port}", "etcd": etcd.endpoint,
                           "etcd_tls": secured is not None,
+                          **({"etcd_password_file": secured.credentials.password_file} if secured else {}),
                           "control": f"{args.host}:{control_port}", "attn_nodes": args.attn_nodes,
                           "expert_nodes": args.expert_nodes, "expert_slots": slots, "model": model,
                           "logs": str(log_dir), "seconds": round(time.monotonic() - started, 2)}), flush=True)
