@@ -162,3 +162,17 @@ def test_client_key_is_the_token_fingerprint_then_certificate_then_host():
     assert client_key(FakeContext(peer="ipv4:127.0.0.1:40001"), tokens_checked=True) == "peer:ipv4:127.0.0.1"
     assert client_key(FakeContext(peer="ipv6:[::1]:5000"), tokens_checked=False) == "peer:ipv6:[::1]"
     assert client_key(FakeContext(peer="unix:/tmp/s"), tokens_checked=False) == "peer:unix:/tmp/s"
+
+
+def test_tokens_file_holds_one_token_per_client(tmp_path):
+    from moemesh.router.auth import BearerTokenInterceptor, read_tokens_file
+    from moemesh.wire.tls import SecurityConfigError
+
+    path = tmp_path / "tokens"
+    path.write_text("# clients\ntok-a\n\n  tok-b  \n")
+    assert read_tokens_file(path) == ("tok-a", "tok-b")
+    assert BearerTokenInterceptor(read_tokens_file(path))._expected == [b"Bearer tok-a", b"Bearer tok-b"]
+    for bad in ("", "# only a comment\n", "tok a\n"):
+        path.write_text(bad)
+        with pytest.raises(SecurityConfigError, match="empty|one token per line"):
+            read_tokens_file(path)
