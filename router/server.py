@@ -1,6 +1,7 @@
 """The router's gRPC front door: ``moemesh.v1.Inference`` over the cluster's attention nodes.
 
-Generate validates the request, picks a ready attention node (:mod:`.selection` over the loads in
+Generate is admitted by its client first (:mod:`.admission`: per-client running and queued limits,
+RESOURCE_EXHAUSTED past them, the slot freed however the call ends), then validates the request, picks a ready attention node (:mod:`.selection` over the loads in
 :mod:`.pool`), and proxies that node's token stream. A node that dies or goes away (UNAVAILABLE;
 CANCELLED/ABORTED while draining or gone; a stream that ends without a finish_reason), or one that
 is full before its first token (RESOURCE_EXHAUSTED), is left for the next ready node. When tokens
