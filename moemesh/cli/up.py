@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from moemesh.argtypes import non_negative_float, positive_float, positive_int
+from moemesh.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from moemesh.cli import flags
 
 SPARE_SLOTS = 1.25  # default expert slots: the even share plus 25% room for replicas of hot experts
@@ -45,6 +45,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="F", help="router TLS certificate (with --tls-key)")
     p.add_argument("--tls-key", metavar="F", help="router TLS private key")
     p.add_argument("--tls-ca", metavar="F", help="CA for client certificates: the router then requires mTLS")
+    p.add_argument("--max-running-per-client", type=positive_int, default=None, metavar="N",
+                   help="Generate streams one client may have on the attention nodes at once; more wait at the "
+                   "router (default: 240 per attention node, 3/4 of a node's 64 running + 256 waiting)")
+    p.add_argument("--max-queued-per-client", type=non_negative_int, default=None, metavar="N",
+                   help="Generate requests one client may have waiting at the router; more are refused with "
+                   "RESOURCE_EXHAUSTED (default: the router's, half of its queue)")
     p.add_argument("--log-dir", metavar="DIR", help="where each process writes its log (default: a temporary dir)")
     p.add_argument("--ready-timeout", type=positive_float, default=300.0,
                    help="seconds to wait for every process to be ready (default: 300)")
@@ -93,6 +99,13 @@ def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
         out.append("--no-replicas")
     if args.auth_token_file:
         out += ["--auth-token-file", str(Path(args.auth_token_file).resolve())]
+    # One client may use most, not all, of the attention nodes' room (see moemesh.router.admission).
+    from moemesh.router.admission import DEFAULT_MAX_RUNNING_PER_CLIENT
+
+    running = args.max_running_per_client or DEFAULT_MAX_RUNNING_PER_CLIENT * args.attn_nodes
+    out += ["--max-running-per-client", str(running)]
+    if args.max_queued_per_client is not None:
+        out += ["--max-queued-per-client", str(args.max_queued_per_client)]
     return out + _tls_args(args)
 
 
