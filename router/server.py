@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 import grpc
 import structlog
@@ -33,13 +34,15 @@ from moemesh import metrics
 from moemesh.control.cluster_view import ClusterView
 from moemesh.control.etcd import Registry, RegistryError, check_cluster_name
 from moemesh.control.records import NodeRecord, PlacementStats
+from moemesh.control.servability import Servability
 from moemesh.errors import (
     DeadlineExceededError, InvalidRequestError, MoemeshError, ResourceExhaustedError, UnavailableError,
+    UnservableError,
 )
 from moemesh.logs import get_logger
 from moemesh.wire.requests import check_request_id, sampling_from_proto
 from moemesh.wire.server import create_server
-from moemesh.wire.status import abort
+from moemesh.wire.status import abort, no_retry, trailing_metadata
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
 from .admission import (
@@ -70,13 +73,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def __init__(self, view: ClusterView, pool: AttentionPool, *, max_inflight: int = 512,
                  call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES,
-                 admission: Admission | None = None, tokens_checked: bool = False):
+                 admission: Admission | None = None, tokens_checked: bool = False,
+                 servability: Callable[[], Servability | None] = lambda: None):
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         if max_resumes < 0:
             raise ValueError(f"max_resumes must be >= 0, got {max_resumes}")
         self.max_resumes = max_resumes
         self.view, self.pool = view, pool
+        self.servability = servability  # the control plane's verdict on the live placement
         self.max_inflight = max_inflight
         self.call_timeout_s = call_timeout_s
         self.generate_timeout_s = generate_timeout_s
@@ -128,6 +133,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 if self._model_info is None:
                     self._model_info = await self._unary("ModelInfo", inference_pb2.ModelInfoRequest(), "ModelInfo")
         return self._model_info
+
+    def _unservable(self, node_error: grpc.aio.AioRpcError | None = None) -> UnservableError | None:
+        """Why no attention node can serve a generation now, or None.
+
+        The live placement lacks experts that no re-plan can place (``moemesh.control.servability``: the
+        router's verdict), or the attention node that just failed said so (its status carries NO_RETRY).
+        Either way every node would fail alike: the call ends at once, with the missing experts named,
+        instead of each attempt waiting ``expert_wait_s`` for a placement that cannot come. While a re-plan
+        can place them (``degraded``), calls go on to the attention nodes, whose steps wait for it."""
+        if node_error is not None and no_retry(trailing_metadata(node_error)):
+            return UnservableError(node_error.details() or "the mesh cannot serve")
+        verdict = self.servability()
+        return None if verdict is None else verdict.error()
 
     # ---- Generate ---------------------------------------------------------------
     async def validate(self, request: inference_pb2.GenerateRequest) -> None:
@@ -219,6 +237,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except (MoemeshError, grpc.aio.AioRpcError) as exc:
             log.info("generate_rejected", error=str(exc) if isinstance(exc, MoemeshError) else exc.details())
             await abort(context, exc)
+        unservable = self._unservable()
+        if unservable is not None:
+            log.warning("generate_unservable", error=str(unservable))
+            await abort(context, unservable)
         forward = inference_pb2.GenerateRequest()
         forward.CopyFrom(request)
         forward.request_id = rid
@@ -237,6 +259,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                                    metadata=(("x-request-id", rid),))
             self.pool.streams[node_id] = self.pool.streams.get(node_id, 0) + 1
             from_node, code, details = 0, None, "the stream ended without a finish_reason"
+            node_error: grpc.aio.AioRpcError | None = None
             try:
                 async for response in call:
                     if not progress.nodes:  # the client's first response: name the node serving it
@@ -250,10 +273,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         self._finish(context, progress, response, started)
                         return
             except grpc.aio.AioRpcError as exc:
-                code, details = exc.code(), exc.details() or exc.code().name
+                code, details, node_error = exc.code(), exc.details() or exc.code().name, exc
             finally:
                 self.pool.streams[node_id] -= 1
                 call.cancel()
+            unservable = self._unservable(node_error)
+            if unservable is not None:  # another node would fail alike: fail once, saying why
+                log.warning("generate_unservable", node=node_id, error=str(unservable), tokens_sent=len(progress.sent))
+                await abort(context, unservable)
             reason = failure_reason(code, self._node_status(node_id), from_node)
             await self._check_can_move(context, progress, node_id, code, details, reason)
             self.pool.forget_load(node_id)
@@ -370,9 +397,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             nodes.append(status)
         balance = [inference_pb2.LayerBalance(layer=layer, balancedness=float(b))
                    for layer, b in sorted(stats.balancedness.items())]
-        return inference_pb2.ClusterStatusResponse(
+        verdict = self.servability()
+        response = inference_pb2.ClusterStatusResponse(
             nodes=nodes, placement_version=self.view.placement_version, leader=self.view.leader or "",
             balance=balance, moved=stats.moved, placement_reason=stats.reason, window_tokens=stats.window_tokens)
+        if verdict is not None:
+            response.mesh_state, response.mesh_problem = verdict.state, verdict.message
+            for layer, ids in verdict.missing.items():
+                response.missing_experts.add(layer=layer, experts=ids)
+        return response
 
 
 def inference_server(service: InferenceService, host: str = "127.0.0.1", port: int = 0, *,
@@ -418,7 +451,7 @@ class Router:
         self.service = InferenceService(self.view, self.pool, max_inflight=max_inflight,
                                         call_timeout_s=call_timeout_s, generate_timeout_s=generate_timeout_s,
                                         max_resumes=max_resumes, admission=admission,
-                                        tokens_checked=bool(auth_token))
+                                        tokens_checked=bool(auth_token), servability=self._servability)
         self._tls, self._auth_token = tls, auth_token
         self.health_port = health_port
         self.server = self.health = None
@@ -427,6 +460,9 @@ class Router:
         self.control: ControlPlane | None = None
         self._connected = asyncio.Event()
         self._connect_task: asyncio.Task | None = None
+
+    def _servability(self) -> Servability | None:
+        return None if self.control is None else self.control.servability()
 
     @property
     def is_leader(self) -> bool:
