@@ -6,6 +6,7 @@ control, each naming its role in a SAN URI (spiffe://moemesh/<cluster>/<role>/<n
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from moemesh.cli.certs import make_certs
@@ -14,6 +15,14 @@ from moemesh.wire.tls import TLSFiles
 
 def mesh_certs(d: Path, cluster: str = "default", sans=()) -> Path:
     make_certs(d, cluster=cluster, sans=sans, days=1)
+    return d
+
+
+def make_mesh_certs(d: Path) -> Path:
+    """``mesh_certs`` plus node.pem/node.key: the etcd pair (serverAuth + clientAuth, no gRPC role), for etcd tests."""
+    mesh_certs(d)
+    for suffix in ("pem", "key"):
+        shutil.copy(d / f"etcd.{suffix}", d / f"node.{suffix}")
     return d
 
 

@@ -7,7 +7,7 @@ import argparse
 from moemesh.argtypes import non_negative_float, positive_float, positive_int
 from moemesh.cli import flags
 from moemesh.cli.flags import UsageError
-from moemesh.wire.identity import read_tokens_file, use_tokens
+from moemesh.wire.identity import read_role_tokens, use_tokens
 from moemesh.wire.tls import TLSFiles
 
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --etcd HOST:PORT (placement from the router) or --expert-nodes HOST:PORT=SPEC,...")
     device = resolve_device(args.device)  # before anything loads: a missing GPU is one line, not a traceback
     if args.auth_tokens:
-        use_tokens(read_tokens_file(args.auth_tokens), "attn")
+        use_tokens(read_role_tokens(args.auth_tokens), "attn")
     cfg = ModelConfig.from_dir(args.model)
     static = None
     if args.expert_nodes:
@@ -60,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
         cluster=args.cluster, static=static, node_id=args.node_id, advertise=args.advertise_host,
         kernels=args.kernels, dispatch_timeout_s=args.dispatch_timeout, max_pending=args.max_pending,
         tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca), health_port=args.health_port,
-        transport=args.transport, device=device))
+        transport=args.transport, device=device, etcd_credentials=flags.etcd_credentials(args)))
     return 0

@@ -1,8 +1,9 @@
 """``moemesh certs DIR [--cluster C]``: a mesh CA and one certificate per role, for local meshes and tests.
 
 Writes ``ca.pem``/``ca.key`` and, per role, ``<role>.pem``/``<role>.key``: ``router``, ``attn``, ``expert``
-(they serve and dial: serverAuth + clientAuth), ``operator`` and ``client`` (they only dial), and
-``control`` (the MeshControl server of ``moemesh up``). Each leaf's SAN carries its identity as
+(they serve and dial: serverAuth + clientAuth), ``operator`` and ``client`` (they only dial),
+``control`` (the MeshControl server of ``moemesh up``) and ``etcd`` (the embedded etcd's server certificate
+and every process's etcd client certificate; it names no role, so it opens no gRPC port). Each leaf's SAN carries its identity as
 ``spiffe://moemesh/<cluster>/<role>/<name>`` (see :mod:`moemesh.wire.identity`) and the addresses it may
 serve on: 127.0.0.1, localhost and any ``--san``. Keys are written 0600; keep ``ca.key`` away from the
 nodes (only ``moemesh certs`` needs it). ``moemesh up --tls DIR`` gives each process its role's pair.
@@ -20,14 +21,15 @@ from pathlib import Path
 from moemesh.argtypes import positive_int
 
 CALLER_ROLES = ("router", "attn", "expert", "operator", "client")
-SERVER_ROLES = ("router", "attn", "expert", "control")  # leaves that also serve (serverAuth)
-LEAVES = ("router", "attn", "expert", "operator", "client", "control")
+CALLERS_TOO = ("etcd",)  # not a mesh role: its holder is nobody on the gRPC ports
+SERVER_ROLES = ("router", "attn", "expert", "control", "etcd")  # leaves that also serve (serverAuth)
+LEAVES = ("router", "attn", "expert", "operator", "client", "control", "etcd")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("certs", help="make a mesh CA and per-role certificates (local use and tests)",
                               description="Write a CA (ca.pem, ca.key) and a certificate and key per role (router, "
-                              "attn, expert, operator, client, control) into DIR, each naming its role in a SAN URI "
+                              "attn, expert, operator, client, control, etcd) into DIR, each naming its role in a SAN URI "
                               "spiffe://moemesh/<cluster>/<role>/<name>, for `moemesh up --tls DIR`.")
     p.add_argument("dir", metavar="DIR", help="where to write the files (created; must not hold a ca.pem yet)")
     p.add_argument("--cluster", default="default", help="cluster name in the identities (default: default)")
@@ -109,7 +111,7 @@ def make_certs(d: Path, cluster: str = "default", sans=(), days: int = 365, leav
     for role in leaves:
         key = _key()
         uri = spiffe_uri(cluster, role, names.get(role, role))
-        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if role in CALLER_ROLES else []
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if role in CALLER_ROLES + CALLERS_TOO else []
         if role in SERVER_ROLES:
             usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
         san = [x509.UniformResourceIdentifier(uri), *(_alt_names(hosts) if role in SERVER_ROLES else [])]

@@ -7,7 +7,7 @@ import argparse
 from moemesh.argtypes import positive_int
 from moemesh.cli import flags
 from moemesh.cli.flags import UsageError
-from moemesh.wire.identity import read_tokens_file, use_tokens
+from moemesh.wire.identity import read_role_tokens, use_tokens
 from moemesh.wire.tls import TLSFiles
 
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     keep = keep_fp8(args.fp8, device)
     tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
     if args.auth_tokens:
-        use_tokens(read_tokens_file(args.auth_tokens), "expert")
+        use_tokens(read_role_tokens(args.auth_tokens), "expert")
     if args.experts is None:
         if args.etcd is None:
             raise UsageError("give --experts SPEC (a fixed shard) or --etcd HOST:PORT (the router's placement)")
@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(serve_registered(args.model, args.etcd, args.cluster, args.host, args.port, dtype,
                                      node_id=args.node_id, slots=args.slots, advertise=args.advertise_host,
                                      tls=tls, health_port=args.health_port, transport=args.transport,
-                                     torch_port=args.torch_port, device=device, keep_fp8=keep))
+                                     torch_port=args.torch_port, device=device, keep_fp8=keep,
+                                     etcd_credentials=flags.etcd_credentials(args)))
         return 0
     parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
     asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype, tls=tls,

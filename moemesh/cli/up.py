@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from moemesh.argtypes import non_negative_float, positive_float, positive_int
+from moemesh.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from moemesh.cli import flags
 
 SPARE_SLOTS = 1.25  # default expert slots: the even share plus 25% room for replicas of hot experts
@@ -43,10 +43,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051, help="router port for clients; 0 picks one (default: 50051)")
     p.add_argument("--etcd-port", type=int, default=0, help="etcd client port; 0 picks one (default: 0)")
     p.add_argument("--cluster", default="default", help="cluster name in etcd (default: default)")
-    p.add_argument("--auth-token-file", metavar="F", help="the router requires this bearer token from clients")
+    p.add_argument("--auth-token-file", metavar="F", help="the router requires one of F's bearer tokens (one per "
+                   "line, one per client) from clients; without --tls, every other port then takes tokens too")
     p.add_argument("--tls", metavar="DIR", help="mTLS on every port with the role certificates in DIR (`moemesh certs "
                    "DIR`): each process serves and dials with its role's pair; clients need client.pem (or "
                    "operator.pem), MeshControl operator.pem")
+    p.add_argument("--max-running-per-client", type=positive_int, default=None, metavar="N",
+                   help="Generate streams one client may have on the attention nodes at once; more wait at the "
+                   "router (default: 240 per attention node, 3/4 of a node's 64 running + 256 waiting)")
+    p.add_argument("--max-queued-per-client", type=non_negative_int, default=None, metavar="N",
+                   help="Generate requests one client may have waiting at the router; more are refused with "
+                   "RESOURCE_EXHAUSTED (default: the router's, half of its queue)")
     p.add_argument("--log-dir", metavar="DIR", help="where each process writes its log (default: a temporary dir)")
     p.add_argument("--ready-timeout", type=positive_float, default=300.0,
                    help="seconds to wait for every process to be ready (default: 300)")
@@ -76,6 +83,13 @@ def _tls_args(args: argparse.Namespace, role: str) -> list[str]:
     return ["--tls-cert", str(d / f"{role}.pem"), "--tls-key", str(d / f"{role}.key"), "--tls-ca", str(d / "ca.pem")]
 
 
+def _etcd_files(args: argparse.Namespace) -> tuple[str, str, str]:
+    """The embedded etcd's certificate, key and CA with ``--tls``: DIR/etcd.pem serves etcd and is every child's
+    etcd client certificate; it names no mesh role, so holding it grants nothing on the gRPC ports."""
+    d = Path(args.tls).resolve()
+    return str(d / "etcd.pem"), str(d / "etcd.key"), str(d / "ca.pem")
+
+
 def control_tls(args: argparse.Namespace):
     """MeshControl's TLS files with ``--tls`` (its control.pem, the CA: callers need a certificate); else None."""
     from moemesh.wire.tls import TLSFiles
@@ -87,15 +101,16 @@ def control_tls(args: argparse.Namespace):
 
 
 def mesh_tokens(args: argparse.Namespace, work: Path) -> tuple[dict[str, str], Path | None]:
-    """Without --tls, ``--auth-token-file`` secures every port with tokens: the clients' token from the file and a
-    fresh random token per mesh role, in ``work/tokens`` (0600, passed to every child as ``--auth-tokens``), the
-    operator's also in ``work/operator.token`` for ``moemesh mesh --token-file``. ({}, None) otherwise."""
-    from moemesh.wire.identity import read_token_file
+    """Without --tls, ``--auth-token-file`` secures every port with tokens: the clients' tokens stay in that file
+    (the router's), and each mesh role gets a fresh random token, in ``work/tokens`` (0600, passed to every child
+    as ``--auth-tokens``), the operator's also in ``work/operator.token`` for ``moemesh mesh --token-file``.
+    ({}, None) otherwise."""
+    from moemesh.wire.tls import read_file
 
     if getattr(args, "tls", None) or not args.auth_token_file:
         return {}, None
-    tokens = {"client": read_token_file(args.auth_token_file),
-              **{role: secrets.token_urlsafe(32) for role in ("router", "attn", "expert", "operator")}}
+    read_file(args.auth_token_file, "auth token file (--auth-token-file)")  # unreadable: one line, before starting
+    tokens = {role: secrets.token_urlsafe(32) for role in ("router", "attn", "expert", "operator")}
     _secret(work / "tokens", "".join(f"{role} {token}\n" for role, token in tokens.items()))
     _secret(work / "operator.token", tokens["operator"] + "\n")
     return tokens, work / "tokens"
@@ -122,8 +137,15 @@ def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
            "--rebalance-interval", str(args.rebalance_interval)]
     if args.no_replicas:
         out.append("--no-replicas")
-    if args.auth_token_file and getattr(args, "tls", None):  # without --tls, the client token is in --auth-tokens
+    if args.auth_token_file:  # the clients' tokens (one per client); the mesh roles' come in --auth-tokens
         out += ["--auth-token-file", str(Path(args.auth_token_file).resolve())]
+    # One client may use most, not all, of the attention nodes' room (see moemesh.router.admission).
+    from moemesh.router.admission import DEFAULT_MAX_RUNNING_PER_CLIENT
+
+    running = args.max_running_per_client or DEFAULT_MAX_RUNNING_PER_CLIENT * args.attn_nodes
+    out += ["--max-running-per-client", str(running)]
+    if args.max_queued_per_client is not None:
+        out += ["--max-queued-per-client", str(args.max_queued_per_client)]
     return out + _tls_args(args, "router")
 
 
@@ -137,7 +159,7 @@ def expert_slots(n_experts: int, expert_nodes: int, requested: int | None) -> in
 def run(args: argparse.Namespace) -> int:
     from moemesh.devices import resolve_device
     from moemesh.launch.embedded import ensure_demo_model
-    from moemesh.launch.etcd_server import EtcdServer
+    from moemesh.launch.etcd_server import EtcdServer, secure_etcd
     from moemesh.launch.mesh_processes import ProcessMesh, serve_control
     from moemesh.launch.procs import stop_all
     from moemesh.model.config import ModelConfig
@@ -157,11 +179,17 @@ def run(args: argparse.Namespace) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     tokens, tokens_file = mesh_tokens(args, work)
     token_args = [] if tokens_file is None else ["--auth-tokens", str(tokens_file)]
-    etcd = EtcdServer(data_dir=work / "etcd", client_port=args.etcd_port)
+    # A TLS mesh's etcd: TLS with the certificate DIR/etcd.pem (no role on the mesh's gRPC ports), client
+    # certificates required, auth on (root, a generated password in a 0600 file here); every child gets the
+    # same --etcd-* flags.
+    secured = secure_etcd(work, *_etcd_files(args)) if args.tls else None
+    etcd_flags = secured.credentials.to_args() if secured else []
+    etcd = EtcdServer(data_dir=work / "etcd", client_port=args.etcd_port, tls=secured and secured.tls,
+                      root_password=secured and secured.credentials.password)
     slots = expert_slots(cfg.n_routed_experts, args.expert_nodes, args.expert_slots)
 
     def expert_args(name: str) -> list[str]:
-        return ["expert-node", "--model", model, "--etcd", etcd.endpoint, "--cluster", args.cluster,
+        return ["expert-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags, "--cluster", args.cluster,
                 "--node-id", name, "--slots", str(slots), *_tls_args(args, "expert"), *token_args,
                 *_transport_args(args), *_device_args(args)]
 
@@ -169,17 +197,19 @@ def run(args: argparse.Namespace) -> int:
     control = None
     try:
         etcd.start()
-        router = mesh.start("router", "router", [*_router_args(args, etcd.endpoint), *token_args])
+        router = mesh.start("router", "router", [*_router_args(args, etcd.endpoint), *etcd_flags, *token_args])
         mesh.add_experts(args.expert_nodes, watch=False)
         for i in range(args.attn_nodes):
-            mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, "--cluster",
-                                             args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
+            mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags,
+                                             "--cluster", args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
                                              str(args.dispatch_timeout), *_tls_args(args, "attn"), *token_args,
                                              *_transport_args(args), *_device_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
         control, control_port = serve_control(mesh, args.host, args.control_port, tls=tls,
                                               auth=Authenticator(tokens=TokenBook(tokens)) if tokens else None)
         print(json.dumps({"event": "ready", "router": f"{args.host}:{router.port}", "etcd": etcd.endpoint,
+                          "etcd_tls": secured is not None,
+                          **({"etcd_password_file": secured.credentials.password_file} if secured else {}),
                           "control": f"{args.host}:{control_port}", "tls": tls is not None,
                           **({"operator_token_file": str(work / "operator.token")} if tokens else {}),
                           "attn_nodes": args.attn_nodes,
@@ -203,5 +233,7 @@ def run(args: argparse.Namespace) -> int:
         stop_all(procs)
         etcd.stop()
         shutil.rmtree(work / "etcd", ignore_errors=True)
+        if secured is not None:  # the root password goes with the mesh, whatever happens to the logs
+            Path(secured.credentials.password_file).unlink(missing_ok=True)
         if not args.log_dir and all(p.proc.returncode == 0 for p in procs):
             shutil.rmtree(work, ignore_errors=True)

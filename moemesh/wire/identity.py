@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -101,38 +102,44 @@ def identity_from_cert(pem: bytes) -> Identity | None:
 
 
 class TokenBook:
-    """Bearer tokens of the roles; :meth:`lookup` compares a presented token against each in constant time."""
+    """Bearer tokens of the roles (a role may have several: one per client); :meth:`lookup` compares a presented
+    token against every one in constant time."""
 
-    def __init__(self, tokens: dict[str, str]):
-        for role, token in tokens.items():
+    def __init__(self, tokens: dict[str, str | Sequence[str]]):
+        entries = []
+        for role, given in tokens.items():
             if role not in ROLES:
                 raise SecurityConfigError(f"unknown role {role!r} for a token; roles: {', '.join(ROLES)}")
-            if not token or any(c.isspace() for c in token):
-                raise SecurityConfigError(f"the {role} token must be one word without spaces")
-        # Digests, so that every comparison is over 32 bytes whatever the tokens' lengths.
-        self._digests = {role: hashlib.sha256(t.encode()).digest() for role, t in tokens.items()}
+            for token in (given,) if isinstance(given, str) else tuple(given):
+                if not token or any(c.isspace() for c in token):
+                    raise SecurityConfigError(f"the {role} token must be one word without spaces")
+                # Digests, so that every comparison is over 32 bytes whatever the tokens' lengths.
+                entries.append((role, hashlib.sha256(token.encode()).digest()))
+        if any(not (given if isinstance(given, str) else tuple(given)) for given in tokens.values()):
+            raise SecurityConfigError("a role was given no token")
+        self._entries: tuple[tuple[str, bytes], ...] = tuple(entries)
 
-    def with_token(self, role: str, token: str) -> "TokenBook":
-        """This book with ``role``'s token set to ``token`` (replacing any)."""
-        book = TokenBook({role: token})
-        book._digests = {**self._digests, **book._digests}
+    def with_tokens(self, role: str, tokens: str | Sequence[str]) -> "TokenBook":
+        """This book with ``role``'s tokens replaced by ``tokens``."""
+        book = TokenBook({role: tokens})
+        book._entries = (*(e for e in self._entries if e[0] != role), *book._entries)
         return book
 
     @property
     def roles(self) -> frozenset[str]:
-        return frozenset(self._digests)
+        return frozenset(role for role, _ in self._entries)
 
     def lookup(self, token: str | bytes) -> str | None:
-        """The role whose token this is, or None; every role's digest is compared (no early exit)."""
+        """The role whose token this is, or None; every digest is compared (no early exit)."""
         given = hashlib.sha256(token.encode() if isinstance(token, str) else token).digest()
         found = None
-        for role, digest in self._digests.items():
+        for role, digest in self._entries:
             if hmac.compare_digest(given, digest):
                 found = role
         return found
 
     def __repr__(self) -> str:  # never the tokens
-        return f"TokenBook(roles={sorted(self._digests)})"
+        return f"TokenBook(roles={sorted(self.roles)})"
 
 
 def read_token_file(path: str | Path, what: str = "auth token file (--auth-token-file)") -> str:
@@ -186,7 +193,7 @@ def decide(method: str, identity: Identity | None, token_error: str | None = Non
                     f"{identity.role} credentials may not call {service}/{name}; {may} may")
 
 
-def read_tokens_file(path: str | Path) -> dict[str, str]:
+def read_role_tokens(path: str | Path) -> dict[str, str]:
     """``--auth-tokens F``: one ``<role> <token>`` line per role (``#`` comments); role -> token."""
     tokens: dict[str, str] = {}
     text = read_file(path, "tokens file (--auth-tokens)").decode(errors="replace")

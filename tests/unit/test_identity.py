@@ -92,7 +92,8 @@ def test_certificates_carry_their_role(tmp_path):
     make_certs(tmp_path, cluster="lab", days=1)
     for role in ident.ROLES:
         assert ident.identity_from_cert((tmp_path / f"{role}.pem").read_bytes()) == Identity(role, role, "mtls", "lab")
-    assert ident.identity_from_cert((tmp_path / "control.pem").read_bytes()) is None  # a server-only certificate
+    for other in ("control", "etcd"):  # a server certificate, etcd's: no role on the mesh's gRPC ports
+        assert ident.identity_from_cert((tmp_path / f"{other}.pem").read_bytes()) is None
     assert ident.identity_from_cert((tmp_path / "ca.pem").read_bytes()) is None
     assert ident.identity_from_cert(b"not a certificate") is None
     assert stat.S_IMODE((tmp_path / "ca.key").stat().st_mode) == 0o600
@@ -111,8 +112,9 @@ def test_token_book_compares_every_role_in_constant_time(monkeypatch):
     assert book.lookup(b"c-token") == "client"
     assert [book.lookup(t) for t in ("", "c-toke", "c-token ", "C-TOKEN", "o-tokenX")] == [None] * 5
     assert "token" not in repr(book).replace("TokenBook", "") and "c-token" not in repr(book)
-    assert book.with_token("client", "new").lookup("c-token") is None
-    assert book.with_token("client", "new").lookup("new") == "client"
+    assert book.with_tokens("client", "new").lookup("c-token") is None
+    assert book.with_tokens("client", ("new", "other")).lookup("other") == "client"
+    assert TokenBook({"client": ("a", "b")}).lookup("b") == "client"
 
 
 def test_token_book_refuses_unknown_roles_and_blank_tokens():
@@ -125,14 +127,14 @@ def test_token_book_refuses_unknown_roles_and_blank_tokens():
 def test_tokens_file(tmp_path):
     f = tmp_path / "tokens"
     f.write_text("# mesh tokens\nclient abc\n\nrouter  def  # the router's\n")
-    assert ident.read_tokens_file(f) == {"client": "abc", "router": "def"}
+    assert ident.read_role_tokens(f) == {"client": "abc", "router": "def"}
     f.write_text("client abc\nboss s3cret-value\n")
     with pytest.raises(SecurityConfigError) as exc:
-        ident.read_tokens_file(f)
+        ident.read_role_tokens(f)
     assert "line 2" in str(exc.value) and "s3cret-value" not in str(exc.value)  # never the token in a message
     f.write_text("client a\nclient b\n")
     with pytest.raises(SecurityConfigError, match="a second client token"):
-        ident.read_tokens_file(f)
+        ident.read_role_tokens(f)
 
 
 @pytest.mark.parametrize("metadata, expected", [
