@@ -57,6 +57,7 @@ import aetcd
 
 from moemesh.errors import MoemeshError, UnavailableError
 from moemesh.logs import get_logger
+from moemesh.wire.limits import client_options
 
 log = get_logger("moemesh.control.etcd")
 
@@ -182,15 +183,7 @@ class Registry:
             raise ValueError(f"ttl_s and timeout_s must be > 0, got {ttl_s} and {timeout_s}")
         host, port = parse_endpoint(endpoint)
         keys = Keys(cluster)
-        options = {
-            # reconnect quickly after an etcd restart (gRPC's default backoff grows to 120 s)
-            "grpc.initial_reconnect_backoff_ms": 100,
-            "grpc.min_reconnect_backoff_ms": 100,
-            "grpc.max_reconnect_backoff_ms": 1000,
-            # notice a silently dead connection under a long watch; etcd refuses pings < 5 s apart
-            "grpc.keepalive_time_ms": 10_000,
-            "grpc.keepalive_timeout_ms": 5_000,
-        }
+        options = dict(client_options("etcd"))  # sizes, keepalive, fast reconnect: moemesh/wire/limits.py
         client = aetcd.Client(host, port, timeout=timeout_s, options=options)
         reg = cls(client, f"{host}:{port}", keys, ttl_s, timeout_s)
         try:
