@@ -52,9 +52,10 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
                           node_id: str | None = None, advertise: str | None = None, kernels: str = "auto",
                           dispatch_timeout_s: float = 30.0, drain_timeout_s: float = 60.0,
                           max_pending: int = 256, tls: TLSFiles | None = None,
-                          health_port: int | None = None, transport: str = "grpc", device="cpu") -> None:
+                          health_port: int | None = None, transport: str = "grpc", device="cpu",
+                          etcd_credentials=None) -> None:
     """``device`` (resolved by the caller, as ``dtype``): the weights, latent cache, sampler, load counts and the
-    torch transport's frames live there."""
+    torch transport's frames live there. ``etcd_credentials``: an EtcdCredentials for a secured etcd, or None."""
     cfg = ModelConfig.from_dir(model_dir)
     checkpoint = checkpoint_fingerprint(model_dir)  # expert nodes must serve the same one
     stop = asyncio.Event()
@@ -95,7 +96,7 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
                                                 checkpoint=checkpoint, device=device))
         await became_ready()
     if etcd is not None:
-        reg = await Registry.connect(etcd, cluster)
+        reg = await Registry.connect(etcd, cluster, credentials=etcd_credentials)
         await reg.register(record if static is None else replace(record, status="ready"))
         follower = asyncio.create_task(BackendFollower(
             reg, cfg, backend, dispatch_timeout_s, became_ready, tls, transport, checkpoint, device).run())

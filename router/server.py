@@ -1,6 +1,7 @@
 """The router's gRPC front door: ``moemesh.v1.Inference`` over the cluster's attention nodes.
 
-Generate validates the request, picks a ready attention node (:mod:`.selection` over the loads in
+Generate is admitted by its client first (:mod:`.admission`: per-client running and queued limits,
+RESOURCE_EXHAUSTED past them, the slot freed however the call ends), then validates the request, picks a ready attention node (:mod:`.selection` over the loads in
 :mod:`.pool`), and proxies that node's token stream. A node that dies or goes away (UNAVAILABLE;
 CANCELLED/ABORTED while draining or gone; a stream that ends without a finish_reason), or one that
 is full before its first token (RESOURCE_EXHAUSTED), is left for the next ready node. When tokens
@@ -41,6 +42,10 @@ from moemesh.wire.server import create_server
 from moemesh.wire.status import abort
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
+from .admission import (
+    DEFAULT_MAX_QUEUED, DEFAULT_MAX_QUEUED_PER_CLIENT, DEFAULT_MAX_RUNNING_PER_CLIENT, REJECTED, Admission,
+    AdmissionGate, client_key,
+)
 from .auth import INFERENCE_SERVICE, BearerTokenInterceptor, TLSFiles
 from .cluster import ControlPlane, PlacementPolicy
 from .pool import AttentionPool
@@ -64,7 +69,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Thin servicer: validate, pick a node, proxy; domain errors become status codes (moemesh.wire.status)."""
 
     def __init__(self, view: ClusterView, pool: AttentionPool, *, max_inflight: int = 512,
-                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES):
+                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES,
+                 admission: Admission | None = None, tokens_checked: bool = False):
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         if max_resumes < 0:
@@ -74,7 +80,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.max_inflight = max_inflight
         self.call_timeout_s = call_timeout_s
         self.generate_timeout_s = generate_timeout_s
-        self.inflight = 0
+        # Per-client limits (see .admission); the router's running limit is max_inflight.
+        self.admission = admission or Admission(max_running=max_inflight,
+                                                max_running_per_client=min(max_inflight, DEFAULT_MAX_RUNNING_PER_CLIENT))
+        self.gate = AdmissionGate(self.admission)
+        self.tokens_checked = tokens_checked  # the bearer token names the client (the interceptor checked it)
+        metrics.QUEUE_DEPTH.labels(ROLE).set_function(lambda: self.admission.queued)
         self._model_info: inference_pb2.ModelInfoResponse | None = None
         self._model_info_lock = asyncio.Lock()
 
@@ -153,16 +164,36 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 f"prompt ({n_prompt} tokens) + sampling.max_tokens ({sampling.max_tokens}) exceeds the model's "
                 f"context of {context} tokens: shorten the prompt or lower max_tokens")
 
+    @property
+    def inflight(self) -> int:
+        """Generate streams running or queued at this router."""
+        return self.admission.running + self.admission.queued
+
+    async def _admit(self, context):
+        """This call's admission ticket, once it may run; RESOURCE_EXHAUSTED past the caller's limits."""
+        ticket = self.gate.admit(client_key(context, tokens_checked=self.tokens_checked))
+        if ticket.state == REJECTED:
+            metrics.ADMISSION_REJECTIONS.labels(ROLE, ticket.reason).inc()
+            log.warning("generate_refused", reason=ticket.reason, running=self.admission.running,
+                        queued=self.admission.queued)
+            await abort(context, ResourceExhaustedError(ticket.message))
+        try:
+            await self.gate.wait(ticket, context.time_remaining())
+        except asyncio.TimeoutError:
+            self.gate.release(ticket)
+            await abort(context, DeadlineExceededError(
+                "the client's deadline passed while the request waited at the router for a running slot"))
+        except BaseException:  # cancelled (the client left) while queued
+            self.gate.release(ticket)
+            raise
+        return ticket
+
     async def Generate(self, request, context):
         rid = request.request_id or uuid.uuid4().hex
         with structlog.contextvars.bound_contextvars(request_id=rid):
-            if self.inflight >= self.max_inflight:
-                log.warning("generate_refused", reason="max_inflight", inflight=self.inflight)
-                await abort(context, ResourceExhaustedError(
-                    f"the router has {self.max_inflight} generations in flight: retry later"))
-            self.inflight += 1
-            outcome = "cancelled"  # unless the stream ends otherwise
             started = last = time.monotonic()
+            ticket = await self._admit(context)
+            outcome = "cancelled"  # unless the stream ends otherwise
             first = True
             try:
                 async for response in self._generate(request, rid, context):
@@ -178,7 +209,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 outcome = "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "error"
                 raise
             finally:
-                self.inflight -= 1
+                self.gate.release(ticket)  # finished, failed, cancelled or the client left: the slot frees
                 metrics.REQUESTS.labels(ROLE, outcome).inc()
 
     async def _generate(self, request, rid: str, context):
@@ -345,10 +376,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
 
 def inference_server(service: InferenceService, host: str = "127.0.0.1", port: int = 0, *,
-                     tls: TLSFiles | None = None, auth_token: str | None = None):
+                     tls: TLSFiles | None = None, auth_token: str | tuple[str, ...] | None = None):
     """The Inference server (see :func:`moemesh.wire.server.create_server`); returns ``(server, port, health)``.
 
-    With ``auth_token``, Inference methods need ``authorization: Bearer <token>``; with ``tls``, the
+    With ``auth_token`` (one token, or one per client), Inference methods need ``authorization: Bearer <token>``; with ``tls``, the
     port is TLS (mTLS when ``tls.ca`` is set). Health and reflection stay open for probes.
     """
     return create_server("router", lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(service, server),
@@ -364,13 +395,17 @@ class Router:
     """
 
     def __init__(self, etcd: str, cluster: str = "default", host: str = "127.0.0.1", port: int = 0, *,
-                 router_id: str | None = None, auth_token: str | None = None, tls: TLSFiles | None = None,
-                 health_port: int | None = None,
-                 max_inflight: int = 512, ttl_s: float = 5.0, etcd_timeout_s: float = 3.0,
+                 router_id: str | None = None, auth_token: str | tuple[str, ...] | None = None,
+                 tls: TLSFiles | None = None, health_port: int | None = None,
+                 max_inflight: int = 512, max_queued: int = DEFAULT_MAX_QUEUED,
+                 max_running_per_client: int = DEFAULT_MAX_RUNNING_PER_CLIENT,
+                 max_queued_per_client: int = DEFAULT_MAX_QUEUED_PER_CLIENT, ttl_s: float = 5.0, etcd_timeout_s: float = 3.0,
                  policy: PlacementPolicy | None = None,
                  load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
-                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES):
+                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES,
+                 etcd_credentials=None):
         self.etcd, self.host, self.requested_port = etcd, host, port
+        self.etcd_credentials = etcd_credentials  # EtcdCredentials for a secured etcd, or None
         self.cluster = check_cluster_name(cluster)
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
         if not self.router_id.isprintable() or len(self.router_id) > 128:
@@ -379,9 +414,11 @@ class Router:
         self.policy = policy or PlacementPolicy()
         self.view = ClusterView()
         self.pool = AttentionPool(self.view, load_timeout_s, load_max_age_s, tls=tls)
+        admission = Admission(max_inflight, max_queued, max_running_per_client, max_queued_per_client)
         self.service = InferenceService(self.view, self.pool, max_inflight=max_inflight,
                                         call_timeout_s=call_timeout_s, generate_timeout_s=generate_timeout_s,
-                                        max_resumes=max_resumes)
+                                        max_resumes=max_resumes, admission=admission,
+                                        tokens_checked=bool(auth_token))
         self._tls, self._auth_token = tls, auth_token
         self.health_port = health_port
         self.server = self.health = None
@@ -415,7 +452,8 @@ class Router:
         while True:
             try:
                 self.registry = await Registry.connect(self.etcd, self.cluster, ttl_s=self.ttl_s,
-                                                       timeout_s=self.etcd_timeout_s)
+                                                       timeout_s=self.etcd_timeout_s,
+                                                       credentials=self.etcd_credentials)
                 self.control = ControlPlane(self.registry, self.router_id, self.view, policy=self.policy,
                                             fetch_loads=self.pool.expert_loads, tls=self._tls)
                 await self.control.prime()

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
                                      node_id=args.node_id, slots=args.slots, advertise=args.advertise_host,
                                      tls=tls, health_port=args.health_port, transport=args.transport,
                                      torch_port=args.torch_port, device=device, keep_fp8=keep,
+                                     etcd_credentials=flags.etcd_credentials(args),
                                      max_batched_tokens=args.max_batched_tokens))
         return 0
     parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
