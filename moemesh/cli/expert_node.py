@@ -7,6 +7,7 @@ import argparse
 from moemesh.argtypes import positive_int
 from moemesh.cli import flags
 from moemesh.cli.flags import UsageError
+from moemesh.wire.limits import DEFAULT_MAX_BATCHED_TOKENS
 from moemesh.wire.tls import TLSFiles
 
 
@@ -25,6 +26,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--slots", type=positive_int, default=None,
                    help="experts per MoE layer this node can hold (default: all of them); the router replicates "
                    "experts into spare slots")
+    p.add_argument("--max-batched-tokens", type=positive_int, default=DEFAULT_MAX_BATCHED_TOKENS, metavar="T",
+                   help="the largest step (tokens) of the attention nodes it serves: sizes the largest Dispatch "
+                   "message taken (T x hidden x 4 bytes, plus ids and weights and 1 MiB); larger ones are refused "
+                   "with RESOURCE_EXHAUSTED, and attention nodes split theirs to fit (default: "
+                   f"{DEFAULT_MAX_BATCHED_TOKENS}, the attention nodes' default)")
     flags.add_device_args(p, "expert weight")
     flags.add_transport_arg(p, "expert")
     p.add_argument("--torch-port", type=int, default=0, metavar="P",
@@ -49,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, cfg.dtype, device)
     keep = keep_fp8(args.fp8, device)
     tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
+    from moemesh.expert_node.server import message_limit
+
+    message_limit(cfg, args.max_batched_tokens)  # a step too large for gRPC fails here, before loading
     if args.experts is None:
         if args.etcd is None:
             raise UsageError("give --experts SPEC (a fixed shard) or --etcd HOST:PORT (the router's placement)")
@@ -58,10 +67,11 @@ def run(args: argparse.Namespace) -> int:
                                      node_id=args.node_id, slots=args.slots, advertise=args.advertise_host,
                                      tls=tls, health_port=args.health_port, transport=args.transport,
                                      torch_port=args.torch_port, device=device, keep_fp8=keep,
-                                     etcd_credentials=flags.etcd_credentials(args)))
+                                     etcd_credentials=flags.etcd_credentials(args),
+                                     max_batched_tokens=args.max_batched_tokens))
         return 0
     parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
     asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype, tls=tls,
                       health_port=args.health_port, transport=args.transport, torch_port=args.torch_port,
-                      device=device, keep_fp8=keep))
+                      device=device, keep_fp8=keep, max_batched_tokens=args.max_batched_tokens))
     return 0

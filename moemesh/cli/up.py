@@ -24,6 +24,7 @@ from pathlib import Path
 
 from moemesh.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from moemesh.cli import flags
+from moemesh.wire.limits import DEFAULT_MAX_BATCHED_TOKENS
 
 SPARE_SLOTS = 1.25  # default expert slots: the even share plus 25% room for replicas of hot experts
 
@@ -64,6 +65,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dispatch-timeout", type=positive_float, default=30.0, metavar="S",
                    help="seconds an expert node may take per MoE layer before the attention nodes send its rows "
                    "to a replica (default: 30)")
+    p.add_argument("--max-expert-nodes", type=positive_int, default=None, metavar="N",
+                   help="expert nodes the mesh runs at most: MeshControl refuses to add more (default: 8, or "
+                   "--expert-nodes if more)")
+    p.add_argument("--max-batched-tokens", type=positive_int, default=DEFAULT_MAX_BATCHED_TOKENS, metavar="T",
+                   help="tokens per engine step at most, on every attention node; expert nodes size their "
+                   f"message limit for it (default: {DEFAULT_MAX_BATCHED_TOKENS})")
     p.add_argument("--control-port", type=int, default=0,
                    help="port of the MeshControl service that adds and removes expert nodes while the mesh runs "
                    "(`moemesh mesh`); 0 picks one, printed as \"control\" in the ready line (default: 0)")
@@ -120,11 +127,14 @@ def run(args: argparse.Namespace) -> int:
     from moemesh.devices import resolve_device
     from moemesh.launch.embedded import ensure_demo_model
     from moemesh.launch.etcd_server import EtcdServer, secure_etcd
-    from moemesh.launch.mesh_processes import ProcessMesh, serve_control
+    from moemesh.launch.mesh_processes import DEFAULT_MAX_EXPERT_NODES, ProcessMesh, serve_control
     from moemesh.launch.procs import stop_all
     from moemesh.model.config import ModelConfig
 
     started = time.monotonic()
+    if args.max_expert_nodes is not None and args.max_expert_nodes < args.expert_nodes:
+        raise flags.UsageError(f"--max-expert-nodes ({args.max_expert_nodes}) must be >= --expert-nodes "
+                               f"({args.expert_nodes})")
     resolve_device(args.device)  # here, not in each child: a missing GPU is one line before anything starts
     model = args.model or str(ensure_demo_model())
     cfg = ModelConfig.from_dir(model)
@@ -144,9 +154,12 @@ def run(args: argparse.Namespace) -> int:
 
     def expert_args(name: str) -> list[str]:
         return ["expert-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags, "--cluster", args.cluster,
-                "--node-id", name, "--slots", str(slots), *_tls_args(args), *_transport_args(args), *_device_args(args)]
+                "--node-id", name, "--slots", str(slots), "--max-batched-tokens", str(args.max_batched_tokens),
+                *_tls_args(args), *_transport_args(args), *_device_args(args)]
 
-    mesh = ProcessMesh(log_dir, expert_args, threads=1)  # one thread each: the processes share this machine's cores
+    # one thread each: the processes share this machine's cores
+    mesh = ProcessMesh(log_dir, expert_args, threads=1,
+                       max_experts=max(args.max_expert_nodes or DEFAULT_MAX_EXPERT_NODES, args.expert_nodes))
     control = None
     try:
         etcd.start()
@@ -155,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
         for i in range(args.attn_nodes):
             mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags,
                                              "--cluster", args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
-                                             str(args.dispatch_timeout), *_tls_args(args), *_transport_args(args),
+                                             str(args.dispatch_timeout), "--max-batched-tokens",
+                                             str(args.max_batched_tokens), *_tls_args(args), *_transport_args(args),
                                              *_device_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
         control, control_port = serve_control(mesh, args.host, args.control_port)

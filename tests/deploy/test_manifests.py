@@ -79,6 +79,22 @@ def test_moemesh_commands_parse(rendered, key):
 
 
 @pytest.mark.parametrize("key", RENDERS, ids=[f"{k}-{n}" for k, n in RENDERS])
+def test_metrics_and_health_ports_listen_where_the_cluster_reaches_them(rendered, key):
+    """--metrics-port and --health-port bind the node's --host: pods scraped or probed from outside pass
+    --host 0.0.0.0 (the default, 127.0.0.1, would hide them from Prometheus and the kubelet)."""
+    objs = docs(rendered[key])
+    parser = build_parser()
+    for obj, c, _ in containers(objs):
+        env = container_env(c, objs, {"POD_NAME": "pod-0", "POD_NAMESPACE": "ns", "POD_IP": "10.0.0.1"})
+        argv = moemesh_argv(c, env)
+        if argv is None or not c["image"].split("/")[-1].startswith("moemesh"):
+            continue
+        args = parser.parse_args(argv)
+        if getattr(args, "metrics_port", None) is not None or getattr(args, "health_port", None) is not None:
+            assert args.host == "0.0.0.0", f"{obj['metadata']['name']}/{c['name']}: --host {args.host}"
+
+
+@pytest.mark.parametrize("key", RENDERS, ids=[f"{k}-{n}" for k, n in RENDERS])
 def test_pod_conventions(rendered, key):
     """Probes on the served port, matching metrics annotation, labels, security, resources, grace."""
     objs = docs(rendered[key])
