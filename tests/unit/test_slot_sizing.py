@@ -72,3 +72,15 @@ def test_fewer_slots_than_survivable_leave_experts_exposed():
     hosted = {f"n{n}": {0: [e for e, reps in enumerate(plan.layers[0].replicas) if reps[0].node == n]}
               for n in range(2)}
     assert loss_exposure(hosted) == {"n0": {0: [0, 2, 4, 6]}, "n1": {0: [1, 3, 5, 7]}}
+
+
+def test_up_slots_and_its_warning():
+    from moemesh.cli.up import expert_slots, loss_warning
+
+    assert [expert_slots(8, n, None) for n in (1, 2, 3, 4)] == [8, 8, 7, 5]
+    assert expert_slots(8, 2, 4) == 4 and expert_slots(8, 2, 99) == 8
+    assert loss_warning(8, 2, 8, True) is None and loss_warning(8, 3, 6, True) is None
+    assert loss_warning(8, 2, 4, True) == ("--expert-slots 4 on 2 expert nodes (8 experts per MoE layer): one "
+                                           "expert-node loss stops service; surviving it needs >= 8 slots (the default)")
+    assert loss_warning(8, 1, 8, True).startswith("one expert node: its loss stops service")
+    assert loss_warning(8, 2, 8, False).startswith("--no-replicas: each expert has one replica")
