@@ -42,7 +42,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     mla_impl: str = "auto"  # auto | naive | absorbed
     micro_batches: int = 1  # >= 2: ping-pong micro-batches so attention overlaps remote experts
-    expert_wait_s: float = 30.0  # a step whose experts are unreachable waits this long for a new placement
+    # A step whose experts are unreachable waits at most this long for a new placement, and only while one can
+    # come (the backend's wait_for_change fails it at once when no placement could host them: _run_model).
+    expert_wait_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,13 @@ class Engine:
     def _run_model(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Run the model once; if its experts were unreachable, wait (bounded) for a new placement and re-run.
 
+        The wait rule (``moemesh/control/servability.py``): wait only while a placement that hosts the missing
+        experts can come, that is while the live expert nodes have slots for every expert, so the leader is
+        re-planning onto them (``degraded``), and at most ``expert_wait_s``. When they have not (``unservable``:
+        only a node joining or returning can help, and nobody knows when), the backend's ``wait_for_change``
+        raises ExpertsUnservable at once and the step's requests fail now, naming the missing experts, instead
+        of every request waiting ``expert_wait_s`` per attempt for a placement that cannot come.
+
         A re-run computes exactly what the failed run would have: the KV it wrote is written again at the
         same slots (``num_cached`` only advances in postprocess, after success) and nothing was sampled yet.
         """
@@ -185,9 +194,16 @@ class Engine:
             finally:
                 backend.end_step()
             left = deadline - time.monotonic()
-            log.warning("step_waiting_for_placement", error=str(error), wait_s=round(max(0.0, left), 1),
+            if left <= 0:
+                raise error
+            log.warning("step_waiting_for_placement", error=str(error), wait_s=round(left, 1),
                         sequences=len(scheduled))
-            if left <= 0 or not backend.wait_for_change(generation, left):
+            try:
+                changed = backend.wait_for_change(generation, left)  # may raise at once: no placement can come
+            except ExpertBackendError as verdict:
+                log.warning("step_failed_fast", error=str(verdict), sequences=len(scheduled))
+                raise verdict from error
+            if not changed:
                 raise error
             generation = backend.begin_step()
             log.info("step_retried", generation=generation)

@@ -29,6 +29,7 @@ from moemesh.kernels.ops import select_ops
 from moemesh.logs import get_logger
 from moemesh.control.node_ids import advertise_address, default_node_id
 from moemesh.control.placement import Placement
+from moemesh.control.servability import Servability, judge, live_expert_nodes, min_slots
 from moemesh.wire.tls import TLSFiles
 from moemesh.model.tokenizer import Tokenizer
 
@@ -52,9 +53,10 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
                           node_id: str | None = None, advertise: str | None = None, kernels: str = "auto",
                           dispatch_timeout_s: float = 30.0, drain_timeout_s: float = 60.0,
                           max_pending: int = 256, tls: TLSFiles | None = None,
-                          health_port: int | None = None, transport: str = "grpc", device="cpu") -> None:
+                          health_port: int | None = None, transport: str = "grpc", device="cpu",
+                          etcd_credentials=None) -> None:
     """``device`` (resolved by the caller, as ``dtype``): the weights, latent cache, sampler, load counts and the
-    torch transport's frames live there."""
+    torch transport's frames live there. ``etcd_credentials``: an EtcdCredentials for a secured etcd, or None."""
     cfg = ModelConfig.from_dir(model_dir)
     checkpoint = checkpoint_fingerprint(model_dir)  # expert nodes must serve the same one
     stop = asyncio.Event()
@@ -95,10 +97,12 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
                                                 checkpoint=checkpoint, device=device))
         await became_ready()
     if etcd is not None:
-        reg = await Registry.connect(etcd, cluster)
+        reg = await Registry.connect(etcd, cluster, credentials=etcd_credentials)
         await reg.register(record if static is None else replace(record, status="ready"))
-        follower = asyncio.create_task(BackendFollower(
-            reg, cfg, backend, dispatch_timeout_s, became_ready, tls, transport, checkpoint, device).run())
+        following = BackendFollower(reg, cfg, backend, dispatch_timeout_s, became_ready, tls, transport, checkpoint,
+                                    device)
+        backend.outlook = following.servability  # a step whose experts are gone waits only if a placement can come
+        follower = asyncio.create_task(following.run())
     await stop.wait()
 
     log.info("draining", running=engine_loop.num_running(), waiting=engine_loop.num_waiting())
@@ -132,6 +136,7 @@ class BackendFollower:
         self.dispatch_timeout_s, self.became_ready, self.tls = dispatch_timeout_s, became_ready, tls
         self.transport, self.checkpoint, self.device = transport, checkpoint, device
         self.view = ClusterView()
+        self.experts: tuple[NodeRecord, ...] = ()  # the expert records after the last batch (the engine thread reads)
         self.serving: Placement | None = None
         self.broken_since: float | None = None
         self.retry_at, self.backoff = 0.0, 0.5
@@ -140,10 +145,25 @@ class BackendFollower:
         async for batch in self.reg.watch_cluster(TICK_S):
             for ev in batch:
                 self.view.apply(ev)
+            self.experts = tuple(self.view.records("expert"))  # one swap: a consistent snapshot for servability
             try:
                 await self._reconcile()
             except Exception:  # never stop following: log, and the next tick tries again
                 log.exception("placement_follow_failed")
+
+    def servability(self, current) -> Servability | None:
+        """Whether ``current``'s placement can serve over the live expert nodes (called on the engine thread).
+
+        Live: registered (not draining or failed) and, for the placement's nodes, with an unbroken link (a
+        killed node's record outlives it by its lease; its link breaks at once). None without a placement."""
+        if not isinstance(current, RemoteExpertBackend):
+            return None
+        links = list(current.links)
+        alive = {n for n, link in enumerate(links) if link.failure is None}
+        broken = {link.address for link in links if link.failure is not None}
+        missing = current.placement.missing(self.cfg.moe_layers, self.cfg.n_routed_experts, alive)
+        live = [r for r in live_expert_nodes(self.experts) if r.address not in broken]
+        return judge(missing, len(live), min_slots(live), self.cfg.n_routed_experts)
 
     def _broken(self, current) -> bool:
         """True once some link of the current backend has been down for REDIAL_AFTER_S."""

@@ -49,9 +49,10 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
                            node_id: str | None = None, slots: int | None = None, advertise: str | None = None,
                            drain_timeout_s: float = 30.0, tls=None, health_port: int | None = None,
                            transport: str = "grpc", torch_port: int = 0, device: torch.device | str = "cpu",
-                           keep_fp8: bool = False) -> None:
+                           keep_fp8: bool = False, etcd_credentials=None) -> None:
     """``device``: where the experts live and compute (resolved by the caller); ``keep_fp8``: FP8 checkpoints'
-    experts stay e4m3 there, also those loaded later as placements change."""
+    experts stay e4m3 there, also those loaded later as placements change; ``etcd_credentials``: an
+    EtcdCredentials for a secured etcd (TLS, auth), or None."""
     cfg = ModelConfig.from_dir(model_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -73,7 +74,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
     for name in ("", SERVICE_NAME):
         await health.set(name, NOT_SERVING)
     node_id = node_id or default_node_id("expert", bound)
-    reg = await Registry.connect(etcd, cluster)
+    reg = await Registry.connect(etcd, cluster, credentials=etcd_credentials)
     record = NodeRecord(
         node_id, "expert", advertise_address(host, bound, advertise), "loading", experts={}, tls=tls is not None,
         capacity=Capacity(moe_layers=tuple(cfg.moe_layers), n_routed_experts=cfg.n_routed_experts,

@@ -27,6 +27,11 @@ class UnavailableError(MoemeshError):
     """Nothing can serve the request right now (no ready node, shutting down): retry, maybe elsewhere."""
 
 
+class UnservableError(UnavailableError):
+    """The live expert nodes cannot host every expert and no re-plan can fix it: retrying does not help until
+    an expert node joins or returns (clients are told not to retry; see moemesh.wire.status.NO_RETRY)."""
+
+
 class FailedPreconditionError(MoemeshError):
     """The request is fine but this server is not in a state to serve it (e.g. no tokenizer): do not retry here."""
 

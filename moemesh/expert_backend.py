@@ -20,7 +20,9 @@ The protocol is the backend's whole lifecycle, and the engine calls all of it:
   never mixes placements;
 - ``wait_for_change(generation, timeout_s) -> bool``, after a step failed with
   :class:`ExpertBackendError`: True once a backend newer than ``generation`` is
-  in place, so the engine re-runs the step on it;
+  in place, so the engine re-runs the step on it; it may instead raise an
+  ExpertBackendError at once when it knows no such backend can come (the
+  attention node's, when no placement could host the missing experts);
 - ``close()`` releases links, threads and channels.
 
 :class:`StaticExpertBackend` is the base of backends whose experts never move

@@ -19,6 +19,10 @@ TIME_PER_OUTPUT_TOKEN = Histogram("moemesh_time_per_output_token_seconds", "Gap 
 GENERATE_RESUMES = Counter("moemesh_generate_resumes_total",
                            "Generations re-run on another attention node after theirs failed mid-stream, by reason",
                            ["role", "reason"])
+ADMISSION_REJECTIONS = Counter("moemesh_admission_rejections_total",
+                               "Generate requests the router refused at admission (RESOURCE_EXHAUSTED), by the limit "
+                               "hit: client_limit (the caller's running + queued share) or router_limit (its queue)",
+                               ["role", "reason"])
 QUEUE_DEPTH = Gauge("moemesh_queue_depth", "Requests waiting for the engine", ["role"])
 RUNNING = Gauge("moemesh_running_sequences", "Sequences in the running batch", ["role"])
 CACHE_USAGE = Gauge("moemesh_kv_cache_usage_ratio", "Fraction of latent KV cache blocks in use", ["role"])

@@ -1,12 +1,14 @@
 """Router security: TLS (optionally mutual) and the bearer-token check on the Inference service.
 
 Health and reflection stay open (probes carry no token); every ``moemesh.v1.Inference`` method
-requires ``authorization: Bearer <token>`` when the router has a token.
+requires ``authorization: Bearer <token>`` when the router has a token. The router's token file may
+hold several tokens, one per line (one per client: the per-client limits tell clients apart by it).
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -27,6 +29,15 @@ def read_token_file(path: str | Path) -> str:
     return token
 
 
+def read_tokens_file(path: str | Path) -> tuple[str, ...]:
+    """The bearer tokens in ``path``, one per line (blank lines and ``#`` comments skipped); an error if none."""
+    text = _read(path, "auth token file (--auth-token-file)").decode(errors="replace")
+    tokens = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    if not tokens or any(any(c.isspace() for c in t) for t in tokens):
+        raise SecurityConfigError(f"auth token file {str(path)!r} must hold one token per line, without spaces")
+    return tokens
+
+
 def _deny_unary(message: str):
     async def deny(request, context):
         await abort(context, UnauthenticatedError(message))
@@ -43,10 +54,11 @@ def _deny_stream(message: str):
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses Inference calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED)."""
 
-    def __init__(self, token: str, service: str = INFERENCE_SERVICE):
-        if not token:
+    def __init__(self, token: str | Sequence[str], service: str = INFERENCE_SERVICE):
+        tokens = (token,) if isinstance(token, str) else tuple(token)
+        if not tokens or not all(tokens):
             raise SecurityConfigError("the bearer token is empty")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = [f"Bearer {t}".encode() for t in tokens]
         self._prefix = f"/{service}/"
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -54,8 +66,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not handler_call_details.method.startswith(self._prefix):
             return handler
         given = next((v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"), None)
-        if given is not None and hmac.compare_digest(
-                given.encode() if isinstance(given, str) else given, self._expected):
+        if given is not None and _matches(given.encode() if isinstance(given, str) else given, self._expected):
             return handler
         message = ("missing bearer token: send metadata 'authorization: Bearer <token>'" if given is None
                    else "wrong bearer token")
@@ -64,3 +75,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
                 _deny_stream(message), handler.request_deserializer, handler.response_serializer)
         return grpc.unary_unary_rpc_method_handler(
             _deny_unary(message), handler.request_deserializer, handler.response_serializer)
+
+
+def _matches(given: bytes, expected: list[bytes]) -> bool:
+    """Whether ``given`` is one of ``expected``, comparing with every one in constant time (no early exit)."""
+    found = False
+    for token in expected:
+        found |= hmac.compare_digest(given, token)
+    return found

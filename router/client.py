@@ -12,7 +12,12 @@ Behaviour every call shares:
 - Deadline: every RPC carries one. `timeout_s` (client default, overridable per call) bounds the whole call,
   retries and backoff sleeps included; for `stream`/`generate` it bounds the whole generation.
 - Retries: only on UNAVAILABLE (the router or its connection is down or restarting), with exponential backoff
-  `backoff_s * 2**n` (capped at MAX_BACKOFF_S) and +-20% jitter, at most `retries` times. RESOURCE_EXHAUSTED
+  `backoff_s * 2**n` (capped at MAX_BACKOFF_S) and +-20% jitter, at most `retries` times, within the deadline.
+  An UNAVAILABLE whose trailing metadata carries the server's retry pushback "do not retry"
+  (gRPC's `grpc-retry-pushback-ms: -1`, moemesh.wire.status.NO_RETRY) is final at once: the router sends it when
+  the live expert nodes cannot host every expert (the message names the missing ones), which no retry within
+  seconds can fix (it takes an operator adding a node, or a node returning), so retrying would only make every
+  client wait its whole backoff to learn the same thing. RESOURCE_EXHAUSTED
   is *not* retried: the servers use it for backpressure (a bounded queue is full), where automatic retries from
   every client would add load exactly when there is none to spare, and gRPC also uses it for oversized messages,
   which never succeed on retry; like vLLM's and Triton's clients we leave that decision to the caller.
@@ -49,6 +54,7 @@ from moemesh.errors import MoemeshError
 from moemesh.sampling import SamplingParams
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 from moemesh.wire.requests import sampling_to_proto
+from moemesh.wire.status import no_retry, trailing_metadata
 
 __all__ = [
     "AsyncMeshClient",
@@ -290,7 +296,7 @@ class _Retry:
     def delay_after(self, err: grpc.RpcError) -> float:
         """Seconds to sleep before the next attempt, or raise `err` as a MeshError when it is final."""
         mesh_err = MeshError.from_rpc_error(err)
-        if mesh_err.code not in RETRYABLE_CODES or self.attempt >= self.retries:
+        if mesh_err.code not in RETRYABLE_CODES or self.attempt >= self.retries or no_retry(trailing_metadata(err)):
             raise mesh_err from None
         delay = min(MAX_BACKOFF_S, self.backoff_s * 2**self.attempt)
         delay *= 1 + random.uniform(-BACKOFF_JITTER, BACKOFF_JITTER)

@@ -46,6 +46,7 @@ from moemesh.control.etcd import Registry, RegistryError
 from moemesh.control.placement import default_expert_slots
 from moemesh.control.events import ClusterEvent, NodeChanged, NodeDown, NodeUp
 from moemesh.control.records import NodeRecord
+from moemesh.control.servability import Servability, live_expert_nodes, min_slots, placement_servability
 from moemesh.logs import get_logger
 
 from .expert_health import ExpertHealth
@@ -74,12 +75,6 @@ def model_shape(experts: list[NodeRecord]) -> tuple[tuple[int, ...], int] | str:
         return f"expert nodes disagree on the model ({detail}): are they serving the same checkpoint?"
     layers, n, _ = next(iter(shapes))
     return layers, n
-
-
-def min_slots(experts: list[NodeRecord]) -> int | None:
-    """The smallest ``capacity.slots`` among the records that publish one (None if none does)."""
-    slots = [r.capacity.slots for r in experts if r.capacity is not None and r.capacity.slots is not None]
-    return min(slots) if slots else None
 
 
 @dataclass(frozen=True)
@@ -206,8 +201,14 @@ class ControlPlane:
 
     def live_experts(self) -> list[NodeRecord]:
         """Expert nodes a placement may use: registered, not draining or failed, not down by the health watch."""
-        return [r for r in self.view.records("expert")
-                if r.status not in ("draining", "failed") and r.id not in self.health.down]
+        return live_expert_nodes(self.view.records("expert"), self.health.down)
+
+    def servability(self) -> Servability | None:
+        """Whether the stored placement can serve over the live expert nodes (``moemesh.control.servability``).
+
+        Only the leader watches expert nodes' health; another replica sees a killed node only when its lease
+        expires, and until then forwards requests, which the attention nodes answer the same way."""
+        return placement_servability(self.view.placement, self.view.records("expert"), self.health.down)
 
     async def _reconcile(self) -> float:
         """As leader: re-plan when ``decide_replan`` says so and write the placement. Returns seconds until the

@@ -4,6 +4,7 @@ The CLI adds the subcommand with :func:`add_router_parser` and runs it with :fun
 
     moemesh router --etcd HOST:PORT [--cluster NAME] [--host H] [--port P] [--router-id ID]
                    [--auth-token-file F] [--tls-cert F --tls-key F [--tls-ca F]] [--max-inflight N]
+                   [--max-queued N] [--max-running-per-client N] [--max-queued-per-client N]
                    [--lease-ttl S] [--rebalance-interval S] [--min-gain G] [--no-replicas]
                    [--settle S] [--log-level L]
 
@@ -22,13 +23,15 @@ import uuid
 from typing import Callable
 
 from moemesh.control.etcd import check_cluster_name, parse_endpoint
+from moemesh.control.etcd_credentials import EtcdCredentials
 from moemesh.argtypes import non_negative_int
 from moemesh.argtypes import port as _port
 from moemesh.argtypes import positive_int as _positive_int
 from moemesh.argtypes import non_negative_float, seconds_at_least
 from moemesh.logs import get_logger
 
-from .auth import TLSFiles, read_token_file
+from .admission import DEFAULT_MAX_QUEUED, DEFAULT_MAX_QUEUED_PER_CLIENT, DEFAULT_MAX_RUNNING_PER_CLIENT
+from .auth import TLSFiles, read_tokens_file
 from .cluster import PlacementPolicy
 from .server import MAX_RESUMES, Router
 
@@ -51,13 +54,26 @@ def add_router_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=0, help="port to listen on; 0 picks a free one (default: 0)")
     p.add_argument("--router-id", default=None, help="this replica's id in the leader key (default: random)")
     p.add_argument("--auth-token-file", default=None, metavar="F",
-                   help="require 'authorization: Bearer <token>' on Inference calls, the token being F's content")
+                   help="require 'authorization: Bearer <token>' on Inference calls, the token being one of F's "
+                   "lines (one token per client; per-client limits tell clients apart by their token)")
     p.add_argument("--tls-cert", default=None, metavar="F", help="PEM server certificate (with --tls-key): TLS port")
     p.add_argument("--tls-key", default=None, metavar="F", help="PEM private key of --tls-cert")
     p.add_argument("--tls-ca", default=None, metavar="F",
                    help="PEM CA: require client certificates it signed (mTLS)")
     p.add_argument("--max-inflight", type=_positive_int, default=512,
-                   help="Generate streams served at once; more are refused with RESOURCE_EXHAUSTED (default: 512)")
+                   help="Generate streams forwarded to attention nodes at once; more wait at the router "
+                        "(--max-queued) (default: 512)")
+    p.add_argument("--max-queued", type=non_negative_int, default=DEFAULT_MAX_QUEUED,
+                   help="Generate requests waiting at the router for a slot, all clients together; more are "
+                        f"refused with RESOURCE_EXHAUSTED (default: {DEFAULT_MAX_QUEUED})")
+    p.add_argument("--max-running-per-client", type=_positive_int, default=DEFAULT_MAX_RUNNING_PER_CLIENT,
+                   help="Generate streams one client (bearer token, else client certificate, else address) may "
+                        "have forwarded at once; more wait at the router (default: "
+                        f"{DEFAULT_MAX_RUNNING_PER_CLIENT}, 3/4 of one default attention node's 64 running + 256 "
+                        "waiting: raise it with more attention nodes)")
+    p.add_argument("--max-queued-per-client", type=non_negative_int, default=DEFAULT_MAX_QUEUED_PER_CLIENT,
+                   help="Generate requests one client may have waiting at the router; more are refused with "
+                        f"RESOURCE_EXHAUSTED (default: {DEFAULT_MAX_QUEUED_PER_CLIENT}, half of --max-queued)")
     p.add_argument("--max-resumes", type=non_negative_int, default=MAX_RESUMES,
                    help="times one generation may move to another attention node after its node failed "
                         f"mid-stream; 0 ends such streams with the error (default: {MAX_RESUMES})")
@@ -79,11 +95,14 @@ def add_router_parser(subparsers) -> argparse.ArgumentParser:
 
 
 async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_id: str | None = None,
-                       auth_token: str | None = None, tls: TLSFiles | None = None,
+                       auth_token: str | tuple[str, ...] | None = None, tls: TLSFiles | None = None,
                        ready_cb: Callable[[int], object] | None = None, max_inflight: int = 512,
                        ttl_s: float = 5.0, stop: asyncio.Event | None = None,
                        health_port: int | None = None, policy: PlacementPolicy | None = None,
-                       max_resumes: int = MAX_RESUMES) -> None:
+                       max_resumes: int = MAX_RESUMES, etcd_credentials: EtcdCredentials | None = None,
+                       max_queued: int = DEFAULT_MAX_QUEUED,
+                       max_running_per_client: int = DEFAULT_MAX_RUNNING_PER_CLIENT,
+                       max_queued_per_client: int = DEFAULT_MAX_QUEUED_PER_CLIENT) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``ready_cb(port)`` once connected to etcd."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,7 +115,8 @@ async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_
             pass
     router = Router(etcd, cluster, host, port, router_id=router_id, auth_token=auth_token, tls=tls,
                     max_inflight=max_inflight, ttl_s=ttl_s, health_port=health_port, policy=policy,
-                    max_resumes=max_resumes)
+                    max_resumes=max_resumes, etcd_credentials=etcd_credentials, max_queued=max_queued,
+                    max_running_per_client=max_running_per_client, max_queued_per_client=max_queued_per_client)
     try:
         await router.start()
         waiter = asyncio.ensure_future(router.connected())
@@ -128,7 +148,7 @@ def run_router(args: argparse.Namespace) -> int:
     parse_endpoint(args.etcd)  # ValueError naming the flag's format
     check_cluster_name(args.cluster)
     tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
-    token = read_token_file(args.auth_token_file) if args.auth_token_file else None
+    token = read_tokens_file(args.auth_token_file) if args.auth_token_file else None
     router_id = getattr(args, "router_id", None) or f"router-{uuid.uuid4().hex[:8]}"
 
     def ready(port: int) -> None:
@@ -138,5 +158,11 @@ def run_router(args: argparse.Namespace) -> int:
                              auth_token=token, tls=tls, ready_cb=ready,
                              max_inflight=getattr(args, "max_inflight", 512), ttl_s=getattr(args, "lease_ttl", 5.0),
                              health_port=getattr(args, "health_port", None), policy=_policy(args),
-                             max_resumes=getattr(args, "max_resumes", MAX_RESUMES)))
+                             max_resumes=getattr(args, "max_resumes", MAX_RESUMES),
+                             etcd_credentials=getattr(args, "etcd_credentials", None),
+                             max_queued=getattr(args, "max_queued", DEFAULT_MAX_QUEUED),
+                             max_running_per_client=getattr(args, "max_running_per_client",
+                                                            DEFAULT_MAX_RUNNING_PER_CLIENT),
+                             max_queued_per_client=getattr(args, "max_queued_per_client",
+                                                           DEFAULT_MAX_QUEUED_PER_CLIENT)))
     return 0

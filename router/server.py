@@ -1,6 +1,7 @@
 """The router's gRPC front door: ``moemesh.v1.Inference`` over the cluster's attention nodes.
 
-Generate validates the request, picks a ready attention node (:mod:`.selection` over the loads in
+Generate is admitted by its client first (:mod:`.admission`: per-client running and queued limits,
+RESOURCE_EXHAUSTED past them, the slot freed however the call ends), then validates the request, picks a ready attention node (:mod:`.selection` over the loads in
 :mod:`.pool`), and proxies that node's token stream. A node that dies or goes away (UNAVAILABLE;
 CANCELLED/ABORTED while draining or gone; a stream that ends without a finish_reason), or one that
 is full before its first token (RESOURCE_EXHAUSTED), is left for the next ready node. When tokens
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 import grpc
 import structlog
@@ -32,15 +34,21 @@ from moemesh import metrics
 from moemesh.control.cluster_view import ClusterView
 from moemesh.control.etcd import Registry, RegistryError, check_cluster_name
 from moemesh.control.records import NodeRecord, PlacementStats
+from moemesh.control.servability import Servability
 from moemesh.errors import (
     DeadlineExceededError, InvalidRequestError, MoemeshError, ResourceExhaustedError, UnavailableError,
+    UnservableError,
 )
 from moemesh.logs import get_logger
 from moemesh.wire.requests import check_request_id, sampling_from_proto
 from moemesh.wire.server import create_server
-from moemesh.wire.status import abort
+from moemesh.wire.status import abort, no_retry, trailing_metadata
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
+from .admission import (
+    DEFAULT_MAX_QUEUED, DEFAULT_MAX_QUEUED_PER_CLIENT, DEFAULT_MAX_RUNNING_PER_CLIENT, REJECTED, Admission,
+    AdmissionGate, client_key,
+)
 from .auth import INFERENCE_SERVICE, BearerTokenInterceptor, TLSFiles
 from .cluster import ControlPlane, PlacementPolicy
 from .pool import AttentionPool
@@ -64,17 +72,25 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Thin servicer: validate, pick a node, proxy; domain errors become status codes (moemesh.wire.status)."""
 
     def __init__(self, view: ClusterView, pool: AttentionPool, *, max_inflight: int = 512,
-                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES):
+                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES,
+                 admission: Admission | None = None, tokens_checked: bool = False,
+                 servability: Callable[[], Servability | None] = lambda: None):
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         if max_resumes < 0:
             raise ValueError(f"max_resumes must be >= 0, got {max_resumes}")
         self.max_resumes = max_resumes
         self.view, self.pool = view, pool
+        self.servability = servability  # the control plane's verdict on the live placement
         self.max_inflight = max_inflight
         self.call_timeout_s = call_timeout_s
         self.generate_timeout_s = generate_timeout_s
-        self.inflight = 0
+        # Per-client limits (see .admission); the router's running limit is max_inflight.
+        self.admission = admission or Admission(max_running=max_inflight,
+                                                max_running_per_client=min(max_inflight, DEFAULT_MAX_RUNNING_PER_CLIENT))
+        self.gate = AdmissionGate(self.admission)
+        self.tokens_checked = tokens_checked  # the bearer token names the client (the interceptor checked it)
+        metrics.QUEUE_DEPTH.labels(ROLE).set_function(lambda: self.admission.queued)
         self._model_info: inference_pb2.ModelInfoResponse | None = None
         self._model_info_lock = asyncio.Lock()
 
@@ -118,6 +134,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     self._model_info = await self._unary("ModelInfo", inference_pb2.ModelInfoRequest(), "ModelInfo")
         return self._model_info
 
+    def _unservable(self, node_error: grpc.aio.AioRpcError | None = None) -> UnservableError | None:
+        """Why no attention node can serve a generation now, or None.
+
+        The live placement lacks experts that no re-plan can place (``moemesh.control.servability``: the
+        router's verdict), or the attention node that just failed said so (its status carries NO_RETRY).
+        Either way every node would fail alike: the call ends at once, with the missing experts named,
+        instead of each attempt waiting ``expert_wait_s`` for a placement that cannot come. While a re-plan
+        can place them (``degraded``), calls go on to the attention nodes, whose steps wait for it."""
+        if node_error is not None and no_retry(trailing_metadata(node_error)):
+            return UnservableError(node_error.details() or "the mesh cannot serve")
+        verdict = self.servability()
+        return None if verdict is None else verdict.error()
+
     # ---- Generate ---------------------------------------------------------------
     async def validate(self, request: inference_pb2.GenerateRequest) -> None:
         """Every field the router can check without the model's files (InvalidRequestError names it)."""
@@ -153,16 +182,36 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 f"prompt ({n_prompt} tokens) + sampling.max_tokens ({sampling.max_tokens}) exceeds the model's "
                 f"context of {context} tokens: shorten the prompt or lower max_tokens")
 
+    @property
+    def inflight(self) -> int:
+        """Generate streams running or queued at this router."""
+        return self.admission.running + self.admission.queued
+
+    async def _admit(self, context):
+        """This call's admission ticket, once it may run; RESOURCE_EXHAUSTED past the caller's limits."""
+        ticket = self.gate.admit(client_key(context, tokens_checked=self.tokens_checked))
+        if ticket.state == REJECTED:
+            metrics.ADMISSION_REJECTIONS.labels(ROLE, ticket.reason).inc()
+            log.warning("generate_refused", reason=ticket.reason, running=self.admission.running,
+                        queued=self.admission.queued)
+            await abort(context, ResourceExhaustedError(ticket.message))
+        try:
+            await self.gate.wait(ticket, context.time_remaining())
+        except asyncio.TimeoutError:
+            self.gate.release(ticket)
+            await abort(context, DeadlineExceededError(
+                "the client's deadline passed while the request waited at the router for a running slot"))
+        except BaseException:  # cancelled (the client left) while queued
+            self.gate.release(ticket)
+            raise
+        return ticket
+
     async def Generate(self, request, context):
         rid = request.request_id or uuid.uuid4().hex
         with structlog.contextvars.bound_contextvars(request_id=rid):
-            if self.inflight >= self.max_inflight:
-                log.warning("generate_refused", reason="max_inflight", inflight=self.inflight)
-                await abort(context, ResourceExhaustedError(
-                    f"the router has {self.max_inflight} generations in flight: retry later"))
-            self.inflight += 1
-            outcome = "cancelled"  # unless the stream ends otherwise
             started = last = time.monotonic()
+            ticket = await self._admit(context)
+            outcome = "cancelled"  # unless the stream ends otherwise
             first = True
             try:
                 async for response in self._generate(request, rid, context):
@@ -178,7 +227,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 outcome = "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "error"
                 raise
             finally:
-                self.inflight -= 1
+                self.gate.release(ticket)  # finished, failed, cancelled or the client left: the slot frees
                 metrics.REQUESTS.labels(ROLE, outcome).inc()
 
     async def _generate(self, request, rid: str, context):
@@ -188,6 +237,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except (MoemeshError, grpc.aio.AioRpcError) as exc:
             log.info("generate_rejected", error=str(exc) if isinstance(exc, MoemeshError) else exc.details())
             await abort(context, exc)
+        unservable = self._unservable()
+        if unservable is not None:
+            log.warning("generate_unservable", error=str(unservable))
+            await abort(context, unservable)
         forward = inference_pb2.GenerateRequest()
         forward.CopyFrom(request)
         forward.request_id = rid
@@ -206,6 +259,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                                    metadata=(("x-request-id", rid),))
             self.pool.streams[node_id] = self.pool.streams.get(node_id, 0) + 1
             from_node, code, details = 0, None, "the stream ended without a finish_reason"
+            node_error: grpc.aio.AioRpcError | None = None
             try:
                 async for response in call:
                     if not progress.nodes:  # the client's first response: name the node serving it
@@ -219,10 +273,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         self._finish(context, progress, response, started)
                         return
             except grpc.aio.AioRpcError as exc:
-                code, details = exc.code(), exc.details() or exc.code().name
+                code, details, node_error = exc.code(), exc.details() or exc.code().name, exc
             finally:
                 self.pool.streams[node_id] -= 1
                 call.cancel()
+            unservable = self._unservable(node_error)
+            if unservable is not None:  # another node would fail alike: fail once, saying why
+                log.warning("generate_unservable", node=node_id, error=str(unservable), tokens_sent=len(progress.sent))
+                await abort(context, unservable)
             reason = failure_reason(code, self._node_status(node_id), from_node)
             await self._check_can_move(context, progress, node_id, code, details, reason)
             self.pool.forget_load(node_id)
@@ -339,16 +397,22 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             nodes.append(status)
         balance = [inference_pb2.LayerBalance(layer=layer, balancedness=float(b))
                    for layer, b in sorted(stats.balancedness.items())]
-        return inference_pb2.ClusterStatusResponse(
+        verdict = self.servability()
+        response = inference_pb2.ClusterStatusResponse(
             nodes=nodes, placement_version=self.view.placement_version, leader=self.view.leader or "",
             balance=balance, moved=stats.moved, placement_reason=stats.reason, window_tokens=stats.window_tokens)
+        if verdict is not None:
+            response.mesh_state, response.mesh_problem = verdict.state, verdict.message
+            for layer, ids in verdict.missing.items():
+                response.missing_experts.add(layer=layer, experts=ids)
+        return response
 
 
 def inference_server(service: InferenceService, host: str = "127.0.0.1", port: int = 0, *,
-                     tls: TLSFiles | None = None, auth_token: str | None = None):
+                     tls: TLSFiles | None = None, auth_token: str | tuple[str, ...] | None = None):
     """The Inference server (see :func:`moemesh.wire.server.create_server`); returns ``(server, port, health)``.
 
-    With ``auth_token``, Inference methods need ``authorization: Bearer <token>``; with ``tls``, the
+    With ``auth_token`` (one token, or one per client), Inference methods need ``authorization: Bearer <token>``; with ``tls``, the
     port is TLS (mTLS when ``tls.ca`` is set). Health and reflection stay open for probes.
     """
     return create_server("router", lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(service, server),
@@ -364,13 +428,17 @@ class Router:
     """
 
     def __init__(self, etcd: str, cluster: str = "default", host: str = "127.0.0.1", port: int = 0, *,
-                 router_id: str | None = None, auth_token: str | None = None, tls: TLSFiles | None = None,
-                 health_port: int | None = None,
-                 max_inflight: int = 512, ttl_s: float = 5.0, etcd_timeout_s: float = 3.0,
+                 router_id: str | None = None, auth_token: str | tuple[str, ...] | None = None,
+                 tls: TLSFiles | None = None, health_port: int | None = None,
+                 max_inflight: int = 512, max_queued: int = DEFAULT_MAX_QUEUED,
+                 max_running_per_client: int = DEFAULT_MAX_RUNNING_PER_CLIENT,
+                 max_queued_per_client: int = DEFAULT_MAX_QUEUED_PER_CLIENT, ttl_s: float = 5.0, etcd_timeout_s: float = 3.0,
                  policy: PlacementPolicy | None = None,
                  load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
-                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES):
+                 call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES,
+                 etcd_credentials=None):
         self.etcd, self.host, self.requested_port = etcd, host, port
+        self.etcd_credentials = etcd_credentials  # EtcdCredentials for a secured etcd, or None
         self.cluster = check_cluster_name(cluster)
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
         if not self.router_id.isprintable() or len(self.router_id) > 128:
@@ -379,9 +447,11 @@ class Router:
         self.policy = policy or PlacementPolicy()
         self.view = ClusterView()
         self.pool = AttentionPool(self.view, load_timeout_s, load_max_age_s, tls=tls)
+        admission = Admission(max_inflight, max_queued, max_running_per_client, max_queued_per_client)
         self.service = InferenceService(self.view, self.pool, max_inflight=max_inflight,
                                         call_timeout_s=call_timeout_s, generate_timeout_s=generate_timeout_s,
-                                        max_resumes=max_resumes)
+                                        max_resumes=max_resumes, admission=admission,
+                                        tokens_checked=bool(auth_token), servability=self._servability)
         self._tls, self._auth_token = tls, auth_token
         self.health_port = health_port
         self.server = self.health = None
@@ -390,6 +460,9 @@ class Router:
         self.control: ControlPlane | None = None
         self._connected = asyncio.Event()
         self._connect_task: asyncio.Task | None = None
+
+    def _servability(self) -> Servability | None:
+        return None if self.control is None else self.control.servability()
 
     @property
     def is_leader(self) -> bool:
@@ -415,7 +488,8 @@ class Router:
         while True:
             try:
                 self.registry = await Registry.connect(self.etcd, self.cluster, ttl_s=self.ttl_s,
-                                                       timeout_s=self.etcd_timeout_s)
+                                                       timeout_s=self.etcd_timeout_s,
+                                                       credentials=self.etcd_credentials)
                 self.control = ControlPlane(self.registry, self.router_id, self.view, policy=self.policy,
                                             fetch_loads=self.pool.expert_loads, tls=self._tls)
                 await self.control.prime()

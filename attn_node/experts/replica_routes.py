@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from moemesh.errors import UnservableError
 from moemesh.expert_backend import ExpertBackendError
 from moemesh.control.placement import Placement, describe_missing
 
@@ -21,6 +22,11 @@ _PLASTIC = 0.7548776662466927  # a second irrational step so experts do not draw
 
 class ExpertsUnavailable(ExpertBackendError):
     """No live replica hosts some routed experts; maps to gRPC UNAVAILABLE."""
+
+
+class ExpertsUnservable(ExpertsUnavailable, UnservableError):
+    """No live replica hosts some routed experts and no placement over the live expert nodes could: UNAVAILABLE
+    with gRPC's "do not retry" pushback (moemesh.control.servability)."""
 
 
 class ReplicaRoutes:

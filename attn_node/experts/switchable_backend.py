@@ -8,20 +8,29 @@ installed during a step waits for its end, so one step never mixes versions and
 the old backend can be closed as soon as it is replaced.
 
 After a step failed because experts were unreachable, the engine calls
-``wait_for_change`` (bounded) and re-runs the step on the backend installed meanwhile.
+``wait_for_change`` (bounded) and re-runs the step on the backend installed meanwhile. Waiting is only worth
+it while a placement that hosts the missing experts can come: ``outlook`` (the placement follower's verdict,
+``moemesh.control.servability``) says when none can, and ``wait_for_change`` then raises
+:class:`ExpertsUnservable` at once instead of waiting out the engine's ``expert_wait_s``.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
+from moemesh.control.servability import Servability
 from moemesh.expert_backend import ExpertBackend
 
-from .replica_routes import ExpertsUnavailable
+from .replica_routes import ExpertsUnavailable, ExpertsUnservable
+
+# The current backend -> whether its placement can serve over the live expert nodes (None: unknown, wait).
+Outlook = Callable[[ExpertBackend | None], Servability | None]
 
 
 class SwitchableBackend(ExpertBackend):
-    def __init__(self):
+    def __init__(self, outlook: Outlook | None = None):
+        self.outlook = outlook  # set once the placement follower exists; None: always wait
         self._current: ExpertBackend | None = None
         self._pending: ExpertBackend | None = None
         self._in_step = False
@@ -71,7 +80,15 @@ class SwitchableBackend(ExpertBackend):
             self._promote()
 
     def wait_for_change(self, generation: int, timeout_s: float) -> bool:
-        """Block (not in a step) until a backend newer than ``generation`` is current; False on timeout."""
+        """Block (not in a step) until a backend newer than ``generation`` is current; False on timeout.
+
+        Raises ExpertsUnservable at once, without waiting, when no newer backend is in hand and ``outlook`` says
+        no placement over the live expert nodes can host the missing experts."""
+        with self._changed:
+            fresh, current = self._generation != generation or self._pending is not None, self._current
+        verdict = None if fresh or self.outlook is None else self.outlook(current)
+        if verdict is not None and verdict.state == "unservable":
+            raise ExpertsUnservable(verdict.message)
         with self._changed:
             changed = self._changed.wait_for(
                 lambda: self._generation != generation or self._pending is not None, timeout_s)

@@ -57,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
         cluster=args.cluster, static=static, node_id=args.node_id, advertise=args.advertise_host,
         kernels=args.kernels, dispatch_timeout_s=args.dispatch_timeout, max_pending=args.max_pending,
         tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca), health_port=args.health_port,
-        transport=args.transport, device=device))
+        transport=args.transport, device=device, etcd_credentials=flags.etcd_credentials(args)))
     return 0

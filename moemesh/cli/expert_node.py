@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(serve_registered(args.model, args.etcd, args.cluster, args.host, args.port, dtype,
                                      node_id=args.node_id, slots=args.slots, advertise=args.advertise_host,
                                      tls=tls, health_port=args.health_port, transport=args.transport,
-                                     torch_port=args.torch_port, device=device, keep_fp8=keep))
+                                     torch_port=args.torch_port, device=device, keep_fp8=keep,
+                                     etcd_credentials=flags.etcd_credentials(args)))
         return 0
     parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
     asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype, tls=tls,

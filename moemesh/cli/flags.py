@@ -79,8 +79,33 @@ def add_sampling_args(p: argparse.ArgumentParser, *, several_prompts: bool) -> N
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
+def add_etcd_auth_args(p: argparse.ArgumentParser) -> None:
+    """How to reach a secured etcd, on every command that takes ``--etcd`` (see :func:`etcd_credentials`)."""
+    g = p.add_argument_group("secured etcd (TLS, auth)")
+    g.add_argument("--etcd-ca", metavar="F", help="PEM CA that signed etcd's certificate: dial etcd over TLS")
+    g.add_argument("--etcd-cert", metavar="F", help="PEM client certificate for an etcd requiring them (with "
+                   "--etcd-key; dials TLS; with etcd auth and no password, its CN is the etcd user)")
+    g.add_argument("--etcd-key", metavar="F", help="PEM private key of --etcd-cert")
+    g.add_argument("--etcd-user", metavar="NAME", help="etcd auth user (with --etcd-password-file)")
+    g.add_argument("--etcd-password-file", metavar="F",
+                   help="file holding --etcd-user's password (never on the command line; never logged)")
+
+
+def etcd_credentials(args: argparse.Namespace):
+    """The ``--etcd-*`` flags as an :class:`~moemesh.control.etcd_credentials.EtcdCredentials`, None if none given.
+
+    Files are read now, so a missing one is one line before anything starts (SecurityConfigError).
+    """
+    from moemesh.control.etcd_credentials import EtcdCredentials
+
+    return EtcdCredentials.from_flags(ca=getattr(args, "etcd_ca", None), cert=getattr(args, "etcd_cert", None),
+                                      key=getattr(args, "etcd_key", None), user=getattr(args, "etcd_user", None),
+                                      password_file=getattr(args, "etcd_password_file", None))
+
+
 def add_node_args(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--etcd", metavar="HOST:PORT", help="etcd endpoint: register there and follow the placement")
+    add_etcd_auth_args(p)
     p.add_argument("--cluster", default="default", help="cluster name: keys live under /moemesh/<cluster>/")
     p.add_argument("--node-id", help=f"id in the registry (default: {role}-<hostname>-<port>)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")

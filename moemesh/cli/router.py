@@ -11,6 +11,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from moemesh.router.main import add_router_parser
 
     p = add_router_parser(subparsers)
+    flags.add_etcd_auth_args(p)
     flags.add_metrics_arg(p)
     return p
 
@@ -18,4 +19,5 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from moemesh.router.main import run_router
 
+    args.etcd_credentials = flags.etcd_credentials(args)
     return run_router(args)

@@ -34,8 +34,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_status(status: dict) -> str:
-    """Placement (version, why, moves, balancedness per layer), then one line per node with its load."""
+    """Placement (version; DEGRADED/UNSERVABLE and why; why planned, moves, balancedness per layer), then one
+    line per node with its load."""
     lines = [f"placement version {status.get('placement_version', 0)}; leader {status.get('leader') or '-'}"]
+    if status.get("mesh_state") in ("degraded", "unservable"):  # experts without a live replica (servability.py)
+        lines.append(f"  mesh {status['mesh_state'].upper()}: {status.get('mesh_problem', '')}")
     if status.get("placement_reason"):
         window = int(status.get("window_tokens", 0))
         lines.append(f"  planned because: {status['placement_reason']}; moved {status.get('moved', 0)} replicas; "

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from moemesh.argtypes import non_negative_float, positive_float, positive_int
+from moemesh.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from moemesh.cli import flags
 
 
@@ -42,6 +42,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="F", help="router TLS certificate (with --tls-key)")
     p.add_argument("--tls-key", metavar="F", help="router TLS private key")
     p.add_argument("--tls-ca", metavar="F", help="CA for client certificates: the router then requires mTLS")
+    p.add_argument("--max-running-per-client", type=positive_int, default=None, metavar="N",
+                   help="Generate streams one client may have on the attention nodes at once; more wait at the "
+                   "router (default: 240 per attention node, 3/4 of a node's 64 running + 256 waiting)")
+    p.add_argument("--max-queued-per-client", type=non_negative_int, default=None, metavar="N",
+                   help="Generate requests one client may have waiting at the router; more are refused with "
+                   "RESOURCE_EXHAUSTED (default: the router's, half of its queue)")
     p.add_argument("--log-dir", metavar="DIR", help="where each process writes its log (default: a temporary dir)")
     p.add_argument("--ready-timeout", type=positive_float, default=300.0,
                    help="seconds to wait for every process to be ready (default: 300)")
@@ -91,6 +97,13 @@ def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
         out.append("--no-replicas")
     if args.auth_token_file:
         out += ["--auth-token-file", str(Path(args.auth_token_file).resolve())]
+    # One client may use most, not all, of the attention nodes' room (see moemesh.router.admission).
+    from moemesh.router.admission import DEFAULT_MAX_RUNNING_PER_CLIENT
+
+    running = args.max_running_per_client or DEFAULT_MAX_RUNNING_PER_CLIENT * args.attn_nodes
+    out += ["--max-running-per-client", str(running)]
+    if args.max_queued_per_client is not None:
+        out += ["--max-queued-per-client", str(args.max_queued_per_client)]
     return out + _tls_args(args)
 
 
@@ -121,7 +134,7 @@ def loss_warning(n_experts: int, expert_nodes: int, slots: int, replicate: bool)
 def run(args: argparse.Namespace) -> int:
     from moemesh.devices import resolve_device
     from moemesh.launch.embedded import ensure_demo_model
-    from moemesh.launch.etcd_server import EtcdServer
+    from moemesh.launch.etcd_server import EtcdServer, secure_etcd
     from moemesh.launch.mesh_processes import ProcessMesh, serve_control
     from moemesh.launch.procs import stop_all
     from moemesh.logs import get_logger
@@ -137,7 +150,12 @@ def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="moemesh-up-"))
     log_dir = Path(args.log_dir) if args.log_dir else work / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    etcd = EtcdServer(data_dir=work / "etcd", client_port=args.etcd_port)
+    # A TLS mesh's etcd: TLS with the mesh's certificate, client certificates required, auth on (root, a
+    # generated password in a 0600 file here); every child gets the same --etcd-* flags.
+    secured = secure_etcd(work, args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    etcd_flags = secured.credentials.to_args() if secured else []
+    etcd = EtcdServer(data_dir=work / "etcd", client_port=args.etcd_port, tls=secured and secured.tls,
+                      root_password=secured and secured.credentials.password)
     slots = expert_slots(cfg.n_routed_experts, args.expert_nodes, args.expert_slots)
     warning = loss_warning(cfg.n_routed_experts, args.expert_nodes, slots, not args.no_replicas)
     if warning:
@@ -145,23 +163,25 @@ def run(args: argparse.Namespace) -> int:
         get_logger("moemesh.up").warning("expert_node_loss_not_survivable", detail=warning)
 
     def expert_args(name: str) -> list[str]:
-        return ["expert-node", "--model", model, "--etcd", etcd.endpoint, "--cluster", args.cluster,
+        return ["expert-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags, "--cluster", args.cluster,
                 "--node-id", name, "--slots", str(slots), *_tls_args(args), *_transport_args(args), *_device_args(args)]
 
     mesh = ProcessMesh(log_dir, expert_args, threads=1)  # one thread each: the processes share this machine's cores
     control = None
     try:
         etcd.start()
-        router = mesh.start("router", "router", _router_args(args, etcd.endpoint))
+        router = mesh.start("router", "router", [*_router_args(args, etcd.endpoint), *etcd_flags])
         mesh.add_experts(args.expert_nodes, watch=False)
         for i in range(args.attn_nodes):
-            mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, "--cluster",
-                                             args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
+            mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags,
+                                             "--cluster", args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
                                              str(args.dispatch_timeout), *_tls_args(args), *_transport_args(args),
                                              *_device_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
         control, control_port = serve_control(mesh, args.host, args.control_port)
         print(json.dumps({"event": "ready", "router": f"{args.host}:{router.port}", "etcd": etcd.endpoint,
+                          "etcd_tls": secured is not None,
+                          **({"etcd_password_file": secured.credentials.password_file} if secured else {}),
                           "control": f"{args.host}:{control_port}", "attn_nodes": args.attn_nodes,
                           "expert_nodes": args.expert_nodes, "expert_slots": slots,
                           "expert_node_loss": "NOT survivable" if warning else "survivable", "model": model,
@@ -184,5 +204,7 @@ def run(args: argparse.Namespace) -> int:
         stop_all(procs)
         etcd.stop()
         shutil.rmtree(work / "etcd", ignore_errors=True)
+        if secured is not None:  # the root password goes with the mesh, whatever happens to the logs
+            Path(secured.credentials.password_file).unlink(missing_ok=True)
         if not args.log_dir and all(p.proc.returncode == 0 for p in procs):
             shutil.rmtree(work, ignore_errors=True)

@@ -5,6 +5,13 @@ cluster as typed records and events (``watch_cluster``, ``read_cluster``, ``plac
 ``write_placement``, ``campaign_leader``; ``moemesh/control/records.py`` and ``events.py``), so key names
 (:class:`Keys`) stay inside moemesh.control. The client is ``aetcd`` (asyncio).
 
+Security: ``Registry.connect(..., credentials=EtcdCredentials(...))`` (``moemesh/control/etcd_credentials.py``)
+dials etcd over TLS (a CA, a client certificate) and/or signs in as a user. aetcd 1.0 does user + password
+but dials only plaintext (TLS is its open issue martyanov/aetcd#37), so :class:`_TLSClient` is aetcd's client
+with a TLS channel: the one place that knows aetcd's connect. A token etcd stops accepting (etcd restarted,
+or the token's TTL ran out) is answered by a fresh client that signs in again; the call that met it raises
+RegistryUnavailable, which every retrying loop here already handles.
+
 Keys (all under ``/moemesh/<cluster>/``, values are JSON)::
 
     nodes/<role>/<node_id>   node record, bound to the node's lease (gone when the process dies)
@@ -54,7 +61,12 @@ from collections.abc import Mapping
 from typing import Any, AsyncIterator, Literal
 
 import aetcd
+import aetcd.client
+import aetcd.exceptions
+import aetcd.rpc
+import aetcd.watcher
 
+from moemesh.control.etcd_credentials import EtcdCredentials
 from moemesh.errors import MoemeshError, UnavailableError
 from moemesh.logs import get_logger
 
@@ -151,12 +163,80 @@ def _checked(record: Mapping[str, Any]) -> NodeRecord:
     return NodeRecord.from_json(dict(record))
 
 
+# ---- the client ------------------------------------------------------------------
+class _TLSClient(aetcd.Client):
+    """aetcd's client over a TLS channel: aetcd 1.0's ``connect`` with ``secure_channel`` for ``insecure_channel``.
+
+    Everything else (stubs, the sign-in with user + password, the token on every call, the watcher) is
+    aetcd's; tests/integration/test_etcd_secure.py runs reads, writes, leases and watches through it.
+    """
+
+    def __init__(self, *args, channel_credentials, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._channel_credentials = channel_credentials
+
+    @aetcd.client._handle_errors
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # another task is connecting: wait for it
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        rpc = aetcd.rpc
+        try:
+            self._is_connecting = True
+            self.channel = rpc.secure_channel(f"{self._host}:{self._port}", self._channel_credentials,
+                                              options=self._options.items())
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                resp = await self.auth_stub.Authenticate(
+                    rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout)
+                self.metadata = (("token", resp.token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                                  metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+def _new_client(host: str, port: int, timeout_s: float, options: dict,
+                credentials: EtcdCredentials | None) -> aetcd.Client:
+    user = password = None
+    if credentials is not None and credentials.user is not None:
+        user, password = credentials.user, credentials.password
+    if credentials is not None and credentials.tls:
+        return _TLSClient(host, port, username=user, password=password, timeout=timeout_s, options=options,
+                          channel_credentials=credentials.channel_credentials())
+    return aetcd.Client(host, port, username=user, password=password, timeout=timeout_s, options=options)
+
+
+def _token_refused(error: aetcd.ClientError) -> bool:
+    """etcd no longer knows our sign-in token (it restarted, or the token's TTL ran out)."""
+    return isinstance(error, aetcd.exceptions.UnauthenticatedError) and "invalid auth token" in str(error)
+
+
+def _refusal_hint(error: aetcd.ClientError) -> str:
+    text = str(error)
+    if "user name is empty" in text or "permission denied" in text:
+        return ("; etcd requires auth: give --etcd-user and --etcd-password-file, or a client certificate "
+                "(--etcd-cert/--etcd-key) whose CN is an etcd user with access to /moemesh/")
+    if "authentication failed" in text:
+        return "; check --etcd-user and the password in --etcd-password-file"
+    return ""
+
+
 # ---- the registry --------------------------------------------------------------
 class Registry:
     """One process's view of the cluster in etcd: its lease, its node record, watches, election."""
 
-    def __init__(self, client: aetcd.Client, endpoint: str, keys: Keys, ttl_s: float, timeout_s: float):
+    def __init__(self, client: aetcd.Client, endpoint: str, keys: Keys, ttl_s: float, timeout_s: float,
+                 new_client=None):
         self._client = client
+        self._new_client = new_client  # a fresh client (signs in again), for a token etcd stopped accepting
         self.endpoint = endpoint
         self.keys = keys
         self.ttl_s = ttl_s
@@ -176,8 +256,12 @@ class Registry:
 
     @classmethod
     async def connect(cls, endpoint: str, cluster: str = "default", ttl_s: float = 5.0,
-                      timeout_s: float = 3.0) -> "Registry":
-        """Open a client to ``HOST:PORT`` and check that etcd answers (RegistryUnavailable if not)."""
+                      timeout_s: float = 3.0, credentials: EtcdCredentials | None = None) -> "Registry":
+        """Open a client to ``HOST:PORT`` and check that etcd answers (RegistryUnavailable if not).
+
+        ``credentials``: TLS files and/or user + password (:class:`EtcdCredentials`); None = plaintext, anonymous.
+        A secured etcd refusing them is a RegistryError saying which flags to check.
+        """
         if ttl_s <= 0 or timeout_s <= 0:
             raise ValueError(f"ttl_s and timeout_s must be > 0, got {ttl_s} and {timeout_s}")
         host, port = parse_endpoint(endpoint)
@@ -191,8 +275,12 @@ class Registry:
             "grpc.keepalive_time_ms": 10_000,
             "grpc.keepalive_timeout_ms": 5_000,
         }
-        client = aetcd.Client(host, port, timeout=timeout_s, options=options)
-        reg = cls(client, f"{host}:{port}", keys, ttl_s, timeout_s)
+
+        def new_client() -> aetcd.Client:
+            return _new_client(host, port, timeout_s, options, credentials)
+
+        reg = cls(new_client(), f"{host}:{port}", keys, ttl_s, timeout_s, new_client)
+        client = reg._client
         try:
             await reg._rpc(client.get(keys.leader().encode()), "connect")
         except BaseException:
@@ -571,8 +659,23 @@ class Registry:
         await self.close()
 
     # ---- one place that turns client errors into ours -------------------------------
+    async def _renew_client(self, stale: aetcd.Client) -> None:
+        """Swap in a fresh client (it signs in again on its first call); close the stale one in the background."""
+        if self._new_client is None or self._client is not stale or self._closed:
+            return  # another call renewed it already
+        self._client = self._new_client()
+        log.info("etcd_signing_in_again", endpoint=self.endpoint, note="etcd refused our auth token")
+        asyncio.get_running_loop().create_task(self._close_quietly(stale), name="moemesh-etcd-close-stale")
+
+    async def _close_quietly(self, client: aetcd.Client) -> None:
+        try:
+            await asyncio.wait_for(client.close(), self.timeout_s)
+        except Exception:
+            pass
+
     async def _rpc(self, coro, what: str, timeout_s: float | None = None, closing: bool = False):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        client = self._client  # the one the call was made on (the coroutine was built just now)
         if self._closed and not closing:
             coro.close()
             raise RegistryError(f"Registry for etcd at {self.endpoint} is closed ({what})")
@@ -584,4 +687,8 @@ class Registry:
         except (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError) as e:
             raise RegistryUnavailable(f"etcd at {self.endpoint} is unreachable ({what}): {e}") from e
         except aetcd.ClientError as e:
-            raise RegistryError(f"etcd at {self.endpoint} refused {what}: {e}") from e
+            if _token_refused(e):
+                await self._renew_client(client)
+                raise RegistryUnavailable(f"etcd at {self.endpoint} refused our auth token ({what}); "
+                                          "signing in again") from e
+            raise RegistryError(f"etcd at {self.endpoint} refused {what}: {e}{_refusal_hint(e)}") from e

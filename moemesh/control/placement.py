@@ -13,10 +13,14 @@ Expert specs (``--experts`` on an expert node, the part after ``=`` in
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from moemesh.errors import InvalidRequestError
+
+
+Node = TypeVar("Node")  # how a caller names nodes: an index into Placement.nodes, or a node id
 
 
 class SpecError(InvalidRequestError):
@@ -119,24 +123,62 @@ class Placement:
                     replicas.setdefault((layer, e), []).append(node)
         return cls(tuple(a for a, _ in hosted), {k: tuple(v) for k, v in replicas.items()}, version)
 
-    def missing(self, moe_layers: tuple[int, ...], n_experts: int) -> dict[int, list[int]]:
-        """Logical experts no node hosts: {layer: expert ids}."""
-        gaps: dict[int, list[int]] = {}
-        for layer in moe_layers:
-            lacking = [e for e in range(n_experts) if not self.replicas.get((layer, e))]
-            if lacking:
-                gaps[layer] = lacking
-        return gaps
+    def missing(self, moe_layers: tuple[int, ...], n_experts: int,
+                alive: Container[int] | None = None) -> dict[int, list[int]]:
+        """Logical experts no node (no node in ``alive``, when given) hosts: {layer: expert ids}."""
+        return missing_experts(self.replicas, moe_layers, n_experts, alive)
 
     def require_complete(self, moe_layers: tuple[int, ...], n_experts: int) -> None:
         gaps = self.missing(moe_layers, n_experts)
         if gaps:
-            shown = "; ".join(f"layer {layer}: experts {_ranges(ids)}" for layer, ids in list(gaps.items())[:4])
-            raise SpecError(f"no expert node hosts {shown}: add nodes or widen their specs")
+            raise SpecError(f"no expert node hosts {describe_missing(gaps)}: add nodes or widen their specs")
 
 
-def describe_missing(gaps: dict[int, list[int]]) -> str:
-    return "; ".join(f"layer {layer}: experts {_ranges(ids)}" for layer, ids in gaps.items())
+def missing_experts(replicas: Mapping[tuple[int, int], Iterable[Node]], moe_layers: Iterable[int], n_experts: int,
+                    alive: Container[Node] | None = None) -> dict[int, list[int]]:
+    """The logical experts with no replica (none on a node in ``alive``, when given): {layer: sorted ids}.
+
+    ``replicas`` maps (MoE layer, expert id) to the nodes holding a copy, by whatever names the caller uses
+    (node indices of a :class:`Placement`, node ids of a placement record). Only layers with a gap appear.
+    """
+    gaps: dict[int, list[int]] = {}
+    for layer in moe_layers:
+        lacking = [e for e in range(n_experts)
+                   if not any(alive is None or n in alive for n in replicas.get((layer, e), ()))]
+        if lacking:
+            gaps[layer] = lacking
+    return gaps
+
+
+MAX_SHOWN = 4  # groups of layers a message names before it says how many more there are
+MAX_RANGES = 8  # id ranges a group names before it says how many ids are left
+
+
+def _short_ranges(ids: list[int], max_ranges: int = MAX_RANGES) -> str:
+    """_ranges, cut after ``max_ranges`` ranges: [0,2,4,...,30] -> '0,2,4,6,8,10,12,14 and 8 more'."""
+    parts = _ranges(ids).split(",")
+    if len(parts) <= max_ranges:
+        return ",".join(parts)
+    shown = parts[:max_ranges]
+    named = sum(int(p.split("-")[1]) - int(p.split("-")[0]) + 1 if "-" in p else 1 for p in shown)
+    return f"{','.join(shown)} and {len(ids) - named} more"
+
+
+def describe_missing(gaps: Mapping[int, Sequence[int]], max_shown: int = MAX_SHOWN) -> str:
+    """{layer: expert ids} -> 'layers 1-3: experts 4-7; layer 5: experts 0,2' (short enough for a message).
+
+    Layers missing the same experts are named together (one lost node usually takes the same ids from every
+    layer); past ``max_shown`` groups the rest is counted, not listed.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}  # ids -> layers missing them, in order of first layer
+    for layer, ids in sorted(gaps.items()):
+        groups.setdefault(tuple(sorted(ids)), []).append(layer)
+    parts = [f"{'layers' if len(layers) > 1 else 'layer'} {_ranges(layers)}: "
+             f"experts {_short_ranges(list(ids))}" for ids, layers in groups.items()]
+    if len(parts) > max_shown:
+        hidden = sum(len(layers) for layers in list(groups.values())[max_shown:])
+        parts = parts[:max_shown] + [f"{hidden} more layers"]
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------- slot sizing
@@ -217,10 +259,7 @@ def describe_exposure(exposure: Mapping[str, Mapping[int, list[int]]], limit: in
         return "survivable"
     parts = []
     for node, gaps in list(exposure.items())[:limit]:
-        layers = list(gaps.items())
-        shown = "; ".join(f"layer {layer}: experts {_ranges(ids)}" for layer, ids in layers[:2])
-        more = f"; and {len(layers) - 2} more layers" if len(layers) > 2 else ""
-        parts.append(f"losing {node[:64]} would lose {shown}{more}")
+        parts.append(f"losing {node[:64]} would lose {describe_missing(gaps, max_shown=2)}")
     if len(exposure) > limit:
         parts.append(f"and {len(exposure) - limit} more nodes")
     return f"NOT survivable ({'; '.join(parts)})"

@@ -151,7 +151,7 @@ class LayerBalance(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., balancedness: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("nodes", "placement_version", "leader", "balance", "moved", "placement_reason", "window_tokens")
+    __slots__ = ("nodes", "placement_version", "leader", "balance", "moved", "placement_reason", "window_tokens", "mesh_state", "mesh_problem", "missing_experts")
     NODES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,9 @@ class ClusterStatusResponse(_message.Message):
     MOVED_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_REASON_FIELD_NUMBER: _ClassVar[int]
     WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MESH_STATE_FIELD_NUMBER: _ClassVar[int]
+    MESH_PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    MISSING_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     placement_version: int
     leader: str
@@ -166,4 +169,7 @@ class ClusterStatusResponse(_message.Message):
     moved: int
     placement_reason: str
     window_tokens: int
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., placement_version: _Optional[int] = ..., leader: _Optional[str] = ..., balance: _Optional[_Iterable[_Union[LayerBalance, _Mapping]]] = ..., moved: _Optional[int] = ..., placement_reason: _Optional[str] = ..., window_tokens: _Optional[int] = ...) -> None: ...
+    mesh_state: str
+    mesh_problem: str
+    missing_experts: _containers.RepeatedCompositeFieldContainer[LayerExpertIds]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., placement_version: _Optional[int] = ..., leader: _Optional[str] = ..., balance: _Optional[_Iterable[_Union[LayerBalance, _Mapping]]] = ..., moved: _Optional[int] = ..., placement_reason: _Optional[str] = ..., window_tokens: _Optional[int] = ..., mesh_state: _Optional[str] = ..., mesh_problem: _Optional[str] = ..., missing_experts: _Optional[_Iterable[_Union[LayerExpertIds, _Mapping]]] = ...) -> None: ...

@@ -19,7 +19,7 @@ import grpc
 
 from moemesh.errors import (
     DeadlineExceededError, FailedPreconditionError, InvalidRequestError, MoemeshError, NotFoundError,
-    ResourceExhaustedError, UnauthenticatedError, UnavailableError,
+    ResourceExhaustedError, UnauthenticatedError, UnavailableError, UnservableError,
 )
 from moemesh.expert_backend import ExpertBackendError
 
@@ -51,11 +51,31 @@ def details_of(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+# Trailing metadata of an UNAVAILABLE that retrying cannot fix (UnservableError): gRPC's server retry pushback
+# (retry design A6), where a negative value means "do not retry". gRPC clients with a retry policy honour it;
+# the mesh's SDK (router/client.py) reads it too.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+NO_RETRY = ((RETRY_PUSHBACK_KEY, "-1"),)
+
+
+def no_retry(metadata) -> bool:
+    """True when a call's trailing ``metadata`` (pairs) carries :data:`NO_RETRY`."""
+    return any(key == RETRY_PUSHBACK_KEY and str(value).startswith("-") for key, value in metadata or ())
+
+
+def trailing_metadata(err: grpc.RpcError):
+    """A failed call's trailing metadata (pairs), () when the error carries none."""
+    get = getattr(err, "trailing_metadata", None)
+    return (get() if callable(get) else None) or ()
+
+
 def abort(context, exc: BaseException):
-    """End the call with ``exc``'s status and message.
+    """End the call with ``exc``'s status and message (and :data:`NO_RETRY` for an UnservableError).
 
     ``await abort(context, exc)`` in a grpc.aio servicer; ``abort(context, exc)`` in a sync one (it raises).
     """
+    if isinstance(exc, UnservableError) or (isinstance(exc, grpc.RpcError) and no_retry(trailing_metadata(exc))):
+        return context.abort(status_for(exc), details_of(exc), trailing_metadata=NO_RETRY)
     return context.abort(status_for(exc), details_of(exc))
 
 

@@ -120,7 +120,7 @@ def test_pod_conventions(rendered, key):
             if tls:
                 assert "/etc/moemesh/tls" in mounts
                 secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
-                assert secrets == ["moemesh-tls"]
+                assert secrets == ["moemesh-tls", "moemesh-etcd-client"]
 
 
 def test_base_shape(rendered):
@@ -130,7 +130,7 @@ def test_base_shape(rendered):
     etcd = by[("StatefulSet", "moemesh-etcd")]
     assert etcd["spec"]["replicas"] == 3 and etcd["spec"]["volumeClaimTemplates"]
     args = " ".join(etcd["spec"]["template"]["spec"]["containers"][0]["args"])
-    assert all(f"moemesh-etcd-{i}=http://moemesh-etcd-{i}.moemesh-etcd." in args for i in range(3))
+    assert all(f"moemesh-etcd-{i}=https://moemesh-etcd-{i}.moemesh-etcd." in args for i in range(3))
     image = etcd["spec"]["template"]["spec"]["containers"][0]["image"]
     major, minor, patch = (int(x) for x in image.rsplit(":v", 1)[1].split("."))
     assert image.startswith("quay.io/coreos/etcd:") and (major, minor) == (3, 5) and patch >= 6
@@ -205,6 +205,87 @@ def test_gpu_overlay_computes_on_the_gpu(rendered):
     dev = docs(rendered[("overlay", "dev")])
     for obj, c, _ in containers(dev):
         assert "nvidia.com/gpu" not in c["resources"].get("limits", {}), obj["metadata"]["name"]
+
+
+def _etcd(objs: list[dict]) -> dict:
+    return next(o for o in objs if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "moemesh-etcd")
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    return dict(a.split("=", 1) if "=" in a else (a, "") for a in args)
+
+
+@pytest.mark.parametrize("key", [k for k in RENDERS if k != ("overlay", "dev")], ids=lambda k: f"{k[0]}-{k[1]}")
+def test_etcd_is_tls_with_client_certificates(rendered, key):
+    """Clients and peers speak TLS only; etcd requires client certificates of its CA; probes use the plaintext
+    metrics port (/health, /metrics: no keys); the certificates come from the Secret moemesh-etcd-tls."""
+    objs = docs(rendered[key])
+    etcd = _etcd(objs)
+    spec = etcd["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    f = _flags(c["args"])
+    assert f["--listen-client-urls"].startswith("https://") and f["--advertise-client-urls"].startswith("https://")
+    assert f["--listen-peer-urls"].startswith("https://") and "http://" not in f["--initial-cluster"]
+    assert "--client-cert-auth" in f and "--peer-client-cert-auth" in f
+    for flag in ("--cert-file", "--key-file", "--trusted-ca-file", "--peer-cert-file", "--peer-key-file",
+                 "--peer-trusted-ca-file"):
+        assert f[flag].startswith("/etc/etcd/tls/"), flag
+    assert f["--listen-metrics-urls"] == "http://0.0.0.0:2381"
+    for probe in (c["readinessProbe"], c["livenessProbe"]):
+        assert probe["httpGet"]["port"] == 2381 and probe["httpGet"].get("scheme", "HTTP") == "HTTP"
+    assert etcd["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "2381"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["etcd-tls"]["mountPath"] == "/etc/etcd/tls" and mounts["etcd-tls"]["readOnly"] is True
+    assert {v["name"]: v.get("secret", {}).get("secretName") for v in spec["volumes"]}["etcd-tls"] == "moemesh-etcd-tls"
+
+
+@pytest.mark.parametrize("key", RENDERS, ids=[f"{k}-{n}" for k, n in RENDERS])
+def test_every_etcd_client_dials_as_etcd_serves(rendered, key):
+    """A TLS etcd: every moemesh container with --etcd gives --etcd-ca/--etcd-cert/--etcd-key from the mounted
+    Secret moemesh-etcd-client; a plaintext etcd (dev): none does."""
+    objs = docs(rendered[key])
+    cm = config_map(objs)
+    etcd_tls = _flags(_etcd(objs)["spec"]["template"]["spec"]["containers"][0]["args"])[
+        "--listen-client-urls"].startswith("https://")
+    seen = 0
+    for obj, c, _ in containers(objs):
+        f = _flags(c.get("args") or [])
+        if "--etcd" not in f:
+            continue
+        seen += 1
+        name = f"{obj['metadata']['name']}/{c['name']}"
+        given = {flag for flag in ("--etcd-ca", "--etcd-cert", "--etcd-key") if flag in f}
+        if not etcd_tls:
+            assert not given, f"{name}: etcd flags {given} for a plaintext etcd"
+            continue
+        assert given == {"--etcd-ca", "--etcd-cert", "--etcd-key"}, f"{name}: {given}"
+        assert all(f[flag].startswith("$(MOEMESH_ETCD_TLS_DIR)/") for flag in given), name
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        mount = mounts[cm["MOEMESH_ETCD_TLS_DIR"]]
+        volumes = {v["name"]: v for v in obj["spec"]["template"]["spec"]["volumes"]}
+        assert mount["readOnly"] is True and volumes[mount["name"]]["secret"]["secretName"] == "moemesh-etcd-client"
+    assert seen >= 3
+
+
+@pytest.mark.parametrize("key", RENDERS, ids=[f"{k}-{n}" for k, n in RENDERS])
+def test_only_mesh_roles_reach_the_etcd_client_port(rendered, key):
+    """The NetworkPolicy on etcd: port 2379 from router/attention/expert pods only (no namespace selector, no
+    other moemesh pod); 2380 from etcd members; monitoring gets the metrics port 2381 only."""
+    objs = docs(rendered[key])
+    policy = next(o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "moemesh-etcd-ingress")
+    assert policy["spec"]["podSelector"]["matchLabels"]["moemesh.io/role"] == "etcd"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    by_port: dict[int, list[dict]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            by_port.setdefault(port["port"], []).extend(rule["from"])
+    assert set(by_port) == {2379, 2380, 2381}
+    (client,) = by_port[2379]
+    assert set(client) == {"podSelector"}, "the client port admits pods of this namespace only"
+    exprs = {e["key"]: set(e["values"]) for e in client["podSelector"]["matchExpressions"]}
+    assert exprs == {"app.kubernetes.io/part-of": {"moemesh"}, "moemesh.io/role": {"router", "attn", "expert"}}
+    assert all(peer["podSelector"]["matchLabels"]["moemesh.io/role"] == "etcd" for peer in by_port[2380])
+    assert all(set(m) == {"namespaceSelector"} for m in by_port[2381])
 
 
 EXPERTS_BY_MODEL = {"/models/tiny": 16, "/models/current": 256, "/models/deepseek-v3": 256}  # DeepSeek-V3: 256

@@ -23,7 +23,7 @@ import pytest
 
 from moemesh.sampling import SamplingParams
 from moemesh.launch.embedded import build_local
-from moemesh.router import MeshClient
+from moemesh.router import MeshClient, MeshError
 from moemesh.model.tiny import write_tiny_checkpoint
 from tests.helpers import DEADLINE_S
 from moemesh.v1 import control_pb2, control_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc
@@ -319,6 +319,62 @@ def test_a_link_broken_by_a_stall_is_redialled_once_the_node_answers_again(model
         streams.finish()
         status = mesh.status()
         assert status["placement_version"] == 1  # nothing was re-planned: the node never looked dead
+    finally:
+        if streams is not None:
+            streams.stop.set()
+        mesh.close()
+
+
+def test_an_unservable_mesh_fails_fast_naming_the_missing_experts_and_resumes_when_a_node_joins(model, reference,
+                                                                                                  tmp_path):
+    """2 expert nodes, 4 slots each, no replicas: each holds half the experts. SIGKILL one: no placement over the
+    survivor can host every expert, so in-flight streams fail once and new requests are answered UNAVAILABLE at
+    once (no SDK retries), naming the missing experts and what to do; `moemesh status` says UNSERVABLE. A new
+    expert node makes the mesh serve again by itself."""
+    mesh = Mesh(model, tmp_path, "--expert-nodes", "2", "--expert-slots", "4", "--no-replicas",
+                "--rebalance-interval", "0")
+    streams = None
+    try:
+        status = mesh.wait_status(_settled, DEADLINE_S, "the first placement")
+        assert status["mesh_state"] == "serving" and not status["missing_experts"]
+        lost = _experts(status)["expert-1"]["experts"]
+        assert lost and all(le["experts"] for le in lost)
+        streams = Streams(mesh.client, reference, threads=4)
+        streams.wait_completed(8)
+        os.kill(mesh.processes()["expert-1"].pid, signal.SIGKILL)
+        status = mesh.wait_status(lambda s: s["mesh_state"] == "unservable", DEADLINE_S, "an UNSERVABLE mesh")
+        streams.stop.set()
+        for t in streams._threads:
+            t.join(60)
+        assert status["missing_experts"] == lost  # exactly what expert-1 held
+        problem = status["mesh_problem"]
+        assert problem.startswith("the mesh cannot serve: no live expert node hosts layers ") and problem.endswith(
+            "add an expert node or raise --expert-slots; the mesh resumes by itself when a node returns")
+        # the streams that were running (or started) around the kill: each failed once, with that message
+        assert streams.errors and all("UNAVAILABLE: the mesh cannot serve: no live expert node hosts" in e
+                                      for e in streams.errors), streams.errors[:3]
+
+        client = MeshClient(mesh.ready["router"], timeout_s=120)  # default retries: it must not use them
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(MeshError) as e:
+                client.generate(prompt_ids=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0)
+            latency = time.monotonic() - t0
+        finally:
+            client.close()
+        print(f"unservable mesh: a new request answered UNAVAILABLE in {latency * 1000:.0f} ms")
+        assert e.value.status == "UNAVAILABLE" and e.value.details == problem
+        shown = subprocess.run([sys.executable, "-m", "moemesh.cli", "status", "--router", mesh.ready["router"]],
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and f"mesh UNSERVABLE: {problem}" in shown.stdout, shown.stdout + shown.stderr
+
+        mesh.control.AddExpertNodes(control_pb2.AddExpertNodesRequest(count=1, wait_ready=True), timeout=120)
+        status = mesh.wait_status(lambda s: s["mesh_state"] == "serving" and _settled(s), DEADLINE_S,
+                                  "the mesh serving again over expert-0 and expert-2")
+        assert not status["missing_experts"] and "expert-2" in _experts(status)
+        for prompt in PROMPTS[:4]:
+            assert mesh.client.generate(prompt_ids=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                        ignore_eos=True).token_ids == reference[tuple(prompt)]
     finally:
         if streams is not None:
             streams.stop.set()

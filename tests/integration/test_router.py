@@ -7,6 +7,7 @@ registration). Each scenario that elects or places uses its own cluster name, so
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import subprocess
 import threading
 import time
@@ -399,7 +400,7 @@ def test_auth_token_required_on_inference_not_on_health(bg, etcd, nodes):
 
 
 def test_bounded_inflight_is_resource_exhausted(bg, etcd, nodes):
-    r = start_router(bg, etcd, max_inflight=1)
+    r = start_router(bg, etcd, max_inflight=1, max_queued=0)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{r.port}") as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
@@ -407,10 +408,56 @@ def test_bounded_inflight_is_resource_exhausted(bg, etcd, nodes):
             next(long)
             with pytest.raises(grpc.RpcError) as exc:
                 collect(stub, request(ids=[0, 3], max_tokens=2))
-            assert exc.value.code() == Code.RESOURCE_EXHAUSTED and "in flight" in exc.value.details()
+            assert exc.value.code() == Code.RESOURCE_EXHAUSTED and "--max-inflight 1" in exc.value.details()
             long.cancel()
             eventually(lambda: r.service.inflight == 0, DEADLINE_S, "the cancelled stream is released")
             assert collect(stub, request(ids=[0, 3], max_tokens=2))[0]
+    finally:
+        bg.run(r.stop(grace_s=1))
+
+
+def _rejections(reason: str) -> float:
+    return _router_metric("moemesh_admission_rejections_total", reason=reason)
+
+
+def test_per_client_limits_queue_refuse_and_release_on_every_ending(bg, etcd, nodes):
+    """Two clients (two tokens): a's share fills, b is served; cancel, deadline and errors free a's slots."""
+    r = start_router(bg, etcd, auth_token=("tok-a", "tok-b"), max_running_per_client=1, max_queued_per_client=1)
+    a, b = (("authorization", "Bearer tok-a"),), (("authorization", "Bearer tok-b"),)
+    key_a = "token:" + hashlib.sha256(b"Bearer tok-a").hexdigest()[:32]
+    admission = r.service.admission
+    refused = _rejections("client_limit")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{r.port}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            long = stub.Generate(request(ids=[0, 5], max_tokens=1900, ignore_eos=True), timeout=60, metadata=a)
+            next(long)
+            waiting = stub.Generate(request(ids=[0, 6], max_tokens=2), timeout=60, metadata=a)
+            eventually(lambda: admission.counts(key_a) == (1, 1), DEADLINE_S, "a's second request queues")
+            with pytest.raises(grpc.RpcError) as exc:
+                collect(stub, request(ids=[0, 3], max_tokens=2), metadata=a)
+            assert exc.value.code() == Code.RESOURCE_EXHAUSTED and "--max-queued-per-client 1" in exc.value.details()
+            assert _rejections("client_limit") == refused + 1
+            assert collect(stub, request(ids=[0, 3], max_tokens=2), metadata=b)[2].finish_reason == "length"
+
+            waiting.cancel()  # the client leaves while queued
+            eventually(lambda: admission.counts(key_a) == (1, 0), DEADLINE_S, "the cancelled queued request is released")
+            with pytest.raises(grpc.RpcError) as exc:  # its deadline passes while queued
+                list(stub.Generate(request(ids=[0, 6], max_tokens=2), timeout=1, metadata=a))
+            assert exc.value.code() == Code.DEADLINE_EXCEEDED
+            eventually(lambda: admission.counts(key_a) == (1, 0), DEADLINE_S, "the expired queued request is released")
+
+            long.cancel()  # the client leaves while running
+            eventually(lambda: admission.clients() == 0 and r.service.inflight == 0, DEADLINE_S,
+                       "the cancelled running stream is released")
+            with pytest.raises(grpc.RpcError) as exc:  # refused after admission: released too
+                collect(stub, request(ids=[10**6], max_tokens=2), metadata=a)
+            assert exc.value.code() == Code.INVALID_ARGUMENT
+            # the client may hear the status before the handler's finally runs: poll
+            eventually(lambda: admission.clients() == 0 and r.service.inflight == 0, DEADLINE_S,
+                       "the refused request is released")
+            assert collect(stub, request(ids=[0, 3], max_tokens=2), metadata=a)[2].finish_reason == "length"
+            eventually(lambda: admission.clients() == 0, DEADLINE_S, "the finished stream is released")
     finally:
         bg.run(r.stop(grace_s=1))
 

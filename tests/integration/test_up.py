@@ -134,6 +134,39 @@ def test_tls_mesh_with_auth_serves_only_authenticated_tls_clients(tmp_path):
                 pytest.raises(MeshError) as exc:
             client.generate(prompt_ids=[3, 4], max_tokens=2)  # plaintext against a TLS port
         assert exc.value.status == "UNAVAILABLE"
+        _check_etcd_refuses_anonymous_reads(ready, certs)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
+
+def _check_etcd_refuses_anonymous_reads(ready, certs):
+    """A TLS mesh's etcd: plaintext, certificate-less and anonymous clients are refused; the mesh's own
+    certificate with the user and password file up wrote (0600, beside the logs' parent) reads."""
+    import asyncio
+
+    from moemesh.control.etcd import Registry, RegistryError, RegistryUnavailable
+    from moemesh.control.etcd_credentials import EtcdCredentials
+
+    assert ready["etcd_tls"] is True
+    mesh_cert = dict(ca=str(certs / "ca.pem"), cert=str(certs / "node.pem"), key=str(certs / "node.key"))
+
+    async def refused(credentials, error):
+        with pytest.raises(error):
+            reg = await Registry.connect(ready["etcd"], timeout_s=3.0, credentials=credentials)
+            await reg.close()
+
+    asyncio.run(refused(None, RegistryUnavailable))  # plaintext
+    asyncio.run(refused(EtcdCredentials(ca=mesh_cert["ca"]), RegistryUnavailable))  # no client certificate
+    asyncio.run(refused(EtcdCredentials(**mesh_cert), RegistryError))  # anonymous
+    password_file = Path(ready["etcd_password_file"])
+    assert password_file.stat().st_mode & 0o077 == 0  # the owner's alone
+    creds = EtcdCredentials.from_flags(**mesh_cert, user="root", password_file=str(password_file))
+
+    async def read_nodes():
+        async with await Registry.connect(ready["etcd"], credentials=creds) as reg:
+            return sorted(ev.record.role for ev in await reg.read_cluster() if getattr(ev, "record", None))
+
+    assert asyncio.run(read_nodes()) == ["attn", "expert", "expert"]
+    for log in Path(ready["logs"]).iterdir():
+        assert creds.password not in log.read_text(errors="replace"), f"{log.name} holds the etcd password"

@@ -18,6 +18,7 @@ import pytest
 from moemesh.router import AsyncMeshClient, GenerateResult, MeshClient, MeshError, TokenChunk
 from moemesh.router.client import ModelInfo, Usage
 from moemesh.sampling import SamplingParams
+from moemesh.wire.status import NO_RETRY
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 from moemesh.wire.requests import sampling_from_proto
 from tests.tls_certs import CLIENT, openssl_certs
@@ -37,10 +38,13 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
         self.release: threading.Event | None = None  # Generate holds after the first chunk until set
         self.cancelled = threading.Event()  # set when a held Generate sees its client go away
         self.address = ""
+        self.trailing: tuple = ()  # trailing metadata of the scripted failures
 
     def _enter(self, method, request, context):
         self.calls.append((method, request, dict(context.invocation_metadata())))
         if self.fail:
+            if self.trailing:
+                context.set_trailing_metadata(self.trailing)
             context.abort(self.fail.pop(0), f"scripted failure of {method}")
         end = time.monotonic() + self.delay_s
         while time.monotonic() < end and context.is_active():
@@ -240,6 +244,23 @@ def test_unavailable_is_retried_with_backoff_and_one_request_id(fake):
     assert len(fake.attempts()) == 3 and ids == {res.request_id}
     assert res == _expected(res.request_id)
     assert elapsed >= 0.8 * (0.05 + 0.10)  # two backoffs, jitter at most -20%
+
+
+def test_unavailable_with_no_retry_pushback_is_final_at_once(fake):
+    """The router says an unservable mesh is UNAVAILABLE with gRPC's "do not retry" pushback: no retry, no backoff."""
+    fake.fail, fake.trailing = [Code.UNAVAILABLE] * 4, NO_RETRY
+    with MeshClient(fake.address, backoff_s=5.0) as mesh:
+        with pytest.raises(MeshError, match="^UNAVAILABLE: scripted failure of Generate$"):
+            mesh.generate("hi")
+        assert len(fake.attempts()) == 1  # a retry would have slept >= 4 s first
+
+    async def main():
+        async with AsyncMeshClient(fake.address, backoff_s=5.0) as mesh:
+            with pytest.raises(MeshError, match="^UNAVAILABLE"):
+                await mesh.generate("hi")
+        assert len(fake.attempts()) == 2
+
+    asyncio.run(main())
 
 
 def test_unary_retry_and_giving_up(fake):

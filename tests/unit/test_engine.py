@@ -506,6 +506,28 @@ def test_a_step_waits_at_most_expert_wait_s_then_fails_its_requests(tiny):
         attach_experts(model, inner)
 
 
+def test_a_step_fails_at_once_when_no_placement_can_host_its_experts(tiny):
+    """The outlook says unservable: the step's requests fail now with its message, not after expert_wait_s."""
+    from moemesh.attn_node.experts.replica_routes import ExpertsUnservable
+    from moemesh.control.servability import judge
+
+    model, cfg, inner = tiny
+    switch = SwitchableBackend(outlook=lambda current: judge({1: [0, 1, 2, 3]}, 1, 4, 8))
+    switch.install(_FailingBackend(inner, fail_after=0))
+    attach_experts(model, switch)
+    try:
+        eng = Engine(model, cfg, EngineConfig(expert_wait_s=3600.0), backend=switch)  # a wait would hang the test
+        rids = [eng.add_request(p, greedy(4)) for p in prompts_of([4, 6])]
+        events = eng.step()
+        assert [(ev.request_id, ev.finish_reason, type(ev.error)) for ev in events] == [
+            (rid, "error", ExpertsUnservable) for rid in rids]
+        assert str(events[0].error) == judge({1: [0, 1, 2, 3]}, 1, 4, 8).message
+        assert {status_for(ev.error) for ev in events} == {grpc.StatusCode.UNAVAILABLE}
+        assert not eng.has_unfinished() and eng.blocks.num_free == eng.blocks.num_blocks
+    finally:
+        attach_experts(model, inner)
+
+
 def test_the_engine_runs_only_on_the_backend_its_model_is_attached_to(tiny):
     other = LocalExpertBackend(tiny.backend.shard)
     with pytest.raises(ValueError, match="attach_experts"):

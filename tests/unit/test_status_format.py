@@ -44,3 +44,13 @@ def test_format_status_before_any_traffic():
     text = format_status({"placement_version": 1, "leader": "", "placement_reason": "there is no placement yet",
                           "window_tokens": 0, "nodes": []})
     assert "leader -" in text and "(no traffic yet: even spread)" in text
+
+
+def test_format_status_says_when_the_mesh_is_degraded_or_unservable():
+    base = {"placement_version": 2, "leader": "r", "nodes": []}
+    assert len(format_status({**base, "mesh_state": "serving", "mesh_problem": ""}).splitlines()) == 1
+    text = format_status({**base, "mesh_state": "unservable", "mesh_problem": "the mesh cannot serve: no live expert "
+                          "node hosts layers 1-2: experts 4-7"})
+    assert text.splitlines()[1] == ("  mesh UNSERVABLE: the mesh cannot serve: no live expert node hosts layers 1-2: "
+                                    "experts 4-7")
+    assert format_status({**base, "mesh_state": "degraded", "mesh_problem": "p"}).splitlines()[1] == "  mesh DEGRADED: p"

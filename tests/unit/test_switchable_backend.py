@@ -66,3 +66,29 @@ def test_wait_for_change_wakes_on_install_and_times_out_without():
     started = time.monotonic()
     assert sb.wait_for_change(generation, 10) and sb.current is b
     assert time.monotonic() - started < 9
+
+
+def test_wait_for_change_fails_at_once_when_no_placement_can_come():
+    """The outlook's verdict decides: unservable raises without waiting; degraded waits; a newer backend wins."""
+    from moemesh.attn_node.experts.replica_routes import ExpertsUnservable
+    from moemesh.control.servability import judge
+
+    seen = []
+    verdicts = {"unservable": judge({1: [4, 5]}, 1, 4, 8), "degraded": judge({1: [4, 5]}, 1, 8, 8)}
+    state = {"now": "unservable"}
+    sb = SwitchableBackend(outlook=lambda current: seen.append(current) or verdicts[state["now"]])
+    a = Fake("a")
+    sb.install(a)
+    generation = sb.generation
+    with pytest.raises(ExpertsUnservable, match="^the mesh cannot serve: no live expert node hosts layer 1: "
+                                                "experts 4-5, and the 1 live") as e:
+        sb.wait_for_change(generation, 30.0)
+    assert seen == [a]  # raised, not timed out: waiting would have returned False after 30 s
+    assert isinstance(e.value, ExpertsUnavailable)  # the engine's step catches it as a backend error
+    state["now"] = "degraded"
+    assert sb.wait_for_change(generation, 0.05) is False  # it waited (and timed out): a re-plan can come
+    b = Fake("b")
+    sb.install(b)
+    state["now"] = "unservable"
+    assert sb.wait_for_change(generation, 1.0) is True  # a newer backend is in place: no verdict asked
+    assert seen == [a, a]
