@@ -81,7 +81,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
     record = NodeRecord(
         node_id, "expert", advertise_address(host, bound, advertise), "loading", experts={}, tls=tls is not None,
         capacity=Capacity(moe_layers=tuple(cfg.moe_layers), n_routed_experts=cfg.n_routed_experts,
-                          slots=slots or cfg.n_routed_experts, checkpoint=checkpoint),
+                          slots=slots, checkpoint=checkpoint),
         # The rendezvous: where torch pair groups meet.
         torch_store=None if torch_transport is None else torch_transport.store_address)
     await reg.register(record)

@@ -24,8 +24,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "says what to host")
     flags.add_node_args(p, "expert")
     p.add_argument("--slots", type=positive_int, default=None,
-                   help="experts per MoE layer this node can hold (default: all of them); the router replicates "
-                   "experts into spare slots")
+                   help="experts per MoE layer this node can hold, at most (its memory budget). Default: no "
+                   "limit of its own; the router sizes every node's slots so that losing any one expert node "
+                   "leaves every expert a replica (min(E, ceil(2E/N)) for N live nodes, plus a tenth of the even "
+                   "share for hot replicas), so a node may be asked to hold more after another is lost")
     p.add_argument("--max-batched-tokens", type=positive_int, default=DEFAULT_MAX_BATCHED_TOKENS, metavar="T",
                    help="the largest step (tokens) of the attention nodes it serves: sizes the largest Dispatch "
                    "message taken (T x hidden x 4 bytes, plus ids and weights and 1 MiB); larger ones are refused "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import signal
 import sys
@@ -25,8 +24,6 @@ from pathlib import Path
 from moemesh.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from moemesh.cli import flags
 from moemesh.wire.limits import DEFAULT_MAX_BATCHED_TOKENS
-
-SPARE_SLOTS = 1.25  # default expert slots: the even share plus 25% room for replicas of hot experts
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -56,8 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout", type=positive_float, default=300.0,
                    help="seconds to wait for every process to be ready (default: 300)")
     p.add_argument("--expert-slots", type=positive_int, default=None, metavar="S",
-                   help="experts per MoE layer each expert node can hold (default: the even share plus 25%%, "
-                   "room for replicas of hot experts)")
+                   help="experts per MoE layer each expert node can hold (default: enough that losing any one "
+                   "expert node leaves every expert a replica, min(E, ceil(2E/N)), plus a tenth of the even share "
+                   "for hot replicas; fewer saves memory but one node loss then stops service)")
     p.add_argument("--rebalance-interval", type=non_negative_float, default=30.0, metavar="S",
                    help="the router re-plans expert placement on measured loads every S seconds; 0 = only when "
                    "expert nodes join or leave (default: 30)")
@@ -117,10 +115,27 @@ def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
 
 
 def expert_slots(n_experts: int, expert_nodes: int, requested: int | None) -> int:
-    """``--expert-slots``, or the even share plus 25% (at most every expert)."""
+    """``--expert-slots`` (at most every expert), or the default that survives one expert-node loss."""
+    from moemesh.control.placement import default_expert_slots
+
     if requested is not None:
         return min(requested, n_experts)
-    return min(n_experts, math.ceil(SPARE_SLOTS * n_experts / expert_nodes))
+    return default_expert_slots(n_experts, expert_nodes)
+
+
+def loss_warning(n_experts: int, expert_nodes: int, slots: int, replicate: bool) -> str | None:
+    """What ``moemesh up`` says when one expert-node loss would stop service; None when it is survived."""
+    from moemesh.control.placement import loss_survivable, survivable_slots
+
+    if expert_nodes == 1:
+        return "one expert node: its loss stops service (start --expert-nodes 2 or more to survive one)"
+    if not replicate:
+        return "--no-replicas: each expert has one replica, so one expert-node loss stops service"
+    if not loss_survivable(n_experts, expert_nodes, slots):
+        return (f"--expert-slots {slots} on {expert_nodes} expert nodes ({n_experts} experts per MoE layer): one "
+                f"expert-node loss stops service; surviving it needs >= {survivable_slots(n_experts, expert_nodes)} "
+                "slots (the default)")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from moemesh.launch.etcd_server import EtcdServer, secure_etcd
     from moemesh.launch.mesh_processes import DEFAULT_MAX_EXPERT_NODES, ProcessMesh, serve_control
     from moemesh.launch.procs import stop_all
+    from moemesh.logs import get_logger
     from moemesh.model.config import ModelConfig
 
     started = time.monotonic()
@@ -151,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
     etcd = EtcdServer(data_dir=work / "etcd", client_port=args.etcd_port, tls=secured and secured.tls,
                       root_password=secured and secured.credentials.password)
     slots = expert_slots(cfg.n_routed_experts, args.expert_nodes, args.expert_slots)
+    warning = loss_warning(cfg.n_routed_experts, args.expert_nodes, slots, not args.no_replicas)
+    if warning:
+        print(f"moemesh up: warning: {warning}", file=sys.stderr, flush=True)
+        get_logger("moemesh.up").warning("expert_node_loss_not_survivable", detail=warning)
 
     def expert_args(name: str) -> list[str]:
         return ["expert-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags, "--cluster", args.cluster,
@@ -177,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
                           "etcd_tls": secured is not None,
                           **({"etcd_password_file": secured.credentials.password_file} if secured else {}),
                           "control": f"{args.host}:{control_port}", "attn_nodes": args.attn_nodes,
-                          "expert_nodes": args.expert_nodes, "expert_slots": slots, "model": model,
+                          "expert_nodes": args.expert_nodes, "expert_slots": slots,
+                          "expert_node_loss": "NOT survivable" if warning else "survivable", "model": model,
                           "logs": str(log_dir), "seconds": round(time.monotonic() - started, 2)}), flush=True)
         reported: set[str] = set()
         while not stop.wait(0.5):
