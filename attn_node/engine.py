@@ -23,6 +23,7 @@ from moemesh.errors import InvalidRequestError, MoemeshError
 from moemesh.expert_backend import ExpertBackend, ExpertBackendError, require_backend
 from moemesh.logs import get_logger
 from moemesh.sampling import SamplingParams
+from moemesh.text import shorten
 
 from .block_manager import BlockManager
 from .model import Transformer
@@ -107,7 +108,7 @@ class Engine:
         arrival = next(self._arrivals)
         request_id = request_id or f"req-{arrival}"
         if request_id in self._seqs:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {shorten(request_id)!r} is already in use")
         seq = Sequence(request_id, list(prompt_ids), params, arrival)
         if not params.greedy:
             seq.generator = torch.Generator(device=self.device)  # draws happen where the logits are

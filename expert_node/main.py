@@ -17,9 +17,10 @@ from moemesh.wire.health_port import start_health_port
 from moemesh.wire.status import abort
 from moemesh.logs import get_logger
 from moemesh.control.placement import parse_expert_spec
+from moemesh.wire.limits import DEFAULT_MAX_BATCHED_TOKENS
 
 from .loader import default_fused_moe, load_expert_shard
-from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, dispatch_server, shut_down
+from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, dispatch_server, message_limit, shut_down
 
 log = get_logger("moemesh.expert_node")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -27,10 +28,13 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_timeout_s: float = 30.0,
                 tls=None, health_port: int | None = None, transport: str = "grpc", torch_port: int = 0, *,
-                device: torch.device | str = "cpu", keep_fp8: bool = False) -> None:
+                device: torch.device | str = "cpu", keep_fp8: bool = False,
+                max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS) -> None:
     """``device``: where the experts live and compute (resolved by the caller); ``keep_fp8``: FP8 checkpoints'
-    experts stay e4m3 there."""
+    experts stay e4m3 there; ``max_batched_tokens``: the largest step attention nodes send (sizes the message
+    limit)."""
     cfg = ModelConfig.from_dir(model_dir)
+    limit = message_limit(cfg, max_batched_tokens)
     experts = parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -40,7 +44,8 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
     # Bind first (health says NOT_SERVING while weights load), so probes see the node at once.
     service = _LazyService()
     server, bound, health_servicer = dispatch_server(service, host, port, tls,
-                                                     (TORCH_SERVICE_NAME,) if transport == "torch" else ())
+                                                     (TORCH_SERVICE_NAME,) if transport == "torch" else (),
+                                                     max_message_bytes=limit)
     torch_transport = None
     if transport == "torch":  # TorchTransport sessions beside ExpertDispatch (the fallback)
         from moemesh.control.node_ids import advertise_address
@@ -61,7 +66,7 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
         await server.stop(grace=None)
         log.info("stopped", reason="signal during load")
         return
-    service.attach(DispatchService(shard, cfg, checkpoint_fingerprint(model_dir)))
+    service.attach(DispatchService(shard, cfg, checkpoint_fingerprint(model_dir), limit))
     log.info("experts_loaded", bytes=shard.nbytes())
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, SERVING)

@@ -34,9 +34,10 @@ from moemesh.control.records import Capacity, NodeRecord
 from moemesh.wire.health_port import start_health_port
 from moemesh.logs import get_logger
 from moemesh.control.node_ids import advertise_address, default_node_id
+from moemesh.wire.limits import DEFAULT_MAX_BATCHED_TOKENS
 
 from .loader import default_fused_moe, load_experts, new_expert_shard
-from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, dispatch_server, shut_down
+from .server import SERVICE_NAME, TORCH_SERVICE_NAME, DispatchService, dispatch_server, message_limit, shut_down
 from .shard import ExpertShard
 
 log = get_logger("moemesh.expert_node.registered")
@@ -49,10 +50,12 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
                            node_id: str | None = None, slots: int | None = None, advertise: str | None = None,
                            drain_timeout_s: float = 30.0, tls=None, health_port: int | None = None,
                            transport: str = "grpc", torch_port: int = 0, device: torch.device | str = "cpu",
-                           keep_fp8: bool = False, etcd_credentials=None) -> None:
+                           keep_fp8: bool = False, etcd_credentials=None,
+                           max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS) -> None:
     """``device``: where the experts live and compute (resolved by the caller); ``keep_fp8``: FP8 checkpoints'
     experts stay e4m3 there, also those loaded later as placements change; ``etcd_credentials``: an
-    EtcdCredentials for a secured etcd (TLS, auth), or None."""
+    EtcdCredentials for a secured etcd (TLS, auth), or None; ``max_batched_tokens``: the largest step
+    attention nodes send (sizes the message limit)."""
     cfg = ModelConfig.from_dir(model_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,7 +63,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
         loop.add_signal_handler(sig, stop.set)
     shard = new_expert_shard(cfg, dtype, default_fused_moe(device), device=device, keep_fp8=keep_fp8)
     checkpoint = checkpoint_fingerprint(model_dir)
-    service = DispatchService(shard, cfg, checkpoint)
+    service = DispatchService(shard, cfg, checkpoint, message_limit(cfg, max_batched_tokens))
     server, bound, health = dispatch_server(service, host, port, tls,
                                             (TORCH_SERVICE_NAME,) if transport == "torch" else ())
     torch_transport = None
@@ -78,7 +81,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
     record = NodeRecord(
         node_id, "expert", advertise_address(host, bound, advertise), "loading", experts={}, tls=tls is not None,
         capacity=Capacity(moe_layers=tuple(cfg.moe_layers), n_routed_experts=cfg.n_routed_experts,
-                          slots=slots or cfg.n_routed_experts, checkpoint=checkpoint),
+                          slots=slots, checkpoint=checkpoint),
         # The rendezvous: where torch pair groups meet.
         torch_store=None if torch_transport is None else torch_transport.store_address)
     await reg.register(record)

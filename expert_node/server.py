@@ -26,6 +26,7 @@ from moemesh.errors import FailedPreconditionError, InvalidRequestError
 from moemesh.wire.codec import CodecError, from_proto, to_proto
 from moemesh.model.config import ModelConfig
 from moemesh.logs import get_logger
+from moemesh.wire.limits import DEFAULT_MAX_BATCHED_TOKENS, dispatch_message_bytes
 from moemesh.wire.server import create_server
 from moemesh.wire.status import abort
 from moemesh.wire.tls import TLSFiles
@@ -41,13 +42,21 @@ HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INLINE_ASSIGNMENTS = 64  # (row, expert) pairs computed on the event loop itself; more go to the worker thread
 
 
+def message_limit(cfg: ModelConfig, max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS) -> int:
+    """The node's message limit: one MoE layer's rows of the largest step an attention node sends (one message
+    per node per layer, at most ``max_batched_tokens`` rows), in the widest hidden dtype it accepts."""
+    return dispatch_message_bytes(max_batched_tokens, cfg.hidden_size, cfg.num_experts_per_tok)
+
+
 class BadRequest(InvalidRequestError):
     """A Dispatch message that cannot be served; the message says why."""
 
 
 class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
-    def __init__(self, shard: ExpertShard, cfg: ModelConfig, checkpoint: str = ""):
+    def __init__(self, shard: ExpertShard, cfg: ModelConfig, checkpoint: str = "", max_message_bytes: int | None = None):
         self.shard, self.cfg = shard, cfg
+        # its server's limit (default: steps of the attention nodes' default size), told to senders in Info
+        self.max_message_bytes = max_message_bytes or message_limit(cfg)
         shard.strict = True  # see ExpertShard.strict
         self.checkpoint = checkpoint  # fingerprint of the checkpoint served (Info; attention nodes compare)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
@@ -145,6 +154,7 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
             tokens_computed=self.tokens_computed,
             placement_version=self.placement_version,
             checkpoint=self.checkpoint,
+            max_message_bytes=self.max_message_bytes,
         )
 
 
@@ -214,10 +224,14 @@ def handlers(service) -> grpc.GenericRpcHandler:
 
 
 def dispatch_server(service: DispatchService, host: str = "127.0.0.1", port: int = 0, tls: TLSFiles | None = None,
-                    also_reflect: tuple[str, ...] = ()) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
+                    also_reflect: tuple[str, ...] = (), *, max_message_bytes: int | None = None
+                    ) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
     """The ExpertDispatch server (see :func:`moemesh.wire.server.create_server`); returns (server, port, health).
 
     ``also_reflect``: full names of services the caller adds before starting it (e.g. TorchTransport).
+    ``max_message_bytes``: :func:`message_limit` of the model and step (default: the service's); a larger
+    message gets RESOURCE_EXHAUSTED (that stream ends, the node keeps serving).
     """
     return create_server("expert", lambda server: server.add_generic_rpc_handlers((handlers(service),)),
-                         (SERVICE_NAME, *also_reflect), host, port, tls=tls)
+                         (SERVICE_NAME, *also_reflect), host, port, tls=tls,
+                         max_message_bytes=max_message_bytes or service.max_message_bytes)

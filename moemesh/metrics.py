@@ -1,4 +1,4 @@
-"""Prometheus metrics shared by every role; each process serves them with ``--metrics-port``.
+"""Prometheus metrics shared by every role; each process serves them with ``--metrics-port``, on its ``--host``.
 
 Names follow Prometheus conventions (``_total``, ``_seconds``); a ``role`` label
 tells router, attention and expert processes apart when scraped together.
@@ -33,7 +33,13 @@ EXPERT_TOKENS = Counter("moemesh_expert_tokens_total", "Routed (token, expert) a
 EXPERT_MESSAGES = Counter("moemesh_expert_messages_total", "Dispatch messages served, by outcome", ["outcome"])
 
 
-def serve_metrics(port: int | None, host: str = "0.0.0.0") -> None:
-    """Expose /metrics over HTTP on ``port`` (None: off)."""
-    if port is not None:
-        start_http_server(port, addr=host)
+def serve_metrics(port: int | None, host: str = "127.0.0.1"):
+    """Expose /metrics over HTTP on ``host:port`` (None: off); returns the HTTP server (None when off).
+
+    ``host`` is the process's ``--host``: metrics are reachable where its service is, no wider (a node on
+    127.0.0.1 does not publish them to the network; deployments that scrape from outside pass --host 0.0.0.0).
+    """
+    if port is None:
+        return None
+    server, _thread = start_http_server(port, addr=host)
+    return server

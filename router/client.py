@@ -53,6 +53,7 @@ from google.protobuf import json_format
 from moemesh.errors import MoemeshError
 from moemesh.sampling import SamplingParams
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
+from moemesh.wire.limits import ROUTER_MAX_MESSAGE_BYTES
 from moemesh.wire.requests import sampling_to_proto
 from moemesh.wire.status import no_retry, trailing_metadata
 
@@ -69,7 +70,7 @@ __all__ = [
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 MAX_BACKOFF_S = 5.0
 BACKOFF_JITTER = 0.2
-MAX_MESSAGE_BYTES = 64 << 20
+MAX_MESSAGE_BYTES = ROUTER_MAX_MESSAGE_BYTES  # the router takes no more (moemesh/wire/limits.py)
 # Set explicitly rather than trusting library defaults. Keepalive pings only while a call is in flight (a long
 # prefill can keep a stream silent) and at most 2 without data, so servers with gRPC's default ping policy
 # never answer GOAWAY too_many_pings. Reconnect backoff is kept short so a restarted router is found quickly

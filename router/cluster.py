@@ -26,7 +26,8 @@ What expert node records must carry for this (``capacity``)::
 
     {"moe_layers": [1, 2, ...],   # the model's MoE layer indices (ModelConfig.moe_layers)
      "n_routed_experts": 64,      # routed experts per MoE layer
-     "slots": 16,                 # optional: experts per MoE layer the node can host; enables replicas
+     "slots": 16,                 # optional: experts per MoE layer the node can host; without it the leader
+                                  # sizes slots so one node loss is survived (placement.default_expert_slots)
      "checkpoint": "9f2c..."}     # optional: moemesh.model.checkpoint.checkpoint_fingerprint of its model
 
 Nodes that disagree on ``moe_layers``/``n_routed_experts``/``checkpoint`` get no placement (logged once).
@@ -42,6 +43,7 @@ from dataclasses import dataclass, replace
 
 from moemesh.control.cluster_view import ClusterView
 from moemesh.control.etcd import Registry, RegistryError
+from moemesh.control.placement import default_expert_slots
 from moemesh.control.events import ClusterEvent, NodeChanged, NodeDown, NodeUp
 from moemesh.control.records import NodeRecord
 from moemesh.control.servability import Servability, live_expert_nodes, min_slots, placement_servability
@@ -242,7 +244,7 @@ class ControlPlane:
         reason = decision.reason
         observed, reporting = await self.fetch_loads()
         loads = loads_matrix(observed, moe_layers, n_experts)
-        slots = min_slots(experts) or n_experts
+        slots = min_slots(experts) or default_expert_slots(n_experts, len(node_ids))
         previous = previous_holders(current, moe_layers, n_experts, node_ids)
         try:
             plan = self._plan(loads, len(node_ids), min(slots, n_experts), previous, decision.min_gain)

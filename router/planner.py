@@ -5,6 +5,8 @@ Glossary (one vocabulary with ``moemesh.control.placement``):
 * **logical expert**: expert id ``e`` of one MoE layer (E of them per layer);
 * **replica** (physical expert): one copy of a logical expert's weights on one expert node; every logical
   expert has >= 1 replica, never two on the same node;
+* **redundancy floor**: when the slots allow (N >= 2 and N*S >= 2E) every logical expert has >= 2 replicas,
+  so losing any one node leaves each expert a replica (``moemesh.control.placement.survivable_slots``);
 * **slot**: room for one replica on a node, per MoE layer; every node has S slots (N nodes, N*S >= E);
   the N*S - E spare slots take **redundant** replicas of hot experts;
 * **share**: the fraction of a logical expert's tokens one of its replicas takes (shares of an expert sum to 1);
@@ -15,7 +17,8 @@ Glossary (one vocabulary with ``moemesh.control.placement``):
 
 Algorithm, per layer:
 
-1. *Replicate*: give the spare slots one at a time to the expert with the highest load per replica
+1. *Replicate*: every expert starts with the redundancy floor's replicas (2 when the slots allow, else 1);
+   give the remaining spare slots one at a time to the expert with the highest load per replica
    (ties: lower expert id), at most N replicas per expert, never to an expert with zero load.
 2. *Pack*: replicas in order of load per replica (hottest first, ties by expert id) go to the least loaded node
    (ties: lower node index) that has a free slot and does not hold the expert yet. If every node with a free slot
@@ -24,11 +27,12 @@ Algorithm, per layer:
 3. *Shares*: water-fill each replicated expert's load over its nodes given the other experts' loads, sweeping
    until nothing changes. This is block coordinate descent on the sum of squared node loads, whose minimum also
    minimises the maximum node load for this kind of (transportation) problem.
-4. The plan without redundant replicas is computed too; the replicated plan is used unless it is worse
+4. The plan with only the floor's replicas is computed too; the replicated plan is used unless it is worse
    (so replication is never worse than none).
 
 With a previous placement (experts whose nodes all left are first put into free slots), its replicas are kept and
-only their shares are re-balanced (step 3), unless the fresh
+only their shares are re-balanced (step 3), unless it is below the redundancy floor (e.g. a node left, or
+joined so that the slots now allow two replicas each: a fresh plan then restores redundancy) or the fresh
 plan's balancedness exceeds the kept one's by more than ``min_gain`` (default 0.02, in balancedness units): moving
 weights is the expensive part, shares are free. A fresh plan replacing a previous one has its nodes relabelled to
 overlap the previous placement as much as possible (nodes are interchangeable in a fresh plan), so it moves as
@@ -207,9 +211,15 @@ def _check_previous(previous: Sequence[Sequence[Sequence[int]]], n_layers: int, 
 # ----------------------------------------------------------------------------------------------- algorithm
 
 
+def redundancy_floor(n_experts: int, n_nodes: int, slots_per_node: int, replicate: bool = True) -> int:
+    """Replicas every expert gets before hot replicas: 2 on distinct nodes when the slots allow it (one node
+    loss then leaves each expert a replica), else 1; 1 with ``replicate=False``."""
+    return 2 if replicate and n_nodes >= 2 and n_nodes * slots_per_node >= 2 * n_experts else 1
+
+
 def _replica_counts(loads: Sequence[float], n_nodes: int, slots_per_node: int) -> list[int]:
-    counts = [1] * len(loads)
-    for _ in range(min(n_nodes * slots_per_node, n_nodes * len(loads)) - len(loads)):
+    counts = [redundancy_floor(len(loads), n_nodes, slots_per_node)] * len(loads)
+    for _ in range(min(n_nodes * slots_per_node, n_nodes * len(loads)) - sum(counts)):
         best = None
         for e, load in enumerate(loads):
             if counts[e] < n_nodes and load > 0 and (best is None or load / counts[e] > loads[best] / counts[best]):
@@ -349,7 +359,8 @@ def _repair(loads: Sequence[float], previous: Holders, n_nodes: int, slots_per_n
 
 def _plan_layer(loads: Sequence[float], n_nodes: int, slots_per_node: int, previous: Holders | None,
                 min_gain: float, replicate: bool = True) -> LayerPlan:
-    fresh = _pack(loads, [1] * len(loads), n_nodes, slots_per_node)
+    floor = redundancy_floor(len(loads), n_nodes, slots_per_node, replicate)
+    fresh = _pack(loads, [floor] * len(loads), n_nodes, slots_per_node)
     result = _evaluate(loads, fresh, n_nodes)
     if replicate:
         replicated = _pack(loads, _replica_counts(loads, n_nodes, slots_per_node), n_nodes, slots_per_node)
@@ -358,6 +369,8 @@ def _plan_layer(loads: Sequence[float], n_nodes: int, slots_per_node: int, previ
             fresh, result = replicated, replicated_result
     holders, kept = fresh, False
     keep = None if previous is None else _repair(loads, previous, n_nodes, slots_per_node)
+    if keep is not None and min(len(nodes) for nodes in keep) < floor:
+        keep = None  # below the redundancy floor: one more loss would stop service, so re-plan afresh
     if previous is not None and keep is None:
         holders = _relabel(fresh, previous, n_nodes)
         result = _evaluate(loads, holders, n_nodes)

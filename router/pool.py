@@ -16,6 +16,7 @@ import grpc
 
 from moemesh.control.cluster_view import ClusterView
 from moemesh.control.records import NodeRecord
+from moemesh.wire.limits import client_options
 from moemesh.wire.tls import TLSFiles, channel as tls_channel
 from moemesh.logs import get_logger
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc
@@ -24,17 +25,7 @@ from .selection import NodeLoad, rank_nodes
 
 log = get_logger("moemesh.router.pool")
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 16 << 20),
-    ("grpc.max_send_message_length", 16 << 20),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # a restarted node should be reachable again within a second, not after gRPC's long backoff
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
+CHANNEL_OPTIONS = client_options("attn")  # sizes, keepalive, fast reconnect: moemesh/wire/limits.py
 
 
 class AttentionPool:

@@ -45,6 +45,7 @@ from moemesh.model.config import ModelConfig
 from moemesh.expert_backend import ExpertBackendError, StaticExpertBackend
 from moemesh.logs import get_logger
 from moemesh.control.placement import Placement, describe_missing
+from moemesh.wire.limits import EXPERT_CLIENT_MAX_BYTES, client_options, dispatch_rows_within
 from moemesh.wire.tls import TLSFiles
 from moemesh.wire.tls import channel as tls_channel
 from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc
@@ -53,13 +54,7 @@ from .replica_routes import ExpertsUnavailable, ReplicaRoutes
 
 log = get_logger("moemesh.attn_node.remote")
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 256 << 20),
-    ("grpc.max_send_message_length", 256 << 20),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
+CHANNEL_OPTIONS = client_options("expert")  # sizes and keepalive: moemesh/wire/limits.py
 
 
 
@@ -68,6 +63,24 @@ class NodeFailure(Exception):
     def __init__(self, address: str, reason: str):
         super().__init__(f"expert node {address}: {reason}")
         self.address = address
+
+
+def _gather(whole: Future, parts: list[Future]) -> None:
+    """``whole`` resolves to the parts' rows in order once every part has, or to the first part's failure."""
+    lock = threading.Lock()  # parts resolve on the reader thread, and fail() may fail them from another
+
+    def done(_: Future) -> None:
+        with lock:
+            if whole.done():
+                return
+            failed = next((p for p in parts if p.done() and p.exception() is not None), None)
+            if failed is not None:
+                whole.set_exception(failed.exception())
+            elif all(p.done() for p in parts):
+                whole.set_result(torch.cat([p.result() for p in parts]))  # [n, D] on the link's device
+
+    for part in parts:
+        part.add_done_callback(done)
 
 
 def _copy_done(device: torch.device) -> None:
@@ -160,6 +173,8 @@ class NodeLink:
         self.device = torch.device(device)
         self._staging = HostStaging(self.device) if self.device.type != "cpu" else None
         self.failure: str | None = None
+        # the largest message sent: this channel's limit until Info tells the node's own (set by info())
+        self.max_message_bytes = EXPERT_CLIENT_MAX_BYTES
         self._channel = tls_channel(address, tls, CHANNEL_OPTIONS)
         try:
             _wait_serving(self._channel, address, connect_timeout_s)
@@ -175,32 +190,45 @@ class NodeLink:
         threading.Thread(target=self._read, name=f"dispatch-{address}", daemon=True).start()
 
     def info(self, timeout_s: float = 10.0) -> dispatch_pb2.InfoResponse:
-        return self.stub.Info(dispatch_pb2.InfoRequest(), timeout=timeout_s)
+        """The node's Info; its message limit (0: a node that does not say) bounds the messages sent after."""
+        info = self.stub.Info(dispatch_pb2.InfoRequest(), timeout=timeout_s)
+        if info.max_message_bytes:
+            self.max_message_bytes = min(info.max_message_bytes, EXPERT_CLIENT_MAX_BYTES)
+        return info
 
     def send(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int,
              trim: bool = False) -> Future:
         """Send rows of ``x`` with their ids and weights; the future's result is the partial rows, on ``device``.
 
         ``trim``: send only the leading rows up to the last one with work (the backend puts those first); the
-        result has that many rows, and with none no message is sent."""
+        result has that many rows, and with none no message is sent. Rows beyond the node's message limit (a
+        step larger than its --max-batched-tokens) go in several messages, their replies joined in order."""
         fut: Future = Future()
         with _Staged(self._staging, (x, idx, w)) as (hx, hidx, hw):
             n = rows_with_work(hidx.numpy()) if trim else x.shape[0]
-            fut.expected_shape = (n, x.shape[1])  # a reply of any other shape fails the link, not the engine
             if n == 0:
                 fut.set_result(torch.zeros((0, x.shape[1]), dtype=x.dtype, device=x.device))
                 return fut
+            step = dispatch_rows_within(self.max_message_bytes, x.shape[1], idx.shape[1], x.element_size())
             # encoded inside the with: the host views live in the reusable staging buffer
-            req = dispatch_pb2.DispatchRequest(layer=layer, hidden=to_proto(hx[:n]), topk_idx=to_proto(hidx[:n]),
-                                               topk_weights=to_proto(hw[:n]), placement_version=version)
-        msg_id = next(self._ids)
-        req.id = msg_id
+            cuts = [(a, min(a + step, n)) for a in range(0, n, step)]
+            reqs = [dispatch_pb2.DispatchRequest(layer=layer, hidden=to_proto(hx[a:b]), topk_idx=to_proto(hidx[a:b]),
+                                                 topk_weights=to_proto(hw[a:b]), placement_version=version)
+                    for a, b in cuts]
+        parts = [fut] if len(reqs) == 1 else [Future() for _ in reqs]
+        for (a, b), part in zip(cuts, parts):
+            part.expected_shape = (b - a, x.shape[1])  # a reply of any other shape fails the link, not the engine
+        if len(parts) > 1:
+            _gather(fut, parts)
         with self._lock:
             if self.failure is not None:
                 fut.set_exception(NodeFailure(self.address, self.failure))
                 return fut
-            self._pending[msg_id] = fut
-        self._outbox.put(req)
+            for req, part in zip(reqs, parts):
+                req.id = next(self._ids)
+                self._pending[req.id] = part
+        for req in reqs:
+            self._outbox.put(req)
         return fut
 
     def _requests(self):

@@ -121,6 +121,7 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
     transports = ["grpc"] if getattr(args, "transport", "grpc") == "grpc" else ["grpc", args.transport]
     extra = [] if transports == ["grpc"] else ["--transport", "torch"]  # such nodes serve both
     extra += ["--device", args.device, "--dtype", args.dtype, "--fp8", args.fp8]  # the experts where attention is
+    extra += ["--max-batched-tokens", str(args.max_batched_tokens)]  # steps in one message, as in a mesh
     with tempfile.TemporaryDirectory() as logs:
         nodes = spawn_expert_nodes(args.model, specs, log_dir=logs, extra_args=extra)
         try:

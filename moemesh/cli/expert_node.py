@@ -8,6 +8,7 @@ from moemesh.argtypes import positive_int
 from moemesh.cli import flags
 from moemesh.cli.flags import UsageError
 from moemesh.wire.identity import read_role_tokens, use_tokens
+from moemesh.wire.limits import DEFAULT_MAX_BATCHED_TOKENS
 from moemesh.wire.tls import TLSFiles
 
 
@@ -24,8 +25,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "says what to host")
     flags.add_node_args(p, "expert")
     p.add_argument("--slots", type=positive_int, default=None,
-                   help="experts per MoE layer this node can hold (default: all of them); the router replicates "
-                   "experts into spare slots")
+                   help="experts per MoE layer this node can hold, at most (its memory budget). Default: no "
+                   "limit of its own; the router sizes every node's slots so that losing any one expert node "
+                   "leaves every expert a replica (min(E, ceil(2E/N)) for N live nodes, plus a tenth of the even "
+                   "share for hot replicas), so a node may be asked to hold more after another is lost")
+    p.add_argument("--max-batched-tokens", type=positive_int, default=DEFAULT_MAX_BATCHED_TOKENS, metavar="T",
+                   help="the largest step (tokens) of the attention nodes it serves: sizes the largest Dispatch "
+                   "message taken (T x hidden x 4 bytes, plus ids and weights and 1 MiB); larger ones are refused "
+                   "with RESOURCE_EXHAUSTED, and attention nodes split theirs to fit (default: "
+                   f"{DEFAULT_MAX_BATCHED_TOKENS}, the attention nodes' default)")
     flags.add_device_args(p, "expert weight")
     flags.add_transport_arg(p, "expert")
     p.add_argument("--torch-port", type=int, default=0, metavar="P",
@@ -52,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
     if args.auth_tokens:
         use_tokens(read_role_tokens(args.auth_tokens), "expert")
+    from moemesh.expert_node.server import message_limit
+
+    message_limit(cfg, args.max_batched_tokens)  # a step too large for gRPC fails here, before loading
     if args.experts is None:
         if args.etcd is None:
             raise UsageError("give --experts SPEC (a fixed shard) or --etcd HOST:PORT (the router's placement)")
@@ -61,10 +72,11 @@ def run(args: argparse.Namespace) -> int:
                                      node_id=args.node_id, slots=args.slots, advertise=args.advertise_host,
                                      tls=tls, health_port=args.health_port, transport=args.transport,
                                      torch_port=args.torch_port, device=device, keep_fp8=keep,
-                                     etcd_credentials=flags.etcd_credentials(args)))
+                                     etcd_credentials=flags.etcd_credentials(args),
+                                     max_batched_tokens=args.max_batched_tokens))
         return 0
     parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
     asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype, tls=tls,
                       health_port=args.health_port, transport=args.transport, torch_port=args.torch_port,
-                      device=device, keep_fp8=keep))
+                      device=device, keep_fp8=keep, max_batched_tokens=args.max_batched_tokens))
     return 0

@@ -10,6 +10,7 @@ import argparse
 from moemesh.argtypes import positive_float, positive_int, seed
 from moemesh.devices import DEVICE_HELP, DTYPE_CHOICES, FP8_MODES, device_arg
 from moemesh.errors import MoemeshError
+from moemesh.wire.limits import DEFAULT_MAX_BATCHED_TOKENS
 
 EXIT_USAGE = 2
 
@@ -126,11 +127,13 @@ def add_auth_tokens_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_metrics_arg(p: argparse.ArgumentParser) -> None:
+    """--metrics-port and --health-port; both listen on the command's --host (every command with them has one)."""
     p.add_argument("--metrics-port", type=int, default=None, metavar="P",
-                   help="serve Prometheus metrics at http://0.0.0.0:P/metrics (default: off)")
+                   help="serve Prometheus metrics at http://HOST:P/metrics, HOST being --host: reachable from "
+                   "outside only with --host 0.0.0.0 (default: off)")
     p.add_argument("--health-port", type=int, default=None, metavar="P",
-                   help="also serve grpc.health.v1 alone, in plaintext, on P: for probes that cannot do (m)TLS, "
-                   "such as Kubernetes' native gRPC probes (default: off)")
+                   help="also serve grpc.health.v1 alone, in plaintext, on --host:P: for probes that cannot do "
+                   "(m)TLS, such as Kubernetes' native gRPC probes (default: off)")
 
 
 TRANSPORTS = ("grpc", "torch")
@@ -171,8 +174,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int, default=16, help="KV cache block size in tokens (default: 16)")
     p.add_argument("--max-num-seqs", type=positive_int, default=64,
                    help="sequences in the running batch at most (default: 64)")
-    p.add_argument("--max-batched-tokens", type=positive_int, default=512,
-                   help="tokens computed per step at most; longer prompts are prefilled in chunks (default: 512)")
+    p.add_argument("--max-batched-tokens", type=positive_int, default=DEFAULT_MAX_BATCHED_TOKENS,
+                   help="tokens computed per step at most; longer prompts are prefilled in chunks. Expert nodes "
+                   "take steps up to their own --max-batched-tokens in one message; larger ones are split "
+                   f"(default: {DEFAULT_MAX_BATCHED_TOKENS})")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"],
                    help="auto = Triton kernels on CUDA, plain-torch references on CPU; triton forces the kernels "
                    "(on CPU set TRITON_INTERPRET=1 to run them in Triton's interpreter, slowly) (default: auto)")

@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "metrics_port", None) is not None:
             from moemesh.metrics import serve_metrics
 
-            serve_metrics(args.metrics_port)
+            serve_metrics(args.metrics_port, args.host)  # the node's --host: no wider than its service
         return COMMANDS[args.command].run(args)
     except (ConfigError, MoemeshError, ValueError, OSError) as exc:
         print(f"moemesh {args.command}: error: {exc}", file=sys.stderr)

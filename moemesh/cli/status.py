@@ -6,6 +6,7 @@ import argparse
 import json
 
 from moemesh.cli import flags
+from moemesh.control.placement import describe_exposure, loss_exposure
 from moemesh.cli.query import client_for, fail
 from moemesh.router import MeshError
 
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     except MeshError as exc:
         return fail("status", exc)
     if args.json:
-        print(json.dumps(status))
+        print(json.dumps({**status, "expert_node_loss": expert_node_loss(status)}))
         return 0
     print(format_status(status))
     return 0
@@ -47,6 +48,8 @@ def format_status(status: dict) -> str:
         worst = min(b["balancedness"] for b in balance)
         per_layer = " ".join(f"{b['layer']}:{b['balancedness']:.3f}" for b in balance)
         lines.append(f"  balancedness (mean/max node load) worst {worst:.3f}; by layer {per_layer}")
+    if any(n.get("role") == "expert" for n in status.get("nodes", [])):
+        lines.append(f"  one expert-node loss: {expert_node_loss(status)}")
     computed = sum(int(n.get("tokens_computed", 0)) for n in status.get("nodes", []) if n.get("role") == "expert")
     for node in status.get("nodes", []):
         if node.get("role") == "attn":
@@ -61,3 +64,11 @@ def format_status(status: dict) -> str:
         lines.append(f"  {node.get('role', '?'):6} {node.get('id', '?'):24} {node.get('address', '?'):22} "
                      f"{node.get('status', '?'):9} v{node.get('placement_version', 0):<4} {load}")
     return "\n".join(lines)
+
+
+def expert_node_loss(status: dict) -> str:
+    """Whether losing any one serving expert node leaves every expert it hosts a replica on another, from what
+    the nodes serve now: ``survivable`` or ``NOT survivable (losing N would lose layer L: experts ...)``."""
+    serving = {n.get("id", "?"): {int(le.get("layer", 0)): le.get("experts", []) for le in n.get("experts", [])}
+               for n in status.get("nodes", []) if n.get("role") == "expert" and n.get("status") == "ready"}
+    return describe_exposure(loss_exposure(serving))

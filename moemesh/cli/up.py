@@ -26,8 +26,7 @@ from pathlib import Path
 
 from moemesh.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from moemesh.cli import flags
-
-SPARE_SLOTS = 1.25  # default expert slots: the even share plus 25% room for replicas of hot experts
+from moemesh.wire.limits import DEFAULT_MAX_BATCHED_TOKENS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -58,8 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout", type=positive_float, default=300.0,
                    help="seconds to wait for every process to be ready (default: 300)")
     p.add_argument("--expert-slots", type=positive_int, default=None, metavar="S",
-                   help="experts per MoE layer each expert node can hold (default: the even share plus 25%%, "
-                   "room for replicas of hot experts)")
+                   help="experts per MoE layer each expert node can hold (default: enough that losing any one "
+                   "expert node leaves every expert a replica, min(E, ceil(2E/N)), plus a tenth of the even share "
+                   "for hot replicas; fewer saves memory but one node loss then stops service)")
     p.add_argument("--rebalance-interval", type=non_negative_float, default=30.0, metavar="S",
                    help="the router re-plans expert placement on measured loads every S seconds; 0 = only when "
                    "expert nodes join or leave (default: 30)")
@@ -67,6 +67,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dispatch-timeout", type=positive_float, default=30.0, metavar="S",
                    help="seconds an expert node may take per MoE layer before the attention nodes send its rows "
                    "to a replica (default: 30)")
+    p.add_argument("--max-expert-nodes", type=positive_int, default=None, metavar="N",
+                   help="expert nodes the mesh runs at most: MeshControl refuses to add more (default: 8, or "
+                   "--expert-nodes if more)")
+    p.add_argument("--max-batched-tokens", type=positive_int, default=DEFAULT_MAX_BATCHED_TOKENS, metavar="T",
+                   help="tokens per engine step at most, on every attention node; expert nodes size their "
+                   f"message limit for it (default: {DEFAULT_MAX_BATCHED_TOKENS})")
     p.add_argument("--control-port", type=int, default=0,
                    help="port of the MeshControl service that adds and removes expert nodes while the mesh runs "
                    "(`moemesh mesh`); 0 picks one, printed as \"control\" in the ready line (default: 0)")
@@ -150,23 +156,44 @@ def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
 
 
 def expert_slots(n_experts: int, expert_nodes: int, requested: int | None) -> int:
-    """``--expert-slots``, or the even share plus 25% (at most every expert)."""
+    """``--expert-slots`` (at most every expert), or the default that survives one expert-node loss."""
+    from moemesh.control.placement import default_expert_slots
+
     if requested is not None:
         return min(requested, n_experts)
-    return min(n_experts, math.ceil(SPARE_SLOTS * n_experts / expert_nodes))
+    return default_expert_slots(n_experts, expert_nodes)
+
+
+def loss_warning(n_experts: int, expert_nodes: int, slots: int, replicate: bool) -> str | None:
+    """What ``moemesh up`` says when one expert-node loss would stop service; None when it is survived."""
+    from moemesh.control.placement import loss_survivable, survivable_slots
+
+    if expert_nodes == 1:
+        return "one expert node: its loss stops service (start --expert-nodes 2 or more to survive one)"
+    if not replicate:
+        return "--no-replicas: each expert has one replica, so one expert-node loss stops service"
+    if not loss_survivable(n_experts, expert_nodes, slots):
+        return (f"--expert-slots {slots} on {expert_nodes} expert nodes ({n_experts} experts per MoE layer): one "
+                f"expert-node loss stops service; surviving it needs >= {survivable_slots(n_experts, expert_nodes)} "
+                "slots (the default)")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     from moemesh.devices import resolve_device
     from moemesh.launch.embedded import ensure_demo_model
     from moemesh.launch.etcd_server import EtcdServer, secure_etcd
-    from moemesh.launch.mesh_processes import ProcessMesh, serve_control
+    from moemesh.launch.mesh_processes import DEFAULT_MAX_EXPERT_NODES, ProcessMesh, serve_control
     from moemesh.launch.procs import stop_all
+    from moemesh.logs import get_logger
     from moemesh.model.config import ModelConfig
     from moemesh.wire.authz import Authenticator
     from moemesh.wire.identity import TokenBook
 
     started = time.monotonic()
+    if args.max_expert_nodes is not None and args.max_expert_nodes < args.expert_nodes:
+        raise flags.UsageError(f"--max-expert-nodes ({args.max_expert_nodes}) must be >= --expert-nodes "
+                               f"({args.expert_nodes})")
     tls = control_tls(args)  # a missing or unreadable certificate directory fails here, before anything starts
     resolve_device(args.device)  # here, not in each child: a missing GPU is one line before anything starts
     model = args.model or str(ensure_demo_model())
@@ -187,13 +214,19 @@ def run(args: argparse.Namespace) -> int:
     etcd = EtcdServer(data_dir=work / "etcd", client_port=args.etcd_port, tls=secured and secured.tls,
                       root_password=secured and secured.credentials.password)
     slots = expert_slots(cfg.n_routed_experts, args.expert_nodes, args.expert_slots)
+    warning = loss_warning(cfg.n_routed_experts, args.expert_nodes, slots, not args.no_replicas)
+    if warning:
+        print(f"moemesh up: warning: {warning}", file=sys.stderr, flush=True)
+        get_logger("moemesh.up").warning("expert_node_loss_not_survivable", detail=warning)
 
     def expert_args(name: str) -> list[str]:
         return ["expert-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags, "--cluster", args.cluster,
-                "--node-id", name, "--slots", str(slots), *_tls_args(args, "expert"), *token_args,
-                *_transport_args(args), *_device_args(args)]
+                "--node-id", name, "--slots", str(slots), "--max-batched-tokens", str(args.max_batched_tokens),
+                *_tls_args(args, "expert"), *token_args, *_transport_args(args), *_device_args(args)]
 
-    mesh = ProcessMesh(log_dir, expert_args, threads=1)  # one thread each: the processes share this machine's cores
+    # one thread each: the processes share this machine's cores
+    mesh = ProcessMesh(log_dir, expert_args, threads=1,
+                       max_experts=max(args.max_expert_nodes or DEFAULT_MAX_EXPERT_NODES, args.expert_nodes))
     control = None
     try:
         etcd.start()
@@ -202,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
         for i in range(args.attn_nodes):
             mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags,
                                              "--cluster", args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
-                                             str(args.dispatch_timeout), *_tls_args(args, "attn"), *token_args,
+                                             str(args.dispatch_timeout), "--max-batched-tokens",
+                                             str(args.max_batched_tokens), *_tls_args(args, "attn"), *token_args,
                                              *_transport_args(args), *_device_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
         control, control_port = serve_control(mesh, args.host, args.control_port, tls=tls,
@@ -212,8 +246,8 @@ def run(args: argparse.Namespace) -> int:
                           **({"etcd_password_file": secured.credentials.password_file} if secured else {}),
                           "control": f"{args.host}:{control_port}", "tls": tls is not None,
                           **({"operator_token_file": str(work / "operator.token")} if tokens else {}),
-                          "attn_nodes": args.attn_nodes,
-                          "expert_nodes": args.expert_nodes, "expert_slots": slots, "model": model,
+                          "attn_nodes": args.attn_nodes, "expert_nodes": args.expert_nodes, "expert_slots": slots,
+                          "expert_node_loss": "NOT survivable" if warning else "survivable", "model": model,
                           "logs": str(log_dir), "seconds": round(time.monotonic() - started, 2)}), flush=True)
         reported: set[str] = set()
         while not stop.wait(0.5):

@@ -69,6 +69,7 @@ import aetcd.watcher
 from moemesh.control.etcd_credentials import EtcdCredentials
 from moemesh.errors import MoemeshError, UnavailableError
 from moemesh.logs import get_logger
+from moemesh.wire.limits import client_options
 
 log = get_logger("moemesh.control.etcd")
 
@@ -266,15 +267,7 @@ class Registry:
             raise ValueError(f"ttl_s and timeout_s must be > 0, got {ttl_s} and {timeout_s}")
         host, port = parse_endpoint(endpoint)
         keys = Keys(cluster)
-        options = {
-            # reconnect quickly after an etcd restart (gRPC's default backoff grows to 120 s)
-            "grpc.initial_reconnect_backoff_ms": 100,
-            "grpc.min_reconnect_backoff_ms": 100,
-            "grpc.max_reconnect_backoff_ms": 1000,
-            # notice a silently dead connection under a long watch; etcd refuses pings < 5 s apart
-            "grpc.keepalive_time_ms": 10_000,
-            "grpc.keepalive_timeout_ms": 5_000,
-        }
+        options = dict(client_options("etcd"))  # sizes, keepalive, fast reconnect: moemesh/wire/limits.py
 
         def new_client() -> aetcd.Client:
             return _new_client(host, port, timeout_s, options, credentials)

@@ -179,3 +179,87 @@ def describe_missing(gaps: Mapping[int, Sequence[int]], max_shown: int = MAX_SHO
         hidden = sum(len(layers) for layers in list(groups.values())[max_shown:])
         parts = parts[:max_shown] + [f"{hidden} more layers"]
     return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- slot sizing
+#
+# A *slot* is room for one replica per MoE layer on an expert node. With E experts per layer on N nodes of S
+# slots, one node's loss is survived when every expert keeps a live replica on another node. Two bounds:
+#
+# * capacity: the N - 1 survivors must be able to hold every expert, S >= ceil(E / (N - 1));
+# * redundancy: every expert already has 2 replicas on distinct nodes, so the loss leaves one serving at once
+#   (no weights to load while requests wait), N * S >= 2E, i.e. S >= ceil(2E / N).
+#
+# For N >= 2, ceil(2E / N) >= ceil(E / (N - 1)), so the redundancy bound implies the capacity one (the
+# survivors' (N - 1) * ceil(2E / N) >= E slots also fit the re-plan that restores redundancy when they can).
+# N = 1 cannot survive its loss whatever its slots: there is no other node.
+
+HOT_MARGIN_PARTS = 10
+"""Extra slots beyond the redundancy bound: a tenth of the even share E / N, rounded up (so >= 1).
+
+Small on purpose: the two replicas every expert has already let the planner move load between two nodes by
+their shares, which balances most skews; the margin gives the hottest experts a third replica. (Before the
+redundancy floor the default was the even share + 25%: then the spare slots were all the balancing there was.)
+"""
+
+
+def survivable_slots(n_experts: int, n_nodes: int) -> int | None:
+    """The fewest slots per node with which losing any one of ``n_nodes`` nodes leaves every expert a replica
+    (``min(E, ceil(2E / N))``); None for one node, whose loss nothing survives."""
+    _check_sizing(n_experts, n_nodes)
+    if n_nodes == 1:
+        return None
+    return min(n_experts, -(-2 * n_experts // n_nodes))
+
+
+def default_expert_slots(n_experts: int, n_nodes: int) -> int:
+    """Slots per expert node by default: :func:`survivable_slots` plus a tenth (:data:`HOT_MARGIN_PARTS`) of the
+    even share,
+    at most every expert; one node holds every expert (and cannot survive its loss)."""
+    floor = survivable_slots(n_experts, n_nodes)
+    if floor is None:
+        return n_experts
+    return min(n_experts, floor - (-n_experts // (HOT_MARGIN_PARTS * n_nodes)))  # integer ceil: no float edge
+
+
+def loss_survivable(n_experts: int, n_nodes: int, slots: int) -> bool:
+    """Whether ``n_nodes`` nodes of ``slots`` slots can place every expert twice on distinct nodes."""
+    floor = survivable_slots(n_experts, n_nodes)
+    return floor is not None and slots >= floor
+
+
+def _check_sizing(n_experts: int, n_nodes: int) -> None:
+    for name, v in (("experts per MoE layer", n_experts), ("expert nodes", n_nodes)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SpecError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def loss_exposure(hosted: Mapping[str, Mapping[int, Iterable[int]]]) -> dict[str, dict[int, list[int]]]:
+    """For each node, the experts its loss would leave with no replica: those no other node hosts.
+
+    ``hosted``: node -> {MoE layer: expert ids it serves} (the nodes that serve now; leave out draining or
+    failed ones). Nodes whose loss is survived are absent; an empty result means any one loss is survived.
+    """
+    holders: dict[tuple[int, int], set[str]] = {}
+    for node, layers in hosted.items():
+        for layer, ids in layers.items():
+            for e in ids:
+                holders.setdefault((int(layer), int(e)), set()).add(node)
+    out: dict[str, dict[int, list[int]]] = {}
+    for (layer, e), nodes in sorted(holders.items()):
+        if len(nodes) == 1:
+            (node,) = nodes
+            out.setdefault(node, {}).setdefault(layer, []).append(e)
+    return {node: out[node] for node in sorted(out)}
+
+
+def describe_exposure(exposure: Mapping[str, Mapping[int, list[int]]], limit: int = 4) -> str:
+    """``survivable`` or ``NOT survivable (losing N would lose layer L: experts ...; ...)`` for status lines."""
+    if not exposure:
+        return "survivable"
+    parts = []
+    for node, gaps in list(exposure.items())[:limit]:
+        parts.append(f"losing {node[:64]} would lose {describe_missing(gaps, max_shown=2)}")
+    if len(exposure) > limit:
+        parts.append(f"and {len(exposure) - limit} more nodes")
+    return f"NOT survivable ({'; '.join(parts)})"

@@ -76,7 +76,7 @@ class Capacity:
 
     moe_layers: tuple[int, ...] | None = None  # the model's MoE layer indices (ModelConfig.moe_layers)
     n_routed_experts: int | None = None  # routed experts per MoE layer
-    slots: int | None = None  # replicas per MoE layer the node can hold (enables replication)
+    slots: int | None = None  # replicas per MoE layer the node can hold (None: the leader sizes it)
     checkpoint: str | None = None  # moemesh.model.checkpoint.checkpoint_fingerprint of its model
     kv_cache_tokens: int | None = None  # attention nodes: tokens the latent cache holds
     max_num_seqs: int | None = None  # attention nodes: sequences batched at once

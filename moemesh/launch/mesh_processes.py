@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from moemesh.errors import DeadlineExceededError, InvalidRequestError, NotFoundError
 from moemesh.logs import get_logger
+from moemesh.text import shorten
 from moemesh.wire.authz import Authenticator
 from moemesh.wire.server import create_server
 from moemesh.wire.tls import TLSFiles
@@ -27,7 +28,9 @@ from moemesh.v1 import control_pb2, control_pb2_grpc
 log = get_logger("moemesh.cli.up")
 
 CONTROL_SERVICE = control_pb2.DESCRIPTOR.services_by_name["MeshControl"].full_name
-MAX_ADD = 64  # expert nodes one AddExpertNodes call may start
+# Expert nodes a mesh runs at most unless `moemesh up --max-expert-nodes` says otherwise: each is a process
+# holding model weights, and MeshControl must not let one call fill the machine.
+DEFAULT_MAX_EXPERT_NODES = 8
 
 
 @dataclass
@@ -48,10 +51,13 @@ class MeshProcess(RoleProcess):
 class ProcessMesh:
     """The role processes of one local mesh. ``expert_args(name)`` builds an expert node's command line."""
 
-    def __init__(self, log_dir: Path, expert_args: Callable[[str], list[str]], threads: int = 1):
+    def __init__(self, log_dir: Path, expert_args: Callable[[str], list[str]], threads: int = 1,
+                 max_experts: int = DEFAULT_MAX_EXPERT_NODES):
         self.log_dir, self.expert_args, self.threads = log_dir, expert_args, threads
+        self.max_experts = max_experts  # expert node processes alive at once, at most
         self.procs: list[MeshProcess] = []
         self._lock = threading.Lock()
+        self._adding = threading.Lock()  # one add at a time: the room it checks is still there when it starts
         self._next_expert = 0
 
     def start(self, name: str, role: str, args: list[str]) -> MeshProcess:
@@ -68,7 +74,24 @@ class ProcessMesh:
 
     def add_experts(self, count: int, deadline: float | None = None, watch: bool = True) -> list[MeshProcess]:
         """Start ``count`` expert nodes named expert-0, expert-1, ... (never reused). With ``watch``, a thread
-        marks each ready when it says so; with ``deadline``, wait for that until then."""
+        marks each ready when it says so; with ``deadline``, wait for that until then.
+
+        InvalidRequestError unless 1 <= count <= the room left under ``max_experts`` (live ones count, draining
+        ones until they exit)."""
+        with self._adding:
+            added = self._start_experts(count, watch)
+        if deadline is not None:
+            for p in added:
+                p.ready_event.wait(max(0.0, deadline - time.monotonic()))
+        return added
+
+    def _start_experts(self, count: int, watch: bool) -> list[MeshProcess]:
+        live = sum(1 for p in self.snapshot() if p.role == "expert" and p.proc.poll() is None)
+        room = max(0, self.max_experts - live)
+        if not 1 <= count <= room:
+            raise InvalidRequestError(f"count must be 1..{room}, got {count}: this mesh runs at most "
+                                      f"{self.max_experts} expert nodes (moemesh up --max-expert-nodes) and "
+                                      f"{live} are running")
         added = []
         for _ in range(count):
             with self._lock:
@@ -79,9 +102,6 @@ class ProcessMesh:
                 threading.Thread(target=self._await_ready, args=(p,), name=f"ready-{name}", daemon=True).start()
             added.append(p)
             log.info("expert_node_started", name=name, pid=p.proc.pid)
-        if deadline is not None:
-            for p in added:
-                p.ready_event.wait(max(0.0, deadline - time.monotonic()))
         return added
 
     def _await_ready(self, p: MeshProcess) -> None:
@@ -125,8 +145,6 @@ class MeshControlService(control_pb2_grpc.MeshControlServicer):
         return self._list(self.mesh.snapshot())
 
     def AddExpertNodes(self, request, context):
-        if not 1 <= request.count <= MAX_ADD:
-            raise InvalidRequestError(f"count must be 1..{MAX_ADD}, got {request.count}")
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else 600.0) if request.wait_ready else None
         added = self.mesh.add_experts(request.count, deadline)
@@ -141,7 +159,8 @@ class MeshControlService(control_pb2_grpc.MeshControlServicer):
         except KeyError:
             names = [p.name for p in self.mesh.snapshot() if p.role == "expert"]
             raise NotFoundError(
-                f"no expert node named {request.name!r}; expert nodes: {', '.join(names) or 'none'}") from None
+                f"no expert node named {shorten(request.name)!r}; expert nodes: {', '.join(names) or 'none'}"
+            ) from None
         if request.wait_exit:
             remaining = context.time_remaining()
             try:

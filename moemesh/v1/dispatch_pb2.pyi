@@ -44,7 +44,7 @@ class LayerExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_type", "hidden_size", "n_routed_experts", "experts", "dtype", "tokens_computed", "placement_version", "checkpoint")
+    __slots__ = ("model_type", "hidden_size", "n_routed_experts", "experts", "dtype", "tokens_computed", "placement_version", "checkpoint", "max_message_bytes")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     N_ROUTED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class InfoResponse(_message.Message):
     TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_type: str
     hidden_size: int
     n_routed_experts: int
@@ -61,4 +62,5 @@ class InfoResponse(_message.Message):
     tokens_computed: int
     placement_version: int
     checkpoint: str
-    def __init__(self, model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., n_routed_experts: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., dtype: _Optional[str] = ..., tokens_computed: _Optional[int] = ..., placement_version: _Optional[int] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., n_routed_experts: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., dtype: _Optional[str] = ..., tokens_computed: _Optional[int] = ..., placement_version: _Optional[int] = ..., checkpoint: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from moemesh.errors import InvalidRequestError
 from moemesh.sampling import SamplingParams
+from moemesh.text import shorten
 from moemesh.v1 import inference_pb2
 
 MAX_REQUEST_ID_LENGTH = 128
@@ -32,7 +33,8 @@ def sampling_to_proto(params: SamplingParams) -> inference_pb2.SamplingParams:
 
 def check_request_id(request_id: str) -> None:
     if len(request_id) > MAX_REQUEST_ID_LENGTH or not request_id.isprintable():
-        raise InvalidRequestError(f"request_id must be printable and at most {MAX_REQUEST_ID_LENGTH} characters")
+        raise InvalidRequestError(f"request_id must be printable and at most {MAX_REQUEST_ID_LENGTH} characters, "
+                                  f"got {shorten(request_id)!r} ({len(request_id)} characters)")
 
 
 class StopStringMatcher:

@@ -17,13 +17,15 @@ from grpc_reflection.v1alpha import reflection
 
 from moemesh.wire.authz import Authenticator, AuthInterceptor, SyncAuthInterceptor
 from moemesh.wire.identity import process_tokens
+from moemesh.wire.limits import ATTN_MAX_MESSAGE_BYTES, CONTROL_MAX_MESSAGE_BYTES, ROUTER_MAX_MESSAGE_BYTES
 from moemesh.wire.status import StatusInterceptor, SyncStatusInterceptor
 from moemesh.wire.tls import TLSFiles, add_port
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# The largest message each role's server takes and sends: routers see prompts and tokens; attention
-# nodes the same plus resumes; expert nodes whole hidden-state batches (one prefill chunk of rows).
-MAX_MESSAGE_BYTES = {"router": 16 << 20, "attn": 64 << 20, "expert": 256 << 20, "control": 4 << 20}
+# The largest message each role's server takes and sends (moemesh/wire/limits.py says where each number comes
+# from). Expert nodes have none here: theirs follows from the largest step they serve, given by the caller.
+MAX_MESSAGE_BYTES = {"router": ROUTER_MAX_MESSAGE_BYTES, "attn": ATTN_MAX_MESSAGE_BYTES,
+                     "control": CONTROL_MAX_MESSAGE_BYTES}
 # Servers accept keepalive pings from clients every 20 s even without calls, and ping back.
 KEEPALIVE_OPTIONS = (
     ("grpc.keepalive_time_ms", 20_000),
@@ -33,24 +35,28 @@ KEEPALIVE_OPTIONS = (
 )
 
 
-def server_options(role: str) -> list[tuple[str, int]]:
-    size = MAX_MESSAGE_BYTES[role]
+def server_options(role: str, max_message_bytes: int | None = None) -> list[tuple[str, int]]:
+    """``max_message_bytes``: the role's limit when MAX_MESSAGE_BYTES has none (expert nodes); else that table's."""
+    size = max_message_bytes or MAX_MESSAGE_BYTES.get(role)
+    if size is None:
+        raise ValueError(f"a {role} server needs max_message_bytes (see moemesh.wire.limits)")
     return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size), *KEEPALIVE_OPTIONS]
 
 
 def create_server(role: str, add: Callable[[grpc.Server], None], services: Sequence[str], host: str = "127.0.0.1",
                   port: int = 0, *, tls: TLSFiles | None = None, interceptors: Sequence = (), aio: bool = True,
-                  max_workers: int = 4, auth: Authenticator | None = None):
+                  max_workers: int = 4, max_message_bytes: int | None = None, auth: Authenticator | None = None):
     """A server with ``add``'s servicers, health and reflection, bound to ``host:port``; ``(server, port, health)``.
 
     ``services``: the full names ``add`` registers (reflection lists them, health reports on them).
-    ``interceptors`` run before the status interceptor (e.g. the router's bearer-token check).
+    ``interceptors`` run before the status interceptor (after the authorization check).
     ``aio=False`` builds a thread-pool ``grpc.server`` of ``max_workers`` threads instead of grpc.aio.
+    ``max_message_bytes``: the role's message limit, required for "expert" (see :func:`server_options`).
     ``auth``: who may call what (:mod:`moemesh.wire.authz`); by default, the mTLS identities when ``tls``
     requires client certificates and this process's tokens (``--auth-tokens``); with neither, an open server,
     as a mesh without credentials runs.
     """
-    options = server_options(role)
+    options = server_options(role, max_message_bytes)
     if auth is None:
         auth = Authenticator(mtls=bool(tls and tls.ca), tokens=process_tokens())
     if auth.secured:

@@ -22,6 +22,7 @@ from moemesh.errors import (
     ResourceExhaustedError, UnauthenticatedError, UnavailableError, UnservableError,
 )
 from moemesh.expert_backend import ExpertBackendError
+from moemesh.text import MAX_DETAILS_CHARS, shorten
 
 Code = grpc.StatusCode
 
@@ -46,9 +47,10 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 
 def details_of(exc: BaseException) -> str:
+    """The status message: the error's, cut to MAX_DETAILS_CHARS whatever it quotes (a peer's details too)."""
     if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "details", None)):
-        return exc.details() or exc.code().name
-    return str(exc) or type(exc).__name__
+        return shorten(exc.details() or exc.code().name, MAX_DETAILS_CHARS)
+    return shorten(str(exc) or type(exc).__name__, MAX_DETAILS_CHARS)
 
 
 # Trailing metadata of an UNAVAILABLE that retrying cannot fix (UnservableError): gRPC's server retry pushback

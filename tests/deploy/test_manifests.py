@@ -79,6 +79,22 @@ def test_moemesh_commands_parse(rendered, key):
 
 
 @pytest.mark.parametrize("key", RENDERS, ids=[f"{k}-{n}" for k, n in RENDERS])
+def test_metrics_and_health_ports_listen_where_the_cluster_reaches_them(rendered, key):
+    """--metrics-port and --health-port bind the node's --host: pods scraped or probed from outside pass
+    --host 0.0.0.0 (the default, 127.0.0.1, would hide them from Prometheus and the kubelet)."""
+    objs = docs(rendered[key])
+    parser = build_parser()
+    for obj, c, _ in containers(objs):
+        env = container_env(c, objs, {"POD_NAME": "pod-0", "POD_NAMESPACE": "ns", "POD_IP": "10.0.0.1"})
+        argv = moemesh_argv(c, env)
+        if argv is None or not c["image"].split("/")[-1].startswith("moemesh"):
+            continue
+        args = parser.parse_args(argv)
+        if getattr(args, "metrics_port", None) is not None or getattr(args, "health_port", None) is not None:
+            assert args.host == "0.0.0.0", f"{obj['metadata']['name']}/{c['name']}: --host {args.host}"
+
+
+@pytest.mark.parametrize("key", RENDERS, ids=[f"{k}-{n}" for k, n in RENDERS])
 def test_pod_conventions(rendered, key):
     """Probes on the served port, matching metrics annotation, labels, security, resources, grace."""
     objs = docs(rendered[key])
@@ -286,3 +302,31 @@ def test_only_mesh_roles_reach_the_etcd_client_port(rendered, key):
     assert exprs == {"app.kubernetes.io/part-of": {"moemesh"}, "moemesh.io/role": {"router", "attn", "expert"}}
     assert all(peer["podSelector"]["matchLabels"]["moemesh.io/role"] == "etcd" for peer in by_port[2380])
     assert all(set(m) == {"namespaceSelector"} for m in by_port[2381])
+
+
+EXPERTS_BY_MODEL = {"/models/tiny": 16, "/models/current": 256, "/models/deepseek-v3": 256}  # DeepSeek-V3: 256
+
+
+def test_expert_slots_survive_one_pod_loss(rendered):
+    """Every expert pod's --slots is default_expert_slots for the replicas its StatefulSet declares, and still
+    survives one pod's loss at the fewest pods the HPAs allow (every expert pool at its minReplicas)."""
+    from moemesh.control.placement import default_expert_slots, loss_survivable
+
+    parser = build_parser()
+    for key in RENDERS:
+        objs = docs(rendered[key])
+        env_pod = {"POD_NAME": "pod-0", "POD_NAMESPACE": "ns", "POD_IP": "10.0.0.1"}
+        hpa_min = {o["spec"]["scaleTargetRef"]["name"]: o["spec"]["minReplicas"]
+                   for o in objs if o["kind"] == "HorizontalPodAutoscaler"}
+        pools = {}
+        for obj, c, init in containers(objs, init=False):
+            if obj["spec"]["template"]["metadata"]["labels"]["moemesh.io/role"] != "expert":
+                continue
+            args = parser.parse_args(moemesh_argv(c, container_env(c, objs, env_pod)))
+            assert args.slots is not None, f"{key}: {obj['metadata']['name']} gives no --slots (its memory budget)"
+            pools[obj["metadata"]["name"]] = (obj["spec"]["replicas"], args.slots, EXPERTS_BY_MODEL[args.model])
+        replicas, slots, experts = pools["moemesh-expert"]
+        assert slots == default_expert_slots(experts, replicas), (key, pools)
+        fewest = sum(min(n, hpa_min.get(name, n)) for name, (n, _, _) in pools.items())
+        assert all(s == slots for _, s, _ in pools.values()), (key, pools)
+        assert loss_survivable(experts, fewest, slots), f"{key}: {slots} slots on {fewest} pods do not survive a loss"

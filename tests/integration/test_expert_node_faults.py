@@ -415,7 +415,8 @@ def test_stopped_node_times_out_and_replica_takes_its_rows(nodes, model_dir, pro
 
 # ---- SIGTERM ----------------------------------------------------------------
 def test_sigterm_finishes_in_flight_work_and_exits_zero(nodes, model_dir, cfg):
-    (node,) = nodes.start(model_dir, ["all"])
+    # its limit sized for the one big message below (480_000 rows: a step that large, not the default 512)
+    (node,) = nodes.start(model_dir, ["all"], ["--max-batched-tokens", "480000"])
     shard = load_expert_shard(str(model_dir), cfg, None, progress=False)
     channel = grpc.insecure_channel(node.address, options=BIG)
     statuses: list = []

@@ -87,9 +87,30 @@ def test_skewed_expert_30x_the_mean_is_replicated_on_every_node():
 
 
 def test_zero_load_experts_are_not_replicated():
-    layer = plan_placement([[0, 0, 0]], 2, 3).layers[0]
+    layer = plan_placement([[0, 0, 0]], 2, 2).layers[0]  # 4 slots < 2 x 3: no redundancy floor
     assert [len(r) for r in layer.replicas] == [1, 1, 1]
     assert layer.balancedness == 1.0
+    layer = plan_placement([[0, 0, 0]], 3, 3).layers[0]  # the floor's 2 each, not the hot replicas' 3
+    assert [len(r) for r in layer.replicas] == [2, 2, 2]
+
+
+def test_replicas_of_one_expert_land_on_distinct_nodes():
+    """Exact: the redundancy floor puts each expert's 2 replicas on 2 nodes; the spare slots go to the hot one."""
+    assert _nodes(plan_placement([[1, 1, 1, 1]], 2, 4)) == [[[0, 1], [0, 1], [0, 1], [0, 1]]]
+    plan = plan_placement([[10, 1, 1, 1]], 3, 3)
+    assert _nodes(plan) == [[[0, 1, 2], [0, 1], [0, 2], [1, 2]]]
+    assert plan.layers[0].balancedness == pytest.approx(1.0)
+    # without room for two each (6 slots < 8): one replica each, the spare two to the hot expert
+    assert _nodes(plan_placement([[10, 1, 1, 1]], 3, 2)) == [[[0, 1, 2], [0], [1], [2]]]
+    assert _nodes(plan_placement([[1, 1, 1, 1]], 2, 4, replicate=False)) == [[[0], [1], [0], [1]]]
+
+
+def test_a_kept_placement_below_the_redundancy_floor_is_replanned():
+    one_node = [[[0], [0], [0], [0]]]
+    plan = plan_placement([[1, 1, 1, 1]], 2, 4, previous=one_node)  # a second node joined: replicate onto it
+    assert _nodes(plan) == [[[0, 1], [0, 1], [0, 1], [0, 1]]] and not plan.layers[0].kept_previous
+    plan = plan_placement([[1, 1, 1, 1]], 1, 4, previous=one_node)  # the survivor of a loss keeps what it has
+    assert _nodes(plan) == one_node and plan.moved == 0 and plan.layers[0].kept_previous
 
 
 def test_pack_frees_a_slot_when_every_free_node_already_holds_the_expert():

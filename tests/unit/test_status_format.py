@@ -22,9 +22,22 @@ def test_format_status_shows_the_plan_and_every_node():
     assert lines[0] == "placement version 4; leader router-a"
     assert "periodic rebalance: replicas moved; moved 3 replicas; load window 1200 routed tokens" in lines[1]
     assert lines[2].endswith("worst 0.950; by layer 1:0.990 2:0.950")
-    assert "running 2, waiting 1, cache free 50%" in lines[3]
-    assert "3 experts, planned load 60.0%, computed 300 routed tokens (75.0%)" in lines[4]
-    assert "draining" in lines[5] and "v3" in lines[5]
+    # expert-1 is draining: expert-0 alone serves, so its loss would lose what it hosts
+    assert lines[3] == "  one expert-node loss: NOT survivable (losing expert-0 would lose layer 1: experts 0-1; " \
+                       "layer 2: experts 0)"
+    assert "running 2, waiting 1, cache free 50%" in lines[4]
+    assert "3 experts, planned load 60.0%, computed 300 routed tokens (75.0%)" in lines[5]
+    assert "draining" in lines[6] and "v3" in lines[6]
+
+
+def test_format_status_one_loss_survivable_when_every_expert_is_on_two_ready_nodes():
+    both = [{"layer": 1, "experts": [0, 1]}]
+    nodes = [{"id": f"expert-{i}", "role": "expert", "address": f"h:{i}", "status": "ready", "experts": both}
+             for i in range(2)]
+    assert "  one expert-node loss: survivable" in format_status({"nodes": nodes}).splitlines()
+    nodes[1]["experts"] = [{"layer": 1, "experts": [0]}]
+    assert ("  one expert-node loss: NOT survivable (losing expert-0 would lose layer 1: experts 1)"
+            in format_status({"nodes": nodes}).splitlines())
 
 
 def test_format_status_before_any_traffic():
