@@ -136,7 +136,8 @@ def test_pod_conventions(rendered, key):
             if tls:
                 assert "/etc/moemesh/tls" in mounts
                 secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
-                assert secrets == ["moemesh-tls", "moemesh-etcd-client"]
+                # One Secret per role: the role is in the certificate (docs/security.md), so roles never share one.
+                assert secrets == [f"moemesh-tls-{role}", "moemesh-etcd-client"], f"{name}: {secrets}"
 
 
 def test_base_shape(rendered):
