@@ -269,5 +269,8 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(work / "etcd", ignore_errors=True)
         if secured is not None:  # the root password goes with the mesh, whatever happens to the logs
             Path(secured.credentials.password_file).unlink(missing_ok=True)
+        if tokens:  # so do the mesh's role tokens: a kept work dir (a node failed) keeps only logs
+            for name in ("tokens", "operator.token"):
+                (work / name).unlink(missing_ok=True)
         if not args.log_dir and all(p.proc.returncode == 0 for p in procs):
             shutil.rmtree(work, ignore_errors=True)
