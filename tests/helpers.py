@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -101,3 +102,17 @@ def wait_stopped(pid: int, timeout_s: float = DEADLINE_S) -> None:
 def node_record(role: str, node_id: str, fields: dict):
     """A typed node record from its JSON fields (what a role registers), for registry tests."""
     return NodeRecord.from_json({**fields, "id": node_id, "role": role})
+
+
+class BackgroundLoop:
+    """An asyncio loop on its own thread: aio servers run there while the test uses sync clients."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def run(self, coro, timeout_s: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)

@@ -3,11 +3,9 @@ MeshControl's bound on expert nodes, and long request-provided names cut in erro
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import grpc
 import pytest
+
 import torch
 
 from moemesh.attn_node.experts.remote_backend import NodeLink
@@ -20,29 +18,16 @@ from moemesh.router.server import Router
 from moemesh.v1 import control_pb2, control_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc, inference_pb2
 from moemesh.v1 import inference_pb2_grpc
 from moemesh.wire.codec import to_proto
+from tests.helpers import BackgroundLoop
 
 pytestmark = pytest.mark.integration
 Code = grpc.StatusCode
 STEP = 4  # the expert node's --max-batched-tokens in these tests
 
 
-class _Loop:
-    """An asyncio loop on its own thread: aio servers run there while the test uses sync clients."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
 @pytest.fixture(scope="module")
 def bg():
-    loop = _Loop()
+    loop = BackgroundLoop()
     yield loop
     loop.close()
 

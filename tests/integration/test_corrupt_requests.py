@@ -7,11 +7,9 @@ reaches a client. The garbage goes out on a raw channel, with no request seriali
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import grpc
 import pytest
+
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -25,29 +23,16 @@ from moemesh.launch.mesh_processes import ProcessMesh, serve_control
 from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.router.server import Router
 from moemesh.v1 import control_pb2, control_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc, inference_pb2
+from tests.helpers import BackgroundLoop
 
 pytestmark = pytest.mark.integration
 Code = grpc.StatusCode
 GARBAGE = b"\xff\xff\xff\xff\x0f not a protobuf"  # a field tag with a varint that never ends
 
 
-class _Loop:
-    """An asyncio loop on its own thread: aio servers run there while the test uses sync clients."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
 @pytest.fixture(scope="module")
 def bg():
-    loop = _Loop()
+    loop = BackgroundLoop()
     yield loop
     loop.close()
 

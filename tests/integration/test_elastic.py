@@ -25,7 +25,7 @@ from moemesh.sampling import SamplingParams
 from moemesh.launch.embedded import build_local
 from moemesh.router import MeshClient, MeshError
 from moemesh.model.tiny import write_tiny_checkpoint
-from tests.helpers import DEADLINE_S
+from tests.helpers import DEADLINE_S, eventually
 from moemesh.v1 import control_pb2, control_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -130,7 +130,8 @@ class Streams:
         self.stop = threading.Event()
         self.completed = 0
         self.errors: list[str] = []
-        self.token_times: list[float] = []  # arrival time of every streamed chunk
+        self.token_times: list[float] = []  # arrival time of every streamed chunk (monotonic)
+        self.chunk_times: list[list[float]] = [[] for _ in range(threads)]  # per thread, each chunk's wall clock
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
         for t in self._threads:
@@ -146,6 +147,7 @@ class Streams:
                 for chunk in self.client.stream(prompt_ids=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
                                                 ignore_eos=True):
                     tokens += chunk.token_ids
+                    self.chunk_times[i].append(time.time())
                     with self._lock:
                         self.token_times.append(time.monotonic())
             except Exception as exc:  # noqa: BLE001 - every failure is a finding
@@ -158,9 +160,7 @@ class Streams:
                 self.completed += 1
 
     def wait_completed(self, count: int, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.completed < count and time.monotonic() < deadline and not self.errors:
-            time.sleep(0.05)
+        eventually(lambda: self.completed >= count or self.errors, timeout_s, f"{count} completed requests")
         assert not self.errors, self.errors[:3]
         assert self.completed >= count, f"only {self.completed} of {count} requests completed"
 

@@ -12,64 +12,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from tests.helpers import DEADLINE_S
 
-from .test_elastic import MAX_TOKENS, PROMPTS, Mesh, _experts, _settled, model, reference  # noqa: F401 (fixtures)
+from .test_elastic import Mesh, Streams, _experts, _settled, model, reference  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-class TimedStreams:
-    """16 client threads streaming PROMPTS (each thread its own prompt order); every chunk's wall-clock arrival
-    is kept, and every completed request is checked against the fault-free tokens."""
-
-    def __init__(self, client, reference: dict, threads: int = 16):
-        self.client, self.reference = client, reference
-        self.stop = threading.Event()
-        self.completed, self.errors = 0, []
-        self.chunk_times: list[list[float]] = [[] for _ in range(threads)]  # per thread, each chunk's arrival
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-        for t in self._threads:
-            t.start()
-
-    def _run(self, i: int) -> None:
-        n = 0
-        while not self.stop.is_set():
-            prompt = PROMPTS[(i + n) % len(PROMPTS)]
-            n += 1
-            tokens = []
-            try:
-                for chunk in self.client.stream(prompt_ids=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
-                                                ignore_eos=True):
-                    tokens += chunk.token_ids
-                    self.chunk_times[i].append(time.time())
-            except Exception as exc:  # noqa: BLE001 - every failure is a finding
-                with self._lock:
-                    self.errors.append(f"{prompt}: {exc}")
-                continue
-            with self._lock:
-                if tokens != self.reference[tuple(prompt)]:
-                    self.errors.append(f"{prompt}: got {tokens}, want {self.reference[tuple(prompt)]}")
-                self.completed += 1
-
-    def wait_completed(self, count: int, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.completed < count and time.monotonic() < deadline and not self.errors:
-            time.sleep(0.05)
-        assert not self.errors, self.errors[:3]
-        assert self.completed >= count, f"only {self.completed} of {count} requests completed"
-
-    def finish(self) -> None:
-        self.stop.set()
-        for t in self._threads:
-            t.join(180)
-        assert not self.errors, self.errors[:3]
 
 
 def _status_text(mesh: Mesh) -> str:
@@ -96,7 +47,7 @@ def test_defaults_survive_sigkill_of_one_of_two_expert_nodes(model, reference, t
         held = {name: sum(len(le["experts"]) for le in node["experts"]) for name, node in _experts(status).items()}
         assert held == {"expert-0": 16, "expert-1": 16}  # 2 MoE layers x 8 experts, each on both nodes
         assert _loss_line(_status_text(mesh)) == "one expert-node loss: survivable"
-        streams = TimedStreams(mesh.client, reference)
+        streams = Streams(mesh.client, reference)
         streams.wait_completed(16)
         victim = mesh.processes()["expert-1"]
         os.kill(victim.pid, signal.SIGKILL)
