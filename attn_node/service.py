@@ -54,7 +54,9 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
         if kind == "text":
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: send prompt.token_ids instead of text")
-            return self.tokenizer.encode(request.text)
+            # Text rendered from a chat template carries its own BOS: add_special_tokens=false (unset = true).
+            add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            return self.tokenizer.encode(request.text, add_special_tokens=add)
         raise InvalidRequestError("prompt is missing: set text or token_ids")
 
     def _engine_inputs(self, request) -> tuple[list[int], list[int], SamplingParams, StopStringMatcher]:

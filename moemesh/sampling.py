@@ -7,7 +7,8 @@ engine checks itself.
 
 Field meanings follow vLLM: temperature 0 is greedy; top_k 0 and top_p 1 switch those filters
 off; ``stop`` strings end the generation where they appear in the text (not emitted), and
-``stop_token_ids`` where one is sampled.
+``stop_token_ids`` where one is sampled. ``logprobs`` (None: off; k: 0..MAX_LOGPROBS) asks for each
+generated token's logprob and the k most likely tokens' at its step, as vLLM's ``SamplingParams.logprobs``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 64
 UINT32 = 1 << 32  # the wire's counts and ids are uint32
 MAX_SEED = 1 << 63  # torch.Generator.manual_seed takes a signed 64-bit seed
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -80,6 +83,8 @@ class SamplingParams:
             fail("stop", f"strings must be 1..{MAX_STOP_LENGTH} characters")
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", f"must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            fail("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] (or unset), got {self.logprobs!r}")
         return self
 
 

@@ -24,41 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoemesh/v1/inference.proto\x12\nmoemesh.v1\"\xbc\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.moemesh.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\rB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x80\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.moemesh.v1.Usage\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x12\n\x10ModelInfoRequest\"\xdc\x01\n\x11ModelInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x03 \x01(\r\x12\x19\n\x11num_hidden_layers\x18\x04 \x01(\r\x12\x18\n\x10n_routed_experts\x18\x05 \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\x15\n\rhas_tokenizer\x18\x08 \x01(\x08\"\x16\n\x14\x43lusterStatusRequest\"\xf4\x01\n\nNodeStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12+\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\x1a.moemesh.v1.LayerExpertIds\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0f\n\x07waiting\x18\x07 \x01(\r\x12\x12\n\ncache_free\x18\x08 \x01(\x02\x12\x19\n\x11placement_version\x18\t \x01(\x04\x12\x14\n\x0cplanned_load\x18\n \x01(\x01\x12\x17\n\x0ftokens_computed\x18\x0b \x01(\x04\"0\n\x0eLayerExpertIds\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"3\n\x0cLayerBalance\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x14\n\x0c\x62\x61lancedness\x18\x02 \x01(\x01\"\xb3\x02\n\x15\x43lusterStatusResponse\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.moemesh.v1.NodeStatus\x12\x19\n\x11placement_version\x18\x02 \x01(\x04\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12)\n\x07\x62\x61lance\x18\x04 \x03(\x0b\x32\x18.moemesh.v1.LayerBalance\x12\r\n\x05moved\x18\x05 \x01(\r\x12\x18\n\x10placement_reason\x18\x06 \x01(\t\x12\x15\n\rwindow_tokens\x18\x07 \x01(\x04\x12\x12\n\nmesh_state\x18\x14 \x01(\t\x12\x14\n\x0cmesh_problem\x18\x15 \x01(\t\x12\x33\n\x0fmissing_experts\x18\x16 \x03(\x0b\x32\x1a.moemesh.v1.LayerExpertIds2\xbb\x02\n\tInference\x12G\n\x08Generate\x12\x1b.moemesh.v1.GenerateRequest\x1a\x1c.moemesh.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.moemesh.v1.TokenizeRequest\x1a\x1c.moemesh.v1.TokenizeResponse\x12H\n\tModelInfo\x12\x1c.moemesh.v1.ModelInfoRequest\x1a\x1d.moemesh.v1.ModelInfoResponse\x12T\n\rClusterStatus\x12 .moemesh.v1.ClusterStatusRequest\x1a!.moemesh.v1.ClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoemesh/v1/inference.proto\x12\nmoemesh.v1\"\xe0\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x02\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xea\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.moemesh.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06promptB\x15\n\x13_add_special_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.moemesh.v1.TopLogprob\"\xac\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x12\n\x10ModelInfoRequest\"\x87\x03\n\x11ModelInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x03 \x01(\r\x12\x19\n\x11num_hidden_layers\x18\x04 \x01(\r\x12\x18\n\x10n_routed_experts\x18\x05 \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\x15\n\rhas_tokenizer\x18\x08 \x01(\x08\x12\x15\n\rchat_template\x18\t \x01(\t\x12H\n\x0especial_tokens\x18\n \x03(\x0b\x32\x30.moemesh.v1.ModelInfoResponse.SpecialTokensEntry\x12\x12\n\nmodel_name\x18\x0b \x01(\t\x1a\x34\n\x12SpecialTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x14\x43lusterStatusRequest\"\xf4\x01\n\nNodeStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12+\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\x1a.moemesh.v1.LayerExpertIds\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0f\n\x07waiting\x18\x07 \x01(\r\x12\x12\n\ncache_free\x18\x08 \x01(\x02\x12\x19\n\x11placement_version\x18\t \x01(\x04\x12\x14\n\x0cplanned_load\x18\n \x01(\x01\x12\x17\n\x0ftokens_computed\x18\x0b \x01(\x04\"0\n\x0eLayerExpertIds\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"3\n\x0cLayerBalance\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x14\n\x0c\x62\x61lancedness\x18\x02 \x01(\x01\"\xb3\x02\n\x15\x43lusterStatusResponse\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.moemesh.v1.NodeStatus\x12\x19\n\x11placement_version\x18\x02 \x01(\x04\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12)\n\x07\x62\x61lance\x18\x04 \x03(\x0b\x32\x18.moemesh.v1.LayerBalance\x12\r\n\x05moved\x18\x05 \x01(\r\x12\x18\n\x10placement_reason\x18\x06 \x01(\t\x12\x15\n\rwindow_tokens\x18\x07 \x01(\x04\x12\x12\n\nmesh_state\x18\x14 \x01(\t\x12\x14\n\x0cmesh_problem\x18\x15 \x01(\t\x12\x33\n\x0fmissing_experts\x18\x16 \x03(\x0b\x32\x1a.moemesh.v1.LayerExpertIds2\xbb\x02\n\tInference\x12G\n\x08Generate\x12\x1b.moemesh.v1.GenerateRequest\x1a\x1c.moemesh.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.moemesh.v1.TokenizeRequest\x1a\x1c.moemesh.v1.TokenizeResponse\x12H\n\tModelInfo\x12\x1c.moemesh.v1.ModelInfoRequest\x1a\x1d.moemesh.v1.ModelInfoResponse\x12T\n\rClusterStatus\x12 .moemesh.v1.ClusterStatusRequest\x1a!.moemesh.v1.ClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODELINFORESPONSE_SPECIALTOKENSENTRY']._loaded_options = None
+  _globals['_MODELINFORESPONSE_SPECIALTOKENSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=43
-  _globals['_SAMPLINGPARAMS']._serialized_end=231
-  _globals['_TOKENIDS']._serialized_start=233
-  _globals['_TOKENIDS']._serialized_end=256
-  _globals['_GENERATEREQUEST']._serialized_start=259
-  _globals['_GENERATEREQUEST']._serialized_end=437
-  _globals['_USAGE']._serialized_start=439
-  _globals['_USAGE']._serialized_end=496
-  _globals['_GENERATERESPONSE']._serialized_start=499
-  _globals['_GENERATERESPONSE']._serialized_end=627
-  _globals['_TOKENIZEREQUEST']._serialized_start=629
-  _globals['_TOKENIZEREQUEST']._serialized_end=660
-  _globals['_TOKENIZERESPONSE']._serialized_start=662
-  _globals['_TOKENIZERESPONSE']._serialized_end=699
-  _globals['_MODELINFOREQUEST']._serialized_start=701
-  _globals['_MODELINFOREQUEST']._serialized_end=719
-  _globals['_MODELINFORESPONSE']._serialized_start=722
-  _globals['_MODELINFORESPONSE']._serialized_end=942
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=944
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=966
-  _globals['_NODESTATUS']._serialized_start=969
-  _globals['_NODESTATUS']._serialized_end=1213
-  _globals['_LAYEREXPERTIDS']._serialized_start=1215
-  _globals['_LAYEREXPERTIDS']._serialized_end=1263
-  _globals['_LAYERBALANCE']._serialized_start=1265
-  _globals['_LAYERBALANCE']._serialized_end=1316
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1319
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1626
-  _globals['_INFERENCE']._serialized_start=1629
-  _globals['_INFERENCE']._serialized_end=1944
+  _globals['_SAMPLINGPARAMS']._serialized_end=267
+  _globals['_TOKENIDS']._serialized_start=269
+  _globals['_TOKENIDS']._serialized_end=292
+  _globals['_GENERATEREQUEST']._serialized_start=295
+  _globals['_GENERATEREQUEST']._serialized_end=529
+  _globals['_USAGE']._serialized_start=531
+  _globals['_USAGE']._serialized_end=588
+  _globals['_TOPLOGPROB']._serialized_start=590
+  _globals['_TOPLOGPROB']._serialized_end=652
+  _globals['_TOKENLOGPROB']._serialized_start=654
+  _globals['_TOKENLOGPROB']._serialized_end=755
+  _globals['_GENERATERESPONSE']._serialized_start=758
+  _globals['_GENERATERESPONSE']._serialized_end=930
+  _globals['_TOKENIZEREQUEST']._serialized_start=932
+  _globals['_TOKENIZEREQUEST']._serialized_end=963
+  _globals['_TOKENIZERESPONSE']._serialized_start=965
+  _globals['_TOKENIZERESPONSE']._serialized_end=1002
+  _globals['_MODELINFOREQUEST']._serialized_start=1004
+  _globals['_MODELINFOREQUEST']._serialized_end=1022
+  _globals['_MODELINFORESPONSE']._serialized_start=1025
+  _globals['_MODELINFORESPONSE']._serialized_end=1416
+  _globals['_MODELINFORESPONSE_SPECIALTOKENSENTRY']._serialized_start=1364
+  _globals['_MODELINFORESPONSE_SPECIALTOKENSENTRY']._serialized_end=1416
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1418
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1440
+  _globals['_NODESTATUS']._serialized_start=1443
+  _globals['_NODESTATUS']._serialized_end=1687
+  _globals['_LAYEREXPERTIDS']._serialized_start=1689
+  _globals['_LAYEREXPERTIDS']._serialized_end=1737
+  _globals['_LAYERBALANCE']._serialized_start=1739
+  _globals['_LAYERBALANCE']._serialized_end=1790
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1793
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=2100
+  _globals['_INFERENCE']._serialized_start=2103
+  _globals['_INFERENCE']._serialized_end=2418
 # @@protoc_insertion_point(module_scope)

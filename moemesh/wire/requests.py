@@ -19,7 +19,7 @@ def sampling_from_proto(msg: inference_pb2.SamplingParams, vocab_size: int) -> S
     params = SamplingParams(
         max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p if msg.HasField("top_p") else 1.0,
         top_k=msg.top_k, seed=msg.seed if msg.HasField("seed") else None, stop_token_ids=tuple(msg.stop_token_ids),
-        stop=tuple(msg.stop), ignore_eos=msg.ignore_eos,
+        stop=tuple(msg.stop), ignore_eos=msg.ignore_eos, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
     return params.check(vocab_size, name=lambda field: f"sampling.{field}")
 
@@ -28,6 +28,7 @@ def sampling_to_proto(params: SamplingParams) -> inference_pb2.SamplingParams:
     return inference_pb2.SamplingParams(
         max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
         seed=params.seed, stop_token_ids=params.stop_token_ids, stop=params.stop, ignore_eos=params.ignore_eos,
+        logprobs=params.logprobs,
     )
 
 
