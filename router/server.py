@@ -193,8 +193,13 @@ class Router:
                  policy: PlacementPolicy | None = None,
                  load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
                  call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES,
-                 etcd_credentials=None):
+                 etcd_credentials=None, http_port: int | None = None, http_host: str | None = None,
+                 door_options=None):
         self.etcd, self.host, self.requested_port = etcd, host, port
+        # The OpenAI HTTP door (router/openai_api): on http_host (default: host) when http_port is given.
+        self.requested_http_port, self.http_host, self.door_options = http_port, http_host or host, door_options
+        self.http = None
+        self.http_port: int | None = None
         self.etcd_credentials = etcd_credentials  # EtcdCredentials for a secured etcd, or None
         self.cluster = check_cluster_name(cluster)
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
@@ -232,10 +237,22 @@ class Router:
         self.health_server = await start_health_port(self.health, self.host, self.health_port)
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, NOT_SERVING)
+        if self.requested_http_port is not None:
+            await self._start_http()
         log.info("router_listening", host=self.host, port=self.port, router_id=self.router_id,
                  tls=self._tls is not None, mtls=bool(self._tls and self._tls.ca), auth=bool(self._auth_token))
         self._connect_task = asyncio.get_running_loop().create_task(self._connect(), name="router-connect")
         return self.port
+
+    async def _start_http(self) -> None:
+        from .openai_api.app import create_app  # the HTTP stack loads only for routers that serve it
+        from .openai_api.auth import HttpAuth
+        from .openai_api.door import Door
+        from .openai_api.serve import HttpServer
+
+        door = Door(self.service.path, HttpAuth(router_authenticator(self._tls, self._auth_token)), self.door_options)
+        self.http = HttpServer(create_app(door), self.http_host, self.requested_http_port, tls=self._tls)
+        self.http_port = await self.http.start()
 
     async def connected(self, timeout_s: float | None = None) -> None:
         await asyncio.wait_for(self._connected.wait(), timeout_s)
@@ -270,8 +287,10 @@ class Router:
         if self.health is not None:
             for name in ("", INFERENCE_SERVICE):
                 await self.health.set(name, NOT_SERVING)
-        if self.server is not None:
-            await self.server.stop(grace_s)
+        stopping = [self.server.stop(grace_s)] if self.server is not None else []
+        if self.http is not None:
+            stopping.append(self.http.stop(grace_s))
+        await asyncio.gather(*stopping)
         if self._connect_task is not None:
             self._connect_task.cancel()
             try:
