@@ -9,8 +9,8 @@ The CLI adds the subcommand with :func:`add_router_parser` and runs it with :fun
                    [--settle S] [--http-port P [--http-host H] [--served-model-name N]
                    [--chat-template F] [--reasoning-parser deepseek-r1]] [--log-level L]
 
-Prints ``{"event": "ready", "port": P, "router_id": ID, "http_port": P2}`` on stdout (``http_port``
-null without ``--http-port``) once connected to etcd
+Prints ``{"event": "ready", "port": P, "router_id": ID}`` on stdout (and ``"http_port": P2`` with
+``--http-port``) once connected to etcd
 (gRPC health SERVING). Bad flags raise ValueError / MoemeshError / OSError with one-line messages.
 """
 
@@ -195,8 +195,8 @@ def run_router(args: argparse.Namespace) -> int:
     options = door_options(args)
 
     def ready(port: int, http_port: int | None) -> None:
-        print(json.dumps({"event": "ready", "port": port, "router_id": router_id, "http_port": http_port}),
-              flush=True)
+        door = {} if http_port is None else {"http_port": http_port}
+        print(json.dumps({"event": "ready", "port": port, "router_id": router_id, **door}), flush=True)
 
     asyncio.run(serve_router(args.etcd, args.cluster, args.host, args.port, router_id=router_id,
                              auth_token=token, tls=tls, ready_cb=ready,
