@@ -126,7 +126,10 @@ def test_pod_conventions(rendered, key):
                 continue
             assert "/tmp" in mounts, f"{name}: read-only root needs a writable /tmp"
             health = int(cm["MOEMESH_HEALTH_PORT"])
-            assert {p["containerPort"] for p in c["ports"]} == {port, int(cm["MOEMESH_METRICS_PORT"]), health}
+            http = {int(cm["MOEMESH_HTTP_PORT"])} if role == "router" else set()  # the OpenAI HTTP API
+            assert {p["containerPort"] for p in c["ports"]} == {port, int(cm["MOEMESH_METRICS_PORT"]), health} | http
+            if http:
+                assert "--http-port=$(MOEMESH_HTTP_PORT)" in c["args"], f"{name}: no HTTP API"
             assert "--health-port=$(MOEMESH_HEALTH_PORT)" in c["args"], f"{name}: no plaintext health port"
             probes = [c["readinessProbe"], c["livenessProbe"]] + ([c["startupProbe"]] if "startupProbe" in c else [])
             tls = any(a.startswith("--tls-cert") for a in c["args"])
