@@ -48,7 +48,6 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
-_RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 
 
 class ChatTemplateError(InvalidRequestError):
@@ -252,9 +251,6 @@ class ChatTemplate:
             raise ChatTemplateError("tools must be a list of objects (JSON schemas of functions)")
         if documents is not None and not (isinstance(documents, list) and all(isinstance(d, dict) for d in documents)):
             raise ChatTemplateError("documents must be a list of {title, text} objects")
-        clash = sorted(set(kwargs) & _RESERVED)
-        if clash:
-            raise ChatTemplateError(f"template variables {clash} are set by the renderer; pass them as arguments")
         compiled = _compile(self.template)
         variables = {**self.special_tokens, **_plain(kwargs)}
         try:
