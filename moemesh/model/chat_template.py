@@ -243,6 +243,10 @@ class ChatTemplate:
             return None
         return cls(template, special_tokens_of(tok_cfg, _read_json(model_dir / "special_tokens_map.json")))
 
+    def check(self) -> None:
+        """Compile the template now (ChatTemplateError if it does not parse): a server can warn at start-up."""
+        _compile(self.template)
+
     def render(self, messages: list[dict], *, add_generation_prompt: bool = True, tools: list[dict] | None = None,
                documents: list[dict] | None = None, **kwargs: Any) -> str:
         """The prompt text for ``messages``; ChatTemplateError names what the template or the messages got wrong."""
