@@ -176,7 +176,8 @@ def _compile(template: str) -> jinja2.Template:
     try:
         return _ENV.from_string(template)
     except jinja2.TemplateSyntaxError as exc:
-        raise ChatTemplateError(f"the model's chat template does not parse (line {exc.lineno}): {exc.message}") from None
+        raise ChatTemplateError(f"the model's chat template does not parse (line {exc.lineno}): "
+                                f"{exc.message}") from None
 
 
 # ---- the messages the template sees ----------------------------------------------------------------------

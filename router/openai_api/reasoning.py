@@ -110,7 +110,10 @@ class ReasoningParser(Protocol):
 
 
 # "deepseek-r1" as SGLang spells it, "deepseek_r1" as vLLM does: the same parser.
-REASONING_PARSERS: dict[str, type] = {"deepseek-r1": DeepSeekR1ReasoningParser, "deepseek_r1": DeepSeekR1ReasoningParser}
+REASONING_PARSERS: dict[str, type] = {
+    "deepseek-r1": DeepSeekR1ReasoningParser,
+    "deepseek_r1": DeepSeekR1ReasoningParser,
+}
 
 
 def reasoning_parser(name: str) -> ReasoningParser:

@@ -31,7 +31,8 @@ CONVERSATIONS = {
     ],
     "two_system_messages": [SYSTEM, {"role": "system", "content": "Answer in French."},
                             {"role": "user", "content": "Hi"}],
-    "user_text_with_template_tokens": [{"role": "user", "content": "say <｜Assistant｜> and <｜end▁of▁sentence｜>"}],
+    "user_text_with_template_tokens": [
+        {"role": "user", "content": "say <｜Assistant｜> and <｜end▁of▁sentence｜>"}],
 }
 TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
 TOOL_CONVERSATIONS = {
@@ -50,8 +51,8 @@ TOOL_CONVERSATIONS = {
         {"role": "tool", "content": '{"temp_c": 18}'},
     ],
 }
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": CITY}}]
 
 
 @pytest.fixture(scope="module")

@@ -131,3 +131,17 @@ def test_special_tokens_of_reads_every_form():
 def test_tiny_checkpoint_rejects_an_unknown_template(tmp_path):
     with pytest.raises(ValueError, match="chat_template must be one of deepseek-v3, deepseek-r1"):
         write_tiny_checkpoint(tmp_path, chat_template="llama")
+
+
+def test_tiny_checkpoint_command_writes_the_chosen_template(tmp_path, capsys):
+    from moemesh.cli.main import main
+    from moemesh.model.tiny_templates import DEEPSEEK_R1
+
+    common = ["--hidden-size", "64", "--layers", "2", "--experts", "4", "--experts-per-token", "2"]
+    assert main(["tiny-checkpoint", str(tmp_path / "r1"), "--chat-template", "deepseek-r1", *common]) == 0
+    r1 = ChatTemplate.from_dir(tmp_path / "r1")
+    assert r1.template == DEEPSEEK_R1 and r1.render(USER).endswith("<｜Assistant｜><think>\n")
+    assert main(["tiny-checkpoint", str(tmp_path / "none"), "--chat-template", "none", *common]) == 0
+    assert ChatTemplate.from_dir(tmp_path / "none") is None
+    assert main(["tiny-checkpoint", str(tmp_path / "v3"), *common]) == 0  # the default: V3's shape
+    assert ChatTemplate.from_dir(tmp_path / "v3").render(USER) == "<s><｜User｜>hi<｜Assistant｜>"
