@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,7 +28,8 @@ from moemesh.text import shorten
 from .block_manager import BlockManager
 from .model import Transformer
 from .runner import ModelRunner
-from .sampler import sample_tokens, skip_draws
+from .logprobs import TokenLogprobs
+from .sampler import sample_step, skip_draws
 from .scheduler import SampledToken, ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 
@@ -55,6 +56,7 @@ class TokenEvent:
     finished: bool
     finish_reason: str | None  # "stop" (EOS or a stop token) | "length" (max_tokens) | "error"
     error: MoemeshError | None = None  # why the request failed, typed (servers map it by moemesh.wire.status)
+    logprobs: TokenLogprobs | None = None  # when the request's SamplingParams.logprobs is set
 
 
 @dataclass
@@ -64,6 +66,7 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str | None
     error: MoemeshError | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token id, when the request asked
 
 
 class Engine:
@@ -156,20 +159,22 @@ class Engine:
         if not scheduled:
             return []
         try:
-            tokens = self._run(scheduled)  # one per sequence whose step reaches its end
+            tokens, logprobs = self._run(scheduled)  # one per sequence whose step reaches its end
         except ExpertBackendError as exc:
             # The step's sequences cannot go on; the others (waiting, or not in this step) can.
             return [self._fail(item.seq, exc) for item in scheduled]
-        return [self._event(sampled) for sampled in self.scheduler.postprocess(scheduled, tokens)]
+        sampled = self.scheduler.postprocess(scheduled, tokens)  # in sampling order, as the logprobs
+        return [self._event(s, lp) for s, lp in zip(sampled, logprobs, strict=True)]
 
-    def _run(self, scheduled: list[ScheduledSeq]) -> list[int]:
-        """Run the model once and sample a token for every sequence whose step reaches its end."""
+    def _run(self, scheduled: list[ScheduledSeq]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Run the model once and sample a token (and its logprobs, if asked) for every sequence whose step
+        reaches its end."""
         logits = self._run_model(scheduled)  # [n_sampling, vocab]
         sampling = [item.seq for item in scheduled if item.samples]
         if not sampling:
-            return []
-        tokens = sample_tokens(logits, [s.params for s in sampling], [s.generator for s in sampling])  # [n] on device
-        return tokens.tolist()  # the step's one host read: everything before it stays on the device
+            return [], []
+        # The step's one host read (ids and logprobs in one transfer): everything before it stays on the device.
+        return sample_step(logits, [s.params for s in sampling], [s.generator for s in sampling])
 
     def _run_model(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Run the model once; if its experts were unreachable, wait (bounded) for a new placement and re-run.
@@ -214,11 +219,11 @@ class Engine:
         self._seqs.pop(seq.request_id, None)
         return TokenEvent(seq.request_id, None, True, "error", error)
 
-    def _event(self, sampled: SampledToken) -> TokenEvent:
+    def _event(self, sampled: SampledToken, logprobs: TokenLogprobs | None) -> TokenEvent:
         finished = sampled.finish_reason is not None
         if finished:
             self._seqs.pop(sampled.seq.request_id, None)
-        return TokenEvent(sampled.seq.request_id, sampled.token, finished, sampled.finish_reason)
+        return TokenEvent(sampled.seq.request_id, sampled.token, finished, sampled.finish_reason, logprobs=logprobs)
 
     # ---- conveniences ---------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
@@ -236,6 +241,8 @@ class Engine:
                 if out is not None:
                     if ev.token_id is not None:
                         out.token_ids.append(ev.token_id)
+                    if ev.logprobs is not None:
+                        out.logprobs.append(ev.logprobs)
                     out.finish_reason, out.error = ev.finish_reason, ev.error
         return list(outputs.values())
 

@@ -1,10 +1,12 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with a per-request seeded generator."""
+"""Token sampling: greedy, temperature, top-k, top-p, with a per-request seeded generator; logprobs on request."""
 
 from __future__ import annotations
 
 import torch
 
 from moemesh.sampling import SamplingParams
+
+from .logprobs import TokenLogprobs, logprob_block, pack, unpack
 
 
 def sample_tokens(
@@ -33,6 +35,18 @@ def sample(
 ) -> list[int]:
     """:func:`sample_tokens`, read back: the step's one host sync."""
     return sample_tokens(logits, params, generators).tolist()
+
+
+def sample_step(
+    logits: torch.Tensor,  # [B, vocab] fp32
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """:func:`sample`, with each asking row's logprobs (attn_node/logprobs.py) read back in the same transfer:
+    (the sampled ids, per row its TokenLogprobs or None). Still the step's one host sync."""
+    tokens = sample_tokens(logits, params, generators)
+    block = logprob_block(logits, tokens, params)  # on the logits the sampler got: raw logprobs
+    return unpack(pack(tokens, block).tolist(), params, logits.shape[-1])
 
 
 def skip_draws(generator: torch.Generator, vocab_size: int, n: int) -> None:

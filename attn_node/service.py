@@ -2,8 +2,9 @@
 
 Thin: it validates the request (INVALID_ARGUMENT naming the field), hands it to
 the engine thread, and turns token events into streamed responses with text
-decoded incrementally and stop strings applied. A client that goes away has its
-request aborted, freeing its cache.
+decoded incrementally and stop strings applied, and, when the request asked, each
+token's logprobs (the tokens' texts decoded alone). A client that goes away has
+its request aborted, freeing its cache.
 
 Resuming (``resume_token_ids``, from the router after another node failed mid-stream): those
 tokens follow the prompt as output already generated. They count against max_tokens and in
@@ -19,6 +20,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
+from collections.abc import Callable
 
 import structlog
 
@@ -35,7 +37,9 @@ from moemesh.model.chat_template import ChatTemplate
 from moemesh.model.tokenizer import IncrementalDecoder, Tokenizer
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 
+from .engine import TokenEvent
 from .engine_loop import EngineLoop
+from .logprobs import TokenLogprobs
 from .load_stats import LoadStats
 
 log = get_logger("moemesh.attn_node.service")
@@ -138,13 +142,25 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
                     text += "" if stopped else matcher.flush()
                     yield inference_pb2.GenerateResponse(
                         request_id=rid, token_ids=[ev.token_id], text=text, finish_reason=reason,
-                        usage=inference_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=produced))
+                        usage=inference_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=produced),
+                        logprobs=self._logprobs(ev))  # a stop string's last token keeps its logprob too
                     return
-                yield inference_pb2.GenerateResponse(request_id=rid, token_ids=[ev.token_id], text=text)
+                yield inference_pb2.GenerateResponse(request_id=rid, token_ids=[ev.token_id], text=text,
+                                                     logprobs=self._logprobs(ev))
         finally:
             if not finished:  # the client cancelled or the stream broke: free the request's cache
                 metrics.REQUESTS.labels(ROLE, "cancelled").inc()
                 self.loop.abort(rid)
+
+    def _logprobs(self, ev: TokenEvent) -> list[inference_pb2.TokenLogprob]:
+        """The event's logprobs as the response carries them (none when the request did not ask)."""
+        if ev.logprobs is None:
+            return []
+        return [token_logprob_proto(ev.logprobs, self._token_text)]
+
+    def _token_text(self, token_id: int) -> str:
+        """A token decoded alone, special tokens included (as vLLM shows them); '' without a tokenizer."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else ""
 
     async def Tokenize(self, request, context):
         if self.tokenizer is None:
@@ -170,6 +186,13 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
             cache_free_tokens=blocks.num_free * blocks.block_size, cache_total_tokens=blocks.capacity_tokens,
             expert_loads=[attention_pb2.LayerLoad(layer=layer, tokens=tokens) for layer, tokens in loads.items()],
             window_seconds=self.stats.window_s if self.stats is not None else 0.0)
+
+
+def token_logprob_proto(lp: TokenLogprobs, text: Callable[[int], str]) -> inference_pb2.TokenLogprob:
+    """``lp`` on the wire, each token with its text as ``text`` decodes it."""
+    return inference_pb2.TokenLogprob(
+        token_id=lp.token_id, token=text(lp.token_id), logprob=lp.logprob,
+        top=[inference_pb2.TopLogprob(token_id=t, token=text(t), logprob=v) for t, v in lp.top])
 
 
 def replay_streamed_text(resume: list[int], decoder: IncrementalDecoder | None, matcher: StopStringMatcher) -> None:

@@ -4,7 +4,7 @@ The client SDK is importable from here too (``from moemesh import MeshClient``),
 that ``import moemesh`` stays light.
 """
 
-_SDK = ("MeshClient", "AsyncMeshClient", "MeshError", "GenerateResult", "TokenChunk")
+_SDK = ("MeshClient", "AsyncMeshClient", "MeshError", "GenerateResult", "TokenChunk", "TokenLogprob", "TopLogprob")
 
 
 def __getattr__(name: str):

@@ -4,6 +4,8 @@ Only the SDK is imported here (it needs grpc and the stubs, nothing heavy): the 
 module, imported by the CLI.
 """
 
-from .client import AsyncMeshClient, GenerateResult, MeshClient, MeshError, ModelInfo, TokenChunk, Usage
+from .client import (AsyncMeshClient, GenerateResult, MeshClient, MeshError, ModelInfo, TokenChunk, TokenLogprob,
+                     TopLogprob, Usage)
 
-__all__ = ["AsyncMeshClient", "GenerateResult", "MeshClient", "MeshError", "ModelInfo", "TokenChunk", "Usage"]
+__all__ = ["AsyncMeshClient", "GenerateResult", "MeshClient", "MeshError", "ModelInfo", "TokenChunk", "TokenLogprob",
+           "TopLogprob", "Usage"]

@@ -13,7 +13,7 @@ turns, FIFO within one client, so a client that queued much early does not go be
 queued a little later.
 
 :class:`Admission` is the pure bookkeeping (no I/O, no clock); :class:`AdmissionGate` puts it on
-asyncio for the servicer; :func:`client_key` says who the caller is.
+asyncio for the servicer; :func:`caller_key` says who the caller (:class:`Caller`) is.
 
     >>> a = Admission(max_running=2, max_queued=2, max_running_per_client=1, max_queued_per_client=1)
     >>> [a.admit(c).state for c in ("x", "x", "x", "y")]
@@ -184,20 +184,44 @@ def _host(peer: str) -> str:
     return peer
 
 
-def client_key(context, *, tokens_checked: bool) -> str:
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, as any door sees it: the ``authorization`` value it sent (never logged), the
+    identities in its peer certificate (mTLS), and its address (``ipv4:HOST:PORT``, ``ipv6:[HOST]:PORT``)."""
+
+    authorization: str | bytes | None = None
+    identities: tuple[str, ...] = ()
+    peer: str = ""
+
+    def __repr__(self) -> str:  # never the credential
+        return f"Caller(identities={self.identities!r}, peer={self.peer!r})"
+
+
+def grpc_caller(context) -> Caller:
+    """The caller of a gRPC call (its invocation metadata, peer certificate and address)."""
+    given = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+    identities = tuple(i.decode(errors="replace") if isinstance(i, bytes) else i
+                       for i in context.peer_identities() or ())
+    return Caller(given, identities, context.peer() or "")
+
+
+def caller_key(caller: Caller, *, tokens_checked: bool) -> str:
     """Who is calling, for per-client limits: never a secret, never logged.
 
     The bearer token's fingerprint when the router checks tokens (``tokens_checked``: an unchecked
     token would let a client pick a new identity per request); else the peer certificate's identity
-    (mTLS); else the peer's address without its port. One function, so a role/identity model can
-    replace it.
+    (mTLS); else the peer's address without its port. The same caller gets the same key through
+    either door (gRPC or HTTP). One function, so a role/identity model can replace it.
     """
-    if tokens_checked:
-        given = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
-        if given:
-            raw = given.encode() if isinstance(given, str) else given
-            return "token:" + hashlib.sha256(raw).hexdigest()[:32]
-    identities = context.peer_identities()
-    if identities:
-        return "cert:" + ",".join(sorted(i.decode(errors="replace") for i in identities))
-    return "peer:" + _host(context.peer() or "")
+    if tokens_checked and caller.authorization:
+        given = caller.authorization
+        raw = given.encode() if isinstance(given, str) else given
+        return "token:" + hashlib.sha256(raw).hexdigest()[:32]
+    if caller.identities:
+        return "cert:" + ",".join(sorted(caller.identities))
+    return "peer:" + _host(caller.peer)
+
+
+def client_key(context, *, tokens_checked: bool) -> str:
+    """:func:`caller_key` of a gRPC call's caller."""
+    return caller_key(grpc_caller(context), tokens_checked=tokens_checked)

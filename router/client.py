@@ -30,6 +30,11 @@ Behaviour every call shares:
   Bad arguments the client can see by itself raise `ValueError` before anything is sent.
 - Sampling: keywords (`max_tokens=8, temperature=0, stop="END"`, ...) or `params=` a
   `moemesh.sampling.SamplingParams` the caller built and checked (`SamplingParams(...).check()`).
+- Logprobs: `logprobs=k` (0..20) gives every generated token a `TokenLogprob` (`token_id`, `token`: its text
+  decoded alone, special tokens included, "" when the model has no tokenizer; `logprob`; `top`: the k most
+  likely tokens at that step as `TopLogprob`s, most likely first), in `TokenChunk.logprobs` (one per
+  `token_ids` entry) and `GenerateResult.logprobs`; both are None without `logprobs=`. Raw logprobs, as vLLM's
+  default: the log-softmax of the model's logits, before temperature, top-k and top-p.
 - Auth and TLS: `token`/`token_file` send `authorization: Bearer <token>` metadata (the file is read once, at
   construction). `tls=True` (implied by `ca_file`/`cert_file`/`key_file`) verifies the server against `ca_file`
   (system roots when omitted); `cert_file` + `key_file` add a client certificate for mTLS; `server_name`
@@ -64,6 +69,8 @@ __all__ = [
     "MeshError",
     "ModelInfo",
     "TokenChunk",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
 ]
 
@@ -115,14 +122,35 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a step."""
+
+    token_id: int
+    token: str  # decoded alone ("" when the model has no tokenizer)
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's logprob and the step's most likely tokens, most likely first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...]
+
+
+@dataclass(frozen=True)
 class TokenChunk:
     """One streamed message: new token ids and the text they complete (may be empty mid-character).
-    The last chunk has `finish_reason` ("stop" | "length") and `usage` set."""
+    The last chunk has `finish_reason` ("stop" | "length") and `usage` set. With `logprobs=`, `logprobs`
+    has one entry per token id."""
 
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +160,7 @@ class GenerateResult:
     text: str
     finish_reason: str
     usage: Usage
+    logprobs: list[TokenLogprob] | None = None  # with `logprobs=`: one per token id
 
 
 @dataclass(frozen=True)
@@ -225,6 +254,7 @@ class Sampling(TypedDict, total=False):
     stop: Sequence[str] | str | None
     stop_token_ids: Sequence[int] | None
     ignore_eos: bool
+    logprobs: int | None
 
 
 def _generate_request(prompt: str | None, prompt_ids: Sequence[int] | None, params: SamplingParams | None,
@@ -254,7 +284,13 @@ def _chunk(resp: inference_pb2.GenerateResponse) -> TokenChunk:
     usage = None
     if resp.HasField("usage"):
         usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens)
-    return TokenChunk(list(resp.token_ids), resp.text, resp.finish_reason or None, usage)
+    logprobs = [_token_logprob(lp) for lp in resp.logprobs] or None  # asked: one per token, never empty
+    return TokenChunk(list(resp.token_ids), resp.text, resp.finish_reason or None, usage, logprobs)
+
+
+def _token_logprob(msg: inference_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(msg.token_id, msg.token, msg.logprob,
+                        tuple(TopLogprob(t.token_id, t.token, t.logprob) for t in msg.top))
 
 
 class _Accumulator:
@@ -266,9 +302,12 @@ class _Accumulator:
         self.texts: list[str] = []
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.logprobs: list[TokenLogprob] | None = None
 
     def add(self, chunk: TokenChunk) -> None:
         self.token_ids.extend(chunk.token_ids)
+        if chunk.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + chunk.logprobs
         self.texts.append(chunk.text)
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.usage = chunk.usage or self.usage
@@ -276,7 +315,8 @@ class _Accumulator:
     def result(self) -> GenerateResult:
         if self.finish_reason is None or self.usage is None:
             raise MeshError(grpc.StatusCode.INTERNAL, "Generate stream ended without finish_reason and usage")
-        return GenerateResult(self.request_id, self.token_ids, "".join(self.texts), self.finish_reason, self.usage)
+        return GenerateResult(self.request_id, self.token_ids, "".join(self.texts), self.finish_reason, self.usage,
+                              self.logprobs)
 
 
 class _Retry:

@@ -6,9 +6,11 @@ The CLI adds the subcommand with :func:`add_router_parser` and runs it with :fun
                    [--auth-token-file F] [--tls-cert F --tls-key F [--tls-ca F]] [--max-inflight N]
                    [--max-queued N] [--max-running-per-client N] [--max-queued-per-client N]
                    [--lease-ttl S] [--rebalance-interval S] [--min-gain G] [--no-replicas]
-                   [--settle S] [--log-level L]
+                   [--settle S] [--http-port P [--http-host H] [--served-model-name N]
+                   [--chat-template F] [--reasoning-parser deepseek-r1]] [--log-level L]
 
-Prints ``{"event": "ready", "port": P, "router_id": ID}`` on stdout once connected to etcd
+Prints ``{"event": "ready", "port": P, "router_id": ID}`` on stdout (and ``"http_port": P2`` with
+``--http-port``) once connected to etcd
 (gRPC health SERVING). Bad flags raise ValueError / MoemeshError / OSError with one-line messages.
 """
 
@@ -33,6 +35,7 @@ from moemesh.logs import get_logger
 from .admission import DEFAULT_MAX_QUEUED, DEFAULT_MAX_QUEUED_PER_CLIENT, DEFAULT_MAX_RUNNING_PER_CLIENT
 from .auth import TLSFiles, read_role_tokens, read_tokens_file, use_tokens
 from .cluster import PlacementPolicy
+from .openai_api.reasoning import REASONING_PARSERS
 from .server import MAX_RESUMES, Router
 
 log = get_logger("moemesh.router")
@@ -94,20 +97,51 @@ def add_router_parser(subparsers) -> argparse.ArgumentParser:
                    help="one replica per expert: leave spare expert slots empty instead of replicating hot experts")
     g.add_argument("--settle", type=seconds_at_least(0), default=1.0, metavar="S",
                    help="after an expert node joins, wait S seconds for others before planning (default: 1)")
+    h = p.add_argument_group("OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health)")
+    h.add_argument("--http-port", type=_port, default=None, metavar="P",
+                   help="also serve the OpenAI API over HTTP on port P (0 picks a free one); same credentials as "
+                   "gRPC ('Authorization: Bearer <token>'), HTTPS with --tls-cert (default: no HTTP)")
+    h.add_argument("--http-host", default=None, metavar="H", help="address of the HTTP API (default: --host)")
+    h.add_argument("--served-model-name", default=None, metavar="N",
+                   help="the model's name in the HTTP API (default: the checkpoint directory's name)")
+    h.add_argument("--chat-template", default=None, metavar="F",
+                   help="a jinja chat template file for /v1/chat/completions, instead of the model's "
+                   "tokenizer_config.json chat_template")
+    h.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split the model's <think>...</think> into reasoning_content (DeepSeek-R1)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
 
+def door_options(args: argparse.Namespace):
+    """The HTTP door's options from the flags (the chat template file read now: a bad path fails at start)."""
+    if getattr(args, "http_port", None) is None:
+        return None
+    from .openai_api.door import DoorOptions  # the HTTP stack loads only for routers that serve it
+
+    template = None
+    path = getattr(args, "chat_template", None)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                template = f.read()
+        except OSError as exc:
+            raise OSError(f"--chat-template {path}: {exc.strerror or exc}") from None
+    return DoorOptions(served_model_name=getattr(args, "served_model_name", None), chat_template=template,
+                       reasoning_parser=getattr(args, "reasoning_parser", None))
+
+
 async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_id: str | None = None,
                        auth_token: str | tuple[str, ...] | None = None, tls: TLSFiles | None = None,
-                       ready_cb: Callable[[int], object] | None = None, max_inflight: int = 512,
+                       ready_cb: Callable[[int, int | None], object] | None = None, max_inflight: int = 512,
                        ttl_s: float = 5.0, stop: asyncio.Event | None = None,
                        health_port: int | None = None, policy: PlacementPolicy | None = None,
                        max_resumes: int = MAX_RESUMES, etcd_credentials: EtcdCredentials | None = None,
                        max_queued: int = DEFAULT_MAX_QUEUED,
                        max_running_per_client: int = DEFAULT_MAX_RUNNING_PER_CLIENT,
-                       max_queued_per_client: int = DEFAULT_MAX_QUEUED_PER_CLIENT) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``ready_cb(port)`` once connected to etcd."""
+                       max_queued_per_client: int = DEFAULT_MAX_QUEUED_PER_CLIENT, http_port: int | None = None,
+                       http_host: str | None = None, door_options=None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``ready_cb(port, http_port)`` once connected to etcd."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     handled = []
@@ -120,14 +154,15 @@ async def serve_router(etcd: str, cluster: str, host: str, port: int, *, router_
     router = Router(etcd, cluster, host, port, router_id=router_id, auth_token=auth_token, tls=tls,
                     max_inflight=max_inflight, ttl_s=ttl_s, health_port=health_port, policy=policy,
                     max_resumes=max_resumes, etcd_credentials=etcd_credentials, max_queued=max_queued,
-                    max_running_per_client=max_running_per_client, max_queued_per_client=max_queued_per_client)
+                    max_running_per_client=max_running_per_client, max_queued_per_client=max_queued_per_client,
+                    http_port=http_port, http_host=http_host, door_options=door_options)
     try:
         await router.start()
         waiter = asyncio.ensure_future(router.connected())
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
         if waiter.done() and ready_cb is not None:
-            result = ready_cb(router.port)
+            result = ready_cb(router.port, router.http_port)
             if inspect.isawaitable(result):
                 await result
         await stopper
@@ -157,8 +192,11 @@ def run_router(args: argparse.Namespace) -> int:
         use_tokens(read_role_tokens(args.auth_tokens), "router")
     router_id = getattr(args, "router_id", None) or f"router-{uuid.uuid4().hex[:8]}"
 
-    def ready(port: int) -> None:
-        print(json.dumps({"event": "ready", "port": port, "router_id": router_id}), flush=True)
+    options = door_options(args)
+
+    def ready(port: int, http_port: int | None) -> None:
+        door = {} if http_port is None else {"http_port": http_port}
+        print(json.dumps({"event": "ready", "port": port, "router_id": router_id, **door}), flush=True)
 
     asyncio.run(serve_router(args.etcd, args.cluster, args.host, args.port, router_id=router_id,
                              auth_token=token, tls=tls, ready_cb=ready,
@@ -170,5 +208,7 @@ def run_router(args: argparse.Namespace) -> int:
                              max_running_per_client=getattr(args, "max_running_per_client",
                                                             DEFAULT_MAX_RUNNING_PER_CLIENT),
                              max_queued_per_client=getattr(args, "max_queued_per_client",
-                                                           DEFAULT_MAX_QUEUED_PER_CLIENT)))
+                                                           DEFAULT_MAX_QUEUED_PER_CLIENT),
+                             http_port=getattr(args, "http_port", None), http_host=getattr(args, "http_host", None),
+                             door_options=options))
     return 0

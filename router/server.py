@@ -1,14 +1,9 @@
 """The router's gRPC front door: ``moemesh.v1.Inference`` over the cluster's attention nodes.
 
-Generate is admitted by its client first (:mod:`.admission`: per-client running and queued limits,
-RESOURCE_EXHAUSTED past them, the slot freed however the call ends), then validates the request, picks a ready attention node (:mod:`.selection` over the loads in
-:mod:`.pool`), and proxies that node's token stream. A node that dies or goes away (UNAVAILABLE;
-CANCELLED/ABORTED while draining or gone; a stream that ends without a finish_reason), or one that
-is full before its first token (RESOURCE_EXHAUSTED), is left for the next ready node. When tokens
-had already reached the client, the next node resumes the generation from the prompt plus exactly
-those tokens (:mod:`.resume`), and the client's stream goes on with no token repeated or missing, at
-most ``max_resumes`` times, within the client's deadline, never after the client left. Other errors
-end the call with the node's status. Tokenize and ModelInfo go to a ready attention node (the router
+Generate runs the router's request path (:mod:`.generation`: admission, validation, node selection,
+failover and resume), the same one the OpenAI HTTP door (:mod:`.openai_api`) runs; this servicer only
+turns its domain errors into status codes (:mod:`moemesh.wire.status`; an UnservableError with
+NO_RETRY) and its hooks into metadata. Tokenize and ModelInfo go to a ready attention node (the router
 has no model files); ClusterStatus answers from the live view.
 
 Every router replica serves clients; the :class:`~.cluster.ControlPlane` decides which one leads.
@@ -21,55 +16,41 @@ and the nodes that streamed it (in order, more than one after a resume) in trail
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Callable
 
-import grpc
-import structlog
 from grpc_health.v1 import health_pb2
 
 from moemesh.wire.health_port import start_health_port
 from moemesh import metrics
 from moemesh.control.cluster_view import ClusterView
 from moemesh.control.etcd import Registry, RegistryError, check_cluster_name
-from moemesh.control.records import NodeRecord, PlacementStats
+from moemesh.control.records import PlacementStats
 from moemesh.control.servability import Servability
-from moemesh.errors import (
-    DeadlineExceededError, InvalidRequestError, MoemeshError, ResourceExhaustedError, UnavailableError,
-    UnservableError,
-)
+from moemesh.errors import InvalidRequestError, MoemeshError
 from moemesh.logs import get_logger
-from moemesh.wire.requests import check_request_id, sampling_from_proto
 from moemesh.wire.server import create_server
-from moemesh.wire.status import abort, no_retry, trailing_metadata
+from moemesh.wire.status import NO_RETRY, abort
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
 
 from .admission import (
-    DEFAULT_MAX_QUEUED, DEFAULT_MAX_QUEUED_PER_CLIENT, DEFAULT_MAX_RUNNING_PER_CLIENT, REJECTED, Admission,
-    AdmissionGate, client_key,
+    DEFAULT_MAX_QUEUED, DEFAULT_MAX_QUEUED_PER_CLIENT, DEFAULT_MAX_RUNNING_PER_CLIENT, Admission, grpc_caller,
 )
 from .auth import INFERENCE_SERVICE, TLSFiles, router_authenticator
 from .cluster import ControlPlane, PlacementPolicy
+from .generation import (  # noqa: F401 (MAX_RESUMES, NoNodeError, RETRY_BEFORE_FIRST_TOKEN: re-exported)
+    MAX_RESUMES, MAX_TEXT_CHARS, RETRY_BEFORE_FIRST_TOKEN, ROLE, CallHooks, GenerationPath, GenerationRecord,
+    NodeStatusError, NoNodeError,
+)
 from .pool import AttentionPool
-from .resume import StreamProgress, failure_reason
-from .selection import NodeLoad
 
 log = get_logger("moemesh.router")
-ROLE = "router"  # the metrics label
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-MAX_TEXT_CHARS = 1 << 20
-RETRY_BEFORE_FIRST_TOKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)  # unary calls
-MAX_RESUMES = 3  # times one generation may move to another node after tokens reached the client
-
-
-class NoNodeError(UnavailableError):
-    """No attention node can take the call now: retry later."""
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    """Thin servicer: validate, pick a node, proxy; domain errors become status codes (moemesh.wire.status)."""
+    """Thin servicer over :class:`~.generation.GenerationPath`: its domain errors become status codes."""
 
     def __init__(self, view: ClusterView, pool: AttentionPool, *, max_inflight: int = 512,
                  call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES,
@@ -77,278 +58,48 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                  servability: Callable[[], Servability | None] = lambda: None):
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
-        if max_resumes < 0:
-            raise ValueError(f"max_resumes must be >= 0, got {max_resumes}")
-        self.max_resumes = max_resumes
         self.view, self.pool = view, pool
-        self.servability = servability  # the control plane's verdict on the live placement
         self.max_inflight = max_inflight
-        self.call_timeout_s = call_timeout_s
-        self.generate_timeout_s = generate_timeout_s
         # Per-client limits (see .admission); the router's running limit is max_inflight.
         self.admission = admission or Admission(max_running=max_inflight,
                                                 max_running_per_client=min(max_inflight, DEFAULT_MAX_RUNNING_PER_CLIENT))
-        self.gate = AdmissionGate(self.admission)
-        self.tokens_checked = tokens_checked  # the bearer token names the client (the interceptor checked it)
+        self.path = GenerationPath(view, pool, self.admission, call_timeout_s=call_timeout_s,
+                                   generate_timeout_s=generate_timeout_s, max_resumes=max_resumes,
+                                   tokens_checked=tokens_checked, servability=servability)
+        self.gate, self.max_resumes = self.path.gate, max_resumes
         metrics.QUEUE_DEPTH.labels(ROLE).set_function(lambda: self.admission.queued)
-        self._model_info: inference_pb2.ModelInfoResponse | None = None
-        self._model_info_lock = asyncio.Lock()
-
-    # ---- helpers ----------------------------------------------------------------
-    def _check_synced(self) -> None:
-        if not self.view.synced:
-            raise NoNodeError("the router is not connected to etcd yet, so it knows no attention node: retry soon")
-
-    async def _ranked(self, exclude: set[str] = frozenset()):
-        self._check_synced()
-        ranked = await self.pool.ranked(exclude)
-        if not ranked and not exclude:
-            raise NoNodeError("no attention node is ready")
-        return ranked
-
-    async def _unary(self, method: str, request, what: str):
-        """Call ``method`` on the best ready node; on UNAVAILABLE/RESOURCE_EXHAUSTED try the next."""
-        tried: set[str] = set()
-        errors: list[str] = []
-        while True:
-            ranked = await self._ranked(tried)
-            if not ranked:
-                raise NoNodeError(f"no attention node answered {what}: {'; '.join(errors)}")
-            record, _ = ranked[0]
-            tried.add(record.id)
-            try:
-                return await getattr(self.pool.stub(record), method)(request, timeout=self.call_timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRY_BEFORE_FIRST_TOKEN:
-                    raise
-                self.pool.forget_load(record.id)
-                errors.append(f"{record.id}: {exc.code().name} {exc.details()}")
-
-    async def model_info(self) -> inference_pb2.ModelInfoResponse:
-        """The model's shape, asked of an attention node once and kept (forgotten when none is left)."""
-        if not self.view.records("attn"):
-            self._model_info = None
-        if self._model_info is None:
-            async with self._model_info_lock:
-                if self._model_info is None:
-                    self._model_info = await self._unary("ModelInfo", inference_pb2.ModelInfoRequest(), "ModelInfo")
-        return self._model_info
-
-    def _unservable(self, node_error: grpc.aio.AioRpcError | None = None) -> UnservableError | None:
-        """Why no attention node can serve a generation now, or None.
-
-        The live placement lacks experts that no re-plan can place (``moemesh.control.servability``: the
-        router's verdict), or the attention node that just failed said so (its status carries NO_RETRY).
-        Either way every node would fail alike: the call ends at once, with the missing experts named,
-        instead of each attempt waiting ``expert_wait_s`` for a placement that cannot come. While a re-plan
-        can place them (``degraded``), calls go on to the attention nodes, whose steps wait for it."""
-        if node_error is not None and no_retry(trailing_metadata(node_error)):
-            return UnservableError(node_error.details() or "the mesh cannot serve")
-        verdict = self.servability()
-        return None if verdict is None else verdict.error()
-
-    # ---- Generate ---------------------------------------------------------------
-    async def validate(self, request: inference_pb2.GenerateRequest) -> None:
-        """Every field the router can check without the model's files (InvalidRequestError names it)."""
-        check_request_id(request.request_id)
-        kind = request.WhichOneof("prompt")
-        if kind is None:
-            raise InvalidRequestError("prompt is missing: set prompt text or token_ids")
-        if request.resume_token_ids:
-            raise InvalidRequestError("resume_token_ids is internal to the cluster (router -> attention node); "
-                                      "clients must leave it empty")
-        info = await self.model_info()
-        sampling = sampling_from_proto(request.sampling, info.vocab_size)
-        context = info.max_position_embeddings
-        if kind == "text":
-            if not request.text:
-                raise InvalidRequestError("prompt text is empty: give some text or token_ids")
-            if len(request.text) > MAX_TEXT_CHARS:
-                raise InvalidRequestError(f"prompt text has {len(request.text)} characters; at most {MAX_TEXT_CHARS}")
-            if not info.has_tokenizer:
-                raise InvalidRequestError("this model has no tokenizer: send prompt token_ids instead of text")
-            n_prompt = 1  # the attention node counts the tokens; at least one
-        else:
-            ids = request.token_ids.ids
-            if not ids:
-                raise InvalidRequestError("prompt token_ids is empty: give at least one token")
-            bad = [t for t in ids if t >= info.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"prompt token_ids {bad[:5]} are outside the vocabulary "
-                                          f"(0..{info.vocab_size - 1})")
-            n_prompt = len(ids)
-        if context and n_prompt + sampling.max_tokens > context:
-            raise InvalidRequestError(
-                f"prompt ({n_prompt} tokens) + sampling.max_tokens ({sampling.max_tokens}) exceeds the model's "
-                f"context of {context} tokens: shorten the prompt or lower max_tokens")
 
     @property
     def inflight(self) -> int:
         """Generate streams running or queued at this router."""
-        return self.admission.running + self.admission.queued
+        return self.path.inflight
 
-    async def _admit(self, context):
-        """This call's admission ticket, once it may run; RESOURCE_EXHAUSTED past the caller's limits."""
-        ticket = self.gate.admit(client_key(context, tokens_checked=self.tokens_checked))
-        if ticket.state == REJECTED:
-            metrics.ADMISSION_REJECTIONS.labels(ROLE, ticket.reason).inc()
-            log.warning("generate_refused", reason=ticket.reason, running=self.admission.running,
-                        queued=self.admission.queued)
-            await abort(context, ResourceExhaustedError(ticket.message))
-        try:
-            await self.gate.wait(ticket, context.time_remaining())
-        except asyncio.TimeoutError:
-            self.gate.release(ticket)
-            await abort(context, DeadlineExceededError(
-                "the client's deadline passed while the request waited at the router for a running slot"))
-        except BaseException:  # cancelled (the client left) while queued
-            self.gate.release(ticket)
-            raise
-        return ticket
+    async def model_info(self) -> inference_pb2.ModelInfoResponse:
+        return await self.path.model_info()
 
+    async def validate(self, request: inference_pb2.GenerateRequest) -> None:
+        await self.path.validate(request)
+
+    # ---- Generate ---------------------------------------------------------------
     async def Generate(self, request, context):
-        rid = request.request_id or uuid.uuid4().hex
-        with structlog.contextvars.bound_contextvars(request_id=rid):
-            started = last = time.monotonic()
-            ticket = await self._admit(context)
-            outcome = "cancelled"  # unless the stream ends otherwise
-            first = True
-            try:
-                async for response in self._generate(request, rid, context):
-                    now = time.monotonic()
-                    (metrics.TIME_TO_FIRST_TOKEN if first else metrics.TIME_PER_OUTPUT_TOKEN).labels(ROLE).observe(
-                        now - (started if first else last))
-                    metrics.GENERATED_TOKENS.labels(ROLE).inc(len(response.token_ids))
-                    first, last = False, now
-                    if response.finish_reason:
-                        outcome = response.finish_reason
-                    yield response
-            except BaseException as exc:
-                outcome = "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "error"
-                raise
-            finally:
-                self.gate.release(ticket)  # finished, failed, cancelled or the client left: the slot frees
-                metrics.REQUESTS.labels(ROLE, outcome).inc()
+        async def first_node(node_id: str) -> None:  # the node serving the stream, in initial metadata
+            await context.send_initial_metadata((("x-moemesh-node", node_id),))
 
-    async def _generate(self, request, rid: str, context):
-        started = time.monotonic()
+        def finished(record: GenerationRecord) -> None:
+            # Which nodes served the stream (in order) and how often it moved, for clients that care.
+            context.set_trailing_metadata((("x-moemesh-nodes", ",".join(record.nodes)),
+                                           ("x-moemesh-resumes", str(record.resumes))))
+
+        hooks = CallHooks(time_remaining=context.time_remaining, cancelled=context.cancelled,
+                          first_node=first_node, finished=finished)
+        responses = self.path.generate(request, grpc_caller(context), hooks)
         try:
-            await self.validate(request)
-        except (MoemeshError, grpc.aio.AioRpcError) as exc:
-            log.info("generate_rejected", error=str(exc) if isinstance(exc, MoemeshError) else exc.details())
-            await abort(context, exc)
-        unservable = self._unservable()
-        if unservable is not None:
-            log.warning("generate_unservable", error=str(unservable))
-            await abort(context, unservable)
-        forward = inference_pb2.GenerateRequest()
-        forward.CopyFrom(request)
-        forward.request_id = rid
-        progress = StreamProgress(forward)
-        tried: set[str] = set()
-        errors: list[str] = []
-        codes: list[grpc.StatusCode | None] = []
-        failed: tuple[str, str] | None = None  # (node, reason) of the last attempt that broke
-        while True:
-            record, load = await self._pick_node(context, progress, tried, errors, codes)
-            node_id = record.id
-            tried.add(node_id)
-            if progress.started:
-                self._note_resume(progress, node_id, *failed)
-            call = self.pool.stub(record).Generate(progress.next_request(), timeout=self._attempt_timeout(context),
-                                                   metadata=(("x-request-id", rid),))
-            self.pool.streams[node_id] = self.pool.streams.get(node_id, 0) + 1
-            from_node, code, details = 0, None, "the stream ended without a finish_reason"
-            node_error: grpc.aio.AioRpcError | None = None
-            try:
-                async for response in call:
-                    if not progress.nodes:  # the client's first response: name the node serving it
-                        await context.send_initial_metadata((("x-moemesh-node", node_id),))
-                        log.info("generate_first_token", node=node_id, attempts=len(tried), node_queue=load.queue,
-                                 ttft_ms=round((time.monotonic() - started) * 1000, 1))
-                    yield response
-                    progress.record(node_id, response)  # only now does the client have it
-                    from_node += 1
-                    if response.finish_reason:
-                        self._finish(context, progress, response, started)
-                        return
-            except grpc.aio.AioRpcError as exc:
-                code, details, node_error = exc.code(), exc.details() or exc.code().name, exc
-            finally:
-                self.pool.streams[node_id] -= 1
-                call.cancel()
-            unservable = self._unservable(node_error)
-            if unservable is not None:  # another node would fail alike: fail once, saying why
-                log.warning("generate_unservable", node=node_id, error=str(unservable), tokens_sent=len(progress.sent))
-                await abort(context, unservable)
-            reason = failure_reason(code, self._node_status(node_id), from_node)
-            await self._check_can_move(context, progress, node_id, code, details, reason)
-            self.pool.forget_load(node_id)
-            errors.append(f"{node_id}: {code.name if code else 'OK'} {details}")
-            codes.append(code)
-            failed = (node_id, reason)
-            log.warning("generate_failover", node=node_id, code=code.name if code else None, error=details,
-                        reason=reason, tokens_sent=len(progress.sent))
-
-    async def _pick_node(self, context, progress: StreamProgress, tried: set[str], errors: list[str],
-                         codes: list) -> tuple[NodeRecord, NodeLoad]:
-        """The best ready node not tried yet; when none is left, abort the call saying what each answered."""
-        try:
-            ranked = await self._ranked(tried)
-        except NoNodeError as exc:
-            await abort(context, exc)
-        if ranked:
-            return ranked[0]
-        log.warning("generate_no_node", tried=sorted(tried), errors=errors, tokens_sent=len(progress.sent))
-        busy = set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # all full: back off, do not reconnect
-        after = f" after {len(progress.sent)} token(s) were streamed" if progress.started else ""
-        await abort(context, (ResourceExhaustedError if busy else UnavailableError)(
-            f"no attention node could take the request{after}: {'; '.join(errors)}"))
-
-    def _attempt_timeout(self, context) -> float:
-        remaining = context.time_remaining()  # the client's deadline bounds every attempt
-        return self.generate_timeout_s if remaining is None else min(remaining, self.generate_timeout_s)
-
-    def _node_status(self, node_id: str) -> str | None:
-        """The node's record status now; None when its record is gone (lease expired, node left)."""
-        record = self.view.node("attn", node_id)
-        return None if record is None else record.status
-
-    async def _check_can_move(self, context, progress: StreamProgress, node_id: str, code, details: str,
-                              reason: str | None) -> None:
-        """Abort the client's call unless the generation may go on on another node."""
-        tokens = len(progress.sent)
-        if reason is None:  # the request's own failure (bad argument, deadline, ...): another node would agree
-            log.warning("generate_failed", node=node_id, code=code.name, error=details, tokens=tokens)
-            await context.abort(code, details)
-        if context.cancelled():  # the client went away: nobody to resume for
-            log.info("generate_cancelled", node=node_id, tokens=tokens)
-            raise asyncio.CancelledError()
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            await abort(context, DeadlineExceededError(
-                f"attention node {node_id} failed ({details}) after {tokens} token(s) and the client's deadline "
-                "has passed"))
-        if progress.started and (progress.resumes >= self.max_resumes or not progress.can_resume()):
-            log.warning("generate_failed", node=node_id, code=code.name if code else None, error=details,
-                        tokens=tokens, resumes=progress.resumes)
-            await abort(context, UnavailableError(
-                f"attention node {node_id} failed after streaming {tokens} token(s) and the generation has "
-                f"already moved {progress.resumes} time(s): {details}"))
-
-    def _note_resume(self, progress: StreamProgress, node_id: str, failed_node: str, reason: str) -> None:
-        progress.resumes += 1
-        metrics.GENERATE_RESUMES.labels(ROLE, reason).inc()
-        log.info("generate_resumed", node=node_id, failed_node=failed_node, reason=reason,
-                 tokens_carried=len(progress.sent), resumes=progress.resumes)
-
-    def _finish(self, context, progress: StreamProgress, last, started: float) -> None:
-        # Which nodes served the stream (in order) and how often it moved, for clients that care.
-        context.set_trailing_metadata((("x-moemesh-nodes", ",".join(progress.nodes)),
-                                       ("x-moemesh-resumes", str(progress.resumes))))
-        log.info("generate_done", node=progress.nodes[-1], finish_reason=last.finish_reason,
-                 completion_tokens=last.usage.completion_tokens, resumes=progress.resumes,
-                 seconds=round(time.monotonic() - started, 3))
+            async for response in responses:
+                yield response
+        except MoemeshError as exc:
+            await _abort(context, exc)
+        finally:
+            await responses.aclose()
 
     # ---- the other Inference methods ----------------------------------------------
     async def Tokenize(self, request, context):
@@ -356,19 +107,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await abort(context, InvalidRequestError(
                 f"text has {len(request.text)} characters; at most {MAX_TEXT_CHARS}"))
         try:
-            return await self._unary("Tokenize", request, "Tokenize")
-        except (MoemeshError, grpc.aio.AioRpcError) as exc:
-            await abort(context, exc)
+            return await self.path.unary("Tokenize", request, "Tokenize")
+        except MoemeshError as exc:
+            await _abort(context, exc)
 
     async def ModelInfo(self, request, context):
         try:
-            return await self.model_info()
-        except (MoemeshError, grpc.aio.AioRpcError) as exc:
-            await abort(context, exc)
+            return await self.path.model_info()
+        except MoemeshError as exc:
+            await _abort(context, exc)
 
     async def ClusterStatus(self, request, context):
         try:
-            self._check_synced()
+            self.path.check_synced()
         except NoNodeError as exc:
             await abort(context, exc)
         records = self.view.records()
@@ -397,7 +148,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             nodes.append(status)
         balance = [inference_pb2.LayerBalance(layer=layer, balancedness=float(b))
                    for layer, b in sorted(stats.balancedness.items())]
-        verdict = self.servability()
+        verdict = self.path.servability()
         response = inference_pb2.ClusterStatusResponse(
             nodes=nodes, placement_version=self.view.placement_version, leader=self.view.leader or "",
             balance=balance, moved=stats.moved, placement_reason=stats.reason, window_tokens=stats.window_tokens)
@@ -406,6 +157,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             for layer, ids in verdict.missing.items():
                 response.missing_experts.add(layer=layer, experts=ids)
         return response
+
+
+async def _abort(context, exc: MoemeshError):
+    """End the call with ``exc``'s status: a node's own status as it gave it, a domain error by the table."""
+    if isinstance(exc, NodeStatusError):
+        await context.abort(exc.code, exc.details, trailing_metadata=NO_RETRY if exc.no_retry else ())
+    await abort(context, exc)
 
 
 def inference_server(service: InferenceService, host: str = "127.0.0.1", port: int = 0, *,
@@ -435,8 +193,13 @@ class Router:
                  policy: PlacementPolicy | None = None,
                  load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
                  call_timeout_s: float = 10.0, generate_timeout_s: float = 3600.0, max_resumes: int = MAX_RESUMES,
-                 etcd_credentials=None):
+                 etcd_credentials=None, http_port: int | None = None, http_host: str | None = None,
+                 door_options=None):
         self.etcd, self.host, self.requested_port = etcd, host, port
+        # The OpenAI HTTP door (router/openai_api): on http_host (default: host) when http_port is given.
+        self.requested_http_port, self.http_host, self.door_options = http_port, http_host or host, door_options
+        self.http = None
+        self.http_port: int | None = None
         self.etcd_credentials = etcd_credentials  # EtcdCredentials for a secured etcd, or None
         self.cluster = check_cluster_name(cluster)
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
@@ -474,10 +237,22 @@ class Router:
         self.health_server = await start_health_port(self.health, self.host, self.health_port)
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, NOT_SERVING)
+        if self.requested_http_port is not None:
+            await self._start_http()
         log.info("router_listening", host=self.host, port=self.port, router_id=self.router_id,
                  tls=self._tls is not None, mtls=bool(self._tls and self._tls.ca), auth=bool(self._auth_token))
         self._connect_task = asyncio.get_running_loop().create_task(self._connect(), name="router-connect")
         return self.port
+
+    async def _start_http(self) -> None:
+        from .openai_api.app import create_app  # the HTTP stack loads only for routers that serve it
+        from .openai_api.auth import HttpAuth
+        from .openai_api.door import Door
+        from .openai_api.serve import HttpServer
+
+        door = Door(self.service.path, HttpAuth(router_authenticator(self._tls, self._auth_token)), self.door_options)
+        self.http = HttpServer(create_app(door), self.http_host, self.requested_http_port, tls=self._tls)
+        self.http_port = await self.http.start()
 
     async def connected(self, timeout_s: float | None = None) -> None:
         await asyncio.wait_for(self._connected.wait(), timeout_s)
@@ -512,8 +287,10 @@ class Router:
         if self.health is not None:
             for name in ("", INFERENCE_SERVICE):
                 await self.health.set(name, NOT_SERVING)
-        if self.server is not None:
-            await self.server.stop(grace_s)
+        stopping = [self.server.stop(grace_s)] if self.server is not None else []
+        if self.http is not None:
+            stopping.append(self.http.stop(grace_s))
+        await asyncio.gather(*stopping)
         if self._connect_task is not None:
             self._connect_task.cancel()
             try:

@@ -30,6 +30,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     flags.add_model_arg(p, required=False)
     flags.add_sampling_args(p, several_prompts=True)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt, in order, when done")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="also give each generated token's logprob and the K (0..20) most likely tokens at its step "
+                   "(raw: the log-softmax of the logits, before temperature and filters): in --json objects as "
+                   "\"logprobs\", else one line per token after the text")
     p.add_argument("--expert-nodes", action="append", metavar="HOST:PORT=SPEC,...",
                    help="run only the attention side here and send routed experts to these expert nodes "
                    "(SPEC as in `moemesh expert-node --experts`; repeatable). Several nodes may host the same "
@@ -61,6 +65,7 @@ def sampling_params(args: argparse.Namespace, n_prompts: int) -> list[SamplingPa
         SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             seed=None if args.seed is None else args.seed + i, ignore_eos=args.ignore_eos,
+            logprobs=getattr(args, "logprobs", None),
         ).check(name=flag_name)
         for i in range(n_prompts)
     ]
@@ -84,6 +89,7 @@ class _Stream:
 
     decoder: object | None
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
     pending: str = ""
     text: str = ""
     finish_reason: str | None = None
@@ -135,6 +141,8 @@ def _run(args: argparse.Namespace, mesh, prompts, params: list[SamplingParams]) 
                     printer.emit(ev.request_id, "", True)
                 continue
             s.token_ids.append(ev.token_id)
+            if ev.logprobs is not None:
+                s.logprobs.append(_logprobs_json(ev.logprobs, tokenizer))
             piece = s.decoder.push(ev.token_id) if s.decoder else f"{ev.token_id} "
             if ev.finished:
                 s.finish_reason = ev.finish_reason
@@ -151,10 +159,26 @@ def _run(args: argparse.Namespace, mesh, prompts, params: list[SamplingParams]) 
                    "usage": {"prompt_tokens": len(prompt_ids[i]), "completion_tokens": len(s.token_ids)}}
             if tokenizer:
                 obj["text"] = s.text
+            if params[i].logprobs is not None:
+                obj["logprobs"] = s.logprobs
             if s.error is not None:
                 obj["error"] = str(s.error)
             print(json.dumps(obj))
+    elif params and params[0].logprobs is not None:
+        for i, rid in enumerate(order):
+            for lp in streams[rid].logprobs:
+                print(f"[{i}] " + "  ".join(f"{e['token_id']} {e['token']!r} {e['logprob']:.4f}"
+                                            for e in [lp, *lp["top"]]))
     return EXIT_REQUEST_FAILED if any(s.error is not None for s in streams.values()) else 0
+
+
+def _logprobs_json(lp, tokenizer: Tokenizer | None) -> dict:
+    """A token's logprobs as --json prints them; ``token`` decoded alone ("" without a tokenizer), as on the wire."""
+    def entry(token_id: int, logprob: float) -> dict:
+        token = tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else ""
+        return {"token_id": token_id, "token": token, "logprob": logprob}
+
+    return {**entry(lp.token_id, lp.logprob), "top": [entry(t, v) for t, v in lp.top]}
 
 
 class _OrderedPrinter:

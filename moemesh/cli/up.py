@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from moemesh.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
+from moemesh.argtypes import non_negative_float, non_negative_int, port, positive_float, positive_int
 from moemesh.cli import flags
 from moemesh.wire.limits import DEFAULT_MAX_BATCHED_TOKENS
 
@@ -76,6 +76,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--control-port", type=int, default=0,
                    help="port of the MeshControl service that adds and removes expert nodes while the mesh runs "
                    "(`moemesh mesh`); 0 picks one, printed as \"control\" in the ready line (default: 0)")
+    p.add_argument("--http-port", type=port, default=None, metavar="P",
+                   help="the router also serves the OpenAI-compatible HTTP API on port P (0 picks one), printed as "
+                   "\"http\" in the ready line (default: no HTTP API)")
+    p.add_argument("--served-model-name", default=None, metavar="N",
+                   help="the model's name in the HTTP API (default: the checkpoint directory's name)")
+    p.add_argument("--chat-template", default=None, metavar="F",
+                   help="a jinja chat template file for the HTTP API instead of the model's own")
+    p.add_argument("--reasoning-parser", default=None, choices=["deepseek-r1"],
+                   help="the HTTP API splits <think>...</think> into reasoning_content (DeepSeek-R1)")
     flags.add_transport_arg(p, "up")
     flags.add_device_args(p, "attention and expert weight")
     return p
@@ -152,7 +161,28 @@ def _router_args(args: argparse.Namespace, etcd: str) -> list[str]:
     out += ["--max-running-per-client", str(running)]
     if args.max_queued_per_client is not None:
         out += ["--max-queued-per-client", str(args.max_queued_per_client)]
-    return out + _tls_args(args, "router")
+    return out + _http_args(args) + _tls_args(args, "router")
+
+
+def _http_args(args: argparse.Namespace) -> list[str]:
+    """The router's OpenAI HTTP door, with --http-port."""
+    if getattr(args, "http_port", None) is None:
+        return []
+    out = ["--http-port", str(args.http_port)]
+    for flag, value in (("--served-model-name", getattr(args, "served_model_name", None)),
+                        ("--chat-template", getattr(args, "chat_template", None)),
+                        ("--reasoning-parser", getattr(args, "reasoning_parser", None))):
+        if value:
+            out += [flag, value]
+    return out
+
+
+def http_url(args: argparse.Namespace, http_port: int | None) -> dict:
+    """``{"http": "http(s)://HOST:PORT/v1"}`` for the ready line, {} without the HTTP door."""
+    if http_port is None:
+        return {}
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    return {"http": f"{'https' if getattr(args, 'tls', None) else 'http'}://{host}:{http_port}/v1"}
 
 
 def expert_slots(n_experts: int, expert_nodes: int, requested: int | None) -> int:
@@ -241,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
         control, control_port = serve_control(mesh, args.host, args.control_port, tls=tls,
                                               auth=Authenticator(tokens=TokenBook(tokens)) if tokens else None)
-        print(json.dumps({"event": "ready", "router": f"{args.host}:{router.port}", "etcd": etcd.endpoint,
+        print(json.dumps({"event": "ready", "router": f"{args.host}:{router.port}",
+                          **http_url(args, router.ready.get("http_port")), "etcd": etcd.endpoint,
                           "etcd_tls": secured is not None,
                           **({"etcd_password_file": secured.credentials.password_file} if secured else {}),
                           "control": f"{args.host}:{control_port}", "tls": tls is not None,

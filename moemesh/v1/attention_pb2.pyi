@@ -12,20 +12,32 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("running", "waiting", "cache_free_tokens", "cache_total_tokens", "expert_loads", "window_seconds")
+    __slots__ = ("running", "waiting", "cache_free_tokens", "cache_total_tokens", "expert_loads", "window_seconds", "prompt_tokens", "prefix_hit_tokens", "cached_blocks", "evicted_blocks", "block_size", "prefix_hashes")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     CACHE_FREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LOADS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HASHES_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     cache_free_tokens: int
     cache_total_tokens: int
     expert_loads: _containers.RepeatedCompositeFieldContainer[LayerLoad]
     window_seconds: float
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_free_tokens: _Optional[int] = ..., cache_total_tokens: _Optional[int] = ..., expert_loads: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., window_seconds: _Optional[float] = ...) -> None: ...
+    prompt_tokens: int
+    prefix_hit_tokens: int
+    cached_blocks: int
+    evicted_blocks: int
+    block_size: int
+    prefix_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_free_tokens: _Optional[int] = ..., cache_total_tokens: _Optional[int] = ..., expert_loads: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., window_seconds: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., evicted_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., prefix_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LayerLoad(_message.Message):
     __slots__ = ("layer", "tokens")

@@ -150,7 +150,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "role", "address", "status", "experts", "running", "waiting", "cache_free", "placement_version", "planned_load", "tokens_computed")
+    __slots__ = ("id", "role", "address", "status", "experts", "running", "waiting", "cache_free", "placement_version", "planned_load", "tokens_computed", "prompt_tokens", "prefix_hit_tokens", "cached_blocks", "evicted_blocks")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,10 @@ class NodeStatus(_message.Message):
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PLANNED_LOAD_FIELD_NUMBER: _ClassVar[int]
     TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     address: str
@@ -173,7 +177,11 @@ class NodeStatus(_message.Message):
     placement_version: int
     planned_load: float
     tokens_computed: int
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExpertIds, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_free: _Optional[float] = ..., placement_version: _Optional[int] = ..., planned_load: _Optional[float] = ..., tokens_computed: _Optional[int] = ...) -> None: ...
+    prompt_tokens: int
+    prefix_hit_tokens: int
+    cached_blocks: int
+    evicted_blocks: int
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExpertIds, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_free: _Optional[float] = ..., placement_version: _Optional[int] = ..., planned_load: _Optional[float] = ..., tokens_computed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., evicted_blocks: _Optional[int] = ...) -> None: ...
 
 class LayerExpertIds(_message.Message):
     __slots__ = ("layer", "experts")

@@ -149,6 +149,31 @@ def test_stop_string_ends_generation_and_is_not_emitted(node):
     assert last.finish_reason == "stop" and stop not in text2 and text.startswith(text2)
 
 
+def test_logprobs_with_token_texts_a_stop_string_and_a_resume(node):
+    stub, reference, _, _ = node
+    tok = reference.tokenizer
+    full = _stream(stub, _request(ids=[0, 5, 9], max_tokens=12, ignore_eos=True, temperature=0.0, logprobs=2))
+    tokens = [t for r in full for t in r.token_ids]
+    assert all([lp.token_id for lp in r.logprobs] == list(r.token_ids) for r in full)
+    for lp in (lp for r in full for lp in r.logprobs):
+        assert len(lp.top) == 2 and (lp.top[0].token_id, lp.top[0].logprob) == (lp.token_id, lp.logprob)
+        assert lp.top[0].logprob >= lp.top[1].logprob
+        assert lp.token == tok.decode([lp.token_id], skip_special_tokens=False)
+        assert [t.token for t in lp.top] == [tok.decode([t.token_id], skip_special_tokens=False) for t in lp.top]
+    text = "".join(r.text for r in full)
+    stop = text[4:6]
+    stopped = _stream(stub, _request(ids=[0, 5, 9], max_tokens=12, ignore_eos=True, temperature=0.0, logprobs=2,
+                                     stop=[stop]))
+    assert stopped[-1].finish_reason == "stop" and len(stopped) < len(full)
+    assert [len(r.logprobs) for r in stopped] == [1] * len(stopped)  # the ending response keeps its token's too
+    assert stopped[-1].logprobs[0].token_id == stopped[-1].token_ids[0] == tokens[len(stopped) - 1]
+    resume = _request(ids=[0, 5, 9], max_tokens=12, ignore_eos=True, temperature=0.0, logprobs=2)
+    resume.resume_token_ids.extend(tokens[:5])
+    rest = _stream(stub, resume)
+    assert [lp.token_id for r in rest for lp in r.logprobs] == tokens[5:]  # none for the carried tokens
+    assert _stream(stub, _request(ids=[0, 5, 9], max_tokens=3))[0].logprobs == []  # not asked: none
+
+
 @pytest.mark.parametrize("req, field", [
     (_request(ids=[1, 2], max_tokens=0), "max_tokens"),
     (_request(ids=[1, 2], temperature=-1.0), "temperature"),
@@ -158,6 +183,7 @@ def test_stop_string_ends_generation_and_is_not_emitted(node):
     (_request(), "prompt"),
     (_request(ids=[1], stop=["x"] * 40), "stop"),
     (_request(ids=[1], stop_token_ids=[10**6]), "stop_token_ids"),
+    (_request(ids=[1], logprobs=21), "sampling.logprobs"),
     (_request(ids=list(range(2, 300)) * 8, max_tokens=4), "context"),
 ])
 def test_invalid_fields_are_invalid_argument(node, req, field):

@@ -323,6 +323,29 @@ def test_node_failing_mid_stream_is_resumed_on_another_without_gap_or_duplicate(
     eventually(lambda: len(router.view.ready_attention_nodes()) == 2, DEADLINE_S, "dying node's record gone")
 
 
+def test_logprobs_pass_through_the_router_and_a_resume(bg, etcd, router, nodes):
+    req = request(ids=[0, 5, 9], max_tokens=10, ignore_eos=True, logprobs=2)
+    want = list(nodes[0].stub.Generate(req, timeout=30))
+    assert [len(r.logprobs) for r in want] == [1] * len(want) and len(want[0].logprobs[0].top) == 2
+    direct, _, _ = collect_all(router.stub, req)  # through the router, nothing dropped
+    assert [[(lp.token_id, len(lp.top)) for lp in r.logprobs] for r in direct] == [
+        [(lp.token_id, len(lp.top)) for lp in r.logprobs] for r in want]
+    dying = AttnNode(bg, etcd.endpoint, "attn-00-dying", DyingNode(want, 4, Code.UNAVAILABLE))
+    try:
+        eventually(lambda: len(router.view.ready_attention_nodes()) == 3, DEADLINE_S, "router sees the dying node")
+        got, _, trailing = collect_all(router.stub, req)
+    finally:
+        dying.close()
+    assert trailing["x-moemesh-resumes"] == "1"
+    assert _tokens(got) == _tokens(want)
+    # After the resume the next node still computes them: one per token, each with its 2 alternatives.
+    assert [[lp.token_id for lp in r.logprobs] for r in got] == [list(r.token_ids) for r in got]
+    assert all(len(lp.top) == 2 for r in got for lp in r.logprobs)
+    for a, b in zip((lp for r in got for lp in r.logprobs), (lp for r in want for lp in r.logprobs)):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    eventually(lambda: len(router.view.ready_attention_nodes()) == 2, DEADLINE_S, "dying node's record gone")
+
+
 @pytest.mark.parametrize("fail", [Code.INTERNAL, Code.CANCELLED, Code.INVALID_ARGUMENT])
 def test_mid_stream_errors_that_are_not_the_node_going_away_reach_the_client(bg, etcd, router, nodes, fail):
     req = request(ids=[0, 5, 9], max_tokens=10, ignore_eos=True)
@@ -352,6 +375,7 @@ def test_mid_stream_errors_that_are_not_the_node_going_away_reach_the_client(bg,
     (lambda r: setattr(r, "text", ""), "text is empty"),
     (lambda r: r.sampling.stop.extend(["x"] * 40), "stop"),
     (lambda r: r.sampling.stop_token_ids.append(10**6), "stop_token_ids"),
+    (lambda r: setattr(r.sampling, "logprobs", 21), "sampling.logprobs"),
     (lambda r: r.token_ids.ids.extend(list(range(2, 300)) * 7), "context"),
     (lambda r: setattr(r, "request_id", "bad\x00id"), "request_id"),
     (lambda r: r.resume_token_ids.append(3), "resume_token_ids"),

@@ -98,6 +98,30 @@ def test_request_id_reaches_the_attention_node_logs(mesh):
     assert any(e.get("event") == "request_finished" and e.get("request_id") == "trace-me-42" for e in lines), log[-2000:]
 
 
+def test_sdk_logprobs_through_router_attention_and_expert_nodes(mesh):
+    hf, _, ready = mesh
+    prompt = [5, 9, 33, 2, 17]
+    with MeshClient(ready["router"], timeout_s=120) as client:
+        chunks = list(client.stream(prompt_ids=prompt, max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3))
+        with pytest.raises(MeshError) as exc:  # params= is sent as given: the router checks the range
+            client.generate(prompt_ids=prompt, params=SamplingParams(max_tokens=2, logprobs=21))
+        plain = client.generate(prompt_ids=prompt, max_tokens=2, temperature=0.0)
+    assert exc.value.status == "INVALID_ARGUMENT" and "sampling.logprobs" in exc.value.details
+    assert plain.logprobs is None
+    tokens = [t for c in chunks for t in c.token_ids]
+    records = [lp for c in chunks for lp in c.logprobs]
+    assert all(len(c.logprobs) == len(c.token_ids) for c in chunks)
+    assert [lp.token_id for lp in records] == tokens and len(tokens) == 6
+    with torch.no_grad():  # the model's own log-softmax at each generated position
+        ref = torch.log_softmax(hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float(), -1)
+    for i, lp in enumerate(records):
+        assert len(lp.top) == 3 and lp.top[0].token_id == lp.token_id  # greedy: the top alternative
+        assert lp.top[0].logprob == lp.logprob
+        assert lp.logprob == pytest.approx(ref[i, lp.token_id].item(), abs=1e-4)
+        assert [t.token_id for t in lp.top] == torch.topk(ref[i], 3).indices.tolist()
+        assert lp.token == "" and all(t.token == "" for t in lp.top)  # transformers' checkpoint: no tokenizer
+
+
 def test_sigterm_stops_everything(mesh):
     _, proc, _ = mesh
     children = _descendants(proc.pid)

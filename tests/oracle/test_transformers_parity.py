@@ -56,3 +56,24 @@ def test_batched_greedy_tokens_match(pair):
             ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert out.token_ids == ref
+
+
+def test_sampled_token_logprobs_match_transformers_log_softmax(pair):
+    # Greedy and sampled (at a temperature: the logprobs stay raw) prompts batched together; each token's
+    # logprob and top alternatives against transformers' log_softmax of its logits at that position.
+    hf, mesh = pair
+    prompts = _prompts(mesh.cfg.vocab_size)
+    params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=4),
+              SamplingParams(max_tokens=8, temperature=1.7, seed=3, ignore_eos=True, logprobs=4),
+              SamplingParams(max_tokens=8, temperature=0.6, top_p=0.9, seed=4, ignore_eos=True, logprobs=0)]
+    for prompt, p, out in zip(prompts, params, mesh.engine.generate(prompts, params)):
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1 : -1].float()
+        ref = torch.log_softmax(logits, dim=-1)
+        assert [lp.token_id for lp in out.logprobs] == out.token_ids
+        got = torch.tensor([lp.logprob for lp in out.logprobs])
+        torch.testing.assert_close(got, ref[torch.arange(len(out.token_ids)), out.token_ids], rtol=0, atol=1e-4)
+        for i, lp in enumerate(out.logprobs):
+            values, ids = torch.topk(ref[i], p.logprobs)
+            assert [t for t, _ in lp.top] == ids.tolist()
+            torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), values, rtol=0, atol=1e-4)

@@ -45,6 +45,7 @@ def _run(argv, capsys):
         (["generate", "--model", "{tiny}", "--prompt-ids", "1,2", "--temperature", "-0.5"], "--temperature"),
         (["generate", "--model", "{tiny}", "--prompt-ids", "1,x"], "token ids"),
         (["generate", "--model", "{tiny}", "--prompt-ids", "1", "--top-p", "0"], "--top-p"),
+        (["generate", "--model", "{tiny}", "--prompt-ids", "1", "--logprobs", "21"], "--logprobs"),
         (["bench", "--model", "{tiny}", "--batch", "0"], "--batch"),
         (["tiny-checkpoint", "{out}", "--experts", "4", "--experts-per-token", "9"], "--experts-per-token"),
     ],
@@ -85,6 +86,24 @@ def test_generate_json_in_prompt_order(tiny_dir, capsys):
     assert [o["index"] for o in objs] == [0, 1]
     assert objs[1]["prompt_ids"] == [5, 6, 7]
     assert all(len(o["token_ids"]) == 4 and isinstance(o["text"], str) for o in objs)
+
+
+def test_generate_logprobs_in_json_and_after_the_text(tiny_dir, capsys):
+    from moemesh.model.tokenizer import Tokenizer
+
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "The river", "--max-tokens", "3", "--temperature", "0",
+            "--ignore-eos", "--logprobs", "2"]
+    assert main([*args, "--json"]) == 0
+    (obj,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    tok = Tokenizer.from_dir(tiny_dir)
+    assert [lp["token_id"] for lp in obj["logprobs"]] == obj["token_ids"]
+    for lp in obj["logprobs"]:
+        assert [t["token_id"] for t in lp["top"]][0] == lp["token_id"] and len(lp["top"]) == 2  # greedy: top-1
+        assert lp["logprob"] == lp["top"][0]["logprob"] <= 0 and lp["top"][1]["logprob"] <= lp["logprob"]
+        assert lp["token"] == tok.decode([lp["token_id"]], skip_special_tokens=False)
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines[-3:]] == [str(t) for t in obj["token_ids"]]  # "[0] id 'token' lp ..."
 
 
 def test_generate_streams_text(tiny_dir, capsys):

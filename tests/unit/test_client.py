@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from moemesh.router import AsyncMeshClient, GenerateResult, MeshClient, MeshError, TokenChunk
-from moemesh.router.client import ModelInfo, Usage
+from moemesh.router.client import ModelInfo, TokenLogprob, TopLogprob, Usage
 from moemesh.sampling import SamplingParams
 from moemesh.wire.status import NO_RETRY
 from moemesh.v1 import inference_pb2, inference_pb2_grpc
@@ -67,6 +67,11 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
                         self.cancelled.set()
                         return
             resp = inference_pb2.GenerateResponse(request_id=request.request_id, token_ids=ids, text=text)
+            if request.sampling.HasField("logprobs"):  # one per token: its id, then k alternatives
+                for t in ids:
+                    lp = resp.logprobs.add(token_id=t, token=f"<{t}>", logprob=-0.5)
+                    for a in range(request.sampling.logprobs):
+                        lp.top.add(token_id=t + a, token=f"<{t + a}>", logprob=-0.5 - a)
             if i == len(CHUNKS) - 1:
                 resp.finish_reason = "length"
                 resp.usage.prompt_tokens = 2
@@ -142,6 +147,40 @@ def test_generate_folds_the_stream_and_sends_every_field(fake):
         4, 0.0, 5, 7, ["\n"], [2], True,
     )  # fmt: skip
     assert s.top_p == pytest.approx(0.9)
+
+
+def _logprob(t: int, k: int) -> TokenLogprob:
+    return TokenLogprob(t, f"<{t}>", -0.5, tuple(TopLogprob(t + a, f"<{t + a}>", -0.5 - a) for a in range(k)))
+
+
+def test_logprobs_are_asked_for_and_come_back_as_records(fake):
+    with MeshClient(fake.address) as mesh:
+        plain = mesh.generate("hi")
+        res = mesh.generate("hi", logprobs=2)
+        chunks = list(mesh.stream("hi", logprobs=0))
+        with pytest.raises(ValueError, match="logprobs must be an integer in \\[0, 20\\]"):
+            mesh.generate("hi", logprobs=21)
+        with pytest.raises(ValueError, match="logprobs"):
+            mesh.stream("hi", logprobs=-1)
+    assert [c[1].sampling.HasField("logprobs") for c in fake.calls] == [False, True, True]
+    assert fake.calls[1][1].sampling.logprobs == 2
+    assert plain.logprobs is None
+    assert res.logprobs == [_logprob(t, 2) for t in res.token_ids]
+    assert [c.logprobs for c in chunks] == [[_logprob(t, 0) for t in ids] for ids, _ in CHUNKS]
+
+
+def test_async_logprobs(fake):
+    async def main():
+        async with AsyncMeshClient(fake.address) as mesh:
+            res = await mesh.generate("hi", logprobs=1)
+            chunks = [c async for c in mesh.stream("hi", logprobs=1)]
+            with pytest.raises(ValueError, match="logprobs"):
+                await mesh.generate("hi", logprobs=True)
+            return res, chunks
+
+    res, chunks = asyncio.run(main())
+    assert res.logprobs == [_logprob(t, 1) for t in [11, 12, 13, 14]]
+    assert [lp for c in chunks for lp in c.logprobs] == res.logprobs
 
 
 def test_prompt_ids_defaults_and_no_token(fake):

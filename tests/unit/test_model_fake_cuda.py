@@ -21,7 +21,8 @@ from moemesh.attn_node.attach import attach_experts
 from moemesh.attn_node.engine import Engine, EngineConfig
 from moemesh.attn_node.load_stats import LoadStats
 from moemesh.attn_node.model import Transformer
-from moemesh.attn_node.sampler import sample_tokens
+from moemesh.attn_node.logprobs import logprob_block, pack
+from moemesh.attn_node.sampler import sample_step, sample_tokens
 from moemesh.expert_backend import StaticExpertBackend
 from moemesh.kernels.ops import Ops, select_ops
 from moemesh.model.config import ModelConfig
@@ -140,6 +141,22 @@ def test_sampling_greedy_and_filtered_stays_on_the_device():
             tokens = sample_tokens(logits, params, [None] * len(params))
         assert audit.cpu_ops == []
         assert tokens.device == CUDA and tuple(tokens.shape) == (len(params),) and tokens.dtype == torch.int64
+
+
+def test_logprobs_are_computed_and_packed_with_the_ids_on_the_device():
+    # Rows asking (greedy and sampled, k = 0 and 20) among rows that do not: one float64 tensor on the device.
+    params = [SamplingParams(temperature=0.0, logprobs=20), GREEDY, SamplingParams(temperature=0.7, logprobs=0),
+              SamplingParams(temperature=0.9, top_p=0.8)]
+    with fake_cuda() as fake:
+        logits = torch.randn(len(params), 64, device="cuda")
+        with fake.audit() as audit:
+            tokens = sample_tokens(logits, params, [None] * len(params))
+            packed = pack(tokens, logprob_block(logits, tokens, params))
+        assert audit.cpu_ops == [] and audit.uploads == []  # the asking rows are gathered without an index upload
+        assert packed.device == CUDA and packed.dtype == torch.float64
+        assert tuple(packed.shape) == (len(params) + 2 * (1 + 2 * 20),)
+        with pytest.raises(DataDependentOutputException):
+            sample_step(logits, params, [None] * len(params))  # its one host read, of that one tensor
 
 
 def test_load_counts_accumulate_on_the_device_and_are_read_only_by_snapshot():
