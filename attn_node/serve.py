@@ -16,6 +16,7 @@ import json
 import signal
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
@@ -31,6 +32,7 @@ from moemesh.control.node_ids import advertise_address, default_node_id
 from moemesh.control.placement import Placement
 from moemesh.control.servability import Servability, judge, live_expert_nodes, min_slots
 from moemesh.wire.tls import TLSFiles
+from moemesh.model.chat_template import ChatTemplate, ChatTemplateError
 from moemesh.model.tokenizer import Tokenizer
 
 from .attach import attach_experts
@@ -54,10 +56,13 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
                           dispatch_timeout_s: float = 30.0, drain_timeout_s: float = 60.0,
                           max_pending: int = 256, tls: TLSFiles | None = None,
                           health_port: int | None = None, transport: str = "grpc", device="cpu",
-                          etcd_credentials=None) -> None:
+                          etcd_credentials=None, served_model_name: str | None = None) -> None:
     """``device`` (resolved by the caller, as ``dtype``): the weights, latent cache, sampler, load counts and the
-    torch transport's frames live there. ``etcd_credentials``: an EtcdCredentials for a secured etcd, or None."""
+    torch transport's frames live there. ``etcd_credentials``: an EtcdCredentials for a secured etcd, or None.
+    ``served_model_name``: the model's name to clients (ModelInfo), default the checkpoint directory's."""
     cfg = ModelConfig.from_dir(model_dir)
+    tokenizer, chat_template = Tokenizer.from_dir(model_dir), ChatTemplate.from_dir(model_dir)  # read once, here
+    _warn_if_broken(chat_template)
     checkpoint = checkpoint_fingerprint(model_dir)  # expert nodes must serve the same one
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,7 +74,8 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
                                     device)
     engine = Engine(attach_experts(model, backend, stats), cfg, engine_config, backend=backend)
     engine_loop = EngineLoop(engine, max_pending=max_pending).start()
-    service = AttentionService(engine_loop, cfg, Tokenizer.from_dir(model_dir), stats)
+    service = AttentionService(engine_loop, cfg, tokenizer, stats, chat_template=chat_template,
+                               model_name=served_model_name or default_model_name(model_dir))
     server, bound, health = attention_server(service, host, port, tls)
     await server.start()
     health_server = await start_health_port(health, host, health_port)  # noqa: F841 (kept alive)
@@ -117,6 +123,20 @@ async def serve_attention(model_dir: str, host: str, port: int, dtype, engine_co
     if reg is not None:
         await reg.close()
     log.info("stopped")
+
+
+def _warn_if_broken(chat_template: ChatTemplate | None) -> None:
+    """A template that does not parse fails each chat request (400, naming the line); say so once, at start-up."""
+    try:
+        if chat_template is not None:
+            chat_template.check()
+    except ChatTemplateError as exc:
+        log.warning("chat_template_invalid", error=str(exc))
+
+
+def default_model_name(model_dir: str | Path) -> str:
+    """The checkpoint directory's name (``.../DeepSeek-V3/`` -> ``DeepSeek-V3``), as vLLM names a local model."""
+    return Path(model_dir).resolve().name
 
 
 TICK_S = 1.0  # look again even without etcd events: retry a failed dial, re-dial a node whose link broke

@@ -33,6 +33,7 @@ from moemesh.wire.requests import StopStringMatcher, check_request_id, sampling_
 from moemesh.wire.server import create_server
 from moemesh.wire.status import abort
 from moemesh.wire.tls import TLSFiles
+from moemesh.model.chat_template import ChatTemplate
 from moemesh.model.tokenizer import IncrementalDecoder, Tokenizer
 from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 
@@ -48,8 +49,13 @@ SERVICE_NAME = attention_pb2.DESCRIPTOR.services_by_name["AttentionNode"].full_n
 
 
 class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
-    def __init__(self, loop: EngineLoop, cfg: ModelConfig, tokenizer: Tokenizer | None, stats: LoadStats | None = None):
+    """``chat_template`` and ``model_name`` are only reported (ModelInfo): the router renders chats and names the
+    model to HTTP clients."""
+
+    def __init__(self, loop: EngineLoop, cfg: ModelConfig, tokenizer: Tokenizer | None, stats: LoadStats | None = None,
+                 *, chat_template: ChatTemplate | None = None, model_name: str = ""):
         self.loop, self.cfg, self.tokenizer, self.stats = loop, cfg, tokenizer, stats
+        self.chat_template, self.model_name = chat_template, model_name
 
     def _prompt(self, request: inference_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
@@ -164,12 +170,13 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
         return inference_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
 
     async def ModelInfo(self, request, context):
-        cfg = self.cfg
+        cfg, chat = self.cfg, self.chat_template
         return inference_pb2.ModelInfoResponse(
             model_type=cfg.arch, vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_position_embeddings,
             num_hidden_layers=cfg.num_hidden_layers, n_routed_experts=cfg.n_routed_experts,
             num_experts_per_tok=cfg.num_experts_per_tok, eos_token_ids=list(cfg.eos_token_ids),
-            has_tokenizer=self.tokenizer is not None)
+            has_tokenizer=self.tokenizer is not None, model_name=self.model_name,
+            chat_template=chat.template if chat else "", special_tokens=chat.special_tokens if chat else {})
 
     async def Load(self, request, context):
         blocks = self.loop.engine.blocks

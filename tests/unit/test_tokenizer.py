@@ -99,5 +99,5 @@ def test_incremental_decoder_special_tokens(tok):
 def test_build_tokenizer_pads_small_corpus_and_rejects_tiny_vocab():
     big = build_tokenizer(4096)
     assert big.get_vocab_size(with_added_tokens=True) == 4096
-    with pytest.raises(ValueError, match="vocab_size must be >= 258"):
+    with pytest.raises(ValueError, match="vocab_size must be >= 262"):
         build_tokenizer(100)
