@@ -172,10 +172,9 @@ def _grpc_stream(client):
     return stream
 
 
-def _openai_client(args):
+def _openai_client(args, transport=None):
     try:
-        import httpx
-        from openai import AsyncOpenAI
+        import openai
     except ImportError:
         from moemesh.errors import MoemeshError
 
@@ -183,9 +182,27 @@ def _openai_client(args):
     base = args.http.rstrip("/")
     base = base if base.endswith("/v1") else base + "/v1"
     token = Path(args.token_file).read_text().strip() if args.token_file else "EMPTY"
-    cert = (args.tls_cert, args.tls_key) if args.tls_cert else None
-    http = httpx.AsyncClient(verify=args.tls_ca or True, cert=cert, timeout=args.timeout)
-    return AsyncOpenAI(base_url=base, api_key=token, http_client=http, max_retries=0, timeout=args.timeout)
+    tls = True
+    if args.tls_ca or args.tls_cert:
+        import ssl
+
+        tls = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_cert:
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+    # The client's own httpx (httpx or httpx2, by openai version), with room for every request at once: a
+    # connection pool smaller than the load would queue requests in the client and inflate TTFT.
+    limits = _httpx().Limits(max_connections=None, max_keepalive_connections=None)
+    # transport: an ASGI app's, in the unit tests; else httpx's own.
+    http = openai.DefaultAsyncHttpxClient(verify=tls, timeout=args.timeout, limits=limits, transport=transport)
+    return openai.AsyncOpenAI(base_url=base, api_key=token, http_client=http, max_retries=0, timeout=args.timeout)
+
+
+def _httpx():
+    import importlib
+
+    import openai
+
+    return importlib.import_module(openai.DefaultAsyncHttpxClient.__mro__[1].__module__.partition(".")[0])
 
 
 def _http_stream(client, model: str):
@@ -207,7 +224,7 @@ def _http_stream(client, model: str):
     return stream
 
 
-async def _run_target(args, router: str | None, vocab_size: int | None):
+async def _run_target(args, router: str | None, vocab_size: int | None, http_transport=None):
     """(requests, records, duration) against the gRPC router at ``router`` or ``--http``."""
     if router is not None:
         from moemesh.router import AsyncMeshClient
@@ -217,7 +234,7 @@ async def _run_target(args, router: str | None, vocab_size: int | None):
             requests = _workload(args, vocab_size or (await client.model_info()).vocab_size)
             stream = _grpc_stream(client)
             return requests, *(await _warm_and_drive(args, requests, stream))
-    client = _openai_client(args)
+    client = _openai_client(args, http_transport)
     try:
         model = args.served_model or (await client.models.list()).data[0].id
         requests = _workload(args, vocab_size)
