@@ -103,16 +103,15 @@ def add_serving_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _workload(args, vocab_size: int):
-    from moemesh.cli.serving_workload import LengthDist, arrival_times, build_workload, draw_lengths, \
+def _plan(args) -> tuple[list[tuple[int, int]], list[float]]:
+    """(prompt_len, output_len) and arrival time per request: checked before anything starts."""
+    from moemesh.cli.serving_workload import LengthDist, WorkloadError, arrival_times, draw_lengths, \
         read_lengths_jsonl
 
     if args.lengths_file:
         pairs = read_lengths_jsonl(args.lengths_file)
         n = args.num_prompts or len(pairs)
         if n > len(pairs):
-            from moemesh.cli.serving_workload import WorkloadError
-
             raise WorkloadError(f"--lengths-file {args.lengths_file} has {len(pairs)} requests; --num-prompts {n} "
                                 "asks for more")
         lengths = pairs[:n]
@@ -120,7 +119,13 @@ def _workload(args, vocab_size: int):
         n = args.num_prompts or DEFAULT_NUM_PROMPTS
         lengths = draw_lengths(n, LengthDist.parse(args.input_len, "--input-len"),
                                LengthDist.parse(args.output_len, "--output-len"), args.seed)
-    return build_workload(lengths, arrival_times(n, args.rate, args.burstiness, args.seed), vocab_size, args.seed)
+    return lengths, arrival_times(n, args.rate, args.burstiness, args.seed)
+
+
+def _workload(args, vocab_size: int):
+    from moemesh.cli.serving_workload import build_workload
+
+    return build_workload(*args.plan, vocab_size, args.seed)
 
 
 async def _drive(requests, stream, max_concurrency: int | None, progress: bool):
@@ -151,6 +156,7 @@ async def _drive(requests, stream, max_concurrency: int | None, progress: bool):
                 rec.end_s = now()
                 if counted is not None:  # the server's usage, where chunks do not say how many tokens they hold
                     rec.output_tokens = counted
+                    del rec.chunk_s[max(counted, 1):]  # more chunks than tokens: the last closed the stream
             except Exception as exc:  # one failed request is a figure, not the end of the run
                 rec.error = f"{type(exc).__name__}: {exc}"
         bar.update(1)
@@ -213,10 +219,9 @@ def _http_stream(client, model: str):
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         async for chunk in response:
             if chunk.choices:
-                choice = chunk.choices[0]
-                # A chunk per token; text may be empty mid-character. A closing chunk with only a
-                # finish_reason carries no token.
-                on_chunk(1 if choice.text or choice.finish_reason is None else 0)
+                # A chunk per token (its text may be empty mid-character); a closing chunk that only carries
+                # the finish_reason is dropped by the caller, which trims the chunks to the usage's count.
+                on_chunk(1)
             if chunk.usage is not None:
                 usage = chunk.usage.completion_tokens
         return usage
@@ -296,7 +301,8 @@ def _baseline(args, model: str, requests):
 
 
 def _config(args, model: str | None, target: str, requests) -> dict:
-    return {"target": target, "model": model, "num_prompts": len(requests), "rate": args.rate,
+    return {"target": target, "model": model, "num_prompts": len(requests),
+            "rate": args.rate if math.isfinite(args.rate) else "inf",  # JSON has no infinity
             "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, "seed": args.seed,
             "input_len": None if args.lengths_file else args.input_len,
             "output_len": None if args.lengths_file else args.output_len, "lengths_file": args.lengths_file,
@@ -312,6 +318,7 @@ def run_serving(args: argparse.Namespace) -> int:
     from moemesh.cli.serving_metrics import format_table, parse_goodput, summarize
 
     args.goodput_slos = parse_goodput(args.goodput)
+    args.plan = _plan(args)
     model = args.model
     if args.baseline and not model and (args.router or args.http):
         raise UsageError("--baseline transformers needs --model DIR: the checkpoint the router serves")
