@@ -251,7 +251,13 @@ async def _run_target(args, router: str | None, vocab_size: int | None, http_tra
 async def _warm_and_drive(args, requests, stream):
     # One request first, as vLLM's "initial test run": it fails loudly on a wrong target, and the first
     # call's one-time costs (connections, kernel choices) stay out of the figures.
-    await stream(requests[0], lambda tokens: None)
+    try:
+        await stream(requests[0], lambda tokens: None)
+    except Exception as exc:
+        from moemesh.errors import MoemeshError
+
+        raise MoemeshError(f"the first (warm-up) request failed, check the target and flags: "
+                           f"{type(exc).__name__}: {exc}") from None
     return await _drive(requests, stream, args.max_concurrency, progress=not args.no_progress)
 
 

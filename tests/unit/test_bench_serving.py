@@ -107,6 +107,8 @@ def test_the_baseline_runs_static_batches_in_arrival_order(tiny_checkpoint):
     (["--router", "127.0.0.1:9"], "add --serving"),
     (["--serving", "--mesh"], "--mesh and --serving"),
     (["--serving", "--router", "a:1", "--http", "http://b"], "not allowed with argument"),
+    (["--serving", "--http", "http://127.0.0.1:9", "--vocab-size", "9", "--served-model", "m", "--num-prompts", "1"],
+     "the first (warm-up) request failed"),
 ])
 def test_bad_serving_flags_give_one_line(argv, needle, capsys):
     try:
