@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from moemesh.argtypes import positive_int
 from moemesh.cli import flags
+from moemesh.cli.bench_serving import add_serving_args
 from moemesh.sampling import SamplingParams
 from moemesh.errors import MoemeshError
 
@@ -28,20 +29,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description="Run the same greedy workload (random prompts) through transformers' generate "
                               "and through the moemesh engine in one run; print tokens/s of each, the ratio, whether the "
                               "tokens agree, and the latent cache bytes per token next to what MHA would need. Both run on "
-                              "--device in --dtype. Needs transformers (pip install 'moemesh[bench]').")
-    flags.add_model_arg(p)
+                              "--device in --dtype. Needs transformers (pip install 'moemesh[bench]'). --mesh and --serving "
+                              "are other benchmarks, on the same flags where they apply.")
+    flags.add_model_arg(p, required=False)
     p.add_argument("--batch", type=positive_int, default=16, help="prompts run together (default: 16)")
     p.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt (default: 32)")
     p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated per prompt (default: 32)")
     p.add_argument("--repeats", type=positive_int, default=1, help="timed runs per side; the best counts")
-    p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="print one JSON object with the figures instead of the table; --json FILE writes it to "
+                   "FILE and prints the table too")
     p.add_argument("--mesh", action="store_true",
                    help="instead: start 2 expert node processes on loopback and compare the single process with "
                    "the mesh (micro-batch overlap on and off), and one dispatch hop with a raw TCP echo")
     p.add_argument("--hop-samples", type=positive_int, default=300, help="round trips timed for the hop (--mesh)")
     flags.add_transport_arg(p, "bench")
     flags.add_engine_args(p)
+    add_serving_args(p)
     return p
+
+
+def emit_json(args: argparse.Namespace, result: dict) -> bool:
+    """``--json``: print ``result`` (True: the caller prints nothing else) or, ``--json FILE``, write it there."""
+    if args.json == "-":
+        print(json.dumps(result))
+        return True
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
+    return False
 
 
 def _load_hf(model_dir: str, dtype: torch.dtype, device: torch.device):
@@ -62,6 +78,18 @@ def _time_best(fn, repeats: int) -> tuple[float, object]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.serving:
+        if args.mesh:
+            raise flags.UsageError("--mesh and --serving are two benchmarks: give one")
+        from moemesh.cli.bench_serving import run_serving
+
+        return run_serving(args)
+    if args.router or args.http or args.baseline:
+        raise flags.UsageError("--router, --http and --baseline belong to the serving benchmark: add --serving")
+    if not args.model:
+        from moemesh.launch.embedded import ensure_demo_model
+
+        args.model = str(ensure_demo_model())
     if args.mesh:
         from moemesh.cli.bench_mesh import run_mesh_bench
 
@@ -115,8 +143,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         "latent_cache_bytes_per_token": cfg.kv_cache_dim * elem * cfg.num_hidden_layers,
         "mha_cache_bytes_per_token": cfg.mha_cache_dim * elem * cfg.num_hidden_layers,
     }
-    if args.json:
-        print(json.dumps(result))
+    if emit_json(args, result):
         return 0
     print(f"workload: batch {args.batch}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
           f"greedy, {result['dtype']} on {result['device']}, {result['threads']} threads")

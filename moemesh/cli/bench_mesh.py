@@ -10,7 +10,6 @@ the mesh is measured for gRPC and for torch.distributed side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import statistics
 import subprocess
@@ -170,8 +169,9 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
             "torch_hop_us": hops["torch"][0], "torch_hop_with_expert_us": hops["torch"][1],
             "torch_fallback_messages": results["torch", "on"][2] + results["torch", "off"][2],
         })
-    if args.json:
-        print(json.dumps(out))
+    from moemesh.cli.bench import emit_json
+
+    if emit_json(args, out):
         return 0
     print(f"workload: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy; "
           f"2 expert nodes ({specs[0]} | {specs[1]}) on loopback")
