@@ -23,6 +23,7 @@ from .protocol import (
 from .sampling import chat_max_tokens, chat_request
 from .sse import DONE, sse_events
 from .stream import GenerationStream, until_disconnect
+from .template_args import template_arguments
 
 
 def message_dict(message: ChatMessage, index: int) -> dict:
@@ -49,8 +50,7 @@ def routes(door: Door) -> APIRouter:
         model, info = await door.model(body.model)
         rid = request_id(request)
         messages = [message_dict(m, i) for i, m in enumerate(body.messages)]
-        text = door.template(info).render(messages, add_generation_prompt=body.add_generation_prompt,
-                                          tools=body.tools, **(body.chat_template_kwargs or {}))
+        text = door.template(info).render(messages, **template_arguments(body))
         max_tokens = chat_max_tokens(body)
         if max_tokens is None:  # up to the context: count the prompt (tokenize adds a BOS: at most one short)
             max_tokens = info.max_position_embeddings - len(await until_disconnect(request, door.path.tokenize(text)))

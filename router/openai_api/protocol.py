@@ -59,6 +59,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0)
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, Any]] | None = None  # vLLM's extra: RAG documents for templates that take them
     chat_template_kwargs: dict[str, Any] | None = None
 
 
