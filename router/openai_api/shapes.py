@@ -48,7 +48,16 @@ def completion_logprobs(entries: Iterable[inference_pb2.TokenLogprob], k: int, o
         offset += len(e.token)
         out.tokens.append(e.token)
         out.token_logprobs.append(_lp(e.logprob))
-        out.top_logprobs.append({t.token: _lp(t.logprob) for t in e.top} if k > 0 else None)
+        out.top_logprobs.append(_top_dict(e.top) if k > 0 else None)
+    return out
+
+
+def _top_dict(top: Iterable[inference_pb2.TopLogprob]) -> dict[str, float]:
+    """``{token text: logprob}``, most likely first; two tokens with the same text (bytes of one character,
+    each shown as U+FFFD) keep the likelier, so the sampled token's entry is its own logprob."""
+    out: dict[str, float] = {}
+    for t in top:
+        out.setdefault(t.token, _lp(t.logprob))
     return out
 
 

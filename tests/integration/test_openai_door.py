@@ -20,6 +20,7 @@ import httpx2 as httpx  # the openai client's HTTP library
 import openai
 import pytest
 
+from moemesh.model.chat_template import ChatTemplate
 from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.router import MeshClient
 from tests.helpers import DEADLINE_S, eventually
@@ -29,23 +30,22 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 TOKEN_A, TOKEN_B = "door-client-a", "door-client-b"
 PROMPT = "hello world, this is"
 LONG = 1500  # tokens: far more than a test waits for (the context is 2048)
-# A small template that writes its own BOS (DeepSeek's writes {{ bos_token }}), as --chat-template.
-TEMPLATE = ("<s>{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
-            "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}\n{% else %}{{ m['content'] }}\n"
-            "{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+# A multi-turn conversation with a system message, for the checkpoint's own (DeepSeek-V3-style) template.
+CONVERSATION = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "why is the sun warm?"}]
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     root = tmp_path_factory.mktemp("door")
-    model = write_tiny_checkpoint(root / "m", hidden_size=64, layers=2, experts=4, experts_per_token=2)
+    model = write_tiny_checkpoint(root / "m", hidden_size=64, layers=2, experts=4, experts_per_token=2,
+                                  chat_template="deepseek-v3")  # chat uses the checkpoint's own template
     (root / "tokens").write_text(f"{TOKEN_A}\n{TOKEN_B}\n")
-    (root / "template.jinja").write_text(TEMPLATE)
     logs = root / "logs"
     proc = subprocess.Popen(
         [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--port", "0", "--http-port", "0",
          "--log-dir", str(logs), "--auth-token-file", str(root / "tokens"), "--max-running-per-client", "1",
-         "--max-queued-per-client", "0", "--chat-template", str(root / "template.jinja"), "--expert-nodes", "1",
+         "--max-queued-per-client", "0", "--expert-nodes", "1",
          "--served-model-name", "tiny-door"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     ready, _, _ = select.select([proc.stdout], [], [], 240)
@@ -55,6 +55,7 @@ def mesh(tmp_path_factory):
     info = json.loads(line)
     info["logs"] = logs
     info["model_name"] = "tiny-door"
+    info["model_dir"] = model
     yield info
     proc.send_signal(signal.SIGTERM)
     try:
@@ -129,22 +130,89 @@ def test_stop_string_ends_with_finish_reason_stop(client, sdk, mesh):
     assert got.choices[0].finish_reason == "stop" and got.choices[0].text == text[:text.index(stop)]
 
 
-def test_chat_whole_and_streamed_equal_the_rendered_prompt_through_the_sdk(client, sdk, mesh):
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
-    rendered = "<s>be brief\nUser: hi there\nAssistant:"
-    want_ids = sdk.tokenize(rendered)[1:]  # tokenize adds a BOS; the template already wrote one
+def _hf_chat_ids(model_dir, messages) -> list[int]:
+    """transformers' own tokens for the conversation (its apply_chat_template on the checkpoint's template)."""
+    from transformers import AutoTokenizer
+
+    out = AutoTokenizer.from_pretrained(str(model_dir)).apply_chat_template(messages, add_generation_prompt=True,
+                                                                           tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_chat_on_the_models_own_template_equals_the_sdk_on_transformers_tokens(client, sdk, mesh):
+    want_ids = _hf_chat_ids(mesh["model_dir"], CONVERSATION)
+    rendered = ChatTemplate.from_dir(mesh["model_dir"]).render(CONVERSATION)
+    assert rendered.startswith("<s>be brief<｜User｜>hi there<｜Assistant｜>hello</s>")
+    assert sdk.tokenize(rendered)[1:] == want_ids  # the door's text is transformers' tokens (tokenize adds a BOS)
     want = sdk.generate(prompt_ids=want_ids, max_tokens=8, temperature=0.0, ignore_eos=True)
-    got = client.chat.completions.create(model=mesh["model_name"], messages=messages, max_completion_tokens=8,
+    got = client.chat.completions.create(model=mesh["model_name"], messages=CONVERSATION, max_completion_tokens=8,
                                          temperature=0, extra_body={"ignore_eos": True})
     assert got.id.startswith("chatcmpl-") and got.choices[0].message.role == "assistant"
     assert got.choices[0].message.content == want.text and got.choices[0].finish_reason == "length"
     assert got.usage.prompt_tokens == len(want_ids) and got.usage.completion_tokens == 8
-    chunks = list(client.chat.completions.create(model=mesh["model_name"], messages=messages, max_tokens=8,
+    chunks = list(client.chat.completions.create(model=mesh["model_name"], messages=CONVERSATION, max_tokens=8,
                                                  temperature=0, stream=True, stream_options={"include_usage": True},
                                                  extra_body={"ignore_eos": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
-    assert chunks[-1].usage.total_tokens == len(want_ids) + 8
+    assert chunks[-1].usage.prompt_tokens == len(want_ids) and chunks[-1].usage.total_tokens == len(want_ids) + 8
+
+
+def _chat_entries(client, mesh, stream: bool):
+    kwargs = dict(model=mesh["model_name"], messages=CONVERSATION, max_tokens=6, temperature=0, logprobs=True,
+                  top_logprobs=3, extra_body={"ignore_eos": True})
+    if not stream:
+        return client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    chunks = client.chat.completions.create(stream=True, **kwargs)
+    return [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+
+
+def test_chat_logprobs_are_the_greedy_tokens_and_equal_the_sdks(client, sdk, mesh):
+    want = sdk.generate(prompt_ids=_hf_chat_ids(mesh["model_dir"], CONVERSATION), max_tokens=6, temperature=0.0,
+                        ignore_eos=True, logprobs=3)
+    assert [lp.token_id for lp in want.logprobs] == want.token_ids
+    for stream in (False, True):
+        entries = _chat_entries(client, mesh, stream)
+        assert [e.token for e in entries] == [lp.token for lp in want.logprobs], stream
+        for e, lp in zip(entries, want.logprobs):
+            assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+            assert e.logprob == e.top_logprobs[0].logprob == pytest.approx(lp.logprob, abs=1e-5)
+            assert [t.logprob for t in e.top_logprobs] == pytest.approx([t.logprob for t in lp.top], abs=1e-5)
+            assert e.bytes == list(e.token.encode())
+
+
+def test_completion_logprobs_are_consistent_streamed_and_not(client, sdk, mesh):
+    kwargs = dict(model=mesh["model_name"], prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2,
+                  extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs).choices[0]
+    lp = whole.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]  # cumulative over the tokens
+    want = sdk.generate(PROMPT, max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
+    for token, logprob, top, sdk_lp in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, want.logprobs):
+        assert top[token] == logprob == max(top.values())  # greedy: the top one is the token
+        assert len(top) == len({t.token for t in sdk_lp.top})  # 2, or 1 when both show the same text
+    # each token's own text (a token ending mid-character shows U+FFFD, so they need not join to the text)
+    assert lp.tokens == [t.token for t in want.logprobs]
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in want.logprobs], abs=1e-5)
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    parts = [c.logprobs for c in chunks if c.logprobs]
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset  # offsets run on across the chunks
+    assert [t for p in parts for t in p.top_logprobs] == lp.top_logprobs
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+])
+def test_bad_chat_logprobs_are_400_naming_the_field(mesh, fields, param):
+    body = {"messages": CONVERSATION, "max_tokens": 2, **fields}
+    r = httpx.post(f"{mesh['http']}/chat/completions", headers={"Authorization": f"Bearer {TOKEN_A}"}, json=body,
+                   timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and param in r.json()["error"]["message"]
 
 
 def test_request_id_is_honoured_and_returned(mesh):
@@ -160,6 +228,7 @@ def test_request_id_is_honoured_and_returned(mesh):
     ({"prompt": PROMPT, "temperature": -1}, "temperature"),
     ({"prompt": PROMPT, "n": 2}, "n"),
     ({"prompt": PROMPT, "echo": True}, "echo"),
+    ({"prompt": PROMPT, "logprobs": 21}, "logprobs"),
     ({"max_tokens": 3}, "prompt"),
 ])
 def test_bad_fields_are_400_naming_the_field(mesh, body, param):

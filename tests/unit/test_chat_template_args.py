@@ -12,7 +12,7 @@ import pytest
 
 from moemesh.router.openai_api.app import create_app
 from moemesh.router.openai_api.auth import HttpAuth
-from moemesh.router.openai_api.door import Door
+from moemesh.router.openai_api.door import Door, DoorOptions
 from moemesh.router.openai_api.errors import APIError
 from moemesh.router.openai_api.protocol import ChatCompletionRequest
 from moemesh.router.openai_api.template_args import template_arguments
@@ -42,8 +42,8 @@ class EchoPath:
                                              usage=inference_pb2.Usage(prompt_tokens=3, completion_tokens=1))
 
 
-def _chat(**fields) -> httpx.Response:
-    app = create_app(Door(EchoPath(), HttpAuth(Authenticator())))
+def _chat(options: DoorOptions | None = None, **fields) -> httpx.Response:
+    app = create_app(Door(EchoPath(), HttpAuth(Authenticator()), options))
 
     async def post():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://door.test") as c:
@@ -97,3 +97,9 @@ def test_template_arguments_is_the_merge():
     with pytest.raises(APIError) as err:
         template_arguments(ChatCompletionRequest(messages=MESSAGES, chat_template_kwargs={"tools": [3]}))
     assert err.value.status == 400
+
+
+def test_the_routers_chat_template_wins_over_the_models():
+    r = _chat(DoorOptions(chat_template="{{ messages[0]['content'] }}!{{ shout | default('') }}"),
+              chat_template_kwargs={"shout": "?"})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hi!?"

@@ -96,3 +96,9 @@ def test_callers_are_told_apart_alike_through_either_door():
                                                                tokens_checked=True)
     assert caller_key(http, tokens_checked=False) == "peer:ipv4:10.0.0.1"
     assert "tok" not in repr(http)
+
+
+def test_completion_top_logprobs_of_tokens_with_the_same_text_keep_the_likelier():
+    # two byte tokens of one character both read U+FFFD: the dict keeps the first (likelier), the sampled one's
+    entry = _lp(9, "\ufffd", -0.25, [(9, "\ufffd", -0.25), (10, "\ufffd", -1.5), (11, "x", -2.0)])
+    assert shapes.completion_logprobs([entry], 3).top_logprobs == [{"\ufffd": -0.25, "x": -2.0}]
