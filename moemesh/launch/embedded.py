@@ -104,10 +104,15 @@ def build_remote(
     return EmbeddedMesh(cfg, engine, Tokenizer.from_dir(model_dir), backend, torch_device, torch_dtype)
 
 
+# Bump when write_tiny_checkpoint's output changes, so a machine's cached demo is written again
+# (2: tokenizer_config.json carries the chat template the HTTP door's /v1/chat/completions needs).
+DEMO_VERSION = 2
+
+
 def demo_model_dir() -> Path:
     """Where the embedded default (a tiny random checkpoint) lives: $MOEMESH_HOME or ~/.cache/moemesh."""
     home = os.environ.get("MOEMESH_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "moemesh")
-    return Path(home) / "demo-tiny-v3"
+    return Path(home) / f"demo-tiny-v3-{DEMO_VERSION}"
 
 
 def ensure_demo_model() -> Path:
