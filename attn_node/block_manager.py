@@ -203,8 +203,10 @@ class BlockManager:
     def snapshot(self, max_hashes: int = 4096) -> CacheSnapshot:
         """Counters and cached keys, most recently used first (blocks in use, then idle newest first)."""
         with self._lock:
-            in_use = [k for k, b in self._by_key.items() if self._refs[b] > 0]
-            idle = [self._key[b] for b in reversed(self._idle)]
-            keys = tuple((in_use + idle)[:max_hashes])
+            keys: tuple[int, ...] = ()
+            if max_hashes > 0:
+                in_use = [k for k, b in self._by_key.items() if self._refs[b] > 0]
+                idle = [self._key[b] for b in reversed(self._idle)]
+                keys = tuple((in_use + idle)[:max_hashes])
             return CacheSnapshot(self.num_free, self.prompt_tokens, self.prefix_hit_tokens, len(self._by_key),
                                  self.evicted_blocks, keys)

@@ -99,9 +99,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if not self.view.synced:
             raise NoNodeError("the router is not connected to etcd yet, so it knows no attention node: retry soon")
 
-    async def _ranked(self, exclude: set[str] = frozenset()):
+    async def _ranked(self, exclude: set[str] = frozenset(), request=None):
         self._check_synced()
-        ranked = await self.pool.ranked(exclude)
+        ranked = await self.pool.ranked(exclude, request)
         if not ranked and not exclude:
             raise NoNodeError("no attention node is ready")
         return ranked
@@ -294,7 +294,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                          codes: list) -> tuple[NodeRecord, NodeLoad]:
         """The best ready node not tried yet; when none is left, abort the call saying what each answered."""
         try:
-            ranked = await self._ranked(tried)
+            ranked = await self._ranked(tried, progress.request)  # the prompt's prefix holder first (router/pool.py)
         except NoNodeError as exc:
             await abort(context, exc)
         if ranked:
@@ -391,6 +391,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             load = loads.get(r.id)
             if load is not None and load.known:
                 status.running, status.waiting, status.cache_free = load.running, load.waiting, load.cache_free
+                status.prompt_tokens, status.prefix_hit_tokens = load.prompt_tokens, load.prefix_hit_tokens
+                status.cached_blocks, status.evicted_blocks = load.cached_blocks, load.evicted_blocks
             info = infos.get(r.id)
             if info is not None:
                 status.tokens_computed = info.tokens_computed

@@ -76,6 +76,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--control-port", type=int, default=0,
                    help="port of the MeshControl service that adds and removes expert nodes while the mesh runs "
                    "(`moemesh mesh`); 0 picks one, printed as \"control\" in the ready line (default: 0)")
+    flags.add_prefix_cache_arg(p)
     flags.add_transport_arg(p, "up")
     flags.add_device_args(p, "attention and expert weight")
     return p
@@ -237,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
                                              "--cluster", args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
                                              str(args.dispatch_timeout), "--max-batched-tokens",
                                              str(args.max_batched_tokens), *_tls_args(args, "attn"), *token_args,
+                                             *([] if args.prefix_cache else ["--no-prefix-cache"]),
                                              *_transport_args(args), *_device_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
         control, control_port = serve_control(mesh, args.host, args.control_port, tls=tls,
