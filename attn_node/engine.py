@@ -43,6 +43,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     mla_impl: str = "auto"  # auto | naive | absorbed
+    prefix_cache: bool = True  # share cached full prompt blocks between requests (attn_node/block_manager.py)
     micro_batches: int = 1  # >= 2: ping-pong micro-batches so attention overlaps remote experts
     # A step whose experts are unreachable waits at most this long for a new placement, and only while one can
     # come (the backend's wait_for_change fails it at once when no placement could host them: _run_model).
@@ -85,7 +86,7 @@ class Engine:
         dtype = model.embed.weight.dtype
         self.device = model.device  # the cache, the step's inputs and the sampler's generators live there too
         num_blocks = max(1, config.kv_cache_tokens // config.block_size)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_cache)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, cfg.eos_token_ids), self.blocks
         )

@@ -46,12 +46,17 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> "EngineLoop":
+        self.publish_metrics()
+        self._thread.start()
+        return self
+
+    def publish_metrics(self) -> None:
+        """Point the process's engine gauges at this loop (one attention node per process: the last one wins)."""
         blocks = self.engine.blocks
         metrics.QUEUE_DEPTH.labels("attn").set_function(lambda: len(self._inbox) + self.num_waiting())
         metrics.RUNNING.labels("attn").set_function(self.num_running)
         metrics.CACHE_USAGE.labels("attn").set_function(lambda: 1.0 - blocks.num_free / blocks.num_blocks)
-        self._thread.start()
-        return self
+        metrics.PREFIX_CACHE.source = lambda: blocks.snapshot(max_hashes=0)
 
     # ---- called from any thread ------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, on_event: EventCallback,

@@ -6,8 +6,11 @@ prompt chunks, oldest request first, admitting waiting requests while the
 sequence limit and the KV cache allow. Long prompts are prefilled in chunks
 across steps (chunked prefill) while others decode.
 
+A request admitted with a cached prompt prefix (attn_node/block_manager.py)
+starts at that prefix's end: only the rest of its prompt is prefilled.
+
 After a step ran, ``postprocess`` owns what it changed in the sequences: the
-cache advanced, the sampled tokens appended, and sequences that ended (EOS or a
+cache advanced (the prompt blocks it filled registered for sharing), the sampled tokens appended, and sequences that ended (EOS or a
 stop token: "stop"; ``max_tokens``: "length") finished and their blocks freed.
 """
 
@@ -86,10 +89,10 @@ class Scheduler:
             budget -= n
         while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_reserve(seq.max_total_tokens):
+            if not self.blocks.can_admit(seq):
                 break  # first come, first served: later requests do not jump the queue
             self.waiting.popleft()
-            self.blocks.reserve(seq, seq.max_total_tokens)
+            self.blocks.admit(seq)  # its whole max length; num_cached starts past the prompt's cached prefix
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_tokens - seq.num_cached, budget)
@@ -105,6 +108,7 @@ class Scheduler:
             raise ValueError(f"{len(tokens)} sampled tokens for {len(sampling)} sampling sequences")
         for item in scheduled:
             item.seq.num_cached += item.num_tokens
+            self.blocks.commit(item.seq)  # prompt blocks it filled are now shareable
         out = []
         for seq, token in zip(sampling, tokens):
             seq.output_ids.append(token)

@@ -24,7 +24,9 @@ class Sequence:
     arrival: int  # order of arrival, for first-come-first-served
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose latent KV is already in the cache
+    num_cached: int = 0  # tokens whose latent KV is already in the cache (starts at the shared prefix's end)
+    prompt_hashes: list[int] | None = None  # chain keys of the prompt's full blocks (BlockManager, computed once)
+    num_committed_blocks: int = 0  # leading prompt blocks already offered to the prefix cache
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None

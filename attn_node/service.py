@@ -44,6 +44,9 @@ from .load_stats import LoadStats
 
 log = get_logger("moemesh.attn_node.service")
 MAX_TOKENIZE_CHARS = 1 << 20
+# Keys of cached blocks a Load reply carries at most, most recently used first (8 bytes each: 32 KiB). The
+# router matches prompts against them; a bigger cache's older keys go unpublished and only lose routing hits.
+MAX_PUBLISHED_HASHES = 4096
 ROLE = "attn"
 SERVICE_NAME = attention_pb2.DESCRIPTOR.services_by_name["AttentionNode"].full_name
 
@@ -180,12 +183,16 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
 
     async def Load(self, request, context):
         blocks = self.loop.engine.blocks
+        cache = blocks.snapshot(MAX_PUBLISHED_HASHES)  # one consistent view, taken under the manager's lock
         loads = self.stats.snapshot() if self.stats is not None else {}
         return attention_pb2.LoadResponse(
             running=self.loop.num_running(), waiting=self.loop.num_waiting(),
-            cache_free_tokens=blocks.num_free * blocks.block_size, cache_total_tokens=blocks.capacity_tokens,
+            cache_free_tokens=cache.num_free * blocks.block_size, cache_total_tokens=blocks.capacity_tokens,
             expert_loads=[attention_pb2.LayerLoad(layer=layer, tokens=tokens) for layer, tokens in loads.items()],
-            window_seconds=self.stats.window_s if self.stats is not None else 0.0)
+            window_seconds=self.stats.window_s if self.stats is not None else 0.0,
+            prompt_tokens=cache.prompt_tokens, prefix_hit_tokens=cache.prefix_hit_tokens,
+            cached_blocks=cache.cached_blocks, evicted_blocks=cache.evicted_blocks, block_size=blocks.block_size,
+            prefix_hashes=cache.prefix_hashes)
 
 
 def token_logprob_proto(lp: TokenLogprobs, text: Callable[[int], str]) -> inference_pb2.TokenLogprob:

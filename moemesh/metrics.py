@@ -6,7 +6,10 @@ tells router, attention and expert processes apart when scraped together.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from collections.abc import Callable
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -31,6 +34,41 @@ DISPATCH_LATENCY = Histogram("moemesh_dispatch_latency_seconds", "MoE layer disp
 EXPERT_TOKENS = Counter("moemesh_expert_tokens_total", "Routed (token, expert) assignments computed",
                         ["layer", "expert"])
 EXPERT_MESSAGES = Counter("moemesh_expert_messages_total", "Dispatch messages served, by outcome", ["outcome"])
+
+
+
+class _PrefixCacheCollector:
+    """The attention engine's prefix-cache counters, read from it at scrape time (it counts them itself)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], object] | None = None  # -> a CacheSnapshot (attn_node/block_manager.py)
+
+    def describe(self):
+        return self._families(None)
+
+    def collect(self):
+        return self._families(self.source() if self.source is not None else None)
+
+    @staticmethod
+    def _families(snap):
+        fams = [
+            CounterMetricFamily("moemesh_prompt_tokens", "Prompt tokens of admitted requests", labels=["role"]),
+            CounterMetricFamily("moemesh_prefix_hit_tokens", "Prompt tokens served from the prefix cache (not "
+                                "prefilled)", labels=["role"]),
+            GaugeMetricFamily("moemesh_prefix_cached_blocks", "Full latent-cache blocks kept for reuse (in use or "
+                              "idle)", labels=["role"]),
+            CounterMetricFamily("moemesh_prefix_evicted_blocks", "Idle cached blocks evicted for new requests",
+                                labels=["role"]),
+        ]
+        if snap is not None:
+            values = (snap.prompt_tokens, snap.prefix_hit_tokens, snap.cached_blocks, snap.evicted_blocks)
+            for fam, value in zip(fams, values):
+                fam.add_metric(["attn"], value)
+        return fams
+
+
+PREFIX_CACHE = _PrefixCacheCollector()
+REGISTRY.register(PREFIX_CACHE)
 
 
 def serve_metrics(port: int | None, host: str = "127.0.0.1"):

@@ -122,9 +122,10 @@ class GenerationPath:
         if not self.view.synced:
             raise NoNodeError("the router is not connected to etcd yet, so it knows no attention node: retry soon")
 
-    async def ranked(self, exclude: set[str] = frozenset()):
+    async def ranked(self, exclude: set[str] = frozenset(), request: inference_pb2.GenerateRequest | None = None):
+        """Ready nodes best first; given a Generate ``request``, its prompt's prefix holder first (router/pool.py)."""
         self.check_synced()
-        ranked = await self.pool.ranked(exclude)
+        ranked = await self.pool.ranked(exclude, request)
         if not ranked and not exclude:
             raise NoNodeError("no attention node is ready")
         return ranked
@@ -326,7 +327,7 @@ class GenerationPath:
     async def _pick_node(self, progress: StreamProgress, tried: set[str], errors: list[str],
                          codes: list) -> tuple[NodeRecord, NodeLoad]:
         """The best ready node not tried yet; when none is left, an error saying what each answered."""
-        ranked = await self.ranked(tried)
+        ranked = await self.ranked(tried, progress.request)
         if ranked:
             return ranked[0]
         log.warning("generate_no_node", tried=sorted(tried), errors=errors, tokens_sent=len(progress.sent))

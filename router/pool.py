@@ -4,12 +4,22 @@ Loads come from each node's Load RPC (short deadline), cached for ``load_max_age
 of requests does not send a burst of Load calls; concurrent refreshes of one node share one call.
 Between samples the router counts its own streams per node, and a node's queue is never taken to
 be shorter than that count (so requests arriving together spread instead of piling on one node).
+
+Given the request, ``ranked`` also puts the node holding the prompt's longest cached prefix first
+unless it is overloaded (router/prefix_match.py has the scoring). The keys come from each node's Load
+reply. A token-id prompt is hashed as it is; a text prompt of at least ``text_min_chars`` characters
+is tokenized by the least-loaded ready node's Tokenize (once per request id: retries reuse it), as
+the router has no tokenizer. Tokenize adds the tokenizer's special tokens; for a request with
+``add_special_tokens=false`` (chat-rendered text) they are stripped again: they are what Tokenize
+gives for the empty text, when the ids start with them (else the prompt is not matched, load only).
+A failed Tokenize costs the request its prefix match, nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from dataclasses import replace
 
 import grpc
@@ -19,18 +29,23 @@ from moemesh.control.records import NodeRecord
 from moemesh.wire.limits import client_options
 from moemesh.wire.tls import TLSFiles, channel as tls_channel
 from moemesh.logs import get_logger
-from moemesh.v1 import attention_pb2, attention_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc
+from moemesh.prefix_hash import block_hashes
+from moemesh.v1 import attention_pb2, attention_pb2_grpc, dispatch_pb2, dispatch_pb2_grpc, inference_pb2
 
+from .prefix_match import NodePrefixes, PrefixPolicy, prefer_prefix_holder
 from .selection import NodeLoad, rank_nodes
 
 log = get_logger("moemesh.router.pool")
 
 CHANNEL_OPTIONS = client_options("attn")  # sizes, keepalive, fast reconnect: moemesh/wire/limits.py
+MAX_TOKENIZE_CHARS = 1 << 20  # the attention node's Tokenize limit: longer text prompts are not matched
+TOKENIZED_MEMO = 1024  # request ids whose tokenized text prompt is kept for their retries
 
 
 class AttentionPool:
     def __init__(self, view: ClusterView, load_timeout_s: float = 0.5, load_max_age_s: float = 0.2,
-                 tls: TLSFiles | None = None):
+                 tls: TLSFiles | None = None, prefix_policy: PrefixPolicy | None = PrefixPolicy(),
+                 tokenize_timeout_s: float = 2.0):
         self.view = view
         self.tls = tls  # certificate and CA for attention nodes whose records say they serve TLS
         self.load_timeout_s = load_timeout_s
@@ -39,6 +54,11 @@ class AttentionPool:
         self._loads: dict[str, tuple[float, NodeLoad]] = {}
         self._pending: dict[str, asyncio.Task] = {}
         self.streams: dict[str, int] = {}  # this router's open Generate streams per node
+        self.prefix_policy = prefix_policy  # None: load alone decides
+        self.tokenize_timeout_s = tokenize_timeout_s
+        self.prefixes: dict[str, NodePrefixes] = {}  # what each node's prefix cache holds, as far as known
+        self._tokenized: OrderedDict[str, list[int] | None] = OrderedDict()  # request id -> text prompt's ids
+        self._special_ids: list[int] | None = None  # what Tokenize adds to every text (Tokenize of "")
 
     def stub(self, record: NodeRecord) -> attention_pb2_grpc.AttentionNodeStub:
         """The stub for a node record; a new channel when the node's address changed."""
@@ -61,6 +81,7 @@ class AttentionPool:
         for node_id in [n for n in self._channels if n not in live]:
             _, channel, _ = self._channels.pop(node_id)
             self._loads.pop(node_id, None)
+            self.prefixes.pop(node_id, None)
             asyncio.get_running_loop().create_task(channel.close())
 
     def forget_load(self, node_id: str) -> None:
@@ -84,7 +105,10 @@ class AttentionPool:
         node_id = record.id
         try:
             r = await self.stub(record).Load(attention_pb2.LoadRequest(), timeout=self.load_timeout_s)
-            load = NodeLoad(node_id, r.running, r.waiting, r.cache_free_tokens, r.cache_total_tokens)
+            load = NodeLoad(node_id, r.running, r.waiting, r.cache_free_tokens, r.cache_total_tokens,
+                            prompt_tokens=r.prompt_tokens, prefix_hit_tokens=r.prefix_hit_tokens,
+                            cached_blocks=r.cached_blocks, evicted_blocks=r.evicted_blocks)
+            self.prefixes.setdefault(node_id, NodePrefixes()).report(r.prefix_hashes, r.block_size)
         except grpc.aio.AioRpcError as exc:
             log.warning("attn_load_failed", node=node_id, address=record.address, code=exc.code().name,
                         error=exc.details())
@@ -98,15 +122,72 @@ class AttentionPool:
             return replace(load, waiting=load.waiting + mine - load.queue)
         return load
 
-    async def ranked(self, exclude: set[str] = frozenset()) -> list[tuple[NodeRecord, NodeLoad]]:
-        """Ready attention nodes not in ``exclude``, best first, with their loads."""
+    async def ranked(self, exclude: set[str] = frozenset(),
+                     request: inference_pb2.GenerateRequest | None = None) -> list[tuple[NodeRecord, NodeLoad]]:
+        """Ready attention nodes not in ``exclude``, best first, with their loads; given the Generate
+        ``request``, the node caching its prompt's longest prefix first unless overloaded (module doc)."""
         self.prune()
         records = [r for r in self.view.ready_attention_nodes() if r.id not in exclude]
         if not records:
             return []
         loads = await asyncio.gather(*(self.load(r) for r in records))
         by_id = {r.id: r for r in records}
-        return [(by_id[load.node_id], load) for load in rank_nodes([self._with_streams(x) for x in loads])]
+        order = rank_nodes([self._with_streams(x) for x in loads])
+        if request is not None and self.prefix_policy is not None:
+            order = await self._by_prefix(order, request, by_id)
+        return [(by_id[load.node_id], load) for load in order]
+
+    async def _by_prefix(self, order: list[NodeLoad], request, by_id: dict[str, NodeRecord]) -> list[NodeLoad]:
+        ids = await self._prompt_ids(request, by_id[order[0].node_id])
+        if not ids:
+            return order
+        now = time.monotonic()
+        keys_by_size: dict[int, list[int]] = {}
+        matched: dict[str, int] = {}
+        for load in order:
+            held = self.prefixes.get(load.node_id)
+            if held is None or held.block_size < 1:
+                continue
+            keys = keys_by_size.get(held.block_size)
+            if keys is None:
+                keys = keys_by_size[held.block_size] = block_hashes(ids, held.block_size)
+            matched[load.node_id] = held.matched_blocks(keys, now) * held.block_size
+        order = prefer_prefix_holder(order, matched, self.prefix_policy)
+        chosen = self.prefixes.get(order[0].node_id)
+        if chosen is not None and chosen.block_size >= 1:  # it will hold this prompt's blocks soon
+            chosen.note(keys_by_size.get(chosen.block_size) or block_hashes(ids, chosen.block_size), now)
+        return order
+
+    async def _prompt_ids(self, request, record: NodeRecord) -> list[int] | None:
+        """The prompt's token ids for matching, or None when it is not matched (short or untokenizable text)."""
+        kind = request.WhichOneof("prompt")
+        if kind == "token_ids":
+            return list(request.token_ids.ids)
+        text = request.text if kind == "text" else ""
+        if not self.prefix_policy.text_min_chars <= len(text) <= MAX_TOKENIZE_CHARS:
+            return None
+        rid = request.request_id
+        if rid and rid in self._tokenized:
+            return self._tokenized[rid]
+        ids = await self._tokenize(record, text)
+        if ids is not None and request.HasField("add_special_tokens") and not request.add_special_tokens:
+            special = self._special_ids if self._special_ids is not None else await self._tokenize(record, "")
+            self._special_ids = special
+            ids = ids[len(special):] if special is not None and ids[:len(special)] == special else None
+        if rid:
+            self._tokenized[rid] = ids
+            while len(self._tokenized) > TOKENIZED_MEMO:
+                self._tokenized.popitem(last=False)
+        return ids
+
+    async def _tokenize(self, record: NodeRecord, text: str) -> list[int] | None:
+        try:
+            reply = await self.stub(record).Tokenize(inference_pb2.TokenizeRequest(text=text),
+                                                     timeout=self.tokenize_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.info("prefix_tokenize_failed", node=record.id, code=exc.code().name, error=exc.details())
+            return None
+        return list(reply.token_ids)
 
     async def expert_loads(self) -> tuple[dict[int, list[float]], int]:
         """Routed tokens per (MoE layer, expert) over the attention nodes' windows, summed; and how many answered."""

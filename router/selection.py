@@ -28,6 +28,11 @@ class NodeLoad:
     cache_free_tokens: int = 0
     cache_total_tokens: int = 0
     known: bool = True
+    # The node's prefix cache (attn_node/block_manager.py), as its Load reply counts it since it started.
+    prompt_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    cached_blocks: int = 0
+    evicted_blocks: int = 0
 
     @property
     def queue(self) -> int:

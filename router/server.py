@@ -142,6 +142,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             load = loads.get(r.id)
             if load is not None and load.known:
                 status.running, status.waiting, status.cache_free = load.running, load.waiting, load.cache_free
+                status.prompt_tokens, status.prefix_hit_tokens = load.prompt_tokens, load.prefix_hit_tokens
+                status.cached_blocks, status.evicted_blocks = load.cached_blocks, load.evicted_blocks
             info = infos.get(r.id)
             if info is not None:
                 status.tokens_computed = info.tokens_computed

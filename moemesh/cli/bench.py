@@ -43,6 +43,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="instead: start 2 expert node processes on loopback and compare the single process with "
                    "the mesh (micro-batch overlap on and off), and one dispatch hop with a raw TCP echo")
     p.add_argument("--hop-samples", type=positive_int, default=300, help="round trips timed for the hop (--mesh)")
+    p.add_argument("--shared-prefix", type=positive_int, default=None, metavar="N",
+                   help="instead: --batch prompts sharing an N-token prefix (then --prompt-len distinct tokens each), "
+                   "TTFT with the prefix cache cold and warm, and whether the warm tokens equal the cache off "
+                   "(moemesh/cli/bench_prefix.py)")
     flags.add_transport_arg(p, "bench")
     flags.add_engine_args(p)
     add_serving_args(p)
@@ -94,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
         from moemesh.cli.bench_mesh import run_mesh_bench
 
         return run_mesh_bench(args)
+    if args.shared_prefix is not None:
+        from moemesh.cli.bench_prefix import run_prefix_bench
+
+        return run_prefix_bench(args)
     return _run_bench(args)
 
 

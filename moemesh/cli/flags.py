@@ -167,6 +167,12 @@ def add_device_args(p: argparse.ArgumentParser, what: str = "compute") -> None:
                    "CUDA, dequant on CPU (default: auto)")
 
 
+def add_prefix_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not share cached prompt blocks between requests (by default a prompt whose leading "
+                   "full blocks are in the latent cache prefills only the rest)")
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_device_args(p)
     p.add_argument("--kv-cache-tokens", type=positive_int, default=32768,
@@ -178,6 +184,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens computed per step at most; longer prompts are prefilled in chunks. Expert nodes "
                    "take steps up to their own --max-batched-tokens in one message; larger ones are split "
                    f"(default: {DEFAULT_MAX_BATCHED_TOKENS})")
+    add_prefix_cache_arg(p)
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"],
                    help="auto = Triton kernels on CUDA, plain-torch references on CPU; triton forces the kernels "
                    "(on CPU set TRITON_INTERPRET=1 to run them in Triton's interpreter, slowly) (default: auto)")

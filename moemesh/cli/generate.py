@@ -55,6 +55,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_batched_tokens,
         micro_batches=args.micro_batches,
+        prefix_cache=getattr(args, "prefix_cache", True),
         expert_wait_s=getattr(args, "expert_wait", EngineConfig.expert_wait_s),
     )
 

@@ -54,7 +54,7 @@ def format_status(status: dict) -> str:
     for node in status.get("nodes", []):
         if node.get("role") == "attn":
             load = (f"running {node.get('running', 0)}, waiting {node.get('waiting', 0)}, "
-                    f"cache free {float(node.get('cache_free', 0)):.0%}")
+                    f"cache free {float(node.get('cache_free', 0)):.0%}, {prefix_cache_line(node)}")
         else:
             experts = sum(len(le.get("experts", [])) for le in node.get("experts", []))
             tokens = int(node.get("tokens_computed", 0))
@@ -64,6 +64,14 @@ def format_status(status: dict) -> str:
         lines.append(f"  {node.get('role', '?'):6} {node.get('id', '?'):24} {node.get('address', '?'):22} "
                      f"{node.get('status', '?'):9} v{node.get('placement_version', 0):<4} {load}")
     return "\n".join(lines)
+
+
+def prefix_cache_line(node: dict) -> str:
+    """An attention node's prefix cache: prompt tokens served from it, of all prompt tokens (the hit rate)."""
+    prompt, hit = int(node.get("prompt_tokens", 0)), int(node.get("prefix_hit_tokens", 0))
+    rate = f" ({hit / prompt:.1%})" if prompt else ""
+    return (f"prefix hits {hit}/{prompt} prompt tokens{rate}, {int(node.get('cached_blocks', 0))} cached blocks, "
+            f"{int(node.get('evicted_blocks', 0))} evicted")
 
 
 def expert_node_loss(status: dict) -> str:

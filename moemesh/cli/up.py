@@ -85,6 +85,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a jinja chat template file for the HTTP API instead of the model's own")
     p.add_argument("--reasoning-parser", default=None, choices=["deepseek-r1"],
                    help="the HTTP API splits <think>...</think> into reasoning_content (DeepSeek-R1)")
+    flags.add_prefix_cache_arg(p)
     flags.add_transport_arg(p, "up")
     flags.add_device_args(p, "attention and expert weight")
     return p
@@ -267,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
                                              "--cluster", args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
                                              str(args.dispatch_timeout), "--max-batched-tokens",
                                              str(args.max_batched_tokens), *_tls_args(args, "attn"), *token_args,
+                                             *([] if args.prefix_cache else ["--no-prefix-cache"]),
                                              *_transport_args(args), *_device_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)
         control, control_port = serve_control(mesh, args.host, args.control_port, tls=tls,

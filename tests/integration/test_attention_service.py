@@ -251,3 +251,27 @@ def test_tokenize_and_model_info(node):
     assert list(got.token_ids) == mesh.tokenizer.encode("The river ran")
     info = stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=5)
     assert (info.model_type, info.vocab_size, info.has_tokenizer) == ("deepseek_v3", mesh.cfg.vocab_size, True)
+
+
+def test_load_and_metrics_report_the_prefix_cache(node):
+    from prometheus_client import REGISTRY
+
+    from moemesh.prefix_hash import block_hashes
+
+    stub, _, mesh, loop = node
+    loop.publish_metrics()  # another test in this module started a loop of its own since
+    prompt = [(7 * i + 3) % mesh.cfg.vocab_size for i in range(40)]  # 2 full blocks of 16 and 8 more
+    before = stub.Load(attention_pb2.LoadRequest(), timeout=5)
+    first, _, _ = _collect(stub, _request(ids=prompt, max_tokens=4, ignore_eos=True, temperature=0.0))
+    second, _, _ = _collect(stub, _request(ids=prompt, max_tokens=4, ignore_eos=True, temperature=0.0))
+    assert first == second
+    load = stub.Load(attention_pb2.LoadRequest(), timeout=5)
+    assert load.block_size == 16
+    assert load.prompt_tokens - before.prompt_tokens == 80
+    assert load.prefix_hit_tokens - before.prefix_hit_tokens == 32  # the second request's two full blocks
+    assert set(block_hashes(prompt, 16)) <= set(load.prefix_hashes)
+    assert load.cached_blocks >= 2 and load.evicted_blocks == before.evicted_blocks
+    assert REGISTRY.get_sample_value("moemesh_prefix_hit_tokens_total", {"role": "attn"}) == load.prefix_hit_tokens
+    assert REGISTRY.get_sample_value("moemesh_prompt_tokens_total", {"role": "attn"}) == load.prompt_tokens
+    assert REGISTRY.get_sample_value("moemesh_prefix_cached_blocks", {"role": "attn"}) == load.cached_blocks
+    assert REGISTRY.get_sample_value("moemesh_prefix_evicted_blocks_total", {"role": "attn"}) == load.evicted_blocks

@@ -10,7 +10,8 @@ def test_format_status_shows_the_plan_and_every_node():
         "balance": [{"layer": 1, "balancedness": 0.99}, {"layer": 2, "balancedness": 0.95}],
         "nodes": [
             {"id": "attn-0", "role": "attn", "address": "h:1", "status": "ready", "placement_version": 4,
-             "running": 2, "waiting": 1, "cache_free": 0.5},
+             "running": 2, "waiting": 1, "cache_free": 0.5, "prompt_tokens": 800, "prefix_hit_tokens": 600,
+             "cached_blocks": 40, "evicted_blocks": 3},
             {"id": "expert-0", "role": "expert", "address": "h:2", "status": "ready", "placement_version": 4,
              "experts": [{"layer": 1, "experts": [0, 1]}, {"layer": 2, "experts": [0]}], "planned_load": 0.6,
              "tokens_computed": 300},
@@ -25,7 +26,8 @@ def test_format_status_shows_the_plan_and_every_node():
     # expert-1 is draining: expert-0 alone serves, so its loss would lose what it hosts
     assert lines[3] == "  one expert-node loss: NOT survivable (losing expert-0 would lose layer 1: experts 0-1; " \
                        "layer 2: experts 0)"
-    assert "running 2, waiting 1, cache free 50%" in lines[4]
+    assert lines[4].endswith("running 2, waiting 1, cache free 50%, prefix hits 600/800 prompt tokens (75.0%), "
+                             "40 cached blocks, 3 evicted")
     assert "3 experts, planned load 60.0%, computed 300 routed tokens (75.0%)" in lines[5]
     assert "draining" in lines[6] and "v3" in lines[6]
 
