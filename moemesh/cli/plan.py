@@ -24,6 +24,7 @@ import json
 import sys
 
 from moemesh.argtypes import unit_fraction
+from moemesh.cli.plan_cluster import add_args as add_cluster_args
 
 from moemesh.router.planner import (DEFAULT_MIN_BALANCE, Plan, PlanError, loads_from_json, plan_placement,
                                     previous_from_json)
@@ -41,10 +42,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "as close to the mean as possible. With --previous, the plan moves the fewest replicas that reach "
         "--min-balance balancedness (mean / max node load per layer), none when changing shares suffices. "
         "Deterministic; reads files only, prints the plan.")
-    p.add_argument("--loads", required=True, metavar="LOADS.json",
+    p.add_argument("--loads", metavar="LOADS.json",
                    help='{"loads": [[load of expert e in layer l, ...] for each layer]}')
-    p.add_argument("--nodes", required=True, type=int, metavar="N", help="expert nodes (>= 1)")
-    p.add_argument("--slots-per-node", required=True, type=int, metavar="S",
+    p.add_argument("--nodes", type=int, metavar="N", help="expert nodes (>= 1)")
+    p.add_argument("--slots-per-node", type=int, metavar="S",
                    help="experts a node can hold per MoE layer (>= 1; N*S must be >= experts per layer)")
     p.add_argument("--previous", metavar="PLAN.json", help="the previous plan (a --json output of this command)")
     p.add_argument("--min-balance", type=unit_fraction, default=DEFAULT_MIN_BALANCE, metavar="B",
@@ -56,6 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--frontier", action="store_true",
                    help="with --previous: print replicas moved vs balancedness for a range of targets")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    add_cluster_args(p)
     return p
 
 
@@ -116,9 +118,28 @@ def format_frontier(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_cluster(args: argparse.Namespace) -> int:
+    from moemesh.cli.plan_cluster import cluster, format_prediction
+    from moemesh.cluster_model import ModelError
+    from moemesh.model.config import ConfigError
+
+    try:
+        data = cluster(args)
+    except (ModelError, ConfigError) as exc:
+        print(f"moemesh plan: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(data) if args.json else format_prediction(data))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``moemesh plan`` from parsed flags (see :func:`add_parser`); returns the exit code."""
+    if getattr(args, "cluster", False):
+        return _run_cluster(args)
     try:
+        for flag, value in (("--loads", args.loads), ("--nodes", args.nodes), ("--slots-per-node", args.slots_per_node)):
+            if value is None:
+                raise PlanError(f"{flag} is required (or --cluster for the cluster model)")
         loads = loads_from_json(_read_json(args.loads, "--loads"))
         previous = previous_from_json(_read_json(args.previous, "--previous")) if args.previous else None
         min_balance = getattr(args, "min_balance", DEFAULT_MIN_BALANCE)
