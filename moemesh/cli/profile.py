@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -204,6 +205,10 @@ def measure(args: argparse.Namespace) -> dict:
         for context in args.contexts:
             for batch in args.batches:
                 step_us, expert_us = _decode_point(mesh, timed, cfg, batch, context, args.steps, args.repeats)
+                if step_us <= len(cfg.moe_layers) * expert_us:
+                    print(f"moemesh profile: warning: batch {batch}, context {context}: the decode step measured "
+                          f"{step_us:.0f} us, no more than its experts: the machine is noisy, raise --steps or "
+                          "--repeats", file=sys.stderr)
                 n_moe = len(cfg.moe_layers)
                 attention.append({"batch": batch, "context": context,
                                   "us": (step_us - n_moe * expert_us) / cfg.num_hidden_layers,
