@@ -4,7 +4,7 @@ Vocabulary as in ``router/planner.py``. Given the previous holders P[e] of each 
 its weights) and the new loads w[e], find new holders H[e] that
 
 * respect the slots (at most S replicas per node), put each expert on distinct nodes, give every expert at least
-  ``floor`` replicas and, with failure domains, a replica outside every zone (``zones``; see below);
+  ``floor`` replicas and, with failure domains, a replica outside every zone (``zone_of``: ``router/zones.py``);
 * admit shares whose most loaded node carries at most T = (sum w / N) / target, i.e. balancedness >= target;
 * move the fewest replicas: sum over e of |H[e] - P[e]| (dropping a replica is free; loading weights is not).
 
@@ -14,8 +14,8 @@ holds expert e, f[e,n] >= 0 the tokens of e it takes, with
     f[e,n] <= min(w[e], T) x[e,n]     sum_n f[e,n] = w[e]       sum_e f[e,n] <= T
     sum_e x[e,n] <= S                 sum_n x[e,n] >= floor     sum_{n not in zone z} x[e,n] >= 1 (every zone z)
 
-minimising sum_{n not in P[e]} x[e,n] (ties: keeping the most previous replicas). Shares meeting the flows exist exactly when this bipartite transportation
-problem is feasible, so "a plan meets the target" and "the program is feasible" are the same statement (over the
+minimising sum_{n not in P[e]} x[e,n] (ties: keeping the most previous replicas). Shares meeting the flows
+exist exactly when this bipartite transportation problem is feasible, so "a plan meets the target" and "the program is feasible" are the same statement (over the
 candidate pairs). When HiGHS stops at ``time_limit_s`` it returns its best plan so far: the fewest moves it found,
 not proven fewest (never a plan missing the target).
 
@@ -23,7 +23,8 @@ Candidate pairs: every (expert, node) when E x N <= ``MAX_EXACT_PAIRS``; beyond 
 pairs for the experts with the most load per previous replica (those the flows cannot spread) and for those
 the constraints force to move (no replica left, below the floor or the zone rule), so the program stays small
 (milliseconds to a few seconds with HiGHS). The result is then the fewest moves among plans that add replicas only
-of those experts, and the caller keeps a fresh plan as the fallback when it finds none in ``time_limit_s``.
+of those experts. When it finds none in ``time_limit_s`` the caller falls back to greedy moves
+(``router/greedy_moves.py``), then to a fresh plan.
 """
 
 from __future__ import annotations
