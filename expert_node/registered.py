@@ -48,6 +48,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, port: int, dtype, *,
                            node_id: str | None = None, slots: int | None = None, advertise: str | None = None,
+                           zone: str | None = None,
                            drain_timeout_s: float = 30.0, tls=None, health_port: int | None = None,
                            transport: str = "grpc", torch_port: int = 0, device: torch.device | str = "cpu",
                            keep_fp8: bool = False, etcd_credentials=None,
@@ -82,6 +83,7 @@ async def serve_registered(model_dir: str, etcd: str, cluster: str, host: str, p
         node_id, "expert", advertise_address(host, bound, advertise), "loading", experts={}, tls=tls is not None,
         capacity=Capacity(moe_layers=tuple(cfg.moe_layers), n_routed_experts=cfg.n_routed_experts,
                           slots=slots, checkpoint=checkpoint),
+        zone=zone,
         # The rendezvous: where torch pair groups meet.
         torch_store=None if torch_transport is None else torch_transport.store_address)
     await reg.register(record)

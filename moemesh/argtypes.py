@@ -63,3 +63,11 @@ def seed(text: str) -> int:
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {value}")
     return value
+
+
+def unit_fraction(text: str) -> float:
+    """A number in (0, 1], like a balancedness target."""
+    value = _number(text, float, "a number in (0, 1]")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value

@@ -14,9 +14,10 @@ its lease expires). It re-plans
 * when expert nodes joined (after ``settle_s`` without further joins, so nodes starting together are
   planned over together): sticky to the previous placement, but the newcomers take load;
 * every ``rebalance_interval_s``, on the routed-token counts the attention nodes report (their Load
-  RPC): published only when replicas move (the fresh plan beats keeping by ``min_gain``) or shares
-  change by more than ``placement_state.SHARE_CHANGE``, and not while attention nodes are still
-  switching to the last version.
+  RPC), moving the fewest replicas that reach ``min_balance`` (``router/min_moves.py``; none when
+  re-sharing suffices): published only when replicas move or shares change by more than
+  ``placement_state.SHARE_CHANGE``, and not while attention nodes are still switching to the last version.
+  The planner runs in a worker thread: the minimal-move program may take seconds on large layers.
 
 Applying a version without pausing service is the nodes' part: expert nodes load what is new and keep
 what they lose until every attention node serves the new version; attention nodes switch between steps
@@ -52,7 +53,7 @@ from moemesh.logs import get_logger
 from .expert_health import ExpertHealth
 from .placement_state import (loads_matrix, placement_problem, placement_record, planned_nodes, previous_holders,
                               publish_reason, read_placement, version_of)
-from .planner import DEFAULT_MIN_GAIN, PlanError, plan_placement
+from .planner import DEFAULT_MIN_BALANCE, PlanError, plan_placement
 from .replan import Look, Timers, decide_replan
 
 log = get_logger("moemesh.router.cluster")
@@ -83,7 +84,7 @@ class PlacementPolicy:
 
     settle_s: float = 1.0  # wait this long after the last expert node joined before planning over it
     rebalance_interval_s: float = 30.0  # re-plan on measured loads this often; 0 = only on membership changes
-    min_gain: float = DEFAULT_MIN_GAIN  # balancedness gain that justifies moving replicas on a periodic re-plan
+    min_balance: float = DEFAULT_MIN_BALANCE  # re-plans move the fewest replicas reaching this mean/max node load
     replicate: bool = True  # spare slots take replicas of hot experts
 
 
@@ -230,7 +231,7 @@ class ControlPlane:
                     self.experts_joined_at, tuple(self.view.attention_behind(version)))
         policy = self.policy
         decision = decide_replan(look, self._timers, time.monotonic(), settle_s=policy.settle_s,
-                                 rebalance_interval_s=policy.rebalance_interval_s, min_gain=policy.min_gain,
+                                 rebalance_interval_s=policy.rebalance_interval_s, min_balance=policy.min_balance,
                                  campaign_interval_s=self.campaign_interval_s)
         if decision.kind == "defer" and decision.timers.deferred_for != self._timers.deferred_for:
             # once per set of lagging nodes, not every look
@@ -247,7 +248,8 @@ class ControlPlane:
         slots = min_slots(experts) or default_expert_slots(n_experts, len(node_ids))
         previous = previous_holders(current, moe_layers, n_experts, node_ids)
         try:
-            plan = self._plan(loads, len(node_ids), min(slots, n_experts), previous, decision.min_gain)
+            plan = await asyncio.to_thread(self._plan, loads, len(node_ids), min(slots, n_experts), previous,
+                                           decision.min_balance, [r.zone for r in experts])
         except PlanError as exc:
             self._note(str(exc), nodes=node_ids, slots=slots)
             return self.campaign_interval_s
@@ -262,6 +264,8 @@ class ControlPlane:
                 return self.campaign_interval_s
             reason = f"{reason}: {why}"
             placement = replace(placement, stats=replace(placement.stats, reason=reason))
+        for warning in plan.warnings:  # every write: a zone exposure lasts until slots or nodes are added
+            log.warning("router_placement_zone_exposed", warning=warning)
         written = await self.registry.write_placement(placement, 0 if entry is None else entry.mod_revision)
         if not written:
             log.info("router_placement_raced", version=placement.version,
@@ -275,11 +279,12 @@ class ControlPlane:
                  attention_nodes_reporting=reporting)
         return self.campaign_interval_s
 
-    def _plan(self, loads, n_nodes: int, slots: int, previous, min_gain: float):
+    def _plan(self, loads, n_nodes: int, slots: int, previous, min_balance: float, zones):
         """Plan sticky to ``previous``; afresh when the previous placement does not fit (e.g. fewer slots now)."""
         if previous is not None:
             try:
-                return plan_placement(loads, n_nodes, slots, previous, min_gain, self.policy.replicate)
+                return plan_placement(loads, n_nodes, slots, previous, min_balance, self.policy.replicate,
+                                      zones=zones)
             except PlanError as exc:
                 log.info("router_previous_placement_unusable", error=str(exc))
-        return plan_placement(loads, n_nodes, slots, None, min_gain, self.policy.replicate)
+        return plan_placement(loads, n_nodes, slots, None, min_balance, self.policy.replicate, zones=zones)

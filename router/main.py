@@ -5,7 +5,7 @@ The CLI adds the subcommand with :func:`add_router_parser` and runs it with :fun
     moemesh router --etcd HOST:PORT [--cluster NAME] [--host H] [--port P] [--router-id ID]
                    [--auth-token-file F] [--tls-cert F --tls-key F [--tls-ca F]] [--max-inflight N]
                    [--max-queued N] [--max-running-per-client N] [--max-queued-per-client N]
-                   [--lease-ttl S] [--rebalance-interval S] [--min-gain G] [--no-replicas]
+                   [--lease-ttl S] [--rebalance-interval S] [--min-balance B] [--no-replicas]
                    [--settle S] [--http-port P [--http-host H] [--served-model-name N]
                    [--chat-template F] [--reasoning-parser deepseek-r1]] [--log-level L]
 
@@ -29,12 +29,14 @@ from moemesh.control.etcd_credentials import EtcdCredentials
 from moemesh.argtypes import non_negative_int
 from moemesh.argtypes import port as _port
 from moemesh.argtypes import positive_int as _positive_int
-from moemesh.argtypes import non_negative_float, seconds_at_least
+from moemesh.argtypes import seconds_at_least
+from moemesh.argtypes import unit_fraction as _balance
 from moemesh.logs import get_logger
 
 from .admission import DEFAULT_MAX_QUEUED, DEFAULT_MAX_QUEUED_PER_CLIENT, DEFAULT_MAX_RUNNING_PER_CLIENT
 from .auth import TLSFiles, read_role_tokens, read_tokens_file, use_tokens
 from .cluster import PlacementPolicy
+from .planner import DEFAULT_MIN_BALANCE
 from .openai_api.reasoning import REASONING_PARSERS
 from .server import MAX_RESUMES, Router
 
@@ -90,9 +92,10 @@ def add_router_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--rebalance-interval", type=seconds_at_least(0), default=30.0, metavar="S",
                    help="re-plan expert placement every S seconds on the routed-token counts the attention nodes "
                    "report (their last 60 s); 0 = only when expert nodes join, leave or die (default: 30)")
-    g.add_argument("--min-gain", type=non_negative_float, default=0.02, metavar="G",
-                   help="a periodic re-plan moves expert weights only if balancedness (mean / max node load per "
-                   "layer) improves by more than G; otherwise it only re-balances replicas' shares (default: 0.02)")
+    g.add_argument("--min-balance", type=_balance, default=DEFAULT_MIN_BALANCE, metavar="B",
+                   help="re-plans move the fewest expert replicas that bring balancedness (mean / max node load "
+                   "per layer) to B, in (0, 1]; none when re-sharing replicas' loads suffices "
+                   f"(default: {DEFAULT_MIN_BALANCE})")
     g.add_argument("--no-replicas", action="store_true",
                    help="one replica per expert: leave spare expert slots empty instead of replicating hot experts")
     g.add_argument("--settle", type=seconds_at_least(0), default=1.0, metavar="S",
@@ -178,7 +181,7 @@ def _policy(args: argparse.Namespace) -> PlacementPolicy:
     default = PlacementPolicy()
     return PlacementPolicy(settle_s=getattr(args, "settle", default.settle_s),
                            rebalance_interval_s=getattr(args, "rebalance_interval", default.rebalance_interval_s),
-                           min_gain=getattr(args, "min_gain", default.min_gain),
+                           min_balance=getattr(args, "min_balance", default.min_balance),
                            replicate=not getattr(args, "no_replicas", False))
 
 

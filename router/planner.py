@@ -30,13 +30,15 @@ Algorithm, per layer:
 4. The plan with only the floor's replicas is computed too; the replicated plan is used unless it is worse
    (so replication is never worse than none).
 
-With a previous placement (experts whose nodes all left are first put into free slots), its replicas are kept and
-only their shares are re-balanced (step 3), unless it is below the redundancy floor (e.g. a node left, or
-joined so that the slots now allow two replicas each: a fresh plan then restores redundancy) or the fresh
-plan's balancedness exceeds the kept one's by more than ``min_gain`` (default 0.02, in balancedness units): moving
-weights is the expensive part, shares are free. A fresh plan replacing a previous one has its nodes relabelled to
-overlap the previous placement as much as possible (nodes are interchangeable in a fresh plan), so it moves as
-few replicas as that plan allows.
+With a previous placement, the layer is re-planned to move as few replicas as it takes to reach ``min_balance``
+(default 0.97) balancedness: first by re-sharing alone (the previous replicas kept, shares water-filled: nothing
+moves when that suffices); else by the minimal-move program of ``router/min_moves.py`` (an exact mixed-integer
+program over the slots, the redundancy floor and the zones), which also places experts whose nodes all left
+and restores the redundancy floor. When no plan within the slots reaches ``min_balance``, the target becomes
+the fresh plan's balancedness (the best this planner knows), still with the fewest moves. If the program finds
+nothing in its time limit, greedy moves off the most loaded node (``router/greedy_moves.py``) are tried, and
+failing those the fresh plan is used, its nodes relabelled to overlap the previous placement as
+much as possible (nodes are interchangeable in a fresh plan), so it moves as few replicas as that plan allows.
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-DEFAULT_MIN_GAIN = 0.02
-_SWEEPS = 2000  # water-filling sweeps at most; converges long before on realistic inputs
+from .greedy_moves import greedy_holders
+from .min_moves import DEFAULT_TIME_LIMIT_S, min_move_holders
+from .shares import Holders, evaluate as _evaluate
+from .zones import rule_applies, spans_zones, zone_index, zone_warnings
 
-# holders[e]: the nodes holding a replica of expert e, ascending
-Holders = tuple[tuple[int, ...], ...]
+DEFAULT_MIN_BALANCE = 0.97
 
 
 class PlanError(ValueError):
@@ -72,7 +75,7 @@ class LayerPlan:
     node_loads: tuple[float, ...]  # [N]
     balancedness: float
     moved: int
-    kept_previous: bool  # True when the previous placement was kept (shares only re-balanced)
+    kept_previous: bool  # True when the previous replicas were kept (shares only re-balanced, moved 0)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Plan:
     n_nodes: int
     slots_per_node: int
     layers: tuple[LayerPlan, ...]
+    warnings: tuple[str, ...] = ()  # e.g. losing a zone would leave experts unhosted (``router/zones.py``)
 
     @property
     def moved(self) -> int:
@@ -102,6 +106,7 @@ class Plan:
                 for layer in self.layers
             ],
             "moved": self.moved,
+            "warnings": list(self.warnings),
         }
 
 
@@ -230,8 +235,10 @@ def _replica_counts(loads: Sequence[float], n_nodes: int, slots_per_node: int) -
     return counts
 
 
-def _pack(loads: Sequence[float], counts: Sequence[int], n_nodes: int, slots_per_node: int) -> Holders:
-    """Greedy: hottest replica first onto the least loaded node with a free slot that lacks the expert."""
+def _pack(loads: Sequence[float], counts: Sequence[int], n_nodes: int, slots_per_node: int,
+          zone_of: Sequence[int] | None = None) -> Holders:
+    """Greedy: hottest replica first onto the least loaded node with a free slot that lacks the expert (with
+    zones: first in a zone that lacks it too)."""
     per_replica = [load / c for load, c in zip(loads, counts)]
     node_load = [0.0] * n_nodes
     held: list[set[int]] = [set() for _ in range(n_nodes)]
@@ -250,76 +257,23 @@ def _pack(loads: Sequence[float], counts: Sequence[int], n_nodes: int, slots_per
                 node_load[m] -= per_replica[f]
                 node_load[n] += per_replica[f]
                 free = [m]
-            node = min(free, key=lambda n: (node_load[n], n))
+            zones_of_e = set() if zone_of is None else {zone_of[n] for n in range(n_nodes) if e in held[n]}
+            node = min(free, key=lambda n: (zone_of is not None and zone_of[n] in zones_of_e, node_load[n], n))
             held[node].add(e)
             node_load[node] += per_replica[e]
     return tuple(tuple(n for n in range(n_nodes) if e in held[n]) for e in range(len(loads)))
 
 
-def _water_fill(base: Sequence[float], amount: float) -> list[float]:
-    """Split ``amount`` over bins already filled to ``base`` so the fullest bin is as low as possible."""
-    order = sorted(range(len(base)), key=lambda i: (base[i], i))
-    level, total = 0.0, 0.0
-    for k, i in enumerate(order, start=1):
-        total += base[i]
-        level = (amount + total) / k
-        if k == len(order) or level <= base[order[k]]:
-            break
-    return [max(0.0, level - b) for b in base]
-
-
-def _balance_shares(loads: Sequence[float], holders: Holders, n_nodes: int) -> list[list[float]]:
-    """Shares per expert (aligned with holders[e]) that minimise the maximum node load."""
-    part = [[load / len(nodes)] * len(nodes) for load, nodes in zip(loads, holders)]  # tokens per replica
-    node_load = [0.0] * n_nodes
-    for nodes, parts in zip(holders, part):
-        for n, p in zip(nodes, parts):
-            node_load[n] += p
-    multi = sorted((e for e, nodes in enumerate(holders) if len(nodes) > 1 and loads[e] > 0),
-                   key=lambda e: (-loads[e], e))
-    tol = 1e-12 * max(sum(loads), 1e-300)
-    for _ in range(_SWEEPS if multi else 0):
-        change = 0.0
-        for e in multi:
-            nodes = holders[e]
-            base = [node_load[n] - p for n, p in zip(nodes, part[e])]
-            new = _water_fill(base, loads[e])
-            for n, old, p in zip(nodes, part[e], new):
-                node_load[n] += p - old
-                change = max(change, abs(p - old))
-            part[e] = new
-        if change <= tol:
-            break
-    shares = []
-    for load, parts in zip(loads, part):
-        if load > 0:
-            s = [p / load for p in parts]
-            total = sum(s)
-            shares.append([v / total for v in s])
-        else:
-            shares.append([1.0 / len(parts)] * len(parts))
-    return shares
-
-
-def _evaluate(loads: Sequence[float], holders: Holders, n_nodes: int):
-    shares = _balance_shares(loads, holders, n_nodes)
-    node_load = [0.0] * n_nodes
-    for load, nodes, s in zip(loads, holders, shares):
-        for n, v in zip(nodes, s):
-            node_load[n] += load * v
-    peak = max(node_load)
-    balancedness = (sum(node_load) / n_nodes) / peak if peak > 0 else 1.0
-    return shares, node_load, balancedness
-
-
-def _relabel(holders: Holders, previous: Holders, n_nodes: int) -> Holders:
-    """Rename a fresh plan's nodes so it overlaps ``previous`` the most (greedy on overlap, ties by index)."""
+def _relabel(holders: Holders, previous: Holders, n_nodes: int, zone_of: Sequence[int] | None = None) -> Holders:
+    """Rename a fresh plan's nodes so it overlaps ``previous`` the most (greedy on overlap, ties by index); with
+    zones, only within a zone (so the plan keeps spanning them)."""
     overlap = [[0] * n_nodes for _ in range(n_nodes)]  # [fresh node][previous node]
     for nodes, prev in zip(holders, previous):
         for f in nodes:
             for p in prev:
                 overlap[f][p] += 1
-    pairs = sorted(((f, p) for f in range(n_nodes) for p in range(n_nodes)),
+    pairs = sorted(((f, p) for f in range(n_nodes) for p in range(n_nodes)
+                    if zone_of is None or zone_of[f] == zone_of[p]),
                    key=lambda fp: (-overlap[fp[0]][fp[1]], fp[0], fp[1]))
     rename: dict[int, int] = {}
     taken: set[int] = set()
@@ -336,72 +290,71 @@ def _moved(holders: Holders, previous: Holders | None) -> int:
     return sum(1 for nodes, prev in zip(holders, previous) for n in nodes if n not in prev)
 
 
-def _repair(loads: Sequence[float], previous: Holders, n_nodes: int, slots_per_node: int) -> Holders | None:
-    """Place the experts that lost every replica (their nodes left) into free slots, hottest first onto the
-    least loaded node; None when there is no room (then only a fresh plan fits)."""
-    held: list[set[int]] = [set() for _ in range(n_nodes)]
-    node_load = [0.0] * n_nodes
-    for e, nodes in enumerate(previous):
-        for n in nodes:
-            held[n].add(e)
-            node_load[n] += loads[e] / len(nodes)
-    out = [tuple(nodes) for nodes in previous]
-    for e in sorted((e for e, nodes in enumerate(previous) if not nodes), key=lambda e: (-loads[e], e)):
-        free = [n for n in range(n_nodes) if len(held[n]) < slots_per_node]
-        if not free:
-            return None
-        node = min(free, key=lambda n: (node_load[n], n))
-        held[node].add(e)
-        node_load[node] += loads[e]
-        out[e] = (node,)
-    return tuple(out)
+def _meets_floor(holders: Holders, floor: int, zone_of: Sequence[int] | None) -> bool:
+    return all(len(nodes) >= floor and spans_zones(nodes, zone_of) for nodes in holders)
 
 
 def _plan_layer(loads: Sequence[float], n_nodes: int, slots_per_node: int, previous: Holders | None,
-                min_gain: float, replicate: bool = True) -> LayerPlan:
+                min_balance: float, replicate: bool = True, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+                zone_of: Sequence[int] | None = None) -> LayerPlan:
     floor = redundancy_floor(len(loads), n_nodes, slots_per_node, replicate)
-    fresh = _pack(loads, [floor] * len(loads), n_nodes, slots_per_node)
+    spread = zone_of  # fresh plans prefer spreading over zones whenever there are zones
+    zone_of = zone_of if rule_applies(zone_of, floor, len(loads), slots_per_node) else None  # enforce the rule?
+    fresh = _pack(loads, [floor] * len(loads), n_nodes, slots_per_node, spread)
     result = _evaluate(loads, fresh, n_nodes)
     if replicate:
-        replicated = _pack(loads, _replica_counts(loads, n_nodes, slots_per_node), n_nodes, slots_per_node)
+        replicated = _pack(loads, _replica_counts(loads, n_nodes, slots_per_node), n_nodes, slots_per_node,
+                           spread)
         replicated_result = _evaluate(loads, replicated, n_nodes)
         if replicated_result[2] >= result[2]:
             fresh, result = replicated, replicated_result
-    holders, kept = fresh, False
-    keep = None if previous is None else _repair(loads, previous, n_nodes, slots_per_node)
-    if keep is not None and min(len(nodes) for nodes in keep) < floor:
-        keep = None  # below the redundancy floor: one more loss would stop service, so re-plan afresh
-    if previous is not None and keep is None:
-        holders = _relabel(fresh, previous, n_nodes)
-        result = _evaluate(loads, holders, n_nodes)
-    elif keep is not None:
-        keep_result = _evaluate(loads, keep, n_nodes)
-        if result[2] - keep_result[2] > min_gain:
-            holders = _relabel(fresh, previous, n_nodes)
-            result = _evaluate(loads, holders, n_nodes)
+    holders = fresh
+    if previous is not None:
+        kept = _evaluate(loads, previous, n_nodes) if _meets_floor(previous, floor, zone_of) else None
+        if kept is not None and kept[2] >= min_balance:
+            holders, result = previous, kept  # re-sharing suffices: move nothing
         else:
-            holders, result, kept = keep, keep_result, True
+            target = min(min_balance, result[2])
+            found = min_move_holders(loads, previous, n_nodes, slots_per_node, floor, target, zone_of,
+                                     time_limit_s=time_limit_s)
+            if found is None:  # out of time: greedy moves if they reach the target in fewer moves than fresh
+                relabelled = _relabel(fresh, previous, n_nodes, spread)
+                found = greedy_holders(loads, previous, n_nodes, slots_per_node, floor, target,
+                                       _moved(relabelled, previous), zone_of) or relabelled
+            holders = found
+            result = _evaluate(loads, holders, n_nodes)
     shares, node_load, balancedness = result
     replicas = tuple(tuple(Replica(n, s) for n, s in zip(nodes, sh)) for nodes, sh in zip(holders, shares))
-    return LayerPlan(replicas, tuple(node_load), balancedness, _moved(holders, previous), kept)
+    moved = _moved(holders, previous)
+    return LayerPlan(replicas, tuple(node_load), balancedness, moved, previous is not None and moved == 0)
 
 
 def plan_placement(loads: Sequence[Sequence[float]], n_nodes: int, slots_per_node: int,
                    previous: Sequence[Sequence[Sequence[int]]] | None = None,
-                   min_gain: float = DEFAULT_MIN_GAIN, replicate: bool = True) -> Plan:
+                   min_balance: float = DEFAULT_MIN_BALANCE, replicate: bool = True,
+                   time_limit_s: float = DEFAULT_TIME_LIMIT_S, zones: Sequence[str | None] | None = None) -> Plan:
     """Place every (layer, expert) on ``n_nodes`` nodes of ``slots_per_node`` slots each.
 
     ``loads[l][e]``: tokens routed to expert e of layer l (>= 0). ``previous[l][e]``: the nodes that held expert e
-    of layer l (e.g. from :func:`previous_from_json`); kept unless a fresh plan is more than ``min_gain`` more
-    balanced. An expert with no node in ``previous`` (its nodes left) is put into a free slot; the rest stay.
-    ``replicate=False``: one replica per expert (spare slots stay empty). Raises PlanError on bad input.
+    of layer l (e.g. from :func:`previous_from_json`): the plan moves the fewest replicas that reach
+    ``min_balance`` (in (0, 1]) in every layer (module docstring); an expert with no node in ``previous`` (its nodes
+    left) is placed anew. ``replicate=False``: one replica per expert (spare slots stay empty).
+    ``time_limit_s``: per layer, for the minimal-move program. ``zones[n]``: node n's failure domain (None: its
+    own); replicas of an expert then span >= 2 zones when the slots allow (``router/zones.py``), and the plan's
+    ``warnings`` name the zones whose loss would leave experts unhosted. Raises PlanError on bad input.
     """
     loads = check_loads([list(layer) for layer in loads])
     _check_shape(len(loads[0]), n_nodes, slots_per_node)
-    if not (_is_number(min_gain) and math.isfinite(min_gain) and min_gain >= 0):
-        raise PlanError(f"min gain must be a finite number >= 0, got {min_gain!r}")
+    if not (_is_number(min_balance) and 0 < min_balance <= 1):
+        raise PlanError(f"min balance must be a number in (0, 1] (mean / max node load), got {min_balance!r}")
     prev = (_check_previous(previous, len(loads), len(loads[0]), n_nodes, slots_per_node)
             if previous is not None else [None] * len(loads))
-    layers = tuple(_plan_layer(layer, n_nodes, slots_per_node, p, min_gain, replicate)
+    try:
+        zone_of = zone_index(zones, n_nodes)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    layers = tuple(_plan_layer(layer, n_nodes, slots_per_node, p, min_balance, replicate, time_limit_s, zone_of)
                    for layer, p in zip(loads, prev))
-    return Plan(n_nodes, slots_per_node, layers)
+    holders = [tuple(tuple(r.node for r in reps) for reps in layer.replicas) for layer in layers]
+    warnings = zone_warnings(holders, zones or (), zone_of, len(loads[0]), slots_per_node)
+    return Plan(n_nodes, slots_per_node, layers, warnings)

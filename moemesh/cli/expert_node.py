@@ -29,6 +29,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "limit of its own; the router sizes every node's slots so that losing any one expert node "
                    "leaves every expert a replica (min(E, ceil(2E/N)) for N live nodes, plus a tenth of the even "
                    "share for hot replicas), so a node may be asked to hold more after another is lost")
+    p.add_argument("--zone", default=None, metavar="Z",
+                   help="this node's failure domain (rack, zone), with --etcd: the router puts an expert's replicas "
+                   "in different zones when the slots allow, and warns when losing a zone would leave experts "
+                   "unhosted (default: none; nodes without a zone count as a zone each)")
     p.add_argument("--max-batched-tokens", type=positive_int, default=DEFAULT_MAX_BATCHED_TOKENS, metavar="T",
                    help="the largest step (tokens) of the attention nodes it serves: sizes the largest Dispatch "
                    "message taken (T x hidden x 4 bytes, plus ids and weights and 1 MiB); larger ones are refused "
@@ -63,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from moemesh.expert_node.server import message_limit
 
     message_limit(cfg, args.max_batched_tokens)  # a step too large for gRPC fails here, before loading
+    if getattr(args, "zone", None) is not None and not args.zone.strip():
+        raise UsageError("--zone must be a non-empty name (a rack or zone), or left out")
     if args.experts is None:
         if args.etcd is None:
             raise UsageError("give --experts SPEC (a fixed shard) or --etcd HOST:PORT (the router's placement)")
@@ -70,11 +76,15 @@ def run(args: argparse.Namespace) -> int:
 
         asyncio.run(serve_registered(args.model, args.etcd, args.cluster, args.host, args.port, dtype,
                                      node_id=args.node_id, slots=args.slots, advertise=args.advertise_host,
+                                     zone=getattr(args, "zone", None),
                                      tls=tls, health_port=args.health_port, transport=args.transport,
                                      torch_port=args.torch_port, device=device, keep_fp8=keep,
                                      etcd_credentials=flags.etcd_credentials(args),
                                      max_batched_tokens=args.max_batched_tokens))
         return 0
+    if getattr(args, "zone", None) is not None:
+        raise UsageError("--zone needs --etcd without --experts: zones steer the router's placement, a fixed "
+                         "--experts shard has none")
     parse_expert_spec(args.experts, cfg.moe_layers, cfg.n_routed_experts)  # a bad spec fails before binding
     asyncio.run(serve(args.model, args.experts, args.host, args.port, dtype, tls=tls,
                       health_port=args.health_port, transport=args.transport, torch_port=args.torch_port,

@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from moemesh.cli import (attn_node, bench, certs, expert_node, generate, mesh, plan, query, router, status,
-                         tiny, up)
+from moemesh.cli import (attn_node, bench, certs, expert_node, generate, mesh, plan, profile, query, router,
+                         status, tiny, up)
 from moemesh.cli.flags import EXIT_USAGE, Parser
 from moemesh.errors import MoemeshError
 from moemesh.model.config import ConfigError
@@ -33,6 +33,7 @@ COMMANDS = {
     "query": query,
     "status": status,
     "bench": bench,
+    "profile": profile,
 }
 
 

@@ -25,7 +25,7 @@ Node record (a :class:`NodeRecord` given to ``register()``, changed by ``update(
      "capacity": {...},                  # role-specific, e.g. {"slots": 16} or {"kv_cache_tokens": 4096}
      "experts": {"<layer>": [ids]},      # expert nodes: what they host now (JSON keys are strings)
      "placement_version": int,           # the placement version the node has applied
-     "tls": bool, "torch_store": "HOST:PORT", "error": "..."}   # optional (see records.NodeRecord)
+     "tls": bool, "torch_store": "HOST:PORT", "error": "...", "zone": "Z"}   # optional (see records.NodeRecord)
 
 Placement::
 

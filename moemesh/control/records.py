@@ -124,10 +124,12 @@ class NodeRecord:
     tls: bool | None = None  # the node's ports serve TLS
     torch_store: str | None = None  # expert nodes with --transport torch: where torch pair groups meet
     error: str | None = None  # status "failed": why the node cannot apply the placement
+    # Expert nodes: the failure domain (rack, zone) whose loss the planner spreads replicas against (--zone).
+    zone: str | None = None
     extra: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
 
     _FIELDS = ("id", "role", "address", "status", "experts", "placement_version", "capacity", "tls",
-               "torch_store", "error")
+               "torch_store", "error", "zone")
 
     @classmethod
     def from_json(cls, value: object) -> "NodeRecord":
@@ -145,6 +147,7 @@ class NodeRecord:
                    _opt("node tls", record.get("tls"), bool),
                    _opt("node torch_store", record.get("torch_store"), str),
                    _opt("node error", record.get("error"), str),
+                   _opt("node zone", record.get("zone"), str),
                    MappingProxyType({k: v for k, v in record.items() if k not in cls._FIELDS}))
 
     def to_json(self) -> dict:
@@ -153,7 +156,7 @@ class NodeRecord:
             out["experts"] = {str(layer): list(ids) for layer, ids in self.experts.items()}
         _put(out, "placement_version", self.placement_version)
         _put(out, "capacity", None if self.capacity is None else self.capacity.to_json())
-        for name in ("tls", "torch_store", "error"):
+        for name in ("tls", "torch_store", "error", "zone"):
             _put(out, name, getattr(self, name))
         return {**out, **self.extra}
 

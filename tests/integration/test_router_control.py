@@ -81,3 +81,26 @@ def test_leader_places_every_expert_and_republishes_without_a_gone_node(bg, etcd
         bg.run(r.stop(grace_s=1))
         for reg in experts:
             bg.run(reg.close())
+
+
+def test_leader_spreads_every_expert_over_the_zones_its_nodes_name(bg, etcd):
+    cluster = "zoned"
+    capacity = {"slots": 4, "moe_layers": [1], "n_routed_experts": 8}  # 4 x 4 = 2 x 8: two replicas each
+    zones = {"expert-0": "a", "expert-1": "a", "expert-2": "b", "expert-3": "b"}
+    experts = []
+    for i, (node, zone) in enumerate(zones.items()):
+        reg = bg.run(Registry.connect(etcd.endpoint, cluster, ttl_s=TTL))
+        bg.run(reg.register(node_record("expert", node, {"address": f"127.0.0.1:{7100 + i}", "status": "loading",
+                                                         "capacity": capacity, "zone": zone})))
+        experts.append(reg)
+    r = start_router(bg, etcd, cluster, router_id="router-z")
+    try:
+        key = experts[0].keys.placement()
+        placement = eventually(lambda: bg.run(experts[0].get(key)), DEADLINE_S, "the leader writes a placement")
+        holders = placement["layers"]["1"]
+        assert sorted(holders, key=int) == [str(e) for e in range(8)]
+        assert all(sorted(zones[n] for n in nodes) == ["a", "b"] for nodes in holders.values()), holders
+    finally:
+        bg.run(r.stop(grace_s=1))
+        for reg in experts:
+            bg.run(reg.close())

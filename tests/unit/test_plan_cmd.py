@@ -33,7 +33,7 @@ def test_json_output(tmp_path, capsys):
     rc, out, err = _plan(["--loads", loads, "--nodes", "2", "--slots-per-node", "2", "--json"], capsys)
     assert rc == 0 and err == ""
     assert json.loads(out) == {
-        "nodes": 2, "slots_per_node": 2, "moved": 8,
+        "nodes": 2, "slots_per_node": 2, "moved": 8, "warnings": [],
         "layers": [
             {"replicas": {"0": [{"node": 0, "share": 0.5}, {"node": 1, "share": 0.5}],
                           "1": [{"node": 0, "share": 1.0}], "2": [{"node": 1, "share": 1.0}]},
@@ -82,7 +82,7 @@ def test_previous_with_very_different_loads_moves(tmp_path, capsys):
     rc, out, _ = _plan(["--loads", after, *shape, "--previous", previous], capsys)
     plan = json.loads(out)
     assert rc == 0 and plan["moved"] > 0 and plan["layers"][0]["balancedness"] == pytest.approx(1.0, abs=1e-12)
-    rc, out, _ = _plan(["--loads", after, *shape, "--previous", previous, "--min-gain", "10"], capsys)
+    rc, out, _ = _plan(["--loads", after, *shape, "--previous", previous, "--min-balance", "0.01"], capsys)
     kept = json.loads(out)
     assert rc == 0 and kept["moved"] == 0 and kept["layers"][0]["balancedness"] < 0.5
 
@@ -131,14 +131,40 @@ def test_bad_previous(tmp_path, capsys, previous, message):
     assert err.count("\n") == 1 and err.startswith("moemesh plan: error: ") and message in err
 
 
-@pytest.mark.parametrize("argv", [
-    ["plan", "--loads", "x.json", "--nodes", "two", "--slots-per-node", "1"],
-    ["plan", "--loads", "x.json", "--nodes", "2"],
-    ["plan", "--nodes", "2", "--slots-per-node", "1"],
-])
-def test_parser_errors_are_one_line(capsys, argv):
+def test_parser_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
-        _parser().parse_args(argv)
+        _parser().parse_args(["plan", "--loads", "x.json", "--nodes", "two", "--slots-per-node", "1"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error:" in err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--loads", "x.json", "--nodes", "2"], "--slots-per-node"),
+    (["--nodes", "2", "--slots-per-node", "1"], "--loads"),
+])
+def test_a_missing_flag_is_named_unless_cluster(capsys, argv, flag):
+    rc, out, err = _plan(argv, capsys)  # optional for --cluster, so checked when planning a placement
+    assert rc == 2 and out == "" and err == f"moemesh plan: error: {flag} is required (or --cluster for the " \
+        "cluster model)\n"
+
+
+def test_frontier_prints_moves_against_balance(tmp_path, capsys):
+    before = _write(tmp_path / "before.json", {"loads": [[465] + [1] * 31]})
+    after = _write(tmp_path / "after.json", {"loads": [[1] * 31 + [465]]})
+    shape = ["--nodes", "4", "--slots-per-node", "10"]
+    _, out, _ = _plan(["--loads", before, *shape, "--json"], capsys)
+    previous = _write(tmp_path / "plan.json", out)
+    rc, out, _ = _plan(["--loads", after, *shape, "--previous", previous, "--frontier", "--json"], capsys)
+    data = json.loads(out)
+    assert rc == 0 and data["fresh"]["moved"] == 40
+    rows = {row["min_balance"]: (row["moved"], row["balancedness"]) for row in data["frontier"]}
+    assert sorted(rows) == [0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0]
+    # expert 31 (465 of 496 tokens, mean 124) alone on one node: with 3 replicas a node carries 155 + ones, over
+    # 124 / 0.8 = 155, so every target needs a replica on all 4 nodes: 3 moves
+    assert [rows[t][0] for t in sorted(rows)] == [3, 3, 3, 3, 3, 3, 3, 3]
+    assert all(rows[t][1] >= t - 1e-9 for t in rows)
+    rc, text, _ = _plan(["--loads", after, *shape, "--previous", previous, "--frontier"], capsys)
+    assert rc == 0 and text.splitlines()[0].startswith("min balance") and "fresh plan" in text.splitlines()[-1]
+    rc, _, err = _plan(["--loads", after, *shape, "--frontier"], capsys)
+    assert rc == 2 and "--frontier needs --previous" in err

@@ -11,7 +11,7 @@ from moemesh.control.records import Capacity, NodeRecord, PlacementRecord, Place
 EXPERT = {  # what expert_node/registered.py writes
     "id": "expert-0", "role": "expert", "address": "h:5000", "status": "ready", "experts": {"1": [0, 1], "3": [2]},
     "tls": False, "capacity": {"slots": 4, "moe_layers": [1, 3], "n_routed_experts": 8, "checkpoint": "9f2c"},
-    "torch_store": "h:29500", "placement_version": 2, "error": "disk full",
+    "torch_store": "h:29500", "placement_version": 2, "error": "disk full", "zone": "rack-1",
 }
 ATTN = {  # what attn_node/serve.py writes
     "id": "attn-0", "role": "attn", "address": "h:6000", "status": "loading", "experts": {}, "tls": True,
@@ -40,7 +40,7 @@ def test_node_record_fields_are_typed():
                                                                                 "ready", 2, False)
     assert dict(r.experts) == {1: (0, 1), 3: (2,)}
     assert r.capacity == Capacity(moe_layers=(1, 3), n_routed_experts=8, slots=4, checkpoint="9f2c")
-    assert (r.torch_store, r.error, r.serving) == ("h:29500", "disk full", True)
+    assert (r.torch_store, r.error, r.serving, r.zone) == ("h:29500", "disk full", True, "rack-1")
     bare = NodeRecord.from_json({"id": "a", "role": "attn", "address": "h:1", "status": "loading"})
     assert (bare.experts, bare.capacity, bare.placement_version, bare.tls, bare.serving) == (None, None, None, None,
                                                                                           False)
@@ -63,6 +63,7 @@ def test_hosted_sorts_layers_and_ids():
     ({"placement_version": True}, "node placement_version must be an int >= 0, got True"),
     ({"tls": "yes"}, "node tls must be a bool, got 'yes'"),
     ({"torch_store": 5}, "node torch_store must be a str, got 5"),
+    ({"zone": 1}, "node zone must be a str, got 1"),
     ({"capacity": [4]}, "node capacity must be a JSON object, got [4]"),
     ({"capacity": {"slots": 0}}, "capacity.slots must be an int >= 1, got 0"),
     ({"capacity": {"moe_layers": "1,2"}}, "capacity.moe_layers must be a list of MoE layer indices, got '1,2'"),

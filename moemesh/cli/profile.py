@@ -1,0 +1,248 @@
+"""``moemesh profile``: measure on this machine the costs the cluster model needs (``moemesh/cluster_model.py``).
+
+    moemesh profile --model DIR [--batches 1,8,32,64] [--contexts 32,256] [--steps S] [--repeats R]
+                    [--threads N] [--transport T] [--json]
+
+* attention time per layer vs batch and context: the single-process engine's decode step, less its routed
+  experts (timed inside its expert backend), over the layers: everything an attention node does per layer;
+* expert time per MoE layer vs rows: the routed experts of those decode steps (every expert in the process);
+* hop latency and bandwidth vs bytes: one Dispatch round trip to an expert node process on loopback with no
+  expert work (``bench --mesh``'s machinery), per transport, and the share of it the sending process's CPU is
+  busy (its ``process_time``: serialisation and gRPC threads), which an attention node cannot overlap.
+
+``--json`` prints the profile ``moemesh plan --cluster --profile FILE`` reads. ``--threads 1`` measures as
+``moemesh bench --mesh`` runs the mesh (one torch thread per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+from moemesh.argtypes import positive_int
+from moemesh.cli import flags
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("profile", help="measure the costs `moemesh plan --cluster` models a mesh with",
+                              description="Measure attention time per layer vs batch and context, routed-expert "
+                              "time per MoE layer vs rows, and dispatch round trips vs bytes on each transport, on "
+                              "this machine, with this model. Starts one expert node process on loopback.")
+    flags.add_model_arg(p)
+    p.add_argument("--batches", type=_ints, default=[1, 8, 32, 64], metavar="B,B,...",
+                   help="decode batches timed (default: 1,8,32,64)")
+    p.add_argument("--contexts", type=_ints, default=[32, 256], metavar="C,C,...",
+                   help="context lengths (prompt tokens) timed (default: 32,256)")
+    p.add_argument("--steps", type=positive_int, default=8, help="decode steps timed per point (default: 8)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="runs per point; the quickest counts (default: 3)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads while measuring (default: torch's; 1 = as `bench --mesh` runs the mesh)")
+    p.add_argument("--hop-samples", type=positive_int, default=100, help="round trips timed per hop size")
+    flags.add_transport_arg(p, "bench")
+    flags.add_device_args(p)
+    p.add_argument("--json", action="store_true", help="print the profile as one JSON object")
+    return p
+
+
+class _TimedBackend:
+    """Wraps the engine's expert backend: sums the time spent in dispatch and combine for decode steps."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.rows = None  # only steps of this many rows count (the decode steps)
+        self.total_s = 0.0
+        self.calls = 0
+
+    def dispatch(self, layer_id, x, topk_idx, topk_weights):
+        start = time.perf_counter()
+        handle = self.inner.dispatch(layer_id, x, topk_idx, topk_weights)
+        self._count(x.shape[0], start)
+        return handle, x.shape[0]
+
+    def combine(self, handle):
+        inner, rows = handle
+        start = time.perf_counter()
+        y = self.inner.combine(inner)
+        _sync(y)
+        self._count(rows, start, call=False)
+        return y
+
+    def _count(self, rows: int, start: float, call: bool = True) -> None:
+        if rows == self.rows:
+            self.total_s += time.perf_counter() - start
+            self.calls += call
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _sync(t) -> None:
+    if t.device.type != "cpu":
+        import torch
+
+        torch.accelerator.synchronize(t.device)
+
+
+def _decode_point(mesh, timed, cfg, batch: int, context: int, steps: int, repeats: int) -> tuple[float, float]:
+    """(decode step us, routed-expert us per MoE layer) at ``batch`` x ``context``: the difference of two runs
+    that share the prefill, so the prefill cancels."""
+    import torch
+
+    from moemesh.sampling import SamplingParams
+
+    prompts = torch.randint(2, cfg.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0)).tolist()
+    times, routed = [], []
+    for n in (2, 2 + steps):
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        mesh.engine.generate(prompts, replace(params, max_tokens=2))  # warm-up
+        best = None
+        for _ in range(repeats):  # the quickest run: the one least disturbed by other work on the machine
+            timed.rows, timed.total_s, timed.calls = batch, 0.0, 0
+            start = time.perf_counter()
+            mesh.engine.generate(prompts, params)
+            run = (time.perf_counter() - start, timed.total_s, timed.calls)
+            best = run if best is None or run[0] < best[0] else best
+        times.append(best[0])
+        routed.append(best[1:])
+    step_us = (times[1] - times[0]) / steps * 1e6
+    total_s, calls = routed[1]  # the long run's decode steps (prefill calls have other row counts)
+    expert_us = total_s / max(1, calls) * 1e6  # per MoE layer call
+    return step_us, expert_us
+
+
+def _fanout_us(links, layer: int, rows: int, hidden: int, k: int, samples: int) -> float:
+    """Median time to send one message of ``rows`` rows to every link at once and have every reply (the
+    expert nodes compute nothing: expert id -1), as an attention node does at each MoE layer."""
+    import statistics
+
+    import torch
+
+    x, idx, w = torch.randn(rows, hidden), torch.full((rows, k), -1, dtype=torch.int64), torch.full((rows, k), 1 / k)
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        for fut in [link.send(layer, x, idx, w, 0) for link in links]:
+            fut.result(timeout=30)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[samples // 10:]) * 1e6
+
+
+def _hop_point(links, cfg, rows: int, nbytes: float, samples: int) -> dict:
+    """One message size: the round trip to one expert node and to two at once, and the share of the latter
+    this process's CPU was busy (serialising, gRPC threads): what an attention node cannot overlap."""
+    args = (cfg.moe_layers[0], rows, cfg.hidden_size, cfg.num_experts_per_tok, samples)
+    one = _fanout_us(links[:1], *args)
+    cpu, wall = time.process_time(), time.perf_counter()
+    two = _fanout_us(links, *args)
+    busy = (time.process_time() - cpu) / max(1e-9, time.perf_counter() - wall)
+    return {"rows": rows, "bytes": nbytes, "us": one, "two_nodes_us": two, "busy": min(1.0, busy)}
+
+
+def _hops(args, cfg, batches, act_bytes) -> dict:
+    """Round trips per transport to two expert node processes on loopback (as ``bench --mesh`` starts)."""
+    from moemesh.cli.bench_mesh import _link
+    from moemesh.cluster_model import ModelShape
+    from moemesh.launch.procs import spawn_expert_nodes
+
+    transports = ["grpc"] if args.transport == "grpc" else ["grpc", args.transport]
+    extra = [] if transports == ["grpc"] else ["--transport", "torch"]
+    shape = ModelShape(cfg.num_hidden_layers, len(cfg.moe_layers), cfg.hidden_size, cfg.num_experts_per_tok,
+                       cfg.n_routed_experts, act_bytes)
+    out = {}
+    with tempfile.TemporaryDirectory() as logs:
+        half = cfg.n_routed_experts // 2
+        nodes = spawn_expert_nodes(args.model, [f"0-{half - 1}", f"{half}-{cfg.n_routed_experts - 1}"], log_dir=logs,
+                                   extra_args=extra + ["--device", args.device, "--dtype", args.dtype])
+        try:
+            for transport in transports:
+                links = [_link(transport, node.address, cfg.hidden_size) for node in nodes]
+                try:
+                    rows = sorted({max(1, b // 2) for b in batches} | set(batches))
+                    out[transport] = [_hop_point(links, cfg, r, shape.dispatch_bytes(r), args.hop_samples)
+                                      for r in rows]
+                finally:
+                    for link in links:
+                        link.close()
+        finally:
+            for node in nodes:
+                node.stop()
+    return out
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import torch
+
+    from moemesh.attn_node.engine import EngineConfig
+    from moemesh.launch.embedded import build_local
+
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        longest = max(args.contexts) + args.steps + 4
+        econf = EngineConfig(max_num_seqs=max(args.batches), kv_cache_tokens=max(args.batches) * longest + 64,
+                             max_num_batched_tokens=max(512, max(args.batches) * longest))
+        mesh = build_local(args.model, args.dtype, econf, progress=False, device=args.device)
+        cfg = mesh.cfg
+        timed = _TimedBackend(mesh.engine.backend)
+        for layer in mesh.engine.runner.model.moe_layers():
+            layer.backend = timed
+        attention, expert = [], {}
+        for context in args.contexts:
+            for batch in args.batches:
+                step_us, expert_us = _decode_point(mesh, timed, cfg, batch, context, args.steps, args.repeats)
+                if step_us <= len(cfg.moe_layers) * expert_us:
+                    print(f"moemesh profile: warning: batch {batch}, context {context}: the decode step measured "
+                          f"{step_us:.0f} us, no more than its experts: the machine is noisy, raise --steps or "
+                          "--repeats", file=sys.stderr)
+                n_moe = len(cfg.moe_layers)
+                attention.append({"batch": batch, "context": context,
+                                  "us": (step_us - n_moe * expert_us) / cfg.num_hidden_layers,
+                                  "step_us": step_us})
+                expert.setdefault(batch, []).append(expert_us)
+        act_bytes = torch.empty((), dtype=mesh.dtype).element_size()
+        hops = _hops(args, cfg, args.batches, act_bytes)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "device": str(mesh.device), "dtype": str(mesh.dtype).removeprefix("torch."),
+        "threads": args.threads or threads,
+        "model": {"layers": cfg.num_hidden_layers, "moe_layers": len(cfg.moe_layers), "hidden": cfg.hidden_size,
+                  "top_k": cfg.num_experts_per_tok, "experts": cfg.n_routed_experts, "act_bytes": act_bytes},
+        "attention_us": attention,
+        "expert_us": [{"rows": b, "us": sum(v) / len(v)} for b, v in sorted(expert.items())],
+        "hop_us": hops,
+        # work outside the layers (embedding, head, sampling) is counted in the layers' attention time
+        "overhead_us": [{"batch": 1, "us": 0.0}],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    data = measure(args)
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    print(f"profile on {data['device']} ({data['dtype']}, {data['threads']} threads)")
+    for row in data["attention_us"]:
+        print(f"  attention per layer, batch {row['batch']:4}, context {row['context']:5}: {row['us']:9.1f} us")
+    for row in data["expert_us"]:
+        print(f"  routed experts per MoE layer, {row['rows']:4} rows: {row['us']:9.1f} us")
+    for transport, rows in data["hop_us"].items():
+        for row in rows:
+            print(f"  {transport} round trip, {row['rows']:4} rows ({row['bytes']:.0f} B): {row['us']:9.1f} us to one "
+                  f"node, {row['two_nodes_us']:9.1f} us to two ({row['busy']:.0%} of it this process busy)")
+    return 0
