@@ -40,6 +40,7 @@ from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 from .engine import TokenEvent
 from .engine_loop import EngineLoop
 from .logprobs import TokenLogprobs
+from .experts.hop_stats import HOPS
 from .load_stats import LoadStats
 
 log = get_logger("moemesh.attn_node.service")
@@ -185,7 +186,11 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
             running=self.loop.num_running(), waiting=self.loop.num_waiting(),
             cache_free_tokens=blocks.num_free * blocks.block_size, cache_total_tokens=blocks.capacity_tokens,
             expert_loads=[attention_pb2.LayerLoad(layer=layer, tokens=tokens) for layer, tokens in loads.items()],
-            window_seconds=self.stats.window_s if self.stats is not None else 0.0)
+            window_seconds=self.stats.window_s if self.stats is not None else 0.0,
+            expert_hops=[attention_pb2.ExpertHops(address=h.address, samples=h.samples, hop_p50_us=h.hop_p50_us,
+                                                  hop_p99_us=h.hop_p99_us, compute_p50_us=h.compute_p50_us)
+                         for h in HOPS.summaries()],
+            hop_window_seconds=HOPS.window_s)
 
 
 def token_logprob_proto(lp: TokenLogprobs, text: Callable[[int], str]) -> inference_pb2.TokenLogprob:

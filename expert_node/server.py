@@ -13,6 +13,7 @@ brings the result back once.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -116,6 +117,7 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
                 return
 
     async def _serve_one(self, raw: bytes, context) -> dispatch_pb2.DispatchResponse:
+        received = time.monotonic_ns()  # the node's own clock: the reply carries durations, never instants
         req = dispatch_pb2.DispatchRequest()
         try:
             try:
@@ -127,6 +129,7 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
             metrics.EXPERT_MESSAGES.labels("invalid").inc()
             log.warning("bad_dispatch", id=req.id, layer=req.layer, error=str(exc), peer=context.peer())
             await abort(context, exc)
+        parsed = time.monotonic_ns()
         try:
             if idx.numel() <= INLINE_ASSIGNMENTS and self.shard.device.type == "cpu":
                 # A decode-sized message costs less to compute than a thread hop would (on a CPU; a GPU's
@@ -139,9 +142,13 @@ class DispatchService(dispatch_pb2_grpc.ExpertDispatchServicer):
             metrics.EXPERT_MESSAGES.labels("invalid").inc()
             log.warning("dispatch_expert_gone", id=req.id, layer=req.layer, error=str(exc))
             await abort(context, FailedPreconditionError(str(exc)))
+        computed = time.monotonic_ns()
         metrics.EXPERT_MESSAGES.labels("ok").inc()
         self.tokens_computed += _count_tokens(req.layer, idx)
-        return dispatch_pb2.DispatchResponse(id=req.id, output=to_proto(y))
+        resp = dispatch_pb2.DispatchResponse(id=req.id, output=to_proto(y), receive_ns=parsed - received,
+                                             compute_ns=computed - parsed)
+        resp.send_ns = time.monotonic_ns() - computed  # encoding the rows (gRPC's own framing follows)
+        return resp
 
     async def Info(self, request, context):
         dtype = str(self.shard.dtype).removeprefix("torch.")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -99,6 +100,7 @@ class _Session:
         try:
             while not self.stopping.is_set():
                 p2p.wait(req_pg.recv([frame], src, p2p.TAG_REQUEST), self.idle_s, backend, "waiting for a frame")
+                received = time.monotonic_ns()  # the node's own clock: the reply carries durations only
                 h = p2p.unpack_header(frame)
                 if h.kind == p2p.KIND_PING:
                     continue
@@ -114,10 +116,14 @@ class _Session:
                 _, ids, weights = p2p.unpack_body(body, h)  # host copies of ids and weights: validated before math
                 self._check_rows(h.layer, ids, weights)
                 x, idx, w = p2p.body_tensors(body, h)  # on the frame's device: the rows stay there
+                parsed = time.monotonic_ns()
                 # The shard computes on its own device; the ids were checked on their host copy just above.
+                # (On NCCL nothing waits for the kernels here: compute_ns is then their launch, not their run.)
                 y = self.svc.shard.forward(h.layer, x.to(self.compute), idx.to(self.compute), w.to(self.compute),
                                            host_ids=ids)  # [T, D]
-                reply = p2p.pack_reply(h.msg_id, y.to(device=self.device, dtype=x.dtype))
+                computed = time.monotonic_ns()
+                reply = p2p.pack_reply(h.msg_id, y.to(device=self.device, dtype=x.dtype), 0, parsed - received,
+                                       computed - parsed, started_ns=computed)
                 if sending is not None:
                     p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")
                 sending = (rep_pg.send([reply], src, p2p.TAG_REPLY), reply)

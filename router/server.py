@@ -42,6 +42,7 @@ from .generation import (  # noqa: F401 (MAX_RESUMES, NoNodeError, RETRY_BEFORE_
     MAX_RESUMES, MAX_TEXT_CHARS, RETRY_BEFORE_FIRST_TOKEN, ROLE, CallHooks, GenerationPath, GenerationRecord,
     NodeStatusError, NoNodeError,
 )
+from .hop_status import fill_hops
 from .pool import AttentionPool
 
 log = get_logger("moemesh.router")
@@ -146,6 +147,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if info is not None:
                 status.tokens_computed = info.tokens_computed
             nodes.append(status)
+        await fill_hops(self.pool, attn, nodes)  # per expert node: the attention nodes' hop summaries
         balance = [inference_pb2.LayerBalance(layer=layer, balancedness=float(b))
                    for layer, b in sorted(stats.balancedness.items())]
         verdict = self.path.servability()

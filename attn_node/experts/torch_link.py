@@ -36,6 +36,7 @@ from moemesh.wire.tls import TLSFiles
 from moemesh.wire.tls import channel as tls_channel
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 
+from .hop_stats import HopRecorder
 from .remote_backend import CHANNEL_OPTIONS, NodeLink, rows_with_work
 
 log = get_logger("moemesh.attn_node.torch")
@@ -59,6 +60,7 @@ class TorchPair:
         self.ready = threading.Event()
         self.messages = 0
         self.inline_bytes = 0
+        self.hops = HopRecorder(address)
         self._pg = None  # the request group while the pair is up; the reader thread holds the reply group
         self._reader: threading.Thread | None = None  # owns the groups: they go when it returns
         self._closed = False
@@ -118,6 +120,7 @@ class TorchPair:
 
         ``trim`` as NodeLink's, on gloo only."""
         fut: Future = Future()
+        sent_at = time.monotonic()  # the hop is timed from here: packing is part of it
         args = (layer, x, idx, w, version, trim)
         if trim and self.backend == "gloo":
             # host tensors: trailing rows without work (the backend puts them last) need not cross. On NCCL
@@ -140,7 +143,7 @@ class TorchPair:
             else:
                 self._pending[msg_id] = (fut, args)
                 # the works (and the messages they send from) stay referenced until the reader has waited
-                self._inflight.put((msg_id, x.shape[0], x.dtype, time.monotonic() + self.timeout_s, works, messages))
+                self._inflight.put((msg_id, x.shape[0], x.dtype, sent_at + self.timeout_s, works, messages, sent_at))
                 self._last_send = time.monotonic()
         if works is None:
             self.fail(f"sending a dispatch frame: {error}")
@@ -158,7 +161,7 @@ class TorchPair:
         src, backend = p2p.EXPERT_RANK, self.backend
         try:
             while (item := self._inflight.get()) is not None:
-                msg_id, rows, dtype, deadline, works, _ = item
+                msg_id, rows, dtype, deadline, works, _, sent_at = item
                 if msg_id is None:  # a control frame (ping, bye): only its send to wait for
                     for work in works:
                         p2p.wait(work, deadline - time.monotonic(), backend, "sending a control frame")
@@ -168,14 +171,16 @@ class TorchPair:
                 for work in works:
                     p2p.wait(work, deadline - time.monotonic(), backend, "sending a dispatch frame")
                 p2p.wait(reply, deadline - time.monotonic(), backend, "waiting for a reply")
-                got, status, y = p2p.unpack_reply(buf, rows, self.hidden_size, dtype)
-                if got != msg_id or status != 0:
-                    raise p2p.P2PError(f"reply {got} (status {status}) where {msg_id} was due: frames out of step")
+                reply = p2p.unpack_reply(buf, rows, self.hidden_size, dtype)
+                if reply.msg_id != msg_id or reply.status != 0:
+                    raise p2p.P2PError(f"reply {reply.msg_id} (status {reply.status}) where {msg_id} was due: "
+                                       "frames out of step")
                 with self._lock:
                     entry = self._pending.pop(msg_id, None)
                 self.messages += 1
                 if entry is not None:
-                    entry[0].set_result(y)
+                    self.hops.record(time.monotonic() - sent_at, reply.receive_ns, reply.compute_ns, reply.send_ns)
+                    entry[0].set_result(reply.rows)
         except p2p.P2PError as exc:
             self.fail(str(exc))
 
@@ -196,7 +201,7 @@ class TorchPair:
             except RuntimeError as exc:
                 error = str(exc)
             else:
-                self._inflight.put((None, 0, None, time.monotonic() + self.timeout_s, [work], [frame]))
+                self._inflight.put((None, 0, None, time.monotonic() + self.timeout_s, [work], [frame], 0.0))
                 self._last_send = time.monotonic()
                 return True
         self.fail(f"sending a control frame: {error}")
@@ -231,7 +236,7 @@ class TorchPair:
             if pg is not None:
                 try:
                     work = pg.send([frame], p2p.EXPERT_RANK, p2p.TAG_REQUEST)
-                    self._inflight.put((None, 0, None, time.monotonic() + self.timeout_s, [work], [frame]))
+                    self._inflight.put((None, 0, None, time.monotonic() + self.timeout_s, [work], [frame], 0.0))
                 except RuntimeError:
                     pg = None
         self._inflight.put(None)

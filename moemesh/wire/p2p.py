@@ -20,8 +20,9 @@ share byte order (little-endian everywhere we run, as for the codec)::
               in the frame (KIND_INLINE) or as a second message of its own size (KIND_DISPATCH)
       PING and BYE are a header alone
     reply, expert -> attention (TAG_REPLY)
-      uint8[16 + rows * hidden * itemsize]: int64 msg_id, int64 status (0), then the partial rows
-      in the request's dtype
+      uint8[40 + rows * hidden * itemsize]: int64 msg_id, int64 status (0), int64 receive_ns,
+      compute_ns, send_ns (what the node spent, by its own clock: DispatchResponse's fields 30-32),
+      then the partial rows in the request's dtype
 
 The expert node posts one receive of ``64 + inline_bytes`` for every frame; gloo
 lets a shorter message land in it, so a decode-sized request is one message each
@@ -45,7 +46,7 @@ The host reads that remain are each needed, and each says why where it happens:
 the expert node reads a header (it must learn the sizes of what follows) and the
 ids and weights (validated before any math: a bad id on the GPU is a device-side
 assert that ends the CUDA context); the attention node reads a reply's 16-byte
-prefix (its message id and status) once the receive is complete.
+prefix (its message id, status and the node's timings) once the receive is complete.
 This path is written but untested here: these machines have no GPU (and NCCL
 refuses two ranks on one GPU).
 """
@@ -70,7 +71,7 @@ KIND_DISPATCH, KIND_PING, KIND_BYE, KIND_INLINE = 1, 2, 3, 4
 TAG_REQUEST, TAG_REPLY = 0, 1
 HEADER_LEN = 8
 HEADER_BYTES = HEADER_LEN * 8
-REPLY_PREFIX = 16  # bytes: int64 msg_id, int64 status
+REPLY_PREFIX = 40  # bytes: int64 msg_id, status, receive_ns, compute_ns, send_ns
 ATTN_RANK, EXPERT_RANK = 0, 1
 INLINE_BYTES = 1 << 20  # gloo: bodies up to 1 MiB ride in the header's frame (a [64, 4096] fp32 decode batch)
 MAX_BODY_BYTES = 256 << 20  # as gRPC's message limit
@@ -190,23 +191,39 @@ def reply_bytes(rows: int, hidden: int, dtype: torch.dtype) -> int:
     return REPLY_PREFIX + rows * hidden * dtype.itemsize
 
 
-def pack_reply(msg_id: int, y: torch.Tensor, status: int = 0) -> torch.Tensor:
+def pack_reply(msg_id: int, y: torch.Tensor, status: int = 0, receive_ns: int = 0, compute_ns: int = 0,
+               started_ns: int | None = None) -> torch.Tensor:
+    """The reply frame; ``started_ns`` (monotonic_ns when the node began the reply): send_ns is from then to the
+    rows packed (written after them, so the prefix's own write is all it leaves out)."""
     rows, hidden = y.shape
     buf = torch.empty(reply_bytes(rows, hidden, y.dtype), dtype=torch.uint8, device=y.device)
-    if y.device.type == "cpu":
-        buf[:REPLY_PREFIX].numpy().view(np.int64)[:] = (msg_id, status)
-    else:
-        buf.narrow(0, 0, REPLY_PREFIX).copy_(_upload([msg_id, status], y.device))  # device to device, no sync
     buf.narrow(0, REPLY_PREFIX, buf.numel() - REPLY_PREFIX).view(y.dtype).view(rows, hidden).copy_(y)
+    send_ns = 0 if started_ns is None else time.monotonic_ns() - started_ns
+    prefix = [msg_id, status, receive_ns, compute_ns, send_ns]
+    if y.device.type == "cpu":
+        buf[:REPLY_PREFIX].numpy().view(np.int64)[:] = prefix
+    else:
+        buf.narrow(0, 0, REPLY_PREFIX).copy_(_upload(prefix, y.device))  # device to device, no sync
     return buf
 
 
-def unpack_reply(buf: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) -> tuple[int, int, torch.Tensor]:
-    """(msg_id, status, the partial rows [rows, hidden]: a view of ``buf``, on its device)."""
-    # host read of 16 bytes (on a device, after the receive completed): frames must be checked in step before
+@dataclass(frozen=True)
+class Reply:
+    msg_id: int
+    status: int
+    receive_ns: int
+    compute_ns: int
+    send_ns: int
+    rows: torch.Tensor  # [rows, hidden]: a view of the frame, on its device
+
+
+def unpack_reply(buf: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) -> Reply:
+    # host read of 40 bytes (on a device, after the receive completed): frames must be checked in step before
     # their rows are handed on; the rows themselves stay where they are
-    msg_id, status = _to_host(buf.narrow(0, 0, REPLY_PREFIX)).numpy().view(np.int64).tolist()
-    return msg_id, status, buf.narrow(0, REPLY_PREFIX, buf.numel() - REPLY_PREFIX).view(dtype).view(rows, hidden)
+    msg_id, status, receive_ns, compute_ns, send_ns = (
+        _to_host(buf.narrow(0, 0, REPLY_PREFIX)).numpy().view(np.int64).tolist())
+    y = buf.narrow(0, REPLY_PREFIX, buf.numel() - REPLY_PREFIX).view(dtype).view(rows, hidden)
+    return Reply(msg_id, status, receive_ns, compute_ns, send_ns, y)
 
 
 # ---- groups -----------------------------------------------------------------

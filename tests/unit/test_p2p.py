@@ -7,6 +7,7 @@ per thread, each with its own store client, as the two nodes do).
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -71,10 +72,17 @@ def test_control_frames_and_unknown_dtypes():
 
 def test_reply_round_trip():
     y = torch.randn(5, 8).to(torch.bfloat16)
-    buf = p2p.pack_reply(11, y)
+    buf = p2p.pack_reply(11, y, receive_ns=7, compute_ns=1234)
     assert buf.numel() == p2p.reply_bytes(5, 8, torch.bfloat16)
-    msg_id, status, got = p2p.unpack_reply(buf, 5, 8, torch.bfloat16)
-    assert (msg_id, status) == (11, 0) and torch.equal(got, y)
+    reply = p2p.unpack_reply(buf, 5, 8, torch.bfloat16)
+    assert (reply.msg_id, reply.status, reply.receive_ns, reply.compute_ns, reply.send_ns) == (11, 0, 7, 1234, 0)
+    assert torch.equal(reply.rows, y)
+
+
+def test_reply_send_ns_counts_from_started():
+    started = time.monotonic_ns()
+    reply = p2p.unpack_reply(p2p.pack_reply(3, torch.ones(2, 4), started_ns=started), 2, 4, torch.float32)
+    assert 0 < reply.send_ns <= time.monotonic_ns() - started
 
 
 def test_backend_for_device():

@@ -1,0 +1,57 @@
+"""Dispatch hops per expert node in ClusterStatus: the attention nodes' Load summaries, merged per node.
+
+Each attention node times its hops to each expert node over its last window (``LoadResponse.expert_hops``,
+attn_node/experts/hop_stats.py). Several attention nodes see one expert node: its ``hop_p50_us`` and
+``compute_p50_us`` are their medians weighted by samples, its ``hop_p99_us`` the worst one (a tail seen by
+any attention node is a tail of the mesh). :func:`merge_hops` is pure; :func:`fill_hops` asks and writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from moemesh.v1 import attention_pb2
+
+
+@dataclass(frozen=True)
+class NodeHops:
+    samples: int
+    hop_p50_us: float
+    hop_p99_us: float
+    compute_p50_us: float
+
+
+def merge_hops(reports: Iterable[Iterable[attention_pb2.ExpertHops]]) -> dict[str, NodeHops]:
+    """Per expert node address, the merged summaries of every attention node's report (one iterable each)."""
+    parts: dict[str, list] = {}
+    for report in reports:
+        for h in report:
+            if h.samples:
+                parts.setdefault(h.address, []).append(h)
+    out = {}
+    for address, hs in parts.items():
+        n = sum(h.samples for h in hs)
+        out[address] = NodeHops(n, sum(h.hop_p50_us * h.samples for h in hs) / n, max(h.hop_p99_us for h in hs),
+                                sum(h.compute_p50_us * h.samples for h in hs) / n)
+    return out
+
+
+async def fill_hops(pool, attn_records, nodes, timeout_s: float = 0.5) -> None:
+    """Ask every attention node for its hop summaries and write them into the expert ``nodes`` (NodeStatus)."""
+
+    async def ask(record):
+        try:
+            return (await pool.stub(record).Load(attention_pb2.LoadRequest(), timeout=timeout_s)).expert_hops
+        except grpc.RpcError:  # a node that does not answer adds nothing; status still answers
+            return ()
+
+    merged = merge_hops(await asyncio.gather(*(ask(r) for r in attn_records)))
+    for status in nodes:
+        hops = merged.get(status.address) if status.role == "expert" else None
+        if hops is not None:
+            status.hop_samples, status.hop_p50_us = hops.samples, hops.hop_p50_us
+            status.hop_p99_us, status.compute_p50_us = hops.hop_p99_us, hops.compute_p50_us
