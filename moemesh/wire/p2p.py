@@ -62,6 +62,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moemesh.wire import p2p_socket
 from moemesh.wire.codec import dtype_from_proto, dtype_to_proto
 
 if not dist.is_available():  # pragma: no cover - every torch wheel we install has it
@@ -97,9 +98,13 @@ class Header:
         return self.rows * self.k * 8 + self.rows * self.hidden * self.dtype.itemsize
 
 
+HOST_BACKENDS = ("tcp", "gloo")  # frames in host memory: the one TCP stream (p2p_socket.py), or gloo's
+
+
 def backend_for(device: torch.device | str) -> str:
-    """NCCL between CUDA devices, gloo for CPU tensors."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    """NCCL between CUDA devices; for CPU tensors the plain TCP stream (p2p_socket.py: gloo's thread hand-offs
+    cost more than the bytes), gloo when a session asks for it."""
+    return "nccl" if torch.device(device).type == "cuda" else "tcp"
 
 
 # ---- frames -----------------------------------------------------------------
@@ -154,10 +159,14 @@ def pack_request(msg_id: int, layer: int, x: torch.Tensor, idx: torch.Tensor, w:
     return [buf] if kind == KIND_INLINE else [buf[:HEADER_BYTES], buf[HEADER_BYTES:]]
 
 
-def unpack_header(frame: torch.Tensor) -> Header:
-    # host read (a sync on a device): the receiver must learn the frame's kind and sizes to post what follows
-    head = _to_host(frame.narrow(0, 0, HEADER_BYTES))
-    kind, msg_id, layer, rows, k, version, code, hidden = head.numpy().view(np.int64).tolist()
+def unpack_header(frame: torch.Tensor | np.ndarray) -> Header:
+    """``frame``: the frame tensor, or (host frames) its numpy view, made once per buffer: ~1 us where torch
+    slicing costs several."""
+    if isinstance(frame, np.ndarray):
+        head = frame[:HEADER_BYTES]
+    else:  # host read (a sync on a device): the receiver must learn the frame's kind and sizes to post what follows
+        head = _to_host(frame.narrow(0, 0, HEADER_BYTES)).numpy()
+    kind, msg_id, layer, rows, k, version, code, hidden = head.view(np.int64).tolist()
     try:
         dtype = dtype_from_proto(code) if kind in (KIND_DISPATCH, KIND_INLINE) else None
     except ValueError:
@@ -185,6 +194,18 @@ def unpack_body(body: torch.Tensor, h: Header) -> tuple[torch.Tensor, np.ndarray
     meta = _to_host(body.narrow(0, 0, split)).numpy().view(np.int32).reshape(h.rows, 2 * h.k)
     x = body.narrow(0, split, h.body_bytes - split).view(h.dtype).view(h.rows, h.hidden)
     return x, np.ascontiguousarray(meta[:, : h.k]), np.ascontiguousarray(meta[:, h.k:]).view(np.float32)
+
+
+def host_body(body: np.ndarray, h: Header) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """A host body (numpy uint8 view) as (hidden [rows, hidden] view, topk_idx int32, topk_weights float32 tensors,
+    and the same ids and weights in numpy, for the checks): numpy slicing and ``from_numpy``, no torch op but the
+    views (what unpack_body and body_tensors give, at a third of their cost on the host)."""
+    split = h.rows * h.k * 8
+    meta = body[:split].view(np.int32).reshape(h.rows, 2 * h.k)
+    ids = np.ascontiguousarray(meta[:, : h.k])
+    weights = np.ascontiguousarray(meta[:, h.k:]).view(np.float32)
+    x = torch.from_numpy(body[split:h.body_bytes]).view(h.dtype).view(h.rows, h.hidden)  # the frame's own bytes
+    return x, torch.from_numpy(ids), torch.from_numpy(weights), ids, weights
 
 
 def reply_bytes(rows: int, hidden: int, dtype: torch.dtype) -> int:
@@ -220,9 +241,12 @@ class Reply:
 def unpack_reply(buf: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) -> Reply:
     # host read of 40 bytes (on a device, after the receive completed): frames must be checked in step before
     # their rows are handed on; the rows themselves stay where they are
-    msg_id, status, receive_ns, compute_ns, send_ns = (
-        _to_host(buf.narrow(0, 0, REPLY_PREFIX)).numpy().view(np.int64).tolist())
-    y = buf.narrow(0, REPLY_PREFIX, buf.numel() - REPLY_PREFIX).view(dtype).view(rows, hidden)
+    if buf.device.type == "cpu":
+        prefix = buf.numpy()[:REPLY_PREFIX]
+    else:
+        prefix = _to_host(buf.narrow(0, 0, REPLY_PREFIX)).numpy()
+    msg_id, status, receive_ns, compute_ns, send_ns = prefix.view(np.int64).tolist()
+    y = buf[REPLY_PREFIX:].view(dtype).view(rows, hidden)
     return Reply(msg_id, status, receive_ns, compute_ns, send_ns, y)
 
 
@@ -257,6 +281,10 @@ def new_pair_group(store, prefix: str, rank: int, backend: str, timeout_s: float
     Blocks until the peer joins (at most ``timeout_s``)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
+        if backend == "tcp":
+            pair = (p2p_socket.listen_pair(store, prefix, hostname, timeout_s) if rank == EXPERT_RANK
+                    else p2p_socket.connect_pair(store, prefix, timeout_s))
+            return pair, pair
         if backend == "gloo":
             opts = dist.ProcessGroupGloo._Options()
             opts._timeout = timeout
@@ -274,7 +302,7 @@ def new_pair_group(store, prefix: str, rank: int, backend: str, timeout_s: float
                 opts._timeout = timeout
                 groups.append(dist.ProcessGroupNCCL(dist.PrefixStore(f"{prefix}{direction}/", store), rank, 2, opts))
             return groups[0], groups[1]
-        raise P2PError(f"unknown torch.distributed backend {backend!r} (gloo or nccl)")
+        raise P2PError(f"unknown torch.distributed backend {backend!r} (tcp, gloo or nccl)")
     except P2PError:
         raise
     except Exception as exc:  # DistStoreError, gloo's RuntimeError: one type for callers
@@ -285,7 +313,7 @@ def wait(work, timeout_s: float, backend: str = "gloo", what: str = "p2p operati
     """Wait for one send/recv at most ``timeout_s``; P2PError (the group is then unusable) otherwise."""
     timeout_s = max(timeout_s, 0.001)
     try:
-        if backend == "gloo":
+        if backend in HOST_BACKENDS:
             work.wait(datetime.timedelta(seconds=timeout_s))
             return
         deadline = time.monotonic() + timeout_s  # NCCL: wait() would only make the stream wait
