@@ -8,6 +8,9 @@ in its etcd record and in the ``TorchTransport.Session`` answer); each group
 rendezvouses under its own key prefix there. Groups are built directly
 (``ProcessGroupGloo`` / ``ProcessGroupNCCL``), never through
 ``init_process_group``, so one process holds any number of them.
+For host tensors the default backend is ``tcp`` (:mod:`moemesh.wire.p2p_socket`): the same frames
+over one plain TCP stream with the process-group calls used here; gloo stays available to a peer
+that asks for it.
 
 Frames are tensors sent with ``send``/``recv``; the gRPC codec is not involved.
 Nothing is serialized: a frame is raw tensor memory, which is why both ends must
