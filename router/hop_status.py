@@ -3,7 +3,9 @@
 Each attention node times its hops to each expert node over its last window (``LoadResponse.expert_hops``,
 attn_node/experts/hop_stats.py). Several attention nodes see one expert node: its ``hop_p50_us`` and
 ``compute_p50_us`` are their medians weighted by samples, its ``hop_p99_us`` the worst one (a tail seen by
-any attention node is a tail of the mesh). :func:`merge_hops` is pure; :func:`fill_hops` asks and writes.
+any attention node is a tail of the mesh). A node whose p99 is :data:`STRAGGLER_RATIO` times its peers' median
+p99 or more, over a window with enough hops on both sides, is flagged ``hop_straggler`` (:func:`stragglers`).
+:func:`merge_hops` and :func:`stragglers` are pure; :func:`fill_hops` asks and writes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,27 @@ def merge_hops(reports: Iterable[Iterable[attention_pb2.ExpertHops]]) -> dict[st
     return out
 
 
+STRAGGLER_RATIO = 3.0  # p99 this many times the peers' median p99: "well above", not noise between equals
+MIN_SAMPLES = 50  # hops in the window before a node's p99 means anything (a p99 of fewer is its maximum)
+
+
+def stragglers(merged: dict[str, NodeHops], ratio: float = STRAGGLER_RATIO, min_samples: int = MIN_SAMPLES
+               ) -> set[str]:
+    """The nodes whose hop p99 is at least ``ratio`` times the median p99 of the other nodes with enough hops
+    (none without such a peer to compare with)."""
+    known = {a: h.hop_p99_us for a, h in merged.items() if h.samples >= min_samples}
+    slow = set()
+    for address, p99 in known.items():
+        peers = sorted(v for a, v in known.items() if a != address)
+        if not peers:
+            continue
+        mid = len(peers) // 2
+        median = peers[mid] if len(peers) % 2 else (peers[mid - 1] + peers[mid]) / 2
+        if p99 >= ratio * median:
+            slow.add(address)
+    return slow
+
+
 async def fill_hops(pool, attn_records, nodes, timeout_s: float = 0.5) -> None:
     """Ask every attention node for its hop summaries and write them into the expert ``nodes`` (NodeStatus)."""
 
@@ -50,8 +73,10 @@ async def fill_hops(pool, attn_records, nodes, timeout_s: float = 0.5) -> None:
             return ()
 
     merged = merge_hops(await asyncio.gather(*(ask(r) for r in attn_records)))
+    slow = stragglers(merged)
     for status in nodes:
         hops = merged.get(status.address) if status.role == "expert" else None
         if hops is not None:
             status.hop_samples, status.hop_p50_us = hops.samples, hops.hop_p50_us
             status.hop_p99_us, status.compute_p50_us = hops.hop_p99_us, hops.compute_p50_us
+            status.hop_straggler = status.address in slow

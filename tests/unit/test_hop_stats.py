@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from moemesh.attn_node.experts.hop_stats import HopRecorder, HopSummary, HopWindow, percentile
-from moemesh.router.hop_status import NodeHops, fill_hops, merge_hops
+from moemesh.router.hop_status import NodeHops, fill_hops, merge_hops, stragglers
 from moemesh.v1 import attention_pb2, inference_pb2
 
 
@@ -114,3 +114,14 @@ def test_fill_hops_writes_expert_nodes_only_and_survives_a_silent_attention_node
     assert (nodes[0].hop_samples, nodes[0].hop_p50_us, nodes[0].hop_p99_us, nodes[0].compute_p50_us) == (
         4, 300.0, 700.0, 40.0)
     assert nodes[1].hop_samples == 0 and nodes[2].hop_samples == 0
+
+
+def test_stragglers_are_well_above_their_peers_median_p99_with_enough_hops():
+    def hops(p99, samples=100):
+        return NodeHops(samples, p99 / 2, p99, 10.0)
+
+    assert stragglers({"a": hops(100), "b": hops(120), "c": hops(360)}) == {"c"}  # 360 >= 3 x 110
+    assert stragglers({"a": hops(100), "b": hops(120), "c": hops(320)}) == set()  # under 3x: noise
+    assert stragglers({"a": hops(100), "c": hops(900, samples=10)}) == set()  # too few hops to tell
+    assert stragglers({"c": hops(900)}) == set()  # no peer to compare with
+    assert stragglers({"a": hops(100), "b": hops(300)}, ratio=3.0) == {"b"}
