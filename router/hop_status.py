@@ -63,8 +63,8 @@ def stragglers(merged: dict[str, NodeHops], ratio: float = STRAGGLER_RATIO, min_
     return slow
 
 
-async def fill_hops(pool, attn_records, nodes, timeout_s: float = 0.5) -> None:
-    """Ask every attention node for its hop summaries and write them into the expert ``nodes`` (NodeStatus)."""
+async def gather_hops(pool, attn_records, timeout_s: float = 0.5) -> dict[str, NodeHops]:
+    """Every attention node's hop summaries (its Load reply), merged per expert node address."""
 
     async def ask(record):
         try:
@@ -72,7 +72,18 @@ async def fill_hops(pool, attn_records, nodes, timeout_s: float = 0.5) -> None:
         except grpc.RpcError:  # a node that does not answer adds nothing; status still answers
             return ()
 
-    merged = merge_hops(await asyncio.gather(*(ask(r) for r in attn_records)))
+    return merge_hops(await asyncio.gather(*(ask(r) for r in attn_records)))
+
+
+async def straggler_ids(pool, attn_records, expert_records, timeout_s: float = 0.5) -> set[str]:
+    """The ids of the expert nodes the attention nodes see as stragglers (the leader gives them less)."""
+    slow = stragglers(await gather_hops(pool, attn_records, timeout_s))
+    return {r.id for r in expert_records if r.address in slow}
+
+
+async def fill_hops(pool, attn_records, nodes, timeout_s: float = 0.5) -> None:
+    """Ask every attention node for its hop summaries and write them into the expert ``nodes`` (NodeStatus)."""
+    merged = await gather_hops(pool, attn_records, timeout_s)
     slow = stragglers(merged)
     for status in nodes:
         hops = merged.get(status.address) if status.role == "expert" else None
