@@ -40,6 +40,7 @@ from moemesh.v1 import attention_pb2, attention_pb2_grpc, inference_pb2
 from .engine import TokenEvent
 from .engine_loop import EngineLoop
 from .logprobs import TokenLogprobs
+from .experts.hop_stats import HOPS
 from .load_stats import LoadStats
 
 log = get_logger("moemesh.attn_node.service")
@@ -192,7 +193,11 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
             window_seconds=self.stats.window_s if self.stats is not None else 0.0,
             prompt_tokens=cache.prompt_tokens, prefix_hit_tokens=cache.prefix_hit_tokens,
             cached_blocks=cache.cached_blocks, evicted_blocks=cache.evicted_blocks, block_size=blocks.block_size,
-            prefix_hashes=cache.prefix_hashes)
+            prefix_hashes=cache.prefix_hashes,
+            expert_hops=[attention_pb2.ExpertHops(address=h.address, samples=h.samples, hop_p50_us=h.hop_p50_us,
+                                                  hop_p99_us=h.hop_p99_us, compute_p50_us=h.compute_p50_us)
+                         for h in HOPS.summaries()],
+            hop_window_seconds=HOPS.window_s)
 
 
 def token_logprob_proto(lp: TokenLogprobs, text: Callable[[int], str]) -> inference_pb2.TokenLogprob:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -34,7 +35,7 @@ from moemesh.wire import p2p
 from moemesh.logs import get_logger
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 
-from .server import HIDDEN_DTYPES, BadRequest, DispatchService, _count_tokens
+from .server import HIDDEN_DTYPES, MESSAGES_OK, BadRequest, DispatchService, _count_tokens
 
 log = get_logger("moemesh.expert_node.torch")
 
@@ -52,7 +53,7 @@ class _Session:
         # frames: on the node's device with NCCL (device to device), in host memory with gloo
         self.device = device if backend == "nccl" else torch.device("cpu")
         self.compute = getattr(svc.shard, "device", self.device)  # where the shard's weights are
-        self.inline_bytes = p2p.INLINE_BYTES if backend == "gloo" else 0  # NCCL needs equal sizes at both ends
+        self.inline_bytes = p2p.INLINE_BYTES if backend in p2p.HOST_BACKENDS else 0  # NCCL needs equal sizes at both ends
         self.stopping = threading.Event()
         self.busy = False  # between a header and its reply
         self.error: MoemeshError | None = None  # why the session ended, typed (moemesh.wire.status maps it)
@@ -95,11 +96,14 @@ class _Session:
     def _serve(self, req_pg, rep_pg) -> None:
         backend, src = self.backend, p2p.ATTN_RANK
         frame = torch.empty(p2p.HEADER_BYTES + self.inline_bytes, dtype=torch.uint8, device=self.device)
+        host = self.device.type == "cpu"
+        raw = frame.numpy() if host else None  # host frames are read through one numpy view (p2p.host_body)
         sending = None  # (work, buffer) of the last reply: waited for before the next one is sent, and at the end
         try:
             while not self.stopping.is_set():
                 p2p.wait(req_pg.recv([frame], src, p2p.TAG_REQUEST), self.idle_s, backend, "waiting for a frame")
-                h = p2p.unpack_header(frame)
+                received = time.monotonic_ns()  # the node's own clock: the reply carries durations only
+                h = p2p.unpack_header(raw if host else frame)
                 if h.kind == p2p.KIND_PING:
                     continue
                 if h.kind == p2p.KIND_BYE:
@@ -107,22 +111,31 @@ class _Session:
                 self.busy = True
                 self._check_header(h)
                 if h.kind == p2p.KIND_INLINE:
-                    body = frame[p2p.HEADER_BYTES:]
+                    body = raw[p2p.HEADER_BYTES:] if host else frame[p2p.HEADER_BYTES:]
                 else:
                     body = torch.empty(h.body_bytes, dtype=torch.uint8, device=self.device)
                     p2p.wait(req_pg.recv([body], src, p2p.TAG_REQUEST), self.timeout_s, backend, "receiving a body")
-                _, ids, weights = p2p.unpack_body(body, h)  # host copies of ids and weights: validated before math
-                self._check_rows(h.layer, ids, weights)
-                x, idx, w = p2p.body_tensors(body, h)  # on the frame's device: the rows stay there
+                    body = body.numpy() if host else body
+                if host:  # views of the received bytes; ids and weights are small copies, checked before math
+                    x, idx, w, ids, weights = p2p.host_body(body, h)
+                    self._check_rows(h.layer, ids, weights)
+                else:
+                    _, ids, weights = p2p.unpack_body(body, h)  # host copies of ids and weights: validated first
+                    self._check_rows(h.layer, ids, weights)
+                    x, idx, w = p2p.body_tensors(body, h)  # on the frame's device: the rows stay there
+                parsed = time.monotonic_ns()
                 # The shard computes on its own device; the ids were checked on their host copy just above.
+                # (On NCCL nothing waits for the kernels here: compute_ns is then their launch, not their run.)
                 y = self.svc.shard.forward(h.layer, x.to(self.compute), idx.to(self.compute), w.to(self.compute),
                                            host_ids=ids)  # [T, D]
-                reply = p2p.pack_reply(h.msg_id, y.to(device=self.device, dtype=x.dtype))
+                computed = time.monotonic_ns()
+                reply = p2p.pack_reply(h.msg_id, y.to(device=self.device, dtype=x.dtype), 0, parsed - received,
+                                       computed - parsed, started_ns=computed)
                 if sending is not None:
                     p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")
                 sending = (rep_pg.send([reply], src, p2p.TAG_REPLY), reply)
-                metrics.EXPERT_MESSAGES.labels("ok").inc()
-                _count_tokens(h.layer, torch.from_numpy(ids))
+                MESSAGES_OK.inc()
+                self.svc.tokens_computed += _count_tokens(h.layer, ids)  # Info's count, as over gRPC
                 self.messages += 1
                 self.busy = False
         finally:
@@ -193,13 +206,13 @@ class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
             await abort(context, UnavailableError("experts are still loading; retry when health is SERVING"))
         if self._draining.is_set():
             await abort(context, UnavailableError("expert node is draining"))
-        backend = request.backend or "gloo"
+        backend = request.backend or "gloo"  # a peer that does not say is one from before the tcp backend
         if backend == "nccl" and not (dist.is_nccl_available() and self.device.type == "cuda"):
             await abort(context, FailedPreconditionError(
                 f"nccl asked for, but this expert node runs on {self.device}"
                 f"{'' if dist.is_nccl_available() else ' without NCCL'}: use --transport grpc or --device cuda"))
-        if backend not in ("gloo", "nccl"):
-            await abort(context, InvalidRequestError(f"backend {backend!r}: gloo or nccl"))
+        if backend not in (*p2p.HOST_BACKENDS, "nccl"):
+            await abort(context, InvalidRequestError(f"backend {backend!r}: tcp, gloo or nccl"))
         if request.hidden_size != svc.cfg.hidden_size:
             await abort(context, FailedPreconditionError(
                 f"hidden_size {request.hidden_size}; this expert node serves {svc.cfg.hidden_size}"))

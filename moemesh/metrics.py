@@ -31,6 +31,21 @@ RUNNING = Gauge("moemesh_running_sequences", "Sequences in the running batch", [
 CACHE_USAGE = Gauge("moemesh_kv_cache_usage_ratio", "Fraction of latent KV cache blocks in use", ["role"])
 DISPATCH_LATENCY = Histogram("moemesh_dispatch_latency_seconds", "MoE layer dispatch to combined result",
                              ["role"], buckets=_LATENCY)
+# Per expert node, as an attention node times each message (attn_node/experts/hop_stats.py): the round trip,
+# what the node reports it spent (receive = decode and checks, compute, send = encoding the reply), and the rest.
+_HOP = (25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 700e-6, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+DISPATCH_HOP = Histogram("moemesh_dispatch_hop_seconds", "Dispatch message sent to its reply decoded, per expert node",
+                         ["node"], buckets=_HOP)
+DISPATCH_NODE_RECEIVE = Histogram("moemesh_dispatch_node_receive_seconds",
+                                  "Expert node's own time decoding and checking a dispatch message", ["node"],
+                                  buckets=_HOP)
+DISPATCH_COMPUTE = Histogram("moemesh_dispatch_compute_seconds", "Expert node's own time computing a dispatch message",
+                             ["node"], buckets=_HOP)
+DISPATCH_NODE_SEND = Histogram("moemesh_dispatch_node_send_seconds", "Expert node's own time encoding a reply",
+                               ["node"], buckets=_HOP)
+DISPATCH_TRANSPORT = Histogram("moemesh_dispatch_transport_seconds",
+                               "Hop minus the expert node's receive, compute and send: both network legs and the "
+                               "attention node's framing", ["node"], buckets=_HOP)
 EXPERT_TOKENS = Counter("moemesh_expert_tokens_total", "Routed (token, expert) assignments computed",
                         ["layer", "expert"])
 EXPERT_MESSAGES = Counter("moemesh_expert_messages_total", "Dispatch messages served, by outcome", ["outcome"])

@@ -55,6 +55,7 @@ from .placement_state import (loads_matrix, placement_problem, placement_record,
                               publish_reason, read_placement, version_of)
 from .planner import DEFAULT_MIN_BALANCE, PlanError, plan_placement
 from .replan import Look, Timers, decide_replan
+from .straggler_shares import lower_straggler_shares
 
 log = get_logger("moemesh.router.cluster")
 TICK_S = 1.0  # the watch's quiet tick (the router only acts on events; ticks are ignored)
@@ -100,13 +101,15 @@ class ControlPlane:
 
     def __init__(self, registry: Registry, router_id: str, view: ClusterView, *,
                  campaign_interval_s: float | None = None, policy: PlacementPolicy | None = None,
-                 fetch_loads: LoadsFetcher | None = None, tls=None):
+                 fetch_loads: LoadsFetcher | None = None, tls=None, fetch_stragglers=None):
         self.registry = registry
         self.router_id = router_id
         self.view = view
         self.campaign_interval_s = campaign_interval_s or max(0.2, registry.ttl_s / 2)
         self.policy = policy = policy or PlacementPolicy()
         self.fetch_loads = fetch_loads or _no_loads
+        # fetch_stragglers(expert records) -> ids of the slow ones (router/hop_status.py::straggler_ids)
+        self.fetch_stragglers = fetch_stragglers
         self.experts_changed = asyncio.Event()  # an expert node's record changed, or its health did
         self.experts_joined_at = time.monotonic()  # a new expert node id appeared (plans wait settle_s after)
         self.health = ExpertHealth(self.experts_changed.set, tls)
@@ -255,6 +258,10 @@ class ControlPlane:
             return self.campaign_interval_s
         window = int(sum(sum(row) for row in observed.values()))
         placement = placement_record(plan, version + 1, moe_layers, node_ids, reason, window)
+        if self.fetch_stragglers is not None:  # stragglers get less of what they share (router/straggler_shares.py)
+            lowered = lower_straggler_shares(placement, await self.fetch_stragglers(experts))
+            if lowered is not placement:
+                placement, reason = lowered, lowered.stats.reason  # the reason says so
         if not decision.publish_always:
             why = publish_reason(current, placement)
             if why is None:

@@ -42,6 +42,7 @@ from .generation import (  # noqa: F401 (MAX_RESUMES, NoNodeError, RETRY_BEFORE_
     MAX_RESUMES, MAX_TEXT_CHARS, RETRY_BEFORE_FIRST_TOKEN, ROLE, CallHooks, GenerationPath, GenerationRecord,
     NodeStatusError, NoNodeError,
 )
+from .hop_status import fill_hops, straggler_ids
 from .pool import AttentionPool
 
 log = get_logger("moemesh.router")
@@ -148,6 +149,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if info is not None:
                 status.tokens_computed = info.tokens_computed
             nodes.append(status)
+        await fill_hops(self.pool, attn, nodes)  # per expert node: the attention nodes' hop summaries
         balance = [inference_pb2.LayerBalance(layer=layer, balancedness=float(b))
                    for layer, b in sorted(stats.balancedness.items())]
         verdict = self.path.servability()
@@ -228,6 +230,9 @@ class Router:
     def _servability(self) -> Servability | None:
         return None if self.control is None else self.control.servability()
 
+    async def _stragglers(self, experts) -> set[str]:  # for the leader's plans: router/straggler_shares.py
+        return await straggler_ids(self.pool, self.view.ready_attention_nodes(), experts)
+
     @property
     def is_leader(self) -> bool:
         return self.control is not None and self.control.is_leader
@@ -267,7 +272,8 @@ class Router:
                                                        timeout_s=self.etcd_timeout_s,
                                                        credentials=self.etcd_credentials)
                 self.control = ControlPlane(self.registry, self.router_id, self.view, policy=self.policy,
-                                            fetch_loads=self.pool.expert_loads, tls=self._tls)
+                                            fetch_loads=self.pool.expert_loads, tls=self._tls,
+                                            fetch_stragglers=self._stragglers)
                 await self.control.prime()
                 break
             except RegistryError as exc:

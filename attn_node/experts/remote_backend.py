@@ -50,6 +50,7 @@ from moemesh.wire.tls import TLSFiles
 from moemesh.wire.tls import channel as tls_channel
 from moemesh.v1 import dispatch_pb2, dispatch_pb2_grpc
 
+from .hop_stats import HopRecorder
 from .replica_routes import ExpertsUnavailable, ReplicaRoutes
 
 log = get_logger("moemesh.attn_node.remote")
@@ -186,6 +187,7 @@ class NodeLink:
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self.hops = HopRecorder(address)
         self._call = self.stub.Dispatch(self._requests())
         threading.Thread(target=self._read, name=f"dispatch-{address}", daemon=True).start()
 
@@ -204,6 +206,7 @@ class NodeLink:
         result has that many rows, and with none no message is sent. Rows beyond the node's message limit (a
         step larger than its --max-batched-tokens) go in several messages, their replies joined in order."""
         fut: Future = Future()
+        sent_at = time.monotonic()  # the hop is timed from here: staging and encoding are part of it
         with _Staged(self._staging, (x, idx, w)) as (hx, hidx, hw):
             n = rows_with_work(hidx.numpy()) if trim else x.shape[0]
             if n == 0:
@@ -218,6 +221,7 @@ class NodeLink:
         parts = [fut] if len(reqs) == 1 else [Future() for _ in reqs]
         for (a, b), part in zip(cuts, parts):
             part.expected_shape = (b - a, x.shape[1])  # a reply of any other shape fails the link, not the engine
+            part.sent_at = sent_at
         if len(parts) > 1:
             _gather(fut, parts)
         with self._lock:
@@ -244,6 +248,7 @@ class NodeLink:
                     y = from_proto(resp.output, device=self.device)  # on a device: the reply's one upload
                     if tuple(y.shape) != fut.expected_shape:
                         raise ValueError(f"reply {resp.id} has shape {tuple(y.shape)}, expected {fut.expected_shape}")
+                    self.hops.record(time.monotonic() - fut.sent_at, resp.receive_ns, resp.compute_ns, resp.send_ns)
                     fut.set_result(y)
             self.fail("its stream ended (node drained or stopped)")
         except grpc.RpcError as exc:

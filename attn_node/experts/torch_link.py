@@ -36,6 +36,8 @@ from moemesh.wire.tls import TLSFiles
 from moemesh.wire.tls import channel as tls_channel
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 
+from .direct_replies import DirectReplies, ReplyFuture
+from .hop_stats import HopRecorder
 from .remote_backend import CHANNEL_OPTIONS, NodeLink, rows_with_work
 
 log = get_logger("moemesh.attn_node.torch")
@@ -59,8 +61,11 @@ class TorchPair:
         self.ready = threading.Event()
         self.messages = 0
         self.inline_bytes = 0
+        self.hops = HopRecorder(address)
         self._pg = None  # the request group while the pair is up; the reader thread holds the reply group
         self._reader: threading.Thread | None = None  # owns the groups: they go when it returns
+        self._direct: DirectReplies | None = None  # tcp: replies read by their waiters, no reader thread
+        self._stream = None  # tcp: the pair's one stream (closed by fail)
         self._closed = False
         self._last_send = time.monotonic()
         self._inflight: queue.SimpleQueue = queue.SimpleQueue()
@@ -104,9 +109,13 @@ class TorchPair:
                 return
             self._pg, self.inline_bytes = req_pg, first.inline_bytes
             self._last_send = time.monotonic()
-            self._reader = threading.Thread(target=self._read_loop, args=(req_pg, rep_pg),
-                                            name=f"torch-read-{self.address}", daemon=True)
-            self._reader.start()
+            if (first.backend or self.backend) == "tcp":
+                self._stream = rep_pg
+                self._direct = DirectReplies(lambda entry: self._take_reply(rep_pg, *entry[:5]), self.fail)
+            else:
+                self._reader = threading.Thread(target=self._read_loop, args=(req_pg, rep_pg),
+                                                name=f"torch-read-{self.address}", daemon=True)
+                self._reader.start()
             threading.Thread(target=self._keep, name=f"torch-keep-{self.address}", daemon=True).start()
         log.info("torch_pair_up", node=self.address, backend=first.backend, store=first.store)
         self.ready.set()
@@ -116,10 +125,12 @@ class TorchPair:
              trim: bool = False) -> Future:
         """Post the request's sends now (in call order); the reader thread waits for them and for the reply.
 
-        ``trim`` as NodeLink's, on gloo only."""
-        fut: Future = Future()
+        ``trim`` as NodeLink's, with host frames only (tcp, gloo)."""
+        direct = self._direct
+        fut: Future = Future() if direct is None else ReplyFuture(direct)
+        sent_at = time.monotonic()  # the hop is timed from here: packing is part of it
         args = (layer, x, idx, w, version, trim)
-        if trim and self.backend == "gloo":
+        if trim and self.backend in p2p.HOST_BACKENDS:
             # host tensors: trailing rows without work (the backend puts them last) need not cross. On NCCL
             # all T rows go (counting them would be a host read of device data); the expert skips the -1 ids.
             n = rows_with_work(idx.numpy())
@@ -129,6 +140,9 @@ class TorchPair:
             x, idx, w = x[:n], idx[:n], w[:n]
         msg_id = next(self._ids)
         messages = p2p.pack_request(msg_id, layer, x, idx, w, version, self.device, self.inline_bytes)
+        reply_size = p2p.reply_bytes(x.shape[0], self.hidden_size, x.dtype)
+        if direct is not None:
+            direct.before_send(sum(m.numel() for m in messages), reply_size)
         with self._lock:
             if self.failure is not None or self._closed:
                 self._lost(fut, args, self.failure or "closed by the attention node")
@@ -139,8 +153,11 @@ class TorchPair:
                 works, error = None, str(exc)
             else:
                 self._pending[msg_id] = (fut, args)
-                # the works (and the messages they send from) stay referenced until the reader has waited
-                self._inflight.put((msg_id, x.shape[0], x.dtype, time.monotonic() + self.timeout_s, works, messages))
+                if direct is not None:  # sent already (a tcp send returns once written): only the reply is due
+                    direct.add((msg_id, x.shape[0], x.dtype, sent_at + self.timeout_s, sent_at, reply_size))
+                else:  # the works (and the messages they send from) stay referenced until the reader has waited
+                    self._inflight.put((msg_id, x.shape[0], x.dtype, sent_at + self.timeout_s, works, messages,
+                                        sent_at))
                 self._last_send = time.monotonic()
         if works is None:
             self.fail(f"sending a dispatch frame: {error}")
@@ -158,26 +175,34 @@ class TorchPair:
         src, backend = p2p.EXPERT_RANK, self.backend
         try:
             while (item := self._inflight.get()) is not None:
-                msg_id, rows, dtype, deadline, works, _ = item
+                msg_id, rows, dtype, deadline, works, _, sent_at = item
                 if msg_id is None:  # a control frame (ping, bye): only its send to wait for
                     for work in works:
                         p2p.wait(work, deadline - time.monotonic(), backend, "sending a control frame")
                     continue
-                buf = torch.empty(p2p.reply_bytes(rows, self.hidden_size, dtype), dtype=torch.uint8, device=self.device)
-                reply = pg.recv([buf], src, p2p.TAG_REPLY)
-                for work in works:
-                    p2p.wait(work, deadline - time.monotonic(), backend, "sending a dispatch frame")
-                p2p.wait(reply, deadline - time.monotonic(), backend, "waiting for a reply")
-                got, status, y = p2p.unpack_reply(buf, rows, self.hidden_size, dtype)
-                if got != msg_id or status != 0:
-                    raise p2p.P2PError(f"reply {got} (status {status}) where {msg_id} was due: frames out of step")
-                with self._lock:
-                    entry = self._pending.pop(msg_id, None)
-                self.messages += 1
-                if entry is not None:
-                    entry[0].set_result(y)
+                self._take_reply(pg, msg_id, rows, dtype, deadline, sent_at, works)
         except p2p.P2PError as exc:
             self.fail(str(exc))
+
+    def _take_reply(self, pg, msg_id: int, rows: int, dtype: torch.dtype, deadline: float, sent_at: float,
+                    works=()) -> None:
+        """Receive the reply to ``msg_id`` (due next) and resolve its future; P2PError when the pair is done."""
+        backend = self.backend
+        buf = torch.empty(p2p.reply_bytes(rows, self.hidden_size, dtype), dtype=torch.uint8, device=self.device)
+        reply = pg.recv([buf], p2p.EXPERT_RANK, p2p.TAG_REPLY)
+        for work in works:
+            p2p.wait(work, deadline - time.monotonic(), backend, "sending a dispatch frame")
+        p2p.wait(reply, deadline - time.monotonic(), backend, "waiting for a reply")
+        reply = p2p.unpack_reply(buf, rows, self.hidden_size, dtype)
+        if reply.msg_id != msg_id or reply.status != 0:
+            raise p2p.P2PError(f"reply {reply.msg_id} (status {reply.status}) where {msg_id} was due: "
+                               "frames out of step")
+        with self._lock:
+            entry = self._pending.pop(msg_id, None)
+        self.messages += 1
+        if entry is not None:
+            self.hops.record(time.monotonic() - sent_at, reply.receive_ns, reply.compute_ns, reply.send_ns)
+            entry[0].set_result(reply.rows)
 
     def _keep(self) -> None:
         """Ping when idle, so the expert node's bounded wait for the next frame does not end a quiet group."""
@@ -196,7 +221,8 @@ class TorchPair:
             except RuntimeError as exc:
                 error = str(exc)
             else:
-                self._inflight.put((None, 0, None, time.monotonic() + self.timeout_s, [work], [frame]))
+                if self._direct is None:  # gloo: the reader waits for the send; a tcp send is done already
+                    self._inflight.put((None, 0, None, time.monotonic() + self.timeout_s, [work], [frame], 0.0))
                 self._last_send = time.monotonic()
                 return True
         self.fail(f"sending a control frame: {error}")
@@ -211,6 +237,11 @@ class TorchPair:
                 self.failure = reason
             pending, self._pending = self._pending, {}
             self._pg = None  # the reader thread drops the groups when it returns (its waits are bounded)
+            stream, self._stream = self._stream, None
+        if self._direct is not None:
+            self._direct.failed = True
+        if stream is not None:
+            stream.close()  # a waiter reading it gets an error at once, and no frame goes out after this
         self._inflight.put(None)
         self.ready.set()
         if first and not self._closed:
@@ -231,9 +262,12 @@ class TorchPair:
             if pg is not None:
                 try:
                     work = pg.send([frame], p2p.EXPERT_RANK, p2p.TAG_REQUEST)
-                    self._inflight.put((None, 0, None, time.monotonic() + self.timeout_s, [work], [frame]))
+                    if self._direct is None:
+                        self._inflight.put((None, 0, None, time.monotonic() + self.timeout_s, [work], [frame], 0.0))
                 except RuntimeError:
                     pg = None
+        if pg is not None and self._direct is not None:
+            self._direct.read_until(None, time.monotonic() + self.timeout_s)  # the replies due, then the stream goes
         self._inflight.put(None)
         if pg is None:
             self.fail("closed by the attention node")

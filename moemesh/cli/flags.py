@@ -142,7 +142,7 @@ TRANSPORTS = ("grpc", "torch")
 def add_transport_arg(p: argparse.ArgumentParser, role: str) -> None:
     help_text = {
         "attn": "how routed-expert rows travel: grpc (Dispatch streams) or torch (a torch.distributed group per "
-                "expert node, NCCL on CUDA, gloo on CPU, with gRPC as the fallback; the expert nodes must run "
+                "expert node, NCCL on CUDA, a TCP stream of the same frames on CPU, with gRPC as the fallback; the expert nodes must run "
                 "--transport torch too, else their rows go over gRPC) (default: grpc)",
         "expert": "torch: also serve TorchTransport sessions (a torch.distributed group per attention node; "
                   "Dispatch stays the fallback) (default: grpc)",

@@ -61,6 +61,10 @@ def format_status(status: dict) -> str:
             share = f" ({tokens / computed:.1%})" if computed else ""
             load = (f"{experts} experts, planned load {float(node.get('planned_load', 0)):.1%}, "
                     f"computed {tokens} routed tokens{share}")
+            if int(node.get("hop_samples", 0)):  # the attention nodes' last window (router/hop_status.py)
+                load += (f", hop p50 {float(node['hop_p50_us']):.0f} us p99 {float(node['hop_p99_us']):.0f} us "
+                         f"(compute p50 {float(node['compute_p50_us']):.0f} us)"
+                         + (" STRAGGLER: hop p99 well above its peers'" if node.get("hop_straggler") else ""))
         lines.append(f"  {node.get('role', '?'):6} {node.get('id', '?'):24} {node.get('address', '?'):22} "
                      f"{node.get('status', '?'):9} v{node.get('placement_version', 0):<4} {load}")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moemesh.v1 import tensor_pb2 as moemesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19moemesh/v1/dispatch.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/tensor.proto\"\xbb\x01\n\x0f\x44ispatchRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12$\n\x08topk_idx\x18\x04 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12(\n\x0ctopk_weights\x18\x05 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x19\n\x11placement_version\x18\x06 \x01(\x04\"B\n\x10\x44ispatchResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\"\n\x06output\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\"\r\n\x0bInfoRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"\xee\x01\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x18\n\x10n_routed_experts\x18\x03 \x01(\r\x12)\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x18.moemesh.v1.LayerExperts\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x17\n\x0ftokens_computed\x18\x06 \x01(\x04\x12\x19\n\x11placement_version\x18\x07 \x01(\x04\x12\x12\n\ncheckpoint\x18\x08 \x01(\t\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x32\x96\x01\n\x0e\x45xpertDispatch\x12I\n\x08\x44ispatch\x12\x1b.moemesh.v1.DispatchRequest\x1a\x1c.moemesh.v1.DispatchResponse(\x01\x30\x01\x12\x39\n\x04Info\x12\x17.moemesh.v1.InfoRequest\x1a\x18.moemesh.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19moemesh/v1/dispatch.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/tensor.proto\"\xbb\x01\n\x0f\x44ispatchRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12$\n\x08topk_idx\x18\x04 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12(\n\x0ctopk_weights\x18\x05 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x19\n\x11placement_version\x18\x06 \x01(\x04\"{\n\x10\x44ispatchResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\"\n\x06output\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x12\n\nreceive_ns\x18\x1e \x01(\x04\x12\x12\n\ncompute_ns\x18\x1f \x01(\x04\x12\x0f\n\x07send_ns\x18  \x01(\x04\"\r\n\x0bInfoRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"\xee\x01\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x18\n\x10n_routed_experts\x18\x03 \x01(\r\x12)\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x18.moemesh.v1.LayerExperts\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x17\n\x0ftokens_computed\x18\x06 \x01(\x04\x12\x19\n\x11placement_version\x18\x07 \x01(\x04\x12\x12\n\ncheckpoint\x18\x08 \x01(\t\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x32\x96\x01\n\x0e\x45xpertDispatch\x12I\n\x08\x44ispatch\x12\x1b.moemesh.v1.DispatchRequest\x1a\x1c.moemesh.v1.DispatchResponse(\x01\x30\x01\x12\x39\n\x04Info\x12\x17.moemesh.v1.InfoRequest\x1a\x18.moemesh.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DISPATCHREQUEST']._serialized_start=67
   _globals['_DISPATCHREQUEST']._serialized_end=254
   _globals['_DISPATCHRESPONSE']._serialized_start=256
-  _globals['_DISPATCHRESPONSE']._serialized_end=322
-  _globals['_INFOREQUEST']._serialized_start=324
-  _globals['_INFOREQUEST']._serialized_end=337
-  _globals['_LAYEREXPERTS']._serialized_start=339
-  _globals['_LAYEREXPERTS']._serialized_end=385
-  _globals['_INFORESPONSE']._serialized_start=388
-  _globals['_INFORESPONSE']._serialized_end=626
-  _globals['_EXPERTDISPATCH']._serialized_start=629
-  _globals['_EXPERTDISPATCH']._serialized_end=779
+  _globals['_DISPATCHRESPONSE']._serialized_end=379
+  _globals['_INFOREQUEST']._serialized_start=381
+  _globals['_INFOREQUEST']._serialized_end=394
+  _globals['_LAYEREXPERTS']._serialized_start=396
+  _globals['_LAYEREXPERTS']._serialized_end=442
+  _globals['_INFORESPONSE']._serialized_start=445
+  _globals['_INFORESPONSE']._serialized_end=683
+  _globals['_EXPERTDISPATCH']._serialized_start=686
+  _globals['_EXPERTDISPATCH']._serialized_end=836
 # @@protoc_insertion_point(module_scope)

@@ -73,9 +73,28 @@ def _row_bytes(hidden_size: int, top_k: int, hidden_itemsize: int) -> int:
 
 
 # ---- clients ----------------------------------------------------------------------------------------------
-# Keepalive pings every 20 s on idle connections too (moemesh servers permit them: wire/server.py).
-_KEEPALIVE = (("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
-              ("grpc.keepalive_permit_without_calls", 1))
+# Keepalive pings every 20 s on idle connections too. moemesh servers accept pings half as far apart
+# (wire/server.py: server_keepalive): gRPC's default server policy accepts one per 5 minutes without calls and
+# answers the third early one with GOAWAY too_many_pings, which an idle mesh met after about a minute.
+KEEPALIVE_MS = 20_000
+
+
+def client_keepalive(keepalive_ms: int = KEEPALIVE_MS) -> tuple[tuple[str, int], ...]:
+    """A client's pings: every ``keepalive_ms`` with or without calls, for as long as the connection is idle (gRPC
+    stops after 2 without data by default, so a silently dropped idle connection went unnoticed until the next
+    call), dead after half the interval without an answer."""
+    return (("grpc.keepalive_time_ms", keepalive_ms), ("grpc.keepalive_timeout_ms", max(keepalive_ms // 2, 1)),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0))
+
+
+def server_keepalive(keepalive_ms: int = KEEPALIVE_MS) -> tuple[tuple[str, int], ...]:
+    """What a server sends and accepts, matching :func:`client_keepalive` of the same ``keepalive_ms``: it pings
+    idle clients as often, accepts their pings without calls down to half the interval (gRPC's timers jitter),
+    and never caps pings sent without data."""
+    return (*client_keepalive(keepalive_ms), ("grpc.http2.min_ping_interval_without_data_ms", max(keepalive_ms // 2, 1)))
+
+
+_KEEPALIVE = client_keepalive()
 # A restarted peer is reachable again within a second, not after gRPC's backoff that grows to 120 s.
 _FAST_RECONNECT = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                    ("grpc.max_reconnect_backoff_ms", 1000))
@@ -94,7 +113,11 @@ CLIENT_OPTIONS: dict[str, tuple[tuple[int, int], tuple[tuple[str, int], ...]]] =
 }
 
 
-def client_options(peer: str) -> list[tuple[str, int]]:
-    """Channel options for dialling a ``peer``: a key of CLIENT_OPTIONS."""
+def client_options(peer: str, keepalive_ms: int | None = None) -> list[tuple[str, int]]:
+    """Channel options for dialling a ``peer``: a key of CLIENT_OPTIONS; ``keepalive_ms`` replaces the table's
+    keepalive (tests: seconds, not minutes, of idleness)."""
     (send, receive), rest = CLIENT_OPTIONS[peer]
+    if keepalive_ms is not None:
+        ours = {name for name, _ in client_keepalive()}
+        rest = (*(o for o in rest if o[0] not in ours), *client_keepalive(keepalive_ms))
     return [("grpc.max_send_message_length", send), ("grpc.max_receive_message_length", receive), *rest]

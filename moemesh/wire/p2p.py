@@ -8,6 +8,9 @@ in its etcd record and in the ``TorchTransport.Session`` answer); each group
 rendezvouses under its own key prefix there. Groups are built directly
 (``ProcessGroupGloo`` / ``ProcessGroupNCCL``), never through
 ``init_process_group``, so one process holds any number of them.
+For host tensors the default backend is ``tcp`` (:mod:`moemesh.wire.p2p_socket`): the same frames
+over one plain TCP stream with the process-group calls used here; gloo stays available to a peer
+that asks for it.
 
 Frames are tensors sent with ``send``/``recv``; the gRPC codec is not involved.
 Nothing is serialized: a frame is raw tensor memory, which is why both ends must
@@ -20,8 +23,9 @@ share byte order (little-endian everywhere we run, as for the codec)::
               in the frame (KIND_INLINE) or as a second message of its own size (KIND_DISPATCH)
       PING and BYE are a header alone
     reply, expert -> attention (TAG_REPLY)
-      uint8[16 + rows * hidden * itemsize]: int64 msg_id, int64 status (0), then the partial rows
-      in the request's dtype
+      uint8[40 + rows * hidden * itemsize]: int64 msg_id, int64 status (0), int64 receive_ns,
+      compute_ns, send_ns (what the node spent, by its own clock: DispatchResponse's fields 30-32),
+      then the partial rows in the request's dtype
 
 The expert node posts one receive of ``64 + inline_bytes`` for every frame; gloo
 lets a shorter message land in it, so a decode-sized request is one message each
@@ -45,7 +49,7 @@ The host reads that remain are each needed, and each says why where it happens:
 the expert node reads a header (it must learn the sizes of what follows) and the
 ids and weights (validated before any math: a bad id on the GPU is a device-side
 assert that ends the CUDA context); the attention node reads a reply's 16-byte
-prefix (its message id and status) once the receive is complete.
+prefix (its message id, status and the node's timings) once the receive is complete.
 This path is written but untested here: these machines have no GPU (and NCCL
 refuses two ranks on one GPU).
 """
@@ -61,6 +65,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moemesh.wire import p2p_socket
 from moemesh.wire.codec import dtype_from_proto, dtype_to_proto
 
 if not dist.is_available():  # pragma: no cover - every torch wheel we install has it
@@ -70,7 +75,7 @@ KIND_DISPATCH, KIND_PING, KIND_BYE, KIND_INLINE = 1, 2, 3, 4
 TAG_REQUEST, TAG_REPLY = 0, 1
 HEADER_LEN = 8
 HEADER_BYTES = HEADER_LEN * 8
-REPLY_PREFIX = 16  # bytes: int64 msg_id, int64 status
+REPLY_PREFIX = 40  # bytes: int64 msg_id, status, receive_ns, compute_ns, send_ns
 ATTN_RANK, EXPERT_RANK = 0, 1
 INLINE_BYTES = 1 << 20  # gloo: bodies up to 1 MiB ride in the header's frame (a [64, 4096] fp32 decode batch)
 MAX_BODY_BYTES = 256 << 20  # as gRPC's message limit
@@ -96,9 +101,13 @@ class Header:
         return self.rows * self.k * 8 + self.rows * self.hidden * self.dtype.itemsize
 
 
+HOST_BACKENDS = ("tcp", "gloo")  # frames in host memory: the one TCP stream (p2p_socket.py), or gloo's
+
+
 def backend_for(device: torch.device | str) -> str:
-    """NCCL between CUDA devices, gloo for CPU tensors."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    """NCCL between CUDA devices; for CPU tensors the plain TCP stream (p2p_socket.py: gloo's thread hand-offs
+    cost more than the bytes), gloo when a session asks for it."""
+    return "nccl" if torch.device(device).type == "cuda" else "tcp"
 
 
 # ---- frames -----------------------------------------------------------------
@@ -153,10 +162,14 @@ def pack_request(msg_id: int, layer: int, x: torch.Tensor, idx: torch.Tensor, w:
     return [buf] if kind == KIND_INLINE else [buf[:HEADER_BYTES], buf[HEADER_BYTES:]]
 
 
-def unpack_header(frame: torch.Tensor) -> Header:
-    # host read (a sync on a device): the receiver must learn the frame's kind and sizes to post what follows
-    head = _to_host(frame.narrow(0, 0, HEADER_BYTES))
-    kind, msg_id, layer, rows, k, version, code, hidden = head.numpy().view(np.int64).tolist()
+def unpack_header(frame: torch.Tensor | np.ndarray) -> Header:
+    """``frame``: the frame tensor, or (host frames) its numpy view, made once per buffer: ~1 us where torch
+    slicing costs several."""
+    if isinstance(frame, np.ndarray):
+        head = frame[:HEADER_BYTES]
+    else:  # host read (a sync on a device): the receiver must learn the frame's kind and sizes to post what follows
+        head = _to_host(frame.narrow(0, 0, HEADER_BYTES)).numpy()
+    kind, msg_id, layer, rows, k, version, code, hidden = head.view(np.int64).tolist()
     try:
         dtype = dtype_from_proto(code) if kind in (KIND_DISPATCH, KIND_INLINE) else None
     except ValueError:
@@ -186,27 +199,58 @@ def unpack_body(body: torch.Tensor, h: Header) -> tuple[torch.Tensor, np.ndarray
     return x, np.ascontiguousarray(meta[:, : h.k]), np.ascontiguousarray(meta[:, h.k:]).view(np.float32)
 
 
+def host_body(body: np.ndarray, h: Header) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """A host body (numpy uint8 view) as (hidden [rows, hidden] view, topk_idx int32, topk_weights float32 tensors,
+    and the same ids and weights in numpy, for the checks): numpy slicing and ``from_numpy``, no torch op but the
+    views (what unpack_body and body_tensors give, at a third of their cost on the host)."""
+    split = h.rows * h.k * 8
+    meta = body[:split].view(np.int32).reshape(h.rows, 2 * h.k)
+    ids = np.ascontiguousarray(meta[:, : h.k])
+    weights = np.ascontiguousarray(meta[:, h.k:]).view(np.float32)
+    x = torch.from_numpy(body[split:h.body_bytes]).view(h.dtype).view(h.rows, h.hidden)  # the frame's own bytes
+    return x, torch.from_numpy(ids), torch.from_numpy(weights), ids, weights
+
+
 def reply_bytes(rows: int, hidden: int, dtype: torch.dtype) -> int:
     return REPLY_PREFIX + rows * hidden * dtype.itemsize
 
 
-def pack_reply(msg_id: int, y: torch.Tensor, status: int = 0) -> torch.Tensor:
+def pack_reply(msg_id: int, y: torch.Tensor, status: int = 0, receive_ns: int = 0, compute_ns: int = 0,
+               started_ns: int | None = None) -> torch.Tensor:
+    """The reply frame; ``started_ns`` (monotonic_ns when the node began the reply): send_ns is from then to the
+    rows packed (written after them, so the prefix's own write is all it leaves out)."""
     rows, hidden = y.shape
     buf = torch.empty(reply_bytes(rows, hidden, y.dtype), dtype=torch.uint8, device=y.device)
-    if y.device.type == "cpu":
-        buf[:REPLY_PREFIX].numpy().view(np.int64)[:] = (msg_id, status)
-    else:
-        buf.narrow(0, 0, REPLY_PREFIX).copy_(_upload([msg_id, status], y.device))  # device to device, no sync
     buf.narrow(0, REPLY_PREFIX, buf.numel() - REPLY_PREFIX).view(y.dtype).view(rows, hidden).copy_(y)
+    send_ns = 0 if started_ns is None else time.monotonic_ns() - started_ns
+    prefix = [msg_id, status, receive_ns, compute_ns, send_ns]
+    if y.device.type == "cpu":
+        buf[:REPLY_PREFIX].numpy().view(np.int64)[:] = prefix
+    else:
+        buf.narrow(0, 0, REPLY_PREFIX).copy_(_upload(prefix, y.device))  # device to device, no sync
     return buf
 
 
-def unpack_reply(buf: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) -> tuple[int, int, torch.Tensor]:
-    """(msg_id, status, the partial rows [rows, hidden]: a view of ``buf``, on its device)."""
-    # host read of 16 bytes (on a device, after the receive completed): frames must be checked in step before
+@dataclass(frozen=True)
+class Reply:
+    msg_id: int
+    status: int
+    receive_ns: int
+    compute_ns: int
+    send_ns: int
+    rows: torch.Tensor  # [rows, hidden]: a view of the frame, on its device
+
+
+def unpack_reply(buf: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) -> Reply:
+    # host read of 40 bytes (on a device, after the receive completed): frames must be checked in step before
     # their rows are handed on; the rows themselves stay where they are
-    msg_id, status = _to_host(buf.narrow(0, 0, REPLY_PREFIX)).numpy().view(np.int64).tolist()
-    return msg_id, status, buf.narrow(0, REPLY_PREFIX, buf.numel() - REPLY_PREFIX).view(dtype).view(rows, hidden)
+    if buf.device.type == "cpu":
+        prefix = buf.numpy()[:REPLY_PREFIX]
+    else:
+        prefix = _to_host(buf.narrow(0, 0, REPLY_PREFIX)).numpy()
+    msg_id, status, receive_ns, compute_ns, send_ns = prefix.view(np.int64).tolist()
+    y = buf[REPLY_PREFIX:].view(dtype).view(rows, hidden)
+    return Reply(msg_id, status, receive_ns, compute_ns, send_ns, y)
 
 
 # ---- groups -----------------------------------------------------------------
@@ -240,6 +284,10 @@ def new_pair_group(store, prefix: str, rank: int, backend: str, timeout_s: float
     Blocks until the peer joins (at most ``timeout_s``)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
+        if backend == "tcp":
+            pair = (p2p_socket.listen_pair(store, prefix, hostname, timeout_s) if rank == EXPERT_RANK
+                    else p2p_socket.connect_pair(store, prefix, timeout_s))
+            return pair, pair
         if backend == "gloo":
             opts = dist.ProcessGroupGloo._Options()
             opts._timeout = timeout
@@ -257,7 +305,7 @@ def new_pair_group(store, prefix: str, rank: int, backend: str, timeout_s: float
                 opts._timeout = timeout
                 groups.append(dist.ProcessGroupNCCL(dist.PrefixStore(f"{prefix}{direction}/", store), rank, 2, opts))
             return groups[0], groups[1]
-        raise P2PError(f"unknown torch.distributed backend {backend!r} (gloo or nccl)")
+        raise P2PError(f"unknown torch.distributed backend {backend!r} (tcp, gloo or nccl)")
     except P2PError:
         raise
     except Exception as exc:  # DistStoreError, gloo's RuntimeError: one type for callers
@@ -268,7 +316,7 @@ def wait(work, timeout_s: float, backend: str = "gloo", what: str = "p2p operati
     """Wait for one send/recv at most ``timeout_s``; P2PError (the group is then unusable) otherwise."""
     timeout_s = max(timeout_s, 0.001)
     try:
-        if backend == "gloo":
+        if backend in HOST_BACKENDS:
             work.wait(datetime.timedelta(seconds=timeout_s))
             return
         deadline = time.monotonic() + timeout_s  # NCCL: wait() would only make the stream wait

@@ -17,7 +17,9 @@ from grpc_reflection.v1alpha import reflection
 
 from moemesh.wire.authz import Authenticator, AuthInterceptor, SyncAuthInterceptor
 from moemesh.wire.identity import process_tokens
-from moemesh.wire.limits import ATTN_MAX_MESSAGE_BYTES, CONTROL_MAX_MESSAGE_BYTES, ROUTER_MAX_MESSAGE_BYTES
+from moemesh.wire.limits import (
+    ATTN_MAX_MESSAGE_BYTES, CONTROL_MAX_MESSAGE_BYTES, ROUTER_MAX_MESSAGE_BYTES, server_keepalive,
+)
 from moemesh.wire.status import StatusInterceptor, SyncStatusInterceptor
 from moemesh.wire.tls import TLSFiles, add_port
 
@@ -26,37 +28,37 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # from). Expert nodes have none here: theirs follows from the largest step they serve, given by the caller.
 MAX_MESSAGE_BYTES = {"router": ROUTER_MAX_MESSAGE_BYTES, "attn": ATTN_MAX_MESSAGE_BYTES,
                      "control": CONTROL_MAX_MESSAGE_BYTES}
-# Servers accept keepalive pings from clients every 20 s even without calls, and ping back.
-KEEPALIVE_OPTIONS = (
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-)
+# Servers ping idle clients and accept the pings of moemesh clients (limits.client_keepalive) even without calls.
+KEEPALIVE_OPTIONS = server_keepalive()
 
 
-def server_options(role: str, max_message_bytes: int | None = None) -> list[tuple[str, int]]:
-    """``max_message_bytes``: the role's limit when MAX_MESSAGE_BYTES has none (expert nodes); else that table's."""
+def server_options(role: str, max_message_bytes: int | None = None, keepalive_ms: int | None = None
+                   ) -> list[tuple[str, int]]:
+    """``max_message_bytes``: the role's limit when MAX_MESSAGE_BYTES has none (expert nodes); else that table's.
+    ``keepalive_ms``: another interval than the clients' default, for both sides (tests)."""
     size = max_message_bytes or MAX_MESSAGE_BYTES.get(role)
     if size is None:
         raise ValueError(f"a {role} server needs max_message_bytes (see moemesh.wire.limits)")
-    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size), *KEEPALIVE_OPTIONS]
+    keepalive = KEEPALIVE_OPTIONS if keepalive_ms is None else server_keepalive(keepalive_ms)
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size), *keepalive]
 
 
 def create_server(role: str, add: Callable[[grpc.Server], None], services: Sequence[str], host: str = "127.0.0.1",
                   port: int = 0, *, tls: TLSFiles | None = None, interceptors: Sequence = (), aio: bool = True,
-                  max_workers: int = 4, max_message_bytes: int | None = None, auth: Authenticator | None = None):
+                  max_workers: int = 4, max_message_bytes: int | None = None, auth: Authenticator | None = None,
+                  keepalive_ms: int | None = None):
     """A server with ``add``'s servicers, health and reflection, bound to ``host:port``; ``(server, port, health)``.
 
     ``services``: the full names ``add`` registers (reflection lists them, health reports on them).
     ``interceptors`` run before the status interceptor (after the authorization check).
     ``aio=False`` builds a thread-pool ``grpc.server`` of ``max_workers`` threads instead of grpc.aio.
     ``max_message_bytes``: the role's message limit, required for "expert" (see :func:`server_options`).
+    ``keepalive_ms``: the ping interval it matches (default: the clients', moemesh.wire.limits.KEEPALIVE_MS).
     ``auth``: who may call what (:mod:`moemesh.wire.authz`); by default, the mTLS identities when ``tls``
     requires client certificates and this process's tokens (``--auth-tokens``); with neither, an open server,
     as a mesh without credentials runs.
     """
-    options = server_options(role, max_message_bytes)
+    options = server_options(role, max_message_bytes, keepalive_ms)
     if auth is None:
         auth = Authenticator(mtls=bool(tls and tls.ca), tokens=process_tokens())
     if auth.secured:

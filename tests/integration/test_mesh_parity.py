@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from moemesh.attn_node.engine import EngineConfig
+from moemesh.attn_node.experts.hop_stats import HOPS
 from moemesh.attn_node.experts.remote_backend import rows_with_work
 from moemesh.sampling import SamplingParams
 from moemesh.launch.embedded import build_local, build_remote
@@ -109,6 +111,17 @@ def test_every_node_served_rows(case):
         assert all(n > 0 for n in counts), f"micro_batches={mb}: rows per node {counts}"
     for proc in case["procs"]:
         assert proc.alive(), proc.stderr_tail()
+
+
+def test_every_node_hop_is_timed_with_its_own_compute(case):
+    """Each node's hops are in this process's window, split by the node's own timings (DispatchResponse 30-32)."""
+    hops = {h.address: h for h in HOPS.summaries()}
+    for proc in case["procs"]:
+        h = hops.get(proc.address)
+        assert h is not None and h.samples > 0, f"no hops timed to {proc.address}: {sorted(hops)}"
+        assert 0 < h.compute_p50_us < h.hop_p50_us <= h.hop_p99_us, h
+        count = REGISTRY.get_sample_value("moemesh_dispatch_compute_seconds_count", {"node": proc.address})
+        assert count and count >= h.samples, (count, h)
 
 
 def _count_rows(mesh) -> list[int]:

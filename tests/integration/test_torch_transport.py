@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.sampling import SamplingParams
+from moemesh.attn_node.experts.hop_stats import HOPS
 from moemesh.attn_node.experts.torch_link import PairFailure, TorchLink
 from moemesh.model.config import ModelConfig
 from moemesh.expert_node.loader import load_expert_shard
@@ -101,9 +102,12 @@ def test_tokens_over_torch_equal_the_single_process(nodes, model_dir, prompts, r
     mesh = torch_mesh(model_dir, procs)
     try:
         assert run_engine(mesh.engine, prompts) == reference_tokens
+        hops = {h.address: h for h in HOPS.summaries()}
         for link in mesh.remote.links:
             assert link.transport == "torch" and link.pair.messages > 0 and link.fallback_messages == 0
             assert link.grpc.failure is None
+            h = hops[link.address]  # timed over the pair group, with the node's own compute in the reply frame
+            assert h.samples >= link.pair.messages and 0 < h.compute_p50_us < h.hop_p50_us, h
     finally:
         mesh.close()
     for proc in procs:  # the bye ends each group on the node's side

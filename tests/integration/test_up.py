@@ -71,11 +71,16 @@ def test_sdk_tokens_equal_transformers_for_concurrent_requests(mesh):
 
 def test_status_lists_every_node_and_the_placement(mesh):
     _, _, ready = mesh
-    with MeshClient(ready["router"]) as client:
+    with MeshClient(ready["router"], timeout_s=120) as client:
+        client.generate(prompt_ids=[3, 1, 4, 1, 5], max_tokens=4, temperature=0.0, ignore_eos=True)
         status = client.cluster_status()
     roles = sorted(n["role"] for n in status["nodes"])
     assert roles == ["attn", "expert", "expert"] and status["placement_version"] >= 1
     assert all(n["status"] == "ready" for n in status["nodes"])
+    for node in status["nodes"]:  # the attention node's hops to each expert node, over its last window
+        if node["role"] == "expert":
+            assert int(node["hop_samples"]) > 0 and 0 < node["compute_p50_us"] < node["hop_p50_us"], node
+            assert node["hop_p50_us"] <= node["hop_p99_us"], node
 
 
 def test_invalid_request_is_invalid_argument_and_the_router_stays_up(mesh):

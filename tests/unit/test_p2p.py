@@ -7,6 +7,7 @@ per thread, each with its own store client, as the two nodes do).
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -71,14 +72,21 @@ def test_control_frames_and_unknown_dtypes():
 
 def test_reply_round_trip():
     y = torch.randn(5, 8).to(torch.bfloat16)
-    buf = p2p.pack_reply(11, y)
+    buf = p2p.pack_reply(11, y, receive_ns=7, compute_ns=1234)
     assert buf.numel() == p2p.reply_bytes(5, 8, torch.bfloat16)
-    msg_id, status, got = p2p.unpack_reply(buf, 5, 8, torch.bfloat16)
-    assert (msg_id, status) == (11, 0) and torch.equal(got, y)
+    reply = p2p.unpack_reply(buf, 5, 8, torch.bfloat16)
+    assert (reply.msg_id, reply.status, reply.receive_ns, reply.compute_ns, reply.send_ns) == (11, 0, 7, 1234, 0)
+    assert torch.equal(reply.rows, y)
+
+
+def test_reply_send_ns_counts_from_started():
+    started = time.monotonic_ns()
+    reply = p2p.unpack_reply(p2p.pack_reply(3, torch.ones(2, 4), started_ns=started), 2, 4, torch.float32)
+    assert 0 < reply.send_ns <= time.monotonic_ns() - started
 
 
 def test_backend_for_device():
-    assert p2p.backend_for("cpu") == "gloo"
+    assert p2p.backend_for("cpu") == "tcp"
     assert p2p.backend_for(torch.device("cuda", 0)) == "nccl"
 
 
@@ -86,7 +94,30 @@ def test_local_host_toward_loopback():
     assert p2p.local_host_toward("127.0.0.1") == "127.0.0.1"
 
 
-# ---- gloo, two groups in this process -----------------------------------------
+# ---- gloo and tcp, two groups in this process ---------------------------------
+def _join_pair(backend: str, prefix: str = "t/") -> dict[int, tuple]:
+    store = p2p.host_store(0)
+    address = f"127.0.0.1:{store.port}"
+    groups: dict[int, tuple] = {}
+
+    def join(rank):
+        groups[rank] = p2p.new_pair_group(p2p.connect_store(address, 10), prefix, rank, backend, 10, "127.0.0.1")
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(groups) == {0, 1}
+    return groups
+
+
+@pytest.fixture(params=["gloo", "tcp"])
+def any_pair(request):
+    groups = _join_pair(request.param)
+    yield groups[0][0], groups[1][0]
+
+
 @pytest.fixture
 def pair():
     store = p2p.host_store(0)
@@ -105,9 +136,9 @@ def pair():
     yield groups[0][0], groups[1][0]
 
 
-def test_a_shorter_message_lands_in_a_longer_receive(pair):
+def test_a_shorter_message_lands_in_a_longer_receive(any_pair):
     """The frame protocol posts one receive of 64 + inline_bytes for frames of any size up to that."""
-    attn, expert = pair
+    attn, expert = any_pair
     x, idx, w = _rows()
     (frame,) = p2p.pack_request(1, 2, x, idx, w, 0, inline_bytes=p2p.INLINE_BYTES)
     buf = torch.zeros(p2p.HEADER_BYTES + p2p.INLINE_BYTES, dtype=torch.uint8)
@@ -130,6 +161,72 @@ def test_a_timed_out_wait_is_the_end_of_the_group(pair):
     # on a loaded machine where it has not noticed yet, by its own timeout. Either way the pair is over.
     with pytest.raises(RuntimeError, match="closed|Timed out"):
         p2p.wait(expert.send([p2p.control_frame(p2p.KIND_PING)], p2p.ATTN_RANK, p2p.TAG_REPLY), 5)
+
+
+def test_tcp_frames_and_replies_round_trip_in_order():
+    attn, expert = _tcp_pair()
+    x, idx, w = _rows()
+    sends = [p2p.pack_request(i, 2, x, idx, w, 0, inline_bytes=p2p.INLINE_BYTES)[0] for i in range(3)]
+    for frame in sends:
+        p2p.wait(attn.send([frame], p2p.EXPERT_RANK, p2p.TAG_REQUEST), 5, "tcp")
+    buf = torch.zeros(p2p.HEADER_BYTES + p2p.INLINE_BYTES, dtype=torch.uint8)
+    for i in range(3):  # written before anyone read: they wait in the stream, in order
+        p2p.wait(expert.recv([buf], p2p.ATTN_RANK, p2p.TAG_REQUEST), 5, "tcp")
+        h = p2p.unpack_header(buf.numpy())
+        got, gidx, gw, ids, weights = p2p.host_body(buf.numpy()[p2p.HEADER_BYTES:], h)
+        assert h.msg_id == i and torch.equal(got, x) and torch.equal(gidx, idx.int()) and torch.equal(gw, w)
+        reply = p2p.pack_reply(i, got * 2, receive_ns=5)
+        p2p.wait(expert.send([reply], p2p.ATTN_RANK, p2p.TAG_REPLY), 5, "tcp")
+    for i in range(3):
+        rbuf = torch.empty(p2p.reply_bytes(*x.shape, x.dtype), dtype=torch.uint8)
+        p2p.wait(attn.recv([rbuf], p2p.EXPERT_RANK, p2p.TAG_REPLY), 5, "tcp")
+        r = p2p.unpack_reply(rbuf, *x.shape, x.dtype)
+        assert (r.msg_id, r.receive_ns) == (i, 5) and torch.equal(r.rows, x * 2)
+
+
+def test_tcp_message_longer_than_the_receive_ends_the_pair():
+    attn, expert = _tcp_pair()
+    p2p.wait(attn.send([torch.zeros(100, dtype=torch.uint8)], 1), 5, "tcp")
+    with pytest.raises(p2p.P2PError, match="100 bytes for a buffer of 64"):
+        p2p.wait(expert.recv([torch.zeros(64, dtype=torch.uint8)], 0), 5, "tcp", "waiting for a frame")
+    with pytest.raises(p2p.P2PError, match="closed"):  # the peer sees the stream end
+        p2p.wait(attn.recv([torch.zeros(64, dtype=torch.uint8)], 1), 5, "tcp")
+
+
+def test_tcp_timed_out_wait_ends_the_pair_and_the_peer_sees_it():
+    attn, expert = _tcp_pair()
+    with pytest.raises(p2p.P2PError, match="waiting for a reply: tcp pair: timed out"):
+        p2p.wait(attn.recv([torch.zeros(64, dtype=torch.uint8)], 1), 0.2, "tcp", "waiting for a reply")
+    with pytest.raises(p2p.P2PError, match="closed"):
+        p2p.wait(expert.recv([torch.zeros(64, dtype=torch.uint8)], 0), 5, "tcp")
+
+
+def test_tcp_listener_refuses_a_peer_without_the_secret():
+    store = p2p.host_store(0)
+    address = f"127.0.0.1:{store.port}"
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.setdefault("pair", p2p.new_pair_group(
+        p2p.connect_store(address, 10), "s-secret/", 1, "tcp", 10, "127.0.0.1")))
+    t.start()
+    client = p2p.connect_store(address, 10)
+    client.wait(["s-secret/tcp/addr"])
+    host, _, port = client.get("s-secret/tcp/addr").decode().rpartition("|")
+    import socket
+
+    with socket.create_connection((host, int(port))) as intruder:
+        intruder.sendall(b"s-guessd/")  # as long as the secret, but not it: dropped, the listener waits on
+        try:
+            assert intruder.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    real = p2p.new_pair_group(client, "s-secret/", 0, "tcp", 10, "127.0.0.1")
+    t.join(10)
+    assert "pair" in got and real is not None
+
+
+def _tcp_pair():
+    groups = _join_pair("tcp")
+    return groups[0][0], groups[1][0]
 
 
 def test_rendezvous_without_a_peer_times_out():

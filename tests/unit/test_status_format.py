@@ -56,3 +56,14 @@ def test_format_status_says_when_the_mesh_is_degraded_or_unservable():
     assert text.splitlines()[1] == ("  mesh UNSERVABLE: the mesh cannot serve: no live expert node hosts layers 1-2: "
                                     "experts 4-7")
     assert format_status({**base, "mesh_state": "degraded", "mesh_problem": "p"}).splitlines()[1] == "  mesh DEGRADED: p"
+
+
+def test_format_status_shows_hops_per_expert_node_and_flags_a_straggler():
+    node = {"id": "expert-0", "role": "expert", "address": "h:2", "status": "ready", "experts": [],
+            "hop_samples": "120", "hop_p50_us": 410.4, "hop_p99_us": 2900.0, "compute_p50_us": 95.2}
+    (line,) = [l for l in format_status({"nodes": [node]}).splitlines() if "expert-0" in l]
+    assert line.endswith("hop p50 410 us p99 2900 us (compute p50 95 us)")
+    (line,) = [l for l in format_status({"nodes": [{**node, "hop_straggler": True}]}).splitlines() if "expert-0" in l]
+    assert line.endswith("(compute p50 95 us) STRAGGLER: hop p99 well above its peers'")
+    quiet = {k: v for k, v in node.items() if not k.startswith(("hop", "compute"))}
+    assert "hop" not in format_status({"nodes": [quiet]})

@@ -1,0 +1,88 @@
+"""Replies read by the thread that waits for them: the ``tcp`` pair backend's receive side, no reader thread.
+
+With gloo, a reader thread waits for each reply and resolves its future, which wakes the engine thread:
+two wake-ups per hop besides the expert node's, each a scheduler round trip on a busy machine. Over the
+plain TCP stream (moemesh/wire/p2p_socket.py) the engine thread, waiting in ``combine`` on a
+:class:`ReplyFuture`, reads the replies itself, in frame order, until its own has come (replies of
+earlier messages it meets resolve their futures on the way). One reader at a time (a lock).
+
+Nothing reads while nobody waits, so unread replies stay in the socket buffers. Both ends block in a
+send only when those buffers are full, which would be a deadlock if each waited to send before it
+read; :meth:`DirectReplies.before_send` prevents it: before a message that is large, or that would bring
+the unread replies past :data:`UNREAD_LIMIT`, the sender reads every reply due first (large steps then
+lose micro-batch overlap on this backend; decode-sized ones keep it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+
+UNREAD_LIMIT = 64 << 10  # bytes of unread replies (and of one request) that loopback socket buffers always hold
+
+
+class ReplyFuture(Future):
+    """A Future whose ``result`` reads replies from the pair until it is resolved (then it is a plain Future)."""
+
+    def __init__(self, replies: DirectReplies):
+        super().__init__()
+        self._replies = replies
+
+    def result(self, timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.done():
+            self._replies.read_until(self, deadline)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return super().result(timeout=left)  # resolved, or resent over gRPC when the pair failed: wait for that
+
+
+class DirectReplies:
+    """The replies due on one pair, in frame order; ``read_one(entry)`` (the pair's) reads and resolves one.
+
+    ``read_one`` raises to say the pair failed; the pair's ``fail`` then resends what is unanswered and every
+    waiter falls back to its future (resolved by gRPC)."""
+
+    def __init__(self, read_one, fail):
+        self._read_one, self._fail = read_one, fail
+        self._due: deque = deque()  # entries (msg_id, rows, dtype, deadline, sent_at, reply_bytes), in frame order
+        self._unread = 0  # bytes of the replies due
+        self._lock = threading.Lock()  # one reader at a time
+        self._due_lock = threading.Lock()
+        self.failed = False
+
+    def add(self, entry: tuple) -> None:
+        with self._due_lock:
+            self._due.append(entry)
+            self._unread += entry[-1]
+
+    def before_send(self, request_bytes: int, reply_bytes: int) -> None:
+        """Read every reply due first when this message could fill the buffers (see the module doc)."""
+        if self._due and (request_bytes > UNREAD_LIMIT or self._unread + reply_bytes > UNREAD_LIMIT):
+            self.read_until(None, None)
+
+    def read_until(self, fut: Future | None, deadline: float | None) -> None:
+        """Read replies in order until ``fut`` is done (None: until none is due), or the pair fails."""
+        while not self.failed and (fut is None or not fut.done()):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            if not self._lock.acquire(timeout=-1 if left is None else left):
+                return
+            try:
+                if fut is not None and fut.done():  # another waiter read it meanwhile
+                    return
+                with self._due_lock:
+                    if not self._due:
+                        return
+                    entry = self._due.popleft()
+                    self._unread -= entry[-1]
+                try:
+                    self._read_one(entry)
+                except Exception as exc:  # P2PError: the pair is done; its fail() resends what is unanswered
+                    self.failed = True
+                    self._fail(str(exc))
+                    return
+            finally:
+                self._lock.release()

@@ -1,0 +1,107 @@
+"""Dispatch hops per expert node, as this attention node times them: Prometheus histograms and a sliding window.
+
+A hop is one message's round trip: ``send()`` called -> reply decoded, on this node's clock. The
+expert node reports in the reply what it spent by its own clock (``DispatchResponse.receive_ns``,
+``compute_ns``, ``send_ns``; the torch frame's reply prefix carries the same three): no clock is
+shared, so the two network legs are not told apart; what the node did not account for is the
+*transport* (both legs plus this side's framing): ``hop - receive - compute - send``.
+
+Every hop goes to ``moemesh_dispatch_{hop,node_receive,compute,node_send,transport}_seconds{node=...}``
+and to the process's :data:`HOPS` window, which the Load reply summarizes per node
+(``hop_p50_us``, ``hop_p99_us``, ``compute_p50_us``: ``moemesh status --json`` shows them).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from moemesh import metrics
+
+DEFAULT_WINDOW_S = 60.0
+MAX_SAMPLES = 4096  # per node: enough for a p99, bounded memory at any rate
+
+
+@dataclass(frozen=True)
+class HopSummary:
+    address: str
+    samples: int
+    hop_p50_us: float
+    hop_p99_us: float
+    compute_p50_us: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of ``values`` (sorted or not); 0.0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+class HopWindow:
+    """Per expert node address, (time, hop seconds, compute seconds) of the last ``window_s`` seconds.
+
+    Thread-safe: reader threads of every link record, the gRPC service summarizes."""
+
+    def __init__(self, window_s: float = DEFAULT_WINDOW_S, max_samples: int = MAX_SAMPLES, clock=time.monotonic):
+        self.window_s, self.max_samples, self.clock = window_s, max_samples, clock
+        self._hops: dict[str, deque] = {}
+        self._lock = threading.Lock()
+
+    def record(self, address: str, hop_s: float, compute_s: float) -> None:
+        now = self.clock()
+        with self._lock:
+            hops = self._hops.get(address)
+            if hops is None:
+                hops = self._hops[address] = deque(maxlen=self.max_samples)
+            hops.append((now, hop_s, compute_s))
+
+    def summaries(self) -> list[HopSummary]:
+        """One summary per node with hops in the window, by address; nodes silent for a window are forgotten."""
+        cutoff = self.clock() - self.window_s
+        out = []
+        with self._lock:
+            for address in sorted(self._hops):
+                hops = self._hops[address]
+                while hops and hops[0][0] < cutoff:
+                    hops.popleft()
+                if not hops:
+                    del self._hops[address]
+                    continue
+                snapshot = list(hops)  # at most MAX_SAMPLES: sorting it under the lock is cheap
+                hop_us = [h * 1e6 for _, h, _ in snapshot]
+                compute_us = [c * 1e6 for _, _, c in snapshot]
+                out.append(HopSummary(address, len(snapshot), percentile(hop_us, 50), percentile(hop_us, 99),
+                                      percentile(compute_us, 50)))
+        return out
+
+
+HOPS = HopWindow()  # the process's: links come and go with placement versions, a node's history stays
+
+
+class HopRecorder:
+    """One link's recorder: its node's Prometheus children looked up once (a labels() call costs microseconds)."""
+
+    def __init__(self, address: str, window: HopWindow | None = None):
+        self.address = address
+        self.window = HOPS if window is None else window
+        self._hop = metrics.DISPATCH_HOP.labels(address)
+        self._receive = metrics.DISPATCH_NODE_RECEIVE.labels(address)
+        self._compute = metrics.DISPATCH_COMPUTE.labels(address)
+        self._send = metrics.DISPATCH_NODE_SEND.labels(address)
+        self._transport = metrics.DISPATCH_TRANSPORT.labels(address)
+
+    def record(self, hop_s: float, receive_ns: int, compute_ns: int, send_ns: int) -> None:
+        receive_s, compute_s, send_s = receive_ns * 1e-9, compute_ns * 1e-9, send_ns * 1e-9
+        self._hop.observe(hop_s)
+        self._receive.observe(receive_s)
+        self._compute.observe(compute_s)
+        self._send.observe(send_s)
+        # a node clock running fast could report more than the hop: the transport is then 0, never negative
+        self._transport.observe(max(0.0, hop_s - receive_s - compute_s - send_s))
+        self.window.record(self.address, hop_s, compute_s)

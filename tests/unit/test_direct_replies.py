@@ -1,0 +1,67 @@
+"""attn_node/experts/direct_replies.py: replies read in order by whoever waits, no reader thread."""
+
+from __future__ import annotations
+
+import pytest
+
+from moemesh.attn_node.experts.direct_replies import UNREAD_LIMIT, DirectReplies, ReplyFuture
+
+
+class Pair:
+    def __init__(self, fail_at: int | None = None):
+        self.read, self.failed_with, self.fail_at = [], None, fail_at
+        self.futures = {}
+        self.replies = DirectReplies(self.read_one, self.fail)
+
+    def send(self, msg_id: int, reply_bytes: int = 100) -> ReplyFuture:
+        fut = self.futures[msg_id] = ReplyFuture(self.replies)
+        self.replies.add((msg_id, 1, None, 1e18, 0.0, reply_bytes))
+        return fut
+
+    def read_one(self, entry):
+        if entry[0] == self.fail_at:
+            raise RuntimeError("peer closed")
+        self.read.append(entry[0])
+        self.futures[entry[0]].set_result(f"rows {entry[0]}")
+
+    def fail(self, reason):
+        self.failed_with = reason
+        for fut in self.futures.values():  # as TorchPair.fail: unanswered messages resent (here: resolved)
+            if not fut.done():
+                fut.set_result("over grpc")
+
+
+def test_waiting_for_a_later_reply_reads_the_earlier_ones_on_the_way():
+    pair = Pair()
+    a, b, c = pair.send(0), pair.send(1), pair.send(2)
+    assert b.result(timeout=1) == "rows 1" and pair.read == [0, 1]
+    assert a.done() and a.result() == "rows 0" and not c.done()
+    assert c.result(timeout=1) == "rows 2" and pair.read == [0, 1, 2]
+
+
+def test_before_send_reads_what_is_due_only_when_the_buffers_could_fill():
+    pair = Pair()
+    pair.send(0, reply_bytes=1000)
+    pair.replies.before_send(request_bytes=1000, reply_bytes=1000)
+    assert pair.read == []  # small: the replies may wait in the socket
+    pair.replies.before_send(request_bytes=1000, reply_bytes=UNREAD_LIMIT)
+    assert pair.read == [0]
+    pair.send(1)
+    pair.replies.before_send(request_bytes=UNREAD_LIMIT + 1, reply_bytes=10)  # a large request
+    assert pair.read == [0, 1]
+
+
+def test_a_failed_read_fails_the_pair_and_waiters_get_the_resent_answer():
+    pair = Pair(fail_at=1)
+    a, b = pair.send(0), pair.send(1)
+    assert b.result(timeout=1) == "over grpc" and a.result() == "rows 0"
+    assert pair.failed_with == "peer closed" and pair.replies.failed
+
+
+def test_a_wait_past_its_timeout_raises_timeout():
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    pair = Pair()
+    fut = ReplyFuture(pair.replies)  # never sent: nothing due resolves it
+    with pytest.raises(FutureTimeout):
+        fut.result(timeout=0.01)
