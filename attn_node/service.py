@@ -171,7 +171,8 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
             await abort(context, FailedPreconditionError("this model has no tokenizer.json"))
         if len(request.text) > MAX_TOKENIZE_CHARS:
             await abort(context, InvalidRequestError(f"text is longer than {MAX_TOKENIZE_CHARS} characters"))
-        return inference_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
+        add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        return inference_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(request.text, add_special_tokens=add))
 
     async def ModelInfo(self, request, context):
         cfg, chat = self.cfg, self.chat_template

@@ -455,8 +455,10 @@ class MeshClient(_ClientBase):
             acc.add(chunk)
         return acc.result()
 
-    def tokenize(self, text: str, *, timeout_s: float | None = None) -> list[int]:
-        resp = self._unary(self._stub.Tokenize, inference_pb2.TokenizeRequest(text=text), timeout_s)
+    def tokenize(self, text: str, *, add_special_tokens: bool = True, timeout_s: float | None = None) -> list[int]:
+        """The prompt ids of ``text``; ``add_special_tokens=False`` for text that carries its own (chat templates)."""
+        request = inference_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        resp = self._unary(self._stub.Tokenize, request, timeout_s)
         return list(resp.token_ids)
 
     def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
@@ -549,8 +551,9 @@ class AsyncMeshClient(_ClientBase):
             acc.add(chunk)
         return acc.result()
 
-    async def tokenize(self, text: str, *, timeout_s: float | None = None) -> list[int]:
-        resp = await self._unary(self._stub.Tokenize, inference_pb2.TokenizeRequest(text=text), timeout_s)
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True, timeout_s: float | None = None) -> list[int]:
+        request = inference_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        resp = await self._unary(self._stub.Tokenize, request, timeout_s)
         return list(resp.token_ids)
 
     async def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:

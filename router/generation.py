@@ -158,10 +158,11 @@ class GenerationPath:
                     self._model_info = await self.unary("ModelInfo", inference_pb2.ModelInfoRequest(), "ModelInfo")
         return self._model_info
 
-    async def tokenize(self, text: str) -> list[int]:
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         if len(text) > MAX_TEXT_CHARS:
             raise InvalidRequestError(f"text has {len(text)} characters; at most {MAX_TEXT_CHARS}")
-        reply = await self.unary("Tokenize", inference_pb2.TokenizeRequest(text=text), "Tokenize")
+        request = inference_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        reply = await self.unary("Tokenize", request, "Tokenize")
         return list(reply.token_ids)
 
     def unservable(self, node_error: grpc.aio.AioRpcError | None = None) -> UnservableError | None:

@@ -9,9 +9,8 @@ Given the request, ``ranked`` also puts the node holding the prompt's longest ca
 unless it is overloaded (router/prefix_match.py has the scoring). The keys come from each node's Load
 reply. A token-id prompt is hashed as it is; a text prompt of at least ``text_min_chars`` characters
 is tokenized by the least-loaded ready node's Tokenize (once per request id: retries reuse it), as
-the router has no tokenizer. Tokenize adds the tokenizer's special tokens; for a request with
-``add_special_tokens=false`` (chat-rendered text) they are stripped again: they are what Tokenize
-gives for the empty text, when the ids start with them (else the prompt is not matched, load only).
+the router has no tokenizer, with the request's own ``add_special_tokens`` (chat-rendered text carries
+its BOS), so the ids are the ones the node will cache.
 A failed Tokenize costs the request its prefix match, nothing else.
 """
 
@@ -58,7 +57,6 @@ class AttentionPool:
         self.tokenize_timeout_s = tokenize_timeout_s
         self.prefixes: dict[str, NodePrefixes] = {}  # what each node's prefix cache holds, as far as known
         self._tokenized: OrderedDict[str, list[int] | None] = OrderedDict()  # request id -> text prompt's ids
-        self._special_ids: list[int] | None = None  # what Tokenize adds to every text (Tokenize of "")
 
     def stub(self, record: NodeRecord) -> attention_pb2_grpc.AttentionNodeStub:
         """The stub for a node record; a new channel when the node's address changed."""
@@ -169,21 +167,17 @@ class AttentionPool:
         rid = request.request_id
         if rid and rid in self._tokenized:
             return self._tokenized[rid]
-        ids = await self._tokenize(record, text)
-        if ids is not None and request.HasField("add_special_tokens") and not request.add_special_tokens:
-            special = self._special_ids if self._special_ids is not None else await self._tokenize(record, "")
-            self._special_ids = special
-            ids = ids[len(special):] if special is not None and ids[:len(special)] == special else None
+        add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        ids = await self._tokenize(record, inference_pb2.TokenizeRequest(text=text, add_special_tokens=add))
         if rid:
             self._tokenized[rid] = ids
             while len(self._tokenized) > TOKENIZED_MEMO:
                 self._tokenized.popitem(last=False)
         return ids
 
-    async def _tokenize(self, record: NodeRecord, text: str) -> list[int] | None:
+    async def _tokenize(self, record: NodeRecord, request: inference_pb2.TokenizeRequest) -> list[int] | None:
         try:
-            reply = await self.stub(record).Tokenize(inference_pb2.TokenizeRequest(text=text),
-                                                     timeout=self.tokenize_timeout_s)
+            reply = await self.stub(record).Tokenize(request, timeout=self.tokenize_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.info("prefix_tokenize_failed", node=record.id, code=exc.code().name, error=exc.details())
             return None

@@ -52,8 +52,9 @@ def routes(door: Door) -> APIRouter:
         messages = [message_dict(m, i) for i, m in enumerate(body.messages)]
         text = door.template(info).render(messages, **template_arguments(body))
         max_tokens = chat_max_tokens(body)
-        if max_tokens is None:  # up to the context: count the prompt (tokenize adds a BOS: at most one short)
-            max_tokens = info.max_position_embeddings - len(await until_disconnect(request, door.path.tokenize(text)))
+        if max_tokens is None:  # up to the context: the prompt counted as the generation will encode it
+            prompt = await until_disconnect(request, door.path.tokenize(text, add_special_tokens=False))
+            max_tokens = info.max_position_embeddings - len(prompt)
         generate = chat_request(body, text, rid, max_tokens)
         stream = GenerationStream(door.path, generate, caller)
         try:

@@ -249,6 +249,9 @@ def test_tokenize_and_model_info(node):
     stub, reference, mesh, _ = node
     got = stub.Tokenize(inference_pb2.TokenizeRequest(text="The river ran"), timeout=5)
     assert list(got.token_ids) == mesh.tokenizer.encode("The river ran")
+    bare = stub.Tokenize(inference_pb2.TokenizeRequest(text="The river ran", add_special_tokens=False), timeout=5)
+    assert list(bare.token_ids) == mesh.tokenizer.encode("The river ran", add_special_tokens=False)
+    assert len(bare.token_ids) == len(got.token_ids) - 1  # the tiny tokenizer's post-processor adds one BOS
     info = stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=5)
     assert (info.model_type, info.vocab_size, info.has_tokenizer) == ("deepseek_v3", mesh.cfg.vocab_size, True)
 

@@ -113,8 +113,9 @@ class FakeStub:
         return self.load
 
     async def Tokenize(self, request, timeout=None):
-        self.tokenized.append(request.text)
-        return inference_pb2.TokenizeResponse(token_ids=self.tokens[request.text])
+        add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        self.tokenized.append((request.text, add))
+        return inference_pb2.TokenizeResponse(token_ids=self.tokens[request.text, add])
 
 
 def make_pool(loads: dict[str, attention_pb2.LoadResponse], tokens=None):
@@ -162,25 +163,26 @@ def test_pool_ranks_the_holder_of_a_token_prompt_first_and_notes_where_it_sent_i
     asyncio.run(main())
 
 
-def test_pool_tokenizes_long_text_once_per_request_and_strips_specials_when_asked():
+def test_pool_tokenizes_long_text_once_per_request_with_the_requests_special_tokens():
     text = "x" * 300
     async def main():
         bos = 1
         held = attention_pb2.LoadResponse(running=3, block_size=16, prefix_hashes=block_hashes(PROMPT, 16),
                                           cache_total_tokens=100)
         idle = attention_pb2.LoadResponse(running=0, block_size=16, cache_total_tokens=100)
-        # Tokenize adds a BOS: the node caches [BOS] + PROMPT for plain text, PROMPT for add_special_tokens=false.
-        pool, stubs = make_pool({"attn-0": idle, "attn-1": held}, {text: [bos] + PROMPT, "": [bos]})
+        # Tokenize adds a BOS unless asked not to: the node caches [BOS] + PROMPT for plain text, PROMPT for
+        # add_special_tokens=false (chat text, whose template wrote its own BOS).
+        pool, stubs = make_pool({"attn-0": idle, "attn-1": held}, {(text, True): [bos] + PROMPT, (text, False): PROMPT})
         plain = await pool.ranked(request=generate(text=text, rid="a"))
         assert ids(load for _, load in plain) == ["attn-0", "attn-1"]  # [BOS] + PROMPT matches nothing held
         chat = await pool.ranked(request=generate(text=text, rid="b", add_special=False))
         assert ids(load for _, load in chat) == ["attn-1", "attn-0"]
         again = await pool.ranked(exclude={"attn-1"}, request=generate(text=text, rid="b", add_special=False))
         assert ids(load for _, load in again) == ["attn-0"]
-        assert stubs["attn-0"].tokenized == [text, text, ""]  # request b tokenized once; "" once per pool
+        assert stubs["attn-0"].tokenized == [(text, True), (text, False)]  # request b tokenized once
         short = await pool.ranked(request=generate(text="x" * 10, rid="c"))
         assert ids(load for _, load in short) == ["attn-0", "attn-1"]
-        assert stubs["attn-0"].tokenized == [text, text, ""]  # short text is not tokenized
+        assert stubs["attn-0"].tokenized == [(text, True), (text, False)]  # short text is not tokenized
 
     asyncio.run(main())
 
