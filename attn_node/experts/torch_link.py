@@ -193,6 +193,9 @@ class TorchPair:
         for work in works:
             p2p.wait(work, deadline - time.monotonic(), backend, "sending a dispatch frame")
         p2p.wait(reply, deadline - time.monotonic(), backend, "waiting for a reply")
+        got = getattr(reply, "nbytes", None)  # the tcp backend says how long the message was
+        if got is not None and got != buf.numel():
+            raise p2p.P2PError(f"reply of {got} bytes where {buf.numel()} were due: frames out of step")
         reply = p2p.unpack_reply(buf, rows, self.hidden_size, dtype)
         if reply.msg_id != msg_id or reply.status != 0:
             raise p2p.P2PError(f"reply {reply.msg_id} (status {reply.status}) where {msg_id} was due: "

@@ -248,7 +248,7 @@ class ChatTemplate:
         """Compile the template now (ChatTemplateError if it does not parse): a server can warn at start-up."""
         _compile(self.template)
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool = True, tools: list[dict] | None = None,
+    def render(self, messages: list[dict], /, *, add_generation_prompt: bool = True, tools: list[dict] | None = None,
                documents: list[dict] | None = None, **kwargs: Any) -> str:
         """The prompt text for ``messages``; ChatTemplateError names what the template or the messages got wrong."""
         _check_messages(messages)
@@ -259,9 +259,9 @@ class ChatTemplate:
         compiled = _compile(self.template)
         variables = {**self.special_tokens, **_plain(kwargs)}
         try:
-            return compiled.render(messages=template_messages(messages), tools=_plain(tools),
-                                   documents=_plain(documents), add_generation_prompt=add_generation_prompt,
-                                   **variables)
+            # One mapping, not keywords: a variable may be called anything ("self" too) without colliding.
+            return compiled.render({**variables, "messages": template_messages(messages), "tools": _plain(tools),
+                                    "documents": _plain(documents), "add_generation_prompt": add_generation_prompt})
         except jinja2.TemplateError as exc:  # raise_exception, a missing key, a sandbox refusal
             raise ChatTemplateError(f"the chat template cannot render these messages: {exc.message or exc}") from None
         except (TypeError, ValueError, LookupError, ArithmeticError) as exc:  # e.g. adding a str to a list

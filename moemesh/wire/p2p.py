@@ -48,7 +48,7 @@ reply's prefix) go up through pinned memory without blocking (:func:`_upload`).
 The host reads that remain are each needed, and each says why where it happens:
 the expert node reads a header (it must learn the sizes of what follows) and the
 ids and weights (validated before any math: a bad id on the GPU is a device-side
-assert that ends the CUDA context); the attention node reads a reply's 16-byte
+assert that ends the CUDA context); the attention node reads a reply's 40-byte
 prefix (its message id, status and the node's timings) once the receive is complete.
 This path is written but untested here: these machines have no GPU (and NCCL
 refuses two ranks on one GPU).

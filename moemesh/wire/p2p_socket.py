@@ -23,11 +23,13 @@ import datetime
 import hmac
 import socket
 import struct
+import threading
 import time
 
 import torch
 
 _LEN = struct.Struct("<q")  # little-endian int64, as the frames
+HELLO_TIMEOUT_S = 5.0  # a connection that does not prove the secret by then is dropped (the real peer sends at once)
 
 
 class SocketWork:
@@ -36,13 +38,14 @@ class SocketWork:
     def __init__(self, pair: SocketPair, buf: torch.Tensor | None):
         self.pair, self.buf = pair, buf
         self._done = buf is None
+        self.nbytes: int | None = None  # the message's length, once received
 
     def is_completed(self) -> bool:
         return self._done
 
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
         if not self._done:
-            self.pair._read_into(self.buf, None if timeout is None else timeout.total_seconds())
+            self.nbytes = self.pair._read_into(self.buf, None if timeout is None else timeout.total_seconds())
             self._done = True
         return True
 
@@ -61,6 +64,7 @@ class SocketPair:
         self._out = sock.dup()  # sends
         self._out.settimeout(max(send_timeout_s, 0.001))  # a send waits only while the peer's window is full
         self._closed = False
+        self._close_lock = threading.Lock()  # send, receive and fail() threads may all close
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> SocketWork:
         (t,) = tensors
@@ -82,7 +86,8 @@ class SocketPair:
         (t,) = tensors
         return SocketWork(self, t)
 
-    def _read_into(self, buf: torch.Tensor, timeout_s: float | None) -> None:
+    def _read_into(self, buf: torch.Tensor, timeout_s: float | None) -> int:
+        """Read the next message into ``buf``'s first bytes; its length."""
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
         head = bytearray(_LEN.size)
         self._fill(memoryview(head), deadline)
@@ -92,6 +97,7 @@ class SocketPair:
             self.close()  # the stream is out of step: nothing after this can be trusted
             raise RuntimeError(f"tcp pair: a message of {n} bytes for a buffer of {room}")
         self._fill(memoryview(buf.numpy()).cast("B")[:n], deadline)
+        return n
 
     def _fill(self, view: memoryview, deadline: float) -> None:
         got = 0
@@ -114,14 +120,16 @@ class SocketPair:
             got += n
 
     def close(self) -> None:
-        if not self._closed:
+        with self._close_lock:
+            if self._closed:
+                return
             self._closed = True
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._out.close()
-            self.sock.close()
+        try:  # wakes a thread blocked in recv_into/sendmsg before the descriptors go (no reuse under it)
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._out.close()
+        self.sock.close()
 
     def __del__(self):  # the pair code drops its groups by reference, as with gloo's
         self.close()
@@ -141,7 +149,8 @@ def listen_pair(store, prefix: str, hostname: str, timeout_s: float) -> SocketPa
                 raise TimeoutError(f"no peer connected within {timeout_s:g}s")
             server.settimeout(left)
             sock, _ = server.accept()
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            # Bounded per connection: one that connects and stays silent cannot hold the real peer out.
+            sock.settimeout(max(0.001, min(HELLO_TIMEOUT_S, deadline - time.monotonic())))
             try:
                 hello = _read_exact(sock, len(secret))
             except OSError:

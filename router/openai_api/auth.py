@@ -32,12 +32,19 @@ class HttpAuth:
 
     @property
     def needs_token(self) -> bool:
-        return self.auth.tokens is not None and bool(self.auth.tokens.roles & allowed_roles(INFERENCE, "*"))
+        """A bearer key is required whenever the router has tokens, unless mTLS alone stands for the
+        Inference roles (no client/operator token: the handshake checked the certificate). A router whose
+        tokens are only other roles' (``--auth-tokens`` with router/attn lines) answers no anonymous caller:
+        its gRPC port would not either."""
+        if self.auth.tokens is None:
+            return False
+        inference_tokens = bool(self.auth.tokens.roles & allowed_roles(INFERENCE, "*"))
+        return inference_tokens or not self.auth.mtls
 
     def check(self, authorization: str | None) -> None:
         """Raise APIError 401/403 unless the caller may use the door."""
         if not self.needs_token:
-            return  # open, or mTLS alone (the handshake checked the certificate)
+            return  # open (no credential at all), or mTLS alone (the handshake checked the certificate)
         token = bearer_of((("authorization", authorization),)) if authorization is not None else None
         if not token:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>' with one of the router's "

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
 from . import shapes
+from ..admission import Caller
 from .door import Door, request_id
 from .errors import invalid
 from .protocol import (
@@ -45,8 +46,8 @@ def routes(door: Door) -> APIRouter:
     api = APIRouter()
 
     @api.post("/v1/chat/completions")
-    async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-        caller = door.caller(request)
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                     caller: Caller = Depends(door.caller)):
         model, info = await door.model(body.model)
         rid = request_id(request)
         messages = [message_dict(m, i) for i, m in enumerate(body.messages)]

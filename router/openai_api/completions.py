@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
 from moemesh.v1 import inference_pb2
 
 from . import shapes
+from ..admission import Caller
 from .door import Door, request_id
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
 from .sampling import completion_request
@@ -21,8 +22,7 @@ def routes(door: Door) -> APIRouter:
     api = APIRouter()
 
     @api.post("/v1/completions")
-    async def create_completion(body: CompletionRequest, request: Request):
-        caller = door.caller(request)
+    async def create_completion(body: CompletionRequest, request: Request, caller: Caller = Depends(door.caller)):
         model, _ = await door.model(body.model)
         rid = request_id(request)
         generate = completion_request(body, rid)

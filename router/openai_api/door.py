@@ -46,7 +46,8 @@ class Door:
         self.path, self.auth, self.options = path, auth, options or DoorOptions()
 
     def caller(self, request: Request):
-        """The caller, once its credentials pass (APIError 401/403 otherwise)."""
+        """The caller, once its credentials pass (APIError 401/403 otherwise). Endpoints take it as a FastAPI
+        dependency, which runs before the body is validated: an anonymous caller learns nothing of the API."""
         self.auth.check(request.headers.get("authorization"))
         return http_caller(request)
 

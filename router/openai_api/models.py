@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from moemesh.errors import MoemeshError
@@ -14,9 +14,8 @@ from .protocol import ModelCard, ModelList
 def routes(door: Door) -> APIRouter:
     api = APIRouter()
 
-    @api.get("/v1/models")
-    async def list_models(request: Request) -> ModelList:
-        door.caller(request)
+    @api.get("/v1/models", dependencies=[Depends(door.caller)])
+    async def list_models() -> ModelList:
         name, info = await door.model(None)
         return ModelList(data=[ModelCard(id=name, max_model_len=info.max_position_embeddings or None)])
 

@@ -33,7 +33,7 @@ class EchoPath:
         return inference_pb2.ModelInfoResponse(chat_template=TEMPLATE, model_name="echo",
                                                max_position_embeddings=64)
 
-    async def tokenize(self, text):
+    async def tokenize(self, text, *, add_special_tokens=True):
         return list(range(3))
 
     async def generate(self, request, caller, hooks):

@@ -238,3 +238,35 @@ def test_rendezvous_without_a_peer_times_out():
 def test_unreachable_store_is_a_p2p_error():
     with pytest.raises(p2p.P2PError, match="rendezvous store"):
         p2p.connect_store("127.0.0.1:1", 0.5)
+
+
+def test_tcp_listener_drops_a_silent_connection_and_accepts_the_real_peer(monkeypatch):
+    """A connection that never sends the secret (a port scanner) is dropped after HELLO_TIMEOUT_S, not held
+    until the pair's deadline with the real peer left waiting."""
+    import socket
+
+    from moemesh.wire import p2p_socket
+
+    monkeypatch.setattr(p2p_socket, "HELLO_TIMEOUT_S", 0.2)
+    store = p2p.host_store(0)
+    address = f"127.0.0.1:{store.port}"
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.setdefault("pair", p2p.new_pair_group(
+        p2p.connect_store(address, 10), "s-silent/", 1, "tcp", 30, "127.0.0.1")))
+    t.start()
+    client = p2p.connect_store(address, 10)
+    client.wait(["s-silent/tcp/addr"])
+    host, _, port = client.get("s-silent/tcp/addr").decode().rpartition("|")
+    with socket.create_connection((host, int(port))):  # connects first, says nothing, stays open
+        real = p2p.new_pair_group(client, "s-silent/", 0, "tcp", 30, "127.0.0.1")
+        t.join(30)
+    assert "pair" in got and real is not None
+
+
+def test_tcp_receive_reports_the_message_length():
+    """A reply shorter than its buffer must not pass for a whole one: the receive says what arrived."""
+    attn, expert = _tcp_pair()
+    p2p.wait(expert.send([torch.ones(24, dtype=torch.uint8)], 0), 5, "tcp")
+    work = attn.recv([torch.zeros(64, dtype=torch.uint8)], 1)
+    p2p.wait(work, 5, "tcp")
+    assert work.nbytes == 24
