@@ -221,7 +221,3 @@ def caller_key(caller: Caller, *, tokens_checked: bool) -> str:
         return "cert:" + ",".join(sorted(caller.identities))
     return "peer:" + _host(caller.peer)
 
-
-def client_key(context, *, tokens_checked: bool) -> str:
-    """:func:`caller_key` of a gRPC call's caller."""
-    return caller_key(grpc_caller(context), tokens_checked=tokens_checked)

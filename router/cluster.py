@@ -59,6 +59,7 @@ from .straggler_shares import lower_straggler_shares
 
 log = get_logger("moemesh.router.cluster")
 TICK_S = 1.0  # the watch's quiet tick (the router only acts on events; ticks are ignored)
+PLAN_BUDGET_S = 20.0  # the minimal-move program's time over all layers of one leader re-plan (router/planner.py)
 
 
 def model_shape(experts: list[NodeRecord]) -> tuple[tuple[int, ...], int] | str:
@@ -291,7 +292,7 @@ class ControlPlane:
         if previous is not None:
             try:
                 return plan_placement(loads, n_nodes, slots, previous, min_balance, self.policy.replicate,
-                                      zones=zones)
+                                      zones=zones, budget_s=PLAN_BUDGET_S)
             except PlanError as exc:
                 log.info("router_previous_placement_unusable", error=str(exc))
         return plan_placement(loads, n_nodes, slots, None, min_balance, self.policy.replicate, zones=zones)

@@ -44,11 +44,14 @@ much as possible (nodes are interchangeable in a fresh plan), so it moves as few
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .greedy_moves import greedy_holders
 from .min_moves import DEFAULT_TIME_LIMIT_S, min_move_holders
+
+MIN_LAYER_TIME_S = 0.05  # the minimal-move program's least time per layer under a plan budget
 from .shares import Holders, evaluate as _evaluate
 from .zones import rule_applies, spans_zones, zone_index, zone_warnings
 
@@ -332,14 +335,17 @@ def _plan_layer(loads: Sequence[float], n_nodes: int, slots_per_node: int, previ
 def plan_placement(loads: Sequence[Sequence[float]], n_nodes: int, slots_per_node: int,
                    previous: Sequence[Sequence[Sequence[int]]] | None = None,
                    min_balance: float = DEFAULT_MIN_BALANCE, replicate: bool = True,
-                   time_limit_s: float = DEFAULT_TIME_LIMIT_S, zones: Sequence[str | None] | None = None) -> Plan:
+                   time_limit_s: float = DEFAULT_TIME_LIMIT_S, zones: Sequence[str | None] | None = None,
+                   budget_s: float | None = None) -> Plan:
     """Place every (layer, expert) on ``n_nodes`` nodes of ``slots_per_node`` slots each.
 
     ``loads[l][e]``: tokens routed to expert e of layer l (>= 0). ``previous[l][e]``: the nodes that held expert e
     of layer l (e.g. from :func:`previous_from_json`): the plan moves the fewest replicas that reach
     ``min_balance`` (in (0, 1]) in every layer (module docstring); an expert with no node in ``previous`` (its nodes
     left) is placed anew. ``replicate=False``: one replica per expert (spare slots stay empty).
-    ``time_limit_s``: per layer, for the minimal-move program. ``zones[n]``: node n's failure domain (None: its
+    ``time_limit_s``: per layer, for the minimal-move program; ``budget_s``: for the whole plan (each layer
+    gets at most an even share of what is left, so a 58-layer model re-plans in bounded time: the leader's
+    failure-driven re-plans wait behind it). ``zones[n]``: node n's failure domain (None: its
     own); replicas of an expert then span >= 2 zones when the slots allow (``router/zones.py``), and the plan's
     ``warnings`` name the zones whose loss would leave experts unhosted. Raises PlanError on bad input.
     """
@@ -353,8 +359,14 @@ def plan_placement(loads: Sequence[Sequence[float]], n_nodes: int, slots_per_nod
         zone_of = zone_index(zones, n_nodes)
     except ValueError as exc:
         raise PlanError(str(exc)) from None
-    layers = tuple(_plan_layer(layer, n_nodes, slots_per_node, p, min_balance, replicate, time_limit_s, zone_of)
-                   for layer, p in zip(loads, prev))
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    layers = []
+    for i, (layer, p) in enumerate(zip(loads, prev)):
+        limit = time_limit_s
+        if deadline is not None:  # an even share of what is left, never below a useful minimum
+            limit = min(limit, max(MIN_LAYER_TIME_S, (deadline - time.monotonic()) / (len(loads) - i)))
+        layers.append(_plan_layer(layer, n_nodes, slots_per_node, p, min_balance, replicate, limit, zone_of))
+    layers = tuple(layers)
     holders = [tuple(tuple(r.node for r in reps) for reps in layer.replicas) for layer in layers]
     warnings = zone_warnings(holders, zones or (), zone_of, len(loads[0]), slots_per_node)
     return Plan(n_nodes, slots_per_node, layers, warnings)

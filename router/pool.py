@@ -17,6 +17,7 @@ A failed Tokenize costs the request its prefix match, nothing else.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import replace
@@ -56,7 +57,7 @@ class AttentionPool:
         self.prefix_policy = prefix_policy  # None: load alone decides
         self.tokenize_timeout_s = tokenize_timeout_s
         self.prefixes: dict[str, NodePrefixes] = {}  # what each node's prefix cache holds, as far as known
-        self._tokenized: OrderedDict[str, list[int] | None] = OrderedDict()  # request id -> text prompt's ids
+        self._tokenized: OrderedDict[tuple, list[int] | None] = OrderedDict()  # (request id, text) -> its ids
 
     def stub(self, record: NodeRecord) -> attention_pb2_grpc.AttentionNodeStub:
         """The stub for a node record; a new channel when the node's address changed."""
@@ -164,13 +165,14 @@ class AttentionPool:
         text = request.text if kind == "text" else ""
         if not self.prefix_policy.text_min_chars <= len(text) <= MAX_TOKENIZE_CHARS:
             return None
-        rid = request.request_id
-        if rid and rid in self._tokenized:
-            return self._tokenized[rid]
         add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        # Keyed by the request id AND the text: ids are the client's to choose, so two prompts may share one.
+        key = (request.request_id, add, hashlib.blake2b(text.encode(), digest_size=16).digest())
+        if request.request_id and key in self._tokenized:
+            return self._tokenized[key]
         ids = await self._tokenize(record, inference_pb2.TokenizeRequest(text=text, add_special_tokens=add))
-        if rid:
-            self._tokenized[rid] = ids
+        if request.request_id:
+            self._tokenized[key] = ids
             while len(self._tokenized) > TOKENIZED_MEMO:
                 self._tokenized.popitem(last=False)
         return ids

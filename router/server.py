@@ -27,7 +27,7 @@ from moemesh.control.cluster_view import ClusterView
 from moemesh.control.etcd import Registry, RegistryError, check_cluster_name
 from moemesh.control.records import PlacementStats
 from moemesh.control.servability import Servability
-from moemesh.errors import InvalidRequestError, MoemeshError
+from moemesh.errors import MoemeshError
 from moemesh.logs import get_logger
 from moemesh.wire.server import create_server
 from moemesh.wire.status import NO_RETRY, abort
@@ -39,8 +39,8 @@ from .admission import (
 from .auth import INFERENCE_SERVICE, TLSFiles, router_authenticator
 from .cluster import ControlPlane, PlacementPolicy
 from .generation import (  # noqa: F401 (MAX_RESUMES, NoNodeError, RETRY_BEFORE_FIRST_TOKEN: re-exported)
-    MAX_RESUMES, MAX_TEXT_CHARS, RETRY_BEFORE_FIRST_TOKEN, ROLE, CallHooks, GenerationPath, GenerationRecord,
-    NodeStatusError, NoNodeError,
+    MAX_RESUMES, RETRY_BEFORE_FIRST_TOKEN, ROLE, CallHooks, GenerationPath, GenerationRecord, NodeStatusError,
+    NoNodeError,
 )
 from .hop_status import fill_hops, straggler_ids
 from .pool import AttentionPool
@@ -67,7 +67,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.path = GenerationPath(view, pool, self.admission, call_timeout_s=call_timeout_s,
                                    generate_timeout_s=generate_timeout_s, max_resumes=max_resumes,
                                    tokens_checked=tokens_checked, servability=servability)
-        self.gate, self.max_resumes = self.path.gate, max_resumes
         metrics.QUEUE_DEPTH.labels(ROLE).set_function(lambda: self.admission.queued)
 
     @property
@@ -104,11 +103,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     # ---- the other Inference methods ----------------------------------------------
     async def Tokenize(self, request, context):
-        if len(request.text) > MAX_TEXT_CHARS:
-            await abort(context, InvalidRequestError(
-                f"text has {len(request.text)} characters; at most {MAX_TEXT_CHARS}"))
+        add = request.add_special_tokens if request.HasField("add_special_tokens") else True
         try:
-            return await self.path.unary("Tokenize", request, "Tokenize")
+            ids = await self.path.tokenize(request.text, add_special_tokens=add)
+            return inference_pb2.TokenizeResponse(token_ids=ids)
         except MoemeshError as exc:
             await _abort(context, exc)
 

@@ -8,7 +8,7 @@ import hashlib
 import pytest
 
 from moemesh.router.admission import (
-    CLIENT_LIMIT, QUEUED, REJECTED, ROUTER_LIMIT, RUNNING, Admission, AdmissionGate, client_key,
+    CLIENT_LIMIT, QUEUED, REJECTED, ROUTER_LIMIT, RUNNING, Admission, AdmissionGate, caller_key, grpc_caller,
 )
 
 
@@ -152,16 +152,16 @@ class FakeContext:
 
 def test_client_key_is_the_token_fingerprint_then_certificate_then_host():
     bearer = (("authorization", "Bearer tok-a"),)
-    key = client_key(FakeContext(bearer), tokens_checked=True)
+    key = caller_key(grpc_caller(FakeContext(bearer)), tokens_checked=True)
     assert key == "token:" + hashlib.sha256(b"Bearer tok-a").hexdigest()[:32] and "tok-a" not in key
-    assert key != client_key(FakeContext((("authorization", "Bearer tok-b"),)), tokens_checked=True)
+    assert key != caller_key(grpc_caller(FakeContext((("authorization", "Bearer tok-b"),))), tokens_checked=True)
     cert = FakeContext(bearer, identities=[b"spiffe://moemesh/client/b", b"client-b"])
-    assert client_key(cert, tokens_checked=False) == "cert:client-b,spiffe://moemesh/client/b"
+    assert caller_key(grpc_caller(cert), tokens_checked=False) == "cert:client-b,spiffe://moemesh/client/b"
     # unchecked tokens do not name the client; a new connection (port) is the same client
-    assert client_key(FakeContext(bearer), tokens_checked=False) == "peer:ipv4:127.0.0.1"
-    assert client_key(FakeContext(peer="ipv4:127.0.0.1:40001"), tokens_checked=True) == "peer:ipv4:127.0.0.1"
-    assert client_key(FakeContext(peer="ipv6:[::1]:5000"), tokens_checked=False) == "peer:ipv6:[::1]"
-    assert client_key(FakeContext(peer="unix:/tmp/s"), tokens_checked=False) == "peer:unix:/tmp/s"
+    assert caller_key(grpc_caller(FakeContext(bearer)), tokens_checked=False) == "peer:ipv4:127.0.0.1"
+    assert caller_key(grpc_caller(FakeContext(peer="ipv4:127.0.0.1:40001")), tokens_checked=True) == "peer:ipv4:127.0.0.1"
+    assert caller_key(grpc_caller(FakeContext(peer="ipv6:[::1]:5000")), tokens_checked=False) == "peer:ipv6:[::1]"
+    assert caller_key(grpc_caller(FakeContext(peer="unix:/tmp/s")), tokens_checked=False) == "peer:unix:/tmp/s"
 
 
 def test_tokens_file_holds_one_token_per_client(tmp_path):

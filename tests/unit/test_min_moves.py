@@ -125,3 +125,25 @@ def test_the_planner_falls_back_to_greedy_moves_when_the_program_runs_out_of_tim
     # greedy stuck (one slot each, a swap just moves the peak): the fresh plan, relabelled onto the previous
     plan = plan_placement([[9, 1]], 2, 1, [[[0], [1]]], min_balance=0.9)
     assert _nodes(plan) == [[[0], [1]]] and plan.moved == 0
+
+
+def test_a_plan_budget_splits_evenly_over_the_layers_left(monkeypatch):
+    """``budget_s`` bounds the whole plan: each layer's program gets at most an even share of what is left."""
+    limits = []
+
+    def record(*args, time_limit_s, **kwargs):
+        limits.append(time_limit_s)
+        return None  # as if out of time: the planner goes on with its fallback
+
+    monkeypatch.setattr(planner, "min_move_holders", record)
+    clock = iter([100.0, 100.0, 103.0, 109.0, 500.0])  # the planner's reads of time.monotonic, in order
+    monkeypatch.setattr(planner.time, "monotonic", lambda: next(clock))
+    previous = [[[0], [0], [1], [1]]] * 3
+    plan_placement([[10, 9, 1, 1]] * 3, 2, 2, previous, min_balance=0.95, budget_s=12.0)
+    # 12 s for 3 layers: 4 s each capped at the per-layer 2 s; then (12-3)/2 = 4.5 -> 2; then (12-9)/1 = 3 -> 2
+    assert limits == [2.0, 2.0, 2.0]
+    limits.clear()
+    clock = iter([100.0, 100.0, 111.5, 112.5])
+    plan_placement([[10, 9, 1, 1]] * 3, 2, 2, previous, min_balance=0.95, budget_s=12.0, time_limit_s=10.0)
+    # 12/3 = 4; (12-11.5)/2 = 0.25; past the deadline: the least useful time, not zero
+    assert limits == [4.0, 0.25, planner.MIN_LAYER_TIME_S]
