@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import select
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 from moemesh.argtypes import positive_float, positive_int, seed
+from moemesh.launch.procs import terminate
 
 DEFAULT_NUM_PROMPTS = 32
 SIDE = "moemesh"
@@ -283,12 +283,7 @@ def embedded_mesh(args, model: str):
             raise MoemeshError(f"the embedded mesh did not come up ({tail[0][:300]}; logs in {logs})")
         yield json.loads(line)["router"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, 60)
 
 
 def _baseline(args, model: str, requests):

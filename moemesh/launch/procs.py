@@ -32,13 +32,18 @@ class RoleProcess:
         return f"127.0.0.1:{self.port}"
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout_s)
+
+
+def terminate(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGTERM (a role drains and leaves the mesh), then SIGKILL if it is not gone within ``timeout_s``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # Kept for bench --mesh: an expert node and the spec it was started with.

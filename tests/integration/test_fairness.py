@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import select
-import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from collections import Counter
 
 import pytest
 
+from moemesh.launch.procs import terminate
 from moemesh.router import MeshClient, MeshError
 from tests.helpers import eventually
 
@@ -97,8 +97,4 @@ def test_a_flooding_client_does_not_lock_out_another(tmp_path):
             # the flooder's share came back: its next request is served
             assert len(noisy.generate(prompt_ids=[3, 4], max_tokens=2, temperature=0.0).token_ids) == 2
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        terminate(proc, 60)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import httpx2 as httpx  # the openai client's HTTP library
 import openai
 import pytest
 
+from moemesh.launch.procs import terminate
 from moemesh.model.chat_template import ChatTemplate
 from moemesh.model.tiny import write_tiny_checkpoint
 from moemesh.router import MeshClient
@@ -57,12 +57,7 @@ def mesh(tmp_path_factory):
     info["model_name"] = "tiny-door"
     info["model_dir"] = model
     yield info
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    terminate(proc, 60)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ import contextlib
 import json
 import os
 import select
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+
+from moemesh.launch.procs import terminate
 
 READY_S = 240
 
@@ -26,9 +27,4 @@ def moemesh_up(args: Sequence[str]) -> Iterator[dict]:
         assert line, proc.stderr.read()[-3000:]
         yield json.loads(line)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, 60)
