@@ -75,12 +75,12 @@ def test_requests_sharing_a_long_prefix_land_on_the_node_that_holds_it(mesh):
     assert hits == {holder: 3 * PREFIX_LEN, other: 0}
     assert after[holder].prompt_tokens - before[holder].prompt_tokens == 4 * (PREFIX_LEN + 8)
     # ClusterStatus reads the nodes' loads through the router's short-lived cache: poll until it is current.
-    def status():
-        return {n.id: n for n in router.stub.ClusterStatus(inference_pb2.ClusterStatusRequest(), timeout=10).nodes
-                if n.role == "attn"}
-    current = eventually(lambda: (s := status()) if {n: s[n].prefix_hit_tokens for n in s}
-                         == {n: after[n].prefix_hit_tokens for n in after} else None,
-                         DEADLINE_S, "ClusterStatus shows the nodes' hit counters")
+    def current_status():
+        nodes = {n.id: n for n in router.stub.ClusterStatus(inference_pb2.ClusterStatusRequest(), timeout=10).nodes
+                 if n.role == "attn"}
+        hits = {n: nodes[n].prefix_hit_tokens for n in nodes}
+        return nodes if hits == {n: after[n].prefix_hit_tokens for n in after} else None
+    current = eventually(current_status, DEADLINE_S, "ClusterStatus shows the nodes' hit counters")
     assert current[holder].cached_blocks >= 10
     print(f"\nprefix routing: {served}; prefix_hit_tokens {dict((n, after[n].prefix_hit_tokens) for n in after)}, "
           f"prompt_tokens {dict((n, after[n].prompt_tokens) for n in after)}")
