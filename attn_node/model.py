@@ -1,6 +1,6 @@
-"""DeepSeek-V2/V3 on an attention node: everything except the routed experts.
+"""DeepSeek-V2/V3/V3.2 on an attention node: everything except the routed experts.
 
-One file, top to bottom: norms, rotary (YaRN), Multi-head Latent Attention,
+One file, top to bottom: norms, rotary (YaRN), V3.2's lightning indexer, Multi-head Latent Attention,
 the dense MLP, the MoE gate, the MoE layer (routed experts through an
 :class:`~moemesh.expert_backend.ExpertBackend` attached from outside), the block and the model.
 Weight names follow DeepSeek's reference (``wq_a``, ``wkv_a``, ``wkv_b``...);
@@ -14,6 +14,7 @@ Glossary of shape symbols:
     Lq q_lora_rank                    E  n_routed_experts
     K  num_experts_per_tok            I  intermediate size
     B  sequences in an attention group, Q queries per sequence, S context length
+    Hi index_n_heads                  Di index_head_dim (V3.2's indexer)
 
 The model is transport- and scheduler-agnostic: a step is a flat token batch
 plus an :class:`AttnBatch` describing where each token sits in the paged
@@ -82,13 +83,15 @@ class Rotary(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              interleave: bool | None = None) -> torch.Tensor:
         """x: [T, ..., R]; cos/sin: [T, R/2]. Returns rotated x, halves laid out [x1', x2'].
 
         Interleaved checkpoints pair dims (0,1),(2,3)...; the others pair i with i+R/2.
         Only dot products of rotated vectors are used, so the output layout is free.
+        ``interleave`` overrides the checkpoint's choice (V3.2's indexer always splits halves).
         """
-        if self.interleave:
+        if self.interleave if interleave is None else interleave:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:
             x1, x2 = x.chunk(2, dim=-1)
@@ -151,6 +154,56 @@ class AttnBatch:
     out_rows: torch.Tensor
 
 
+class Indexer(nn.Module):
+    """V3.2's lightning indexer (DeepSeek Sparse Attention): scores past tokens; each query keeps its top-k.
+
+    score[q, s] = sum_h w[q, h] * relu(q_idx[q, h] . k_idx[s] / sqrt(Di)), with w = weights_proj(x) / sqrt(Hi).
+    Its one key per token (LayerNorm'd, half-split RoPE on the first R dims) is cached beside the latent:
+    columns [C + R, C + R + Di) of the layer's paged cache row. Scoring runs in fp32, as transformers does
+    (the Hadamard rotation and fp8 of DeepSeek's kernel preserve these dot products up to rounding).
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, ops: Ops):
+        super().__init__()
+        assert cfg.q_lora_rank is not None  # the config reader refuses V3.2 without it
+        self.ops = ops
+        self.n_heads, self.head_dim, self.rope_dim = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
+        self.topk, self.key_offset = cfg.index_topk, cfg.kv_cache_dim
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, dtype)
+        self.wk = Linear(cfg.hidden_size, self.head_dim, dtype)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6, dtype=dtype)
+        self.k_norm.requires_grad_(False)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, torch.float32)  # fp32, as transformers keeps it
+
+    def _rope(self, x: torch.Tensor, rotary: Rotary, cos, sin) -> torch.Tensor:
+        R = self.rope_dim
+        return torch.cat([rotary.apply(x[..., :R], cos, sin, interleave=False), x[..., R:]], dim=-1)
+
+    def project_and_store(self, x, q_lat, rope, kv_cache, slot_mapping):
+        """Write this step's keys into the cache; return (queries [T, Hi, Di], head weights [T, Hi] fp32)."""
+        T = x.shape[0]
+        rotary, cos, sin = rope
+        q = self._rope(self.wq_b(q_lat).view(T, self.n_heads, self.head_dim), rotary, cos, sin)  # [T, Hi, Di]
+        k = self._rope(self.k_norm(self.wk(x)), rotary, cos, sin)  # [T, Di]
+        # The latent's store op writes any row width: the key is its "c_kv" with an empty rope part.
+        self.ops.store_latent(kv_cache[:, self.key_offset:], k, k[:, :0], slot_mapping)
+        w = F.linear(x.float(), self.weights_proj.weight) * self.n_heads**-0.5  # [T, Hi]
+        return q, w
+
+    def top_positions(self, q, w, kv_cache, g: AttnGroup) -> torch.Tensor:
+        """[B, Q, topk] int64: each query's best context positions (masked ones rank last: -inf)."""
+        keys = kv_cache[g.ctx_slots, self.key_offset:].float()  # [B, S, Di]
+        qg, wg = q[g.token_index].float(), w[g.token_index]  # [B, Q, Hi, Di], [B, Q, Hi]
+        scores = F.relu(torch.einsum("bqhd,bsd->bqhs", qg, keys) * self.head_dim**-0.5)  # [B, Q, Hi, S]
+        index = torch.einsum("bqh,bqhs->bqs", wg, scores).masked_fill(~g.mask[:, 0], float("-inf"))  # [B, Q, S]
+        return index.topk(self.topk, dim=-1).indices
+
+    def sparse_mask(self, top: torch.Tensor, g: AttnGroup) -> torch.Tensor:
+        """g.mask with only each query's top positions left: [B, 1, Q, S] bool."""
+        keep = torch.zeros(g.mask.shape[0], g.mask.shape[2], g.mask.shape[3], dtype=torch.bool, device=top.device)
+        return g.mask & keep.scatter(-1, top, True)[:, None]
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention over a paged latent cache of [c_kv | k_pe] rows (C + R values)."""
 
@@ -176,13 +229,15 @@ class MLA(nn.Module):
         self.wkv_b = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype)
         self.wo = Linear(H * cfg.v_head_dim, D, dtype)
         self.softmax_scale = cfg.softmax_scale
+        self.latent_dim = cfg.kv_cache_dim
+        self.indexer = Indexer(cfg, dtype, ops) if cfg.has_indexer else None
 
     def forward(
         self,
         x: torch.Tensor,  # [T, D]
         rope: tuple[Rotary, torch.Tensor, torch.Tensor],
         batch: AttnBatch,
-        kv_cache: torch.Tensor,  # [slots, C + R]
+        kv_cache: torch.Tensor,  # [slots, C + R] (V3.2: [slots, C + R + Di], the indexer's keys last)
     ) -> torch.Tensor:
         T = x.shape[0]
         H, N, R, C = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
@@ -190,23 +245,34 @@ class MLA(nn.Module):
         if self.q_lora_rank is None:
             q = self.wq(x)
         else:
-            q = self.wq_b(self.q_norm(self.wq_a(x)))
+            q_lat = self.q_norm(self.wq_a(x))  # [T, Lq]
+            q = self.wq_b(q_lat)
         q = q.view(T, H, N + R)
         q_nope, q_pe = q[..., :N], rotary.apply(q[..., N:], cos, sin)  # [T, H, N], [T, H, R]
         kv = self.wkv_a(x)  # [T, C + R]
         c_kv = self.kv_norm(kv[:, :C])  # [T, C]
         k_pe = rotary.apply(kv[:, C:], cos, sin)  # [T, R]
-        self.ops.store_latent(kv_cache, c_kv, k_pe, batch.slot_mapping)
+        latent = kv_cache if self.indexer is None else kv_cache[:, : self.latent_dim]  # a view, rows strided
+        self.ops.store_latent(latent, c_kv, k_pe, batch.slot_mapping)
+        if self.indexer is not None:
+            q_idx, w_idx = self.indexer.project_and_store(x, q_lat, rope, kv_cache, batch.slot_mapping)
 
         outs = []
         for g in batch.groups:
             qn, qp = q_nope[g.token_index], q_pe[g.token_index]  # [B, Q, H, N], [B, Q, H, R]
+            # Sparse only where some context can exceed top-k; S is a host-known shape, so no sync decides it.
+            sparse = self.indexer is not None and g.ctx_slots.shape[1] > self.indexer.topk
+            top = self.indexer.top_positions(q_idx, w_idx, kv_cache, g) if sparse else None  # [B, Q, topk]
             if g.absorbed and g.token_index.shape[1] == 1:
-                o = self._decode(qn[:, 0], qp[:, 0], kv_cache, g).unsqueeze(1)  # [B, 1, H, V]
+                if sparse:  # gather only the selected rows: attention costs topk, not S
+                    o = self._sparse_decode(qn, qp, latent, g, top[:, 0]).unsqueeze(1)  # [B, 1, H, V]
+                else:
+                    o = self._decode(qn[:, 0], qp[:, 0], latent, g).unsqueeze(1)  # [B, 1, H, V]
             else:
-                ctx = kv_cache[g.ctx_slots].to(x.dtype)  # [B, S, C + R]
+                ctx = latent[g.ctx_slots].to(x.dtype)  # [B, S, C + R]
                 attend = self._absorbed if g.absorbed else self._naive
-                o = attend(qn, qp, ctx[..., :C], ctx[..., C:], g.mask)  # [B, Q, H, V]
+                mask = self.indexer.sparse_mask(top, g) if sparse else g.mask
+                o = attend(qn, qp, ctx[..., :C], ctx[..., C:], mask)  # [B, Q, H, V]
             outs.append(o.flatten(0, 1))  # [B * Q, H, V]
         out = (outs[0] if len(outs) == 1 else torch.cat(outs))[batch.out_rows]  # [T, H, V]
         return self.wo(out.reshape(T, H * self.v_head_dim))
@@ -235,6 +301,13 @@ class MLA(nn.Module):
         o_c = self.ops.mla_decode(q_c, q_pe, kv_cache, g.block_tables, g.context_lens, g.block_size,
                                   self.softmax_scale, max_context_len=g.ctx_slots.shape[1])  # [B, H, C]
         return torch.einsum("bhc,hvc->bhv", o_c.to(q_c.dtype), wkv_b[:, N:])  # [B, H, V]
+
+    def _sparse_decode(self, q_nope, q_pe, latent, g: AttnGroup, top):
+        """One query per sequence over its top-k positions only (top [B, topk]), absorbed."""
+        C = self.kv_lora_rank
+        ctx = latent[g.ctx_slots.gather(1, top)].to(q_nope.dtype)  # [B, topk, C + R]
+        mask = g.mask[:, :, :1].gather(3, top[:, None, None])  # [B, 1, 1, topk]
+        return self._absorbed(q_nope, q_pe, ctx[..., :C], ctx[..., C:], mask)[:, 0]  # [B, H, V]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Fold W_UK into the query and W_UV into the output: attend over the C-dim latent."""
@@ -394,7 +467,7 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         batch: AttnBatch,
-        kv_caches: list[torch.Tensor],  # per layer [slots, C + R]
+        kv_caches: list[torch.Tensor],  # per layer [slots, cfg.cache_row_dim]
     ) -> torch.Tensor:
         return self.forward_micro_batches([(input_ids, batch)], kv_caches)[0]
 
@@ -470,6 +543,8 @@ def hf_to_local_name(name: str) -> str | None:
         return f"{prefix}.attn_norm.{rest[-1]}"
     if module == "post_attention_layernorm":
         return f"{prefix}.ffn_norm.{rest[-1]}"
+    if module == "self_attn" and rest[0] == "indexer" and len(rest) == 3:  # V3.2: same names as transformers'
+        return f"{prefix}.attn.indexer.{rest[1]}.{rest[2]}"
     if module == "self_attn" and rest[0] in _ATTN_NAMES:
         return f"{prefix}.attn.{_ATTN_NAMES[rest[0]]}.{rest[-1]}"
     if module != "mlp":

@@ -115,7 +115,7 @@ class ModelRunner:
         # attention never multiplies a zero probability by uninitialised memory (0 * NaN = NaN).
         self.null_slot = slots
         # torch.empty elsewhere: pages are touched only as blocks are used.
-        self.kv_caches = [torch.empty(slots + 1, cfg.kv_cache_dim, dtype=dtype, device=self.device)
+        self.kv_caches = [torch.empty(slots + 1, cfg.cache_row_dim, dtype=dtype, device=self.device)
                           for _ in range(cfg.num_hidden_layers)]
         for cache in self.kv_caches:
             cache[self.null_slot].zero_()

@@ -150,6 +150,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         "mha_cache_bytes_per_token_per_layer": cfg.mha_cache_dim * elem,
         "latent_cache_bytes_per_token": cfg.kv_cache_dim * elem * cfg.num_hidden_layers,
         "mha_cache_bytes_per_token": cfg.mha_cache_dim * elem * cfg.num_hidden_layers,
+        # V3.2's indexer keys, cached beside the latent in the same rows (0 for V2/V3).
+        "indexer_cache_bytes_per_token_per_layer": cfg.index_cache_dim * elem,
+        "indexer_cache_bytes_per_token": cfg.index_cache_dim * elem * cfg.num_hidden_layers,
     }
     if emit_json(args, result):
         return 0
@@ -162,4 +165,6 @@ def _run_bench(args: argparse.Namespace) -> int:
           f"{result['tokens_match']}/{args.batch} prompts")
     print(f"KV cache per token: latent {result['latent_cache_bytes_per_token']} B vs MHA "
           f"{result['mha_cache_bytes_per_token']} B ({result['mha_cache_bytes_per_token'] / result['latent_cache_bytes_per_token']:.1f}x smaller)")
+    if cfg.has_indexer:
+        print(f"indexer keys per token (beside the latent): {result['indexer_cache_bytes_per_token']} B")
     return 0

@@ -15,9 +15,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               "model.safetensors, tokenizer.json, tokenizer_config.json with a DeepSeek-style chat template) that "
                               "transformers itself loads.")
     p.add_argument("dir", metavar="DIR", help="output directory (created if missing)")
-    p.add_argument("--arch", default="deepseek_v2", choices=["deepseek_v2", "deepseek_v3"],
+    p.add_argument("--arch", default="deepseek_v2", choices=["deepseek_v2", "deepseek_v3", "deepseek_v32"],
                    help="V2: softmax greedy routing, no q_lora_rank; V3: sigmoid noaux_tc routing with groups and "
-                   "correction bias, q_lora_rank set (default: deepseek_v2)")
+                   "correction bias, q_lora_rank set; V3.2: V3 plus DeepSeek Sparse Attention's indexer "
+                   "(index_topk 16) (default: deepseek_v2)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes identical files")
     p.add_argument("--hidden-size", type=positive_int, default=128, help="hidden size D (default: 128)")
     p.add_argument("--layers", type=positive_int, default=3, help="decoder layers; the first is dense (default: 3)")

@@ -108,7 +108,9 @@ def expert_tensor_names(layer: int, expert: int) -> list[str]:
 
 def keeps_fp32(name: str) -> bool:
     """Router tensors stay fp32 whatever load dtype is asked (see the module docstring)."""
-    return name.endswith("e_score_correction_bias") or name.endswith("mlp.gate.weight")
+    # V3.2's indexer head weights too (transformers keeps indexer.weights_proj in fp32).
+    return (name.endswith("e_score_correction_bias") or name.endswith("mlp.gate.weight")
+            or name.endswith("indexer.weights_proj.weight"))
 
 
 def _layer_of(name: str) -> int | None:

@@ -1,4 +1,4 @@
-"""Model configuration read from a Hugging Face DeepSeek-V2/V3 ``config.json``.
+"""Model configuration read from a Hugging Face DeepSeek-V2/V3/V3.2 ``config.json``.
 
 Two layouts exist in the wild and both load:
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHS = ("deepseek_v2", "deepseek_v3")
+SUPPORTED_ARCHS = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -83,6 +83,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     yarn: YarnScaling | None = None
+    # DeepSeek Sparse Attention (V3.2's lightning indexer); index_topk 0 = no indexer (V2/V3).
+    index_topk: int = 0
+    index_n_heads: int = 0
+    index_head_dim: int = 0
     quant: QuantConfig | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -95,6 +99,20 @@ class ModelConfig:
     def kv_cache_dim(self) -> int:
         """Values cached per token per layer: the latent ``c_kv`` plus the shared rope key."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def has_indexer(self) -> bool:
+        return self.index_topk > 0
+
+    @property
+    def index_cache_dim(self) -> int:
+        """Values the indexer caches per token per layer (its one key, beside the latent); 0 without one."""
+        return self.index_head_dim if self.has_indexer else 0
+
+    @property
+    def cache_row_dim(self) -> int:
+        """One paged-cache row per token per layer: [c_kv | k_pe | indexer key]."""
+        return self.kv_cache_dim + self.index_cache_dim
 
     @property
     def mha_cache_dim(self) -> int:
@@ -230,6 +248,15 @@ def _eos_ids(d: dict) -> tuple[int, ...]:
     raise ConfigError(f"config.json: field 'eos_token_id' must be an int or a list of ints, got {eos!r}")
 
 
+def _parse_indexer(d: dict) -> dict[str, int]:
+    """V3.2's indexer fields, with transformers' DeepseekV32Config defaults."""
+    return dict(
+        index_topk=_get(d, "index_topk", int, 2048, minimum=1),
+        index_n_heads=_get(d, "index_n_heads", int, 64, minimum=1),
+        index_head_dim=_get(d, "index_head_dim", int, 128, minimum=1),
+    )
+
+
 def _parse(d: dict[str, Any]) -> ModelConfig:
     if not isinstance(d, dict):
         raise ConfigError("config.json must hold a JSON object")
@@ -238,7 +265,8 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
         raise ConfigError(
             f"config.json: model_type is {arch!r}; moemesh serves DeepSeek models ({', '.join(SUPPORTED_ARCHS)})"
         )
-    v3 = arch == "deepseek_v3"
+    v32 = arch == "deepseek_v32"
+    v3 = arch == "deepseek_v3" or v32  # V3.2 keeps V3's MLA, routing and MoE
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json: hidden_act {d['hidden_act']!r} is not supported; DeepSeek uses silu")
     if d.get("attention_bias", False):
@@ -273,8 +301,8 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
         moe_layer_freq=_get(d, "moe_layer_freq", int, 1, minimum=1),
         rms_norm_eps=_get(d, "rms_norm_eps", float, 1e-6),
         rope_theta=rope_theta,
-        # transformers' V2 always rotates interleaved pairs; V3 configs say which.
-        rope_interleave=bool(d.get("rope_interleave", True)) if v3 else True,
+        # transformers' V2 and V3.2 always rotate interleaved pairs; V3 configs say which.
+        rope_interleave=bool(d.get("rope_interleave", True)) if v3 and not v32 else True,
         max_position_embeddings=_get(d, "max_position_embeddings", int, 4096, minimum=1),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         dtype=_choice(d, "dtype" if d.get("dtype") else "torch_dtype", DTYPES, "bfloat16"),
@@ -282,6 +310,7 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
         eos_token_ids=_eos_ids(d),
         yarn=yarn,
         quant=_parse_quant(d),
+        **(_parse_indexer(d) if v32 else {}),
         raw=dict(d),
     )
     _validate(cfg)
@@ -314,6 +343,14 @@ def _validate(cfg: ModelConfig) -> None:
             f"config.json: first_k_dense_replace ({cfg.first_k_dense_replace}) exceeds num_hidden_layers "
             f"({cfg.num_hidden_layers})"
         )
+    if cfg.has_indexer:
+        if cfg.q_lora_rank is None:
+            raise ConfigError("config.json: deepseek_v32 needs q_lora_rank (its indexer projects the query latent)")
+        if cfg.index_head_dim < cfg.qk_rope_head_dim:
+            raise ConfigError(
+                f"config.json: index_head_dim ({cfg.index_head_dim}) must be >= qk_rope_head_dim "
+                f"({cfg.qk_rope_head_dim}): the indexer rotates its first qk_rope_head_dim dims"
+            )
     if cfg.qk_rope_head_dim % 2:
         raise ConfigError(f"config.json: qk_rope_head_dim must be even, got {cfg.qk_rope_head_dim}")
     for eos in cfg.eos_token_ids:

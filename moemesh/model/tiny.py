@@ -101,6 +101,11 @@ def _groups(experts: int, k: int) -> tuple[int, int]:
     return 1, 1
 
 
+TINY_ARCHS = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+_HF_CLASSES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+               "deepseek_v32": "DeepseekV32ForCausalLM"}
+
+
 def tiny_config_dict(
     *,
     arch: str = "deepseek_v2",
@@ -114,15 +119,16 @@ def tiny_config_dict(
     dtype: str = "float32",
 ) -> dict[str, Any]:
     """config.json contents in the published DeepSeek layout (``rope_scaling``, ``torch_dtype``)."""
-    if arch not in ("deepseek_v2", "deepseek_v3"):
-        raise ValueError(f"arch must be 'deepseek_v2' or 'deepseek_v3', got {arch!r}")
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(TINY_ARCHS)}, got {arch!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    v3 = arch == "deepseek_v3"
+    v32 = arch == "deepseek_v32"
+    v3 = arch == "deepseek_v3" or v32
     n_group, topk_group = _groups(experts, experts_per_token) if v3 else (1, 1)
     cfg: dict[str, Any] = {
         "model_type": arch,
-        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "architectures": [_HF_CLASSES[arch]],
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
         "intermediate_size": 2 * hidden_size,
@@ -159,13 +165,17 @@ def tiny_config_dict(
         "use_cache": True,
         "initializer_range": 0.02,
     }
-    if v3:
+    if v3 and not v32:
         cfg["rope_interleave"] = True
+    # The indexer: fewer, narrower heads than DeepSeek's 64 x 128 and a top-k prompts exceed. 16 heads, so an
+    # exact-zero score (every head's relu 0, a tie top-k may break either way) is rare.
+    if v32:
+        cfg.update(index_topk=16, index_n_heads=16, index_head_dim=32)
     return cfg
 
 
 def _weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor transformers' DeepseekV2/V3ForCausalLM saves, with its shape."""
+    """Every tensor transformers' DeepseekV2/V3/V32ForCausalLM saves, with its shape."""
     h, heads = c.hidden_size, c.num_attention_heads
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h)}
     for i in range(c.num_hidden_layers):
@@ -183,12 +193,19 @@ def _weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[a + "kv_a_layernorm.weight"] = (c.kv_lora_rank,)
         shapes[a + "kv_b_proj.weight"] = (heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)
         shapes[a + "o_proj.weight"] = (h, heads * c.v_head_dim)
+        if c.has_indexer:
+            x = a + "indexer."
+            shapes[x + "wq_b.weight"] = (c.index_n_heads * c.index_head_dim, c.q_lora_rank)
+            shapes[x + "wk.weight"] = (c.index_head_dim, h)
+            shapes[x + "k_norm.weight"] = (c.index_head_dim,)
+            shapes[x + "k_norm.bias"] = (c.index_head_dim,)
+            shapes[x + "weights_proj.weight"] = (c.index_n_heads, h)
         m = p + "mlp."
         if not c.is_moe_layer(i):
             shapes.update(_mlp_shapes(m, h, c.intermediate_size))
             continue
         shapes[m + "gate.weight"] = (c.n_routed_experts, h)
-        if c.arch == "deepseek_v3":
+        if c.arch in ("deepseek_v3", "deepseek_v32"):
             shapes[m + "gate.e_score_correction_bias"] = (c.n_routed_experts,)
         for e in range(c.n_routed_experts):
             shapes.update(_mlp_shapes(f"{m}experts.{e}.", h, c.moe_intermediate_size))
@@ -211,6 +228,8 @@ def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tens
     noise = torch.randn(shape, generator=gen, dtype=torch.float32)
     if name.endswith("e_score_correction_bias"):
         return 0.05 * noise  # comparable to sigmoid score gaps, so selection depends on it
+    if name.endswith("k_norm.bias"):  # the indexer's LayerNorm bias
+        return 0.1 * noise
     if len(shape) == 1:  # RMSNorm weights
         return 1.0 + 0.1 * noise
     if name == "model.embed_tokens.weight":

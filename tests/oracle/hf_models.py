@@ -51,18 +51,30 @@ CONFIGS = {
     "v3_halfsplit_rope_tied": ("v3", dict(num_hidden_layers=2, q_lora_rank=16, n_group=1, topk_group=1,
                                           first_k_dense_replace=0, rope_interleave=False, norm_topk_prob=False,
                                           tie_word_embeddings=True)),
+    # V3.2 (DeepSeek Sparse Attention): index_topk below the prompts plus generation, so the indexer's
+    # selection changes the result; 16 indexer heads make an exact-zero score tie (all relus 0) rare.
+    "v32_sparse_topk8": ("v32", dict(num_hidden_layers=3, q_lora_rank=24, n_group=4, topk_group=2,
+                                     first_k_dense_replace=1, index_topk=8, index_n_heads=16, index_head_dim=16)),
+    "v32_yarn_topk12_tied": ("v32", dict(num_hidden_layers=2, q_lora_rank=16, n_group=2, topk_group=1,
+                                         first_k_dense_replace=0, rope_parameters=YARN, index_topk=12,
+                                         index_n_heads=16, index_head_dim=24, tie_word_embeddings=True)),
 }
 
 
-def build_hf_model(name: str, seed: int = 0):
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+def build_hf_model(name: str, seed: int = 0, **changes):
+    """``changes`` override the named config (e.g. a V3.2 ``index_topk`` past every context: dense)."""
+    from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
+                              DeepseekV32Config, DeepseekV32ForCausalLM)
 
     arch, overrides = CONFIGS[name]
     torch.manual_seed(seed)
+    kwargs = {**_COMMON, **overrides, **changes}
     if arch == "v2":
-        model = DeepseekV2ForCausalLM(DeepseekV2Config(**{**_COMMON, **overrides}))
+        model = DeepseekV2ForCausalLM(DeepseekV2Config(**kwargs))
     else:
-        model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**_COMMON, **overrides}))
+        v32 = arch == "v32"
+        config = DeepseekV32Config(**kwargs) if v32 else DeepseekV3Config(**kwargs)
+        model = (DeepseekV32ForCausalLM if v32 else DeepseekV3ForCausalLM)(config)
         for layer in model.model.layers:
             gate = getattr(layer.mlp, "gate", None)
             if gate is not None:  # a non-zero bias, so selection differs from plain top-k

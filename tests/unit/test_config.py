@@ -123,3 +123,24 @@ def test_missing_required_field_is_named():
     del d["hidden_size"]
     with pytest.raises(ConfigError, match="missing required field 'hidden_size'"):
         ModelConfig.from_dict(d)
+
+
+def test_v32_reads_the_indexer_fields_and_sizes_its_cache_beside_the_latent():
+    d = published("deepseek_v3", model_type="deepseek_v32", index_topk=2048, index_n_heads=64, index_head_dim=128,
+                  rope_interleave=False)
+    c = ModelConfig.from_dict(d)
+    assert (c.arch, c.index_topk, c.index_n_heads, c.index_head_dim) == ("deepseek_v32", 2048, 64, 128)
+    assert c.has_indexer and c.index_cache_dim == 128 and c.cache_row_dim == c.kv_cache_dim + 128
+    assert c.rope_interleave  # transformers' V3.2 always rotates MLA's rope interleaved
+    assert c.topk_method == "noaux_tc" and c.scoring_func == "sigmoid"  # V3's routing
+    v3 = ModelConfig.from_dict(published("deepseek_v3"))
+    assert not v3.has_indexer and v3.index_cache_dim == 0 and v3.cache_row_dim == v3.kv_cache_dim
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"index_topk": 0}, "index_topk"), ({"index_n_heads": "8"}, "index_n_heads"),
+    ({"index_head_dim": 4}, "index_head_dim"), ({"q_lora_rank": None}, "q_lora_rank"),
+])
+def test_v32_bad_indexer_field_is_named(change, field):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig.from_dict(published("deepseek_v3", model_type="deepseek_v32", **change))

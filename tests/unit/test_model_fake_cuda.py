@@ -2,7 +2,7 @@
 
 Every test builds the model (weights by torch.empty), the engine's runner and its latent caches on a fake
 ``cuda`` device (tests/fake_cuda.py) and audits one step: prefill chunks (naive or absorbed MLA), decode
-(absorbed: the paged decode op), both in one step, the sampler's tensor part and the load counts. A CPU
+(absorbed: the paged decode op; V3.2 past index_topk: the top-k rows), both in one step, the sampler's tensor part and the load counts. A CPU
 tensor meeting a CUDA one, a CPU op, or a host read (``.item()``, ``.tolist()``, a boolean-mask index)
 fails them; the step's inputs arrive as one upload.
 
@@ -50,10 +50,13 @@ class ZeroExperts(StaticExpertBackend):
         return handle
 
 
-@pytest.fixture(scope="module", params=["deepseek_v2", "deepseek_v3"])
+@pytest.fixture(scope="module", params=["deepseek_v2", "deepseek_v3", "deepseek_v32"])
 def cfg(request) -> ModelConfig:
-    return ModelConfig.from_dict(tiny_config_dict(arch=request.param, hidden_size=64, layers=2, experts=4,
-                                                  experts_per_token=2, kv_lora_rank=32, vocab_size=64))
+    d = tiny_config_dict(arch=request.param, hidden_size=64, layers=2, experts=4, experts_per_token=2,
+                         kv_lora_rank=32, vocab_size=64)
+    if request.param == "deepseek_v32":
+        d["index_topk"] = 4  # below every context here: the indexer's sparse prefill and decode run
+    return ModelConfig.from_dict(d)
 
 
 def build_engine(cfg: ModelConfig, mla_impl: str = "auto") -> tuple[Engine, LoadStats]:

@@ -12,7 +12,7 @@ from moemesh.model.checkpoint import Checkpoint
 from moemesh.model.config import ConfigError, ModelConfig
 from moemesh.model.tiny import write_tiny_checkpoint
 
-ARCHS = ["deepseek_v2", "deepseek_v3"]
+ARCHS = ["deepseek_v2", "deepseek_v3", "deepseek_v32"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,10 @@ def test_transformers_loads_with_no_missing_or_unexpected_keys(tmp_path, transfo
     e3 = "model.layers.1.mlp.experts.3."
     assert torch.equal(gate_up, torch.cat([ours[e3 + "gate_proj.weight"], ours[e3 + "up_proj.weight"]]))
     assert torch.equal(sd["model.layers.2.self_attn.kv_b_proj.weight"], ours["model.layers.2.self_attn.kv_b_proj.weight"])
-    if arch == "deepseek_v3":
+    if arch == "deepseek_v32":  # the indexer's tensors load under transformers' names, LayerNorm bias included
+        k_norm_bias = "model.layers.2.self_attn.indexer.k_norm.bias"
+        assert torch.equal(sd[k_norm_bias], ours[k_norm_bias]) and ours[k_norm_bias].abs().min() > 0
+    if arch in ("deepseek_v3", "deepseek_v32"):
         bias = ours["model.layers.1.mlp.gate.e_score_correction_bias"]
         assert bias.dtype == torch.float32 and bias.abs().min() > 0
         assert torch.equal(sd["model.layers.1.mlp.gate.e_score_correction_bias"], bias)
