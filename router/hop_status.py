@@ -5,16 +5,14 @@ attn_node/experts/hop_stats.py). Several attention nodes see one expert node: it
 ``compute_p50_us`` are their medians weighted by samples, its ``hop_p99_us`` the worst one (a tail seen by
 any attention node is a tail of the mesh). A node whose p99 is :data:`STRAGGLER_RATIO` times its peers' median
 p99 or more, over a window with enough hops on both sides, is flagged ``hop_straggler`` (:func:`stragglers`).
-:func:`merge_hops` and :func:`stragglers` are pure; :func:`fill_hops` asks and writes.
+:func:`merge_hops` and :func:`stragglers` are pure; :func:`fill_hops` reads the summaries through the
+pool's load cache (``AttentionPool.expert_hops``: no Load call of its own) and writes them.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import grpc
 
 from moemesh.v1 import attention_pb2
 
@@ -63,27 +61,21 @@ def stragglers(merged: dict[str, NodeHops], ratio: float = STRAGGLER_RATIO, min_
     return slow
 
 
-async def gather_hops(pool, attn_records, timeout_s: float = 0.5) -> dict[str, NodeHops]:
-    """Every attention node's hop summaries (its Load reply), merged per expert node address."""
-
-    async def ask(record):
-        try:
-            return (await pool.stub(record).Load(attention_pb2.LoadRequest(), timeout=timeout_s)).expert_hops
-        except grpc.RpcError:  # a node that does not answer adds nothing; status still answers
-            return ()
-
-    return merge_hops(await asyncio.gather(*(ask(r) for r in attn_records)))
+async def gather_hops(pool, attn_records) -> dict[str, NodeHops]:
+    """Every attention node's hop summaries (its Load reply, through the pool's load cache), merged per expert
+    node address; a node that does not answer adds nothing."""
+    return merge_hops(await pool.expert_hops(attn_records))
 
 
-async def straggler_ids(pool, attn_records, expert_records, timeout_s: float = 0.5) -> set[str]:
+async def straggler_ids(pool, attn_records, expert_records) -> set[str]:
     """The ids of the expert nodes the attention nodes see as stragglers (the leader gives them less)."""
-    slow = stragglers(await gather_hops(pool, attn_records, timeout_s))
+    slow = stragglers(await gather_hops(pool, attn_records))
     return {r.id for r in expert_records if r.address in slow}
 
 
-async def fill_hops(pool, attn_records, nodes, timeout_s: float = 0.5) -> None:
-    """Ask every attention node for its hop summaries and write them into the expert ``nodes`` (NodeStatus)."""
-    merged = await gather_hops(pool, attn_records, timeout_s)
+async def fill_hops(pool, attn_records, nodes) -> None:
+    """The attention nodes' hop summaries, written into the expert ``nodes`` (NodeStatus)."""
+    merged = await gather_hops(pool, attn_records)
     slow = stragglers(merged)
     for status in nodes:
         hops = merged.get(status.address) if status.role == "expert" else None

@@ -57,6 +57,7 @@ class AttentionPool:
         self.prefix_policy = prefix_policy  # None: load alone decides
         self.tokenize_timeout_s = tokenize_timeout_s
         self.prefixes: dict[str, NodePrefixes] = {}  # what each node's prefix cache holds, as far as known
+        self._hops: dict[str, tuple] = {}  # node id -> its last Load reply's expert_hops
         self._tokenized: OrderedDict[tuple, list[int] | None] = OrderedDict()  # (request id, text) -> its ids
 
     def stub(self, record: NodeRecord) -> attention_pb2_grpc.AttentionNodeStub:
@@ -100,6 +101,12 @@ class AttentionPool:
             self._pending[node_id] = task
         return await asyncio.shield(task)
 
+    async def expert_hops(self, records: list[NodeRecord]) -> list[tuple]:
+        """Each attention node's per expert node hop summaries, from its Load reply (the cached one when
+        fresh: ClusterStatus and the leader's plans read loads anyway); () for a node that did not answer."""
+        loads = await asyncio.gather(*(self.load(r) for r in records))
+        return [self._hops.get(load.node_id, ()) if load.known else () for load in loads]
+
     async def _fetch(self, record: NodeRecord) -> NodeLoad:
         node_id = record.id
         try:
@@ -108,10 +115,12 @@ class AttentionPool:
                             prompt_tokens=r.prompt_tokens, prefix_hit_tokens=r.prefix_hit_tokens,
                             cached_blocks=r.cached_blocks, evicted_blocks=r.evicted_blocks)
             self.prefixes.setdefault(node_id, NodePrefixes()).report(r.prefix_hashes, r.block_size)
+            self._hops[node_id] = tuple(r.expert_hops)
         except grpc.aio.AioRpcError as exc:
             log.warning("attn_load_failed", node=node_id, address=record.address, code=exc.code().name,
                         error=exc.details())
             load = NodeLoad(node_id, known=False)
+            self._hops.pop(node_id, None)
         self._loads[node_id] = (time.monotonic(), load)
         return load
 

@@ -34,20 +34,13 @@ def routes(door: Door) -> APIRouter:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return EventSourceResponse(sse_events(stream, first, _chunks(stream, first, f"cmpl-{rid}", model, k,
                                                                             include_usage)), sep="\n")
-            collected = await until_disconnect(request, _collect(stream))
+            collected = await until_disconnect(request, stream.collect())
         except BaseException:
             await stream.close()
             raise
         return _response(collected, f"cmpl-{rid}", model, k)
 
     return api
-
-
-async def _collect(stream: GenerationStream) -> shapes.Collected:
-    collected = shapes.Collected()
-    async for response in stream:
-        collected.add(response)
-    return collected
 
 
 def _response(collected: shapes.Collected, cid: str, model: str, k: int | None) -> CompletionResponse:

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from moemesh.v1 import inference_pb2
 
 from ..admission import Caller
+from . import shapes
 from ..generation import CallHooks, GenerationPath, GenerationRecord
 
 _END = object()
@@ -76,6 +77,13 @@ class GenerationStream:
         if item is None:
             raise StopAsyncIteration
         return item
+
+    async def collect(self) -> shapes.Collected:
+        """Every response to the end, gathered for a whole (non-streamed) answer."""
+        collected = shapes.Collected()
+        async for response in self:
+            collected.add(response)
+        return collected
 
     async def close(self) -> None:
         """Stop the generation (no-op once it ended) and wait for its cleanup."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
 from prometheus_client import REGISTRY
 
@@ -92,20 +91,11 @@ def test_merge_weights_medians_by_samples_and_keeps_the_worst_p99():
 
 
 def test_fill_hops_writes_expert_nodes_only_and_survives_a_silent_attention_node():
-    class Stub:
-        def __init__(self, hops):
-            self.hops = hops
+    class Pool:  # AttentionPool.expert_hops: a silent node's Load failed, so it reports ()
+        hops = {"a1": (_hops("10.0.0.2:5", 4, 300.0, 700.0, 40.0),), "a2": ()}
 
-        async def Load(self, request, timeout):
-            if self.hops is None:
-                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "down")
-            return attention_pb2.LoadResponse(expert_hops=self.hops)
-
-    class Pool:
-        stubs = {"a1": Stub([_hops("10.0.0.2:5", 4, 300.0, 700.0, 40.0)]), "a2": Stub(None)}
-
-        def stub(self, record):
-            return self.stubs[record]
+        async def expert_hops(self, records):
+            return [self.hops[r] for r in records]
 
     nodes = [inference_pb2.NodeStatus(id="e", role="expert", address="10.0.0.2:5"),
              inference_pb2.NodeStatus(id="a", role="attn", address="10.0.0.2:5"),
