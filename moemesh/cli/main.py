@@ -52,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from moemesh import logs
+    from moemesh.launch.parent_watch import exit_with_parent
 
+    exit_with_parent()  # a role started by `moemesh up`: end with it
     logs.configure(getattr(args, "log_level", "warning"))  # JSON lines on stderr: stdout stays the command's output
     try:
         if getattr(args, "metrics_port", None) is not None:

@@ -16,6 +16,15 @@ import aetcd.rpc
 import aetcd.watcher
 
 from moemesh.control.etcd_credentials import EtcdCredentials
+from moemesh.errors import MoemeshError, UnavailableError
+
+
+class RegistryError(MoemeshError):
+    """etcd answered with an error."""
+
+
+class RegistryUnavailable(RegistryError, UnavailableError):
+    """etcd did not answer in time (down, unreachable, or hung)."""
 
 
 class _TLSClient(aetcd.Client):

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moemesh.launch.parent_watch import child_env
+
 
 @dataclass
 class RoleProcess:
@@ -53,15 +55,18 @@ class NodeProcess(RoleProcess):
 
 
 def spawn(name: str, args: list[str], log_dir: str | Path | None = None, threads: int | None = None) -> subprocess.Popen:
-    """Start ``python -m moemesh.cli ARGS``; stderr to LOG_DIR/NAME.log (or nowhere)."""
-    env = dict(os.environ)
+    """Start ``python -m moemesh.cli ARGS``; stderr to LOG_DIR/NAME.log (or nowhere).
+
+    The child ends when this process does, even killed by SIGKILL (``moemesh/launch/parent_watch.py``).
+    """
+    env = child_env(dict(os.environ))
     if threads is not None:
         # Processes sharing one machine: one OpenMP pool each or they stall each other (see bench --mesh).
         env["OMP_NUM_THREADS"] = str(threads)
     stderr = (Path(log_dir) / f"{name}.log").open("w") if log_dir else subprocess.DEVNULL
     try:
-        return subprocess.Popen([sys.executable, "-m", "moemesh.cli", *args], stdout=subprocess.PIPE,
-                                stderr=stderr, text=True, env=env, start_new_session=True)
+        return subprocess.Popen([sys.executable, "-m", "moemesh.cli", *args], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, start_new_session=True)
     finally:
         if stderr is not subprocess.DEVNULL:
             stderr.close()  # the child holds its own copy
