@@ -263,11 +263,8 @@ class MLA(nn.Module):
             # Sparse only where some context can exceed top-k; S is a host-known shape, so no sync decides it.
             sparse = self.indexer is not None and g.ctx_slots.shape[1] > self.indexer.topk
             top = self.indexer.top_positions(q_idx, w_idx, kv_cache, g) if sparse else None  # [B, Q, topk]
-            if g.absorbed and g.token_index.shape[1] == 1:
-                if sparse:  # gather only the selected rows: attention costs topk, not S
-                    o = self._sparse_decode(qn, qp, latent, g, top[:, 0]).unsqueeze(1)  # [B, 1, H, V]
-                else:
-                    o = self._decode(qn[:, 0], qp[:, 0], latent, g).unsqueeze(1)  # [B, 1, H, V]
+            if g.absorbed and g.token_index.shape[1] == 1:  # sparse: reads only the top rows, costs topk not S
+                o = self._decode(qn[:, 0], qp[:, 0], latent, g, top[:, 0] if sparse else None).unsqueeze(1)
             else:
                 ctx = latent[g.ctx_slots].to(x.dtype)  # [B, S, C + R]
                 attend = self._absorbed if g.absorbed else self._naive
@@ -292,22 +289,19 @@ class MLA(nn.Module):
         p = self._softmax(scores * self.softmax_scale, mask).to(v.dtype)
         return torch.einsum("bhqs,bshv->bqhv", p, v)  # [B, Q, H, V]
 
-    def _decode(self, q_nope, q_pe, kv_cache, g: AttnGroup):
-        """One query per sequence, absorbed, straight off the paged cache (the MLA decode op)."""
+    def _decode(self, q_nope, q_pe, latent, g: AttnGroup, top=None):
+        """One query per sequence, absorbed, straight off the paged cache: the MLA decode op, or with
+        ``top`` [B, topk] (V3.2's selected positions) the sparse one over those rows only."""
         H, N = self.n_heads, self.qk_nope_head_dim
         wkv_b = self.wkv_b.weight.view(H, N + self.v_head_dim, self.kv_lora_rank)  # [H, N + V, C]
         q_c = torch.einsum("bhn,hnc->bhc", q_nope, wkv_b[:, :N])  # [B, H, C]
-        # S, the longest context, is a shape the runner knows on the host: the op need not read context_lens.
-        o_c = self.ops.mla_decode(q_c, q_pe, kv_cache, g.block_tables, g.context_lens, g.block_size,
-                                  self.softmax_scale, max_context_len=g.ctx_slots.shape[1])  # [B, H, C]
+        if top is None:  # S, the longest context, is a host-known shape: the op need not read context_lens
+            o_c = self.ops.mla_decode(q_c, q_pe, latent, g.block_tables, g.context_lens, g.block_size,
+                                      self.softmax_scale, max_context_len=g.ctx_slots.shape[1])  # [B, H, C]
+        else:
+            o_c = self.ops.sparse_mla_decode(q_c, q_pe, latent, g.block_tables, g.context_lens, top,
+                                             g.block_size, self.softmax_scale)  # [B, H, C]
         return torch.einsum("bhc,hvc->bhv", o_c.to(q_c.dtype), wkv_b[:, N:])  # [B, H, V]
-
-    def _sparse_decode(self, q_nope, q_pe, latent, g: AttnGroup, top):
-        """One query per sequence over its top-k positions only (top [B, topk]), absorbed."""
-        C = self.kv_lora_rank
-        ctx = latent[g.ctx_slots.gather(1, top)].to(q_nope.dtype)  # [B, topk, C + R]
-        mask = g.mask[:, :, :1].gather(3, top[:, None, None])  # [B, 1, 1, topk]
-        return self._absorbed(q_nope, q_pe, ctx[..., :C], ctx[..., C:], mask)[:, 0]  # [B, H, V]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Fold W_UK into the query and W_UV into the output: attend over the C-dim latent."""

@@ -1,16 +1,18 @@
 """Kernel benchmark: each Triton op checked against its reference and timed beside torch at DeepSeek sizes.
 
     python -m moemesh.kernels.bench [--sizes v2|v3|both] [--dtype bf16|fp16] [--iters N] [--json]
-                                    [--ops mla,store,moe,moe_fp8,route] [--dry-run]
+                                    [--ops mla,sparse_mla,store,moe,moe_fp8,route] [--dry-run]
 
 Needs a CUDA GPU; the percentages are of an H200's peaks (4.8 TB/s HBM3e, 989 TFLOP/s dense bf16/fp16,
 1979 dense FP8). Per row: the Triton op is checked against its ``*_ref`` (allclose at dtype tolerances;
-the store exactly; routing as sets of experts), then it and a torch baseline for the same math are timed
-with CUDA events (warm-up, L2 flushed before each call, median of --iters). Bytes and FLOPs are counted
-analytically as the minimum traffic (inputs read once, outputs written once, scratch not counted), so
-TB/s is a lower bound on what the hardware moved. fused_moe_fp8 is weight-only FP8 (its dots run in
-bf16/fp16), so its %peak is of the bf16 peak. Rows print as they finish (--json: one object per line).
-Exit status: 0 every check passed, 1 a check failed or a row raised, 2 no CUDA device.
+the store exactly; routing as sets of experts), then it and a torch baseline for the same math
+(kernels/bench_baselines.py) are timed with CUDA events (warm-up, L2 flushed before each call, median
+of --iters). V3.2's sparse decode reads the latent view of [c_kv | k_pe | indexer key] rows. Bytes
+and FLOPs are counted analytically as the minimum traffic (inputs read once, outputs written once,
+scratch not counted), so TB/s is a lower bound on what the hardware moved. fused_moe_fp8 is
+weight-only FP8 (its dots run in bf16/fp16), so its %peak is of the bf16 peak. Rows print as they
+finish (--json: one object per line). Exit status: 0 every check passed, 1 a check failed or a row
+raised, 2 no CUDA device.
 
 --dry-run builds every shape's inputs on the CPU at tiny scale and runs only the references and torch
 baselines, each baseline checked against its reference: the script's plumbing, without a GPU.
@@ -27,14 +29,15 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from moemesh.model.checkpoint import dequantize_fp8_blockwise
 
 from .cache_store import store_latent, store_latent_ref
 from .fused_moe import fused_moe, fused_moe_fp8, fused_moe_fp8_ref, fused_moe_ref
 from .mla_decode import mla_decode, mla_decode_ref
+from .bench_baselines import grouped_mm, mla_torch, moe_torch, sparse_mla_torch
 from .routing import route, route_ref
+from .sparse_mla_decode import sparse_mla_decode, sparse_mla_decode_ref
 
 PEAK_TBS = 4.8  # H200 HBM3e
 PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0}  # H200 dense tensor cores
@@ -43,6 +46,7 @@ TOL = {torch.bfloat16: (1e-2, 2e-2), torch.float16: (2e-3, 1e-2), torch.float32:
 BASELINE_SLACK = 10  # torch baselines keep low-precision intermediates (bf16 scores, GEMM outputs): 10x tolerances
 MLA_C, MLA_R, MLA_BLOCK = 512, 64, 64  # kv_lora_rank, qk_rope_head_dim, cache block size
 MLA_SCALE = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2  # V3: qk_head_dim 192, yarn (factor 40) mscale squared
+DSA_TOPK, DSA_KEY = 2048, 128  # DeepSeek-V3.2: index_topk, index_head_dim (its key ends each cache row)
 MOE = {"v2-lite": (64, 6, 2048, 1408), "v2": (160, 6, 5120, 1536), "v3": (256, 8, 7168, 2048)}  # E, K, D, I
 FP8_BLOCK = 128
 ROUTE = {  # model -> (routed experts, route() arguments)
@@ -52,41 +56,10 @@ ROUTE = {  # model -> (routed experts, route() arguments)
     "v3": (256, dict(top_k=8, scoring_func="sigmoid", topk_method="noaux_tc", n_group=8, topk_group=4,
                      norm_topk_prob=True, routed_scaling_factor=2.5)),
 }  # fmt: skip
-OPS = ("mla", "store", "moe", "moe_fp8", "route")
+OPS = ("mla", "sparse_mla", "store", "moe", "moe_fp8", "route")
 NO_GPU = "moemesh.kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run checks the script on CPU"
 COLUMNS = f"{'op':<14}{'model':<8}{'shape':<50}{'ok':<5}{'triton ms':>10}{'torch ms':>10}{'speedup':>8}"
 COLUMNS += f"{'TB/s':>7}{'%bw':>6}{'TFLOP/s':>9}{'%peak':>7}  torch baseline"
-
-
-# ---- torch baselines: the same math in torch's own ops ---------------------
-
-
-def mla_torch(q_c, q_pe, kv_cache, block_tables, context_lens, block_size, softmax_scale, max_len):
-    """Gather the context rows, bmm in the cache dtype, fp32 softmax (eager attention over the latent)."""
-    C = q_c.shape[-1]
-    pos = torch.arange(max_len, device=kv_cache.device)
-    slots = block_tables.long()[:, pos // block_size] * block_size + pos % block_size  # [B, L]
-    ctx = kv_cache[slots].to(q_c.dtype)  # [B, L, C + R]
-    scores = torch.bmm(torch.cat([q_c, q_pe], dim=-1), ctx.mT).float() * softmax_scale  # [B, H, L]
-    scores.masked_fill_((pos[None, :] >= context_lens[:, None])[:, None, :], float("-inf"))
-    return torch.bmm(torch.softmax(scores, dim=-1).to(q_c.dtype), ctx[..., :C])  # [B, H, C]
-
-
-def _grouped_mm():
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def moe_torch(x, w13, w2, topk_idx, topk_weights):
-    """Sort the assignments by expert, then two grouped GEMMs (torch's grouped_mm) and a weighted sum."""
-    gmm, (T, K), inter = _grouped_mm(), topk_idx.shape, w2.shape[-1]
-    flat = topk_idx.reshape(-1)
-    order = flat.argsort(stable=True)
-    tok = order // K
-    offs = torch.bincount(flat, minlength=w13.shape[0]).cumsum(0).to(torch.int32)
-    gate_up = gmm(x[tok], w13.mT, offs=offs)  # [A, 2I]
-    h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-    y = gmm(h, w2.mT, offs=offs).float() * topk_weights.reshape(-1)[order, None].float()  # [A, D]
-    return torch.zeros(T, x.shape[1], device=x.device).index_add_(0, tok, y).to(x.dtype)
 
 
 # ---- the bench -------------------------------------------------------------
@@ -226,6 +199,29 @@ class Bench:
                              nbytes=nbytes, flops=2 * b * h * ctx * (2 * C + R))  # fmt: skip
                     del kv, tables, lens, args
 
+    def sparse_mla(self) -> None:
+        """V3.2's decode over each query's top-k rows of a long context, on the strided latent view of its
+        [c_kv | k_pe | indexer key] rows (shuffled blocks, random distinct positions per sequence)."""
+        if "v3" not in self.models:
+            return
+        C, R, Di, bs = self.n(MLA_C, 16), self.n(MLA_R, 8), self.n(DSA_KEY, 8), self.n(MLA_BLOCK, 8)
+        h, topk, e = self.n(128, 8), self.n(DSA_TOPK, 128), self.dtype.itemsize
+        for B in (1, 32, 128):
+            for L in (8192, 32768):
+                b, ctx = self.n(B, 8), self.n(L, 256)
+                n_blocks = -(-ctx // bs)
+                rows = self.randn(b * n_blocks * bs, C + R + Di)
+                tables = torch.randperm(b * n_blocks, device=self.dev).view(b, n_blocks).to(torch.int32)
+                lens = torch.full((b,), ctx, dtype=torch.int32, device=self.dev)
+                picks = torch.rand(b, ctx, device=self.dev).topk(min(topk, ctx), dim=1).indices.to(torch.int32)
+                args = (self.randn(b, h, C), self.randn(b, h, R), rows[:, : C + R], tables, lens, picks, bs, MLA_SCALE)
+                nbytes = e * (b * topk * (C + R) + b * h * (2 * C + R)) + 4 * b * (topk + 1)
+                self.row("sparse_mla", "v3.2", f"B={b} H={h} L={ctx} topk={topk} C={C} R={R} key={Di}",
+                         ref=lambda: sparse_mla_decode_ref(*args), kernel=lambda: sparse_mla_decode(*args),
+                         baseline=lambda: sparse_mla_torch(*args), impl="gather+bmm+softmax", compare=self.close,
+                         nbytes=nbytes, flops=2 * b * h * topk * (2 * C + R))  # fmt: skip
+                del rows, tables, lens, picks, args
+
     def store(self) -> None:
         """Scatter T new tokens' [c_kv | k_pe] rows into a 1M-slot cache at random distinct slots."""
         C, R, e = self.n(MLA_C, 16), self.n(MLA_R, 8), self.dtype.itemsize
@@ -254,7 +250,7 @@ class Bench:
             try:
                 a, b = self.randn(32, 64), self.randn(2, 64, 64)
                 offs = torch.tensor([16, 32], dtype=torch.int32, device=self.dev)
-                self._gmm_ok = _grouped_mm() is not None and _grouped_mm()(a, b.mT, offs=offs).shape == (32, 64)
+                self._gmm_ok = grouped_mm() is not None and grouped_mm()(a, b.mT, offs=offs).shape == (32, 64)
             except Exception:
                 self._gmm_ok = False
         return self._gmm_ok

@@ -11,7 +11,8 @@ without syncs): their checks read shapes only, and the fused-MoE pair is bound w
 ``check_ids=False`` (the caller's routing guarantees ids in -1..E-1; the direct API keeps
 ``check_ids=True`` as its default). ``mla_decode`` takes ``max_context_len=`` (the longest
 context, known on the host): the kernel sizes its splits with it, and the reference, which
-otherwise reads ``context_lens`` on the host, sizes its gather with it. The references are the
+otherwise reads ``context_lens`` on the host, sizes its gather with it. ``sparse_mla_decode`` (V3.2)
+gathers the indexer's top-k positions, a shape, so neither path reads anything on the host. The references are the
 CPU path and the oracle; ``store_latent_ref`` and ``fused_moe_ref`` select rows by data
 (boolean masks, ``unique``), which costs nothing on a CPU.
 """
@@ -28,6 +29,7 @@ from .cache_store import select_store_latent
 from .fused_moe import select_fused_moe
 from .mla_decode import select_mla_decode
 from .routing import select_route
+from .sparse_mla_decode import select_sparse_mla_decode
 
 KERNEL_MODES = ("auto", "triton", "reference")
 
@@ -36,6 +38,9 @@ KERNEL_MODES = ("auto", "triton", "reference")
 class Ops:
     # (q_c, q_pe, kv_cache, block_tables, context_lens, block_size, softmax_scale, *, max_context_len=None) -> o_c
     mla_decode: Callable
+    # (q_c, q_pe, kv_cache, block_tables, context_lens, indices [B, topk], block_size, softmax_scale) -> o_c;
+    # V3.2's decode over each query's selected positions only
+    sparse_mla_decode: Callable
     store_latent: Callable  # (kv_cache, c_kv, k_pe, slot_mapping) -> None, in place
     route: Callable  # (logits, *, top_k, scoring_func, topk_method, ...) -> (topk_idx, topk_weights)
     fused_moe: Callable | None  # (x, w13, w2, topk_idx, topk_weights) -> y; None = the shard's CPU strategies
@@ -61,6 +66,7 @@ def select_ops(device: torch.device | str = "cpu", mode: str = "auto") -> Ops:
     triton_moe = force or device.type == "cuda"
     return Ops(
         mla_decode=select_mla_decode(device, force),
+        sparse_mla_decode=select_sparse_mla_decode(device, force),
         store_latent=select_store_latent(device, force),
         route=select_route(device, force),
         # On CPUs the shard's own strategies (padded bmm / busy-expert loop) beat a reference loop.

@@ -7,6 +7,8 @@
 #   a  oracle parity on CUDA: fp32 greedy tokens identical to transformers on the same GPU, bf16 logits
 #      within tolerance (scripts/gpu_parity.py over tests/oracle/hf_models.py's configs)
 #   b  python -m moemesh.kernels.bench: each Triton kernel checked and timed against torch and the H200 peak
+#      (V3.2's sparse decode too, on the strided latent view of [latent | indexer key] rows; a's V3.2
+#      configs run the whole V3.2 path: both stores, dense and sparse decode, on CUDA)
 #   c  moemesh bench --device cuda --dtype bfloat16: the engine against transformers
 #   d  moemesh bench --mesh --device cuda: GPU expert nodes over gRPC (one GPU shared)
 #   e  FP8 kept vs dequantized: routed-expert bytes on the GPU, peak memory, tokens/s (scripts/fp8_figures.py)
@@ -149,7 +151,7 @@ fi
 
 section a 110 "oracle parity on CUDA (fp32 tokens, bf16 logits) vs transformers" -- \
   "$py" scripts/gpu_parity.py --device cuda
-section b 130 "kernels: Triton vs torch vs H200 peak" -- \
+section b 160 "kernels: Triton vs torch vs H200 peak" -- \
   "$py" -m moemesh.kernels.bench --iters 10
 section c 70 "engine vs transformers, bf16" -- \
   "${moemesh[@]}" bench --model "$model" --device cuda --dtype bfloat16 --batch 16 --prompt-len 64 --new-tokens 32

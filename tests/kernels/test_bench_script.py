@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-OPS = {"mla_decode", "store_latent", "fused_moe", "fused_moe_fp8", "route"}
+OPS = {"mla_decode", "sparse_mla", "store_latent", "fused_moe", "fused_moe_fp8", "route"}
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
@@ -32,10 +32,11 @@ def test_dry_run_prints_a_checked_row_for_every_op_and_size():
         assert r["ms_torch"] is not None and r["ms_triton"] is None and r["bytes"] > 0, r
     models = {op: {r["model"] for r in rows if r["op"] == op} for op in OPS}
     assert models["fused_moe"] == models["route"] == {"v2-lite", "v2", "v3"}
-    assert models["fused_moe_fp8"] == {"v3"}
+    assert models["fused_moe_fp8"] == {"v3"} and models["sparse_mla"] == {"v3.2"}
     assert models["mla_decode"] == {"v2-lite", "v2/v3"}
     per_op = {op: sum(r["op"] == op for r in rows) for op in OPS}
-    assert per_op == {"mla_decode": 18, "store_latent": 3, "fused_moe": 9, "fused_moe_fp8": 3, "route": 9}
+    assert per_op == {"mla_decode": 18, "store_latent": 3, "fused_moe": 9, "fused_moe_fp8": 3, "route": 9,
+                      "sparse_mla": 6}
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from moemesh.model.tiny import write_tiny_checkpoint  # noqa: E402
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3", "deepseek_v32"])
 def test_forced_kernels_give_the_reference_tokens(tmp_path, arch):
     path = write_tiny_checkpoint(tmp_path / arch, arch=arch, hidden_size=64, layers=2, experts=8,
                                  experts_per_token=2, kv_lora_rank=32)
@@ -26,6 +26,9 @@ def test_forced_kernels_give_the_reference_tokens(tmp_path, arch):
     assert triton.engine.runner.model.layers[0].attn.ops.mode == "triton"
     prompts = [[0, 5, 9, 11, 13], [0, 40, 41]]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    if arch == "deepseek_v32":  # past index_topk (16): the sparse prefill, and decode through the sparse kernel
+        prompts.append(list(range(2, 16)))
+        assert len(prompts[-1]) < triton.cfg.index_topk < len(prompts[-1]) + params.max_tokens
     got = [o.token_ids for o in triton.engine.generate(prompts, params)]
     want = [o.token_ids for o in reference.engine.generate(prompts, params)]
     assert got == want

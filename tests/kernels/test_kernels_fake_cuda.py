@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 from moemesh.kernels.mla_decode import mla_decode_ref  # noqa: E402
 from moemesh.kernels.ops import select_ops  # noqa: E402
+from moemesh.kernels.sparse_mla_decode import sparse_mla_decode_ref  # noqa: E402
 from tests.fake_cuda import CUDA, fake_cuda  # noqa: E402
 
 pytestmark = [pytest.mark.fake_cuda, pytest.mark.unit]
@@ -83,6 +84,20 @@ def test_mla_decode_ref_with_a_host_bound_is_sync_free():
         with pytest.raises(DataDependentOutputException):
             mla_decode_ref(*args, BLOCK, 0.1)
     assert o_c.shape == (B, H, C) and o_c.device == CUDA and audit.cpu_ops == []
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
+def test_sparse_mla_decode_on_the_strided_v32_row(ops, reference):
+    """V3.2's decode over top-k rows of the latent view of a [C + R + Di] row: sync-free on both paths."""
+    with fake_cuda() as fake:
+        q_c, q_pe, _, block_tables, context_lens = _decode_inputs()
+        row = torch.randn(B * MAX_BLOCKS * BLOCK + 1, C + R + 24, device="cuda")
+        indices = torch.randint(-1, MAX_BLOCKS * BLOCK, (B, 6), device="cuda")
+        op = sparse_mla_decode_ref if reference else ops.sparse_mla_decode
+        with fake.audit() as audit, OpLog() as log:
+            o_c = op(q_c, q_pe, row.narrow(1, 0, C + R), block_tables, context_lens, indices, BLOCK, 0.1)
+    assert o_c.shape == (B, H, C) and o_c.device == CUDA and o_c.dtype == torch.float32
+    _assert_clean(audit, log, *(() if reference else ("sparse_mla_decode_split", "mla_decode_merge")))
 
 
 def test_store_latent_writes_in_place(ops):
