@@ -13,7 +13,9 @@ remote experts every dispatch copies the rows to the host anyway, so host time i
 
 Costs come from steps run whole (m = 1), per batch-size bucket; a step with no hop means the experts are
 local, and the choice is 1. Every ``probe_every``-th step of a bucket runs the other setting
-(``micro_batch_policy.probe``), so both settings' measured step times stay current.
+(``micro_batch_policy.probe``), so both settings' measured step times stay current; right after a bucket's
+warm-up every other step does (``EXPLORE_STEPS``), so the first comparison is between steps of alike
+contexts, not between the bucket's first (slowest) whole steps and later split ones.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ AUTO = "auto"
 MAX_MICRO_BATCHES = 4  # MegaScale-Infer runs 2-4; more adds a hop's fixed cost each for ever less to hide
 PROBE_EVERY = 32  # steps of a bucket between probes of the other setting: ~3% of steps run the slower one
 WARM_STEPS = 2  # whole steps of a bucket measured before it may split
+EXPLORE_STEPS = 8  # then, this many steps alternate with probes (measured on this box: one sample is noise)
 ALPHA = 0.25  # moving averages' weight of a new measurement
 
 
@@ -200,7 +203,8 @@ class AutoMicroBatches:
             bucket.choice = choice.micro_batches
         bucket.steps += 1
         self.current = choice.micro_batches
-        if self.remote and costs is not None and max_m > 1 and bucket.steps % self.probe_every == 0:
+        exploring = bucket.steps <= WARM_STEPS + EXPLORE_STEPS and bucket.steps % 2 == 0
+        if self.remote and costs is not None and max_m > 1 and (exploring or bucket.steps % self.probe_every == 0):
             return probe(choice.micro_batches, costs, bucket.measured, max_m)
         return choice.micro_batches
 

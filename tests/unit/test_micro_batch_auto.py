@@ -115,18 +115,19 @@ def test_auto_measures_whole_then_splits_when_the_model_says_it_pays():
     # m=4: max(1.3, 0.25 + 2.3 + 0.425, 0.8) = 2.975 / 5 -> 4
     costs = auto.costs(auto._buckets[3])
     assert astuple(costs) == pytest.approx(astuple(LayerCosts(0.001, 0.004, 0.0001, 0.0002, 0.0021)))
-    assert ran == [1, 1, 4, 4, 4] and auto.current == 4 and auto.remote is True
+    # step 4 is a probe (right after warm-up every other step is): whole
+    assert ran == [1, 1, 4, 1, 4] and auto.current == 4 and auto.remote is True
 
 
 def test_auto_goes_back_to_whole_steps_when_the_probe_measures_them_faster():
     feed = _Feed(hop_s=0.0023, compute_s=0.0002, hops_per_step=4)
-    auto = _auto(feed, probe_every=4)
+    auto = _auto(feed)  # probes every 32 steps after the exploration
     items = [_Item(1)] * 4
     # step 3 splits on the model's word and measures it slower (contention the model cannot see): from step 4 on
-    # the bucket runs whole; step 4 and step 8 are probes, and probe the split
-    ran = feed.run(auto, 9, items, MARKS, {1: 0.010, 4: 0.012})
-    assert ran == [1, 1, 4, 4, 1, 1, 1, 4, 1]
-    assert auto.current == 1 and auto.steps_by_m == {1: 6, 4: 3}
+    # the bucket runs whole; the even steps are probes (exploring after warm-up), and probe the split
+    ran = feed.run(auto, 13, items, MARKS, {1: 0.010, 4: 0.012})
+    assert ran == [1, 1, 4, 4, 1, 4, 1, 4, 1, 4, 1, 1, 1]
+    assert auto.current == 1 and auto.steps_by_m == {1: 8, 4: 5}
 
 
 def test_auto_stays_whole_with_local_experts():
