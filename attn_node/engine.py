@@ -29,6 +29,7 @@ from .block_manager import BlockManager
 from .model import Transformer
 from .runner import ModelRunner
 from .logprobs import TokenLogprobs
+from .micro_batch_auto import LayerClock, check_micro_batches, micro_batching
 from .sampler import sample_step, skip_draws
 from .scheduler import SampledToken, ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
@@ -44,7 +45,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     mla_impl: str = "auto"  # auto | naive | absorbed
     prefix_cache: bool = True  # share cached full prompt blocks between requests (attn_node/block_manager.py)
-    micro_batches: int = 1  # >= 2: ping-pong micro-batches so attention overlaps remote experts
+    # >= 2: ping-pong micro-batches so attention overlaps remote experts; "auto": split only when the measured
+    # costs say it pays (attn_node/micro_batch_policy.py), re-decided per batch-size bucket
+    micro_batches: int | str = "auto"
     # A step whose experts are unreachable waits at most this long for a new placement, and only while one can
     # come (the backend's wait_for_change fails it at once when no placement could host them: _run_model).
     expert_wait_s: float = 30.0
@@ -79,9 +82,17 @@ class Engine:
                 f"({config.max_num_seqs}), or some running sequences could never be scheduled"
             )
         require_backend(backend)
-        if any(moe.backend is not backend for moe in model.moe_layers()):
+        if any(_unclocked(moe.backend) is not backend for moe in model.moe_layers()):
             raise ValueError("the model's MoE layers are not attached to this backend: "
                              "call attach_experts(model, backend) first")
+        try:
+            check_micro_batches(config.micro_batches)
+        except ValueError as exc:
+            raise ValueError(f"EngineConfig.{exc}") from None
+        self.micro = micro_batching(config.micro_batches)  # fixed, or measured and chosen per step
+        layers_backend = self.micro.wrap(backend)  # auto: a clock on every MoE layer's dispatch and combine
+        for moe in model.moe_layers():
+            moe.backend = layers_backend
         self.cfg, self.config, self.backend = cfg, config, backend
         dtype = model.embed.weight.dtype
         self.device = model.device  # the cache, the step's inputs and the sampler's generators live there too
@@ -90,7 +101,7 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, cfg.eos_token_ids), self.blocks
         )
-        self.runner = ModelRunner(model, cfg, self.blocks, dtype, config.mla_impl, config.micro_batches)
+        self.runner = ModelRunner(model, cfg, self.blocks, dtype, config.mla_impl)
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
 
@@ -170,14 +181,19 @@ class Engine:
     def _run(self, scheduled: list[ScheduledSeq]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """Run the model once and sample a token (and its logprobs, if asked) for every sequence whose step
         reaches its end."""
-        logits = self._run_model(scheduled)  # [n_sampling, vocab]
+        m = self.micro.pick(scheduled)
+        started = time.perf_counter()
+        logits, retried = self._run_model(scheduled, m)  # [n_sampling, vocab]
         sampling = [item.seq for item in scheduled if item.samples]
-        if not sampling:
-            return [], []
-        # The step's one host read (ids and logprobs in one transfer): everything before it stays on the device.
-        return sample_step(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        out = [], []
+        if sampling:
+            # The step's one host read (ids and logprobs in one transfer): everything before it stays on the device.
+            out = sample_step(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        if not retried:  # a step that waited for a placement says nothing about either setting's cost
+            self.micro.observe(scheduled, m, time.perf_counter() - started)
+        return out
 
-    def _run_model(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+    def _run_model(self, scheduled: list[ScheduledSeq], micro_batches: int = 1) -> tuple[torch.Tensor, bool]:
         """Run the model once; if its experts were unreachable, wait (bounded) for a new placement and re-run.
 
         The wait rule (``moemesh/control/servability.py``): wait only while a placement that hosts the missing
@@ -189,13 +205,16 @@ class Engine:
 
         A re-run computes exactly what the failed run would have: the KV it wrote is written again at the
         same slots (``num_cached`` only advances in postprocess, after success) and nothing was sampled yet.
+        Returns the logits and whether the run had to be repeated.
         """
         backend = self.backend
         deadline = time.monotonic() + self.config.expert_wait_s
         generation = backend.begin_step()
+        retried = False
         while True:
+            self.micro.start_step()
             try:
-                return self.runner.run(scheduled)
+                return self.runner.run(scheduled, micro_batches=micro_batches), retried
             except ExpertBackendError as exc:
                 error = exc
             finally:
@@ -213,6 +232,7 @@ class Engine:
             if not changed:
                 raise error
             generation = backend.begin_step()
+            retried = True
             log.info("step_retried", generation=generation)
 
     def _fail(self, seq: Sequence, error: MoemeshError) -> TokenEvent:
@@ -256,7 +276,13 @@ class Engine:
         if not self.blocks.can_reserve(len(prompt_ids)):
             raise InvalidRequestError("the KV cache is busy: no room to score this prompt now")
         self.blocks.reserve(seq, len(prompt_ids))
+        self.micro.start_step()  # not a step the choice learns from: its marks are dropped by the next
         try:
             return self.runner.run([ScheduledSeq(seq, len(prompt_ids))], all_logits=True)
         finally:
             self.blocks.free(seq)
+
+
+def _unclocked(backend):
+    """The backend under an earlier engine's LayerClock (an engine rebuilt on the same model), or ``backend``."""
+    return backend.inner if isinstance(backend, LayerClock) else backend

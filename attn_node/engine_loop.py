@@ -56,6 +56,8 @@ class EngineLoop:
         metrics.QUEUE_DEPTH.labels("attn").set_function(lambda: len(self._inbox) + self.num_waiting())
         metrics.RUNNING.labels("attn").set_function(self.num_running)
         metrics.CACHE_USAGE.labels("attn").set_function(lambda: 1.0 - blocks.num_free / blocks.num_blocks)
+        micro = self.engine.micro
+        metrics.MICRO_BATCHES.labels("attn").set_function(lambda: micro.current)
         metrics.PREFIX_CACHE.source = lambda: blocks.snapshot(max_hashes=0)
 
     # ---- called from any thread ------------------------------------------

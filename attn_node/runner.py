@@ -101,14 +101,10 @@ class ModelRunner:
         blocks: BlockManager,
         dtype: torch.dtype,
         mla_impl: str = "auto",
-        micro_batches: int = 1,
     ):
         if mla_impl not in MLA_IMPLS:
             raise ValueError(f"mla_impl must be one of {MLA_IMPLS}, got {mla_impl!r}")
-        if micro_batches < 1:
-            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.model, self.cfg, self.blocks, self.mla_impl = model, cfg, blocks, mla_impl
-        self.micro_batches = micro_batches
         self.device = model.device
         slots = blocks.num_blocks * blocks.block_size
         # One extra zeroed slot past the blocks: padded context positions read it, so
@@ -121,11 +117,14 @@ class ModelRunner:
             cache[self.null_slot].zero_()
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
-        """Run one step. Returns fp32 logits on the model's device: one row per sampling sequence, in
-        order (or, with ``all_logits``, one per computed token)."""
+    def run(self, scheduled: list[ScheduledSeq], all_logits: bool = False, micro_batches: int = 1) -> torch.Tensor:
+        """Run one step, split into ``micro_batches`` run in ping-pong (at most one per sequence). Returns fp32
+        logits on the model's device: one row per sampling sequence, in order (or, with ``all_logits``, one per
+        computed token)."""
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         host = HostInputs()
-        plans = [self._plan(part, host) for part in split_micro_batches(scheduled, self.micro_batches)]
+        plans = [self._plan(part, host) for part in split_micro_batches(scheduled, micro_batches)]
         inputs = host.upload(self.device)  # the step's one upload
         parts = [self._build(plan, inputs) for plan in plans]
         hiddens = self.model.forward_micro_batches([(ids, batch) for ids, batch, _ in parts], self.kv_caches)

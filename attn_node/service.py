@@ -198,7 +198,7 @@ class AttentionService(attention_pb2_grpc.AttentionNodeServicer):
             expert_hops=[attention_pb2.ExpertHops(address=h.address, samples=h.samples, hop_p50_us=h.hop_p50_us,
                                                   hop_p99_us=h.hop_p99_us, compute_p50_us=h.compute_p50_us)
                          for h in HOPS.summaries()],
-            hop_window_seconds=HOPS.window_s)
+            hop_window_seconds=HOPS.window_s, micro_batches=self.loop.engine.micro.current)
 
 
 def token_logprob_proto(lp: TokenLogprobs, text: Callable[[int], str]) -> inference_pb2.TokenLogprob:

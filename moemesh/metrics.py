@@ -29,6 +29,8 @@ ADMISSION_REJECTIONS = Counter("moemesh_admission_rejections_total",
 QUEUE_DEPTH = Gauge("moemesh_queue_depth", "Requests waiting for the engine", ["role"])
 RUNNING = Gauge("moemesh_running_sequences", "Sequences in the running batch", ["role"])
 CACHE_USAGE = Gauge("moemesh_kv_cache_usage_ratio", "Fraction of latent KV cache blocks in use", ["role"])
+MICRO_BATCHES = Gauge("moemesh_micro_batches", "Ping-pong micro-batches the engine runs its steps in now (with "
+                      "--micro-batches auto: its latest choice, attn_node/micro_batch_policy.py)", ["role"])
 DISPATCH_LATENCY = Histogram("moemesh_dispatch_latency_seconds", "MoE layer dispatch to combined result",
                              ["role"], buckets=_LATENCY)
 # Per expert node, as an attention node times each message (attn_node/experts/hop_stats.py): the round trip,

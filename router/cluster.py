@@ -260,7 +260,8 @@ class ControlPlane:
         window = int(sum(sum(row) for row in observed.values()))
         placement = placement_record(plan, version + 1, moe_layers, node_ids, reason, window)
         if self.fetch_stragglers is not None:  # stragglers get less of what they share (router/straggler_shares.py)
-            lowered = lower_straggler_shares(placement, await self.fetch_stragglers(experts))
+            lowered = lower_straggler_shares(placement, await self.fetch_stragglers(experts),
+                                             loads=dict(zip(moe_layers, loads)))
             if lowered is not placement:
                 placement, reason = lowered, lowered.stats.reason  # the reason says so
         if not decision.publish_always:

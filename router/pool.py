@@ -113,7 +113,8 @@ class AttentionPool:
             r = await self.stub(record).Load(attention_pb2.LoadRequest(), timeout=self.load_timeout_s)
             load = NodeLoad(node_id, r.running, r.waiting, r.cache_free_tokens, r.cache_total_tokens,
                             prompt_tokens=r.prompt_tokens, prefix_hit_tokens=r.prefix_hit_tokens,
-                            cached_blocks=r.cached_blocks, evicted_blocks=r.evicted_blocks)
+                            cached_blocks=r.cached_blocks, evicted_blocks=r.evicted_blocks,
+                            micro_batches=r.micro_batches)
             self.prefixes.setdefault(node_id, NodePrefixes()).report(r.prefix_hashes, r.block_size)
             self._hops[node_id] = tuple(r.expert_hops)
         except grpc.aio.AioRpcError as exc:

@@ -33,6 +33,7 @@ class NodeLoad:
     prefix_hit_tokens: int = 0
     cached_blocks: int = 0
     evicted_blocks: int = 0
+    micro_batches: int = 0  # ping-pong micro-batches its engine runs now (0: a node too old to say)
 
     @property
     def queue(self) -> int:

@@ -131,11 +131,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         placement = self.view.placement
         stats = (placement.stats if placement is not None else None) or PlacementStats()
         planned = stats.planned_fractions()
+        applied = stats.applied_fractions() or planned  # after stragglers were given less (straggler_shares.py)
         nodes = []
         for r in records:
             status = inference_pb2.NodeStatus(id=r.id, role=r.role, address=r.address, status=r.status,
                                               placement_version=r.placement_version or 0,
-                                              planned_load=planned.get(r.id, 0.0))
+                                              planned_load=planned.get(r.id, 0.0),
+                                              applied_load=applied.get(r.id, 0.0))
             for layer, ids in r.hosted().items():
                 status.experts.add(layer=layer, experts=ids)
             load = loads.get(r.id)
@@ -143,6 +145,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 status.running, status.waiting, status.cache_free = load.running, load.waiting, load.cache_free
                 status.prompt_tokens, status.prefix_hit_tokens = load.prompt_tokens, load.prefix_hit_tokens
                 status.cached_blocks, status.evicted_blocks = load.cached_blocks, load.evicted_blocks
+                status.micro_batches = load.micro_batches
             info = infos.get(r.id)
             if info is not None:
                 status.tokens_computed = info.tokens_computed

@@ -1,7 +1,7 @@
 """``moemesh bench --mesh``: the single process against the mesh (2 expert node processes), in one run.
 
 Reports tokens/s of the single process and of the mesh with micro-batch overlap
-on and off, and the round trip of one dispatch message (a decode step's rows for
+on (2, or ``--micro-batches N``), off, and ``auto`` (what the engine chose, step by step), and the round trip of one dispatch message (a decode step's rows for
 one node) against a raw TCP echo of the same number of bytes on loopback. With
 ``--transport torch`` the expert nodes serve both transports and every figure of
 the mesh is measured for gRPC and for torch.distributed side by side.
@@ -81,7 +81,7 @@ def _tcp_echo_us(nbytes: int, n: int) -> float:
         server.kill()
 
 
-def _mesh_run(args, econf, node_list, transport: str, micro_batches: int, prompts, params):
+def _mesh_run(args, econf, node_list, transport: str, micro_batches: int | str, prompts, params):
     mesh = build_remote(args.model, node_list, args.dtype, replace(econf, micro_batches=micro_batches), False,
                         kernels=args.kernels, transport=transport, device=args.device)
     try:
@@ -91,9 +91,14 @@ def _mesh_run(args, econf, node_list, transport: str, micro_batches: int, prompt
                     raise RuntimeError(f"torch transport to {link.address} did not come up: {link.pair.failure}")
         tps, tokens = _tokens_per_s(mesh.engine, prompts, params)
         fallbacks = sum(getattr(link, "fallback_messages", 0) for link in mesh.remote.links)
-        return tps, tokens, fallbacks
+        return tps, tokens, fallbacks, dict(getattr(mesh.engine.micro, "steps_by_m", {}))
     finally:
         mesh.close()
+
+
+def _steps(by_m: dict[int, int]) -> dict[str, int]:
+    """Steps run per micro-batch setting (probes included), keys as text for JSON: {"1": 30, "2": 2}."""
+    return {str(m): n for m, n in sorted(by_m.items())}
 
 
 def _link(transport: str, address: str, hidden_size: int):
@@ -132,8 +137,9 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
+                split = args.micro_batches if isinstance(args.micro_batches, int) and args.micro_batches >= 2 else 2
                 for transport in transports:
-                    for overlap, m in (("on", max(2, args.micro_batches)), ("off", 1)):
+                    for overlap, m in (("on", split), ("off", 1), ("auto", "auto")):
                         results[transport, overlap] = _mesh_run(args, econf, node_list, transport, m, prompts, params)
                     link = _link(transport, nodes[0].address, cfg.hidden_size)
                     try:
@@ -157,6 +163,8 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
         "engine_tokens_per_s": local_tps,
         "mesh_tokens_per_s": grpc_on,
         "mesh_no_overlap_tokens_per_s": grpc_off,
+        "mesh_auto_tokens_per_s": results["grpc", "auto"][0],
+        "mesh_auto_steps_by_micro_batches": _steps(results["grpc", "auto"][3]),
         "mesh_vs_engine": grpc_on / local_tps,
         "tokens_match": all(r[1] == local_tokens for r in results.values()),
         "hop_us": hops["grpc"][0], "tcp_echo_us": echo, "hop_vs_tcp_echo": hops["grpc"][0] / echo, "hop_bytes": nbytes,
@@ -166,8 +174,10 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
         out.update({
             "torch_mesh_tokens_per_s": results["torch", "on"][0],
             "torch_mesh_no_overlap_tokens_per_s": results["torch", "off"][0],
+            "torch_mesh_auto_tokens_per_s": results["torch", "auto"][0],
+            "torch_mesh_auto_steps_by_micro_batches": _steps(results["torch", "auto"][3]),
             "torch_hop_us": hops["torch"][0], "torch_hop_with_expert_us": hops["torch"][1],
-            "torch_fallback_messages": results["torch", "on"][2] + results["torch", "off"][2],
+            "torch_fallback_messages": sum(results["torch", o][2] for o in ("on", "off", "auto")),
         })
     from moemesh.cli.bench import emit_json
 
@@ -178,9 +188,11 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
     print(f"{'':30}{'tokens/s':>10}{'vs single':>11}")
     print(f"{'single process':30}{local_tps:10.1f}{1.0:10.2f}x")
     for transport in transports:
-        for overlap in ("on", "off"):
+        for overlap in ("on", "off", "auto"):
             tps = results[transport, overlap][0]
-            print(f"{f'mesh {transport}, overlap {overlap}':30}{tps:10.1f}{tps / local_tps:10.2f}x")
+            label = f"mesh {transport}, overlap {split if overlap == 'on' else overlap}"
+            chose = f"  steps by micro-batches: {_steps(results[transport, overlap][3])}" if overlap == "auto" else ""
+            print(f"{label:30}{tps:10.1f}{tps / local_tps:10.2f}x{chose}")
     print(f"identical tokens: {'yes' if out['tokens_match'] else 'NO'}")
     print(f"dispatch hop ({nbytes} B of gRPC message, {args.batch} rows; raw TCP echo of the same bytes: {echo:.0f} us):")
     for transport in transports:

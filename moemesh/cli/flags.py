@@ -173,6 +173,16 @@ def add_prefix_cache_arg(p: argparse.ArgumentParser) -> None:
                    "full blocks are in the latent cache prefills only the rest)")
 
 
+def micro_batches_arg(text: str) -> int | str:
+    """--micro-batches: ``auto`` or a positive integer."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"give auto or a positive integer: {exc}") from None
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_device_args(p)
     p.add_argument("--kv-cache-tokens", type=positive_int, default=32768,
@@ -188,8 +198,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"],
                    help="auto = Triton kernels on CUDA, plain-torch references on CPU; triton forces the kernels "
                    "(on CPU set TRITON_INTERPRET=1 to run them in Triton's interpreter, slowly) (default: auto)")
-    p.add_argument("--micro-batches", type=positive_int, default=1,
-                   help="split each step into this many micro-batches run in ping-pong, so one's attention "
-                   "overlaps another's remote experts. Pays off when attention and experts run on separate "
-                   "hardware; on one shared CPU it costs (each micro-batch re-reads the expert weights) "
-                   "(default: 1 = off; bench --mesh measures 2)")
+    p.add_argument("--micro-batches", type=micro_batches_arg, default="auto", metavar="auto|N",
+                   help="split each step into N micro-batches run in ping-pong, so one's attention overlaps "
+                   "another's remote experts; auto = measure attention, hop and expert times per layer and split "
+                   "only when the hidden time exceeds what splitting costs (a second pass over the expert "
+                   "weights, a second hop), re-decided per batch size; always 1 with local experts "
+                   "(default: auto)")

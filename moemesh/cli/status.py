@@ -55,12 +55,13 @@ def format_status(status: dict) -> str:
         if node.get("role") == "attn":
             load = (f"running {node.get('running', 0)}, waiting {node.get('waiting', 0)}, "
                     f"cache free {float(node.get('cache_free', 0)):.0%}, {prefix_cache_line(node)}")
+            if int(node.get("micro_batches", 0)):
+                load += f", micro-batches {node['micro_batches']}"
         else:
             experts = sum(len(le.get("experts", [])) for le in node.get("experts", []))
             tokens = int(node.get("tokens_computed", 0))
             share = f" ({tokens / computed:.1%})" if computed else ""
-            load = (f"{experts} experts, planned load {float(node.get('planned_load', 0)):.1%}, "
-                    f"computed {tokens} routed tokens{share}")
+            load = f"{experts} experts, {load_line(node)}, computed {tokens} routed tokens{share}"
             if int(node.get("hop_samples", 0)):  # the attention nodes' last window (router/hop_status.py)
                 load += (f", hop p50 {float(node['hop_p50_us']):.0f} us p99 {float(node['hop_p99_us']):.0f} us "
                          f"(compute p50 {float(node['compute_p50_us']):.0f} us)"
@@ -68,6 +69,15 @@ def format_status(status: dict) -> str:
         lines.append(f"  {node.get('role', '?'):6} {node.get('id', '?'):24} {node.get('address', '?'):22} "
                      f"{node.get('status', '?'):9} v{node.get('placement_version', 0):<4} {load}")
     return "\n".join(lines)
+
+
+def load_line(node: dict) -> str:
+    """An expert node's planned share of the routed tokens, and the one applied when stragglers got less."""
+    planned = float(node.get("planned_load", 0))
+    applied = float(node.get("applied_load", planned))
+    if abs(applied - planned) < 5e-4:  # equal as printed: one figure
+        return f"planned load {planned:.1%}"
+    return f"planned load {planned:.1%} (applied {applied:.1%}: stragglers given less)"
 
 
 def prefix_cache_line(node: dict) -> str:

@@ -73,6 +73,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-batched-tokens", type=positive_int, default=DEFAULT_MAX_BATCHED_TOKENS, metavar="T",
                    help="tokens per engine step at most, on every attention node; expert nodes size their "
                    f"message limit for it (default: {DEFAULT_MAX_BATCHED_TOKENS})")
+    p.add_argument("--micro-batches", type=flags.micro_batches_arg, default="auto", metavar="auto|N",
+                   help="ping-pong micro-batches per step on every attention node; auto = split only when the "
+                   "measured attention, hop and expert times say it pays (default: auto)")
     p.add_argument("--control-port", type=int, default=0,
                    help="port of the MeshControl service that adds and removes expert nodes while the mesh runs "
                    "(`moemesh mesh`); 0 picks one, printed as \"control\" in the ready line (default: 0)")
@@ -267,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
             mesh.start(f"attn-{i}", "attn", ["attn-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags,
                                              "--cluster", args.cluster, "--node-id", f"attn-{i}", "--dispatch-timeout",
                                              str(args.dispatch_timeout), "--max-batched-tokens",
-                                             str(args.max_batched_tokens), *_tls_args(args, "attn"), *token_args,
+                                             str(args.max_batched_tokens), "--micro-batches",
+                                             str(args.micro_batches), *_tls_args(args, "attn"), *token_args,
                                              *([] if args.prefix_cache else ["--no-prefix-cache"]),
                                              *_transport_args(args), *_device_args(args)])
         mesh.wait_all_ready(time.monotonic() + args.ready_timeout)

@@ -182,8 +182,11 @@ class PlacementStats:
     moved: int = 0  # replicas that moved against the previous placement
     window_tokens: int = 0  # routed tokens in the load window the plan was made on
     extra: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    # per node: load per layer under the shares written, when they differ from the plan's (stragglers given less,
+    # router/straggler_shares.py); empty: as planned
+    applied_loads: Mapping[str, tuple[float, ...]] = field(default_factory=lambda: _EMPTY)
 
-    _FIELDS = ("reason", "nodes", "balancedness", "node_loads", "moved", "window_tokens")
+    _FIELDS = ("reason", "nodes", "balancedness", "node_loads", "moved", "window_tokens", "applied_loads")
 
     @classmethod
     def from_json(cls, value: object) -> "PlacementStats":
@@ -198,11 +201,13 @@ class PlacementStats:
             raise ValueError(f"placement stats.nodes must be a list of node ids, got {nodes!r}")
         balance = value.get("balancedness", {})
         loads = value.get("node_loads", {})
-        if not isinstance(balance, dict) or not isinstance(loads, dict):
-            raise ValueError("placement stats.balancedness and stats.node_loads must be JSON objects, got "
-                             f"{balance!r} and {loads!r}")
-        if not all(isinstance(v, list) for v in loads.values()):
-            raise ValueError(f"placement stats.node_loads must map node id -> [load per layer], got {loads!r}")
+        applied = value.get("applied_loads", {})
+        if not isinstance(balance, dict) or not isinstance(loads, dict) or not isinstance(applied, dict):
+            raise ValueError("placement stats.balancedness, stats.node_loads and stats.applied_loads must be JSON "
+                             f"objects, got {balance!r}, {loads!r} and {applied!r}")
+        for name, table in (("node_loads", loads), ("applied_loads", applied)):
+            if not all(isinstance(v, list) for v in table.values()):
+                raise ValueError(f"placement stats.{name} must map node id -> [load per layer], got {table!r}")
         return cls(_opt("placement stats.reason", value.get("reason", ""), str),
                    None if nodes is None else tuple(nodes),
                    MappingProxyType({_key("placement stats.balancedness layer", layer):
@@ -212,20 +217,32 @@ class PlacementStats:
                                      for node, v in loads.items()}),
                    _int("placement stats.moved", value.get("moved", 0)),
                    _int("placement stats.window_tokens", value.get("window_tokens", 0)),
-                   MappingProxyType({k: v for k, v in value.items() if k not in cls._FIELDS}))
+                   MappingProxyType({k: v for k, v in value.items() if k not in cls._FIELDS}),
+                   MappingProxyType({node: tuple(_number(f"placement stats.applied_loads[{node!r}] item", x)
+                                                 for x in v) for node, v in applied.items()}))
 
     def to_json(self) -> dict:
         out: dict = {"reason": self.reason}
         _put(out, "nodes", None if self.nodes is None else list(self.nodes))
+        if self.applied_loads:
+            out["applied_loads"] = {node: list(v) for node, v in self.applied_loads.items()}
         return {**out, "balancedness": {str(layer): b for layer, b in self.balancedness.items()},
                 "node_loads": {node: list(v) for node, v in self.node_loads.items()},
                 "moved": self.moved, "window_tokens": self.window_tokens, **self.extra}
 
     def planned_fractions(self) -> dict[str, float]:
         """Each expert node's fraction of the routed tokens in the plan (summed over layers); {} before traffic."""
-        loads = {node: sum(per_layer) for node, per_layer in self.node_loads.items()}
-        total = sum(loads.values())
-        return {node: load / total for node, load in loads.items()} if total > 0 else {}
+        return _fractions(self.node_loads)
+
+    def applied_fractions(self) -> dict[str, float]:
+        """Each expert node's fraction under the shares written (stragglers given less); {} when as planned."""
+        return _fractions(self.applied_loads)
+
+
+def _fractions(node_loads: Mapping[str, tuple[float, ...]]) -> dict[str, float]:
+    loads = {node: sum(per_layer) for node, per_layer in node_loads.items()}
+    total = sum(loads.values())
+    return {node: load / total for node, load in loads.items()} if total > 0 else {}
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moemesh.v1 import inference_pb2 as moemesh_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoemesh/v1/attention.proto\x12\nmoemesh.v1\x1a\x1amoemesh/v1/inference.proto\"\r\n\x0bLoadRequest\"\x81\x03\n\x0cLoadResponse\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x19\n\x11\x63\x61\x63he_free_tokens\x18\x03 \x01(\x04\x12\x1a\n\x12\x63\x61\x63he_total_tokens\x18\x04 \x01(\x04\x12+\n\x0c\x65xpert_loads\x18\x05 \x03(\x0b\x32\x15.moemesh.v1.LayerLoad\x12\x16\n\x0ewindow_seconds\x18\x06 \x01(\x02\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x08 \x01(\x04\x12\x15\n\rcached_blocks\x18\t \x01(\r\x12\x16\n\x0e\x65victed_blocks\x18\n \x01(\x04\x12\x12\n\nblock_size\x18\x0b \x01(\r\x12\x15\n\rprefix_hashes\x18\x0c \x03(\x06\x12+\n\x0b\x65xpert_hops\x18\x1e \x03(\x0b\x32\x16.moemesh.v1.ExpertHops\x12\x1a\n\x12hop_window_seconds\x18\x1f \x01(\x02\"n\n\nExpertHops\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x04\x12\x12\n\nhop_p50_us\x18\x03 \x01(\x01\x12\x12\n\nhop_p99_us\x18\x04 \x01(\x01\x12\x16\n\x0e\x63ompute_p50_us\x18\x05 \x01(\x01\"*\n\tLayerLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x04\x32\xa4\x02\n\rAttentionNode\x12G\n\x08Generate\x12\x1b.moemesh.v1.GenerateRequest\x1a\x1c.moemesh.v1.GenerateResponse0\x01\x12\x39\n\x04Load\x12\x17.moemesh.v1.LoadRequest\x1a\x18.moemesh.v1.LoadResponse\x12\x45\n\x08Tokenize\x12\x1b.moemesh.v1.TokenizeRequest\x1a\x1c.moemesh.v1.TokenizeResponse\x12H\n\tModelInfo\x12\x1c.moemesh.v1.ModelInfoRequest\x1a\x1d.moemesh.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoemesh/v1/attention.proto\x12\nmoemesh.v1\x1a\x1amoemesh/v1/inference.proto\"\r\n\x0bLoadRequest\"\x98\x03\n\x0cLoadResponse\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x19\n\x11\x63\x61\x63he_free_tokens\x18\x03 \x01(\x04\x12\x1a\n\x12\x63\x61\x63he_total_tokens\x18\x04 \x01(\x04\x12+\n\x0c\x65xpert_loads\x18\x05 \x03(\x0b\x32\x15.moemesh.v1.LayerLoad\x12\x16\n\x0ewindow_seconds\x18\x06 \x01(\x02\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x08 \x01(\x04\x12\x15\n\rcached_blocks\x18\t \x01(\r\x12\x16\n\x0e\x65victed_blocks\x18\n \x01(\x04\x12\x12\n\nblock_size\x18\x0b \x01(\r\x12\x15\n\rprefix_hashes\x18\x0c \x03(\x06\x12+\n\x0b\x65xpert_hops\x18\x1e \x03(\x0b\x32\x16.moemesh.v1.ExpertHops\x12\x1a\n\x12hop_window_seconds\x18\x1f \x01(\x02\x12\x15\n\rmicro_batches\x18( \x01(\r\"n\n\nExpertHops\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x04\x12\x12\n\nhop_p50_us\x18\x03 \x01(\x01\x12\x12\n\nhop_p99_us\x18\x04 \x01(\x01\x12\x16\n\x0e\x63ompute_p50_us\x18\x05 \x01(\x01\"*\n\tLayerLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x04\x32\xa4\x02\n\rAttentionNode\x12G\n\x08Generate\x12\x1b.moemesh.v1.GenerateRequest\x1a\x1c.moemesh.v1.GenerateResponse0\x01\x12\x39\n\x04Load\x12\x17.moemesh.v1.LoadRequest\x1a\x18.moemesh.v1.LoadResponse\x12\x45\n\x08Tokenize\x12\x1b.moemesh.v1.TokenizeRequest\x1a\x1c.moemesh.v1.TokenizeResponse\x12H\n\tModelInfo\x12\x1c.moemesh.v1.ModelInfoRequest\x1a\x1d.moemesh.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADREQUEST']._serialized_start=70
   _globals['_LOADREQUEST']._serialized_end=83
   _globals['_LOADRESPONSE']._serialized_start=86
-  _globals['_LOADRESPONSE']._serialized_end=471
-  _globals['_EXPERTHOPS']._serialized_start=473
-  _globals['_EXPERTHOPS']._serialized_end=583
-  _globals['_LAYERLOAD']._serialized_start=585
-  _globals['_LAYERLOAD']._serialized_end=627
-  _globals['_ATTENTIONNODE']._serialized_start=630
-  _globals['_ATTENTIONNODE']._serialized_end=922
+  _globals['_LOADRESPONSE']._serialized_end=494
+  _globals['_EXPERTHOPS']._serialized_start=496
+  _globals['_EXPERTHOPS']._serialized_end=606
+  _globals['_LAYERLOAD']._serialized_start=608
+  _globals['_LAYERLOAD']._serialized_end=650
+  _globals['_ATTENTIONNODE']._serialized_start=653
+  _globals['_ATTENTIONNODE']._serialized_end=945
 # @@protoc_insertion_point(module_scope)

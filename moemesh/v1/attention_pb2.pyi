@@ -12,7 +12,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("running", "waiting", "cache_free_tokens", "cache_total_tokens", "expert_loads", "window_seconds", "prompt_tokens", "prefix_hit_tokens", "cached_blocks", "evicted_blocks", "block_size", "prefix_hashes", "expert_hops", "hop_window_seconds")
+    __slots__ = ("running", "waiting", "cache_free_tokens", "cache_total_tokens", "expert_loads", "window_seconds", "prompt_tokens", "prefix_hit_tokens", "cached_blocks", "evicted_blocks", "block_size", "prefix_hashes", "expert_hops", "hop_window_seconds", "micro_batches")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     CACHE_FREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class LoadResponse(_message.Message):
     PREFIX_HASHES_FIELD_NUMBER: _ClassVar[int]
     EXPERT_HOPS_FIELD_NUMBER: _ClassVar[int]
     HOP_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     cache_free_tokens: int
@@ -41,7 +42,8 @@ class LoadResponse(_message.Message):
     prefix_hashes: _containers.RepeatedScalarFieldContainer[int]
     expert_hops: _containers.RepeatedCompositeFieldContainer[ExpertHops]
     hop_window_seconds: float
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_free_tokens: _Optional[int] = ..., cache_total_tokens: _Optional[int] = ..., expert_loads: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., window_seconds: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., evicted_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., prefix_hashes: _Optional[_Iterable[int]] = ..., expert_hops: _Optional[_Iterable[_Union[ExpertHops, _Mapping]]] = ..., hop_window_seconds: _Optional[float] = ...) -> None: ...
+    micro_batches: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_free_tokens: _Optional[int] = ..., cache_total_tokens: _Optional[int] = ..., expert_loads: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., window_seconds: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., evicted_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., prefix_hashes: _Optional[_Iterable[int]] = ..., expert_hops: _Optional[_Iterable[_Union[ExpertHops, _Mapping]]] = ..., hop_window_seconds: _Optional[float] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class ExpertHops(_message.Message):
     __slots__ = ("address", "samples", "hop_p50_us", "hop_p99_us", "compute_p50_us")

@@ -152,7 +152,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "role", "address", "status", "experts", "running", "waiting", "cache_free", "placement_version", "planned_load", "tokens_computed", "prompt_tokens", "prefix_hit_tokens", "cached_blocks", "evicted_blocks", "hop_samples", "hop_p50_us", "hop_p99_us", "compute_p50_us", "hop_straggler")
+    __slots__ = ("id", "role", "address", "status", "experts", "running", "waiting", "cache_free", "placement_version", "planned_load", "tokens_computed", "prompt_tokens", "prefix_hit_tokens", "cached_blocks", "evicted_blocks", "hop_samples", "hop_p50_us", "hop_p99_us", "compute_p50_us", "hop_straggler", "applied_load", "micro_batches")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,8 @@ class NodeStatus(_message.Message):
     HOP_P99_US_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_P50_US_FIELD_NUMBER: _ClassVar[int]
     HOP_STRAGGLER_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_LOAD_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     address: str
@@ -193,7 +195,9 @@ class NodeStatus(_message.Message):
     hop_p99_us: float
     compute_p50_us: float
     hop_straggler: bool
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExpertIds, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_free: _Optional[float] = ..., placement_version: _Optional[int] = ..., planned_load: _Optional[float] = ..., tokens_computed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., evicted_blocks: _Optional[int] = ..., hop_samples: _Optional[int] = ..., hop_p50_us: _Optional[float] = ..., hop_p99_us: _Optional[float] = ..., compute_p50_us: _Optional[float] = ..., hop_straggler: _Optional[bool] = ...) -> None: ...
+    applied_load: float
+    micro_batches: int
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExpertIds, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_free: _Optional[float] = ..., placement_version: _Optional[int] = ..., planned_load: _Optional[float] = ..., tokens_computed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., evicted_blocks: _Optional[int] = ..., hop_samples: _Optional[int] = ..., hop_p50_us: _Optional[float] = ..., hop_p99_us: _Optional[float] = ..., compute_p50_us: _Optional[float] = ..., hop_straggler: _Optional[bool] = ..., applied_load: _Optional[float] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class LayerExpertIds(_message.Message):
     __slots__ = ("layer", "experts")

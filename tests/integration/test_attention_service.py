@@ -278,3 +278,15 @@ def test_load_and_metrics_report_the_prefix_cache(node):
     assert REGISTRY.get_sample_value("moemesh_prompt_tokens_total", {"role": "attn"}) == load.prompt_tokens
     assert REGISTRY.get_sample_value("moemesh_prefix_cached_blocks", {"role": "attn"}) == load.cached_blocks
     assert REGISTRY.get_sample_value("moemesh_prefix_evicted_blocks_total", {"role": "attn"}) == load.evicted_blocks
+
+
+def test_load_and_metrics_report_the_micro_batches(node):
+    from prometheus_client import REGISTRY
+
+    stub, _, mesh, loop = node
+    loop.publish_metrics()
+    _collect(stub, _request(ids=[5, 6, 7], max_tokens=3, ignore_eos=True, temperature=0.0))
+    load = stub.Load(attention_pb2.LoadRequest(), timeout=5)
+    # auto, the default, over local experts: whole steps (and a value, never 0, which means a node too old to say)
+    assert load.micro_batches == 1 == loop.engine.micro.current
+    assert REGISTRY.get_sample_value("moemesh_micro_batches", {"role": "attn"}) == 1

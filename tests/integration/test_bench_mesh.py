@@ -23,6 +23,10 @@ def test_bench_mesh_json(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("engine_tokens_per_s", "mesh_tokens_per_s", "mesh_no_overlap_tokens_per_s", "hop_us", "tcp_echo_us"):
+    for key in ("engine_tokens_per_s", "mesh_tokens_per_s", "mesh_no_overlap_tokens_per_s", "mesh_auto_tokens_per_s",
+                "hop_us", "tcp_echo_us"):
         assert out[key] > 0, key
     assert out["tokens_match"] is True
+    # auto ran every step (warm-up and timed run) and says how: (3 + 2 steps' prefill and decode) at most
+    steps = out["mesh_auto_steps_by_micro_batches"]
+    assert set(steps) <= {"1", "2"} and sum(steps.values()) >= 3 + 2, steps

@@ -46,11 +46,11 @@ def recorded(eng: Engine) -> dict[str, list[torch.Tensor]]:
     rows: dict[str, list[torch.Tensor]] = {}
     run_model = eng._run_model
 
-    def wrapper(scheduled):
-        logits = run_model(scheduled)
+    def wrapper(scheduled, micro_batches=1):
+        logits, retried = run_model(scheduled, micro_batches)
         for item, row in zip([it for it in scheduled if it.samples], logits):
             rows.setdefault(item.seq.request_id, []).append(row.clone())
-        return logits
+        return logits, retried
 
     eng._run_model = wrapper
     return rows

@@ -67,3 +67,15 @@ def test_format_status_shows_hops_per_expert_node_and_flags_a_straggler():
     assert line.endswith("(compute p50 95 us) STRAGGLER: hop p99 well above its peers'")
     quiet = {k: v for k, v in node.items() if not k.startswith(("hop", "compute"))}
     assert "hop" not in format_status({"nodes": [quiet]})
+
+
+def test_format_status_shows_applied_load_when_stragglers_got_less_and_micro_batches():
+    nodes = [{"id": "expert-0", "role": "expert", "address": "h:2", "status": "ready", "experts": [],
+              "planned_load": 0.5, "applied_load": 0.331},
+             {"id": "expert-1", "role": "expert", "address": "h:3", "status": "ready", "experts": [],
+              "planned_load": 0.5, "applied_load": 0.5},
+             {"id": "attn-0", "role": "attn", "address": "h:1", "status": "ready", "micro_batches": 2}]
+    lines = format_status({"nodes": nodes}).splitlines()
+    assert "planned load 50.0% (applied 33.1%: stragglers given less)" in lines[-3]
+    assert "planned load 50.0%, computed" in lines[-2]
+    assert lines[-1].endswith(", micro-batches 2")

@@ -34,3 +34,22 @@ def test_no_straggler_or_only_stragglers_change_nothing():
     assert lower_straggler_shares(base, set()) is base
     everyone = lower_straggler_shares(base, {"a", "b", "c"})
     assert everyone is base  # every replica is slow: the shares stay as planned
+
+
+def test_applied_loads_follow_the_lowered_shares():
+    # tokens per expert: layer 1: e0 60, e1 30, e2 90; layer 2: e0 40. Equal shares planned:
+    # a: 30 | 20, b: 30 + 30 + 45 = 105 | 0, c: 45 | 20
+    planned = {"a": (30.0, 20.0), "b": (105.0, 0.0), "c": (45.0, 20.0)}
+    base = PlacementRecord(7, _placement().layers, None, PlacementStats(reason="r", node_loads=planned))
+    p = lower_straggler_shares(base, {"b"}, loads={1: [60, 30, 90], 2: [40]})
+    # b keeps 1/3 of e0 (20) and of e2 (30), all of e1 (30): 80; a takes 40 of e0, c 60 of e2
+    assert dict(p.stats.applied_loads) == {"a": (40.0, 20.0), "b": (80.0, 0.0), "c": (60.0, 20.0)}
+    assert p.stats.applied_fractions() == pytest.approx({"a": 60 / 220, "b": 80 / 220, "c": 80 / 220})
+    assert p.stats.planned_fractions() == pytest.approx({"a": 50 / 220, "b": 105 / 220, "c": 65 / 220})
+    # through JSON, as the leader writes it and the routers read it
+    assert PlacementRecord.from_json(p.to_json()).stats.applied_fractions() == p.stats.applied_fractions()
+
+
+def test_without_loads_the_stats_say_nothing_applied():
+    p = lower_straggler_shares(_placement(), {"b"})
+    assert p.stats.applied_fractions() == {}
