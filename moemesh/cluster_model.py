@@ -89,9 +89,28 @@ def interp(points: Sequence[tuple[float, float]], x: float) -> float:
     return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
+def monotone(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The closest non-decreasing fit (least squares, pool adjacent violators) through sorted (x, y) points.
+
+    A measured time never falls as the work grows (more rows, batch or bytes); a point below its left neighbour
+    is noise (a neighbour held the cores while the smaller point ran), and interpolating through it would bend
+    the model's curve down. Pooling the two replaces both with their mean."""
+    blocks: list[list[float]] = []  # [sum of y, count] per pooled run
+    for _, y in points:
+        blocks.append([y, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fitted = [total / count for total, count in blocks for _ in range(int(count))]
+    return [(x, y) for (x, _), y in zip(points, fitted)]
+
+
 @dataclass(frozen=True)
 class MeasuredProfile:
     """Tables measured by ``moemesh profile`` (microseconds), interpolated linearly.
+
+    :meth:`from_json` fits each table non-decreasing (:func:`monotone`) before it interpolates.
 
     ``attention``: {context: [(batch, us per layer)]}; ``expert``: [(rows, us per MoE layer with every expert in
     one process, K assignments per row)]; ``hop``: [(bytes there and back, us)]; ``overhead``: [(batch, us per
@@ -136,13 +155,13 @@ class MeasuredProfile:
             if not hops:
                 raise ModelError(f"the profile has no hop measurements for transport {transport!r} "
                                  f"(it has: {', '.join(sorted(data['hop_us'])) or 'none'})")
-            return cls({c: sorted(v) for c, v in attention.items()},
-                       sorted((float(r["rows"]), float(r["us"])) for r in data["expert_us"]),
-                       sorted((float(r["bytes"]), float(r["us"])) for r in hops),
-                       sorted((float(r["batch"]), float(r["us"])) for r in data["overhead_us"]),
+            return cls({c: monotone(sorted(v)) for c, v in attention.items()},
+                       monotone(sorted((float(r["rows"]), float(r["us"])) for r in data["expert_us"])),
+                       monotone(sorted((float(r["bytes"]), float(r["us"])) for r in hops)),
+                       monotone(sorted((float(r["batch"]), float(r["us"])) for r in data["overhead_us"])),
                        int(data["model"]["top_k"]),
                        sum(float(r.get("busy", 0.0)) for r in hops) / len(hops),
-                       sorted((float(r["bytes"]), float(r["two_nodes_us"])) for r in hops)
+                       monotone(sorted((float(r["bytes"]), float(r["two_nodes_us"])) for r in hops))
                        if all("two_nodes_us" in r for r in hops) else None)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ModelError):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moemesh.cluster_model import (ClusterShape, MeasuredProfile, ModelError, ModelShape, destinations, interp,
-                                   predict, recommend)
+                                   monotone, predict, recommend)
 from moemesh.hardware import Hardware, LayerDims, RooflineProfile
 
 MODEL = ModelShape(n_layers=4, n_moe_layers=3, hidden_size=10, top_k=2, n_experts=8, act_bytes=2)
@@ -108,6 +108,25 @@ def test_recommend_maximises_tokens_per_node_within_the_tpot():
 def test_bad_shapes_are_named():
     with pytest.raises(ModelError, match="expert_nodes must be >= 1"):
         predict(Constant(), MODEL, ClusterShape(1, 0, 8, 0, 1))
+
+
+def test_monotone_pools_what_falls():
+    assert monotone([(1, 5.0), (2, 3.0), (3, 7.0)]) == [(1, 4.0), (2, 4.0), (3, 7.0)]
+    # the falling tail pools back until the fit rises: 1, then (9 + 2 + 1) / 3 = 4 three times
+    assert monotone([(1, 1.0), (2, 9.0), (4, 2.0), (8, 1.0)]) == [(1, 1.0), (2, 4.0), (4, 4.0), (8, 4.0)]
+    assert monotone([(1, 1.0), (2, 2.0)]) == [(1, 1.0), (2, 2.0)] and monotone([]) == []
+
+
+def test_a_noisy_profile_is_read_non_decreasing():
+    data = {"model": {"top_k": 1}, "attention_us": [
+        {"batch": 1, "context": 10, "us": 100}, {"batch": 32, "context": 10, "us": 300},
+        {"batch": 64, "context": 10, "us": 100}],
+        "expert_us": [{"rows": 1, "us": 50}, {"rows": 64, "us": 30}],
+        "hop_us": {"grpc": [{"bytes": 100, "us": 200}, {"bytes": 300, "us": 400}]},
+        "overhead_us": [{"batch": 1, "us": 0.0}]}
+    profile = MeasuredProfile.from_json(data)
+    assert profile.attention[10] == [(1.0, 100.0), (32.0, 200.0), (64.0, 200.0)]
+    assert profile.expert == [(1.0, 40.0), (64.0, 40.0)]
 
 
 def test_a_measured_profile_interpolates_its_tables():
