@@ -16,7 +16,9 @@ work, or one micro-batch's round trip, whichever is longest (m = 1 is the plain 
 Where sending costs the attention node's own CPU (the profile's ``hop_busy`` share u of a round trip: gRPC on
 a host, 0 for RDMA offload), that part cannot overlap: the attention work is m (Ta + u Tc).
 Communication is hidden when m Ta >= Ta + Tc + Te; with Te = Ta = Tf that is MegaScale-Infer's
-m >= 2 (1 + Tc / Tf). Then
+m >= 2 (1 + Tc / Tf). That needs the expert nodes' work and the wire on hardware of their own: with every process
+on one host's cores (``ClusterShape.shared_host``: ``bench --mesh`` and the calibration on a CPU box) the
+measured mesh shows no overlap (docs/cluster-model.md), and a layer is m (Ta + Tc + Te). Then
 
     TPOT = L_moe x T_layer + (L - L_moe) x m x Ta + overhead_us(B)      tokens/s = A x B / TPOT
 
@@ -59,6 +61,9 @@ class ClusterShape:
     batch: int  # sequences per attention node
     context: int  # tokens of context per sequence (mean over the decode)
     micro_batches: int = 2
+    # Every process of the mesh on one host's cores (``bench --mesh``, the calibration): a micro-batch's round
+    # trip then does not overlap the next one's attention (see :func:`predict`).
+    shared_host: bool = False
 
     def check(self) -> None:
         for name in ("attention_nodes", "expert_nodes", "batch", "micro_batches"):
@@ -203,7 +208,10 @@ def predict(profile: Profile, model: ModelShape, shape: ClusterShape) -> Predict
     te = profile.expert_us(a * b * model.top_k / n, model.n_experts / n)
     tc = profile.hop_us(model.dispatch_bytes(b), destinations(model.top_k, n), n)
     busy = profile.hop_busy * tc  # the attention node's own CPU time in the round trip
-    candidates = {"attention": m * (ta + busy), "experts": m * te, "round trip": ta + tc + te}
+    if shape.shared_host:  # nothing overlaps: the micro-batches' layers run one after another
+        candidates = {"attention": m * (ta + busy), "experts": m * te, "round trip": m * (ta + tc + te)}
+    else:
+        candidates = {"attention": m * (ta + busy), "experts": m * te, "round trip": ta + tc + te}
     bound = max(candidates, key=lambda k: (candidates[k], k == "round trip"))
     layer = candidates[bound]
     tpot_us = (model.n_moe_layers * layer + (model.n_layers - model.n_moe_layers) * m * ta

@@ -188,3 +188,14 @@ def test_roofline_says_when_a_shape_does_not_fit():
         "attention weights and a cache of 10000 x 1000 tokens need 2 GB per attention node")
     assert roof.misfit(ModelShape(4, 3, 100, 2, 100000), ClusterShape(1, 1, 1, 10, 1)) == (
         "100000 experts x 3 layers need 4 GB per expert node")
+
+
+def test_a_shared_host_runs_micro_batches_one_after_another():
+    # Constant costs: Ta 100, Te 80, Tc 50 per micro-batch. Apart, 2 micro-batches: max(200, 160, 230) = 230;
+    # on one host: max(200, 160, 2 x 230) = 460; one micro-batch is the same either way (230).
+    apart = predict(Constant(), MODEL, ClusterShape(1, 2, 8, 0, 2))
+    shared = predict(Constant(), MODEL, ClusterShape(1, 2, 8, 0, 2, shared_host=True))
+    assert (apart.layer_us, apart.bound) == (230.0, "round trip")
+    assert (shared.layer_us, shared.bound) == (460.0, "round trip")
+    assert predict(Constant(), MODEL, ClusterShape(1, 2, 8, 0, 1, shared_host=True)).layer_us == 230.0
+    assert shared.to_json()["shape"]["shared_host"] is True
