@@ -16,7 +16,9 @@ work, or one micro-batch's round trip, whichever is longest (m = 1 is the plain 
 Where sending costs the attention node's own CPU (the profile's ``hop_busy`` share u of a round trip: gRPC on
 a host, 0 for RDMA offload), that part cannot overlap: the attention work is m (Ta + u Tc).
 Communication is hidden when m Ta >= Ta + Tc + Te; with Te = Ta = Tf that is MegaScale-Infer's
-m >= 2 (1 + Tc / Tf). Then
+m >= 2 (1 + Tc / Tf). That needs the expert nodes' work and the wire on hardware of their own: with every process
+on one host's cores (``ClusterShape.shared_host``: ``bench --mesh`` and the calibration on a CPU box) the
+measured mesh shows no overlap (docs/cluster-model.md), and a layer is m (Ta + Tc + Te). Then
 
     TPOT = L_moe x T_layer + (L - L_moe) x m x Ta + overhead_us(B)      tokens/s = A x B / TPOT
 
@@ -59,6 +61,9 @@ class ClusterShape:
     batch: int  # sequences per attention node
     context: int  # tokens of context per sequence (mean over the decode)
     micro_batches: int = 2
+    # Every process of the mesh on one host's cores (``bench --mesh``, the calibration): a micro-batch's round
+    # trip then does not overlap the next one's attention (see :func:`predict`).
+    shared_host: bool = False
 
     def check(self) -> None:
         for name in ("attention_nodes", "expert_nodes", "batch", "micro_batches"):
@@ -89,9 +94,28 @@ def interp(points: Sequence[tuple[float, float]], x: float) -> float:
     return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
+def monotone(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The closest non-decreasing fit (least squares, pool adjacent violators) through sorted (x, y) points.
+
+    A measured time never falls as the work grows (more rows, batch or bytes); a point below its left neighbour
+    is noise (a neighbour held the cores while the smaller point ran), and interpolating through it would bend
+    the model's curve down. Pooling the two replaces both with their mean."""
+    blocks: list[list[float]] = []  # [sum of y, count] per pooled run
+    for _, y in points:
+        blocks.append([y, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fitted = [total / count for total, count in blocks for _ in range(int(count))]
+    return [(x, y) for (x, _), y in zip(points, fitted)]
+
+
 @dataclass(frozen=True)
 class MeasuredProfile:
     """Tables measured by ``moemesh profile`` (microseconds), interpolated linearly.
+
+    :meth:`from_json` fits each table non-decreasing (:func:`monotone`) before it interpolates.
 
     ``attention``: {context: [(batch, us per layer)]}; ``expert``: [(rows, us per MoE layer with every expert in
     one process, K assignments per row)]; ``hop``: [(bytes there and back, us)]; ``overhead``: [(batch, us per
@@ -136,13 +160,13 @@ class MeasuredProfile:
             if not hops:
                 raise ModelError(f"the profile has no hop measurements for transport {transport!r} "
                                  f"(it has: {', '.join(sorted(data['hop_us'])) or 'none'})")
-            return cls({c: sorted(v) for c, v in attention.items()},
-                       sorted((float(r["rows"]), float(r["us"])) for r in data["expert_us"]),
-                       sorted((float(r["bytes"]), float(r["us"])) for r in hops),
-                       sorted((float(r["batch"]), float(r["us"])) for r in data["overhead_us"]),
+            return cls({c: monotone(sorted(v)) for c, v in attention.items()},
+                       monotone(sorted((float(r["rows"]), float(r["us"])) for r in data["expert_us"])),
+                       monotone(sorted((float(r["bytes"]), float(r["us"])) for r in hops)),
+                       monotone(sorted((float(r["batch"]), float(r["us"])) for r in data["overhead_us"])),
                        int(data["model"]["top_k"]),
                        sum(float(r.get("busy", 0.0)) for r in hops) / len(hops),
-                       sorted((float(r["bytes"]), float(r["two_nodes_us"])) for r in hops)
+                       monotone(sorted((float(r["bytes"]), float(r["two_nodes_us"])) for r in hops))
                        if all("two_nodes_us" in r for r in hops) else None)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ModelError):
@@ -184,7 +208,10 @@ def predict(profile: Profile, model: ModelShape, shape: ClusterShape) -> Predict
     te = profile.expert_us(a * b * model.top_k / n, model.n_experts / n)
     tc = profile.hop_us(model.dispatch_bytes(b), destinations(model.top_k, n), n)
     busy = profile.hop_busy * tc  # the attention node's own CPU time in the round trip
-    candidates = {"attention": m * (ta + busy), "experts": m * te, "round trip": ta + tc + te}
+    if shape.shared_host:  # nothing overlaps: the micro-batches' layers run one after another
+        candidates = {"attention": m * (ta + busy), "experts": m * te, "round trip": m * (ta + tc + te)}
+    else:
+        candidates = {"attention": m * (ta + busy), "experts": m * te, "round trip": ta + tc + te}
     bound = max(candidates, key=lambda k: (candidates[k], k == "round trip"))
     layer = candidates[bound]
     tpot_us = (model.n_moe_layers * layer + (model.n_layers - model.n_moe_layers) * m * ta

@@ -26,7 +26,7 @@ from moemesh import metrics
 from moemesh.control.cluster_view import ClusterView
 from moemesh.control.etcd import Registry, RegistryError, check_cluster_name
 from moemesh.control.records import PlacementStats
-from moemesh.control.servability import Servability
+from moemesh.control.servability import Servability, live_expert_nodes
 from moemesh.errors import MoemeshError
 from moemesh.logs import get_logger
 from moemesh.wire.server import create_server
@@ -44,6 +44,7 @@ from .generation import (  # noqa: F401 (MAX_RESUMES, NoNodeError, RETRY_BEFORE_
 )
 from .hop_status import fill_hops, straggler_ids
 from .pool import AttentionPool
+from .zone_status import placement_zone_warnings
 
 log = get_logger("moemesh.router")
 
@@ -137,7 +138,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             status = inference_pb2.NodeStatus(id=r.id, role=r.role, address=r.address, status=r.status,
                                               placement_version=r.placement_version or 0,
                                               planned_load=planned.get(r.id, 0.0),
-                                              applied_load=applied.get(r.id, 0.0))
+                                              applied_load=applied.get(r.id, 0.0), zone=r.zone or "")
             for layer, ids in r.hosted().items():
                 status.experts.add(layer=layer, experts=ids)
             load = loads.get(r.id)
@@ -156,7 +157,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         verdict = self.path.servability()
         response = inference_pb2.ClusterStatusResponse(
             nodes=nodes, placement_version=self.view.placement_version, leader=self.view.leader or "",
-            balance=balance, moved=stats.moved, placement_reason=stats.reason, window_tokens=stats.window_tokens)
+            balance=balance, moved=stats.moved, placement_reason=stats.reason, window_tokens=stats.window_tokens,
+            zone_warnings=placement_zone_warnings(placement, live_expert_nodes(records)))
         if verdict is not None:
             response.mesh_state, response.mesh_problem = verdict.state, verdict.message
             for layer, ids in verdict.missing.items():

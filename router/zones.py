@@ -52,12 +52,16 @@ def exposure(holders: Holders, zone_of: Sequence[int]) -> dict[int, list[int]]:
 
 
 def zone_warnings(layer_holders: Sequence[Holders], zones: Sequence[str | None], zone_of: Sequence[int] | None,
-                  n_experts: int, slots_per_node: int) -> tuple[str, ...]:
-    """One line per zone whose loss would leave experts unhosted, naming them and what would fix it."""
+                  n_experts: int, slots_per_node: int, layer_ids: Sequence[int] | None = None) -> tuple[str, ...]:
+    """One line per zone whose loss would leave experts unhosted, naming them and what would fix it.
+
+    Layers are named by ``layer_ids`` (the model's MoE layer indices, in ``layer_holders`` order), else by
+    position."""
     if zone_of is None:
         return ()
+    ids = range(len(layer_holders)) if layer_ids is None else layer_ids
     gaps: dict[int, dict[int, list[int]]] = {}
-    for layer, holders in enumerate(layer_holders):
+    for layer, holders in zip(ids, layer_holders, strict=True):
         for z, experts in exposure(holders, zone_of).items():
             gaps.setdefault(z, {})[layer] = experts
     names = {zone_of[n]: (zones[n] if zones[n] is not None else f"of node {n}") for n in range(len(zone_of))}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from moemesh.argtypes import positive_int
 from moemesh.cli import flags
@@ -32,7 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--zone", default=None, metavar="Z",
                    help="this node's failure domain (rack, zone), with --etcd: the router puts an expert's replicas "
                    "in different zones when the slots allow, and warns when losing a zone would leave experts "
-                   "unhosted (default: none; nodes without a zone count as a zone each)")
+                   "unhosted (default: $MOEMESH_ZONE when set and not empty, e.g. from the pod's "
+                   "topology.kubernetes.io/zone label: deploy/README.md; else none, and nodes without a zone count "
+                   "as a zone each)")
     p.add_argument("--max-batched-tokens", type=positive_int, default=DEFAULT_MAX_BATCHED_TOKENS, metavar="T",
                    help="the largest step (tokens) of the attention nodes it serves: sizes the largest Dispatch "
                    "message taken (T x hidden x 4 bytes, plus ids and weights and 1 MiB); larger ones are refused "
@@ -43,6 +46,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--torch-port", type=int, default=0, metavar="P",
                    help="with --transport torch: port of the TCPStore where groups rendezvous (default: 0 = any)")
     return p
+
+
+def zone_from(args: argparse.Namespace, env) -> str | None:
+    """``--zone``, else ``MOEMESH_ZONE`` (empty: none, as a downward-API label the node lacks gives)."""
+    if getattr(args, "zone", None) is not None:
+        return args.zone.strip()
+    return (env.get("MOEMESH_ZONE") or "").strip() or None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "zone", None) is not None and not args.zone.strip():
         raise UsageError("--zone must be a non-empty name (a rack or zone), or left out")
     if args.experts is None:
+        args.zone = zone_from(args, os.environ)
         if args.etcd is None:
             raise UsageError("give --experts SPEC (a fixed shard) or --etcd HOST:PORT (the router's placement)")
         from moemesh.expert_node.registered import serve_registered

@@ -36,6 +36,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="mean context tokens per sequence over the decode (default: 1024)")
     g.add_argument("--micro-batches", type=positive_int, metavar="M", help="ping-pong micro-batches (default: search)")
     g.add_argument("--tpot-ms", type=positive_float, metavar="T", help="TPOT bound for the search, ms")
+    g.add_argument("--shared-host", action="store_true",
+                   help="every node process on this one host's cores, as `moemesh bench --mesh` runs them: "
+                   "micro-batches then do not overlap the round trip (scripts/calibrate-cluster-model.sh)")
 
 
 def _costs(args):
@@ -71,8 +74,11 @@ def cluster(args: argparse.Namespace) -> dict:
         if reason:
             raise ModelError(f"this shape does not fit in memory: {reason}")
         p = predict(profile, model, ClusterShape(args.attention_nodes, args.expert_nodes, args.batch, args.context,
-                                                 args.micro_batches))
+                                                 args.micro_batches, getattr(args, "shared_host", False)))
     else:
+        if getattr(args, "shared_host", False):
+            raise ModelError("--shared-host predicts one given shape (--attention-nodes, --expert-nodes, --batch, "
+                             "--micro-batches without --tpot-ms): it describes a test mesh, not one to size")
         p = recommend(profile, model, context=args.context, tpot_ms=args.tpot_ms,
                       attention_nodes=[args.attention_nodes] if args.attention_nodes else NODES,
                       expert_nodes=[args.expert_nodes] if args.expert_nodes else NODES,
@@ -89,7 +95,8 @@ def format_prediction(data: dict) -> str:
     p = Prediction(ClusterShape(**s), **{k: v for k, v in data.items() if k != "shape"})
     return "\n".join([
         f"{s['attention_nodes']} attention : {s['expert_nodes']} expert nodes, batch {s['batch']} per attention "
-        f"node, context {s['context']}, {s['micro_batches']} micro-batches",
+        f"node, context {s['context']}, {s['micro_batches']} micro-batches"
+        + (", every process on one host" if s.get("shared_host") else ""),
         f"tokens/s {p.tokens_per_s:.1f}, TPOT {p.tpot_ms:.3f} ms ({p.bound} bound: layer {p.layer_us:.1f} us)",
         f"per layer: attention {p.attention_us:.1f} us, experts {p.expert_us:.1f} us, round trip {p.hop_us:.1f} us",
         f"utilisation: attention {p.attention_utilisation:.0%}, experts {p.expert_utilisation:.0%}; "

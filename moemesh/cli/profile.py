@@ -48,7 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=_ints, default=[32, 256], metavar="C,C,...",
                    help="context lengths (prompt tokens) timed (default: 32,256)")
     p.add_argument("--steps", type=positive_int, default=8, help="decode steps timed per point (default: 8)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="runs per point; the quickest counts (default: 3)")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="runs per point, taken round all the points in turn; the quickest counts (default: 3)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads while measuring (default: torch's; 1 = as `bench --mesh` runs the mesh)")
     p.add_argument("--hop-samples", type=positive_int, default=100, help="round trips timed per hop size")
@@ -97,31 +98,43 @@ def _sync(t) -> None:
         torch.accelerator.synchronize(t.device)
 
 
-def _decode_point(mesh, timed, cfg, batch: int, context: int, steps: int, repeats: int) -> tuple[float, float]:
-    """(decode step us, routed-expert us per MoE layer) at ``batch`` x ``context``: the difference of two runs
-    that share the prefill, so the prefill cancels."""
-    import torch
-
+def _decode_run(mesh, timed, prompts, n: int) -> tuple[float, float, int]:
+    """One timed generate of ``n`` tokens: (seconds, seconds in routed experts of decode steps, their calls)."""
     from moemesh.sampling import SamplingParams
 
-    prompts = torch.randint(2, cfg.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0)).tolist()
-    times, routed = [], []
-    for n in (2, 2 + steps):
-        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        mesh.engine.generate(prompts, replace(params, max_tokens=2))  # warm-up
-        best = None
-        for _ in range(repeats):  # the quickest run: the one least disturbed by other work on the machine
-            timed.rows, timed.total_s, timed.calls = batch, 0.0, 0
-            start = time.perf_counter()
-            mesh.engine.generate(prompts, params)
-            run = (time.perf_counter() - start, timed.total_s, timed.calls)
-            best = run if best is None or run[0] < best[0] else best
-        times.append(best[0])
-        routed.append(best[1:])
-    step_us = (times[1] - times[0]) / steps * 1e6
-    total_s, calls = routed[1]  # the long run's decode steps (prefill calls have other row counts)
-    expert_us = total_s / max(1, calls) * 1e6  # per MoE layer call
-    return step_us, expert_us
+    timed.rows, timed.total_s, timed.calls = len(prompts), 0.0, 0
+    start = time.perf_counter()
+    mesh.engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    return time.perf_counter() - start, timed.total_s, timed.calls
+
+
+def _decode_points(mesh, timed, cfg, points: list[tuple[int, int]], steps: int, repeats: int
+                   ) -> dict[tuple[int, int], tuple[float, float]]:
+    """{(batch, context): (decode step us, routed-expert us per MoE layer)}: for each point the difference of two
+    runs that share the prefill (2 and 2 + ``steps`` tokens), so the prefill cancels.
+
+    The repeats go round the points (every point once, then again), and each run keeps its quickest: a neighbour
+    that holds the cores for a while then spoils one run of many points, not every run of one point."""
+    import torch
+
+    prompts = {(b, c): torch.randint(2, cfg.vocab_size, (b, c), generator=torch.Generator().manual_seed(0)).tolist()
+               for b, c in points}
+    best: dict[tuple[int, int, int], tuple[float, float, int]] = {}
+    for point in points:
+        _decode_run(mesh, timed, prompts[point], 2)  # warm-up: first-call allocations of this shape
+    for _ in range(repeats):
+        for point in points:
+            for n in (2, 2 + steps):
+                run = _decode_run(mesh, timed, prompts[point], n)
+                key = (*point, n)
+                if key not in best or run[0] < best[key][0]:
+                    best[key] = run
+    out = {}
+    for b, c in points:
+        short, long = best[b, c, 2], best[b, c, 2 + steps]
+        step_us = (long[0] - short[0]) / steps * 1e6
+        out[b, c] = (step_us, long[1] / max(1, long[2]) * 1e6)  # the long run's decode steps, per MoE layer call
+    return out
 
 
 def _fanout_us(links, layer: int, rows: int, hidden: int, k: int, samples: int) -> float:
@@ -202,18 +215,18 @@ def measure(args: argparse.Namespace) -> dict:
         for layer in mesh.engine.runner.model.moe_layers():
             layer.backend = timed
         attention, expert = [], {}
-        for context in args.contexts:
-            for batch in args.batches:
-                step_us, expert_us = _decode_point(mesh, timed, cfg, batch, context, args.steps, args.repeats)
-                if step_us <= len(cfg.moe_layers) * expert_us:
-                    print(f"moemesh profile: warning: batch {batch}, context {context}: the decode step measured "
-                          f"{step_us:.0f} us, no more than its experts: the machine is noisy, raise --steps or "
-                          "--repeats", file=sys.stderr)
-                n_moe = len(cfg.moe_layers)
-                attention.append({"batch": batch, "context": context,
-                                  "us": (step_us - n_moe * expert_us) / cfg.num_hidden_layers,
-                                  "step_us": step_us})
-                expert.setdefault(batch, []).append(expert_us)
+        points = [(batch, context) for context in args.contexts for batch in args.batches]
+        measured = _decode_points(mesh, timed, cfg, points, args.steps, args.repeats)
+        for batch, context in points:
+            step_us, expert_us = measured[batch, context]
+            if step_us <= len(cfg.moe_layers) * expert_us:
+                print(f"moemesh profile: warning: batch {batch}, context {context}: the decode step measured "
+                      f"{step_us:.0f} us, no more than its experts: the machine is noisy, raise --steps or "
+                      "--repeats", file=sys.stderr)
+            n_moe = len(cfg.moe_layers)
+            attention.append({"batch": batch, "context": context,
+                              "us": (step_us - n_moe * expert_us) / cfg.num_hidden_layers, "step_us": step_us})
+            expert.setdefault(batch, []).append(expert_us)
         act_bytes = torch.empty((), dtype=mesh.dtype).element_size()
         hops = _hops(args, cfg, args.batches, act_bytes)
     finally:

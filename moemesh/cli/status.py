@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     except MeshError as exc:
         return fail("status", exc)
     if args.json:
-        print(json.dumps({**status, "expert_node_loss": expert_node_loss(status)}))
+        print(json.dumps({**status, "expert_node_loss": expert_node_loss(status), "zone_loss": zone_loss(status)}))
         return 0
     print(format_status(status))
     return 0
@@ -50,6 +50,10 @@ def format_status(status: dict) -> str:
         lines.append(f"  balancedness (mean/max node load) worst {worst:.3f}; by layer {per_layer}")
     if any(n.get("role") == "expert" for n in status.get("nodes", [])):
         lines.append(f"  one expert-node loss: {expert_node_loss(status)}")
+    zones = zone_loss(status)
+    if zones is not None:
+        lines.append(f"  one zone loss: {zones}")
+    lines.extend(f"  warning: {w}" for w in status.get("zone_warnings") or [])  # the planner's check (zone_status.py)
     computed = sum(int(n.get("tokens_computed", 0)) for n in status.get("nodes", []) if n.get("role") == "expert")
     for node in status.get("nodes", []):
         if node.get("role") == "attn":
@@ -61,7 +65,8 @@ def format_status(status: dict) -> str:
             experts = sum(len(le.get("experts", [])) for le in node.get("experts", []))
             tokens = int(node.get("tokens_computed", 0))
             share = f" ({tokens / computed:.1%})" if computed else ""
-            load = f"{experts} experts, {load_line(node)}, computed {tokens} routed tokens{share}"
+            zone = f"zone {node['zone']}, " if node.get("zone") else ""
+            load = f"{zone}{experts} experts, {load_line(node)}, computed {tokens} routed tokens{share}"
             if int(node.get("hop_samples", 0)):  # the attention nodes' last window (router/hop_status.py)
                 load += (f", hop p50 {float(node['hop_p50_us']):.0f} us p99 {float(node['hop_p99_us']):.0f} us "
                          f"(compute p50 {float(node['compute_p50_us']):.0f} us)"
@@ -78,6 +83,24 @@ def load_line(node: dict) -> str:
     if abs(applied - planned) < 5e-4:  # equal as printed: one figure
         return f"planned load {planned:.1%}"
     return f"planned load {planned:.1%} (applied {applied:.1%}: stragglers given less)"
+
+
+def zone_loss(status: dict) -> str | None:
+    """Whether losing any one zone leaves every expert a replica in another, from what the ready expert nodes
+    serve now: ``survivable (zones a, b)``, ``NOT survivable (losing zone a would lose ...)``; None when no
+    expert node names a zone. A node without a zone is a zone of its own, as the planner counts it."""
+    serving = [n for n in status.get("nodes", []) if n.get("role") == "expert" and n.get("status") == "ready"]
+    if not any(n.get("zone") for n in serving):
+        return None
+    by_zone: dict[str, dict[int, list[int]]] = {}
+    for n in serving:
+        zone = by_zone.setdefault(f"zone {n['zone']}" if n.get("zone") else f"node {n.get('id', '?')}", {})
+        for le in n.get("experts", []):
+            zone.setdefault(int(le.get("layer", 0)), []).extend(le.get("experts", []))
+    if len(by_zone) == 1:
+        return f"NOT survivable (every serving expert node is in {next(iter(by_zone))})"
+    verdict = describe_exposure(loss_exposure(by_zone))
+    return f"{verdict} ({', '.join(sorted(by_zone))})" if verdict == "survivable" else verdict
 
 
 def prefix_cache_line(node: dict) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from moemesh.argtypes import non_negative_float, non_negative_int, port, positive_float, positive_int
 from moemesh.cli import flags
+from moemesh.cli.up_zones import check_zones, parse_zones, zone_loss_warning, zone_of_expert
 from moemesh.wire.limits import DEFAULT_MAX_BATCHED_TOKENS
 
 
@@ -60,6 +61,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="experts per MoE layer each expert node can hold (default: enough that losing any one "
                    "expert node leaves every expert a replica, min(E, ceil(2E/N)), plus a tenth of the even share "
                    "for hot replicas; fewer saves memory but one node loss then stops service)")
+    p.add_argument("--expert-zones", type=parse_zones, default=None, metavar="Z0,Z1,...",
+                   help="failure domains (racks, zones) of the expert nodes, round-robin: expert-0 gets Z0, expert-1 "
+                   "Z1, ...; the router puts each expert's replicas in two zones when the slots allow, and `moemesh "
+                   "status` says whether losing a zone leaves every expert hosted (default: no zones)")
     p.add_argument("--rebalance-interval", type=non_negative_float, default=30.0, metavar="S",
                    help="the router re-plans expert placement on measured loads every S seconds; 0 = only when "
                    "expert nodes join or leave (default: 30)")
@@ -228,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_expert_nodes is not None and args.max_expert_nodes < args.expert_nodes:
         raise flags.UsageError(f"--max-expert-nodes ({args.max_expert_nodes}) must be >= --expert-nodes "
                                f"({args.expert_nodes})")
+    zones = getattr(args, "expert_zones", None)
+    check_zones(zones, args.expert_nodes)
     tls = control_tls(args)  # a missing or unreadable certificate directory fails here, before anything starts
     resolve_device(args.device)  # here, not in each child: a missing GPU is one line before anything starts
     model = args.model or str(ensure_demo_model())
@@ -252,11 +259,16 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(f"moemesh up: warning: {warning}", file=sys.stderr, flush=True)
         get_logger("moemesh.up").warning("expert_node_loss_not_survivable", detail=warning)
+    zone_warning = zone_loss_warning(cfg.n_routed_experts, args.expert_nodes, slots, zones, not args.no_replicas)
+    if zone_warning:
+        print(f"moemesh up: warning: {zone_warning}", file=sys.stderr, flush=True)
+        get_logger("moemesh.up").warning("zone_loss_not_survivable", detail=zone_warning)
 
     def expert_args(name: str) -> list[str]:
         return ["expert-node", "--model", model, "--etcd", etcd.endpoint, *etcd_flags, "--cluster", args.cluster,
                 "--node-id", name, "--slots", str(slots), "--max-batched-tokens", str(args.max_batched_tokens),
-                *_tls_args(args, "expert"), *token_args, *_transport_args(args), *_device_args(args)]
+                *_tls_args(args, "expert"), *token_args, *_transport_args(args), *_device_args(args),
+                *(["--zone", zone_of_expert(name, zones)] if zones else [])]
 
     # one thread each: the processes share this machine's cores
     mesh = ProcessMesh(log_dir, expert_args, threads=1,
@@ -284,7 +296,11 @@ def run(args: argparse.Namespace) -> int:
                           "control": f"{args.host}:{control_port}", "tls": tls is not None,
                           **({"operator_token_file": str(work / "operator.token")} if tokens else {}),
                           "attn_nodes": args.attn_nodes, "expert_nodes": args.expert_nodes, "expert_slots": slots,
-                          "expert_node_loss": "NOT survivable" if warning else "survivable", "model": model,
+                          "expert_node_loss": "NOT survivable" if warning else "survivable",
+                          **({"expert_zones": {f"expert-{i}": zone_of_expert(f"expert-{i}", zones)
+                                               for i in range(args.expert_nodes)},
+                              "zone_loss": "NOT survivable" if zone_warning else "survivable"} if zones else {}),
+                          "model": model,
                           "logs": str(log_dir), "seconds": round(time.monotonic() - started, 2)}), flush=True)
         reported: set[str] = set()
         while not stop.wait(0.5):

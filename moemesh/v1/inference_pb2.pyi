@@ -152,7 +152,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "role", "address", "status", "experts", "running", "waiting", "cache_free", "placement_version", "planned_load", "tokens_computed", "prompt_tokens", "prefix_hit_tokens", "cached_blocks", "evicted_blocks", "hop_samples", "hop_p50_us", "hop_p99_us", "compute_p50_us", "hop_straggler", "applied_load", "micro_batches")
+    __slots__ = ("id", "role", "address", "status", "experts", "running", "waiting", "cache_free", "placement_version", "planned_load", "tokens_computed", "prompt_tokens", "prefix_hit_tokens", "cached_blocks", "evicted_blocks", "hop_samples", "hop_p50_us", "hop_p99_us", "compute_p50_us", "hop_straggler", "applied_load", "micro_batches", "zone")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class NodeStatus(_message.Message):
     HOP_STRAGGLER_FIELD_NUMBER: _ClassVar[int]
     APPLIED_LOAD_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     address: str
@@ -197,7 +198,8 @@ class NodeStatus(_message.Message):
     hop_straggler: bool
     applied_load: float
     micro_batches: int
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExpertIds, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_free: _Optional[float] = ..., placement_version: _Optional[int] = ..., planned_load: _Optional[float] = ..., tokens_computed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., evicted_blocks: _Optional[int] = ..., hop_samples: _Optional[int] = ..., hop_p50_us: _Optional[float] = ..., hop_p99_us: _Optional[float] = ..., compute_p50_us: _Optional[float] = ..., hop_straggler: _Optional[bool] = ..., applied_load: _Optional[float] = ..., micro_batches: _Optional[int] = ...) -> None: ...
+    zone: str
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExpertIds, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., cache_free: _Optional[float] = ..., placement_version: _Optional[int] = ..., planned_load: _Optional[float] = ..., tokens_computed: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., evicted_blocks: _Optional[int] = ..., hop_samples: _Optional[int] = ..., hop_p50_us: _Optional[float] = ..., hop_p99_us: _Optional[float] = ..., compute_p50_us: _Optional[float] = ..., hop_straggler: _Optional[bool] = ..., applied_load: _Optional[float] = ..., micro_batches: _Optional[int] = ..., zone: _Optional[str] = ...) -> None: ...
 
 class LayerExpertIds(_message.Message):
     __slots__ = ("layer", "experts")
@@ -216,7 +218,7 @@ class LayerBalance(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., balancedness: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("nodes", "placement_version", "leader", "balance", "moved", "placement_reason", "window_tokens", "mesh_state", "mesh_problem", "missing_experts")
+    __slots__ = ("nodes", "placement_version", "leader", "balance", "moved", "placement_reason", "window_tokens", "mesh_state", "mesh_problem", "missing_experts", "zone_warnings")
     NODES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +229,7 @@ class ClusterStatusResponse(_message.Message):
     MESH_STATE_FIELD_NUMBER: _ClassVar[int]
     MESH_PROBLEM_FIELD_NUMBER: _ClassVar[int]
     MISSING_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    ZONE_WARNINGS_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     placement_version: int
     leader: str
@@ -237,4 +240,5 @@ class ClusterStatusResponse(_message.Message):
     mesh_state: str
     mesh_problem: str
     missing_experts: _containers.RepeatedCompositeFieldContainer[LayerExpertIds]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., placement_version: _Optional[int] = ..., leader: _Optional[str] = ..., balance: _Optional[_Iterable[_Union[LayerBalance, _Mapping]]] = ..., moved: _Optional[int] = ..., placement_reason: _Optional[str] = ..., window_tokens: _Optional[int] = ..., mesh_state: _Optional[str] = ..., mesh_problem: _Optional[str] = ..., missing_experts: _Optional[_Iterable[_Union[LayerExpertIds, _Mapping]]] = ...) -> None: ...
+    zone_warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., placement_version: _Optional[int] = ..., leader: _Optional[str] = ..., balance: _Optional[_Iterable[_Union[LayerBalance, _Mapping]]] = ..., moved: _Optional[int] = ..., placement_reason: _Optional[str] = ..., window_tokens: _Optional[int] = ..., mesh_state: _Optional[str] = ..., mesh_problem: _Optional[str] = ..., missing_experts: _Optional[_Iterable[_Union[LayerExpertIds, _Mapping]]] = ..., zone_warnings: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moemesh.cluster_model import (ClusterShape, MeasuredProfile, ModelError, ModelShape, destinations, interp,
-                                   predict, recommend)
+                                   monotone, predict, recommend)
 from moemesh.hardware import Hardware, LayerDims, RooflineProfile
 
 MODEL = ModelShape(n_layers=4, n_moe_layers=3, hidden_size=10, top_k=2, n_experts=8, act_bytes=2)
@@ -110,6 +110,25 @@ def test_bad_shapes_are_named():
         predict(Constant(), MODEL, ClusterShape(1, 0, 8, 0, 1))
 
 
+def test_monotone_pools_what_falls():
+    assert monotone([(1, 5.0), (2, 3.0), (3, 7.0)]) == [(1, 4.0), (2, 4.0), (3, 7.0)]
+    # the falling tail pools back until the fit rises: 1, then (9 + 2 + 1) / 3 = 4 three times
+    assert monotone([(1, 1.0), (2, 9.0), (4, 2.0), (8, 1.0)]) == [(1, 1.0), (2, 4.0), (4, 4.0), (8, 4.0)]
+    assert monotone([(1, 1.0), (2, 2.0)]) == [(1, 1.0), (2, 2.0)] and monotone([]) == []
+
+
+def test_a_noisy_profile_is_read_non_decreasing():
+    data = {"model": {"top_k": 1}, "attention_us": [
+        {"batch": 1, "context": 10, "us": 100}, {"batch": 32, "context": 10, "us": 300},
+        {"batch": 64, "context": 10, "us": 100}],
+        "expert_us": [{"rows": 1, "us": 50}, {"rows": 64, "us": 30}],
+        "hop_us": {"grpc": [{"bytes": 100, "us": 200}, {"bytes": 300, "us": 400}]},
+        "overhead_us": [{"batch": 1, "us": 0.0}]}
+    profile = MeasuredProfile.from_json(data)
+    assert profile.attention[10] == [(1.0, 100.0), (32.0, 200.0), (64.0, 200.0)]
+    assert profile.expert == [(1.0, 40.0), (64.0, 40.0)]
+
+
 def test_a_measured_profile_interpolates_its_tables():
     data = {"model": {"top_k": 2}, "attention_us": [
         {"batch": 1, "context": 10, "us": 10}, {"batch": 9, "context": 10, "us": 50},
@@ -169,3 +188,14 @@ def test_roofline_says_when_a_shape_does_not_fit():
         "attention weights and a cache of 10000 x 1000 tokens need 2 GB per attention node")
     assert roof.misfit(ModelShape(4, 3, 100, 2, 100000), ClusterShape(1, 1, 1, 10, 1)) == (
         "100000 experts x 3 layers need 4 GB per expert node")
+
+
+def test_a_shared_host_runs_micro_batches_one_after_another():
+    # Constant costs: Ta 100, Te 80, Tc 50 per micro-batch. Apart, 2 micro-batches: max(200, 160, 230) = 230;
+    # on one host: max(200, 160, 2 x 230) = 460; one micro-batch is the same either way (230).
+    apart = predict(Constant(), MODEL, ClusterShape(1, 2, 8, 0, 2))
+    shared = predict(Constant(), MODEL, ClusterShape(1, 2, 8, 0, 2, shared_host=True))
+    assert (apart.layer_us, apart.bound) == (230.0, "round trip")
+    assert (shared.layer_us, shared.bound) == (460.0, "round trip")
+    assert predict(Constant(), MODEL, ClusterShape(1, 2, 8, 0, 1, shared_host=True)).layer_us == 230.0
+    assert shared.to_json()["shape"]["shared_host"] is True

@@ -39,9 +39,16 @@ def test_a_fixed_shape_from_a_measured_profile(tmp_path, capsys, model_dir):
     tpot_us = moe * 230 + (layers - moe) * 100 + 1000
     assert data["tpot_ms"] == pytest.approx(tpot_us / 1000)
     assert data["tokens_per_s"] == pytest.approx(32 / tpot_us * 1e6)
-    assert data["shape"] == {"attention_nodes": 1, "expert_nodes": 2, "batch": 32, "context": 8, "micro_batches": 1}
+    assert data["shape"] == {"attention_nodes": 1, "expert_nodes": 2, "batch": 32, "context": 8, "micro_batches": 1,
+                             "shared_host": False}
     rc, text, _ = _plan(flags[:-1], capsys)
     assert rc == 0 and "tokens/s" in text and "MegaScale-Infer" in text
+    # --shared-host: 2 micro-batches one after another, 2 x 230 per MoE layer, 2 x 100 per dense layer
+    two = [*flags[:-4], "2", "--context", "8", "--shared-host", "--json"]
+    rc, out, err = _plan(two, capsys)
+    assert rc == 0 and json.loads(out)["tpot_ms"] == pytest.approx((moe * 460 + (layers - moe) * 200 + 1000) / 1000)
+    rc, _, err = _plan([f for f in two if f not in ("--attention-nodes", "1")], capsys)
+    assert rc != 0 and "--shared-host predicts one given shape" in err
 
 
 def test_a_search_under_a_tpot_with_a_hardware_preset(capsys, model_dir):
