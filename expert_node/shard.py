@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -55,9 +56,23 @@ class _LayerExperts:
     w13_scale_inv: torch.Tensor | None = None  # [E_l, ceil(2I'/bn), ceil(D/bk)] fp32, FP8 only
     w2_scale_inv: torch.Tensor | None = None  # [E_l, ceil(D/bn), ceil(I'/bk)] fp32, FP8 only
 
-    @property
-    def hosted(self) -> np.ndarray:
+    @cached_property
+    def hosted(self) -> np.ndarray:  # once per snapshot: messages ask for it on every call
         return self.slot_of_host >= 0
+
+    @cached_property
+    def _accepts(self) -> np.ndarray:
+        """[E + 1] bool: entry 0 for id -1 (skip), entry e + 1 for expert e (hosted or not)."""
+        return np.concatenate([[True], self.hosted])
+
+    def accepts_ids(self, ids: np.ndarray) -> bool:
+        """Every id is -1 or an expert hosted in this snapshot: one gather over the ids (ids + 1, seen unsigned,
+        puts every id below -1 past the table's end, as it does every id above the experts)."""
+        shifted = (ids + 1).view(np.uint32 if ids.dtype.itemsize == 4 else np.uint64)
+        try:
+            return bool(self._accepts.take(shifted).all())
+        except IndexError:
+            return False
 
     def nbytes(self) -> int:
         parts = (self.slot_of, self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv)
@@ -109,6 +124,11 @@ class ExpertShard:
     def hosted(self) -> dict[int, list[int]]:
         """layer id -> sorted logical expert ids held."""
         return {layer: sorted(le.expert_ids) for layer, le in self._layers.items()}
+
+    def snapshot(self, layer_id: int) -> _LayerExperts | None:
+        """The layer's experts as they are now (None when it has none here): check a message against it and pass
+        it to ``forward(snapshot=)`` to compute with the same one (a load or drop replaces it, never changes it)."""
+        return self._layers.get(layer_id)
 
     def hosted_mask(self, layer_id: int) -> np.ndarray | None:
         """[E] bool, True for experts of ``layer_id`` held here; None when the layer has none."""
@@ -254,6 +274,7 @@ class ExpertShard:
         *,
         validate: bool = True,
         host_ids: np.ndarray | None = None,  # [T, K] a host copy of topk_idx, for validation
+        snapshot: _LayerExperts | None = None,  # the layer's snapshot the caller checked host_ids against
     ) -> torch.Tensor:
         """Per row, sum_k w_k * SwiGLU_k(x) over the row's experts that this shard hosts; [T, D].
 
@@ -264,10 +285,12 @@ class ExpertShard:
         snapshot used). It reads ``host_ids`` when given, else copies ``topk_idx`` to the
         host: a device sync on GPUs, so GPU callers pass ``host_ids`` (the Dispatch
         service has them) or ``validate=False`` (ids from the model's own gate).
+        A ``snapshot`` (from :meth:`snapshot`) that ``host_ids`` were checked against
+        (``accepts_ids``) is computed with as it is, and not checked again.
         """
         out = torch.zeros_like(x)  # [T, D]
-        le = self._layers.get(layer_id)  # one snapshot for the whole call
-        if validate:
+        le = self._layers.get(layer_id) if snapshot is None else snapshot  # one snapshot for the whole call
+        if validate and (snapshot is None or host_ids is None):
             ids = host_ids if host_ids is not None else topk_idx.detach().cpu().numpy()
             self._validate(layer_id, le, np.asarray(ids))
         if le is None or x.shape[0] == 0 or topk_idx.shape[1] == 0:
