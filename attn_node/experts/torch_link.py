@@ -308,6 +308,7 @@ class TorchPair:
         if reader is not None and reader is not threading.current_thread():
             reader.join(self.timeout_s + 1.0)
         self.fail("closed by the attention node")  # ends the session call; anything unanswered goes to on_lost
+        self.hops.flush()
 
 
 class TorchLink:
