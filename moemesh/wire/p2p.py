@@ -27,6 +27,12 @@ share byte order (little-endian everywhere we run, as for the codec)::
       compute_ns, send_ns (what the node spent, by its own clock: DispatchResponse's fields 30-32),
       then the partial rows in the request's dtype
 
+On the ``tcp`` stream the host frames are not packed at all: :func:`request_parts` and
+:func:`reply_parts` give a message as the buffers it is made of (the header's bytes, the ids and
+weights, the caller's own rows) for one gathering send, and the receiver reads a message as views of
+its bytes (:func:`host_meta`, :func:`host_rows`, :func:`host_reply`): the same bytes as the tensors
+:func:`pack_request` and :func:`pack_reply` build for gloo and NCCL.
+
 The expert node posts one receive of ``64 + inline_bytes`` for every frame; gloo
 lets a shorter message land in it, so a decode-sized request is one message each
 way, like a gRPC round trip. Larger bodies (and every body on NCCL, which needs
