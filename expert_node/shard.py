@@ -60,19 +60,12 @@ class _LayerExperts:
     def hosted(self) -> np.ndarray:  # once per snapshot: messages ask for it on every call
         return self.slot_of_host >= 0
 
-    @cached_property
-    def _accepts(self) -> np.ndarray:
-        """[E + 1] bool: entry 0 for id -1 (skip), entry e + 1 for expert e (hosted or not)."""
-        return np.concatenate([[True], self.hosted])
+    _accepts = cached_property(lambda self: np.concatenate([[True], self.hosted]))  # [E + 1]: -1 first, then experts
 
     def accepts_ids(self, ids: np.ndarray) -> bool:
-        """Every id is -1 or an expert hosted in this snapshot: one gather over the ids (ids + 1, seen unsigned,
-        puts every id below -1 past the table's end, as it does every id above the experts)."""
+        """Every id is -1 or hosted here: one gather (ids + 1 seen unsigned puts ids < -1 past the table's end)."""
         shifted = (ids + 1).view(np.uint32 if ids.dtype.itemsize == 4 else np.uint64)
-        try:
-            return bool(self._accepts.take(shifted).all())
-        except IndexError:
-            return False
+        return bool(shifted.max(initial=0) < len(self._accepts) and self._accepts[shifted].all())
 
     def nbytes(self) -> int:
         parts = (self.slot_of, self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv)
@@ -126,8 +119,7 @@ class ExpertShard:
         return {layer: sorted(le.expert_ids) for layer, le in self._layers.items()}
 
     def snapshot(self, layer_id: int) -> _LayerExperts | None:
-        """The layer's experts as they are now (None when it has none here): check a message against it and pass
-        it to ``forward(snapshot=)`` to compute with the same one (a load or drop replaces it, never changes it)."""
+        """The layer's experts now (None: none here); check ids against it, then ``forward(snapshot=)`` with it."""
         return self._layers.get(layer_id)
 
     def hosted_mask(self, layer_id: int) -> np.ndarray | None:
@@ -285,8 +277,6 @@ class ExpertShard:
         snapshot used). It reads ``host_ids`` when given, else copies ``topk_idx`` to the
         host: a device sync on GPUs, so GPU callers pass ``host_ids`` (the Dispatch
         service has them) or ``validate=False`` (ids from the model's own gate).
-        A ``snapshot`` (from :meth:`snapshot`) that ``host_ids`` were checked against
-        (``accepts_ids``) is computed with as it is, and not checked again.
         """
         out = torch.zeros_like(x)  # [T, D]
         le = self._layers.get(layer_id) if snapshot is None else snapshot  # one snapshot for the whole call
