@@ -190,13 +190,17 @@ def _count_tokens(layer: int, ids: np.ndarray) -> int:
     routed = ids[ids >= 0]
     if not routed.size:
         return 0
-    counts = np.bincount(routed.ravel())
+    count_tokens(layer, np.bincount(routed.ravel()))
+    return int(routed.size)
+
+
+def count_tokens(layer: int, counts: np.ndarray) -> None:
+    """Add ``counts`` (tokens per expert id of ``layer``) to the Prometheus counters."""
     for expert in np.flatnonzero(counts).tolist():
         child = _TOKEN_COUNTERS.get((layer, expert))
         if child is None:
             child = _TOKEN_COUNTERS[layer, expert] = metrics.EXPERT_TOKENS.labels(str(layer), str(expert))
         child.inc(int(counts[expert]))
-    return int(routed.size)
 
 
 async def shut_down(server: grpc.aio.Server, service, health_servicer, drain_timeout_s: float,

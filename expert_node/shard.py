@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -55,9 +56,16 @@ class _LayerExperts:
     w13_scale_inv: torch.Tensor | None = None  # [E_l, ceil(2I'/bn), ceil(D/bk)] fp32, FP8 only
     w2_scale_inv: torch.Tensor | None = None  # [E_l, ceil(D/bn), ceil(I'/bk)] fp32, FP8 only
 
-    @property
-    def hosted(self) -> np.ndarray:
+    @cached_property
+    def hosted(self) -> np.ndarray:  # once per snapshot: messages ask for it on every call
         return self.slot_of_host >= 0
+
+    _accepts = cached_property(lambda self: np.concatenate([[True], self.hosted]))  # [E + 1]: -1 first, then experts
+
+    def accepts_ids(self, ids: np.ndarray) -> bool:
+        """Every id is -1 or hosted here: one gather (ids + 1 seen unsigned puts ids < -1 past the table's end)."""
+        shifted = (ids + 1).view(np.uint32 if ids.dtype.itemsize == 4 else np.uint64)
+        return bool(shifted.max(initial=0) < len(self._accepts) and self._accepts[shifted].all())
 
     def nbytes(self) -> int:
         parts = (self.slot_of, self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv)
@@ -109,6 +117,10 @@ class ExpertShard:
     def hosted(self) -> dict[int, list[int]]:
         """layer id -> sorted logical expert ids held."""
         return {layer: sorted(le.expert_ids) for layer, le in self._layers.items()}
+
+    def snapshot(self, layer_id: int) -> _LayerExperts | None:
+        """The layer's experts now (None: none here); check ids against it, then ``forward(snapshot=)`` with it."""
+        return self._layers.get(layer_id)
 
     def hosted_mask(self, layer_id: int) -> np.ndarray | None:
         """[E] bool, True for experts of ``layer_id`` held here; None when the layer has none."""
@@ -254,6 +266,7 @@ class ExpertShard:
         *,
         validate: bool = True,
         host_ids: np.ndarray | None = None,  # [T, K] a host copy of topk_idx, for validation
+        snapshot: _LayerExperts | None = None,  # the layer's snapshot the caller checked host_ids against
     ) -> torch.Tensor:
         """Per row, sum_k w_k * SwiGLU_k(x) over the row's experts that this shard hosts; [T, D].
 
@@ -266,8 +279,8 @@ class ExpertShard:
         service has them) or ``validate=False`` (ids from the model's own gate).
         """
         out = torch.zeros_like(x)  # [T, D]
-        le = self._layers.get(layer_id)  # one snapshot for the whole call
-        if validate:
+        le = self._layers.get(layer_id) if snapshot is None else snapshot  # one snapshot for the whole call
+        if validate and (snapshot is None or host_ids is None):
             ids = host_ids if host_ids is not None else topk_idx.detach().cpu().numpy()
             self._validate(layer_id, le, np.asarray(ids))
         if le is None or x.shape[0] == 0 or topk_idx.shape[1] == 0:

@@ -35,7 +35,7 @@ from moemesh.wire import p2p
 from moemesh.logs import get_logger
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 
-from .server import HIDDEN_DTYPES, MESSAGES_OK, BadRequest, DispatchService, _count_tokens
+from .server import HIDDEN_DTYPES, MESSAGES_OK, BadRequest, DispatchService, _count_tokens, count_tokens
 
 log = get_logger("moemesh.expert_node.torch")
 
@@ -75,7 +75,10 @@ class _Session:
                                                 self.timeout_s, hostname, self.device)
             log.info("torch_session_up", prefix=self.prefix, backend=self.backend, peer=self.peer_host,
                      version=self.version)
-            self._serve(req_pg, rep_pg)
+            if self.backend == "tcp":
+                self._serve_stream(req_pg)
+            else:
+                self._serve(req_pg, rep_pg)
         except BadRequest as exc:
             metrics.EXPERT_MESSAGES.labels("invalid").inc()
             log.warning("bad_torch_frame", prefix=self.prefix, error=str(exc))
@@ -142,12 +145,64 @@ class _Session:
             if sending is not None and self.error is None:
                 p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")  # delivered before the group goes
 
+    def _serve_stream(self, pair) -> None:
+        """The ``tcp`` backend's loop, on this thread alone: receive (one read), check, compute, send (one write).
+
+        Every message is a view of the pair's receive buffer: the rows are computed from the received bytes in
+        place, and the reply goes out as its prefix and the result's own memory. Checks are O(1) Python work per
+        message (numpy passes over the ids and weights); Prometheus counts are added up here and published at
+        most every :data:`TALLY_S` (and on pings and at the end)."""
+        limit = p2p.HEADER_BYTES + self.inline_bytes
+        shard, tally, zeros = self.svc.shard, _Tally(self.svc), _Zeros()
+        try:
+            while not self.stopping.is_set():
+                frame = pair.recv_message(self.idle_s, limit)
+                received = time.monotonic_ns()  # the node's own clock: the reply carries durations only
+                h = p2p.unpack_header(frame)
+                if h.kind == p2p.KIND_PING:
+                    tally.flush()
+                    continue
+                if h.kind == p2p.KIND_BYE:
+                    return
+                self.busy = True
+                snapshot = self._check_header(h)
+                if h.kind == p2p.KIND_INLINE:
+                    _check_length(frame.nbytes, p2p.HEADER_BYTES + h.body_bytes, "frame")
+                    body = frame[p2p.HEADER_BYTES:]
+                else:
+                    _check_length(frame.nbytes, p2p.HEADER_BYTES, "header frame")
+                    body = pair.recv_message(self.timeout_s, h.body_bytes)
+                    _check_length(body.nbytes, h.body_bytes, "body")
+                ids, weights = p2p.host_meta(body, h)  # views of the received bytes, no copy
+                self._check_rows(h.layer, ids, weights, snapshot)
+                parsed = time.monotonic_ns()
+                if (ids >= 0).any():
+                    x = p2p.host_rows(body, h)  # a view too: computed from where it landed
+                    y = shard.forward(h.layer, x, torch.from_numpy(ids), torch.from_numpy(weights), host_ids=ids,
+                                      snapshot=snapshot)  # checked just above
+                    if y.dtype != x.dtype or not y.is_contiguous():
+                        y = y.to(dtype=x.dtype).contiguous()
+                else:  # every assignment is computed elsewhere (forward's own shortcut): zeros, without torch
+                    y = zeros.of(h.rows * h.hidden * h.dtype.itemsize)
+                computed = time.monotonic_ns()
+                pair.send_parts(p2p.reply_parts(h.msg_id, y, 0, parsed - received, computed - parsed,
+                                                time.monotonic_ns() - computed))
+                tally.add(h.layer, ids)
+                self.messages += 1
+                self.busy = False
+        except RuntimeError as exc:  # the stream's own errors (closed, timed out, out of step)
+            raise p2p.P2PError(str(exc)) from exc
+        finally:
+            tally.flush()
+
     # ---- validation: what DispatchService.parse checks, on frames ---------
-    def _check_header(self, h: p2p.Header) -> None:
+    def _check_header(self, h: p2p.Header):
+        """The layer's snapshot of the shard (what the rows are checked against and computed with)."""
         cfg = self.svc.cfg
         if h.kind not in (p2p.KIND_DISPATCH, p2p.KIND_INLINE):
             raise BadRequest(f"unknown frame kind {h.kind}")
-        if self.svc.shard.hosted_mask(h.layer) is None:
+        snapshot = self.svc.shard.snapshot(h.layer)
+        if snapshot is None:
             raise BadRequest(f"layer {h.layer} has no experts on this node (hosted MoE layers: "
                              f"{sorted(self.svc.shard.hosted()) or 'none'})")
         if h.dtype not in HIDDEN_DTYPES:
@@ -161,16 +216,79 @@ class _Session:
         if h.kind == p2p.KIND_INLINE and h.body_bytes > self.inline_bytes:
             raise BadRequest(f"an inline body of {h.body_bytes} bytes; this session carries at most "
                              f"{self.inline_bytes} in a frame")
+        return snapshot
 
-    def _check_rows(self, layer: int, ids: np.ndarray, w: np.ndarray) -> None:
-        if ids.min() < -1 or ids.max() >= self.svc.cfg.n_routed_experts:
-            raise BadRequest(f"expert ids must be in 0..{self.svc.cfg.n_routed_experts - 1} (or -1 = skip)")
-        routed = ids[ids >= 0]
-        foreign = routed[~self.svc.shard.hosted_mask(layer)[routed]]
-        if foreign.size:
+    def _check_rows(self, layer: int, ids: np.ndarray, w: np.ndarray, snapshot=None) -> None:
+        """Ids in range and hosted in ``snapshot`` (default: the layer's now), finite weights; numpy passes only:
+        the snapshot's ``accepts`` table answers range and hosting in one gather (see ExpertShard)."""
+        snapshot = snapshot if snapshot is not None else self.svc.shard.snapshot(layer)
+        if not snapshot.accepts_ids(ids):
+            n = self.svc.cfg.n_routed_experts
+            if ids.min() < -1 or ids.max() >= n:
+                raise BadRequest(f"expert ids must be in 0..{n - 1} (or -1 = skip)")
+            routed = ids[ids >= 0]
+            foreign = routed[~snapshot.hosted[routed]]
             raise BadRequest(f"layer {layer}: experts {np.unique(foreign)[:8].tolist()} are not hosted on this node")
         if not np.isfinite(w).all():
             raise BadRequest("topk_weights contain NaN or infinity")
+
+
+def _check_length(got: int, want: int, what: str) -> None:
+    if got != want:
+        raise BadRequest(f"a {what} of {got} bytes where its header says {want}")
+
+
+class _Zeros:
+    """Zero-filled reply rows by size (a few sizes, small ones kept: decode steps repeat theirs)."""
+
+    KEEP_BYTES, KEEP_SIZES = 1 << 20, 8
+
+    def __init__(self):
+        self._by_size: dict[int, np.ndarray] = {}
+
+    def of(self, nbytes: int) -> np.ndarray:
+        got = self._by_size.get(nbytes)
+        if got is None:
+            got = np.zeros(nbytes, dtype=np.uint8)
+            if nbytes <= self.KEEP_BYTES:
+                if len(self._by_size) >= self.KEEP_SIZES:
+                    self._by_size.clear()
+                self._by_size[nbytes] = got
+        return got
+
+
+TALLY_S = 0.5  # how stale the node's Prometheus message and token counts may get while it serves a stream
+
+
+class _Tally:
+    """Messages and routed tokens per (layer, expert), added up per session and published to Prometheus in
+    batches: a counter's ``inc`` costs about a microsecond, and a decode message touches up to K experts per row.
+    Info's ``tokens_computed`` is counted at once (it is one integer)."""
+
+    def __init__(self, svc: DispatchService):
+        self.svc = svc
+        self.n = svc.cfg.n_routed_experts
+        self.messages = 0
+        self.tokens: dict[int, np.ndarray] = {}  # layer -> counts per expert not yet published
+        self.since = time.monotonic()
+
+    def add(self, layer: int, ids: np.ndarray) -> None:
+        self.messages += 1
+        routed = ids[ids >= 0]
+        if routed.size:
+            counts = np.bincount(routed, minlength=self.n)
+            held = self.tokens.get(layer)
+            self.tokens[layer] = counts if held is None else held + counts
+            self.svc.tokens_computed += int(routed.size)
+        if time.monotonic() - self.since >= TALLY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.messages:
+            MESSAGES_OK.inc(self.messages)
+        for layer, counts in self.tokens.items():
+            count_tokens(layer, counts)
+        self.messages, self.tokens, self.since = 0, {}, time.monotonic()
 
 
 class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):

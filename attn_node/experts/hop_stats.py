@@ -6,9 +6,12 @@ expert node reports in the reply what it spent by its own clock (``DispatchRespo
 shared, so the two network legs are not told apart; what the node did not account for is the
 *transport* (both legs plus this side's framing): ``hop - receive - compute - send``.
 
-Every hop goes to ``moemesh_dispatch_{hop,node_receive,compute,node_send,transport}_seconds{node=...}``
-and to the process's :data:`HOPS` window, which the Load reply summarizes per node
-(``hop_p50_us``, ``hop_p99_us``, ``compute_p50_us``: ``moemesh status --json`` shows them).
+Every hop goes to the process's :data:`HOPS` window at once, which the Load reply summarizes per node
+(``hop_p50_us``, ``hop_p99_us``, ``compute_p50_us``: ``moemesh status --json`` shows them), and to
+``moemesh_dispatch_{hop,node_receive,compute,node_send,transport}_seconds{node=...}`` in batches: five
+histogram observations cost several microseconds, a good part of a decode hop on the torch transport,
+so a recorder publishes every :data:`FLUSH_EVERY` hops or :data:`FLUSH_S` seconds, and whenever the
+window is summarized (a Load call) or its link closes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -23,6 +27,7 @@ from moemesh import metrics
 
 DEFAULT_WINDOW_S = 60.0
 MAX_SAMPLES = 4096  # per node: enough for a p99, bounded memory at any rate
+FLUSH_EVERY, FLUSH_S = 32, 1.0  # a recorder's Prometheus observations wait for this many hops or seconds at most
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class HopWindow:
         self.window_s, self.max_samples, self.clock = window_s, max_samples, clock
         self._hops: dict[str, deque] = {}
         self._lock = threading.Lock()
+        self.recorders: weakref.WeakSet = weakref.WeakSet()  # flushed by summaries()
 
     def record(self, address: str, hop_s: float, compute_s: float) -> None:
         now = self.clock()
@@ -63,6 +69,8 @@ class HopWindow:
 
     def summaries(self) -> list[HopSummary]:
         """One summary per node with hops in the window, by address; nodes silent for a window are forgotten."""
+        for recorder in list(self.recorders):
+            recorder.flush()
         cutoff = self.clock() - self.window_s
         out = []
         with self._lock:
@@ -90,6 +98,10 @@ class HopRecorder:
     def __init__(self, address: str, window: HopWindow | None = None):
         self.address = address
         self.window = HOPS if window is None else window
+        self.window.recorders.add(self)
+        self._pending: list[tuple[float, int, int, int]] = []  # hops not yet in the histograms
+        self._since = self.window.clock()
+        self._lock = threading.Lock()
         self._hop = metrics.DISPATCH_HOP.labels(address)
         self._receive = metrics.DISPATCH_NODE_RECEIVE.labels(address)
         self._compute = metrics.DISPATCH_COMPUTE.labels(address)
@@ -97,11 +109,22 @@ class HopRecorder:
         self._transport = metrics.DISPATCH_TRANSPORT.labels(address)
 
     def record(self, hop_s: float, receive_ns: int, compute_ns: int, send_ns: int) -> None:
-        receive_s, compute_s, send_s = receive_ns * 1e-9, compute_ns * 1e-9, send_ns * 1e-9
-        self._hop.observe(hop_s)
-        self._receive.observe(receive_s)
-        self._compute.observe(compute_s)
-        self._send.observe(send_s)
-        # a node clock running fast could report more than the hop: the transport is then 0, never negative
-        self._transport.observe(max(0.0, hop_s - receive_s - compute_s - send_s))
-        self.window.record(self.address, hop_s, compute_s)
+        self.window.record(self.address, hop_s, compute_ns * 1e-9)
+        with self._lock:
+            self._pending.append((hop_s, receive_ns, compute_ns, send_ns))
+            due = len(self._pending) >= FLUSH_EVERY or self.window.clock() - self._since >= FLUSH_S
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Publish the hops recorded since the last flush to the histograms."""
+        with self._lock:
+            pending, self._pending, self._since = self._pending, [], self.window.clock()
+        for hop_s, receive_ns, compute_ns, send_ns in pending:
+            receive_s, compute_s, send_s = receive_ns * 1e-9, compute_ns * 1e-9, send_ns * 1e-9
+            self._hop.observe(hop_s)
+            self._receive.observe(receive_s)
+            self._compute.observe(compute_s)
+            self._send.observe(send_s)
+            # a node clock running fast could report more than the hop: the transport is then 0, never negative
+            self._transport.observe(max(0.0, hop_s - receive_s - compute_s - send_s))

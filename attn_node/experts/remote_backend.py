@@ -267,6 +267,7 @@ class NodeLink:
 
     def close(self) -> None:
         self.fail("closed by the attention node")
+        self.hops.flush()
         self._outbox.put(None)
         self._call.cancel()
         self._channel.close()

@@ -111,7 +111,7 @@ class TorchPair:
             self._last_send = time.monotonic()
             if (first.backend or self.backend) == "tcp":
                 self._stream = rep_pg
-                self._direct = DirectReplies(lambda entry: self._take_reply(rep_pg, *entry[:5]), self.fail)
+                self._direct = DirectReplies(lambda entry: self._take_stream_reply(rep_pg, *entry), self.fail)
             else:
                 self._reader = threading.Thread(target=self._read_loop, args=(req_pg, rep_pg),
                                                 name=f"torch-read-{self.address}", daemon=True)
@@ -139,16 +139,23 @@ class TorchPair:
                 return fut
             x, idx, w = x[:n], idx[:n], w[:n]
         msg_id = next(self._ids)
-        messages = p2p.pack_request(msg_id, layer, x, idx, w, version, self.device, self.inline_bytes)
         reply_size = p2p.reply_bytes(x.shape[0], self.hidden_size, x.dtype)
-        if direct is not None:
-            direct.before_send(sum(m.numel() for m in messages), reply_size)
+        if direct is not None:  # the tcp stream: the messages as the buffers they are made of, gathered by the send
+            messages = p2p.request_parts(msg_id, layer, x.contiguous(), idx, w, version, self.inline_bytes)
+            direct.before_send(p2p.HEADER_BYTES + idx.numel() * 8 + x.numel() * x.element_size(), reply_size)
+        else:
+            messages = p2p.pack_request(msg_id, layer, x, idx, w, version, self.device, self.inline_bytes)
         with self._lock:
             if self.failure is not None or self._closed:
                 self._lost(fut, args, self.failure or "closed by the attention node")
                 return fut
             try:
-                works = [self._pg.send([m], p2p.EXPERT_RANK, p2p.TAG_REQUEST) for m in messages]
+                if direct is not None:
+                    for parts in messages:
+                        self._stream.send_parts(parts)
+                    works = ()
+                else:
+                    works = [self._pg.send([m], p2p.EXPERT_RANK, p2p.TAG_REQUEST) for m in messages]
             except RuntimeError as exc:  # gloo refuses at once when the pair's connection is gone
                 works, error = None, str(exc)
             else:
@@ -197,6 +204,27 @@ class TorchPair:
         if got is not None and got != buf.numel():
             raise p2p.P2PError(f"reply of {got} bytes where {buf.numel()} were due: frames out of step")
         reply = p2p.unpack_reply(buf, rows, self.hidden_size, dtype)
+        if reply.msg_id != msg_id or reply.status != 0:
+            raise p2p.P2PError(f"reply {reply.msg_id} (status {reply.status}) where {msg_id} was due: "
+                               "frames out of step")
+        with self._lock:
+            entry = self._pending.pop(msg_id, None)
+        self.messages += 1
+        if entry is not None:
+            self.hops.record(time.monotonic() - sent_at, reply.receive_ns, reply.compute_ns, reply.send_ns)
+            entry[0].set_result(reply.rows)
+
+    def _take_stream_reply(self, stream, msg_id: int, rows: int, dtype: torch.dtype, deadline: float,
+                           sent_at: float, reply_size: int) -> None:
+        """The tcp stream's :meth:`_take_reply`: one read (the reply usually comes whole with its length), the
+        rows copied once out of the stream's buffer into the tensor handed on."""
+        try:
+            msg = stream.recv_message(deadline - time.monotonic(), reply_size)
+        except RuntimeError as exc:
+            raise p2p.P2PError(f"waiting for a reply: {exc}") from exc
+        if msg.nbytes != reply_size:
+            raise p2p.P2PError(f"reply of {msg.nbytes} bytes where {reply_size} were due: frames out of step")
+        reply = p2p.host_reply(msg, rows, self.hidden_size, dtype)
         if reply.msg_id != msg_id or reply.status != 0:
             raise p2p.P2PError(f"reply {reply.msg_id} (status {reply.status}) where {msg_id} was due: "
                                "frames out of step")
@@ -280,6 +308,7 @@ class TorchPair:
         if reader is not None and reader is not threading.current_thread():
             reader.join(self.timeout_s + 1.0)
         self.fail("closed by the attention node")  # ends the session call; anything unanswered goes to on_lost
+        self.hops.flush()
 
 
 class TorchLink:

@@ -27,6 +27,12 @@ share byte order (little-endian everywhere we run, as for the codec)::
       compute_ns, send_ns (what the node spent, by its own clock: DispatchResponse's fields 30-32),
       then the partial rows in the request's dtype
 
+On the ``tcp`` stream the host frames are not packed at all: :func:`request_parts` and
+:func:`reply_parts` give a message as the buffers it is made of (the header's bytes, the ids and
+weights, the caller's own rows) for one gathering send, and the receiver reads a message as views of
+its bytes (:func:`host_meta`, :func:`host_rows`, :func:`host_reply`): the same bytes as the tensors
+:func:`pack_request` and :func:`pack_reply` build for gloo and NCCL.
+
 The expert node posts one receive of ``64 + inline_bytes`` for every frame; gloo
 lets a shorter message land in it, so a decode-sized request is one message each
 way, like a gRPC round trip. Larger bodies (and every body on NCCL, which needs
@@ -58,8 +64,9 @@ from __future__ import annotations
 
 import datetime
 import socket
+import struct
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -81,12 +88,16 @@ INLINE_BYTES = 1 << 20  # gloo: bodies up to 1 MiB ride in the header's frame (a
 MAX_BODY_BYTES = 256 << 20  # as gRPC's message limit
 
 
+_HEADER = struct.Struct("<8q")  # the header's int64[8], read and written without a tensor or an array
+_PREFIX = struct.Struct("<5q")  # a reply's prefix
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}  # hidden dtypes numpy has
+
+
 class P2PError(RuntimeError):
     """A send, receive or rendezvous of a pair group failed or timed out; the group is unusable."""
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):  # a tuple: built per message, at a third of a frozen dataclass's cost
     kind: int
     msg_id: int
     layer: int
@@ -147,29 +158,53 @@ def pack_request(msg_id: int, layer: int, x: torch.Tensor, idx: torch.Tensor, w:
         # device to device: rows, ids and weights are packed on the device (x, idx, w are there already);
         # only the header's eight host ints go up, through pinned memory (no sync)
         header = _upload(head, device)
-        meta = torch.cat([idx.to(device=device, dtype=torch.int32),
-                          w.to(device=device, dtype=torch.float32).view(torch.int32)], dim=1)  # [rows, 2k]
+        ids = idx.to(device=device, dtype=torch.int32).reshape(-1).view(torch.uint8)
+        weights = w.to(device=device, dtype=torch.float32).reshape(-1).view(torch.uint8)
         rows_bytes = x.to(device=device).reshape(-1).view(torch.uint8)  # reshape copies only a strided x
-        body = torch.cat([meta.reshape(-1).view(torch.uint8), rows_bytes])
+        body = torch.cat([ids, weights, rows_bytes])
         return [torch.cat([header, body])] if kind == KIND_INLINE else [header, body]
     buf = torch.empty(HEADER_BYTES + body_bytes, dtype=torch.uint8)
     raw = buf.numpy()
-    raw[:HEADER_BYTES].view(np.int64)[:] = head
-    meta = raw[HEADER_BYTES:HEADER_BYTES + split].view(np.int32).reshape(rows, 2 * k)
-    meta[:, :k] = idx.cpu().numpy()
-    meta[:, k:] = w.detach().cpu().float().numpy().view(np.int32)
+    _HEADER.pack_into(raw, 0, *head)
+    meta = raw[HEADER_BYTES:HEADER_BYTES + split]
+    meta[: split // 2].view(np.int32)[:] = idx.cpu().numpy().reshape(-1)
+    meta[split // 2:].view(np.float32)[:] = w.detach().cpu().float().numpy().reshape(-1)
     buf[HEADER_BYTES + split:].view(x.dtype).view(rows, hidden).copy_(x)
     return [buf] if kind == KIND_INLINE else [buf[:HEADER_BYTES], buf[HEADER_BYTES:]]
+
+
+def _host_bytes(t: torch.Tensor) -> np.ndarray:
+    """A contiguous host tensor's memory as a numpy array (no copy; bf16 has no numpy dtype, int16 has its size)."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
+def request_parts(msg_id: int, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int,
+                  inline_bytes: int) -> list[list]:
+    """The messages of one dispatch request from host tensors, each as the buffers it is made of, in order: the
+    same bytes as :func:`pack_request`'s, for a gathering send (p2p_socket's ``send_parts``) that copies nothing
+    but the ids and weights it converts (to int32 and float32, [rows, k] each). ``x`` must be contiguous."""
+    rows, hidden = x.shape
+    k = idx.shape[1]
+    ids = np.ascontiguousarray(_host_bytes(idx), dtype=np.int32)  # no copy when it is so already
+    weights = np.ascontiguousarray(_host_bytes(w), dtype=np.float32)
+    body_bytes = rows * k * 8 + x.numel() * x.element_size()
+    kind = KIND_INLINE if body_bytes <= inline_bytes else KIND_DISPATCH
+    head = _HEADER.pack(kind, msg_id, layer, rows, k, version, dtype_to_proto(x.dtype), hidden)
+    if kind == KIND_INLINE:
+        return [[head, ids, weights, _host_bytes(x)]]
+    return [[head], [ids, weights, _host_bytes(x)]]
 
 
 def unpack_header(frame: torch.Tensor | np.ndarray) -> Header:
     """``frame``: the frame tensor, or (host frames) its numpy view, made once per buffer: ~1 us where torch
     slicing costs several."""
     if isinstance(frame, np.ndarray):
-        head = frame[:HEADER_BYTES]
+        head = frame
     else:  # host read (a sync on a device): the receiver must learn the frame's kind and sizes to post what follows
         head = _to_host(frame.narrow(0, 0, HEADER_BYTES)).numpy()
-    kind, msg_id, layer, rows, k, version, code, hidden = head.view(np.int64).tolist()
+    kind, msg_id, layer, rows, k, version, code, hidden = _HEADER.unpack_from(head)
     try:
         dtype = dtype_from_proto(code) if kind in (KIND_DISPATCH, KIND_INLINE) else None
     except ValueError:
@@ -181,10 +216,11 @@ def body_tensors(body: torch.Tensor, h: Header) -> tuple[torch.Tensor, torch.Ten
     """(hidden [rows, hidden], topk_idx int32 [rows, k], topk_weights float32 [rows, k]) on ``body``'s device:
     hidden is a view, ids and weights are small contiguous copies (on NCCL the shard computes from these; nothing
     goes through the host)."""
-    split = h.rows * h.k * 8
-    meta = body.narrow(0, 0, split).view(torch.int32).view(h.rows, 2 * h.k)
-    x = body.narrow(0, split, h.body_bytes - split).view(h.dtype).view(h.rows, h.hidden)
-    return x, meta.narrow(1, 0, h.k).contiguous(), meta.narrow(1, h.k, h.k).contiguous().view(torch.float32)
+    half = h.rows * h.k * 4
+    ids = body.narrow(0, 0, half).view(torch.int32).view(h.rows, h.k)
+    weights = body.narrow(0, half, half).view(torch.float32).view(h.rows, h.k)
+    x = body.narrow(0, 2 * half, h.body_bytes - 2 * half).view(h.dtype).view(h.rows, h.hidden)
+    return x, ids, weights
 
 
 def unpack_body(body: torch.Tensor, h: Header) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -194,20 +230,31 @@ def unpack_body(body: torch.Tensor, h: Header) -> tuple[torch.Tensor, np.ndarray
     split = h.rows * h.k * 8
     # host read (a sync on a device): ids and weights are validated before any math, because an id out of range
     # on a GPU is a device-side assert that ends the CUDA context; it is T*K*8 bytes, not the rows
-    meta = _to_host(body.narrow(0, 0, split)).numpy().view(np.int32).reshape(h.rows, 2 * h.k)
+    meta = _to_host(body.narrow(0, 0, split)).numpy()
     x = body.narrow(0, split, h.body_bytes - split).view(h.dtype).view(h.rows, h.hidden)
-    return x, np.ascontiguousarray(meta[:, : h.k]), np.ascontiguousarray(meta[:, h.k:]).view(np.float32)
+    return (x, meta[: split // 2].view(np.int32).reshape(h.rows, h.k),
+            meta[split // 2:].view(np.float32).reshape(h.rows, h.k))
+
+
+def host_meta(body: np.ndarray, h: Header) -> tuple[np.ndarray, np.ndarray]:
+    """A host body's (topk_idx int32 [rows, k], topk_weights float32 [rows, k]) as numpy views of its bytes."""
+    half = h.rows * h.k * 4
+    return body[:half].view(np.int32).reshape(h.rows, h.k), body[half:2 * half].view(np.float32).reshape(h.rows, h.k)
+
+
+def host_rows(body: np.ndarray, h: Header) -> torch.Tensor:
+    """A host body's hidden rows [rows, hidden] as a tensor over its bytes (no copy)."""
+    return torch.from_numpy(body[h.rows * h.k * 8:h.body_bytes]).view(h.dtype).view(h.rows, h.hidden)
 
 
 def host_body(body: np.ndarray, h: Header) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
-    """A host body (numpy uint8 view) as (hidden [rows, hidden] view, topk_idx int32, topk_weights float32 tensors,
-    and the same ids and weights in numpy, for the checks): numpy slicing and ``from_numpy``, no torch op but the
-    views (what unpack_body and body_tensors give, at a third of their cost on the host)."""
-    split = h.rows * h.k * 8
-    meta = body[:split].view(np.int32).reshape(h.rows, 2 * h.k)
-    ids = np.ascontiguousarray(meta[:, : h.k])
-    weights = np.ascontiguousarray(meta[:, h.k:]).view(np.float32)
-    x = torch.from_numpy(body[split:h.body_bytes]).view(h.dtype).view(h.rows, h.hidden)  # the frame's own bytes
+    """A host body (numpy uint8 view) as (hidden [rows, hidden], topk_idx int32, topk_weights float32 tensors,
+    and the same ids and weights in numpy, for the checks): all five are views of the body's own bytes (numpy
+    slicing and ``from_numpy``: no copy, and no torch op but the views)."""
+    half = h.rows * h.k * 4
+    ids = body[:half].view(np.int32).reshape(h.rows, h.k)
+    weights = body[half:2 * half].view(np.float32).reshape(h.rows, h.k)
+    x = torch.from_numpy(body[2 * half:h.body_bytes]).view(h.dtype).view(h.rows, h.hidden)
     return x, torch.from_numpy(ids), torch.from_numpy(weights), ids, weights
 
 
@@ -225,14 +272,21 @@ def pack_reply(msg_id: int, y: torch.Tensor, status: int = 0, receive_ns: int = 
     send_ns = 0 if started_ns is None else time.monotonic_ns() - started_ns
     prefix = [msg_id, status, receive_ns, compute_ns, send_ns]
     if y.device.type == "cpu":
-        buf[:REPLY_PREFIX].numpy().view(np.int64)[:] = prefix
+        _PREFIX.pack_into(buf.numpy(), 0, *prefix)
     else:
         buf.narrow(0, 0, REPLY_PREFIX).copy_(_upload(prefix, y.device))  # device to device, no sync
     return buf
 
 
-@dataclass(frozen=True)
-class Reply:
+def reply_parts(msg_id: int, y: torch.Tensor | np.ndarray, status: int = 0, receive_ns: int = 0, compute_ns: int = 0,
+                send_ns: int = 0) -> list:
+    """A host reply as the buffers of one gathering send (the same bytes as :func:`pack_reply`'s): the prefix,
+    then ``y``'s own memory (a contiguous host tensor, or its bytes in numpy), not copied."""
+    return [_PREFIX.pack(msg_id, status, receive_ns, compute_ns, send_ns), y if isinstance(y, np.ndarray)
+            else _host_bytes(y)]
+
+
+class Reply(NamedTuple):
     msg_id: int
     status: int
     receive_ns: int
@@ -244,13 +298,21 @@ class Reply:
 def unpack_reply(buf: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) -> Reply:
     # host read of 40 bytes (on a device, after the receive completed): frames must be checked in step before
     # their rows are handed on; the rows themselves stay where they are
-    if buf.device.type == "cpu":
-        prefix = buf.numpy()[:REPLY_PREFIX]
-    else:
-        prefix = _to_host(buf.narrow(0, 0, REPLY_PREFIX)).numpy()
-    msg_id, status, receive_ns, compute_ns, send_ns = prefix.view(np.int64).tolist()
+    prefix = buf.numpy() if buf.device.type == "cpu" else _to_host(buf.narrow(0, 0, REPLY_PREFIX)).numpy()
     y = buf[REPLY_PREFIX:].view(dtype).view(rows, hidden)
-    return Reply(msg_id, status, receive_ns, compute_ns, send_ns, y)
+    return Reply(*_PREFIX.unpack_from(prefix), y)
+
+
+def host_reply(msg: np.ndarray, rows: int, hidden: int, dtype: torch.dtype) -> Reply:
+    """A received host reply (a uint8 view that the next receive overwrites) with its rows copied out once, into
+    a tensor of their own: what the caller keeps."""
+    body = msg[REPLY_PREFIX:].copy()
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    if np_dtype is not None:  # shaped in numpy: a torch view costs more than the copy
+        y = torch.from_numpy(body.view(np_dtype).reshape(rows, hidden))
+    else:
+        y = torch.from_numpy(body).view(dtype).view(rows, hidden)
+    return Reply(*_PREFIX.unpack_from(msg), y)
 
 
 # ---- groups -----------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,3 +246,23 @@ def test_unaligned_sizes_fall_back_from_grouped_gemm():
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="strategy"):
         ExpertShard(E, strategy="fast")
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_snapshot_accepts_exactly_skips_and_hosted_ids(dtype):
+    shard = shard_with(make_weights(), [1, 3])
+    snap = shard.snapshot(LAYER)
+    assert snap is shard.snapshot(LAYER) and shard.snapshot(LAYER + 1) is None
+    ok = [[-1, 1], [3, -1]]
+    assert snap.accepts_ids(np.array(ok, dtype=dtype))
+    for bad in ([[0, 1]], [[-2, 1]], [[E, 1]], [[np.iinfo(dtype).max, 1]], [[np.iinfo(dtype).min, 1]]):
+        assert not snap.accepts_ids(np.array(bad, dtype=dtype)), bad
+
+
+def test_forward_with_a_checked_snapshot_computes_with_it():
+    weights = make_weights()
+    shard = shard_with(weights, range(E))
+    x, idx, w = make_batch(5)
+    snap = shard.snapshot(LAYER)
+    shard.add_experts(LAYER + 1, {0: weights[0]})  # another layer changes: this one's snapshot stands
+    close(shard.forward(LAYER, x, idx, w, host_ids=idx.numpy(), snapshot=snap), shard.forward(LAYER, x, idx, w))

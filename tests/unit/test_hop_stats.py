@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from prometheus_client import REGISTRY
 
-from moemesh.attn_node.experts.hop_stats import HopRecorder, HopSummary, HopWindow, percentile
+from moemesh.attn_node.experts.hop_stats import FLUSH_EVERY, HopRecorder, HopSummary, HopWindow, percentile
 from moemesh.router.hop_status import NodeHops, fill_hops, merge_hops, stragglers
 from moemesh.v1 import attention_pb2, inference_pb2
 
@@ -56,12 +56,27 @@ def test_recorder_observes_every_split_and_never_a_negative_transport():
     before = _count("moemesh_dispatch_transport_seconds", "rec-node:1")
     rec.record(0.001, receive_ns=100_000, compute_ns=500_000, send_ns=100_000)
     rec.record(0.001, receive_ns=0, compute_ns=2_000_000, send_ns=0)  # a node clock running fast
+    rec.flush()
     assert _count("moemesh_dispatch_transport_seconds", "rec-node:1") == before + 2
     assert _sum("moemesh_dispatch_transport_seconds", "rec-node:1") == pytest.approx(0.0003)
     assert _sum("moemesh_dispatch_compute_seconds", "rec-node:1") == pytest.approx(0.0025)
     assert _count("moemesh_dispatch_hop_seconds", "rec-node:1") == 2
     (s,) = rec.window.summaries()
     assert (s.samples, s.hop_p50_us, s.compute_p50_us) == (2, pytest.approx(1000.0), pytest.approx(500.0))
+
+
+def test_recorder_publishes_in_batches_and_when_the_window_is_summarized():
+    window = HopWindow(clock=Clock())
+    rec = HopRecorder("batch-node:1", window)
+    for _ in range(FLUSH_EVERY - 1):
+        rec.record(0.001, 0, 0, 0)
+    assert _count("moemesh_dispatch_hop_seconds", "batch-node:1") == 0  # held back: one batch later
+    rec.record(0.001, 0, 0, 0)
+    assert _count("moemesh_dispatch_hop_seconds", "batch-node:1") == FLUSH_EVERY
+    rec.record(0.002, 0, 0, 0)
+    (s,) = window.summaries()  # the window saw every hop at once; summarizing publishes what was held
+    assert s.samples == FLUSH_EVERY + 1
+    assert _count("moemesh_dispatch_hop_seconds", "batch-node:1") == FLUSH_EVERY + 1
 
 
 def _sample(name: str, suffix: str, node: str) -> float:
