@@ -8,7 +8,7 @@ remote experts every dispatch copies the rows to the host anyway, so host time i
   the attention node's busy time between two combines (A), its time in dispatch (S) and its wait in
   combine (W);
 - per hop, the expert nodes' own compute (C) and the rest of the hop (transport): the deltas of the
-  ``moemesh_dispatch_{compute,hop}_seconds`` histograms the links fill (attn_node/experts/hop_stats.py);
+  hop totals the links record (attn_node/experts/hop_stats.py ``HOPS.totals()``: at once, where the histograms lag);
 - the step's seconds, per micro-batch setting.
 
 Costs come from steps run whole (m = 1), per batch-size bucket; a step with no hop means the experts are
@@ -24,10 +24,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from moemesh import metrics
 from moemesh.expert_backend import ExpertBackend
 from moemesh.logs import get_logger
 
+from .experts.hop_stats import HOPS
 from .micro_batch_policy import LayerCosts, bucket_of, choose, probe
 from .scheduler import ScheduledSeq
 
@@ -105,21 +105,9 @@ def layer_times(marks: Sequence[tuple[float, float, float, float]]) -> LayerTime
     return LayerTimes(sum(busy) / len(busy), send, wait)
 
 
-def _totals(histogram) -> tuple[float, float]:
-    """(sum, count) over every label of a prometheus_client Histogram, read from its children (collect()
-    builds every bucket's sample: ~0.6 ms here, too dear per step)."""
-    total = count = 0.0
-    for child in list(histogram._metrics.values()):
-        total += child._sum.get()
-        count += sum(bucket.get() for bucket in child._buckets)
-    return total, count
-
-
-def hop_totals() -> tuple[float, float, float]:
+def hop_totals() -> tuple[float, float, int]:
     """(hop seconds, expert compute seconds, hops) recorded by this process's links so far."""
-    hop, n = _totals(metrics.DISPATCH_HOP)
-    compute, _ = _totals(metrics.DISPATCH_COMPUTE)
-    return hop, compute, n
+    return HOPS.totals()
 
 
 def _ema(old: float | None, new: float) -> float:

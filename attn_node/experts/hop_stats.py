@@ -58,6 +58,7 @@ class HopWindow:
         self._hops: dict[str, deque] = {}
         self._lock = threading.Lock()
         self.recorders: weakref.WeakSet = weakref.WeakSet()  # flushed by summaries()
+        self._totals = (0.0, 0.0, 0)  # every hop ever recorded: (hop seconds, compute seconds, hops)
 
     def record(self, address: str, hop_s: float, compute_s: float) -> None:
         now = self.clock()
@@ -66,6 +67,14 @@ class HopWindow:
             if hops is None:
                 hops = self._hops[address] = deque(maxlen=self.max_samples)
             hops.append((now, hop_s, compute_s))
+            hop_total, compute_total, count = self._totals
+            self._totals = (hop_total + hop_s, compute_total + compute_s, count + 1)
+
+    def totals(self) -> tuple[float, float, int]:
+        """(hop seconds, expert compute seconds, hops) over every hop recorded, at once (the histograms lag:
+        they are published in batches); ``--micro-batches auto`` reads its per-step deltas from here."""
+        with self._lock:
+            return self._totals
 
     def summaries(self) -> list[HopSummary]:
         """One summary per node with hops in the window, by address; nodes silent for a window are forgotten."""

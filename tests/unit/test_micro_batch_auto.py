@@ -8,8 +8,8 @@ from dataclasses import astuple, dataclass, replace
 import pytest
 import torch
 
-from moemesh import metrics
 from moemesh.attn_node.engine import Engine, EngineConfig
+from moemesh.attn_node.experts.hop_stats import HopRecorder
 from moemesh.attn_node.micro_batch_auto import (PROBE_EVERY, WARM_STEPS, AutoMicroBatches, FixedMicroBatches,
                                                 LayerClock, LayerTimes, check_micro_batches, hop_totals,
                                                 layer_times, micro_batching)
@@ -29,18 +29,12 @@ def test_layer_times_from_marks():
     assert layer_times([]) is None
 
 
-def test_hop_totals_read_what_prometheus_collects():
-    metrics.DISPATCH_HOP.labels("test-hop-totals:1").observe(0.003)
-    metrics.DISPATCH_COMPUTE.labels("test-hop-totals:1").observe(0.001)
-
-    def collected(histogram):
-        samples = [s for family in histogram.collect() for s in family.samples]
-        return (sum(s.value for s in samples if s.name.endswith("_sum")),
-                sum(s.value for s in samples if s.name.endswith("_count")))
-
+def test_hop_totals_count_each_hop_at_once():
+    """Hops count the moment a link records them, though the histograms are published in batches of 32."""
+    recorder = HopRecorder("test-hop-totals:1")
     hop, compute, n = hop_totals()
-    assert (hop, n) == pytest.approx(collected(metrics.DISPATCH_HOP))
-    assert compute == pytest.approx(collected(metrics.DISPATCH_COMPUTE)[0])
+    recorder.record(0.003, 0, 1_000_000, 0)
+    assert hop_totals() == pytest.approx((hop + 0.003, compute + 0.001, n + 1))
 
 
 @pytest.mark.parametrize("value", ["auto", 1, 3])
@@ -156,6 +150,7 @@ class _DelayedExperts(StaticExpertBackend):
 
     def __init__(self, inner, per_row_s: float):
         self.inner, self.per_row_s = inner, per_row_s
+        self.hops = HopRecorder("delayed-experts")
 
     def dispatch(self, layer_id, x, topk_idx, topk_weights):
         return self.inner.dispatch(layer_id, x, topk_idx, topk_weights), time.perf_counter(), x.shape[0]
@@ -164,8 +159,7 @@ class _DelayedExperts(StaticExpertBackend):
         y, sent, rows = handle
         hop = rows * self.per_row_s
         time.sleep(max(0.0, sent + hop - time.perf_counter()))
-        metrics.DISPATCH_HOP.labels("delayed-experts").observe(hop)
-        metrics.DISPATCH_COMPUTE.labels("delayed-experts").observe(0.0)
+        self.hops.record(hop, 0, 0, 0)
         return self.inner.combine(y)
 
 
