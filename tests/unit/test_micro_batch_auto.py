@@ -187,4 +187,5 @@ def test_engine_feeds_auto_from_a_remote_hop_and_probes_keep_the_tokens(tiny):  
     costs = eng.micro.costs(decode)
     assert eng.micro.remote is True and costs is not None
     assert costs.wait_s > 0 and costs.attn_s > 0 and costs.fixed_s == pytest.approx(0.004)  # 4 rows x 1 ms, no compute
-    assert eng.micro.steps_by_m.get(2, 0) >= 2  # the probes of steps 4 and 8 split (or the choice did)
+    # the probes of steps 4, 6, 8 and 10 split (or the choice did); into 2, 3 or 4 as this run's timings model it
+    assert sum(n for m, n in eng.micro.steps_by_m.items() if m >= 2) >= 2, eng.micro.steps_by_m
