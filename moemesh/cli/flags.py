@@ -193,3 +193,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "overlaps another's remote experts. Pays off when attention and experts run on separate "
                    "hardware; on one shared CPU it costs (each micro-batch re-reads the expert weights) "
                    "(default: 1 = off; bench --mesh measures 2)")
+
+
+def add_threads_arg(p: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    """--threads: torch's intra-op threads, the cores a CPU node streams its weights with."""
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help=f"torch intra-op threads for {what} (torch.set_num_threads). On a CPU node these are the "
+                   "cores that stream the weights: one per physical core of its memory domain is usually best "
+                   "(measure with `moemesh bench --json`: stream_gbps, roofline_fraction). Inter-op threads are "
+                   "left alone: inference runs one op at a time "
+                   f"(default: {default or 'what torch picks: OMP_NUM_THREADS when set, else the physical cores'})")
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads when ``--threads`` was given; leave torch's choice otherwise."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
