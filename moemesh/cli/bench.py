@@ -52,6 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "(moemesh/cli/bench_prefix.py)")
     flags.add_transport_arg(p, "bench")
     flags.add_engine_args(p)
+    flags.add_threads_arg(p, "this process: both sides and the streaming read (--mesh: its single process; "
+                          "--serving: refused)")
     add_serving_args(p)
     return p
 
@@ -88,11 +90,15 @@ def run(args: argparse.Namespace) -> int:
     if args.serving:
         if args.mesh:
             raise flags.UsageError("--mesh and --serving are two benchmarks: give one")
+        if args.threads is not None:
+            raise flags.UsageError("--threads sets this process's torch threads, and --serving computes in other "
+                                   "processes: start the mesh with `moemesh up --threads N`")
         from moemesh.cli.bench_serving import run_serving
 
         return run_serving(args)
     if args.router or args.http or args.baseline:
         raise flags.UsageError("--router, --http and --baseline belong to the serving benchmark: add --serving")
+    flags.apply_threads(args.threads)
     if not args.model:
         from moemesh.launch.embedded import ensure_demo_model
 

@@ -58,3 +58,8 @@ def test_up_hands_threads_to_every_node():
     for child in ("attn-node", "expert-node"):  # the children parse what up passes them
         assert build_parser().parse_args([child, "--model", "m", *up._device_args(args)]).threads == 4
     assert "--threads" not in up._device_args(build_parser().parse_args(["up"]))
+
+
+def test_bench_serving_refuses_threads(capsys):
+    assert main(["bench", "--serving", "--threads", "2"]) != 0
+    assert "moemesh up --threads N" in capsys.readouterr().err
