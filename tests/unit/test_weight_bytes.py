@@ -112,3 +112,29 @@ def test_fp8_kept_matches_the_shard(tmp_path, block):
     shard = load_expert_shard(str(fp8), cfg, progress=False, keep_fp8=True)
     slot_tables = len(cfg.moe_layers) * cfg.n_routed_experts * 8
     assert weight_bytes(cfg, "float32", cfg.quant.block_size).routed == shard.nbytes() - slot_tables
+
+
+# The published shapes (config.json of deepseek-ai/DeepSeek-V2-Lite and DeepSeek-V3): deploy/README.md's figures.
+V2_LITE = dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+               moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
+               kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+               n_shared_experts=2, num_experts_per_tok=6, topk_method="greedy", first_k_dense_replace=1,
+               torch_dtype="bfloat16")
+V3_FULL = dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+               moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
+               kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
+               n_shared_experts=1, num_experts_per_tok=8, topk_method="noaux_tc", n_group=8, topk_group=4,
+               first_k_dense_replace=3, torch_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("config, expert, routed, dense, params_b", [
+    (V2_LITE, 3 * 2048 * 1408 * 2, 26 * 64 * 17_301_504, 2_210_651_136, 15.7),
+    (V3_FULL, 3 * 7168 * 2048 * 2, 58 * 256 * 88_080_384, 32_594_829_312, 671),
+])
+def test_published_models_in_bf16(config, expert, routed, dense, params_b):
+    cfg = ModelConfig.from_dict(config)
+    wb = weight_bytes(cfg, "bfloat16")
+    assert (wb.expert, wb.routed, wb.dense) == (expert, routed, dense)
+    embedding = cfg.vocab_size * cfg.hidden_size * 2
+    # About the published parameter count at 2 bytes each (the fp32 gates are a rounding error).
+    assert (wb.dense + wb.routed + embedding) / 2 / 1e9 == pytest.approx(params_b, rel=0.01)
