@@ -28,12 +28,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="tokens/s of transformers and of moemesh on the same workload",
                               description="Run the same greedy workload (random prompts) through transformers' generate "
                               "and through the moemesh engine in one run; print tokens/s of each, the ratio, whether the "
-                              "tokens agree, the latent cache bytes per token next to what MHA would need, and the bandwidth roofline: "
-                              "the weight bytes a decode step reads (the dense weights and the routed experts its "
-                              "routing hit), the streaming-read bandwidth measured in the same run with the same "
-                              "threads, and the fraction of it the engine's decode steps reach. Both run on "
-                              "--device in --dtype (--dtype bfloat16: transformers too). Needs transformers (pip install 'moemesh[bench]'). --mesh and --serving "
-                              "are other benchmarks, on the same flags where they apply.")
+                              "tokens agree, the latent cache bytes per token next to what MHA would need, and the "
+                              "bandwidth roofline: the weight bytes a decode step reads (the dense weights and the "
+                              "routed experts its routing hit), the streaming-read bandwidth measured in the same run "
+                              "with the same threads, and the fraction of it the engine's decode steps reach. Both "
+                              "run on --device in --dtype (--dtype bfloat16: transformers too). Needs transformers "
+                              "(pip install 'moemesh[bench]'). --mesh and --serving are other benchmarks, on the same "
+                              "flags where they apply.")
     flags.add_model_arg(p, required=False)
     p.add_argument("--batch", type=positive_int, default=16, help="prompts run together (default: 16)")
     p.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt (default: 32)")
