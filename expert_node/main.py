@@ -59,7 +59,7 @@ async def serve(model_dir: str, spec: str, host: str, port: int, dtype, drain_ti
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, NOT_SERVING)
     log.info("loading_experts", layers=len(experts), experts=sum(len(v) for v in experts.values()), port=bound,
-             device=str(device), fp8_kept=keep_fp8 and cfg.quant is not None)
+             device=str(device), fp8_kept=keep_fp8 and cfg.quant is not None, threads=torch.get_num_threads())
     shard = await asyncio.to_thread(load_expert_shard, model_dir, cfg, experts, dtype, sys.stderr.isatty(),
                                     default_fused_moe(device), device=device, keep_fp8=keep_fp8)
     if stop.is_set():  # told to stop while loading: never announce SERVING

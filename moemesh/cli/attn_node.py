@@ -33,6 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "flag (default: the --model directory's name)")
     flags.add_transport_arg(p, "attn")
     flags.add_engine_args(p)
+    flags.add_threads_arg(p, "attention, shared experts and the lm_head")
     return p
 
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UsageError("--served-model-name must not be empty (leave it out to use the --model directory's name)")
     device = resolve_device(args.device)  # before anything loads: a missing GPU is one line, not a traceback
+    flags.apply_threads(args.threads)
     if args.auth_tokens:
         use_tokens(read_role_tokens(args.auth_tokens), "attn")
     cfg = ModelConfig.from_dir(args.model)

@@ -28,9 +28,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="tokens/s of transformers and of moemesh on the same workload",
                               description="Run the same greedy workload (random prompts) through transformers' generate "
                               "and through the moemesh engine in one run; print tokens/s of each, the ratio, whether the "
-                              "tokens agree, and the latent cache bytes per token next to what MHA would need. Both run on "
-                              "--device in --dtype. Needs transformers (pip install 'moemesh[bench]'). --mesh and --serving "
-                              "are other benchmarks, on the same flags where they apply.")
+                              "tokens agree, the latent cache bytes per token next to what MHA would need, and the "
+                              "bandwidth roofline: the weight bytes a decode step reads (the dense weights and the "
+                              "routed experts its routing hit), the streaming-read bandwidth measured in the same run "
+                              "with the same threads, and the fraction of it the engine's decode steps reach. Both "
+                              "run on --device in --dtype (--dtype bfloat16: transformers too). Needs transformers "
+                              "(pip install 'moemesh[bench]'). --mesh and --serving are other benchmarks, on the same "
+                              "flags where they apply.")
     flags.add_model_arg(p, required=False)
     p.add_argument("--batch", type=positive_int, default=16, help="prompts run together (default: 16)")
     p.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt (default: 32)")
@@ -49,6 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "(moemesh/cli/bench_prefix.py)")
     flags.add_transport_arg(p, "bench")
     flags.add_engine_args(p)
+    flags.add_threads_arg(p, "this process: both sides and the streaming read (--mesh: its single process; "
+                          "--serving: refused)")
     add_serving_args(p)
     return p
 
@@ -85,11 +91,15 @@ def run(args: argparse.Namespace) -> int:
     if args.serving:
         if args.mesh:
             raise flags.UsageError("--mesh and --serving are two benchmarks: give one")
+        if args.threads is not None:
+            raise flags.UsageError("--threads sets this process's torch threads, and --serving computes in other "
+                                   "processes: start the mesh with `moemesh up --threads N`")
         from moemesh.cli.bench_serving import run_serving
 
         return run_serving(args)
     if args.router or args.http or args.baseline:
         raise flags.UsageError("--router, --http and --baseline belong to the serving benchmark: add --serving")
+    flags.apply_threads(args.threads)
     if not args.model:
         from moemesh.launch.embedded import ensure_demo_model
 
@@ -108,8 +118,10 @@ def run(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
+    from moemesh.cli.bench_roofline import attach_hits, print_roofline, roofline_figures, run_metered, stream_gbps
     from moemesh.cli.generate import engine_config
     from moemesh.launch.embedded import build_local
+    from moemesh.model.weight_bytes import weight_bytes
 
     torch.manual_seed(0)
     mesh = build_local(args.model, args.dtype, engine_config(args), progress=not args.json, kernels=args.kernels,
@@ -126,13 +138,16 @@ def _run_bench(args: argparse.Namespace) -> int:
                               max_new_tokens=n_new, eos_token_id=None, pad_token_id=0)
         return out[:, args.prompt_len:].tolist()
 
-    def run_engine(p: SamplingParams):
-        return [o.token_ids for o in engine.generate(prompts.tolist(), p)]
-
+    hits = attach_hits(engine.runner.model, cfg)  # the experts each decode step's routing hits, on the device
     run_hf(2)  # warm-up: first calls allocate and pick kernels
-    run_engine(SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    run_metered(engine, hits, prompts.tolist(), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
     hf_s, hf_tokens = _time_best(lambda: run_hf(args.new_tokens), args.repeats)
-    en_s, en_tokens = _time_best(lambda: run_engine(params), args.repeats)
+    runs = [run_metered(engine, hits, prompts.tolist(), params) for _ in range(args.repeats)]
+    best = min(runs, key=lambda r: r.seconds)
+    en_s, en_tokens = best.seconds, best.tokens
+    gbps = stream_gbps(device)  # here, with the engine's threads: the bound its step is held to
+    roofline = roofline_figures(weight_bytes(cfg, str(dtype).removeprefix("torch."), _kept_fp8_block(mesh)),
+                                best, gbps, len(cfg.moe_layers))
     generated = args.batch * args.new_tokens
     elem = torch.tensor([], dtype=dtype).element_size()
     result = {
@@ -153,6 +168,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         # V3.2's indexer keys, cached beside the latent in the same rows (0 for V2/V3).
         "indexer_cache_bytes_per_token_per_layer": cfg.index_cache_dim * elem,
         "indexer_cache_bytes_per_token": cfg.index_cache_dim * elem * cfg.num_hidden_layers,
+        **roofline,
     }
     if emit_json(args, result):
         return 0
@@ -167,4 +183,11 @@ def _run_bench(args: argparse.Namespace) -> int:
           f"{result['mha_cache_bytes_per_token']} B ({result['mha_cache_bytes_per_token'] / result['latent_cache_bytes_per_token']:.1f}x smaller)")
     if cfg.has_indexer:
         print(f"indexer keys per token (beside the latent): {result['indexer_cache_bytes_per_token']} B")
+    print_roofline(roofline, args.batch, cfg.n_routed_experts, result["threads"])
     return 0
+
+
+def _kept_fp8_block(mesh) -> tuple[int, int] | None:
+    """The FP8 scale block when the in-process shard keeps the routed experts e4m3, else None."""
+    shard = getattr(mesh.engine.backend, "shard", None)
+    return getattr(shard, "fp8_block", None)

@@ -42,6 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "with RESOURCE_EXHAUSTED, and attention nodes split theirs to fit (default: "
                    f"{DEFAULT_MAX_BATCHED_TOKENS}, the attention nodes' default)")
     flags.add_device_args(p, "expert weight")
+    flags.add_threads_arg(p, "the expert math")
     flags.add_transport_arg(p, "expert")
     p.add_argument("--torch-port", type=int, default=0, metavar="P",
                    help="with --transport torch: port of the TCPStore where groups rendezvous (default: 0 = any)")
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.torch_port <= 65535:
         raise UsageError(f"--torch-port must be in 0..65535, got {args.torch_port}")
     device = resolve_device(args.device)  # before anything loads: a missing GPU is one line, not a traceback
+    flags.apply_threads(args.threads)
     cfg = ModelConfig.from_dir(args.model)
     dtype = resolve_dtype(args.dtype, cfg.dtype, device)
     keep = keep_fp8(args.fp8, device)

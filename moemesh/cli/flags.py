@@ -204,3 +204,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "only when the hidden time exceeds what splitting costs (a second pass over the expert "
                    "weights, a second hop), re-decided per batch size; always 1 with local experts "
                    "(default: auto)")
+
+
+def add_threads_arg(p: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    """--threads: torch's intra-op threads, the cores a CPU node streams its weights with."""
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help=f"torch intra-op threads for {what} (torch.set_num_threads). On a CPU node these are the "
+                   "cores that stream the weights: one per physical core of its memory domain is usually best "
+                   "(measure with `moemesh bench --json`: stream_gbps, roofline_fraction). Inter-op threads are "
+                   "left alone: inference runs one op at a time "
+                   f"(default: {default or 'what torch picks: OMP_NUM_THREADS when set, else the physical cores'})")
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads when ``--threads`` was given; leave torch's choice otherwise."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)

@@ -96,6 +96,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     flags.add_prefix_cache_arg(p)
     flags.add_transport_arg(p, "up")
     flags.add_device_args(p, "attention and expert weight")
+    flags.add_threads_arg(p, "every attention and expert node", default="1 per node process: they share this "
+                          "machine's cores, and OpenMP pools of several processes on the same cores stall each other")
     return p
 
 
@@ -147,8 +149,11 @@ def _secret(path: Path, text: str) -> None:
 
 
 def _device_args(args: argparse.Namespace) -> list[str]:
-    """Every attention and expert node computes on the same ``--device`` setting, in the same dtype."""
-    return ["--device", args.device, "--dtype", args.dtype, "--fp8", args.fp8]
+    """Every attention and expert node computes on the same ``--device`` setting, in the same dtype, with the
+    same ``--threads``."""
+    threads = getattr(args, "threads", None)
+    return ["--device", args.device, "--dtype", args.dtype, "--fp8", args.fp8,
+            *([] if threads is None else ["--threads", str(threads)])]
 
 
 def _transport_args(args: argparse.Namespace) -> list[str]:
@@ -270,8 +275,8 @@ def run(args: argparse.Namespace) -> int:
                 *_tls_args(args, "expert"), *token_args, *_transport_args(args), *_device_args(args),
                 *(["--zone", zone_of_expert(name, zones)] if zones else [])]
 
-    # one thread each: the processes share this machine's cores
-    mesh = ProcessMesh(log_dir, expert_args, threads=1,
+    # one thread each unless --threads: the processes share this machine's cores
+    mesh = ProcessMesh(log_dir, expert_args, threads=args.threads or 1,
                        max_experts=max(args.max_expert_nodes or DEFAULT_MAX_EXPERT_NODES, args.expert_nodes))
     control = None
     try:
