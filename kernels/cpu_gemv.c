@@ -17,9 +17,41 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* Vectors: AVX-512 (16 floats) where the compiler targets it (-march=native on such a CPU), else AVX2+FMA+F16C
+ * (8 floats), else scalar C: one code path over these few operations. */
+#if defined(__AVX512F__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define MM_AVX2 1
+#define VW 16
+typedef __m512 vf;
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vsum(v) _mm512_reduce_add_ps(v)
+static inline vf vwiden(const uint16_t *s, int bf16) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)s);
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define MM_AVX2 1
+#define VW 8
+typedef __m256 vf;
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline float vsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline vf vwiden(const uint16_t *s, int bf16) {
+    __m128i h = _mm_loadu_si128((const __m128i *)s);
+    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
 #endif
 
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
@@ -61,30 +93,16 @@ static void widen_rows(const void *w, int wdtype, int64_t n0, int nb, int64_t k,
         const uint16_t *s = (const uint16_t *)w + (n0 + r) * k;
         int64_t i = 0;
 #ifdef MM_AVX2
-        for (; i + 8 <= k; i += 8) {
-            __m128i h = _mm_loadu_si128((const __m128i *)(s + i));
-            __m256 f = wdtype == W_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-                                        : _mm256_cvtph_ps(h);
-            _mm256_storeu_ps(d + i, f);
-        }
+        for (; i + VW <= k; i += VW) vstore(d + i, vwiden(s + i, wdtype == W_BF16));
 #endif
         for (; i < k; i++) d[i] = wdtype == W_BF16 ? bf16_to_f32(s[i]) : f16_to_f32(s[i]);
     }
 }
 
 #ifdef MM_AVX2
-static inline __m256 load_w8(const void *w, int wdtype, int64_t off) {
-    if (wdtype == W_F32) return _mm256_loadu_ps((const float *)w + off);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + off));
-    return wdtype == W_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-                            : _mm256_cvtph_ps(h);
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+static inline vf load_w(const void *w, int wdtype, int64_t off) {
+    if (wdtype == W_F32) return vload((const float *)w + off);
+    return vwiden((const uint16_t *)w + off, wdtype == W_BF16);
 }
 #endif
 
@@ -99,24 +117,24 @@ static void row_dot_rows(const float *x, const void *w, int wdtype, int64_t n0, 
     int64_t i = 0;
 #ifdef MM_AVX2
     if (nb == NB) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
         const int64_t b0 = n0 * k, b1 = b0 + k, b2 = b1 + k, b3 = b2 + k;
-        for (; i + 8 <= k; i += 8) {
-            __m256 xv = _mm256_loadu_ps(x + i);
-            a0 = _mm256_fmadd_ps(xv, load_w8(w, wdtype, b0 + i), a0);
-            a1 = _mm256_fmadd_ps(xv, load_w8(w, wdtype, b1 + i), a1);
-            a2 = _mm256_fmadd_ps(xv, load_w8(w, wdtype, b2 + i), a2);
-            a3 = _mm256_fmadd_ps(xv, load_w8(w, wdtype, b3 + i), a3);
+        for (; i + VW <= k; i += VW) {
+            vf xv = vload(x + i);
+            a0 = vfma(xv, load_w(w, wdtype, b0 + i), a0);
+            a1 = vfma(xv, load_w(w, wdtype, b1 + i), a1);
+            a2 = vfma(xv, load_w(w, wdtype, b2 + i), a2);
+            a3 = vfma(xv, load_w(w, wdtype, b3 + i), a3);
         }
-        acc[0] = hsum8(a0); acc[1] = hsum8(a1); acc[2] = hsum8(a2); acc[3] = hsum8(a3);
+        acc[0] = vsum(a0); acc[1] = vsum(a1); acc[2] = vsum(a2); acc[3] = vsum(a3);
     } else {
         for (int r = 0; r < nb; r++) acc[r] = 0.f;
         i = 0;
         for (int r = 0; r < nb; r++) {
-            __m256 a = _mm256_setzero_ps();
+            vf a = vzero();
             int64_t j = 0;
-            for (; j + 8 <= k; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), load_w8(w, wdtype, (n0 + r) * k + j), a);
-            acc[r] = hsum8(a);
+            for (; j + VW <= k; j += VW) a = vfma(vload(x + j), load_w(w, wdtype, (n0 + r) * k + j), a);
+            acc[r] = vsum(a);
             for (; j < k; j++) acc[r] += x[j] * w_at(w, wdtype, (n0 + r) * k + j);
         }
         return;
@@ -134,19 +152,16 @@ static void rows2_dot_f32(const float *x0, const float *x1, const float *wf, int
     int64_t i = 0;
 #ifdef MM_AVX2
     if (nb == NB) {
-        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-        __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-        for (; i + 8 <= k; i += 8) {
-            __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i);
-            __m256 w0 = _mm256_loadu_ps(wf + i), w1 = _mm256_loadu_ps(wf + k + i);
-            __m256 w2 = _mm256_loadu_ps(wf + 2 * k + i), w3 = _mm256_loadu_ps(wf + 3 * k + i);
-            a00 = _mm256_fmadd_ps(u, w0, a00); a01 = _mm256_fmadd_ps(u, w1, a01);
-            a02 = _mm256_fmadd_ps(u, w2, a02); a03 = _mm256_fmadd_ps(u, w3, a03);
-            a10 = _mm256_fmadd_ps(v, w0, a10); a11 = _mm256_fmadd_ps(v, w1, a11);
-            a12 = _mm256_fmadd_ps(v, w2, a12); a13 = _mm256_fmadd_ps(v, w3, a13);
+        vf a00 = vzero(), a01 = a00, a02 = a00, a03 = a00;
+        vf a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+        for (; i + VW <= k; i += VW) {
+            vf u = vload(x0 + i), v = vload(x1 + i);
+            vf w0 = vload(wf + i), w1 = vload(wf + k + i), w2 = vload(wf + 2 * k + i), w3 = vload(wf + 3 * k + i);
+            a00 = vfma(u, w0, a00); a01 = vfma(u, w1, a01); a02 = vfma(u, w2, a02); a03 = vfma(u, w3, a03);
+            a10 = vfma(v, w0, a10); a11 = vfma(v, w1, a11); a12 = vfma(v, w2, a12); a13 = vfma(v, w3, a13);
         }
-        acc[0] = hsum8(a00); acc[1] = hsum8(a01); acc[2] = hsum8(a02); acc[3] = hsum8(a03);
-        acc[NB] = hsum8(a10); acc[NB + 1] = hsum8(a11); acc[NB + 2] = hsum8(a12); acc[NB + 3] = hsum8(a13);
+        acc[0] = vsum(a00); acc[1] = vsum(a01); acc[2] = vsum(a02); acc[3] = vsum(a03);
+        acc[NB] = vsum(a10); acc[NB + 1] = vsum(a11); acc[NB + 2] = vsum(a12); acc[NB + 3] = vsum(a13);
         for (; i < k; i++) {
             for (int r = 0; r < NB; r++) {
                 acc[r] += x0[i] * wf[r * k + i];

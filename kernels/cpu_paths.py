@@ -14,12 +14,14 @@ import torch.nn.functional as F
 
 from . import cpu_kernels
 
-# Rows per expert (or per linear call) up to which the kernel beats torch's fp32 GEMM; past it, with fp32
-# weights, torch's blocked GEMM reuses each weight across rows better than the kernel's 2-row tiles.
-KERNEL_MAX_ROWS_FP32 = 48
-# With half-precision weights torch first copies the weight to fp32 (6 bytes moved per 2 read): the kernel
-# stays ahead much longer; past this, the copy is amortised over enough rows for torch's GEMM to win.
-KERNEL_MAX_ROWS_HALF = 192
+# Rows per expert (or per linear call) up to which the kernel is at least as fast as torch, from interleaved
+# runs of scripts/bench_cpu_experts.py on the 2-core dev machine (heavily shared when measured: the
+# ratios, not the GB/s, carry over). fp32 weights: the kernel matched or beat one bmm over all experts
+# up to 16 rows; past that torch's blocked GEMM (AVX-512 where present) reuses each weight better.
+KERNEL_MAX_ROWS_FP32 = 16
+# Half-precision weights: torch must first copy the weight to fp32 (6 bytes moved per 2 read), and was
+# 3-6x slower than the kernel at 1-16 rows and even at 64; past 64 the copy amortises.
+KERNEL_MAX_ROWS_HALF = 64
 
 
 def choose_expert_path(max_rows: int, weight_dtype: torch.dtype, kernel_ok: bool) -> str:
