@@ -147,8 +147,10 @@ static void row_dot_rows(const float *x, const void *w, int wdtype, int64_t n0, 
     }
 }
 
-/* Two x rows against NB fp32 rows (widened scratch wf, row length k): acc[m * NB + r]. */
-static void rows2_dot_f32(const float *x0, const float *x1, const float *wf, int nb, int64_t k, float *acc) {
+/* Two x rows against nb (<= NB) weight rows starting at element `base` of w (stored dtype, row length k):
+ * acc[m * NB + r]. Widening on the fly here costs what widening into scratch would for one pair of rows. */
+static void rows2_dot(const float *x0, const float *x1, const void *w, int wdtype, int64_t base, int nb, int64_t k,
+                      float *acc) {
     int64_t i = 0;
 #ifdef MM_AVX2
     if (nb == NB) {
@@ -156,7 +158,8 @@ static void rows2_dot_f32(const float *x0, const float *x1, const float *wf, int
         vf a10 = a00, a11 = a00, a12 = a00, a13 = a00;
         for (; i + VW <= k; i += VW) {
             vf u = vload(x0 + i), v = vload(x1 + i);
-            vf w0 = vload(wf + i), w1 = vload(wf + k + i), w2 = vload(wf + 2 * k + i), w3 = vload(wf + 3 * k + i);
+            vf w0 = load_w(w, wdtype, base + i), w1 = load_w(w, wdtype, base + k + i);
+            vf w2 = load_w(w, wdtype, base + 2 * k + i), w3 = load_w(w, wdtype, base + 3 * k + i);
             a00 = vfma(u, w0, a00); a01 = vfma(u, w1, a01); a02 = vfma(u, w2, a02); a03 = vfma(u, w3, a03);
             a10 = vfma(v, w0, a10); a11 = vfma(v, w1, a11); a12 = vfma(v, w2, a12); a13 = vfma(v, w3, a13);
         }
@@ -164,8 +167,9 @@ static void rows2_dot_f32(const float *x0, const float *x1, const float *wf, int
         acc[NB] = vsum(a10); acc[NB + 1] = vsum(a11); acc[NB + 2] = vsum(a12); acc[NB + 3] = vsum(a13);
         for (; i < k; i++) {
             for (int r = 0; r < NB; r++) {
-                acc[r] += x0[i] * wf[r * k + i];
-                acc[NB + r] += x1[i] * wf[r * k + i];
+                const float wv = w_at(w, wdtype, base + r * k + i);
+                acc[r] += x0[i] * wv;
+                acc[NB + r] += x1[i] * wv;
             }
         }
         return;
@@ -174,8 +178,9 @@ static void rows2_dot_f32(const float *x0, const float *x1, const float *wf, int
     for (int r = 0; r < 2 * NB; r++) acc[r] = 0.f;
     for (int r = 0; r < nb; r++) {
         for (i = 0; i < k; i++) {
-            acc[r] += x0[i] * wf[r * k + i];
-            acc[NB + r] += x1[i] * wf[r * k + i];
+            const float wv = w_at(w, wdtype, base + r * k + i);
+            acc[r] += x0[i] * wv;
+            acc[NB + r] += x1[i] * wv;
         }
     }
 }
@@ -189,23 +194,25 @@ static void block_product(const float *x, int64_t ldx, int64_t m, const void *w,
         for (int r = 0; r < nb; r++) out[r] = acc[r];
         return;
     }
-    const float *wf;
-    if (wdtype == W_F32) {
-        wf = (const float *)w + n0 * k;
-    } else {
+    /* One pair of rows: read the weights in their stored dtype. More: widen the block once into scratch
+     * (fp32 weights are read in place) and reuse it, from L1, for every pair. */
+    const void *wb = w;
+    int wt = wdtype;
+    int64_t base = n0 * k;
+    if (m > 2 && wdtype != W_F32) {
         widen_rows(w, wdtype, n0, nb, k, scratch);
-        wf = scratch;
+        wb = scratch, wt = W_F32, base = 0;
     }
     int64_t mi = 0;
     for (; mi + 2 <= m; mi += 2) {
-        rows2_dot_f32(x + mi * ldx, x + (mi + 1) * ldx, wf, nb, k, acc);
+        rows2_dot(x + mi * ldx, x + (mi + 1) * ldx, wb, wt, base, nb, k, acc);
         for (int r = 0; r < nb; r++) {
             out[mi * ldo + r] = acc[r];
             out[(mi + 1) * ldo + r] = acc[NB + r];
         }
     }
     if (mi < m) {
-        row_dot_rows(x + mi * ldx, wf, W_F32, 0, nb, k, acc);
+        row_dot_rows(x + mi * ldx, wb, wt, base / k, nb, k, acc);
         for (int r = 0; r < nb; r++) out[mi * ldo + r] = acc[r];
     }
 }
