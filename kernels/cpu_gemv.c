@@ -6,7 +6,7 @@
  *
  * Decode-sized batches (1-64 rows per expert) are bound by reading the weights, not by arithmetic: each
  * thread takes runs of 8 blocks of NB = 4 weight rows (dynamic: a thread the OS preempts does not hold
- * the others up), streaming each block once; when several x rows
+ * the others up), streaming each block once; when more than two x rows
  * reuse the block it is widened once into a per-thread fp32 scratch that stays in L1/L2.
  *
  * moe_swiglu runs every busy expert of a layer in two parallel regions (gate/up with silu(g) * u fused,
