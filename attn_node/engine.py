@@ -94,7 +94,7 @@ class Engine:
         for moe in model.moe_layers():
             moe.backend = layers_backend
         self.cfg, self.config, self.backend = cfg, config, backend
-        dtype = model.embed.weight.dtype
+        dtype = model.compute_dtype  # the latent cache holds activations
         self.device = model.device  # the cache, the step's inputs and the sampler's generators live there too
         num_blocks = max(1, config.kv_cache_tokens // config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_cache)

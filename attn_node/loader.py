@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from moemesh.devices import compute_dtype
 from moemesh.model.checkpoint import Checkpoint, CheckpointError, attention_side
 from moemesh.model.config import ModelConfig
 from moemesh.kernels.ops import Ops, select_ops
@@ -25,10 +26,12 @@ def load_transformer(
     """Every weight except the routed experts, renamed onto :class:`Transformer`, checked, on ``device``.
 
     The module is built on ``meta`` (shapes, no memory) and the checkpoint's tensors are assigned to it,
-    each copied to ``device`` once as it is read: nothing is allocated twice.
+    each copied to ``device`` once as it is read: nothing is allocated twice. ``dtype`` is the weights';
+    activations run in :func:`moemesh.devices.compute_dtype` (fp32 on CPU).
     """
     device = torch.device(device)
-    model = Transformer(cfg, dtype, ops or select_ops(device), device="meta")
+    model = Transformer(cfg, dtype, ops or select_ops(device), device="meta",
+                        compute_dtype=compute_dtype(dtype, device))
     ckpt = Checkpoint(model_dir, cfg)
     wanted = {n: hf_to_local_name(n) for n in ckpt.names() if attention_side(n)}
     if cfg.tie_word_embeddings:
@@ -44,7 +47,8 @@ def load_transformer(
                 f"{model_dir}: tensor for {local} has shape {tuple(tensor.shape)}, config implies "
                 f"{tuple(expected[local].shape)}"
             )
-        state[local] = tensor.to(device)
+        # the module's dtype per tensor (norms in the compute dtype, the gate in fp32): exact widenings
+        state[local] = tensor.to(device, expected[local].dtype if local in expected else tensor.dtype)
     for name in [k for k in expected if k.endswith("gate.bias") and k not in state]:
         # Some exports omit an all-zero correction bias; zeros select exactly as the reference does.
         state[name] = torch.zeros(expected[name].shape, dtype=expected[name].dtype, device=device)

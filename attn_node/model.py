@@ -32,6 +32,7 @@ from torch import nn
 
 from moemesh.model.config import ModelConfig, yarn_get_mscale
 from moemesh.expert_backend import ExpertBackend
+from moemesh.kernels.cpu_paths import cpu_linear
 from moemesh.kernels.ops import Ops, select_ops
 
 
@@ -40,14 +41,18 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """y = x W^T with no bias (DeepSeek has none)."""
+    """y = x W^T with no bias (DeepSeek has none).
+
+    On CPU, fp32 rows go through :func:`cpu_linear`: the C kernel for decode-sized batches, which streams the
+    weight once, also when it is kept bf16/fp16 under fp32 activations (widened exactly in registers).
+    """
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
         super().__init__()
         self.weight = _param(out_features, in_features, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return cpu_linear(x, self.weight) if x.device.type == "cpu" else F.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -432,19 +437,32 @@ class Transformer(nn.Module):
     """Embeddings, blocks, final norm and head. ``forward`` returns hidden states; ``logits`` projects."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, ops: Ops | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None):
         """Every parameter is made on ``device`` (``meta``: shapes only, for a loader that assigns the
-        checkpoint's tensors); ``ops`` default to :func:`select_ops` for that device."""
+        checkpoint's tensors); ``ops`` default to :func:`select_ops` for that device.
+
+        ``dtype``: the weights' dtype in memory. ``compute_dtype`` (default: ``dtype``): activations and the
+        latent cache; when it differs (fp32 over bf16 weights on CPU) the small parameters that meet
+        activations directly (norms, ``wkv_b`` in the absorbed einsums) are kept in it, and the projections,
+        embedding and head stay in ``dtype``.
+        """
         super().__init__()
         device = torch.device(device)
         ops = ops or select_ops(device)
         self.cfg = cfg
+        self.compute_dtype = compute_dtype or dtype
         with device:  # the default device of every factory call below: no CPU copy on the way
             self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
             self.embed.weight.requires_grad_(False)
             self.layers = nn.ModuleList(Block(cfg, i, dtype, ops) for i in range(cfg.num_hidden_layers))
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
             self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype)
+        if self.compute_dtype != dtype:
+            for module in self.modules():
+                if isinstance(module, (RMSNorm, nn.LayerNorm)):
+                    module.to(self.compute_dtype)
+            for layer in self.layers:
+                layer.attn.wkv_b.to(self.compute_dtype)
         # Frequencies computed in fp32 on the host, as the reference does at init, then moved: the same bits
         # on every device (a buffer, not in the state dict: a loader building on meta makes it again).
         self.rotary = Rotary(cfg).to(device)
@@ -489,7 +507,7 @@ class Transformer(nn.Module):
         return outputs
 
     def _layers(self, input_ids: torch.Tensor, batch: AttnBatch, kv_caches: list[torch.Tensor]):
-        x = self.embed(input_ids)  # [T, D]
+        x = self.embed(input_ids).to(self.compute_dtype)  # [T, D]
         cos, sin = self.rotary.cos_sin(batch.positions)  # [T, R/2]
         rope = (self.rotary, cos, sin)
         for layer, kv_cache in zip(self.layers, kv_caches):
@@ -499,7 +517,7 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[T, D] final hidden states -> [T, vocab] fp32 logits."""
         weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(h, weight).float()
+        return (cpu_linear(h, weight) if h.device.type == "cpu" else F.linear(h, weight)).float()
 
 
 # ---- checkpoint names --------------------------------------------------

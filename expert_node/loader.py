@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from moemesh.devices import compute_dtype
 from moemesh.model.checkpoint import Checkpoint, expert_tensor_names
 from moemesh.model.config import ModelConfig
 
@@ -34,8 +35,9 @@ def new_expert_shard(
     reference elsewhere: see :func:`moemesh.kernels.fused_moe.select_fused_moe`).
     """
     fp8_block = cfg.quant.block_size if keep_fp8 and cfg.quant is not None else None
-    return ExpertShard(cfg.n_routed_experts, dtype, fused_moe=fused_moe, device=device, fp8_block=fp8_block,
-                       fused_moe_fp8=fused_moe_fp8)
+    # ``dtype`` is the weights'; the math runs in the device's compute dtype (fp32 on CPU, see moemesh/devices.py)
+    return ExpertShard(cfg.n_routed_experts, compute_dtype(dtype, device), fused_moe=fused_moe, device=device,
+                       fp8_block=fp8_block, fused_moe_fp8=fused_moe_fp8, weight_dtype=dtype)
 
 
 def default_fused_moe(device: torch.device | str) -> Callable | None:

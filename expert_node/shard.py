@@ -15,10 +15,13 @@ Two ways to compute a batch:
   host sync; ids must be valid, so they are checked at the boundary (the Dispatch
   service checks its host copy, see ``forward(host_ids=)``) or trusted (the
   model's own gate, ``validate=False``);
-* on CPUs, where torch's grouped GEMM is a serial loop over every expert, it sorts
-  the hosted assignments by slot and ``_pick_strategy`` chooses a padded batched
-  matmul, a loop over busy experts or grouped GEMMs. These read the routing on the
-  host: they are the CPU path only.
+* on CPUs it sorts the hosted assignments by slot; decode-sized batches then take the C
+  kernel (kernels/cpu_gemv.c: every busy expert in one call, weights streamed once, bf16/fp16
+  widened in registers under fp32 activations), chosen per batch by
+  ``kernels.cpu_paths.choose_expert_path``; otherwise (no compiler, big prefill batches)
+  ``_pick_strategy`` chooses among the torch strategies, a padded batched matmul, a loop over
+  busy experts or grouped GEMMs, which are also the plain-torch references of the kernel.
+  These read the routing on the host: they are the CPU path only.
 
 FP8 kept (``fp8_block`` set): DeepSeek-V3's block-quantized experts stay e4m3,
 ``w13`` [E_l, 2I', D] and ``w2`` [E_l, D, I'] with fp32 ``w13_scale_inv``
@@ -39,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moemesh.kernels import cpu_kernels
+from moemesh.kernels.cpu_paths import choose_expert_path
 from moemesh.model.checkpoint import Fp8Tensor
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I, D], up [I, D], down [D, I]
@@ -89,16 +94,20 @@ def _grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch
 class ExpertShard:
     """Holds (layer, expert) SwiGLU experts and computes their weighted sum for routed rows."""
 
-    STRATEGIES = ("auto", "grouped", "padded", "looped")
+    STRATEGIES = ("auto", "kernel", "grouped", "padded", "looped")
 
     def __init__(self, n_routed_experts: int, dtype: torch.dtype = torch.float32, strategy: str = "auto",
                  fused_moe: Callable | None = None, device: torch.device | str = "cpu", *,
-                 fp8_block: tuple[int, int] | None = None, fused_moe_fp8: Callable | None = None):
+                 fp8_block: tuple[int, int] | None = None, fused_moe_fp8: Callable | None = None,
+                 weight_dtype: torch.dtype | None = None):
         if strategy not in self.STRATEGIES:
             raise ValueError(f"strategy must be one of {self.STRATEGIES}, got {strategy!r}")
         self.n_routed_experts = n_routed_experts
         self.fused_moe = fused_moe  # the Triton fused-MoE op (GPUs); None = the CPU strategies below
-        self.dtype = dtype  # the compute dtype (activations; also the weights unless FP8 is kept)
+        self.dtype = dtype  # the compute dtype (activations, accumulation)
+        # the weights' dtype in memory unless FP8 is kept: ``dtype`` by default; bf16/fp16 under fp32 compute
+        # on CPU (the kernel widens them in registers, the torch strategies per expert)
+        self.weight_dtype = weight_dtype or dtype
         self.device = torch.device(device)  # where the weights live and the math runs
         self.strategy = strategy  # auto picks per batch; the others force a path (tests, benchmarks)
         # FP8 kept: experts stay e4m3 with (bn, bk) block scales and run through the FP8 fused-MoE op.
@@ -208,7 +217,7 @@ class ExpertShard:
         slot_of_host[expert_ids] = np.arange(len(expert_ids))
         slot_of = torch.tensor(slot_of_host.tolist(), device=self.device)  # one upload per rebuild, never per batch
         if self.fp8_block is None:
-            dev = [tuple(w.to(self.device, self.dtype) for w in weights[e]) for e in expert_ids]
+            dev = [tuple(w.to(self.device, self.weight_dtype) for w in weights[e]) for e in expert_ids]
             w13 = torch.stack([torch.cat([gate, up], dim=0) for gate, up, _ in dev]).contiguous()
             w2 = torch.stack([down for _, _, down in dev]).contiguous()
             self._layers[layer_id] = _LayerExperts(expert_ids, slot_of, slot_of_host, w13, w2, w2.shape[-1])
@@ -312,8 +321,15 @@ class ExpertShard:
         rows = hosted // top_k  # [A]
         counts = torch.bincount(slots, minlength=len(le.expert_ids))  # [E_l]
         xs = x[rows].to(self.dtype)  # [A, D]
-        strategy = self.strategy if self.strategy != "auto" else _pick_strategy(counts, slots.numel(), x.is_cuda)
-        if strategy == "padded":
+        strategy = self.strategy
+        if strategy == "auto":
+            kernel_ok = self.dtype == torch.float32 and x.device.type == "cpu" and cpu_kernels.available()
+            strategy = "kernel" if choose_expert_path(int(counts.max()), le.w13.dtype, kernel_ok) == "kernel" \
+                else _pick_strategy(counts, slots.numel(), x.is_cuda)
+        if strategy == "kernel":
+            offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E_l + 1] row offsets per slot
+            ys = cpu_kernels.moe_swiglu(xs.contiguous(), offs, le.w13, le.w2)
+        elif strategy == "padded":
             ys = _padded_swiglu(xs, slots, counts, le)
         elif strategy == "looped":
             ys = _looped_swiglu(xs, counts, le)
@@ -373,17 +389,18 @@ def _looped_swiglu(xs: torch.Tensor, counts: torch.Tensor, le: _LayerExperts) ->
     start = 0
     for slot, n in enumerate(counts.tolist()):
         if n:
-            gate_up = xs[start : start + n] @ le.w13[slot].t()  # [n, 2I]
-            out[start : start + n] = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ le.w2[slot].t()
+            w13, w2 = le.w13[slot].to(xs.dtype), le.w2[slot].to(xs.dtype)  # no copy when the dtypes agree
+            gate_up = xs[start : start + n] @ w13.t()  # [n, 2I]
+            out[start : start + n] = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w2.t()
             start += n
     return out
 
 
 def _grouped_swiglu(xs: torch.Tensor, offs: torch.Tensor, le: _LayerExperts) -> torch.Tensor:
     inter = le.w2.shape[-1]
-    gate_up = _grouped_mm(xs, le.w13.transpose(1, 2), offs)  # [A, 2I]
+    gate_up = _grouped_mm(xs, le.w13.to(xs.dtype).transpose(1, 2), offs)  # [A, 2I]
     h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [A, I]
-    return _grouped_mm(h, le.w2.transpose(1, 2), offs)  # [A, D]
+    return _grouped_mm(h, le.w2.to(xs.dtype).transpose(1, 2), offs)  # [A, D]
 
 
 def _padded_swiglu(xs: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor, le: _LayerExperts) -> torch.Tensor:
@@ -393,6 +410,6 @@ def _padded_swiglu(xs: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor, 
     rank = torch.arange(slots.numel()) - starts[slots]  # [A] row of each assignment within its expert
     padded = xs.new_zeros(counts.numel(), int(counts.max()), xs.shape[1])  # [E_l, M, D]
     padded[slots, rank] = xs
-    gate_up = torch.bmm(padded, le.w13.transpose(1, 2))  # [E_l, M, 2I]
+    gate_up = torch.bmm(padded, le.w13.to(xs.dtype).transpose(1, 2))  # [E_l, M, 2I]
     h = F.silu(gate_up[..., :inter]) * gate_up[..., inter:]  # [E_l, M, I]
-    return torch.bmm(h, le.w2.transpose(1, 2))[slots, rank]  # [A, D]
+    return torch.bmm(h, le.w2.to(xs.dtype).transpose(1, 2))[slots, rank]  # [A, D]

@@ -54,12 +54,26 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` = the checkpoint's dtype on CUDA; float32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    """The dtype weights are kept in: ``auto`` = the checkpoint's (bf16 if it names none), on every device.
+
+    On CUDA it is also the compute dtype. On CPU a bf16/fp16 choice stays half the bytes in memory while
+    activations stay fp32 (:func:`compute_dtype`): the CPU kernels widen the weights in registers, so tokens
+    equal an fp32 run on the same checkpoint. ``float32`` upcasts the weights at load (the old CPU default).
+    """
     if name == "auto":
-        return DTYPES.get(checkpoint_dtype, torch.bfloat16) if device.type == "cuda" else torch.float32
+        return DTYPES.get(checkpoint_dtype, torch.bfloat16)
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
     return DTYPES[name]
+
+
+def compute_dtype(weights: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """Activations, the latent cache and the expert wire: the weights' dtype on accelerators, fp32 on CPU.
+
+    CPU bf16/fp16 arithmetic is slow in torch (no fast small-M paths) and lossy; fp32 activations over
+    half-precision weights cost the same weight bytes, which is what bounds decode there.
+    """
+    return weights if torch.device(device).type != "cpu" else torch.float32
 
 
 def keep_fp8(mode: str, device: torch.device) -> bool:

@@ -159,7 +159,9 @@ def add_device_args(p: argparse.ArgumentParser, what: str = "compute") -> None:
                    help=f"where weights, the latent cache and the routed experts live: {DEVICE_HELP} "
                    "(default: auto)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help=f"{what} dtype; auto = the checkpoint's on CUDA, float32 on CPU (default: auto)")
+                   help=f"{what} dtype of the weights; auto = the checkpoint's. On CPU, bfloat16/float16 weights stay "
+                   "half-size in memory while activations run in float32 (tokens as an fp32 run of the same "
+                   "checkpoint); float32 upcasts the weights at load (default: auto)")
     p.add_argument("--fp8", default="auto", choices=FP8_MODES,
                    help="FP8 block-quantized checkpoints (DeepSeek-V3's layout): keep = routed experts stay e4m3 "
                    "with their block scales (half the bytes of bf16; the FP8 fused-MoE kernel on CUDA, a slow "

@@ -227,7 +227,10 @@ def measure(args: argparse.Namespace) -> dict:
             attention.append({"batch": batch, "context": context,
                               "us": (step_us - n_moe * expert_us) / cfg.num_hidden_layers, "step_us": step_us})
             expert.setdefault(batch, []).append(expert_us)
-        act_bytes = torch.empty((), dtype=mesh.dtype).element_size()
+        from moemesh.devices import compute_dtype
+
+        # the wire carries activations: fp32 on CPU also over bf16 weights (moemesh/devices.py)
+        act_bytes = torch.empty((), dtype=compute_dtype(mesh.dtype, mesh.device)).element_size()
         hops = _hops(args, cfg, args.batches, act_bytes)
     finally:
         torch.set_num_threads(threads)

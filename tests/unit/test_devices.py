@@ -7,7 +7,8 @@ import argparse
 import pytest
 import torch
 
-from moemesh.devices import DeviceUnavailableError, device_arg, keep_fp8, resolve_device, resolve_dtype
+from moemesh.devices import (DeviceUnavailableError, compute_dtype, device_arg, keep_fp8, resolve_device,
+                             resolve_dtype)
 
 pytestmark = pytest.mark.unit
 
@@ -51,11 +52,17 @@ def test_cuda_index_past_the_visible_devices_names_the_range(monkeypatch):
         resolve_device("cuda:2")
 
 
-def test_dtype_auto_is_the_checkpoints_on_cuda_and_fp32_on_cpu():
+def test_dtype_auto_keeps_the_checkpoints_weights_and_computes_fp32_on_cpu():
     assert resolve_dtype("auto", "bfloat16", CUDA) == torch.bfloat16
     assert resolve_dtype("auto", "float16", CUDA) == torch.float16
-    assert resolve_dtype("auto", "bfloat16", CPU) == torch.float32
+    assert resolve_dtype("auto", "bfloat16", CPU) == torch.bfloat16  # half the memory of an fp32 copy
+    assert resolve_dtype("auto", "float32", CPU) == torch.float32
+    assert resolve_dtype("float32", "bfloat16", CPU) == torch.float32  # the old CPU default, on request
     assert resolve_dtype("float16", "bfloat16", CPU) == torch.float16
+    assert compute_dtype(torch.bfloat16, CPU) == torch.float32
+    assert compute_dtype(torch.float16, "cpu") == torch.float32
+    assert compute_dtype(torch.bfloat16, CUDA) == torch.bfloat16
+    assert compute_dtype(torch.float32, CUDA) == torch.float32
     with pytest.raises(ValueError, match="dtype must be one of auto, float32"):
         resolve_dtype("int8", "bfloat16", CPU)
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from moemesh.expert_backend import ExpertBackendError
 from moemesh.expert_node.local_backend import LocalExpertBackend
 from moemesh.expert_node.shard import ExpertShard
+from moemesh.kernels import cpu_kernels
 
 E, D, I, K, LAYER = 6, 8, 8, 2, 3  # D, I multiples of 8: grouped_mm wants 16-byte strides (bf16 too)
 
@@ -212,6 +213,26 @@ def test_bfloat16_shard_is_close_to_fp32():
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 9, 40])
+def test_half_weights_under_fp32_compute_equal_fp32_math_on_the_widened_weights(weight_dtype, T):
+    # What --dtype auto gives a bf16 checkpoint on CPU: weights stay half in memory, the math is fp32, so
+    # results equal fp32 math on the exactly widened weights (the kernel and every torch strategy alike).
+    half = {e: tuple(t.to(weight_dtype) for t in ws) for e, ws in make_weights().items()}
+    widened = {e: tuple(t.float() for t in ws) for e, ws in half.items()}
+    x, idx, w = make_batch(T)
+    ref = reference(widened, x, idx, w)
+    for strategy in ExpertShard.STRATEGIES:
+        if strategy == "kernel" and not cpu_kernels.available():
+            continue  # no C compiler here: auto takes the torch strategies (checked in tests/kernels)
+        shard = ExpertShard(E, torch.float32, strategy=strategy, weight_dtype=weight_dtype)
+        shard.add_experts(LAYER, half)
+        assert shard._layers[LAYER].w13.dtype == weight_dtype, strategy
+        out = shard.forward(LAYER, x, idx, w)
+        assert out.dtype == torch.float32
+        close(out, ref)
+
+
 def test_local_backend():
     weights = make_weights()
     backend = LocalExpertBackend(shard_with(weights, range(E)))
@@ -221,9 +242,11 @@ def test_local_backend():
         backend.dispatch(LAYER + 1, x, idx, w)
 
 
-@pytest.mark.parametrize("strategy", ["grouped", "padded", "looped", "auto"])
+@pytest.mark.parametrize("strategy", ["grouped", "padded", "looped", "kernel", "auto"])
 @pytest.mark.parametrize("T, subset", [(1, range(E)), (9, range(E)), (40, range(E)), (9, [0, 3, 5])])
 def test_every_strategy_matches_reference(strategy, T, subset):
+    if strategy == "kernel" and not cpu_kernels.available():
+        pytest.skip("no C compiler: the CPU kernels are not built")
     weights = make_weights()
     shard = ExpertShard(E, strategy=strategy)
     shard.add_experts(LAYER, {e: weights[e] for e in subset})

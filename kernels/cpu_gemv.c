@@ -1,0 +1,278 @@
+/* Small-M matrix products over weights read once: the CPU expert path (kernels/cpu_kernels.py builds this).
+ *
+ * y[m, n] = sum_k x[m, k] * w[n, k] with fp32 activations and accumulation, and weights kept in their
+ * stored dtype (fp32, bf16 or fp16) and widened to fp32 in registers: bf16 -> fp32 is a 16-bit shift and
+ * fp16 -> fp32 is exact too, so the products equal fp32 math on upcast weights up to summation order.
+ *
+ * Decode-sized batches (1-64 rows per expert) are bound by reading the weights, not by arithmetic: each
+ * thread takes runs of 8 blocks of NB = 4 weight rows (dynamic: a thread the OS preempts does not hold
+ * the others up), streaming each block once; when more than two x rows
+ * reuse the block it is widened once into a per-thread fp32 scratch that stays in L1/L2.
+ *
+ * moe_swiglu runs every busy expert of a layer in two parallel regions (gate/up with silu(g) * u fused,
+ * then down), so one call per layer replaces a Python loop of small GEMMs.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+/* Vectors: AVX-512 (16 floats) where the compiler targets it (-march=native on such a CPU), else AVX2+FMA+F16C
+ * (8 floats), else scalar C: one code path over these few operations. */
+#if defined(__AVX512F__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define MM_AVX2 1
+#define VW 16
+typedef __m512 vf;
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vsum(v) _mm512_reduce_add_ps(v)
+static inline vf vwiden(const uint16_t *s, int bf16) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)s);
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define MM_AVX2 1
+#define VW 8
+typedef __m256 vf;
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline float vsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline vf vwiden(const uint16_t *s, int bf16) {
+    __m128i h = _mm_loadu_si128((const __m128i *)s);
+    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+#endif
+
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+#define NB 4
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        u = sign;
+    } else {  /* subnormal: normalise */
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        u = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Widen rows [n0, n0 + nb) of w (row length k) into dst (fp32, nb * k). */
+static void widen_rows(const void *w, int wdtype, int64_t n0, int nb, int64_t k, float *dst) {
+    for (int r = 0; r < nb; r++) {
+        float *d = dst + r * k;
+        if (wdtype == W_F32) {
+            memcpy(d, (const float *)w + (n0 + r) * k, k * sizeof(float));
+            continue;
+        }
+        const uint16_t *s = (const uint16_t *)w + (n0 + r) * k;
+        int64_t i = 0;
+#ifdef MM_AVX2
+        for (; i + VW <= k; i += VW) vstore(d + i, vwiden(s + i, wdtype == W_BF16));
+#endif
+        for (; i < k; i++) d[i] = wdtype == W_BF16 ? bf16_to_f32(s[i]) : f16_to_f32(s[i]);
+    }
+}
+
+#ifdef MM_AVX2
+static inline vf load_w(const void *w, int wdtype, int64_t off) {
+    if (wdtype == W_F32) return vload((const float *)w + off);
+    return vwiden((const uint16_t *)w + off, wdtype == W_BF16);
+}
+#endif
+
+static inline float w_at(const void *w, int wdtype, int64_t off) {
+    if (wdtype == W_F32) return ((const float *)w)[off];
+    uint16_t v = ((const uint16_t *)w)[off];
+    return wdtype == W_BF16 ? bf16_to_f32(v) : f16_to_f32(v);
+}
+
+/* One x row against nb (<= NB) weight rows straight from memory (stored dtype): acc[r] = x . w[n0 + r]. */
+static void row_dot_rows(const float *x, const void *w, int wdtype, int64_t n0, int nb, int64_t k, float *acc) {
+    int64_t i = 0;
+#ifdef MM_AVX2
+    if (nb == NB) {
+        vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
+        const int64_t b0 = n0 * k, b1 = b0 + k, b2 = b1 + k, b3 = b2 + k;
+        for (; i + VW <= k; i += VW) {
+            vf xv = vload(x + i);
+            a0 = vfma(xv, load_w(w, wdtype, b0 + i), a0);
+            a1 = vfma(xv, load_w(w, wdtype, b1 + i), a1);
+            a2 = vfma(xv, load_w(w, wdtype, b2 + i), a2);
+            a3 = vfma(xv, load_w(w, wdtype, b3 + i), a3);
+        }
+        acc[0] = vsum(a0); acc[1] = vsum(a1); acc[2] = vsum(a2); acc[3] = vsum(a3);
+    } else {
+        for (int r = 0; r < nb; r++) acc[r] = 0.f;
+        i = 0;
+        for (int r = 0; r < nb; r++) {
+            vf a = vzero();
+            int64_t j = 0;
+            for (; j + VW <= k; j += VW) a = vfma(vload(x + j), load_w(w, wdtype, (n0 + r) * k + j), a);
+            acc[r] = vsum(a);
+            for (; j < k; j++) acc[r] += x[j] * w_at(w, wdtype, (n0 + r) * k + j);
+        }
+        return;
+    }
+#else
+    for (int r = 0; r < nb; r++) acc[r] = 0.f;
+#endif
+    for (; i < k; i++) {
+        for (int r = 0; r < nb; r++) acc[r] += x[i] * w_at(w, wdtype, (n0 + r) * k + i);
+    }
+}
+
+/* Two x rows against nb (<= NB) weight rows starting at element `base` of w (stored dtype, row length k):
+ * acc[m * NB + r]. Widening on the fly here costs what widening into scratch would for one pair of rows. */
+static void rows2_dot(const float *x0, const float *x1, const void *w, int wdtype, int64_t base, int nb, int64_t k,
+                      float *acc) {
+    int64_t i = 0;
+#ifdef MM_AVX2
+    if (nb == NB) {
+        vf a00 = vzero(), a01 = a00, a02 = a00, a03 = a00;
+        vf a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+        for (; i + VW <= k; i += VW) {
+            vf u = vload(x0 + i), v = vload(x1 + i);
+            vf w0 = load_w(w, wdtype, base + i), w1 = load_w(w, wdtype, base + k + i);
+            vf w2 = load_w(w, wdtype, base + 2 * k + i), w3 = load_w(w, wdtype, base + 3 * k + i);
+            a00 = vfma(u, w0, a00); a01 = vfma(u, w1, a01); a02 = vfma(u, w2, a02); a03 = vfma(u, w3, a03);
+            a10 = vfma(v, w0, a10); a11 = vfma(v, w1, a11); a12 = vfma(v, w2, a12); a13 = vfma(v, w3, a13);
+        }
+        acc[0] = vsum(a00); acc[1] = vsum(a01); acc[2] = vsum(a02); acc[3] = vsum(a03);
+        acc[NB] = vsum(a10); acc[NB + 1] = vsum(a11); acc[NB + 2] = vsum(a12); acc[NB + 3] = vsum(a13);
+        for (; i < k; i++) {
+            for (int r = 0; r < NB; r++) {
+                const float wv = w_at(w, wdtype, base + r * k + i);
+                acc[r] += x0[i] * wv;
+                acc[NB + r] += x1[i] * wv;
+            }
+        }
+        return;
+    }
+#endif
+    for (int r = 0; r < 2 * NB; r++) acc[r] = 0.f;
+    for (int r = 0; r < nb; r++) {
+        for (i = 0; i < k; i++) {
+            const float wv = w_at(w, wdtype, base + r * k + i);
+            acc[r] += x0[i] * wv;
+            acc[NB + r] += x1[i] * wv;
+        }
+    }
+}
+
+/* Rows [n0, n0 + nb) of y for m x rows: out[mi * ldo + (n - n0)] (the caller places the columns). */
+static void block_product(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype, int64_t n0, int nb,
+                          int64_t k, float *scratch, float *out, int64_t ldo) {
+    float acc[2 * NB];
+    if (m == 1) {
+        row_dot_rows(x, w, wdtype, n0, nb, k, acc);
+        for (int r = 0; r < nb; r++) out[r] = acc[r];
+        return;
+    }
+    /* One pair of rows: read the weights in their stored dtype. More: widen the block once into scratch
+     * (fp32 weights are read in place) and reuse it, from L1, for every pair. */
+    const void *wb = w;
+    int wt = wdtype;
+    int64_t base = n0 * k;
+    if (m > 2 && wdtype != W_F32) {
+        widen_rows(w, wdtype, n0, nb, k, scratch);
+        wb = scratch, wt = W_F32, base = 0;
+    }
+    int64_t mi = 0;
+    for (; mi + 2 <= m; mi += 2) {
+        rows2_dot(x + mi * ldx, x + (mi + 1) * ldx, wb, wt, base, nb, k, acc);
+        for (int r = 0; r < nb; r++) {
+            out[mi * ldo + r] = acc[r];
+            out[(mi + 1) * ldo + r] = acc[NB + r];
+        }
+    }
+    if (mi < m) {
+        row_dot_rows(x + mi * ldx, wb, wt, base / k, nb, k, acc);
+        for (int r = 0; r < nb; r++) out[mi * ldo + r] = acc[r];
+    }
+}
+
+/* y [m, n] (row stride n) = x [m, k] (row stride ldx) @ w[n, k]^T. */
+void mm_linear(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype, int64_t n, int64_t k, float *y,
+               int nthreads) {
+    const int64_t blocks = (n + NB - 1) / NB;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *scratch = wdtype == W_F32 ? NULL : (float *)malloc(sizeof(float) * NB * k);
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n0 = b * NB;
+            const int nb = (int)(n - n0 < NB ? n - n0 : NB);
+            block_product(x, ldx, m, w, wdtype, n0, nb, k, scratch, y + n0, n);
+        }
+        free(scratch);
+    }
+}
+
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+/* Routed experts of one layer, rows sorted by expert: xs [A, d]; rows offs[s]..offs[s+1] go to slot s
+ * (n_slots slots, offs has n_slots + 1 entries). w13 [n_slots, 2I, d] = [gate; up], w2 [n_slots, d, I].
+ * h [A, I] is scratch; ys [A, d] receives w2 @ (silu(gate x) * up x) per row. */
+void mm_moe_swiglu(const float *xs, const int64_t *offs, int64_t n_slots, const void *w13, const void *w2,
+                   int wdtype, int64_t d, int64_t inter, float *h, float *ys, int nthreads) {
+    const int64_t esz = wdtype == W_F32 ? 4 : 2;
+    int64_t *busy = (int64_t *)malloc(sizeof(int64_t) * (n_slots > 0 ? n_slots : 1)), nbusy = 0;
+    for (int64_t s = 0; s < n_slots; s++)
+        if (offs[s + 1] > offs[s]) busy[nbusy++] = s;
+    const int64_t gblocks = (inter + NB - 1) / NB, dblocks = (d + NB - 1) / NB;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t kmax = d > inter ? d : inter;
+        float *scratch = wdtype == W_F32 ? NULL : (float *)malloc(sizeof(float) * NB * kmax);
+        float *gu = (float *)malloc(sizeof(float) * 2 * NB * (offs[n_slots] - offs[0] + 1));
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t j = 0; j < nbusy * gblocks; j++) {
+            const int64_t s = busy[j / gblocks], i0 = (j % gblocks) * NB, r0 = offs[s], m = offs[s + 1] - r0;
+            const int nb = (int)(inter - i0 < NB ? inter - i0 : NB);
+            const char *we = (const char *)w13 + s * 2 * inter * d * esz;
+            block_product(xs + r0 * d, d, m, we, wdtype, i0, nb, d, scratch, gu, 2 * NB);
+            block_product(xs + r0 * d, d, m, we, wdtype, inter + i0, nb, d, scratch, gu + NB, 2 * NB);
+            for (int64_t mi = 0; mi < m; mi++)
+                for (int r = 0; r < nb; r++)
+                    h[(r0 + mi) * inter + i0 + r] = silu(gu[mi * 2 * NB + r]) * gu[mi * 2 * NB + NB + r];
+        }
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t j = 0; j < nbusy * dblocks; j++) {
+            const int64_t s = busy[j / dblocks], n0 = (j % dblocks) * NB, r0 = offs[s], m = offs[s + 1] - r0;
+            const int nb = (int)(d - n0 < NB ? d - n0 : NB);
+            const char *we = (const char *)w2 + s * d * inter * esz;
+            block_product(h + r0 * inter, inter, m, we, wdtype, n0, nb, inter, scratch, ys + r0 * d + n0, d);
+        }
+        free(gu);
+        free(scratch);
+    }
+    free(busy);
+}
+
+int mm_abi_version(void) { return 1; }

@@ -1,0 +1,196 @@
+"""The CPU expert kernels (cpu_gemv.c): built once per machine with the C compiler, cached, loaded by ctypes.
+
+No torch headers and no ninja: ``cc -O3 -march=native -fopenmp -shared`` compiles the one C file in about a
+second. The library is cached under ``$MOEMESH_KERNEL_CACHE`` (default ``~/.cache/moemesh/cpu-kernels``),
+keyed by the source, the flags, the compiler's version and this CPU's feature flags, so a machine builds it
+once and a different CPU never loads a library built for another. When there is no compiler, or the build
+fails, :func:`load` logs one line saying so and returns None; callers then take plain torch (always correct,
+slower). ``MOEMESH_CPU_KERNELS=0`` turns the kernels off (the same fallback, for comparisons).
+
+The functions here take torch tensors, check what the C side assumes (dtypes, contiguity, shapes, CPU) and
+pass raw pointers; the arithmetic is the C file's (fp32 activations and accumulation, weights widened from
+their stored dtype in registers).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from moemesh.logs import get_logger
+
+log = get_logger("moemesh.kernels.cpu")
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native
+WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ABI_VERSION = 1
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded library or None once tried
+
+
+def cache_dir() -> Path:
+    home = os.environ.get("MOEMESH_KERNEL_CACHE")
+    return Path(home) if home else Path.home() / ".cache" / "moemesh" / "cpu-kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _compile(cc: str, flags: tuple[str, ...], out: Path) -> str | None:
+    """Build the library at ``out``; None on success, else the compiler's complaint (last lines)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            return (done.stderr or done.stdout).strip()[-400:] or f"exit status {done.returncode}"
+        os.replace(tmp, out)  # atomic: a concurrent build or load never sees half a library
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build() -> ctypes.CDLL | None:
+    if os.environ.get("MOEMESH_CPU_KERNELS", "1") == "0":
+        log.info("cpu_kernels_off", reason="MOEMESH_CPU_KERNELS=0", fallback="plain torch")
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.warning("cpu_kernels_unavailable", reason="no C compiler (cc, gcc or clang) on PATH",
+                    fallback="plain torch (correct, slower): install gcc to build the CPU expert kernels")
+        return None
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n", 1)[0]
+    errors = []
+    for flags in (FLAGS, FALLBACK_FLAGS):
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_flags(), platform.machine()])
+                             .encode()).hexdigest()[:20]
+        path = cache_dir() / f"cpu_gemv-{key}.so"
+        if not path.exists():
+            err = _compile(cc, flags, path)
+            if err is not None:
+                errors.append(err)
+                continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            errors.append(str(e))
+            continue
+        if lib.mm_abi_version() != ABI_VERSION:
+            errors.append(f"{path}: ABI {lib.mm_abi_version()}, expected {ABI_VERSION}")
+            continue
+        _declare(lib)
+        log.debug("cpu_kernels_loaded", path=str(path), flags=" ".join(flags))
+        return lib
+    log.warning("cpu_kernels_unavailable", reason=f"{cc} could not build {SOURCE.name}: {errors[-1]}",
+                fallback="plain torch (correct, slower)")
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.mm_linear.argtypes = [p, i64, i64, p, i32, i64, i64, p, i32]
+    lib.mm_linear.restype = None
+    lib.mm_moe_swiglu.argtypes = [p, p, i64, p, p, i32, i64, i64, p, p, i32]
+    lib.mm_moe_swiglu.restype = None
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, built on first use (once per process); None when it cannot be had (logged once)."""
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"] = _build()
+        return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def _check_weight(name: str, w: torch.Tensor, dims: int) -> int:
+    if w.dtype not in WEIGHT_CODES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16 for the CPU kernel, got {w.dtype}")
+    if w.device.type != "cpu" or not w.is_contiguous() or w.dim() != dims:
+        raise ValueError(f"{name} must be a contiguous {dims}-d CPU tensor, got {list(w.shape)} on {w.device} "
+                         f"(contiguous={w.is_contiguous()})")
+    return WEIGHT_CODES[w.dtype]
+
+
+def _check_x(name: str, x: torch.Tensor, k: int) -> None:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"{name} must be a [M, {k}] float32 CPU tensor with unit column stride, got "
+                         f"{list(x.shape)} {x.dtype} on {x.device}")
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """[M, K] fp32 x [N, K] (fp32|bf16|fp16) -> [M, N] fp32: ``F.linear(x, w.float())`` without the copy."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not built (see the cpu_kernels_unavailable log line)")
+    code = _check_weight("w", w, 2)
+    n, k = w.shape
+    _check_x("x", x, k)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    lib.mm_linear(x.data_ptr(), x.stride(0), x.shape[0], w.data_ptr(), code, n, k, y.data_ptr(),
+                  threads or torch.get_num_threads())
+    return y
+
+
+def moe_swiglu(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+               threads: int | None = None) -> torch.Tensor:
+    """Rows of every busy expert at once: ``xs`` [A, D] fp32 sorted by slot, ``offs`` [E_l + 1] int64 row
+    offsets (slot s owns rows offs[s]:offs[s+1]), ``w13`` [E_l, 2I, D], ``w2`` [E_l, D, I] -> [A, D] fp32
+    ``w2[s] @ (silu(gate[s] @ x) * (up[s] @ x))``."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not built (see the cpu_kernels_unavailable log line)")
+    code = _check_weight("w13", w13, 3)
+    if _check_weight("w2", w2, 3) != code:
+        raise ValueError(f"w13 and w2 must share a dtype, got {w13.dtype} and {w2.dtype}")
+    n_slots, two_i, d = w13.shape
+    inter = two_i // 2
+    if two_i % 2 or tuple(w2.shape) != (n_slots, d, inter):
+        raise ValueError(f"w13 {list(w13.shape)} and w2 {list(w2.shape)} are not [E, 2I, D] and [E, D, I]")
+    _check_x("xs", xs, d)
+    if not xs.is_contiguous():
+        raise ValueError("xs must be contiguous")
+    if offs.dtype != torch.int64 or offs.shape != (n_slots + 1,) or not offs.is_contiguous():
+        raise ValueError(f"offs must be [{n_slots + 1}] int64, got {list(offs.shape)} {offs.dtype}")
+    if int(offs[0]) != 0 or int(offs[-1]) != xs.shape[0] or bool((offs[1:] < offs[:-1]).any()):
+        raise ValueError(f"offs must rise from 0 to {xs.shape[0]} (the rows of xs)")
+    h = torch.empty(xs.shape[0], inter, dtype=torch.float32)
+    ys = torch.empty(xs.shape[0], d, dtype=torch.float32)
+    lib.mm_moe_swiglu(xs.data_ptr(), offs.data_ptr(), n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
+                      h.data_ptr(), ys.data_ptr(), threads or torch.get_num_threads())
+    return ys

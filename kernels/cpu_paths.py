@@ -1,0 +1,65 @@
+"""Which CPU path computes a product over weights read once, per shape; and the mixed-dtype linear.
+
+Pure choosers (no I/O, exact-output tests in tests/kernels/test_cpu_paths.py) from the figures of
+scripts/bench_cpu_experts.py on 2 cores: the C kernel (kernels/cpu_gemv.c) streams weights at or near
+the machine's read bandwidth for the decode-sized rows it is written for, in fp32 and widened from bf16/fp16
+alike; torch's GEMMs win on fp32 weights only once many rows share each weight (prefill), and torch has no
+fast path at all for fp32 activations over half-precision weights (it must materialise an fp32 copy).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu_kernels
+
+# Rows per expert (or per linear call) up to which the kernel is at least as fast as torch, from interleaved
+# runs of scripts/bench_cpu_experts.py on the 2-core dev machine (heavily shared when measured: the
+# ratios, not the GB/s, carry over). fp32 weights: the kernel matched or beat one bmm over all experts
+# up to 16 rows; past that torch's blocked GEMM (AVX-512 where present) reuses each weight better.
+KERNEL_MAX_ROWS_FP32 = 16
+# Half-precision weights: torch must first copy the weight to fp32 (6 bytes moved per 2 read), and was
+# 3-6x slower than the kernel at 1-16 rows and even at 64; past 64 the copy amortises.
+KERNEL_MAX_ROWS_HALF = 64
+
+
+def choose_expert_path(max_rows: int, weight_dtype: torch.dtype, kernel_ok: bool) -> str:
+    """``kernel`` (one C call per layer over every busy expert) or ``torch`` (the shard's torch strategies).
+
+    ``max_rows``: the most rows any one expert has in this batch.
+    """
+    if not kernel_ok or weight_dtype not in cpu_kernels.WEIGHT_CODES:
+        return "torch"
+    limit = KERNEL_MAX_ROWS_FP32 if weight_dtype == torch.float32 else KERNEL_MAX_ROWS_HALF
+    return "kernel" if max_rows <= limit else "torch"
+
+
+def choose_linear_path(rows: int, weight_dtype: torch.dtype, kernel_ok: bool) -> str:
+    """How a CPU linear with fp32 rows runs: ``kernel``, ``torch`` (F.linear, same dtypes) or ``upcast``
+    (F.linear over an fp32 copy of a half-precision weight)."""
+    half = weight_dtype in (torch.bfloat16, torch.float16)
+    if kernel_ok and weight_dtype in cpu_kernels.WEIGHT_CODES:
+        if rows <= (KERNEL_MAX_ROWS_HALF if half else KERNEL_MAX_ROWS_FP32):
+            return "kernel"
+    return "upcast" if half else "torch"
+
+
+def cpu_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` for fp32 rows on CPU over a weight kept fp32, bf16 or fp16; fp32 out and accumulation.
+
+    Any leading dims. Half weights widen exactly, so only the summation order differs from
+    ``F.linear(x, w.float())``, which is the fallback wherever the kernel is absent or does not pay.
+    Other devices and dtypes: plain ``F.linear`` (over ``w`` in x's dtype).
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not w.is_contiguous():
+        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.numel() // k if k else 0
+    path = choose_linear_path(rows, w.dtype, cpu_kernels.available())
+    if path == "kernel":
+        flat = x.reshape(rows, k)
+        if flat.stride(1) != 1:
+            flat = flat.contiguous()
+        return cpu_kernels.linear(flat, w).view(*lead, w.shape[0])
+    return F.linear(x, w if path == "torch" else w.to(x.dtype))

@@ -1,0 +1,164 @@
+"""The CPU expert kernels (kernels/cpu_gemv.c via kernels/cpu_kernels.py) and the per-shape choosers.
+
+The kernel's products are fp32 over exactly widened weights: against float64 math they differ only by fp32
+summation order, so the bounds below are a few ulps of the row sums, not a bf16 tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moemesh.kernels import cpu_kernels
+from moemesh.kernels.cpu_paths import (KERNEL_MAX_ROWS_FP32, KERNEL_MAX_ROWS_HALF, choose_expert_path,
+                                       choose_linear_path, cpu_linear)
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: CPU kernels not built")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def test_choose_expert_path():
+    assert choose_expert_path(1, torch.float32, True) == "kernel"
+    assert choose_expert_path(KERNEL_MAX_ROWS_FP32, torch.float32, True) == "kernel"
+    assert choose_expert_path(KERNEL_MAX_ROWS_FP32 + 1, torch.float32, True) == "torch"
+    assert choose_expert_path(KERNEL_MAX_ROWS_HALF, torch.bfloat16, True) == "kernel"
+    assert choose_expert_path(KERNEL_MAX_ROWS_HALF + 1, torch.float16, True) == "torch"
+    assert choose_expert_path(1, torch.bfloat16, False) == "torch"  # no compiler: torch, always correct
+    assert choose_expert_path(1, torch.float8_e4m3fn, True) == "torch"
+
+
+def test_choose_linear_path():
+    assert choose_linear_path(16, torch.bfloat16, True) == "kernel"
+    assert choose_linear_path(KERNEL_MAX_ROWS_HALF + 1, torch.bfloat16, True) == "upcast"
+    assert choose_linear_path(16, torch.bfloat16, False) == "upcast"
+    assert choose_linear_path(16, torch.float32, True) == "kernel"
+    assert choose_linear_path(KERNEL_MAX_ROWS_FP32 + 1, torch.float32, True) == "torch"
+    assert choose_linear_path(1, torch.float32, False) == "torch"
+    assert choose_linear_path(1, torch.float64, True) == "torch"
+
+
+def _bound(x: torch.Tensor, w: torch.Tensor) -> float:
+    return 1e-6 * float((x.abs().double() @ w.abs().double().t()).max()) + 1e-7
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [0, 1, 2, 3, 5, 17])
+@pytest.mark.parametrize("n, k", [(13, 37), (64, 512), (4, 8), (5, 3)])
+def test_linear_matches_float64(dtype, m, n, k):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g).to(dtype)
+    y = cpu_kernels.linear(x, w)
+    ref = (x.double() @ w.double().t()).float()
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    if m:
+        assert (y - ref).abs().max() <= _bound(x, w)
+
+
+@needs_kernel
+def test_linear_reads_strided_rows_and_threads_agree():
+    x = torch.randn(6, 40)[:, :32]  # row stride 40
+    w = torch.randn(9, 32).bfloat16()
+    one, two = cpu_kernels.linear(x, w, threads=1), cpu_kernels.linear(x, w, threads=2)
+    assert torch.equal(one, two)  # each output is one thread's sum: no order depends on the thread count
+    assert (one - (x.double() @ w.double().t()).float()).abs().max() <= _bound(x, w)
+
+
+def _moe_reference(xs, offs, w13, w2):
+    inter, out = w2.shape[-1], []
+    for s in range(w13.shape[0]):
+        x = xs[offs[s]:offs[s + 1]].double()
+        gu = x @ w13[s].double().t()
+        out.append((F.silu(gu[:, :inter]) * gu[:, inter:]) @ w2[s].double().t())
+    return torch.cat(out).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("counts", [[3, 0, 1, 5, 2], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1], [0, 9, 0, 0, 0]])
+def test_moe_swiglu_matches_float64(dtype, counts):
+    g = torch.Generator().manual_seed(sum(counts))
+    E, D, I = 5, 24, 12  # neither a multiple of the kernel's 8-wide vectors nor of its 4-row blocks
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g).to(dtype), torch.randn(E, D, I, generator=g).to(dtype)
+    c = torch.tensor(counts)
+    offs = torch.cat([torch.zeros(1, dtype=torch.int64), c.cumsum(0)])
+    xs = torch.randn(int(c.sum()), D, generator=g)
+    got, ref = cpu_kernels.moe_swiglu(xs, offs, w13, w2), _moe_reference(xs, offs, w13, w2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max()))
+
+
+@needs_kernel
+def test_kernel_inputs_are_checked():
+    w13, w2 = torch.randn(2, 8, 8), torch.randn(2, 8, 4)
+    xs, offs = torch.randn(3, 8), torch.tensor([0, 1, 3])
+    with pytest.raises(ValueError, match="xs must be a \\[M, 8\\] float32"):
+        cpu_kernels.moe_swiglu(xs.double(), offs, w13, w2)
+    with pytest.raises(ValueError, match="offs must rise from 0 to 3"):
+        cpu_kernels.moe_swiglu(xs, torch.tensor([0, 2, 1]), w13, w2)
+    with pytest.raises(ValueError, match="offs must be \\[3\\] int64"):
+        cpu_kernels.moe_swiglu(xs, offs.int(), w13, w2)
+    with pytest.raises(ValueError, match="share a dtype"):
+        cpu_kernels.moe_swiglu(xs, offs, w13, w2.bfloat16())
+    with pytest.raises(ValueError, match="are not \\[E, 2I, D\\] and \\[E, D, I\\]"):
+        cpu_kernels.moe_swiglu(xs, offs, w13, torch.randn(2, 8, 3))
+    with pytest.raises(ValueError, match="w must be float32, bfloat16 or float16"):
+        cpu_kernels.linear(xs, torch.randn(4, 8).double())
+    with pytest.raises(ValueError, match="contiguous 2-d CPU tensor"):
+        cpu_kernels.linear(xs, torch.randn(8, 4).t())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 32), (2, 3, 32), (KERNEL_MAX_ROWS_HALF + 1, 32)])
+def test_cpu_linear_equals_fp32_math_on_the_widened_weight(dtype, shape):
+    # Every path: the kernel for small row counts, torch (over an fp32 copy for half weights) past them or
+    # without a compiler.
+    x, w = torch.randn(*shape), torch.randn(24, 32).to(dtype)
+    got = cpu_linear(x, w)
+    ref = F.linear(x.double(), w.double()).float()
+    assert got.shape == (*shape[:-1], 24) and got.dtype == torch.float32
+    assert (got - ref).abs().max() <= _bound(x.reshape(-1, 32), w)
+
+
+def test_no_compiler_falls_back_with_a_log_line(monkeypatch, capsys):
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    assert cpu_kernels.load() is None and not cpu_kernels.available()
+    assert "cpu_kernels_unavailable" in "".join(capsys.readouterr())
+    x, w = torch.randn(3, 16), torch.randn(5, 16).bfloat16()
+    torch.testing.assert_close(cpu_linear(x, w), F.linear(x, w.float()))  # plain torch, still correct
+
+
+def test_cpu_linear_reads_strided_rows():
+    x = torch.randn(5, 48)[:, 8:40]  # a column slice: unit column stride, row stride 48
+    w = torch.randn(6, 32).bfloat16()
+    assert (cpu_linear(x, w) - F.linear(x.double(), w.double()).float()).abs().max() <= _bound(x, w)
+    xt = torch.randn(32, 5).t()  # column stride 5: copied first
+    assert (cpu_linear(xt, w) - F.linear(xt.double(), w.double()).float()).abs().max() <= _bound(xt, w)
+
+
+def test_a_failed_build_falls_back(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MOEMESH_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "SOURCE", tmp_path / "broken.c")
+    (tmp_path / "broken.c").write_text("this is not C\n")
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C compiler")
+    assert cpu_kernels._build() is None
+    assert "could not build broken.c" in "".join(capsys.readouterr())
+
+
+def test_switched_off_by_environment(monkeypatch, capsys):
+    monkeypatch.setenv("MOEMESH_CPU_KERNELS", "0")
+    assert cpu_kernels._build() is None
+    assert "MOEMESH_CPU_KERNELS=0" in "".join(capsys.readouterr())
+
+
+@needs_kernel
+def test_the_build_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEMESH_KERNEL_CACHE", str(tmp_path))
+    lib = cpu_kernels._build()
+    built = sorted(tmp_path.glob("cpu_gemv-*.so"))
+    assert lib is not None and len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    assert cpu_kernels._build() is not None
+    assert [p.stat().st_mtime_ns for p in tmp_path.glob("cpu_gemv-*.so")] == [mtime]  # loaded, not rebuilt
