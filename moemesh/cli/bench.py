@@ -149,7 +149,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     roofline = roofline_figures(weight_bytes(cfg, str(dtype).removeprefix("torch."), _kept_fp8_block(mesh)),
                                 best, gbps, len(cfg.moe_layers))
     generated = args.batch * args.new_tokens
-    elem = torch.tensor([], dtype=dtype).element_size()
+    from moemesh.devices import compute_dtype
+
+    # the latent cache holds activations: fp32 on CPU also over bf16 weights (moemesh/devices.py)
+    elem = torch.tensor([], dtype=compute_dtype(dtype, device)).element_size()
     result = {
         "batch": args.batch,
         "prompt_len": args.prompt_len,
