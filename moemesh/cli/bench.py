@@ -122,6 +122,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from moemesh.cli.generate import engine_config
     from moemesh.launch.embedded import build_local
     from moemesh.model.weight_bytes import weight_bytes
+    from moemesh.devices import compute_dtype
 
     torch.manual_seed(0)
     mesh = build_local(args.model, args.dtype, engine_config(args), progress=not args.json, kernels=args.kernels,
@@ -146,18 +147,19 @@ def _run_bench(args: argparse.Namespace) -> int:
     best = min(runs, key=lambda r: r.seconds)
     en_s, en_tokens = best.seconds, best.tokens
     gbps = stream_gbps(device)  # here, with the engine's threads: the bound its step is held to
-    roofline = roofline_figures(weight_bytes(cfg, str(dtype).removeprefix("torch."), _kept_fp8_block(mesh)),
+    name = str(dtype).removeprefix("torch.")
+    compute = str(compute_dtype(dtype, device)).removeprefix("torch.")
+    roofline = roofline_figures(weight_bytes(cfg, name, _kept_fp8_block(mesh), compute),
                                 best, gbps, len(cfg.moe_layers))
     generated = args.batch * args.new_tokens
-    from moemesh.devices import compute_dtype
-
     # the latent cache holds activations: fp32 on CPU also over bf16 weights (moemesh/devices.py)
     elem = torch.tensor([], dtype=compute_dtype(dtype, device)).element_size()
     result = {
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": name,
+        "compute_dtype": compute,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "hf_tokens_per_s": generated / hf_s,

@@ -7,8 +7,8 @@ the step cannot be faster than those bytes over the memory's streaming bandwidth
 that ``moemesh bench`` reports against. The embedding is left out: a step reads T of its rows, not the table.
 
 The sizes follow the model exactly as moemesh holds it (attn_node/model.py, expert_node/shard.py): the gate
-(and noaux_tc's bias) and the indexer's ``weights_proj`` are always fp32; everything else is in the compute
-dtype, except routed experts of an FP8 checkpoint kept e4m3, which take 1 byte per weight plus one fp32 scale
+(and noaux_tc's bias) and the indexer's ``weights_proj`` are always fp32; the norms and wkv_b in the compute
+(activations') dtype; everything else in the weights' dtype, except routed experts of an FP8 checkpoint kept e4m3, which take 1 byte per weight plus one fp32 scale
 per (bn, bk) block, with the intermediate size padded to whole bn blocks (ExpertShard's layout).
 """
 
@@ -61,24 +61,28 @@ class WeightBytes:
         return self.dense * passes + self.expert * experts_hit
 
 
-def _mla_params(cfg: ModelConfig) -> int:
+def _mla_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(values in the weights' dtype, values in the compute dtype: q_norm, kv_norm and wkv_b, which the model
+    holds in the activations' dtype because the absorbed attention multiplies by wkv_b directly)."""
     d, h = cfg.hidden_size, cfg.num_attention_heads
     if cfg.q_lora_rank is None:
-        q = d * h * cfg.qk_head_dim  # wq
+        q, q_norm = d * h * cfg.qk_head_dim, 0  # wq
     else:
-        q = d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim  # wq_a, q_norm, wq_b
-    kv = d * cfg.kv_cache_dim + cfg.kv_lora_rank + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return q + kv + h * cfg.v_head_dim * d  # + wo
+        q, q_norm = d * cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim, cfg.q_lora_rank  # wq_a, wq_b
+    wkv_b = cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    weights = q + d * cfg.kv_cache_dim + h * cfg.v_head_dim * d  # + wkv_a, wo
+    return weights, q_norm + cfg.kv_lora_rank + wkv_b
 
 
-def _indexer_bytes(cfg: ModelConfig, elem: int) -> int:
-    """V3.2's lightning indexer per layer: wq_b, wk and k_norm (weight and bias) in the dtype, weights_proj fp32."""
+def _indexer_bytes(cfg: ModelConfig, elem: int, compute_elem: int) -> int:
+    """V3.2's lightning indexer per layer: wq_b and wk in the dtype, k_norm (weight and bias, a norm) in the
+    compute dtype, weights_proj fp32."""
     if not cfg.has_indexer:
         return 0
     assert cfg.q_lora_rank is not None  # the config reader refuses V3.2 without it
     di = cfg.index_head_dim
-    in_dtype = cfg.q_lora_rank * cfg.index_n_heads * di + cfg.hidden_size * di + 2 * di
-    return in_dtype * elem + cfg.hidden_size * cfg.index_n_heads * FP32
+    in_dtype = cfg.q_lora_rank * cfg.index_n_heads * di + cfg.hidden_size * di
+    return in_dtype * elem + 2 * di * compute_elem + cfg.hidden_size * cfg.index_n_heads * FP32
 
 
 def expert_bytes(cfg: ModelConfig, elem: int, fp8_block: tuple[int, int] | None = None) -> int:
@@ -93,16 +97,20 @@ def expert_bytes(cfg: ModelConfig, elem: int, fp8_block: tuple[int, int] | None 
     return 3 * d * padded + scales * FP32
 
 
-def weight_bytes(cfg: ModelConfig, dtype: str, fp8_block: tuple[int, int] | None = None) -> WeightBytes:
-    """The parts of ``cfg``'s weights in ``dtype``; ``fp8_block``: routed experts kept e4m3 in those blocks."""
-    elem = element_bytes(dtype)
+def weight_bytes(cfg: ModelConfig, dtype: str, fp8_block: tuple[int, int] | None = None,
+                 compute: str | None = None) -> WeightBytes:
+    """The parts of ``cfg``'s weights in ``dtype``; ``fp8_block``: routed experts kept e4m3 in those blocks;
+    ``compute`` (default ``dtype``): the activations' dtype, which the norms and wkv_b are held in (float32 on
+    CPU over bf16 weights: moemesh/devices.py ``compute_dtype``)."""
+    elem, compute_elem = element_bytes(dtype), element_bytes(compute or dtype)
+    mla_weights, mla_compute = _mla_params(cfg)
     d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
     moe = len(cfg.moe_layers)
     dense_layers = n_layers - moe
     gate = cfg.n_routed_experts * d + (cfg.n_routed_experts if cfg.topk_method == "noaux_tc" else 0)
     return WeightBytes(
-        attention=n_layers * (_mla_params(cfg) * elem + _indexer_bytes(cfg, elem)),
-        norms=(2 * n_layers + 1) * d * elem,
+        attention=n_layers * (mla_weights * elem + mla_compute * compute_elem + _indexer_bytes(cfg, elem, compute_elem)),
+        norms=(2 * n_layers + 1) * d * compute_elem,
         dense_mlp=dense_layers * 3 * d * cfg.intermediate_size * elem,
         shared_experts=moe * 3 * d * cfg.moe_intermediate_size * cfg.n_shared_experts * elem,
         gates=moe * gate * FP32,
