@@ -154,10 +154,26 @@ class _Session:
         most every :data:`TALLY_S` (and on pings and at the end)."""
         limit = p2p.HEADER_BYTES + self.inline_bytes
         shard, tally, zeros = self.svc.shard, _Tally(self.svc), _Zeros()
+        on_host = self.compute.type == "cpu"  # else a GPU node over tcp: rows go to its device and back
+
+        def recv(timeout_s: float, max_bytes: int):
+            try:
+                return pair.recv_message(timeout_s, max_bytes)
+            except RuntimeError as exc:  # the stream's own errors (closed, timed out, out of step)
+                raise p2p.P2PError(str(exc)) from exc
+
+        def send(parts) -> None:
+            try:
+                pair.send_parts(parts)
+            except RuntimeError as exc:
+                raise p2p.P2PError(str(exc)) from exc
+
         try:
             while not self.stopping.is_set():
-                frame = pair.recv_message(self.idle_s, limit)
+                frame = recv(self.idle_s, limit)
                 received = time.monotonic_ns()  # the node's own clock: the reply carries durations only
+                if frame.nbytes < p2p.HEADER_BYTES:  # before its header is read
+                    raise BadRequest(f"a frame of {frame.nbytes} bytes, shorter than the {p2p.HEADER_BYTES}-byte header")
                 h = p2p.unpack_header(frame)
                 if h.kind == p2p.KIND_PING:
                     tally.flush()
@@ -171,27 +187,29 @@ class _Session:
                     body = frame[p2p.HEADER_BYTES:]
                 else:
                     _check_length(frame.nbytes, p2p.HEADER_BYTES, "header frame")
-                    body = pair.recv_message(self.timeout_s, h.body_bytes)
+                    body = recv(self.timeout_s, h.body_bytes)
                     _check_length(body.nbytes, h.body_bytes, "body")
                 ids, weights = p2p.host_meta(body, h)  # views of the received bytes, no copy
                 self._check_rows(h.layer, ids, weights, snapshot)
                 parsed = time.monotonic_ns()
                 if (ids >= 0).any():
                     x = p2p.host_rows(body, h)  # a view too: computed from where it landed
-                    y = shard.forward(h.layer, x, torch.from_numpy(ids), torch.from_numpy(weights), host_ids=ids,
-                                      snapshot=snapshot)  # checked just above
+                    idx, w = torch.from_numpy(ids), torch.from_numpy(weights)
+                    if on_host:
+                        y = shard.forward(h.layer, x, idx, w, host_ids=ids, snapshot=snapshot)  # checked above
+                    else:
+                        y = shard.forward(h.layer, x.to(self.compute), idx.to(self.compute), w.to(self.compute),
+                                          host_ids=ids, snapshot=snapshot).cpu()
                     if y.dtype != x.dtype or not y.is_contiguous():
                         y = y.to(dtype=x.dtype).contiguous()
                 else:  # every assignment is computed elsewhere (forward's own shortcut): zeros, without torch
                     y = zeros.of(h.rows * h.hidden * h.dtype.itemsize)
                 computed = time.monotonic_ns()
-                pair.send_parts(p2p.reply_parts(h.msg_id, y, 0, parsed - received, computed - parsed,
-                                                time.monotonic_ns() - computed))
+                send(p2p.reply_parts(h.msg_id, y, 0, parsed - received, computed - parsed,
+                                     time.monotonic_ns() - computed))
                 tally.add(h.layer, ids)
                 self.messages += 1
                 self.busy = False
-        except RuntimeError as exc:  # the stream's own errors (closed, timed out, out of step)
-            raise p2p.P2PError(str(exc)) from exc
         finally:
             tally.flush()
 

@@ -174,6 +174,11 @@ static void rows2_dot(const float *x0, const float *x1, const void *w, int wdtyp
         }
         return;
     }
+    /* A partial last block: each row summed as row_dot_rows sums it (vector lanes, then the tail), so a row's
+     * result does not depend on how many rows share its batch. */
+    row_dot_rows(x0, w, wdtype, base / k, nb, k, acc);
+    row_dot_rows(x1, w, wdtype, base / k, nb, k, acc + NB);
+    return;
 #endif
     for (int r = 0; r < 2 * NB; r++) acc[r] = 0.f;
     for (int r = 0; r < nb; r++) {

@@ -65,9 +65,12 @@ def _compiler() -> str | None:
 
 def _compile(cc: str, flags: tuple[str, ...], out: Path) -> str | None:
     """Build the library at ``out``; None on success, else the compiler's complaint (last lines)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    try:  # an unwritable cache directory is one more reason to fall back, not an error in every forward
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+    except OSError as e:
+        return f"cannot write the kernel cache {out.parent}: {e}"
     try:
         done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=300)
@@ -138,6 +141,13 @@ def available() -> bool:
     return load() is not None
 
 
+def resolve_weights_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """``moemesh.devices.resolve_dtype`` told whether the CPU kernels are here (built on first call, on CPU only)."""
+    from moemesh.devices import resolve_dtype
+
+    return resolve_dtype(name, checkpoint_dtype, device, cpu_kernels=device.type != "cpu" or available())
+
+
 def _check_weight(name: str, w: torch.Tensor, dims: int) -> int:
     if w.dtype not in WEIGHT_CODES:
         raise ValueError(f"{name} must be float32, bfloat16 or float16 for the CPU kernel, got {w.dtype}")
@@ -161,7 +171,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torc
     code = _check_weight("w", w, 2)
     n, k = w.shape
     _check_x("x", x, k)
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32, device="cpu")  # host memory for C, whatever the default
     lib.mm_linear(x.data_ptr(), x.stride(0), x.shape[0], w.data_ptr(), code, n, k, y.data_ptr(),
                   threads or torch.get_num_threads())
     return y
@@ -189,8 +199,8 @@ def moe_swiglu(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torc
         raise ValueError(f"offs must be [{n_slots + 1}] int64, got {list(offs.shape)} {offs.dtype}")
     if int(offs[0]) != 0 or int(offs[-1]) != xs.shape[0] or bool((offs[1:] < offs[:-1]).any()):
         raise ValueError(f"offs must rise from 0 to {xs.shape[0]} (the rows of xs)")
-    h = torch.empty(xs.shape[0], inter, dtype=torch.float32)
-    ys = torch.empty(xs.shape[0], d, dtype=torch.float32)
+    h = torch.empty(xs.shape[0], inter, dtype=torch.float32, device="cpu")
+    ys = torch.empty(xs.shape[0], d, dtype=torch.float32, device="cpu")
     lib.mm_moe_swiglu(xs.data_ptr(), offs.data_ptr(), n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
                       h.data_ptr(), ys.data_ptr(), threads or torch.get_num_threads())
     return ys

@@ -53,14 +53,18 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
-def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device, cpu_kernels: bool = True) -> torch.dtype:
     """The dtype weights are kept in: ``auto`` = the checkpoint's (bf16 if it names none), on every device.
 
     On CUDA it is also the compute dtype. On CPU a bf16/fp16 choice stays half the bytes in memory while
     activations stay fp32 (:func:`compute_dtype`): the CPU kernels widen the weights in registers, so tokens
-    equal an fp32 run on the same checkpoint. ``float32`` upcasts the weights at load (the old CPU default).
+    equal an fp32 run on the same checkpoint. ``float32`` upcasts the weights at load (the old CPU default),
+    and so does ``auto`` on CPU when the kernels could not be built (``cpu_kernels=False``: no C compiler),
+    since plain torch would widen every weight on every call instead.
     """
     if name == "auto":
+        if device.type == "cpu" and not cpu_kernels:
+            return torch.float32
         return DTYPES.get(checkpoint_dtype, torch.bfloat16)
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")

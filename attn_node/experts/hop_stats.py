@@ -10,8 +10,9 @@ Every hop goes to the process's :data:`HOPS` window at once, which the Load repl
 (``hop_p50_us``, ``hop_p99_us``, ``compute_p50_us``: ``moemesh status --json`` shows them), and to
 ``moemesh_dispatch_{hop,node_receive,compute,node_send,transport}_seconds{node=...}`` in batches: five
 histogram observations cost several microseconds, a good part of a decode hop on the torch transport,
-so a recorder publishes every :data:`FLUSH_EVERY` hops or :data:`FLUSH_S` seconds, and whenever the
-window is summarized (a Load call) or its link closes.
+so a recorder publishes every :data:`FLUSH_EVERY` hops, or with the first hop :data:`FLUSH_S` seconds after
+its last publication, and whenever the window is summarized (a Load call: the router's load poll, every few
+seconds) or its link closes; a link that goes quiet holds its last few hops until then.
 """
 
 from __future__ import annotations
@@ -76,9 +77,15 @@ class HopWindow:
         with self._lock:
             return self._totals
 
+    def add_recorder(self, recorder: "HopRecorder") -> None:
+        with self._lock:  # links are made on placement changes while a Load call may be summarizing
+            self.recorders.add(recorder)
+
     def summaries(self) -> list[HopSummary]:
         """One summary per node with hops in the window, by address; nodes silent for a window are forgotten."""
-        for recorder in list(self.recorders):
+        with self._lock:
+            recorders = list(self.recorders)
+        for recorder in recorders:
             recorder.flush()
         cutoff = self.clock() - self.window_s
         out = []
@@ -107,7 +114,7 @@ class HopRecorder:
     def __init__(self, address: str, window: HopWindow | None = None):
         self.address = address
         self.window = HOPS if window is None else window
-        self.window.recorders.add(self)
+        self.window.add_recorder(self)
         self._pending: list[tuple[float, int, int, int]] = []  # hops not yet in the histograms
         self._since = self.window.clock()
         self._lock = threading.Lock()

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from moemesh.attn_node.serve import serve_attention
     from moemesh.model.config import ModelConfig
     from moemesh.cli.generate import engine_config
-    from moemesh.devices import resolve_device, resolve_dtype
+    from moemesh.devices import resolve_device
+    from moemesh.kernels.cpu_kernels import resolve_weights_dtype
     from moemesh.control.placement import Placement, parse_expert_nodes, parse_expert_spec
 
     if not 0 <= args.port <= 65535:
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         static = Placement.from_hosted(
             [(address, parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)) for address, spec in nodes])
     asyncio.run(serve_attention(
-        args.model, args.host, args.port, resolve_dtype(args.dtype, cfg.dtype, device), engine_config(args), etcd=args.etcd,
+        args.model, args.host, args.port, resolve_weights_dtype(args.dtype, cfg.dtype, device), engine_config(args), etcd=args.etcd,
         cluster=args.cluster, static=static, node_id=args.node_id, advertise=args.advertise_host,
         kernels=args.kernels, dispatch_timeout_s=args.dispatch_timeout, max_pending=args.max_pending,
         tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca), health_port=args.health_port,

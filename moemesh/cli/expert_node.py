@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from moemesh.control.placement import parse_expert_spec
-    from moemesh.devices import keep_fp8, resolve_device, resolve_dtype
+    from moemesh.devices import keep_fp8, resolve_device
+    from moemesh.kernels.cpu_kernels import resolve_weights_dtype
     from moemesh.expert_node.main import serve
     from moemesh.model.config import ModelConfig
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # before anything loads: a missing GPU is one line, not a traceback
     flags.apply_threads(args.threads)
     cfg = ModelConfig.from_dir(args.model)
-    dtype = resolve_dtype(args.dtype, cfg.dtype, device)
+    dtype = resolve_weights_dtype(args.dtype, cfg.dtype, device)
     keep = keep_fp8(args.fp8, device)
     tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
     if args.auth_tokens:

@@ -26,6 +26,7 @@ from moemesh.model.checkpoint import checkpoint_fingerprint
 from moemesh.model.config import ModelConfig
 from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.local_backend import LocalExpertBackend
+from moemesh.kernels.cpu_kernels import resolve_weights_dtype
 from moemesh.kernels.ops import select_ops
 from moemesh.control.placement import Placement, parse_expert_spec
 from moemesh import devices
@@ -60,7 +61,7 @@ def build_local(
     device raises DeviceUnavailableError before anything loads."""
     cfg = ModelConfig.from_dir(model_dir)
     torch_device = devices.resolve_device(device)
-    torch_dtype = devices.resolve_dtype(dtype, cfg.dtype, torch_device)
+    torch_dtype = resolve_weights_dtype(dtype, cfg.dtype, torch_device)
     ops = select_ops(torch_device, kernels)
     shard = load_expert_shard(str(model_dir), cfg, dtype=torch_dtype, progress=progress, fused_moe=ops.fused_moe,
                               fused_moe_fp8=ops.fused_moe_fp8, device=torch_device,
@@ -88,7 +89,7 @@ def build_remote(
     the groups form in the background, rows go over gRPC until they are up."""
     cfg = ModelConfig.from_dir(model_dir)
     torch_device = devices.resolve_device(device)
-    torch_dtype = devices.resolve_dtype(dtype, cfg.dtype, torch_device)
+    torch_dtype = resolve_weights_dtype(dtype, cfg.dtype, torch_device)
     hosted = [(address, parse_expert_spec(spec, cfg.moe_layers, cfg.n_routed_experts)) for address, spec in expert_nodes]
     backend = RemoteExpertBackend(cfg, Placement.from_hosted(hosted), timeout_s=dispatch_timeout_s,
                                   link_factory=links_for(transport, cfg.hidden_size, dispatch_timeout_s,

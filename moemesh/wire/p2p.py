@@ -188,7 +188,7 @@ def request_parts(msg_id: int, layer: int, x: torch.Tensor, idx: torch.Tensor, w
     rows, hidden = x.shape
     k = idx.shape[1]
     ids = np.ascontiguousarray(_host_bytes(idx), dtype=np.int32)  # no copy when it is so already
-    weights = np.ascontiguousarray(_host_bytes(w), dtype=np.float32)
+    weights = np.ascontiguousarray(_host_bytes(w.detach().float()), dtype=np.float32)  # bf16 bits are no values
     body_bytes = rows * k * 8 + x.numel() * x.element_size()
     kind = KIND_INLINE if body_bytes <= inline_bytes else KIND_DISPATCH
     head = _HEADER.pack(kind, msg_id, layer, rows, k, version, dtype_to_proto(x.dtype), hidden)

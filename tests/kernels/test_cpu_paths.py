@@ -162,3 +162,24 @@ def test_the_build_is_cached(monkeypatch, tmp_path):
     mtime = built[0].stat().st_mtime_ns
     assert cpu_kernels._build() is not None
     assert [p.stat().st_mtime_ns for p in tmp_path.glob("cpu_gemv-*.so")] == [mtime]  # loaded, not rebuilt
+
+
+def test_an_unwritable_cache_falls_back(monkeypatch, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MOEMESH_KERNEL_CACHE", str(tmp_path / "a-file" / "cache"))  # under a file: no mkdir
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C compiler")
+    assert cpu_kernels._build() is None
+    assert "cannot write the kernel cache" in "".join(capsys.readouterr())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, k", [(13, 37), (5, 3), (6, 64)])
+def test_a_rows_result_does_not_depend_on_its_batch(dtype, n, k):
+    """Bit-equal whether a row goes alone, in a pair or among more (partial last weight blocks included)."""
+    g = torch.Generator().manual_seed(n * 100 + k)
+    x, w = torch.randn(5, k, generator=g), torch.randn(n, k, generator=g).to(dtype)
+    alone = torch.cat([cpu_kernels.linear(x[i:i + 1], w) for i in range(5)])
+    for m in (2, 3, 5):
+        assert torch.equal(cpu_kernels.linear(x[:m], w), alone[:m]), m

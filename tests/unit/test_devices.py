@@ -67,6 +67,13 @@ def test_dtype_auto_keeps_the_checkpoints_weights_and_computes_fp32_on_cpu():
         resolve_dtype("int8", "bfloat16", CPU)
 
 
+def test_dtype_auto_upcasts_on_cpu_without_the_cpu_kernels():
+    """No C compiler: plain torch would widen every bf16 weight on every call, so auto keeps fp32 weights there."""
+    assert resolve_dtype("auto", "bfloat16", CPU, cpu_kernels=False) == torch.float32
+    assert resolve_dtype("auto", "bfloat16", CUDA, cpu_kernels=False) == torch.bfloat16
+    assert resolve_dtype("bfloat16", "bfloat16", CPU, cpu_kernels=False) == torch.bfloat16  # asked for: kept
+
+
 def test_fp8_auto_keeps_on_cuda_only():
     assert keep_fp8("auto", CUDA) and not keep_fp8("auto", CPU)
     assert keep_fp8("keep", CPU) and not keep_fp8("dequant", CUDA)

@@ -164,6 +164,7 @@ def test_stream_loop_replies_with_the_shards_rows_and_zeros_where_nothing_is_hos
 
 @pytest.mark.parametrize("case, error", [
     ("short", "a frame of .* bytes where its header says"),
+    ("stub", "a frame of 10 bytes, shorter than the 64-byte header"),
     ("foreign", "experts \\[5\\] are not hosted on this node"),
     ("range", "expert ids must be in 0..7"),
     ("nan", "NaN or infinity"),
@@ -179,7 +180,7 @@ def test_stream_loop_names_what_is_wrong_with_a_bad_frame(service, case, error):
     if case == "nan":
         w[1, 1] = float("nan")
     frame = _frame(99 if case == "layer" else layer, x, idx, w)
-    script = _Script([frame[:-4] if case == "short" else frame])
+    script = _Script([frame[:-4] if case == "short" else frame[:10] if case == "stub" else frame])
     with pytest.raises(BadRequest, match=error):
         _session(svc)._serve_stream(script)
     assert script.replies == []
