@@ -203,16 +203,7 @@ class TorchPair:
         got = getattr(reply, "nbytes", None)  # the tcp backend says how long the message was
         if got is not None and got != buf.numel():
             raise p2p.P2PError(f"reply of {got} bytes where {buf.numel()} were due: frames out of step")
-        reply = p2p.unpack_reply(buf, rows, self.hidden_size, dtype)
-        if reply.msg_id != msg_id or reply.status != 0:
-            raise p2p.P2PError(f"reply {reply.msg_id} (status {reply.status}) where {msg_id} was due: "
-                               "frames out of step")
-        with self._lock:
-            entry = self._pending.pop(msg_id, None)
-        self.messages += 1
-        if entry is not None:
-            self.hops.record(time.monotonic() - sent_at, reply.receive_ns, reply.compute_ns, reply.send_ns)
-            entry[0].set_result(reply.rows)
+        self._resolve(p2p.unpack_reply(buf, rows, self.hidden_size, dtype), msg_id, sent_at)
 
     def _take_stream_reply(self, stream, msg_id: int, rows: int, dtype: torch.dtype, deadline: float,
                            sent_at: float, reply_size: int) -> None:
@@ -224,7 +215,10 @@ class TorchPair:
             raise p2p.P2PError(f"waiting for a reply: {exc}") from exc
         if msg.nbytes != reply_size:
             raise p2p.P2PError(f"reply of {msg.nbytes} bytes where {reply_size} were due: frames out of step")
-        reply = p2p.host_reply(msg, rows, self.hidden_size, dtype)
+        self._resolve(p2p.host_reply(msg, rows, self.hidden_size, dtype), msg_id, sent_at)
+
+    def _resolve(self, reply, msg_id: int, sent_at: float) -> None:
+        """The reply due next, checked against ``msg_id``: its hop recorded, its future resolved."""
         if reply.msg_id != msg_id or reply.status != 0:
             raise p2p.P2PError(f"reply {reply.msg_id} (status {reply.status}) where {msg_id} was due: "
                                "frames out of step")
