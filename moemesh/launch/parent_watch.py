@@ -27,17 +27,20 @@ def exit_with_parent() -> bool:
     """In a child started with :func:`child_env`: SIGTERM ourselves when stdin reaches end of file."""
     if os.environ.pop(ENV, None) != "1":
         return False
-    stdin = sys.stdin.buffer if sys.stdin is not None else None
-    if stdin is None:
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # no stdin at all
         return False
-    threading.Thread(target=_wait_for_eof, args=(stdin,), name="parent-watch", daemon=True).start()
+    threading.Thread(target=_wait_for_eof, args=(fd,), name="parent-watch", daemon=True).start()
     return True
 
 
-def _wait_for_eof(stdin) -> None:
+def _wait_for_eof(fd: int) -> None:
+    # os.read on the raw descriptor, not sys.stdin.buffer: a daemon thread blocked inside a buffered reader
+    # holds its lock, and the interpreter aborts at exit when it cannot take it (SIGABRT on a clean stop).
     try:
-        while stdin.read(4096):
+        while os.read(fd, 4096):
             pass  # the launcher never writes: anything read is ignored
-    except (OSError, ValueError):
+    except OSError:
         pass  # stdin closed under us: the launcher is gone all the same
     os.kill(os.getpid(), signal.SIGTERM)
