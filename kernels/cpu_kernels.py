@@ -87,7 +87,7 @@ def _compile(cc: str, flags: tuple[str, ...], out: Path) -> str | None:
 
 def _build() -> ctypes.CDLL | None:
     if os.environ.get("MOEMESH_CPU_KERNELS", "1") == "0":
-        log.info("cpu_kernels_off", reason="MOEMESH_CPU_KERNELS=0", fallback="plain torch")
+        log.warning("cpu_kernels_off", reason="MOEMESH_CPU_KERNELS=0", fallback="plain torch (correct, slower)")
         return None
     cc = _compiler()
     if cc is None:
