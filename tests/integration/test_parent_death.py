@@ -20,11 +20,11 @@ from tests.helpers import eventually
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 LAUNCHER = """
-import json, sys, time
+import json, signal, sys
 from moemesh.launch.procs import spawn_expert_nodes
 nodes = spawn_expert_nodes(sys.argv[1], ["0-3"])
 print(json.dumps({"pid": nodes[0].proc.pid}), flush=True)
-time.sleep(3600)
+signal.pause()  # until the test kills it
 """
 
 
