@@ -12,10 +12,14 @@ remote experts every dispatch copies the rows to the host anyway, so host time i
 - the step's seconds, per micro-batch setting.
 
 Costs come from steps run whole (m = 1), per batch-size bucket; a step with no hop means the experts are
-local, and the choice is 1. Every ``probe_every``-th step of a bucket runs the other setting
-(``micro_batch_policy.probe``), so both settings' measured step times stay current; right after a bucket's
+local, and the choice is 1. Now and then a step of a bucket runs the other setting
+(``micro_batch_policy.probe``), so both settings' measured step times stay current. Right after a bucket's
 warm-up every other step does (``EXPLORE_STEPS``), so the first comparison is between steps of alike
-contexts, not between the bucket's first (slowest) whole steps and later split ones.
+contexts, not between the bucket's first (slowest) whole steps and later split ones; the exploration ends
+early once two probes agree the other setting is far off (``DECISIVE``). After it, a probe comes
+``probe_every`` steps after the choice last changed, and each probe that leaves the choice as it was
+doubles the gap to the next (up to ``MAX_PROBE_GAP``): a probe of the losing setting costs a slow step, so
+a settled bucket pays for few of them, while a change of choice brings the probes back close together.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ MAX_MICRO_BATCHES = 4  # MegaScale-Infer runs 2-4; more adds a hop's fixed cost 
 PROBE_EVERY = 32  # steps of a bucket between probes of the other setting: ~3% of steps run the slower one
 WARM_STEPS = 2  # whole steps of a bucket measured before it may split
 EXPLORE_STEPS = 8  # then, this many steps alternate with probes (measured on this box: one sample is noise)
+DECISIVE = 1.25  # ... unless two probes measured the other setting this many times slower (or faster) already
+MAX_PROBE_GAP = 1024  # steps between probes of a settled bucket, at most
 ALPHA = 0.25  # moving averages' weight of a new measurement
 
 
@@ -125,6 +131,17 @@ class _Bucket:
     steps: int = 0
     choice: int = 1
     measured: dict[int, float] = field(default_factory=dict)  # m -> step seconds
+    probes: int = 0  # probe steps run
+    probe_gap: int = 0  # steps from one probe to the next once explored (0: not yet set)
+    next_probe: int = 0  # the step count at which the next probe is due
+
+    def decided(self) -> bool:
+        """Two probes measured the other setting far from the current one: no need to explore further."""
+        whole, split = self.measured.get(1), [t for m, t in self.measured.items() if m != 1]
+        if self.probes < 2 or not whole or not split:
+            return False
+        ratio = min(split) / whole
+        return ratio >= DECISIVE or ratio <= 1.0 / DECISIVE
 
 
 class FixedMicroBatches:
@@ -189,12 +206,27 @@ class AutoMicroBatches:
             log.info("micro_batches_chosen", micro_batches=choice.micro_batches, was=bucket.choice,
                      tokens=f"{1 << (key - 1)}-{(1 << key) - 1}", reason=choice.reason)
             bucket.choice = choice.micro_batches
+            bucket.probe_gap = 0  # the probes come back close together
         bucket.steps += 1
         self.current = choice.micro_batches
-        exploring = bucket.steps <= WARM_STEPS + EXPLORE_STEPS and bucket.steps % 2 == 0
-        if self.remote and costs is not None and max_m > 1 and (exploring or bucket.steps % self.probe_every == 0):
+        if not (self.remote and costs is not None and max_m > 1):
+            return choice.micro_batches
+        if self._probe_due(bucket):
+            bucket.probes += 1
             return probe(choice.micro_batches, costs, bucket.measured, max_m)
         return choice.micro_batches
+
+    def _probe_due(self, bucket: _Bucket) -> bool:
+        """Every other step while exploring, then at ``next_probe``, the gap doubling each time (module doc)."""
+        if bucket.steps <= WARM_STEPS + EXPLORE_STEPS and not bucket.decided():
+            return bucket.steps % 2 == 0
+        if bucket.probe_gap == 0:
+            bucket.probe_gap, bucket.next_probe = self.probe_every, bucket.steps + self.probe_every
+        if bucket.steps < bucket.next_probe:
+            return False
+        bucket.probe_gap = min(2 * bucket.probe_gap, MAX_PROBE_GAP)
+        bucket.next_probe = bucket.steps + bucket.probe_gap
+        return True
 
     def observe(self, scheduled: list[ScheduledSeq], m: int, step_s: float) -> None:
         """A step ran through as ``m`` micro-batches in ``step_s`` seconds (model, sampling, the host read)."""

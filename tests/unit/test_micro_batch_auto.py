@@ -124,6 +124,18 @@ def test_auto_goes_back_to_whole_steps_when_the_probe_measures_them_faster():
     assert auto.current == 1 and auto.steps_by_m == {1: 8, 4: 5}
 
 
+def test_a_decided_bucket_stops_exploring_and_probes_ever_less_often():
+    feed = _Feed(hop_s=0.0023, compute_s=0.0002, hops_per_step=4)
+    auto = _auto(feed, probe_every=4)
+    items = [_Item(1)] * 4
+    ran = feed.run(auto, 40, items, MARKS, {1: 0.010, 4: 0.0145})
+    # step 3 splits on the model's word and measures 1.45x slower: whole from step 4 on; the probes of steps 4
+    # and 6 agree (>= DECISIVE), so the exploration ends there instead of at step 10; from step 7 probes come 4, 8
+    # and 16 steps apart (each one confirmed the choice)
+    assert [step for step, m in enumerate(ran, start=1) if m != 1] == [3, 4, 6, 11, 19, 35]
+    assert auto.current == 1
+
+
 def test_auto_stays_whole_with_local_experts():
     feed = _Feed(hop_s=0.0, compute_s=0.0, hops_per_step=0)  # no hop recorded: the experts are in this process
     auto = _auto(feed, probe_every=2)
