@@ -42,7 +42,8 @@ Dtypes: fp32, fp16, bf16. Accumulation is fp32; fp32 dots use IEEE precision
 (no TF32). Triton's CPU interpreter computes bf16 dots wrongly, so under
 ``TRITON_INTERPRET=1`` bf16 tiles are upcast to fp32 inside the kernel.
 
-:func:`select_fused_moe` chooses the Triton op or the torch reference once.
+:func:`select_fused_moe` chooses the Triton op or the torch reference (kernels/fused_moe_ref.py) once; the
+entry points' argument checks live in kernels/fused_moe_checks.py.
 
 Each launch is a torch custom op (``moemesh::fused_moe_gate_up`` returning ``h``,
 ``moemesh::fused_moe_down`` returning the per-assignment rows), with a fake impl (kernels/library.py);
@@ -59,9 +60,10 @@ import os
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .choose import use_triton
+from .fused_moe_checks import check_routing, check_scales, check_weights, check_x
+from .fused_moe_ref import fused_moe_fp8_ref, fused_moe_ref
 from .library import expect, expect_one_device, op_name
 
 try:
@@ -80,9 +82,6 @@ __all__ = [
     "moe_align_block_size",
     "select_fused_moe",
 ]
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 # ---- kernels ---------------------------------------------------------------
 
@@ -323,52 +322,6 @@ def _need_triton(op: str) -> None:
         raise RuntimeError(f"{op}: triton is not installed; use {op}_ref or select_fused_moe(device)")
 
 
-def _check_routing(x, topk_idx, topk_weights, n_experts: int, check_ids: bool) -> None:
-    if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
-        raise ValueError(f"topk_idx must be [T, K] with T = {x.shape[0]}, got {tuple(topk_idx.shape)}")
-    if topk_idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise ValueError(f"topk_idx must hold integer expert ids, got {topk_idx.dtype}")
-    if tuple(topk_weights.shape) != tuple(topk_idx.shape):
-        raise ValueError(
-            f"topk_weights must match topk_idx's shape {tuple(topk_idx.shape)}, got {tuple(topk_weights.shape)}"
-        )
-    if not topk_weights.dtype.is_floating_point:
-        raise ValueError(f"topk_weights must be floating point, got {topk_weights.dtype}")
-    for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move them to one device")
-    if check_ids and topk_idx.numel():
-        lo, hi = topk_idx.min().item(), topk_idx.max().item()  # the one host sync (check_ids=False skips it)
-        if lo < -1 or hi >= n_experts:
-            raise ValueError(f"topk_idx holds ids in {lo}..{hi}; they must be in 0..{n_experts - 1} or -1 (skip)")
-
-
-def _check_x(x: torch.Tensor, name: str = "x") -> None:
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be [T, D], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-
-
-def _check_weights(x, w13, w2) -> tuple[int, int, int]:
-    if w13.dim() != 3 or w2.dim() != 3:
-        raise ValueError(f"w13 must be [E, 2I, D] and w2 [E, D, I]; got {tuple(w13.shape)} and {tuple(w2.shape)}")
-    n_experts, two_i, d = w13.shape
-    inter = two_i // 2
-    if n_experts < 1 or two_i % 2 or two_i == 0:
-        raise ValueError(f"w13 must be [E, 2I, D] with E >= 1 and an even, non-zero 2I; got {tuple(w13.shape)}")
-    if d != x.shape[1]:
-        raise ValueError(f"w13 is [E, 2I, D] with D = {d}, but x has D = {x.shape[1]}")
-    if tuple(w2.shape) != (n_experts, d, inter):
-        raise ValueError(f"w2 must be [E, D, I] = {[n_experts, d, inter]} to match w13, got {list(w2.shape)}")
-    for name, t in (("w13", w13), ("w2", w2)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move them to one device")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension (call .contiguous())")
-    return n_experts, d, inter
-
-
 # ---- the custom ops: one per Triton launch (see kernels/library.py) --------
 
 
@@ -527,28 +480,12 @@ def fused_moe(
     the caller already guarantees ids in ``-1..E-1``.
     """
     _need_triton("fused_moe")
-    _check_x(x)
-    n_experts, d, inter = _check_weights(x, w13, w2)
+    check_x(x)
+    n_experts, d, inter = check_weights(x, w13, w2)
     if w13.dtype != x.dtype or w2.dtype != x.dtype:
         raise ValueError(f"w13/w2 must have x's dtype {x.dtype}, got {w13.dtype}/{w2.dtype} (FP8: use fused_moe_fp8)")
-    _check_routing(x, topk_idx, topk_weights, n_experts, check_ids)
+    check_routing(x, topk_idx, topk_weights, n_experts, check_ids)
     return _run(x, w13, w2, topk_idx, topk_weights, n_experts=n_experts, d=d, inter=inter)
-
-
-def _check_scales(name: str, w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> None:
-    if w.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"{name} must be torch.float8_e4m3fn, got {w.dtype}")
-    e, rows, cols = w.shape
-    want = (e, math.ceil(rows / block[0]), math.ceil(cols / block[1]))
-    if tuple(s.shape) != want:
-        raise ValueError(
-            f"{name} scale_inv has shape {list(s.shape)}, but {list(w.shape)} weights in {block[0]}x{block[1]} "
-            f"blocks need {list(want)}: check quantization_config.weight_block_size"
-        )
-    if s.dtype != torch.float32:
-        raise ValueError(f"{name} scale_inv must be float32, got {s.dtype}")
-    if s.device != w.device:
-        raise ValueError(f"{name} scale_inv is on {s.device} but the weights are on {w.device}")
 
 
 def fused_moe_fp8(
@@ -565,63 +502,17 @@ def fused_moe_fp8(
 ) -> torch.Tensor:
     """:func:`fused_moe` with DeepSeek-V3 block-scaled e4m3 weights, dequantized in the K loop."""
     _need_triton("fused_moe_fp8")
-    _check_x(x)
+    check_x(x)
     if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
         raise ValueError(f"block must be two positive ints (rows, cols), got {block!r}")
-    n_experts, d, inter = _check_weights(x, w13_q, w2_q)
-    _check_scales("w13", w13_q, w13_scale_inv, block)
-    _check_scales("w2", w2_q, w2_scale_inv, block)
-    _check_routing(x, topk_idx, topk_weights, n_experts, check_ids)
+    n_experts, d, inter = check_weights(x, w13_q, w2_q)
+    check_scales("w13", w13_q, w13_scale_inv, block)
+    check_scales("w2", w2_q, w2_scale_inv, block)
+    check_routing(x, topk_idx, topk_weights, n_experts, check_ids)
     return _run(
         x, w13_q, w2_q, topk_idx, topk_weights, n_experts=n_experts, d=d, inter=inter,
         fp8=(w13_scale_inv, w2_scale_inv, tuple(block)),
     )  # fmt: skip
-
-
-# ---- references ------------------------------------------------------------
-
-
-def fused_moe_ref(
-    x: torch.Tensor,  # [T, D]
-    w13: torch.Tensor,  # [E, 2I, D]
-    w2: torch.Tensor,  # [E, D, I]
-    topk_idx: torch.Tensor,  # [T, K] int, -1 = skip
-    topk_weights: torch.Tensor,  # [T, K]
-    **_: object,
-) -> torch.Tensor:
-    """Plain torch: a loop over the experts that have rows; GEMMs in x's dtype, the sum in fp32."""
-    inter = w2.shape[-1]
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, D]
-    for e in topk_idx[topk_idx >= 0].unique().tolist():
-        rows, slot = (topk_idx == e).nonzero(as_tuple=True)  # [n], [n]
-        gate_up = x[rows] @ w13[e].to(x.dtype).t()  # [n, 2I]
-        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n, I]
-        y = h @ w2[e].to(x.dtype).t()  # [n, D]
-        out.index_add_(0, rows, y.float() * topk_weights[rows, slot].float()[:, None])
-    return out.to(x.dtype)
-
-
-def _dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    from moemesh.model.checkpoint import dequantize_fp8_blockwise
-
-    return torch.stack([dequantize_fp8_blockwise(q[e], scale_inv[e], tuple(block)) for e in range(q.shape[0])])
-
-
-def fused_moe_fp8_ref(
-    x: torch.Tensor,
-    w13_q: torch.Tensor,
-    w13_scale_inv: torch.Tensor,
-    w2_q: torch.Tensor,
-    w2_scale_inv: torch.Tensor,
-    topk_idx: torch.Tensor,
-    topk_weights: torch.Tensor,
-    block: tuple[int, int] = (128, 128),
-    **_: object,
-) -> torch.Tensor:
-    """Dequantize the weights to x's dtype (moemesh.model.checkpoint's one dequantization), then :func:`fused_moe_ref`."""
-    w13 = _dequantize(w13_q, w13_scale_inv, block).to(x.dtype)
-    w2 = _dequantize(w2_q, w2_scale_inv, block).to(x.dtype)
-    return fused_moe_ref(x, w13, w2, topk_idx, topk_weights)
 
 
 # ---- selection -------------------------------------------------------------
