@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     secured = secure_etcd(work, *_etcd_files(args)) if args.tls else None
     etcd_flags = secured.credentials.to_args() if secured else []
     etcd = EtcdServer(data_dir=work / "etcd", client_port=args.etcd_port, tls=secured and secured.tls,
-                      root_password=secured and secured.credentials.password)
+                      root_password=secured and secured.credentials.password, exit_with_parent=True)
     slots = expert_slots(cfg.n_routed_experts, args.expert_nodes, args.expert_slots)
     warning = loss_warning(cfg.n_routed_experts, args.expert_nodes, slots, not args.no_replicas)
     if warning:

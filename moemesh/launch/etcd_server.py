@@ -31,6 +31,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,7 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moemesh.control.etcd_credentials import EtcdCredentials
+from moemesh.logs import get_logger
 from moemesh.wire.tls import SecurityConfigError
+
+log = get_logger("moemesh.launch.etcd")
 
 ROOT_USER = "root"  # etcd's auth needs a user named root holding the root role before it can be turned on
 PASSWORD_FILE = "etcd-root-password"
@@ -118,6 +122,18 @@ def secure_etcd(state_dir: str | Path, cert: str, key: str, ca: str | None) -> S
     return SecuredEtcd(EtcdServerTLS(cert, key, ca), credentials)
 
 
+def pdeathsig_prefix() -> list[str]:
+    """A command prefix that has the kernel SIGTERM the command when this process dies (``setpriv --pdeathsig``,
+    util-linux), or [] where that cannot work (not Linux, no setpriv, or not the main thread: the signal
+    fires when the *thread* that forked exits). etcd cannot watch a pipe as our role processes do
+    (moemesh/launch/parent_watch.py), and a ``preexec_fn`` calling prctl is unsafe beside other threads."""
+    setpriv = shutil.which("setpriv")
+    if sys.platform != "linux" or setpriv is None or threading.current_thread() is not threading.main_thread():
+        log.info("etcd_outlives_launcher", reason="no setpriv" if setpriv is None else "not linux or not main thread")
+        return []
+    return [setpriv, "--pdeathsig", "TERM"]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the usual bind-to-0 trick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -130,8 +146,10 @@ class EtcdServer:
 
     def __init__(self, data_dir: str | Path | None = None, host: str = "127.0.0.1",
                  client_port: int = 0, peer_port: int = 0, name: str = "moemesh",
-                 tls: EtcdServerTLS | None = None, root_password: str | None = None):
+                 tls: EtcdServerTLS | None = None, root_password: str | None = None,
+                 exit_with_parent: bool = False):
         self._own_dir = data_dir is None
+        self.exit_with_parent = exit_with_parent  # etcd gets SIGTERM when this process dies, even by SIGKILL
         self.data_dir = Path(tempfile.mkdtemp(prefix="moemesh-etcd-") if data_dir is None else data_dir)
         self.host = host
         self.client_port = client_port or free_port(host)
@@ -178,6 +196,8 @@ class EtcdServer:
             cmd += ["--cert-file", self.tls.cert, "--key-file", self.tls.key]
             if self.tls.client_cert_auth:
                 cmd += ["--client-cert-auth", "--trusted-ca-file", self.tls.ca]
+        if self.exit_with_parent:
+            cmd = pdeathsig_prefix() + cmd
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s

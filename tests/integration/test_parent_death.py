@@ -27,6 +27,14 @@ print(json.dumps({"pid": nodes[0].proc.pid}), flush=True)
 signal.pause()  # until the test kills it
 """
 
+ETCD_LAUNCHER = """
+import json, signal
+from moemesh.launch.etcd_server import EtcdServer
+etcd = EtcdServer(exit_with_parent=True).start()  # what moemesh up starts
+print(json.dumps({"pid": etcd.proc.pid}), flush=True)
+signal.pause()
+"""
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -36,8 +44,8 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie has exited; only its reaper is missing
 
 
-def _launch(model: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(model)], stdout=subprocess.PIPE, text=True,
+def _launch(model: Path | None, env: dict[str, str], script: str = LAUNCHER) -> tuple[subprocess.Popen, int]:
+    launcher = subprocess.Popen([sys.executable, "-c", script, *([str(model)] if model else [])], stdout=subprocess.PIPE, text=True,
                                 env=env, cwd=Path(__file__).parents[2])
     line = launcher.stdout.readline()
     assert line, f"launcher exited with {launcher.wait()} before its node was ready"
@@ -60,3 +68,14 @@ def test_child_ends_when_launcher_is_killed(tiny_checkpoint):
         if _alive(child):
             os.kill(child, signal.SIGKILL)
 
+
+
+def test_embedded_etcd_ends_when_launcher_is_killed():
+    launcher, etcd = _launch(None, dict(os.environ), ETCD_LAUNCHER)
+    try:
+        assert _alive(etcd) and "etcd" in Path(f"/proc/{etcd}/cmdline").read_text()
+        _kill(launcher)
+        eventually(lambda: not _alive(etcd), what=f"etcd {etcd} to exit after its launcher died")
+    finally:
+        if _alive(etcd):
+            os.kill(etcd, signal.SIGKILL)
