@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -165,8 +166,10 @@ def _hop_point(links, cfg, rows: int, nbytes: float, samples: int) -> dict:
     return {"rows": rows, "bytes": nbytes, "us": one, "two_nodes_us": two, "busy": min(1.0, busy)}
 
 
-def _hops(args, cfg, batches, act_bytes) -> dict:
-    """Round trips per transport to two expert node processes on loopback (as ``bench --mesh`` starts)."""
+def _hops(args, cfg, batches, act_bytes, device) -> tuple[dict, dict]:
+    """Round trips per transport to two expert node processes on loopback (as ``bench --mesh`` starts): empty
+    messages (the hop alone), and MoE layers whose rows the nodes compute (``profile_remote``)."""
+    from moemesh.cli.profile_remote import round_trips
     from moemesh.cli.bench_mesh import _link
     from moemesh.cluster_model import ModelShape
     from moemesh.launch.procs import spawn_expert_nodes
@@ -175,7 +178,7 @@ def _hops(args, cfg, batches, act_bytes) -> dict:
     extra = [] if transports == ["grpc"] else ["--transport", "torch"]
     shape = ModelShape(cfg.num_hidden_layers, len(cfg.moe_layers), cfg.hidden_size, cfg.num_experts_per_tok,
                        cfg.n_routed_experts, act_bytes)
-    out = {}
+    out, layers = {}, {}
     with tempfile.TemporaryDirectory() as logs:
         half = cfg.n_routed_experts // 2
         nodes = spawn_expert_nodes(args.model, [f"0-{half - 1}", f"{half}-{cfg.n_routed_experts - 1}"], log_dir=logs,
@@ -190,10 +193,11 @@ def _hops(args, cfg, batches, act_bytes) -> dict:
                 finally:
                     for link in links:
                         link.close()
+                layers[transport] = round_trips(cfg, nodes, transport, rows, args.hop_samples, device)
         finally:
             for node in nodes:
                 node.stop()
-    return out
+    return out, layers
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -231,7 +235,7 @@ def measure(args: argparse.Namespace) -> dict:
 
         # the wire carries activations: fp32 on CPU also over bf16 weights (moemesh/devices.py)
         act_bytes = torch.empty((), dtype=compute_dtype(mesh.dtype, mesh.device)).element_size()
-        hops = _hops(args, cfg, args.batches, act_bytes)
+        hops, layers = _hops(args, cfg, args.batches, act_bytes, mesh.device)
     finally:
         torch.set_num_threads(threads)
     return {
@@ -242,6 +246,9 @@ def measure(args: argparse.Namespace) -> dict:
         "attention_us": attention,
         "expert_us": [{"rows": b, "us": sum(v) / len(v)} for b, v in sorted(expert.items())],
         "hop_us": hops,
+        # one MoE layer's round trip to the 2 expert nodes computing their rows, and the CPU it took
+        "round_trip_us": layers,
+        "host_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         # work outside the layers (embedding, head, sampling) is counted in the layers' attention time
         "overhead_us": [{"batch": 1, "us": 0.0}],
     }
@@ -261,4 +268,11 @@ def run(args: argparse.Namespace) -> int:
         for row in rows:
             print(f"  {transport} round trip, {row['rows']:4} rows ({row['bytes']:.0f} B): {row['us']:9.1f} us to one "
                   f"node, {row['two_nodes_us']:9.1f} us to two ({row['busy']:.0%} of it this process busy)")
+    for transport, rows in data["round_trip_us"].items():
+        for row in rows:
+            nodes = f"{row['cpu_experts_us']:8.1f}" if "cpu_experts_us" in row else "       ?"
+            print(f"  {transport} MoE layer to 2 computing nodes, {row['rows']:4} rows: {row['us']:9.1f} us (nodes' "
+                  f"compute {row['node_compute_us']:7.1f} us); CPU per layer: this process {row['cpu_attention_us']:8.1f}"
+                  f" us, expert nodes {nodes} us")
+    print(f"  host cores: {data['host_cores']}")
     return 0
