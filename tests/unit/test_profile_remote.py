@@ -1,4 +1,5 @@
-"""The round-trip profile's inputs (moemesh/cli/profile_remote.py): the rows it routes and the CPU it reads."""
+"""The profile's pure parts: the rows its round trips route and the CPU it reads (moemesh/cli/profile_remote.py),
+and the decode-step samples it cuts from its marks (moemesh/cli/profile.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from moemesh.cli.profile import step_samples
 from moemesh.cli.profile_remote import process_cpu_s, routed_rows
 
 
@@ -32,3 +34,10 @@ def test_process_cpu_counts_this_process_and_none_for_a_missing_one():
         pass
     assert process_cpu_s(os.getpid()) - before >= 0.04
     assert process_cpu_s(2 ** 22 + 12345) is None  # above the kernel's pid limit: no such process
+
+
+def test_a_step_runs_from_one_first_moe_layer_to_the_next_with_the_expert_time_between():
+    # marks: (when the step's first MoE layer began, routed-expert seconds so far)
+    marks = [(10.0, 0.0), (10.5, 0.125), (11.25, 0.25)]
+    assert step_samples(marks) == [(0.5, 0.125), (0.75, 0.125)]
+    assert step_samples(marks[:1]) == [] and step_samples([]) == []
