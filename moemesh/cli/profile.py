@@ -29,6 +29,7 @@ import time
 from dataclasses import replace
 
 from moemesh.argtypes import positive_int
+from moemesh.errors import FailedPreconditionError
 from moemesh.cli import flags
 
 
@@ -139,6 +140,10 @@ def _decode_points(mesh, timed, cfg, points: list[tuple[int, int]], steps: int, 
     for _ in range(repeats):
         for point in points:
             samples[point] += _decode_run(mesh, timed, prompts[point], 2 + steps)
+    for (b, c), got in samples.items():
+        if not got:  # the engine never ran all b sequences in one decode step
+            raise FailedPreconditionError(f"batch {b}, context {c}: no decode step held all {b} sequences, so "
+                                          "none could be timed (the engine's cache or batch limits split them)")
     n_moe = len(cfg.moe_layers)
     return {point: (statistics.median(s for s, _ in got) * 1e6, statistics.median(e for _, e in got) / n_moe * 1e6)
             for point, got in samples.items()}
@@ -282,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         for row in rows:
             nodes = f"{row['cpu_experts_us']:8.1f}" if "cpu_experts_us" in row else "       ?"
             print(f"  {transport} MoE layer to 2 computing nodes, {row['rows']:4} rows: {row['us']:9.1f} us (nodes' "
-                  f"compute {row['node_compute_us']:7.1f} us); CPU per layer: this process {row['cpu_attention_us']:8.1f}"
-                  f" us, expert nodes {nodes} us")
+                  f"compute {row['node_compute_us']:7.1f} us); CPU per layer: this process "
+                  f"{row['cpu_attention_us']:8.1f} us, expert nodes {nodes} us")
     print(f"  host cores: {data['host_cores']}")
     return 0
