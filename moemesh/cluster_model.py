@@ -18,7 +18,11 @@ a host, 0 for RDMA offload), that part cannot overlap: the attention work is m (
 Communication is hidden when m Ta >= Ta + Tc + Te; with Te = Ta = Tf that is MegaScale-Infer's
 m >= 2 (1 + Tc / Tf). That needs the expert nodes' work and the wire on hardware of their own: with every process
 on one host's cores (``ClusterShape.shared_host``: ``bench --mesh`` and the calibration on a CPU box) the
-measured mesh shows no overlap (docs/cluster-model.md), and a layer is m (Ta + Tc + Te). Then
+measured mesh shows no overlap (docs/cluster-model.md), and a layer is m (Ta + R), R the round trip of one
+micro-batch's MoE layer with the expert nodes computing (``MeasuredProfile.round_trip``: measured through the
+mesh's own backend to 2 expert node processes; Tc + Te where a profile has none). Those processes share the
+host's cores, so a layer also takes at least the CPU seconds of every process in it over the cores,
+m (Ta + W) / cores with W the round trip's measured CPU seconds (``round_trip_cpu``). Then
 
     TPOT = L_moe x T_layer + (L - L_moe) x m x Ta + overhead_us(B)      tokens/s = A x B / TPOT
 
@@ -129,6 +133,13 @@ class MeasuredProfile:
     top_k: int
     hop_busy: float = 0.0
     hop_two: list[tuple[float, float]] | None = None  # (bytes, us) of one message to each of two nodes at once
+    # A MoE layer's rows through the mesh's backend to ROUND_TRIP_NODES expert node processes on this host,
+    # which compute them: (rows, us) of the round trip, of the nodes' compute per message, and of the CPU
+    # time every process (sender and nodes) spent on it; host_cores, the cores they shared.
+    round_trip: list[tuple[float, float]] | None = None
+    round_trip_compute: list[tuple[float, float]] | None = None
+    round_trip_cpu: list[tuple[float, float]] | None = None
+    host_cores: int | None = None
 
     def attn_us(self, batch: float, context: float) -> float:
         contexts = sorted(self.attention)
@@ -149,6 +160,19 @@ class MeasuredProfile:
     def overhead_us(self, batch: float) -> float:
         return interp(self.overhead, batch)
 
+    def shared_round_trip(self, rows: float, shape: "ClusterShape") -> "SharedRoundTrip | None":
+        """The measured round trip of a MoE layer of ``rows`` rows on one host, for the mesh that was measured
+        (1 attention process, ROUND_TRIP_NODES expert nodes); None for a profile without it."""
+        if self.round_trip is None:
+            return None
+        if (shape.attention_nodes, shape.expert_nodes) != (1, ROUND_TRIP_NODES):
+            raise ModelError(f"--shared-host with this profile predicts the mesh it measured: --attention-nodes 1 "
+                             f"--expert-nodes {ROUND_TRIP_NODES}, got {shape.attention_nodes} and "
+                             f"{shape.expert_nodes}")
+        return SharedRoundTrip(interp(self.round_trip, rows),
+                               interp(self.round_trip_compute, rows) if self.round_trip_compute else 0.0,
+                               interp(self.round_trip_cpu, rows) if self.round_trip_cpu else None, self.host_cores)
+
     @classmethod
     def from_json(cls, data: Any, transport: str = "grpc") -> "MeasuredProfile":
         """A ``moemesh profile --json`` output; ModelError naming what is missing."""
@@ -160,6 +184,15 @@ class MeasuredProfile:
             if not hops:
                 raise ModelError(f"the profile has no hop measurements for transport {transport!r} "
                                  f"(it has: {', '.join(sorted(data['hop_us'])) or 'none'})")
+            layers = (data.get("round_trip_us") or {}).get(transport) or []
+
+            def table(key: str) -> list[tuple[float, float]] | None:
+                rows = [(float(r["rows"]), float(r[key])) for r in layers if key in r]
+                return monotone(sorted(rows)) if rows and len(rows) == len(layers) else None
+
+            cpu = [(float(r["rows"]), float(r["cpu_attention_us"]) + float(r["cpu_experts_us"])) for r in layers
+                   if "cpu_experts_us" in r]
+            cores = data.get("host_cores")
             return cls({c: monotone(sorted(v)) for c, v in attention.items()},
                        monotone(sorted((float(r["rows"]), float(r["us"])) for r in data["expert_us"])),
                        monotone(sorted((float(r["bytes"]), float(r["us"])) for r in hops)),
@@ -167,11 +200,28 @@ class MeasuredProfile:
                        int(data["model"]["top_k"]),
                        sum(float(r.get("busy", 0.0)) for r in hops) / len(hops),
                        monotone(sorted((float(r["bytes"]), float(r["two_nodes_us"])) for r in hops))
-                       if all("two_nodes_us" in r for r in hops) else None)
+                       if all("two_nodes_us" in r for r in hops) else None,
+                       table("us"), table("node_compute_us"),
+                       monotone(sorted(cpu)) if cpu and len(cpu) == len(layers) else None,
+                       int(cores) if cores else None)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ModelError):
                 raise
             raise ModelError(f"not a moemesh profile (--json output of `moemesh profile`): {exc!r}") from None
+
+
+ROUND_TRIP_NODES = 2  # expert node processes `moemesh profile` measures a MoE layer's round trip to
+
+
+@dataclass(frozen=True)
+class SharedRoundTrip:
+    """One MoE layer's measured round trip on a shared host (microseconds): the whole of it as the sender waits,
+    the expert nodes' compute inside it, and the CPU time all processes spent on it (None: not measured)."""
+
+    us: float
+    compute_us: float
+    cpu_us: float | None
+    cores: int | None
 
 
 @dataclass(frozen=True)
@@ -186,7 +236,7 @@ class Prediction:
     attention_utilisation: float
     expert_utilisation: float
     min_micro_batches: int  # ceil(2 (1 + Tc / Ta)): MegaScale-Infer's bound to hide communication
-    bound: str  # "attention", "experts" or "round trip": what sets T_layer
+    bound: str  # "attention", "experts", "round trip" or "host cores" (shared host): what sets T_layer
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -208,7 +258,13 @@ def predict(profile: Profile, model: ModelShape, shape: ClusterShape) -> Predict
     te = profile.expert_us(a * b * model.top_k / n, model.n_experts / n)
     tc = profile.hop_us(model.dispatch_bytes(b), destinations(model.top_k, n), n)
     busy = profile.hop_busy * tc  # the attention node's own CPU time in the round trip
-    if shape.shared_host:  # nothing overlaps: the micro-batches' layers run one after another
+    measured = getattr(profile, "shared_round_trip", lambda *_: None)(b, shape) if shape.shared_host else None
+    if measured is not None:  # the round trip as measured on this host, expert work and all (module docstring)
+        te, tc = measured.compute_us, max(0.0, measured.us - measured.compute_us)
+        candidates = {"attention": m * (ta + busy), "experts": m * te, "round trip": m * (ta + measured.us)}
+        if measured.cpu_us is not None and measured.cores:
+            candidates["host cores"] = m * (ta + measured.cpu_us) / measured.cores
+    elif shape.shared_host:  # nothing overlaps: the micro-batches' layers run one after another
         candidates = {"attention": m * (ta + busy), "experts": m * te, "round trip": m * (ta + tc + te)}
     else:
         candidates = {"attention": m * (ta + busy), "experts": m * te, "round trip": ta + tc + te}

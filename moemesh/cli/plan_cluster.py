@@ -38,7 +38,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tpot-ms", type=positive_float, metavar="T", help="TPOT bound for the search, ms")
     g.add_argument("--shared-host", action="store_true",
                    help="every node process on this one host's cores, as `moemesh bench --mesh` runs them: "
-                   "micro-batches then do not overlap the round trip (scripts/calibrate-cluster-model.sh)")
+                   "micro-batches then do not overlap the round trip, which comes from the profile's measured "
+                   "MoE-layer round trips (1 attention + 2 expert nodes) where it has them "
+                   "(scripts/calibrate-cluster-model.sh)")
 
 
 def _costs(args):

@@ -3,12 +3,15 @@
     moemesh profile --model DIR [--batches 1,8,32,64] [--contexts 32,256] [--steps S] [--repeats R]
                     [--threads N] [--transport T] [--json]
 
-* attention time per layer vs batch and context: the single-process engine's decode step, less its routed
-  experts (timed inside its expert backend), over the layers: everything an attention node does per layer;
+* attention time per layer vs batch and context: the single-process engine's decode step (the median of single
+  steps over ``--repeats`` runs), less its routed experts (timed inside its expert backend), over the layers:
+  everything an attention node does per layer;
 * expert time per MoE layer vs rows: the routed experts of those decode steps (every expert in the process);
 * hop latency and bandwidth vs bytes: one Dispatch round trip to an expert node process on loopback with no
   expert work (``bench --mesh``'s machinery), per transport, and the share of it the sending process's CPU is
-  busy (its ``process_time``: serialisation and gRPC threads), which an attention node cannot overlap.
+  busy (its ``process_time``: serialisation and gRPC threads), which an attention node cannot overlap;
+* MoE-layer round trips vs rows through the mesh's own backend to both nodes computing their rows, with the CPU
+  seconds every process spent on one (``moemesh/cli/profile_remote.py``): ``plan --cluster --shared-host``.
 
 ``--json`` prints the profile ``moemesh plan --cluster --profile FILE`` reads. ``--threads 1`` measures as
 ``moemesh bench --mesh`` runs the mesh (one torch thread per process).
@@ -18,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import tempfile
 import time
 from dataclasses import replace
 
 from moemesh.argtypes import positive_int
+from moemesh.errors import FailedPreconditionError
 from moemesh.cli import flags
 
 
@@ -60,16 +66,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 class _TimedBackend:
-    """Wraps the engine's expert backend: sums the time spent in dispatch and combine for decode steps."""
+    """Wraps the engine's expert backend: the time spent in dispatch and combine for decode steps, and a mark at
+    each decode step's first MoE layer (when it began, routed-expert seconds so far): one sample per step."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, first_layer: int):
+        self.inner, self.first_layer = inner, first_layer
         self.rows = None  # only steps of this many rows count (the decode steps)
         self.total_s = 0.0
-        self.calls = 0
+        self.marks: list[tuple[float, float]] = []
 
     def dispatch(self, layer_id, x, topk_idx, topk_weights):
         start = time.perf_counter()
+        if layer_id == self.first_layer and x.shape[0] == self.rows:
+            self.marks.append((start, self.total_s))
         handle = self.inner.dispatch(layer_id, x, topk_idx, topk_weights)
         self._count(x.shape[0], start)
         return handle, x.shape[0]
@@ -79,13 +88,12 @@ class _TimedBackend:
         start = time.perf_counter()
         y = self.inner.combine(inner)
         _sync(y)
-        self._count(rows, start, call=False)
+        self._count(rows, start)
         return y
 
-    def _count(self, rows: int, start: float, call: bool = True) -> None:
+    def _count(self, rows: int, start: float) -> None:
         if rows == self.rows:
             self.total_s += time.perf_counter() - start
-            self.calls += call
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -98,43 +106,47 @@ def _sync(t) -> None:
         torch.accelerator.synchronize(t.device)
 
 
-def _decode_run(mesh, timed, prompts, n: int) -> tuple[float, float, int]:
-    """One timed generate of ``n`` tokens: (seconds, seconds in routed experts of decode steps, their calls)."""
+def step_samples(marks: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(step seconds, routed-expert seconds in it) between consecutive decode steps' marks."""
+    return [(t1 - t0, e1 - e0) for (t0, e0), (t1, e1) in zip(marks, marks[1:])]
+
+
+def _decode_run(mesh, timed, prompts, n: int) -> list[tuple[float, float]]:
+    """One generate of ``n`` tokens: :func:`step_samples` of its decode steps."""
     from moemesh.sampling import SamplingParams
 
-    timed.rows, timed.total_s, timed.calls = len(prompts), 0.0, 0
-    start = time.perf_counter()
+    timed.rows, timed.total_s, timed.marks = len(prompts), 0.0, []
     mesh.engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-    return time.perf_counter() - start, timed.total_s, timed.calls
+    return step_samples(timed.marks)
 
 
 def _decode_points(mesh, timed, cfg, points: list[tuple[int, int]], steps: int, repeats: int
                    ) -> dict[tuple[int, int], tuple[float, float]]:
-    """{(batch, context): (decode step us, routed-expert us per MoE layer)}: for each point the difference of two
-    runs that share the prefill (2 and 2 + ``steps`` tokens), so the prefill cancels.
+    """{(batch, context): (decode step us, routed-expert us per MoE layer)}: medians over every decode step of
+    every repeat, each step timed from its first MoE layer to the next step's (the prefill is no sample).
 
-    The repeats go round the points (every point once, then again), and each run keeps its quickest: a neighbour
-    that holds the cores for a while then spoils one run of many points, not every run of one point."""
+    The repeats go round the points (every point once, then again), and the median of many single steps
+    holds against a neighbour that takes the cores now and then, where a difference of two runs' totals took
+    the whole of any stall in either run (seen: one point 10x below its neighbours)."""
+    import statistics
+
     import torch
 
     prompts = {(b, c): torch.randint(2, cfg.vocab_size, (b, c), generator=torch.Generator().manual_seed(0)).tolist()
                for b, c in points}
-    best: dict[tuple[int, int, int], tuple[float, float, int]] = {}
+    samples: dict[tuple[int, int], list[tuple[float, float]]] = {point: [] for point in points}
     for point in points:
         _decode_run(mesh, timed, prompts[point], 2)  # warm-up: first-call allocations of this shape
     for _ in range(repeats):
         for point in points:
-            for n in (2, 2 + steps):
-                run = _decode_run(mesh, timed, prompts[point], n)
-                key = (*point, n)
-                if key not in best or run[0] < best[key][0]:
-                    best[key] = run
-    out = {}
-    for b, c in points:
-        short, long = best[b, c, 2], best[b, c, 2 + steps]
-        step_us = (long[0] - short[0]) / steps * 1e6
-        out[b, c] = (step_us, long[1] / max(1, long[2]) * 1e6)  # the long run's decode steps, per MoE layer call
-    return out
+            samples[point] += _decode_run(mesh, timed, prompts[point], 2 + steps)
+    for (b, c), got in samples.items():
+        if not got:  # the engine never ran all b sequences in one decode step
+            raise FailedPreconditionError(f"batch {b}, context {c}: no decode step held all {b} sequences, so "
+                                          "none could be timed (the engine's cache or batch limits split them)")
+    n_moe = len(cfg.moe_layers)
+    return {point: (statistics.median(s for s, _ in got) * 1e6, statistics.median(e for _, e in got) / n_moe * 1e6)
+            for point, got in samples.items()}
 
 
 def _fanout_us(links, layer: int, rows: int, hidden: int, k: int, samples: int) -> float:
@@ -165,8 +177,10 @@ def _hop_point(links, cfg, rows: int, nbytes: float, samples: int) -> dict:
     return {"rows": rows, "bytes": nbytes, "us": one, "two_nodes_us": two, "busy": min(1.0, busy)}
 
 
-def _hops(args, cfg, batches, act_bytes) -> dict:
-    """Round trips per transport to two expert node processes on loopback (as ``bench --mesh`` starts)."""
+def _hops(args, cfg, batches, act_bytes, device) -> tuple[dict, dict]:
+    """Round trips per transport to two expert node processes on loopback (as ``bench --mesh`` starts): empty
+    messages (the hop alone), and MoE layers whose rows the nodes compute (``profile_remote``)."""
+    from moemesh.cli.profile_remote import round_trips
     from moemesh.cli.bench_mesh import _link
     from moemesh.cluster_model import ModelShape
     from moemesh.launch.procs import spawn_expert_nodes
@@ -175,7 +189,7 @@ def _hops(args, cfg, batches, act_bytes) -> dict:
     extra = [] if transports == ["grpc"] else ["--transport", "torch"]
     shape = ModelShape(cfg.num_hidden_layers, len(cfg.moe_layers), cfg.hidden_size, cfg.num_experts_per_tok,
                        cfg.n_routed_experts, act_bytes)
-    out = {}
+    out, layers = {}, {}
     with tempfile.TemporaryDirectory() as logs:
         half = cfg.n_routed_experts // 2
         nodes = spawn_expert_nodes(args.model, [f"0-{half - 1}", f"{half}-{cfg.n_routed_experts - 1}"], log_dir=logs,
@@ -190,10 +204,11 @@ def _hops(args, cfg, batches, act_bytes) -> dict:
                 finally:
                     for link in links:
                         link.close()
+                layers[transport] = round_trips(cfg, nodes, transport, rows, args.hop_samples, device)
         finally:
             for node in nodes:
                 node.stop()
-    return out
+    return out, layers
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -207,11 +222,15 @@ def measure(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     try:
         longest = max(args.contexts) + args.steps + 4
-        econf = EngineConfig(max_num_seqs=max(args.batches), kv_cache_tokens=max(args.batches) * longest + 64,
+        block = EngineConfig.block_size
+        # every sequence of the largest batch in whole cache blocks at once: with fewer, some wait and the decode
+        # steps timed hold fewer rows than the batch (then they are no samples: _TimedBackend counts by rows)
+        econf = EngineConfig(max_num_seqs=max(args.batches),
+                             kv_cache_tokens=max(args.batches) * (math.ceil(longest / block) + 1) * block,
                              max_num_batched_tokens=max(512, max(args.batches) * longest))
         mesh = build_local(args.model, args.dtype, econf, progress=False, device=args.device)
         cfg = mesh.cfg
-        timed = _TimedBackend(mesh.engine.backend)
+        timed = _TimedBackend(mesh.engine.backend, cfg.moe_layers[0])
         for layer in mesh.engine.runner.model.moe_layers():
             layer.backend = timed
         attention, expert = [], {}
@@ -231,7 +250,7 @@ def measure(args: argparse.Namespace) -> dict:
 
         # the wire carries activations: fp32 on CPU also over bf16 weights (moemesh/devices.py)
         act_bytes = torch.empty((), dtype=compute_dtype(mesh.dtype, mesh.device)).element_size()
-        hops = _hops(args, cfg, args.batches, act_bytes)
+        hops, layers = _hops(args, cfg, args.batches, act_bytes, mesh.device)
     finally:
         torch.set_num_threads(threads)
     return {
@@ -242,6 +261,9 @@ def measure(args: argparse.Namespace) -> dict:
         "attention_us": attention,
         "expert_us": [{"rows": b, "us": sum(v) / len(v)} for b, v in sorted(expert.items())],
         "hop_us": hops,
+        # one MoE layer's round trip to the 2 expert nodes computing their rows, and the CPU it took
+        "round_trip_us": layers,
+        "host_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         # work outside the layers (embedding, head, sampling) is counted in the layers' attention time
         "overhead_us": [{"batch": 1, "us": 0.0}],
     }
@@ -261,4 +283,11 @@ def run(args: argparse.Namespace) -> int:
         for row in rows:
             print(f"  {transport} round trip, {row['rows']:4} rows ({row['bytes']:.0f} B): {row['us']:9.1f} us to one "
                   f"node, {row['two_nodes_us']:9.1f} us to two ({row['busy']:.0%} of it this process busy)")
+    for transport, rows in data["round_trip_us"].items():
+        for row in rows:
+            nodes = f"{row['cpu_experts_us']:8.1f}" if "cpu_experts_us" in row else "       ?"
+            print(f"  {transport} MoE layer to 2 computing nodes, {row['rows']:4} rows: {row['us']:9.1f} us (nodes' "
+                  f"compute {row['node_compute_us']:7.1f} us); CPU per layer: this process "
+                  f"{row['cpu_attention_us']:8.1f} us, expert nodes {nodes} us")
+    print(f"  host cores: {data['host_cores']}")
     return 0

@@ -25,6 +25,15 @@ def test_profile_measures_every_table_and_the_model_reads_it(tiny_checkpoint, ca
     assert all(r["us"] > 0 for r in data["expert_us"])  # time spent in experts; decode steps are differences
     assert all(isinstance(r["step_us"], float) for r in data["attention_us"])  # (noise may even make one negative)
     assert data["model"]["top_k"] == 2 and data["model"]["experts"] == 8
+    # MoE layers to the 2 nodes computing their rows: the nodes' compute and every process's CPU inside each
+    layers = data["round_trip_us"]["grpc"]
+    assert [r["rows"] for r in layers] == [1, 2, 4]
+    assert all(r["us"] > r["node_compute_us"] > 0 and r["cpu_attention_us"] > 0 and r["cpu_experts_us"] > 0
+               for r in layers)
+    assert data["host_cores"] >= 1
     profile = MeasuredProfile.from_json(data)
-    p = predict(profile, ModelShape(2, 1, 64, 2, 8, data["model"]["act_bytes"]), ClusterShape(1, 2, 4, 8, 1))
+    model = ModelShape(2, 1, 64, 2, 8, data["model"]["act_bytes"])
+    p = predict(profile, model, ClusterShape(1, 2, 4, 8, 1))
     assert p.tokens_per_s > 0 and p.tpot_ms > 0
+    shared = predict(profile, model, ClusterShape(1, 2, 4, 8, 1, shared_host=True))
+    assert shared.layer_us >= shared.attention_us + profile.shared_round_trip(4, shared.shape).us
