@@ -149,28 +149,24 @@ class _Session:
         """The ``tcp`` backend's loop, on this thread alone: receive (one read), check, compute, send (one write).
 
         Every message is a view of the pair's receive buffer: the rows are computed from the received bytes in
-        place, and the reply goes out as its prefix and the result's own memory. Checks are O(1) Python work per
-        message (numpy passes over the ids and weights); Prometheus counts are added up here and published at
-        most every :data:`TALLY_S` (and on pings and at the end)."""
+        place, and the reply goes out as its prefix and the result's own memory. Checks are O(1) work per id
+        (in C when the pair's C frame loop is here: ``pair.native``; numpy passes otherwise). Prometheus counts
+        are added up here and published at most every :data:`TALLY_S` (and on pings and at the end)."""
         limit = p2p.HEADER_BYTES + self.inline_bytes
         shard, tally, zeros = self.svc.shard, _Tally(self.svc), _Zeros()
         on_host = self.compute.type == "cpu"  # else a GPU node over tcp: rows go to its device and back
+        native = getattr(pair, "native", None)
+        hosted = _Hosted()
 
         def recv(timeout_s: float, max_bytes: int):
             try:
-                return pair.recv_message(timeout_s, max_bytes)
+                return pair.recv_frame(timeout_s, max_bytes)
             except RuntimeError as exc:  # the stream's own errors (closed, timed out, out of step)
-                raise p2p.P2PError(str(exc)) from exc
-
-        def send(parts) -> None:
-            try:
-                pair.send_parts(parts)
-            except RuntimeError as exc:
                 raise p2p.P2PError(str(exc)) from exc
 
         try:
             while not self.stopping.is_set():
-                frame = recv(self.idle_s, limit)
+                frame, address = recv(self.idle_s, limit)
                 received = time.monotonic_ns()  # the node's own clock: the reply carries durations only
                 if frame.nbytes < p2p.HEADER_BYTES:  # before its header is read
                     raise BadRequest(f"a frame of {frame.nbytes} bytes, shorter than the {p2p.HEADER_BYTES}-byte header")
@@ -184,15 +180,27 @@ class _Session:
                 snapshot = self._check_header(h)
                 if h.kind == p2p.KIND_INLINE:
                     _check_length(frame.nbytes, p2p.HEADER_BYTES + h.body_bytes, "frame")
-                    body = frame[p2p.HEADER_BYTES:]
+                    body, address = frame[p2p.HEADER_BYTES:], address + p2p.HEADER_BYTES
                 else:
                     _check_length(frame.nbytes, p2p.HEADER_BYTES, "header frame")
-                    body = recv(self.timeout_s, h.body_bytes)
+                    body, address = recv(self.timeout_s, h.body_bytes)
                     _check_length(body.nbytes, h.body_bytes, "body")
-                ids, weights = p2p.host_meta(body, h)  # views of the received bytes, no copy
-                self._check_rows(h.layer, ids, weights, snapshot)
+                n = h.rows * h.k
+                if native is not None:  # ids and weights checked in place, and counted (for Prometheus) if good
+                    routed = native.mm_check_rows(address, address + 4 * n, n, hosted.address(snapshot),
+                                                  self.svc.cfg.n_routed_experts, tally.counts_address(h.layer))
+                    ids = None
+                    if routed < 0:  # the Python checks name what is wrong
+                        self._check_rows(h.layer, *p2p.host_meta(body, h), snapshot)
+                        raise BadRequest("a frame failed the node's checks")  # pragma: no cover - they agree
+                else:
+                    ids, weights = p2p.host_meta(body, h)  # views of the received bytes, no copy
+                    self._check_rows(h.layer, ids, weights, snapshot)
+                    routed = bool((ids >= 0).any())
                 parsed = time.monotonic_ns()
-                if (ids >= 0).any():
+                if routed:
+                    if ids is None:
+                        ids, weights = p2p.host_meta(body, h)
                     x = p2p.host_rows(body, h)  # a view too: computed from where it landed
                     idx, w = torch.from_numpy(ids), torch.from_numpy(weights)
                     if on_host:
@@ -205,9 +213,14 @@ class _Session:
                 else:  # every assignment is computed elsewhere (forward's own shortcut): zeros, without torch
                     y = zeros.of(h.rows * h.hidden * h.dtype.itemsize)
                 computed = time.monotonic_ns()
-                send(p2p.reply_parts(h.msg_id, y, 0, parsed - received, computed - parsed,
-                                     time.monotonic_ns() - computed))
-                tally.add(h.layer, ids)
+                try:
+                    pair.send_reply((h.msg_id, 0, parsed - received, computed - parsed, time.monotonic_ns() - computed), y)
+                except RuntimeError as exc:
+                    raise p2p.P2PError(str(exc)) from exc
+                if native is None:
+                    tally.add(h.layer, ids)
+                else:
+                    tally.counted(routed)
                 self.messages += 1
                 self.busy = False
         finally:
@@ -262,17 +275,31 @@ class _Zeros:
     KEEP_BYTES, KEEP_SIZES = 1 << 20, 8
 
     def __init__(self):
-        self._by_size: dict[int, np.ndarray] = {}
+        self._by_size: dict[int, torch.Tensor] = {}
 
-    def of(self, nbytes: int) -> np.ndarray:
+    def of(self, nbytes: int) -> torch.Tensor:
         got = self._by_size.get(nbytes)
         if got is None:
-            got = np.zeros(nbytes, dtype=np.uint8)
+            got = torch.zeros(nbytes, dtype=torch.uint8)
             if nbytes <= self.KEEP_BYTES:
                 if len(self._by_size) >= self.KEEP_SIZES:
                     self._by_size.clear()
                 self._by_size[nbytes] = got
         return got
+
+
+class _Hosted:
+    """The address of a layer snapshot's ``hosted`` mask [E] bool, for the C checks (kept while it is used)."""
+
+    def __init__(self):
+        self._snapshot = self._mask = None
+        self._address = 0
+
+    def address(self, snapshot) -> int:
+        if snapshot is not self._snapshot:  # a new placement or a reload: look it up once
+            self._mask = np.ascontiguousarray(snapshot.hosted, dtype=np.bool_)
+            self._snapshot, self._address = snapshot, self._mask.ctypes.data
+        return self._address
 
 
 TALLY_S = 0.5  # how stale the node's Prometheus message and token counts may get while it serves a stream
@@ -288,16 +315,29 @@ class _Tally:
         self.n = svc.cfg.n_routed_experts
         self.messages = 0
         self.tokens: dict[int, np.ndarray] = {}  # layer -> counts per expert not yet published
+        self._addresses: dict[int, int] = {}  # layer -> its counts' address (C adds to them in place)
         self.since = time.monotonic()
 
     def add(self, layer: int, ids: np.ndarray) -> None:
-        self.messages += 1
         routed = ids[ids >= 0]
         if routed.size:
             counts = np.bincount(routed, minlength=self.n)
             held = self.tokens.get(layer)
             self.tokens[layer] = counts if held is None else held + counts
-            self.svc.tokens_computed += int(routed.size)
+        self.counted(int(routed.size))
+
+    def counts_address(self, layer: int) -> int:
+        """Where the C checks add ``layer``'s routed ids (an int64 [E] array of this tally)."""
+        got = self._addresses.get(layer)
+        if got is None:
+            held = self.tokens.setdefault(layer, np.zeros(self.n, dtype=np.int64))
+            got = self._addresses[layer] = held.ctypes.data
+        return got
+
+    def counted(self, routed: int) -> None:
+        """One message of ``routed`` (token, expert) assignments, its counts added already."""
+        self.messages += 1
+        self.svc.tokens_computed += routed
         if time.monotonic() - self.since >= TALLY_S:
             self.flush()
 
@@ -305,8 +345,9 @@ class _Tally:
         if self.messages:
             MESSAGES_OK.inc(self.messages)
         for layer, counts in self.tokens.items():
-            count_tokens(layer, counts)
-        self.messages, self.tokens, self.since = 0, {}, time.monotonic()
+            if counts.any():
+                count_tokens(layer, counts)
+        self.messages, self.tokens, self._addresses, self.since = 0, {}, {}, time.monotonic()
 
 
 class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):

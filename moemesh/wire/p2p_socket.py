@@ -22,6 +22,12 @@ timeouts cost a ``poll`` before every read and an ``ioctl`` for every change of 
 timeout is set again only when a wait asks for less than it, or for much more (a wait may last up
 to 10% longer than asked; every wait that ends that way ends the pair, as a gloo timeout does).
 
+The C frame loop (p2p_native.c, when it builds: :mod:`moemesh.wire.p2p_native`) does the same per message:
+the same wire, the same staging buffer and timeout policy, errors with the same messages; a pair uses one or
+the other for its life (``native``). :meth:`SocketPair.send_request` and :meth:`SocketPair.send_reply` are its
+two sends (p2p.py's frames, built in C straight from the tensors' memory); :meth:`SocketPair.recv_frame`
+is ``recv_message`` with the message's address, for the checks the expert node runs in C.
+
 Rendezvous: the expert node (rank 1) listens on an ephemeral port of the address toward its peer
 (nothing wider) and publishes it in the pair's TCPStore prefix; the attention node connects and
 sends the prefix (a 24-hex-digit secret it got from the Session call) before anything else; the
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import hmac
+import os
 import socket
 import struct
 import threading
@@ -41,7 +48,11 @@ import time
 import numpy as np
 import torch
 
+from moemesh.wire import p2p_native
+
 _LEN = struct.Struct("<q")  # little-endian int64, as the frames
+_HEAD, _PREFIX = struct.Struct("<8q"), struct.Struct("<5q")  # p2p.py's request header and reply prefix
+_IDS = (torch.int64, torch.int32)  # what the C send narrows to int32 itself
 HELLO_TIMEOUT_S = 5.0  # a connection that does not prove the secret by then is dropped (the real peer sends at once)
 STAGING_BYTES = 1 << 20  # the receive buffer: a decode step's message (and the next ones) lands here whole
 _TIMEOUT_SLACK = 1.1  # the kernel's receive timeout is reset only when it is off by more than this factor
@@ -93,6 +104,21 @@ class SocketPair:
         self._start = self._end = 0  # the received bytes not handed out yet: _staging[_start:_end]
         self._closed = False
         self._close_lock = threading.Lock()  # send, receive and fail() threads may all close
+        self.native = p2p_native.load()  # the C frame loop, or None: this pair's Python path
+        if self.native is not None:
+            self._setup_native()
+
+    def _setup_native(self) -> None:
+        """Buffers the C calls read and write, allocated once, and their addresses (numpy's ``ctypes.data``
+        costs microseconds per call)."""
+        self._rfd, self._wfd = self.sock.fileno(), self._out.fileno()  # -1 once closed: a call then fails cleanly
+        self._pos = np.zeros(2, dtype=np.int64)  # the staging buffer's [start, end), as _start/_end are in Python
+        self._timeo = np.full(1, -1.0)  # what SO_RCVTIMEO is set to
+        self._len = np.zeros(1, dtype=np.int64)  # a message's length, from the C side
+        self._head = np.zeros(8, dtype=np.int64)  # a request header / a reply prefix, written in place
+        self._scratch = np.empty(0, dtype=np.uint8)  # a request's lengths, header, ids and weights (grown)
+        self._addr = {name: getattr(self, name).ctypes.data for name in ("_staging", "_pos", "_timeo", "_len", "_head")}
+        self._scratch_addr = 0
 
     # ---- sends ------------------------------------------------------------
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> SocketWork:
@@ -120,6 +146,54 @@ class SocketPair:
             self.close()
             raise RuntimeError(f"tcp pair send failed: {exc}") from exc
 
+    def send_request(self, head: tuple, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> None:
+        """A dispatch request (p2p.py's frames: ``head`` is the header's 8 ints, kind first) from contiguous host
+        tensors: ids int64 or int32 [rows, k] (sent as int32), weights float32 [rows, k], x the rows. Native: one
+        gathering send built in C; else the Python path's parts (p2p.request_parts)."""
+        if self.native is None:
+            from moemesh.wire.p2p import request_parts_from  # p2p imports this module
+
+            for parts in request_parts_from(head, ids, weights, x):
+                self.send_parts(parts)
+            return
+        if ids.dtype not in _IDS or not ids.is_contiguous():
+            ids = ids.to(torch.int64).contiguous()
+        if weights.dtype != torch.float32 or not weights.is_contiguous():
+            weights = weights.detach().float().contiguous()
+        meta = head[3] * head[4] * 8
+        if self._scratch.nbytes < 80 + meta:
+            self._scratch = np.empty(max(80 + meta, 4096), dtype=np.uint8)
+            self._scratch_addr = self._scratch.ctypes.data
+        _HEAD.pack_into(self._head, 0, *head)
+        rc = self.native.mm_send_request(self._wfd, self._scratch_addr, self._addr["_head"], ids.data_ptr(),
+                                         ids.element_size(), weights.data_ptr(), x.data_ptr(),
+                                         x.numel() * x.element_size())
+        if rc < 0:
+            self._native_failed(rc, "send")
+
+    def send_reply(self, prefix: tuple, y: torch.Tensor) -> None:
+        """A reply: ``prefix`` (msg_id, status, receive_ns, compute_ns, send_ns) and a contiguous host tensor's
+        bytes (p2p.reply_parts' bytes)."""
+        if self.native is None:
+            from moemesh.wire.p2p import reply_parts
+
+            self.send_parts(reply_parts(prefix[0], y, *prefix[1:]))
+            return
+        _PREFIX.pack_into(self._head, 0, *prefix)
+        rc = self.native.mm_send_reply(self._wfd, self._addr["_head"], y.data_ptr(), y.numel() * y.element_size())
+        if rc < 0:
+            self._native_failed(rc, "send")
+
+    def _native_failed(self, rc: int, what: str) -> None:
+        """A C call's negative code as the Python path's error: the pair is closed first, as there."""
+        self.close()
+        if rc == p2p_native.ERR_TIMEOUT:
+            raise RuntimeError("tcp pair: timed out waiting for the peer" if what == "receive"
+                               else f"tcp pair {what} failed: timed out")
+        if rc == p2p_native.ERR_CLOSED:
+            raise RuntimeError("tcp pair: the peer closed the connection")
+        raise RuntimeError(f"tcp pair {what} failed: {os.strerror(-rc) if -rc < 4096 else rc}")
+
     # ---- receives ---------------------------------------------------------
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> SocketWork:
         (t,) = tensors
@@ -132,10 +206,39 @@ class SocketPair:
         buf.numpy().reshape(-1).view(np.uint8)[: msg.nbytes] = msg
         return msg.nbytes
 
+    def recv_frame(self, timeout_s: float | None, limit: int) -> tuple[np.ndarray, int]:
+        """:meth:`recv_message` and the message's address (for C checks of its bytes; numpy's is slow)."""
+        if self.native is None:
+            msg = self.recv_message(timeout_s, limit)
+            return msg, msg.ctypes.data
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
+        off = self.native.mm_recv_message(self._rfd, self._addr["_staging"], self._staging.nbytes, self._addr["_pos"],
+                                          limit, deadline, self._addr["_timeo"], _TIMEOUT_SLACK, self._addr["_len"])
+        if off >= 0:
+            return self._staging[off:off + int(self._len[0])], self._addr["_staging"] + off
+        msg = self._native_rare(off, limit, deadline)
+        return msg, msg.ctypes.data
+
+    def _native_rare(self, rc: int, limit: int, deadline: float) -> np.ndarray:
+        """A C receive that did not hand out a staged message: one larger than the staging buffer, or an error."""
+        n = int(self._len[0])
+        if rc == p2p_native.ERR_LARGE:
+            out = np.empty(n, dtype=np.uint8)
+            rc = self.native.mm_recv_large(self._rfd, self._addr["_staging"], self._addr["_pos"], out.ctypes.data, n,
+                                           deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
+            if rc == 0:
+                return out
+        if rc == p2p_native.ERR_TOO_LONG:
+            self.close()  # the stream is out of step: nothing after this can be trusted
+            raise RuntimeError(f"tcp pair: a message of {n} bytes for a buffer of {limit}")
+        self._native_failed(rc, "receive")
+
     def recv_message(self, timeout_s: float | None, limit: int) -> np.ndarray:
         """The next message (at most ``limit`` bytes) as a uint8 view, valid until the next receive of this pair.
 
         RuntimeError (the pair closed) on a timeout, a closed stream or a message over ``limit``."""
+        if self.native is not None:
+            return self.recv_frame(timeout_s, limit)[0]
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
         if self._end - self._start < _LEN.size:
             self._fill(_LEN.size, deadline)
@@ -200,6 +303,7 @@ class SocketPair:
             if self._closed:
                 return
             self._closed = True
+            self._rfd = self._wfd = -1  # a C call after this fails (EBADF) rather than use a reused descriptor
         try:  # wakes a thread blocked in recv_into/sendmsg before the descriptors go (no reuse under it)
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -13,8 +13,20 @@ from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.server import BadRequest, DispatchService
 from moemesh.expert_node.torch_server import _Session
 from moemesh.model.config import ModelConfig
-from moemesh.wire import p2p
+from moemesh.wire import p2p, p2p_native
 from moemesh.wire.p2p_socket import SocketPair
+
+
+@pytest.fixture(params=["native", "python"])
+def frame_loop(request, monkeypatch):
+    """Every stream test runs over the C frame loop (p2p_native.c) and over the Python path: the same bytes, the
+    same errors."""
+    if request.param == "native":
+        if p2p_native.load() is None:
+            pytest.skip("no C compiler here: the C frame loop cannot be built")
+    else:
+        monkeypatch.setattr(p2p_native, "load", lambda: None)
+    return request.param
 
 
 def _joined(parts) -> bytes:
@@ -72,7 +84,7 @@ def _stream_pair(staging_bytes: int) -> tuple[SocketPair, SocketPair]:
     return SocketPair(client, 5.0), SocketPair(peer, 5.0, staging_bytes=staging_bytes)
 
 
-def test_messages_written_together_are_handed_out_one_by_one_in_order():
+def test_messages_written_together_are_handed_out_one_by_one_in_order(frame_loop):
     sender, receiver = _stream_pair(staging_bytes=256)
     sizes = [10, 100, 0, 50, 120, 7]  # more than the staging buffer holds at once: it is refilled from its front
     for i, n in enumerate(sizes):
@@ -82,7 +94,7 @@ def test_messages_written_together_are_handed_out_one_by_one_in_order():
         assert msg.nbytes == n and (msg == i).all()
 
 
-def test_a_message_larger_than_the_staging_buffer_arrives_whole():
+def test_a_message_larger_than_the_staging_buffer_arrives_whole(frame_loop):
     sender, receiver = _stream_pair(staging_bytes=64)
     big = np.arange(10_000, dtype=np.int32)
     sender.send_parts([b"head", big])
@@ -92,7 +104,7 @@ def test_a_message_larger_than_the_staging_buffer_arrives_whole():
     assert receiver.recv_message(5.0, 64).tobytes() == b"next"
 
 
-def test_a_message_over_the_limit_ends_the_stream():
+def test_a_message_over_the_limit_ends_the_stream(frame_loop):
     sender, receiver = _stream_pair(staging_bytes=256)
     sender.send_parts([b"x" * 100])
     with pytest.raises(RuntimeError, match="a message of 100 bytes for a buffer of 99"):
@@ -101,7 +113,7 @@ def test_a_message_over_the_limit_ends_the_stream():
         sender.recv_message(5.0, 10)
 
 
-def test_a_receive_times_out_and_ends_the_stream():
+def test_a_receive_times_out_and_ends_the_stream(frame_loop):
     sender, receiver = _stream_pair(staging_bytes=256)
     with pytest.raises(RuntimeError, match="timed out"):
         receiver.recv_message(0.05, 10)
@@ -109,13 +121,55 @@ def test_a_receive_times_out_and_ends_the_stream():
         sender.recv_message(5.0, 10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inline", [True, False])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_send_request_writes_the_bytes_of_pack_request(frame_loop, dtype, inline, ids_dtype):
+    """One frame format: the C send (ids narrowed in C) and the Python parts put pack_request's bytes on the wire."""
+    x, idx, w = _rows(rows=5, hidden=16, k=3, dtype=dtype)
+    inline_bytes = p2p.INLINE_BYTES if inline else 0
+    packed = [bytes(m.numpy()) for m in p2p.pack_request(7, 2, x, idx, w, 9, inline_bytes=inline_bytes)]
+    sender, receiver = _stream_pair(staging_bytes=4096)
+    head = p2p.request_head(7, 2, x, 3, 9, inline_bytes)
+    sender.send_request(head, idx.to(ids_dtype), w.t().contiguous().t(), x)  # weights not contiguous: converted
+    got = [receiver.recv_message(5.0, 4096).tobytes() for _ in packed]
+    assert got == packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_send_reply_writes_the_bytes_of_reply_parts(frame_loop, dtype):
+    y = torch.randn(3, 8).to(dtype)
+    sender, receiver = _stream_pair(staging_bytes=4096)
+    sender.send_reply((4, 0, 10, 20, 30), y)
+    msg, address = receiver.recv_frame(5.0, 4096)
+    assert msg.tobytes() == _joined(p2p.reply_parts(4, y, 0, 10, 20, 30)) and address == msg.ctypes.data
+
+
+def test_a_send_on_a_closed_pair_fails_cleanly(frame_loop):
+    sender, receiver = _stream_pair(staging_bytes=256)
+    sender.close()
+    with pytest.raises(RuntimeError, match="send failed"):
+        sender.send_reply((1, 0, 0, 0, 0), torch.zeros(2))
+    with pytest.raises(RuntimeError, match="closed"):
+        receiver.recv_message(5.0, 100)
+
+
 # ---- the expert node's stream loop, over a scripted stream ---------------------
 class _Script:
-    """recv_message hands out the scripted frames, then the stream is closed; send_parts keeps the replies."""
+    """recv_frame hands out the scripted frames, then the stream is closed; send_reply keeps the replies.
+    ``native``: the C checks the node runs when its pair has the C frame loop (or None: its Python checks)."""
 
     def __init__(self, frames):
         self.frames = [np.frombuffer(bytearray(f), dtype=np.uint8) for f in frames]
         self.replies: list[np.ndarray] = []
+        self.native = p2p_native.load()
+
+    def recv_frame(self, timeout_s, limit):
+        frame = self.recv_message(timeout_s, limit)
+        return frame, frame.ctypes.data
+
+    def send_reply(self, prefix, y):
+        self.send_parts(p2p.reply_parts(prefix[0], y, *prefix[1:]))
 
     def recv_message(self, timeout_s, limit):
         if not self.frames:
@@ -146,7 +200,7 @@ def _frame(layer, x, idx, w, msg_id=0):
     return _joined(parts)
 
 
-def test_stream_loop_replies_with_the_shards_rows_and_zeros_where_nothing_is_hosted(service):
+def test_stream_loop_replies_with_the_shards_rows_and_zeros_where_nothing_is_hosted(service, frame_loop):
     svc, layer = service
     hidden = svc.cfg.hidden_size
     x = torch.randn(3, hidden)
@@ -170,7 +224,7 @@ def test_stream_loop_replies_with_the_shards_rows_and_zeros_where_nothing_is_hos
     ("nan", "NaN or infinity"),
     ("layer", "layer 99 has no experts on this node"),
 ])
-def test_stream_loop_names_what_is_wrong_with_a_bad_frame(service, case, error):
+def test_stream_loop_names_what_is_wrong_with_a_bad_frame(service, case, error, frame_loop):
     svc, layer = service
     x, idx, w = torch.randn(2, svc.cfg.hidden_size), torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5)
     if case == "foreign":

@@ -1,0 +1,185 @@
+/* The tcp pair stream's per-message loop in C (moemesh/wire/p2p_native.py loads it; p2p_socket.py calls it).
+
+   The same wire as the Python path of p2p_socket.py, byte for byte: each message is an 8-byte little-endian
+   length and its bytes; frames are p2p.py's. What moves here is only the work per message that Python makes
+   expensive: one gathering sendmsg of a request or a reply (ids narrowed to int32 on the way), the staging
+   buffer's receive loop (one recv when the message came whole), and the expert node's O(1)-per-id checks of
+   ids and weights. Every function returns a negative code instead of raising; the Python side turns each into
+   the same error its own path gives. The caller holds no GIL while these block (ctypes releases it). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#define ERR_CLOSED (-100001)   /* the peer closed the stream */
+#define ERR_TIMEOUT (-100002)  /* the deadline passed (or SO_RCVTIMEO/SO_SNDTIMEO ran out) */
+#define ERR_TOO_LONG (-100003) /* a length over the caller's limit: *len_out holds it */
+#define ERR_LARGE (-100004)    /* a message longer than the staging buffer: *len_out holds it (recv_large) */
+
+int64_t mm_p2p_abi(void) { return 1; }
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock on Linux */
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Send every byte of iov[0:n] (advancing over partial writes); 0 or a negative code. */
+static int64_t send_all(int fd, struct iovec *iov, int n) {
+    while (n > 0) {
+        struct msghdr msg = {0};
+        msg.msg_iov = iov;
+        msg.msg_iovlen = (size_t)n;
+        ssize_t sent = sendmsg(fd, &msg, MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR) continue;
+            return (errno == EAGAIN || errno == EWOULDBLOCK) ? ERR_TIMEOUT : -(int64_t)errno;
+        }
+        while (n > 0 && (size_t)sent >= iov->iov_len) {
+            sent -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (char *)iov->iov_base + sent;
+            iov->iov_len -= (size_t)sent;
+        }
+    }
+    return 0;
+}
+
+/* A dispatch request: head = the header's int64[8] (kind first: 4 inline, else the body is a message of its
+   own), ids [rows*k] int32 or int64 (ids_size 4 or 8: narrowed to int32), w [rows*k] float32, x the rows'
+   x_bytes. scratch holds 8 + 64 + 8 + rows*k*8 bytes (the caller sizes it). */
+int64_t mm_send_request(int fd, uint8_t *scratch, const int64_t *head, const void *ids, int32_t ids_size,
+                        const float *w, const void *x, int64_t x_bytes) {
+    int64_t n = head[3] * head[4], meta = n * 8, kind = head[0];
+    uint8_t *p = scratch;
+    int64_t first = kind == 4 ? 64 + meta + x_bytes : 64;
+    memcpy(p, &first, 8);
+    memcpy(p + 8, head, 64);
+    p += 72;
+    if (kind != 4) {
+        int64_t body = meta + x_bytes;
+        memcpy(p, &body, 8);
+        p += 8;
+    }
+    int32_t *out = (int32_t *)p;
+    if (ids_size == 8) {
+        const int64_t *src = (const int64_t *)ids;
+        for (int64_t i = 0; i < n; i++) out[i] = (int32_t)src[i];
+    } else {
+        memcpy(out, ids, (size_t)n * 4);
+    }
+    memcpy(p + n * 4, w, (size_t)n * 4);
+    p += meta;
+    struct iovec iov[2] = {{scratch, (size_t)(p - scratch)}, {(void *)x, (size_t)x_bytes}};
+    return send_all(fd, iov, x_bytes > 0 ? 2 : 1);
+}
+
+/* A reply: prefix = int64[5] (msg_id, status, receive_ns, compute_ns, send_ns), then y's bytes. */
+int64_t mm_send_reply(int fd, const int64_t *prefix, const void *y, int64_t y_bytes) {
+    int64_t head[6];
+    head[0] = 40 + y_bytes;
+    memcpy(head + 1, prefix, 40);
+    struct iovec iov[2] = {{head, 48}, {(void *)y, (size_t)y_bytes}};
+    return send_all(fd, iov, y_bytes > 0 ? 2 : 1);
+}
+
+/* One recv into buf[0:room] under the deadline, keeping SO_RCVTIMEO within [left, left * slack] (reset only
+   when it is off, as p2p_socket._recv_some does: *rcvtimeo is what it is set to). Bytes read or a code. */
+static int64_t recv_some(int fd, uint8_t *buf, int64_t room, double deadline, double *rcvtimeo, double slack) {
+    for (;;) {
+        double left = deadline - now_s();
+        if (left <= 0) return ERR_TIMEOUT;
+        if (!(left <= *rcvtimeo && *rcvtimeo <= left * slack)) {
+            double t = left * (1 + slack) / 2;
+            if (t < 0.001) t = 0.001;
+            struct timeval tv = {(time_t)t, (suseconds_t)((t - (double)(time_t)t) * 1e6)};
+            if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) return -(int64_t)errno;
+            *rcvtimeo = t;
+        }
+        ssize_t got = recv(fd, buf, (size_t)room, 0);
+        if (got > 0) return got;
+        if (got == 0) return ERR_CLOSED;
+        if (errno == EINTR) continue;
+        return (errno == EAGAIN || errno == EWOULDBLOCK) ? ERR_TIMEOUT : -(int64_t)errno;
+    }
+}
+
+/* Receive until staging[state[0]:state[1]] holds need bytes (moving them to the front when they would not
+   fit: what was handed out before is done with). */
+static int64_t fill(int fd, uint8_t *staging, int64_t cap, int64_t *state, int64_t need, double deadline,
+                    double *rcvtimeo, double slack) {
+    if (state[0] + need > cap) {
+        int64_t held = state[1] - state[0];
+        memmove(staging, staging + state[0], (size_t)held);
+        state[0] = 0;
+        state[1] = held;
+    }
+    while (state[1] - state[0] < need) {
+        int64_t got = recv_some(fd, staging + state[1], cap - state[1], deadline, rcvtimeo, slack);
+        if (got < 0) return got;
+        state[1] += got;
+    }
+    return 0;
+}
+
+/* The next message of at most limit bytes: its offset in staging (its length in *len_out), valid until the
+   next receive; state = {start, end} of the bytes received and not handed out. */
+int64_t mm_recv_message(int fd, uint8_t *staging, int64_t cap, int64_t *state, int64_t limit, double deadline,
+                        double *rcvtimeo, double slack, int64_t *len_out) {
+    int64_t rc;
+    if (state[1] - state[0] < 8 && (rc = fill(fd, staging, cap, state, 8, deadline, rcvtimeo, slack)) < 0) return rc;
+    int64_t n;
+    memcpy(&n, staging + state[0], 8);
+    *len_out = n;
+    if (n < 0 || n > limit) return ERR_TOO_LONG;
+    if (state[0] + 8 + n > state[1]) {
+        if (8 + n > cap) return ERR_LARGE;
+        if ((rc = fill(fd, staging, cap, state, 8 + n, deadline, rcvtimeo, slack)) < 0) return rc;
+    }
+    int64_t begin = state[0] + 8;
+    state[0] = begin + n;
+    return begin;
+}
+
+/* After ERR_LARGE: the n-byte message into out (a buffer of its own), the bytes staged first. */
+int64_t mm_recv_large(int fd, uint8_t *staging, int64_t *state, uint8_t *out, int64_t n, double deadline,
+                      double *rcvtimeo, double slack) {
+    int64_t held = state[1] - state[0] - 8;
+    memcpy(out, staging + state[0] + 8, (size_t)held);
+    state[0] = state[1] = 0;
+    while (held < n) {
+        int64_t got = recv_some(fd, out + held, n - held, deadline, rcvtimeo, slack);
+        if (got < 0) return got;
+        held += got;
+    }
+    return 0;
+}
+
+/* The expert node's checks of one message's ids [n] int32 and weights [n] float32: every id is -1 or an
+   expert hosted here (hosted [n_experts] bool), every weight finite. Returns the routed count (ids >= 0), -1
+   for a bad id, -2 for a weight that is not finite. With counts (int64 [n_experts]), a good message's routed
+   ids are added to it. */
+int64_t mm_check_rows(const int32_t *ids, const float *w, int64_t n, const uint8_t *hosted, int64_t n_experts,
+                      int64_t *counts) {
+    int64_t routed = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t e = ids[i];
+        if (e == -1) continue;
+        if (e < 0 || e >= n_experts || !hosted[e]) return -1;
+        routed++;
+    }
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(w[i])) return -2;
+    if (counts != NULL)
+        for (int64_t i = 0; i < n; i++)
+            if (ids[i] >= 0) counts[ids[i]]++;
+    return routed;
+}
