@@ -35,7 +35,8 @@ from moemesh.wire import p2p
 from moemesh.logs import get_logger
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 
-from .server import HIDDEN_DTYPES, MESSAGES_OK, BadRequest, DispatchService, _count_tokens, count_tokens
+from .torch_checks import FrameChecks, Hosted as _Hosted, Tally as _Tally, Zeros as _Zeros
+from .server import HIDDEN_DTYPES, MESSAGES_OK, BadRequest, DispatchService, _count_tokens
 
 log = get_logger("moemesh.expert_node.torch")
 
@@ -151,52 +152,67 @@ class _Session:
         Every message is a view of the pair's receive buffer: the rows are computed from the received bytes in
         place, and the reply goes out as its prefix and the result's own memory. Checks are O(1) work per id
         (in C when the pair's C frame loop is here: ``pair.native``; numpy passes otherwise). Prometheus counts
-        are added up here and published at most every :data:`TALLY_S` (and on pings and at the end)."""
+        are added up here and published at most every ``torch_checks.TALLY_S`` (and on pings and at the end)."""
         limit = p2p.HEADER_BYTES + self.inline_bytes
         shard, tally, zeros = self.svc.shard, _Tally(self.svc), _Zeros()
         on_host = self.compute.type == "cpu"  # else a GPU node over tcp: rows go to its device and back
         native = getattr(pair, "native", None)
         hosted = _Hosted()
+        # the C receive that also checks an inline request (p2p_native.c mm_serve_next), when the pair has it
+        fast = FrameChecks(self.svc, self.inline_bytes, tally) if native is not None else None
 
         def recv(timeout_s: float, max_bytes: int):
             try:
-                return pair.recv_frame(timeout_s, max_bytes)
+                if fast is not None and max_bytes == limit:
+                    return pair.recv_checked(timeout_s, max_bytes, fast)
+                return (*pair.recv_frame(timeout_s, max_bytes), -1)
             except RuntimeError as exc:  # the stream's own errors (closed, timed out, out of step)
                 raise p2p.P2PError(str(exc)) from exc
 
         try:
             while not self.stopping.is_set():
-                frame, address = recv(self.idle_s, limit)
+                frame, address, routed = recv(self.idle_s, limit)
                 received = time.monotonic_ns()  # the node's own clock: the reply carries durations only
-                if frame.nbytes < p2p.HEADER_BYTES:  # before its header is read
-                    raise BadRequest(f"a frame of {frame.nbytes} bytes, shorter than the {p2p.HEADER_BYTES}-byte header")
-                h = p2p.unpack_header(frame)
-                if h.kind == p2p.KIND_PING:
-                    tally.flush()
-                    continue
-                if h.kind == p2p.KIND_BYE:
-                    return
-                self.busy = True
-                snapshot = self._check_header(h)
-                if h.kind == p2p.KIND_INLINE:
-                    _check_length(frame.nbytes, p2p.HEADER_BYTES + h.body_bytes, "frame")
-                    body, address = frame[p2p.HEADER_BYTES:], address + p2p.HEADER_BYTES
-                else:
-                    _check_length(frame.nbytes, p2p.HEADER_BYTES, "header frame")
-                    body, address = recv(self.timeout_s, h.body_bytes)
-                    _check_length(body.nbytes, h.body_bytes, "body")
-                n = h.rows * h.k
-                if native is not None:  # ids and weights checked in place, and counted (for Prometheus) if good
-                    routed = native.mm_check_rows(address, address + 4 * n, n, hosted.address(snapshot),
-                                                  self.svc.cfg.n_routed_experts, tally.counts_address(h.layer))
-                    ids = None
-                    if routed < 0:  # the Python checks name what is wrong
+                ids = None
+                if routed >= 0:  # an inline request the C receive checked (and counted) against the tables
+                    self.busy = True
+                    h = p2p.unpack_header(frame)
+                    snapshot = shard.snapshot(h.layer)
+                    body = frame[p2p.HEADER_BYTES:]
+                    if snapshot is not fast.snapshots[h.layer]:  # the shard changed since: check it again here
+                        fast.refresh()
+                        snapshot = self._check_header(h)
                         self._check_rows(h.layer, *p2p.host_meta(body, h), snapshot)
-                        raise BadRequest("a frame failed the node's checks")  # pragma: no cover - they agree
                 else:
-                    ids, weights = p2p.host_meta(body, h)  # views of the received bytes, no copy
-                    self._check_rows(h.layer, ids, weights, snapshot)
-                    routed = bool((ids >= 0).any())
+                    if frame.nbytes < p2p.HEADER_BYTES:  # before its header is read
+                        raise BadRequest(f"a frame of {frame.nbytes} bytes, shorter than the {p2p.HEADER_BYTES}-byte "
+                                         "header")
+                    h = p2p.unpack_header(frame)
+                    if h.kind == p2p.KIND_PING:
+                        tally.flush()
+                        continue
+                    if h.kind == p2p.KIND_BYE:
+                        return
+                    self.busy = True
+                    snapshot = self._check_header(h)
+                    if h.kind == p2p.KIND_INLINE:
+                        _check_length(frame.nbytes, p2p.HEADER_BYTES + h.body_bytes, "frame")
+                        body, address = frame[p2p.HEADER_BYTES:], address + p2p.HEADER_BYTES
+                    else:
+                        _check_length(frame.nbytes, p2p.HEADER_BYTES, "header frame")
+                        body, address, _ = recv(self.timeout_s, h.body_bytes)
+                        _check_length(body.nbytes, h.body_bytes, "body")
+                    n = h.rows * h.k
+                    if native is not None:  # ids and weights checked in place, and counted (for Prometheus) if good
+                        routed = native.mm_check_rows(address, address + 4 * n, n, hosted.address(snapshot),
+                                                      self.svc.cfg.n_routed_experts, tally.counts_address(h.layer))
+                        if routed < 0:  # the Python checks name what is wrong
+                            self._check_rows(h.layer, *p2p.host_meta(body, h), snapshot)
+                            raise BadRequest("a frame failed the node's checks")  # pragma: no cover - they agree
+                    else:
+                        ids, weights = p2p.host_meta(body, h)  # views of the received bytes, no copy
+                        self._check_rows(h.layer, ids, weights, snapshot)
+                        routed = bool((ids >= 0).any())
                 parsed = time.monotonic_ns()
                 if routed:
                     if ids is None:
@@ -267,87 +283,6 @@ class _Session:
 def _check_length(got: int, want: int, what: str) -> None:
     if got != want:
         raise BadRequest(f"a {what} of {got} bytes where its header says {want}")
-
-
-class _Zeros:
-    """Zero-filled reply rows by size (a few sizes, small ones kept: decode steps repeat theirs)."""
-
-    KEEP_BYTES, KEEP_SIZES = 1 << 20, 8
-
-    def __init__(self):
-        self._by_size: dict[int, torch.Tensor] = {}
-
-    def of(self, nbytes: int) -> torch.Tensor:
-        got = self._by_size.get(nbytes)
-        if got is None:
-            got = torch.zeros(nbytes, dtype=torch.uint8)
-            if nbytes <= self.KEEP_BYTES:
-                if len(self._by_size) >= self.KEEP_SIZES:
-                    self._by_size.clear()
-                self._by_size[nbytes] = got
-        return got
-
-
-class _Hosted:
-    """The address of a layer snapshot's ``hosted`` mask [E] bool, for the C checks (kept while it is used)."""
-
-    def __init__(self):
-        self._snapshot = self._mask = None
-        self._address = 0
-
-    def address(self, snapshot) -> int:
-        if snapshot is not self._snapshot:  # a new placement or a reload: look it up once
-            self._mask = np.ascontiguousarray(snapshot.hosted, dtype=np.bool_)
-            self._snapshot, self._address = snapshot, self._mask.ctypes.data
-        return self._address
-
-
-TALLY_S = 0.5  # how stale the node's Prometheus message and token counts may get while it serves a stream
-
-
-class _Tally:
-    """Messages and routed tokens per (layer, expert), added up per session and published to Prometheus in
-    batches: a counter's ``inc`` costs about a microsecond, and a decode message touches up to K experts per row.
-    Info's ``tokens_computed`` is counted at once (it is one integer)."""
-
-    def __init__(self, svc: DispatchService):
-        self.svc = svc
-        self.n = svc.cfg.n_routed_experts
-        self.messages = 0
-        self.tokens: dict[int, np.ndarray] = {}  # layer -> counts per expert not yet published
-        self._addresses: dict[int, int] = {}  # layer -> its counts' address (C adds to them in place)
-        self.since = time.monotonic()
-
-    def add(self, layer: int, ids: np.ndarray) -> None:
-        routed = ids[ids >= 0]
-        if routed.size:
-            counts = np.bincount(routed, minlength=self.n)
-            held = self.tokens.get(layer)
-            self.tokens[layer] = counts if held is None else held + counts
-        self.counted(int(routed.size))
-
-    def counts_address(self, layer: int) -> int:
-        """Where the C checks add ``layer``'s routed ids (an int64 [E] array of this tally)."""
-        got = self._addresses.get(layer)
-        if got is None:
-            held = self.tokens.setdefault(layer, np.zeros(self.n, dtype=np.int64))
-            got = self._addresses[layer] = held.ctypes.data
-        return got
-
-    def counted(self, routed: int) -> None:
-        """One message of ``routed`` (token, expert) assignments, its counts added already."""
-        self.messages += 1
-        self.svc.tokens_computed += routed
-        if time.monotonic() - self.since >= TALLY_S:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.messages:
-            MESSAGES_OK.inc(self.messages)
-        for layer, counts in self.tokens.items():
-            if counts.any():
-                count_tokens(layer, counts)
-        self.messages, self.tokens, self._addresses, self.since = 0, {}, {}, time.monotonic()
 
 
 class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):

@@ -21,7 +21,7 @@
 #define ERR_TOO_LONG (-100003) /* a length over the caller's limit: *len_out holds it */
 #define ERR_LARGE (-100004)    /* a message longer than the staging buffer: *len_out holds it (recv_large) */
 
-int64_t mm_p2p_abi(void) { return 1; }
+int64_t mm_p2p_abi(void) { return 2; }
 
 static double now_s(void) {
     struct timespec ts;
@@ -182,4 +182,42 @@ int64_t mm_check_rows(const int32_t *ids, const float *w, int64_t n, const uint8
         for (int64_t i = 0; i < n; i++)
             if (ids[i] >= 0) counts[ids[i]]++;
     return routed;
+}
+
+/* The expert node's next request, received and checked in one call when it is the common case: an inline
+   dispatch frame (kind 4) whose header and rows pass every check of the node's Python path (the layer hosted
+   here, a hidden dtype it takes, hidden and k in range, the lengths the header implies, ids hosted or -1,
+   finite weights). Then its routed ids are added to the layer's counts and it returns the routed count (>= 0).
+   Anything else (a ping, a bye, a two-message request, any failed check) returns ERR_OTHER with the frame
+   handed out all the same, for the Python path to handle or to name what is wrong.
+   out: int64[2] = the frame's offset in staging and its length.
+   limits: int64[5] = hidden, max k, max body bytes, inline bytes, n_experts.
+   itemsize: int64[16] by dtype code (0: a dtype the node does not take).
+   hosted, counts: per layer id (n_layers of each), a bool[n_experts] mask (NULL: none here) and an
+   int64[n_experts] count. */
+#define ERR_OTHER (-100005)
+int64_t mm_serve_next(int fd, uint8_t *staging, int64_t cap, int64_t *state, int64_t limit, double deadline,
+                      double *rcvtimeo, double slack, int64_t *out, const int64_t *limits, const int64_t *itemsize,
+                      const uint8_t *const *hosted, int64_t *const *counts, int64_t n_layers) {
+    int64_t len = 0;
+    int64_t off = mm_recv_message(fd, staging, cap, state, limit, deadline, rcvtimeo, slack, &len);
+    out[1] = len;
+    if (off < 0) return off;
+    out[0] = off;
+    if (len < 64) return ERR_OTHER;
+    int64_t h[8];
+    memcpy(h, staging + off, 64);
+    int64_t kind = h[0], layer = h[2], rows = h[3], k = h[4], code = h[6], hidden = h[7];
+    if (kind != 4 || layer < 0 || layer >= n_layers || hosted[layer] == NULL || code < 0 || code >= 16 ||
+        itemsize[code] == 0 || hidden != limits[0] || k < 1 || k > limits[1] || rows < 1)
+        return ERR_OTHER;
+    /* rows and k are bounded by the frame's own length before anything is multiplied: no overflow */
+    if (rows > len || rows * k > len) return ERR_OTHER;
+    int64_t body = rows * k * 8 + rows * hidden * itemsize[code];
+    if (body > limits[2] || body > limits[3] || len != 64 + body) return ERR_OTHER;
+    int64_t n = rows * k;
+    const uint8_t *meta = staging + off + 64;
+    int64_t routed = mm_check_rows((const int32_t *)meta, (const float *)(meta + 4 * n), n, hosted[layer], limits[4],
+                                   counts[layer]);
+    return routed < 0 ? ERR_OTHER : routed;
 }

@@ -30,9 +30,9 @@ log = get_logger("moemesh.wire.p2p_native")
 
 SOURCE = Path(__file__).with_name("p2p_native.c")
 FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11")
-ABI_VERSION = 1
+ABI_VERSION = 2
 # the C side's codes (p2p_native.c), for the messages p2p_socket gives them
-ERR_CLOSED, ERR_TIMEOUT, ERR_TOO_LONG, ERR_LARGE = -100001, -100002, -100003, -100004
+ERR_CLOSED, ERR_TIMEOUT, ERR_TOO_LONG, ERR_LARGE, ERR_OTHER = -100001, -100002, -100003, -100004, -100005
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -78,7 +78,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_recv_message.argtypes = [i32, p, i64, p, i64, f64, p, f64, p]
     lib.mm_recv_large.argtypes = [i32, p, p, p, i64, f64, p, f64]
     lib.mm_check_rows.argtypes = [p, p, i64, p, i64, p]
-    for fn in (lib.mm_send_request, lib.mm_send_reply, lib.mm_recv_message, lib.mm_recv_large, lib.mm_check_rows):
+    lib.mm_serve_next.argtypes = [i32, p, i64, p, i64, f64, p, f64, p, p, p, p, p, i64]
+    for fn in (lib.mm_send_request, lib.mm_send_reply, lib.mm_recv_message, lib.mm_recv_large, lib.mm_check_rows,
+               lib.mm_serve_next):
         fn.restype = i64
 
 

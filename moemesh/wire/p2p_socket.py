@@ -219,6 +219,23 @@ class SocketPair:
         msg = self._native_rare(off, limit, deadline)
         return msg, msg.ctypes.data
 
+    def recv_checked(self, timeout_s: float, limit: int, checks) -> tuple[np.ndarray, int, int]:
+        """Native only: the next message, received and, when it is an inline dispatch frame, checked in the same
+        C call against ``checks`` (the expert node's tables: ``checks.args``, see p2p_native.c mm_serve_next).
+        (message, its address, routed count) where the count is -1 for a message the caller must handle itself
+        (a control frame, a two-message request, or one that failed a check: the Python checks name what)."""
+        deadline = time.monotonic() + timeout_s
+        rc = self.native.mm_serve_next(self._rfd, self._addr["_staging"], self._staging.nbytes, self._addr["_pos"],
+                                       limit, deadline, self._addr["_timeo"], _TIMEOUT_SLACK, self._addr["_head"],
+                                       *checks.args)
+        if rc >= 0 or rc == p2p_native.ERR_OTHER:
+            off, n = int(self._head[0]), int(self._head[1])
+            return self._staging[off:off + n], self._addr["_staging"] + off, max(rc, -1)
+        if rc == p2p_native.ERR_LARGE or rc == p2p_native.ERR_TOO_LONG:
+            self._len[0] = self._head[1]
+        msg = self._native_rare(rc, limit, deadline)
+        return msg, msg.ctypes.data, -1
+
     def _native_rare(self, rc: int, limit: int, deadline: float) -> np.ndarray:
         """A C receive that did not hand out a staged message: one larger than the staging buffer, or an error."""
         n = int(self._len[0])

@@ -156,30 +156,23 @@ def test_a_send_on_a_closed_pair_fails_cleanly(frame_loop):
 
 # ---- the expert node's stream loop, over a scripted stream ---------------------
 class _Script:
-    """recv_frame hands out the scripted frames, then the stream is closed; send_reply keeps the replies.
-    ``native``: the C checks the node runs when its pair has the C frame loop (or None: its Python checks)."""
+    """The scripted frames, written into a real stream (the C frame loop's or the Python path's, as
+    ``frame_loop`` chose) that the node loop serves: ``pair`` is its end; ``replies()`` reads what came back."""
 
     def __init__(self, frames):
-        self.frames = [np.frombuffer(bytearray(f), dtype=np.uint8) for f in frames]
-        self.replies: list[np.ndarray] = []
-        self.native = p2p_native.load()
+        self._sender, self.pair = _stream_pair(staging_bytes=1 << 16)
+        self._frames = len(frames)
+        for frame in frames:
+            self._sender.send_parts([frame])
 
-    def recv_frame(self, timeout_s, limit):
-        frame = self.recv_message(timeout_s, limit)
-        return frame, frame.ctypes.data
+    def replies(self, n: int) -> list[np.ndarray]:
+        return [self._sender.recv_message(5.0, 1 << 20).copy() for _ in range(n)]
 
-    def send_reply(self, prefix, y):
-        self.send_parts(p2p.reply_parts(prefix[0], y, *prefix[1:]))
-
-    def recv_message(self, timeout_s, limit):
-        if not self.frames:
-            raise RuntimeError("tcp pair: the peer closed the connection")
-        frame = self.frames.pop(0)
-        assert frame.nbytes <= limit
-        return frame
-
-    def send_parts(self, parts):
-        self.replies.append(np.frombuffer(bytearray(_joined(parts)), dtype=np.uint8))
+    def nothing_came_back(self) -> bool:
+        self.pair.close()  # the node's end: the sender then reads the stream's end, or a reply first
+        with pytest.raises(RuntimeError, match="closed"):
+            self._sender.recv_message(5.0, 1 << 20)
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +202,8 @@ def test_stream_loop_replies_with_the_shards_rows_and_zeros_where_nothing_is_hos
     script = _Script([_frame(layer, x, idx, w, 1), _frame(layer, x, torch.full((3, 2), -1), w, 2),
                       bytes(p2p.control_frame(p2p.KIND_PING).numpy()), bytes(p2p.control_frame(p2p.KIND_BYE).numpy())])
     before = svc.tokens_computed
-    _session(svc)._serve_stream(script)
-    first, second = (p2p.host_reply(r, 3, hidden, torch.float32) for r in script.replies)
+    _session(svc)._serve_stream(script.pair)
+    first, second = (p2p.host_reply(r, 3, hidden, torch.float32) for r in script.replies(2))
     torch.testing.assert_close(first.rows, svc.shard.forward(layer, x, idx, w), rtol=1e-5, atol=1e-5)
     assert (first.msg_id, second.msg_id) == (1, 2) and torch.equal(second.rows, torch.zeros(3, hidden))
     assert svc.tokens_computed == before + 5  # routed ids of the first message; -1 is computed elsewhere
@@ -236,5 +229,5 @@ def test_stream_loop_names_what_is_wrong_with_a_bad_frame(service, case, error, 
     frame = _frame(99 if case == "layer" else layer, x, idx, w)
     script = _Script([frame[:-4] if case == "short" else frame[:10] if case == "stub" else frame])
     with pytest.raises(BadRequest, match=error):
-        _session(svc)._serve_stream(script)
-    assert script.replies == []
+        _session(svc)._serve_stream(script.pair)
+    assert script.nothing_came_back()
