@@ -168,7 +168,7 @@ class TorchPair:
         sent_at = time.monotonic()  # the hop is timed from here: packing is part of it
         args = (layer, x, idx, w, version, trim)
         if trim:  # trailing rows without work (the backend puts them last) need not cross
-            n = rows_with_work(idx.numpy())
+            n = self._rows_with_work(idx)
             if n == 0:
                 fut.set_result(torch.zeros((0, x.shape[1]), dtype=x.dtype, device=x.device))
                 return fut
@@ -176,11 +176,14 @@ class TorchPair:
                 x, idx, w = x[:n], idx[:n], w[:n]
         if not x.is_contiguous():
             x = x.contiguous()
-        rows = x.shape[0]
+        rows, hidden = x.shape
+        k, itemsize = idx.shape[1], x.element_size()
         msg_id = next(self._ids)
-        reply_size = p2p.reply_bytes(rows, self.hidden_size, x.dtype)
-        head = p2p.request_head(msg_id, layer, x, idx.shape[1], version, self.inline_bytes)
-        direct.before_send(p2p.HEADER_BYTES + idx.numel() * 8 + x.numel() * x.element_size(), reply_size)
+        reply_size = p2p.REPLY_PREFIX + rows * self.hidden_size * itemsize
+        body = rows * k * 8 + rows * hidden * itemsize
+        head = (p2p.KIND_INLINE if body <= self.inline_bytes else p2p.KIND_DISPATCH, msg_id, layer, rows, k, version,
+                p2p.dtype_code(x.dtype), hidden)  # p2p.request_head's, inline: this runs once per message
+        direct.before_send(p2p.HEADER_BYTES + body, reply_size)
         with self._lock:
             stream = self._stream
             if self.failure is not None or self._closed or stream is None:
@@ -198,6 +201,13 @@ class TorchPair:
         self.fail(f"sending a dispatch frame: {error}")
         self._lost(fut, args, self.failure)
         return fut
+
+    def _rows_with_work(self, idx: torch.Tensor) -> int:
+        """How many leading rows have work (remote_backend.rows_with_work), in C when the stream has it."""
+        native = getattr(self._stream, "native", None)
+        if native is not None and idx.dtype in (torch.int64, torch.int32) and idx.is_contiguous():
+            return native.mm_rows_with_work(idx.data_ptr(), idx.element_size(), idx.shape[0], idx.shape[1])
+        return rows_with_work(idx.numpy())
 
     def _lost(self, fut: Future, args: tuple, reason: str) -> None:
         if self.on_lost is not None:
@@ -243,7 +253,15 @@ class TorchPair:
             raise p2p.P2PError(f"waiting for a reply: {exc}") from exc
         if msg.nbytes != reply_size:
             raise p2p.P2PError(f"reply of {msg.nbytes} bytes where {reply_size} were due: frames out of step")
-        self._resolve(p2p.host_reply(msg, rows, self.hidden_size, dtype), msg_id, sent_at)
+        reply_id, status, receive_ns, compute_ns, send_ns = p2p.reply_prefix(msg)
+        if reply_id != msg_id or status != 0:
+            raise p2p.P2PError(f"reply {reply_id} (status {status}) where {msg_id} was due: frames out of step")
+        with self._lock:
+            entry = self._pending.pop(msg_id, None)
+        self.messages += 1
+        if entry is not None:
+            self.hops.record(time.monotonic() - sent_at, receive_ns, compute_ns, send_ns)
+            entry[0].set_result(p2p.host_reply_rows(msg, rows, self.hidden_size, dtype))
 
     def _resolve(self, reply, msg_id: int, sent_at: float) -> None:
         """The reply due next, checked against ``msg_id``: its hop recorded, its future resolved."""

@@ -180,6 +180,11 @@ def _host_bytes(t: torch.Tensor) -> np.ndarray:
     return (t.detach() if t.requires_grad else t).numpy()
 
 
+def dtype_code(dtype: torch.dtype) -> int:
+    """A hidden dtype's code in the header (the codec's)."""
+    return dtype_to_proto(dtype)
+
+
 def request_head(msg_id: int, layer: int, x: torch.Tensor, k: int, version: int, inline_bytes: int) -> tuple:
     """The header's 8 ints of a request of rows ``x`` (kind first: inline when the body fits ``inline_bytes``)."""
     rows, hidden = x.shape
@@ -312,16 +317,24 @@ def unpack_reply(buf: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) 
     return Reply(*_PREFIX.unpack_from(prefix), y)
 
 
-def host_reply(msg: np.ndarray, rows: int, hidden: int, dtype: torch.dtype) -> Reply:
-    """A received host reply (a uint8 view that the next receive overwrites) with its rows copied out once, into
-    a tensor of their own: what the caller keeps."""
+def reply_prefix(msg: np.ndarray) -> tuple[int, int, int, int, int]:
+    """A received host reply's (msg_id, status, receive_ns, compute_ns, send_ns)."""
+    return _PREFIX.unpack_from(msg)
+
+
+def host_reply_rows(msg: np.ndarray, rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """A received host reply's rows [rows, hidden] (``msg``: a uint8 view that the next receive overwrites),
+    copied out once into a tensor of their own: what the caller keeps."""
     body = msg[REPLY_PREFIX:].copy()
     np_dtype = _NUMPY_DTYPES.get(dtype)
     if np_dtype is not None:  # shaped in numpy: a torch view costs more than the copy
-        y = torch.from_numpy(body.view(np_dtype).reshape(rows, hidden))
-    else:
-        y = torch.from_numpy(body).view(dtype).view(rows, hidden)
-    return Reply(*_PREFIX.unpack_from(msg), y)
+        return torch.from_numpy(body.view(np_dtype).reshape(rows, hidden))
+    return torch.from_numpy(body).view(dtype).view(rows, hidden)
+
+
+def host_reply(msg: np.ndarray, rows: int, hidden: int, dtype: torch.dtype) -> Reply:
+    """A received host reply, its rows copied out (:func:`host_reply_rows`)."""
+    return Reply(*reply_prefix(msg), host_reply_rows(msg, rows, hidden, dtype))
 
 
 # ---- groups -----------------------------------------------------------------

@@ -21,7 +21,7 @@
 #define ERR_TOO_LONG (-100003) /* a length over the caller's limit: *len_out holds it */
 #define ERR_LARGE (-100004)    /* a message longer than the staging buffer: *len_out holds it (recv_large) */
 
-int64_t mm_p2p_abi(void) { return 2; }
+int64_t mm_p2p_abi(void) { return 3; }
 
 static double now_s(void) {
     struct timespec ts;
@@ -220,4 +220,14 @@ int64_t mm_serve_next(int fd, uint8_t *staging, int64_t cap, int64_t *state, int
     int64_t routed = mm_check_rows((const int32_t *)meta, (const float *)(meta + 4 * n), n, hosted[layer], limits[4],
                                    counts[layer]);
     return routed < 0 ? ERR_OTHER : routed;
+}
+
+/* How many leading rows of ids [rows, k] (int32 or int64: size 4 or 8) to send: up to the last row with an
+   id >= 0 (the attention node's trim; remote_backend.rows_with_work in numpy). */
+int64_t mm_rows_with_work(const void *ids, int32_t size, int64_t rows, int64_t k) {
+    for (int64_t r = rows - 1; r >= 0; r--)
+        for (int64_t j = 0; j < k; j++)
+            if (size == 8 ? ((const int64_t *)ids)[r * k + j] >= 0 : ((const int32_t *)ids)[r * k + j] >= 0)
+                return r + 1;
+    return 0;
 }

@@ -231,3 +231,18 @@ def test_stream_loop_names_what_is_wrong_with_a_bad_frame(service, case, error, 
     with pytest.raises(BadRequest, match=error):
         _session(svc)._serve_stream(script.pair)
     assert script.nothing_came_back()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_the_c_trim_counts_the_rows_with_work_as_numpy_does(dtype):
+    from moemesh.attn_node.experts.remote_backend import rows_with_work
+
+    lib = p2p_native.load()
+    if lib is None:
+        pytest.skip("no C compiler here: the C frame loop cannot be built")
+    gen = torch.Generator().manual_seed(3)
+    for rows in (1, 2, 7, 32):
+        for _ in range(20):
+            idx = torch.randint(-1, 4, (rows, 3), generator=gen).to(dtype)
+            idx[torch.randint(0, rows, (1,), generator=gen).item():] = -1  # work first, then none
+            assert lib.mm_rows_with_work(idx.data_ptr(), idx.element_size(), rows, 3) == rows_with_work(idx.numpy())
