@@ -53,6 +53,14 @@ from moemesh.wire import p2p_native
 _LEN = struct.Struct("<q")  # little-endian int64, as the frames
 _HEAD, _PREFIX = struct.Struct("<8q"), struct.Struct("<5q")  # p2p.py's request header and reply prefix
 _IDS = (torch.int64, torch.int32)  # what the C send narrows to int32 itself
+# p2p_native.c's argument blocks, field by field (8 bytes each: the C structs have no padding)
+_LIMIT_DEADLINE = struct.Struct("<qd")  # recv_args' first two fields: what changes per receive
+_RECV_FIXED = struct.Struct("<qqqqqdq")  # fd, staging, cap, state, rcvtimeo, slack, len_out (at byte 16)
+_SERVE_TABLES = struct.Struct("<qqqqqq")  # serve_args after recv_args (byte 72): out, limits, itemsize, hosted,
+# counts, n_layers
+_SEND_FIXED = struct.Struct("<qq")  # send_args: fd, scratch
+_SEND = struct.Struct("<5q8q")  # then ids, ids_size, w, x, x_bytes, head[8] (at byte 16)
+_REPLY = struct.Struct("<7q")  # reply_args after fd: y, y_bytes, prefix[5] (at byte 8)
 HELLO_TIMEOUT_S = 5.0  # a connection that does not prove the secret by then is dropped (the real peer sends at once)
 STAGING_BYTES = 1 << 20  # the receive buffer: a decode step's message (and the next ones) lands here whole
 _TIMEOUT_SLACK = 1.1  # the kernel's receive timeout is reset only when it is off by more than this factor
@@ -115,10 +123,25 @@ class SocketPair:
         self._pos = np.zeros(2, dtype=np.int64)  # the staging buffer's [start, end), as _start/_end are in Python
         self._timeo = np.full(1, -1.0)  # what SO_RCVTIMEO is set to
         self._len = np.zeros(1, dtype=np.int64)  # a message's length, from the C side
-        self._head = np.zeros(8, dtype=np.int64)  # a request header / a reply prefix, written in place
-        self._scratch = np.empty(0, dtype=np.uint8)  # a request's lengths, header, ids and weights (grown)
-        self._addr = {name: getattr(self, name).ctypes.data for name in ("_staging", "_pos", "_timeo", "_len", "_head")}
-        self._scratch_addr = 0
+        self._head = np.zeros(8, dtype=np.int64)  # a request header / a reply prefix, written in place (sends)
+        self._got = np.zeros(2, dtype=np.int64)  # a checked receive's message offset and length (receives)
+        self._scratch = np.empty(4096, dtype=np.uint8)  # a request's lengths, header, ids and weights (grown)
+        self._addr = {name: getattr(self, name).ctypes.data for name in ("_staging", "_pos", "_timeo", "_len", "_head",
+                                                                     "_got")}
+        # The C calls' argument blocks (p2p_native.c's recv_args/serve_args, send_args, reply_args): one pointer
+        # per call; the fields that do not change are written here, the rest per message.
+        self._recv_args = np.zeros(16, dtype=np.int64)  # receives (one thread at a time)
+        self._send_args = np.zeros(16, dtype=np.int64)  # requests
+        self._reply_args = np.zeros(8, dtype=np.int64)  # replies
+        self._args_addr = tuple(a.ctypes.data for a in (self._recv_args, self._send_args, self._reply_args))
+        _RECV_FIXED.pack_into(self._recv_args, 16, self._rfd, self._addr["_staging"], self._staging.nbytes,
+                              self._addr["_pos"], self._addr["_timeo"], _TIMEOUT_SLACK, self._addr["_len"])
+        self._set_send_fd(self._wfd)
+        self._checks = self._checks_args = None  # the FrameChecks (and its tables) the receive block holds
+
+    def _set_send_fd(self, fd: int) -> None:
+        _SEND_FIXED.pack_into(self._send_args, 0, fd, self._scratch.ctypes.data)
+        _LEN.pack_into(self._reply_args, 0, fd)
 
     # ---- sends ------------------------------------------------------------
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> SocketWork:
@@ -160,14 +183,12 @@ class SocketPair:
             ids = ids.to(torch.int64).contiguous()
         if weights.dtype != torch.float32 or not weights.is_contiguous():
             weights = weights.detach().float().contiguous()
-        meta = head[3] * head[4] * 8
-        if self._scratch.nbytes < 80 + meta:
-            self._scratch = np.empty(max(80 + meta, 4096), dtype=np.uint8)
-            self._scratch_addr = self._scratch.ctypes.data
-        _HEAD.pack_into(self._head, 0, *head)
-        rc = self.native.mm_send_request(self._wfd, self._scratch_addr, self._addr["_head"], ids.data_ptr(),
-                                         ids.element_size(), weights.data_ptr(), x.data_ptr(),
-                                         x.numel() * x.element_size())
+        if self._scratch.nbytes < 80 + head[3] * head[4] * 8:
+            self._scratch = np.empty(80 + head[3] * head[4] * 8, dtype=np.uint8)
+            self._set_send_fd(self._wfd)
+        _SEND.pack_into(self._send_args, 16, ids.data_ptr(), ids.element_size(), weights.data_ptr(), x.data_ptr(),
+                        x.numel() * x.element_size(), *head)
+        rc = self.native.mm_send(self._args_addr[1])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -179,8 +200,8 @@ class SocketPair:
 
             self.send_parts(reply_parts(prefix[0], y, *prefix[1:]))
             return
-        _PREFIX.pack_into(self._head, 0, *prefix)
-        rc = self.native.mm_send_reply(self._wfd, self._addr["_head"], y.data_ptr(), y.numel() * y.element_size())
+        _REPLY.pack_into(self._reply_args, 8, y.data_ptr(), y.numel() * y.element_size(), *prefix)
+        rc = self.native.mm_reply(self._args_addr[2])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -212,8 +233,8 @@ class SocketPair:
             msg = self.recv_message(timeout_s, limit)
             return msg, msg.ctypes.data
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
-        off = self.native.mm_recv_message(self._rfd, self._addr["_staging"], self._staging.nbytes, self._addr["_pos"],
-                                          limit, deadline, self._addr["_timeo"], _TIMEOUT_SLACK, self._addr["_len"])
+        _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
+        off = self.native.mm_recv(self._args_addr[0])
         if off >= 0:
             return self._staging[off:off + int(self._len[0])], self._addr["_staging"] + off
         msg = self._native_rare(off, limit, deadline)
@@ -225,14 +246,16 @@ class SocketPair:
         (message, its address, routed count) where the count is -1 for a message the caller must handle itself
         (a control frame, a two-message request, or one that failed a check: the Python checks name what)."""
         deadline = time.monotonic() + timeout_s
-        rc = self.native.mm_serve_next(self._rfd, self._addr["_staging"], self._staging.nbytes, self._addr["_pos"],
-                                       limit, deadline, self._addr["_timeo"], _TIMEOUT_SLACK, self._addr["_head"],
-                                       *checks.args)
+        if checks is not self._checks or checks.args is not self._checks_args:  # new tables (a reload): once
+            _SERVE_TABLES.pack_into(self._recv_args, 72, self._addr["_got"], *checks.args)
+            self._checks, self._checks_args = checks, checks.args
+        _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
+        rc = self.native.mm_serve(self._args_addr[0])
         if rc >= 0 or rc == p2p_native.ERR_OTHER:
-            off, n = int(self._head[0]), int(self._head[1])
+            off, n = self._got.tolist()
             return self._staging[off:off + n], self._addr["_staging"] + off, max(rc, -1)
         if rc == p2p_native.ERR_LARGE or rc == p2p_native.ERR_TOO_LONG:
-            self._len[0] = self._head[1]
+            self._len[0] = self._got[1]
         msg = self._native_rare(rc, limit, deadline)
         return msg, msg.ctypes.data, -1
 
@@ -321,6 +344,9 @@ class SocketPair:
                 return
             self._closed = True
             self._rfd = self._wfd = -1  # a C call after this fails (EBADF) rather than use a reused descriptor
+            if self.native is not None:
+                _LEN.pack_into(self._recv_args, 16, -1)
+                self._set_send_fd(-1)
         try:  # wakes a thread blocked in recv_into/sendmsg before the descriptors go (no reuse under it)
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
