@@ -35,7 +35,8 @@ from moemesh.wire import p2p
 from moemesh.logs import get_logger
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 
-from .server import HIDDEN_DTYPES, MESSAGES_OK, BadRequest, DispatchService, _count_tokens, count_tokens
+from .torch_checks import FrameChecks, Hosted as _Hosted, Tally as _Tally, Zeros as _Zeros
+from .server import HIDDEN_DTYPES, MESSAGES_OK, BadRequest, DispatchService, _count_tokens
 
 log = get_logger("moemesh.expert_node.torch")
 
@@ -149,50 +150,73 @@ class _Session:
         """The ``tcp`` backend's loop, on this thread alone: receive (one read), check, compute, send (one write).
 
         Every message is a view of the pair's receive buffer: the rows are computed from the received bytes in
-        place, and the reply goes out as its prefix and the result's own memory. Checks are O(1) Python work per
-        message (numpy passes over the ids and weights); Prometheus counts are added up here and published at
-        most every :data:`TALLY_S` (and on pings and at the end)."""
+        place, and the reply goes out as its prefix and the result's own memory. Checks are O(1) work per id
+        (in C when the pair's C frame loop is here: ``pair.native``; numpy passes otherwise). Prometheus counts
+        are added up here and published at most every ``torch_checks.TALLY_S`` (and on pings and at the end)."""
         limit = p2p.HEADER_BYTES + self.inline_bytes
         shard, tally, zeros = self.svc.shard, _Tally(self.svc), _Zeros()
         on_host = self.compute.type == "cpu"  # else a GPU node over tcp: rows go to its device and back
+        native = getattr(pair, "native", None)
+        hosted = _Hosted()
+        # the C receive that also checks an inline request (p2p_native.c mm_serve_next), when the pair has it
+        fast = FrameChecks(self.svc, self.inline_bytes, tally) if native is not None else None
 
         def recv(timeout_s: float, max_bytes: int):
             try:
-                return pair.recv_message(timeout_s, max_bytes)
+                if fast is not None and max_bytes == limit:
+                    return pair.recv_checked(timeout_s, max_bytes, fast)
+                return (*pair.recv_frame(timeout_s, max_bytes), -1)
             except RuntimeError as exc:  # the stream's own errors (closed, timed out, out of step)
-                raise p2p.P2PError(str(exc)) from exc
-
-        def send(parts) -> None:
-            try:
-                pair.send_parts(parts)
-            except RuntimeError as exc:
                 raise p2p.P2PError(str(exc)) from exc
 
         try:
             while not self.stopping.is_set():
-                frame = recv(self.idle_s, limit)
+                frame, address, routed = recv(self.idle_s, limit)
                 received = time.monotonic_ns()  # the node's own clock: the reply carries durations only
-                if frame.nbytes < p2p.HEADER_BYTES:  # before its header is read
-                    raise BadRequest(f"a frame of {frame.nbytes} bytes, shorter than the {p2p.HEADER_BYTES}-byte header")
-                h = p2p.unpack_header(frame)
-                if h.kind == p2p.KIND_PING:
-                    tally.flush()
-                    continue
-                if h.kind == p2p.KIND_BYE:
-                    return
-                self.busy = True
-                snapshot = self._check_header(h)
-                if h.kind == p2p.KIND_INLINE:
-                    _check_length(frame.nbytes, p2p.HEADER_BYTES + h.body_bytes, "frame")
+                ids = None
+                if routed >= 0:  # an inline request the C receive checked (and counted) against the tables
+                    self.busy = True
+                    h = p2p.unpack_header(frame)
+                    snapshot = shard.snapshot(h.layer)
                     body = frame[p2p.HEADER_BYTES:]
+                    if snapshot is not fast.snapshots[h.layer]:  # the shard changed since: check it again here
+                        fast.refresh()
+                        snapshot = self._check_header(h)
+                        self._check_rows(h.layer, *p2p.host_meta(body, h), snapshot)
                 else:
-                    _check_length(frame.nbytes, p2p.HEADER_BYTES, "header frame")
-                    body = recv(self.timeout_s, h.body_bytes)
-                    _check_length(body.nbytes, h.body_bytes, "body")
-                ids, weights = p2p.host_meta(body, h)  # views of the received bytes, no copy
-                self._check_rows(h.layer, ids, weights, snapshot)
+                    if frame.nbytes < p2p.HEADER_BYTES:  # before its header is read
+                        raise BadRequest(f"a frame of {frame.nbytes} bytes, shorter than the {p2p.HEADER_BYTES}-byte "
+                                         "header")
+                    h = p2p.unpack_header(frame)
+                    if h.kind == p2p.KIND_PING:
+                        tally.flush()
+                        continue
+                    if h.kind == p2p.KIND_BYE:
+                        return
+                    self.busy = True
+                    snapshot = self._check_header(h)
+                    if h.kind == p2p.KIND_INLINE:
+                        _check_length(frame.nbytes, p2p.HEADER_BYTES + h.body_bytes, "frame")
+                        body, address = frame[p2p.HEADER_BYTES:], address + p2p.HEADER_BYTES
+                    else:
+                        _check_length(frame.nbytes, p2p.HEADER_BYTES, "header frame")
+                        body, address, _ = recv(self.timeout_s, h.body_bytes)
+                        _check_length(body.nbytes, h.body_bytes, "body")
+                    n = h.rows * h.k
+                    if native is not None:  # ids and weights checked in place, and counted (for Prometheus) if good
+                        routed = native.mm_check_rows(address, address + 4 * n, n, hosted.address(snapshot),
+                                                      self.svc.cfg.n_routed_experts, tally.counts_address(h.layer))
+                        if routed < 0:  # the Python checks name what is wrong
+                            self._check_rows(h.layer, *p2p.host_meta(body, h), snapshot)
+                            raise BadRequest("a frame failed the node's checks")  # pragma: no cover - they agree
+                    else:
+                        ids, weights = p2p.host_meta(body, h)  # views of the received bytes, no copy
+                        self._check_rows(h.layer, ids, weights, snapshot)
+                        routed = bool((ids >= 0).any())
                 parsed = time.monotonic_ns()
-                if (ids >= 0).any():
+                if routed:
+                    if ids is None:
+                        ids, weights = p2p.host_meta(body, h)
                     x = p2p.host_rows(body, h)  # a view too: computed from where it landed
                     idx, w = torch.from_numpy(ids), torch.from_numpy(weights)
                     if on_host:
@@ -205,9 +229,14 @@ class _Session:
                 else:  # every assignment is computed elsewhere (forward's own shortcut): zeros, without torch
                     y = zeros.of(h.rows * h.hidden * h.dtype.itemsize)
                 computed = time.monotonic_ns()
-                send(p2p.reply_parts(h.msg_id, y, 0, parsed - received, computed - parsed,
-                                     time.monotonic_ns() - computed))
-                tally.add(h.layer, ids)
+                try:
+                    pair.send_reply((h.msg_id, 0, parsed - received, computed - parsed, time.monotonic_ns() - computed), y)
+                except RuntimeError as exc:
+                    raise p2p.P2PError(str(exc)) from exc
+                if native is None:
+                    tally.add(h.layer, ids)
+                else:
+                    tally.counted(routed)
                 self.messages += 1
                 self.busy = False
         finally:
@@ -254,59 +283,6 @@ class _Session:
 def _check_length(got: int, want: int, what: str) -> None:
     if got != want:
         raise BadRequest(f"a {what} of {got} bytes where its header says {want}")
-
-
-class _Zeros:
-    """Zero-filled reply rows by size (a few sizes, small ones kept: decode steps repeat theirs)."""
-
-    KEEP_BYTES, KEEP_SIZES = 1 << 20, 8
-
-    def __init__(self):
-        self._by_size: dict[int, np.ndarray] = {}
-
-    def of(self, nbytes: int) -> np.ndarray:
-        got = self._by_size.get(nbytes)
-        if got is None:
-            got = np.zeros(nbytes, dtype=np.uint8)
-            if nbytes <= self.KEEP_BYTES:
-                if len(self._by_size) >= self.KEEP_SIZES:
-                    self._by_size.clear()
-                self._by_size[nbytes] = got
-        return got
-
-
-TALLY_S = 0.5  # how stale the node's Prometheus message and token counts may get while it serves a stream
-
-
-class _Tally:
-    """Messages and routed tokens per (layer, expert), added up per session and published to Prometheus in
-    batches: a counter's ``inc`` costs about a microsecond, and a decode message touches up to K experts per row.
-    Info's ``tokens_computed`` is counted at once (it is one integer)."""
-
-    def __init__(self, svc: DispatchService):
-        self.svc = svc
-        self.n = svc.cfg.n_routed_experts
-        self.messages = 0
-        self.tokens: dict[int, np.ndarray] = {}  # layer -> counts per expert not yet published
-        self.since = time.monotonic()
-
-    def add(self, layer: int, ids: np.ndarray) -> None:
-        self.messages += 1
-        routed = ids[ids >= 0]
-        if routed.size:
-            counts = np.bincount(routed, minlength=self.n)
-            held = self.tokens.get(layer)
-            self.tokens[layer] = counts if held is None else held + counts
-            self.svc.tokens_computed += int(routed.size)
-        if time.monotonic() - self.since >= TALLY_S:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.messages:
-            MESSAGES_OK.inc(self.messages)
-        for layer, counts in self.tokens.items():
-            count_tokens(layer, counts)
-        self.messages, self.tokens, self.since = 0, {}, time.monotonic()
 
 
 class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):

@@ -18,24 +18,81 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 
 UNREAD_LIMIT = 64 << 10  # bytes of unread replies (and of one request) that loopback socket buffers always hold
 
 
-class ReplyFuture(Future):
-    """A Future whose ``result`` reads replies from the pair until it is resolved (then it is a plain Future)."""
+class ReplyFuture:
+    """A future whose ``result`` reads replies from the pair until it is resolved.
+
+    The part of :class:`concurrent.futures.Future` the backend and the links use (``result``, ``done``,
+    ``exception``, ``add_done_callback``, ``set_result``, ``set_exception``), without a Condition per message:
+    the waiter usually resolves its own future while reading, so nothing needs waking. Only when another thread
+    resolves it (gRPC, after the pair failed) does a waiter block, on an Event made for it then."""
+
+    __slots__ = ("_replies", "_done", "_result", "_exception", "_callbacks", "_event")
 
     def __init__(self, replies: DirectReplies):
-        super().__init__()
         self._replies = replies
+        self._done = False
+        self._result = self._exception = None
+        self._callbacks: list | None = None
+        self._event: threading.Event | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, value) -> None:
+        self._finish(value, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._finish(None, exc)
+
+    def _finish(self, value, exc) -> None:
+        with _RESOLVE:
+            if self._done:
+                raise InvalidStateError("the reply's future is resolved already")
+            self._result, self._exception, self._done = value, exc, True
+            event, callbacks = self._event, self._callbacks
+        if event is not None:
+            event.set()
+        for fn in callbacks or ():
+            fn(self)
+
+    def add_done_callback(self, fn) -> None:
+        with _RESOLVE:
+            if not self._done:
+                self._callbacks = [*(self._callbacks or ()), fn]
+                return
+        fn(self)
+
+    def _wait(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._done:
+            self._replies.read_until(self, deadline)
+        if not self._done:  # resent over gRPC when the pair failed: wait for that answer
+            with _RESOLVE:
+                if not self._done and self._event is None:
+                    self._event = threading.Event()
+                event = self._event
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._done and not event.wait(left):
+                raise FutureTimeout()
 
     def result(self, timeout: float | None = None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not self.done():
-            self._replies.read_until(self, deadline)
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return super().result(timeout=left)  # resolved, or resent over gRPC when the pair failed: wait for that
+        self._wait(timeout)
+        if self._exception is not None:
+            raise self._exception
+        return self._result
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return self._exception
+
+
+_RESOLVE = threading.Lock()  # a future's state and its waiter's Event (held for a few assignments)
 
 
 class DirectReplies:

@@ -9,10 +9,11 @@ shared, so the two network legs are not told apart; what the node did not accoun
 Every hop goes to the process's :data:`HOPS` window at once, which the Load reply summarizes per node
 (``hop_p50_us``, ``hop_p99_us``, ``compute_p50_us``: ``moemesh status --json`` shows them), and to
 ``moemesh_dispatch_{hop,node_receive,compute,node_send,transport}_seconds{node=...}`` in batches: five
-histogram observations cost several microseconds, a good part of a decode hop on the torch transport,
-so a recorder publishes every :data:`FLUSH_EVERY` hops, or with the first hop :data:`FLUSH_S` seconds after
-its last publication, and whenever the window is summarized (a Load call: the router's load poll, every few
-seconds) or its link closes; a link that goes quiet holds its last few hops until then.
+histogram observations cost over ten microseconds on a busy box, more than the rest of a decode hop's
+Python on the torch transport, so the thread that took the reply only appends the hop to its recorder,
+and the process's flusher thread publishes every recorder's hops each :data:`FLUSH_S` seconds, as does a
+summary of the window (a Load call: the router's load poll, every few seconds) or a link's close. The
+histograms lag the hops by at most about :data:`FLUSH_S`; the window and its totals never lag.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from moemesh import metrics
 
 DEFAULT_WINDOW_S = 60.0
 MAX_SAMPLES = 4096  # per node: enough for a p99, bounded memory at any rate
-FLUSH_EVERY, FLUSH_S = 32, 1.0  # a recorder's Prometheus observations wait for this many hops or seconds at most
+FLUSH_S = 1.0  # how often the flusher thread publishes the hops recorded since (seconds)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,27 @@ class HopWindow:
 
 
 HOPS = HopWindow()  # the process's: links come and go with placement versions, a node's history stays
+_WINDOWS: weakref.WeakSet = weakref.WeakSet()  # windows with recorders: the flusher's
+_flusher: list[threading.Thread] = []
+_flusher_lock = threading.Lock()
+
+
+def _flush_forever() -> None:
+    while True:
+        time.sleep(FLUSH_S)
+        for window in list(_WINDOWS):
+            with window._lock:
+                recorders = list(window.recorders)
+            for recorder in recorders:
+                recorder.flush()
+
+
+def _start_flusher(window: HopWindow) -> None:
+    _WINDOWS.add(window)
+    with _flusher_lock:
+        if not _flusher:
+            _flusher.append(threading.Thread(target=_flush_forever, name="hop-flusher", daemon=True))
+            _flusher[0].start()
 
 
 class HopRecorder:
@@ -115,8 +137,8 @@ class HopRecorder:
         self.address = address
         self.window = HOPS if window is None else window
         self.window.add_recorder(self)
+        _start_flusher(self.window)
         self._pending: list[tuple[float, int, int, int]] = []  # hops not yet in the histograms
-        self._since = self.window.clock()
         self._lock = threading.Lock()
         self._hop = metrics.DISPATCH_HOP.labels(address)
         self._receive = metrics.DISPATCH_NODE_RECEIVE.labels(address)
@@ -125,17 +147,15 @@ class HopRecorder:
         self._transport = metrics.DISPATCH_TRANSPORT.labels(address)
 
     def record(self, hop_s: float, receive_ns: int, compute_ns: int, send_ns: int) -> None:
+        """On the thread that took the reply: the window at once, the histograms by the flusher."""
         self.window.record(self.address, hop_s, compute_ns * 1e-9)
         with self._lock:
             self._pending.append((hop_s, receive_ns, compute_ns, send_ns))
-            due = len(self._pending) >= FLUSH_EVERY or self.window.clock() - self._since >= FLUSH_S
-        if due:
-            self.flush()
 
     def flush(self) -> None:
         """Publish the hops recorded since the last flush to the histograms."""
         with self._lock:
-            pending, self._pending, self._since = self._pending, [], self.window.clock()
+            pending, self._pending = self._pending, []
         for hop_s, receive_ns, compute_ns, send_ns in pending:
             receive_s, compute_s, send_s = receive_ns * 1e-9, compute_ns * 1e-9, send_ns * 1e-9
             self._hop.observe(hop_s)

@@ -127,7 +127,9 @@ class TorchPair:
 
         ``trim`` as NodeLink's, with host frames only (tcp, gloo)."""
         direct = self._direct
-        fut: Future = Future() if direct is None else ReplyFuture(direct)
+        if direct is not None:
+            return self._send_stream(direct, layer, x, idx, w, version, trim)
+        fut: Future = Future()
         sent_at = time.monotonic()  # the hop is timed from here: packing is part of it
         args = (layer, x, idx, w, version, trim)
         if trim and self.backend in p2p.HOST_BACKENDS:
@@ -139,37 +141,73 @@ class TorchPair:
                 return fut
             x, idx, w = x[:n], idx[:n], w[:n]
         msg_id = next(self._ids)
-        reply_size = p2p.reply_bytes(x.shape[0], self.hidden_size, x.dtype)
-        if direct is not None:  # the tcp stream: the messages as the buffers they are made of, gathered by the send
-            messages = p2p.request_parts(msg_id, layer, x.contiguous(), idx, w, version, self.inline_bytes)
-            direct.before_send(p2p.HEADER_BYTES + idx.numel() * 8 + x.numel() * x.element_size(), reply_size)
-        else:
-            messages = p2p.pack_request(msg_id, layer, x, idx, w, version, self.device, self.inline_bytes)
+        messages = p2p.pack_request(msg_id, layer, x, idx, w, version, self.device, self.inline_bytes)
         with self._lock:
             if self.failure is not None or self._closed:
                 self._lost(fut, args, self.failure or "closed by the attention node")
                 return fut
             try:
-                if direct is not None:
-                    for parts in messages:
-                        self._stream.send_parts(parts)
-                    works = ()
-                else:
-                    works = [self._pg.send([m], p2p.EXPERT_RANK, p2p.TAG_REQUEST) for m in messages]
+                works = [self._pg.send([m], p2p.EXPERT_RANK, p2p.TAG_REQUEST) for m in messages]
             except RuntimeError as exc:  # gloo refuses at once when the pair's connection is gone
                 works, error = None, str(exc)
             else:
                 self._pending[msg_id] = (fut, args)
-                if direct is not None:  # sent already (a tcp send returns once written): only the reply is due
-                    direct.add((msg_id, x.shape[0], x.dtype, sent_at + self.timeout_s, sent_at, reply_size))
-                else:  # the works (and the messages they send from) stay referenced until the reader has waited
-                    self._inflight.put((msg_id, x.shape[0], x.dtype, sent_at + self.timeout_s, works, messages,
-                                        sent_at))
+                # the works (and the messages they send from) stay referenced until the reader has waited
+                self._inflight.put((msg_id, x.shape[0], x.dtype, sent_at + self.timeout_s, works, messages, sent_at))
                 self._last_send = time.monotonic()
         if works is None:
             self.fail(f"sending a dispatch frame: {error}")
             self._lost(fut, args, self.failure)
         return fut
+
+    def _send_stream(self, direct: DirectReplies, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                     version: int, trim: bool) -> Future:
+        """:meth:`send` on the tcp stream: the request written at once (one gathering send, built from the
+        tensors' own memory), its reply read later by whoever waits for it (DirectReplies)."""
+        fut = ReplyFuture(direct)
+        sent_at = time.monotonic()  # the hop is timed from here: packing is part of it
+        args = (layer, x, idx, w, version, trim)
+        if trim:  # trailing rows without work (the backend puts them last) need not cross
+            n = self._rows_with_work(idx)
+            if n == 0:
+                fut.set_result(torch.zeros((0, x.shape[1]), dtype=x.dtype, device=x.device))
+                return fut
+            if n < x.shape[0]:
+                x, idx, w = x[:n], idx[:n], w[:n]
+        if not x.is_contiguous():
+            x = x.contiguous()
+        rows, hidden = x.shape
+        k, itemsize = idx.shape[1], x.element_size()
+        msg_id = next(self._ids)
+        reply_size = p2p.REPLY_PREFIX + rows * self.hidden_size * itemsize
+        body = rows * k * 8 + rows * hidden * itemsize
+        head = (p2p.KIND_INLINE if body <= self.inline_bytes else p2p.KIND_DISPATCH, msg_id, layer, rows, k, version,
+                p2p.dtype_code(x.dtype), hidden)  # p2p.request_head's, inline: this runs once per message
+        direct.before_send(p2p.HEADER_BYTES + body, reply_size)
+        with self._lock:
+            stream = self._stream
+            if self.failure is not None or self._closed or stream is None:
+                self._lost(fut, args, self.failure or "closed by the attention node")
+                return fut
+            try:
+                stream.send_request(head, idx, w, x)
+            except RuntimeError as exc:
+                error = str(exc)
+            else:  # sent already (a tcp send returns once written): only the reply is due
+                self._pending[msg_id] = (fut, args)
+                direct.add((msg_id, rows, x.dtype, sent_at + self.timeout_s, sent_at, reply_size))
+                self._last_send = sent_at
+                return fut
+        self.fail(f"sending a dispatch frame: {error}")
+        self._lost(fut, args, self.failure)
+        return fut
+
+    def _rows_with_work(self, idx: torch.Tensor) -> int:
+        """How many leading rows have work (remote_backend.rows_with_work), in C when the stream has it."""
+        native = getattr(self._stream, "native", None)
+        if native is not None and idx.dtype in (torch.int64, torch.int32) and idx.is_contiguous():
+            return native.mm_rows_with_work(idx.data_ptr(), idx.element_size(), idx.shape[0], idx.shape[1])
+        return rows_with_work(idx.numpy())
 
     def _lost(self, fut: Future, args: tuple, reason: str) -> None:
         if self.on_lost is not None:
@@ -215,7 +253,15 @@ class TorchPair:
             raise p2p.P2PError(f"waiting for a reply: {exc}") from exc
         if msg.nbytes != reply_size:
             raise p2p.P2PError(f"reply of {msg.nbytes} bytes where {reply_size} were due: frames out of step")
-        self._resolve(p2p.host_reply(msg, rows, self.hidden_size, dtype), msg_id, sent_at)
+        reply_id, status, receive_ns, compute_ns, send_ns = p2p.reply_prefix(msg)
+        if reply_id != msg_id or status != 0:
+            raise p2p.P2PError(f"reply {reply_id} (status {status}) where {msg_id} was due: frames out of step")
+        with self._lock:
+            entry = self._pending.pop(msg_id, None)
+        self.messages += 1
+        if entry is not None:
+            self.hops.record(time.monotonic() - sent_at, receive_ns, compute_ns, send_ns)
+            entry[0].set_result(p2p.host_reply_rows(msg, rows, self.hidden_size, dtype))
 
     def _resolve(self, reply, msg_id: int, sent_at: float) -> None:
         """The reply due next, checked against ``msg_id``: its hop recorded, its future resolved."""

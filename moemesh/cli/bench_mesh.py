@@ -2,7 +2,9 @@
 
 Reports tokens/s of the single process and of the mesh with micro-batch overlap
 on (2, or ``--micro-batches N``), off, and ``auto`` (what the engine chose, step by step), and the round trip of one dispatch message (a decode step's rows for
-one node) against a raw TCP echo of the same number of bytes on loopback. With
+one node) against a raw TCP echo of the same number of bytes on loopback (the gRPC message's size; the
+torch frames are within a few percent of it each way), timed in alternating rounds so that both see the
+same load, each figure its quickest round's median and the echo the quickest of the whole run. With
 ``--transport torch`` the expert nodes serve both transports and every figure of
 the mesh is measured for gRPC and for torch.distributed side by side.
 """
@@ -34,9 +36,12 @@ import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", 0)); s.listen(1); print(s.getsockname()[1], flush=True)
 c, _ = s.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-while (data := c.recv(1 << 20)):
-    c.sendall(data)
+buf = bytearray(1 << 20); view = memoryview(buf)
+while (n := c.recv_into(buf)):
+    c.sendall(view[:n])
 """
+# recv_into a buffer made once, on both ends: recv(1 << 20) allocates a MiB per call, which cost 15-30 us per
+# round trip here (the echo measured 25-45 us at 1131 B instead of ~10 us): an echo slowed by its own allocator.
 
 
 def _tokens_per_s(engine, prompts, params) -> tuple[float, list[list[int]]]:
@@ -46,39 +51,76 @@ def _tokens_per_s(engine, prompts, params) -> tuple[float, list[list[int]]]:
     return len(prompts) * params.max_tokens / (time.perf_counter() - start), [o.token_ids for o in outs]
 
 
-def _hop_us(link: NodeLink, layer: int, rows: int, hidden: int, k: int, n: int, expert: int) -> tuple[float, int]:
-    """Median round trip of one Dispatch message; expert -1 = transport only (the node computes nothing)."""
+HOP_ROUNDS = 5  # hop and echo timed in alternating rounds; each figure is its quickest round's median
+
+
+def _hop_message(layer: int, rows: int, hidden: int, k: int, expert: int):
+    """One Dispatch message's tensors and its size as a gRPC message; expert -1 = transport only (the node
+    computes nothing)."""
     x = torch.randn(rows, hidden)
     idx = torch.full((rows, k), expert, dtype=torch.int64)
     w = torch.full((rows, k), 1.0 / k)
     size = dispatch_pb2.DispatchRequest(layer=layer, hidden=to_proto(x), topk_idx=to_proto(idx),
                                         topk_weights=to_proto(w)).ByteSize()
+    return (layer, x, idx, w), size
+
+
+def _hop_round(link: NodeLink, message: tuple, n: int) -> float:
+    """Median round trip (us) of ``n`` sends of one message, after a few untimed ones."""
+    layer, x, idx, w = message
+    for _ in range(max(2, n // 10)):
+        link.send(layer, x, idx, w, 0).result(timeout=30)
     times = []
     for _ in range(n):
         start = time.perf_counter()
         link.send(layer, x, idx, w, 0).result(timeout=30)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[n // 10:]) * 1e6, size
+    return statistics.median(times) * 1e6
 
 
-def _tcp_echo_us(nbytes: int, n: int) -> float:
-    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(server.stdout.readline())
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        payload, times = b"x" * nbytes, []
-        for _ in range(n):
+class _Echo:
+    """A raw TCP echo on loopback: a plain Python process that sends back what it reads (the expert node is a
+    Python process too), timed from this one as the hop is: ``sendall`` then ``recv`` until all is back."""
+
+    def __init__(self):
+        self.server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(self.server.stdout.readline())
+            self.sock = socket.create_connection(("127.0.0.1", port))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            self.server.kill()
+            raise
+
+    def round(self, nbytes: int, n: int) -> float:
+        payload, buf, times = b"x" * nbytes, bytearray(1 << 20), []
+        for _ in range(max(2, n // 10) + n):
             start = time.perf_counter()
-            sock.sendall(payload)
+            self.sock.sendall(payload)
             got = 0
             while got < nbytes:
-                got += len(sock.recv(1 << 20))
+                got += self.sock.recv_into(buf)
             times.append(time.perf_counter() - start)
-        sock.close()
-        return statistics.median(times[n // 10:]) * 1e6
-    finally:
-        server.kill()
+        return statistics.median(times[max(2, n // 10):]) * 1e6
+
+    def close(self) -> None:
+        self.sock.close()
+        self.server.kill()
+        self.server.wait()
+
+
+def _hops_and_echo(link: NodeLink, echo: _Echo, shape: tuple, n: int) -> tuple[float, float, float, int]:
+    """(hop us, hop with one expert's work us, echo us, bytes): hop and echo of the same bytes in alternating
+    rounds under the same load, each the quickest round's median (a busy machine slows some rounds of either)."""
+    transport, nbytes = _hop_message(*shape, expert=-1)
+    work, _ = _hop_message(*shape, expert=0)
+    per_round = max(1, n // HOP_ROUNDS)
+    hop = hop_work = echo_us = float("inf")
+    for _ in range(HOP_ROUNDS):
+        hop = min(hop, _hop_round(link, transport, per_round))
+        echo_us = min(echo_us, echo.round(nbytes, per_round))
+        hop_work = min(hop_work, _hop_round(link, work, per_round))
+    return hop, hop_work, echo_us, nbytes
 
 
 def _mesh_run(args, econf, node_list, transport: str, micro_batches: int | str, prompts, params):
@@ -138,24 +180,27 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
             torch.set_num_threads(1)
             try:
                 split = args.micro_batches if isinstance(args.micro_batches, int) and args.micro_batches >= 2 else 2
-                for transport in transports:
-                    for overlap, m in (("on", split), ("off", 1), ("auto", "auto")):
-                        results[transport, overlap] = _mesh_run(args, econf, node_list, transport, m, prompts, params)
-                    link = _link(transport, nodes[0].address, cfg.hidden_size)
-                    try:
-                        shape = (cfg.moe_layers[0], args.batch, cfg.hidden_size, cfg.num_experts_per_tok,
-                                 args.hop_samples)
-                        hop, nbytes = _hop_us(link, *shape, expert=-1)
-                        hop_compute, _ = _hop_us(link, *shape, expert=0)
-                        hops[transport] = (hop, hop_compute)
-                    finally:
-                        link.close()
+                echo = _Echo()
+                try:
+                    for transport in transports:
+                        for overlap, m in (("on", split), ("off", 1), ("auto", "auto")):
+                            results[transport, overlap] = _mesh_run(args, econf, node_list, transport, m, prompts,
+                                                                    params)
+                        link = _link(transport, nodes[0].address, cfg.hidden_size)
+                        try:
+                            shape = (cfg.moe_layers[0], args.batch, cfg.hidden_size, cfg.num_experts_per_tok)
+                            hops[transport] = _hops_and_echo(link, echo, shape, args.hop_samples)
+                        finally:
+                            link.close()
+                finally:
+                    echo.close()
             finally:
                 torch.set_num_threads(threads)
-            echo = _tcp_echo_us(nbytes, args.hop_samples)
         finally:
             for node in nodes:
                 node.stop()
+    nbytes = hops["grpc"][3]
+    echo = min(h[2] for h in hops.values())  # the quickest echo round of the whole run
     grpc_on, grpc_off = results["grpc", "on"][0], results["grpc", "off"][0]
     out = {
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
@@ -177,6 +222,7 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
             "torch_mesh_auto_tokens_per_s": results["torch", "auto"][0],
             "torch_mesh_auto_steps_by_micro_batches": _steps(results["torch", "auto"][3]),
             "torch_hop_us": hops["torch"][0], "torch_hop_with_expert_us": hops["torch"][1],
+            "torch_hop_vs_tcp_echo": hops["torch"][0] / echo,
             "torch_fallback_messages": sum(results["torch", o][2] for o in ("on", "off", "auto")),
         })
     from moemesh.cli.bench import emit_json
@@ -196,7 +242,7 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
     print(f"identical tokens: {'yes' if out['tokens_match'] else 'NO'}")
     print(f"dispatch hop ({nbytes} B of gRPC message, {args.batch} rows; raw TCP echo of the same bytes: {echo:.0f} us):")
     for transport in transports:
-        hop, hop_compute = hops[transport]
+        hop, hop_compute = hops[transport][:2]
         print(f"  {transport:5} no expert work: {hop:7.0f} us ({hop / echo:.2f}x echo); with one expert's work: "
               f"{hop_compute:7.0f} us")
     if "torch" in transports and out["torch_fallback_messages"]:

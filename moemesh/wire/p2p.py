@@ -180,21 +180,35 @@ def _host_bytes(t: torch.Tensor) -> np.ndarray:
     return (t.detach() if t.requires_grad else t).numpy()
 
 
+def dtype_code(dtype: torch.dtype) -> int:
+    """A hidden dtype's code in the header (the codec's)."""
+    return dtype_to_proto(dtype)
+
+
+def request_head(msg_id: int, layer: int, x: torch.Tensor, k: int, version: int, inline_bytes: int) -> tuple:
+    """The header's 8 ints of a request of rows ``x`` (kind first: inline when the body fits ``inline_bytes``)."""
+    rows, hidden = x.shape
+    body_bytes = rows * k * 8 + rows * hidden * x.element_size()
+    kind = KIND_INLINE if body_bytes <= inline_bytes else KIND_DISPATCH
+    return kind, msg_id, layer, rows, k, version, dtype_to_proto(x.dtype), hidden
+
+
 def request_parts(msg_id: int, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, version: int,
                   inline_bytes: int) -> list[list]:
     """The messages of one dispatch request from host tensors, each as the buffers it is made of, in order: the
     same bytes as :func:`pack_request`'s, for a gathering send (p2p_socket's ``send_parts``) that copies nothing
     but the ids and weights it converts (to int32 and float32, [rows, k] each). ``x`` must be contiguous."""
-    rows, hidden = x.shape
-    k = idx.shape[1]
+    return request_parts_from(request_head(msg_id, layer, x, idx.shape[1], version, inline_bytes), idx, w, x)
+
+
+def request_parts_from(head: tuple, idx: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> list[list]:
+    """:func:`request_parts` for a header already made (:func:`request_head`)."""
     ids = np.ascontiguousarray(_host_bytes(idx), dtype=np.int32)  # no copy when it is so already
     weights = np.ascontiguousarray(_host_bytes(w.detach().float()), dtype=np.float32)  # bf16 bits are no values
-    body_bytes = rows * k * 8 + x.numel() * x.element_size()
-    kind = KIND_INLINE if body_bytes <= inline_bytes else KIND_DISPATCH
-    head = _HEADER.pack(kind, msg_id, layer, rows, k, version, dtype_to_proto(x.dtype), hidden)
-    if kind == KIND_INLINE:
-        return [[head, ids, weights, _host_bytes(x)]]
-    return [[head], [ids, weights, _host_bytes(x)]]
+    head_bytes = _HEADER.pack(*head)
+    if head[0] == KIND_INLINE:
+        return [[head_bytes, ids, weights, _host_bytes(x)]]
+    return [[head_bytes], [ids, weights, _host_bytes(x)]]
 
 
 def unpack_header(frame: torch.Tensor | np.ndarray) -> Header:
@@ -303,16 +317,24 @@ def unpack_reply(buf: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) 
     return Reply(*_PREFIX.unpack_from(prefix), y)
 
 
-def host_reply(msg: np.ndarray, rows: int, hidden: int, dtype: torch.dtype) -> Reply:
-    """A received host reply (a uint8 view that the next receive overwrites) with its rows copied out once, into
-    a tensor of their own: what the caller keeps."""
+def reply_prefix(msg: np.ndarray) -> tuple[int, int, int, int, int]:
+    """A received host reply's (msg_id, status, receive_ns, compute_ns, send_ns)."""
+    return _PREFIX.unpack_from(msg)
+
+
+def host_reply_rows(msg: np.ndarray, rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """A received host reply's rows [rows, hidden] (``msg``: a uint8 view that the next receive overwrites),
+    copied out once into a tensor of their own: what the caller keeps."""
     body = msg[REPLY_PREFIX:].copy()
     np_dtype = _NUMPY_DTYPES.get(dtype)
     if np_dtype is not None:  # shaped in numpy: a torch view costs more than the copy
-        y = torch.from_numpy(body.view(np_dtype).reshape(rows, hidden))
-    else:
-        y = torch.from_numpy(body).view(dtype).view(rows, hidden)
-    return Reply(*_PREFIX.unpack_from(msg), y)
+        return torch.from_numpy(body.view(np_dtype).reshape(rows, hidden))
+    return torch.from_numpy(body).view(dtype).view(rows, hidden)
+
+
+def host_reply(msg: np.ndarray, rows: int, hidden: int, dtype: torch.dtype) -> Reply:
+    """A received host reply, its rows copied out (:func:`host_reply_rows`)."""
+    return Reply(*reply_prefix(msg), host_reply_rows(msg, rows, hidden, dtype))
 
 
 # ---- groups -----------------------------------------------------------------

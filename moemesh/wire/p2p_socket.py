@@ -22,6 +22,12 @@ timeouts cost a ``poll`` before every read and an ``ioctl`` for every change of 
 timeout is set again only when a wait asks for less than it, or for much more (a wait may last up
 to 10% longer than asked; every wait that ends that way ends the pair, as a gloo timeout does).
 
+The C frame loop (p2p_native.c, when it builds: :mod:`moemesh.wire.p2p_native`) does the same per message:
+the same wire, the same staging buffer and timeout policy, errors with the same messages; a pair uses one or
+the other for its life (``native``). :meth:`SocketPair.send_request` and :meth:`SocketPair.send_reply` are its
+two sends (p2p.py's frames, built in C straight from the tensors' memory); :meth:`SocketPair.recv_frame`
+is ``recv_message`` with the message's address, for the checks the expert node runs in C.
+
 Rendezvous: the expert node (rank 1) listens on an ephemeral port of the address toward its peer
 (nothing wider) and publishes it in the pair's TCPStore prefix; the attention node connects and
 sends the prefix (a 24-hex-digit secret it got from the Session call) before anything else; the
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import hmac
+import os
 import socket
 import struct
 import threading
@@ -41,7 +48,19 @@ import time
 import numpy as np
 import torch
 
+from moemesh.wire import p2p_native
+
 _LEN = struct.Struct("<q")  # little-endian int64, as the frames
+_HEAD, _PREFIX = struct.Struct("<8q"), struct.Struct("<5q")  # p2p.py's request header and reply prefix
+_IDS = (torch.int64, torch.int32)  # what the C send narrows to int32 itself
+# p2p_native.c's argument blocks, field by field (8 bytes each: the C structs have no padding)
+_LIMIT_DEADLINE = struct.Struct("<qd")  # recv_args' first two fields: what changes per receive
+_RECV_FIXED = struct.Struct("<qqqqqdq")  # fd, staging, cap, state, rcvtimeo, slack, len_out (at byte 16)
+_SERVE_TABLES = struct.Struct("<qqqqqq")  # serve_args after recv_args (byte 72): out, limits, itemsize, hosted,
+# counts, n_layers
+_SEND_FIXED = struct.Struct("<qq")  # send_args: fd, scratch
+_SEND = struct.Struct("<5q8q")  # then ids, ids_size, w, x, x_bytes, head[8] (at byte 16)
+_REPLY = struct.Struct("<7q")  # reply_args after fd: y, y_bytes, prefix[5] (at byte 8)
 HELLO_TIMEOUT_S = 5.0  # a connection that does not prove the secret by then is dropped (the real peer sends at once)
 STAGING_BYTES = 1 << 20  # the receive buffer: a decode step's message (and the next ones) lands here whole
 _TIMEOUT_SLACK = 1.1  # the kernel's receive timeout is reset only when it is off by more than this factor
@@ -93,6 +112,36 @@ class SocketPair:
         self._start = self._end = 0  # the received bytes not handed out yet: _staging[_start:_end]
         self._closed = False
         self._close_lock = threading.Lock()  # send, receive and fail() threads may all close
+        self.native = p2p_native.load()  # the C frame loop, or None: this pair's Python path
+        if self.native is not None:
+            self._setup_native()
+
+    def _setup_native(self) -> None:
+        """Buffers the C calls read and write, allocated once, and their addresses (numpy's ``ctypes.data``
+        costs microseconds per call)."""
+        self._rfd, self._wfd = self.sock.fileno(), self._out.fileno()  # -1 once closed: a call then fails cleanly
+        self._pos = np.zeros(2, dtype=np.int64)  # the staging buffer's [start, end), as _start/_end are in Python
+        self._timeo = np.full(1, -1.0)  # what SO_RCVTIMEO is set to
+        self._len = np.zeros(1, dtype=np.int64)  # a message's length, from the C side
+        self._head = np.zeros(8, dtype=np.int64)  # a request header / a reply prefix, written in place (sends)
+        self._got = np.zeros(2, dtype=np.int64)  # a checked receive's message offset and length (receives)
+        self._scratch = np.empty(4096, dtype=np.uint8)  # a request's lengths, header, ids and weights (grown)
+        self._addr = {name: getattr(self, name).ctypes.data for name in ("_staging", "_pos", "_timeo", "_len", "_head",
+                                                                     "_got")}
+        # The C calls' argument blocks (p2p_native.c's recv_args/serve_args, send_args, reply_args): one pointer
+        # per call; the fields that do not change are written here, the rest per message.
+        self._recv_args = np.zeros(16, dtype=np.int64)  # receives (one thread at a time)
+        self._send_args = np.zeros(16, dtype=np.int64)  # requests
+        self._reply_args = np.zeros(8, dtype=np.int64)  # replies
+        self._args_addr = tuple(a.ctypes.data for a in (self._recv_args, self._send_args, self._reply_args))
+        _RECV_FIXED.pack_into(self._recv_args, 16, self._rfd, self._addr["_staging"], self._staging.nbytes,
+                              self._addr["_pos"], self._addr["_timeo"], _TIMEOUT_SLACK, self._addr["_len"])
+        self._set_send_fd(self._wfd)
+        self._checks = self._checks_args = None  # the FrameChecks (and its tables) the receive block holds
+
+    def _set_send_fd(self, fd: int) -> None:
+        _SEND_FIXED.pack_into(self._send_args, 0, fd, self._scratch.ctypes.data)
+        _LEN.pack_into(self._reply_args, 0, fd)
 
     # ---- sends ------------------------------------------------------------
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> SocketWork:
@@ -120,6 +169,52 @@ class SocketPair:
             self.close()
             raise RuntimeError(f"tcp pair send failed: {exc}") from exc
 
+    def send_request(self, head: tuple, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> None:
+        """A dispatch request (p2p.py's frames: ``head`` is the header's 8 ints, kind first) from contiguous host
+        tensors: ids int64 or int32 [rows, k] (sent as int32), weights float32 [rows, k], x the rows. Native: one
+        gathering send built in C; else the Python path's parts (p2p.request_parts)."""
+        if self.native is None:
+            from moemesh.wire.p2p import request_parts_from  # p2p imports this module
+
+            for parts in request_parts_from(head, ids, weights, x):
+                self.send_parts(parts)
+            return
+        if ids.dtype not in _IDS or not ids.is_contiguous():
+            ids = ids.to(torch.int64).contiguous()
+        if weights.dtype != torch.float32 or not weights.is_contiguous():
+            weights = weights.detach().float().contiguous()
+        if self._scratch.nbytes < 80 + head[3] * head[4] * 8:
+            self._scratch = np.empty(80 + head[3] * head[4] * 8, dtype=np.uint8)
+            self._set_send_fd(self._wfd)
+        _SEND.pack_into(self._send_args, 16, ids.data_ptr(), ids.element_size(), weights.data_ptr(), x.data_ptr(),
+                        x.numel() * x.element_size(), *head)
+        rc = self.native.mm_send(self._args_addr[1])
+        if rc < 0:
+            self._native_failed(rc, "send")
+
+    def send_reply(self, prefix: tuple, y: torch.Tensor) -> None:
+        """A reply: ``prefix`` (msg_id, status, receive_ns, compute_ns, send_ns) and a contiguous host tensor's
+        bytes (p2p.reply_parts' bytes)."""
+        if self.native is None:
+            from moemesh.wire.p2p import reply_parts
+
+            self.send_parts(reply_parts(prefix[0], y, *prefix[1:]))
+            return
+        _REPLY.pack_into(self._reply_args, 8, y.data_ptr(), y.numel() * y.element_size(), *prefix)
+        rc = self.native.mm_reply(self._args_addr[2])
+        if rc < 0:
+            self._native_failed(rc, "send")
+
+    def _native_failed(self, rc: int, what: str) -> None:
+        """A C call's negative code as the Python path's error: the pair is closed first, as there."""
+        self.close()
+        if rc == p2p_native.ERR_TIMEOUT:
+            raise RuntimeError("tcp pair: timed out waiting for the peer" if what == "receive"
+                               else f"tcp pair {what} failed: timed out")
+        if rc == p2p_native.ERR_CLOSED:
+            raise RuntimeError("tcp pair: the peer closed the connection")
+        raise RuntimeError(f"tcp pair {what} failed: {os.strerror(-rc) if -rc < 4096 else rc}")
+
     # ---- receives ---------------------------------------------------------
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> SocketWork:
         (t,) = tensors
@@ -132,10 +227,58 @@ class SocketPair:
         buf.numpy().reshape(-1).view(np.uint8)[: msg.nbytes] = msg
         return msg.nbytes
 
+    def recv_frame(self, timeout_s: float | None, limit: int) -> tuple[np.ndarray, int]:
+        """:meth:`recv_message` and the message's address (for C checks of its bytes; numpy's is slow)."""
+        if self.native is None:
+            msg = self.recv_message(timeout_s, limit)
+            return msg, msg.ctypes.data
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
+        _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
+        off = self.native.mm_recv(self._args_addr[0])
+        if off >= 0:
+            return self._staging[off:off + int(self._len[0])], self._addr["_staging"] + off
+        msg = self._native_rare(off, limit, deadline)
+        return msg, msg.ctypes.data
+
+    def recv_checked(self, timeout_s: float, limit: int, checks) -> tuple[np.ndarray, int, int]:
+        """Native only: the next message, received and, when it is an inline dispatch frame, checked in the same
+        C call against ``checks`` (the expert node's tables: ``checks.args``, see p2p_native.c mm_serve_next).
+        (message, its address, routed count) where the count is -1 for a message the caller must handle itself
+        (a control frame, a two-message request, or one that failed a check: the Python checks name what)."""
+        deadline = time.monotonic() + timeout_s
+        if checks is not self._checks or checks.args is not self._checks_args:  # new tables (a reload): once
+            _SERVE_TABLES.pack_into(self._recv_args, 72, self._addr["_got"], *checks.args)
+            self._checks, self._checks_args = checks, checks.args
+        _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
+        rc = self.native.mm_serve(self._args_addr[0])
+        if rc >= 0 or rc == p2p_native.ERR_OTHER:
+            off, n = self._got.tolist()
+            return self._staging[off:off + n], self._addr["_staging"] + off, max(rc, -1)
+        if rc == p2p_native.ERR_LARGE or rc == p2p_native.ERR_TOO_LONG:
+            self._len[0] = self._got[1]
+        msg = self._native_rare(rc, limit, deadline)
+        return msg, msg.ctypes.data, -1
+
+    def _native_rare(self, rc: int, limit: int, deadline: float) -> np.ndarray:
+        """A C receive that did not hand out a staged message: one larger than the staging buffer, or an error."""
+        n = int(self._len[0])
+        if rc == p2p_native.ERR_LARGE:
+            out = np.empty(n, dtype=np.uint8)
+            rc = self.native.mm_recv_large(self._rfd, self._addr["_staging"], self._addr["_pos"], out.ctypes.data, n,
+                                           deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
+            if rc == 0:
+                return out
+        if rc == p2p_native.ERR_TOO_LONG:
+            self.close()  # the stream is out of step: nothing after this can be trusted
+            raise RuntimeError(f"tcp pair: a message of {n} bytes for a buffer of {limit}")
+        self._native_failed(rc, "receive")
+
     def recv_message(self, timeout_s: float | None, limit: int) -> np.ndarray:
         """The next message (at most ``limit`` bytes) as a uint8 view, valid until the next receive of this pair.
 
         RuntimeError (the pair closed) on a timeout, a closed stream or a message over ``limit``."""
+        if self.native is not None:
+            return self.recv_frame(timeout_s, limit)[0]
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
         if self._end - self._start < _LEN.size:
             self._fill(_LEN.size, deadline)
@@ -200,6 +343,10 @@ class SocketPair:
             if self._closed:
                 return
             self._closed = True
+            self._rfd = self._wfd = -1  # a C call after this fails (EBADF) rather than use a reused descriptor
+            if self.native is not None:
+                _LEN.pack_into(self._recv_args, 16, -1)
+                self._set_send_fd(-1)
         try:  # wakes a thread blocked in recv_into/sendmsg before the descriptors go (no reuse under it)
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -65,3 +65,27 @@ def test_a_wait_past_its_timeout_raises_timeout():
     fut = ReplyFuture(pair.replies)  # never sent: nothing due resolves it
     with pytest.raises(FutureTimeout):
         fut.result(timeout=0.01)
+
+
+def test_a_future_resolved_by_another_thread_wakes_its_waiter_and_runs_its_callbacks():
+    import threading
+
+    pair = Pair()
+    fut = ReplyFuture(pair.replies)  # nothing due: the waiter blocks until gRPC's thread answers
+    seen = []
+    fut.add_done_callback(lambda f: seen.append(f.result()))
+    waiter_ready = threading.Event()
+
+    def resolve():
+        waiter_ready.wait(5)
+        fut.set_result("over grpc")
+
+    threading.Thread(target=resolve).start()
+    waiter_ready.set()
+    assert fut.result(timeout=5) == "over grpc" and seen == ["over grpc"]
+    fut.add_done_callback(lambda f: seen.append("late"))  # a callback added once done runs at once
+    assert seen == ["over grpc", "late"] and fut.exception() is None
+    failed = ReplyFuture(pair.replies)
+    failed.set_exception(ValueError("lost"))
+    with pytest.raises(ValueError, match="lost"):
+        failed.result(timeout=1)

@@ -7,7 +7,9 @@ import asyncio
 import pytest
 from prometheus_client import REGISTRY
 
-from moemesh.attn_node.experts.hop_stats import FLUSH_EVERY, HopRecorder, HopSummary, HopWindow, percentile
+from tests.helpers import eventually
+
+from moemesh.attn_node.experts.hop_stats import HopRecorder, HopSummary, HopWindow, percentile
 from moemesh.router.hop_status import NodeHops, fill_hops, merge_hops, stragglers
 from moemesh.v1 import attention_pb2, inference_pb2
 
@@ -65,18 +67,17 @@ def test_recorder_observes_every_split_and_never_a_negative_transport():
     assert (s.samples, s.hop_p50_us, s.compute_p50_us) == (2, pytest.approx(1000.0), pytest.approx(500.0))
 
 
-def test_recorder_publishes_in_batches_and_when_the_window_is_summarized():
+def test_recorder_publishes_from_the_flusher_and_when_the_window_is_summarized():
     window = HopWindow(clock=Clock())
     rec = HopRecorder("batch-node:1", window)
-    for _ in range(FLUSH_EVERY - 1):
+    for _ in range(40):
         rec.record(0.001, 0, 0, 0)
-    assert _count("moemesh_dispatch_hop_seconds", "batch-node:1") == 0  # held back: one batch later
-    rec.record(0.001, 0, 0, 0)
-    assert _count("moemesh_dispatch_hop_seconds", "batch-node:1") == FLUSH_EVERY
+    assert window.totals() == (pytest.approx(0.04), 0.0, 40)  # the window (and auto's totals) at once
+    eventually(lambda: _count("moemesh_dispatch_hop_seconds", "batch-node:1") == 40)  # the flusher thread's
     rec.record(0.002, 0, 0, 0)
-    (s,) = window.summaries()  # the window saw every hop at once; summarizing publishes what was held
-    assert s.samples == FLUSH_EVERY + 1
-    assert _count("moemesh_dispatch_hop_seconds", "batch-node:1") == FLUSH_EVERY + 1
+    (s,) = window.summaries()  # summarizing publishes what was held
+    assert s.samples == 41
+    assert _count("moemesh_dispatch_hop_seconds", "batch-node:1") == 41
 
 
 def _sample(name: str, suffix: str, node: str) -> float:

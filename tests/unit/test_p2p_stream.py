@@ -13,8 +13,20 @@ from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.server import BadRequest, DispatchService
 from moemesh.expert_node.torch_server import _Session
 from moemesh.model.config import ModelConfig
-from moemesh.wire import p2p
+from moemesh.wire import p2p, p2p_native
 from moemesh.wire.p2p_socket import SocketPair
+
+
+@pytest.fixture(params=["native", "python"])
+def frame_loop(request, monkeypatch):
+    """Every stream test runs over the C frame loop (p2p_native.c) and over the Python path: the same bytes, the
+    same errors."""
+    if request.param == "native":
+        if p2p_native.load() is None:
+            pytest.skip("no C compiler here: the C frame loop cannot be built")
+    else:
+        monkeypatch.setattr(p2p_native, "load", lambda: None)
+    return request.param
 
 
 def _joined(parts) -> bytes:
@@ -72,7 +84,7 @@ def _stream_pair(staging_bytes: int) -> tuple[SocketPair, SocketPair]:
     return SocketPair(client, 5.0), SocketPair(peer, 5.0, staging_bytes=staging_bytes)
 
 
-def test_messages_written_together_are_handed_out_one_by_one_in_order():
+def test_messages_written_together_are_handed_out_one_by_one_in_order(frame_loop):
     sender, receiver = _stream_pair(staging_bytes=256)
     sizes = [10, 100, 0, 50, 120, 7]  # more than the staging buffer holds at once: it is refilled from its front
     for i, n in enumerate(sizes):
@@ -82,7 +94,7 @@ def test_messages_written_together_are_handed_out_one_by_one_in_order():
         assert msg.nbytes == n and (msg == i).all()
 
 
-def test_a_message_larger_than_the_staging_buffer_arrives_whole():
+def test_a_message_larger_than_the_staging_buffer_arrives_whole(frame_loop):
     sender, receiver = _stream_pair(staging_bytes=64)
     big = np.arange(10_000, dtype=np.int32)
     sender.send_parts([b"head", big])
@@ -92,7 +104,7 @@ def test_a_message_larger_than_the_staging_buffer_arrives_whole():
     assert receiver.recv_message(5.0, 64).tobytes() == b"next"
 
 
-def test_a_message_over_the_limit_ends_the_stream():
+def test_a_message_over_the_limit_ends_the_stream(frame_loop):
     sender, receiver = _stream_pair(staging_bytes=256)
     sender.send_parts([b"x" * 100])
     with pytest.raises(RuntimeError, match="a message of 100 bytes for a buffer of 99"):
@@ -101,7 +113,7 @@ def test_a_message_over_the_limit_ends_the_stream():
         sender.recv_message(5.0, 10)
 
 
-def test_a_receive_times_out_and_ends_the_stream():
+def test_a_receive_times_out_and_ends_the_stream(frame_loop):
     sender, receiver = _stream_pair(staging_bytes=256)
     with pytest.raises(RuntimeError, match="timed out"):
         receiver.recv_message(0.05, 10)
@@ -109,23 +121,58 @@ def test_a_receive_times_out_and_ends_the_stream():
         sender.recv_message(5.0, 10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inline", [True, False])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_send_request_writes_the_bytes_of_pack_request(frame_loop, dtype, inline, ids_dtype):
+    """One frame format: the C send (ids narrowed in C) and the Python parts put pack_request's bytes on the wire."""
+    x, idx, w = _rows(rows=5, hidden=16, k=3, dtype=dtype)
+    inline_bytes = p2p.INLINE_BYTES if inline else 0
+    packed = [bytes(m.numpy()) for m in p2p.pack_request(7, 2, x, idx, w, 9, inline_bytes=inline_bytes)]
+    sender, receiver = _stream_pair(staging_bytes=4096)
+    head = p2p.request_head(7, 2, x, 3, 9, inline_bytes)
+    sender.send_request(head, idx.to(ids_dtype), w.t().contiguous().t(), x)  # weights not contiguous: converted
+    got = [receiver.recv_message(5.0, 4096).tobytes() for _ in packed]
+    assert got == packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_send_reply_writes_the_bytes_of_reply_parts(frame_loop, dtype):
+    y = torch.randn(3, 8).to(dtype)
+    sender, receiver = _stream_pair(staging_bytes=4096)
+    sender.send_reply((4, 0, 10, 20, 30), y)
+    msg, address = receiver.recv_frame(5.0, 4096)
+    assert msg.tobytes() == _joined(p2p.reply_parts(4, y, 0, 10, 20, 30)) and address == msg.ctypes.data
+
+
+def test_a_send_on_a_closed_pair_fails_cleanly(frame_loop):
+    sender, receiver = _stream_pair(staging_bytes=256)
+    sender.close()
+    with pytest.raises(RuntimeError, match="send failed"):
+        sender.send_reply((1, 0, 0, 0, 0), torch.zeros(2))
+    with pytest.raises(RuntimeError, match="closed"):
+        receiver.recv_message(5.0, 100)
+
+
 # ---- the expert node's stream loop, over a scripted stream ---------------------
 class _Script:
-    """recv_message hands out the scripted frames, then the stream is closed; send_parts keeps the replies."""
+    """The scripted frames, written into a real stream (the C frame loop's or the Python path's, as
+    ``frame_loop`` chose) that the node loop serves: ``pair`` is its end; ``replies()`` reads what came back."""
 
     def __init__(self, frames):
-        self.frames = [np.frombuffer(bytearray(f), dtype=np.uint8) for f in frames]
-        self.replies: list[np.ndarray] = []
+        self._sender, self.pair = _stream_pair(staging_bytes=1 << 16)
+        self._frames = len(frames)
+        for frame in frames:
+            self._sender.send_parts([frame])
 
-    def recv_message(self, timeout_s, limit):
-        if not self.frames:
-            raise RuntimeError("tcp pair: the peer closed the connection")
-        frame = self.frames.pop(0)
-        assert frame.nbytes <= limit
-        return frame
+    def replies(self, n: int) -> list[np.ndarray]:
+        return [self._sender.recv_message(5.0, 1 << 20).copy() for _ in range(n)]
 
-    def send_parts(self, parts):
-        self.replies.append(np.frombuffer(bytearray(_joined(parts)), dtype=np.uint8))
+    def nothing_came_back(self) -> bool:
+        self.pair.close()  # the node's end: the sender then reads the stream's end, or a reply first
+        with pytest.raises(RuntimeError, match="closed"):
+            self._sender.recv_message(5.0, 1 << 20)
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +193,7 @@ def _frame(layer, x, idx, w, msg_id=0):
     return _joined(parts)
 
 
-def test_stream_loop_replies_with_the_shards_rows_and_zeros_where_nothing_is_hosted(service):
+def test_stream_loop_replies_with_the_shards_rows_and_zeros_where_nothing_is_hosted(service, frame_loop):
     svc, layer = service
     hidden = svc.cfg.hidden_size
     x = torch.randn(3, hidden)
@@ -155,8 +202,8 @@ def test_stream_loop_replies_with_the_shards_rows_and_zeros_where_nothing_is_hos
     script = _Script([_frame(layer, x, idx, w, 1), _frame(layer, x, torch.full((3, 2), -1), w, 2),
                       bytes(p2p.control_frame(p2p.KIND_PING).numpy()), bytes(p2p.control_frame(p2p.KIND_BYE).numpy())])
     before = svc.tokens_computed
-    _session(svc)._serve_stream(script)
-    first, second = (p2p.host_reply(r, 3, hidden, torch.float32) for r in script.replies)
+    _session(svc)._serve_stream(script.pair)
+    first, second = (p2p.host_reply(r, 3, hidden, torch.float32) for r in script.replies(2))
     torch.testing.assert_close(first.rows, svc.shard.forward(layer, x, idx, w), rtol=1e-5, atol=1e-5)
     assert (first.msg_id, second.msg_id) == (1, 2) and torch.equal(second.rows, torch.zeros(3, hidden))
     assert svc.tokens_computed == before + 5  # routed ids of the first message; -1 is computed elsewhere
@@ -170,7 +217,7 @@ def test_stream_loop_replies_with_the_shards_rows_and_zeros_where_nothing_is_hos
     ("nan", "NaN or infinity"),
     ("layer", "layer 99 has no experts on this node"),
 ])
-def test_stream_loop_names_what_is_wrong_with_a_bad_frame(service, case, error):
+def test_stream_loop_names_what_is_wrong_with_a_bad_frame(service, case, error, frame_loop):
     svc, layer = service
     x, idx, w = torch.randn(2, svc.cfg.hidden_size), torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5)
     if case == "foreign":
@@ -182,5 +229,20 @@ def test_stream_loop_names_what_is_wrong_with_a_bad_frame(service, case, error):
     frame = _frame(99 if case == "layer" else layer, x, idx, w)
     script = _Script([frame[:-4] if case == "short" else frame[:10] if case == "stub" else frame])
     with pytest.raises(BadRequest, match=error):
-        _session(svc)._serve_stream(script)
-    assert script.replies == []
+        _session(svc)._serve_stream(script.pair)
+    assert script.nothing_came_back()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_the_c_trim_counts_the_rows_with_work_as_numpy_does(dtype):
+    from moemesh.attn_node.experts.remote_backend import rows_with_work
+
+    lib = p2p_native.load()
+    if lib is None:
+        pytest.skip("no C compiler here: the C frame loop cannot be built")
+    gen = torch.Generator().manual_seed(3)
+    for rows in (1, 2, 7, 32):
+        for _ in range(20):
+            idx = torch.randint(-1, 4, (rows, 3), generator=gen).to(dtype)
+            idx[torch.randint(0, rows, (1,), generator=gen).item():] = -1  # work first, then none
+            assert lib.mm_rows_with_work(idx.data_ptr(), idx.element_size(), rows, 3) == rows_with_work(idx.numpy())
