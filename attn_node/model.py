@@ -32,7 +32,7 @@ from torch import nn
 
 from moemesh.model.config import ModelConfig, yarn_get_mscale
 from moemesh.expert_backend import ExpertBackend
-from moemesh.kernels.cpu_paths import cpu_linear
+from moemesh.kernels.cpu_paths import cpu_linear, cpu_rmsnorm, cpu_swiglu
 from moemesh.kernels.ops import Ops, select_ops
 
 
@@ -62,6 +62,10 @@ class RMSNorm(nn.Module):
         self.weight = _param(dim, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":  # decode-sized fp32 rows: one C call, not seven ops
+            y = cpu_rmsnorm(x, self.weight, self.eps)
+            if y is not None:
+                return y
         # Normalise in fp32 as the reference does, then scale in the input dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -333,6 +337,8 @@ class MLP(nn.Module):
         self.w3 = Linear(dim, inter_dim, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":  # one C call for decode-sized batches (gate, up, silu, down)
+            return cpu_swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

@@ -309,6 +309,9 @@ class ExpertShard:
 
     def _forward_cpu(self, le: _LayerExperts, x, topk_idx, topk_weights, out) -> torch.Tensor:
         """The CPU strategies: hosted assignments sorted by slot, computed per expert segment (host reads)."""
+        if self._whole_layer_kernel(le, x):
+            return cpu_kernels.moe_forward(x.contiguous(), topk_idx.long().contiguous(),
+                                           topk_weights.float().contiguous(), le.slot_of, le.w13, le.w2)
         top_k = topk_idx.shape[1]
         # -1 marks an assignment another node computes (a replica took it): skip it like a foreign expert.
         slots = _local_slots(le, topk_idx).reshape(-1)  # [T*K], -1 where not ours
@@ -338,6 +341,14 @@ class ExpertShard:
         ys = ys * topk_weights.reshape(-1)[hosted].unsqueeze(1).to(ys.dtype)  # [A, D]
         out.index_add_(0, rows, ys.to(out.dtype))
         return out
+
+    def _whole_layer_kernel(self, le: _LayerExperts, x: torch.Tensor) -> bool:
+        """Whether the layer runs as one C call, bookkeeping included: no expert can get more rows than the
+        batch has (each token picks distinct experts; a repeated id would only cost speed, never correctness),
+        so T within the kernel's limit decides it with no host read of the routing."""
+        return (self.strategy in ("auto", "kernel") and self.dtype == torch.float32 and x.dtype == torch.float32
+                and x.device.type == "cpu" and le.slot_of.device.type == "cpu" and cpu_kernels.available()
+                and choose_expert_path(x.shape[0], le.w13.dtype, True) == "kernel")
 
 
 def _local_slots(le: _LayerExperts, topk_idx: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("cpu_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native
 WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried
@@ -127,6 +127,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_linear.restype = None
     lib.mm_moe_swiglu.argtypes = [p, p, i64, p, p, i32, i64, i64, p, p, i32]
     lib.mm_moe_swiglu.restype = None
+    lib.mm_swiglu.argtypes = [p, i64, i64, p, p, p, i32, i64, i64, p, p, i32]
+    lib.mm_swiglu.restype = None
+    lib.mm_moe_forward.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, i32, i64, i64, p, i32]
+    lib.mm_moe_forward.restype = None
+    lib.mm_rmsnorm.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, i64]
+    lib.mm_rmsnorm.restype = None
 
 
 def load() -> ctypes.CDLL | None:
@@ -204,3 +210,73 @@ def moe_swiglu(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torc
     lib.mm_moe_swiglu(xs.data_ptr(), offs.data_ptr(), n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
                       h.data_ptr(), ys.data_ptr(), threads or torch.get_num_threads())
     return ys
+
+
+def _lib() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not built (see the cpu_kernels_unavailable log line)")
+    return lib
+
+
+def _check_table(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be a contiguous {list(shape)} {dtype} CPU tensor, got {list(t.shape)} "
+                         f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+           threads: int | None = None) -> torch.Tensor:
+    """[M, D] fp32 -> [M, D] fp32 ``w2 @ (silu(w1 @ x) * (w3 @ x))`` in one call; ``w1``/``w3`` [I, D], ``w2``
+    [D, I], one dtype (fp32, bf16 or fp16, widened in registers)."""
+    lib = _lib()
+    code = _check_weight("w1", w1, 2)
+    inter, d = w1.shape
+    if _check_weight("w3", w3, 2) != code or _check_weight("w2", w2, 2) != code:
+        raise ValueError(f"w1, w3 and w2 must share a dtype, got {w1.dtype}, {w3.dtype} and {w2.dtype}")
+    if tuple(w3.shape) != (inter, d) or tuple(w2.shape) != (d, inter):
+        raise ValueError(f"w1 {list(w1.shape)}, w3 {list(w3.shape)}, w2 {list(w2.shape)} are not [I, D], [I, D], "
+                         "[D, I]")
+    _check_x("x", x, d)
+    h = torch.empty(x.shape[0], inter, dtype=torch.float32, device="cpu")
+    y = torch.empty(x.shape[0], d, dtype=torch.float32, device="cpu")
+    lib.mm_swiglu(x.data_ptr(), x.stride(0), x.shape[0], w1.data_ptr(), w3.data_ptr(), w2.data_ptr(), code, d,
+                  inter, h.data_ptr(), y.data_ptr(), threads or torch.get_num_threads())
+    return y
+
+
+def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, slot_of: torch.Tensor,
+                w13: torch.Tensor, w2: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """A routed-expert layer in one call: ``x`` [T, D] fp32, ``topk_idx`` [T, K] int64 logical ids (-1, or
+    one ``slot_of`` [E] int64 maps to -1: not computed here), ``topk_weights`` [T, K] fp32, ``w13``
+    [E_l, 2I, D], ``w2`` [E_l, D, I] -> [T, D] fp32: per row, the weighted sum over its hosted experts (in k
+    order). The routing bookkeeping (slots, sort, gather, weighting, scatter) runs in C with the math."""
+    lib = _lib()
+    code = _check_weight("w13", w13, 3)
+    if _check_weight("w2", w2, 3) != code:
+        raise ValueError(f"w13 and w2 must share a dtype, got {w13.dtype} and {w2.dtype}")
+    n_slots, two_i, d = w13.shape
+    inter = two_i // 2
+    if two_i % 2 or tuple(w2.shape) != (n_slots, d, inter):
+        raise ValueError(f"w13 {list(w13.shape)} and w2 {list(w2.shape)} are not [E, 2I, D] and [E, D, I]")
+    _check_x("x", x, d)
+    t, k = x.shape[0], topk_idx.shape[-1] if topk_idx.dim() == 2 else -1
+    _check_table("topk_idx", topk_idx, torch.int64, (t, k))
+    _check_table("topk_weights", topk_weights, torch.float32, (t, k))
+    _check_table("slot_of", slot_of, torch.int64, (slot_of.shape[0],) if slot_of.dim() == 1 else (-1,))
+    out = torch.empty(t, d, dtype=torch.float32, device="cpu")
+    lib.mm_moe_forward(x.data_ptr(), x.stride(0), t, topk_idx.data_ptr(), topk_weights.data_ptr(), k,
+                       slot_of.data_ptr(), slot_of.shape[0], n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
+                       out.data_ptr(), threads or torch.get_num_threads())
+    return out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """[M, D] fp32 rows (unit column stride) -> ``weight * x / sqrt(mean(x^2) + eps)``, fp32, one call."""
+    lib = _lib()
+    d = weight.shape[0] if weight.dim() == 1 else -1
+    _check_table("weight", weight, torch.float32, (d,))
+    _check_x("x", x, d)
+    y = torch.empty(x.shape[0], d, dtype=torch.float32, device="cpu")
+    lib.mm_rmsnorm(x.data_ptr(), x.stride(0), x.shape[0], d, weight.data_ptr(), eps, y.data_ptr(), d)
+    return y

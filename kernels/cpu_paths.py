@@ -63,3 +63,30 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             flat = flat.contiguous()
         return cpu_kernels.linear(flat, w).view(*lead, w.shape[0])
     return F.linear(x, w if path == "torch" else w.to(x.dtype))
+
+
+def _rows_2d(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as [rows, last dim] with unit column stride (a view where possible), for the C kernels."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def cpu_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``w2 @ (silu(w1 @ x) * (w3 @ x))`` for fp32 rows on CPU (dense MLPs, shared experts): one kernel call
+    where :func:`choose_linear_path` takes the kernel, else three :func:`cpu_linear` and torch's silu."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and rows
+            and all(w.is_contiguous() and w.dtype == w1.dtype for w in (w1, w3, w2))
+            and choose_linear_path(rows, w1.dtype, cpu_kernels.available()) == "kernel"):
+        return cpu_kernels.swiglu(_rows_2d(x), w1, w3, w2).view(*x.shape[:-1], w2.shape[0])
+    return cpu_linear(F.silu(cpu_linear(x, w1)) * cpu_linear(x, w3), w2)
+
+
+def cpu_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of fp32 rows on CPU in one kernel call; None where the kernel does not apply (other devices
+    or dtypes, no kernels, prefill-sized batches): the caller then runs its torch ops."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or not rows
+            or not weight.is_contiguous() or rows > KERNEL_MAX_ROWS_HALF or not cpu_kernels.available()):
+        return None
+    return cpu_kernels.rmsnorm(_rows_2d(x), weight, eps).view(x.shape)

@@ -1,0 +1,102 @@
+"""The fused CPU kernels (kernels/cpu_gemv.c): a dense SwiGLU, a whole routed-expert layer with its routing
+bookkeeping, and RMSNorm, each against float64 math or the torch code it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moemesh.expert_node.shard import ExpertShard
+from moemesh.kernels import cpu_kernels
+from moemesh.kernels.cpu_paths import KERNEL_MAX_ROWS_FP32, cpu_rmsnorm, cpu_swiglu
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: CPU kernels not built")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _swiglu64(x, w1, w3, w2):
+    x = x.double()
+    return ((F.silu(x @ w1.double().t()) * (x @ w3.double().t())) @ w2.double().t()).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 16])
+def test_swiglu_matches_float64(dtype, m):
+    g = torch.Generator().manual_seed(m)
+    D, I = 24, 13  # partial vectors and partial 4-row blocks
+    x = torch.randn(m, D, generator=g)
+    w1, w3, w2 = (torch.randn(*s, generator=g).to(dtype) for s in ((I, D), (I, D), (D, I)))
+    ref = _swiglu64(x, w1, w3, w2)
+    torch.testing.assert_close(cpu_kernels.swiglu(x, w1, w3, w2), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max()))
+    torch.testing.assert_close(cpu_swiglu(x.view(1, m, D), w1, w3, w2), ref.view(1, m, D), rtol=1e-5,
+                               atol=1e-4 * float(ref.abs().max()))
+
+
+def _shard(dtype, E, D, I, hosted, g):
+    shard = ExpertShard(E, torch.float32, weight_dtype=dtype)
+    shard.add_experts(0, {e: (torch.randn(I, D, generator=g), torch.randn(I, D, generator=g),
+                              torch.randn(D, I, generator=g)) for e in hosted})
+    return shard
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 5, KERNEL_MAX_ROWS_FP32])
+def test_moe_forward_equals_the_torch_strategy(dtype, T):
+    """Unhosted experts and -1 (computed elsewhere) are skipped, exactly as the sorted torch path skips them."""
+    g = torch.Generator().manual_seed(T)
+    E, K, D, I = 8, 3, 24, 12
+    shard = _shard(dtype, E, D, I, [0, 2, 3, 5, 6], g)
+    x = torch.randn(T, D, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    idx[0, 0] = -1
+    w = torch.rand(T, K, generator=g)
+    le = shard.snapshot(0)
+    got = cpu_kernels.moe_forward(x, idx, w, le.slot_of, le.w13, le.w2)
+    shard.strategy = "looped"
+    ref = shard.forward(0, x, idx, w)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max()))
+    shard.strategy = "auto"  # the shard's own CPU path now takes the whole-layer call
+    assert torch.equal(shard.forward(0, x, idx, w), got)
+
+
+@needs_kernel
+def test_moe_forward_rows_do_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(3)
+    E, K, D, I = 6, 2, 16, 8
+    shard = _shard(torch.float32, E, D, I, range(E), g)
+    le = shard.snapshot(0)
+    x, idx, w = torch.randn(7, D, generator=g), torch.randint(0, E, (7, K), generator=g), torch.rand(7, K)
+    idx[:, 1] = (idx[:, 0] + 1) % E
+    whole = cpu_kernels.moe_forward(x, idx, w, le.slot_of, le.w13, le.w2)
+    for r in range(7):
+        assert torch.equal(cpu_kernels.moe_forward(x[r:r + 1], idx[r:r + 1], w[r:r + 1], le.slot_of, le.w13,
+                                                   le.w2), whole[r:r + 1])
+
+
+@needs_kernel
+def test_fused_inputs_are_checked():
+    le = _shard(torch.float32, 4, 8, 4, range(4), torch.Generator().manual_seed(0)).snapshot(0)
+    x, idx, w = torch.randn(3, 8), torch.zeros(3, 2, dtype=torch.int64), torch.rand(3, 2)
+    with pytest.raises(ValueError, match="topk_idx must be a contiguous \\[3, 2\\] torch.int64"):
+        cpu_kernels.moe_forward(x, idx.int(), w, le.slot_of, le.w13, le.w2)
+    with pytest.raises(ValueError, match="topk_weights must be a contiguous \\[3, 2\\] torch.float32"):
+        cpu_kernels.moe_forward(x, idx, w[:2], le.slot_of, le.w13, le.w2)
+    with pytest.raises(ValueError, match="x must be a \\[M, 8\\] float32"):
+        cpu_kernels.moe_forward(x.double(), idx, w, le.slot_of, le.w13, le.w2)
+    with pytest.raises(ValueError, match="w1 \\[4, 8\\], w3 \\[4, 8\\], w2 \\[8, 3\\] are not"):
+        cpu_kernels.swiglu(x, torch.randn(4, 8), torch.randn(4, 8), torch.randn(8, 3))
+    with pytest.raises(ValueError, match="weight must be a contiguous \\[8\\] torch.float32"):
+        cpu_kernels.rmsnorm(x, torch.ones(8).double(), 1e-6)
+
+
+@needs_kernel
+def test_rmsnorm_matches_the_torch_ops():
+    x = torch.randn(20, 40)[:, 3:36]  # strided rows, 33 wide: a partial vector
+    weight = torch.randn(33)
+    ref = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(cpu_kernels.rmsnorm(x, weight, 1e-6), ref, rtol=1e-6, atol=1e-6)
+    assert cpu_rmsnorm(x.view(4, 5, 33), weight, 1e-6).shape == (4, 5, 33)
+    assert cpu_rmsnorm(x.double(), weight, 1e-6) is None  # not the kernel's: the caller's torch ops run
