@@ -32,7 +32,7 @@ from torch import nn
 
 from moemesh.model.config import ModelConfig, yarn_get_mscale
 from moemesh.expert_backend import ExpertBackend
-from moemesh.kernels.cpu_paths import cpu_linear, cpu_rmsnorm, cpu_swiglu
+from moemesh.kernels.cpu_paths import cpu_linear, cpu_mla_decode, cpu_rmsnorm, cpu_swiglu
 from moemesh.kernels.ops import Ops, select_ops
 
 
@@ -303,6 +303,11 @@ class MLA(nn.Module):
         ``top`` [B, topk] (V3.2's selected positions) the sparse one over those rows only."""
         H, N = self.n_heads, self.qk_nope_head_dim
         wkv_b = self.wkv_b.weight.view(H, N + self.v_head_dim, self.kv_lora_rank)  # [H, N + V, C]
+        if top is None and latent.device.type == "cpu":  # both absorptions and the attention in one C call
+            o = cpu_mla_decode(q_nope, q_pe, wkv_b, latent, g.block_tables, g.context_lens, g.block_size,
+                               self.softmax_scale, g.ctx_slots.shape[1])
+            if o is not None:
+                return o.to(q_nope.dtype)
         q_c = torch.einsum("bhn,hnc->bhc", q_nope, wkv_b[:, :N])  # [B, H, C]
         if top is None:  # S, the longest context, is a host-known shape: the op need not read context_lens
             o_c = self.ops.mla_decode(q_c, q_pe, latent, g.block_tables, g.context_lens, g.block_size,

@@ -29,6 +29,7 @@ typedef __m512 vf;
 #define vstore(p, v) _mm512_storeu_ps(p, v)
 #define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vsum(v) _mm512_reduce_add_ps(v)
+#define vset1(a) _mm512_set1_ps(a)
 static inline vf vwiden(const uint16_t *s, int bf16) {
     __m256i h = _mm256_loadu_si256((const __m256i *)s);
     return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
@@ -42,6 +43,7 @@ typedef __m256 vf;
 #define vload(p) _mm256_loadu_ps(p)
 #define vstore(p, v) _mm256_storeu_ps(p, v)
 #define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vset1(a) _mm256_set1_ps(a)
 static inline float vsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -422,4 +424,70 @@ void mm_rmsnorm(const float *x, int64_t ldx, int64_t m, int64_t d, const float *
     }
 }
 
-int mm_abi_version(void) { return 2; }
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float s = 0.f;
+    int64_t i = 0;
+#ifdef MM_AVX2
+    vf acc = vzero();
+    for (; i + VW <= n; i += VW) acc = vfma(vload(a + i), vload(b + i), acc);
+    s = vsum(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy(float a, const float *x, float *y, int64_t n) {
+    int64_t i = 0;
+#ifdef MM_AVX2
+    const vf av = vset1(a);
+    for (; i + VW <= n; i += VW) vstore(y + i, vfma(av, vload(x + i), vload(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* Absorbed MLA decode, one query per sequence, straight off the paged latent cache (attn_node/model.py's
+ * MLA._decode with kernels/mla_decode.py's reference between its two einsums), fp32 throughout:
+ *   q_c = q_nope[b, h] @ wkv_b[h, :N]            (W_UK folded into the query)
+ *   p   = softmax(scale * (q_c . c_kv[s] + q_pe[b, h] . k_pe[s]))  over s < min(context_lens[b], max_s)
+ *   out[b, h] = wkv_b[h, N:] @ (sum_s p[s] c_kv[s])  (W_UV folded into the output)
+ * q_nope [B, H, N], q_pe [B, H, R], wkv_b [H, N + V, C] contiguous; cache rows of ldc floats ([c_kv | k_pe]
+ * first); block_tables [B, max_blocks]; out [B, H, V]. A context of 0 gives zeros. One (b, h) per task. */
+void mm_mla_decode(const float *q_nope, const float *q_pe, const float *wkv_b, const float *cache, int64_t ldc,
+                   const int64_t *block_tables, int64_t max_blocks, const int64_t *context_lens, int64_t block_size,
+                   int64_t B, int64_t H, int64_t N, int64_t R, int64_t C, int64_t V, int64_t max_s, float scale,
+                   float *out, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *qc = (float *)malloc(sizeof(float) * (C + 1)), *oc = (float *)malloc(sizeof(float) * (C + 1));
+        float *p = (float *)malloc(sizeof(float) * (max_s + 1));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, h = bh % H;
+            const float *qn = q_nope + bh * N, *qp = q_pe + bh * R, *w = wkv_b + h * (N + V) * C;
+            memset(qc, 0, sizeof(float) * C);
+            for (int64_t n = 0; n < N; n++) axpy(qn[n], w + n * C, qc, C);
+            int64_t len = context_lens[b] < max_s ? context_lens[b] : max_s;
+            if (len > max_blocks * block_size) len = max_blocks * block_size;
+            float mx = -INFINITY;
+            for (int64_t s = 0; s < len; s++) {
+                const float *row = cache + (block_tables[b * max_blocks + s / block_size] * block_size
+                                            + s % block_size) * ldc;
+                p[s] = scale * (dot(qc, row, C) + dot(qp, row + C, R));
+                if (p[s] > mx) mx = p[s];
+            }
+            float total = 0.f;
+            for (int64_t s = 0; s < len; s++) { p[s] = expf(p[s] - mx); total += p[s]; }
+            memset(oc, 0, sizeof(float) * C);
+            for (int64_t s = 0; s < len; s++) {
+                const float *row = cache + (block_tables[b * max_blocks + s / block_size] * block_size
+                                            + s % block_size) * ldc;
+                axpy(p[s] / total, row, oc, C);
+            }
+            float *o = out + bh * V;
+            for (int64_t v = 0; v < V; v++) o[v] = len > 0 ? dot(oc, w + (N + v) * C, C) : 0.f;
+        }
+        free(p); free(oc); free(qc);
+    }
+}
+
+int mm_abi_version(void) { return 3; }

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("cpu_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native
 WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried
@@ -133,6 +133,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_moe_forward.restype = None
     lib.mm_rmsnorm.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, i64]
     lib.mm_rmsnorm.restype = None
+    lib.mm_mla_decode.argtypes = [p, p, p, p, i64, p, i64, p, i64, i64, i64, i64, i64, i64, i64, i64,
+                                  ctypes.c_float, p, i32]
+    lib.mm_mla_decode.restype = None
 
 
 def load() -> ctypes.CDLL | None:
@@ -280,3 +283,32 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty(x.shape[0], d, dtype=torch.float32, device="cpu")
     lib.mm_rmsnorm(x.data_ptr(), x.stride(0), x.shape[0], d, weight.data_ptr(), eps, y.data_ptr(), d)
     return y
+
+
+def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, wkv_b: torch.Tensor, cache: torch.Tensor,
+               block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, softmax_scale: float,
+               max_context_len: int, threads: int | None = None) -> torch.Tensor:
+    """Absorbed MLA decode in one call, both absorptions included: ``q_nope`` [B, H, N], ``q_pe`` [B, H, R],
+    ``wkv_b`` [H, N + V, C] fp32; ``cache`` [slots, >= C + R] fp32 rows (unit column stride; [c_kv | k_pe]
+    first); ``block_tables`` [B, max_blocks] and ``context_lens`` [B] int64 -> [B, H, V] fp32. Positions
+    past ``min(context_lens[b], max_context_len)`` are not attended; an empty context gives zeros."""
+    lib = _lib()
+    B, H, N = q_nope.shape
+    R = q_pe.shape[-1]
+    if wkv_b.dim() != 3 or wkv_b.shape[0] != H or wkv_b.shape[1] <= N:
+        raise ValueError(f"wkv_b must be [H={H}, N + V, C], got {list(wkv_b.shape)}")
+    V, C = wkv_b.shape[1] - N, wkv_b.shape[2]
+    _check_table("q_nope", q_nope, torch.float32, (B, H, N))
+    _check_table("q_pe", q_pe, torch.float32, (B, H, R))
+    _check_table("wkv_b", wkv_b, torch.float32, (H, N + V, C))
+    if cache.dtype != torch.float32 or cache.device.type != "cpu" or cache.dim() != 2 or cache.stride(1) != 1 \
+            or cache.shape[1] < C + R:
+        raise ValueError(f"cache must be [slots, >= {C + R}] float32 CPU rows with unit column stride, got "
+                         f"{list(cache.shape)} {cache.dtype} on {cache.device}")
+    _check_table("block_tables", block_tables, torch.int64, (B, block_tables.shape[-1]))
+    _check_table("context_lens", context_lens, torch.int64, (B,))
+    out = torch.empty(B, H, V, dtype=torch.float32, device="cpu")
+    lib.mm_mla_decode(q_nope.data_ptr(), q_pe.data_ptr(), wkv_b.data_ptr(), cache.data_ptr(), cache.stride(0),
+                      block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), block_size, B, H, N,
+                      R, C, V, max_context_len, softmax_scale, out.data_ptr(), threads or torch.get_num_threads())
+    return out

@@ -90,3 +90,16 @@ def cpu_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
             or not weight.is_contiguous() or rows > KERNEL_MAX_ROWS_HALF or not cpu_kernels.available()):
         return None
     return cpu_kernels.rmsnorm(_rows_2d(x), weight, eps).view(x.shape)
+
+
+def cpu_mla_decode(q_nope, q_pe, wkv_b, latent, block_tables, context_lens, block_size: int, softmax_scale: float,
+                   max_context_len: int) -> torch.Tensor | None:
+    """The absorbed MLA decode of fp32 queries over an fp32 latent cache on CPU in one kernel call
+    ([B, H, V]); None where it does not apply (the caller runs its einsums and the decode op)."""
+    if (q_nope.device.type != "cpu" or not cpu_kernels.available()
+            or any(t.dtype != torch.float32 for t in (q_nope, q_pe, wkv_b, latent)) or latent.stride(-1) != 1
+            or block_tables.dtype != torch.int64 or context_lens.dtype != torch.int64):
+        return None
+    return cpu_kernels.mla_decode(q_nope.contiguous(), q_pe.contiguous(), wkv_b.contiguous(), latent,
+                                  block_tables.contiguous(), context_lens.contiguous(), block_size, softmax_scale,
+                                  max_context_len)

@@ -100,3 +100,30 @@ def test_rmsnorm_matches_the_torch_ops():
     torch.testing.assert_close(cpu_kernels.rmsnorm(x, weight, 1e-6), ref, rtol=1e-6, atol=1e-6)
     assert cpu_rmsnorm(x.view(4, 5, 33), weight, 1e-6).shape == (4, 5, 33)
     assert cpu_rmsnorm(x.double(), weight, 1e-6) is None  # not the kernel's: the caller's torch ops run
+
+
+def _mla_reference(q_nope, q_pe, wkv_b, cache, tables, lens, block_size, scale, max_s):
+    from moemesh.kernels.mla_decode import mla_decode_ref
+
+    N = q_nope.shape[-1]
+    q_c = torch.einsum("bhn,hnc->bhc", q_nope, wkv_b[:, :N])
+    o_c = mla_decode_ref(q_c, q_pe, cache, tables, lens, block_size, scale, max_context_len=max_s)
+    return torch.einsum("bhc,hvc->bhv", o_c, wkv_b[:, N:])
+
+
+@needs_kernel
+@pytest.mark.parametrize("lens, max_s", [([5, 1, 0, 12], 12), ([9, 9, 3, 2], 7)])
+def test_mla_decode_equals_the_reference(lens, max_s):
+    """Paged rows through the block table, contexts clipped at max_s, an empty one giving zeros."""
+    g = torch.Generator().manual_seed(max_s)
+    B, H, N, R, C, V, bs = 4, 3, 8, 4, 20, 6, 4
+    cache = torch.randn(64, C + R + 5, generator=g)[:, : C + R]  # strided rows (V3.2 keeps keys after them)
+    tables = torch.randperm(16, generator=g)[: B * 4].view(B, 4)
+    q_nope, q_pe = torch.randn(B, H, N, generator=g), torch.randn(B, H, R, generator=g)
+    wkv_b = torch.randn(H, N + V, C, generator=g)
+    ctx = torch.tensor(lens)
+    got = cpu_kernels.mla_decode(q_nope, q_pe, wkv_b, cache, tables, ctx, bs, 0.3, max_s)
+    ref = _mla_reference(q_nope, q_pe, wkv_b, cache, tables, ctx, bs, 0.3, max_s)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if lens[2] == 0:
+        assert torch.equal(got[2], torch.zeros(H, V))
