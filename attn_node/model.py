@@ -32,7 +32,7 @@ from torch import nn
 
 from moemesh.model.config import ModelConfig, yarn_get_mscale
 from moemesh.expert_backend import ExpertBackend
-from moemesh.kernels.cpu_paths import cpu_linear, cpu_mla_decode, cpu_rmsnorm, cpu_swiglu
+from moemesh.kernels.cpu_paths import cpu_linear, cpu_mla_decode, cpu_rmsnorm, cpu_rope, cpu_swiglu
 from moemesh.kernels.ops import Ops, select_ops
 
 
@@ -100,7 +100,12 @@ class Rotary(nn.Module):
         Only dot products of rotated vectors are used, so the output layout is free.
         ``interleave`` overrides the checkpoint's choice (V3.2's indexer always splits halves).
         """
-        if self.interleave if interleave is None else interleave:
+        interleave = self.interleave if interleave is None else interleave
+        if x.device.type == "cpu":  # decode-sized fp32 rows: one C call, the same bits as the ops below
+            out = cpu_rope(x, cos, sin, interleave)
+            if out is not None:
+                return out
+        if interleave:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:
             x1, x2 = x.chunk(2, dim=-1)
@@ -365,7 +370,8 @@ class Gate(nn.Module):
         self.bias = _param(cfg.n_routed_experts, dtype=torch.float32) if cfg.topk_method == "noaux_tc" else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight)  # [T, E]
+        xf = x.float()
+        logits = cpu_linear(xf, self.weight) if x.device.type == "cpu" else F.linear(xf, self.weight)  # [T, E]
         # The selection math (scores, group masks, top-k, normalisation) is the routing op:
         # kernels/routing.py, route_ref in plain torch beside its Triton kernel.
         return self.route(

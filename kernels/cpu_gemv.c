@@ -490,4 +490,26 @@ void mm_mla_decode(const float *q_nope, const float *q_pe, const float *wkv_b, c
     }
 }
 
-int mm_abi_version(void) { return 3; }
+/* RoPE on R dims (attn_node/model.py's Rotary.apply): element (t, h, i) of x at x[t * st + h * sh + i], cos/sin
+ * [T, R/2]; out [T, heads, R] with the rotated halves laid out [x1', x2']. Interleaved pairs (2i, 2i + 1), else
+ * (i, i + R/2). Each product rounds before the sum, as torch's separate ops do (-std=c11: no FMA contraction),
+ * so the result is the torch code's to the bit. */
+void mm_rope(const float *x, int64_t st, int64_t sh, int64_t T, int64_t heads, int64_t R, int interleave,
+             const float *cos_t, const float *sin_t, float *out) {
+    const int64_t half = R / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + t * half, *s = sin_t + t * half;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *xr = x + t * st + h * sh;
+            float *o = out + (t * heads + h) * R;
+            for (int64_t i = 0; i < half; i++) {
+                const float x1 = interleave ? xr[2 * i] : xr[i], x2 = interleave ? xr[2 * i + 1] : xr[half + i];
+                const float a = x1 * c[i], b = x2 * s[i], e = x2 * c[i], f = x1 * s[i];
+                o[i] = a - b;
+                o[half + i] = e + f;
+            }
+        }
+    }
+}
+
+int mm_abi_version(void) { return 4; }

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("cpu_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native
 WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried
@@ -136,6 +136,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_mla_decode.argtypes = [p, p, p, p, i64, p, i64, p, i64, i64, i64, i64, i64, i64, i64, i64,
                                   ctypes.c_float, p, i32]
     lib.mm_mla_decode.restype = None
+    lib.mm_rope.argtypes = [p, i64, i64, i64, i64, i64, i32, p, p, p]
+    lib.mm_rope.restype = None
 
 
 def load() -> ctypes.CDLL | None:
@@ -311,4 +313,22 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, wkv_b: torch.Tensor, ca
     lib.mm_mla_decode(q_nope.data_ptr(), q_pe.data_ptr(), wkv_b.data_ptr(), cache.data_ptr(), cache.stride(0),
                       block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), block_size, B, H, N,
                       R, C, V, max_context_len, softmax_scale, out.data_ptr(), threads or torch.get_num_threads())
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """RoPE of ``x`` [T, R] or [T, H, R] fp32 (any row and head strides, unit element stride) with ``cos``/``sin``
+    [T, R/2] fp32 -> a new contiguous tensor of x's shape, halves laid out [x1', x2'] (Rotary.apply's)."""
+    lib = _lib()
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() not in (2, 3) or x.stride(-1) != 1 \
+            or x.shape[-1] % 2:
+        raise ValueError(f"x must be a [T, R] or [T, H, R] float32 CPU tensor (R even, unit element stride), got "
+                         f"{list(x.shape)} {x.dtype} on {x.device}")
+    T, R = x.shape[0], x.shape[-1]
+    _check_table("cos", cos, torch.float32, (T, R // 2))
+    _check_table("sin", sin, torch.float32, (T, R // 2))
+    heads, sh = (x.shape[1], x.stride(1)) if x.dim() == 3 else (1, 0)
+    out = torch.empty(x.shape, dtype=torch.float32, device="cpu")
+    lib.mm_rope(x.data_ptr(), x.stride(0), sh, T, heads, R, int(interleave), cos.data_ptr(), sin.data_ptr(),
+                out.data_ptr())
     return out

@@ -103,3 +103,13 @@ def cpu_mla_decode(q_nope, q_pe, wkv_b, latent, block_tables, context_lens, bloc
     return cpu_kernels.mla_decode(q_nope.contiguous(), q_pe.contiguous(), wkv_b.contiguous(), latent,
                                   block_tables.contiguous(), context_lens.contiguous(), block_size, softmax_scale,
                                   max_context_len)
+
+
+def cpu_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor | None:
+    """Rotary.apply of fp32 [T, R] / [T, H, R] on CPU in one kernel call, bit-equal to its torch ops; None where
+    the kernel does not apply (the caller runs them)."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() not in (2, 3) or x.stride(-1) != 1
+            or cos.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()
+            or x.shape[0] > KERNEL_MAX_ROWS_HALF or not cpu_kernels.available()):
+        return None
+    return cpu_kernels.rope(x, cos, sin, interleave)

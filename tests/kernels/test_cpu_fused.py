@@ -127,3 +127,20 @@ def test_mla_decode_equals_the_reference(lens, max_s):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     if lens[2] == 0:
         assert torch.equal(got[2], torch.zeros(H, V))
+
+
+@needs_kernel
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("shape", [(5, 16), (5, 3, 16)])
+def test_rope_is_the_torch_ops_to_the_bit(interleave, shape):
+    from moemesh.kernels.cpu_paths import cpu_rope
+
+    g = torch.Generator().manual_seed(len(shape))
+    base = torch.randn(*shape[:-1], 40, generator=g)[..., 7:23]  # strided rows and heads, unit element stride
+    freqs = torch.arange(5.0)[:, None] * torch.rand(8, generator=g)[None]
+    cos, sin = freqs.cos(), freqs.sin()
+    x1, x2 = (base[..., 0::2], base[..., 1::2]) if interleave else base.chunk(2, dim=-1)
+    c, s = cos.view(5, *(1,) * (base.dim() - 2), 8), sin.view(5, *(1,) * (base.dim() - 2), 8)
+    ref = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)  # Rotary.apply's torch ops
+    assert torch.equal(cpu_rope(base, cos, sin, interleave), ref)
+    assert cpu_rope(base.double(), cos, sin, interleave) is None
