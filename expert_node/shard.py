@@ -15,10 +15,11 @@ Two ways to compute a batch:
   host sync; ids must be valid, so they are checked at the boundary (the Dispatch
   service checks its host copy, see ``forward(host_ids=)``) or trusted (the
   model's own gate, ``validate=False``);
-* on CPUs it sorts the hosted assignments by slot; decode-sized batches then take the C
-  kernel (kernels/cpu_gemv.c: every busy expert in one call, weights streamed once, bf16/fp16
-  widened in registers under fp32 activations), chosen per batch by
-  ``kernels.cpu_paths.choose_expert_path``; otherwise (no compiler, big prefill batches)
+* on CPUs, batches whose row count is within the kernel's limit run as one C call, routing
+  bookkeeping included (kernels/cpu_gemv.c ``mm_moe_forward``: slots, sort, gather, every busy
+  expert with weights streamed once, bf16/fp16 widened in registers under fp32 activations,
+  weighting and sum); bigger ones sort the hosted assignments by slot on the torch side and take
+  the C kernel where ``kernels.cpu_paths.choose_expert_path`` says so; otherwise (no compiler, big prefill batches)
   ``_pick_strategy`` chooses among the torch strategies, a padded batched matmul, a loop over
   busy experts or grouped GEMMs, which are also the plain-torch references of the kernel.
   These read the routing on the host: they are the CPU path only.

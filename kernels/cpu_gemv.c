@@ -10,7 +10,9 @@
  * reuse the block it is widened once into a per-thread fp32 scratch that stays in L1/L2.
  *
  * moe_swiglu runs every busy expert of a layer in two parallel regions (gate/up with silu(g) * u fused,
- * then down), so one call per layer replaces a Python loop of small GEMMs.
+ * then down), so one call per layer replaces a Python loop of small GEMMs; moe_forward adds the routing
+ * bookkeeping around it. The rest of the decode step (swiglu, mla_decode, rmsnorm, rope) is fused here
+ * too: there every torch op costs more than the bytes it reads (see kernels/README.md).
  */
 #include <math.h>
 #include <stdint.h>
