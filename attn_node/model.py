@@ -32,7 +32,7 @@ from torch import nn
 
 from moemesh.model.config import ModelConfig, yarn_get_mscale
 from moemesh.expert_backend import ExpertBackend
-from moemesh.kernels.cpu_paths import cpu_linear
+from moemesh.kernels.cpu_paths import cpu_linear, cpu_mla_decode, cpu_rmsnorm, cpu_rope, cpu_swiglu
 from moemesh.kernels.ops import Ops, select_ops
 
 
@@ -62,6 +62,10 @@ class RMSNorm(nn.Module):
         self.weight = _param(dim, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":  # decode-sized fp32 rows: one C call, not seven ops
+            y = cpu_rmsnorm(x, self.weight, self.eps)
+            if y is not None:
+                return y
         # Normalise in fp32 as the reference does, then scale in the input dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -96,7 +100,12 @@ class Rotary(nn.Module):
         Only dot products of rotated vectors are used, so the output layout is free.
         ``interleave`` overrides the checkpoint's choice (V3.2's indexer always splits halves).
         """
-        if self.interleave if interleave is None else interleave:
+        interleave = self.interleave if interleave is None else interleave
+        if x.device.type == "cpu":  # decode-sized fp32 rows: one C call, the same bits as the ops below
+            out = cpu_rope(x, cos, sin, interleave)
+            if out is not None:
+                return out
+        if interleave:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:
             x1, x2 = x.chunk(2, dim=-1)
@@ -299,6 +308,11 @@ class MLA(nn.Module):
         ``top`` [B, topk] (V3.2's selected positions) the sparse one over those rows only."""
         H, N = self.n_heads, self.qk_nope_head_dim
         wkv_b = self.wkv_b.weight.view(H, N + self.v_head_dim, self.kv_lora_rank)  # [H, N + V, C]
+        if top is None and latent.device.type == "cpu":  # both absorptions and the attention in one C call
+            o = cpu_mla_decode(q_nope, q_pe, wkv_b, latent, g.block_tables, g.context_lens, g.block_size,
+                               self.softmax_scale, g.ctx_slots.shape[1])
+            if o is not None:
+                return o.to(q_nope.dtype)
         q_c = torch.einsum("bhn,hnc->bhc", q_nope, wkv_b[:, :N])  # [B, H, C]
         if top is None:  # S, the longest context, is a host-known shape: the op need not read context_lens
             o_c = self.ops.mla_decode(q_c, q_pe, latent, g.block_tables, g.context_lens, g.block_size,
@@ -333,6 +347,8 @@ class MLP(nn.Module):
         self.w3 = Linear(dim, inter_dim, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":  # one C call for decode-sized batches (gate, up, silu, down)
+            return cpu_swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -354,7 +370,8 @@ class Gate(nn.Module):
         self.bias = _param(cfg.n_routed_experts, dtype=torch.float32) if cfg.topk_method == "noaux_tc" else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight)  # [T, E]
+        xf = x.float()
+        logits = cpu_linear(xf, self.weight) if x.device.type == "cpu" else F.linear(xf, self.weight)  # [T, E]
         # The selection math (scores, group masks, top-k, normalisation) is the routing op:
         # kernels/routing.py, route_ref in plain torch beside its Triton kernel.
         return self.route(

@@ -15,10 +15,11 @@ Two ways to compute a batch:
   host sync; ids must be valid, so they are checked at the boundary (the Dispatch
   service checks its host copy, see ``forward(host_ids=)``) or trusted (the
   model's own gate, ``validate=False``);
-* on CPUs it sorts the hosted assignments by slot; decode-sized batches then take the C
-  kernel (kernels/cpu_gemv.c: every busy expert in one call, weights streamed once, bf16/fp16
-  widened in registers under fp32 activations), chosen per batch by
-  ``kernels.cpu_paths.choose_expert_path``; otherwise (no compiler, big prefill batches)
+* on CPUs, batches whose row count is within the kernel's limit run as one C call, routing
+  bookkeeping included (kernels/cpu_gemv.c ``mm_moe_forward``: slots, sort, gather, every busy
+  expert with weights streamed once, bf16/fp16 widened in registers under fp32 activations,
+  weighting and sum); bigger ones sort the hosted assignments by slot on the torch side and take
+  the C kernel where ``kernels.cpu_paths.choose_expert_path`` says so; otherwise (no compiler, big prefill batches)
   ``_pick_strategy`` chooses among the torch strategies, a padded batched matmul, a loop over
   busy experts or grouped GEMMs, which are also the plain-torch references of the kernel.
   These read the routing on the host: they are the CPU path only.
@@ -309,6 +310,9 @@ class ExpertShard:
 
     def _forward_cpu(self, le: _LayerExperts, x, topk_idx, topk_weights, out) -> torch.Tensor:
         """The CPU strategies: hosted assignments sorted by slot, computed per expert segment (host reads)."""
+        if self._whole_layer_kernel(le, x):
+            return cpu_kernels.moe_forward(x.contiguous(), topk_idx.long().contiguous(),
+                                           topk_weights.float().contiguous(), le.slot_of, le.w13, le.w2)
         top_k = topk_idx.shape[1]
         # -1 marks an assignment another node computes (a replica took it): skip it like a foreign expert.
         slots = _local_slots(le, topk_idx).reshape(-1)  # [T*K], -1 where not ours
@@ -338,6 +342,14 @@ class ExpertShard:
         ys = ys * topk_weights.reshape(-1)[hosted].unsqueeze(1).to(ys.dtype)  # [A, D]
         out.index_add_(0, rows, ys.to(out.dtype))
         return out
+
+    def _whole_layer_kernel(self, le: _LayerExperts, x: torch.Tensor) -> bool:
+        """Whether the layer runs as one C call, bookkeeping included: no expert can get more rows than the
+        batch has (each token picks distinct experts; a repeated id would only cost speed, never correctness),
+        so T within the kernel's limit decides it with no host read of the routing."""
+        return (self.strategy in ("auto", "kernel") and self.dtype == torch.float32 and x.dtype == torch.float32
+                and x.device.type == "cpu" and le.slot_of.device.type == "cpu" and cpu_kernels.available()
+                and choose_expert_path(x.shape[0], le.w13.dtype, True) == "kernel")
 
 
 def _local_slots(le: _LayerExperts, topk_idx: torch.Tensor) -> torch.Tensor:

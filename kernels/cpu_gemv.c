@@ -10,7 +10,9 @@
  * reuse the block it is widened once into a per-thread fp32 scratch that stays in L1/L2.
  *
  * moe_swiglu runs every busy expert of a layer in two parallel regions (gate/up with silu(g) * u fused,
- * then down), so one call per layer replaces a Python loop of small GEMMs.
+ * then down), so one call per layer replaces a Python loop of small GEMMs; moe_forward adds the routing
+ * bookkeeping around it. The rest of the decode step (swiglu, mla_decode, rmsnorm, rope) is fused here
+ * too: there every torch op costs more than the bytes it reads (see kernels/README.md).
  */
 #include <math.h>
 #include <stdint.h>
@@ -29,6 +31,7 @@ typedef __m512 vf;
 #define vstore(p, v) _mm512_storeu_ps(p, v)
 #define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vsum(v) _mm512_reduce_add_ps(v)
+#define vset1(a) _mm512_set1_ps(a)
 static inline vf vwiden(const uint16_t *s, int bf16) {
     __m256i h = _mm256_loadu_si256((const __m256i *)s);
     return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
@@ -42,6 +45,7 @@ typedef __m256 vf;
 #define vload(p) _mm256_loadu_ps(p)
 #define vstore(p, v) _mm256_storeu_ps(p, v)
 #define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vset1(a) _mm256_set1_ps(a)
 static inline float vsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -190,10 +194,50 @@ static void rows2_dot(const float *x0, const float *x1, const void *w, int wdtyp
     }
 }
 
+/* Four x rows against a full block of NB weight rows at element `base` of fp32 w (row length k): acc[m * NB + r].
+ * 16 accumulators, 8 loads per 16 FMAs (rows2_dot: 6 per 8), the reuse that 3-16 rows per weight need. Each
+ * row is summed exactly as row_dot_rows sums it (vector lanes over k, then the tail), so its result does not
+ * depend on its batch. */
+static void rows4_dot_f32(const float *x, int64_t ldx, const float *w, int64_t base, int64_t k, float *acc) {
+    const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
+    int64_t i = 0;
+#ifdef MM_AVX2
+    vf a[4][NB];
+    for (int m = 0; m < 4; m++)
+        for (int r = 0; r < NB; r++) a[m][r] = vzero();
+    for (; i + VW <= k; i += VW) {
+        vf w0 = vload(w + base + i), w1 = vload(w + base + k + i);
+        vf w2 = vload(w + base + 2 * k + i), w3 = vload(w + base + 3 * k + i);
+        vf u;
+        u = vload(x0 + i); a[0][0] = vfma(u, w0, a[0][0]); a[0][1] = vfma(u, w1, a[0][1]);
+        a[0][2] = vfma(u, w2, a[0][2]); a[0][3] = vfma(u, w3, a[0][3]);
+        u = vload(x1 + i); a[1][0] = vfma(u, w0, a[1][0]); a[1][1] = vfma(u, w1, a[1][1]);
+        a[1][2] = vfma(u, w2, a[1][2]); a[1][3] = vfma(u, w3, a[1][3]);
+        u = vload(x2 + i); a[2][0] = vfma(u, w0, a[2][0]); a[2][1] = vfma(u, w1, a[2][1]);
+        a[2][2] = vfma(u, w2, a[2][2]); a[2][3] = vfma(u, w3, a[2][3]);
+        u = vload(x3 + i); a[3][0] = vfma(u, w0, a[3][0]); a[3][1] = vfma(u, w1, a[3][1]);
+        a[3][2] = vfma(u, w2, a[3][2]); a[3][3] = vfma(u, w3, a[3][3]);
+    }
+    for (int m = 0; m < 4; m++)
+        for (int r = 0; r < NB; r++) acc[m * NB + r] = vsum(a[m][r]);
+#else
+    for (int r = 0; r < 4 * NB; r++) acc[r] = 0.f;
+#endif
+    for (; i < k; i++) {
+        for (int r = 0; r < NB; r++) {
+            const float wv = w[base + r * k + i];
+            acc[r] += x0[i] * wv;
+            acc[NB + r] += x1[i] * wv;
+            acc[2 * NB + r] += x2[i] * wv;
+            acc[3 * NB + r] += x3[i] * wv;
+        }
+    }
+}
+
 /* Rows [n0, n0 + nb) of y for m x rows: out[mi * ldo + (n - n0)] (the caller places the columns). */
 static void block_product(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype, int64_t n0, int nb,
                           int64_t k, float *scratch, float *out, int64_t ldo) {
-    float acc[2 * NB];
+    float acc[4 * NB];
     if (m == 1) {
         row_dot_rows(x, w, wdtype, n0, nb, k, acc);
         for (int r = 0; r < nb; r++) out[r] = acc[r];
@@ -209,6 +253,13 @@ static void block_product(const float *x, int64_t ldx, int64_t m, const void *w,
         wb = scratch, wt = W_F32, base = 0;
     }
     int64_t mi = 0;
+    if (nb == NB && wt == W_F32) {  /* full blocks: four rows at a time while they last */
+        for (; mi + 4 <= m; mi += 4) {
+            rows4_dot_f32(x + mi * ldx, ldx, (const float *)wb, base, k, acc);
+            for (int q = 0; q < 4; q++)
+                for (int r = 0; r < NB; r++) out[(mi + q) * ldo + r] = acc[q * NB + r];
+        }
+    }
     for (; mi + 2 <= m; mi += 2) {
         rows2_dot(x + mi * ldx, x + (mi + 1) * ldx, wb, wt, base, nb, k, acc);
         for (int r = 0; r < nb; r++) {
@@ -280,4 +331,187 @@ void mm_moe_swiglu(const float *xs, const int64_t *offs, int64_t n_slots, const 
     free(busy);
 }
 
-int mm_abi_version(void) { return 1; }
+/* Dense SwiGLU (shared experts, dense MLP layers): y [m, d] = w2 @ (silu(w1 x) * (w3 x)), w1 and w3 [inter, d],
+ * w2 [d, inter], in one call (two parallel regions) instead of three linears and two elementwise ops.
+ * h [m, inter] is scratch. */
+void mm_swiglu(const float *x, int64_t ldx, int64_t m, const void *w1, const void *w3, const void *w2, int wdtype,
+               int64_t d, int64_t inter, float *h, float *y, int nthreads) {
+    const int64_t gblocks = (inter + NB - 1) / NB, dblocks = (d + NB - 1) / NB;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t kmax = d > inter ? d : inter;
+        float *scratch = wdtype == W_F32 ? NULL : (float *)malloc(sizeof(float) * NB * kmax);
+        float *gu = (float *)malloc(sizeof(float) * 2 * NB * (m + 1));
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t j = 0; j < gblocks; j++) {
+            const int64_t i0 = j * NB;
+            const int nb = (int)(inter - i0 < NB ? inter - i0 : NB);
+            block_product(x, ldx, m, w1, wdtype, i0, nb, d, scratch, gu, 2 * NB);
+            block_product(x, ldx, m, w3, wdtype, i0, nb, d, scratch, gu + NB, 2 * NB);
+            for (int64_t mi = 0; mi < m; mi++)
+                for (int r = 0; r < nb; r++)
+                    h[mi * inter + i0 + r] = silu(gu[mi * 2 * NB + r]) * gu[mi * 2 * NB + NB + r];
+        }
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t j = 0; j < dblocks; j++) {
+            const int64_t n0 = j * NB;
+            const int nb = (int)(d - n0 < NB ? d - n0 : NB);
+            block_product(h, inter, m, w2, wdtype, n0, nb, inter, scratch, y + n0, d);
+        }
+        free(gu);
+        free(scratch);
+    }
+}
+
+/* A whole routed-expert layer on one shard, routing bookkeeping included: x [t, d] (row stride ldx); topk_idx
+ * [t, top_k] logical expert ids (-1 or any id without a slot here: computed elsewhere, skipped); topk_w [t, top_k]
+ * fp32 gate weights; slot_of [n_experts] local slot of each logical id or -1. out [t, d] receives, per row,
+ * sum over its hosted assignments in k order of w * expert(x): a row's result never depends on the other rows.
+ * Replaces ~25 small torch ops per layer (slot lookup, sort, gather, offsets, weighting, index_add). */
+void mm_moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_idx, const float *topk_w,
+                    int64_t top_k, const int64_t *slot_of, int64_t n_experts, int64_t n_slots, const void *w13,
+                    const void *w2, int wdtype, int64_t d, int64_t inter, float *out, int nthreads) {
+    const int64_t n = t * top_k;
+    int64_t *slot = (int64_t *)malloc(sizeof(int64_t) * (n > 0 ? n : 1));
+    int64_t *offs = (int64_t *)calloc((size_t)n_slots + 2, sizeof(int64_t));
+    int64_t *pos = (int64_t *)malloc(sizeof(int64_t) * (n > 0 ? n : 1));  /* row of xs of each assignment */
+    for (int64_t a = 0; a < n; a++) {
+        const int64_t e = topk_idx[a];
+        slot[a] = e >= 0 && e < n_experts ? slot_of[e] : -1;
+        if (slot[a] >= n_slots) slot[a] = -1;
+        if (slot[a] >= 0) offs[slot[a] + 1]++;
+    }
+    for (int64_t s = 0; s < n_slots; s++) offs[s + 1] += offs[s];
+    const int64_t total = offs[n_slots];
+    float *xs = (float *)malloc(sizeof(float) * d * (total > 0 ? total : 1));
+    float *ys = (float *)malloc(sizeof(float) * d * (total > 0 ? total : 1));
+    float *h = (float *)malloc(sizeof(float) * inter * (total > 0 ? total : 1));
+    int64_t *fill = (int64_t *)malloc(sizeof(int64_t) * (n_slots > 0 ? n_slots : 1));
+    memcpy(fill, offs, sizeof(int64_t) * (n_slots > 0 ? n_slots : 1));
+    for (int64_t a = 0; a < n; a++) {  /* counting sort by slot, stable: rows in order within an expert */
+        if (slot[a] < 0) continue;
+        pos[a] = fill[slot[a]]++;
+        memcpy(xs + pos[a] * d, x + (a / top_k) * ldx, sizeof(float) * d);
+    }
+    if (total > 0) mm_moe_swiglu(xs, offs, n_slots, w13, w2, wdtype, d, inter, h, ys, nthreads);
+    for (int64_t r = 0; r < t; r++) {
+        float *o = out + r * d;
+        memset(o, 0, sizeof(float) * d);
+        for (int64_t k = 0; k < top_k; k++) {
+            const int64_t a = r * top_k + k;
+            if (slot[a] < 0) continue;
+            const float wk = topk_w[a], *yr = ys + pos[a] * d;
+            for (int64_t i = 0; i < d; i++) o[i] += wk * yr[i];
+        }
+    }
+    free(fill); free(h); free(ys); free(xs); free(pos); free(offs); free(slot);
+}
+
+/* RMSNorm over rows: y = w * (x * 1 / sqrt(mean(x^2) + eps)), fp32, as attn_node/model.py's RMSNorm computes it
+ * in one call instead of seven ops. Single-threaded: decode-sized rows are microseconds of work. */
+void mm_rmsnorm(const float *x, int64_t ldx, int64_t m, int64_t d, const float *w, float eps, float *y, int64_t ldy) {
+    for (int64_t r = 0; r < m; r++) {
+        const float *xr = x + r * ldx;
+        float *yr = y + r * ldy;
+        float ss = 0.f;
+        int64_t i = 0;
+#ifdef MM_AVX2
+        vf acc = vzero();
+        for (; i + VW <= d; i += VW) { vf v = vload(xr + i); acc = vfma(v, v, acc); }
+        ss = vsum(acc);
+#endif
+        for (; i < d; i++) ss += xr[i] * xr[i];
+        const float inv = 1.f / sqrtf(ss / (float)d + eps);
+        for (i = 0; i < d; i++) yr[i] = w[i] * (xr[i] * inv);
+    }
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float s = 0.f;
+    int64_t i = 0;
+#ifdef MM_AVX2
+    vf acc = vzero();
+    for (; i + VW <= n; i += VW) acc = vfma(vload(a + i), vload(b + i), acc);
+    s = vsum(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy(float a, const float *x, float *y, int64_t n) {
+    int64_t i = 0;
+#ifdef MM_AVX2
+    const vf av = vset1(a);
+    for (; i + VW <= n; i += VW) vstore(y + i, vfma(av, vload(x + i), vload(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* Absorbed MLA decode, one query per sequence, straight off the paged latent cache (attn_node/model.py's
+ * MLA._decode with kernels/mla_decode.py's reference between its two einsums), fp32 throughout:
+ *   q_c = q_nope[b, h] @ wkv_b[h, :N]            (W_UK folded into the query)
+ *   p   = softmax(scale * (q_c . c_kv[s] + q_pe[b, h] . k_pe[s]))  over s < min(context_lens[b], max_s)
+ *   out[b, h] = wkv_b[h, N:] @ (sum_s p[s] c_kv[s])  (W_UV folded into the output)
+ * q_nope [B, H, N], q_pe [B, H, R], wkv_b [H, N + V, C] contiguous; cache rows of ldc floats ([c_kv | k_pe]
+ * first); block_tables [B, max_blocks]; out [B, H, V]. A context of 0 gives zeros. One (b, h) per task. */
+void mm_mla_decode(const float *q_nope, const float *q_pe, const float *wkv_b, const float *cache, int64_t ldc,
+                   const int64_t *block_tables, int64_t max_blocks, const int64_t *context_lens, int64_t block_size,
+                   int64_t B, int64_t H, int64_t N, int64_t R, int64_t C, int64_t V, int64_t max_s, float scale,
+                   float *out, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *qc = (float *)malloc(sizeof(float) * (C + 1)), *oc = (float *)malloc(sizeof(float) * (C + 1));
+        float *p = (float *)malloc(sizeof(float) * (max_s + 1));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, h = bh % H;
+            const float *qn = q_nope + bh * N, *qp = q_pe + bh * R, *w = wkv_b + h * (N + V) * C;
+            memset(qc, 0, sizeof(float) * C);
+            for (int64_t n = 0; n < N; n++) axpy(qn[n], w + n * C, qc, C);
+            int64_t len = context_lens[b] < max_s ? context_lens[b] : max_s;
+            if (len > max_blocks * block_size) len = max_blocks * block_size;
+            float mx = -INFINITY;
+            for (int64_t s = 0; s < len; s++) {
+                const float *row = cache + (block_tables[b * max_blocks + s / block_size] * block_size
+                                            + s % block_size) * ldc;
+                p[s] = scale * (dot(qc, row, C) + dot(qp, row + C, R));
+                if (p[s] > mx) mx = p[s];
+            }
+            float total = 0.f;
+            for (int64_t s = 0; s < len; s++) { p[s] = expf(p[s] - mx); total += p[s]; }
+            memset(oc, 0, sizeof(float) * C);
+            for (int64_t s = 0; s < len; s++) {
+                const float *row = cache + (block_tables[b * max_blocks + s / block_size] * block_size
+                                            + s % block_size) * ldc;
+                axpy(p[s] / total, row, oc, C);
+            }
+            float *o = out + bh * V;
+            for (int64_t v = 0; v < V; v++) o[v] = len > 0 ? dot(oc, w + (N + v) * C, C) : 0.f;
+        }
+        free(p); free(oc); free(qc);
+    }
+}
+
+/* RoPE on R dims (attn_node/model.py's Rotary.apply): element (t, h, i) of x at x[t * st + h * sh + i], cos/sin
+ * [T, R/2]; out [T, heads, R] with the rotated halves laid out [x1', x2']. Interleaved pairs (2i, 2i + 1), else
+ * (i, i + R/2). Each product rounds before the sum, as torch's separate ops do (-std=c11: no FMA contraction),
+ * so the result is the torch code's to the bit. */
+void mm_rope(const float *x, int64_t st, int64_t sh, int64_t T, int64_t heads, int64_t R, int interleave,
+             const float *cos_t, const float *sin_t, float *out) {
+    const int64_t half = R / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + t * half, *s = sin_t + t * half;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *xr = x + t * st + h * sh;
+            float *o = out + (t * heads + h) * R;
+            for (int64_t i = 0; i < half; i++) {
+                const float x1 = interleave ? xr[2 * i] : xr[i], x2 = interleave ? xr[2 * i + 1] : xr[half + i];
+                const float a = x1 * c[i], b = x2 * s[i], e = x2 * c[i], f = x1 * s[i];
+                o[i] = a - b;
+                o[half + i] = e + f;
+            }
+        }
+    }
+}
+
+int mm_abi_version(void) { return 4; }

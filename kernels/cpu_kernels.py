@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("cpu_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native
 WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI_VERSION = 1
+ABI_VERSION = 4
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried
@@ -127,6 +127,17 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_linear.restype = None
     lib.mm_moe_swiglu.argtypes = [p, p, i64, p, p, i32, i64, i64, p, p, i32]
     lib.mm_moe_swiglu.restype = None
+    lib.mm_swiglu.argtypes = [p, i64, i64, p, p, p, i32, i64, i64, p, p, i32]
+    lib.mm_swiglu.restype = None
+    lib.mm_moe_forward.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, i32, i64, i64, p, i32]
+    lib.mm_moe_forward.restype = None
+    lib.mm_rmsnorm.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, i64]
+    lib.mm_rmsnorm.restype = None
+    lib.mm_mla_decode.argtypes = [p, p, p, p, i64, p, i64, p, i64, i64, i64, i64, i64, i64, i64, i64,
+                                  ctypes.c_float, p, i32]
+    lib.mm_mla_decode.restype = None
+    lib.mm_rope.argtypes = [p, i64, i64, i64, i64, i64, i32, p, p, p]
+    lib.mm_rope.restype = None
 
 
 def load() -> ctypes.CDLL | None:
@@ -204,3 +215,120 @@ def moe_swiglu(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torc
     lib.mm_moe_swiglu(xs.data_ptr(), offs.data_ptr(), n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
                       h.data_ptr(), ys.data_ptr(), threads or torch.get_num_threads())
     return ys
+
+
+def _lib() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not built (see the cpu_kernels_unavailable log line)")
+    return lib
+
+
+def _check_table(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be a contiguous {list(shape)} {dtype} CPU tensor, got {list(t.shape)} "
+                         f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+           threads: int | None = None) -> torch.Tensor:
+    """[M, D] fp32 -> [M, D] fp32 ``w2 @ (silu(w1 @ x) * (w3 @ x))`` in one call; ``w1``/``w3`` [I, D], ``w2``
+    [D, I], one dtype (fp32, bf16 or fp16, widened in registers)."""
+    lib = _lib()
+    code = _check_weight("w1", w1, 2)
+    inter, d = w1.shape
+    if _check_weight("w3", w3, 2) != code or _check_weight("w2", w2, 2) != code:
+        raise ValueError(f"w1, w3 and w2 must share a dtype, got {w1.dtype}, {w3.dtype} and {w2.dtype}")
+    if tuple(w3.shape) != (inter, d) or tuple(w2.shape) != (d, inter):
+        raise ValueError(f"w1 {list(w1.shape)}, w3 {list(w3.shape)}, w2 {list(w2.shape)} are not [I, D], [I, D], "
+                         "[D, I]")
+    _check_x("x", x, d)
+    h = torch.empty(x.shape[0], inter, dtype=torch.float32, device="cpu")
+    y = torch.empty(x.shape[0], d, dtype=torch.float32, device="cpu")
+    lib.mm_swiglu(x.data_ptr(), x.stride(0), x.shape[0], w1.data_ptr(), w3.data_ptr(), w2.data_ptr(), code, d,
+                  inter, h.data_ptr(), y.data_ptr(), threads or torch.get_num_threads())
+    return y
+
+
+def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, slot_of: torch.Tensor,
+                w13: torch.Tensor, w2: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """A routed-expert layer in one call: ``x`` [T, D] fp32, ``topk_idx`` [T, K] int64 logical ids (-1, or
+    one ``slot_of`` [E] int64 maps to -1: not computed here), ``topk_weights`` [T, K] fp32, ``w13``
+    [E_l, 2I, D], ``w2`` [E_l, D, I] -> [T, D] fp32: per row, the weighted sum over its hosted experts (in k
+    order). The routing bookkeeping (slots, sort, gather, weighting, scatter) runs in C with the math."""
+    lib = _lib()
+    code = _check_weight("w13", w13, 3)
+    if _check_weight("w2", w2, 3) != code:
+        raise ValueError(f"w13 and w2 must share a dtype, got {w13.dtype} and {w2.dtype}")
+    n_slots, two_i, d = w13.shape
+    inter = two_i // 2
+    if two_i % 2 or tuple(w2.shape) != (n_slots, d, inter):
+        raise ValueError(f"w13 {list(w13.shape)} and w2 {list(w2.shape)} are not [E, 2I, D] and [E, D, I]")
+    _check_x("x", x, d)
+    t, k = x.shape[0], topk_idx.shape[-1] if topk_idx.dim() == 2 else -1
+    _check_table("topk_idx", topk_idx, torch.int64, (t, k))
+    _check_table("topk_weights", topk_weights, torch.float32, (t, k))
+    _check_table("slot_of", slot_of, torch.int64, (slot_of.shape[0],) if slot_of.dim() == 1 else (-1,))
+    out = torch.empty(t, d, dtype=torch.float32, device="cpu")
+    lib.mm_moe_forward(x.data_ptr(), x.stride(0), t, topk_idx.data_ptr(), topk_weights.data_ptr(), k,
+                       slot_of.data_ptr(), slot_of.shape[0], n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
+                       out.data_ptr(), threads or torch.get_num_threads())
+    return out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """[M, D] fp32 rows (unit column stride) -> ``weight * x / sqrt(mean(x^2) + eps)``, fp32, one call."""
+    lib = _lib()
+    d = weight.shape[0] if weight.dim() == 1 else -1
+    _check_table("weight", weight, torch.float32, (d,))
+    _check_x("x", x, d)
+    y = torch.empty(x.shape[0], d, dtype=torch.float32, device="cpu")
+    lib.mm_rmsnorm(x.data_ptr(), x.stride(0), x.shape[0], d, weight.data_ptr(), eps, y.data_ptr(), d)
+    return y
+
+
+def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, wkv_b: torch.Tensor, cache: torch.Tensor,
+               block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, softmax_scale: float,
+               max_context_len: int, threads: int | None = None) -> torch.Tensor:
+    """Absorbed MLA decode in one call, both absorptions included: ``q_nope`` [B, H, N], ``q_pe`` [B, H, R],
+    ``wkv_b`` [H, N + V, C] fp32; ``cache`` [slots, >= C + R] fp32 rows (unit column stride; [c_kv | k_pe]
+    first); ``block_tables`` [B, max_blocks] and ``context_lens`` [B] int64 -> [B, H, V] fp32. Positions
+    past ``min(context_lens[b], max_context_len)`` are not attended; an empty context gives zeros."""
+    lib = _lib()
+    B, H, N = q_nope.shape
+    R = q_pe.shape[-1]
+    if wkv_b.dim() != 3 or wkv_b.shape[0] != H or wkv_b.shape[1] <= N:
+        raise ValueError(f"wkv_b must be [H={H}, N + V, C], got {list(wkv_b.shape)}")
+    V, C = wkv_b.shape[1] - N, wkv_b.shape[2]
+    _check_table("q_nope", q_nope, torch.float32, (B, H, N))
+    _check_table("q_pe", q_pe, torch.float32, (B, H, R))
+    _check_table("wkv_b", wkv_b, torch.float32, (H, N + V, C))
+    if cache.dtype != torch.float32 or cache.device.type != "cpu" or cache.dim() != 2 or cache.stride(1) != 1 \
+            or cache.shape[1] < C + R:
+        raise ValueError(f"cache must be [slots, >= {C + R}] float32 CPU rows with unit column stride, got "
+                         f"{list(cache.shape)} {cache.dtype} on {cache.device}")
+    _check_table("block_tables", block_tables, torch.int64, (B, block_tables.shape[-1]))
+    _check_table("context_lens", context_lens, torch.int64, (B,))
+    out = torch.empty(B, H, V, dtype=torch.float32, device="cpu")
+    lib.mm_mla_decode(q_nope.data_ptr(), q_pe.data_ptr(), wkv_b.data_ptr(), cache.data_ptr(), cache.stride(0),
+                      block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), block_size, B, H, N,
+                      R, C, V, max_context_len, softmax_scale, out.data_ptr(), threads or torch.get_num_threads())
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """RoPE of ``x`` [T, R] or [T, H, R] fp32 (any row and head strides, unit element stride) with ``cos``/``sin``
+    [T, R/2] fp32 -> a new contiguous tensor of x's shape, halves laid out [x1', x2'] (Rotary.apply's)."""
+    lib = _lib()
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() not in (2, 3) or x.stride(-1) != 1 \
+            or x.shape[-1] % 2:
+        raise ValueError(f"x must be a [T, R] or [T, H, R] float32 CPU tensor (R even, unit element stride), got "
+                         f"{list(x.shape)} {x.dtype} on {x.device}")
+    T, R = x.shape[0], x.shape[-1]
+    _check_table("cos", cos, torch.float32, (T, R // 2))
+    _check_table("sin", sin, torch.float32, (T, R // 2))
+    heads, sh = (x.shape[1], x.stride(1)) if x.dim() == 3 else (1, 0)
+    out = torch.empty(x.shape, dtype=torch.float32, device="cpu")
+    lib.mm_rope(x.data_ptr(), x.stride(0), sh, T, heads, R, int(interleave), cos.data_ptr(), sin.data_ptr(),
+                out.data_ptr())
+    return out

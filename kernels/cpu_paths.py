@@ -63,3 +63,53 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             flat = flat.contiguous()
         return cpu_kernels.linear(flat, w).view(*lead, w.shape[0])
     return F.linear(x, w if path == "torch" else w.to(x.dtype))
+
+
+def _rows_2d(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as [rows, last dim] with unit column stride (a view where possible), for the C kernels."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def cpu_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``w2 @ (silu(w1 @ x) * (w3 @ x))`` for fp32 rows on CPU (dense MLPs, shared experts): one kernel call
+    where :func:`choose_linear_path` takes the kernel, else three :func:`cpu_linear` and torch's silu."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and rows
+            and all(w.is_contiguous() and w.dtype == w1.dtype for w in (w1, w3, w2))
+            and choose_linear_path(rows, w1.dtype, cpu_kernels.available()) == "kernel"):
+        return cpu_kernels.swiglu(_rows_2d(x), w1, w3, w2).view(*x.shape[:-1], w2.shape[0])
+    return cpu_linear(F.silu(cpu_linear(x, w1)) * cpu_linear(x, w3), w2)
+
+
+def cpu_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of fp32 rows on CPU in one kernel call; None where the kernel does not apply (other devices
+    or dtypes, no kernels, prefill-sized batches): the caller then runs its torch ops."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or not rows
+            or not weight.is_contiguous() or rows > KERNEL_MAX_ROWS_HALF or not cpu_kernels.available()):
+        return None
+    return cpu_kernels.rmsnorm(_rows_2d(x), weight, eps).view(x.shape)
+
+
+def cpu_mla_decode(q_nope, q_pe, wkv_b, latent, block_tables, context_lens, block_size: int, softmax_scale: float,
+                   max_context_len: int) -> torch.Tensor | None:
+    """The absorbed MLA decode of fp32 queries over an fp32 latent cache on CPU in one kernel call
+    ([B, H, V]); None where it does not apply (the caller runs its einsums and the decode op)."""
+    if (q_nope.device.type != "cpu" or not cpu_kernels.available()
+            or any(t.dtype != torch.float32 for t in (q_nope, q_pe, wkv_b, latent)) or latent.stride(-1) != 1
+            or block_tables.dtype != torch.int64 or context_lens.dtype != torch.int64):
+        return None
+    return cpu_kernels.mla_decode(q_nope.contiguous(), q_pe.contiguous(), wkv_b.contiguous(), latent,
+                                  block_tables.contiguous(), context_lens.contiguous(), block_size, softmax_scale,
+                                  max_context_len)
+
+
+def cpu_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor | None:
+    """Rotary.apply of fp32 [T, R] / [T, H, R] on CPU in one kernel call, bit-equal to its torch ops; None where
+    the kernel does not apply (the caller runs them)."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() not in (2, 3) or x.stride(-1) != 1
+            or cos.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()
+            or x.shape[0] > KERNEL_MAX_ROWS_HALF or not cpu_kernels.available()):
+        return None
+    return cpu_kernels.rope(x, cos, sin, interleave)

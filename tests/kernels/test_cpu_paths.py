@@ -179,7 +179,7 @@ def test_an_unwritable_cache_falls_back(monkeypatch, tmp_path, capsys):
 def test_a_rows_result_does_not_depend_on_its_batch(dtype, n, k):
     """Bit-equal whether a row goes alone, in a pair or among more (partial last weight blocks included)."""
     g = torch.Generator().manual_seed(n * 100 + k)
-    x, w = torch.randn(5, k, generator=g), torch.randn(n, k, generator=g).to(dtype)
-    alone = torch.cat([cpu_kernels.linear(x[i:i + 1], w) for i in range(5)])
-    for m in (2, 3, 5):
+    x, w = torch.randn(9, k, generator=g), torch.randn(n, k, generator=g).to(dtype)
+    alone = torch.cat([cpu_kernels.linear(x[i:i + 1], w) for i in range(9)])
+    for m in (2, 3, 4, 5, 8, 9):  # pairs, quads (the 4-row block) and their remainders
         assert torch.equal(cpu_kernels.linear(x[:m], w), alone[:m]), m
