@@ -56,5 +56,5 @@ def load_transformer(
     if missing:
         raise CheckpointError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:4]}")
     model.load_state_dict(state, strict=True, assign=True)
-    model.rotary = Rotary(cfg).to(device)  # a buffer, not in the state dict: made on meta above
+    model.rotary = Rotary(cfg, model.dense).to(device)  # a buffer, not in the state dict: made on meta above
     return model.eval()

@@ -32,8 +32,7 @@ from torch import nn
 
 from moemesh.model.config import ModelConfig, yarn_get_mscale
 from moemesh.expert_backend import ExpertBackend
-from moemesh.kernels.cpu_paths import cpu_linear, cpu_mla_decode, cpu_rmsnorm, cpu_rope, cpu_swiglu
-from moemesh.kernels.ops import Ops, select_ops
+from moemesh.kernels.ops import DenseOps, Ops, select_ops
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -43,29 +42,30 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 class Linear(nn.Module):
     """y = x W^T with no bias (DeepSeek has none).
 
-    On CPU, fp32 rows go through :func:`cpu_linear`: the C kernel for decode-sized batches, which streams the
-    weight once, also when it is kept bf16/fp16 under fp32 activations (widened exactly in registers).
+    ``dense.linear`` computes it (chosen for the device: on CPU the C kernel for decode-sized batches, which
+    streams the weight once, also when it is kept bf16/fp16 under fp32 activations, widened exactly in registers).
     """
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, dense: DenseOps):
         super().__init__()
         self.weight = _param(out_features, in_features, dtype=dtype)
+        self.dense = dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_linear(x, self.weight) if x.device.type == "cpu" else F.linear(x, self.weight)
+        return self.dense.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, dense: DenseOps):
         super().__init__()
+        self.dense = dense
         self.eps = eps
         self.weight = _param(dim, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":  # decode-sized fp32 rows: one C call, not seven ops
-            y = cpu_rmsnorm(x, self.weight, self.eps)
-            if y is not None:
-                return y
+        y = self.dense.rms_norm(x, self.weight, self.eps)  # a fused call (one C call on CPU), or None
+        if y is not None:
+            return y
         # Normalise in fp32 as the reference does, then scale in the input dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -78,8 +78,9 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """RoPE on the R rope dims, with DeepSeek's YaRN frequency blend and mscale on cos/sin."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, dense: DenseOps):
         super().__init__()
+        self.dense = dense
         dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # [R/2]
         self.attention_factor = 1.0
@@ -101,10 +102,9 @@ class Rotary(nn.Module):
         ``interleave`` overrides the checkpoint's choice (V3.2's indexer always splits halves).
         """
         interleave = self.interleave if interleave is None else interleave
-        if x.device.type == "cpu":  # decode-sized fp32 rows: one C call, the same bits as the ops below
-            out = cpu_rope(x, cos, sin, interleave)
-            if out is not None:
-                return out
+        out = self.dense.rope(x, cos, sin, interleave)  # a fused call (on CPU: the same bits as the ops below)
+        if out is not None:
+            return out
         if interleave:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:
@@ -183,11 +183,12 @@ class Indexer(nn.Module):
         self.ops = ops
         self.n_heads, self.head_dim, self.rope_dim = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
         self.topk, self.key_offset = cfg.index_topk, cfg.kv_cache_dim
-        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, dtype)
-        self.wk = Linear(cfg.hidden_size, self.head_dim, dtype)
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, dtype, ops.dense)
+        self.wk = Linear(cfg.hidden_size, self.head_dim, dtype, ops.dense)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6, dtype=dtype)
         self.k_norm.requires_grad_(False)
-        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, torch.float32)  # fp32, as transformers keeps it
+        # fp32, as transformers keeps it
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, torch.float32, ops.dense)
 
     def _rope(self, x: torch.Tensor, rotary: Rotary, cos, sin) -> torch.Tensor:
         R = self.rope_dim
@@ -233,15 +234,15 @@ class MLA(nn.Module):
         )
         self.q_lora_rank = cfg.q_lora_rank
         if cfg.q_lora_rank is None:
-            self.wq = Linear(D, H * cfg.qk_head_dim, dtype)
+            self.wq = Linear(D, H * cfg.qk_head_dim, dtype, ops.dense)
         else:
-            self.wq_a = Linear(D, cfg.q_lora_rank, dtype)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype)
-            self.wq_b = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype)
-        self.wkv_a = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype)
-        self.wkv_b = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype)
-        self.wo = Linear(H * cfg.v_head_dim, D, dtype)
+            self.wq_a = Linear(D, cfg.q_lora_rank, dtype, ops.dense)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype, ops.dense)
+            self.wq_b = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype, ops.dense)
+        self.wkv_a = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype, ops.dense)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, 1e-6, dtype, ops.dense)
+        self.wkv_b = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, ops.dense)
+        self.wo = Linear(H * cfg.v_head_dim, D, dtype, ops.dense)
         self.softmax_scale = cfg.softmax_scale
         self.latent_dim = cfg.kv_cache_dim
         self.indexer = Indexer(cfg, dtype, ops) if cfg.has_indexer else None
@@ -308,9 +309,9 @@ class MLA(nn.Module):
         ``top`` [B, topk] (V3.2's selected positions) the sparse one over those rows only."""
         H, N = self.n_heads, self.qk_nope_head_dim
         wkv_b = self.wkv_b.weight.view(H, N + self.v_head_dim, self.kv_lora_rank)  # [H, N + V, C]
-        if top is None and latent.device.type == "cpu":  # both absorptions and the attention in one C call
-            o = cpu_mla_decode(q_nope, q_pe, wkv_b, latent, g.block_tables, g.context_lens, g.block_size,
-                               self.softmax_scale, g.ctx_slots.shape[1])
+        if top is None:  # both absorptions and the attention in one fused call (C on CPU), where there is one
+            o = self.ops.dense.mla_decode(q_nope, q_pe, wkv_b, latent, g.block_tables, g.context_lens,
+                                          g.block_size, self.softmax_scale, g.ctx_slots.shape[1])
             if o is not None:
                 return o.to(q_nope.dtype)
         q_c = torch.einsum("bhn,hnc->bhc", q_nope, wkv_b[:, :N])  # [B, H, C]
@@ -340,16 +341,15 @@ class MLA(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x). Dense layers and shared experts."""
 
-    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype):
+    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype, dense: DenseOps):
         super().__init__()
-        self.w1 = Linear(dim, inter_dim, dtype)
-        self.w2 = Linear(inter_dim, dim, dtype)
-        self.w3 = Linear(dim, inter_dim, dtype)
+        self.w1 = Linear(dim, inter_dim, dtype, dense)
+        self.w2 = Linear(inter_dim, dim, dtype, dense)
+        self.w3 = Linear(dim, inter_dim, dtype, dense)
+        self.dense = dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":  # one C call for decode-sized batches (gate, up, silu, down)
-            return cpu_swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.dense.swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight)  # one C call on CPU
 
 
 class Gate(nn.Module):
@@ -360,7 +360,7 @@ class Gate(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
-        self.route = ops.route
+        self.route, self.linear = ops.route, ops.dense.linear
         self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.topk_method, self.scoring_func = cfg.topk_method, cfg.scoring_func
@@ -371,7 +371,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xf = x.float()
-        logits = cpu_linear(xf, self.weight) if x.device.type == "cpu" else F.linear(xf, self.weight)  # [T, E]
+        logits = self.linear(xf, self.weight)  # [T, E]
         # The selection math (scores, group masks, top-k, normalisation) is the routing op:
         # kernels/routing.py, route_ref in plain torch beside its Triton kernel.
         return self.route(
@@ -393,7 +393,7 @@ class MoE(nn.Module):
         self.layer_id = layer_id
         self.gate = Gate(cfg, ops)
         self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype)
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, ops.dense)
             if cfg.n_shared_experts
             else None
         )
@@ -426,13 +426,13 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, ops: Ops):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, ops.dense)
         self.attn = MLA(cfg, dtype, ops)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, ops.dense)
         self.ffn = (
             MoE(cfg, layer_id, dtype, ops)
             if cfg.is_moe_layer(layer_id)
-            else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+            else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, ops.dense)
         )
 
     def steps(self, x, rope, batch: AttnBatch, kv_cache: torch.Tensor):
@@ -472,8 +472,8 @@ class Transformer(nn.Module):
             self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
             self.embed.weight.requires_grad_(False)
             self.layers = nn.ModuleList(Block(cfg, i, dtype, ops) for i in range(cfg.num_hidden_layers))
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-            self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, ops.dense)
+            self.head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype, ops.dense)
         if self.compute_dtype != dtype:
             for module in self.modules():
                 if isinstance(module, (RMSNorm, nn.LayerNorm)):
@@ -482,7 +482,8 @@ class Transformer(nn.Module):
                 layer.attn.wkv_b.to(self.compute_dtype)
         # Frequencies computed in fp32 on the host, as the reference does at init, then moved: the same bits
         # on every device (a buffer, not in the state dict: a loader building on meta makes it again).
-        self.rotary = Rotary(cfg).to(device)
+        self.dense = ops.dense
+        self.rotary = Rotary(cfg, ops.dense).to(device)
 
     @property
     def device(self) -> torch.device:
@@ -534,7 +535,7 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[T, D] final hidden states -> [T, vocab] fp32 logits."""
         weight = self.embed.weight if self.head is None else self.head.weight
-        return (cpu_linear(h, weight) if h.device.type == "cpu" else F.linear(h, weight)).float()
+        return self.dense.linear(h, weight).float()
 
 
 # ---- checkpoint names --------------------------------------------------

@@ -3,8 +3,10 @@
 ``select_ops(device, mode)``: ``auto`` = Triton on CUDA devices, the plain-torch
 references on CPUs; ``triton`` forces the kernels (on CPU they then run in
 Triton's interpreter, ``TRITON_INTERPRET=1`` set before triton is imported);
-``reference`` forces the references. Model code never branches on the backend:
-it calls these functions.
+``reference`` forces the references. Model code never branches on the backend or the device:
+it calls these functions. ``Ops.dense`` (:class:`DenseOps`) holds the dense layers' calls, chosen by the
+weights' device alone: on CPU the C kernels of kernels/cpu_gemv.c (kernels/cpu_paths.py) for decode-sized
+fp32 rows, torch elsewhere.
 
 The Triton ops in :class:`Ops` never read device data on the host (the decode hot path runs
 without syncs): their checks read shapes only, and the fused-MoE pair is bound with
@@ -24,14 +26,56 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .cache_store import select_store_latent
+from .cpu_paths import cpu_linear, cpu_mla_decode, cpu_rmsnorm, cpu_rope, cpu_swiglu
 from .fused_moe import select_fused_moe
 from .mla_decode import select_mla_decode
 from .routing import select_route
 from .sparse_mla_decode import select_sparse_mla_decode
 
 KERNEL_MODES = ("auto", "triton", "reference")
+
+
+def _not_fused(*_args, **_kwargs) -> None:
+    """No fused call here: the caller runs its torch ops."""
+    return None
+
+
+def _torch_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
+def _torch_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+@dataclass(frozen=True)
+class DenseOps:
+    """The dense layers' calls, chosen once for the model's device (kernels/ops.py ``select_ops``).
+
+    ``linear`` (x, w) -> x w^T and ``swiglu`` (x, w1, w3, w2) -> w2 (silu(w1 x) * w3 x) always answer;
+    ``rms_norm`` (x, weight, eps), ``rope`` (x, cos, sin, interleave) and ``mla_decode`` (the absorbed decode,
+    :func:`cpu_mla_decode`'s arguments) answer None where they have no fused call for these tensors, and the
+    model then runs its own torch ops (the reference the fused calls are tested against)."""
+
+    linear: Callable
+    swiglu: Callable
+    rms_norm: Callable
+    rope: Callable
+    mla_decode: Callable
+
+
+TORCH_DENSE = DenseOps(linear=_torch_linear, swiglu=_torch_swiglu, rms_norm=_not_fused, rope=_not_fused,
+                       mla_decode=_not_fused)
+# On CPU: the C kernels for decode-sized fp32 rows, each falling back to torch where it does not apply
+CPU_DENSE = DenseOps(linear=cpu_linear, swiglu=cpu_swiglu, rms_norm=cpu_rmsnorm, rope=cpu_rope,
+                     mla_decode=cpu_mla_decode)
+
+
+def select_dense(device: torch.device) -> DenseOps:
+    return CPU_DENSE if device.type == "cpu" else TORCH_DENSE
 
 
 @dataclass(frozen=True)
@@ -48,6 +92,10 @@ class Ops:
     # the Triton kernel on CUDA, the dequantizing reference on CPU (FP8-kept weights, e.g. --fp8 keep)
     fused_moe_fp8: Callable
     mode: str
+    # linears, SwiGLU MLPs, norms, RoPE and the absorbed MLA decode: the CPU's C kernels on CPU (also under
+    # ``reference``: they are checked against these torch ops, and plain torch cannot run fp32 rows over
+    # half-precision weights without widening each weight per call), torch elsewhere
+    dense: DenseOps
 
 
 def _without_id_check(fn: Callable) -> Callable:
@@ -58,7 +106,7 @@ def _without_id_check(fn: Callable) -> Callable:
 def select_ops(device: torch.device | str = "cpu", mode: str = "auto") -> Ops:
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
-    device = torch.device(device)
+    device = device_of_weights = torch.device(device)
     if mode == "reference":
         device, force = torch.device("cpu"), False
     else:
@@ -73,4 +121,5 @@ def select_ops(device: torch.device | str = "cpu", mode: str = "auto") -> Ops:
         fused_moe=_without_id_check(select_fused_moe(device, force)) if triton_moe else None,
         fused_moe_fp8=_without_id_check(select_fused_moe(device, force, fp8=True)),
         mode="triton" if (force or device.type == "cuda") else "reference",
+        dense=select_dense(device_of_weights),
     )
