@@ -21,6 +21,10 @@ from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 
+from moemesh.logs import get_logger
+
+log = get_logger("moemesh.attn_node.replies")
+
 UNREAD_LIMIT = 64 << 10  # bytes of unread replies (and of one request) that loopback socket buffers always hold
 
 
@@ -59,14 +63,22 @@ class ReplyFuture:
         if event is not None:
             event.set()
         for fn in callbacks or ():
+            self._call(fn)
+
+    def _call(self, fn) -> None:
+        """A done-callback; one that raises is logged, as concurrent.futures does: it must not fail the pair
+        (whose reader resolves this future) nor keep the other callbacks from running."""
+        try:
             fn(self)
+        except Exception:
+            log.exception("reply_callback_failed")
 
     def add_done_callback(self, fn) -> None:
         with _RESOLVE:
             if not self._done:
                 self._callbacks = [*(self._callbacks or ()), fn]
                 return
-        fn(self)
+        self._call(fn)
 
     def _wait(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from moemesh import metrics
+from moemesh.logs import get_logger
 
 DEFAULT_WINDOW_S = 60.0
 MAX_SAMPLES = 4096  # per node: enough for a p99, bounded memory at any rate
@@ -106,6 +107,7 @@ class HopWindow:
         return out
 
 
+log = get_logger("moemesh.attn_node.hops")
 HOPS = HopWindow()  # the process's: links come and go with placement versions, a node's history stays
 _WINDOWS: weakref.WeakSet = weakref.WeakSet()  # windows with recorders: the flusher's
 _flusher: list[threading.Thread] = []
@@ -115,11 +117,19 @@ _flusher_lock = threading.Lock()
 def _flush_forever() -> None:
     while True:
         time.sleep(FLUSH_S)
-        for window in list(_WINDOWS):
-            with window._lock:
-                recorders = list(window.recorders)
-            for recorder in recorders:
+        flush_all()
+
+
+def flush_all() -> None:
+    """Publish every recorder's pending hops (the flusher's round)."""
+    for window in list(_WINDOWS):
+        with window._lock:
+            recorders = list(window.recorders)
+        for recorder in recorders:
+            try:
                 recorder.flush()
+            except Exception:  # one recorder's failure must not end the publishing of every other's
+                log.exception("hop_histograms_flush_failed", node=recorder.address)
 
 
 def _start_flusher(window: HopWindow) -> None:
@@ -136,8 +146,6 @@ class HopRecorder:
     def __init__(self, address: str, window: HopWindow | None = None):
         self.address = address
         self.window = HOPS if window is None else window
-        self.window.add_recorder(self)
-        _start_flusher(self.window)
         self._pending: list[tuple[float, int, int, int]] = []  # hops not yet in the histograms
         self._lock = threading.Lock()
         self._hop = metrics.DISPATCH_HOP.labels(address)
@@ -145,6 +153,9 @@ class HopRecorder:
         self._compute = metrics.DISPATCH_COMPUTE.labels(address)
         self._send = metrics.DISPATCH_NODE_SEND.labels(address)
         self._transport = metrics.DISPATCH_TRANSPORT.labels(address)
+        # last: from here the flusher may flush this recorder
+        self.window.add_recorder(self)
+        _start_flusher(self.window)
 
     def record(self, hop_s: float, receive_ns: int, compute_ns: int, send_ns: int) -> None:
         """On the thread that took the reply: the window at once, the histograms by the flusher."""

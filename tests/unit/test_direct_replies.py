@@ -89,3 +89,17 @@ def test_a_future_resolved_by_another_thread_wakes_its_waiter_and_runs_its_callb
     failed.set_exception(ValueError("lost"))
     with pytest.raises(ValueError, match="lost"):
         failed.result(timeout=1)
+
+
+def test_a_failing_callback_neither_fails_the_pair_nor_skips_the_others():
+    pair = Pair()
+    fut, later = pair.send(1), pair.send(2)
+    seen = []
+
+    def broken(f):
+        raise RuntimeError("a caller's bug")
+
+    fut.add_done_callback(broken)
+    fut.add_done_callback(lambda f: seen.append(f.result()))
+    assert later.result(timeout=5) == "rows 2"  # reading reply 2 resolves 1 on the way, running its callbacks
+    assert pair.failed_with is None and seen == ["rows 1"] and pair.read == [1, 2]

@@ -9,7 +9,7 @@ from prometheus_client import REGISTRY
 
 from tests.helpers import eventually
 
-from moemesh.attn_node.experts.hop_stats import HopRecorder, HopSummary, HopWindow, percentile
+from moemesh.attn_node.experts.hop_stats import HopRecorder, HopSummary, HopWindow, flush_all, percentile
 from moemesh.router.hop_status import NodeHops, fill_hops, merge_hops, stragglers
 from moemesh.v1 import attention_pb2, inference_pb2
 
@@ -78,6 +78,20 @@ def test_recorder_publishes_from_the_flusher_and_when_the_window_is_summarized()
     (s,) = window.summaries()  # summarizing publishes what was held
     assert s.samples == 41
     assert _count("moemesh_dispatch_hop_seconds", "batch-node:1") == 41
+
+
+def test_one_recorder_failing_to_publish_stops_no_other():
+    window = HopWindow(clock=Clock())
+    broken, fine = HopRecorder("broken-node:1", window), HopRecorder("fine-node:1", window)
+
+    def fail():
+        raise RuntimeError("a histogram refused the sample")
+
+    broken.flush = fail
+    broken.record(0.001, 0, 0, 0)
+    fine.record(0.001, 0, 0, 0)
+    flush_all()  # the flusher thread's round: it logs the failure and goes on (the thread lives on)
+    assert _count("moemesh_dispatch_hop_seconds", "fine-node:1") == 1
 
 
 def _sample(name: str, suffix: str, node: str) -> float:
