@@ -20,9 +20,9 @@ m >= 2 (1 + Tc / Tf). That needs the expert nodes' work and the wire on hardware
 on one host's cores (``ClusterShape.shared_host``: ``bench --mesh`` and the calibration on a CPU box) the
 measured mesh shows no overlap (docs/cluster-model.md), and a layer is m (Ta + R), R the round trip of one
 micro-batch's MoE layer with the expert nodes computing (``MeasuredProfile.round_trip``: measured through the
-mesh's own backend to 2 expert node processes; Tc + Te where a profile has none). Those processes share the
-host's cores, so a layer also takes at least the CPU seconds of every process in it over the cores,
-m (Ta + W) / cores with W the round trip's measured CPU seconds (``round_trip_cpu``). Then
+mesh's own backend to 2 expert node processes; Tc + Te where a profile has none). Its CPU seconds (every
+process, ``round_trip_cpu``) are reported, not a bound: the processes cannot spend more CPU in a round trip
+than the cores give them in its wall time, so (Ta + W) / cores never exceeds Ta + R. Then
 
     TPOT = L_moe x T_layer + (L - L_moe) x m x Ta + overhead_us(B)      tokens/s = A x B / TPOT
 
@@ -236,7 +236,7 @@ class Prediction:
     attention_utilisation: float
     expert_utilisation: float
     min_micro_batches: int  # ceil(2 (1 + Tc / Ta)): MegaScale-Infer's bound to hide communication
-    bound: str  # "attention", "experts", "round trip" or "host cores" (shared host): what sets T_layer
+    bound: str  # "attention", "experts" or "round trip": what sets T_layer
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -262,8 +262,6 @@ def predict(profile: Profile, model: ModelShape, shape: ClusterShape) -> Predict
     if measured is not None:  # the round trip as measured on this host, expert work and all (module docstring)
         te, tc = measured.compute_us, max(0.0, measured.us - measured.compute_us)
         candidates = {"attention": m * (ta + busy), "experts": m * te, "round trip": m * (ta + measured.us)}
-        if measured.cpu_us is not None and measured.cores:
-            candidates["host cores"] = m * (ta + measured.cpu_us) / measured.cores
     elif shape.shared_host:  # nothing overlaps: the micro-batches' layers run one after another
         candidates = {"attention": m * (ta + busy), "experts": m * te, "round trip": m * (ta + tc + te)}
     else:

@@ -5,8 +5,8 @@ per node, reply scatter) to the expert node processes, which compute their real 
 every node at once, as an attention node's MoE layer does. Per rows it records the median round trip, the
 expert nodes' own compute per message (from their replies) and the CPU seconds every process spent per round
 trip: this process (serialising, routing ops, gRPC threads) and the expert nodes (``/proc`` of their pids).
-On a host whose cores all the processes share those CPU seconds bound a layer from below
-(``cluster_model.predict`` with ``shared_host``); the empty-message hop (``profile._hop_point``) cannot see them.
+The round trip, timed with every process at work, is what ``cluster_model.predict`` takes for ``shared_host``;
+the CPU seconds show where it goes (the empty-message hop, ``profile._hop_point``, sees neither).
 """
 
 from __future__ import annotations
