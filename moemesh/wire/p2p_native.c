@@ -169,18 +169,27 @@ int64_t mm_recv_large(int fd, uint8_t *staging, int64_t *state, uint8_t *out, in
    ids are added to it. */
 int64_t mm_check_rows(const int32_t *ids, const float *w, int64_t n, const uint8_t *hosted, int64_t n_experts,
                       int64_t *counts) {
+    /* memcpy loads: a frame placed after one whose length is not a multiple of 4 leaves these unaligned
+       (only a malformed frame does: valid lengths are multiples of 8), and a plain load would then be UB */
     int64_t routed = 0;
     for (int64_t i = 0; i < n; i++) {
-        int32_t e = ids[i];
+        int32_t e;
+        memcpy(&e, ids + i, sizeof e);
         if (e == -1) continue;
         if (e < 0 || e >= n_experts || !hosted[e]) return -1;
         routed++;
     }
-    for (int64_t i = 0; i < n; i++)
-        if (!isfinite(w[i])) return -2;
+    for (int64_t i = 0; i < n; i++) {
+        float v;
+        memcpy(&v, w + i, sizeof v);
+        if (!isfinite(v)) return -2;
+    }
     if (counts != NULL)
-        for (int64_t i = 0; i < n; i++)
-            if (ids[i] >= 0) counts[ids[i]]++;
+        for (int64_t i = 0; i < n; i++) {
+            int32_t e;
+            memcpy(&e, ids + i, sizeof e);
+            if (e >= 0) counts[e]++;
+        }
     return routed;
 }
 
