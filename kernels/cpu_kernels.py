@@ -15,18 +15,15 @@ their stored dtype in registers).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
 from moemesh.logs import get_logger
+from moemesh.native.build import compile_library, compiler_version, find_compiler, library_path
 
 log = get_logger("moemesh.kernels.cpu")
 
@@ -40,11 +37,6 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried
 
 
-def cache_dir() -> Path:
-    home = os.environ.get("MOEMESH_KERNEL_CACHE")
-    return Path(home) if home else Path.home() / ".cache" / "moemesh" / "cpu-kernels"
-
-
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -56,52 +48,21 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _compile(cc: str, flags: tuple[str, ...], out: Path) -> str | None:
-    """Build the library at ``out``; None on success, else the compiler's complaint (last lines)."""
-    try:  # an unwritable cache directory is one more reason to fall back, not an error in every forward
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-    except OSError as e:
-        return f"cannot write the kernel cache {out.parent}: {e}"
-    try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
-            return (done.stderr or done.stdout).strip()[-400:] or f"exit status {done.returncode}"
-        os.replace(tmp, out)  # atomic: a concurrent build or load never sees half a library
-        return None
-    except (OSError, subprocess.SubprocessError) as e:
-        return str(e)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _build() -> ctypes.CDLL | None:
     if os.environ.get("MOEMESH_CPU_KERNELS", "1") == "0":
         log.warning("cpu_kernels_off", reason="MOEMESH_CPU_KERNELS=0", fallback="plain torch (correct, slower)")
         return None
-    cc = _compiler()
+    cc = find_compiler()
     if cc is None:
         log.warning("cpu_kernels_unavailable", reason="no C compiler (cc, gcc or clang) on PATH",
                     fallback="plain torch (correct, slower): install gcc to build the CPU expert kernels")
         return None
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n", 1)[0]
+    version = compiler_version(cc)
     errors = []
     for flags in (FLAGS, FALLBACK_FLAGS):
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_flags(), platform.machine()])
-                             .encode()).hexdigest()[:20]
-        path = cache_dir() / f"cpu_gemv-{key}.so"
+        path = library_path("cpu_gemv", SOURCE, flags, version, _cpu_flags())  # -march=native: the CPU's flags
         if not path.exists():
-            err = _compile(cc, flags, path)
+            err = compile_library(cc, flags, SOURCE, path, timeout_s=300)
             if err is not None:
                 errors.append(err)
                 continue

@@ -6,7 +6,7 @@ same bytes makes. The C file does that work per message (the wire and the frames
 p2p.py's, unchanged); :mod:`moemesh.wire.p2p_socket` calls it when it is here and keeps its own Python
 path otherwise, the same bytes either way.
 
-Built like the CPU expert kernels (kernels/cpu_kernels.py): ``cc -O2 -shared -fPIC`` at first use, cached
+Built like the CPU expert kernels (moemesh/native/build.py): ``cc -O2 -shared -fPIC`` at first use, cached
 under ``$MOEMESH_KERNEL_CACHE`` (default ``~/.cache/moemesh/cpu-kernels``) keyed by the source, the flags,
 the compiler's version and the machine. No compiler, or a failed build: one log line and :func:`load`
 returns None (the Python path). ``MOEMESH_P2P_NATIVE=0`` turns it off (the same fallback, for comparisons).
@@ -15,16 +15,12 @@ returns None (the Python path). ``MOEMESH_P2P_NATIVE=0`` turns it off (the same 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 from moemesh.logs import get_logger
+from moemesh.native.build import compile_library, compiler_version, find_compiler, library_path
 
 log = get_logger("moemesh.wire.p2p_native")
 
@@ -36,39 +32,6 @@ ERR_CLOSED, ERR_TIMEOUT, ERR_TOO_LONG, ERR_LARGE, ERR_OTHER = -100001, -100002, 
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-
-
-def cache_dir() -> Path:
-    home = os.environ.get("MOEMESH_KERNEL_CACHE")
-    return Path(home) if home else Path.home() / ".cache" / "moemesh" / "cpu-kernels"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _compile(cc: str, out: Path) -> str | None:
-    """Build the library at ``out``; None on success, else why not."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-    except OSError as e:
-        return f"cannot write the cache {out.parent}: {e}"
-    try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            return (done.stderr or done.stdout).strip()[-400:] or f"exit status {done.returncode}"
-        os.replace(tmp, out)  # atomic: a concurrent build or load never sees half a library
-        return None
-    except (OSError, subprocess.SubprocessError) as e:
-        return str(e)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -91,15 +54,13 @@ def _build() -> ctypes.CDLL | None:
     if os.environ.get("MOEMESH_P2P_NATIVE", "1") == "0":
         log.warning("p2p_native_off", reason="MOEMESH_P2P_NATIVE=0", fallback="the Python frame loop (same bytes, slower)")
         return None
-    cc = _compiler()
+    cc = find_compiler()
     if cc is None:
         log.warning("p2p_native_unavailable", reason="no C compiler (cc, gcc or clang) on PATH",
                     fallback="the Python frame loop (same bytes, slower): install gcc for the C one")
         return None
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n", 1)[0]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, platform.machine()]).encode()).hexdigest()[:20]
-    path = cache_dir() / f"p2p_native-{key}.so"
-    err = _compile(cc, path) if not path.exists() else None
+    path = library_path("p2p_native", SOURCE, FLAGS, compiler_version(cc))
+    err = compile_library(cc, FLAGS, SOURCE, path, timeout_s=120) if not path.exists() else None
     if err is None:
         try:
             lib = ctypes.CDLL(str(path))  # CDLL: the GIL is released for every call (they block on the socket)
