@@ -394,16 +394,27 @@ void mm_moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_
         memcpy(xs + pos[a] * d, x + (a / top_k) * ldx, sizeof(float) * d);
     }
     if (total > 0) mm_moe_swiglu(xs, offs, n_slots, w13, w2, wdtype, d, inter, h, ys, nthreads);
+    /* Each row's sum runs in ascending slot order (stable), as the shard's torch path adds its sorted assignments
+       with index_add_: then a row's bits do not depend on which side of the row limit its batch fell. */
+    int64_t *by_slot = (int64_t *)malloc(sizeof(int64_t) * (top_k > 0 ? top_k : 1));
     for (int64_t r = 0; r < t; r++) {
         float *o = out + r * d;
         memset(o, 0, sizeof(float) * d);
-        for (int64_t k = 0; k < top_k; k++) {
+        int64_t m = 0;
+        for (int64_t k = 0; k < top_k; k++) {  /* insertion sort of the row's hosted assignments by slot */
             const int64_t a = r * top_k + k;
             if (slot[a] < 0) continue;
+            int64_t j = m++;
+            while (j > 0 && slot[by_slot[j - 1]] > slot[a]) { by_slot[j] = by_slot[j - 1]; j--; }
+            by_slot[j] = a;
+        }
+        for (int64_t q = 0; q < m; q++) {
+            const int64_t a = by_slot[q];
             const float wk = topk_w[a], *yr = ys + pos[a] * d;
             for (int64_t i = 0; i < d; i++) o[i] += wk * yr[i];
         }
     }
+    free(by_slot);
     free(fill); free(h); free(ys); free(xs); free(pos); free(offs); free(slot);
 }
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from moemesh.expert_node.shard import ExpertShard
 from moemesh.kernels import cpu_kernels
-from moemesh.kernels.cpu_paths import KERNEL_MAX_ROWS_FP32, cpu_rmsnorm, cpu_swiglu
+from moemesh.kernels.cpu_paths import KERNEL_MAX_ROWS_FP32, KERNEL_MAX_ROWS_HALF, cpu_rmsnorm, cpu_swiglu
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: CPU kernels not built")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -74,6 +74,24 @@ def test_moe_forward_rows_do_not_depend_on_the_batch():
     for r in range(7):
         assert torch.equal(cpu_kernels.moe_forward(x[r:r + 1], idx[r:r + 1], w[r:r + 1], le.slot_of, le.w13,
                                                    le.w2), whole[r:r + 1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_bits_do_not_depend_on_which_side_of_the_row_limit_its_batch_is(dtype):
+    """Up to the limit the shard runs the layer as one C call, past it the sorted torch path over the same
+    per-expert kernel: each row's experts are summed in the same (slot) order on both sides."""
+    g = torch.Generator().manual_seed(11)
+    E, K, D, I = 48, 6, 32, 16
+    limit = KERNEL_MAX_ROWS_FP32 if dtype == torch.float32 else KERNEL_MAX_ROWS_HALF
+    shard = _shard(dtype, E, D, I, range(E), g)
+    T = limit + 1
+    x = torch.randn(T, D, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])  # distinct experts per row
+    w = torch.rand(T, K, generator=g)
+    past = shard.forward(0, x, idx, w)  # T = limit + 1: the sorted path
+    within = shard.forward(0, x[:limit], idx[:limit], w[:limit])  # the one C call
+    assert torch.equal(past[:limit], within)
 
 
 @needs_kernel
