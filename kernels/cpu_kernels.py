@@ -149,6 +149,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torc
     return y
 
 
+def _check_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int, int]:
+    """(weight dtype code, E_l, D, I) of an expert stack ``w13`` [E_l, 2I, D], ``w2`` [E_l, D, I]; else ValueError."""
+    code = _check_weight("w13", w13, 3)
+    if _check_weight("w2", w2, 3) != code:
+        raise ValueError(f"w13 and w2 must share a dtype, got {w13.dtype} and {w2.dtype}")
+    n_slots, two_i, d = w13.shape
+    inter = two_i // 2
+    if two_i % 2 or tuple(w2.shape) != (n_slots, d, inter):
+        raise ValueError(f"w13 {list(w13.shape)} and w2 {list(w2.shape)} are not [E, 2I, D] and [E, D, I]")
+    return code, n_slots, d, inter
+
+
 def moe_swiglu(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                threads: int | None = None) -> torch.Tensor:
     """Rows of every busy expert at once: ``xs`` [A, D] fp32 sorted by slot, ``offs`` [E_l + 1] int64 row
@@ -157,13 +169,7 @@ def moe_swiglu(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torc
     lib = load()
     if lib is None:
         raise RuntimeError("the CPU kernels are not built (see the cpu_kernels_unavailable log line)")
-    code = _check_weight("w13", w13, 3)
-    if _check_weight("w2", w2, 3) != code:
-        raise ValueError(f"w13 and w2 must share a dtype, got {w13.dtype} and {w2.dtype}")
-    n_slots, two_i, d = w13.shape
-    inter = two_i // 2
-    if two_i % 2 or tuple(w2.shape) != (n_slots, d, inter):
-        raise ValueError(f"w13 {list(w13.shape)} and w2 {list(w2.shape)} are not [E, 2I, D] and [E, D, I]")
+    code, n_slots, d, inter = _check_experts(w13, w2)
     _check_x("xs", xs, d)
     if not xs.is_contiguous():
         raise ValueError("xs must be contiguous")
@@ -215,16 +221,10 @@ def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Ten
                 w13: torch.Tensor, w2: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """A routed-expert layer in one call: ``x`` [T, D] fp32, ``topk_idx`` [T, K] int64 logical ids (-1, or
     one ``slot_of`` [E] int64 maps to -1: not computed here), ``topk_weights`` [T, K] fp32, ``w13``
-    [E_l, 2I, D], ``w2`` [E_l, D, I] -> [T, D] fp32: per row, the weighted sum over its hosted experts (in k
-    order). The routing bookkeeping (slots, sort, gather, weighting, scatter) runs in C with the math."""
+    [E_l, 2I, D], ``w2`` [E_l, D, I] -> [T, D] fp32: per row, the weighted sum over its hosted experts (in
+    ascending slot order, as the shard's sorted torch path adds them). The routing bookkeeping (slots, sort, gather, weighting, scatter) runs in C with the math."""
     lib = _lib()
-    code = _check_weight("w13", w13, 3)
-    if _check_weight("w2", w2, 3) != code:
-        raise ValueError(f"w13 and w2 must share a dtype, got {w13.dtype} and {w2.dtype}")
-    n_slots, two_i, d = w13.shape
-    inter = two_i // 2
-    if two_i % 2 or tuple(w2.shape) != (n_slots, d, inter):
-        raise ValueError(f"w13 {list(w13.shape)} and w2 {list(w2.shape)} are not [E, 2I, D] and [E, D, I]")
+    code, n_slots, d, inter = _check_experts(w13, w2)
     _check_x("x", x, d)
     t, k = x.shape[0], topk_idx.shape[-1] if topk_idx.dim() == 2 else -1
     _check_table("topk_idx", topk_idx, torch.int64, (t, k))

@@ -86,3 +86,24 @@ def save_hf_model(name: str, out_dir: Path):
     model = build_hf_model(name)
     model.save_pretrained(out_dir)
     return model
+
+
+def assert_prefill_logits_match(hf, engine, prompts: list[list[int]], tol: float = 1e-4) -> None:
+    """Each prompt's prefill logits from moemesh's ``engine`` against transformers' ``hf``."""
+    for prompt in prompts:
+        ours = engine.prompt_logits(prompt)
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0].float()
+        torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+
+
+def assert_greedy_tokens_match(hf, engine, prompts: list[list[int]], new_tokens: int) -> None:
+    """The prompts batched in ``engine``, greedy: each one's tokens equal transformers' greedy generate alone."""
+    from moemesh.sampling import SamplingParams
+
+    outs = engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens,
+                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.token_ids == ref

@@ -14,9 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from moemesh.attn_node.engine import EngineConfig
 from moemesh.launch.embedded import build_local
-from moemesh.sampling import SamplingParams
 
-from .hf_models import build_hf_model
+from .hf_models import assert_greedy_tokens_match, assert_prefill_logits_match, build_hf_model
 
 pytestmark = pytest.mark.oracle
 
@@ -54,19 +53,9 @@ def test_weights_stay_bf16_and_the_math_is_fp32(pair):
 
 def test_prefill_logits_match_fp32_transformers(pair):
     hf, mesh = pair
-    for prompt in _prompts(mesh.cfg.vocab_size):
-        ours = mesh.engine.prompt_logits(prompt)
-        with torch.no_grad():
-            ref = hf(torch.tensor([prompt])).logits[0].float()
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert_prefill_logits_match(hf, mesh.engine, _prompts(mesh.cfg.vocab_size))
 
 
 def test_batched_greedy_tokens_match_fp32_transformers(pair):
     hf, mesh = pair
-    prompts = _prompts(mesh.cfg.vocab_size)
-    outs = mesh.engine.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
-    for prompt, out in zip(prompts, outs):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        assert out.token_ids == ref
+    assert_greedy_tokens_match(hf, mesh.engine, _prompts(mesh.cfg.vocab_size), NEW_TOKENS)

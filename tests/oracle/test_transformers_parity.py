@@ -15,7 +15,7 @@ from moemesh.attn_node.engine import EngineConfig
 from moemesh.sampling import SamplingParams
 from moemesh.launch.embedded import build_local
 
-from .hf_models import CONFIGS, save_hf_model
+from .hf_models import CONFIGS, assert_greedy_tokens_match, assert_prefill_logits_match, save_hf_model
 
 pytestmark = pytest.mark.oracle
 
@@ -39,23 +39,13 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 def test_prefill_logits_match(pair):
     hf, mesh = pair
-    for prompt in _prompts(mesh.cfg.vocab_size):
-        ours = mesh.engine.prompt_logits(prompt)
-        with torch.no_grad():
-            ref = hf(torch.tensor([prompt])).logits[0].float()
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert_prefill_logits_match(hf, mesh.engine, _prompts(mesh.cfg.vocab_size))
 
 
 @pytest.mark.slow
 def test_batched_greedy_tokens_match(pair):
     hf, mesh = pair
-    prompts = _prompts(mesh.cfg.vocab_size)
-    outs = mesh.engine.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
-    for prompt, out in zip(prompts, outs):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        assert out.token_ids == ref
+    assert_greedy_tokens_match(hf, mesh.engine, _prompts(mesh.cfg.vocab_size), NEW_TOKENS)
 
 
 def test_sampled_token_logprobs_match_transformers_log_softmax(pair):
