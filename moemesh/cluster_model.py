@@ -21,7 +21,7 @@ on one host's cores (``ClusterShape.shared_host``: ``bench --mesh`` and the cali
 measured mesh shows no overlap (docs/cluster-model.md), and a layer is m (Ta + R), R the round trip of one
 micro-batch's MoE layer with the expert nodes computing (``MeasuredProfile.round_trip``: measured through the
 mesh's own backend to 2 expert node processes; Tc + Te where a profile has none). Its CPU seconds (every
-process, ``round_trip_cpu``) are reported, not a bound: the processes cannot spend more CPU in a round trip
+process, in the profile's output) are reported, not a bound: the processes cannot spend more CPU in a round trip
 than the cores give them in its wall time, so (Ta + W) / cores never exceeds Ta + R. Then
 
     TPOT = L_moe x T_layer + (L - L_moe) x m x Ta + overhead_us(B)      tokens/s = A x B / TPOT
@@ -134,12 +134,10 @@ class MeasuredProfile:
     hop_busy: float = 0.0
     hop_two: list[tuple[float, float]] | None = None  # (bytes, us) of one message to each of two nodes at once
     # A MoE layer's rows through the mesh's backend to ROUND_TRIP_NODES expert node processes on this host,
-    # which compute them: (rows, us) of the round trip, of the nodes' compute per message, and of the CPU
-    # time every process (sender and nodes) spent on it; host_cores, the cores they shared.
+    # which compute them: (rows, us) of the round trip and of the nodes' compute per message (the profile also
+    # reports every process's CPU time per round trip: it bounds nothing, see the module docstring)
     round_trip: list[tuple[float, float]] | None = None
     round_trip_compute: list[tuple[float, float]] | None = None
-    round_trip_cpu: list[tuple[float, float]] | None = None
-    host_cores: int | None = None
 
     def attn_us(self, batch: float, context: float) -> float:
         contexts = sorted(self.attention)
@@ -170,8 +168,7 @@ class MeasuredProfile:
                              f"--expert-nodes {ROUND_TRIP_NODES}, got {shape.attention_nodes} and "
                              f"{shape.expert_nodes}")
         return SharedRoundTrip(interp(self.round_trip, rows),
-                               interp(self.round_trip_compute, rows) if self.round_trip_compute else 0.0,
-                               interp(self.round_trip_cpu, rows) if self.round_trip_cpu else None, self.host_cores)
+                               interp(self.round_trip_compute, rows) if self.round_trip_compute else 0.0)
 
     @classmethod
     def from_json(cls, data: Any, transport: str = "grpc") -> "MeasuredProfile":
@@ -190,9 +187,6 @@ class MeasuredProfile:
                 rows = [(float(r["rows"]), float(r[key])) for r in layers if key in r]
                 return monotone(sorted(rows)) if rows and len(rows) == len(layers) else None
 
-            cpu = [(float(r["rows"]), float(r["cpu_attention_us"]) + float(r["cpu_experts_us"])) for r in layers
-                   if "cpu_experts_us" in r]
-            cores = data.get("host_cores")
             return cls({c: monotone(sorted(v)) for c, v in attention.items()},
                        monotone(sorted((float(r["rows"]), float(r["us"])) for r in data["expert_us"])),
                        monotone(sorted((float(r["bytes"]), float(r["us"])) for r in hops)),
@@ -201,9 +195,7 @@ class MeasuredProfile:
                        sum(float(r.get("busy", 0.0)) for r in hops) / len(hops),
                        monotone(sorted((float(r["bytes"]), float(r["two_nodes_us"])) for r in hops))
                        if all("two_nodes_us" in r for r in hops) else None,
-                       table("us"), table("node_compute_us"),
-                       monotone(sorted(cpu)) if cpu and len(cpu) == len(layers) else None,
-                       int(cores) if cores else None)
+                       table("us"), table("node_compute_us"))
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ModelError):
                 raise
@@ -216,12 +208,10 @@ ROUND_TRIP_NODES = 2  # expert node processes `moemesh profile` measures a MoE l
 @dataclass(frozen=True)
 class SharedRoundTrip:
     """One MoE layer's measured round trip on a shared host (microseconds): the whole of it as the sender waits,
-    the expert nodes' compute inside it, and the CPU time all processes spent on it (None: not measured)."""
+    and the expert nodes' compute inside it."""
 
     us: float
     compute_us: float
-    cpu_us: float | None
-    cores: int | None
 
 
 @dataclass(frozen=True)
