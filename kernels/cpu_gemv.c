@@ -108,7 +108,17 @@ static inline vf load_w(const void *w, int wdtype, int64_t off) {
     if (wdtype == W_F32) return vload((const float *)w + off);
     return vwiden((const uint16_t *)w + off, wdtype == W_BF16);
 }
+
+/* Software prefetch of the next weight block while this one streams: the NB * VW * esz bytes a vector step
+ * consumes here, at the same offset in the block after it (decode blocks are too short for the hardware
+ * prefetchers to ramp up on: 1-2 KB per row). */
+static inline void prefetch_step(const char *next, int64_t i, int64_t esz) {
+    const char *p = next + i * NB * esz;
+    for (int64_t q = 0; q < NB * VW * esz; q += 64) _mm_prefetch(p + q, _MM_HINT_T0);
+}
 #endif
+
+static inline int64_t elem_size(int wdtype) { return wdtype == W_F32 ? 4 : 2; }
 
 static inline float w_at(const void *w, int wdtype, int64_t off) {
     if (wdtype == W_F32) return ((const float *)w)[off];
@@ -122,8 +132,10 @@ static void row_dot_rows(const float *x, const void *w, int wdtype, int64_t n0, 
 #ifdef MM_AVX2
     if (nb == NB) {
         vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
-        const int64_t b0 = n0 * k, b1 = b0 + k, b2 = b1 + k, b3 = b2 + k;
+        const int64_t b0 = n0 * k, b1 = b0 + k, b2 = b1 + k, b3 = b2 + k, esz = elem_size(wdtype);
+        const char *next = (const char *)w + (b0 + NB * k) * esz;
         for (; i + VW <= k; i += VW) {
+            prefetch_step(next, i, esz);
             vf xv = vload(x + i);
             a0 = vfma(xv, load_w(w, wdtype, b0 + i), a0);
             a1 = vfma(xv, load_w(w, wdtype, b1 + i), a1);
@@ -160,7 +172,10 @@ static void rows2_dot(const float *x0, const float *x1, const void *w, int wdtyp
     if (nb == NB) {
         vf a00 = vzero(), a01 = a00, a02 = a00, a03 = a00;
         vf a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+        const int64_t esz = elem_size(wdtype);
+        const char *next = (const char *)w + (base + NB * k) * esz;
         for (; i + VW <= k; i += VW) {
+            prefetch_step(next, i, esz);
             vf u = vload(x0 + i), v = vload(x1 + i);
             vf w0 = load_w(w, wdtype, base + i), w1 = load_w(w, wdtype, base + k + i);
             vf w2 = load_w(w, wdtype, base + 2 * k + i), w3 = load_w(w, wdtype, base + 3 * k + i);
@@ -205,7 +220,9 @@ static void rows4_dot_f32(const float *x, int64_t ldx, const float *w, int64_t b
     vf a[4][NB];
     for (int m = 0; m < 4; m++)
         for (int r = 0; r < NB; r++) a[m][r] = vzero();
+    const char *next = (const char *)(w + base + NB * k);
     for (; i + VW <= k; i += VW) {
+        prefetch_step(next, i, 4);
         vf w0 = vload(w + base + i), w1 = vload(w + base + k + i);
         vf w2 = vload(w + base + 2 * k + i), w3 = vload(w + base + 3 * k + i);
         vf u;
