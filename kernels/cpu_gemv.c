@@ -290,18 +290,30 @@ static void block_product(const float *x, int64_t ldx, int64_t m, const void *w,
     }
 }
 
+/* Rows of x per pass over a run of weight blocks: a tile of x stays in L1/L2 while the run (in L2) is reused
+ * for every tile. Tiling never changes a row's summation order, so any batch size gives each row the bits it
+ * gets alone: the CPU linear runs this for every batch (kernels/cpu_paths.py), prefill included. */
+#define TM 64
+#define RUN 8 /* weight blocks per task: 32 rows, 64 KB of fp32 at K = 512 */
+
 /* y [m, n] (row stride n) = x [m, k] (row stride ldx) @ w[n, k]^T. */
 void mm_linear(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype, int64_t n, int64_t k, float *y,
                int nthreads) {
-    const int64_t blocks = (n + NB - 1) / NB;
+    const int64_t blocks = (n + NB - 1) / NB, runs = (blocks + RUN - 1) / RUN;
 #pragma omp parallel num_threads(nthreads)
     {
         float *scratch = wdtype == W_F32 ? NULL : (float *)malloc(sizeof(float) * NB * k);
-#pragma omp for schedule(dynamic, 8)
-        for (int64_t b = 0; b < blocks; b++) {
-            const int64_t n0 = b * NB;
-            const int nb = (int)(n - n0 < NB ? n - n0 : NB);
-            block_product(x, ldx, m, w, wdtype, n0, nb, k, scratch, y + n0, n);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t run = 0; run < runs; run++) {
+            const int64_t b_end = (run + 1) * RUN < blocks ? (run + 1) * RUN : blocks;
+            for (int64_t r0 = 0; r0 < m; r0 += TM) {
+                const int64_t mt = m - r0 < TM ? m - r0 : TM;
+                for (int64_t b = run * RUN; b < b_end; b++) {
+                    const int64_t n0 = b * NB;
+                    const int nb = (int)(n - n0 < NB ? n - n0 : NB);
+                    block_product(x + r0 * ldx, ldx, mt, w, wdtype, n0, nb, k, scratch, y + r0 * n + n0, n);
+                }
+            }
         }
         free(scratch);
     }
