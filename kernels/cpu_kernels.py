@@ -1,7 +1,8 @@
-"""The CPU expert kernels (cpu_gemv.c): built once per machine with the C compiler, cached, loaded by ctypes.
+"""The CPU kernels (cpu_gemv.c, cpu_decode_ops.c, cpu_simd.h): built once per machine with the C compiler,
+cached, loaded by ctypes.
 
-No torch headers and no ninja: ``cc -O3 -march=native -fopenmp -shared`` compiles the one C file in about a
-second. The library is cached under ``$MOEMESH_KERNEL_CACHE`` (default ``~/.cache/moemesh/cpu-kernels``),
+No torch headers and no ninja: ``cc -O3 -march=native -fopenmp -shared`` compiles the two C files into one
+library in about a second. The library is cached under ``$MOEMESH_KERNEL_CACHE`` (default ``~/.cache/moemesh/cpu-kernels``),
 keyed by the source, the flags, the compiler's version and this CPU's feature flags, so a machine builds it
 once and a different CPU never loads a library built for another. When there is no compiler, or the build
 fails, :func:`load` logs one line saying so and returns None; callers then take plain torch (always correct,
@@ -28,6 +29,10 @@ from moemesh.native.build import compile_library, compiler_version, find_compile
 log = get_logger("moemesh.kernels.cpu")
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
+# Compiled with SOURCE into the one library (on the command line before it); the header is theirs. All of
+# them key the cache, so an edit to any builds anew.
+OTHER_SOURCES = (Path(__file__).with_name("cpu_decode_ops.c"),)
+HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native
 WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -60,9 +65,10 @@ def _build() -> ctypes.CDLL | None:
     version = compiler_version(cc)
     errors = []
     for flags in (FLAGS, FALLBACK_FLAGS):
-        path = library_path("cpu_gemv", SOURCE, flags, version, _cpu_flags())  # -march=native: the CPU's flags
+        others = tuple(p.read_text() for p in OTHER_SOURCES + HEADERS)
+        path = library_path("cpu_gemv", SOURCE, flags, version, _cpu_flags(), *others)  # -march=native: CPU flags
         if not path.exists():
-            err = compile_library(cc, flags, SOURCE, path, timeout_s=300)
+            err = compile_library(cc, flags + tuple(str(p) for p in OTHER_SOURCES), SOURCE, path, timeout_s=300)
             if err is not None:
                 errors.append(err)
                 continue

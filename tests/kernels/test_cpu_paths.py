@@ -186,6 +186,17 @@ def test_the_build_is_cached(monkeypatch, tmp_path):
     assert [p.stat().st_mtime_ns for p in tmp_path.glob("cpu_gemv-*.so")] == [mtime]  # loaded, not rebuilt
 
 
+@needs_kernel
+def test_an_edit_to_the_other_source_or_the_header_builds_anew(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEMESH_KERNEL_CACHE", str(tmp_path / "cache"))
+    assert cpu_kernels._build() is not None
+    header = tmp_path / "cpu_simd.h"
+    header.write_text(cpu_kernels.HEADERS[0].read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(cpu_kernels, "HEADERS", (header,))
+    assert cpu_kernels._build() is not None
+    assert len(list((tmp_path / "cache").glob("cpu_gemv-*.so"))) == 2
+
+
 def test_an_unwritable_cache_falls_back(monkeypatch, tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("MOEMESH_KERNEL_CACHE", str(tmp_path / "a-file" / "cache"))  # under a file: no mkdir
