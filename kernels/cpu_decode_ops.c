@@ -153,3 +153,18 @@ void mm_rope(const float *x, int64_t st, int64_t sh, int64_t T, int64_t heads, i
         }
     }
 }
+
+/* The latent cache store (kernels/cache_store.py's store_latent_ref, one call for its eight ops): row t of
+ * [c_kv | k_pe] goes to cache row slot_mapping[t] (row stride ldc), negative slots skipped. Returns the first
+ * t whose slot is >= n_slots (nothing written for it or after it), or -1 when every row was stored. */
+int64_t mm_store_latent(float *cache, int64_t ldc, int64_t n_slots, const float *c_kv, int64_t ld_c, const float *k_pe,
+                        int64_t ld_r, const int64_t *slot_mapping, int64_t T, int64_t C, int64_t R) {
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t s = slot_mapping[t];
+        if (s < 0) continue;
+        if (s >= n_slots) return t;
+        memcpy(cache + s * ldc, c_kv + t * ld_c, sizeof(float) * C);
+        memcpy(cache + s * ldc + C, k_pe + t * ld_r, sizeof(float) * R);
+    }
+    return -1;
+}

@@ -377,4 +377,4 @@ void mm_moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_
     free(fill); free(h); free(ys); free(xs); free(pos); free(offs); free(slot);
 }
 
-int mm_abi_version(void) { return 4; }
+int mm_abi_version(void) { return 5; }

@@ -36,7 +36,7 @@ HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native
 WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried
@@ -105,6 +105,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_mla_decode.restype = None
     lib.mm_rope.argtypes = [p, i64, i64, i64, i64, i64, i32, p, p, p]
     lib.mm_rope.restype = None
+    lib.mm_store_latent.argtypes = [p, i64, i64, p, i64, p, i64, p, i64, i64, i64]
+    lib.mm_store_latent.restype = i64
 
 
 def load() -> ctypes.CDLL | None:
@@ -299,3 +301,25 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool
     lib.mm_rope(x.data_ptr(), x.stride(0), sh, T, heads, R, int(interleave), cos.data_ptr(), sin.data_ptr(),
                 out.data_ptr())
     return out
+
+
+def store_latent(cache: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """``cache[slot_mapping[t]] = [c_kv[t] | k_pe[t]]`` in place, negative slots skipped: ``cache`` [slots, C + R]
+    fp32 rows (any row stride, unit column stride), ``c_kv`` [T, C] and ``k_pe`` [T, R] fp32 rows, ``slot_mapping``
+    [T] int64. A slot past the cache raises IndexError (the rows before it are stored, as torch's would not be:
+    the caller's error either way)."""
+    lib = _lib()
+    T, C = c_kv.shape
+    R = k_pe.shape[1]
+    for name, t, width in (("cache", cache, C + R), ("c_kv", c_kv, C), ("k_pe", k_pe, R)):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 or t.shape[1] != width \
+                or t.stride(1) != 1:
+            raise ValueError(f"{name} must be [rows, {width}] float32 CPU rows with unit column stride, got "
+                             f"{list(t.shape)} {t.dtype} on {t.device}")
+    if k_pe.shape[0] != T:
+        raise ValueError(f"c_kv and k_pe must have the same rows, got {T} and {k_pe.shape[0]}")
+    _check_table("slot_mapping", slot_mapping, torch.int64, (T,))
+    bad = lib.mm_store_latent(cache.data_ptr(), cache.stride(0), cache.shape[0], c_kv.data_ptr(), c_kv.stride(0),
+                              k_pe.data_ptr(), k_pe.stride(0), slot_mapping.data_ptr(), T, C, R)
+    if bad >= 0:
+        raise IndexError(f"slot_mapping[{bad}] = {int(slot_mapping[bad])} is past the cache's {cache.shape[0]} slots")

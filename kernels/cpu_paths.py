@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels
+from .cache_store import _check_inputs, store_latent_ref
 
 # Rows per expert up to which the kernel is at least as fast as torch, from interleaved
 # runs of scripts/bench_cpu_experts.py on the 2-core dev machine (heavily shared when measured: the
@@ -130,3 +131,18 @@ def cpu_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: 
             or x.shape[0] > KERNEL_MAX_ROWS_HALF or not cpu_kernels.available()):
         return None
     return cpu_kernels.rope(x, cos, sin, interleave)
+
+
+def cpu_store_latent(kv_cache: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
+    """The latent cache store on CPU: one kernel call (a copy per row: the same bits) where the tensors are the
+    kernel's (fp32 rows, int64 slots), else kernels/cache_store.py's ``store_latent_ref``, which also checks."""
+    if (kv_cache.device.type == "cpu" and kv_cache.dtype == torch.float32 and c_kv.dtype == torch.float32
+            and k_pe.dtype == torch.float32 and slot_mapping.dtype == torch.int64 and slot_mapping.dim() == 1
+            and slot_mapping.is_contiguous() and kv_cache.dim() == 2 and kv_cache.stride(-1) == 1
+            and c_kv.dim() == 2 and k_pe.dim() == 2 and c_kv.stride(-1) == 1 and k_pe.stride(-1) == 1
+            and cpu_kernels.available()):
+        _check_inputs(kv_cache, c_kv, k_pe, slot_mapping)  # the reference's errors, word for word
+        cpu_kernels.store_latent(kv_cache, c_kv, k_pe, slot_mapping)
+        return
+    store_latent_ref(kv_cache, c_kv, k_pe, slot_mapping)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache_store import select_store_latent
-from .cpu_paths import cpu_linear, cpu_mla_decode, cpu_rmsnorm, cpu_rope, cpu_swiglu
+from .cpu_paths import cpu_linear, cpu_mla_decode, cpu_rmsnorm, cpu_rope, cpu_store_latent, cpu_swiglu
 from .fused_moe import select_fused_moe
 from .mla_decode import select_mla_decode
 from .routing import select_route
@@ -115,7 +115,8 @@ def select_ops(device: torch.device | str = "cpu", mode: str = "auto") -> Ops:
     return Ops(
         mla_decode=select_mla_decode(device, force),
         sparse_mla_decode=select_sparse_mla_decode(device, force),
-        store_latent=select_store_latent(device, force),
+        # on CPU one C call per layer (the reference's bits; the reference where the kernel does not apply)
+        store_latent=cpu_store_latent if device.type == "cpu" and not force else select_store_latent(device, force),
         route=select_route(device, force),
         # On CPUs the shard's own strategies (padded bmm / busy-expert loop) beat a reference loop.
         fused_moe=_without_id_check(select_fused_moe(device, force)) if triton_moe else None,
