@@ -69,7 +69,7 @@ def instrument(clock: StageClock, engine) -> None:
     clock.wrap(m.Rotary, "apply", "rope")
     clock.wrap(m.Transformer, "logits", "lm_head")
     clock.wrap(m.Transformer, "_layers", "layers")  # a generator: only its creation, counted in "other"
-    for name in ("linear", "swiglu", "moe_forward", "moe_swiglu", "rmsnorm", "mla_decode", "rope"):
+    for name in ("linear", "swiglu", "moe_forward", "moe_swiglu", "rmsnorm", "mla_decode", "rope", "store_latent"):
         clock.wrap(cpu_kernels, name, f"C.{name}")
     backend = engine.backend
     clock.wrap(backend, "dispatch", "routed")
