@@ -16,7 +16,8 @@ context, known on the host): the kernel sizes its splits with it, and the refere
 otherwise reads ``context_lens`` on the host, sizes its gather with it. ``sparse_mla_decode`` (V3.2)
 gathers the indexer's top-k positions, a shape, so neither path reads anything on the host. The references are the
 CPU path and the oracle; ``store_latent_ref`` and ``fused_moe_ref`` select rows by data
-(boolean masks, ``unique``), which costs nothing on a CPU.
+(boolean masks, ``unique``), which costs nothing on a CPU. On CPU the latent store is one C call
+(``cpu_paths.cpu_store_latent``: the reference's bits, the reference where the kernel does not apply).
 """
 
 from __future__ import annotations
