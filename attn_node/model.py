@@ -274,7 +274,10 @@ class MLA(nn.Module):
 
         outs = []
         for g in batch.groups:
-            qn, qp = q_nope[g.token_index], q_pe[g.token_index]  # [B, Q, H, N], [B, Q, H, R]
+            # index_select, not q_nope[g.token_index]: the same gather in one op instead of aten::index's several
+            rows = g.token_index.reshape(-1)  # [B * Q]
+            qn = q_nope.index_select(0, rows).view(*g.token_index.shape, H, N)  # [B, Q, H, N]
+            qp = q_pe.index_select(0, rows).view(*g.token_index.shape, H, R)  # [B, Q, H, R]
             # Sparse only where some context can exceed top-k; S is a host-known shape, so no sync decides it.
             sparse = self.indexer is not None and g.ctx_slots.shape[1] > self.indexer.topk
             top = self.indexer.top_positions(q_idx, w_idx, kv_cache, g) if sparse else None  # [B, Q, topk]
@@ -286,7 +289,7 @@ class MLA(nn.Module):
                 mask = self.indexer.sparse_mask(top, g) if sparse else g.mask
                 o = attend(qn, qp, ctx[..., :C], ctx[..., C:], mask)  # [B, Q, H, V]
             outs.append(o.flatten(0, 1))  # [B * Q, H, V]
-        out = (outs[0] if len(outs) == 1 else torch.cat(outs))[batch.out_rows]  # [T, H, V]
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs)).index_select(0, batch.out_rows)  # [T, H, V]
         return self.wo(out.reshape(T, H * self.v_head_dim))
 
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

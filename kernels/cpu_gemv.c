@@ -11,80 +11,10 @@
  *
  * moe_swiglu runs every busy expert of a layer in two parallel regions (gate/up with silu(g) * u fused,
  * then down), so one call per layer replaces a Python loop of small GEMMs; moe_forward adds the routing
- * bookkeeping around it. The rest of the decode step (swiglu, mla_decode, rmsnorm, rope) is fused here
- * too: there every torch op costs more than the bytes it reads (see kernels/README.md).
+ * bookkeeping around it, and swiglu is the dense MLP's (shared experts). The rest of the decode step
+ * (mla_decode, rmsnorm, rope) is kernels/cpu_decode_ops.c, built into the same library.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <omp.h>
-/* Vectors: AVX-512 (16 floats) where the compiler targets it (-march=native on such a CPU), else AVX2+FMA+F16C
- * (8 floats), else scalar C: one code path over these few operations. */
-#if defined(__AVX512F__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define MM_AVX2 1
-#define VW 16
-typedef __m512 vf;
-#define vzero() _mm512_setzero_ps()
-#define vload(p) _mm512_loadu_ps(p)
-#define vstore(p, v) _mm512_storeu_ps(p, v)
-#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define vsum(v) _mm512_reduce_add_ps(v)
-#define vset1(a) _mm512_set1_ps(a)
-static inline vf vwiden(const uint16_t *s, int bf16) {
-    __m256i h = _mm256_loadu_si256((const __m256i *)s);
-    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
-}
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define MM_AVX2 1
-#define VW 8
-typedef __m256 vf;
-#define vzero() _mm256_setzero_ps()
-#define vload(p) _mm256_loadu_ps(p)
-#define vstore(p, v) _mm256_storeu_ps(p, v)
-#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define vset1(a) _mm256_set1_ps(a)
-static inline float vsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-static inline vf vwiden(const uint16_t *s, int bf16) {
-    __m128i h = _mm_loadu_si128((const __m128i *)s);
-    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
-}
-#endif
-
-enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
-#define NB 4
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-    if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {
-        u = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man == 0) {
-        u = sign;
-    } else {  /* subnormal: normalise */
-        exp = 113;
-        while (!(man & 0x400)) { man <<= 1; exp--; }
-        u = sign | (exp << 23) | ((man & 0x3ff) << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#include "cpu_simd.h"
 
 /* Widen rows [n0, n0 + nb) of w (row length k) into dst (fp32, nb * k). */
 static void widen_rows(const void *w, int wdtype, int64_t n0, int nb, int64_t k, float *dst) {
@@ -97,7 +27,11 @@ static void widen_rows(const void *w, int wdtype, int64_t n0, int nb, int64_t k,
         const uint16_t *s = (const uint16_t *)w + (n0 + r) * k;
         int64_t i = 0;
 #ifdef MM_AVX2
-        for (; i + VW <= k; i += VW) vstore(d + i, vwiden(s + i, wdtype == W_BF16));
+        const char *next = (const char *)(s + NB * k);  /* this row of the next block */
+        for (; i + VW <= k; i += VW) {
+            if (!(i & (32 / 2 - 1))) _mm_prefetch(next + i * 2, _MM_HINT_T1);  /* a 64-byte line per 32 elements */
+            vstore(d + i, vwiden(s + i, wdtype == W_BF16));
+        }
 #endif
         for (; i < k; i++) d[i] = wdtype == W_BF16 ? bf16_to_f32(s[i]) : f16_to_f32(s[i]);
     }
@@ -108,7 +42,18 @@ static inline vf load_w(const void *w, int wdtype, int64_t off) {
     if (wdtype == W_F32) return vload((const float *)w + off);
     return vwiden((const uint16_t *)w + off, wdtype == W_BF16);
 }
+
+/* Software prefetch of the next weight block while this one streams: the NB * VW * esz bytes a vector step
+ * consumes here, at the same offset in the block after it (decode blocks are too short for the hardware
+ * prefetchers to ramp up on: 1-2 KB per row). Into L2 (T1): perf shows the loop waiting on the prefetches
+ * themselves when they target L1 (its fill buffers are full), and T1 measured 3-5% faster than T0. */
+static inline void prefetch_step(const char *next, int64_t i, int64_t esz) {
+    const char *p = next + i * NB * esz;
+    for (int64_t q = 0; q < NB * VW * esz; q += 64) _mm_prefetch(p + q, _MM_HINT_T1);
+}
 #endif
+
+static inline int64_t elem_size(int wdtype) { return wdtype == W_F32 ? 4 : 2; }
 
 static inline float w_at(const void *w, int wdtype, int64_t off) {
     if (wdtype == W_F32) return ((const float *)w)[off];
@@ -122,8 +67,10 @@ static void row_dot_rows(const float *x, const void *w, int wdtype, int64_t n0, 
 #ifdef MM_AVX2
     if (nb == NB) {
         vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
-        const int64_t b0 = n0 * k, b1 = b0 + k, b2 = b1 + k, b3 = b2 + k;
+        const int64_t b0 = n0 * k, b1 = b0 + k, b2 = b1 + k, b3 = b2 + k, esz = elem_size(wdtype);
+        const char *next = (const char *)w + (b0 + NB * k) * esz;
         for (; i + VW <= k; i += VW) {
+            prefetch_step(next, i, esz);
             vf xv = vload(x + i);
             a0 = vfma(xv, load_w(w, wdtype, b0 + i), a0);
             a1 = vfma(xv, load_w(w, wdtype, b1 + i), a1);
@@ -160,7 +107,10 @@ static void rows2_dot(const float *x0, const float *x1, const void *w, int wdtyp
     if (nb == NB) {
         vf a00 = vzero(), a01 = a00, a02 = a00, a03 = a00;
         vf a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+        const int64_t esz = elem_size(wdtype);
+        const char *next = (const char *)w + (base + NB * k) * esz;
         for (; i + VW <= k; i += VW) {
+            prefetch_step(next, i, esz);
             vf u = vload(x0 + i), v = vload(x1 + i);
             vf w0 = load_w(w, wdtype, base + i), w1 = load_w(w, wdtype, base + k + i);
             vf w2 = load_w(w, wdtype, base + 2 * k + i), w3 = load_w(w, wdtype, base + 3 * k + i);
@@ -205,7 +155,9 @@ static void rows4_dot_f32(const float *x, int64_t ldx, const float *w, int64_t b
     vf a[4][NB];
     for (int m = 0; m < 4; m++)
         for (int r = 0; r < NB; r++) a[m][r] = vzero();
+    const char *next = (const char *)(w + base + NB * k);
     for (; i + VW <= k; i += VW) {
+        prefetch_step(next, i, 4);
         vf w0 = vload(w + base + i), w1 = vload(w + base + k + i);
         vf w2 = vload(w + base + 2 * k + i), w3 = vload(w + base + 3 * k + i);
         vf u;
@@ -273,18 +225,30 @@ static void block_product(const float *x, int64_t ldx, int64_t m, const void *w,
     }
 }
 
+/* Rows of x per pass over a run of weight blocks: a tile of x stays in L1/L2 while the run (in L2) is reused
+ * for every tile. Tiling never changes a row's summation order, so any batch size gives each row the bits it
+ * gets alone: the CPU linear runs this for every batch (kernels/cpu_paths.py), prefill included. */
+#define TM 64
+#define RUN 8 /* weight blocks per task: 32 rows, 64 KB of fp32 at K = 512 */
+
 /* y [m, n] (row stride n) = x [m, k] (row stride ldx) @ w[n, k]^T. */
 void mm_linear(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype, int64_t n, int64_t k, float *y,
                int nthreads) {
-    const int64_t blocks = (n + NB - 1) / NB;
+    const int64_t blocks = (n + NB - 1) / NB, runs = (blocks + RUN - 1) / RUN;
 #pragma omp parallel num_threads(nthreads)
     {
         float *scratch = wdtype == W_F32 ? NULL : (float *)malloc(sizeof(float) * NB * k);
-#pragma omp for schedule(dynamic, 8)
-        for (int64_t b = 0; b < blocks; b++) {
-            const int64_t n0 = b * NB;
-            const int nb = (int)(n - n0 < NB ? n - n0 : NB);
-            block_product(x, ldx, m, w, wdtype, n0, nb, k, scratch, y + n0, n);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t run = 0; run < runs; run++) {
+            const int64_t b_end = (run + 1) * RUN < blocks ? (run + 1) * RUN : blocks;
+            for (int64_t r0 = 0; r0 < m; r0 += TM) {
+                const int64_t mt = m - r0 < TM ? m - r0 : TM;
+                for (int64_t b = run * RUN; b < b_end; b++) {
+                    const int64_t n0 = b * NB;
+                    const int nb = (int)(n - n0 < NB ? n - n0 : NB);
+                    block_product(x + r0 * ldx, ldx, mt, w, wdtype, n0, nb, k, scratch, y + r0 * n + n0, n);
+                }
+            }
         }
         free(scratch);
     }
@@ -418,111 +382,4 @@ void mm_moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_
     free(fill); free(h); free(ys); free(xs); free(pos); free(offs); free(slot);
 }
 
-/* RMSNorm over rows: y = w * (x * 1 / sqrt(mean(x^2) + eps)), fp32, as attn_node/model.py's RMSNorm computes it
- * in one call instead of seven ops. Single-threaded: decode-sized rows are microseconds of work. */
-void mm_rmsnorm(const float *x, int64_t ldx, int64_t m, int64_t d, const float *w, float eps, float *y, int64_t ldy) {
-    for (int64_t r = 0; r < m; r++) {
-        const float *xr = x + r * ldx;
-        float *yr = y + r * ldy;
-        float ss = 0.f;
-        int64_t i = 0;
-#ifdef MM_AVX2
-        vf acc = vzero();
-        for (; i + VW <= d; i += VW) { vf v = vload(xr + i); acc = vfma(v, v, acc); }
-        ss = vsum(acc);
-#endif
-        for (; i < d; i++) ss += xr[i] * xr[i];
-        const float inv = 1.f / sqrtf(ss / (float)d + eps);
-        for (i = 0; i < d; i++) yr[i] = w[i] * (xr[i] * inv);
-    }
-}
-
-static inline float dot(const float *a, const float *b, int64_t n) {
-    float s = 0.f;
-    int64_t i = 0;
-#ifdef MM_AVX2
-    vf acc = vzero();
-    for (; i + VW <= n; i += VW) acc = vfma(vload(a + i), vload(b + i), acc);
-    s = vsum(acc);
-#endif
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-static inline void axpy(float a, const float *x, float *y, int64_t n) {
-    int64_t i = 0;
-#ifdef MM_AVX2
-    const vf av = vset1(a);
-    for (; i + VW <= n; i += VW) vstore(y + i, vfma(av, vload(x + i), vload(y + i)));
-#endif
-    for (; i < n; i++) y[i] += a * x[i];
-}
-
-/* Absorbed MLA decode, one query per sequence, straight off the paged latent cache (attn_node/model.py's
- * MLA._decode with kernels/mla_decode.py's reference between its two einsums), fp32 throughout:
- *   q_c = q_nope[b, h] @ wkv_b[h, :N]            (W_UK folded into the query)
- *   p   = softmax(scale * (q_c . c_kv[s] + q_pe[b, h] . k_pe[s]))  over s < min(context_lens[b], max_s)
- *   out[b, h] = wkv_b[h, N:] @ (sum_s p[s] c_kv[s])  (W_UV folded into the output)
- * q_nope [B, H, N], q_pe [B, H, R], wkv_b [H, N + V, C] contiguous; cache rows of ldc floats ([c_kv | k_pe]
- * first); block_tables [B, max_blocks]; out [B, H, V]. A context of 0 gives zeros. One (b, h) per task. */
-void mm_mla_decode(const float *q_nope, const float *q_pe, const float *wkv_b, const float *cache, int64_t ldc,
-                   const int64_t *block_tables, int64_t max_blocks, const int64_t *context_lens, int64_t block_size,
-                   int64_t B, int64_t H, int64_t N, int64_t R, int64_t C, int64_t V, int64_t max_s, float scale,
-                   float *out, int nthreads) {
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *qc = (float *)malloc(sizeof(float) * (C + 1)), *oc = (float *)malloc(sizeof(float) * (C + 1));
-        float *p = (float *)malloc(sizeof(float) * (max_s + 1));
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t bh = 0; bh < B * H; bh++) {
-            const int64_t b = bh / H, h = bh % H;
-            const float *qn = q_nope + bh * N, *qp = q_pe + bh * R, *w = wkv_b + h * (N + V) * C;
-            memset(qc, 0, sizeof(float) * C);
-            for (int64_t n = 0; n < N; n++) axpy(qn[n], w + n * C, qc, C);
-            int64_t len = context_lens[b] < max_s ? context_lens[b] : max_s;
-            if (len > max_blocks * block_size) len = max_blocks * block_size;
-            float mx = -INFINITY;
-            for (int64_t s = 0; s < len; s++) {
-                const float *row = cache + (block_tables[b * max_blocks + s / block_size] * block_size
-                                            + s % block_size) * ldc;
-                p[s] = scale * (dot(qc, row, C) + dot(qp, row + C, R));
-                if (p[s] > mx) mx = p[s];
-            }
-            float total = 0.f;
-            for (int64_t s = 0; s < len; s++) { p[s] = expf(p[s] - mx); total += p[s]; }
-            memset(oc, 0, sizeof(float) * C);
-            for (int64_t s = 0; s < len; s++) {
-                const float *row = cache + (block_tables[b * max_blocks + s / block_size] * block_size
-                                            + s % block_size) * ldc;
-                axpy(p[s] / total, row, oc, C);
-            }
-            float *o = out + bh * V;
-            for (int64_t v = 0; v < V; v++) o[v] = len > 0 ? dot(oc, w + (N + v) * C, C) : 0.f;
-        }
-        free(p); free(oc); free(qc);
-    }
-}
-
-/* RoPE on R dims (attn_node/model.py's Rotary.apply): element (t, h, i) of x at x[t * st + h * sh + i], cos/sin
- * [T, R/2]; out [T, heads, R] with the rotated halves laid out [x1', x2']. Interleaved pairs (2i, 2i + 1), else
- * (i, i + R/2). Each product rounds before the sum, as torch's separate ops do (-std=c11: no FMA contraction),
- * so the result is the torch code's to the bit. */
-void mm_rope(const float *x, int64_t st, int64_t sh, int64_t T, int64_t heads, int64_t R, int interleave,
-             const float *cos_t, const float *sin_t, float *out) {
-    const int64_t half = R / 2;
-    for (int64_t t = 0; t < T; t++) {
-        const float *c = cos_t + t * half, *s = sin_t + t * half;
-        for (int64_t h = 0; h < heads; h++) {
-            const float *xr = x + t * st + h * sh;
-            float *o = out + (t * heads + h) * R;
-            for (int64_t i = 0; i < half; i++) {
-                const float x1 = interleave ? xr[2 * i] : xr[i], x2 = interleave ? xr[2 * i + 1] : xr[half + i];
-                const float a = x1 * c[i], b = x2 * s[i], e = x2 * c[i], f = x1 * s[i];
-                o[i] = a - b;
-                o[half + i] = e + f;
-            }
-        }
-    }
-}
-
-int mm_abi_version(void) { return 4; }
+int mm_abi_version(void) { return 5; }

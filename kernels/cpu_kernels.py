@@ -1,7 +1,8 @@
-"""The CPU expert kernels (cpu_gemv.c): built once per machine with the C compiler, cached, loaded by ctypes.
+"""The CPU kernels (cpu_gemv.c, cpu_decode_ops.c, cpu_simd.h): built once per machine with the C compiler,
+cached, loaded by ctypes.
 
-No torch headers and no ninja: ``cc -O3 -march=native -fopenmp -shared`` compiles the one C file in about a
-second. The library is cached under ``$MOEMESH_KERNEL_CACHE`` (default ``~/.cache/moemesh/cpu-kernels``),
+No torch headers and no ninja: ``cc -O3 -march=native -fopenmp -shared`` compiles the two C files into one
+library in about a second. The library is cached under ``$MOEMESH_KERNEL_CACHE`` (default ``~/.cache/moemesh/cpu-kernels``),
 keyed by the source, the flags, the compiler's version and this CPU's feature flags, so a machine builds it
 once and a different CPU never loads a library built for another. When there is no compiler, or the build
 fails, :func:`load` logs one line saying so and returns None; callers then take plain torch (always correct,
@@ -28,10 +29,14 @@ from moemesh.native.build import compile_library, compiler_version, find_compile
 log = get_logger("moemesh.kernels.cpu")
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
+# Compiled with SOURCE into the one library (on the command line before it); the header is theirs. All of
+# them key the cache, so an edit to any builds anew.
+OTHER_SOURCES = (Path(__file__).with_name("cpu_decode_ops.c"),)
+HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native
 WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried
@@ -60,9 +65,10 @@ def _build() -> ctypes.CDLL | None:
     version = compiler_version(cc)
     errors = []
     for flags in (FLAGS, FALLBACK_FLAGS):
-        path = library_path("cpu_gemv", SOURCE, flags, version, _cpu_flags())  # -march=native: the CPU's flags
+        others = tuple(p.read_text() for p in OTHER_SOURCES + HEADERS)
+        path = library_path("cpu_gemv", SOURCE, flags, version, _cpu_flags(), *others)  # -march=native: CPU flags
         if not path.exists():
-            err = compile_library(cc, flags, SOURCE, path, timeout_s=300)
+            err = compile_library(cc, flags + tuple(str(p) for p in OTHER_SOURCES), SOURCE, path, timeout_s=300)
             if err is not None:
                 errors.append(err)
                 continue
@@ -99,10 +105,19 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_mla_decode.restype = None
     lib.mm_rope.argtypes = [p, i64, i64, i64, i64, i64, i32, p, p, p]
     lib.mm_rope.restype = None
+    lib.mm_store_latent.argtypes = [p, i64, i64, p, i64, p, i64, p, i64, i64, i64]
+    lib.mm_store_latent.restype = i64
+
+
+_UNSET = object()
+_CPU = torch.device("cpu")  # host memory for C whatever the default device; an object, not a string to parse
 
 
 def load() -> ctypes.CDLL | None:
     """The kernel library, built on first use (once per process); None when it cannot be had (logged once)."""
+    lib = _state.get("lib", _UNSET)  # the hot path (every call of every kernel): no lock once it is decided
+    if lib is not _UNSET:
+        return lib  # type: ignore[return-value]
     with _lock:
         if "lib" not in _state:
             _state["lib"] = _build()
@@ -143,7 +158,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torc
     code = _check_weight("w", w, 2)
     n, k = w.shape
     _check_x("x", x, k)
-    y = torch.empty(x.shape[0], n, dtype=torch.float32, device="cpu")  # host memory for C, whatever the default
+    y = torch.empty(x.shape[0], n, dtype=torch.float32, device=_CPU)  # host memory for C, whatever the default
     lib.mm_linear(x.data_ptr(), x.stride(0), x.shape[0], w.data_ptr(), code, n, k, y.data_ptr(),
                   threads or torch.get_num_threads())
     return y
@@ -177,8 +192,8 @@ def moe_swiglu(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torc
         raise ValueError(f"offs must be [{n_slots + 1}] int64, got {list(offs.shape)} {offs.dtype}")
     if int(offs[0]) != 0 or int(offs[-1]) != xs.shape[0] or bool((offs[1:] < offs[:-1]).any()):
         raise ValueError(f"offs must rise from 0 to {xs.shape[0]} (the rows of xs)")
-    h = torch.empty(xs.shape[0], inter, dtype=torch.float32, device="cpu")
-    ys = torch.empty(xs.shape[0], d, dtype=torch.float32, device="cpu")
+    h = torch.empty(xs.shape[0], inter, dtype=torch.float32, device=_CPU)
+    ys = torch.empty(xs.shape[0], d, dtype=torch.float32, device=_CPU)
     lib.mm_moe_swiglu(xs.data_ptr(), offs.data_ptr(), n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
                       h.data_ptr(), ys.data_ptr(), threads or torch.get_num_threads())
     return ys
@@ -210,8 +225,8 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
         raise ValueError(f"w1 {list(w1.shape)}, w3 {list(w3.shape)}, w2 {list(w2.shape)} are not [I, D], [I, D], "
                          "[D, I]")
     _check_x("x", x, d)
-    h = torch.empty(x.shape[0], inter, dtype=torch.float32, device="cpu")
-    y = torch.empty(x.shape[0], d, dtype=torch.float32, device="cpu")
+    h = torch.empty(x.shape[0], inter, dtype=torch.float32, device=_CPU)
+    y = torch.empty(x.shape[0], d, dtype=torch.float32, device=_CPU)
     lib.mm_swiglu(x.data_ptr(), x.stride(0), x.shape[0], w1.data_ptr(), w3.data_ptr(), w2.data_ptr(), code, d,
                   inter, h.data_ptr(), y.data_ptr(), threads or torch.get_num_threads())
     return y
@@ -230,7 +245,7 @@ def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Ten
     _check_table("topk_idx", topk_idx, torch.int64, (t, k))
     _check_table("topk_weights", topk_weights, torch.float32, (t, k))
     _check_table("slot_of", slot_of, torch.int64, (slot_of.shape[0],) if slot_of.dim() == 1 else (-1,))
-    out = torch.empty(t, d, dtype=torch.float32, device="cpu")
+    out = torch.empty(t, d, dtype=torch.float32, device=_CPU)
     lib.mm_moe_forward(x.data_ptr(), x.stride(0), t, topk_idx.data_ptr(), topk_weights.data_ptr(), k,
                        slot_of.data_ptr(), slot_of.shape[0], n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
                        out.data_ptr(), threads or torch.get_num_threads())
@@ -243,7 +258,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     d = weight.shape[0] if weight.dim() == 1 else -1
     _check_table("weight", weight, torch.float32, (d,))
     _check_x("x", x, d)
-    y = torch.empty(x.shape[0], d, dtype=torch.float32, device="cpu")
+    y = torch.empty(x.shape[0], d, dtype=torch.float32, device=_CPU)
     lib.mm_rmsnorm(x.data_ptr(), x.stride(0), x.shape[0], d, weight.data_ptr(), eps, y.data_ptr(), d)
     return y
 
@@ -270,7 +285,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, wkv_b: torch.Tensor, ca
                          f"{list(cache.shape)} {cache.dtype} on {cache.device}")
     _check_table("block_tables", block_tables, torch.int64, (B, block_tables.shape[-1]))
     _check_table("context_lens", context_lens, torch.int64, (B,))
-    out = torch.empty(B, H, V, dtype=torch.float32, device="cpu")
+    out = torch.empty(B, H, V, dtype=torch.float32, device=_CPU)
     lib.mm_mla_decode(q_nope.data_ptr(), q_pe.data_ptr(), wkv_b.data_ptr(), cache.data_ptr(), cache.stride(0),
                       block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), block_size, B, H, N,
                       R, C, V, max_context_len, softmax_scale, out.data_ptr(), threads or torch.get_num_threads())
@@ -289,7 +304,29 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool
     _check_table("cos", cos, torch.float32, (T, R // 2))
     _check_table("sin", sin, torch.float32, (T, R // 2))
     heads, sh = (x.shape[1], x.stride(1)) if x.dim() == 3 else (1, 0)
-    out = torch.empty(x.shape, dtype=torch.float32, device="cpu")
+    out = torch.empty(x.shape, dtype=torch.float32, device=_CPU)
     lib.mm_rope(x.data_ptr(), x.stride(0), sh, T, heads, R, int(interleave), cos.data_ptr(), sin.data_ptr(),
                 out.data_ptr())
     return out
+
+
+def store_latent(cache: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """``cache[slot_mapping[t]] = [c_kv[t] | k_pe[t]]`` in place, negative slots skipped: ``cache`` [slots, C + R]
+    fp32 rows (any row stride, unit column stride), ``c_kv`` [T, C] and ``k_pe`` [T, R] fp32 rows, ``slot_mapping``
+    [T] int64. A slot past the cache raises IndexError (the rows before it are stored, as torch's would not be:
+    the caller's error either way)."""
+    lib = _lib()
+    T, C = c_kv.shape
+    R = k_pe.shape[1]
+    for name, t, width in (("cache", cache, C + R), ("c_kv", c_kv, C), ("k_pe", k_pe, R)):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 or t.shape[1] != width \
+                or t.stride(1) != 1:
+            raise ValueError(f"{name} must be [rows, {width}] float32 CPU rows with unit column stride, got "
+                             f"{list(t.shape)} {t.dtype} on {t.device}")
+    if k_pe.shape[0] != T:
+        raise ValueError(f"c_kv and k_pe must have the same rows, got {T} and {k_pe.shape[0]}")
+    _check_table("slot_mapping", slot_mapping, torch.int64, (T,))
+    bad = lib.mm_store_latent(cache.data_ptr(), cache.stride(0), cache.shape[0], c_kv.data_ptr(), c_kv.stride(0),
+                              k_pe.data_ptr(), k_pe.stride(0), slot_mapping.data_ptr(), T, C, R)
+    if bad >= 0:
+        raise IndexError(f"slot_mapping[{bad}] = {int(slot_mapping[bad])} is past the cache's {cache.shape[0]} slots")

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels
+from .cache_store import _check_inputs, store_latent_ref
 
-# Rows per expert (or per linear call) up to which the kernel is at least as fast as torch, from interleaved
+# Rows per expert up to which the kernel is at least as fast as torch, from interleaved
 # runs of scripts/bench_cpu_experts.py on the 2-core dev machine (heavily shared when measured: the
 # ratios, not the GB/s, carry over). fp32 weights: the kernel matched or beat one bmm over all experts
 # up to 16 rows; past that torch's blocked GEMM (AVX-512 where present) reuses each weight better.
@@ -37,11 +38,17 @@ def choose_expert_path(max_rows: int, weight_dtype: torch.dtype, kernel_ok: bool
 
 def choose_linear_path(rows: int, weight_dtype: torch.dtype, kernel_ok: bool) -> str:
     """How a CPU linear with fp32 rows runs: ``kernel``, ``torch`` (F.linear, same dtypes) or ``upcast``
-    (F.linear over an fp32 copy of a half-precision weight)."""
+    (F.linear over an fp32 copy of a half-precision weight).
+
+    The kernel takes every batch it can, prefill included: it sums each row in one order whatever the row count
+    (kernels/cpu_gemv.c tiles the rows), so a row's bits never depend on its batch (vLLM's batch invariance),
+    which switching to torch's blocked GEMM past some row count would break. The price is prefill-sized
+    products about 1.5x slower than torch's GEMM (scripts/bench_cpu_experts.py --linear). ``rows`` is kept
+    for callers that pass it; it no longer decides."""
+    del rows
     half = weight_dtype in (torch.bfloat16, torch.float16)
     if kernel_ok and weight_dtype in cpu_kernels.WEIGHT_CODES:
-        if rows <= (KERNEL_MAX_ROWS_HALF if half else KERNEL_MAX_ROWS_FP32):
-            return "kernel"
+        return "kernel"
     return "upcast" if half else "torch"
 
 
@@ -54,42 +61,53 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """
     if x.device.type != "cpu" or x.dtype != torch.float32 or not w.is_contiguous():
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
-    lead, k = x.shape[:-1], x.shape[-1]
-    rows = x.numel() // k if k else 0
-    path = choose_linear_path(rows, w.dtype, cpu_kernels.available())
+    path = choose_linear_path(0, w.dtype, cpu_kernels.available())
     if path == "kernel":
-        flat = x.reshape(rows, k)
-        if flat.stride(1) != 1:
-            flat = flat.contiguous()
-        return cpu_kernels.linear(flat, w).view(*lead, w.shape[0])
+        if x.dim() == 2:  # the model's decode rows: no reshape and no view (each a microsecond per call)
+            return cpu_kernels.linear(x if x.stride(1) == 1 else x.contiguous(), w)
+        return cpu_kernels.linear(_rows_2d(x), w).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w if path == "torch" else w.to(x.dtype))
 
 
 def _rows_2d(x: torch.Tensor) -> torch.Tensor:
     """``x`` as [rows, last dim] with unit column stride (a view where possible), for the C kernels."""
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
     flat = x.reshape(-1, x.shape[-1])
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
+# Rows per fused SwiGLU call: its hidden [rows, I] stays in cache, and a prefill splits into calls whose rows get
+# the bits they would get alone (each row's sums run in one order whatever the call's row count).
+SWIGLU_ROWS_PER_CALL = 64
+
+
 def cpu_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """``w2 @ (silu(w1 @ x) * (w3 @ x))`` for fp32 rows on CPU (dense MLPs, shared experts): one kernel call
-    where :func:`choose_linear_path` takes the kernel, else three :func:`cpu_linear` and torch's silu."""
+    """``w2 @ (silu(w1 @ x) * (w3 @ x))`` for fp32 rows on CPU (dense MLPs, shared experts): the fused kernel,
+    :data:`SWIGLU_ROWS_PER_CALL` rows a call, where the kernels apply, else three :func:`cpu_linear` and
+    torch's silu."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (x.device.type == "cpu" and x.dtype == torch.float32 and rows
             and all(w.is_contiguous() and w.dtype == w1.dtype for w in (w1, w3, w2))
             and choose_linear_path(rows, w1.dtype, cpu_kernels.available()) == "kernel"):
-        return cpu_kernels.swiglu(_rows_2d(x), w1, w3, w2).view(*x.shape[:-1], w2.shape[0])
+        flat = _rows_2d(x)
+        if rows <= SWIGLU_ROWS_PER_CALL:
+            y = cpu_kernels.swiglu(flat, w1, w3, w2)
+        else:
+            y = torch.cat([cpu_kernels.swiglu(part, w1, w3, w2) for part in flat.split(SWIGLU_ROWS_PER_CALL)])
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], w2.shape[0])
     return cpu_linear(F.silu(cpu_linear(x, w1)) * cpu_linear(x, w3), w2)
 
 
 def cpu_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """RMSNorm of fp32 rows on CPU in one kernel call; None where the kernel does not apply (other devices
-    or dtypes, no kernels, prefill-sized batches): the caller then runs its torch ops."""
+    """RMSNorm of fp32 rows on CPU in one kernel call, any row count (a row's bits never depend on its batch);
+    None where the kernel does not apply (other devices or dtypes, no kernels): the caller runs its torch ops."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or not rows
-            or not weight.is_contiguous() or rows > KERNEL_MAX_ROWS_HALF or not cpu_kernels.available()):
+            or not weight.is_contiguous() or not cpu_kernels.available()):
         return None
-    return cpu_kernels.rmsnorm(_rows_2d(x), weight, eps).view(x.shape)
+    y = cpu_kernels.rmsnorm(_rows_2d(x), weight, eps)
+    return y if x.dim() == 2 else y.view(x.shape)
 
 
 def cpu_mla_decode(q_nope, q_pe, wkv_b, latent, block_tables, context_lens, block_size: int, softmax_scale: float,
@@ -113,3 +131,18 @@ def cpu_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: 
             or x.shape[0] > KERNEL_MAX_ROWS_HALF or not cpu_kernels.available()):
         return None
     return cpu_kernels.rope(x, cos, sin, interleave)
+
+
+def cpu_store_latent(kv_cache: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
+    """The latent cache store on CPU: one kernel call (a copy per row: the same bits) where the tensors are the
+    kernel's (fp32 rows, int64 slots), else kernels/cache_store.py's ``store_latent_ref``, which also checks."""
+    if (kv_cache.device.type == "cpu" and kv_cache.dtype == torch.float32 and c_kv.dtype == torch.float32
+            and k_pe.dtype == torch.float32 and slot_mapping.dtype == torch.int64 and slot_mapping.dim() == 1
+            and slot_mapping.is_contiguous() and kv_cache.dim() == 2 and kv_cache.stride(-1) == 1
+            and c_kv.dim() == 2 and k_pe.dim() == 2 and c_kv.stride(-1) == 1 and k_pe.stride(-1) == 1
+            and cpu_kernels.available()):
+        _check_inputs(kv_cache, c_kv, k_pe, slot_mapping)  # the reference's errors, word for word
+        cpu_kernels.store_latent(kv_cache, c_kv, k_pe, slot_mapping)
+        return
+    store_latent_ref(kv_cache, c_kv, k_pe, slot_mapping)

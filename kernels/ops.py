@@ -16,7 +16,8 @@ context, known on the host): the kernel sizes its splits with it, and the refere
 otherwise reads ``context_lens`` on the host, sizes its gather with it. ``sparse_mla_decode`` (V3.2)
 gathers the indexer's top-k positions, a shape, so neither path reads anything on the host. The references are the
 CPU path and the oracle; ``store_latent_ref`` and ``fused_moe_ref`` select rows by data
-(boolean masks, ``unique``), which costs nothing on a CPU.
+(boolean masks, ``unique``), which costs nothing on a CPU. On CPU the latent store is one C call
+(``cpu_paths.cpu_store_latent``: the reference's bits, the reference where the kernel does not apply).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache_store import select_store_latent
-from .cpu_paths import cpu_linear, cpu_mla_decode, cpu_rmsnorm, cpu_rope, cpu_swiglu
+from .cpu_paths import cpu_linear, cpu_mla_decode, cpu_rmsnorm, cpu_rope, cpu_store_latent, cpu_swiglu
 from .fused_moe import select_fused_moe
 from .mla_decode import select_mla_decode
 from .routing import select_route
@@ -115,7 +116,8 @@ def select_ops(device: torch.device | str = "cpu", mode: str = "auto") -> Ops:
     return Ops(
         mla_decode=select_mla_decode(device, force),
         sparse_mla_decode=select_sparse_mla_decode(device, force),
-        store_latent=select_store_latent(device, force),
+        # on CPU one C call per layer (the reference's bits; the reference where the kernel does not apply)
+        store_latent=cpu_store_latent if device.type == "cpu" and not force else select_store_latent(device, force),
         route=select_route(device, force),
         # On CPUs the shard's own strategies (padded bmm / busy-expert loop) beat a reference loop.
         fused_moe=_without_id_check(select_fused_moe(device, force)) if triton_moe else None,

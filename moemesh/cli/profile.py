@@ -106,9 +106,13 @@ def _sync(t) -> None:
         torch.accelerator.synchronize(t.device)
 
 
-def step_samples(marks: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(step seconds, routed-expert seconds in it) between consecutive decode steps' marks."""
-    return [(t1 - t0, e1 - e0) for (t0, e0), (t1, e1) in zip(marks, marks[1:])]
+def step_samples(marks: list[tuple[float, float]], prompt_len: int = 2) -> list[tuple[float, float]]:
+    """(step seconds, routed-expert seconds in it) between consecutive decode steps' marks.
+
+    A step is marked by its row count (the batch), so with one-token prompts the prefill is marked too: its
+    mark is the first, and its sample is dropped."""
+    samples = [(t1 - t0, e1 - e0) for (t0, e0), (t1, e1) in zip(marks, marks[1:])]
+    return samples[1:] if prompt_len == 1 else samples
 
 
 def _decode_run(mesh, timed, prompts, n: int) -> list[tuple[float, float]]:
@@ -117,7 +121,7 @@ def _decode_run(mesh, timed, prompts, n: int) -> list[tuple[float, float]]:
 
     timed.rows, timed.total_s, timed.marks = len(prompts), 0.0, []
     mesh.engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-    return step_samples(timed.marks)
+    return step_samples(timed.marks, len(prompts[0]))
 
 
 def _decode_points(mesh, timed, cfg, points: list[tuple[int, int]], steps: int, repeats: int

@@ -162,3 +162,25 @@ def test_rope_is_the_torch_ops_to_the_bit(interleave, shape):
     ref = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)  # Rotary.apply's torch ops
     assert torch.equal(cpu_rope(base, cos, sin, interleave), ref)
     assert cpu_rope(base.double(), cos, sin, interleave) is None
+
+
+@needs_kernel
+def test_store_latent_writes_the_references_rows():
+    from moemesh.kernels.cache_store import store_latent_ref
+    from moemesh.kernels.cpu_paths import cpu_store_latent
+
+    g = torch.Generator().manual_seed(2)
+    C, R = 12, 4
+    c_kv, k_pe = torch.randn(5, C, generator=g), torch.randn(5, R, generator=g)
+    slots = torch.tensor([3, -1, 0, 7, 5])
+    ref, got = torch.zeros(9, C + R + 3), torch.zeros(9, C + R + 3)  # V3.2's rows: the keys after the latent
+    store_latent_ref(ref[:, : C + R], c_kv, k_pe, slots)
+    cpu_store_latent(got[:, : C + R], c_kv, k_pe, slots)
+    assert torch.equal(got, ref)
+    with pytest.raises(IndexError, match="slot_mapping\\[1\\] = 9 is past the cache's 9 slots"):
+        cpu_kernels.store_latent(got[:, : C + R], c_kv[:2], k_pe[:2], torch.tensor([0, 9]))
+    with pytest.raises(ValueError, match="kv_cache must be \\[slots, C \\+ R\\]"):  # the reference's own check
+        cpu_store_latent(got, c_kv, k_pe, slots)
+    half = torch.zeros(9, C + R, dtype=torch.bfloat16)  # not the kernel's: the reference stores it
+    cpu_store_latent(half, c_kv, k_pe, slots)
+    assert torch.equal(half[3], torch.cat([c_kv[0], k_pe[0]]).bfloat16())

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from moemesh.kernels import cpu_kernels
 from moemesh.kernels.cpu_paths import (KERNEL_MAX_ROWS_FP32, KERNEL_MAX_ROWS_HALF, choose_expert_path,
-                                       choose_linear_path, cpu_linear)
+                                       choose_linear_path, cpu_linear, cpu_rmsnorm, cpu_swiglu)
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: CPU kernels not built")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -30,10 +30,10 @@ def test_choose_expert_path():
 
 def test_choose_linear_path():
     assert choose_linear_path(16, torch.bfloat16, True) == "kernel"
-    assert choose_linear_path(KERNEL_MAX_ROWS_HALF + 1, torch.bfloat16, True) == "upcast"
+    assert choose_linear_path(4096, torch.bfloat16, True) == "kernel"  # every batch: one summation order per row
     assert choose_linear_path(16, torch.bfloat16, False) == "upcast"
     assert choose_linear_path(16, torch.float32, True) == "kernel"
-    assert choose_linear_path(KERNEL_MAX_ROWS_FP32 + 1, torch.float32, True) == "torch"
+    assert choose_linear_path(4096, torch.float32, True) == "kernel"
     assert choose_linear_path(1, torch.float32, False) == "torch"
     assert choose_linear_path(1, torch.float64, True) == "torch"
 
@@ -120,6 +120,28 @@ def test_cpu_linear_equals_fp32_math_on_the_widened_weight(dtype, shape):
     assert (got - ref).abs().max() <= _bound(x.reshape(-1, 32), w)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_rows_attention_side_bits_do_not_depend_on_its_batch(dtype):
+    """cpu_linear, cpu_swiglu and cpu_rmsnorm give the first rows the bits they get alone in batches on both
+    sides of every former row limit (16, 64) and of the kernel's row tiles and SwiGLU calls (64 rows)."""
+    g = torch.Generator().manual_seed(5)
+    D, I = 40, 24
+    x = torch.randn(200, D, generator=g)
+    w = torch.randn(I, D, generator=g).to(dtype)
+    w1, w3, w2 = (torch.randn(*s, generator=g).to(dtype) for s in ((I, D), (I, D), (D, I)))
+    norm_w = torch.randn(D, generator=g)
+    ops = {"linear": lambda v: cpu_linear(v, w), "swiglu": lambda v: cpu_swiglu(v, w1, w3, w2),
+           "rmsnorm": lambda v: cpu_rmsnorm(v, norm_w, 1e-6)}
+    for name, op in ops.items():
+        alone = torch.cat([op(x[r:r + 1]) for r in range(3)])
+        for rows in (2, 3, 16, 17, 64, 65, 129, 200):
+            got = op(x[:rows])
+            assert torch.equal(got[:min(rows, 3)], alone[:min(rows, 3)]), (name, rows)
+            if rows > 64:  # a row past the first tile and call too
+                assert torch.equal(got[rows - 1:rows], op(x[rows - 1:rows])), (name, rows)
+
+
 def test_no_compiler_falls_back_with_a_log_line(monkeypatch, capsys):
     monkeypatch.setattr(cpu_kernels, "find_compiler", lambda: None)
     monkeypatch.setattr(cpu_kernels, "_state", {})
@@ -162,6 +184,17 @@ def test_the_build_is_cached(monkeypatch, tmp_path):
     mtime = built[0].stat().st_mtime_ns
     assert cpu_kernels._build() is not None
     assert [p.stat().st_mtime_ns for p in tmp_path.glob("cpu_gemv-*.so")] == [mtime]  # loaded, not rebuilt
+
+
+@needs_kernel
+def test_an_edit_to_the_other_source_or_the_header_builds_anew(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEMESH_KERNEL_CACHE", str(tmp_path / "cache"))
+    assert cpu_kernels._build() is not None
+    header = tmp_path / "cpu_simd.h"
+    header.write_text(cpu_kernels.HEADERS[0].read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(cpu_kernels, "HEADERS", (header,))
+    assert cpu_kernels._build() is not None
+    assert len(list((tmp_path / "cache").glob("cpu_gemv-*.so"))) == 2
 
 
 def test_an_unwritable_cache_falls_back(monkeypatch, tmp_path, capsys):

@@ -36,7 +36,9 @@ def test_hits_count_distinct_experts_only_while_counting_and_pass_calls_on():
     hits.counting = True
     hits.add(1, torch.tensor([[0, 1], [1, 5]]))  # {0, 1, 5}
     hits.add(2, torch.tensor([[3, -1], [3, 3]]))  # {3}: -1 (computed elsewhere) is no expert, not expert 0
-    hits.add(1, torch.tensor([[2, 2]]))  # {2}
+    later_rewritten = torch.tensor([[2, 2]])
+    hits.add(1, later_rewritten)  # {2}
+    later_rewritten.fill_(4)  # counted as it was when dispatched (the count runs after the run)
     assert hits.per_layer() == [4, 1] and hits.dispatches == 3
     assert len(inner.calls) == 4
     hits.reset()

@@ -41,3 +41,5 @@ def test_a_step_runs_from_one_first_moe_layer_to_the_next_with_the_expert_time_b
     marks = [(10.0, 0.0), (10.5, 0.125), (11.25, 0.25)]
     assert step_samples(marks) == [(0.5, 0.125), (0.75, 0.125)]
     assert step_samples(marks[:1]) == [] and step_samples([]) == []
+    # one-token prompts: the prefill has the batch's rows too, so the first mark is the prefill's
+    assert step_samples(marks, prompt_len=1) == [(0.75, 0.125)]
