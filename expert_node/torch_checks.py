@@ -1,7 +1,7 @@
 """The expert node's per-message bookkeeping on the torch transport's tcp stream (expert_node/torch_server.py).
 
 :class:`FrameChecks`: the tables the C receive checks an inline request against (p2p_native.c
-``mm_serve_next``: the layer hosted here, dtype, hidden, k, lengths, ids, weights), kept in step with the
+``mm_serve``: the layer hosted here, dtype, hidden, k, lengths, ids, weights), kept in step with the
 shard; :class:`Tally`: Prometheus counts added up per session; :class:`Zeros`: reply rows for messages with no
 work here; :class:`Hosted`: a snapshot's mask address for the C row checks.
 """

@@ -158,7 +158,7 @@ class _Session:
         on_host = self.compute.type == "cpu"  # else a GPU node over tcp: rows go to its device and back
         native = getattr(pair, "native", None)
         hosted = _Hosted()
-        # the C receive that also checks an inline request (p2p_native.c mm_serve_next), when the pair has it
+        # the C receive that also checks an inline request (p2p_native.c mm_serve), when the pair has it
         fast = FrameChecks(self.svc, self.inline_bytes, tally) if native is not None else None
 
         def recv(timeout_s: float, max_bytes: int):

@@ -26,7 +26,9 @@ The C frame loop (p2p_native.c, when it builds: :mod:`moemesh.wire.p2p_native`) 
 the same wire, the same staging buffer and timeout policy, errors with the same messages; a pair uses one or
 the other for its life (``native``). :meth:`SocketPair.send_request` and :meth:`SocketPair.send_reply` are its
 two sends (p2p.py's frames, built in C straight from the tensors' memory); :meth:`SocketPair.recv_frame`
-is ``recv_message`` with the message's address, for the checks the expert node runs in C.
+is ``recv_message`` with the message's address, for the checks the expert node runs in C. A C receive
+spins up to ``MOEMESH_P2P_SPIN_US`` (default :data:`SPIN_US`) before it blocks, backing off while spins do
+not pay (p2p_native.c ``spin_recv`` says why and how); the Python path blocks at once.
 
 Rendezvous: the expert node (rank 1) listens on an ephemeral port of the address toward its peer
 (nothing wider) and publishes it in the pair's TCPStore prefix; the attention node connects and
@@ -55,15 +57,35 @@ _HEAD, _PREFIX = struct.Struct("<8q"), struct.Struct("<5q")  # p2p.py's request 
 _IDS = (torch.int64, torch.int32)  # what the C send narrows to int32 itself
 # p2p_native.c's argument blocks, field by field (8 bytes each: the C structs have no padding)
 _LIMIT_DEADLINE = struct.Struct("<qd")  # recv_args' first two fields: what changes per receive
-_RECV_FIXED = struct.Struct("<qqqqqdq")  # fd, staging, cap, state, rcvtimeo, slack, len_out (at byte 16)
-_SERVE_TABLES = struct.Struct("<qqqqqq")  # serve_args after recv_args (byte 72): out, limits, itemsize, hosted,
+_RECV_FIXED = struct.Struct("<qqqqqdqq")  # fd, staging, cap, state, rcvtimeo, slack, len_out, spin (at byte 16)
+_SERVE_TABLES = struct.Struct("<qqqqqq")  # serve_args after recv_args (byte 80): out, limits, itemsize, hosted,
 # counts, n_layers
+_SERVE_AT = 80
 _SEND_FIXED = struct.Struct("<qq")  # send_args: fd, scratch
 _SEND = struct.Struct("<5q8q")  # then ids, ids_size, w, x, x_bytes, head[8] (at byte 16)
 _REPLY = struct.Struct("<7q")  # reply_args after fd: y, y_bytes, prefix[5] (at byte 8)
 HELLO_TIMEOUT_S = 5.0  # a connection that does not prove the secret by then is dropped (the real peer sends at once)
 STAGING_BYTES = 1 << 20  # the receive buffer: a decode step's message (and the next ones) lands here whole
 _TIMEOUT_SLACK = 1.1  # the kernel's receive timeout is reset only when it is off by more than this factor
+SPIN_US = 100.0  # how long a C receive spins before it blocks (p2p_native.c spin_recv says why)
+SPIN_FIELDS = ("max_ns", "skip", "backoff", "caught", "missed", "preempted")  # p2p_native.c spin_t
+
+
+def spin_ns(spin_us: float | None = None) -> int:
+    """The spin of a C receive in ns: ``spin_us``, else ``$MOEMESH_P2P_SPIN_US``, else :data:`SPIN_US`; 0 when this
+    process may run on one CPU only (a spin there only keeps the peer from running)."""
+    if spin_us is None:
+        raw = os.environ.get("MOEMESH_P2P_SPIN_US")
+        try:
+            spin_us = SPIN_US if raw is None else float(raw)
+        except ValueError:
+            spin_us = -1.0
+        if not spin_us >= 0:
+            raise ValueError(f"MOEMESH_P2P_SPIN_US={raw!r}: microseconds >= 0 that a receive spins before it "
+                             "blocks (0: block at once)")
+    if len(os.sched_getaffinity(0)) < 2:
+        return 0
+    return int(spin_us * 1000)
 
 
 def _timeval(seconds: float) -> bytes:
@@ -100,7 +122,8 @@ class SocketPair:
     flags), bounded by the kernel's per-direction timeouts. One thread receives at a time (the callers' order).
     """
 
-    def __init__(self, sock: socket.socket, send_timeout_s: float = 30.0, staging_bytes: int = STAGING_BYTES):
+    def __init__(self, sock: socket.socket, send_timeout_s: float = 30.0, staging_bytes: int = STAGING_BYTES,
+                 spin_us: float | None = None):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send_timeout_s))
@@ -114,9 +137,9 @@ class SocketPair:
         self._close_lock = threading.Lock()  # send, receive and fail() threads may all close
         self.native = p2p_native.load()  # the C frame loop, or None: this pair's Python path
         if self.native is not None:
-            self._setup_native()
+            self._setup_native(spin_ns(spin_us))
 
-    def _setup_native(self) -> None:
+    def _setup_native(self, spin: int) -> None:
         """Buffers the C calls read and write, allocated once, and their addresses (numpy's ``ctypes.data``
         costs microseconds per call)."""
         self._rfd, self._wfd = self.sock.fileno(), self._out.fileno()  # -1 once closed: a call then fails cleanly
@@ -126,8 +149,9 @@ class SocketPair:
         self._head = np.zeros(8, dtype=np.int64)  # a request header / a reply prefix, written in place (sends)
         self._got = np.zeros(2, dtype=np.int64)  # a checked receive's message offset and length (receives)
         self._scratch = np.empty(4096, dtype=np.uint8)  # a request's lengths, header, ids and weights (grown)
+        self._spin = np.array([spin, 0, 1, 0, 0, 0], dtype=np.int64)  # p2p_native.c spin_t (SPIN_FIELDS)
         self._addr = {name: getattr(self, name).ctypes.data for name in ("_staging", "_pos", "_timeo", "_len", "_head",
-                                                                     "_got")}
+                                                                     "_got", "_spin")}
         # The C calls' argument blocks (p2p_native.c's recv_args/serve_args, send_args, reply_args): one pointer
         # per call; the fields that do not change are written here, the rest per message.
         self._recv_args = np.zeros(16, dtype=np.int64)  # receives (one thread at a time)
@@ -135,7 +159,8 @@ class SocketPair:
         self._reply_args = np.zeros(8, dtype=np.int64)  # replies
         self._args_addr = tuple(a.ctypes.data for a in (self._recv_args, self._send_args, self._reply_args))
         _RECV_FIXED.pack_into(self._recv_args, 16, self._rfd, self._addr["_staging"], self._staging.nbytes,
-                              self._addr["_pos"], self._addr["_timeo"], _TIMEOUT_SLACK, self._addr["_len"])
+                              self._addr["_pos"], self._addr["_timeo"], _TIMEOUT_SLACK, self._addr["_len"],
+                              self._addr["_spin"])
         self._set_send_fd(self._wfd)
         self._checks = self._checks_args = None  # the FrameChecks (and its tables) the receive block holds
 
@@ -215,6 +240,11 @@ class SocketPair:
             raise RuntimeError("tcp pair: the peer closed the connection")
         raise RuntimeError(f"tcp pair {what} failed: {os.strerror(-rc) if -rc < 4096 else rc}")
 
+    def spin_stats(self) -> dict[str, int]:
+        """The C receive's spin (SPIN_FIELDS: its limit, its backoff, how its spins went); {} on the Python path,
+        whose receives block at once."""
+        return {} if self.native is None else dict(zip(SPIN_FIELDS, self._spin.tolist()))
+
     # ---- receives ---------------------------------------------------------
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> SocketWork:
         (t,) = tensors
@@ -242,12 +272,12 @@ class SocketPair:
 
     def recv_checked(self, timeout_s: float, limit: int, checks) -> tuple[np.ndarray, int, int]:
         """Native only: the next message, received and, when it is an inline dispatch frame, checked in the same
-        C call against ``checks`` (the expert node's tables: ``checks.args``, see p2p_native.c mm_serve_next).
+        C call against ``checks`` (the expert node's tables: ``checks.args``, see p2p_native.c mm_serve).
         (message, its address, routed count) where the count is -1 for a message the caller must handle itself
         (a control frame, a two-message request, or one that failed a check: the Python checks name what)."""
         deadline = time.monotonic() + timeout_s
         if checks is not self._checks or checks.args is not self._checks_args:  # new tables (a reload): once
-            _SERVE_TABLES.pack_into(self._recv_args, 72, self._addr["_got"], *checks.args)
+            _SERVE_TABLES.pack_into(self._recv_args, _SERVE_AT, self._addr["_got"], *checks.args)
             self._checks, self._checks_args = checks, checks.args
         _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
         rc = self.native.mm_serve(self._args_addr[0])
