@@ -135,6 +135,7 @@ class SocketPair:
         self._start = self._end = 0  # the received bytes not handed out yet: _staging[_start:_end]
         self._closed = False
         self._close_lock = threading.Lock()  # send, receive and fail() threads may all close
+        self._calls = 0  # calls on the descriptors in flight (_held): the last one out after close() closes them
         self.native = p2p_native.load()  # the C frame loop, or None: this pair's Python path
         if self.native is not None:
             self._setup_native(spin_ns(spin_us))
@@ -182,17 +183,20 @@ class SocketPair:
         total = sum(v.nbytes for v in views)
         views.insert(0, memoryview(_LEN.pack(total)))
         try:
-            sent = self._out.sendmsg(views)
-            if sent < total + _LEN.size:  # a full socket buffer (large bodies): the rest in order
-                for v in views:
-                    if sent >= v.nbytes:
-                        sent -= v.nbytes
-                        continue
-                    self._out.sendall(v[sent:])
-                    sent = 0
+            self._held(self._send_views, views, total + _LEN.size)
         except OSError as exc:  # a timeout (the peer's window stayed full) included
             self.close()
             raise RuntimeError(f"tcp pair send failed: {exc}") from exc
+
+    def _send_views(self, views: list[memoryview], total: int) -> None:
+        sent = self._out.sendmsg(views)
+        if sent < total:  # a full socket buffer (large bodies): the rest in order
+            for v in views:
+                if sent >= v.nbytes:
+                    sent -= v.nbytes
+                    continue
+                self._out.sendall(v[sent:])
+                sent = 0
 
     def send_request(self, head: tuple, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> None:
         """A dispatch request (p2p.py's frames: ``head`` is the header's 8 ints, kind first) from contiguous host
@@ -213,7 +217,7 @@ class SocketPair:
             self._set_send_fd(self._wfd)
         _SEND.pack_into(self._send_args, 16, ids.data_ptr(), ids.element_size(), weights.data_ptr(), x.data_ptr(),
                         x.numel() * x.element_size(), *head)
-        rc = self.native.mm_send(self._args_addr[1])
+        rc = self._held(self.native.mm_send, self._args_addr[1])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -226,7 +230,7 @@ class SocketPair:
             self.send_parts(reply_parts(prefix[0], y, *prefix[1:]))
             return
         _REPLY.pack_into(self._reply_args, 8, y.data_ptr(), y.numel() * y.element_size(), *prefix)
-        rc = self.native.mm_reply(self._args_addr[2])
+        rc = self._held(self.native.mm_reply, self._args_addr[2])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -264,7 +268,7 @@ class SocketPair:
             return msg, msg.ctypes.data
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
         _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
-        off = self.native.mm_recv(self._args_addr[0])
+        off = self._held(self.native.mm_recv, self._args_addr[0])
         if off >= 0:
             return self._staging[off:off + int(self._len[0])], self._addr["_staging"] + off
         msg = self._native_rare(off, limit, deadline)
@@ -280,7 +284,7 @@ class SocketPair:
             _SERVE_TABLES.pack_into(self._recv_args, _SERVE_AT, self._addr["_got"], *checks.args)
             self._checks, self._checks_args = checks, checks.args
         _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
-        rc = self.native.mm_serve(self._args_addr[0])
+        rc = self._held(self.native.mm_serve, self._args_addr[0])
         if rc >= 0 or rc == p2p_native.ERR_OTHER:
             off, n = self._got.tolist()
             return self._staging[off:off + n], self._addr["_staging"] + off, max(rc, -1)
@@ -294,8 +298,8 @@ class SocketPair:
         n = int(self._len[0])
         if rc == p2p_native.ERR_LARGE:
             out = np.empty(n, dtype=np.uint8)
-            rc = self.native.mm_recv_large(self._rfd, self._addr["_staging"], self._addr["_pos"], out.ctypes.data, n,
-                                           deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
+            rc = self._held(self.native.mm_recv_large, self._rfd, self._addr["_staging"], self._addr["_pos"],
+                            out.ctypes.data, n, deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
             if rc == 0:
                 return out
         if rc == p2p_native.ERR_TOO_LONG:
@@ -353,10 +357,7 @@ class SocketPair:
         try:
             if left <= 0:
                 raise TimeoutError
-            if not left <= self._rcvtimeo <= left * _TIMEOUT_SLACK:  # a syscall only when it is off
-                self._rcvtimeo = left * (1 + _TIMEOUT_SLACK) / 2
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._rcvtimeo))
-            n = self.sock.recv_into(view)
+            n = self._held(self._recv_into, view, left)
         except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO ran out: EAGAIN on a blocking socket
             self.close()  # a message half read cannot be resumed: the pair is done, as a gloo timeout ends it
             raise RuntimeError("tcp pair: timed out waiting for the peer") from None
@@ -368,7 +369,32 @@ class SocketPair:
             raise RuntimeError("tcp pair: the peer closed the connection")
         return n
 
+    def _recv_into(self, view: memoryview, left: float) -> int:
+        if not left <= self._rcvtimeo <= left * _TIMEOUT_SLACK:  # a syscall only when it is off
+            self._rcvtimeo = left * (1 + _TIMEOUT_SLACK) / 2
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._rcvtimeo))
+        return self.sock.recv_into(view)
+
+    # ---- the end ----------------------------------------------------------
+    def _held(self, fn, *args):
+        """``fn(*args)``, a call on this pair's descriptors, with them held open: a call in flight (a C loop, a
+        blocked recv) holds the descriptor's number, and were it closed under it, the number could be reused
+        by a new socket, which the call would then read or write. So close() only shuts the stream down (the
+        call returns at once) and marks the descriptors -1 for later calls; the last call in flight closes them."""
+        with self._close_lock:
+            self._calls += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._close_lock:
+                self._calls -= 1
+                last = self._closed and self._calls == 0
+            if last:
+                self._release()
+
     def close(self) -> None:
+        """End the stream: shut down at once (a blocked call on either end returns), the descriptors closed now
+        when no call is in flight, else by the last one to return (:meth:`_held`)."""
         with self._close_lock:
             if self._closed:
                 return
@@ -377,11 +403,16 @@ class SocketPair:
             if self.native is not None:
                 _LEN.pack_into(self._recv_args, 16, -1)
                 self._set_send_fd(-1)
-        try:  # wakes a thread blocked in recv_into/sendmsg before the descriptors go (no reuse under it)
+            idle = self._calls == 0
+        try:  # wakes a thread blocked in recv/sendmsg (its descriptor stays open until it has returned)
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._out.close()
+        if idle:
+            self._release()
+
+    def _release(self) -> None:
+        self._out.close()  # both idempotent
         self.sock.close()
 
     def __del__(self):  # the pair code drops its groups by reference, as with gloo's
