@@ -74,6 +74,12 @@ class Tally:
             self.counts(layer)[:] += np.bincount(routed, minlength=self.n)
         self.counted(int(routed.size))
 
+    def uncount(self, layer: int, ids: np.ndarray) -> None:
+        """Take back what the C checks added for a message rejected after all (ids [rows, k], -1 = elsewhere)."""
+        routed = ids[ids >= 0]
+        if routed.size:
+            self.counts(layer)[:] -= np.bincount(routed, minlength=self.n)
+
     def counts(self, layer: int) -> np.ndarray:
         held = self.tokens.get(layer)
         if held is None:

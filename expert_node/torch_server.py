@@ -180,9 +180,7 @@ class _Session:
                     snapshot = shard.snapshot(h.layer)
                     body = frame[p2p.HEADER_BYTES:]
                     if snapshot is not fast.snapshots[h.layer]:  # the shard changed since: check it again here
-                        fast.refresh()
-                        snapshot = self._check_header(h)
-                        self._check_rows(h.layer, *p2p.host_meta(body, h), snapshot)
+                        snapshot = self._recheck(fast, tally, h, body)
                 else:
                     if frame.nbytes < p2p.HEADER_BYTES:  # before its header is read
                         raise BadRequest(f"a frame of {frame.nbytes} bytes, shorter than the {p2p.HEADER_BYTES}-byte "
@@ -241,6 +239,20 @@ class _Session:
                 self.busy = False
         finally:
             tally.flush()
+
+    def _recheck(self, fast: FrameChecks, tally: _Tally, h: p2p.Header, body: np.ndarray):
+        """A request the C receive checked against tables the shard has changed since (a reload, a drop): checked
+        again against the layer's snapshot now, which it returns. One that fails has its routed ids taken back
+        out of the tally (the C receive counted them): it is not computed, so Prometheus must not count it."""
+        fast.refresh()
+        ids, weights = p2p.host_meta(body, h)
+        try:
+            snapshot = self._check_header(h)
+            self._check_rows(h.layer, ids, weights, snapshot)
+        except BadRequest:
+            tally.uncount(h.layer, ids)
+            raise
+        return snapshot
 
     # ---- validation: what DispatchService.parse checks, on frames ---------
     def _check_header(self, h: p2p.Header):
