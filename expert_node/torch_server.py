@@ -31,7 +31,7 @@ from moemesh import metrics
 from moemesh.errors import FailedPreconditionError, InvalidRequestError, MoemeshError, UnavailableError
 from moemesh.wire.status import abort
 
-from moemesh.wire import p2p
+from moemesh.wire import p2p, p2p_groups
 from moemesh.logs import get_logger
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 
@@ -69,10 +69,10 @@ class _Session:
 
     def _run(self) -> None:
         try:
-            hostname = p2p.local_host_toward(self.peer_host)
+            hostname = p2p_groups.local_host_toward(self.peer_host)
             # A store client of our own: one TCPStore object blocks its other users while a rendezvous waits.
-            store = p2p.connect_store(self.store, self.timeout_s)
-            req_pg, rep_pg = p2p.new_pair_group(store, self.prefix, p2p.EXPERT_RANK, self.backend,
+            store = p2p_groups.connect_store(self.store, self.timeout_s)
+            req_pg, rep_pg = p2p_groups.new_pair_group(store, self.prefix, p2p.EXPERT_RANK, self.backend,
                                                 self.timeout_s, hostname, self.device)
             log.info("torch_session_up", prefix=self.prefix, backend=self.backend, peer=self.peer_host,
                      version=self.version)
@@ -105,7 +105,7 @@ class _Session:
         sending = None  # (work, buffer) of the last reply: waited for before the next one is sent, and at the end
         try:
             while not self.stopping.is_set():
-                p2p.wait(req_pg.recv([frame], src, p2p.TAG_REQUEST), self.idle_s, backend, "waiting for a frame")
+                p2p_groups.wait(req_pg.recv([frame], src, p2p.TAG_REQUEST), self.idle_s, backend, "waiting for a frame")
                 received = time.monotonic_ns()  # the node's own clock: the reply carries durations only
                 h = p2p.unpack_header(raw if host else frame)
                 if h.kind == p2p.KIND_PING:
@@ -118,7 +118,7 @@ class _Session:
                     body = raw[p2p.HEADER_BYTES:] if host else frame[p2p.HEADER_BYTES:]
                 else:
                     body = torch.empty(h.body_bytes, dtype=torch.uint8, device=self.device)
-                    p2p.wait(req_pg.recv([body], src, p2p.TAG_REQUEST), self.timeout_s, backend, "receiving a body")
+                    p2p_groups.wait(req_pg.recv([body], src, p2p.TAG_REQUEST), self.timeout_s, backend, "receiving a body")
                     body = body.numpy() if host else body
                 if host:  # views of the received bytes; ids and weights are small copies, checked before math
                     x, idx, w, ids, weights = p2p.host_body(body, h)
@@ -136,7 +136,7 @@ class _Session:
                 reply = p2p.pack_reply(h.msg_id, y.to(device=self.device, dtype=x.dtype), 0, parsed - received,
                                        computed - parsed, started_ns=computed)
                 if sending is not None:
-                    p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")
+                    p2p_groups.wait(sending[0], self.timeout_s, backend, "sending a reply")
                 sending = (rep_pg.send([reply], src, p2p.TAG_REPLY), reply)
                 MESSAGES_OK.inc()
                 self.svc.tokens_computed += _count_tokens(h.layer, ids)  # Info's count, as over gRPC
@@ -144,7 +144,7 @@ class _Session:
                 self.busy = False
         finally:
             if sending is not None and self.error is None:
-                p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")  # delivered before the group goes
+                p2p_groups.wait(sending[0], self.timeout_s, backend, "sending a reply")  # delivered before the group goes
 
     def _serve_stream(self, pair) -> None:
         """The ``tcp`` backend's loop, on this thread alone: receive (one read), check, compute, send (one write).
@@ -304,7 +304,7 @@ class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
                  device: torch.device | str = "cpu"):
         self._dispatch = dispatch
         self.device = torch.device(device)  # the expert node's --device: NCCL frames live there
-        self.store = p2p.host_store(store_port)
+        self.store = p2p_groups.host_store(store_port)
         self.store_address = f"{advertise_host}:{self.store.port}"
         self.sessions: dict[str, _Session] = {}  # open Session calls
         self._threads: set[_Session] = set()  # sessions whose thread still holds a group

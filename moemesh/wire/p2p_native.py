@@ -30,6 +30,27 @@ ABI_VERSION = 5
 # the C side's codes (p2p_native.c), for the messages p2p_socket gives them
 ERR_CLOSED, ERR_TIMEOUT, ERR_TOO_LONG, ERR_LARGE, ERR_OTHER = -100001, -100002, -100003, -100004, -100005
 
+SPIN_US = 100.0  # how long a C receive spins before it blocks (p2p_native.c spin_recv says why)
+SPIN_FIELDS = ("max_ns", "skip", "backoff", "caught", "missed", "preempted")  # p2p_native.c spin_t
+
+
+def spin_ns(spin_us: float | None = None) -> int:
+    """The spin of a C receive in ns: ``spin_us``, else ``$MOEMESH_P2P_SPIN_US``, else :data:`SPIN_US`; 0 when this
+    process may run on one CPU only (a spin there only keeps the peer from running)."""
+    if spin_us is None:
+        raw = os.environ.get("MOEMESH_P2P_SPIN_US")
+        try:
+            spin_us = SPIN_US if raw is None else float(raw)
+        except ValueError:
+            spin_us = -1.0
+        if not spin_us >= 0:
+            raise ValueError(f"MOEMESH_P2P_SPIN_US={raw!r}: microseconds >= 0 that a receive spins before it "
+                             "blocks (0: block at once)")
+    if len(os.sched_getaffinity(0)) < 2:
+        return 0
+    return int(spin_us * 1000)
+
+
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

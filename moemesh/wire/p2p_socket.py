@@ -27,20 +27,16 @@ the same wire, the same staging buffer and timeout policy, errors with the same 
 the other for its life (``native``). :meth:`SocketPair.send_request` and :meth:`SocketPair.send_reply` are its
 two sends (p2p.py's frames, built in C straight from the tensors' memory); :meth:`SocketPair.recv_frame`
 is ``recv_message`` with the message's address, for the checks the expert node runs in C. A C receive
-spins up to ``MOEMESH_P2P_SPIN_US`` (default :data:`SPIN_US`) before it blocks, backing off while spins do
+spins up to ``MOEMESH_P2P_SPIN_US`` (default ``p2p_native.SPIN_US``) before it blocks, backing off while spins do
 not pay (p2p_native.c ``spin_recv`` says why and how); the Python path blocks at once.
 
-Rendezvous: the expert node (rank 1) listens on an ephemeral port of the address toward its peer
-(nothing wider) and publishes it in the pair's TCPStore prefix; the attention node connects and
-sends the prefix (a 24-hex-digit secret it got from the Session call) before anything else; the
-node accepts one connection that proves it and closes the listener. Tags are not sent: requests
-only flow to the node and replies only back, in order, which is what the pair code relies on.
+Rendezvous: moemesh/wire/p2p_groups.py (``listen_pair``, ``connect_pair``). Tags are not sent: requests only
+flow to the node and replies only back, in order, which is what the pair code relies on.
 """
 
 from __future__ import annotations
 
 import datetime
-import hmac
 import os
 import socket
 import struct
@@ -64,30 +60,8 @@ _SERVE_AT = 80
 _SEND_FIXED = struct.Struct("<qq")  # send_args: fd, scratch
 _SEND = struct.Struct("<5q8q")  # then ids, ids_size, w, x, x_bytes, head[8] (at byte 16)
 _REPLY = struct.Struct("<7q")  # reply_args after fd: y, y_bytes, prefix[5] (at byte 8)
-HELLO_TIMEOUT_S = 5.0  # a connection that does not prove the secret by then is dropped (the real peer sends at once)
 STAGING_BYTES = 1 << 20  # the receive buffer: a decode step's message (and the next ones) lands here whole
 _TIMEOUT_SLACK = 1.1  # the kernel's receive timeout is reset only when it is off by more than this factor
-SPIN_US = 100.0  # how long a C receive spins before it blocks (p2p_native.c spin_recv says why)
-SPIN_FIELDS = ("max_ns", "skip", "backoff", "caught", "missed", "preempted")  # p2p_native.c spin_t
-
-
-def spin_ns(spin_us: float | None = None) -> int:
-    """The spin of a C receive in ns: ``spin_us``, else ``$MOEMESH_P2P_SPIN_US``, else :data:`SPIN_US`; 0 when this
-    process may run on one CPU only (a spin there only keeps the peer from running)."""
-    if spin_us is None:
-        raw = os.environ.get("MOEMESH_P2P_SPIN_US")
-        try:
-            spin_us = SPIN_US if raw is None else float(raw)
-        except ValueError:
-            spin_us = -1.0
-        if not spin_us >= 0:
-            raise ValueError(f"MOEMESH_P2P_SPIN_US={raw!r}: microseconds >= 0 that a receive spins before it "
-                             "blocks (0: block at once)")
-    if len(os.sched_getaffinity(0)) < 2:
-        return 0
-    return int(spin_us * 1000)
-
-
 def _timeval(seconds: float) -> bytes:
     seconds = max(seconds, 0.001)
     return struct.pack("@ll", int(seconds), int((seconds % 1.0) * 1e6))
@@ -138,7 +112,7 @@ class SocketPair:
         self._calls = 0  # calls on the descriptors in flight (_held): the last one out after close() closes them
         self.native = p2p_native.load()  # the C frame loop, or None: this pair's Python path
         if self.native is not None:
-            self._setup_native(spin_ns(spin_us))
+            self._setup_native(p2p_native.spin_ns(spin_us))
 
     def _setup_native(self, spin: int) -> None:
         """Buffers the C calls read and write, allocated once, and their addresses (numpy's ``ctypes.data``
@@ -247,7 +221,7 @@ class SocketPair:
     def spin_stats(self) -> dict[str, int]:
         """The C receive's spin (SPIN_FIELDS: its limit, its backoff, how its spins went); {} on the Python path,
         whose receives block at once."""
-        return {} if self.native is None else dict(zip(SPIN_FIELDS, self._spin.tolist()))
+        return {} if self.native is None else dict(zip(p2p_native.SPIN_FIELDS, self._spin.tolist()))
 
     # ---- receives ---------------------------------------------------------
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> SocketWork:
@@ -417,48 +391,3 @@ class SocketPair:
 
     def __del__(self):  # the pair code drops its groups by reference, as with gloo's
         self.close()
-
-
-def listen_pair(store, prefix: str, hostname: str, timeout_s: float) -> SocketPair:
-    """Rank 1 (the expert node): listen toward the peer, publish the port, accept the one peer that proves
-    ``prefix``."""
-    with socket.create_server((hostname, 0)) as server:
-        host, port = server.getsockname()[:2]
-        store.set(f"{prefix}tcp/addr", f"{host}|{port}")
-        deadline = time.monotonic() + timeout_s
-        secret = prefix.encode()
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no peer connected within {timeout_s:g}s")
-            server.settimeout(left)
-            sock, _ = server.accept()
-            # Bounded per connection: one that connects and stays silent cannot hold the real peer out.
-            sock.settimeout(max(0.001, min(HELLO_TIMEOUT_S, deadline - time.monotonic())))
-            try:
-                hello = _read_exact(sock, len(secret))
-            except OSError:
-                sock.close()
-                continue
-            if hmac.compare_digest(hello, secret):
-                return SocketPair(sock, timeout_s)
-            sock.close()  # not our peer: keep waiting for it
-
-
-def connect_pair(store, prefix: str, timeout_s: float) -> SocketPair:
-    """Rank 0 (the attention node): find the node's port in the store, connect, prove ``prefix``."""
-    store.wait([f"{prefix}tcp/addr"], datetime.timedelta(seconds=timeout_s))
-    host, _, port = store.get(f"{prefix}tcp/addr").decode().rpartition("|")
-    sock = socket.create_connection((host, int(port)), timeout=timeout_s)
-    sock.sendall(prefix.encode())
-    return SocketPair(sock, timeout_s)
-
-
-def _read_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data

@@ -1,4 +1,4 @@
-"""The C receive's spin before it blocks (p2p_native.c spin_recv, p2p_socket.spin_ns): what it counts and how it
+"""The C receive's spin before it blocks (p2p_native.c spin_recv, p2p_native.spin_ns): what it counts and how it
 backs off while spins do not pay."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from moemesh.wire import p2p_native, p2p_socket
+from moemesh.wire import p2p_native
 from moemesh.wire.p2p_socket import SocketPair
 
 
@@ -32,7 +32,7 @@ def _state(pair: SocketPair) -> tuple[int, int, int]:
 
 @pytest.fixture
 def two_cpus(monkeypatch):
-    monkeypatch.setattr(p2p_socket.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(p2p_native.os, "sched_getaffinity", lambda pid: {0, 1})
 
 
 def test_a_message_that_is_there_is_caught_by_the_spin(two_cpus):
@@ -75,19 +75,19 @@ def test_no_spin_when_switched_off_or_on_one_cpu(two_cpus, monkeypatch):
     sender.send_parts([b"x"])
     receiver.recv_message(5.0, 64)
     assert receiver.spin_stats()["caught"] == 0
-    monkeypatch.setattr(p2p_socket.os, "sched_getaffinity", lambda pid: {0})  # the peer may share our one CPU
-    assert p2p_socket.spin_ns(100) == 0
+    monkeypatch.setattr(p2p_native.os, "sched_getaffinity", lambda pid: {0})  # the peer may share our one CPU
+    assert p2p_native.spin_ns(100) == 0
 
 
 def test_the_spin_comes_from_the_environment_and_a_bad_value_is_named(two_cpus, monkeypatch):
     monkeypatch.delenv("MOEMESH_P2P_SPIN_US", raising=False)
-    assert p2p_socket.spin_ns() == int(p2p_socket.SPIN_US * 1000)
+    assert p2p_native.spin_ns() == int(p2p_native.SPIN_US * 1000)
     monkeypatch.setenv("MOEMESH_P2P_SPIN_US", "25")
-    assert p2p_socket.spin_ns() == 25_000
+    assert p2p_native.spin_ns() == 25_000
     for bad in ("-1", "soon", "nan"):
         monkeypatch.setenv("MOEMESH_P2P_SPIN_US", bad)
         with pytest.raises(ValueError, match="MOEMESH_P2P_SPIN_US=.*microseconds >= 0"):
-            p2p_socket.spin_ns()
+            p2p_native.spin_ns()
 
 
 def test_the_python_path_has_no_spin(monkeypatch):
