@@ -390,4 +390,7 @@ class SocketPair:
         self.sock.close()
 
     def __del__(self):  # the pair code drops its groups by reference, as with gloo's
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the modules it uses may be gone already; the OS closes the fds
+            pass
