@@ -109,7 +109,7 @@ class SocketPair:
         self._start = self._end = 0  # the received bytes not handed out yet: _staging[_start:_end]
         self._closed = False
         self._close_lock = threading.Lock()  # send, receive and fail() threads may all close
-        self._calls = 0  # calls on the descriptors in flight (_held): the last one out after close() closes them
+        self._in_send = self._in_recv = False  # a call on the descriptors in flight, per direction (_held)
         self.native = p2p_native.load()  # the C frame loop, or None: this pair's Python path
         if self.native is not None:
             self._setup_native(p2p_native.spin_ns(spin_us))
@@ -157,7 +157,7 @@ class SocketPair:
         total = sum(v.nbytes for v in views)
         views.insert(0, memoryview(_LEN.pack(total)))
         try:
-            self._held(self._send_views, views, total + _LEN.size)
+            self._held_send(self._send_views, views, total + _LEN.size)
         except OSError as exc:  # a timeout (the peer's window stayed full) included
             self.close()
             raise RuntimeError(f"tcp pair send failed: {exc}") from exc
@@ -191,7 +191,7 @@ class SocketPair:
             self._set_send_fd(self._wfd)
         _SEND.pack_into(self._send_args, 16, ids.data_ptr(), ids.element_size(), weights.data_ptr(), x.data_ptr(),
                         x.numel() * x.element_size(), *head)
-        rc = self._held(self.native.mm_send, self._args_addr[1])
+        rc = self._held_send(self.native.mm_send, self._args_addr[1])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -204,7 +204,7 @@ class SocketPair:
             self.send_parts(reply_parts(prefix[0], y, *prefix[1:]))
             return
         _REPLY.pack_into(self._reply_args, 8, y.data_ptr(), y.numel() * y.element_size(), *prefix)
-        rc = self._held(self.native.mm_reply, self._args_addr[2])
+        rc = self._held_send(self.native.mm_reply, self._args_addr[2])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -242,7 +242,7 @@ class SocketPair:
             return msg, msg.ctypes.data
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
         _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
-        off = self._held(self.native.mm_recv, self._args_addr[0])
+        off = self._held_recv(self.native.mm_recv, self._args_addr[0])
         if off >= 0:
             return self._staging[off:off + int(self._len[0])], self._addr["_staging"] + off
         msg = self._native_rare(off, limit, deadline)
@@ -258,7 +258,7 @@ class SocketPair:
             _SERVE_TABLES.pack_into(self._recv_args, _SERVE_AT, self._addr["_got"], *checks.args)
             self._checks, self._checks_args = checks, checks.args
         _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
-        rc = self._held(self.native.mm_serve, self._args_addr[0])
+        rc = self._held_recv(self.native.mm_serve, self._args_addr[0])
         if rc >= 0 or rc == p2p_native.ERR_OTHER:
             off, n = self._got.tolist()
             return self._staging[off:off + n], self._addr["_staging"] + off, max(rc, -1)
@@ -272,8 +272,8 @@ class SocketPair:
         n = int(self._len[0])
         if rc == p2p_native.ERR_LARGE:
             out = np.empty(n, dtype=np.uint8)
-            rc = self._held(self.native.mm_recv_large, self._rfd, self._addr["_staging"], self._addr["_pos"],
-                            out.ctypes.data, n, deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
+            rc = self._held_recv(self.native.mm_recv_large, self._rfd, self._addr["_staging"], self._addr["_pos"],
+                                 out.ctypes.data, n, deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
             if rc == 0:
                 return out
         if rc == p2p_native.ERR_TOO_LONG:
@@ -331,7 +331,7 @@ class SocketPair:
         try:
             if left <= 0:
                 raise TimeoutError
-            n = self._held(self._recv_into, view, left)
+            n = self._held_recv(self._recv_into, view, left)
         except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO ran out: EAGAIN on a blocking socket
             self.close()  # a message half read cannot be resumed: the pair is done, as a gloo timeout ends it
             raise RuntimeError("tcp pair: timed out waiting for the peer") from None
@@ -350,25 +350,30 @@ class SocketPair:
         return self.sock.recv_into(view)
 
     # ---- the end ----------------------------------------------------------
-    def _held(self, fn, *args):
-        """``fn(*args)``, a call on this pair's descriptors, with them held open: a call in flight (a C loop, a
-        blocked recv) holds the descriptor's number, and were it closed under it, the number could be reused
-        by a new socket, which the call would then read or write. So close() only shuts the stream down (the
-        call returns at once) and marks the descriptors -1 for later calls; the last call in flight closes them."""
-        with self._close_lock:
-            self._calls += 1
+    # A call in flight (a C loop, a blocked recv) holds its descriptor's number: closed under it, the number could
+    # be reused by a new socket that the call then reads or writes (see close()). One call per direction at a time
+    # (the callers' order): a flag each, set before the call reads its descriptor, ordered by the GIL.
+    def _held_send(self, fn, *args):
+        self._in_send = True
         try:
             return fn(*args)
         finally:
-            with self._close_lock:
-                self._calls -= 1
-                last = self._closed and self._calls == 0
-            if last:
+            self._in_send = False
+            if self._closed and not self._in_recv:
+                self._release()
+
+    def _held_recv(self, fn, *args):
+        self._in_recv = True
+        try:
+            return fn(*args)
+        finally:
+            self._in_recv = False
+            if self._closed and not self._in_send:
                 self._release()
 
     def close(self) -> None:
-        """End the stream: shut down at once (a blocked call on either end returns), the descriptors closed now
-        when no call is in flight, else by the last one to return (:meth:`_held`)."""
+        """End the stream: shut down at once (a blocked call on either end returns) and the descriptors marked -1
+        for later calls; closed now when no call is in flight, else by the one in flight when it returns."""
         with self._close_lock:
             if self._closed:
                 return
@@ -377,7 +382,7 @@ class SocketPair:
             if self.native is not None:
                 _LEN.pack_into(self._recv_args, 16, -1)
                 self._set_send_fd(-1)
-            idle = self._calls == 0
+            idle = not (self._in_send or self._in_recv)
         try:  # wakes a thread blocked in recv/sendmsg (its descriptor stays open until it has returned)
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

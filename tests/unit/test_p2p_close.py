@@ -94,7 +94,7 @@ def test_close_wakes_a_blocked_receive_of_the_python_path(monkeypatch):
     errors = []
     thread = threading.Thread(target=lambda: errors.append(_error(receiver)))
     thread.start()
-    eventually(lambda: receiver._calls == 1, what="the receive in recv_into")  # held until it returns
+    eventually(lambda: receiver._in_recv, what="the receive in recv_into")  # held until it returns
     receiver.close()
     thread.join(5.0)
     assert not thread.is_alive() and "closed" in errors[0] and receiver.sock.fileno() == -1
