@@ -30,8 +30,7 @@ is ``recv_message`` with the message's address, for the checks the expert node r
 spins up to ``MOEMESH_P2P_SPIN_US`` (default ``p2p_native.SPIN_US``) before it blocks, backing off while spins do
 not pay (p2p_native.c ``spin_recv`` says why and how); the Python path blocks at once.
 
-Rendezvous: moemesh/wire/p2p_groups.py (``listen_pair``, ``connect_pair``). Tags are not sent: requests only
-flow to the node and replies only back, in order, which is what the pair code relies on.
+Rendezvous: p2p_groups.py. Tags are not sent: requests flow only to the node and replies only back, in order.
 """
 
 from __future__ import annotations
