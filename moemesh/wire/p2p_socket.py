@@ -48,19 +48,19 @@ import torch
 from moemesh.wire import p2p_native
 
 _LEN = struct.Struct("<q")  # little-endian int64, as the frames
-_HEAD, _PREFIX = struct.Struct("<8q"), struct.Struct("<5q")  # p2p.py's request header and reply prefix
 _IDS = (torch.int64, torch.int32)  # what the C send narrows to int32 itself
 # p2p_native.c's argument blocks, field by field (8 bytes each: the C structs have no padding)
 _LIMIT_DEADLINE = struct.Struct("<qd")  # recv_args' first two fields: what changes per receive
 _RECV_FIXED = struct.Struct("<qqqqqdqq")  # fd, staging, cap, state, rcvtimeo, slack, len_out, spin (at byte 16)
-_SERVE_TABLES = struct.Struct("<qqqqqq")  # serve_args after recv_args (byte 80): out, limits, itemsize, hosted,
-# counts, n_layers
-_SERVE_AT = 80
+_SERVE_AT = 80  # serve_args' fields after recv_args': out, limits, itemsize, hosted, counts, n_layers
+_SERVE_TABLES = struct.Struct("<qqqqqq")
 _SEND_FIXED = struct.Struct("<qq")  # send_args: fd, scratch
 _SEND = struct.Struct("<5q8q")  # then ids, ids_size, w, x, x_bytes, head[8] (at byte 16)
 _REPLY = struct.Struct("<7q")  # reply_args after fd: y, y_bytes, prefix[5] (at byte 8)
 STAGING_BYTES = 1 << 20  # the receive buffer: a decode step's message (and the next ones) lands here whole
 _TIMEOUT_SLACK = 1.1  # the kernel's receive timeout is reset only when it is off by more than this factor
+
+
 def _timeval(seconds: float) -> bytes:
     seconds = max(seconds, 0.001)
     return struct.pack("@ll", int(seconds), int((seconds % 1.0) * 1e6))
@@ -92,8 +92,7 @@ class SocketPair:
 
     Sends and receives run on different threads (the attention node's engine sends, a waiter receives), so each
     direction has its own socket object over the one connection (``dup``); both are blocking (the same file
-    flags), bounded by the kernel's per-direction timeouts. One thread receives at a time (the callers' order).
-    """
+    flags), bounded by the kernel's per-direction timeouts. One thread receives at a time (the callers' order)."""
 
     def __init__(self, sock: socket.socket, send_timeout_s: float = 30.0, staging_bytes: int = STAGING_BYTES,
                  spin_us: float | None = None):
