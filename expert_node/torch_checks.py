@@ -1,7 +1,7 @@
 """The expert node's per-message bookkeeping on the torch transport's tcp stream (expert_node/torch_server.py).
 
 :class:`FrameChecks`: the tables the C receive checks an inline request against (p2p_native.c
-``mm_serve_next``: the layer hosted here, dtype, hidden, k, lengths, ids, weights), kept in step with the
+``mm_serve``: the layer hosted here, dtype, hidden, k, lengths, ids, weights), kept in step with the
 shard; :class:`Tally`: Prometheus counts added up per session; :class:`Zeros`: reply rows for messages with no
 work here; :class:`Hosted`: a snapshot's mask address for the C row checks.
 """
@@ -73,6 +73,12 @@ class Tally:
         if routed.size:
             self.counts(layer)[:] += np.bincount(routed, minlength=self.n)
         self.counted(int(routed.size))
+
+    def uncount(self, layer: int, ids: np.ndarray) -> None:
+        """Take back what the C checks added for a message rejected after all (ids [rows, k], -1 = elsewhere)."""
+        routed = ids[ids >= 0]
+        if routed.size:
+            self.counts(layer)[:] -= np.bincount(routed, minlength=self.n)
 
     def counts(self, layer: int) -> np.ndarray:
         held = self.tokens.get(layer)

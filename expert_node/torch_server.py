@@ -31,7 +31,7 @@ from moemesh import metrics
 from moemesh.errors import FailedPreconditionError, InvalidRequestError, MoemeshError, UnavailableError
 from moemesh.wire.status import abort
 
-from moemesh.wire import p2p
+from moemesh.wire import p2p, p2p_groups
 from moemesh.logs import get_logger
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 
@@ -69,10 +69,10 @@ class _Session:
 
     def _run(self) -> None:
         try:
-            hostname = p2p.local_host_toward(self.peer_host)
+            hostname = p2p_groups.local_host_toward(self.peer_host)
             # A store client of our own: one TCPStore object blocks its other users while a rendezvous waits.
-            store = p2p.connect_store(self.store, self.timeout_s)
-            req_pg, rep_pg = p2p.new_pair_group(store, self.prefix, p2p.EXPERT_RANK, self.backend,
+            store = p2p_groups.connect_store(self.store, self.timeout_s)
+            req_pg, rep_pg = p2p_groups.new_pair_group(store, self.prefix, p2p.EXPERT_RANK, self.backend,
                                                 self.timeout_s, hostname, self.device)
             log.info("torch_session_up", prefix=self.prefix, backend=self.backend, peer=self.peer_host,
                      version=self.version)
@@ -105,7 +105,7 @@ class _Session:
         sending = None  # (work, buffer) of the last reply: waited for before the next one is sent, and at the end
         try:
             while not self.stopping.is_set():
-                p2p.wait(req_pg.recv([frame], src, p2p.TAG_REQUEST), self.idle_s, backend, "waiting for a frame")
+                p2p_groups.wait(req_pg.recv([frame], src, p2p.TAG_REQUEST), self.idle_s, backend, "waiting for a frame")
                 received = time.monotonic_ns()  # the node's own clock: the reply carries durations only
                 h = p2p.unpack_header(raw if host else frame)
                 if h.kind == p2p.KIND_PING:
@@ -118,7 +118,7 @@ class _Session:
                     body = raw[p2p.HEADER_BYTES:] if host else frame[p2p.HEADER_BYTES:]
                 else:
                     body = torch.empty(h.body_bytes, dtype=torch.uint8, device=self.device)
-                    p2p.wait(req_pg.recv([body], src, p2p.TAG_REQUEST), self.timeout_s, backend, "receiving a body")
+                    p2p_groups.wait(req_pg.recv([body], src, p2p.TAG_REQUEST), self.timeout_s, backend, "receiving a body")
                     body = body.numpy() if host else body
                 if host:  # views of the received bytes; ids and weights are small copies, checked before math
                     x, idx, w, ids, weights = p2p.host_body(body, h)
@@ -136,7 +136,7 @@ class _Session:
                 reply = p2p.pack_reply(h.msg_id, y.to(device=self.device, dtype=x.dtype), 0, parsed - received,
                                        computed - parsed, started_ns=computed)
                 if sending is not None:
-                    p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")
+                    p2p_groups.wait(sending[0], self.timeout_s, backend, "sending a reply")
                 sending = (rep_pg.send([reply], src, p2p.TAG_REPLY), reply)
                 MESSAGES_OK.inc()
                 self.svc.tokens_computed += _count_tokens(h.layer, ids)  # Info's count, as over gRPC
@@ -144,7 +144,7 @@ class _Session:
                 self.busy = False
         finally:
             if sending is not None and self.error is None:
-                p2p.wait(sending[0], self.timeout_s, backend, "sending a reply")  # delivered before the group goes
+                p2p_groups.wait(sending[0], self.timeout_s, backend, "sending a reply")  # delivered before the group goes
 
     def _serve_stream(self, pair) -> None:
         """The ``tcp`` backend's loop, on this thread alone: receive (one read), check, compute, send (one write).
@@ -158,7 +158,7 @@ class _Session:
         on_host = self.compute.type == "cpu"  # else a GPU node over tcp: rows go to its device and back
         native = getattr(pair, "native", None)
         hosted = _Hosted()
-        # the C receive that also checks an inline request (p2p_native.c mm_serve_next), when the pair has it
+        # the C receive that also checks an inline request (p2p_native.c mm_serve), when the pair has it
         fast = FrameChecks(self.svc, self.inline_bytes, tally) if native is not None else None
 
         def recv(timeout_s: float, max_bytes: int):
@@ -180,9 +180,7 @@ class _Session:
                     snapshot = shard.snapshot(h.layer)
                     body = frame[p2p.HEADER_BYTES:]
                     if snapshot is not fast.snapshots[h.layer]:  # the shard changed since: check it again here
-                        fast.refresh()
-                        snapshot = self._check_header(h)
-                        self._check_rows(h.layer, *p2p.host_meta(body, h), snapshot)
+                        snapshot = self._recheck(fast, tally, h, body)
                 else:
                     if frame.nbytes < p2p.HEADER_BYTES:  # before its header is read
                         raise BadRequest(f"a frame of {frame.nbytes} bytes, shorter than the {p2p.HEADER_BYTES}-byte "
@@ -242,6 +240,20 @@ class _Session:
         finally:
             tally.flush()
 
+    def _recheck(self, fast: FrameChecks, tally: _Tally, h: p2p.Header, body: np.ndarray):
+        """A request the C receive checked against tables the shard has changed since (a reload, a drop): checked
+        again against the layer's snapshot now, which it returns. One that fails has its routed ids taken back
+        out of the tally (the C receive counted them): it is not computed, so Prometheus must not count it."""
+        fast.refresh()
+        ids, weights = p2p.host_meta(body, h)
+        try:
+            snapshot = self._check_header(h)
+            self._check_rows(h.layer, ids, weights, snapshot)
+        except BadRequest:
+            tally.uncount(h.layer, ids)
+            raise
+        return snapshot
+
     # ---- validation: what DispatchService.parse checks, on frames ---------
     def _check_header(self, h: p2p.Header):
         """The layer's snapshot of the shard (what the rows are checked against and computed with)."""
@@ -292,7 +304,7 @@ class TorchTransportService(torch_transport_pb2_grpc.TorchTransportServicer):
                  device: torch.device | str = "cpu"):
         self._dispatch = dispatch
         self.device = torch.device(device)  # the expert node's --device: NCCL frames live there
-        self.store = p2p.host_store(store_port)
+        self.store = p2p_groups.host_store(store_port)
         self.store_address = f"{advertise_host}:{self.store.port}"
         self.sessions: dict[str, _Session] = {}  # open Session calls
         self._threads: set[_Session] = set()  # sessions whose thread still holds a group

@@ -7,7 +7,8 @@ One expert node process (experts 0-31, ``--transport torch``) and one echo proce
 both see the same load; each round prints the median wall time and the CPU per round trip of each side: this
 thread's ``time.thread_time`` for the attention side and the echo client, the peer process's
 ``/proc/PID/task/*/schedstat`` for the node and the echo server. CPU per hop moves much less with the
-machine's load than wall time does; compare figures from one run only.
+machine's load than wall time does; compare figures from one run only. With the C receive's spin
+(``MOEMESH_P2P_SPIN_US``, p2p_socket.py) the CPU of a side includes its spin while it waits for the other.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def process_cpu_s(pid: int) -> float:
         except OSError:  # a thread that ended meanwhile
             pass
     return total * 1e-9
+
+
+def spin_summary(link) -> str:
+    """How the attention side's receive spins went so far (p2p_native.c spin_recv): caught/missed/preempted."""
+    stats = link.pair._stream.spin_stats() if link.pair._stream is not None else {}
+    if not stats or not stats["max_ns"]:
+        return "off"
+    return f"{stats['caught']}/{stats['missed']}/{stats['preempted']} caught/missed/preempted"
 
 
 def hop_round(link, layer: int, rows: int, hidden: int, k: int, n: int) -> tuple[float, float]:
@@ -92,8 +101,8 @@ def main() -> None:
                     wall, client = echo_round(sock, nbytes, n)
                     server = (process_cpu_s(echo.pid) - before) / n * 1e6
                     print(f"batch {rows} round {r}: hop {hop:5.0f} us (CPU attention {attn:4.0f}, node {node_us:4.0f})"
-                          f" | echo {wall:5.0f} us (CPU client {client:4.0f}, server {server:4.0f}) | {hop / wall:.2f}x",
-                          flush=True)
+                          f" | echo {wall:5.0f} us (CPU client {client:4.0f}, server {server:4.0f}) | {hop / wall:.2f}x"
+                          f" | attention spins {spin_summary(link)}", flush=True)
             link.close()
         finally:
             echo.kill()

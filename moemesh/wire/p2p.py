@@ -8,6 +8,7 @@ in its etcd record and in the ``TorchTransport.Session`` answer); each group
 rendezvouses under its own key prefix there. Groups are built directly
 (``ProcessGroupGloo`` / ``ProcessGroupNCCL``), never through
 ``init_process_group``, so one process holds any number of them.
+The rendezvous and the waits are :mod:`moemesh.wire.p2p_groups`'s.
 For host tensors the default backend is ``tcp`` (:mod:`moemesh.wire.p2p_socket`): the same frames
 over one plain TCP stream with the process-group calls used here; gloo stays available to a peer
 that asks for it.
@@ -41,7 +42,7 @@ whose size the header gave. Sends and receives between the pair are matched in
 order: the attention node posts its sends under one lock, and the expert node
 handles one frame at a time.
 
-Every wait has a timeout (:func:`wait`). A gloo wait that times out closes the
+Every wait has a timeout (``p2p_groups.wait``). A gloo wait that times out closes the
 pair's connection, so a timeout is the end of a group, never a retry.
 
 CUDA: with CUDA tensors the backend is NCCL (:func:`backend_for`), with two groups
@@ -62,8 +63,6 @@ refuses two ranks on one GPU).
 
 from __future__ import annotations
 
-import datetime
-import socket
 import struct
 import time
 from typing import NamedTuple
@@ -72,7 +71,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moemesh.wire import p2p_socket
 from moemesh.wire.codec import dtype_from_proto, dtype_to_proto
 
 if not dist.is_available():  # pragma: no cover - every torch wheel we install has it
@@ -335,81 +333,3 @@ def host_reply_rows(msg: np.ndarray, rows: int, hidden: int, dtype: torch.dtype)
 def host_reply(msg: np.ndarray, rows: int, hidden: int, dtype: torch.dtype) -> Reply:
     """A received host reply, its rows copied out (:func:`host_reply_rows`)."""
     return Reply(*reply_prefix(msg), host_reply_rows(msg, rows, hidden, dtype))
-
-
-# ---- groups -----------------------------------------------------------------
-def host_store(port: int = 0, timeout_s: float = 30.0) -> dist.TCPStore:
-    """The expert node's rendezvous store (a TCPStore server on ``port``; 0 picks one: ``.port``)."""
-    return dist.TCPStore("0.0.0.0", port, None, True, datetime.timedelta(seconds=timeout_s),
-                         wait_for_workers=False)
-
-
-def connect_store(address: str, timeout_s: float) -> dist.TCPStore:
-    host, _, port = address.rpartition(":")
-    try:
-        return dist.TCPStore(host.strip("[]"), int(port), None, False, datetime.timedelta(seconds=timeout_s))
-    except Exception as exc:  # DistNetworkError, ValueError
-        raise P2PError(f"cannot reach the rendezvous store {address}: {exc}") from exc
-
-
-def local_host_toward(host: str) -> str:
-    """This machine's address on the route to ``host`` (what a gloo device must bind so the peer reaches it)."""
-    host = host.strip("[]")
-    family, _, _, _, sockaddr = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.connect(sockaddr)  # UDP: picks the route, sends nothing
-        return s.getsockname()[0]
-
-
-def new_pair_group(store, prefix: str, rank: int, backend: str, timeout_s: float, hostname: str,
-                   device: torch.device | None = None) -> tuple:
-    """(request group, reply group) of a world-size-2 group under ``prefix``; the same object twice for gloo.
-
-    Blocks until the peer joins (at most ``timeout_s``)."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    try:
-        if backend == "tcp":
-            pair = (p2p_socket.listen_pair(store, prefix, hostname, timeout_s) if rank == EXPERT_RANK
-                    else p2p_socket.connect_pair(store, prefix, timeout_s))
-            return pair, pair
-        if backend == "gloo":
-            opts = dist.ProcessGroupGloo._Options()
-            opts._timeout = timeout
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=hostname)]
-            opts._threads = 1  # collectives only; send/recv do not use these threads
-            pg = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}pg/", store), rank, 2, opts)
-            return pg, pg
-        if backend == "nccl":  # pragma: no cover - needs CUDA
-            if not dist.is_nccl_available() or device is None or device.type != "cuda":
-                raise P2PError("the nccl backend needs a CUDA build of torch and a CUDA device")
-            torch.cuda.set_device(device)
-            groups = []
-            for direction in ("req", "rep"):
-                opts = dist.ProcessGroupNCCL.Options()
-                opts._timeout = timeout
-                groups.append(dist.ProcessGroupNCCL(dist.PrefixStore(f"{prefix}{direction}/", store), rank, 2, opts))
-            return groups[0], groups[1]
-        raise P2PError(f"unknown torch.distributed backend {backend!r} (tcp, gloo or nccl)")
-    except P2PError:
-        raise
-    except Exception as exc:  # DistStoreError, gloo's RuntimeError: one type for callers
-        raise P2PError(f"rendezvous under {prefix!r} failed: {exc}") from exc
-
-
-def wait(work, timeout_s: float, backend: str = "gloo", what: str = "p2p operation") -> None:
-    """Wait for one send/recv at most ``timeout_s``; P2PError (the group is then unusable) otherwise."""
-    timeout_s = max(timeout_s, 0.001)
-    try:
-        if backend in HOST_BACKENDS:
-            work.wait(datetime.timedelta(seconds=timeout_s))
-            return
-        deadline = time.monotonic() + timeout_s  # NCCL: wait() would only make the stream wait
-        spins = 0
-        while not work.is_completed():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout_s:g}s")
-            spins += 1
-            time.sleep(0 if spins < 1000 else 50e-6)
-        work.wait()  # raises the operation's own error, if it had one
-    except Exception as exc:
-        raise P2PError(f"{what}: {exc}") from exc

@@ -5,7 +5,14 @@
    expensive: one gathering sendmsg of a request or a reply (ids narrowed to int32 on the way), the staging
    buffer's receive loop (one recv when the message came whole), and the expert node's O(1)-per-id checks of
    ids and weights. Every function returns a negative code instead of raising; the Python side turns each into
-   the same error its own path gives. The caller holds no GIL while these block (ctypes releases it). */
+   the same error its own path gives. The caller holds no GIL while these block (ctypes releases it).
+
+   A receive spins a little before it blocks (spin_recv): a thread blocked in recv parks its CPU, and in a
+   virtual machine without guest halt polling (guest_halt_poll_ns = 0, as on the machines we test on) the
+   sender's wake-up is then an interrupt into a halted vCPU: a VM exit on each side, paid inside the sender's
+   sendmsg, and a cold cache on the woken side. Measured (scripts/hop_cpu.py, batch 1): a hop of ~40 us when
+   the host's adaptive halt polling happens to catch the wake-ups, ~200 us when it does not, in the same
+   process, switching between the two; with the spin, ~25-30 us every run. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <math.h>
@@ -21,12 +28,67 @@
 #define ERR_TOO_LONG (-100003) /* a length over the caller's limit: *len_out holds it */
 #define ERR_LARGE (-100004)    /* a message longer than the staging buffer: *len_out holds it (recv_large) */
 
-int64_t mm_p2p_abi(void) { return 4; }
+int64_t mm_p2p_abi(void) { return 5; }
 
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock on Linux */
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static double thread_cpu_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* The spin before a blocking receive, per pair (p2p_socket.py's _spin: int64[6]). A spin pays when the message
+   comes while it runs and nobody else wanted the CPU. One that runs out (a long wait: the peer computes), or
+   during which this thread lost its CPU (the peer, or anyone, needed it: spinning then only delays them), is
+   followed by receives that block at once, twice as many each time it does not pay (up to SPIN_BACKOFF_MAX),
+   one again as soon as it does. */
+typedef struct {
+    int64_t max_ns;    /* the longest spin; 0: never spin */
+    int64_t skip;      /* receives left that block without spinning */
+    int64_t backoff;   /* the skip after the next spin that does not pay */
+    int64_t caught;    /* spins that caught their message */
+    int64_t missed;    /* spins that ran out */
+    int64_t preempted; /* spins during which this thread was off its CPU */
+} spin_t;
+#define SPIN_BACKOFF_MAX 1024
+#define NOT_CAUGHT (-2)
+
+/* recv without blocking until a message comes or the spin runs out (at most left seconds): bytes, 0 (closed),
+   -1 (errno), or NOT_CAUGHT: block now. */
+static ssize_t spin_recv(int fd, uint8_t *buf, int64_t room, double left, spin_t *spin) {
+    if (spin == NULL || spin->max_ns <= 0) return NOT_CAUGHT;
+    if (spin->skip > 0) {
+        spin->skip--;
+        return NOT_CAUGHT;
+    }
+    double start = now_s(), cpu = thread_cpu_s(), until = start + fmin(spin->max_ns * 1e-9, left);
+    ssize_t got;
+    int err = 0;
+    do {
+        got = recv(fd, buf, (size_t)room, MSG_DONTWAIT);
+        if (got >= 0) break;
+        err = errno;
+        if (err != EAGAIN && err != EWOULDBLOCK && err != EINTR) break;
+        got = NOT_CAUGHT;
+    } while (now_s() < until);
+    double wall = now_s() - start, off_cpu = wall - (thread_cpu_s() - cpu);
+    int preempted = off_cpu > 20e-6 && off_cpu > wall / 4;
+    spin->preempted += preempted;
+    spin->missed += got == NOT_CAUGHT;
+    if (got == NOT_CAUGHT || preempted) {
+        spin->skip = spin->backoff;
+        spin->backoff = spin->backoff * 2 > SPIN_BACKOFF_MAX ? SPIN_BACKOFF_MAX : spin->backoff * 2;
+    } else {
+        spin->caught++;
+        spin->backoff = 1;
+    }
+    if (got == -1) errno = err;
+    return got;
 }
 
 /* Send every byte of iov[0:n] (advancing over partial writes); 0 or a negative code. */
@@ -91,11 +153,19 @@ int64_t mm_send_reply(int fd, const int64_t *prefix, const void *y, int64_t y_by
     return send_all(fd, iov, y_bytes > 0 ? 2 : 1);
 }
 
-/* One recv into buf[0:room] under the deadline, keeping SO_RCVTIMEO within [left, left * slack] (reset only
-   when it is off, as p2p_socket._recv_some does: *rcvtimeo is what it is set to). Bytes read or a code. */
-static int64_t recv_some(int fd, uint8_t *buf, int64_t room, double deadline, double *rcvtimeo, double slack) {
+/* One recv into buf[0:room] under the deadline (after a spin: spin_recv), keeping SO_RCVTIMEO within
+   [left, left * slack] (reset only when it is off, as p2p_socket._recv_some does: *rcvtimeo is what it is set
+   to). Bytes read or a code. */
+static int64_t recv_some(int fd, uint8_t *buf, int64_t room, double deadline, double *rcvtimeo, double slack,
+                         spin_t *spin) {
+    double left = deadline - now_s();
+    if (left <= 0) return ERR_TIMEOUT;
+    ssize_t got = spin_recv(fd, buf, room, left, spin); /* once per receive: an EINTR below does not spin again */
+    if (got > 0) return got;
+    if (got == 0) return ERR_CLOSED;
+    if (got == -1 && errno != EINTR) return -(int64_t)errno;
     for (;;) {
-        double left = deadline - now_s();
+        left = deadline - now_s();
         if (left <= 0) return ERR_TIMEOUT;
         if (!(left <= *rcvtimeo && *rcvtimeo <= left * slack)) {
             double t = left * (1 + slack) / 2;
@@ -104,7 +174,7 @@ static int64_t recv_some(int fd, uint8_t *buf, int64_t room, double deadline, do
             if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) return -(int64_t)errno;
             *rcvtimeo = t;
         }
-        ssize_t got = recv(fd, buf, (size_t)room, 0);
+        got = recv(fd, buf, (size_t)room, 0);
         if (got > 0) return got;
         if (got == 0) return ERR_CLOSED;
         if (errno == EINTR) continue;
@@ -115,7 +185,7 @@ static int64_t recv_some(int fd, uint8_t *buf, int64_t room, double deadline, do
 /* Receive until staging[state[0]:state[1]] holds need bytes (moving them to the front when they would not
    fit: what was handed out before is done with). */
 static int64_t fill(int fd, uint8_t *staging, int64_t cap, int64_t *state, int64_t need, double deadline,
-                    double *rcvtimeo, double slack) {
+                    double *rcvtimeo, double slack, spin_t *spin) {
     if (state[0] + need > cap) {
         int64_t held = state[1] - state[0];
         memmove(staging, staging + state[0], (size_t)held);
@@ -123,7 +193,7 @@ static int64_t fill(int fd, uint8_t *staging, int64_t cap, int64_t *state, int64
         state[1] = held;
     }
     while (state[1] - state[0] < need) {
-        int64_t got = recv_some(fd, staging + state[1], cap - state[1], deadline, rcvtimeo, slack);
+        int64_t got = recv_some(fd, staging + state[1], cap - state[1], deadline, rcvtimeo, slack, spin);
         if (got < 0) return got;
         state[1] += got;
     }
@@ -132,17 +202,18 @@ static int64_t fill(int fd, uint8_t *staging, int64_t cap, int64_t *state, int64
 
 /* The next message of at most limit bytes: its offset in staging (its length in *len_out), valid until the
    next receive; state = {start, end} of the bytes received and not handed out. */
-int64_t mm_recv_message(int fd, uint8_t *staging, int64_t cap, int64_t *state, int64_t limit, double deadline,
-                        double *rcvtimeo, double slack, int64_t *len_out) {
+static int64_t recv_message(int fd, uint8_t *staging, int64_t cap, int64_t *state, int64_t limit, double deadline,
+                            double *rcvtimeo, double slack, int64_t *len_out, spin_t *spin) {
     int64_t rc;
-    if (state[1] - state[0] < 8 && (rc = fill(fd, staging, cap, state, 8, deadline, rcvtimeo, slack)) < 0) return rc;
+    if (state[1] - state[0] < 8 && (rc = fill(fd, staging, cap, state, 8, deadline, rcvtimeo, slack, spin)) < 0)
+        return rc;
     int64_t n;
     memcpy(&n, staging + state[0], 8);
     *len_out = n;
     if (n < 0 || n > limit) return ERR_TOO_LONG;
     if (state[0] + 8 + n > state[1]) {
         if (8 + n > cap) return ERR_LARGE;
-        if ((rc = fill(fd, staging, cap, state, 8 + n, deadline, rcvtimeo, slack)) < 0) return rc;
+        if ((rc = fill(fd, staging, cap, state, 8 + n, deadline, rcvtimeo, slack, spin)) < 0) return rc;
     }
     int64_t begin = state[0] + 8;
     state[0] = begin + n;
@@ -156,7 +227,7 @@ int64_t mm_recv_large(int fd, uint8_t *staging, int64_t *state, uint8_t *out, in
     memcpy(out, staging + state[0] + 8, (size_t)held);
     state[0] = state[1] = 0;
     while (held < n) {
-        int64_t got = recv_some(fd, out + held, n - held, deadline, rcvtimeo, slack);
+        int64_t got = recv_some(fd, out + held, n - held, deadline, rcvtimeo, slack, NULL);
         if (got < 0) return got;
         held += got;
     }
@@ -205,11 +276,12 @@ int64_t mm_check_rows(const int32_t *ids, const float *w, int64_t n, const uint8
    hosted, counts: per layer id (n_layers of each), a bool[n_experts] mask (NULL: none here) and an
    int64[n_experts] count. */
 #define ERR_OTHER (-100005)
-int64_t mm_serve_next(int fd, uint8_t *staging, int64_t cap, int64_t *state, int64_t limit, double deadline,
-                      double *rcvtimeo, double slack, int64_t *out, const int64_t *limits, const int64_t *itemsize,
-                      const uint8_t *const *hosted, int64_t *const *counts, int64_t n_layers) {
+static int64_t serve_next(int fd, uint8_t *staging, int64_t cap, int64_t *state, int64_t limit, double deadline,
+                          double *rcvtimeo, double slack, spin_t *spin, int64_t *out, const int64_t *limits,
+                          const int64_t *itemsize, const uint8_t *const *hosted, int64_t *const *counts,
+                          int64_t n_layers) {
     int64_t len = 0;
-    int64_t off = mm_recv_message(fd, staging, cap, state, limit, deadline, rcvtimeo, slack, &len);
+    int64_t off = recv_message(fd, staging, cap, state, limit, deadline, rcvtimeo, slack, &len, spin);
     out[1] = len;
     if (off < 0) return off;
     out[0] = off;
@@ -245,7 +317,8 @@ int64_t mm_rows_with_work(const void *ids, int32_t size, int64_t rows, int64_t k
    A ctypes call costs about a microsecond per argument converted (measured here: 3.5 us for four), more than
    the system call it wraps. So the per-message calls take ONE pointer, to a block of 8-byte fields the Python
    side keeps per pair: most fields are written once (the descriptor, the buffers' addresses), the rest with
-   one struct.pack_into per message. The layouts are p2p_socket.py's _RECV, _SERVE, _SEND and _REPLY. */
+   one struct.pack_into per message. The layouts are p2p_socket.py's _RECV_FIXED, _SERVE_TABLES, _SEND and
+   _REPLY. */
 typedef struct {
     int64_t limit;
     double deadline;
@@ -256,6 +329,7 @@ typedef struct {
     double *rcvtimeo;
     double slack;
     int64_t *len_out;
+    spin_t *spin;
 } recv_args;
 
 typedef struct {
@@ -287,14 +361,14 @@ typedef struct {
 } reply_args;
 
 int64_t mm_recv(const recv_args *a) {
-    return mm_recv_message((int)a->fd, a->staging, a->cap, a->state, a->limit, a->deadline, a->rcvtimeo, a->slack,
-                           a->len_out);
+    return recv_message((int)a->fd, a->staging, a->cap, a->state, a->limit, a->deadline, a->rcvtimeo, a->slack,
+                        a->len_out, a->spin);
 }
 
 int64_t mm_serve(const serve_args *a) {
     const recv_args *r = &a->r;
-    return mm_serve_next((int)r->fd, r->staging, r->cap, r->state, r->limit, r->deadline, r->rcvtimeo, r->slack,
-                         a->out, a->limits, a->itemsize, a->hosted, a->counts, a->n_layers);
+    return serve_next((int)r->fd, r->staging, r->cap, r->state, r->limit, r->deadline, r->rcvtimeo, r->slack, r->spin,
+                      a->out, a->limits, a->itemsize, a->hosted, a->counts, a->n_layers);
 }
 
 int64_t mm_send(const send_args *a) {

@@ -26,9 +26,30 @@ log = get_logger("moemesh.wire.p2p_native")
 
 SOURCE = Path(__file__).with_name("p2p_native.c")
 FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11")
-ABI_VERSION = 4
+ABI_VERSION = 5
 # the C side's codes (p2p_native.c), for the messages p2p_socket gives them
 ERR_CLOSED, ERR_TIMEOUT, ERR_TOO_LONG, ERR_LARGE, ERR_OTHER = -100001, -100002, -100003, -100004, -100005
+
+SPIN_US = 100.0  # how long a C receive spins before it blocks (p2p_native.c spin_recv says why)
+SPIN_FIELDS = ("max_ns", "skip", "backoff", "caught", "missed", "preempted")  # p2p_native.c spin_t
+
+
+def spin_ns(spin_us: float | None = None) -> int:
+    """The spin of a C receive in ns: ``spin_us``, else ``$MOEMESH_P2P_SPIN_US``, else :data:`SPIN_US`; 0 when this
+    process may run on one CPU only (a spin there only keeps the peer from running)."""
+    if spin_us is None:
+        raw = os.environ.get("MOEMESH_P2P_SPIN_US")
+        try:
+            spin_us = SPIN_US if raw is None else float(raw)
+        except ValueError:
+            spin_us = -1.0
+        if not spin_us >= 0:
+            raise ValueError(f"MOEMESH_P2P_SPIN_US={raw!r}: microseconds >= 0 that a receive spins before it "
+                             "blocks (0: block at once)")
+    if len(os.sched_getaffinity(0)) < 2:
+        return 0
+    return int(spin_us * 1000)
+
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -38,15 +59,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_double
     lib.mm_send_request.argtypes = [i32, p, p, p, i32, p, p, i64]
     lib.mm_send_reply.argtypes = [i32, p, p, i64]
-    lib.mm_recv_message.argtypes = [i32, p, i64, p, i64, f64, p, f64, p]
     lib.mm_recv_large.argtypes = [i32, p, p, p, i64, f64, p, f64]
     lib.mm_check_rows.argtypes = [p, p, i64, p, i64, p]
-    lib.mm_serve_next.argtypes = [i32, p, i64, p, i64, f64, p, f64, p, p, p, p, p, i64]
     lib.mm_rows_with_work.argtypes = [p, i32, i64, i64]
     for fn in (lib.mm_recv, lib.mm_serve, lib.mm_send, lib.mm_reply):  # one pointer: an argument costs ~1 us
         fn.argtypes = [p]
-    for fn in (lib.mm_send_request, lib.mm_send_reply, lib.mm_recv_message, lib.mm_recv_large, lib.mm_check_rows,
-               lib.mm_serve_next, lib.mm_rows_with_work, lib.mm_recv, lib.mm_serve, lib.mm_send, lib.mm_reply):
+    for fn in (lib.mm_send_request, lib.mm_send_reply, lib.mm_recv_large, lib.mm_check_rows, lib.mm_rows_with_work,
+               lib.mm_recv, lib.mm_serve, lib.mm_send, lib.mm_reply):
         fn.restype = i64
 
 

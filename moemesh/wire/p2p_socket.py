@@ -26,19 +26,16 @@ The C frame loop (p2p_native.c, when it builds: :mod:`moemesh.wire.p2p_native`) 
 the same wire, the same staging buffer and timeout policy, errors with the same messages; a pair uses one or
 the other for its life (``native``). :meth:`SocketPair.send_request` and :meth:`SocketPair.send_reply` are its
 two sends (p2p.py's frames, built in C straight from the tensors' memory); :meth:`SocketPair.recv_frame`
-is ``recv_message`` with the message's address, for the checks the expert node runs in C.
+is ``recv_message`` with the message's address, for the checks the expert node runs in C. A C receive
+spins up to ``MOEMESH_P2P_SPIN_US`` (default ``p2p_native.SPIN_US``) before it blocks, backing off while spins do
+not pay (p2p_native.c ``spin_recv`` says why and how); the Python path blocks at once.
 
-Rendezvous: the expert node (rank 1) listens on an ephemeral port of the address toward its peer
-(nothing wider) and publishes it in the pair's TCPStore prefix; the attention node connects and
-sends the prefix (a 24-hex-digit secret it got from the Session call) before anything else; the
-node accepts one connection that proves it and closes the listener. Tags are not sent: requests
-only flow to the node and replies only back, in order, which is what the pair code relies on.
+Rendezvous: p2p_groups.py. Tags are not sent: requests flow only to the node and replies only back, in order.
 """
 
 from __future__ import annotations
 
 import datetime
-import hmac
 import os
 import socket
 import struct
@@ -51,17 +48,15 @@ import torch
 from moemesh.wire import p2p_native
 
 _LEN = struct.Struct("<q")  # little-endian int64, as the frames
-_HEAD, _PREFIX = struct.Struct("<8q"), struct.Struct("<5q")  # p2p.py's request header and reply prefix
 _IDS = (torch.int64, torch.int32)  # what the C send narrows to int32 itself
 # p2p_native.c's argument blocks, field by field (8 bytes each: the C structs have no padding)
 _LIMIT_DEADLINE = struct.Struct("<qd")  # recv_args' first two fields: what changes per receive
-_RECV_FIXED = struct.Struct("<qqqqqdq")  # fd, staging, cap, state, rcvtimeo, slack, len_out (at byte 16)
-_SERVE_TABLES = struct.Struct("<qqqqqq")  # serve_args after recv_args (byte 72): out, limits, itemsize, hosted,
-# counts, n_layers
+_RECV_FIXED = struct.Struct("<qqqqqdqq")  # fd, staging, cap, state, rcvtimeo, slack, len_out, spin (at byte 16)
+_SERVE_AT = 80  # serve_args' fields after recv_args': out, limits, itemsize, hosted, counts, n_layers
+_SERVE_TABLES = struct.Struct("<qqqqqq")
 _SEND_FIXED = struct.Struct("<qq")  # send_args: fd, scratch
 _SEND = struct.Struct("<5q8q")  # then ids, ids_size, w, x, x_bytes, head[8] (at byte 16)
 _REPLY = struct.Struct("<7q")  # reply_args after fd: y, y_bytes, prefix[5] (at byte 8)
-HELLO_TIMEOUT_S = 5.0  # a connection that does not prove the secret by then is dropped (the real peer sends at once)
 STAGING_BYTES = 1 << 20  # the receive buffer: a decode step's message (and the next ones) lands here whole
 _TIMEOUT_SLACK = 1.1  # the kernel's receive timeout is reset only when it is off by more than this factor
 
@@ -97,10 +92,10 @@ class SocketPair:
 
     Sends and receives run on different threads (the attention node's engine sends, a waiter receives), so each
     direction has its own socket object over the one connection (``dup``); both are blocking (the same file
-    flags), bounded by the kernel's per-direction timeouts. One thread receives at a time (the callers' order).
-    """
+    flags), bounded by the kernel's per-direction timeouts. One thread receives at a time (the callers' order)."""
 
-    def __init__(self, sock: socket.socket, send_timeout_s: float = 30.0, staging_bytes: int = STAGING_BYTES):
+    def __init__(self, sock: socket.socket, send_timeout_s: float = 30.0, staging_bytes: int = STAGING_BYTES,
+                 spin_us: float | None = None):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send_timeout_s))
@@ -112,11 +107,12 @@ class SocketPair:
         self._start = self._end = 0  # the received bytes not handed out yet: _staging[_start:_end]
         self._closed = False
         self._close_lock = threading.Lock()  # send, receive and fail() threads may all close
+        self._in_send = self._in_recv = False  # a call on the descriptors in flight, per direction (_held)
         self.native = p2p_native.load()  # the C frame loop, or None: this pair's Python path
         if self.native is not None:
-            self._setup_native()
+            self._setup_native(p2p_native.spin_ns(spin_us))
 
-    def _setup_native(self) -> None:
+    def _setup_native(self, spin: int) -> None:
         """Buffers the C calls read and write, allocated once, and their addresses (numpy's ``ctypes.data``
         costs microseconds per call)."""
         self._rfd, self._wfd = self.sock.fileno(), self._out.fileno()  # -1 once closed: a call then fails cleanly
@@ -126,8 +122,9 @@ class SocketPair:
         self._head = np.zeros(8, dtype=np.int64)  # a request header / a reply prefix, written in place (sends)
         self._got = np.zeros(2, dtype=np.int64)  # a checked receive's message offset and length (receives)
         self._scratch = np.empty(4096, dtype=np.uint8)  # a request's lengths, header, ids and weights (grown)
+        self._spin = np.array([spin, 0, 1, 0, 0, 0], dtype=np.int64)  # p2p_native.c spin_t (SPIN_FIELDS)
         self._addr = {name: getattr(self, name).ctypes.data for name in ("_staging", "_pos", "_timeo", "_len", "_head",
-                                                                     "_got")}
+                                                                     "_got", "_spin")}
         # The C calls' argument blocks (p2p_native.c's recv_args/serve_args, send_args, reply_args): one pointer
         # per call; the fields that do not change are written here, the rest per message.
         self._recv_args = np.zeros(16, dtype=np.int64)  # receives (one thread at a time)
@@ -135,7 +132,8 @@ class SocketPair:
         self._reply_args = np.zeros(8, dtype=np.int64)  # replies
         self._args_addr = tuple(a.ctypes.data for a in (self._recv_args, self._send_args, self._reply_args))
         _RECV_FIXED.pack_into(self._recv_args, 16, self._rfd, self._addr["_staging"], self._staging.nbytes,
-                              self._addr["_pos"], self._addr["_timeo"], _TIMEOUT_SLACK, self._addr["_len"])
+                              self._addr["_pos"], self._addr["_timeo"], _TIMEOUT_SLACK, self._addr["_len"],
+                              self._addr["_spin"])
         self._set_send_fd(self._wfd)
         self._checks = self._checks_args = None  # the FrameChecks (and its tables) the receive block holds
 
@@ -157,17 +155,20 @@ class SocketPair:
         total = sum(v.nbytes for v in views)
         views.insert(0, memoryview(_LEN.pack(total)))
         try:
-            sent = self._out.sendmsg(views)
-            if sent < total + _LEN.size:  # a full socket buffer (large bodies): the rest in order
-                for v in views:
-                    if sent >= v.nbytes:
-                        sent -= v.nbytes
-                        continue
-                    self._out.sendall(v[sent:])
-                    sent = 0
+            self._held_send(self._send_views, views, total + _LEN.size)
         except OSError as exc:  # a timeout (the peer's window stayed full) included
             self.close()
             raise RuntimeError(f"tcp pair send failed: {exc}") from exc
+
+    def _send_views(self, views: list[memoryview], total: int) -> None:
+        sent = self._out.sendmsg(views)
+        if sent < total:  # a full socket buffer (large bodies): the rest in order
+            for v in views:
+                if sent >= v.nbytes:
+                    sent -= v.nbytes
+                    continue
+                self._out.sendall(v[sent:])
+                sent = 0
 
     def send_request(self, head: tuple, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> None:
         """A dispatch request (p2p.py's frames: ``head`` is the header's 8 ints, kind first) from contiguous host
@@ -188,7 +189,7 @@ class SocketPair:
             self._set_send_fd(self._wfd)
         _SEND.pack_into(self._send_args, 16, ids.data_ptr(), ids.element_size(), weights.data_ptr(), x.data_ptr(),
                         x.numel() * x.element_size(), *head)
-        rc = self.native.mm_send(self._args_addr[1])
+        rc = self._held_send(self.native.mm_send, self._args_addr[1])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -201,7 +202,7 @@ class SocketPair:
             self.send_parts(reply_parts(prefix[0], y, *prefix[1:]))
             return
         _REPLY.pack_into(self._reply_args, 8, y.data_ptr(), y.numel() * y.element_size(), *prefix)
-        rc = self.native.mm_reply(self._args_addr[2])
+        rc = self._held_send(self.native.mm_reply, self._args_addr[2])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -214,6 +215,11 @@ class SocketPair:
         if rc == p2p_native.ERR_CLOSED:
             raise RuntimeError("tcp pair: the peer closed the connection")
         raise RuntimeError(f"tcp pair {what} failed: {os.strerror(-rc) if -rc < 4096 else rc}")
+
+    def spin_stats(self) -> dict[str, int]:
+        """The C receive's spin (SPIN_FIELDS: its limit, its backoff, how its spins went); {} on the Python path,
+        whose receives block at once."""
+        return {} if self.native is None else dict(zip(p2p_native.SPIN_FIELDS, self._spin.tolist()))
 
     # ---- receives ---------------------------------------------------------
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> SocketWork:
@@ -234,7 +240,7 @@ class SocketPair:
             return msg, msg.ctypes.data
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
         _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
-        off = self.native.mm_recv(self._args_addr[0])
+        off = self._held_recv(self.native.mm_recv, self._args_addr[0])
         if off >= 0:
             return self._staging[off:off + int(self._len[0])], self._addr["_staging"] + off
         msg = self._native_rare(off, limit, deadline)
@@ -242,15 +248,15 @@ class SocketPair:
 
     def recv_checked(self, timeout_s: float, limit: int, checks) -> tuple[np.ndarray, int, int]:
         """Native only: the next message, received and, when it is an inline dispatch frame, checked in the same
-        C call against ``checks`` (the expert node's tables: ``checks.args``, see p2p_native.c mm_serve_next).
+        C call against ``checks`` (the expert node's tables: ``checks.args``, see p2p_native.c mm_serve).
         (message, its address, routed count) where the count is -1 for a message the caller must handle itself
         (a control frame, a two-message request, or one that failed a check: the Python checks name what)."""
         deadline = time.monotonic() + timeout_s
         if checks is not self._checks or checks.args is not self._checks_args:  # new tables (a reload): once
-            _SERVE_TABLES.pack_into(self._recv_args, 72, self._addr["_got"], *checks.args)
+            _SERVE_TABLES.pack_into(self._recv_args, _SERVE_AT, self._addr["_got"], *checks.args)
             self._checks, self._checks_args = checks, checks.args
         _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
-        rc = self.native.mm_serve(self._args_addr[0])
+        rc = self._held_recv(self.native.mm_serve, self._args_addr[0])
         if rc >= 0 or rc == p2p_native.ERR_OTHER:
             off, n = self._got.tolist()
             return self._staging[off:off + n], self._addr["_staging"] + off, max(rc, -1)
@@ -264,8 +270,8 @@ class SocketPair:
         n = int(self._len[0])
         if rc == p2p_native.ERR_LARGE:
             out = np.empty(n, dtype=np.uint8)
-            rc = self.native.mm_recv_large(self._rfd, self._addr["_staging"], self._addr["_pos"], out.ctypes.data, n,
-                                           deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
+            rc = self._held_recv(self.native.mm_recv_large, self._rfd, self._addr["_staging"], self._addr["_pos"],
+                                 out.ctypes.data, n, deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
             if rc == 0:
                 return out
         if rc == p2p_native.ERR_TOO_LONG:
@@ -323,10 +329,7 @@ class SocketPair:
         try:
             if left <= 0:
                 raise TimeoutError
-            if not left <= self._rcvtimeo <= left * _TIMEOUT_SLACK:  # a syscall only when it is off
-                self._rcvtimeo = left * (1 + _TIMEOUT_SLACK) / 2
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._rcvtimeo))
-            n = self.sock.recv_into(view)
+            n = self._held_recv(self._recv_into, view, left)
         except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO ran out: EAGAIN on a blocking socket
             self.close()  # a message half read cannot be resumed: the pair is done, as a gloo timeout ends it
             raise RuntimeError("tcp pair: timed out waiting for the peer") from None
@@ -338,7 +341,37 @@ class SocketPair:
             raise RuntimeError("tcp pair: the peer closed the connection")
         return n
 
+    def _recv_into(self, view: memoryview, left: float) -> int:
+        if not left <= self._rcvtimeo <= left * _TIMEOUT_SLACK:  # a syscall only when it is off
+            self._rcvtimeo = left * (1 + _TIMEOUT_SLACK) / 2
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._rcvtimeo))
+        return self.sock.recv_into(view)
+
+    # ---- the end ----------------------------------------------------------
+    # A call in flight (a C loop, a blocked recv) holds its descriptor's number: closed under it, the number could
+    # be reused by a new socket that the call then reads or writes (see close()). One call per direction at a time
+    # (the callers' order): a flag each, set before the call reads its descriptor, ordered by the GIL.
+    def _held_send(self, fn, *args):
+        self._in_send = True
+        try:
+            return fn(*args)
+        finally:
+            self._in_send = False
+            if self._closed and not self._in_recv:
+                self._release()
+
+    def _held_recv(self, fn, *args):
+        self._in_recv = True
+        try:
+            return fn(*args)
+        finally:
+            self._in_recv = False
+            if self._closed and not self._in_send:
+                self._release()
+
     def close(self) -> None:
+        """End the stream: shut down at once (a blocked call on either end returns) and the descriptors marked -1
+        for later calls; closed now when no call is in flight, else by the one in flight when it returns."""
         with self._close_lock:
             if self._closed:
                 return
@@ -347,57 +380,20 @@ class SocketPair:
             if self.native is not None:
                 _LEN.pack_into(self._recv_args, 16, -1)
                 self._set_send_fd(-1)
-        try:  # wakes a thread blocked in recv_into/sendmsg before the descriptors go (no reuse under it)
+            idle = not (self._in_send or self._in_recv)
+        try:  # wakes a thread blocked in recv/sendmsg (its descriptor stays open until it has returned)
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._out.close()
+        if idle:
+            self._release()
+
+    def _release(self) -> None:
+        self._out.close()  # both idempotent
         self.sock.close()
 
     def __del__(self):  # the pair code drops its groups by reference, as with gloo's
-        self.close()
-
-
-def listen_pair(store, prefix: str, hostname: str, timeout_s: float) -> SocketPair:
-    """Rank 1 (the expert node): listen toward the peer, publish the port, accept the one peer that proves
-    ``prefix``."""
-    with socket.create_server((hostname, 0)) as server:
-        host, port = server.getsockname()[:2]
-        store.set(f"{prefix}tcp/addr", f"{host}|{port}")
-        deadline = time.monotonic() + timeout_s
-        secret = prefix.encode()
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no peer connected within {timeout_s:g}s")
-            server.settimeout(left)
-            sock, _ = server.accept()
-            # Bounded per connection: one that connects and stays silent cannot hold the real peer out.
-            sock.settimeout(max(0.001, min(HELLO_TIMEOUT_S, deadline - time.monotonic())))
-            try:
-                hello = _read_exact(sock, len(secret))
-            except OSError:
-                sock.close()
-                continue
-            if hmac.compare_digest(hello, secret):
-                return SocketPair(sock, timeout_s)
-            sock.close()  # not our peer: keep waiting for it
-
-
-def connect_pair(store, prefix: str, timeout_s: float) -> SocketPair:
-    """Rank 0 (the attention node): find the node's port in the store, connect, prove ``prefix``."""
-    store.wait([f"{prefix}tcp/addr"], datetime.timedelta(seconds=timeout_s))
-    host, _, port = store.get(f"{prefix}tcp/addr").decode().rpartition("|")
-    sock = socket.create_connection((host, int(port)), timeout=timeout_s)
-    sock.sendall(prefix.encode())
-    return SocketPair(sock, timeout_s)
-
-
-def _read_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the modules it uses may be gone already; the OS closes the fds
+            pass

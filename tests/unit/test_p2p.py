@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from moemesh.wire import p2p
+from moemesh.wire import p2p, p2p_groups
 
 
 def _rows(rows=3, hidden=8, k=2, dtype=torch.float32, seed=0):
@@ -91,17 +91,17 @@ def test_backend_for_device():
 
 
 def test_local_host_toward_loopback():
-    assert p2p.local_host_toward("127.0.0.1") == "127.0.0.1"
+    assert p2p_groups.local_host_toward("127.0.0.1") == "127.0.0.1"
 
 
 # ---- gloo and tcp, two groups in this process ---------------------------------
 def _join_pair(backend: str, prefix: str = "t/") -> dict[int, tuple]:
-    store = p2p.host_store(0)
+    store = p2p_groups.host_store(0)
     address = f"127.0.0.1:{store.port}"
     groups: dict[int, tuple] = {}
 
     def join(rank):
-        groups[rank] = p2p.new_pair_group(p2p.connect_store(address, 10), prefix, rank, backend, 10, "127.0.0.1")
+        groups[rank] = p2p_groups.new_pair_group(p2p_groups.connect_store(address, 10), prefix, rank, backend, 10, "127.0.0.1")
 
     threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
     for t in threads:
@@ -120,12 +120,12 @@ def any_pair(request):
 
 @pytest.fixture
 def pair():
-    store = p2p.host_store(0)
+    store = p2p_groups.host_store(0)
     address = f"127.0.0.1:{store.port}"
     groups: dict[int, tuple] = {}
 
     def join(rank):
-        groups[rank] = p2p.new_pair_group(p2p.connect_store(address, 10), "t/", rank, "gloo", 10, "127.0.0.1")
+        groups[rank] = p2p_groups.new_pair_group(p2p_groups.connect_store(address, 10), "t/", rank, "gloo", 10, "127.0.0.1")
 
     threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
     for t in threads:
@@ -144,8 +144,8 @@ def test_a_shorter_message_lands_in_a_longer_receive(any_pair):
     buf = torch.zeros(p2p.HEADER_BYTES + p2p.INLINE_BYTES, dtype=torch.uint8)
     recv = expert.recv([buf], p2p.ATTN_RANK, p2p.TAG_REQUEST)
     send = attn.send([frame], p2p.EXPERT_RANK, p2p.TAG_REQUEST)
-    p2p.wait(recv, 10)
-    p2p.wait(send, 10)
+    p2p_groups.wait(recv, 10)
+    p2p_groups.wait(send, 10)
     h = p2p.unpack_header(buf)
     got, _, _ = p2p.unpack_body(buf[p2p.HEADER_BYTES:], h)
     assert torch.equal(got, x)
@@ -156,11 +156,11 @@ def test_a_timed_out_wait_is_the_end_of_the_group(pair):
     attn, expert = pair
     buf = torch.zeros(p2p.HEADER_BYTES, dtype=torch.uint8)
     with pytest.raises(p2p.P2PError, match="reply"):
-        p2p.wait(attn.recv([buf], p2p.EXPERT_RANK, p2p.TAG_REPLY), 0.2, what="waiting for a reply")
+        p2p_groups.wait(attn.recv([buf], p2p.EXPERT_RANK, p2p.TAG_REPLY), 0.2, what="waiting for a reply")
     # The peer's next operation fails: refused at once ("closed") once it has seen the connection close, or,
     # on a loaded machine where it has not noticed yet, by its own timeout. Either way the pair is over.
     with pytest.raises(RuntimeError, match="closed|Timed out"):
-        p2p.wait(expert.send([p2p.control_frame(p2p.KIND_PING)], p2p.ATTN_RANK, p2p.TAG_REPLY), 5)
+        p2p_groups.wait(expert.send([p2p.control_frame(p2p.KIND_PING)], p2p.ATTN_RANK, p2p.TAG_REPLY), 5)
 
 
 def test_tcp_frames_and_replies_round_trip_in_order():
@@ -168,47 +168,47 @@ def test_tcp_frames_and_replies_round_trip_in_order():
     x, idx, w = _rows()
     sends = [p2p.pack_request(i, 2, x, idx, w, 0, inline_bytes=p2p.INLINE_BYTES)[0] for i in range(3)]
     for frame in sends:
-        p2p.wait(attn.send([frame], p2p.EXPERT_RANK, p2p.TAG_REQUEST), 5, "tcp")
+        p2p_groups.wait(attn.send([frame], p2p.EXPERT_RANK, p2p.TAG_REQUEST), 5, "tcp")
     buf = torch.zeros(p2p.HEADER_BYTES + p2p.INLINE_BYTES, dtype=torch.uint8)
     for i in range(3):  # written before anyone read: they wait in the stream, in order
-        p2p.wait(expert.recv([buf], p2p.ATTN_RANK, p2p.TAG_REQUEST), 5, "tcp")
+        p2p_groups.wait(expert.recv([buf], p2p.ATTN_RANK, p2p.TAG_REQUEST), 5, "tcp")
         h = p2p.unpack_header(buf.numpy())
         got, gidx, gw, ids, weights = p2p.host_body(buf.numpy()[p2p.HEADER_BYTES:], h)
         assert h.msg_id == i and torch.equal(got, x) and torch.equal(gidx, idx.int()) and torch.equal(gw, w)
         reply = p2p.pack_reply(i, got * 2, receive_ns=5)
-        p2p.wait(expert.send([reply], p2p.ATTN_RANK, p2p.TAG_REPLY), 5, "tcp")
+        p2p_groups.wait(expert.send([reply], p2p.ATTN_RANK, p2p.TAG_REPLY), 5, "tcp")
     for i in range(3):
         rbuf = torch.empty(p2p.reply_bytes(*x.shape, x.dtype), dtype=torch.uint8)
-        p2p.wait(attn.recv([rbuf], p2p.EXPERT_RANK, p2p.TAG_REPLY), 5, "tcp")
+        p2p_groups.wait(attn.recv([rbuf], p2p.EXPERT_RANK, p2p.TAG_REPLY), 5, "tcp")
         r = p2p.unpack_reply(rbuf, *x.shape, x.dtype)
         assert (r.msg_id, r.receive_ns) == (i, 5) and torch.equal(r.rows, x * 2)
 
 
 def test_tcp_message_longer_than_the_receive_ends_the_pair():
     attn, expert = _tcp_pair()
-    p2p.wait(attn.send([torch.zeros(100, dtype=torch.uint8)], 1), 5, "tcp")
+    p2p_groups.wait(attn.send([torch.zeros(100, dtype=torch.uint8)], 1), 5, "tcp")
     with pytest.raises(p2p.P2PError, match="100 bytes for a buffer of 64"):
-        p2p.wait(expert.recv([torch.zeros(64, dtype=torch.uint8)], 0), 5, "tcp", "waiting for a frame")
+        p2p_groups.wait(expert.recv([torch.zeros(64, dtype=torch.uint8)], 0), 5, "tcp", "waiting for a frame")
     with pytest.raises(p2p.P2PError, match="closed"):  # the peer sees the stream end
-        p2p.wait(attn.recv([torch.zeros(64, dtype=torch.uint8)], 1), 5, "tcp")
+        p2p_groups.wait(attn.recv([torch.zeros(64, dtype=torch.uint8)], 1), 5, "tcp")
 
 
 def test_tcp_timed_out_wait_ends_the_pair_and_the_peer_sees_it():
     attn, expert = _tcp_pair()
     with pytest.raises(p2p.P2PError, match="waiting for a reply: tcp pair: timed out"):
-        p2p.wait(attn.recv([torch.zeros(64, dtype=torch.uint8)], 1), 0.2, "tcp", "waiting for a reply")
+        p2p_groups.wait(attn.recv([torch.zeros(64, dtype=torch.uint8)], 1), 0.2, "tcp", "waiting for a reply")
     with pytest.raises(p2p.P2PError, match="closed"):
-        p2p.wait(expert.recv([torch.zeros(64, dtype=torch.uint8)], 0), 5, "tcp")
+        p2p_groups.wait(expert.recv([torch.zeros(64, dtype=torch.uint8)], 0), 5, "tcp")
 
 
 def test_tcp_listener_refuses_a_peer_without_the_secret():
-    store = p2p.host_store(0)
+    store = p2p_groups.host_store(0)
     address = f"127.0.0.1:{store.port}"
     got: dict = {}
-    t = threading.Thread(target=lambda: got.setdefault("pair", p2p.new_pair_group(
-        p2p.connect_store(address, 10), "s-secret/", 1, "tcp", 10, "127.0.0.1")))
+    t = threading.Thread(target=lambda: got.setdefault("pair", p2p_groups.new_pair_group(
+        p2p_groups.connect_store(address, 10), "s-secret/", 1, "tcp", 10, "127.0.0.1")))
     t.start()
-    client = p2p.connect_store(address, 10)
+    client = p2p_groups.connect_store(address, 10)
     client.wait(["s-secret/tcp/addr"])
     host, _, port = client.get("s-secret/tcp/addr").decode().rpartition("|")
     import socket
@@ -219,7 +219,7 @@ def test_tcp_listener_refuses_a_peer_without_the_secret():
             assert intruder.recv(1) == b""
         except ConnectionResetError:
             pass
-    real = p2p.new_pair_group(client, "s-secret/", 0, "tcp", 10, "127.0.0.1")
+    real = p2p_groups.new_pair_group(client, "s-secret/", 0, "tcp", 10, "127.0.0.1")
     t.join(10)
     assert "pair" in got and real is not None
 
@@ -230,14 +230,14 @@ def _tcp_pair():
 
 
 def test_rendezvous_without_a_peer_times_out():
-    store = p2p.host_store(0)
+    store = p2p_groups.host_store(0)
     with pytest.raises(p2p.P2PError, match="rendezvous"):
-        p2p.new_pair_group(p2p.connect_store(f"127.0.0.1:{store.port}", 1), "lonely/", 0, "gloo", 0.5, "127.0.0.1")
+        p2p_groups.new_pair_group(p2p_groups.connect_store(f"127.0.0.1:{store.port}", 1), "lonely/", 0, "gloo", 0.5, "127.0.0.1")
 
 
 def test_unreachable_store_is_a_p2p_error():
     with pytest.raises(p2p.P2PError, match="rendezvous store"):
-        p2p.connect_store("127.0.0.1:1", 0.5)
+        p2p_groups.connect_store("127.0.0.1:1", 0.5)
 
 
 def test_tcp_listener_drops_a_silent_connection_and_accepts_the_real_peer(monkeypatch):
@@ -245,20 +245,18 @@ def test_tcp_listener_drops_a_silent_connection_and_accepts_the_real_peer(monkey
     until the pair's deadline with the real peer left waiting."""
     import socket
 
-    from moemesh.wire import p2p_socket
-
-    monkeypatch.setattr(p2p_socket, "HELLO_TIMEOUT_S", 0.2)
-    store = p2p.host_store(0)
+    monkeypatch.setattr(p2p_groups, "HELLO_TIMEOUT_S", 0.2)
+    store = p2p_groups.host_store(0)
     address = f"127.0.0.1:{store.port}"
     got: dict = {}
-    t = threading.Thread(target=lambda: got.setdefault("pair", p2p.new_pair_group(
-        p2p.connect_store(address, 10), "s-silent/", 1, "tcp", 30, "127.0.0.1")))
+    t = threading.Thread(target=lambda: got.setdefault("pair", p2p_groups.new_pair_group(
+        p2p_groups.connect_store(address, 10), "s-silent/", 1, "tcp", 30, "127.0.0.1")))
     t.start()
-    client = p2p.connect_store(address, 10)
+    client = p2p_groups.connect_store(address, 10)
     client.wait(["s-silent/tcp/addr"])
     host, _, port = client.get("s-silent/tcp/addr").decode().rpartition("|")
     with socket.create_connection((host, int(port))):  # connects first, says nothing, stays open
-        real = p2p.new_pair_group(client, "s-silent/", 0, "tcp", 30, "127.0.0.1")
+        real = p2p_groups.new_pair_group(client, "s-silent/", 0, "tcp", 30, "127.0.0.1")
         t.join(30)
     assert "pair" in got and real is not None
 
@@ -266,7 +264,7 @@ def test_tcp_listener_drops_a_silent_connection_and_accepts_the_real_peer(monkey
 def test_tcp_receive_reports_the_message_length():
     """A reply shorter than its buffer must not pass for a whole one: the receive says what arrived."""
     attn, expert = _tcp_pair()
-    p2p.wait(expert.send([torch.ones(24, dtype=torch.uint8)], 0), 5, "tcp")
+    p2p_groups.wait(expert.send([torch.ones(24, dtype=torch.uint8)], 0), 5, "tcp")
     work = attn.recv([torch.zeros(64, dtype=torch.uint8)], 1)
-    p2p.wait(work, 5, "tcp")
+    p2p_groups.wait(work, 5, "tcp")
     assert work.nbytes == 24
