@@ -13,7 +13,9 @@
    sendmsg, and a cold cache on the woken side. Measured (scripts/hop_cpu.py, batch 1): a hop of ~40 us when
    the host's adaptive halt polling happens to catch the wake-ups, ~200 us when it does not, in the same
    process, switching between the two; with the spin, ~25-30 us every run. */
+#ifndef _GNU_SOURCE /* p2p_ext.c includes this file after Python.h, which defines it */
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <math.h>
 #include <stdint.h>

@@ -1,4 +1,5 @@
-"""The tcp stream's per-message loop in C (p2p_native.c): built once per machine, cached, loaded by ctypes.
+"""The tcp stream's per-message loop in C (p2p_native.c): built once per machine, cached, loaded as a CPython
+extension (p2p_ext.c) or, failing that, by ctypes.
 
 A decode-sized dispatch hop is a few hundred bytes each way; in Python, framing, the staging buffer's
 bookkeeping and the expert node's checks cost several times the two system calls a raw TCP echo of the
@@ -10,21 +11,31 @@ Built like the CPU expert kernels (moemesh/native/build.py): ``cc -O2 -shared -f
 under ``$MOEMESH_KERNEL_CACHE`` (default ``~/.cache/moemesh/cpu-kernels``) keyed by the source, the flags,
 the compiler's version and the machine. No compiler, or a failed build: one log line and :func:`load`
 returns None (the Python path). ``MOEMESH_P2P_NATIVE=0`` turns it off (the same fallback, for comparisons).
+
+The same C as a CPython extension module (p2p_ext.c: METH_FASTCALL functions of the same names and arguments;
+a ctypes call costs ~0.5-1.4 us of argument conversion, more than some of the calls themselves) is tried
+first: built against this interpreter's headers and keyed on its version too. Without ``Python.h``, or with
+``MOEMESH_P2P_EXT=0``, the ctypes library serves, with one log line.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
+import importlib.util
 import os
 import threading
 from pathlib import Path
 
 from moemesh.logs import get_logger
-from moemesh.native.build import compile_library, compiler_version, find_compiler, library_path
+from moemesh.native.build import (compile_library, compiler_version, find_compiler, library_path, python_include,
+                                  python_key)
 
 log = get_logger("moemesh.wire.p2p_native")
 
 SOURCE = Path(__file__).with_name("p2p_native.c")
+EXT_SOURCE = Path(__file__).with_name("p2p_ext.c")  # includes SOURCE
+EXT_NAME = "moemesh_p2p_ext"  # its PyInit_ symbol
 FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11")
 ABI_VERSION = 5
 # the C side's codes (p2p_native.c), for the messages p2p_socket gives them
@@ -69,7 +80,36 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = i64
 
 
-def _build() -> ctypes.CDLL | None:
+def _build_ext(cc: str, cc_version: str):
+    """The extension module (p2p_ext.c), or None after one log line saying why not (the ctypes library then)."""
+    if os.environ.get("MOEMESH_P2P_EXT", "1") == "0":
+        log.warning("p2p_ext_off", reason="MOEMESH_P2P_EXT=0", fallback="the same C through ctypes (~1 us more per call)")
+        return None
+    include = python_include()
+    if not (Path(include) / "Python.h").exists():
+        log.warning("p2p_ext_unavailable", reason=f"no Python.h under {include} (install the python3-dev package)",
+                    fallback="the same C through ctypes (~1 us more per call)")
+        return None
+    flags = (*FLAGS, f"-I{include}", f"-I{SOURCE.parent}")
+    path = library_path(EXT_NAME, EXT_SOURCE, flags, cc_version, SOURCE.read_text(), *python_key())
+    err = compile_library(cc, flags, EXT_SOURCE, path, timeout_s=120) if not path.exists() else None
+    if err is None:
+        try:
+            spec = importlib.util.spec_from_file_location(
+                EXT_NAME, path, loader=importlib.machinery.ExtensionFileLoader(EXT_NAME, str(path)))
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            if mod.mm_p2p_abi() == ABI_VERSION:
+                return mod
+            err = f"{path}: ABI {mod.mm_p2p_abi()}, expected {ABI_VERSION}"
+        except (ImportError, OSError) as e:
+            err = str(e)
+    log.warning("p2p_ext_unavailable", reason=f"{cc} could not build {EXT_SOURCE.name}: {err}",
+                fallback="the same C through ctypes (~1 us more per call)")
+    return None
+
+
+def _build(ext: bool = True):
     if os.environ.get("MOEMESH_P2P_NATIVE", "1") == "0":
         log.warning("p2p_native_off", reason="MOEMESH_P2P_NATIVE=0", fallback="the Python frame loop (same bytes, slower)")
         return None
@@ -78,7 +118,11 @@ def _build() -> ctypes.CDLL | None:
         log.warning("p2p_native_unavailable", reason="no C compiler (cc, gcc or clang) on PATH",
                     fallback="the Python frame loop (same bytes, slower): install gcc for the C one")
         return None
-    path = library_path("p2p_native", SOURCE, FLAGS, compiler_version(cc))
+    cc_version = compiler_version(cc)
+    module = _build_ext(cc, cc_version) if ext else None
+    if module is not None:
+        return module
+    path = library_path("p2p_native", SOURCE, FLAGS, cc_version)
     err = compile_library(cc, FLAGS, SOURCE, path, timeout_s=120) if not path.exists() else None
     if err is None:
         try:
@@ -94,12 +138,21 @@ def _build() -> ctypes.CDLL | None:
     return None
 
 
-def load() -> ctypes.CDLL | None:
-    """The library, built on first use (once per process); None when it cannot be had (logged once)."""
+def load():
+    """The C calls, built on first use (once per process): the extension module, else the ctypes library (the
+    same functions); None when neither can be had (logged once)."""
     with _lock:
         if "lib" not in _state:
             _state["lib"] = _build()
         return _state["lib"]  # type: ignore[return-value]
+
+
+def load_ctypes() -> ctypes.CDLL | None:
+    """The ctypes library only (what :func:`load` falls back to): for tests and comparisons of the two."""
+    with _lock:
+        if "ctypes" not in _state:
+            _state["ctypes"] = _build(ext=False)
+        return _state["ctypes"]  # type: ignore[return-value]
 
 
 def reset() -> None:
