@@ -43,6 +43,8 @@ from .hop_stats import HopRecorder
 from .remote_backend import CHANNEL_OPTIONS, NodeLink, rows_with_work
 
 log = get_logger("moemesh.attn_node.torch")
+_HOST = torch.device("cpu")  # the tcp stream's replies land in host memory; the backend moves them on
+
 
 class PairFailure(Exception):
     def __init__(self, address: str, reason: str):
@@ -193,12 +195,18 @@ class TorchPair(GroupPath):
         """The tcp stream's :meth:`_take_reply`: one read (the reply usually comes whole with its length), the
         rows copied once out of the stream's buffer into the tensor handed on."""
         try:
-            msg = stream.recv_message(deadline - time.monotonic(), reply_size)
+            if stream.native is not None:  # received, checked for length and copied into the rows in one C call
+                rows_out = torch.empty((rows, self.hidden_size), dtype=dtype, device=_HOST)
+                prefix = stream.recv_reply(deadline - time.monotonic(), reply_size, rows_out)
+            else:
+                msg = stream.recv_message(deadline - time.monotonic(), reply_size)
+                prefix = msg.nbytes if msg.nbytes != reply_size else p2p.reply_prefix(msg)
+                rows_out = None
         except RuntimeError as exc:
             raise p2p.P2PError(f"waiting for a reply: {exc}") from exc
-        if msg.nbytes != reply_size:
-            raise p2p.P2PError(f"reply of {msg.nbytes} bytes where {reply_size} were due: frames out of step")
-        reply_id, status, receive_ns, compute_ns, send_ns = p2p.reply_prefix(msg)
+        if prefix.__class__ is int:
+            raise p2p.P2PError(f"reply of {prefix} bytes where {reply_size} were due: frames out of step")
+        reply_id, status, receive_ns, compute_ns, send_ns = prefix
         if reply_id != msg_id or status != 0:
             raise p2p.P2PError(f"reply {reply_id} (status {status}) where {msg_id} was due: frames out of step")
         with self._lock:
@@ -206,7 +214,8 @@ class TorchPair(GroupPath):
         self.messages += 1
         if entry is not None:
             self.hops.record(time.monotonic() - sent_at, receive_ns, compute_ns, send_ns)
-            entry[0].set_result(p2p.host_reply_rows(msg, rows, self.hidden_size, dtype))
+            entry[0].set_result(rows_out if rows_out is not None else p2p.host_reply_rows(msg, rows, self.hidden_size,
+                                                                                           dtype))
 
     def _keep(self) -> None:
         """Ping when idle, so the expert node's bounded wait for the next frame does not end a quiet group."""

@@ -54,6 +54,7 @@ BLOCK_CALL(mm_recv, recv_args)
 BLOCK_CALL(mm_serve, serve_args)
 BLOCK_CALL(mm_send, send_args)
 BLOCK_CALL(mm_reply, reply_args)
+BLOCK_CALL(mm_take, take_args)
 
 static PyObject *py_mm_p2p_abi(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs_is("mm_p2p_abi", nargs, 0)) return NULL;
@@ -95,7 +96,7 @@ static PyObject *py_mm_recv_large(PyObject *self, PyObject *const *args, Py_ssiz
 
 #define FAST(NAME) {#NAME, (PyCFunction)(void (*)(void))py_##NAME, METH_FASTCALL, NULL}
 static PyMethodDef methods[] = {
-    FAST(mm_p2p_abi), FAST(mm_recv), FAST(mm_serve), FAST(mm_send), FAST(mm_reply),
+    FAST(mm_p2p_abi), FAST(mm_recv), FAST(mm_serve), FAST(mm_send), FAST(mm_reply), FAST(mm_take),
     FAST(mm_rows_with_work), FAST(mm_check_rows), FAST(mm_recv_large), {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "moemesh_p2p_ext",

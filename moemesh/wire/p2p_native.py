@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("p2p_native.c")
 EXT_SOURCE = Path(__file__).with_name("p2p_ext.c")  # includes SOURCE
 EXT_NAME = "moemesh_p2p_ext"  # its PyInit_ symbol
 FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11")
-ABI_VERSION = 5
+ABI_VERSION = 6
 # the C side's codes (p2p_native.c), for the messages p2p_socket gives them
 ERR_CLOSED, ERR_TIMEOUT, ERR_TOO_LONG, ERR_LARGE, ERR_OTHER = -100001, -100002, -100003, -100004, -100005
 
@@ -73,10 +73,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_recv_large.argtypes = [i32, p, p, p, i64, f64, p, f64]
     lib.mm_check_rows.argtypes = [p, p, i64, p, i64, p]
     lib.mm_rows_with_work.argtypes = [p, i32, i64, i64]
-    for fn in (lib.mm_recv, lib.mm_serve, lib.mm_send, lib.mm_reply):  # one pointer: an argument costs ~1 us
+    # one pointer: an argument costs ~1 us
+    for fn in (lib.mm_recv, lib.mm_serve, lib.mm_send, lib.mm_reply, lib.mm_take):
         fn.argtypes = [p]
     for fn in (lib.mm_send_request, lib.mm_send_reply, lib.mm_recv_large, lib.mm_check_rows, lib.mm_rows_with_work,
-               lib.mm_recv, lib.mm_serve, lib.mm_send, lib.mm_reply):
+               lib.mm_recv, lib.mm_serve, lib.mm_send, lib.mm_reply, lib.mm_take):
         fn.restype = i64
 
 

@@ -48,6 +48,7 @@ import torch
 from moemesh.wire import p2p_native
 
 _LEN = struct.Struct("<q")  # little-endian int64, as the frames
+_PREFIX = struct.Struct("<5q")  # a reply's prefix (p2p.REPLY_PREFIX bytes)
 _IDS = (torch.int64, torch.int32)  # what the C send narrows to int32 itself
 # p2p_native.c's argument blocks, field by field (8 bytes each: the C structs have no padding)
 _LIMIT_DEADLINE = struct.Struct("<qd")  # recv_args' first two fields: what changes per receive
@@ -57,6 +58,8 @@ _SERVE_TABLES = struct.Struct("<qqqqqq")
 _SEND_FIXED = struct.Struct("<qq")  # send_args: fd, scratch
 _SEND = struct.Struct("<5q8q")  # then ids, ids_size, w, x, x_bytes, head[8] (at byte 16)
 _REPLY = struct.Struct("<7q")  # reply_args after fd: y, y_bytes, prefix[5] (at byte 8)
+_TAKE_FIXED = struct.Struct("<qq")  # take_args: the receive block, prefix_out
+_TAKE = struct.Struct("<qq")  # then out, out_bytes (at byte 16)
 STAGING_BYTES = 1 << 20  # the receive buffer: a decode step's message (and the next ones) lands here whole
 _TIMEOUT_SLACK = 1.1  # the kernel's receive timeout is reset only when it is off by more than this factor
 
@@ -130,7 +133,11 @@ class SocketPair:
         self._recv_args = np.zeros(16, dtype=np.int64)  # receives (one thread at a time)
         self._send_args = np.zeros(16, dtype=np.int64)  # requests
         self._reply_args = np.zeros(8, dtype=np.int64)  # replies
-        self._args_addr = tuple(a.ctypes.data for a in (self._recv_args, self._send_args, self._reply_args))
+        self._take_args = np.zeros(4, dtype=np.int64)  # replies taken (p2p_native.c take_args: recv_args *, ...)
+        self._prefix = np.zeros(5, dtype=np.int64)  # a taken reply's prefix
+        self._args_addr = tuple(a.ctypes.data for a in (self._recv_args, self._send_args, self._reply_args,
+                                                        self._take_args))
+        _TAKE_FIXED.pack_into(self._take_args, 0, self._args_addr[0], self._prefix.ctypes.data)
         _RECV_FIXED.pack_into(self._recv_args, 16, self._rfd, self._addr["_staging"], self._staging.nbytes,
                               self._addr["_pos"], self._addr["_timeo"], _TIMEOUT_SLACK, self._addr["_len"],
                               self._addr["_spin"])
@@ -245,6 +252,29 @@ class SocketPair:
             return self._staging[off:off + int(self._len[0])], self._addr["_staging"] + off
         msg = self._native_rare(off, limit, deadline)
         return msg, msg.ctypes.data
+
+    def recv_reply(self, timeout_s: float, reply_size: int, out: torch.Tensor) -> tuple[int, ...] | int:
+        """Native only: the reply due, taken in one C call (p2p_native.c mm_take): the next message, of
+        ``reply_size`` bytes (a reply's prefix and rows, p2p.reply_parts'), its rows copied into ``out`` (a
+        contiguous host tensor of ``reply_size - p2p.REPLY_PREFIX`` bytes) and its prefix returned (msg_id,
+        status, receive_ns, compute_ns, send_ns), for the caller to check. A shorter message returns its length
+        (an int: the frames are out of step); errors as :meth:`recv_message`'s."""
+        deadline = time.monotonic() + timeout_s
+        _LIMIT_DEADLINE.pack_into(self._recv_args, 0, reply_size, deadline)
+        _TAKE.pack_into(self._take_args, 16, out.data_ptr(), out.numel() * out.element_size())
+        rc = self._held_recv(self.native.mm_take, self._args_addr[3])
+        if rc == 0:
+            return tuple(self._prefix.tolist())
+        if rc == p2p_native.ERR_OTHER:
+            return int(self._len[0])
+        if rc == p2p_native.ERR_LARGE:  # a reply larger than the staging buffer (a large prefill step)
+            msg = self._native_rare(rc, reply_size, deadline)
+            if msg.nbytes != reply_size:
+                return msg.nbytes
+            out.view(-1).view(torch.uint8).numpy()[:] = msg[_PREFIX.size:]
+            return _PREFIX.unpack_from(msg)
+        self._native_rare(rc, reply_size, deadline)  # raises
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def recv_checked(self, timeout_s: float, limit: int, checks) -> tuple[np.ndarray, int, int]:
         """Native only: the next message, received and, when it is an inline dispatch frame, checked in the same
