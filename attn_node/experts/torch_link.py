@@ -21,6 +21,7 @@ order (gloo, NCCL: torch_group_path.py); over the ``tcp`` stream, the thread tha
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import threading
@@ -115,7 +116,8 @@ class TorchPair(GroupPath):
             self._last_send = time.monotonic()
             if (first.backend or self.backend) == "tcp":
                 self._stream = rep_pg
-                self._direct = DirectReplies(lambda entry: self._take_stream_reply(rep_pg, *entry), self.fail)
+                # partial: no lambda frame per reply
+                self._direct = DirectReplies(functools.partial(self._take_stream_reply, rep_pg), self.fail)
             else:
                 self._reader = threading.Thread(target=self._read_loop, args=(req_pg, rep_pg),
                                                 name=f"torch-read-{self.address}", daemon=True)
@@ -190,10 +192,11 @@ class TorchPair(GroupPath):
         elif not fut.done():
             fut.set_exception(PairFailure(self.address, reason))
 
-    def _take_stream_reply(self, stream, msg_id: int, rows: int, dtype: torch.dtype, deadline: float,
-                           sent_at: float, reply_size: int) -> None:
-        """The tcp stream's :meth:`_take_reply`: one read (the reply usually comes whole with its length), the
-        rows copied once out of the stream's buffer into the tensor handed on."""
+    def _take_stream_reply(self, stream, entry: tuple) -> None:
+        """The tcp stream's :meth:`_take_reply` of a DirectReplies entry (msg_id, rows, dtype, deadline, sent_at,
+        reply_size): one read (the reply usually comes whole with its length), the rows copied once out of the
+        stream's buffer into the tensor handed on."""
+        msg_id, rows, dtype, deadline, sent_at, reply_size = entry
         try:
             if stream.native is not None:  # received, checked for length and copied into the rows in one C call
                 rows_out = torch.empty((rows, self.hidden_size), dtype=dtype, device=_HOST)

@@ -24,6 +24,7 @@ import ctypes
 import importlib.machinery
 import importlib.util
 import os
+import struct
 import threading
 from pathlib import Path
 
@@ -40,6 +41,17 @@ FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11")
 ABI_VERSION = 6
 # the C side's codes (p2p_native.c), for the messages p2p_socket gives them
 ERR_CLOSED, ERR_TIMEOUT, ERR_TOO_LONG, ERR_LARGE, ERR_OTHER = -100001, -100002, -100003, -100004, -100005
+
+# p2p_native.c's argument blocks, field by field, as p2p_socket.py writes them (BLOCK_*) (8 bytes each: no padding)
+BLOCK_LIMIT_DEADLINE = struct.Struct("<qd")  # recv_args' first two fields: what changes per receive
+BLOCK_RECV_FIXED = struct.Struct("<qqqqqdqq")  # fd, staging, cap, state, rcvtimeo, slack, len_out, spin (at byte 16)
+BLOCK_SERVE_AT = 80  # serve_args' fields after recv_args': out, limits, itemsize, hosted, counts, n_layers
+BLOCK_SERVE_TABLES = struct.Struct("<qqqqqq")
+BLOCK_SEND_FIXED = struct.Struct("<qq")  # send_args: fd, scratch
+BLOCK_SEND = struct.Struct("<5q8q")  # then ids, ids_size, w, x, x_bytes, head[8] (at byte 16)
+BLOCK_REPLY = struct.Struct("<7q")  # reply_args after fd: y, y_bytes, prefix[5] (at byte 8)
+BLOCK_TAKE_FIXED = struct.Struct("<qq")  # take_args: the receive block, prefix_out
+BLOCK_TAKE = struct.Struct("<qq")  # then out, out_bytes (at byte 16)
 
 SPIN_US = 100.0  # how long a C receive spins before it blocks (p2p_native.c spin_recv says why)
 SPIN_FIELDS = ("max_ns", "skip", "backoff", "caught", "missed", "preempted")  # p2p_native.c spin_t
