@@ -21,6 +21,7 @@ order (gloo, NCCL: torch_group_path.py); over the ``tcp`` stream, the thread tha
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import threading
@@ -43,6 +44,8 @@ from .hop_stats import HopRecorder
 from .remote_backend import CHANNEL_OPTIONS, NodeLink, rows_with_work
 
 log = get_logger("moemesh.attn_node.torch")
+_HOST = torch.device("cpu")  # the tcp stream's replies land in host memory; the backend moves them on
+
 
 class PairFailure(Exception):
     def __init__(self, address: str, reason: str):
@@ -113,7 +116,8 @@ class TorchPair(GroupPath):
             self._last_send = time.monotonic()
             if (first.backend or self.backend) == "tcp":
                 self._stream = rep_pg
-                self._direct = DirectReplies(lambda entry: self._take_stream_reply(rep_pg, *entry), self.fail)
+                # partial: no lambda frame per reply
+                self._direct = DirectReplies(functools.partial(self._take_stream_reply, rep_pg), self.fail)
             else:
                 self._reader = threading.Thread(target=self._read_loop, args=(req_pg, rep_pg),
                                                 name=f"torch-read-{self.address}", daemon=True)
@@ -188,17 +192,24 @@ class TorchPair(GroupPath):
         elif not fut.done():
             fut.set_exception(PairFailure(self.address, reason))
 
-    def _take_stream_reply(self, stream, msg_id: int, rows: int, dtype: torch.dtype, deadline: float,
-                           sent_at: float, reply_size: int) -> None:
-        """The tcp stream's :meth:`_take_reply`: one read (the reply usually comes whole with its length), the
-        rows copied once out of the stream's buffer into the tensor handed on."""
+    def _take_stream_reply(self, stream, entry: tuple) -> None:
+        """The tcp stream's :meth:`_take_reply` of a DirectReplies entry (msg_id, rows, dtype, deadline, sent_at,
+        reply_size): one read (the reply usually comes whole with its length), the rows copied once out of the
+        stream's buffer into the tensor handed on."""
+        msg_id, rows, dtype, deadline, sent_at, reply_size = entry
         try:
-            msg = stream.recv_message(deadline - time.monotonic(), reply_size)
+            if stream.native is not None:  # received, checked for length and copied into the rows in one C call
+                rows_out = torch.empty((rows, self.hidden_size), dtype=dtype, device=_HOST)
+                prefix = stream.recv_reply(deadline - time.monotonic(), reply_size, rows_out)
+            else:
+                msg = stream.recv_message(deadline - time.monotonic(), reply_size)
+                prefix = msg.nbytes if msg.nbytes != reply_size else p2p.reply_prefix(msg)
+                rows_out = None
         except RuntimeError as exc:
             raise p2p.P2PError(f"waiting for a reply: {exc}") from exc
-        if msg.nbytes != reply_size:
-            raise p2p.P2PError(f"reply of {msg.nbytes} bytes where {reply_size} were due: frames out of step")
-        reply_id, status, receive_ns, compute_ns, send_ns = p2p.reply_prefix(msg)
+        if prefix.__class__ is int:
+            raise p2p.P2PError(f"reply of {prefix} bytes where {reply_size} were due: frames out of step")
+        reply_id, status, receive_ns, compute_ns, send_ns = prefix
         if reply_id != msg_id or status != 0:
             raise p2p.P2PError(f"reply {reply_id} (status {status}) where {msg_id} was due: frames out of step")
         with self._lock:
@@ -206,7 +217,8 @@ class TorchPair(GroupPath):
         self.messages += 1
         if entry is not None:
             self.hops.record(time.monotonic() - sent_at, receive_ns, compute_ns, send_ns)
-            entry[0].set_result(p2p.host_reply_rows(msg, rows, self.hidden_size, dtype))
+            entry[0].set_result(rows_out if rows_out is not None else p2p.host_reply_rows(msg, rows, self.hidden_size,
+                                                                                           dtype))
 
     def _keep(self) -> None:
         """Ping when idle, so the expert node's bounded wait for the next frame does not end a quiet group."""

@@ -14,6 +14,8 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -62,3 +64,14 @@ def compile_library(cc: str, flags: tuple[str, ...], source: Path, out: Path, ti
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def python_include() -> str:
+    """Where this interpreter's ``Python.h`` is (a CPython extension builds against it)."""
+    return sysconfig.get_paths()["include"]
+
+
+def python_key() -> tuple[str, ...]:
+    """What a CPython extension's machine code depends on beyond its source and flags: the interpreter's version
+    and ABI and its headers (for :func:`library_path`'s ``extra``: another Python builds its own)."""
+    return (sys.version, sysconfig.get_config_var("SOABI") or "", python_include())

@@ -13,7 +13,9 @@
    sendmsg, and a cold cache on the woken side. Measured (scripts/hop_cpu.py, batch 1): a hop of ~40 us when
    the host's adaptive halt polling happens to catch the wake-ups, ~200 us when it does not, in the same
    process, switching between the two; with the spin, ~25-30 us every run. */
+#ifndef _GNU_SOURCE /* p2p_ext.c includes this file after Python.h, which defines it */
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <math.h>
 #include <stdint.h>
@@ -28,7 +30,7 @@
 #define ERR_TOO_LONG (-100003) /* a length over the caller's limit: *len_out holds it */
 #define ERR_LARGE (-100004)    /* a message longer than the staging buffer: *len_out holds it (recv_large) */
 
-int64_t mm_p2p_abi(void) { return 5; }
+int64_t mm_p2p_abi(void) { return 6; }
 
 static double now_s(void) {
     struct timespec ts;
@@ -359,6 +361,30 @@ typedef struct {
     int64_t y_bytes;
     int64_t prefix[5];
 } reply_args;
+
+/* The attention node's reply, taken in one call: r's next message (at most r->limit bytes: the reply due),
+   its 40-byte prefix (msg_id, status, receive_ns, compute_ns, send_ns) copied to prefix_out[5] and its rows
+   to out[0:out_bytes] (a tensor the caller made for them), so no Python touches the staged bytes. 0 when it
+   was exactly r->limit bytes; ERR_OTHER for a shorter one (*r->len_out holds its length, for the caller's
+   error: the frames are out of step); else mm_recv's codes. The caller checks the prefix's id and status. */
+typedef struct {
+    const recv_args *r;
+    int64_t *prefix_out;
+    void *out;
+    int64_t out_bytes;
+} take_args;
+
+int64_t mm_take(const take_args *a) {
+    const recv_args *r = a->r;
+    int64_t off = recv_message((int)r->fd, r->staging, r->cap, r->state, r->limit, r->deadline, r->rcvtimeo,
+                               r->slack, r->len_out, r->spin);
+    if (off < 0) return off;
+    int64_t n = *r->len_out;
+    if (n != r->limit || n < 40 || a->out_bytes != n - 40) return ERR_OTHER;
+    memcpy(a->prefix_out, r->staging + off, 40);
+    memcpy(a->out, r->staging + off + 40, (size_t)a->out_bytes);
+    return 0;
+}
 
 int64_t mm_recv(const recv_args *a) {
     return recv_message((int)a->fd, a->staging, a->cap, a->state, a->limit, a->deadline, a->rcvtimeo, a->slack,

@@ -35,7 +35,6 @@ Rendezvous: p2p_groups.py. Tags are not sent: requests flow only to the node and
 
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import struct
@@ -46,17 +45,13 @@ import numpy as np
 import torch
 
 from moemesh.wire import p2p_native
+from moemesh.wire.p2p_socket_work import SENT, SocketWork
+from moemesh.wire.p2p_native import (BLOCK_LIMIT_DEADLINE, BLOCK_RECV_FIXED, BLOCK_REPLY, BLOCK_SEND, BLOCK_SEND_FIXED,
+                                     BLOCK_SERVE_AT, BLOCK_SERVE_TABLES, BLOCK_TAKE, BLOCK_TAKE_FIXED)
 
 _LEN = struct.Struct("<q")  # little-endian int64, as the frames
+_PREFIX = struct.Struct("<5q")  # a reply's prefix (p2p.REPLY_PREFIX bytes)
 _IDS = (torch.int64, torch.int32)  # what the C send narrows to int32 itself
-# p2p_native.c's argument blocks, field by field (8 bytes each: the C structs have no padding)
-_LIMIT_DEADLINE = struct.Struct("<qd")  # recv_args' first two fields: what changes per receive
-_RECV_FIXED = struct.Struct("<qqqqqdqq")  # fd, staging, cap, state, rcvtimeo, slack, len_out, spin (at byte 16)
-_SERVE_AT = 80  # serve_args' fields after recv_args': out, limits, itemsize, hosted, counts, n_layers
-_SERVE_TABLES = struct.Struct("<qqqqqq")
-_SEND_FIXED = struct.Struct("<qq")  # send_args: fd, scratch
-_SEND = struct.Struct("<5q8q")  # then ids, ids_size, w, x, x_bytes, head[8] (at byte 16)
-_REPLY = struct.Struct("<7q")  # reply_args after fd: y, y_bytes, prefix[5] (at byte 8)
 STAGING_BYTES = 1 << 20  # the receive buffer: a decode step's message (and the next ones) lands here whole
 _TIMEOUT_SLACK = 1.1  # the kernel's receive timeout is reset only when it is off by more than this factor
 
@@ -64,27 +59,6 @@ _TIMEOUT_SLACK = 1.1  # the kernel's receive timeout is reset only when it is of
 def _timeval(seconds: float) -> bytes:
     seconds = max(seconds, 0.001)
     return struct.pack("@ll", int(seconds), int((seconds % 1.0) * 1e6))
-
-
-class SocketWork:
-    """A receive posted into ``buf``; the read happens in ``wait`` (on the waiting thread: no hand-off)."""
-
-    def __init__(self, pair: SocketPair, buf: torch.Tensor | None):
-        self.pair, self.buf = pair, buf
-        self._done = buf is None
-        self.nbytes: int | None = None  # the message's length, once received
-
-    def is_completed(self) -> bool:
-        return self._done
-
-    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
-        if not self._done:
-            self.nbytes = self.pair._read_into(self.buf, None if timeout is None else timeout.total_seconds())
-            self._done = True
-        return True
-
-
-_SENT = SocketWork(None, None)  # every send is complete when it returns: one shared, done work
 
 
 class SocketPair:
@@ -130,22 +104,26 @@ class SocketPair:
         self._recv_args = np.zeros(16, dtype=np.int64)  # receives (one thread at a time)
         self._send_args = np.zeros(16, dtype=np.int64)  # requests
         self._reply_args = np.zeros(8, dtype=np.int64)  # replies
-        self._args_addr = tuple(a.ctypes.data for a in (self._recv_args, self._send_args, self._reply_args))
-        _RECV_FIXED.pack_into(self._recv_args, 16, self._rfd, self._addr["_staging"], self._staging.nbytes,
+        self._take_args = np.zeros(4, dtype=np.int64)  # replies taken (p2p_native.c take_args: recv_args *, ...)
+        self._prefix = np.zeros(5, dtype=np.int64)  # a taken reply's prefix
+        self._args_addr = tuple(a.ctypes.data for a in (self._recv_args, self._send_args, self._reply_args,
+                                                        self._take_args))
+        BLOCK_TAKE_FIXED.pack_into(self._take_args, 0, self._args_addr[0], self._prefix.ctypes.data)
+        BLOCK_RECV_FIXED.pack_into(self._recv_args, 16, self._rfd, self._addr["_staging"], self._staging.nbytes,
                               self._addr["_pos"], self._addr["_timeo"], _TIMEOUT_SLACK, self._addr["_len"],
                               self._addr["_spin"])
         self._set_send_fd(self._wfd)
         self._checks = self._checks_args = None  # the FrameChecks (and its tables) the receive block holds
 
     def _set_send_fd(self, fd: int) -> None:
-        _SEND_FIXED.pack_into(self._send_args, 0, fd, self._scratch.ctypes.data)
+        BLOCK_SEND_FIXED.pack_into(self._send_args, 0, fd, self._scratch.ctypes.data)
         _LEN.pack_into(self._reply_args, 0, fd)
 
     # ---- sends ------------------------------------------------------------
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> SocketWork:
         (t,) = tensors
         self.send_parts([t.numpy()])  # the tensor's own bytes (contiguous uint8 frames)
-        return _SENT
+        return SENT
 
     def send_parts(self, parts: list) -> None:
         """One message of ``parts`` (contiguous buffers: bytes, numpy arrays) in one ``sendmsg``, nothing copied.
@@ -187,7 +165,7 @@ class SocketPair:
         if self._scratch.nbytes < 80 + head[3] * head[4] * 8:
             self._scratch = np.empty(80 + head[3] * head[4] * 8, dtype=np.uint8)
             self._set_send_fd(self._wfd)
-        _SEND.pack_into(self._send_args, 16, ids.data_ptr(), ids.element_size(), weights.data_ptr(), x.data_ptr(),
+        BLOCK_SEND.pack_into(self._send_args, 16, ids.data_ptr(), ids.element_size(), weights.data_ptr(), x.data_ptr(),
                         x.numel() * x.element_size(), *head)
         rc = self._held_send(self.native.mm_send, self._args_addr[1])
         if rc < 0:
@@ -201,7 +179,7 @@ class SocketPair:
 
             self.send_parts(reply_parts(prefix[0], y, *prefix[1:]))
             return
-        _REPLY.pack_into(self._reply_args, 8, y.data_ptr(), y.numel() * y.element_size(), *prefix)
+        BLOCK_REPLY.pack_into(self._reply_args, 8, y.data_ptr(), y.numel() * y.element_size(), *prefix)
         rc = self._held_send(self.native.mm_reply, self._args_addr[2])
         if rc < 0:
             self._native_failed(rc, "send")
@@ -239,12 +217,34 @@ class SocketPair:
             msg = self.recv_message(timeout_s, limit)
             return msg, msg.ctypes.data
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
-        _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
+        BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
         off = self._held_recv(self.native.mm_recv, self._args_addr[0])
         if off >= 0:
             return self._staging[off:off + int(self._len[0])], self._addr["_staging"] + off
         msg = self._native_rare(off, limit, deadline)
         return msg, msg.ctypes.data
+
+    def recv_reply(self, timeout_s: float, reply_size: int, out: torch.Tensor) -> tuple[int, ...] | int:
+        """Native only: the reply due (``reply_size`` bytes), taken in one C call (p2p_native.c mm_take), its rows
+        copied into ``out`` (contiguous, host, ``reply_size - p2p.REPLY_PREFIX`` bytes); its prefix (msg_id, status,
+        receive_ns, compute_ns, send_ns) for the caller to check, or a shorter message's length (an int: the
+        frames are out of step). Errors as :meth:`recv_message`'s."""
+        deadline = time.monotonic() + timeout_s
+        BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, reply_size, deadline)
+        BLOCK_TAKE.pack_into(self._take_args, 16, out.data_ptr(), out.numel() * out.element_size())
+        rc = self._held_recv(self.native.mm_take, self._args_addr[3])
+        if rc == 0:
+            return tuple(self._prefix.tolist())
+        if rc == p2p_native.ERR_OTHER:
+            return int(self._len[0])
+        if rc == p2p_native.ERR_LARGE:  # a reply larger than the staging buffer (a large prefill step)
+            msg = self._native_rare(rc, reply_size, deadline)
+            if msg.nbytes != reply_size:
+                return msg.nbytes
+            out.view(-1).view(torch.uint8).numpy()[:] = msg[_PREFIX.size:]
+            return _PREFIX.unpack_from(msg)
+        self._native_rare(rc, reply_size, deadline)  # raises
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def recv_checked(self, timeout_s: float, limit: int, checks) -> tuple[np.ndarray, int, int]:
         """Native only: the next message, received and, when it is an inline dispatch frame, checked in the same
@@ -253,9 +253,9 @@ class SocketPair:
         (a control frame, a two-message request, or one that failed a check: the Python checks name what)."""
         deadline = time.monotonic() + timeout_s
         if checks is not self._checks or checks.args is not self._checks_args:  # new tables (a reload): once
-            _SERVE_TABLES.pack_into(self._recv_args, _SERVE_AT, self._addr["_got"], *checks.args)
+            BLOCK_SERVE_TABLES.pack_into(self._recv_args, BLOCK_SERVE_AT, self._addr["_got"], *checks.args)
             self._checks, self._checks_args = checks, checks.args
-        _LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
+        BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
         rc = self._held_recv(self.native.mm_serve, self._args_addr[0])
         if rc >= 0 or rc == p2p_native.ERR_OTHER:
             off, n = self._got.tolist()

@@ -13,6 +13,7 @@ import pytest
 from moemesh.wire import p2p_native
 from moemesh.wire.p2p_socket import SocketPair
 from tests.helpers import eventually
+from tests.unit.test_p2p_stream import FRAME_LOOPS, use_frame_loop
 
 
 def _pair() -> tuple[SocketPair, SocketPair]:
@@ -73,12 +74,9 @@ def test_close_keeps_the_descriptors_of_a_call_in_flight_open_until_it_returns()
     assert receiver.sock.fileno() == -1 and receiver._out.fileno() == -1  # the call's return closed them
 
 
-@pytest.mark.parametrize("frame_loop", ["native", "python"])
+@pytest.mark.parametrize("frame_loop", FRAME_LOOPS)
 def test_close_without_a_call_in_flight_closes_at_once_and_later_calls_fail_cleanly(frame_loop, monkeypatch):
-    if frame_loop == "python":
-        monkeypatch.setattr(p2p_native, "load", lambda: None)
-    elif p2p_native.load() is None:
-        pytest.skip("no C compiler here: the C frame loop cannot be built")
+    use_frame_loop(frame_loop, monkeypatch)
     sender, receiver = _pair()
     receiver.close()
     assert receiver.sock.fileno() == -1 and receiver._out.fileno() == -1

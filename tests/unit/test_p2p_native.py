@@ -37,8 +37,53 @@ def test_a_failed_build_falls_back(fresh, monkeypatch):
 def test_built_once_into_the_cache_and_loaded_from_it(fresh):
     if p2p_native.find_compiler() is None:
         pytest.skip("no C compiler here")
-    lib = p2p_native.load()
+    lib = p2p_native.load_ctypes()
     assert lib is not None and lib.mm_p2p_abi() == p2p_native.ABI_VERSION
     (built,) = fresh.glob("p2p_native-*.so")
     p2p_native.reset()
-    assert p2p_native.load() is not None and list(fresh.glob("p2p_native-*.so")) == [built]
+    assert p2p_native.load_ctypes() is not None and list(fresh.glob("p2p_native-*.so")) == [built]
+
+
+def test_the_extension_is_built_keyed_on_the_python_too_and_serves_the_same_calls(fresh, monkeypatch):
+    if p2p_native.find_compiler() is None:
+        pytest.skip("no C compiler here")
+    mod = p2p_native.load()
+    if not (mod is not None and hasattr(mod, "__file__")):
+        pytest.skip("the CPython extension cannot be built here (no Python.h)")
+    assert mod.mm_p2p_abi() == p2p_native.ABI_VERSION
+    (built,) = fresh.glob(f"{p2p_native.EXT_NAME}-*.so")
+    assert not list(fresh.glob("p2p_native-*.so"))  # the ctypes library is only built when the extension fails
+    lib = p2p_native.load_ctypes()
+    for name in ("mm_recv", "mm_serve", "mm_send", "mm_reply", "mm_rows_with_work", "mm_check_rows", "mm_recv_large"):
+        assert hasattr(mod, name) and hasattr(lib, name)
+    p2p_native.reset()
+    monkeypatch.setattr(p2p_native, "python_key", lambda: ("another Python",))
+    assert p2p_native.load() is not None
+    assert len(list(fresh.glob(f"{p2p_native.EXT_NAME}-*.so"))) == 2  # another interpreter builds its own
+    assert built.exists()
+
+
+def test_the_extension_checks_its_arguments_and_takes_none_for_null(fresh):
+    mod = p2p_native.load()
+    if not (mod is not None and hasattr(mod, "__file__")):
+        pytest.skip("the CPython extension cannot be built here")
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        mod.mm_rows_with_work(0, 8, 0)
+    with pytest.raises(TypeError):
+        mod.mm_recv("not an address")
+    assert mod.mm_rows_with_work(None, 8, 0, 2) == 0  # no rows: nothing read
+    assert mod.mm_check_rows(None, None, 0, None, 0, None) == 0
+
+
+@pytest.mark.parametrize("why", ["env", "no_headers"])
+def test_without_the_extension_the_ctypes_library_serves_and_says_so_once(fresh, monkeypatch, capsys, tmp_path, why):
+    if p2p_native.find_compiler() is None:
+        pytest.skip("no C compiler here")
+    if why == "env":
+        monkeypatch.setenv("MOEMESH_P2P_EXT", "0")
+    else:
+        monkeypatch.setattr(p2p_native, "python_include", lambda: str(tmp_path / "no-headers"))
+    lib = p2p_native.load()
+    assert lib is p2p_native.load() and not hasattr(lib, "__file__") and lib.mm_p2p_abi() == p2p_native.ABI_VERSION
+    logged = capsys.readouterr()
+    assert (logged.out + logged.err).count("p2p_ext_") == 1

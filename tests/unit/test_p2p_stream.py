@@ -17,15 +17,28 @@ from moemesh.wire import p2p, p2p_native
 from moemesh.wire.p2p_socket import SocketPair
 
 
-@pytest.fixture(params=["native", "python"])
-def frame_loop(request, monkeypatch):
-    """Every stream test runs over the C frame loop (p2p_native.c) and over the Python path: the same bytes, the
-    same errors."""
-    if request.param == "native":
-        if p2p_native.load() is None:
-            pytest.skip("no C compiler here: the C frame loop cannot be built")
-    else:
+def use_frame_loop(kind: str, monkeypatch) -> None:
+    """Pairs made after this use ``kind``: "ext" (the C frame loop as a CPython extension, p2p_ext.c), "ctypes"
+    (the same C through ctypes, its fallback) or "python" (no C)."""
+    if kind == "python":
         monkeypatch.setattr(p2p_native, "load", lambda: None)
+        return
+    lib = p2p_native.load_ctypes() if kind == "ctypes" else p2p_native.load()
+    if lib is None:
+        pytest.skip("no C compiler here: the C frame loop cannot be built")
+    if kind == "ext" and not hasattr(lib, "__file__"):  # load() fell back to ctypes (no Python.h)
+        pytest.skip("the CPython extension cannot be built here (no Python.h)")
+    monkeypatch.setattr(p2p_native, "load", lambda: lib)
+
+
+FRAME_LOOPS = ["ext", "ctypes", "python"]
+
+
+@pytest.fixture(params=FRAME_LOOPS)
+def frame_loop(request, monkeypatch):
+    """Every stream test runs over the C frame loop (p2p_native.c: as an extension module and through ctypes) and
+    over the Python path: the same bytes, the same errors."""
+    use_frame_loop(request.param, monkeypatch)
     return request.param
 
 
@@ -233,13 +246,13 @@ def test_stream_loop_names_what_is_wrong_with_a_bad_frame(service, case, error, 
     assert script.nothing_came_back()
 
 
+@pytest.mark.parametrize("kind", ["ext", "ctypes"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-def test_the_c_trim_counts_the_rows_with_work_as_numpy_does(dtype):
+def test_the_c_trim_counts_the_rows_with_work_as_numpy_does(dtype, kind, monkeypatch):
     from moemesh.attn_node.experts.remote_backend import rows_with_work
 
+    use_frame_loop(kind, monkeypatch)
     lib = p2p_native.load()
-    if lib is None:
-        pytest.skip("no C compiler here: the C frame loop cannot be built")
     gen = torch.Generator().manual_seed(3)
     for rows in (1, 2, 7, 32):
         for _ in range(20):

@@ -1,0 +1,57 @@
+"""SocketPair.recv_reply (p2p_native.c mm_take): the attention node's reply received, checked for length and
+copied into the caller's tensor in one C call, over the extension and the ctypes library."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from moemesh.wire import p2p
+from moemesh.wire.p2p_socket import SocketPair
+from tests.unit.test_p2p_stream import use_frame_loop
+
+
+@pytest.fixture(params=["ext", "ctypes"])
+def c_loop(request, monkeypatch):
+    use_frame_loop(request.param, monkeypatch)
+
+
+def _pair(staging_bytes: int = 1 << 20) -> tuple[SocketPair, SocketPair]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname()[:2])
+        peer, _ = server.accept()
+    return SocketPair(client, 5.0), SocketPair(peer, 5.0, staging_bytes=staging_bytes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("staging", [1 << 20, 256])  # the reply staged whole, or larger than the staging buffer
+def test_a_reply_lands_in_the_callers_tensor_with_its_prefix(c_loop, dtype, staging):
+    node, attn = _pair(staging)
+    y = torch.randn(5, 16).to(dtype)
+    for msg_id in (7, 8):  # two in a row: the staging buffer's bookkeeping carries on
+        node.send_reply((msg_id, 0, 11, 22, 33), y * msg_id)
+    for msg_id in (7, 8):
+        out = torch.empty(5, 16, dtype=dtype)
+        size = p2p.REPLY_PREFIX + y.numel() * y.element_size()
+        assert attn.recv_reply(5.0, size, out) == (msg_id, 0, 11, 22, 33)
+        assert torch.equal(out, y * msg_id)
+
+
+def test_a_shorter_reply_gives_its_length_and_a_longer_one_ends_the_pair(c_loop):
+    node, attn = _pair()
+    node.send_reply((1, 0, 0, 0, 0), torch.zeros(2, 4))
+    out = torch.empty(3, 4)
+    size = p2p.REPLY_PREFIX + out.numel() * 4
+    assert attn.recv_reply(5.0, size, out) == p2p.REPLY_PREFIX + 2 * 4 * 4  # the caller names it: out of step
+    node.send_reply((2, 0, 0, 0, 0), torch.zeros(4, 4))
+    with pytest.raises(RuntimeError, match="a message of 104 bytes for a buffer of 88"):
+        attn.recv_reply(5.0, size, out)
+
+
+def test_a_closed_peer_is_the_usual_error(c_loop):
+    node, attn = _pair()
+    node.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        attn.recv_reply(5.0, p2p.REPLY_PREFIX + 16, torch.empty(1, 4))
