@@ -30,7 +30,7 @@
 #define ERR_TOO_LONG (-100003) /* a length over the caller's limit: *len_out holds it */
 #define ERR_LARGE (-100004)    /* a message longer than the staging buffer: *len_out holds it (recv_large) */
 
-int64_t mm_p2p_abi(void) { return 6; }
+int64_t mm_p2p_abi(void) { return 7; }
 
 static double now_s(void) {
     struct timespec ts;
@@ -56,6 +56,7 @@ typedef struct {
     int64_t caught;    /* spins that caught their message */
     int64_t missed;    /* spins that ran out */
     int64_t preempted; /* spins during which this thread was off its CPU */
+    int64_t preempt_ns; /* off its CPU longer than this (and a quarter of the spin): preempted */
 } spin_t;
 #define SPIN_BACKOFF_MAX 1024
 #define NOT_CAUGHT (-2)
@@ -79,7 +80,7 @@ static ssize_t spin_recv(int fd, uint8_t *buf, int64_t room, double left, spin_t
         got = NOT_CAUGHT;
     } while (now_s() < until);
     double wall = now_s() - start, off_cpu = wall - (thread_cpu_s() - cpu);
-    int preempted = off_cpu > 20e-6 && off_cpu > wall / 4;
+    int preempted = off_cpu > spin->preempt_ns * 1e-9 && off_cpu > wall / 4;
     spin->preempted += preempted;
     spin->missed += got == NOT_CAUGHT;
     if (got == NOT_CAUGHT || preempted) {

@@ -38,7 +38,7 @@ SOURCE = Path(__file__).with_name("p2p_native.c")
 EXT_SOURCE = Path(__file__).with_name("p2p_ext.c")  # includes SOURCE
 EXT_NAME = "moemesh_p2p_ext"  # its PyInit_ symbol
 FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11")
-ABI_VERSION = 6
+ABI_VERSION = 7
 # the C side's codes (p2p_native.c), for the messages p2p_socket gives them
 ERR_CLOSED, ERR_TIMEOUT, ERR_TOO_LONG, ERR_LARGE, ERR_OTHER = -100001, -100002, -100003, -100004, -100005
 
@@ -54,7 +54,8 @@ BLOCK_TAKE_FIXED = struct.Struct("<qq")  # take_args: the receive block, prefix_
 BLOCK_TAKE = struct.Struct("<qq")  # then out, out_bytes (at byte 16)
 
 SPIN_US = 100.0  # how long a C receive spins before it blocks (p2p_native.c spin_recv says why)
-SPIN_FIELDS = ("max_ns", "skip", "backoff", "caught", "missed", "preempted")  # p2p_native.c spin_t
+PREEMPT_NS = 20_000  # a spin whose thread was off its CPU longer than this (and a quarter of it) was preempted
+SPIN_FIELDS = ("max_ns", "skip", "backoff", "caught", "missed", "preempted", "preempt_ns")  # p2p_native.c spin_t
 
 
 def spin_ns(spin_us: float | None = None) -> int:

@@ -96,7 +96,8 @@ class SocketPair:
         self._head = np.zeros(8, dtype=np.int64)  # a request header / a reply prefix, written in place (sends)
         self._got = np.zeros(2, dtype=np.int64)  # a checked receive's message offset and length (receives)
         self._scratch = np.empty(4096, dtype=np.uint8)  # a request's lengths, header, ids and weights (grown)
-        self._spin = np.array([spin, 0, 1, 0, 0, 0], dtype=np.int64)  # p2p_native.c spin_t (SPIN_FIELDS)
+        # p2p_native.c spin_t (SPIN_FIELDS)
+        self._spin = np.array([spin, 0, 1, 0, 0, 0, p2p_native.PREEMPT_NS], dtype=np.int64)
         self._addr = {name: getattr(self, name).ctypes.data for name in ("_staging", "_pos", "_timeo", "_len", "_head",
                                                                      "_got", "_spin")}
         # The C calls' argument blocks (p2p_native.c's recv_args/serve_args, send_args, reply_args): one pointer
