@@ -29,8 +29,8 @@ from moemesh.native.build import compile_library, compiler_version, find_compile
 log = get_logger("moemesh.kernels.cpu")
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
-# Compiled with SOURCE into the one library (on the command line before it); the header is theirs. All of
-# them key the cache, so an edit to any builds anew.
+# Compiled with SOURCE into the one library; the header is theirs. All of them key the cache, so an edit to
+# any builds anew.
 OTHER_SOURCES = (Path(__file__).with_name("cpu_decode_ops.c"),)
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -65,10 +65,10 @@ def _build() -> ctypes.CDLL | None:
     version = compiler_version(cc)
     errors = []
     for flags in (FLAGS, FALLBACK_FLAGS):
-        others = tuple(p.read_text() for p in OTHER_SOURCES + HEADERS)
-        path = library_path("cpu_gemv", SOURCE, flags, version, _cpu_flags(), *others)  # -march=native: CPU flags
+        sources = (SOURCE, *OTHER_SOURCES)
+        path = library_path("cpu_gemv", (*sources, *HEADERS), flags, version, _cpu_flags())  # -march=native: CPU flags
         if not path.exists():
-            err = compile_library(cc, flags + tuple(str(p) for p in OTHER_SOURCES), SOURCE, path, timeout_s=300)
+            err = compile_library(cc, flags, sources, path, timeout_s=300)
             if err is not None:
                 errors.append(err)
                 continue

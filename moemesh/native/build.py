@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -37,15 +38,18 @@ def compiler_version(cc: str) -> str:
     return subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n", 1)[0]
 
 
-def library_path(stem: str, source: Path, flags: tuple[str, ...], cc_version: str, *extra: str) -> Path:
-    """Where ``source`` built with ``flags`` is cached: ``stem-<hash of all that>.so``."""
-    key = hashlib.sha256("\0".join([source.read_text(), *flags, cc_version, *extra, platform.machine()])
+def library_path(stem: str, files: Sequence[Path], flags: tuple[str, ...], cc_version: str, *extra: str) -> Path:
+    """Where a library built from ``files`` (every file the build reads: its sources and the headers they
+    include) with ``flags`` is cached: ``stem-<hash of all that>.so``; an edit to any of them builds anew."""
+    key = hashlib.sha256("\0".join([*(f.read_text() for f in files), *flags, cc_version, *extra, platform.machine()])
                          .encode()).hexdigest()[:20]
     return cache_dir() / f"{stem}-{key}.so"
 
 
-def compile_library(cc: str, flags: tuple[str, ...], source: Path, out: Path, timeout_s: float) -> str | None:
-    """Build ``source`` into ``out``; None on success, else why not (the compiler's last lines)."""
+def compile_library(cc: str, flags: tuple[str, ...], sources: Sequence[Path], out: Path,
+                    timeout_s: float) -> str | None:
+    """Build ``sources`` (the C files, compiled and linked together) into ``out``; None on success, else why not
+    (the compiler's last lines)."""
     try:  # an unwritable cache directory is one more reason to fall back, not an error in every call
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -53,7 +57,7 @@ def compile_library(cc: str, flags: tuple[str, ...], source: Path, out: Path, ti
     except OSError as e:
         return f"cannot write the cache {out.parent}: {e}"
     try:
-        done = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
+        done = subprocess.run([cc, *flags, *map(str, sources), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=timeout_s)
         if done.returncode != 0:
             return (done.stderr or done.stdout).strip()[-400:] or f"exit status {done.returncode}"

@@ -105,8 +105,8 @@ def _build_ext(cc: str, cc_version: str):
                     fallback="the same C through ctypes (~1 us more per call)")
         return None
     flags = (*FLAGS, f"-I{include}", f"-I{SOURCE.parent}")
-    path = library_path(EXT_NAME, EXT_SOURCE, flags, cc_version, SOURCE.read_text(), *python_key())
-    err = compile_library(cc, flags, EXT_SOURCE, path, timeout_s=120) if not path.exists() else None
+    path = library_path(EXT_NAME, (EXT_SOURCE, SOURCE), flags, cc_version, *python_key())  # it #includes SOURCE
+    err = compile_library(cc, flags, (EXT_SOURCE,), path, timeout_s=120) if not path.exists() else None
     if err is None:
         try:
             spec = importlib.util.spec_from_file_location(
@@ -136,8 +136,8 @@ def _build(ext: bool = True):
     module = _build_ext(cc, cc_version) if ext else None
     if module is not None:
         return module
-    path = library_path("p2p_native", SOURCE, FLAGS, cc_version)
-    err = compile_library(cc, FLAGS, SOURCE, path, timeout_s=120) if not path.exists() else None
+    path = library_path("p2p_native", (SOURCE,), FLAGS, cc_version)
+    err = compile_library(cc, FLAGS, (SOURCE,), path, timeout_s=120) if not path.exists() else None
     if err is None:
         try:
             lib = ctypes.CDLL(str(path))  # CDLL: the GIL is released for every call (they block on the socket)
