@@ -86,7 +86,7 @@ static ssize_t spin_recv(int fd, uint8_t *buf, int64_t room, double left, spin_t
     if (got == NOT_CAUGHT || preempted) {
         spin->skip = spin->backoff;
         spin->backoff = spin->backoff * 2 > SPIN_BACKOFF_MAX ? SPIN_BACKOFF_MAX : spin->backoff * 2;
-    } else {
+    } else if (got >= 0) { /* a message (or the peer's close) caught; an error is neither */
         spin->caught++;
         spin->backoff = 1;
     }

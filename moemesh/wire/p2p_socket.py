@@ -35,6 +35,7 @@ Rendezvous: p2p_groups.py. Tags are not sent: requests flow only to the node and
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -53,6 +54,7 @@ _LEN = struct.Struct("<q")  # little-endian int64, as the frames
 _PREFIX = struct.Struct("<5q")  # a reply's prefix (p2p.REPLY_PREFIX bytes)
 _IDS = (torch.int64, torch.int32)  # what the C send narrows to int32 itself
 STAGING_BYTES = 1 << 20  # the receive buffer: a decode step's message (and the next ones) lands here whole
+_EBADF = -errno.EBADF  # a C call's answer on a closed descriptor
 _TIMEOUT_SLACK = 1.1  # the kernel's receive timeout is reset only when it is off by more than this factor
 
 
@@ -168,7 +170,7 @@ class SocketPair:
             self._set_send_fd(self._wfd)
         BLOCK_SEND.pack_into(self._send_args, 16, ids.data_ptr(), ids.element_size(), weights.data_ptr(), x.data_ptr(),
                         x.numel() * x.element_size(), *head)
-        rc = self._held_send(self.native.mm_send, self._args_addr[1])
+        rc = self._native_send(self.native.mm_send, self._args_addr[1])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -181,7 +183,7 @@ class SocketPair:
             self.send_parts(reply_parts(prefix[0], y, *prefix[1:]))
             return
         BLOCK_REPLY.pack_into(self._reply_args, 8, y.data_ptr(), y.numel() * y.element_size(), *prefix)
-        rc = self._held_send(self.native.mm_reply, self._args_addr[2])
+        rc = self._native_send(self.native.mm_reply, self._args_addr[2])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -219,7 +221,7 @@ class SocketPair:
             return msg, msg.ctypes.data
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
         BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
-        off = self._held_recv(self.native.mm_recv, self._args_addr[0])
+        off = self._native_recv(self.native.mm_recv, self._args_addr[0])
         if off >= 0:
             return self._staging[off:off + int(self._len[0])], self._addr["_staging"] + off
         msg = self._native_rare(off, limit, deadline)
@@ -233,7 +235,7 @@ class SocketPair:
         deadline = time.monotonic() + timeout_s
         BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, reply_size, deadline)
         BLOCK_TAKE.pack_into(self._take_args, 16, out.data_ptr(), out.numel() * out.element_size())
-        rc = self._held_recv(self.native.mm_take, self._args_addr[3])
+        rc = self._native_recv(self.native.mm_take, self._args_addr[3])
         if rc == 0:
             return tuple(self._prefix.tolist())
         if rc == p2p_native.ERR_OTHER:
@@ -257,7 +259,7 @@ class SocketPair:
             BLOCK_SERVE_TABLES.pack_into(self._recv_args, BLOCK_SERVE_AT, self._addr["_got"], *checks.args)
             self._checks, self._checks_args = checks, checks.args
         BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
-        rc = self._held_recv(self.native.mm_serve, self._args_addr[0])
+        rc = self._native_recv(self.native.mm_serve, self._args_addr[0])
         if rc >= 0 or rc == p2p_native.ERR_OTHER:
             off, n = self._got.tolist()
             return self._staging[off:off + n], self._addr["_staging"] + off, max(rc, -1)
@@ -271,7 +273,7 @@ class SocketPair:
         n = int(self._len[0])
         if rc == p2p_native.ERR_LARGE:
             out = np.empty(n, dtype=np.uint8)
-            rc = self._held_recv(self.native.mm_recv_large, self._rfd, self._addr["_staging"], self._addr["_pos"],
+            rc = self._native_recv(self.native.mm_recv_large, self._rfd, self._addr["_staging"], self._addr["_pos"],
                                  out.ctypes.data, n, deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
             if rc == 0:
                 return out
@@ -369,6 +371,14 @@ class SocketPair:
             self._in_recv = False
             if self._closed and not self._in_send:
                 self._release()
+
+    # A C call whose descriptor was read before its flag was set (an argument, a grown send scratch) must not
+    # run after a close() in between: flag set, then _closed read; close() the other way round (GIL-ordered).
+    def _native_send(self, fn, *args) -> int:
+        return self._held_send(lambda: _EBADF if self._closed else fn(*args))
+
+    def _native_recv(self, fn, *args) -> int:
+        return self._held_recv(lambda: _EBADF if self._closed else fn(*args))
 
     def close(self) -> None:
         """End the stream: shut down at once (a blocked call on either end returns) and the descriptors marked -1

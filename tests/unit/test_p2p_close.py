@@ -4,6 +4,7 @@ reused under it."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import threading
@@ -104,3 +105,16 @@ def _error(pair: SocketPair) -> str:
     except RuntimeError as exc:
         return str(exc)
     return "no error"
+
+
+def test_a_native_call_reached_after_close_never_runs_on_the_descriptor_it_was_given():
+    """A call that read its descriptor before close() (an argument, or a grown send scratch writing it back)
+    reaches the flag after it: it answers EBADF (as on a closed descriptor), and the C function never sees the number."""
+    if p2p_native.load() is None:
+        pytest.skip("no C compiler here: the C frame loop cannot be built")
+    sender, receiver = _pair()
+    fd, calls = receiver._rfd, []
+    receiver.close()  # another thread, between the caller's read of the number and its call
+    assert receiver._native_recv(lambda *args: calls.append(args) or 0, fd) == -errno.EBADF
+    assert sender._native_send(lambda *args: calls.append(args) or 0, fd) == 0  # an open pair: the call runs
+    assert calls == [(fd,)]
