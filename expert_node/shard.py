@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moemesh.kernels import cpu_kernels
+from moemesh.kernels import cpu_fp8, cpu_kernels
 from moemesh.kernels.cpu_paths import choose_expert_path
 from moemesh.model.checkpoint import Fp8Tensor
 
@@ -298,6 +298,10 @@ class ExpertShard:
         if host_ids is not None and not (np.asarray(host_ids) >= 0).any():
             return out  # every assignment is computed elsewhere: no math (the host copy says so at no device cost)
         if le.w13_scale_inv is not None:
+            if self._fp8_layer_kernel(le, x):  # one C call, bookkeeping included, one byte read per weight
+                return cpu_fp8.moe_forward(x.contiguous(), topk_idx.long().contiguous(),
+                                           topk_weights.float().contiguous(), le.slot_of, le.w13, le.w13_scale_inv,
+                                           le.w2, le.w2_scale_inv, self.fp8_block)
             return self.fused_moe_fp8(
                 x.to(self.dtype), le.w13, le.w13_scale_inv, le.w2, le.w2_scale_inv,
                 _local_slots(le, topk_idx), topk_weights.float(), self.fp8_block, check_ids=False,
@@ -350,6 +354,13 @@ class ExpertShard:
         return (self.strategy in ("auto", "kernel") and self.dtype == torch.float32 and x.dtype == torch.float32
                 and x.device.type == "cpu" and le.slot_of.device.type == "cpu" and cpu_kernels.available()
                 and choose_expert_path(x.shape[0], le.w13.dtype, True) == "kernel")
+
+
+    def _fp8_layer_kernel(self, le: _LayerExperts, x: torch.Tensor) -> bool:
+        """Whether an FP8-kept layer runs in the CPU kernel (kernels/cpu_fp8.py): fp32 rows on a CPU shard with
+        the kernels built; else the FP8 op (Triton on CUDA, the dequantizing reference elsewhere)."""
+        return (self.strategy in ("auto", "kernel") and self.dtype == torch.float32 and x.dtype == torch.float32
+                and x.device.type == "cpu" and le.slot_of.device.type == "cpu" and cpu_kernels.available())
 
 
 def _local_slots(le: _LayerExperts, topk_idx: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,39 @@ static void widen_rows(const void *w, int wdtype, int64_t n0, int nb, int64_t k,
     }
 }
 
+/* FP8 block scales of one expert's two matrices (NULL = not FP8): scale[(n / bn) * cols + c / bk] is the
+ * fp32 scale of weight [n, c], cols = ceil(k / bk) for a matrix of row length k. */
+typedef struct {
+    const float *s13, *s2;  /* [n_slots, ceil(2I / bn), ceil(d / bk)], [n_slots, ceil(d / bn), ceil(I / bk)] */
+    int64_t bn, bk;
+} fp8_scales;
+
+/* Rows [n0, n0 + nb) of e4m3 w (row length k, scales `scale` with `cols` per block row) into fp32 dst
+ * (nb * k): each weight times its block's scale, the bits of moemesh.model.checkpoint's dequantization. */
+static void dequant_rows(const uint8_t *w, const float *scale, int64_t cols, int64_t bn, int64_t bk, int64_t n0,
+                         int nb, int64_t k, float *dst) {
+    for (int r = 0; r < nb; r++) {
+        const int64_t n = n0 + r;
+        const uint8_t *q = w + n * k;
+        const float *srow = scale + (n / bn) * cols;
+        float *d = dst + r * k;
+        for (int64_t c0 = 0; c0 < k; c0 += bk) {
+            const int64_t c1 = c0 + bk < k ? c0 + bk : k;
+            const float sc = srow[c0 / bk];
+            int64_t i = c0;
+#ifdef MM_AVX2
+            const vf s8 = vset1(sc * 256.f);  /* vwiden_e4m3 gives 2^-8 times each weight */
+            const char *next = (const char *)(q + NB * k);  /* this row of the next block */
+            for (; i + VW <= c1; i += VW) {
+                if (!(i & 63)) _mm_prefetch(next + i, _MM_HINT_T1);
+                vstore(d + i, vmul(vwiden_e4m3(q + i), s8));
+            }
+#endif
+            for (; i < c1; i++) d[i] = e4m3_to_f32(q[i]) * sc;
+        }
+    }
+}
+
 #ifdef MM_AVX2
 static inline vf load_w(const void *w, int wdtype, int64_t off) {
     if (wdtype == W_F32) return vload((const float *)w + off);
@@ -225,6 +258,57 @@ static void block_product(const float *x, int64_t ldx, int64_t m, const void *w,
     }
 }
 
+#ifdef MM_AVX2
+/* One x row against NB e4m3 weight rows w (row length k) sharing one row of block scales `scale`: each weight
+ * dequantized in registers (the bits dequant_rows stores) and summed in row_dot_rows' order, so the result is
+ * the fp32 twin's; one row reuses no weight, and a pass through scratch would cost what the read saves. */
+static void row_dot_rows_e4m3(const float *x, const uint8_t *w, const float *scale, int64_t bk, int64_t k,
+                              float *out) {
+    vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
+    const uint8_t *next = w + NB * k;
+    vf s = vzero();
+    int64_t i = 0;
+    for (int64_t edge = 0; i + VW <= k; i += VW) {  /* bk % VW == 0: no vector step straddles two scales */
+        if (i == edge) {
+            s = vset1(scale[i / bk] * 256.f);  /* vwiden_e4m3 gives 2^-8 times each weight */
+            edge += bk;
+        }
+        if (!(i & 63))
+            for (int r = 0; r < NB; r++) _mm_prefetch((const char *)next + r * k + i, _MM_HINT_T1);
+        vf xv = vload(x + i);
+        a0 = vfma(xv, vmul(vwiden_e4m3(w + i), s), a0);
+        a1 = vfma(xv, vmul(vwiden_e4m3(w + k + i), s), a1);
+        a2 = vfma(xv, vmul(vwiden_e4m3(w + 2 * k + i), s), a2);
+        a3 = vfma(xv, vmul(vwiden_e4m3(w + 3 * k + i), s), a3);
+    }
+    float acc[NB] = {vsum(a0), vsum(a1), vsum(a2), vsum(a3)};
+    for (; i < k; i++) {  /* row_dot_rows' scalar tail, after the vector lanes */
+        const float sc = scale[i / bk];
+        for (int r = 0; r < NB; r++) acc[r] += x[i] * (e4m3_to_f32(w[r * k + i]) * sc);
+    }
+    for (int r = 0; r < NB; r++) out[r] = acc[r];
+}
+#endif
+
+/* block_product over an expert matrix in any weight dtype: FP8 blocks are dequantized into scratch first and
+ * multiplied as fp32 weights (so an FP8-kept expert gives the bits of its dequantized fp32 twin). */
+static void expert_block(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype, const float *scale,
+                         const fp8_scales *q, int64_t n0, int nb, int64_t k, float *scratch, float *out, int64_t ldo) {
+    if (wdtype != W_E4M3) {
+        block_product(x, ldx, m, w, wdtype, n0, nb, k, scratch, out, ldo);
+        return;
+    }
+    const int64_t cols = (k + q->bk - 1) / q->bk;
+#ifdef MM_AVX2
+    if (m == 1 && nb == NB && q->bk % VW == 0 && q->bn % NB == 0 && n0 % NB == 0) {
+        row_dot_rows_e4m3(x, (const uint8_t *)w + n0 * k, scale + (n0 / q->bn) * cols, q->bk, k, out);
+        return;
+    }
+#endif
+    dequant_rows((const uint8_t *)w, scale, cols, q->bn, q->bk, n0, nb, k, scratch);
+    block_product(x, ldx, m, scratch, W_F32, 0, nb, k, NULL, out, ldo);
+}
+
 /* Rows of x per pass over a run of weight blocks: a tile of x stays in L1/L2 while the run (in L2) is reused
  * for every tile. Tiling never changes a row's summation order, so any batch size gives each row the bits it
  * gets alone: the CPU linear runs this for every batch (kernels/cpu_paths.py), prefill included. */
@@ -259,9 +343,12 @@ static inline float silu(float g) { return g / (1.f + expf(-g)); }
 /* Routed experts of one layer, rows sorted by expert: xs [A, d]; rows offs[s]..offs[s+1] go to slot s
  * (n_slots slots, offs has n_slots + 1 entries). w13 [n_slots, 2I, d] = [gate; up], w2 [n_slots, d, I].
  * h [A, I] is scratch; ys [A, d] receives w2 @ (silu(gate x) * up x) per row. */
-void mm_moe_swiglu(const float *xs, const int64_t *offs, int64_t n_slots, const void *w13, const void *w2,
-                   int wdtype, int64_t d, int64_t inter, float *h, float *ys, int nthreads) {
-    const int64_t esz = wdtype == W_F32 ? 4 : 2;
+static void moe_swiglu(const float *xs, const int64_t *offs, int64_t n_slots, const void *w13, const void *w2,
+                       int wdtype, const fp8_scales *q, int64_t d, int64_t inter, float *h, float *ys, int nthreads) {
+    const int64_t esz = wdtype == W_F32 ? 4 : wdtype == W_E4M3 ? 1 : 2;
+    /* FP8: the scale grid of each expert's w13 [2I, d] and w2 [d, I] (one matrix each, as the reference reads them) */
+    const int64_t g13 = q ? ((2 * inter + q->bn - 1) / q->bn) * ((d + q->bk - 1) / q->bk) : 0;
+    const int64_t g2 = q ? ((d + q->bn - 1) / q->bn) * ((inter + q->bk - 1) / q->bk) : 0;
     int64_t *busy = (int64_t *)malloc(sizeof(int64_t) * (n_slots > 0 ? n_slots : 1)), nbusy = 0;
     for (int64_t s = 0; s < n_slots; s++)
         if (offs[s + 1] > offs[s]) busy[nbusy++] = s;
@@ -276,8 +363,9 @@ void mm_moe_swiglu(const float *xs, const int64_t *offs, int64_t n_slots, const 
             const int64_t s = busy[j / gblocks], i0 = (j % gblocks) * NB, r0 = offs[s], m = offs[s + 1] - r0;
             const int nb = (int)(inter - i0 < NB ? inter - i0 : NB);
             const char *we = (const char *)w13 + s * 2 * inter * d * esz;
-            block_product(xs + r0 * d, d, m, we, wdtype, i0, nb, d, scratch, gu, 2 * NB);
-            block_product(xs + r0 * d, d, m, we, wdtype, inter + i0, nb, d, scratch, gu + NB, 2 * NB);
+            const float *se = q ? q->s13 + s * g13 : NULL;
+            expert_block(xs + r0 * d, d, m, we, wdtype, se, q, i0, nb, d, scratch, gu, 2 * NB);
+            expert_block(xs + r0 * d, d, m, we, wdtype, se, q, inter + i0, nb, d, scratch, gu + NB, 2 * NB);
             for (int64_t mi = 0; mi < m; mi++)
                 for (int r = 0; r < nb; r++)
                     h[(r0 + mi) * inter + i0 + r] = silu(gu[mi * 2 * NB + r]) * gu[mi * 2 * NB + NB + r];
@@ -287,12 +375,18 @@ void mm_moe_swiglu(const float *xs, const int64_t *offs, int64_t n_slots, const 
             const int64_t s = busy[j / dblocks], n0 = (j % dblocks) * NB, r0 = offs[s], m = offs[s + 1] - r0;
             const int nb = (int)(d - n0 < NB ? d - n0 : NB);
             const char *we = (const char *)w2 + s * d * inter * esz;
-            block_product(h + r0 * inter, inter, m, we, wdtype, n0, nb, inter, scratch, ys + r0 * d + n0, d);
+            expert_block(h + r0 * inter, inter, m, we, wdtype, q ? q->s2 + s * g2 : NULL, q, n0, nb, inter, scratch,
+                         ys + r0 * d + n0, d);
         }
         free(gu);
         free(scratch);
     }
     free(busy);
+}
+
+void mm_moe_swiglu(const float *xs, const int64_t *offs, int64_t n_slots, const void *w13, const void *w2,
+                   int wdtype, int64_t d, int64_t inter, float *h, float *ys, int nthreads) {
+    moe_swiglu(xs, offs, n_slots, w13, w2, wdtype, NULL, d, inter, h, ys, nthreads);
 }
 
 /* Dense SwiGLU (shared experts, dense MLP layers): y [m, d] = w2 @ (silu(w1 x) * (w3 x)), w1 and w3 [inter, d],
@@ -332,9 +426,10 @@ void mm_swiglu(const float *x, int64_t ldx, int64_t m, const void *w1, const voi
  * fp32 gate weights; slot_of [n_experts] local slot of each logical id or -1. out [t, d] receives, per row,
  * sum over its hosted assignments in k order of w * expert(x): a row's result never depends on the other rows.
  * Replaces ~25 small torch ops per layer (slot lookup, sort, gather, offsets, weighting, index_add). */
-void mm_moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_idx, const float *topk_w,
-                    int64_t top_k, const int64_t *slot_of, int64_t n_experts, int64_t n_slots, const void *w13,
-                    const void *w2, int wdtype, int64_t d, int64_t inter, float *out, int nthreads) {
+static void moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_idx, const float *topk_w,
+                        int64_t top_k, const int64_t *slot_of, int64_t n_experts, int64_t n_slots, const void *w13,
+                        const void *w2, int wdtype, const fp8_scales *q, int64_t d, int64_t inter, float *out,
+                        int nthreads) {
     const int64_t n = t * top_k;
     int64_t *slot = (int64_t *)malloc(sizeof(int64_t) * (n > 0 ? n : 1));
     int64_t *offs = (int64_t *)calloc((size_t)n_slots + 2, sizeof(int64_t));
@@ -357,7 +452,7 @@ void mm_moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_
         pos[a] = fill[slot[a]]++;
         memcpy(xs + pos[a] * d, x + (a / top_k) * ldx, sizeof(float) * d);
     }
-    if (total > 0) mm_moe_swiglu(xs, offs, n_slots, w13, w2, wdtype, d, inter, h, ys, nthreads);
+    if (total > 0) moe_swiglu(xs, offs, n_slots, w13, w2, wdtype, q, d, inter, h, ys, nthreads);
     /* Each row's sum runs in ascending slot order (stable), as the shard's torch path adds its sorted assignments
        with index_add_: then a row's bits do not depend on which side of the row limit its batch fell. */
     int64_t *by_slot = (int64_t *)malloc(sizeof(int64_t) * (top_k > 0 ? top_k : 1));
@@ -382,4 +477,32 @@ void mm_moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_
     free(fill); free(h); free(ys); free(xs); free(pos); free(offs); free(slot);
 }
 
-int mm_abi_version(void) { return 5; }
+void mm_moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_idx, const float *topk_w,
+                    int64_t top_k, const int64_t *slot_of, int64_t n_experts, int64_t n_slots, const void *w13,
+                    const void *w2, int wdtype, int64_t d, int64_t inter, float *out, int nthreads) {
+    moe_forward(x, ldx, t, topk_idx, topk_w, top_k, slot_of, n_experts, n_slots, w13, w2, wdtype, NULL, d, inter, out,
+                nthreads);
+}
+
+/* mm_moe_forward over FP8 (e4m3fn) experts with their fp32 block scales s13, s2 (fp8_scales' shapes), blocks
+ * of bn x bk: each block of weights is dequantized into L1 as it streams (1 byte read per weight). */
+void mm_moe_forward_fp8(const float *x, int64_t ldx, int64_t t, const int64_t *topk_idx, const float *topk_w,
+                        int64_t top_k, const int64_t *slot_of, int64_t n_experts, int64_t n_slots, const uint8_t *w13,
+                        const float *s13, const uint8_t *w2, const float *s2, int64_t bn, int64_t bk, int64_t d,
+                        int64_t inter, float *out, int nthreads) {
+    const fp8_scales q = {s13, s2, bn, bk};
+    moe_forward(x, ldx, t, topk_idx, topk_w, top_k, slot_of, n_experts, n_slots, w13, w2, W_E4M3, &q, d, inter, out,
+                nthreads);
+}
+
+/* rows x cols e4m3 weights with their bn x bk scales -> fp32 out: the kernel's own dequantization, exposed so
+ * that tests hold it to moemesh.model.checkpoint.dequantize_fp8_blockwise bit for bit. */
+void mm_dequant_fp8(const uint8_t *w, const float *scale, int64_t rows, int64_t cols, int64_t bn, int64_t bk,
+                    float *out) {
+    for (int64_t n0 = 0; n0 < rows; n0 += NB) {
+        const int nb = (int)(rows - n0 < NB ? rows - n0 : NB);
+        dequant_rows(w, scale, (cols + bk - 1) / bk, bn, bk, n0, nb, cols, out + n0 * cols);
+    }
+}
+
+int mm_abi_version(void) { return 6; }

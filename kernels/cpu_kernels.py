@@ -36,7 +36,7 @@ HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native
 WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried
@@ -98,6 +98,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_swiglu.restype = None
     lib.mm_moe_forward.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, i32, i64, i64, p, i32]
     lib.mm_moe_forward.restype = None
+    lib.mm_moe_forward_fp8.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, p, p, i64, i64, i64, i64, p, i32]
+    lib.mm_moe_forward_fp8.restype = None
+    lib.mm_dequant_fp8.argtypes = [p, p, i64, i64, i64, i64, p]
+    lib.mm_dequant_fp8.restype = None
     lib.mm_rmsnorm.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, i64]
     lib.mm_rmsnorm.restype = None
     lib.mm_mla_decode.argtypes = [p, p, p, p, i64, p, i64, p, i64, i64, i64, i64, i64, i64, i64, i64,

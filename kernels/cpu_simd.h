@@ -20,9 +20,15 @@ typedef __m512 vf;
 #define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vsum(v) _mm512_reduce_add_ps(v)
 #define vset1(a) _mm512_set1_ps(a)
+#define vmul(a, b) _mm512_mul_ps(a, b)
 static inline vf vwiden(const uint16_t *s, int bf16) {
     __m256i h = _mm256_loadu_si256((const __m256i *)s);
     return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+/* VW e4m3 bytes -> fp32, each 2^-8 times its value (see e4m3_to_f32). */
+static inline vf vwiden_e4m3(const uint8_t *s) {
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)s));
+    return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBF80)));
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -34,6 +40,7 @@ typedef __m256 vf;
 #define vstore(p, v) _mm256_storeu_ps(p, v)
 #define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define vset1(a) _mm256_set1_ps(a)
+#define vmul(a, b) _mm256_mul_ps(a, b)
 static inline float vsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -44,9 +51,15 @@ static inline vf vwiden(const uint16_t *s, int bf16) {
     __m128i h = _mm_loadu_si128((const __m128i *)s);
     return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
 }
+/* VW e4m3 bytes -> fp32, each 2^-8 times its value (see e4m3_to_f32). */
+static inline vf vwiden_e4m3(const uint8_t *s) {
+    __m128i h = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)s));
+    return _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(h, 7), _mm_set1_epi16((short)0xBF80)));
+}
 #endif
 
-enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+/* W_E4M3: FP8 (e4m3fn) block-quantized weights with fp32 scales per (bn x bk) block (DeepSeek-V3's). */
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2, W_E4M3 = 3 };
 #define NB 4
 
 static inline float bf16_to_f32(uint16_t v) {
@@ -72,6 +85,18 @@ static inline float f16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+/* e4m3fn -> fp32, exact: sign-extended to 16 bits and shifted, its (exponent, mantissa) sit where fp16's
+ * low exponent bits and mantissa do, which makes an fp16 of 2^-8 times its value (the exponent bias is 15
+ * against 7; e4m3 subnormals land on fp16 subnormals), and F16C widens that exactly. 2^-8 times a weight
+ * times 2^8 times its scale rounds as weight times scale does (powers of two), so the block scale carries
+ * the 2^8. The NaN codes (0x7f, 0xff) read as +-480 here and in the vector path alike: quantizers write
+ * none (the largest finite value is 448). */
+static inline float e4m3_to_f32(uint8_t b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    const float v = e ? ldexpf(1.f + m / 8.f, e - 7) : ldexpf(m / 8.f, -6);
+    return b & 0x80 ? -v : v;
 }
 
 static inline float dot(const float *a, const float *b, int64_t n) {

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 from typing import TYPE_CHECKING
 
@@ -19,9 +21,12 @@ from moemesh.cli import flags
 from moemesh.cli.bench_serving import add_serving_args
 from moemesh.sampling import SamplingParams
 from moemesh.errors import MoemeshError
+from moemesh.logs import get_logger
 
 if TYPE_CHECKING:
     import torch
+
+log = get_logger("moemesh.bench")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -71,11 +76,22 @@ def emit_json(args: argparse.Namespace, result: dict) -> bool:
 
 
 def _load_hf(model_dir: str, dtype: torch.dtype, device: torch.device):
+    """transformers' model of ``model_dir``; an FP8 checkpoint's dequantized twin (transformers' FP8 path needs a
+    GPU and accelerate), written once to a temporary directory: the same weights moemesh dequantizes or keeps."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise MoemeshError("bench compares against transformers: pip install 'moemesh[bench]'") from None
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    from moemesh.model.checkpoint import write_dequantized
+    from moemesh.model.config import ModelConfig
+
+    if ModelConfig.from_dir(model_dir).quant is None:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    with tempfile.TemporaryDirectory(prefix="moemesh-bench-") as tmp:
+        log.info("bench_transformers_dequantized", model=model_dir, twin=tmp,
+                 why="transformers runs an FP8 checkpoint's dequantized twin")
+        twin = write_dequantized(model_dir, Path(tmp) / "twin")
+        return AutoModelForCausalLM.from_pretrained(twin, dtype=dtype).to(device).eval()
 
 
 def _time_best(fn, repeats: int) -> tuple[float, object]:
