@@ -70,4 +70,8 @@ def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Ten
     return out
 
 
-available = cpu_kernels.available
+def keep_fp8(mode: str, device: torch.device) -> bool:
+    """``moemesh.devices.keep_fp8`` told whether this kernel is here (built on first call, on CPU only)."""
+    from moemesh.devices import keep_fp8 as decide
+
+    return decide(mode, device, cpu_kernels=device.type == "cpu" and cpu_kernels.available())

@@ -80,12 +80,14 @@ def compute_dtype(weights: torch.dtype, device: torch.device | str) -> torch.dty
     return weights if torch.device(device).type != "cpu" else torch.float32
 
 
-def keep_fp8(mode: str, device: torch.device) -> bool:
-    """Whether FP8 block-quantized routed experts stay e4m3 in memory: ``auto`` = on CUDA only.
+def keep_fp8(mode: str, device: torch.device, cpu_kernels: bool = False) -> bool:
+    """Whether FP8 block-quantized routed experts stay e4m3 in memory: ``auto`` = where a kernel runs them,
+    on CUDA (Triton) and on CPUs with the C kernels built (``cpu_kernels``: kernels/cpu_fp8.py, half of
+    bf16's bytes at about its speed).
 
-    ``keep`` on a CPU works (the reference dequantizes per call, slowly); ``dequant`` converts
-    them to the compute dtype once, at load.
+    ``keep`` on a CPU without the kernels works (the reference dequantizes per call, slowly); ``dequant``
+    converts them to the weights' dtype once, at load.
     """
     if mode not in FP8_MODES:
         raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}, got {mode!r}")
-    return mode == "keep" or (mode == "auto" and device.type == "cuda")
+    return mode == "keep" or (mode == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_kernels)))

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from moemesh.control.placement import parse_expert_spec
-    from moemesh.devices import keep_fp8, resolve_device
+    from moemesh.devices import resolve_device
+    from moemesh.kernels.cpu_fp8 import keep_fp8
     from moemesh.kernels.cpu_kernels import resolve_weights_dtype
     from moemesh.expert_node.main import serve
     from moemesh.model.config import ModelConfig

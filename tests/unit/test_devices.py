@@ -74,8 +74,10 @@ def test_dtype_auto_upcasts_on_cpu_without_the_cpu_kernels():
     assert resolve_dtype("bfloat16", "bfloat16", CPU, cpu_kernels=False) == torch.bfloat16  # asked for: kept
 
 
-def test_fp8_auto_keeps_on_cuda_only():
+def test_fp8_auto_keeps_where_a_kernel_runs_it():
     assert keep_fp8("auto", CUDA) and not keep_fp8("auto", CPU)
+    assert keep_fp8("auto", CPU, cpu_kernels=True) and keep_fp8("auto", CUDA, cpu_kernels=False)
+    assert not keep_fp8("dequant", CPU, cpu_kernels=True)
     assert keep_fp8("keep", CPU) and not keep_fp8("dequant", CUDA)
     with pytest.raises(ValueError, match="fp8 must be one of auto, keep, dequant"):
         keep_fp8("yes", CPU)

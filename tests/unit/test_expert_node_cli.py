@@ -8,6 +8,7 @@ import torch
 import moemesh.expert_node.main as expert_main
 import moemesh.expert_node.registered as expert_registered
 from moemesh.cli.main import main
+from moemesh.kernels import cpu_kernels
 from moemesh.model.checkpoint import write_fp8_twin
 from moemesh.model.tiny import write_tiny_checkpoint
 
@@ -60,7 +61,8 @@ def test_device_is_checked_before_the_model_is_read(tmp_path, no_serving, capsys
     assert code != 0 and "--device cuda" in err and "does not exist" not in err
 
 
-@pytest.mark.parametrize("fp8, keep", [("auto", False), ("keep", True), ("dequant", False)])
+# auto keeps FP8 on a CPU where the C kernels run it (kernels/cpu_fp8.py)
+@pytest.mark.parametrize("fp8, keep", [("auto", cpu_kernels.available()), ("keep", True), ("dequant", False)])
 def test_cpu_device_dtype_and_fp8_reach_the_node(fp8, keep, tiny_dir, tmp_path, no_serving, capsys):
     model = write_fp8_twin(tiny_dir, tmp_path / "fp8", block=(16, 16))
     code, err = _run(["expert-node", "--model", str(model), "--experts", "all", "--device", "cpu", "--fp8", fp8],
