@@ -12,7 +12,8 @@
  * moe_swiglu runs every busy expert of a layer in two parallel regions (gate/up with silu(g) * u fused,
  * then down), so one call per layer replaces a Python loop of small GEMMs; moe_forward adds the routing
  * bookkeeping around it, and swiglu is the dense MLP's (shared experts). The rest of the decode step
- * (mla_decode, rmsnorm, rope) is kernels/cpu_decode_ops.c, built into the same library.
+ * (mla_decode, rmsnorm, rope) is kernels/cpu_decode_ops.c, FP8 experts' blocks kernels/cpu_fp8.c, built into the
+ * same library.
  */
 #include "cpu_simd.h"
 
@@ -34,39 +35,6 @@ static void widen_rows(const void *w, int wdtype, int64_t n0, int nb, int64_t k,
         }
 #endif
         for (; i < k; i++) d[i] = wdtype == W_BF16 ? bf16_to_f32(s[i]) : f16_to_f32(s[i]);
-    }
-}
-
-/* FP8 block scales of one expert's two matrices (NULL = not FP8): scale[(n / bn) * cols + c / bk] is the
- * fp32 scale of weight [n, c], cols = ceil(k / bk) for a matrix of row length k. */
-typedef struct {
-    const float *s13, *s2;  /* [n_slots, ceil(2I / bn), ceil(d / bk)], [n_slots, ceil(d / bn), ceil(I / bk)] */
-    int64_t bn, bk;
-} fp8_scales;
-
-/* Rows [n0, n0 + nb) of e4m3 w (row length k, scales `scale` with `cols` per block row) into fp32 dst
- * (nb * k): each weight times its block's scale, the bits of moemesh.model.checkpoint's dequantization. */
-static void dequant_rows(const uint8_t *w, const float *scale, int64_t cols, int64_t bn, int64_t bk, int64_t n0,
-                         int nb, int64_t k, float *dst) {
-    for (int r = 0; r < nb; r++) {
-        const int64_t n = n0 + r;
-        const uint8_t *q = w + n * k;
-        const float *srow = scale + (n / bn) * cols;
-        float *d = dst + r * k;
-        for (int64_t c0 = 0; c0 < k; c0 += bk) {
-            const int64_t c1 = c0 + bk < k ? c0 + bk : k;
-            const float sc = srow[c0 / bk];
-            int64_t i = c0;
-#ifdef MM_AVX2
-            const vf s8 = vset1(sc * 256.f);  /* vwiden_e4m3 gives 2^-8 times each weight */
-            const char *next = (const char *)(q + NB * k);  /* this row of the next block */
-            for (; i + VW <= c1; i += VW) {
-                if (!(i & 63)) _mm_prefetch(next + i, _MM_HINT_T1);
-                vstore(d + i, vmul(vwiden_e4m3(q + i), s8));
-            }
-#endif
-            for (; i < c1; i++) d[i] = e4m3_to_f32(q[i]) * sc;
-        }
     }
 }
 
@@ -220,8 +188,8 @@ static void rows4_dot_f32(const float *x, int64_t ldx, const float *w, int64_t b
 }
 
 /* Rows [n0, n0 + nb) of y for m x rows: out[mi * ldo + (n - n0)] (the caller places the columns). */
-static void block_product(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype, int64_t n0, int nb,
-                          int64_t k, float *scratch, float *out, int64_t ldo) {
+void cpu_block_product(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype, int64_t n0, int nb,
+                       int64_t k, float *scratch, float *out, int64_t ldo) {
     float acc[4 * NB];
     if (m == 1) {
         row_dot_rows(x, w, wdtype, n0, nb, k, acc);
@@ -258,55 +226,13 @@ static void block_product(const float *x, int64_t ldx, int64_t m, const void *w,
     }
 }
 
-#ifdef MM_AVX2
-/* One x row against NB e4m3 weight rows w (row length k) sharing one row of block scales `scale`: each weight
- * dequantized in registers (the bits dequant_rows stores) and summed in row_dot_rows' order, so the result is
- * the fp32 twin's; one row reuses no weight, and a pass through scratch would cost what the read saves. */
-static void row_dot_rows_e4m3(const float *x, const uint8_t *w, const float *scale, int64_t bk, int64_t k,
-                              float *out) {
-    vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
-    const uint8_t *next = w + NB * k;
-    vf s = vzero();
-    int64_t i = 0;
-    for (int64_t edge = 0; i + VW <= k; i += VW) {  /* bk % VW == 0: no vector step straddles two scales */
-        if (i == edge) {
-            s = vset1(scale[i / bk] * 256.f);  /* vwiden_e4m3 gives 2^-8 times each weight */
-            edge += bk;
-        }
-        if (!(i & 63))
-            for (int r = 0; r < NB; r++) _mm_prefetch((const char *)next + r * k + i, _MM_HINT_T1);
-        vf xv = vload(x + i);
-        a0 = vfma(xv, vmul(vwiden_e4m3(w + i), s), a0);
-        a1 = vfma(xv, vmul(vwiden_e4m3(w + k + i), s), a1);
-        a2 = vfma(xv, vmul(vwiden_e4m3(w + 2 * k + i), s), a2);
-        a3 = vfma(xv, vmul(vwiden_e4m3(w + 3 * k + i), s), a3);
-    }
-    float acc[NB] = {vsum(a0), vsum(a1), vsum(a2), vsum(a3)};
-    for (; i < k; i++) {  /* row_dot_rows' scalar tail, after the vector lanes */
-        const float sc = scale[i / bk];
-        for (int r = 0; r < NB; r++) acc[r] += x[i] * (e4m3_to_f32(w[r * k + i]) * sc);
-    }
-    for (int r = 0; r < NB; r++) out[r] = acc[r];
-}
-#endif
-
-/* block_product over an expert matrix in any weight dtype: FP8 blocks are dequantized into scratch first and
- * multiplied as fp32 weights (so an FP8-kept expert gives the bits of its dequantized fp32 twin). */
+/* cpu_block_product over an expert matrix in any weight dtype (FP8: kernels/cpu_fp8.c). */
 static void expert_block(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype, const float *scale,
                          const fp8_scales *q, int64_t n0, int nb, int64_t k, float *scratch, float *out, int64_t ldo) {
-    if (wdtype != W_E4M3) {
-        block_product(x, ldx, m, w, wdtype, n0, nb, k, scratch, out, ldo);
-        return;
-    }
-    const int64_t cols = (k + q->bk - 1) / q->bk;
-#ifdef MM_AVX2
-    if (m == 1 && nb == NB && q->bk % VW == 0 && q->bn % NB == 0 && n0 % NB == 0) {
-        row_dot_rows_e4m3(x, (const uint8_t *)w + n0 * k, scale + (n0 / q->bn) * cols, q->bk, k, out);
-        return;
-    }
-#endif
-    dequant_rows((const uint8_t *)w, scale, cols, q->bn, q->bk, n0, nb, k, scratch);
-    block_product(x, ldx, m, scratch, W_F32, 0, nb, k, NULL, out, ldo);
+    if (wdtype == W_E4M3)
+        cpu_fp8_block_product(x, ldx, m, (const uint8_t *)w, scale, q, n0, nb, k, scratch, out, ldo);
+    else
+        cpu_block_product(x, ldx, m, w, wdtype, n0, nb, k, scratch, out, ldo);
 }
 
 /* Rows of x per pass over a run of weight blocks: a tile of x stays in L1/L2 while the run (in L2) is reused
@@ -330,7 +256,7 @@ void mm_linear(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype
                 for (int64_t b = run * RUN; b < b_end; b++) {
                     const int64_t n0 = b * NB;
                     const int nb = (int)(n - n0 < NB ? n - n0 : NB);
-                    block_product(x + r0 * ldx, ldx, mt, w, wdtype, n0, nb, k, scratch, y + r0 * n + n0, n);
+                    cpu_block_product(x + r0 * ldx, ldx, mt, w, wdtype, n0, nb, k, scratch, y + r0 * n + n0, n);
                 }
             }
         }
@@ -404,8 +330,8 @@ void mm_swiglu(const float *x, int64_t ldx, int64_t m, const void *w1, const voi
         for (int64_t j = 0; j < gblocks; j++) {
             const int64_t i0 = j * NB;
             const int nb = (int)(inter - i0 < NB ? inter - i0 : NB);
-            block_product(x, ldx, m, w1, wdtype, i0, nb, d, scratch, gu, 2 * NB);
-            block_product(x, ldx, m, w3, wdtype, i0, nb, d, scratch, gu + NB, 2 * NB);
+            cpu_block_product(x, ldx, m, w1, wdtype, i0, nb, d, scratch, gu, 2 * NB);
+            cpu_block_product(x, ldx, m, w3, wdtype, i0, nb, d, scratch, gu + NB, 2 * NB);
             for (int64_t mi = 0; mi < m; mi++)
                 for (int r = 0; r < nb; r++)
                     h[mi * inter + i0 + r] = silu(gu[mi * 2 * NB + r]) * gu[mi * 2 * NB + NB + r];
@@ -414,7 +340,7 @@ void mm_swiglu(const float *x, int64_t ldx, int64_t m, const void *w1, const voi
         for (int64_t j = 0; j < dblocks; j++) {
             const int64_t n0 = j * NB;
             const int nb = (int)(d - n0 < NB ? d - n0 : NB);
-            block_product(h, inter, m, w2, wdtype, n0, nb, inter, scratch, y + n0, d);
+            cpu_block_product(h, inter, m, w2, wdtype, n0, nb, inter, scratch, y + n0, d);
         }
         free(gu);
         free(scratch);
@@ -493,16 +419,6 @@ void mm_moe_forward_fp8(const float *x, int64_t ldx, int64_t t, const int64_t *t
     const fp8_scales q = {s13, s2, bn, bk};
     moe_forward(x, ldx, t, topk_idx, topk_w, top_k, slot_of, n_experts, n_slots, w13, w2, W_E4M3, &q, d, inter, out,
                 nthreads);
-}
-
-/* rows x cols e4m3 weights with their bn x bk scales -> fp32 out: the kernel's own dequantization, exposed so
- * that tests hold it to moemesh.model.checkpoint.dequantize_fp8_blockwise bit for bit. */
-void mm_dequant_fp8(const uint8_t *w, const float *scale, int64_t rows, int64_t cols, int64_t bn, int64_t bk,
-                    float *out) {
-    for (int64_t n0 = 0; n0 < rows; n0 += NB) {
-        const int nb = (int)(rows - n0 < NB ? rows - n0 : NB);
-        dequant_rows(w, scale, (cols + bk - 1) / bk, bn, bk, n0, nb, cols, out + n0 * cols);
-    }
 }
 
 int mm_abi_version(void) { return 6; }

@@ -1,7 +1,7 @@
-"""The CPU kernels (cpu_gemv.c, cpu_decode_ops.c, cpu_simd.h): built once per machine with the C compiler,
+"""The CPU kernels (cpu_gemv.c, cpu_decode_ops.c, cpu_fp8.c, cpu_simd.h): built once per machine with the C compiler,
 cached, loaded by ctypes.
 
-No torch headers and no ninja: ``cc -O3 -march=native -fopenmp -shared`` compiles the two C files into one
+No torch headers and no ninja: ``cc -O3 -march=native -fopenmp -shared`` compiles the C files into one
 library in about a second. The library is cached under ``$MOEMESH_KERNEL_CACHE`` (default ``~/.cache/moemesh/cpu-kernels``),
 keyed by the source, the flags, the compiler's version and this CPU's feature flags, so a machine builds it
 once and a different CPU never loads a library built for another. When there is no compiler, or the build
@@ -31,7 +31,7 @@ log = get_logger("moemesh.kernels.cpu")
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 # Compiled with SOURCE into the one library; the header is theirs. All of them key the cache, so an edit to
 # any builds anew.
-OTHER_SOURCES = (Path(__file__).with_name("cpu_decode_ops.c"),)
+OTHER_SOURCES = (Path(__file__).with_name("cpu_decode_ops.c"), Path(__file__).with_name("cpu_fp8.c"))
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native

@@ -62,6 +62,23 @@ static inline vf vwiden_e4m3(const uint8_t *s) {
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2, W_E4M3 = 3 };
 #define NB 4
 
+/* FP8 block scales of one expert's two matrices (NULL = not FP8): scale[(n / bn) * cols + c / bk] is the
+ * fp32 scale of weight [n, c], cols = ceil(k / bk) for a matrix of row length k. */
+typedef struct {
+    const float *s13, *s2;  /* [n_slots, ceil(2I / bn), ceil(d / bk)], [n_slots, ceil(d / bn), ceil(I / bk)] */
+    int64_t bn, bk;
+} fp8_scales;
+
+/* The products cpu_gemv.c and cpu_fp8.c share (one library; hidden outside it). */
+#define MM_INTERNAL __attribute__((visibility("hidden")))
+/* Rows [n0, n0 + nb) of y = x @ w^T for m x rows (w in its stored dtype): out[mi * ldo + (n - n0)]. */
+MM_INTERNAL void cpu_block_product(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype, int64_t n0,
+                                   int nb, int64_t k, float *scratch, float *out, int64_t ldo);
+/* The same over e4m3 w with its block scales (scale: the expert matrix's grid), scratch NB * k floats. */
+MM_INTERNAL void cpu_fp8_block_product(const float *x, int64_t ldx, int64_t m, const uint8_t *w, const float *scale,
+                                       const fp8_scales *q, int64_t n0, int nb, int64_t k, float *scratch,
+                                       float *out, int64_t ldo);
+
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
     float f;
