@@ -115,6 +115,7 @@ def test_a_native_call_reached_after_close_never_runs_on_the_descriptor_it_was_g
     sender, receiver = _pair()
     fd, calls = receiver._rfd, []
     receiver.close()  # another thread, between the caller's read of the number and its call
-    assert receiver._native_recv(lambda *args: calls.append(args) or 0, fd) == -errno.EBADF
-    assert sender._native_send(lambda *args: calls.append(args) or 0, fd) == 0  # an open pair: the call runs
-    assert calls == [(fd,)]
+    assert receiver._held_recv(-errno.EBADF, lambda *args: calls.append(args) or 0, fd) == -errno.EBADF
+    assert sender._held_send(-errno.EBADF, lambda *args: calls.append(args) or 0, fd) == 0  # open: the call runs
+    assert receiver._held_send(None, lambda *args: calls.append(args) or 7, fd) == 7  # no refusal: the Python path's
+    assert calls == [(fd,), (fd,)]
