@@ -38,13 +38,12 @@ from moemesh.wire.tls import TLSFiles
 from moemesh.wire.tls import channel as tls_channel
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 
-from .direct_replies import DirectReplies, ReplyFuture
+from .direct_replies import DirectReplies, ReplyFuture, ReplyRows
 from .torch_group_path import GroupPath
 from .hop_stats import HopRecorder
 from .remote_backend import CHANNEL_OPTIONS, NodeLink, rows_with_work
 
 log = get_logger("moemesh.attn_node.torch")
-_HOST = torch.device("cpu")  # the tcp stream's replies land in host memory; the backend moves them on
 
 
 class PairFailure(Exception):
@@ -70,6 +69,7 @@ class TorchPair(GroupPath):
         self._pg = None  # the request group while the pair is up; the reader thread holds the reply group
         self._reader: threading.Thread | None = None  # owns the groups: they go when it returns
         self._direct: DirectReplies | None = None  # tcp: replies read by their waiters, no reader thread
+        self._rows = ReplyRows(hidden_size)  # tcp: where the replies' rows land
         self._stream = None  # tcp: the pair's one stream (closed by fail)
         self._closed = False
         self._last_send = time.monotonic()
@@ -200,7 +200,7 @@ class TorchPair(GroupPath):
         msg_id, rows, dtype, reply_size = fut.msg_id, fut.rows, fut.dtype, fut.reply_size
         try:
             if stream.native is not None:  # received, checked for length and copied into the rows in one C call
-                rows_out = torch.empty((rows, self.hidden_size), dtype=dtype, device=_HOST)
+                rows_out = self._rows.take(rows, dtype)
                 prefix = stream.recv_reply(fut.deadline - time.monotonic(), reply_size, rows_out)
             else:
                 msg = stream.recv_message(fut.deadline - time.monotonic(), reply_size)

@@ -130,3 +130,22 @@ def test_unread_bytes_are_what_was_sent_less_what_was_read():
     pair.send(1, reply_bytes=UNREAD_LIMIT - 10)  # the first's bytes were read: only this one's are unread
     pair.replies.before_send(request_bytes=10, reply_bytes=10)
     assert pair.read == [0]
+
+
+def test_reply_rows_are_each_their_own_memory_and_large_ones_a_tensor_of_their_own():
+    import torch
+
+    from moemesh.attn_node.experts.direct_replies import SLAB_BYTES, ReplyRows
+
+    rows = ReplyRows(hidden=16)
+    taken = [rows.take(2, torch.float32) for _ in range(SLAB_BYTES // (2 * 16 * 4) + 3)]  # past one slab
+    assert all(t.shape == (2, 16) and t.dtype == torch.float32 and t.is_contiguous() for t in taken)
+    starts = {t.data_ptr() for t in taken}
+    assert len(starts) == len(taken)  # no memory handed out twice, across slabs too
+    for i, t in enumerate(taken):
+        t.fill_(i)
+    assert all(torch.equal(t, torch.full((2, 16), float(i))) for i, t in enumerate(taken))  # none overlaps another
+    other = rows.take(2, torch.bfloat16)
+    assert other.dtype == torch.bfloat16 and other.shape == (2, 16)
+    big = rows.take(SLAB_BYTES // (16 * 4), torch.float32)  # a slab would hold one: it is its own tensor
+    assert big.untyped_storage().nbytes() == big.numel() * 4
