@@ -203,8 +203,7 @@ class _Session:
                         _check_length(body.nbytes, h.body_bytes, "body")
                     n = h.rows * h.k
                     if native is not None:  # ids and weights checked in place (counted once the reply is sent)
-                        routed = native.mm_check_rows(address, address + 4 * n, n, hosted.address(snapshot),
-                                                      n_experts, None)
+                        routed = native.mm_check_rows(address, address + 4 * n, n, hosted.address(snapshot), n_experts)
                         if routed < 0:  # the Python checks name what is wrong
                             self._check_rows(h.layer, *p2p.host_meta(body, h), snapshot)
                             raise BadRequest("a frame failed the node's checks")  # pragma: no cover - they agree

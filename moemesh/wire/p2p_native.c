@@ -10,9 +10,8 @@
    A receive spins a little before it blocks (spin_recv): a thread blocked in recv parks its CPU, and in a
    virtual machine without guest halt polling (guest_halt_poll_ns = 0, as on the machines we test on) the
    sender's wake-up is then an interrupt into a halted vCPU: a VM exit on each side, paid inside the sender's
-   sendmsg, and a cold cache on the woken side. Measured (scripts/hop_cpu.py, batch 1): a hop of ~40 us when
-   the host's adaptive halt polling happens to catch the wake-ups, ~200 us when it does not, in the same
-   process, switching between the two; with the spin, ~25-30 us every run. */
+   sendmsg, and a cold cache on the woken side. Measured (scripts/hop_cpu.py, batch 1): a hop of ~40 us or
+   ~200 us (whether the host's adaptive halt polling catches the wake-ups); with the spin, ~25-30 us. */
 #ifndef _GNU_SOURCE /* p2p_ext.c includes this file after Python.h, which defines it */
 #define _GNU_SOURCE
 #endif
@@ -239,21 +238,10 @@ int64_t mm_recv_large(int fd, uint8_t *staging, int64_t *state, uint8_t *out, in
     return 0;
 }
 
-/* Adds ids[0:n]'s routed ones (0 <= id < n_experts; -1 and anything else are not counted) to counts. */
-static void count_ids(const int32_t *ids, int64_t n, int64_t *counts, int64_t n_experts) {
-    for (int64_t i = 0; i < n; i++) {
-        int32_t e;
-        memcpy(&e, ids + i, sizeof e); /* unaligned in a malformed stream: see mm_check_rows */
-        if (e >= 0 && e < n_experts) counts[e]++;
-    }
-}
-
 /* The expert node's checks of one message's ids [n] int32 and weights [n] float32: every id is -1 or an
    expert hosted here (hosted [n_experts] bool), every weight finite. Returns the routed count (ids >= 0), -1
-   for a bad id, -2 for a weight that is not finite. With counts (int64 [n_experts]), a good message's routed
-   ids are added to it. */
-int64_t mm_check_rows(const int32_t *ids, const float *w, int64_t n, const uint8_t *hosted, int64_t n_experts,
-                      int64_t *counts) {
+   for a bad id, -2 for a weight that is not finite. Nothing is counted here (mm_reply counts once sent). */
+int64_t mm_check_rows(const int32_t *ids, const float *w, int64_t n, const uint8_t *hosted, int64_t n_experts) {
     /* memcpy loads: a frame placed after one whose length is not a multiple of 4 leaves these unaligned
        (only a malformed frame does: valid lengths are multiples of 8), and a plain load would then be UB */
     int64_t routed = 0;
@@ -269,7 +257,6 @@ int64_t mm_check_rows(const int32_t *ids, const float *w, int64_t n, const uint8
         memcpy(&v, w + i, sizeof v);
         if (!isfinite(v)) return -2;
     }
-    if (counts != NULL) count_ids(ids, n, counts, n_experts);
     return routed;
 }
 
@@ -305,8 +292,7 @@ static int64_t serve_next(int fd, uint8_t *staging, int64_t cap, int64_t *state,
     if (body > limits[2] || body > limits[3] || len != 64 + body) return ERR_OTHER;
     int64_t n = rows * k;
     const uint8_t *meta = staging + off + 64;
-    int64_t routed = mm_check_rows((const int32_t *)meta, (const float *)(meta + 4 * n), n, hosted[layer], limits[4],
-                                   NULL);
+    int64_t routed = mm_check_rows((const int32_t *)meta, (const float *)(meta + 4 * n), n, hosted[layer], limits[4]);
     return routed < 0 ? ERR_OTHER : routed;
 }
 
@@ -366,7 +352,7 @@ typedef struct {
     const void *y;
     int64_t y_bytes;
     int64_t prefix[5];
-    const int32_t *ids;
+    const int32_t *ids; /* then what to count once sent */
     int64_t n;
     int64_t *counts;
     int64_t n_experts;
@@ -410,6 +396,15 @@ int64_t mm_serve(const serve_args *a) {
 
 int64_t mm_send(const send_args *a) {
     return mm_send_request((int)a->fd, a->scratch, a->head, a->ids, (int32_t)a->ids_size, a->w, a->x, a->x_bytes);
+}
+
+/* Adds ids[0:n]'s routed ones (0 <= id < n_experts; -1 and anything else are not counted) to counts. */
+static void count_ids(const int32_t *ids, int64_t n, int64_t *counts, int64_t n_experts) {
+    for (int64_t i = 0; i < n; i++) {
+        int32_t e;
+        memcpy(&e, ids + i, sizeof e); /* maybe unaligned: see mm_check_rows */
+        if (e >= 0 && e < n_experts) counts[e]++;
+    }
 }
 
 int64_t mm_reply(const reply_args *a) {

@@ -86,7 +86,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_send_request.argtypes = [i32, p, p, p, i32, p, p, i64]
     lib.mm_send_reply.argtypes = [i32, p, p, i64]
     lib.mm_recv_large.argtypes = [i32, p, p, p, i64, f64, p, f64]
-    lib.mm_check_rows.argtypes = [p, p, i64, p, i64, p]
+    lib.mm_check_rows.argtypes = [p, p, i64, p, i64]
     lib.mm_rows_with_work.argtypes = [p, i32, i64, i64]
     # one pointer: an argument costs ~1 us
     for fn in (lib.mm_recv, lib.mm_serve, lib.mm_send, lib.mm_reply, lib.mm_take):
