@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from moemesh.wire import p2p_native
-from moemesh.wire.p2p_socket_ends import StreamEnds
+from moemesh.wire.p2p_socket_ends import RECV, SEND, StreamEnds
 from moemesh.wire.p2p_socket_work import SENT, SocketWork
 from moemesh.wire.p2p_native import (BLOCK_LIMIT_DEADLINE, BLOCK_RECV_FIXED, BLOCK_REPLY, BLOCK_REPLY_COUNT, BLOCK_SEND,
                                      BLOCK_SEND_FIXED, BLOCK_SERVE_AT, BLOCK_SERVE_TABLES, BLOCK_TAKE, BLOCK_TAKE_FIXED)
@@ -148,7 +148,7 @@ class SocketPair(StreamEnds):
         total = sum(v.nbytes for v in views)
         views.insert(0, memoryview(_LEN.pack(total)))
         try:
-            self._held_send(None, self._send_views, views, total + _LEN.size)
+            self._held(SEND, None, self._send_views, views, total + _LEN.size)
         except OSError as exc:  # a timeout (the peer's window stayed full) included
             self.close()
             raise RuntimeError(f"tcp pair send failed: {exc}") from exc
@@ -182,7 +182,7 @@ class SocketPair(StreamEnds):
             self._set_send_fd(self._wfd)
         BLOCK_SEND.pack_into(self._send_args, 16, ids.data_ptr(), ids.element_size(), weights.data_ptr(), x.data_ptr(),
                         x.numel() * x.element_size(), *head)
-        rc = self._held_send(_EBADF, self.native.mm_send, self._args_addr[1])
+        rc = self._held(SEND, _EBADF, self.native.mm_send, self._args_addr[1])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -198,7 +198,7 @@ class SocketPair(StreamEnds):
             return
         BLOCK_REPLY.pack_into(self._reply_args, 8, y.data_ptr(), y.numel() * y.element_size(), *prefix)
         BLOCK_REPLY_COUNT.pack_into(self._reply_args, 64, *count)
-        rc = self._held_send(_EBADF, self.native.mm_reply, self._args_addr[2])
+        rc = self._held(SEND, _EBADF, self.native.mm_reply, self._args_addr[2])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -236,7 +236,7 @@ class SocketPair(StreamEnds):
             return msg, msg.ctypes.data
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
         BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
-        off = self._held_recv(_EBADF, self.native.mm_recv, self._args_addr[0])
+        off = self._held(RECV, _EBADF, self.native.mm_recv, self._args_addr[0])
         if off >= 0:
             return self._staging[off:off + int(self._len[0])], self._addr["_staging"] + off
         msg = self._native_rare(off, limit, deadline)
@@ -251,7 +251,7 @@ class SocketPair(StreamEnds):
         deadline = time.monotonic() + timeout_s
         BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, reply_size, deadline)
         BLOCK_TAKE.pack_into(self._take_args, 16, out.data_ptr(), out.numel() * out.element_size())
-        rc = self._held_recv(_EBADF, self.native.mm_take, self._args_addr[3])
+        rc = self._held(RECV, _EBADF, self.native.mm_take, self._args_addr[3])
         if rc == 0:
             return tuple(self._prefix.tolist())
         if rc == p2p_native.ERR_OTHER:
@@ -278,7 +278,7 @@ class SocketPair(StreamEnds):
             BLOCK_SERVE_TABLES.pack_into(self._recv_args, BLOCK_SERVE_AT, self._addr["_got"], *checks.args)
             self._checks, self._checks_args = checks, checks.args
         BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
-        rc = self._held_recv(_EBADF, self.native.mm_serve, self._args_addr[0])
+        rc = self._held(RECV, _EBADF, self.native.mm_serve, self._args_addr[0])
         if rc >= 0 or rc == p2p_native.ERR_OTHER:
             off, n = self._got.tolist()
             return self._staging[off:off + n], self._addr["_staging"] + off, max(rc, -1)
@@ -292,8 +292,8 @@ class SocketPair(StreamEnds):
         n = int(self._len[0])
         if rc == p2p_native.ERR_LARGE:
             out = np.empty(n, dtype=np.uint8)
-            rc = self._held_recv(_EBADF, self.native.mm_recv_large, self._rfd, self._addr["_staging"], self._addr["_pos"],
-                                 out.ctypes.data, n, deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
+            rc = self._held(RECV, _EBADF, self.native.mm_recv_large, self._rfd, self._addr["_staging"],
+                            self._addr["_pos"], out.ctypes.data, n, deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
             if rc == 0:
                 return out
         if rc == p2p_native.ERR_TOO_LONG:
@@ -351,7 +351,7 @@ class SocketPair(StreamEnds):
         try:
             if left <= 0:
                 raise TimeoutError
-            n = self._held_recv(None, self._recv_into, view, left)
+            n = self._held(RECV, None, self._recv_into, view, left)
         except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO ran out: EAGAIN on a blocking socket
             self.close()  # a message half read cannot be resumed: the pair is done, as a gloo timeout ends it
             raise RuntimeError("tcp pair: timed out waiting for the peer") from None

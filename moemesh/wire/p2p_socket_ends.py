@@ -18,6 +18,9 @@ import socket
 import threading
 
 
+SEND, RECV = 0, 1  # the two directions' calls in flight
+
+
 class StreamEnds:
     """Base of SocketPair: ``sock`` (receives) and ``_out`` (sends) over one connection, closed once."""
 
@@ -27,30 +30,20 @@ class StreamEnds:
     def _init_ends(self) -> None:
         self._closed = False
         self._close_lock = threading.Lock()  # send, receive and fail() threads may all close
-        self._in_send = self._in_recv = False  # a call on the descriptors in flight, per direction
+        self._busy = [False, False]  # a call on the descriptors in flight: [SEND], [RECV]
 
-    def _held_send(self, refused, fn, *args):
-        """``fn(*args)`` as the send direction's call in flight; ``refused`` (not None) if the pair closed first."""
-        self._in_send = True
+    def _held(self, side: int, refused, fn, *args):
+        """``fn(*args)`` as ``side``'s (SEND or RECV) call in flight; ``refused`` (not None) if the pair closed
+        first. The last call in flight of a closed pair releases its descriptors."""
+        busy = self._busy
+        busy[side] = True
         try:
             if refused is not None and self._closed:
                 return refused
             return fn(*args)
         finally:
-            self._in_send = False
-            if self._closed and not self._in_recv:
-                self._release()
-
-    def _held_recv(self, refused, fn, *args):
-        """``fn(*args)`` as the receive direction's call in flight; ``refused`` (not None) if the pair closed first."""
-        self._in_recv = True
-        try:
-            if refused is not None and self._closed:
-                return refused
-            return fn(*args)
-        finally:
-            self._in_recv = False
-            if self._closed and not self._in_send:
+            busy[side] = False
+            if self._closed and not busy[1 - side]:
                 self._release()
 
     def _mark_closed(self) -> None:
@@ -64,7 +57,7 @@ class StreamEnds:
                 return
             self._closed = True
             self._mark_closed()
-            idle = not (self._in_send or self._in_recv)
+            idle = not (self._busy[SEND] or self._busy[RECV])
         try:  # wakes a thread blocked in recv/sendmsg (its descriptor stays open until it has returned)
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
