@@ -59,13 +59,14 @@ class Tally:
     """Messages and routed tokens per (layer, expert), added up per session and published to Prometheus in
     batches: a counter's ``inc`` costs about a microsecond, and a decode message touches up to K experts per row.
     Info's ``tokens_computed`` is counted at once (it is one integer). Each layer's counts are one int64 [E]
-    array for the session's life (the C checks add to it in place; publishing zeroes it)."""
+    array for the session's life (the C reply adds to it in place once a reply is sent; publishing zeroes it)."""
 
     def __init__(self, svc: DispatchService):
         self.svc = svc
         self.n = svc.cfg.n_routed_experts
         self.messages = 0
         self.tokens: dict[int, np.ndarray] = {}  # layer -> counts per expert not yet published
+        self._addresses: dict[int, int] = {}  # layer -> its counts' address
         self.since = time.monotonic()
 
     def add(self, layer: int, ids: np.ndarray) -> None:
@@ -74,12 +75,6 @@ class Tally:
             self.counts(layer)[:] += np.bincount(routed, minlength=self.n)
         self.counted(int(routed.size))
 
-    def uncount(self, layer: int, ids: np.ndarray) -> None:
-        """Take back what the C checks added for a message rejected after all (ids [rows, k], -1 = elsewhere)."""
-        routed = ids[ids >= 0]
-        if routed.size:
-            self.counts(layer)[:] -= np.bincount(routed, minlength=self.n)
-
     def counts(self, layer: int) -> np.ndarray:
         held = self.tokens.get(layer)
         if held is None:
@@ -87,8 +82,12 @@ class Tally:
         return held
 
     def counts_address(self, layer: int) -> int:
-        """Where the C checks add ``layer``'s routed ids."""
-        return self.counts(layer).ctypes.data
+        """Where the C reply adds ``layer``'s routed ids once sent (p2p_native.c mm_reply); looked up once per layer
+        (numpy's ``ctypes.data`` costs microseconds, and :meth:`flush` zeroes the table in place)."""
+        address = self._addresses.get(layer)
+        if address is None:
+            address = self._addresses[layer] = self.counts(layer).ctypes.data
+        return address
 
     def counted(self, routed: int) -> None:
         """One message of ``routed`` (token, expert) assignments, its counts added already."""
@@ -114,9 +113,9 @@ class FrameChecks:
     ``snapshots[layer]`` on every message (one identity test) and calls :meth:`refresh` when the shard changed.
     """
 
-    def __init__(self, svc: DispatchService, inline_bytes: int, tally: Tally):
+    def __init__(self, svc: DispatchService, inline_bytes: int):
         cfg = svc.cfg
-        self.svc, self.tally = svc, tally
+        self.svc = svc
         self.limits = np.array([cfg.hidden_size, cfg.num_experts_per_tok, p2p.MAX_BODY_BYTES, inline_bytes,
                                 cfg.n_routed_experts], dtype=np.int64)
         self.itemsize = np.zeros(16, dtype=np.int64)  # by dtype code; 0: a dtype the node does not take
@@ -124,7 +123,6 @@ class FrameChecks:
             self.itemsize[dtype_to_proto(dtype)] = dtype.itemsize
         self.n_layers = cfg.num_hidden_layers
         self.hosted = np.zeros(self.n_layers, dtype=np.uint64)  # per layer: its mask's address, 0 = none here
-        self.counts = np.zeros(self.n_layers, dtype=np.uint64)  # per layer: the tally's counts' address
         self.snapshots: list = [None] * self.n_layers
         self._masks: list = [None] * self.n_layers  # the masks the addresses point into, kept alive
         self.refresh()
@@ -136,6 +134,4 @@ class FrameChecks:
             mask = None if snapshot is None else np.ascontiguousarray(snapshot.hosted, dtype=np.bool_)
             self.snapshots[layer], self._masks[layer] = snapshot, mask
             self.hosted[layer] = 0 if mask is None else mask.ctypes.data
-            self.counts[layer] = self.tally.counts_address(layer)
-        self.args = (self.limits.ctypes.data, self.itemsize.ctypes.data, self.hosted.ctypes.data,
-                     self.counts.ctypes.data, self.n_layers)
+        self.args = (self.limits.ctypes.data, self.itemsize.ctypes.data, self.hosted.ctypes.data, self.n_layers)

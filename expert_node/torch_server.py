@@ -159,7 +159,8 @@ class _Session:
         native = getattr(pair, "native", None)
         hosted = _Hosted()
         # the C receive that also checks an inline request (p2p_native.c mm_serve), when the pair has it
-        fast = FrameChecks(self.svc, self.inline_bytes, tally) if native is not None else None
+        fast = FrameChecks(self.svc, self.inline_bytes) if native is not None else None
+        n_experts = self.svc.cfg.n_routed_experts
 
         def recv(timeout_s: float, max_bytes: int):
             try:
@@ -174,13 +175,13 @@ class _Session:
                 frame, address, routed = recv(self.idle_s, limit)
                 received = time.monotonic_ns()  # the node's own clock: the reply carries durations only
                 ids = None
-                if routed >= 0:  # an inline request the C receive checked (and counted) against the tables
+                if routed >= 0:  # an inline request the C receive checked against the tables
                     self.busy = True
                     h = p2p.unpack_header(frame)
                     snapshot = shard.snapshot(h.layer)
-                    body = frame[p2p.HEADER_BYTES:]
+                    body, address = frame[p2p.HEADER_BYTES:], address + p2p.HEADER_BYTES
                     if snapshot is not fast.snapshots[h.layer]:  # the shard changed since: check it again here
-                        snapshot = self._recheck(fast, tally, h, body)
+                        snapshot = self._recheck(fast, h, body)
                 else:
                     if frame.nbytes < p2p.HEADER_BYTES:  # before its header is read
                         raise BadRequest(f"a frame of {frame.nbytes} bytes, shorter than the {p2p.HEADER_BYTES}-byte "
@@ -201,9 +202,8 @@ class _Session:
                         body, address, _ = recv(self.timeout_s, h.body_bytes)
                         _check_length(body.nbytes, h.body_bytes, "body")
                     n = h.rows * h.k
-                    if native is not None:  # ids and weights checked in place, and counted (for Prometheus) if good
-                        routed = native.mm_check_rows(address, address + 4 * n, n, hosted.address(snapshot),
-                                                      self.svc.cfg.n_routed_experts, tally.counts_address(h.layer))
+                    if native is not None:  # ids and weights checked in place (counted once the reply is sent)
+                        routed = native.mm_check_rows(address, address + 4 * n, n, hosted.address(snapshot), n_experts)
                         if routed < 0:  # the Python checks name what is wrong
                             self._check_rows(h.layer, *p2p.host_meta(body, h), snapshot)
                             raise BadRequest("a frame failed the node's checks")  # pragma: no cover - they agree
@@ -227,8 +227,14 @@ class _Session:
                 else:  # every assignment is computed elsewhere (forward's own shortcut): zeros, without torch
                     y = zeros.of(h.rows * h.hidden * h.dtype.itemsize)
                 computed = time.monotonic_ns()
+                # native: the routed ids go to Prometheus's tally in the reply's C call, once it is sent; a request
+                # the node fails to compute or answer is never counted (the attention node resends it over gRPC)
+                count = _NO_COUNT
+                if routed and native is not None:
+                    count = (address, h.rows * h.k, tally.counts_address(h.layer), n_experts)
                 try:
-                    pair.send_reply((h.msg_id, 0, parsed - received, computed - parsed, time.monotonic_ns() - computed), y)
+                    pair.send_reply((h.msg_id, 0, parsed - received, computed - parsed, time.monotonic_ns() - computed), y,
+                                    count)
                 except RuntimeError as exc:
                     raise p2p.P2PError(str(exc)) from exc
                 if native is None:
@@ -240,18 +246,12 @@ class _Session:
         finally:
             tally.flush()
 
-    def _recheck(self, fast: FrameChecks, tally: _Tally, h: p2p.Header, body: np.ndarray):
+    def _recheck(self, fast: FrameChecks, h: p2p.Header, body: np.ndarray):
         """A request the C receive checked against tables the shard has changed since (a reload, a drop): checked
-        again against the layer's snapshot now, which it returns. One that fails has its routed ids taken back
-        out of the tally (the C receive counted them): it is not computed, so Prometheus must not count it."""
+        again against the layer's snapshot now, which it returns (BadRequest if it fails: nothing was counted)."""
         fast.refresh()
-        ids, weights = p2p.host_meta(body, h)
-        try:
-            snapshot = self._check_header(h)
-            self._check_rows(h.layer, ids, weights, snapshot)
-        except BadRequest:
-            tally.uncount(h.layer, ids)
-            raise
+        snapshot = self._check_header(h)
+        self._check_rows(h.layer, *p2p.host_meta(body, h), snapshot)
         return snapshot
 
     # ---- validation: what DispatchService.parse checks, on frames ---------
@@ -290,6 +290,9 @@ class _Session:
             raise BadRequest(f"layer {layer}: experts {np.unique(foreign)[:8].tolist()} are not hosted on this node")
         if not np.isfinite(w).all():
             raise BadRequest("topk_weights contain NaN or infinity")
+
+
+_NO_COUNT = (0, 0, 0, 0)  # send_reply's count when nothing is routed here (or the caller counts: the Python path)
 
 
 def _check_length(got: int, want: int, what: str) -> None:

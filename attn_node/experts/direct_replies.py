@@ -21,6 +21,8 @@ from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 
+import torch
+
 from moemesh.logs import get_logger
 
 log = get_logger("moemesh.attn_node.replies")
@@ -36,14 +38,20 @@ class ReplyFuture:
     the waiter usually resolves its own future while reading, so nothing needs waking. Only when another thread
     resolves it (gRPC, after the pair failed) does a waiter block, on an Event made for it then."""
 
-    __slots__ = ("_replies", "_done", "_result", "_exception", "_callbacks", "_event")
+    __slots__ = ("_replies", "_done", "_result", "_exception", "_callbacks", "_event", "msg_id", "rows", "dtype",
+                 "deadline", "sent_at", "reply_size", "args")
 
-    def __init__(self, replies: DirectReplies):
+    def __init__(self, replies: DirectReplies, msg_id: int = -1, rows: int = 0, dtype=None, deadline: float = 0.0,
+                 sent_at: float = 0.0, reply_size: int = 0, args: tuple = ()):
         self._replies = replies
         self._done = False
         self._result = self._exception = None
         self._callbacks: list | None = None
         self._event: threading.Event | None = None
+        # what its reader needs (the pair's entry for the message: no tuple, no dict of pending messages beside it),
+        # and its send arguments, for a resend over gRPC if the pair fails first
+        self.msg_id, self.rows, self.dtype, self.deadline, self.sent_at = msg_id, rows, dtype, deadline, sent_at
+        self.reply_size, self.args = reply_size, args
 
     def done(self) -> bool:
         return self._done
@@ -108,27 +116,40 @@ _RESOLVE = threading.Lock()  # a future's state and its waiter's Event (held for
 
 
 class DirectReplies:
-    """The replies due on one pair, in frame order; ``read_one(entry)`` (the pair's) reads and resolves one.
+    """The messages due on one pair, as their futures in frame order; ``read_one(fut)`` (the pair's) reads the
+    reply of the first and returns its value, which resolves it.
 
-    ``read_one`` raises to say the pair failed; the pair's ``fail`` then resends what is unanswered and every
-    waiter falls back to its future (resolved by gRPC)."""
+    ``read_one`` raises to say the pair failed; the pair's ``fail`` then takes every unanswered future
+    (:meth:`drain`) to resend it, and every waiter falls back to its future (resolved by gRPC). A future belongs
+    to whoever takes it out of the deque (a ``popleft`` each, atomic): the reader that read its reply, or a
+    ``drain``; so a reply read while the pair fails resolves its future only if no ``drain`` took it first.
+    One sender (the pair's lock) and one reader (``_lock``) at a time: each keeps its own byte count."""
 
     def __init__(self, read_one, fail):
         self._read_one, self._fail = read_one, fail
-        self._due: deque = deque()  # entries (msg_id, rows, dtype, deadline, sent_at, reply_bytes), in frame order
-        self._unread = 0  # bytes of the replies due
+        self._due: deque = deque()  # futures of the messages sent and not answered, in frame order
+        self._sent_bytes = self._read_bytes = 0  # of the replies due so far, and of those read (unread: the gap)
         self._lock = threading.Lock()  # one reader at a time
-        self._due_lock = threading.Lock()
         self.failed = False
 
-    def add(self, entry: tuple) -> None:
-        with self._due_lock:
-            self._due.append(entry)
-            self._unread += entry[-1]
+    def add(self, fut: ReplyFuture) -> None:
+        """A message sent (by the one sender): its reply is due after the others'."""
+        self._sent_bytes += fut.reply_size
+        self._due.append(fut)
+
+    def drain(self) -> list[ReplyFuture]:
+        """Take every future due (the pair failed: they are resent); a reader mid-read then resolves none of them."""
+        taken = []
+        while True:
+            try:
+                taken.append(self._due.popleft())
+            except IndexError:
+                return taken
 
     def before_send(self, request_bytes: int, reply_bytes: int) -> None:
         """Read every reply due first when this message could fill the buffers (see the module doc)."""
-        if self._due and (request_bytes > UNREAD_LIMIT or self._unread + reply_bytes > UNREAD_LIMIT):
+        if self._due and (request_bytes > UNREAD_LIMIT or
+                          self._sent_bytes - self._read_bytes + reply_bytes > UNREAD_LIMIT):
             self.read_until(None, None)
 
     def read_until(self, fut: Future | None, deadline: float | None) -> None:
@@ -142,16 +163,65 @@ class DirectReplies:
             try:
                 if fut is not None and fut.done():  # another waiter read it meanwhile
                     return
-                with self._due_lock:
-                    if not self._due:
-                        return
-                    entry = self._due.popleft()
-                    self._unread -= entry[-1]
                 try:
-                    self._read_one(entry)
+                    head = self._due[0]
+                except IndexError:
+                    return
+                try:
+                    value = self._read_one(head)
                 except Exception as exc:  # P2PError: the pair is done; its fail() resends what is unanswered
                     self.failed = True
                     self._fail(str(exc))
                     return
+                self._read_bytes += head.reply_size
+                if self._take(head):
+                    head.set_result(value)
             finally:
                 self._lock.release()
+
+    def _take(self, head: ReplyFuture) -> bool:
+        """Whether the reader still owns ``head`` (no drain took it meanwhile), taking it out of the deque."""
+        try:
+            got = self._due.popleft()
+        except IndexError:  # drained: the pair failed, and its fail() resends head
+            return False
+        if got is not head:  # drained, then a message sent after all: it stays due (never the case: the pair
+            self._due.appendleft(got)  # sends nothing once failed)
+            return False
+        return True
+
+
+SLAB_BYTES = 64 << 10  # one allocation for the rows of this many bytes of small replies (at least SLAB_MIN of them)
+SLAB_MIN = 4
+
+
+class ReplyRows:
+    """The tensors replies' rows are copied into (one per reply, the caller's to keep), cut from slabs.
+
+    ``torch.empty`` costs 1-2 us, a tenth of a decode hop's budget; a slab of n replies' rows made at once and
+    split with ``unbind`` costs a fraction of that per reply. Each reply gets rows of its own (a slab's memory
+    is never handed out twice); a slab is freed once every reply cut from it is. Replies larger than
+    ``SLAB_BYTES / SLAB_MIN`` get a tensor of their own. One reader at a time (DirectReplies' lock)."""
+
+    def __init__(self, hidden: int):
+        self.hidden = hidden
+        self._left: dict = {}  # (rows, dtype) -> an iterator over the unused rows of its current slab
+
+    def take(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized [rows, hidden] host tensor of ``dtype``."""
+        key = (rows, dtype)
+        left = self._left.get(key)
+        if left is not None:
+            got = next(left, None)
+            if got is not None:
+                return got
+        n = SLAB_BYTES // max(1, rows * self.hidden * dtype.itemsize)
+        if n < SLAB_MIN:
+            return torch.empty((rows, self.hidden), dtype=dtype, device=_HOST)
+        if len(self._left) >= 8:  # a few shapes at a time (decode steps repeat theirs): forget the others' slabs
+            self._left.clear()
+        left = self._left[key] = iter(torch.empty((n, rows, self.hidden), dtype=dtype, device=_HOST).unbind(0))
+        return next(left)
+
+
+_HOST = torch.device("cpu")  # the tcp stream's replies land in host memory; the backend moves them on

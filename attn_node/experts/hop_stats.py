@@ -148,8 +148,8 @@ class HopRecorder:
     def __init__(self, address: str, window: HopWindow | None = None):
         self.address = address
         self.window = HOPS if window is None else window
-        self._pending: list[tuple[float, int, int, int]] = []  # hops not yet in the histograms
-        self._lock = threading.Lock()
+        self._pending: deque = deque()  # hops not yet in the histograms (appended by one reader, drained by flush)
+        self._lock = threading.Lock()  # one flush at a time
         self._hop = metrics.DISPATCH_HOP.labels(address)
         self._receive = metrics.DISPATCH_NODE_RECEIVE.labels(address)
         self._compute = metrics.DISPATCH_COMPUTE.labels(address)
@@ -162,14 +162,13 @@ class HopRecorder:
     def record(self, hop_s: float, receive_ns: int, compute_ns: int, send_ns: int) -> None:
         """On the thread that took the reply: the window at once, the histograms by the flusher."""
         self.window.record(self.address, hop_s, compute_ns * 1e-9)
-        with self._lock:
-            self._pending.append((hop_s, receive_ns, compute_ns, send_ns))
+        self._pending.append((hop_s, receive_ns, compute_ns, send_ns))  # atomic: no lock on the reply's thread
 
     def flush(self) -> None:
         """Publish the hops recorded since the last flush to the histograms (a few numpy passes per histogram,
         whatever their number: :func:`observe_many`)."""
         with self._lock:
-            pending, self._pending = self._pending, []
+            pending = [self._pending.popleft() for _ in range(len(self._pending))]  # those here now; later ones wait
         if not pending:
             return
         hops = np.array(pending, dtype=np.float64)  # [n, 4]: hop seconds, then the node's three durations in ns

@@ -38,13 +38,12 @@ from moemesh.wire.tls import TLSFiles
 from moemesh.wire.tls import channel as tls_channel
 from moemesh.v1 import torch_transport_pb2, torch_transport_pb2_grpc
 
-from .direct_replies import DirectReplies, ReplyFuture
+from .direct_replies import DirectReplies, ReplyFuture, ReplyRows
 from .torch_group_path import GroupPath
 from .hop_stats import HopRecorder
 from .remote_backend import CHANNEL_OPTIONS, NodeLink, rows_with_work
 
 log = get_logger("moemesh.attn_node.torch")
-_HOST = torch.device("cpu")  # the tcp stream's replies land in host memory; the backend moves them on
 
 
 class PairFailure(Exception):
@@ -70,11 +69,12 @@ class TorchPair(GroupPath):
         self._pg = None  # the request group while the pair is up; the reader thread holds the reply group
         self._reader: threading.Thread | None = None  # owns the groups: they go when it returns
         self._direct: DirectReplies | None = None  # tcp: replies read by their waiters, no reader thread
+        self._rows = ReplyRows(hidden_size)  # tcp: where the replies' rows land
         self._stream = None  # tcp: the pair's one stream (closed by fail)
         self._closed = False
         self._last_send = time.monotonic()
         self._inflight: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending: dict[int, tuple[Future, tuple]] = {}
+        self._pending: dict[int, tuple[Future, tuple]] = {}  # gloo, NCCL: unanswered (tcp: DirectReplies' futures)
         self._lock = threading.Lock()  # posting order is frame order
         self._ids = itertools.count()
         self._call = torch_transport_pb2_grpc.TorchTransportStub(channel).Session(torch_transport_pb2.SessionRequest(
@@ -140,13 +140,14 @@ class TorchPair(GroupPath):
     def _send_stream(self, direct: DirectReplies, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                      version: int, trim: bool) -> Future:
         """:meth:`send` on the tcp stream: the request written at once (one gathering send, built from the
-        tensors' own memory), its reply read later by whoever waits for it (DirectReplies)."""
-        fut = ReplyFuture(direct)
+        tensors' own memory), its reply read later by whoever waits for it (DirectReplies). The future is the
+        message's entry: what its reader needs rides on it."""
         sent_at = time.monotonic()  # the hop is timed from here: packing is part of it
         args = (layer, x, idx, w, version, trim)
         if trim:  # trailing rows without work (the backend puts them last) need not cross
             n = self._rows_with_work(idx)
             if n == 0:
+                fut = ReplyFuture(direct)
                 fut.set_result(torch.zeros((0, x.shape[1]), dtype=x.dtype, device=x.device))
                 return fut
             if n < x.shape[0]:
@@ -160,6 +161,7 @@ class TorchPair(GroupPath):
         body = rows * k * 8 + rows * hidden * itemsize
         head = (p2p.KIND_INLINE if body <= self.inline_bytes else p2p.KIND_DISPATCH, msg_id, layer, rows, k, version,
                 p2p.dtype_code(x.dtype), hidden)  # p2p.request_head's, inline: this runs once per message
+        fut = ReplyFuture(direct, msg_id, rows, x.dtype, sent_at + self.timeout_s, sent_at, reply_size, args)
         direct.before_send(p2p.HEADER_BYTES + body, reply_size)
         with self._lock:
             stream = self._stream
@@ -171,8 +173,7 @@ class TorchPair(GroupPath):
             except RuntimeError as exc:
                 error = str(exc)
             else:  # sent already (a tcp send returns once written): only the reply is due
-                self._pending[msg_id] = (fut, args)
-                direct.add((msg_id, rows, x.dtype, sent_at + self.timeout_s, sent_at, reply_size))
+                direct.add(fut)
                 self._last_send = sent_at
                 return fut
         self.fail(f"sending a dispatch frame: {error}")
@@ -192,17 +193,17 @@ class TorchPair(GroupPath):
         elif not fut.done():
             fut.set_exception(PairFailure(self.address, reason))
 
-    def _take_stream_reply(self, stream, entry: tuple) -> None:
-        """The tcp stream's :meth:`_take_reply` of a DirectReplies entry (msg_id, rows, dtype, deadline, sent_at,
-        reply_size): one read (the reply usually comes whole with its length), the rows copied once out of the
-        stream's buffer into the tensor handed on."""
-        msg_id, rows, dtype, deadline, sent_at, reply_size = entry
+    def _take_stream_reply(self, stream, fut: ReplyFuture) -> torch.Tensor:
+        """The tcp stream's :meth:`_take_reply` of the first message due (DirectReplies): one read (the reply
+        usually comes whole with its length), the rows copied once out of the stream's buffer into the tensor
+        returned (which resolves ``fut``)."""
+        msg_id, rows, dtype, reply_size = fut.msg_id, fut.rows, fut.dtype, fut.reply_size
         try:
             if stream.native is not None:  # received, checked for length and copied into the rows in one C call
-                rows_out = torch.empty((rows, self.hidden_size), dtype=dtype, device=_HOST)
-                prefix = stream.recv_reply(deadline - time.monotonic(), reply_size, rows_out)
+                rows_out = self._rows.take(rows, dtype)
+                prefix = stream.recv_reply(fut.deadline - time.monotonic(), reply_size, rows_out)
             else:
-                msg = stream.recv_message(deadline - time.monotonic(), reply_size)
+                msg = stream.recv_message(fut.deadline - time.monotonic(), reply_size)
                 prefix = msg.nbytes if msg.nbytes != reply_size else p2p.reply_prefix(msg)
                 rows_out = None
         except RuntimeError as exc:
@@ -212,13 +213,9 @@ class TorchPair(GroupPath):
         reply_id, status, receive_ns, compute_ns, send_ns = prefix
         if reply_id != msg_id or status != 0:
             raise p2p.P2PError(f"reply {reply_id} (status {status}) where {msg_id} was due: frames out of step")
-        with self._lock:
-            entry = self._pending.pop(msg_id, None)
         self.messages += 1
-        if entry is not None:
-            self.hops.record(time.monotonic() - sent_at, receive_ns, compute_ns, send_ns)
-            entry[0].set_result(rows_out if rows_out is not None else p2p.host_reply_rows(msg, rows, self.hidden_size,
-                                                                                           dtype))
+        self.hops.record(time.monotonic() - fut.sent_at, receive_ns, compute_ns, send_ns)
+        return rows_out if rows_out is not None else p2p.host_reply_rows(msg, rows, self.hidden_size, dtype)
 
     def _keep(self) -> None:
         """Ping when idle, so the expert node's bounded wait for the next frame does not end a quiet group."""
@@ -254,8 +251,10 @@ class TorchPair(GroupPath):
             pending, self._pending = self._pending, {}
             self._pg = None  # the reader thread drops the groups when it returns (its waits are bounded)
             stream, self._stream = self._stream, None
+        lost = []
         if self._direct is not None:
             self._direct.failed = True
+            lost = self._direct.drain()  # the futures due: a reader mid-read resolves none of them now
         if stream is not None:
             stream.close()  # a waiter reading it gets an error at once, and no frame goes out after this
         self._inflight.put(None)
@@ -265,6 +264,8 @@ class TorchPair(GroupPath):
                         fallback="gRPC until the next placement version")
         for fut, args in pending.values():
             self._lost(fut, args, reason)
+        for fut in lost:
+            self._lost(fut, fut.args, reason)
         self._call.cancel()
 
     def close(self) -> None:

@@ -72,13 +72,12 @@ static PyObject *py_mm_rows_with_work(PyObject *self, PyObject *const *args, Py_
 }
 
 static PyObject *py_mm_check_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    void *ids, *w, *hosted, *counts;
+    void *ids, *w, *hosted;
     int64_t n, n_experts;
-    if (nargs_is("mm_check_rows", nargs, 6) || arg_ptr(args[0], &ids) || arg_ptr(args[1], &w) ||
-        arg_i64(args[2], &n) || arg_ptr(args[3], &hosted) || arg_i64(args[4], &n_experts) ||
-        arg_ptr(args[5], &counts))
+    if (nargs_is("mm_check_rows", nargs, 5) || arg_ptr(args[0], &ids) || arg_ptr(args[1], &w) ||
+        arg_i64(args[2], &n) || arg_ptr(args[3], &hosted) || arg_i64(args[4], &n_experts))
         return NULL;
-    return PyLong_FromLongLong(mm_check_rows(ids, w, n, hosted, n_experts, counts));
+    return PyLong_FromLongLong(mm_check_rows(ids, w, n, hosted, n_experts));
 }
 
 static PyObject *py_mm_recv_large(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {

@@ -10,9 +10,8 @@
    A receive spins a little before it blocks (spin_recv): a thread blocked in recv parks its CPU, and in a
    virtual machine without guest halt polling (guest_halt_poll_ns = 0, as on the machines we test on) the
    sender's wake-up is then an interrupt into a halted vCPU: a VM exit on each side, paid inside the sender's
-   sendmsg, and a cold cache on the woken side. Measured (scripts/hop_cpu.py, batch 1): a hop of ~40 us when
-   the host's adaptive halt polling happens to catch the wake-ups, ~200 us when it does not, in the same
-   process, switching between the two; with the spin, ~25-30 us every run. */
+   sendmsg, and a cold cache on the woken side. Measured (scripts/hop_cpu.py, batch 1): a hop of ~40 us or
+   ~200 us (whether the host's adaptive halt polling catches the wake-ups); with the spin, ~25-30 us. */
 #ifndef _GNU_SOURCE /* p2p_ext.c includes this file after Python.h, which defines it */
 #define _GNU_SOURCE
 #endif
@@ -29,8 +28,10 @@
 #define ERR_TIMEOUT (-100002)  /* the deadline passed (or SO_RCVTIMEO/SO_SNDTIMEO ran out) */
 #define ERR_TOO_LONG (-100003) /* a length over the caller's limit: *len_out holds it */
 #define ERR_LARGE (-100004)    /* a message longer than the staging buffer: *len_out holds it (recv_large) */
+#define ERR_OTHER (-100005)    /* not the common case: the caller's own path handles the message (serve, take) */
+#define ERR_ARGS (-100006)     /* the caller's buffers do not fit the message asked for: nothing was read */
 
-int64_t mm_p2p_abi(void) { return 7; }
+int64_t mm_p2p_abi(void) { return 8; }
 
 static double now_s(void) {
     struct timespec ts;
@@ -239,10 +240,8 @@ int64_t mm_recv_large(int fd, uint8_t *staging, int64_t *state, uint8_t *out, in
 
 /* The expert node's checks of one message's ids [n] int32 and weights [n] float32: every id is -1 or an
    expert hosted here (hosted [n_experts] bool), every weight finite. Returns the routed count (ids >= 0), -1
-   for a bad id, -2 for a weight that is not finite. With counts (int64 [n_experts]), a good message's routed
-   ids are added to it. */
-int64_t mm_check_rows(const int32_t *ids, const float *w, int64_t n, const uint8_t *hosted, int64_t n_experts,
-                      int64_t *counts) {
+   for a bad id, -2 for a weight that is not finite. Nothing is counted here (mm_reply counts once sent). */
+int64_t mm_check_rows(const int32_t *ids, const float *w, int64_t n, const uint8_t *hosted, int64_t n_experts) {
     /* memcpy loads: a frame placed after one whose length is not a multiple of 4 leaves these unaligned
        (only a malformed frame does: valid lengths are multiples of 8), and a plain load would then be UB */
     int64_t routed = 0;
@@ -258,31 +257,23 @@ int64_t mm_check_rows(const int32_t *ids, const float *w, int64_t n, const uint8
         memcpy(&v, w + i, sizeof v);
         if (!isfinite(v)) return -2;
     }
-    if (counts != NULL)
-        for (int64_t i = 0; i < n; i++) {
-            int32_t e;
-            memcpy(&e, ids + i, sizeof e);
-            if (e >= 0) counts[e]++;
-        }
     return routed;
 }
 
 /* The expert node's next request, received and checked in one call when it is the common case: an inline
    dispatch frame (kind 4) whose header and rows pass every check of the node's Python path (the layer hosted
    here, a hidden dtype it takes, hidden and k in range, the lengths the header implies, ids hosted or -1,
-   finite weights). Then its routed ids are added to the layer's counts and it returns the routed count (>= 0).
+   finite weights). Then it returns the routed count (>= 0); nothing is counted here: the reply counts the ids
+   once it is sent (mm_reply), so a request the node then fails to compute or answer is never counted.
    Anything else (a ping, a bye, a two-message request, any failed check) returns ERR_OTHER with the frame
    handed out all the same, for the Python path to handle or to name what is wrong.
    out: int64[2] = the frame's offset in staging and its length.
    limits: int64[5] = hidden, max k, max body bytes, inline bytes, n_experts.
    itemsize: int64[16] by dtype code (0: a dtype the node does not take).
-   hosted, counts: per layer id (n_layers of each), a bool[n_experts] mask (NULL: none here) and an
-   int64[n_experts] count. */
-#define ERR_OTHER (-100005)
+   hosted: per layer id (n_layers of them), a bool[n_experts] mask (NULL: none here). */
 static int64_t serve_next(int fd, uint8_t *staging, int64_t cap, int64_t *state, int64_t limit, double deadline,
                           double *rcvtimeo, double slack, spin_t *spin, int64_t *out, const int64_t *limits,
-                          const int64_t *itemsize, const uint8_t *const *hosted, int64_t *const *counts,
-                          int64_t n_layers) {
+                          const int64_t *itemsize, const uint8_t *const *hosted, int64_t n_layers) {
     int64_t len = 0;
     int64_t off = recv_message(fd, staging, cap, state, limit, deadline, rcvtimeo, slack, &len, spin);
     out[1] = len;
@@ -301,8 +292,7 @@ static int64_t serve_next(int fd, uint8_t *staging, int64_t cap, int64_t *state,
     if (body > limits[2] || body > limits[3] || len != 64 + body) return ERR_OTHER;
     int64_t n = rows * k;
     const uint8_t *meta = staging + off + 64;
-    int64_t routed = mm_check_rows((const int32_t *)meta, (const float *)(meta + 4 * n), n, hosted[layer], limits[4],
-                                   counts[layer]);
+    int64_t routed = mm_check_rows((const int32_t *)meta, (const float *)(meta + 4 * n), n, hosted[layer], limits[4]);
     return routed < 0 ? ERR_OTHER : routed;
 }
 
@@ -341,7 +331,6 @@ typedef struct {
     const int64_t *limits;
     const int64_t *itemsize;
     const uint8_t *const *hosted;
-    int64_t *const *counts;
     int64_t n_layers;
 } serve_args;
 
@@ -356,11 +345,17 @@ typedef struct {
     int64_t head[8];
 } send_args;
 
+/* A reply, and the request's routed ids counted once it is sent: ids [n] int32 (the request's, checked already:
+   each -1 or hosted), counts int64 [n_experts] (NULL, or n 0: nothing to count). */
 typedef struct {
     int64_t fd;
     const void *y;
     int64_t y_bytes;
     int64_t prefix[5];
+    const int32_t *ids; /* then what to count once sent */
+    int64_t n;
+    int64_t *counts;
+    int64_t n_experts;
 } reply_args;
 
 /* The attention node's reply, taken in one call: r's next message (at most r->limit bytes: the reply due),
@@ -377,6 +372,7 @@ typedef struct {
 
 int64_t mm_take(const take_args *a) {
     const recv_args *r = a->r;
+    if (r->limit < 40 || a->out_bytes != r->limit - 40) return ERR_ARGS; /* before a byte is read: the stream is intact */
     int64_t off = recv_message((int)r->fd, r->staging, r->cap, r->state, r->limit, r->deadline, r->rcvtimeo,
                                r->slack, r->len_out, r->spin);
     if (off < 0) return off;
@@ -395,11 +391,24 @@ int64_t mm_recv(const recv_args *a) {
 int64_t mm_serve(const serve_args *a) {
     const recv_args *r = &a->r;
     return serve_next((int)r->fd, r->staging, r->cap, r->state, r->limit, r->deadline, r->rcvtimeo, r->slack, r->spin,
-                      a->out, a->limits, a->itemsize, a->hosted, a->counts, a->n_layers);
+                      a->out, a->limits, a->itemsize, a->hosted, a->n_layers);
 }
 
 int64_t mm_send(const send_args *a) {
     return mm_send_request((int)a->fd, a->scratch, a->head, a->ids, (int32_t)a->ids_size, a->w, a->x, a->x_bytes);
 }
 
-int64_t mm_reply(const reply_args *a) { return mm_send_reply((int)a->fd, a->prefix, a->y, a->y_bytes); }
+/* Adds ids[0:n]'s routed ones (0 <= id < n_experts; -1 and anything else are not counted) to counts. */
+static void count_ids(const int32_t *ids, int64_t n, int64_t *counts, int64_t n_experts) {
+    for (int64_t i = 0; i < n; i++) {
+        int32_t e;
+        memcpy(&e, ids + i, sizeof e); /* maybe unaligned: see mm_check_rows */
+        if (e >= 0 && e < n_experts) counts[e]++;
+    }
+}
+
+int64_t mm_reply(const reply_args *a) {
+    int64_t rc = mm_send_reply((int)a->fd, a->prefix, a->y, a->y_bytes);
+    if (rc == 0 && a->counts != NULL && a->ids != NULL) count_ids(a->ids, a->n, a->counts, a->n_experts);
+    return rc;
+}

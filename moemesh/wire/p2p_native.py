@@ -38,18 +38,20 @@ SOURCE = Path(__file__).with_name("p2p_native.c")
 EXT_SOURCE = Path(__file__).with_name("p2p_ext.c")  # includes SOURCE
 EXT_NAME = "moemesh_p2p_ext"  # its PyInit_ symbol
 FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11")
-ABI_VERSION = 7
+ABI_VERSION = 8
 # the C side's codes (p2p_native.c), for the messages p2p_socket gives them
-ERR_CLOSED, ERR_TIMEOUT, ERR_TOO_LONG, ERR_LARGE, ERR_OTHER = -100001, -100002, -100003, -100004, -100005
+ERR_CLOSED, ERR_TIMEOUT, ERR_TOO_LONG, ERR_LARGE, ERR_OTHER, ERR_ARGS = (-100001, -100002, -100003, -100004, -100005,
+                                                                   -100006)
 
 # p2p_native.c's argument blocks, field by field, as p2p_socket.py writes them (BLOCK_*) (8 bytes each: no padding)
 BLOCK_LIMIT_DEADLINE = struct.Struct("<qd")  # recv_args' first two fields: what changes per receive
 BLOCK_RECV_FIXED = struct.Struct("<qqqqqdqq")  # fd, staging, cap, state, rcvtimeo, slack, len_out, spin (at byte 16)
-BLOCK_SERVE_AT = 80  # serve_args' fields after recv_args': out, limits, itemsize, hosted, counts, n_layers
-BLOCK_SERVE_TABLES = struct.Struct("<qqqqqq")
+BLOCK_SERVE_AT = 80  # serve_args' fields after recv_args': out, limits, itemsize, hosted, n_layers
+BLOCK_SERVE_TABLES = struct.Struct("<qqqqq")
 BLOCK_SEND_FIXED = struct.Struct("<qq")  # send_args: fd, scratch
 BLOCK_SEND = struct.Struct("<5q8q")  # then ids, ids_size, w, x, x_bytes, head[8] (at byte 16)
 BLOCK_REPLY = struct.Struct("<7q")  # reply_args after fd: y, y_bytes, prefix[5] (at byte 8)
+BLOCK_REPLY_COUNT = struct.Struct("<4q")  # then ids, n, counts, n_experts (at byte 64): counted once sent
 BLOCK_TAKE_FIXED = struct.Struct("<qq")  # take_args: the receive block, prefix_out
 BLOCK_TAKE = struct.Struct("<qq")  # then out, out_bytes (at byte 16)
 
@@ -84,7 +86,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_send_request.argtypes = [i32, p, p, p, i32, p, p, i64]
     lib.mm_send_reply.argtypes = [i32, p, p, i64]
     lib.mm_recv_large.argtypes = [i32, p, p, p, i64, f64, p, f64]
-    lib.mm_check_rows.argtypes = [p, p, i64, p, i64, p]
+    lib.mm_check_rows.argtypes = [p, p, i64, p, i64]
     lib.mm_rows_with_work.argtypes = [p, i32, i64, i64]
     # one pointer: an argument costs ~1 us
     for fn in (lib.mm_recv, lib.mm_serve, lib.mm_send, lib.mm_reply, lib.mm_take):

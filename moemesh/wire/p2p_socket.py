@@ -39,16 +39,16 @@ import errno
 import os
 import socket
 import struct
-import threading
 import time
 
 import numpy as np
 import torch
 
 from moemesh.wire import p2p_native
+from moemesh.wire.p2p_socket_ends import RECV, SEND, StreamEnds
 from moemesh.wire.p2p_socket_work import SENT, SocketWork
-from moemesh.wire.p2p_native import (BLOCK_LIMIT_DEADLINE, BLOCK_RECV_FIXED, BLOCK_REPLY, BLOCK_SEND, BLOCK_SEND_FIXED,
-                                     BLOCK_SERVE_AT, BLOCK_SERVE_TABLES, BLOCK_TAKE, BLOCK_TAKE_FIXED)
+from moemesh.wire.p2p_native import (BLOCK_LIMIT_DEADLINE, BLOCK_RECV_FIXED, BLOCK_REPLY, BLOCK_REPLY_COUNT, BLOCK_SEND,
+                                     BLOCK_SEND_FIXED, BLOCK_SERVE_AT, BLOCK_SERVE_TABLES, BLOCK_TAKE, BLOCK_TAKE_FIXED)
 
 _LEN = struct.Struct("<q")  # little-endian int64, as the frames
 _PREFIX = struct.Struct("<5q")  # a reply's prefix (p2p.REPLY_PREFIX bytes)
@@ -63,7 +63,7 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("@ll", int(seconds), int((seconds % 1.0) * 1e6))
 
 
-class SocketPair:
+class SocketPair(StreamEnds):
     """One connected stream of a pair; ``send``/``recv`` as a world-size-2 process group's (tags ignored).
 
     Sends and receives run on different threads (the attention node's engine sends, a waiter receives), so each
@@ -72,6 +72,21 @@ class SocketPair:
 
     def __init__(self, sock: socket.socket, send_timeout_s: float = 30.0, staging_bytes: int = STAGING_BYTES,
                  spin_us: float | None = None):
+        """Owns ``sock`` from here: closed when the pair cannot be made (a bad ``MOEMESH_P2P_SPIN_US`` included)."""
+        try:
+            self._setup(sock, send_timeout_s, staging_bytes, spin_us)
+        except BaseException:
+            self._closed = True  # nothing for __del__ to do: both sockets are closed here
+            sock.close()
+            out = self.__dict__.get("_out")
+            if out is not None:
+                out.close()
+            raise
+
+    def _setup(self, sock: socket.socket, send_timeout_s: float, staging_bytes: int, spin_us: float | None) -> None:
+        self._init_ends()
+        native = p2p_native.load()  # the C frame loop, or None: this pair's Python path
+        spin = p2p_native.spin_ns(spin_us) if native is not None else 0  # a bad setting raises before anything
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send_timeout_s))
@@ -81,12 +96,9 @@ class SocketPair:
         self._staging = np.empty(staging_bytes, dtype=np.uint8)
         self._view = memoryview(self._staging)
         self._start = self._end = 0  # the received bytes not handed out yet: _staging[_start:_end]
-        self._closed = False
-        self._close_lock = threading.Lock()  # send, receive and fail() threads may all close
-        self._in_send = self._in_recv = False  # a call on the descriptors in flight, per direction (_held)
-        self.native = p2p_native.load()  # the C frame loop, or None: this pair's Python path
-        if self.native is not None:
-            self._setup_native(p2p_native.spin_ns(spin_us))
+        self.native = native
+        if native is not None:
+            self._setup_native(spin)
 
     def _setup_native(self, spin: int) -> None:
         """Buffers the C calls read and write, allocated once, and their addresses (numpy's ``ctypes.data``
@@ -106,7 +118,7 @@ class SocketPair:
         # per call; the fields that do not change are written here, the rest per message.
         self._recv_args = np.zeros(16, dtype=np.int64)  # receives (one thread at a time)
         self._send_args = np.zeros(16, dtype=np.int64)  # requests
-        self._reply_args = np.zeros(8, dtype=np.int64)  # replies
+        self._reply_args = np.zeros(12, dtype=np.int64)  # replies
         self._take_args = np.zeros(4, dtype=np.int64)  # replies taken (p2p_native.c take_args: recv_args *, ...)
         self._prefix = np.zeros(5, dtype=np.int64)  # a taken reply's prefix
         self._args_addr = tuple(a.ctypes.data for a in (self._recv_args, self._send_args, self._reply_args,
@@ -136,7 +148,7 @@ class SocketPair:
         total = sum(v.nbytes for v in views)
         views.insert(0, memoryview(_LEN.pack(total)))
         try:
-            self._held_send(self._send_views, views, total + _LEN.size)
+            self._held(SEND, None, self._send_views, views, total + _LEN.size)
         except OSError as exc:  # a timeout (the peer's window stayed full) included
             self.close()
             raise RuntimeError(f"tcp pair send failed: {exc}") from exc
@@ -170,20 +182,23 @@ class SocketPair:
             self._set_send_fd(self._wfd)
         BLOCK_SEND.pack_into(self._send_args, 16, ids.data_ptr(), ids.element_size(), weights.data_ptr(), x.data_ptr(),
                         x.numel() * x.element_size(), *head)
-        rc = self._native_send(self.native.mm_send, self._args_addr[1])
+        rc = self._held(SEND, _EBADF, self.native.mm_send, self._args_addr[1])
         if rc < 0:
             self._native_failed(rc, "send")
 
-    def send_reply(self, prefix: tuple, y: torch.Tensor) -> None:
+    def send_reply(self, prefix: tuple, y: torch.Tensor, count: tuple = (0, 0, 0, 0)) -> None:
         """A reply: ``prefix`` (msg_id, status, receive_ns, compute_ns, send_ns) and a contiguous host tensor's
-        bytes (p2p.reply_parts' bytes)."""
+        bytes (p2p.reply_parts' bytes). Native: ``count`` (ids address, n, counts address, n_experts: the request's
+        checked int32 ids and an int64 [n_experts] table, or zeros) has the routed ids added to the table once the
+        reply is sent, in the same C call; the Python path ignores it (its caller counts)."""
         if self.native is None:
             from moemesh.wire.p2p import reply_parts
 
             self.send_parts(reply_parts(prefix[0], y, *prefix[1:]))
             return
         BLOCK_REPLY.pack_into(self._reply_args, 8, y.data_ptr(), y.numel() * y.element_size(), *prefix)
-        rc = self._native_send(self.native.mm_reply, self._args_addr[2])
+        BLOCK_REPLY_COUNT.pack_into(self._reply_args, 64, *count)
+        rc = self._held(SEND, _EBADF, self.native.mm_reply, self._args_addr[2])
         if rc < 0:
             self._native_failed(rc, "send")
 
@@ -221,7 +236,7 @@ class SocketPair:
             return msg, msg.ctypes.data
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
         BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
-        off = self._native_recv(self.native.mm_recv, self._args_addr[0])
+        off = self._held(RECV, _EBADF, self.native.mm_recv, self._args_addr[0])
         if off >= 0:
             return self._staging[off:off + int(self._len[0])], self._addr["_staging"] + off
         msg = self._native_rare(off, limit, deadline)
@@ -231,15 +246,19 @@ class SocketPair:
         """Native only: the reply due (``reply_size`` bytes), taken in one C call (p2p_native.c mm_take), its rows
         copied into ``out`` (contiguous, host, ``reply_size - p2p.REPLY_PREFIX`` bytes); its prefix (msg_id, status,
         receive_ns, compute_ns, send_ns) for the caller to check, or a shorter message's length (an int: the
-        frames are out of step). Errors as :meth:`recv_message`'s."""
+        frames are out of step). Errors as :meth:`recv_message`'s; ValueError (nothing read) for an ``out`` of
+        another size."""
         deadline = time.monotonic() + timeout_s
         BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, reply_size, deadline)
         BLOCK_TAKE.pack_into(self._take_args, 16, out.data_ptr(), out.numel() * out.element_size())
-        rc = self._native_recv(self.native.mm_take, self._args_addr[3])
+        rc = self._held(RECV, _EBADF, self.native.mm_take, self._args_addr[3])
         if rc == 0:
             return tuple(self._prefix.tolist())
         if rc == p2p_native.ERR_OTHER:
             return int(self._len[0])
+        if rc == p2p_native.ERR_ARGS:  # the caller's mistake, found before a byte was read: the stream is intact
+            raise ValueError(f"recv_reply: out holds {out.numel() * out.element_size()} bytes; a reply of {reply_size} "
+                             f"bytes carries {reply_size - _PREFIX.size} bytes of rows after its prefix")
         if rc == p2p_native.ERR_LARGE:  # a reply larger than the staging buffer (a large prefill step)
             msg = self._native_rare(rc, reply_size, deadline)
             if msg.nbytes != reply_size:
@@ -259,7 +278,7 @@ class SocketPair:
             BLOCK_SERVE_TABLES.pack_into(self._recv_args, BLOCK_SERVE_AT, self._addr["_got"], *checks.args)
             self._checks, self._checks_args = checks, checks.args
         BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, limit, deadline)
-        rc = self._native_recv(self.native.mm_serve, self._args_addr[0])
+        rc = self._held(RECV, _EBADF, self.native.mm_serve, self._args_addr[0])
         if rc >= 0 or rc == p2p_native.ERR_OTHER:
             off, n = self._got.tolist()
             return self._staging[off:off + n], self._addr["_staging"] + off, max(rc, -1)
@@ -273,8 +292,8 @@ class SocketPair:
         n = int(self._len[0])
         if rc == p2p_native.ERR_LARGE:
             out = np.empty(n, dtype=np.uint8)
-            rc = self._native_recv(self.native.mm_recv_large, self._rfd, self._addr["_staging"], self._addr["_pos"],
-                                 out.ctypes.data, n, deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
+            rc = self._held(RECV, _EBADF, self.native.mm_recv_large, self._rfd, self._addr["_staging"],
+                            self._addr["_pos"], out.ctypes.data, n, deadline, self._addr["_timeo"], _TIMEOUT_SLACK)
             if rc == 0:
                 return out
         if rc == p2p_native.ERR_TOO_LONG:
@@ -332,7 +351,7 @@ class SocketPair:
         try:
             if left <= 0:
                 raise TimeoutError
-            n = self._held_recv(self._recv_into, view, left)
+            n = self._held(RECV, None, self._recv_into, view, left)
         except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO ran out: EAGAIN on a blocking socket
             self.close()  # a message half read cannot be resumed: the pair is done, as a gloo timeout ends it
             raise RuntimeError("tcp pair: timed out waiting for the peer") from None
@@ -350,61 +369,8 @@ class SocketPair:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._rcvtimeo))
         return self.sock.recv_into(view)
 
-    # ---- the end ----------------------------------------------------------
-    # A call in flight (a C loop, a blocked recv) holds its descriptor's number: closed under it, the number could
-    # be reused by a new socket that the call then reads or writes (see close()). One call per direction at a time
-    # (the callers' order): a flag each, set before the call reads its descriptor, ordered by the GIL.
-    def _held_send(self, fn, *args):
-        self._in_send = True
-        try:
-            return fn(*args)
-        finally:
-            self._in_send = False
-            if self._closed and not self._in_recv:
-                self._release()
-
-    def _held_recv(self, fn, *args):
-        self._in_recv = True
-        try:
-            return fn(*args)
-        finally:
-            self._in_recv = False
-            if self._closed and not self._in_send:
-                self._release()
-
-    # A C call whose descriptor was read before its flag was set (an argument, a grown send scratch) must not
-    # run after a close() in between: flag set, then _closed read; close() the other way round (GIL-ordered).
-    def _native_send(self, fn, *args) -> int:
-        return self._held_send(lambda: _EBADF if self._closed else fn(*args))
-
-    def _native_recv(self, fn, *args) -> int:
-        return self._held_recv(lambda: _EBADF if self._closed else fn(*args))
-
-    def close(self) -> None:
-        """End the stream: shut down at once (a blocked call on either end returns) and the descriptors marked -1
-        for later calls; closed now when no call is in flight, else by the one in flight when it returns."""
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._rfd = self._wfd = -1  # a C call after this fails (EBADF) rather than use a reused descriptor
-            if self.native is not None:
-                _LEN.pack_into(self._recv_args, 16, -1)
-                self._set_send_fd(-1)
-            idle = not (self._in_send or self._in_recv)
-        try:  # wakes a thread blocked in recv/sendmsg (its descriptor stays open until it has returned)
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        if idle:
-            self._release()
-
-    def _release(self) -> None:
-        self._out.close()  # both idempotent
-        self.sock.close()
-
-    def __del__(self):  # the pair code drops its groups by reference, as with gloo's
-        try:
-            self.close()
-        except Exception:  # at interpreter exit the modules it uses may be gone already; the OS closes the fds
-            pass
+    def _mark_closed(self) -> None:
+        self._rfd = self._wfd = -1  # a C call after this fails (EBADF) rather than use a reused descriptor
+        if self.native is not None:
+            _LEN.pack_into(self._recv_args, 16, -1)
+            self._set_send_fd(-1)

@@ -14,21 +14,20 @@ class Pair:
         self.replies = DirectReplies(self.read_one, self.fail)
 
     def send(self, msg_id: int, reply_bytes: int = 100) -> ReplyFuture:
-        fut = self.futures[msg_id] = ReplyFuture(self.replies)
-        self.replies.add((msg_id, 1, None, 1e18, 0.0, reply_bytes))
+        fut = self.futures[msg_id] = ReplyFuture(self.replies, msg_id, 1, None, 1e18, 0.0, reply_bytes)
+        self.replies.add(fut)
         return fut
 
-    def read_one(self, entry):
-        if entry[0] == self.fail_at:
+    def read_one(self, fut):
+        if fut.msg_id == self.fail_at:
             raise RuntimeError("peer closed")
-        self.read.append(entry[0])
-        self.futures[entry[0]].set_result(f"rows {entry[0]}")
+        self.read.append(fut.msg_id)
+        return f"rows {fut.msg_id}"
 
     def fail(self, reason):
         self.failed_with = reason
-        for fut in self.futures.values():  # as TorchPair.fail: unanswered messages resent (here: resolved)
-            if not fut.done():
-                fut.set_result("over grpc")
+        for fut in self.replies.drain():  # as TorchPair.fail: unanswered messages resent (here: resolved)
+            fut.set_result("over grpc")
 
 
 def test_waiting_for_a_later_reply_reads_the_earlier_ones_on_the_way():
@@ -103,3 +102,50 @@ def test_a_failing_callback_neither_fails_the_pair_nor_skips_the_others():
     fut.add_done_callback(lambda f: seen.append(f.result()))
     assert later.result(timeout=5) == "rows 2"  # reading reply 2 resolves 1 on the way, running its callbacks
     assert pair.failed_with is None and seen == ["rows 1"] and pair.read == [1, 2]
+
+
+def test_a_reply_read_while_the_pair_fails_leaves_its_future_to_the_resend():
+    """A future belongs to whoever takes it out of the queue: the pair's fail() drains the futures due (to resend
+    them) while a reader is reading the first one's reply; that reader then resolves nothing, so the future is
+    resolved once, by the resend, never twice (InvalidStateError) nor not at all."""
+    pair = Pair()
+    first, second = pair.send(0), pair.send(1)
+
+    def read_then_the_pair_fails(fut):
+        pair.fail("closed by the attention node")  # another thread's fail(), while this reply is read
+        return f"rows {fut.msg_id}"
+
+    pair.replies._read_one = read_then_the_pair_fails
+    assert first.result(timeout=1) == "over grpc" and second.result(timeout=1) == "over grpc"
+    assert pair.replies.drain() == []
+
+
+def test_unread_bytes_are_what_was_sent_less_what_was_read():
+    pair = Pair()
+    pair.send(0, reply_bytes=UNREAD_LIMIT - 10)
+    pair.replies.before_send(request_bytes=10, reply_bytes=10)
+    assert pair.read == []  # exactly at the limit: the replies still fit
+    pair.replies.before_send(request_bytes=10, reply_bytes=11)
+    assert pair.read == [0]
+    pair.send(1, reply_bytes=UNREAD_LIMIT - 10)  # the first's bytes were read: only this one's are unread
+    pair.replies.before_send(request_bytes=10, reply_bytes=10)
+    assert pair.read == [0]
+
+
+def test_reply_rows_are_each_their_own_memory_and_large_ones_a_tensor_of_their_own():
+    import torch
+
+    from moemesh.attn_node.experts.direct_replies import SLAB_BYTES, ReplyRows
+
+    rows = ReplyRows(hidden=16)
+    taken = [rows.take(2, torch.float32) for _ in range(SLAB_BYTES // (2 * 16 * 4) + 3)]  # past one slab
+    assert all(t.shape == (2, 16) and t.dtype == torch.float32 and t.is_contiguous() for t in taken)
+    starts = {t.data_ptr() for t in taken}
+    assert len(starts) == len(taken)  # no memory handed out twice, across slabs too
+    for i, t in enumerate(taken):
+        t.fill_(i)
+    assert all(torch.equal(t, torch.full((2, 16), float(i))) for i, t in enumerate(taken))  # none overlaps another
+    other = rows.take(2, torch.bfloat16)
+    assert other.dtype == torch.bfloat16 and other.shape == (2, 16)
+    big = rows.take(SLAB_BYTES // (16 * 4), torch.float32)  # a slab would hold one: it is its own tensor
+    assert big.untyped_storage().nbytes() == big.numel() * 4

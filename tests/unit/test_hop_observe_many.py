@@ -42,3 +42,18 @@ def test_a_child_without_the_fields_gets_observe_per_value():
 
     observe_many(Plain(), np.array([1.0, 2.0]))
     assert seen == [1.0, 2.0]
+
+
+def test_the_installed_client_takes_the_fast_path():
+    """observe_many reads prometheus_client's private fields (``_upper_bounds``, ``_buckets``, ``_sum``) and falls
+    back to one observe() per value, silently, when they are not there: pinned here, so an upgrade that renames
+    them fails this test instead of slowing every hop's histograms down unnoticed."""
+    _, _, many, child = _pair()
+
+    def refused(value):
+        raise AssertionError("observe() called: observe_many fell back to the slow path")
+
+    child.observe = refused
+    observe_many(child, np.array([1e-5, 2e-4, 3.0]))
+    counts = {s[1]: s[2] for s in _samples(many) if s[0] == "h_seconds_bucket"}
+    assert counts[(("le", "+Inf"), ("node", "n"))] == 3 and counts[(("le", "0.001"), ("node", "n"))] == 2

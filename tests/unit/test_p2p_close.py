@@ -13,6 +13,7 @@ import pytest
 
 from moemesh.wire import p2p_native
 from moemesh.wire.p2p_socket import SocketPair
+from moemesh.wire.p2p_socket_ends import RECV, SEND
 from tests.helpers import eventually
 from tests.unit.test_p2p_stream import FRAME_LOOPS, use_frame_loop
 
@@ -93,7 +94,7 @@ def test_close_wakes_a_blocked_receive_of_the_python_path(monkeypatch):
     errors = []
     thread = threading.Thread(target=lambda: errors.append(_error(receiver)))
     thread.start()
-    eventually(lambda: receiver._in_recv, what="the receive in recv_into")  # held until it returns
+    eventually(lambda: receiver._busy[RECV], what="the receive in recv_into")  # held until it returns
     receiver.close()
     thread.join(5.0)
     assert not thread.is_alive() and "closed" in errors[0] and receiver.sock.fileno() == -1
@@ -115,6 +116,7 @@ def test_a_native_call_reached_after_close_never_runs_on_the_descriptor_it_was_g
     sender, receiver = _pair()
     fd, calls = receiver._rfd, []
     receiver.close()  # another thread, between the caller's read of the number and its call
-    assert receiver._native_recv(lambda *args: calls.append(args) or 0, fd) == -errno.EBADF
-    assert sender._native_send(lambda *args: calls.append(args) or 0, fd) == 0  # an open pair: the call runs
-    assert calls == [(fd,)]
+    assert receiver._held(RECV, -errno.EBADF, lambda *args: calls.append(args) or 0, fd) == -errno.EBADF
+    assert sender._held(SEND, -errno.EBADF, lambda *args: calls.append(args) or 0, fd) == 0  # open: the call runs
+    assert receiver._held(SEND, None, lambda *args: calls.append(args) or 7, fd) == 7  # no refusal: the Python path's
+    assert calls == [(fd,), (fd,)]

@@ -72,7 +72,7 @@ def test_the_extension_checks_its_arguments_and_takes_none_for_null(fresh):
     with pytest.raises(TypeError):
         mod.mm_recv("not an address")
     assert mod.mm_rows_with_work(None, 8, 0, 2) == 0  # no rows: nothing read
-    assert mod.mm_check_rows(None, None, 0, None, 0, None) == 0
+    assert mod.mm_check_rows(None, None, 0, None, 0) == 0
 
 
 @pytest.mark.parametrize("why", ["env", "no_headers"])

@@ -117,3 +117,18 @@ def test_the_python_path_has_no_spin(monkeypatch):
     monkeypatch.setattr(p2p_native, "load", lambda: None)
     _, receiver = _pair(spin_us=100)
     assert receiver.spin_stats() == {}
+
+
+def test_a_bad_spin_setting_is_named_and_the_socket_it_was_given_is_closed(monkeypatch):
+    """``MOEMESH_P2P_SPIN_US`` is read when a pair is made: a bad value raises there, and the socket the pair was to
+    own is closed at once (the peer sees the end), not left to the garbage collector."""
+    monkeypatch.setenv("MOEMESH_P2P_SPIN_US", "fast")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname()[:2])
+        peer, _ = server.accept()
+    with pytest.raises(ValueError, match="MOEMESH_P2P_SPIN_US='fast'"):
+        SocketPair(peer, 5.0)
+    assert peer.fileno() == -1
+    client.settimeout(5.0)
+    assert client.recv(1) == b""  # closed: the peer's read ends
+    client.close()

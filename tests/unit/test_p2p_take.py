@@ -55,3 +55,17 @@ def test_a_closed_peer_is_the_usual_error(c_loop):
     node.close()
     with pytest.raises(RuntimeError, match="closed"):
         attn.recv_reply(5.0, p2p.REPLY_PREFIX + 16, torch.empty(1, 4))
+
+
+def test_an_out_of_another_size_is_named_and_the_stream_stays_in_step(c_loop):
+    """A caller's ``out`` that does not fit the reply asked for is its own mistake: a ValueError that says so, found
+    before a byte is read, so the reply is still there for a call that fits (not "a reply of N bytes where N were
+    due", which blames the peer)."""
+    node, attn = _pair()
+    y = torch.randn(2, 4)
+    node.send_reply((3, 0, 0, 0, 0), y)
+    size = p2p.REPLY_PREFIX + y.numel() * 4
+    with pytest.raises(ValueError, match="out holds 48 bytes; a reply of 72 bytes carries 32 bytes of rows"):
+        attn.recv_reply(5.0, size, torch.empty(3, 4))
+    out = torch.empty(2, 4)
+    assert attn.recv_reply(5.0, size, out) == (3, 0, 0, 0, 0) and torch.equal(out, y)
