@@ -27,7 +27,8 @@ Two ways to compute a batch:
 FP8 kept (``fp8_block`` set): DeepSeek-V3's block-quantized experts stay e4m3,
 ``w13`` [E_l, 2I', D] and ``w2`` [E_l, D, I'] with fp32 ``w13_scale_inv``
 [E_l, ceil(2I'/bn), ceil(D/bk)] and ``w2_scale_inv`` [E_l, ceil(D/bn), ceil(I'/bk)],
-computed by the FP8 fused-MoE op. Fusing gate and up keeps the scale blocks aligned
+computed by the CPU FP8 kernel on CPU (kernels/cpu_fp8.py) and the FP8 fused-MoE op elsewhere. Fusing gate
+and up keeps the scale blocks aligned
 only when I is a multiple of bn, so otherwise I is padded to I' = ceil(I/bn) * bn
 with zero weights (exact: silu(0) * 0 = 0, and the zero down columns add nothing).
 """
@@ -299,9 +300,9 @@ class ExpertShard:
             return out  # every assignment is computed elsewhere: no math (the host copy says so at no device cost)
         if le.w13_scale_inv is not None:
             if self._fp8_layer_kernel(le, x):  # one C call, bookkeeping included, one byte read per weight
-                return cpu_fp8.moe_forward(x.contiguous(), topk_idx.long().contiguous(),
+                return cpu_fp8.moe_forward(x.float().contiguous(), topk_idx.long().contiguous(),
                                            topk_weights.float().contiguous(), le.slot_of, le.w13, le.w13_scale_inv,
-                                           le.w2, le.w2_scale_inv, self.fp8_block)
+                                           le.w2, le.w2_scale_inv, self.fp8_block).to(x.dtype)
             return self.fused_moe_fp8(
                 x.to(self.dtype), le.w13, le.w13_scale_inv, le.w2, le.w2_scale_inv,
                 _local_slots(le, topk_idx), topk_weights.float(), self.fp8_block, check_ids=False,
@@ -355,12 +356,12 @@ class ExpertShard:
                 and x.device.type == "cpu" and le.slot_of.device.type == "cpu" and cpu_kernels.available()
                 and choose_expert_path(x.shape[0], le.w13.dtype, True) == "kernel")
 
-
     def _fp8_layer_kernel(self, le: _LayerExperts, x: torch.Tensor) -> bool:
-        """Whether an FP8-kept layer runs in the CPU kernel (kernels/cpu_fp8.py): fp32 rows on a CPU shard with
-        the kernels built; else the FP8 op (Triton on CUDA, the dequantizing reference elsewhere)."""
-        return (self.strategy in ("auto", "kernel") and self.dtype == torch.float32 and x.dtype == torch.float32
-                and x.device.type == "cpu" and le.slot_of.device.type == "cpu" and cpu_kernels.available())
+        """Whether an FP8-kept layer runs in the CPU kernel (kernels/cpu_fp8.py): a CPU shard with the kernels
+        built, rows in any dtype (a GPU attention node sends bf16; the kernel computes in fp32, as the shard
+        does on CPU); else the FP8 op (Triton on CUDA, the dequantizing reference elsewhere)."""
+        return (self.strategy in ("auto", "kernel") and self.dtype == torch.float32 and x.device.type == "cpu"
+                and le.slot_of.device.type == "cpu" and cpu_kernels.available())
 
 
 def _local_slots(le: _LayerExperts, topk_idx: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,13 @@
-"""FP8-kept routed experts on CPU (``--fp8 keep``): DeepSeek-V3's e4m3 weights stay one byte each in RAM.
+"""FP8-kept routed experts on CPU (``--fp8 auto`` where the kernels build, or ``keep``): DeepSeek-V3's e4m3
+weights stay one byte each in RAM.
 
 The C side (kernels/cpu_gemv.c ``mm_moe_forward_fp8``) is ``mm_moe_forward`` with each 4-row block of
-weights dequantized into L1 as it streams, then multiplied as fp32 weights: a layer's output has the bits
-of the same layer over the checkpoint's dequantized fp32 weights (moemesh.model.checkpoint's one
-dequantization), read at half the bytes of bf16. What it costs, measured on this kind of machine, is in
-kernels/README.md.
+weights dequantized into L1 as it streams, then multiplied as fp32 weights: :func:`moe_forward` has the bits
+of ``cpu_kernels.moe_forward`` over the checkpoint's dequantized fp32 weights (moemesh.model.checkpoint's one
+dequantization), read at half the bytes of bf16. A shard matches its dequantized twin bit for bit where the
+twin takes that kernel too (decode-sized batches) and the intermediate size needs no padding to whole
+blocks (DeepSeek-V3's 2048 in 128 blocks); otherwise to fp32 rounding (the sums run in another order). What
+it costs, measured on this kind of machine, is in kernels/README.md.
 """
 
 from __future__ import annotations
@@ -70,8 +73,10 @@ def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Ten
     return out
 
 
-def keep_fp8(mode: str, device: torch.device) -> bool:
-    """``moemesh.devices.keep_fp8`` told whether this kernel is here (built on first call, on CPU only)."""
-    from moemesh.devices import keep_fp8 as decide
+def resolve_keep_fp8(mode: str, device: torch.device) -> bool:
+    """``moemesh.devices.keep_fp8`` told whether this kernel is here (asked, which builds it, only where it
+    decides: ``auto`` on a CPU), as ``cpu_kernels.resolve_weights_dtype`` tells ``resolve_dtype``."""
+    from moemesh.devices import keep_fp8
 
-    return decide(mode, device, cpu_kernels=device.type == "cpu" and cpu_kernels.available())
+    here = mode == "auto" and device.type == "cpu" and cpu_kernels.available()
+    return keep_fp8(mode, device, cpu_kernels=here)

@@ -121,15 +121,19 @@ class DirectReplies:
 
     ``read_one`` raises to say the pair failed; the pair's ``fail`` then takes every unanswered future
     (:meth:`drain`) to resend it, and every waiter falls back to its future (resolved by gRPC). A future belongs
-    to whoever takes it out of the deque (a ``popleft`` each, atomic): the reader that read its reply, or a
-    ``drain``; so a reply read while the pair fails resolves its future only if no ``drain`` took it first.
-    One sender (the pair's lock) and one reader (``_lock``) at a time: each keeps its own byte count."""
+    to whoever takes it out of the deque: the reader that read its reply, or a ``drain``; so a reply read while
+    the pair fails resolves its future only if no ``drain`` took it first. Taking (the reader's pop and check,
+    a drain's whole sweep) holds ``_owners``, so a drain never interleaves with a reader's take (it could
+    otherwise pop the reader's head while the reader popped and put back the next future, which neither would
+    then own). One sender (the pair's lock) and one reader (``_lock``) at a time: each keeps its own byte
+    count."""
 
     def __init__(self, read_one, fail):
         self._read_one, self._fail = read_one, fail
         self._due: deque = deque()  # futures of the messages sent and not answered, in frame order
         self._sent_bytes = self._read_bytes = 0  # of the replies due so far, and of those read (unread: the gap)
         self._lock = threading.Lock()  # one reader at a time
+        self._owners = threading.Lock()  # taking futures out of _due (uncontended but for a failure)
         self.failed = False
 
     def add(self, fut: ReplyFuture) -> None:
@@ -139,12 +143,10 @@ class DirectReplies:
 
     def drain(self) -> list[ReplyFuture]:
         """Take every future due (the pair failed: they are resent); a reader mid-read then resolves none of them."""
-        taken = []
-        while True:
-            try:
-                taken.append(self._due.popleft())
-            except IndexError:
-                return taken
+        with self._owners:
+            taken = list(self._due)
+            self._due.clear()
+        return taken
 
     def before_send(self, request_bytes: int, reply_bytes: int) -> None:
         """Read every reply due first when this message could fill the buffers (see the module doc)."""
@@ -181,16 +183,14 @@ class DirectReplies:
 
     def _take(self, head: ReplyFuture) -> bool:
         """Whether the reader still owns ``head`` (no drain took it meanwhile), taking it out of the deque."""
-        try:
-            got = self._due.popleft()
-        except IndexError:  # drained: the pair failed, and its fail() resends head
-            return False
-        if got is not head:  # drained, then a message sent after all: it stays due (never the case: the pair
-            self._due.appendleft(got)  # sends nothing once failed)
-            return False
-        return True
+        with self._owners:
+            if not self._due or self._due[0] is not head:  # drained: the pair failed, and its fail() resends head
+                return False
+            self._due.popleft()
+            return True
 
 
+_HOST = torch.device("cpu")  # the tcp stream's replies land in host memory; the backend moves them on
 SLAB_BYTES = 64 << 10  # one allocation for the rows of this many bytes of small replies (at least SLAB_MIN of them)
 SLAB_MIN = 4
 
@@ -200,7 +200,8 @@ class ReplyRows:
 
     ``torch.empty`` costs 1-2 us, a tenth of a decode hop's budget; a slab of n replies' rows made at once and
     split with ``unbind`` costs a fraction of that per reply. Each reply gets rows of its own (a slab's memory
-    is never handed out twice); a slab is freed once every reply cut from it is. Replies larger than
+    is never handed out twice); a slab is freed once every reply cut from it is (so a reply kept holds its 64 KiB
+    slab). Replies larger than
     ``SLAB_BYTES / SLAB_MIN`` get a tensor of their own. One reader at a time (DirectReplies' lock)."""
 
     def __init__(self, hidden: int):
@@ -209,6 +210,8 @@ class ReplyRows:
 
     def take(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized [rows, hidden] host tensor of ``dtype``."""
+        if rows == 0:
+            return torch.empty((0, self.hidden), dtype=dtype, device=_HOST)
         key = (rows, dtype)
         left = self._left.get(key)
         if left is not None:
@@ -223,5 +226,3 @@ class ReplyRows:
         left = self._left[key] = iter(torch.empty((n, rows, self.hidden), dtype=dtype, device=_HOST).unbind(0))
         return next(left)
 
-
-_HOST = torch.device("cpu")  # the tcp stream's replies land in host memory; the backend moves them on

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moemesh.control.placement import parse_expert_spec
     from moemesh.devices import resolve_device
-    from moemesh.kernels.cpu_fp8 import keep_fp8
+    from moemesh.kernels.cpu_fp8 import resolve_keep_fp8
     from moemesh.kernels.cpu_kernels import resolve_weights_dtype
     from moemesh.expert_node.main import serve
     from moemesh.model.config import ModelConfig
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     flags.apply_threads(args.threads)
     cfg = ModelConfig.from_dir(args.model)
     dtype = resolve_weights_dtype(args.dtype, cfg.dtype, device)
-    keep = keep_fp8(args.fp8, device)
+    keep = resolve_keep_fp8(args.fp8, device)
     tls = TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
     if args.auth_tokens:
         use_tokens(read_role_tokens(args.auth_tokens), "expert")

@@ -26,7 +26,7 @@ from moemesh.model.checkpoint import checkpoint_fingerprint
 from moemesh.model.config import ModelConfig
 from moemesh.expert_node.loader import load_expert_shard
 from moemesh.expert_node.local_backend import LocalExpertBackend
-from moemesh.kernels.cpu_fp8 import keep_fp8
+from moemesh.kernels.cpu_fp8 import resolve_keep_fp8
 from moemesh.kernels.cpu_kernels import resolve_weights_dtype
 from moemesh.kernels.ops import select_ops
 from moemesh.control.placement import Placement, parse_expert_spec
@@ -66,7 +66,7 @@ def build_local(
     ops = select_ops(torch_device, kernels)
     shard = load_expert_shard(str(model_dir), cfg, dtype=torch_dtype, progress=progress, fused_moe=ops.fused_moe,
                               fused_moe_fp8=ops.fused_moe_fp8, device=torch_device,
-                              keep_fp8=keep_fp8(fp8, torch_device))
+                              keep_fp8=resolve_keep_fp8(fp8, torch_device))
     backend = LocalExpertBackend(shard)
     model = attach_experts(load_transformer(str(model_dir), cfg, torch_dtype, progress, ops, torch_device), backend)
     return EmbeddedMesh(cfg, Engine(model, cfg, engine_config, backend=backend), Tokenizer.from_dir(model_dir),

@@ -247,7 +247,10 @@ class SocketPair(StreamEnds):
         copied into ``out`` (contiguous, host, ``reply_size - p2p.REPLY_PREFIX`` bytes); its prefix (msg_id, status,
         receive_ns, compute_ns, send_ns) for the caller to check, or a shorter message's length (an int: the
         frames are out of step). Errors as :meth:`recv_message`'s; ValueError (nothing read) for an ``out`` of
-        another size."""
+        another size, or not a contiguous host tensor."""
+        if out.device.type != "cpu" or not out.is_contiguous():  # C writes numel * itemsize bytes at data_ptr
+            raise ValueError(f"recv_reply: out must be a contiguous host tensor, got one on {out.device} "
+                             f"(contiguous={out.is_contiguous()})")
         deadline = time.monotonic() + timeout_s
         BLOCK_LIMIT_DEADLINE.pack_into(self._recv_args, 0, reply_size, deadline)
         BLOCK_TAKE.pack_into(self._take_args, 16, out.data_ptr(), out.numel() * out.element_size())

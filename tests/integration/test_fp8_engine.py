@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.unit, pytest.mark.slow]
 @pytest.mark.parametrize("fp8_mode", ["dequant", "keep"])
 def test_fp8_checkpoint_generates_like_its_dequantized_twin(tmp_path, fp8_mode):
     """Dequantized on load: the twin's weights bit for bit. Kept e4m3 (the CPU FP8 kernel, ``auto``'s choice
-    where it is built): each block dequantized as it streams, the same bits out of every layer."""
+    where it is built): each block dequantized as it streams, the same bits out of every layer here (I = 48 is
+    padded to 80 for the 40-row blocks, but 48 is a whole number of vectors: the padding adds only zeros)."""
     src = write_tiny_checkpoint(tmp_path / "src", arch="deepseek_v3", hidden_size=96, layers=3, experts=8,
                                 experts_per_token=2, kv_lora_rank=24)
     # 40x40 blocks leave partial edge blocks on every 96- and 48-wide weight; shards exercise the index.

@@ -122,3 +122,7 @@ def test_an_fp8_kept_cpu_shard_runs_the_kernel():
     got = shard.forward(0, x, idx, w)
     want = cpu_fp8.moe_forward(x, idx, w, torch.arange(e), w13, s13, w2, s2, block)
     assert torch.equal(got, want)
+    # rows in bf16 (a GPU attention node's wire dtype) take the kernel too, in fp32, answered in bf16
+    x16 = x.bfloat16()
+    want16 = cpu_fp8.moe_forward(x16.float(), idx, w, torch.arange(e), w13, s13, w2, s2, block).bfloat16()
+    assert torch.equal(shard.forward(0, x16, idx, w), want16)

@@ -120,6 +120,39 @@ def test_a_reply_read_while_the_pair_fails_leaves_its_future_to_the_resend():
     assert pair.replies.drain() == []
 
 
+def test_a_drain_on_another_thread_during_a_readers_take_leaves_every_future_owned_once():
+    """fail() drains on its own thread while a reader takes the future whose reply it just read. Unguarded, the
+    drain could pop the reader's head while the reader popped and put back the next future, which then nobody
+    owned: never resent, never read (review). The reader's take is held open here until the drain has had its
+    chance to run (it must wait), and every future ends resolved exactly once."""
+    import collections
+    import threading
+
+    pair = Pair()
+    first, second = pair.send(0), pair.send(1)
+    drained = threading.Event()
+
+    def drain_on_another_thread():
+        pair.fail("closed by the attention node")
+        drained.set()
+
+    class HeldDeque(collections.deque):
+        held = False
+
+        def popleft(self):  # the reader's take (the first popleft): let the drain run now, if it can
+            if not self.held:
+                self.held = True
+                threading.Thread(target=drain_on_another_thread).start()
+                drained.wait(0.5)  # it cannot: the take holds the futures' ownership until it returns
+            return super().popleft()
+
+    pair.replies._due = HeldDeque(pair.replies._due)
+    assert first.result(timeout=5) == "rows 0"
+    assert drained.wait(5)
+    assert second.result(timeout=5) == "over grpc"
+    assert pair.read == [0] and pair.replies.drain() == []
+
+
 def test_unread_bytes_are_what_was_sent_less_what_was_read():
     pair = Pair()
     pair.send(0, reply_bytes=UNREAD_LIMIT - 10)

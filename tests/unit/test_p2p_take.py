@@ -69,3 +69,18 @@ def test_an_out_of_another_size_is_named_and_the_stream_stays_in_step(c_loop):
         attn.recv_reply(5.0, size, torch.empty(3, 4))
     out = torch.empty(2, 4)
     assert attn.recv_reply(5.0, size, out) == (3, 0, 0, 0, 0) and torch.equal(out, y)
+
+
+def test_an_out_that_is_not_contiguous_host_memory_is_refused_before_a_byte_is_read(c_loop):
+    """C writes numel * itemsize bytes at ``out``'s data pointer: an expanded view (more elements than storage) or
+    a strided one would be written past or across its memory, so both are refused, and the reply stays readable."""
+    node, attn = _pair()
+    y = torch.randn(2, 4)
+    node.send_reply((4, 0, 0, 0, 0), y)
+    size = p2p.REPLY_PREFIX + y.numel() * 4
+    with pytest.raises(ValueError, match="contiguous host tensor"):
+        attn.recv_reply(5.0, size, torch.empty(1, 4).expand(2, 4))
+    with pytest.raises(ValueError, match="contiguous host tensor"):
+        attn.recv_reply(5.0, size, torch.empty(4, 2).t())
+    out = torch.empty(2, 4)
+    assert attn.recv_reply(5.0, size, out) == (4, 0, 0, 0, 0) and torch.equal(out, y)
