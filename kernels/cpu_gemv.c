@@ -29,7 +29,7 @@ static void widen_rows(const void *w, int wdtype, int64_t n0, int nb, int64_t k,
 #ifdef MM_AVX2
         const char *next = (const char *)(s + NB * k);  /* this row of the next block */
         for (; i + VW <= k; i += VW) {
-            if (!(i & (32 / 2 - 1))) _mm_prefetch(next + i * 2, _MM_HINT_T1);  /* a 64-byte line per 32 elements */
+            if (!(i & (64 / 2 - 1))) _mm_prefetch(next + i * 2, _MM_HINT_T1);  /* one per 64-byte line: 32 elements */
             vstore(d + i, vwiden(s + i, wdtype == W_BF16));
         }
 #endif
@@ -382,4 +382,4 @@ void mm_moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_
     free(fill); free(h); free(ys); free(xs); free(pos); free(offs); free(slot);
 }
 
-int mm_abi_version(void) { return 5; }
+int mm_abi_version(void) { return 6; }
