@@ -103,7 +103,7 @@ def cpu_mla_layer(mla, x: torch.Tensor, rope, batch, kv_cache: torch.Tensor) -> 
     B = g.token_index.shape[0]
     if tuple(cos.shape) != (T, mla.qk_rope_head_dim // 2) or tuple(sin.shape) != tuple(cos.shape) \
             or x.shape[1] != weights.D or batch.out_rows.shape != (T,) or batch.slot_mapping.shape != (T,) \
-            or g.context_lens.shape != (B,) or g.block_tables.shape[0] != B:
+            or g.context_lens.shape != (B,) or g.block_tables.dim() != 2 or g.block_tables.shape[0] != B:
         raise ValueError(f"a decode step's tensors disagree: x {list(x.shape)}, cos {list(cos.shape)}, out_rows "
                          f"{list(batch.out_rows.shape)}, slot_mapping {list(batch.slot_mapping.shape)}, "
                          f"{B} sequences")
