@@ -227,11 +227,8 @@ class MLA(nn.Module):
         self.ops = ops
         D, H = cfg.hidden_size, cfg.num_attention_heads
         self.n_heads, self.kv_lora_rank = H, cfg.kv_lora_rank
-        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (
-            cfg.qk_nope_head_dim,
-            cfg.qk_rope_head_dim,
-            cfg.v_head_dim,
-        )
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, \
+            cfg.v_head_dim
         self.q_lora_rank = cfg.q_lora_rank
         if cfg.q_lora_rank is None:
             self.wq = Linear(D, H * cfg.qk_head_dim, dtype, ops.dense)
@@ -254,9 +251,11 @@ class MLA(nn.Module):
         batch: AttnBatch,
         kv_cache: torch.Tensor,  # [slots, C + R] (V3.2: [slots, C + R + Di], the indexer's keys last)
     ) -> torch.Tensor:
-        T = x.shape[0]
+        fused = self.ops.dense.mla_layer(self, x, rope, batch, kv_cache)  # a decode step in one call (C on CPU)
+        if fused is not None:
+            return fused  # [T, D]: the ops below, to the bit
+        T, (rotary, cos, sin) = x.shape[0], rope
         H, N, R, C = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
-        rotary, cos, sin = rope
         if self.q_lora_rank is None:
             q = self.wq(x)
         else:

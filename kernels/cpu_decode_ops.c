@@ -78,6 +78,8 @@ void mm_mla_decode(const float *q_nope, const float *q_pe, const float *wkv_b, c
                    const int64_t *block_tables, int64_t max_blocks, const int64_t *context_lens, int64_t block_size,
                    int64_t B, int64_t H, int64_t N, int64_t R, int64_t C, int64_t V, int64_t max_s, float scale,
                    float *out, int nthreads) {
+    const int64_t want = B > 0 ? (2 * (int64_t)nthreads + B - 1) / B : 1;  /* chunks of heads per sequence */
+    const int64_t chunks = want < 1 ? 1 : want > H ? (H > 0 ? H : 1) : want, per_chunk = (H + chunks - 1) / chunks;
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t nptr = (N > max_s ? N : max_s) + 1;
@@ -85,15 +87,18 @@ void mm_mla_decode(const float *q_nope, const float *q_pe, const float *wkv_b, c
         float *p = (float *)malloc(sizeof(float) * (max_s + 1)), sc[4];
         const float **rows = (const float **)malloc(sizeof(float *) * nptr);
         const float **ctx = (const float **)malloc(sizeof(float *) * (max_s + 1));
-        /* One task per sequence, its heads in turn: the context rows are read from memory once and stay in L1/L2
-         * for the other heads. */
+        /* One task per sequence and chunk of its heads: a chunk's heads reuse the context rows from L1/L2 once
+         * read; the heads split into chunks only where there are fewer sequences than twice the threads (batch 1
+         * would otherwise run on one thread). A head's arithmetic is the same whatever its chunk. */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < B; b++) {
+        for (int64_t task = 0; task < B * chunks; task++) {
+            const int64_t b = task / chunks, h0 = (task % chunks) * per_chunk;
+            const int64_t h1 = h0 + per_chunk < H ? h0 + per_chunk : H;
             int64_t len = context_lens[b] < max_s ? context_lens[b] : max_s;
             if (len > max_blocks * block_size) len = max_blocks * block_size;
             for (int64_t s = 0; s < len; s++)
                 ctx[s] = cache + (block_tables[b * max_blocks + s / block_size] * block_size + s % block_size) * ldc;
-            for (int64_t h = 0; h < H; h++) {
+            for (int64_t h = h0; h < h1; h++) {
                 const int64_t bh = b * H + h;
                 const float *qn = q_nope + bh * N, *qp = q_pe + bh * R, *w = wkv_b + h * (N + V) * C;
                 float *o = out + bh * V;

@@ -30,7 +30,7 @@ static void widen_rows(const void *w, int wdtype, int64_t n0, int nb, int64_t k,
 #ifdef MM_AVX2
         const char *next = (const char *)(s + NB * k);  /* this row of the next block */
         for (; i + VW <= k; i += VW) {
-            if (!(i & (32 / 2 - 1))) _mm_prefetch(next + i * 2, _MM_HINT_T1);  /* a 64-byte line per 32 elements */
+            if (!(i & (64 / 2 - 1))) _mm_prefetch(next + i * 2, _MM_HINT_T1);  /* one per 64-byte line: 32 elements */
             vstore(d + i, vwiden(s + i, wdtype == W_BF16));
         }
 #endif
@@ -78,7 +78,12 @@ static void row_dot_rows(const float *x, const void *w, int wdtype, int64_t n0, 
             a2 = vfma(xv, load_w(w, wdtype, b2 + i), a2);
             a3 = vfma(xv, load_w(w, wdtype, b3 + i), a3);
         }
+#ifdef MM_VSUM16
+        const vf z = vzero(), u[16] = {a0, z, z, z, a1, z, z, z, a2, z, z, z, a3, z, z, z};
+        _mm_storeu_ps(acc, _mm512_castps512_ps128(vsum16(u)));  /* lanes 0-3 */
+#else
         acc[0] = vsum(a0); acc[1] = vsum(a1); acc[2] = vsum(a2); acc[3] = vsum(a3);
+#endif
     } else {
         for (int r = 0; r < nb; r++) acc[r] = 0.f;
         i = 0;
@@ -118,8 +123,13 @@ static void rows2_dot(const float *x0, const float *x1, const void *w, int wdtyp
             a00 = vfma(u, w0, a00); a01 = vfma(u, w1, a01); a02 = vfma(u, w2, a02); a03 = vfma(u, w3, a03);
             a10 = vfma(v, w0, a10); a11 = vfma(v, w1, a11); a12 = vfma(v, w2, a12); a13 = vfma(v, w3, a13);
         }
+#ifdef MM_VSUM16
+        const vf z = vzero(), u[16] = {a00, a10, z, z, a01, a11, z, z, a02, a12, z, z, a03, a13, z, z};
+        _mm256_storeu_ps(acc, _mm512_castps512_ps256(vsum16(u)));  /* lanes 0-7: acc[m * NB + r] */
+#else
         acc[0] = vsum(a00); acc[1] = vsum(a01); acc[2] = vsum(a02); acc[3] = vsum(a03);
         acc[NB] = vsum(a10); acc[NB + 1] = vsum(a11); acc[NB + 2] = vsum(a12); acc[NB + 3] = vsum(a13);
+#endif
         for (; i < k; i++) {
             for (int r = 0; r < NB; r++) {
                 const float wv = w_at(w, wdtype, base + r * k + i);
@@ -171,8 +181,15 @@ static void rows4_dot_f32(const float *x, int64_t ldx, const float *w, int64_t b
         u = vload(x3 + i); a[3][0] = vfma(u, w0, a[3][0]); a[3][1] = vfma(u, w1, a[3][1]);
         a[3][2] = vfma(u, w2, a[3][2]); a[3][3] = vfma(u, w3, a[3][3]);
     }
+#ifdef MM_VSUM16
+    vf u[16];
+    for (int m = 0; m < 4; m++)
+        for (int r = 0; r < NB; r++) u[4 * r + m] = a[m][r];  /* lane 4m + r of the sums: acc's order */
+    vstore(acc, vsum16(u));
+#else
     for (int m = 0; m < 4; m++)
         for (int r = 0; r < NB; r++) acc[m * NB + r] = vsum(a[m][r]);
+#endif
 #else
     for (int r = 0; r < 4 * NB; r++) acc[r] = 0.f;
 #endif
@@ -421,4 +438,4 @@ void mm_moe_forward_fp8(const float *x, int64_t ldx, int64_t t, const int64_t *t
                 nthreads);
 }
 
-int mm_abi_version(void) { return 6; }
+int mm_abi_version(void) { return 7; }

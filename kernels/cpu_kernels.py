@@ -1,5 +1,5 @@
-"""The CPU kernels (cpu_gemv.c, cpu_decode_ops.c, cpu_fp8.c, cpu_simd.h): built once per machine with the C compiler,
-cached, loaded by ctypes.
+"""The CPU kernels (cpu_gemv.c, cpu_decode_ops.c, cpu_mla_layer.c, cpu_fp8.c, cpu_simd.h): built once per
+machine with the C compiler, cached, loaded by ctypes.
 
 No torch headers and no ninja: ``cc -O3 -march=native -fopenmp -shared`` compiles the C files into one
 library in about a second. The library is cached under ``$MOEMESH_KERNEL_CACHE`` (default ``~/.cache/moemesh/cpu-kernels``),
@@ -31,12 +31,12 @@ log = get_logger("moemesh.kernels.cpu")
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 # Compiled with SOURCE into the one library; the header is theirs. All of them key the cache, so an edit to
 # any builds anew.
-OTHER_SOURCES = (Path(__file__).with_name("cpu_decode_ops.c"), Path(__file__).with_name("cpu_fp8.c"))
+OTHER_SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_decode_ops.c", "cpu_mla_layer.c", "cpu_fp8.c"))
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native
 WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried
@@ -111,6 +111,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_rope.restype = None
     lib.mm_store_latent.argtypes = [p, i64, i64, p, i64, p, i64, p, i64, i64, i64]
     lib.mm_store_latent.restype = i64
+    lib.mm_mla_layer.argtypes = [p, p, i32]  # (mm_mla_weights *, mm_mla_step *, threads): kernels/cpu_mla_layer.py
+    lib.mm_mla_layer.restype = i64
 
 
 _UNSET = object()
@@ -334,3 +336,9 @@ def store_latent(cache: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, sl
                               k_pe.data_ptr(), k_pe.stride(0), slot_mapping.data_ptr(), T, C, R)
     if bad >= 0:
         raise IndexError(f"slot_mapping[{bad}] = {int(slot_mapping[bad])} is past the cache's {cache.shape[0]} slots")
+
+
+def mla_layer(weights, step, threads: int) -> int:
+    """``mm_mla_layer`` on prepared structs (kernels/cpu_mla_layer.py builds and checks them): -1 when done,
+    else the C function's error code."""
+    return _lib().mm_mla_layer(weights, step, threads)

@@ -36,16 +36,14 @@ def choose_expert_path(max_rows: int, weight_dtype: torch.dtype, kernel_ok: bool
     return "kernel" if max_rows <= limit else "torch"
 
 
-def choose_linear_path(rows: int, weight_dtype: torch.dtype, kernel_ok: bool) -> str:
+def choose_linear_path(weight_dtype: torch.dtype, kernel_ok: bool) -> str:
     """How a CPU linear with fp32 rows runs: ``kernel``, ``torch`` (F.linear, same dtypes) or ``upcast``
     (F.linear over an fp32 copy of a half-precision weight).
 
     The kernel takes every batch it can, prefill included: it sums each row in one order whatever the row count
     (kernels/cpu_gemv.c tiles the rows), so a row's bits never depend on its batch (vLLM's batch invariance),
     which switching to torch's blocked GEMM past some row count would break. The price is prefill-sized
-    products about 1.5x slower than torch's GEMM (scripts/bench_cpu_experts.py --linear). ``rows`` is kept
-    for callers that pass it; it no longer decides."""
-    del rows
+    products about 1.5x slower than torch's GEMM (scripts/bench_cpu_experts.py --linear)."""
     half = weight_dtype in (torch.bfloat16, torch.float16)
     if kernel_ok and weight_dtype in cpu_kernels.WEIGHT_CODES:
         return "kernel"
@@ -61,7 +59,7 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """
     if x.device.type != "cpu" or x.dtype != torch.float32 or not w.is_contiguous():
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
-    path = choose_linear_path(0, w.dtype, cpu_kernels.available())
+    path = choose_linear_path(w.dtype, cpu_kernels.available())
     if path == "kernel":
         if x.dim() == 2:  # the model's decode rows: no reshape and no view (each a microsecond per call)
             return cpu_kernels.linear(x if x.stride(1) == 1 else x.contiguous(), w)
@@ -89,7 +87,7 @@ def cpu_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Te
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (x.device.type == "cpu" and x.dtype == torch.float32 and rows
             and all(w.is_contiguous() and w.dtype == w1.dtype for w in (w1, w3, w2))
-            and choose_linear_path(rows, w1.dtype, cpu_kernels.available()) == "kernel"):
+            and choose_linear_path(w1.dtype, cpu_kernels.available()) == "kernel"):
         flat = _rows_2d(x)
         if rows <= SWIGLU_ROWS_PER_CALL:
             y = cpu_kernels.swiglu(flat, w1, w3, w2)

@@ -18,9 +18,36 @@ typedef __m512 vf;
 #define vload(p) _mm512_loadu_ps(p)
 #define vstore(p, v) _mm512_storeu_ps(p, v)
 #define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define vsum(v) _mm512_reduce_add_ps(v)
 #define vset1(a) _mm512_set1_ps(a)
 #define vmul(a, b) _mm512_mul_ps(a, b)
+/* The sum of a vector's lanes as a tree: halves, quarters, pairs, the last two (GCC's _mm512_reduce_add_ps
+ * order, written out so that vsum16 below can follow it exactly whatever the compiler). */
+static inline float vsum(__m512 v) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+/* Lane L of the result = vsum(u[4 * (L % 4) + L / 4]), each summed in vsum's tree, for 16 vectors at once: 45
+ * shuffles and adds where 16 vsums take ~110, which at decode sizes (a few hundred FMAs per tile) matter.
+ * Each level adds the very lane pairs vsum adds (addition commutes bit for bit), so a row's bits do not depend
+ * on which of the two reduced it. Pass zero vectors for unused slots: they only ever meet each other. */
+static inline __m512 vsum16(const __m512 u[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int j = 0; j < 8; j++)  /* 512 -> 256: [u0 halves | u1 halves] */
+        a[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int j = 0; j < 4; j++)  /* 256 -> 128: one 128-bit lane per vector */
+        b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int j = 0; j < 2; j++)  /* 4 -> 2 within each 128-bit lane: (0 + 2, 1 + 3) */
+        c[j] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * j], b[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(b[2 * j], b[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),  /* 2 -> 1 */
+                         _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#define MM_VSUM16 1
 static inline vf vwiden(const uint16_t *s, int bf16) {
     __m256i h = _mm256_loadu_si256((const __m256i *)s);
     return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache_store import select_store_latent
+from .cpu_mla_layer import cpu_mla_layer
 from .cpu_paths import cpu_linear, cpu_mla_decode, cpu_rmsnorm, cpu_rope, cpu_store_latent, cpu_swiglu
 from .fused_moe import select_fused_moe
 from .mla_decode import select_mla_decode
@@ -59,20 +60,22 @@ class DenseOps:
     ``linear`` (x, w) -> x w^T and ``swiglu`` (x, w1, w3, w2) -> w2 (silu(w1 x) * w3 x) always answer;
     ``rms_norm`` (x, weight, eps), ``rope`` (x, cos, sin, interleave) and ``mla_decode`` (the absorbed decode,
     :func:`cpu_mla_decode`'s arguments) answer None where they have no fused call for these tensors, and the
-    model then runs its own torch ops (the reference the fused calls are tested against)."""
+    model then runs its own torch ops (the reference the fused calls are tested against); so does ``mla_layer``
+    (mla, x, rope, batch, kv_cache): a whole MLA layer's decode step (kernels/cpu_mla_layer.py)."""
 
     linear: Callable
     swiglu: Callable
     rms_norm: Callable
     rope: Callable
     mla_decode: Callable
+    mla_layer: Callable
 
 
 TORCH_DENSE = DenseOps(linear=_torch_linear, swiglu=_torch_swiglu, rms_norm=_not_fused, rope=_not_fused,
-                       mla_decode=_not_fused)
+                       mla_decode=_not_fused, mla_layer=_not_fused)
 # On CPU: the C kernels for decode-sized fp32 rows, each falling back to torch where it does not apply
 CPU_DENSE = DenseOps(linear=cpu_linear, swiglu=cpu_swiglu, rms_norm=cpu_rmsnorm, rope=cpu_rope,
-                     mla_decode=cpu_mla_decode)
+                     mla_decode=cpu_mla_decode, mla_layer=cpu_mla_layer)
 
 
 def select_dense(device: torch.device) -> DenseOps:

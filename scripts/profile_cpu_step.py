@@ -62,6 +62,9 @@ def instrument(clock: StageClock, engine) -> None:
 
     clock.wrap(m.MLA, "forward", "MLA")
     clock.wrap(m.MLA, "_decode", "decode")
+    from moemesh.kernels import cpu_mla_layer
+
+    clock.wrap(cpu_mla_layer.cpu_kernels, "mla_layer", "C.mla_layer")
     clock.wrap(m.MLP, "forward", "MLP")
     clock.wrap(m.Gate, "forward", "gate")
     clock.wrap(m.Linear, "forward", "linear")

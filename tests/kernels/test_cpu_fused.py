@@ -148,6 +148,26 @@ def test_mla_decode_equals_the_reference(lens, max_s):
 
 
 @needs_kernel
+@pytest.mark.parametrize("B", [1, 2, 5])
+def test_mla_decode_heads_split_across_threads_keep_their_bits(B):
+    """Fewer sequences than twice the threads split their heads into chunks (batch 1 on every thread): each head's
+    output is the one it gets when a single thread runs every head."""
+    g = torch.Generator().manual_seed(B)
+    H, N, R, C, V, bs = 7, 8, 4, 40, 6, 4  # heads that do not divide evenly into chunks
+    cache = torch.randn(64, C + R, generator=g)
+    tables = torch.randperm(16, generator=g)[: B * 3].view(B, 3)
+    q_nope, q_pe = torch.randn(B, H, N, generator=g), torch.randn(B, H, R, generator=g)
+    wkv_b = torch.randn(H, N + V, C, generator=g)
+    ctx = torch.randint(1, 13, (B,), generator=g)
+    alone = cpu_kernels.mla_decode(q_nope, q_pe, wkv_b, cache, tables, ctx, bs, 0.3, 12, threads=1)
+    for threads in (2, 3, 8):
+        assert torch.equal(cpu_kernels.mla_decode(q_nope, q_pe, wkv_b, cache, tables, ctx, bs, 0.3, 12,
+                                                  threads=threads), alone)
+    ref = _mla_reference(q_nope, q_pe, wkv_b, cache, tables, ctx, bs, 0.3, 12)
+    torch.testing.assert_close(alone, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("interleave", [False, True])
 @pytest.mark.parametrize("shape", [(5, 16), (5, 3, 16)])
 def test_rope_is_the_torch_ops_to_the_bit(interleave, shape):
