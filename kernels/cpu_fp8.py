@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import cpu_kernels
-from .cpu_kernels import _CPU, _check_table, _check_x, _lib
+from .cpu_kernels import _CPU, _check_table, _lib, check_routing, expert_shapes
 
 
 def _check_fp8(name: str, q: torch.Tensor, scale_inv: torch.Tensor, dims: int, block: tuple[int, int]) -> None:
@@ -56,15 +56,8 @@ def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Ten
     bn, bk = _check_block(block)
     _check_fp8("w13", w13, w13_scale_inv, 3, (bn, bk))
     _check_fp8("w2", w2, w2_scale_inv, 3, (bn, bk))
-    n_slots, two_i, d = w13.shape
-    inter = two_i // 2
-    if two_i % 2 or tuple(w2.shape) != (n_slots, d, inter):
-        raise ValueError(f"w13 {list(w13.shape)} and w2 {list(w2.shape)} are not [E, 2I, D] and [E, D, I]")
-    _check_x("x", x, d)
-    t, k = x.shape[0], topk_idx.shape[-1] if topk_idx.dim() == 2 else -1
-    _check_table("topk_idx", topk_idx, torch.int64, (t, k))
-    _check_table("topk_weights", topk_weights, torch.float32, (t, k))
-    _check_table("slot_of", slot_of, torch.int64, (slot_of.shape[0],) if slot_of.dim() == 1 else (-1,))
+    n_slots, d, inter = expert_shapes(w13, w2)
+    t, k = check_routing(x, topk_idx, topk_weights, slot_of, d)
     out = torch.empty(t, d, dtype=torch.float32, device=_CPU)
     lib.mm_moe_forward_fp8(x.data_ptr(), x.stride(0), t, topk_idx.data_ptr(), topk_weights.data_ptr(), k,
                            slot_of.data_ptr(), slot_of.shape[0], n_slots, w13.data_ptr(), w13_scale_inv.data_ptr(),

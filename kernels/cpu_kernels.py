@@ -175,11 +175,27 @@ def _check_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int, 
     code = _check_weight("w13", w13, 3)
     if _check_weight("w2", w2, 3) != code:
         raise ValueError(f"w13 and w2 must share a dtype, got {w13.dtype} and {w2.dtype}")
+    return (code, *expert_shapes(w13, w2))
+
+
+def expert_shapes(w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int]:
+    """(E_l, D, I) of ``w13`` [E_l, 2I, D] and ``w2`` [E_l, D, I] (3-d, any dtype); else ValueError."""
     n_slots, two_i, d = w13.shape
     inter = two_i // 2
     if two_i % 2 or tuple(w2.shape) != (n_slots, d, inter):
         raise ValueError(f"w13 {list(w13.shape)} and w2 {list(w2.shape)} are not [E, 2I, D] and [E, D, I]")
-    return code, n_slots, d, inter
+    return n_slots, d, inter
+
+
+def check_routing(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, slot_of: torch.Tensor,
+                  d: int) -> tuple[int, int]:
+    """(T, K) of a layer's routed rows, as the moe_forward kernels read them; else ValueError."""
+    _check_x("x", x, d)
+    t, k = x.shape[0], topk_idx.shape[-1] if topk_idx.dim() == 2 else -1
+    _check_table("topk_idx", topk_idx, torch.int64, (t, k))
+    _check_table("topk_weights", topk_weights, torch.float32, (t, k))
+    _check_table("slot_of", slot_of, torch.int64, (slot_of.shape[0],) if slot_of.dim() == 1 else (-1,))
+    return t, k
 
 
 def moe_swiglu(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -246,11 +262,7 @@ def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Ten
     ascending slot order, as the shard's sorted torch path adds them). The routing bookkeeping (slots, sort, gather, weighting, scatter) runs in C with the math."""
     lib = _lib()
     code, n_slots, d, inter = _check_experts(w13, w2)
-    _check_x("x", x, d)
-    t, k = x.shape[0], topk_idx.shape[-1] if topk_idx.dim() == 2 else -1
-    _check_table("topk_idx", topk_idx, torch.int64, (t, k))
-    _check_table("topk_weights", topk_weights, torch.float32, (t, k))
-    _check_table("slot_of", slot_of, torch.int64, (slot_of.shape[0],) if slot_of.dim() == 1 else (-1,))
+    t, k = check_routing(x, topk_idx, topk_weights, slot_of, d)
     out = torch.empty(t, d, dtype=torch.float32, device=_CPU)
     lib.mm_moe_forward(x.data_ptr(), x.stride(0), t, topk_idx.data_ptr(), topk_weights.data_ptr(), k,
                        slot_of.data_ptr(), slot_of.shape[0], n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
