@@ -196,6 +196,9 @@ class SocketPair(StreamEnds):
 
             self.send_parts(reply_parts(prefix[0], y, *prefix[1:]))
             return
+        if y.device.type != "cpu" or not y.is_contiguous():  # C reads numel * itemsize bytes at data_ptr
+            raise ValueError(f"send_reply: y must be a contiguous host tensor, got one on {y.device} "
+                             f"(contiguous={y.is_contiguous()})")
         BLOCK_REPLY.pack_into(self._reply_args, 8, y.data_ptr(), y.numel() * y.element_size(), *prefix)
         BLOCK_REPLY_COUNT.pack_into(self._reply_args, 64, *count)
         rc = self._held(SEND, _EBADF, self.native.mm_reply, self._args_addr[2])

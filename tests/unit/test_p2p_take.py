@@ -84,3 +84,17 @@ def test_an_out_that_is_not_contiguous_host_memory_is_refused_before_a_byte_is_r
         attn.recv_reply(5.0, size, torch.empty(4, 2).t())
     out = torch.empty(2, 4)
     assert attn.recv_reply(5.0, size, out) == (4, 0, 0, 0, 0) and torch.equal(out, y)
+
+
+def test_a_reply_that_is_not_contiguous_host_memory_is_refused_before_a_byte_is_sent(c_loop):
+    """The reply's C call reads numel * itemsize bytes at ``y``'s data pointer: a strided or expanded ``y`` would
+    send other memory than its rows, so it is refused, and the stream stays in step for the next reply."""
+    node, attn = _pair()
+    with pytest.raises(ValueError, match="contiguous host tensor"):
+        node.send_reply((5, 0, 0, 0, 0), torch.randn(4, 2).t())
+    with pytest.raises(ValueError, match="contiguous host tensor"):
+        node.send_reply((5, 0, 0, 0, 0), torch.randn(1, 4).expand(2, 4))
+    y = torch.randn(2, 4)
+    node.send_reply((5, 0, 0, 0, 0), y)
+    out = torch.empty(2, 4)
+    assert attn.recv_reply(5.0, p2p.REPLY_PREFIX + y.numel() * 4, out) == (5, 0, 0, 0, 0) and torch.equal(out, y)
