@@ -299,7 +299,9 @@ class ExpertShard:
         if host_ids is not None and not (np.asarray(host_ids) >= 0).any():
             return out  # every assignment is computed elsewhere: no math (the host copy says so at no device cost)
         if le.w13_scale_inv is not None:
-            if self._fp8_layer_kernel(le, x):  # one C call, bookkeeping included, one byte read per weight
+            # the CPU FP8 kernel (kernels/cpu_fp8.py): one C call, one byte read per weight; rows in any dtype (a GPU
+            # attention node sends bf16) computed in fp32; else the FP8 op (Triton on CUDA, the reference elsewhere)
+            if self._layer_kernel_ok(le, x):
                 return cpu_fp8.moe_forward(x.float().contiguous(), topk_idx.long().contiguous(),
                                            topk_weights.float().contiguous(), le.slot_of, le.w13, le.w13_scale_inv,
                                            le.w2, le.w2_scale_inv, self.fp8_block).to(x.dtype)
@@ -352,14 +354,11 @@ class ExpertShard:
         """Whether the layer runs as one C call, bookkeeping included: no expert can get more rows than the
         batch has (each token picks distinct experts; a repeated id would only cost speed, never correctness),
         so T within the kernel's limit decides it with no host read of the routing."""
-        return (self.strategy in ("auto", "kernel") and self.dtype == torch.float32 and x.dtype == torch.float32
-                and x.device.type == "cpu" and le.slot_of.device.type == "cpu" and cpu_kernels.available()
-                and choose_expert_path(x.shape[0], le.w13.dtype, True) == "kernel")
+        return x.dtype == torch.float32 and self._layer_kernel_ok(le, x) and \
+            choose_expert_path(x.shape[0], le.w13.dtype, True) == "kernel"
 
-    def _fp8_layer_kernel(self, le: _LayerExperts, x: torch.Tensor) -> bool:
-        """Whether an FP8-kept layer runs in the CPU kernel (kernels/cpu_fp8.py): a CPU shard with the kernels
-        built, rows in any dtype (a GPU attention node sends bf16; the kernel computes in fp32, as the shard
-        does on CPU); else the FP8 op (Triton on CUDA, the dequantizing reference elsewhere)."""
+    def _layer_kernel_ok(self, le: _LayerExperts, x: torch.Tensor) -> bool:
+        """A CPU shard computing in fp32 with the C kernels built, its strategy free to take them."""
         return (self.strategy in ("auto", "kernel") and self.dtype == torch.float32 and x.device.type == "cpu"
                 and le.slot_of.device.type == "cpu" and cpu_kernels.available())
 
