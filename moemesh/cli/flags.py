@@ -164,9 +164,10 @@ def add_device_args(p: argparse.ArgumentParser, what: str = "compute") -> None:
                    "checkpoint); float32 upcasts the weights at load (default: auto)")
     p.add_argument("--fp8", default="auto", choices=FP8_MODES,
                    help="FP8 block-quantized checkpoints (DeepSeek-V3's layout): keep = routed experts stay e4m3 "
-                   "with their block scales (half the bytes of bf16; the FP8 fused-MoE kernel on CUDA, a slow "
-                   "per-call dequantization on CPU); dequant = convert them to --dtype at load; auto = keep on "
-                   "CUDA, dequant on CPU (default: auto)")
+                   "with their block scales (half the bytes of bf16; the FP8 fused-MoE kernel on CUDA, the C "
+                   "kernels on CPU, else a slow per-call dequantization); dequant = convert them to --dtype at "
+                   "load; auto = keep where a kernel runs them (CUDA, or CPU with the C kernels built), else "
+                   "dequant (default: auto)")
 
 
 def add_prefix_cache_arg(p: argparse.ArgumentParser) -> None:
