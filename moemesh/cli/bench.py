@@ -134,9 +134,11 @@ def run(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from moemesh.cli.bench_roofline import attach_hits, print_roofline, roofline_figures, run_metered, stream_gbps
+    from moemesh.cli.bench_roofline import (attach_hits, compute_figures, matmul_gflops, print_roofline,
+                                            roofline_figures, run_metered, stream_gbps)
     from moemesh.cli.generate import engine_config
     from moemesh.launch.embedded import build_local
+    from moemesh.model.step_flops import step_flops
     from moemesh.model.weight_bytes import weight_bytes
     from moemesh.devices import compute_dtype
 
@@ -171,6 +173,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     compute = str(compute_dtype(dtype, device)).removeprefix("torch.")
     roofline = roofline_figures(weight_bytes(cfg, name, _kept_fp8_block(mesh), compute),
                                 best, gbps, len(cfg.moe_layers))
+    # the other ceiling: a decode step's FLOPs (its mean context cached) at the device's matmul rate in the
+    # activations' dtype, which binds instead of the bytes once the batch is large enough
+    flops = step_flops(cfg, args.batch, args.prompt_len + args.new_tokens / 2)
+    roofline |= compute_figures(flops, matmul_gflops(device, compute_dtype(dtype, device)), roofline["decode_step_ms"])
     generated = args.batch * args.new_tokens
     # the latent cache holds activations: fp32 on CPU also over bf16 weights (moemesh/devices.py)
     elem = torch.tensor([], dtype=compute_dtype(dtype, device)).element_size()
@@ -208,7 +214,7 @@ def _run_bench(args: argparse.Namespace) -> int:
           f"{result['mha_cache_bytes_per_token']} B ({result['mha_cache_bytes_per_token'] / result['latent_cache_bytes_per_token']:.1f}x smaller)")
     if cfg.has_indexer:
         print(f"indexer keys per token (beside the latent): {result['indexer_cache_bytes_per_token']} B")
-    print_roofline(roofline, args.batch, cfg.n_routed_experts, result["threads"])
+    print_roofline(result, args.batch, cfg.n_routed_experts, result["threads"])
     return 0
 
 

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from moemesh.model.step_flops import compute_step_s
 from moemesh.model.weight_bytes import WeightBytes, roofline_fraction, roofline_step_s
 
 STREAM_BYTES = 256 << 20  # well above any L3 (and an H200's 50 MB L2): a read from memory, not cache
+MATMUL_N = {"cpu": 1024, "cuda": 8192}  # square products this size reach the library's peak (MKL/oneDNN, cuBLAS)
 
 
 class ExpertHits:
@@ -125,6 +127,28 @@ def stream_gbps(device: torch.device, nbytes: int = STREAM_BYTES, repeats: int =
     return reads * nbytes / best / 1e9
 
 
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> float:
+    """Matmul throughput (GFLOP/s, 1e9) of ``device`` in ``dtype`` with this process's torch threads: the best of
+    ``repeats`` square ``n`` x ``n`` products (torch's own GEMM: what a well-tuned library gets from the chip)."""
+    n = n or MATMUL_N.get(device.type, 4096)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    (a @ b).sum().item()  # warm-up: the library picks its kernel
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        (a @ b)[0, 0].item()  # one element back: the product is done
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def compute_figures(flops: float, gflops: float, decode_step_ms: float) -> dict:
+    """The JSON fields of the compute roofline: a step's FLOPs (moemesh/model/step_flops.py) at the matmul rate."""
+    step_ms = compute_step_s(flops, gflops) * 1e3
+    return {"flops_per_step": flops, "matmul_gflops": gflops, "compute_step_ms": step_ms,
+            "compute_fraction": step_ms / decode_step_ms if decode_step_ms > 0 else 0.0}
+
+
 def roofline_figures(wb: WeightBytes, run: EngineRun, gbps: float, n_moe_layers: int) -> dict:
     """The JSON fields of the roofline for one metered run."""
     steps = max(run.decode_steps, 1)
@@ -147,7 +171,8 @@ def roofline_figures(wb: WeightBytes, run: EngineRun, gbps: float, n_moe_layers:
 
 
 def print_roofline(r: dict, batch: int, n_experts: int, threads: int) -> None:
-    """Two lines under bench's table: the bytes of a step, and the roofline against the step achieved."""
+    """Lines under bench's table: the bytes of a step, the bandwidth roofline against the step achieved, and
+    (when ``r`` has them: bench's whole result) the compute roofline."""
     routed = r["weight_bytes_per_step"] - r["dense_weight_bytes_per_pass"]
     print(f"weights read per decode step: {r['weight_bytes_per_step'] / 1e6:.1f} MB (dense "
           f"{r['dense_weight_bytes_per_pass'] / 1e6:.1f} MB per pass, routed {routed / 1e6:.1f} MB: "
@@ -156,3 +181,8 @@ def print_roofline(r: dict, batch: int, n_experts: int, threads: int) -> None:
     print(f"roofline: streaming read {r['stream_gbps']:.1f} GB/s ({threads} threads) -> "
           f"{r['roofline_step_ms']:.1f} ms per step ({roof_tps:.0f} tokens/s); moemesh decode "
           f"{r['decode_step_ms']:.1f} ms per step: {r['roofline_fraction']:.2f} of the roofline")
+    if "compute_step_ms" in r:
+        bound = "bandwidth" if r["roofline_step_ms"] >= r["compute_step_ms"] else "compute"
+        print(f"compute: {r['flops_per_step'] / 1e9:.2f} GFLOP per step at {r['matmul_gflops']:.0f} GFLOP/s "
+              f"(torch matmul, {r['compute_dtype']}) -> {r['compute_step_ms']:.1f} ms per step, "
+              f"{r['compute_fraction']:.2f} of the step achieved: {bound}-bound")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moemesh.attn_node.engine import EngineConfig
-from moemesh.cli.bench_roofline import EngineRun, ExpertHits, attach_hits, roofline_figures, run_metered, stream_gbps
+from moemesh.cli.bench_roofline import (EngineRun, ExpertHits, attach_hits, compute_figures, matmul_gflops,
+                                        roofline_figures, run_metered, stream_gbps)
 from moemesh.cli.main import main
 from moemesh.launch.embedded import build_local
 from moemesh.model.weight_bytes import WeightBytes
@@ -82,6 +83,18 @@ def test_roofline_figures_arithmetic():
     assert r["roofline_fraction"] == pytest.approx(2200 * 8 / 1e4)
 
 
+def test_compute_figures_arithmetic():
+    r = compute_figures(flops=4e9, gflops=200.0, decode_step_ms=50.0)
+    assert r["compute_step_ms"] == pytest.approx(20.0)  # 4 GFLOP at 200 GFLOP/s
+    assert r["compute_fraction"] == pytest.approx(0.4)
+    assert (r["flops_per_step"], r["matmul_gflops"]) == (4e9, 200.0)
+
+
+def test_matmul_gflops_is_a_rate():
+    gflops = matmul_gflops(torch.device("cpu"), torch.float32, n=64, repeats=2)
+    assert math.isfinite(gflops) and gflops > 0
+
+
 def test_stream_gbps_is_a_rate():
     gbps = stream_gbps(torch.device("cpu"), nbytes=1 << 20, repeats=2, reads=2)
     assert math.isfinite(gbps) and gbps > 0
@@ -100,3 +113,4 @@ def test_bench_json_reports_the_roofline(tiny_checkpoint, capsys, dtype):
     assert 2 * 2 / 8 <= out["experts_hit_per_layer_per_step"] <= 2 * 2  # at least 1 of 8 for 2 rows x top-2
     assert out["weight_bytes_per_step"] > out["dense_weight_bytes_per_pass"] > 0
     assert out["stream_gbps"] > 0 and out["roofline_fraction"] > 0
+    assert out["flops_per_step"] > 0 and out["matmul_gflops"] > 0 and out["compute_fraction"] > 0

@@ -1,0 +1,71 @@
+"""Arithmetic a decode step does, from the config (pure arithmetic, no torch): the compute roofline.
+
+weight_bytes.py gives the bytes a step must read; this gives the multiply-adds it must do, so that
+``moemesh bench`` can set the step against both ceilings: the bytes over the streaming bandwidth and the
+FLOPs over the device's matmul rate. Which one binds moves with the batch: a weight read once serves every
+row of the step, so bytes stay flat while FLOPs grow with the rows, and a step far above both floors says
+which of its kernels to look at.
+
+Per token, each weight of a matmul it passes through costs one multiply-add (2 FLOPs): every layer's MLA
+projections (wkv_b as the absorbed attention uses it: the nope queries into the latent, the latent into the
+values), the dense MLPs, the shared experts, the gate, the lm_head once, and ``num_experts_per_tok`` routed
+experts per MoE layer. Attention over the cache adds, per head and cached token, the latent and rope scores
+and the latent values; V3.2's indexer its projections and its scores over the whole context, while the
+attention itself reads at most ``index_topk`` tokens. Norms, rope, softmax and the gate's top-k are left out
+(a few FLOPs per value of an activation, not per weight).
+"""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+
+
+def _attention_weights(cfg: ModelConfig) -> int:
+    """Matmul weights one token passes through in one layer's MLA (and V3.2's indexer)."""
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.q_lora_rank is None:
+        q = d * h * cfg.qk_head_dim  # wq
+    else:
+        q = d * cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim  # wq_a, wq_b
+    wkv_b = cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    indexer = 0
+    if cfg.has_indexer:
+        assert cfg.q_lora_rank is not None  # the config reader refuses V3.2 without it
+        di = cfg.index_head_dim
+        indexer = cfg.q_lora_rank * cfg.index_n_heads * di + d * di + d * cfg.index_n_heads  # wq_b, wk, weights_proj
+    return q + d * cfg.kv_cache_dim + wkv_b + h * cfg.v_head_dim * d + indexer  # + wkv_a, wo
+
+
+def _attention_over_cache(cfg: ModelConfig, context: float) -> float:
+    """Multiply-adds of one token's attention over ``context`` cached tokens in one layer."""
+    attended = min(context, cfg.index_topk) if cfg.has_indexer else context
+    per_token = cfg.num_attention_heads * (cfg.kv_cache_dim + cfg.kv_lora_rank)  # scores, then values
+    indexer = cfg.index_n_heads * cfg.index_head_dim * context if cfg.has_indexer else 0
+    return per_token * attended + indexer
+
+
+def token_macs(cfg: ModelConfig, context: float) -> float:
+    """Multiply-adds of one decoded token through the whole model, with ``context`` tokens cached per layer."""
+    d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
+    moe = len(cfg.moe_layers)
+    expert = 3 * d * cfg.moe_intermediate_size
+    per_layer = _attention_weights(cfg) + _attention_over_cache(cfg, context)
+    return (n_layers * per_layer
+            + (n_layers - moe) * 3 * d * cfg.intermediate_size  # dense MLPs
+            + moe * (cfg.n_shared_experts + cfg.num_experts_per_tok) * expert  # shared and routed experts
+            + moe * cfg.n_routed_experts * d  # gates
+            + cfg.vocab_size * d)  # lm_head
+
+
+def step_flops(cfg: ModelConfig, batch: int, context: float) -> float:
+    """FLOPs of a decode step of ``batch`` tokens, each with ``context`` tokens cached (2 per multiply-add)."""
+    if batch < 0 or context < 0:
+        raise ValueError(f"batch and context must be >= 0, got {batch} and {context}")
+    return 2.0 * batch * token_macs(cfg, context)
+
+
+def compute_step_s(flops: float, gflops: float) -> float:
+    """The fastest a step of ``flops`` can run at ``gflops`` (GFLOP/s, 1e9) of matmul throughput."""
+    if gflops <= 0:
+        raise ValueError(f"gflops must be > 0, got {gflops}")
+    return flops / (gflops * 1e9)
