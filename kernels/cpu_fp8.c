@@ -78,7 +78,7 @@ void cpu_fp8_block_product(const float *x, int64_t ldx, int64_t m, const uint8_t
     }
 #endif
     dequant_rows(w, scale, cols, q->bn, q->bk, n0, nb, k, scratch);
-    cpu_block_product(x, ldx, m, scratch, W_F32, 0, nb, k, NULL, out, ldo);
+    cpu_block_product(x, ldx, m, scratch, W_F32, 0, nb, k, out, ldo);
 }
 
 /* rows x cols e4m3 weights with their bn x bk scales -> fp32 out: the kernel's own dequantization, exposed so

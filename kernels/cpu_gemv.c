@@ -6,8 +6,10 @@
  *
  * Decode-sized batches (1-64 rows per expert) are bound by reading the weights, not by arithmetic: each
  * thread takes long runs of adjacent blocks of NB = 4 weight rows (grab: one sequential stream per
- * thread, dynamic so that a preempted thread holds the others up little), streaming each block once; when
- * more than two x rows reuse the block it is widened once into a per-thread fp32 scratch that stays in L1/L2.
+ * thread, dynamic so that a preempted thread holds the others up little), streaming each block once. Each
+ * vector of weights is loaded and widened once and multiplied into every x row of a tile (up to 4): widening
+ * a block once into scratch for many rows measured slower at every row count up to 64 (its store and reload
+ * cost more than widening again; scripts/bench_cpu_experts.py, Xeon with AVX-512).
  *
  * moe_swiglu runs every busy expert of a layer in two parallel regions (gate/up with silu(g) * u fused,
  * then down), so one call per layer replaces a Python loop of small GEMMs; moe_forward adds the routing
@@ -25,27 +27,6 @@
 static inline int64_t grab(int64_t n, int nthreads, int64_t least) {
     const int64_t g = n / (4 * (int64_t)nthreads);
     return g > least ? g : least;
-}
-
-/* Widen rows [n0, n0 + nb) of w (row length k) into dst (fp32, nb * k). */
-static void widen_rows(const void *w, int wdtype, int64_t n0, int nb, int64_t k, float *dst) {
-    for (int r = 0; r < nb; r++) {
-        float *d = dst + r * k;
-        if (wdtype == W_F32) {
-            memcpy(d, (const float *)w + (n0 + r) * k, k * sizeof(float));
-            continue;
-        }
-        const uint16_t *s = (const uint16_t *)w + (n0 + r) * k;
-        int64_t i = 0;
-#ifdef MM_AVX2
-        const char *next = (const char *)(s + NB * k);  /* this row of the next block */
-        for (; i + VW <= k; i += VW) {
-            if (!(i & (64 / 2 - 1))) _mm_prefetch(next + i * 2, _MM_HINT_T1);  /* one per 64-byte line: 32 elements */
-            vstore(d + i, vwiden(s + i, wdtype == W_BF16));
-        }
-#endif
-        for (; i < k; i++) d[i] = wdtype == W_BF16 ? bf16_to_f32(s[i]) : f16_to_f32(s[i]);
-    }
 }
 
 #ifdef MM_AVX2
@@ -115,7 +96,7 @@ static void row_dot_rows(const float *x, const void *w, int wdtype, int64_t n0, 
 }
 
 /* Two x rows against nb (<= NB) weight rows starting at element `base` of w (stored dtype, row length k):
- * acc[m * NB + r]. Widening on the fly here costs what widening into scratch would for one pair of rows. */
+ * acc[m * NB + r]. */
 static void rows2_dot(const float *x0, const float *x1, const void *w, int wdtype, int64_t base, int nb, int64_t k,
                       float *acc) {
     int64_t i = 0;
@@ -165,90 +146,103 @@ static void rows2_dot(const float *x0, const float *x1, const void *w, int wdtyp
     }
 }
 
-/* Four x rows against a full block of NB weight rows at element `base` of fp32 w (row length k): acc[m * NB + r].
- * 16 accumulators, 8 loads per 16 FMAs (rows2_dot: 6 per 8), the reuse that 3-16 rows per weight need. Each
- * row is summed exactly as row_dot_rows sums it (vector lanes over k, then the tail), so its result does not
- * depend on its batch. */
-static void rows4_dot_f32(const float *x, int64_t ldx, const float *w, int64_t base, int64_t k, float *acc) {
-    const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
+/* R (3 or 4) x rows against a full block of NB weight rows at element `base` of w (stored dtype, row length k):
+ * acc[m * NB + r]. Each weight vector is loaded (and widened) once per step and used by every row: 4R
+ * accumulators, 4 + R loads per 4R FMAs (rows2_dot: 6 per 8), the reuse that 3 or more rows per weight need.
+ * Each row is summed exactly as row_dot_rows sums it (vector lanes over k, then the tail), so its result does
+ * not depend on its batch. Inlined with R constant: the tile stays in registers. */
+static inline __attribute__((always_inline)) void rows_dot_t(const float *x, int64_t ldx, const int R, const void *w,
+                                                             const int wdtype, int64_t base, int64_t k, float *acc) {
     int64_t i = 0;
 #ifdef MM_AVX2
-    vf a[4][NB];
-    for (int m = 0; m < 4; m++)
-        for (int r = 0; r < NB; r++) a[m][r] = vzero();
-    const char *next = (const char *)(w + base + NB * k);
+    /* 16 named accumulators, not an array: GCC keeps these in registers (an array of them it spilled) */
+    vf a00 = vzero(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    vf a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + (R > 3 ? 3 : 2) * ldx;
+    const int64_t esz = elem_size(wdtype);
+    const char *next = (const char *)w + (base + NB * k) * esz;
     for (; i + VW <= k; i += VW) {
-        prefetch_step(next, i, 4);
-        vf w0 = vload(w + base + i), w1 = vload(w + base + k + i);
-        vf w2 = vload(w + base + 2 * k + i), w3 = vload(w + base + 3 * k + i);
-        vf u;
-        u = vload(x0 + i); a[0][0] = vfma(u, w0, a[0][0]); a[0][1] = vfma(u, w1, a[0][1]);
-        a[0][2] = vfma(u, w2, a[0][2]); a[0][3] = vfma(u, w3, a[0][3]);
-        u = vload(x1 + i); a[1][0] = vfma(u, w0, a[1][0]); a[1][1] = vfma(u, w1, a[1][1]);
-        a[1][2] = vfma(u, w2, a[1][2]); a[1][3] = vfma(u, w3, a[1][3]);
-        u = vload(x2 + i); a[2][0] = vfma(u, w0, a[2][0]); a[2][1] = vfma(u, w1, a[2][1]);
-        a[2][2] = vfma(u, w2, a[2][2]); a[2][3] = vfma(u, w3, a[2][3]);
-        u = vload(x3 + i); a[3][0] = vfma(u, w0, a[3][0]); a[3][1] = vfma(u, w1, a[3][1]);
-        a[3][2] = vfma(u, w2, a[3][2]); a[3][3] = vfma(u, w3, a[3][3]);
+        for (int64_t q = 0; q < NB * VW * esz; q += 64) _mm_prefetch(next + i * NB * esz + q, _MM_HINT_T1);  /* prefetch_step's, written out: GCC dropped it here */
+        const vf w0 = load_w(w, wdtype, base + i), w1 = load_w(w, wdtype, base + k + i);
+        const vf w2 = load_w(w, wdtype, base + 2 * k + i), w3 = load_w(w, wdtype, base + 3 * k + i);
+        vf u = vload(x0 + i);
+        a00 = vfma(u, w0, a00); a01 = vfma(u, w1, a01); a02 = vfma(u, w2, a02); a03 = vfma(u, w3, a03);
+        u = vload(x1 + i);
+        a10 = vfma(u, w0, a10); a11 = vfma(u, w1, a11); a12 = vfma(u, w2, a12); a13 = vfma(u, w3, a13);
+        u = vload(x2 + i);
+        a20 = vfma(u, w0, a20); a21 = vfma(u, w1, a21); a22 = vfma(u, w2, a22); a23 = vfma(u, w3, a23);
+        if (R > 3) {
+            u = vload(x3 + i);
+            a30 = vfma(u, w0, a30); a31 = vfma(u, w1, a31); a32 = vfma(u, w2, a32); a33 = vfma(u, w3, a33);
+        }
     }
 #ifdef MM_VSUM16
-    vf u[16];
-    for (int m = 0; m < 4; m++)
-        for (int r = 0; r < NB; r++) u[4 * r + m] = a[m][r];  /* lane 4m + r of the sums: acc's order */
-    vstore(acc, vsum16(u));
+    const vf u[16] = {a00, a10, a20, a30, a01, a11, a21, a31, a02, a12, a22, a32, a03, a13, a23, a33};  /* lane 4m + r */
+    float sums[4 * NB];
+    vstore(sums, vsum16(u));
+    for (int q = 0; q < R * NB; q++) acc[q] = sums[q];
 #else
-    for (int m = 0; m < 4; m++)
-        for (int r = 0; r < NB; r++) acc[m * NB + r] = vsum(a[m][r]);
+    const vf t[4][NB] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+    for (int m = 0; m < R; m++)
+        for (int r = 0; r < NB; r++) acc[m * NB + r] = vsum(t[m][r]);
 #endif
 #else
-    for (int r = 0; r < 4 * NB; r++) acc[r] = 0.f;
+    for (int q = 0; q < R * NB; q++) acc[q] = 0.f;
 #endif
     for (; i < k; i++) {
         for (int r = 0; r < NB; r++) {
-            const float wv = w[base + r * k + i];
-            acc[r] += x0[i] * wv;
-            acc[NB + r] += x1[i] * wv;
-            acc[2 * NB + r] += x2[i] * wv;
-            acc[3 * NB + r] += x3[i] * wv;
+            const float wv = w_at(w, wdtype, base + r * k + i);
+            for (int m = 0; m < R; m++) acc[m * NB + r] += x[m * ldx + i] * wv;
         }
+    }
+}
+
+/* rows_dot_t for each (R, weight dtype): the dtype a constant too, so no load branches on it. */
+static void rows_dot(const float *x, int64_t ldx, int R, const void *w, int wdtype, int64_t base, int64_t k,
+                     float *acc) {
+    if (R == 4) {
+        if (wdtype == W_F32) rows_dot_t(x, ldx, 4, w, W_F32, base, k, acc);
+        else if (wdtype == W_BF16) rows_dot_t(x, ldx, 4, w, W_BF16, base, k, acc);
+        else rows_dot_t(x, ldx, 4, w, W_F16, base, k, acc);
+    } else {
+        if (wdtype == W_F32) rows_dot_t(x, ldx, 3, w, W_F32, base, k, acc);
+        else if (wdtype == W_BF16) rows_dot_t(x, ldx, 3, w, W_BF16, base, k, acc);
+        else rows_dot_t(x, ldx, 3, w, W_F16, base, k, acc);
     }
 }
 
 /* Rows [n0, n0 + nb) of y for m x rows: out[mi * ldo + (n - n0)] (the caller places the columns). */
 void cpu_block_product(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype, int64_t n0, int nb,
-                       int64_t k, float *scratch, float *out, int64_t ldo) {
+                       int64_t k, float *out, int64_t ldo) {
     float acc[4 * NB];
     if (m == 1) {
         row_dot_rows(x, w, wdtype, n0, nb, k, acc);
         for (int r = 0; r < nb; r++) out[r] = acc[r];
         return;
     }
-    /* One pair of rows: read the weights in their stored dtype. More: widen the block once into scratch
-     * (fp32 weights are read in place) and reuse it, from L1, for every pair. */
-    const void *wb = w;
-    int wt = wdtype;
-    int64_t base = n0 * k;
-    if (m > 2 && wdtype != W_F32) {
-        widen_rows(w, wdtype, n0, nb, k, scratch);
-        wb = scratch, wt = W_F32, base = 0;
-    }
     int64_t mi = 0;
-    if (nb == NB && wt == W_F32) {  /* full blocks: four rows at a time while they last */
+    if (nb == NB) {  /* full blocks: four rows at a time while they last, then three */
         for (; mi + 4 <= m; mi += 4) {
-            rows4_dot_f32(x + mi * ldx, ldx, (const float *)wb, base, k, acc);
+            rows_dot(x + mi * ldx, ldx, 4, w, wdtype, n0 * k, k, acc);
             for (int q = 0; q < 4; q++)
                 for (int r = 0; r < NB; r++) out[(mi + q) * ldo + r] = acc[q * NB + r];
         }
+        if (m - mi == 3) {
+            rows_dot(x + mi * ldx, ldx, 3, w, wdtype, n0 * k, k, acc);
+            for (int q = 0; q < 3; q++)
+                for (int r = 0; r < NB; r++) out[(mi + q) * ldo + r] = acc[q * NB + r];
+            mi += 3;
+        }
     }
     for (; mi + 2 <= m; mi += 2) {
-        rows2_dot(x + mi * ldx, x + (mi + 1) * ldx, wb, wt, base, nb, k, acc);
+        rows2_dot(x + mi * ldx, x + (mi + 1) * ldx, w, wdtype, n0 * k, nb, k, acc);
         for (int r = 0; r < nb; r++) {
             out[mi * ldo + r] = acc[r];
             out[(mi + 1) * ldo + r] = acc[NB + r];
         }
     }
     if (mi < m) {
-        row_dot_rows(x + mi * ldx, wb, wt, base / k, nb, k, acc);
+        row_dot_rows(x + mi * ldx, w, wdtype, n0, nb, k, acc);
         for (int r = 0; r < nb; r++) out[mi * ldo + r] = acc[r];
     }
 }
@@ -259,7 +253,7 @@ static void expert_block(const float *x, int64_t ldx, int64_t m, const void *w, 
     if (wdtype == W_E4M3)
         cpu_fp8_block_product(x, ldx, m, (const uint8_t *)w, scale, q, n0, nb, k, scratch, out, ldo);
     else
-        cpu_block_product(x, ldx, m, w, wdtype, n0, nb, k, scratch, out, ldo);
+        cpu_block_product(x, ldx, m, w, wdtype, n0, nb, k, out, ldo);
 }
 
 /* Rows of x per pass over a run of weight blocks: a tile of x stays in L1/L2 while the run (in L2) is reused
@@ -274,7 +268,6 @@ void mm_linear(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype
     const int64_t blocks = (n + NB - 1) / NB, runs = (blocks + RUN - 1) / RUN;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *scratch = wdtype == W_F32 ? NULL : (float *)malloc(sizeof(float) * NB * k);
 #pragma omp for schedule(dynamic, grab(runs, nthreads, 1))
         for (int64_t run = 0; run < runs; run++) {
             const int64_t b_end = (run + 1) * RUN < blocks ? (run + 1) * RUN : blocks;
@@ -283,11 +276,10 @@ void mm_linear(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype
                 for (int64_t b = run * RUN; b < b_end; b++) {
                     const int64_t n0 = b * NB;
                     const int nb = (int)(n - n0 < NB ? n - n0 : NB);
-                    cpu_block_product(x + r0 * ldx, ldx, mt, w, wdtype, n0, nb, k, scratch, y + r0 * n + n0, n);
+                    cpu_block_product(x + r0 * ldx, ldx, mt, w, wdtype, n0, nb, k, y + r0 * n + n0, n);
                 }
             }
         }
-        free(scratch);
     }
 }
 
@@ -309,7 +301,7 @@ static void moe_swiglu(const float *xs, const int64_t *offs, int64_t n_slots, co
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t kmax = d > inter ? d : inter;
-        float *scratch = wdtype == W_F32 ? NULL : (float *)malloc(sizeof(float) * NB * kmax);
+        float *scratch = wdtype == W_E4M3 ? (float *)malloc(sizeof(float) * NB * kmax) : NULL;  /* FP8's dequant */
         float *gu = (float *)malloc(sizeof(float) * 2 * NB * (offs[n_slots] - offs[0] + 1));
 #pragma omp for schedule(dynamic, grab(nbusy * gblocks, nthreads, 8))
         for (int64_t j = 0; j < nbusy * gblocks; j++) {
@@ -350,15 +342,13 @@ void mm_swiglu(const float *x, int64_t ldx, int64_t m, const void *w1, const voi
     const int64_t gblocks = (inter + NB - 1) / NB, dblocks = (d + NB - 1) / NB;
 #pragma omp parallel num_threads(nthreads)
     {
-        const int64_t kmax = d > inter ? d : inter;
-        float *scratch = wdtype == W_F32 ? NULL : (float *)malloc(sizeof(float) * NB * kmax);
         float *gu = (float *)malloc(sizeof(float) * 2 * NB * (m + 1));
 #pragma omp for schedule(dynamic, grab(gblocks, nthreads, 8))
         for (int64_t j = 0; j < gblocks; j++) {
             const int64_t i0 = j * NB;
             const int nb = (int)(inter - i0 < NB ? inter - i0 : NB);
-            cpu_block_product(x, ldx, m, w1, wdtype, i0, nb, d, scratch, gu, 2 * NB);
-            cpu_block_product(x, ldx, m, w3, wdtype, i0, nb, d, scratch, gu + NB, 2 * NB);
+            cpu_block_product(x, ldx, m, w1, wdtype, i0, nb, d, gu, 2 * NB);
+            cpu_block_product(x, ldx, m, w3, wdtype, i0, nb, d, gu + NB, 2 * NB);
             for (int64_t mi = 0; mi < m; mi++)
                 for (int r = 0; r < nb; r++)
                     h[mi * inter + i0 + r] = silu(gu[mi * 2 * NB + r]) * gu[mi * 2 * NB + NB + r];
@@ -367,10 +357,9 @@ void mm_swiglu(const float *x, int64_t ldx, int64_t m, const void *w1, const voi
         for (int64_t j = 0; j < dblocks; j++) {
             const int64_t n0 = j * NB;
             const int nb = (int)(d - n0 < NB ? d - n0 : NB);
-            cpu_block_product(h, inter, m, w2, wdtype, n0, nb, inter, scratch, y + n0, d);
+            cpu_block_product(h, inter, m, w2, wdtype, n0, nb, inter, y + n0, d);
         }
         free(gu);
-        free(scratch);
     }
 }
 

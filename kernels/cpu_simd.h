@@ -100,7 +100,7 @@ typedef struct {
 #define MM_INTERNAL __attribute__((visibility("hidden")))
 /* Rows [n0, n0 + nb) of y = x @ w^T for m x rows (w in its stored dtype): out[mi * ldo + (n - n0)]. */
 MM_INTERNAL void cpu_block_product(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype, int64_t n0,
-                                   int nb, int64_t k, float *scratch, float *out, int64_t ldo);
+                                   int nb, int64_t k, float *out, int64_t ldo);
 /* The same over e4m3 w with its block scales (scale: the expert matrix's grid), scratch NB * k floats. */
 MM_INTERNAL void cpu_fp8_block_product(const float *x, int64_t ldx, int64_t m, const uint8_t *w, const float *scale,
                                        const fp8_scales *q, int64_t n0, int nb, int64_t k, float *scratch,

@@ -214,5 +214,5 @@ def test_a_rows_result_does_not_depend_on_its_batch(dtype, n, k):
     g = torch.Generator().manual_seed(n * 100 + k)
     x, w = torch.randn(9, k, generator=g), torch.randn(n, k, generator=g).to(dtype)
     alone = torch.cat([cpu_kernels.linear(x[i:i + 1], w) for i in range(9)])
-    for m in (2, 3, 4, 5, 8, 9):  # pairs, quads (the 4-row block) and their remainders
+    for m in (2, 3, 4, 5, 7, 8, 9, 11, 12, 17):  # pairs, tiles of 3 and 4, past WIDEN_ROWS (8)
         assert torch.equal(cpu_kernels.linear(x[:m], w), alone[:m]), m
