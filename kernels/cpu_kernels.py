@@ -31,7 +31,8 @@ log = get_logger("moemesh.kernels.cpu")
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 # Compiled with SOURCE into the one library; the header is theirs. All of them key the cache, so an edit to
 # any builds anew.
-OTHER_SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_decode_ops.c", "cpu_mla_layer.c", "cpu_fp8.c"))
+OTHER_SOURCES = tuple(Path(__file__).with_name(f)
+                      for f in ("cpu_moe.c", "cpu_decode_ops.c", "cpu_mla_layer.c", "cpu_fp8.c"))
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native

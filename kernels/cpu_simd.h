@@ -143,6 +143,16 @@ static inline float e4m3_to_f32(uint8_t b) {
     return b & 0x80 ? -v : v;
 }
 
+/* Work items per grab of a dynamic schedule over n items: a quarter of a thread's share (at least `least`).
+ * Long runs of adjacent items keep each thread's reads one sequential stream, which the hardware prefetchers
+ * follow across pages: the routed experts read 20-27% faster than in grabs of 8 blocks (scripts/
+ * bench_cpu_experts.py, 2 threads, Xeon with AVX-512), as fast as a static split; dynamic still lets a thread
+ * the OS preempts hold the others up by one grab at most. */
+static inline int64_t grab(int64_t n, int nthreads, int64_t least) {
+    const int64_t g = n / (4 * (int64_t)nthreads);
+    return g > least ? g : least;
+}
+
 static inline float dot(const float *a, const float *b, int64_t n) {
     float s = 0.f;
     int64_t i = 0;
