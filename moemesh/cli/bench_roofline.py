@@ -19,7 +19,7 @@ from moemesh.model.step_flops import compute_step_s
 from moemesh.model.weight_bytes import WeightBytes, roofline_fraction, roofline_step_s
 
 STREAM_BYTES = 256 << 20  # well above any L3 (and an H200's 50 MB L2): a read from memory, not cache
-MATMUL_N = {"cpu": 1024, "cuda": 8192}  # square products this size reach the library's peak (MKL/oneDNN, cuBLAS)
+MATMUL_N = {"cpu": 2048, "cuda": 8192}  # square products this size reach the library's peak (MKL/oneDNN, cuBLAS)
 
 
 class ExpertHits:
@@ -139,6 +139,9 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int | None = None
         start = time.perf_counter()
         (a @ b)[0, 0].item()  # one element back: the product is done
         best = min(best, time.perf_counter() - start)
+    del a, b
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the model's allocator gets its memory back (3 x n^2 elements)
     return 2.0 * n ** 3 / best / 1e9
 
 

@@ -10,8 +10,8 @@ Per token, each weight of a matmul it passes through costs one multiply-add (2 F
 projections (wkv_b as the absorbed attention uses it: the nope queries into the latent, the latent into the
 values), the dense MLPs, the shared experts, the gate, the lm_head once, and ``num_experts_per_tok`` routed
 experts per MoE layer. Attention over the cache adds, per head and cached token, the latent and rope scores
-and the latent values; V3.2's indexer its projections and its scores over the whole context, while the
-attention itself reads at most ``index_topk`` tokens. Norms, rope, softmax and the gate's top-k are left out
+and the latent values; V3.2's indexer its projections and, once the context exceeds ``index_topk``, its
+scores over the whole context, while the attention itself then reads ``index_topk`` tokens. Norms, rope, softmax and the gate's top-k are left out
 (a few FLOPs per value of an activation, not per weight).
 """
 
@@ -37,10 +37,13 @@ def _attention_weights(cfg: ModelConfig) -> int:
 
 
 def _attention_over_cache(cfg: ModelConfig, context: float) -> float:
-    """Multiply-adds of one token's attention over ``context`` cached tokens in one layer."""
+    """Multiply-adds of one token's attention over ``context`` cached tokens in one layer. V3.2's indexer scores
+    the context (and weights its heads) only where it exceeds ``index_topk``: shorter, the model attends to all
+    of it densely (attn_node/model.py ``sparse``)."""
     attended = min(context, cfg.index_topk) if cfg.has_indexer else context
     per_token = cfg.num_attention_heads * (cfg.kv_cache_dim + cfg.kv_lora_rank)  # scores, then values
-    indexer = cfg.index_n_heads * cfg.index_head_dim * context if cfg.has_indexer else 0
+    sparse = cfg.has_indexer and context > cfg.index_topk
+    indexer = cfg.index_n_heads * (cfg.index_head_dim + 1) * context if sparse else 0  # scores, head weighting
     return per_token * attended + indexer
 
 

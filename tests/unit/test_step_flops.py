@@ -1,5 +1,6 @@
 """moemesh/model/step_flops.py: a decode step's multiply-adds on hand-computed configs (V2 without q_lora and with
-a dense layer; V3.2 with q_lora, the indexer, and its top-k capping the attended context)."""
+a dense layer; V3.2 with q_lora and the indexer, which scores the context only past its top-k, and the top-k
+capping the attended context)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ def test_v2_by_hand():
 def test_v32_by_hand_the_indexer_caps_attention_not_its_scores():
     cfg = ModelConfig.from_dict(V32)
     # per layer: wq_a 8*4=32, wq_b 4*2*4=32, wkv_a 48, wkv_b 32, wo 32, indexer wq_b 4*2*4=32 + wk 8*4=32 +
-    # weights_proj 8*2=16 (256); attention over min(context, index_topk=2) tokens at 20 each; the indexer scores
-    # every cached token: 2 heads x 4 dims = 8. No dense layer; 2 MoE layers x (2 shared + 2 routed) x 3*8*6=144
-    # = 1152; gates 2*4*8=64; lm_head 10*8=80
-    assert token_macs(cfg, 1) == 2 * (256 + 20 * 1 + 8 * 1) + 1152 + 64 + 80 == 1864
-    assert token_macs(cfg, 10) == 2 * (256 + 20 * 2 + 8 * 10) + 1296 == 2048
+    # weights_proj 8*2=16 (256); attention over min(context, index_topk=2) tokens at 20 each; past index_topk the
+    # indexer scores every cached token: 2 heads x (4 dims + 1 head weight) = 10. No dense layer; 2 MoE layers x
+    # (2 shared + 2 routed) x 3*8*6=144 = 1152; gates 2*4*8=64; lm_head 10*8=80
+    assert token_macs(cfg, 1) == 2 * (256 + 20 * 1) + 1152 + 64 + 80 == 1848  # dense: no indexer scores
+    assert token_macs(cfg, 2) == 2 * (256 + 20 * 2) + 1296  # at index_topk still dense
+    assert token_macs(cfg, 10) == 2 * (256 + 20 * 2 + 10 * 10) + 1296 == 2088
     assert step_flops(cfg, 0, 10) == 0
 
 
