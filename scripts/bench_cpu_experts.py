@@ -87,8 +87,9 @@ def candidates(m: int, dtype: torch.dtype, layers, use_compile: bool, compile_s:
     else:
         out["F.linear per expert, bf16 activations"] = looped_native
         out["F.linear per expert, w.float() per call"] = looped_upcast
-    out["bmm over all experts (padded)"] = padded
-    out["F.grouped_mm"] = grouped
+    acts = "" if dtype == torch.float32 else ", bf16 activations"  # transformers' bf16 math, not the fp32 run's
+    out[f"bmm over all experts (padded){acts}"] = padded
+    out[f"F.grouped_mm{acts}"] = grouped
     if cpu_kernels.available():
         out["cpu_gemv.c moe_swiglu"] = kernel
     if use_compile:
