@@ -26,8 +26,9 @@ static inline vf load_w(const void *w, int wdtype, int64_t off) {
 /* Software prefetch of the next weight block while this one streams: the NB * VW * esz bytes a vector step
  * consumes here, at the same offset in the block after it (decode blocks are too short for the hardware
  * prefetchers to ramp up on: 1-2 KB per row). Into L2 (T1): perf shows the loop waiting on the prefetches
- * themselves when they target L1 (its fill buffers are full), and T1 measured 3-5% faster than T0. */
-static inline void prefetch_step(const char *next, int64_t i, int64_t esz) {
+ * themselves when they target L1 (its fill buffers are full), and T1 measured 3-5% faster than T0. Always
+ * inlined: merely inline, GCC 12 dropped its prefetches from rows_dot_t's loop (19 GB/s instead of 26 there). */
+static inline __attribute__((always_inline)) void prefetch_step(const char *next, int64_t i, int64_t esz) {
     const char *p = next + i * NB * esz;
     for (int64_t q = 0; q < NB * VW * esz; q += 64) _mm_prefetch(p + q, _MM_HINT_T1);
 }
@@ -150,8 +151,7 @@ static inline __attribute__((always_inline)) void rows_dot_t(const float *x, int
     const int64_t esz = elem_size(wdtype);
     const char *next = (const char *)w + (base + NB * k) * esz;
     for (; i + VW <= k; i += VW) {
-        /* prefetch_step's, written out: through the helper GCC 12 dropped the prefetches from this loop */
-        for (int64_t q = 0; q < NB * VW * esz; q += 64) _mm_prefetch(next + i * NB * esz + q, _MM_HINT_T1);
+        prefetch_step(next, i, esz);
         const vf w0 = load_w(w, wdtype, base + i), w1 = load_w(w, wdtype, base + k + i);
         const vf w2 = load_w(w, wdtype, base + 2 * k + i), w3 = load_w(w, wdtype, base + 3 * k + i);
         vf u = vload(x0 + i);

@@ -170,16 +170,17 @@ def _run_bench(args: argparse.Namespace) -> int:
     best = min(runs, key=lambda r: r.seconds)
     en_s, en_tokens = best.seconds, best.tokens
     name = str(dtype).removeprefix("torch.")
-    compute = str(compute_dtype(dtype, device)).removeprefix("torch.")
+    act_dtype = compute_dtype(dtype, device)  # the activations' (moemesh/devices.py)
+    compute = str(act_dtype).removeprefix("torch.")
     roofline = roofline_figures(weight_bytes(cfg, name, _kept_fp8_block(mesh), compute),
                                 best, gbps, len(cfg.moe_layers))
     # the other ceiling: a decode step's FLOPs (its mean context cached) at the device's matmul rate in the
     # activations' dtype, which binds instead of the bytes once the batch is large enough
     flops = step_flops(cfg, args.batch, args.prompt_len + args.new_tokens / 2)
-    roofline |= compute_figures(flops, matmul_gflops(device, compute_dtype(dtype, device)), roofline["decode_step_ms"])
+    roofline |= compute_figures(flops, matmul_gflops(device, act_dtype), roofline["decode_step_ms"])
     generated = args.batch * args.new_tokens
     # the latent cache holds activations: fp32 on CPU also over bf16 weights (moemesh/devices.py)
-    elem = torch.tensor([], dtype=compute_dtype(dtype, device)).element_size()
+    elem = torch.tensor([], dtype=act_dtype).element_size()
     result = {
         "batch": args.batch,
         "prompt_len": args.prompt_len,

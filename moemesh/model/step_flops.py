@@ -11,29 +11,21 @@ projections (wkv_b as the absorbed attention uses it: the nope queries into the 
 values), the dense MLPs, the shared experts, the gate, the lm_head once, and ``num_experts_per_tok`` routed
 experts per MoE layer. Attention over the cache adds, per head and cached token, the latent and rope scores
 and the latent values; V3.2's indexer its projections and, once the context exceeds ``index_topk``, its
-scores over the whole context, while the attention itself then reads ``index_topk`` tokens. Norms, rope, softmax and the gate's top-k are left out
-(a few FLOPs per value of an activation, not per weight).
+scores over the whole context, while the attention itself then reads ``index_topk`` tokens. Norms, rope,
+softmax and the gate's top-k are left out (a few FLOPs per value of an activation, not per weight).
 """
 
 from __future__ import annotations
 
 from .config import ModelConfig
+from .weight_bytes import indexer_params, mla_params
 
 
 def _attention_weights(cfg: ModelConfig) -> int:
-    """Matmul weights one token passes through in one layer's MLA (and V3.2's indexer)."""
-    d, h = cfg.hidden_size, cfg.num_attention_heads
-    if cfg.q_lora_rank is None:
-        q = d * h * cfg.qk_head_dim  # wq
-    else:
-        q = d * cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim  # wq_a, wq_b
-    wkv_b = cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    indexer = 0
-    if cfg.has_indexer:
-        assert cfg.q_lora_rank is not None  # the config reader refuses V3.2 without it
-        di = cfg.index_head_dim
-        indexer = cfg.q_lora_rank * cfg.index_n_heads * di + d * di + d * cfg.index_n_heads  # wq_b, wk, weights_proj
-    return q + d * cfg.kv_cache_dim + wkv_b + h * cfg.v_head_dim * d + indexer  # + wkv_a, wo
+    """Matmul weights one token passes through in one layer's MLA (and V3.2's indexer): weight_bytes.py's
+    parameter counts, less the norms."""
+    projections, wkv_b, _ = mla_params(cfg)
+    return projections + wkv_b + sum(indexer_params(cfg))
 
 
 def _attention_over_cache(cfg: ModelConfig, context: float) -> float:

@@ -61,17 +61,27 @@ class WeightBytes:
         return self.dense * passes + self.expert * experts_hit
 
 
-def _mla_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(values in the weights' dtype, values in the compute dtype: q_norm, kv_norm and wkv_b, which the model
-    holds in the activations' dtype because the absorbed attention multiplies by wkv_b directly)."""
+def mla_params(cfg: ModelConfig) -> tuple[int, int, int]:
+    """One layer's MLA values: (projections in the weights' dtype: wq or wq_a and wq_b, wkv_a, wo; wkv_b; the
+    norms q_norm and kv_norm). The model holds wkv_b and the norms in the activations' dtype: the absorbed
+    attention multiplies by wkv_b directly."""
     d, h = cfg.hidden_size, cfg.num_attention_heads
     if cfg.q_lora_rank is None:
         q, q_norm = d * h * cfg.qk_head_dim, 0  # wq
     else:
         q, q_norm = d * cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim, cfg.q_lora_rank  # wq_a, wq_b
     wkv_b = cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    weights = q + d * cfg.kv_cache_dim + h * cfg.v_head_dim * d  # + wkv_a, wo
-    return weights, q_norm + cfg.kv_lora_rank + wkv_b
+    return q + d * cfg.kv_cache_dim + h * cfg.v_head_dim * d, wkv_b, q_norm + cfg.kv_lora_rank  # + wkv_a, wo
+
+
+def indexer_params(cfg: ModelConfig) -> tuple[int, int]:
+    """V3.2's lightning indexer per layer, its matmul values: (wq_b and wk, in the weights' dtype; weights_proj,
+    fp32); (0, 0) without one. Its k_norm (weight and bias) is 2 x index_head_dim more."""
+    if not cfg.has_indexer:
+        return 0, 0
+    assert cfg.q_lora_rank is not None  # the config reader refuses V3.2 without it
+    di = cfg.index_head_dim
+    return cfg.q_lora_rank * cfg.index_n_heads * di + cfg.hidden_size * di, cfg.hidden_size * cfg.index_n_heads
 
 
 def _indexer_bytes(cfg: ModelConfig, elem: int, compute_elem: int) -> int:
@@ -79,10 +89,8 @@ def _indexer_bytes(cfg: ModelConfig, elem: int, compute_elem: int) -> int:
     compute dtype, weights_proj fp32."""
     if not cfg.has_indexer:
         return 0
-    assert cfg.q_lora_rank is not None  # the config reader refuses V3.2 without it
-    di = cfg.index_head_dim
-    in_dtype = cfg.q_lora_rank * cfg.index_n_heads * di + cfg.hidden_size * di
-    return in_dtype * elem + 2 * di * compute_elem + cfg.hidden_size * cfg.index_n_heads * FP32
+    in_dtype, weights_proj = indexer_params(cfg)
+    return in_dtype * elem + 2 * cfg.index_head_dim * compute_elem + weights_proj * FP32
 
 
 def expert_bytes(cfg: ModelConfig, elem: int, fp8_block: tuple[int, int] | None = None) -> int:
@@ -103,7 +111,8 @@ def weight_bytes(cfg: ModelConfig, dtype: str, fp8_block: tuple[int, int] | None
     ``compute`` (default ``dtype``): the activations' dtype, which the norms and wkv_b are held in (float32 on
     CPU over bf16 weights: moemesh/devices.py ``compute_dtype``)."""
     elem, compute_elem = element_bytes(dtype), element_bytes(compute or dtype)
-    mla_weights, mla_compute = _mla_params(cfg)
+    mla_weights, wkv_b, mla_norms = mla_params(cfg)
+    mla_compute = wkv_b + mla_norms
     d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
     moe = len(cfg.moe_layers)
     dense_layers = n_layers - moe
