@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-import torch.nn.functional as F
+from moemesh.cli.huge_pages import ask_for_huge_pages
 
-from moemesh.kernels import cpu_kernels
+ask_for_huge_pages()  # as every moemesh process does, before torch loads: weights in 2 MB pages
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from moemesh.kernels import cpu_kernels  # noqa: E402
 
 D, I, E, LAYERS = 512, 256, 64, 7
 

@@ -17,7 +17,11 @@ import collections
 import functools
 import time
 
-import torch
+from moemesh.cli.huge_pages import ask_for_huge_pages
+
+ask_for_huge_pages()  # as every moemesh process does, before torch loads: weights in 2 MB pages
+
+import torch  # noqa: E402
 
 
 class StageClock:

@@ -4,6 +4,10 @@ Like ``launch/``, this package sits above the roles: it is the only place (with 
 imports them. ``python -m moemesh.cli`` and the ``moemesh`` console script both run :func:`main`.
 """
 
-from moemesh.cli.main import build_parser, main
+from moemesh.cli.huge_pages import ask_for_huge_pages
+
+ask_for_huge_pages()  # before the first import of torch below: PyTorch reads the switch once
+
+from moemesh.cli.main import build_parser, main  # noqa: E402 (after the switch, on purpose)
 
 __all__ = ["build_parser", "main"]
