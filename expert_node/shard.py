@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from moemesh.kernels import cpu_fp8, cpu_kernels
-from moemesh.kernels.cpu_paths import choose_expert_path
+from moemesh.kernels.cpu_paths import AMX_MIN_ROWS, amx_fits, choose_expert_path
 from moemesh.model.checkpoint import Fp8Tensor
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I, D], up [I, D], down [D, I]
@@ -317,9 +317,11 @@ class ExpertShard:
 
     def _forward_cpu(self, le: _LayerExperts, x, topk_idx, topk_weights, out) -> torch.Tensor:
         """The CPU strategies: hosted assignments sorted by slot, computed per expert segment (host reads)."""
-        if self._whole_layer_kernel(le, x):
+        amx_ok = self._amx_ok(le, x)
+        if self._whole_layer_kernel(le, x, amx_ok):
             return cpu_kernels.moe_forward(x.contiguous(), topk_idx.long().contiguous(),
-                                           topk_weights.float().contiguous(), le.slot_of, le.w13, le.w2)
+                                           topk_weights.float().contiguous(), le.slot_of, le.w13, le.w2,
+                                           amx_min_rows=AMX_MIN_ROWS if amx_ok else 0)
         top_k = topk_idx.shape[1]
         # -1 marks an assignment another node computes (a replica took it): skip it like a foreign expert.
         slots = _local_slots(le, topk_idx).reshape(-1)  # [T*K], -1 where not ours
@@ -335,9 +337,12 @@ class ExpertShard:
         strategy = self.strategy
         if strategy == "auto":
             kernel_ok = self.dtype == torch.float32 and x.device.type == "cpu" and cpu_kernels.available()
-            strategy = "kernel" if choose_expert_path(int(counts.max()), le.w13.dtype, kernel_ok) == "kernel" \
-                else _pick_strategy(counts, slots.numel(), x.is_cuda)
-        if strategy == "kernel":
+            path = choose_expert_path(int(counts.max()), le.w13.dtype, kernel_ok, amx_ok)
+            strategy = path if path != "torch" else _pick_strategy(counts, slots.numel(), x.is_cuda)
+        if strategy == "amx":
+            offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E_l + 1] row offsets per slot
+            ys = cpu_kernels.moe_swiglu_amx(xs.contiguous(), offs, le.w13, le.w2)
+        elif strategy == "kernel":
             offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E_l + 1] row offsets per slot
             ys = cpu_kernels.moe_swiglu(xs.contiguous(), offs, le.w13, le.w2)
         elif strategy == "padded":
@@ -350,12 +355,18 @@ class ExpertShard:
         out.index_add_(0, rows, ys.to(out.dtype))
         return out
 
-    def _whole_layer_kernel(self, le: _LayerExperts, x: torch.Tensor) -> bool:
+    def _whole_layer_kernel(self, le: _LayerExperts, x: torch.Tensor, amx_ok: bool) -> bool:
         """Whether the layer runs as one C call, bookkeeping included: no expert can get more rows than the
         batch has (each token picks distinct experts; a repeated id would only cost speed, never correctness),
-        so T within the kernel's limit decides it with no host read of the routing."""
+        so T within the kernel's limit decides it with no host read of the routing; with AMX there is no limit
+        (the C call itself takes AMX once an expert has AMX_MIN_ROWS rows)."""
         return x.dtype == torch.float32 and self._layer_kernel_ok(le, x) and \
-            choose_expert_path(x.shape[0], le.w13.dtype, True) == "kernel"
+            choose_expert_path(x.shape[0], le.w13.dtype, True, amx_ok) in ("kernel", "amx")
+
+    def _amx_ok(self, le: _LayerExperts, x: torch.Tensor) -> bool:
+        """bf16 experts this CPU shard may run on AMX tiles: AMX usable here and the shapes tile."""
+        return (self.strategy == "auto" and le.w13.dtype == torch.bfloat16 and self._layer_kernel_ok(le, x)
+                and amx_fits(le.w13.shape[2], le.w2.shape[2]) and cpu_kernels.amx_ready())
 
     def _layer_kernel_ok(self, le: _LayerExperts, x: torch.Tensor) -> bool:
         """A CPU shard computing in fp32 with the C kernels built, its strategy free to take them."""

@@ -1,4 +1,5 @@
-"""The CPU kernels (cpu_gemv.c, cpu_decode_ops.c, cpu_mla_layer.c, cpu_fp8.c, cpu_simd.h): built once per
+"""The CPU kernels (cpu_gemv.c, cpu_moe.c, cpu_amx.c, cpu_decode_ops.c, cpu_mla_layer.c, cpu_fp8.c, cpu_simd.h):
+built once per
 machine with the C compiler, cached, loaded by ctypes.
 
 No torch headers and no ninja: ``cc -O3 -march=native -fopenmp -shared`` compiles the C files into one
@@ -6,7 +7,8 @@ library in about a second. The library is cached under ``$MOEMESH_KERNEL_CACHE``
 keyed by the source, the flags, the compiler's version and this CPU's feature flags, so a machine builds it
 once and a different CPU never loads a library built for another. When there is no compiler, or the build
 fails, :func:`load` logs one line saying so and returns None; callers then take plain torch (always correct,
-slower). ``MOEMESH_CPU_KERNELS=0`` turns the kernels off (the same fallback, for comparisons).
+slower). ``MOEMESH_CPU_KERNELS=0`` turns the kernels off (the same fallback, for comparisons);
+``MOEMESH_CPU_AMX=0`` only the AMX path (cpu_amx.c).
 
 The functions here take torch tensors, check what the C side assumes (dtypes, contiguity, shapes, CPU) and
 pass raw pointers; the arithmetic is the C file's (fp32 activations and accumulation, weights widened from
@@ -32,12 +34,12 @@ SOURCE = Path(__file__).with_name("cpu_gemv.c")
 # Compiled with SOURCE into the one library; the header is theirs. All of them key the cache, so an edit to
 # any builds anew.
 OTHER_SOURCES = tuple(Path(__file__).with_name(f)
-                      for f in ("cpu_moe.c", "cpu_decode_ops.c", "cpu_mla_layer.c", "cpu_fp8.c"))
+                      for f in ("cpu_moe.c", "cpu_amx.c", "cpu_decode_ops.c", "cpu_mla_layer.c", "cpu_fp8.c"))
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native
 WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried
@@ -95,9 +97,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_linear.restype = None
     lib.mm_moe_swiglu.argtypes = [p, p, i64, p, p, i32, i64, i64, p, p, i32]
     lib.mm_moe_swiglu.restype = None
+    lib.mm_moe_swiglu_amx.argtypes = [p, p, i64, p, p, i64, i64, p, i32]
+    lib.mm_moe_swiglu_amx.restype = i32
+    lib.mm_amx_ready.argtypes = []
+    lib.mm_amx_ready.restype = i32
+    lib.mm_amx_layers_run.argtypes = []
+    lib.mm_amx_layers_run.restype = i64
     lib.mm_swiglu.argtypes = [p, i64, i64, p, p, p, i32, i64, i64, p, p, i32]
     lib.mm_swiglu.restype = None
-    lib.mm_moe_forward.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, i32, i64, i64, p, i32]
+    lib.mm_moe_forward.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, i32, i64, i64, i64, p, i32]
     lib.mm_moe_forward.restype = None
     lib.mm_moe_forward_fp8.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, p, p, i64, i64, i64, i64, p, i32]
     lib.mm_moe_forward_fp8.restype = None
@@ -208,6 +216,55 @@ def moe_swiglu(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torc
     if lib is None:
         raise RuntimeError("the CPU kernels are not built (see the cpu_kernels_unavailable log line)")
     code, n_slots, d, inter = _check_experts(w13, w2)
+    _check_sorted_rows(xs, offs, n_slots, d)
+    h = torch.empty(xs.shape[0], inter, dtype=torch.float32, device=_CPU)
+    ys = torch.empty(xs.shape[0], d, dtype=torch.float32, device=_CPU)
+    lib.mm_moe_swiglu(xs.data_ptr(), offs.data_ptr(), n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
+                      h.data_ptr(), ys.data_ptr(), threads or torch.get_num_threads())
+    return ys
+
+
+def amx_ready() -> bool:
+    """Whether the library has the AMX path (cpu_amx.c: built for a CPU with AMX-BF16) and this process may
+    use the tiles (Linux grants the tile state per process on request); asked once. ``MOEMESH_CPU_AMX=0``
+    says no (the AVX-512 kernels and torch then take every batch, for comparisons)."""
+    ready = _state.get("amx")
+    if ready is None:
+        lib = load()
+        with _lock:
+            off = os.environ.get("MOEMESH_CPU_AMX", "1") == "0"
+            ready = _state["amx"] = bool(lib is not None and not off and lib.mm_amx_ready() == 1)
+            log.debug("cpu_amx", ready=ready, reason="MOEMESH_CPU_AMX=0" if off else None)
+    return bool(ready)
+
+
+def amx_layers_run() -> int:
+    """Routed-expert layers this process has computed on AMX tiles (0 without the library): which path ran."""
+    lib = load()
+    return int(lib.mm_amx_layers_run()) if lib is not None else 0
+
+
+def moe_swiglu_amx(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   threads: int | None = None) -> torch.Tensor:
+    """:func:`moe_swiglu` on AMX tiles (cpu_amx.c) for bf16 experts whose D and I are multiples of 32: fp32
+    rows split into three exact bf16 terms, fp32 accumulation; for many rows per expert (prefill)."""
+    if not amx_ready():
+        raise RuntimeError("no AMX here: this CPU lacks AMX-BF16, the kernels were built without it, or the "
+                           "kernel refused this process the tile state; use moe_swiglu")
+    code, n_slots, d, inter = _check_experts(w13, w2)
+    if code != WEIGHT_CODES[torch.bfloat16] or d % 32 or inter % 32:
+        raise ValueError(f"the AMX path takes bf16 experts with D and I multiples of 32, got {w13.dtype}, "
+                         f"D={d}, I={inter}")
+    _check_sorted_rows(xs, offs, n_slots, d)
+    ys = torch.empty(xs.shape[0], d, dtype=torch.float32, device=_CPU)
+    rc = _lib().mm_moe_swiglu_amx(xs.data_ptr(), offs.data_ptr(), n_slots, w13.data_ptr(), w2.data_ptr(), d, inter,
+                                  ys.data_ptr(), threads or torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError("mm_moe_swiglu_amx refused the call (no AMX in this build or process)")
+    return ys
+
+
+def _check_sorted_rows(xs: torch.Tensor, offs: torch.Tensor, n_slots: int, d: int) -> None:
     _check_x("xs", xs, d)
     if not xs.is_contiguous():
         raise ValueError("xs must be contiguous")
@@ -215,11 +272,6 @@ def moe_swiglu(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torc
         raise ValueError(f"offs must be [{n_slots + 1}] int64, got {list(offs.shape)} {offs.dtype}")
     if int(offs[0]) != 0 or int(offs[-1]) != xs.shape[0] or bool((offs[1:] < offs[:-1]).any()):
         raise ValueError(f"offs must rise from 0 to {xs.shape[0]} (the rows of xs)")
-    h = torch.empty(xs.shape[0], inter, dtype=torch.float32, device=_CPU)
-    ys = torch.empty(xs.shape[0], d, dtype=torch.float32, device=_CPU)
-    lib.mm_moe_swiglu(xs.data_ptr(), offs.data_ptr(), n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
-                      h.data_ptr(), ys.data_ptr(), threads or torch.get_num_threads())
-    return ys
 
 
 def _lib() -> ctypes.CDLL:
@@ -256,18 +308,23 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
 
 
 def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, slot_of: torch.Tensor,
-                w13: torch.Tensor, w2: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+                w13: torch.Tensor, w2: torch.Tensor, threads: int | None = None,
+                amx_min_rows: int = 0) -> torch.Tensor:
     """A routed-expert layer in one call: ``x`` [T, D] fp32, ``topk_idx`` [T, K] int64 logical ids (-1, or
     one ``slot_of`` [E] int64 maps to -1: not computed here), ``topk_weights`` [T, K] fp32, ``w13``
     [E_l, 2I, D], ``w2`` [E_l, D, I] -> [T, D] fp32: per row, the weighted sum over its hosted experts (in
-    ascending slot order, as the shard's sorted torch path adds them). The routing bookkeeping (slots, sort, gather, weighting, scatter) runs in C with the math."""
+    ascending slot order, as the shard's sorted torch path adds them). The routing bookkeeping (slots, sort,
+    gather, weighting, scatter) runs in C with the math. ``amx_min_rows`` > 0: bf16 experts run on AMX tiles
+    (:func:`moe_swiglu_amx`) when some expert gets that many rows and AMX can run here; 0: never."""
     lib = _lib()
     code, n_slots, d, inter = _check_experts(w13, w2)
     t, k = check_routing(x, topk_idx, topk_weights, slot_of, d)
+    if amx_min_rows < 0:
+        raise ValueError(f"amx_min_rows must be >= 0 (0: never AMX), got {amx_min_rows}")
     out = torch.empty(t, d, dtype=torch.float32, device=_CPU)
     lib.mm_moe_forward(x.data_ptr(), x.stride(0), t, topk_idx.data_ptr(), topk_weights.data_ptr(), k,
                        slot_of.data_ptr(), slot_of.shape[0], n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
-                       out.data_ptr(), threads or torch.get_num_threads())
+                       amx_min_rows, out.data_ptr(), threads or torch.get_num_threads())
     return out
 
 

@@ -100,12 +100,14 @@ void mm_swiglu(const float *x, int64_t ldx, int64_t m, const void *w1, const voi
 /* A whole routed-expert layer on one shard, routing bookkeeping included: x [t, d] (row stride ldx); topk_idx
  * [t, top_k] logical expert ids (-1 or any id without a slot here: computed elsewhere, skipped); topk_w [t, top_k]
  * fp32 gate weights; slot_of [n_experts] local slot of each logical id or -1. out [t, d] receives, per row,
- * sum over its hosted assignments in k order of w * expert(x): a row's result never depends on the other rows.
+ * sum over its hosted assignments in k order of w * expert(x). amx_min_rows > 0: bf16 experts take the AMX
+ * tiles (kernels/cpu_amx.c) when some expert has that many rows and AMX can run, else moe_swiglu: a row's
+ * result depends on the other rows only through that choice.
  * Replaces ~25 small torch ops per layer (slot lookup, sort, gather, offsets, weighting, index_add). */
 static void moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_idx, const float *topk_w,
                         int64_t top_k, const int64_t *slot_of, int64_t n_experts, int64_t n_slots, const void *w13,
-                        const void *w2, int wdtype, const fp8_scales *q, int64_t d, int64_t inter, float *out,
-                        int nthreads) {
+                        const void *w2, int wdtype, const fp8_scales *q, int64_t d, int64_t inter,
+                        int64_t amx_min_rows, float *out, int nthreads) {
     const int64_t n = t * top_k;
     int64_t *slot = (int64_t *)malloc(sizeof(int64_t) * (n > 0 ? n : 1));
     int64_t *offs = (int64_t *)calloc((size_t)n_slots + 2, sizeof(int64_t));
@@ -128,7 +130,11 @@ static void moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *t
         pos[a] = fill[slot[a]]++;
         memcpy(xs + pos[a] * d, x + (a / top_k) * ldx, sizeof(float) * d);
     }
-    if (total > 0) moe_swiglu(xs, offs, n_slots, w13, w2, wdtype, q, d, inter, h, ys, nthreads);
+    int64_t most = 0;
+    for (int64_t s = 0; s < n_slots; s++) most = offs[s + 1] - offs[s] > most ? offs[s + 1] - offs[s] : most;
+    const int amx = total > 0 && wdtype == W_BF16 && amx_min_rows > 0 && most >= amx_min_rows &&
+                    mm_moe_swiglu_amx(xs, offs, n_slots, w13, w2, d, inter, ys, nthreads) == 0;
+    if (total > 0 && !amx) moe_swiglu(xs, offs, n_slots, w13, w2, wdtype, q, d, inter, h, ys, nthreads);
     /* Each row's sum runs in ascending slot order (stable), as the shard's torch path adds its sorted assignments
        with index_add_: then a row's bits do not depend on which side of the row limit its batch fell. */
     int64_t *by_slot = (int64_t *)malloc(sizeof(int64_t) * (top_k > 0 ? top_k : 1));
@@ -155,9 +161,10 @@ static void moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *t
 
 void mm_moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_idx, const float *topk_w,
                     int64_t top_k, const int64_t *slot_of, int64_t n_experts, int64_t n_slots, const void *w13,
-                    const void *w2, int wdtype, int64_t d, int64_t inter, float *out, int nthreads) {
-    moe_forward(x, ldx, t, topk_idx, topk_w, top_k, slot_of, n_experts, n_slots, w13, w2, wdtype, NULL, d, inter, out,
-                nthreads);
+                    const void *w2, int wdtype, int64_t d, int64_t inter, int64_t amx_min_rows, float *out,
+                    int nthreads) {
+    moe_forward(x, ldx, t, topk_idx, topk_w, top_k, slot_of, n_experts, n_slots, w13, w2, wdtype, NULL, d, inter,
+                amx_min_rows, out, nthreads);
 }
 
 /* mm_moe_forward over FP8 (e4m3fn) experts with their fp32 block scales s13, s2 (fp8_scales' shapes), blocks
@@ -167,6 +174,6 @@ void mm_moe_forward_fp8(const float *x, int64_t ldx, int64_t t, const int64_t *t
                         const float *s13, const uint8_t *w2, const float *s2, int64_t bn, int64_t bk, int64_t d,
                         int64_t inter, float *out, int nthreads) {
     const fp8_scales q = {s13, s2, bn, bk};
-    moe_forward(x, ldx, t, topk_idx, topk_w, top_k, slot_of, n_experts, n_slots, w13, w2, W_E4M3, &q, d, inter, out,
-                nthreads);
+    moe_forward(x, ldx, t, topk_idx, topk_w, top_k, slot_of, n_experts, n_slots, w13, w2, W_E4M3, &q, d, inter, 0,
+                out, nthreads);
 }

@@ -25,13 +25,29 @@ KERNEL_MAX_ROWS_FP32 = 16
 KERNEL_MAX_ROWS_HALF = 64
 
 
-def choose_expert_path(max_rows: int, weight_dtype: torch.dtype, kernel_ok: bool) -> str:
-    """``kernel`` (one C call per layer over every busy expert) or ``torch`` (the shard's torch strategies).
+# bf16 experts on AMX tiles (kernels/cpu_amx.c) from this many rows per expert: where the AVX-512 kernel turns
+# bound by arithmetic. Measured (/tmp-free: scripts/bench_cpu_experts.py --amx, 64 experts of the miniature, every
+# expert given the same rows, 2 threads): AMX 2.4 ms against 3.0 at 11 rows, 6.6 against 14.1 at 48, but
+# 2.7 against 1.1 at one row, where AMX's strided tile loads stream the weights at half the AVX-512 rate.
+AMX_MIN_ROWS = 12
 
-    ``max_rows``: the most rows any one expert has in this batch.
+
+def amx_fits(d: int, inter: int) -> bool:
+    """Whether experts of this hidden and intermediate size tile for AMX (k in whole tiles of 32, rows in 16s)."""
+    return d % 32 == 0 and inter % 32 == 0
+
+
+def choose_expert_path(max_rows: int, weight_dtype: torch.dtype, kernel_ok: bool, amx_ok: bool = False) -> str:
+    """``kernel`` (one C call per layer over every busy expert), ``amx`` (the same on AMX tiles) or ``torch``
+    (the shard's torch strategies).
+
+    ``max_rows``: the most rows any one expert has in this batch. ``amx_ok``: AMX can run here
+    (``cpu_kernels.amx_ready()``) and the experts' shapes tile (:func:`amx_fits`); it serves bf16 weights only.
     """
     if not kernel_ok or weight_dtype not in cpu_kernels.WEIGHT_CODES:
         return "torch"
+    if amx_ok and weight_dtype == torch.bfloat16 and max_rows >= AMX_MIN_ROWS:
+        return "amx"
     limit = KERNEL_MAX_ROWS_FP32 if weight_dtype == torch.float32 else KERNEL_MAX_ROWS_HALF
     return "kernel" if max_rows <= limit else "torch"
 

@@ -5,7 +5,8 @@ last-level cache), every expert given M rows. Beside them, the streaming read (x
 measured in the same run, on the same threads. The candidates: F.linear per expert (torch's GEMV/GEMM
 paths; over bf16 weights with bf16 activations, or upcast per call), the rows grouped per expert (one
 padded bmm, F.grouped_mm), torch.compile (inductor's CPU code, compiled once per shape: its compile time
-is printed), and the C kernel (kernels/cpu_gemv.c). ``--linear`` instead: the attention side's linear
+is printed), the C kernel (kernels/cpu_gemv.c) and, for bf16 on a CPU with AMX, its AMX twin (kernels/
+cpu_amx.c: prefill-sized rows). ``--linear`` instead: the attention side's linear
 (512 x 512) from decode to prefill rows, the kernel (every row count: batch invariance) against F.linear.
 Run: .venv/bin/python scripts/bench_cpu_experts.py [--rows 1 2 4 8 16 64] [--compile] [--linear].
 Figures are noisy on shared machines: candidates run interleaved, the quickest of --reps counts.
@@ -96,6 +97,12 @@ def candidates(m: int, dtype: torch.dtype, layers, use_compile: bool, compile_s:
     out[f"F.grouped_mm{acts}"] = grouped
     if cpu_kernels.available():
         out["cpu_gemv.c moe_swiglu"] = kernel
+    if dtype == torch.bfloat16 and cpu_kernels.available() and cpu_kernels.amx_ready():
+        def amx():
+            for w13, w2 in layers:
+                cpu_kernels.moe_swiglu_amx(xs, offs, w13, w2)
+
+        out["cpu_amx.c moe_swiglu_amx (AMX tiles)"] = amx
     if use_compile:
         torch._dynamo.reset()  # a fresh compile per shape: its time is what a server pays per shape
         comp = torch.compile(lambda x, a, b: swiglu(x, a.float(), b.float()), dynamic=False)

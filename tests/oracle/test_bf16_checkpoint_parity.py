@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moemesh.attn_node.engine import EngineConfig
+from moemesh.kernels import cpu_kernels
 from moemesh.launch.embedded import build_local
 
 from .hf_models import assert_greedy_tokens_match, assert_prefill_logits_match, build_hf_model
@@ -59,3 +60,20 @@ def test_prefill_logits_match_fp32_transformers(pair):
 def test_batched_greedy_tokens_match_fp32_transformers(pair):
     hf, mesh = pair
     assert_greedy_tokens_match(hf, mesh.engine, _prompts(mesh.cfg.vocab_size), NEW_TOKENS)
+
+
+@pytest.mark.skipif(not (cpu_kernels.available() and cpu_kernels.amx_ready()),
+                    reason="no AMX-BF16 on this CPU, or the kernels were built without it")
+def test_prefill_sized_batches_on_amx_match_fp32_transformers(tmp_path):
+    # Long prompts in one chunk give every routed expert 12+ rows, so the bf16 experts run on AMX tiles
+    # (kernels/cpu_amx.c): the tokens and logits still equal transformers' fp32 run.
+    build_hf_model("v3_noaux_groups_bias").to(torch.bfloat16).save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    mesh = build_local(tmp_path, "auto", EngineConfig(block_size=4, max_num_batched_tokens=512, max_num_seqs=4),
+                       progress=False, device="cpu")
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, mesh.cfg.vocab_size, (n,), generator=gen).tolist() for n in (97, 150)]
+    before = cpu_kernels.amx_layers_run()
+    assert_prefill_logits_match(hf, mesh.engine, prompts)
+    assert cpu_kernels.amx_layers_run() > before
+    assert_greedy_tokens_match(hf, mesh.engine, prompts, 8)
