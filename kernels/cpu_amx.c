@@ -236,12 +236,12 @@ typedef struct {
     float *c;                    /* per thread: [32][TERMS * rows_pad(most)] */
 } amx_work;
 
-/* Carve the workspace (bytes: NULL to size it); returns its size. */
-static int64_t carve(const int64_t *offs, int64_t n_slots, int64_t d, int64_t inter, int nthreads, char *base,
-                     amx_work *w, int64_t *busy, int64_t *bx_at, int64_t *h_at) {
+/* Carve the workspace for the slots with min_rows rows or more (base NULL: only size it); returns its size. */
+static int64_t carve(const int64_t *offs, int64_t n_slots, int64_t min_rows, int64_t d, int64_t inter, int nthreads,
+                     char *base, amx_work *w, int64_t *busy, int64_t *bx_at, int64_t *h_at) {
     int64_t nbusy = 0, most = 0, rows = 0;
     for (int64_t s = 0; s < n_slots; s++) {
-        const int64_t m = offs[s + 1] - offs[s];
+        const int64_t m = offs[s + 1] - offs[s] >= min_rows ? offs[s + 1] - offs[s] : 0;  /* the slots taken */
         if (busy) {
             bx_at[s] = rows * TERMS * (d / 2);
             h_at[s] = rows * inter;
@@ -276,22 +276,25 @@ static void *thread_workspace(int64_t bytes) {
     return buf;
 }
 
-/* mm_moe_swiglu's contract (kernels/cpu_moe.c) over bf16 experts on AMX tiles: xs [A, d] sorted by slot (rows
- * offs[s]..offs[s+1] to slot s), w13 [n_slots, 2I, d] bf16 = [gate; up], w2 [n_slots, d, I] bf16; ys [A, d]
- * receives w2 @ (silu(gate x) * up x) per row. Returns 0, or -1 (nothing written) when this build or process
- * has no AMX, d or I is not a multiple of 32, or the workspace cannot be had. */
-int mm_moe_swiglu_amx(const float *xs, const int64_t *offs, int64_t n_slots, const uint16_t *w13, const uint16_t *w2,
-                      int64_t d, int64_t inter, float *ys, int nthreads) {
+/* mm_moe_swiglu's contract (kernels/cpu_moe.c) over bf16 experts on AMX tiles, for the slots with min_rows (>= 1)
+ * rows or more: xs [A, d] sorted by slot (rows offs[s]..offs[s+1] to slot s), w13 [n_slots, 2I, d] bf16 =
+ * [gate; up], w2 [n_slots, d, I] bf16; ys [A, d] receives w2 @ (silu(gate x) * up x) for those slots' rows
+ * (the others' rows are left as they are). Returns 0, or -1 (nothing written) when this build or process has
+ * no AMX, d or I is not a multiple of 32, or the workspace cannot be had. */
+int mm_moe_swiglu_amx(const float *xs, const int64_t *offs, int64_t n_slots, int64_t min_rows, const uint16_t *w13,
+                      const uint16_t *w2, int64_t d, int64_t inter, float *ys, int nthreads) {
 #ifdef MM_AMX
     if (mm_amx_ready() != 1 || d % KT || inter % KT) return -1;
-    char *work = (char *)thread_workspace(carve(offs, n_slots, d, inter, nthreads, NULL, NULL, NULL, NULL, NULL));
+    min_rows = min_rows > 1 ? min_rows : 1;
+    char *work = (char *)thread_workspace(carve(offs, n_slots, min_rows, d, inter, nthreads, NULL, NULL, NULL, NULL,
+                                                NULL));
     int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * 3 * (size_t)(n_slots > 0 ? n_slots : 1));
     if (!work || !idx) {
         free(idx);
         return -1;
     }
     amx_work w;
-    carve(offs, n_slots, d, inter, nthreads, work, &w, idx, idx + n_slots, idx + 2 * n_slots);
+    carve(offs, n_slots, min_rows, d, inter, nthreads, work, &w, idx, idx + n_slots, idx + 2 * n_slots);
     const int64_t gblocks = inter / 16, dblocks = d / 32, nbusy = w.nbusy, cmax = TERMS * rows_pad(w.most);
 #pragma omp parallel num_threads(nthreads)
     {
@@ -342,7 +345,8 @@ int mm_moe_swiglu_amx(const float *xs, const int64_t *offs, int64_t n_slots, con
     __atomic_fetch_add(&layers_run, 1, __ATOMIC_RELAXED);
     return 0;
 #else
-    (void)xs, (void)offs, (void)n_slots, (void)w13, (void)w2, (void)d, (void)inter, (void)ys, (void)nthreads;
+    (void)xs, (void)offs, (void)n_slots, (void)min_rows, (void)w13, (void)w2, (void)d, (void)inter, (void)ys;
+    (void)nthreads;
     return -1;
 #endif
 }

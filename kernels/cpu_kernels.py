@@ -97,7 +97,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_linear.restype = None
     lib.mm_moe_swiglu.argtypes = [p, p, i64, p, p, i32, i64, i64, p, p, i32]
     lib.mm_moe_swiglu.restype = None
-    lib.mm_moe_swiglu_amx.argtypes = [p, p, i64, p, p, i64, i64, p, i32]
+    lib.mm_moe_swiglu_amx.argtypes = [p, p, i64, i64, p, p, i64, i64, p, i32]
     lib.mm_moe_swiglu_amx.restype = i32
     lib.mm_amx_ready.argtypes = []
     lib.mm_amx_ready.restype = i32
@@ -257,8 +257,8 @@ def moe_swiglu_amx(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: 
                          f"D={d}, I={inter}")
     _check_sorted_rows(xs, offs, n_slots, d)
     ys = torch.empty(xs.shape[0], d, dtype=torch.float32, device=_CPU)
-    rc = _lib().mm_moe_swiglu_amx(xs.data_ptr(), offs.data_ptr(), n_slots, w13.data_ptr(), w2.data_ptr(), d, inter,
-                                  ys.data_ptr(), threads or torch.get_num_threads())
+    rc = _lib().mm_moe_swiglu_amx(xs.data_ptr(), offs.data_ptr(), n_slots, 1, w13.data_ptr(), w2.data_ptr(), d,
+                                  inter, ys.data_ptr(), threads or torch.get_num_threads())
     if rc != 0:
         raise RuntimeError("mm_moe_swiglu_amx refused the call (no AMX in this build or process)")
     return ys
@@ -314,8 +314,8 @@ def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Ten
     one ``slot_of`` [E] int64 maps to -1: not computed here), ``topk_weights`` [T, K] fp32, ``w13``
     [E_l, 2I, D], ``w2`` [E_l, D, I] -> [T, D] fp32: per row, the weighted sum over its hosted experts (in
     ascending slot order, as the shard's sorted torch path adds them). The routing bookkeeping (slots, sort,
-    gather, weighting, scatter) runs in C with the math. ``amx_min_rows`` > 0: bf16 experts run on AMX tiles
-    (:func:`moe_swiglu_amx`) when some expert gets that many rows and AMX can run here; 0: never."""
+    gather, weighting, scatter) runs in C with the math. ``amx_min_rows`` > 0: bf16 experts with that many rows
+    or more run on AMX tiles (:func:`moe_swiglu_amx`) where AMX can run here, the others as ever; 0: never."""
     lib = _lib()
     code, n_slots, d, inter = _check_experts(w13, w2)
     t, k = check_routing(x, topk_idx, topk_weights, slot_of, d)

@@ -22,15 +22,16 @@ static inline float silu(float g) { return g / (1.f + expf(-g)); }
 /* Routed experts of one layer, rows sorted by expert: xs [A, d]; rows offs[s]..offs[s+1] go to slot s
  * (n_slots slots, offs has n_slots + 1 entries). w13 [n_slots, 2I, d] = [gate; up], w2 [n_slots, d, I].
  * h [A, I] is scratch; ys [A, d] receives w2 @ (silu(gate x) * up x) per row. */
-static void moe_swiglu(const float *xs, const int64_t *offs, int64_t n_slots, const void *w13, const void *w2,
-                       int wdtype, const fp8_scales *q, int64_t d, int64_t inter, float *h, float *ys, int nthreads) {
+static void moe_swiglu(const float *xs, const int64_t *offs, int64_t n_slots, int64_t skip_from, const void *w13,
+                       const void *w2, int wdtype, const fp8_scales *q, int64_t d, int64_t inter, float *h, float *ys,
+                       int nthreads) {
     const int64_t esz = wdtype == W_F32 ? 4 : wdtype == W_E4M3 ? 1 : 2;
     /* FP8: the scale grid of each expert's w13 [2I, d] and w2 [d, I] (one matrix each, as the reference reads them) */
     const int64_t g13 = q ? ((2 * inter + q->bn - 1) / q->bn) * ((d + q->bk - 1) / q->bk) : 0;
     const int64_t g2 = q ? ((d + q->bn - 1) / q->bn) * ((inter + q->bk - 1) / q->bk) : 0;
     int64_t *busy = (int64_t *)malloc(sizeof(int64_t) * (n_slots > 0 ? n_slots : 1)), nbusy = 0;
-    for (int64_t s = 0; s < n_slots; s++)
-        if (offs[s + 1] > offs[s]) busy[nbusy++] = s;
+    for (int64_t s = 0; s < n_slots; s++)  /* skip_from > 0: slots with that many rows are computed elsewhere */
+        if (offs[s + 1] > offs[s] && (skip_from <= 0 || offs[s + 1] - offs[s] < skip_from)) busy[nbusy++] = s;
     const int64_t gblocks = (inter + NB - 1) / NB, dblocks = (d + NB - 1) / NB;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -65,7 +66,7 @@ static void moe_swiglu(const float *xs, const int64_t *offs, int64_t n_slots, co
 
 void mm_moe_swiglu(const float *xs, const int64_t *offs, int64_t n_slots, const void *w13, const void *w2,
                    int wdtype, int64_t d, int64_t inter, float *h, float *ys, int nthreads) {
-    moe_swiglu(xs, offs, n_slots, w13, w2, wdtype, NULL, d, inter, h, ys, nthreads);
+    moe_swiglu(xs, offs, n_slots, 0, w13, w2, wdtype, NULL, d, inter, h, ys, nthreads);
 }
 
 /* Dense SwiGLU (shared experts, dense MLP layers): y [m, d] = w2 @ (silu(w1 x) * (w3 x)), w1 and w3 [inter, d],
@@ -100,9 +101,9 @@ void mm_swiglu(const float *x, int64_t ldx, int64_t m, const void *w1, const voi
 /* A whole routed-expert layer on one shard, routing bookkeeping included: x [t, d] (row stride ldx); topk_idx
  * [t, top_k] logical expert ids (-1 or any id without a slot here: computed elsewhere, skipped); topk_w [t, top_k]
  * fp32 gate weights; slot_of [n_experts] local slot of each logical id or -1. out [t, d] receives, per row,
- * sum over its hosted assignments in k order of w * expert(x). amx_min_rows > 0: bf16 experts take the AMX
- * tiles (kernels/cpu_amx.c) when some expert has that many rows and AMX can run, else moe_swiglu: a row's
- * result depends on the other rows only through that choice.
+ * sum over its hosted assignments in k order of w * expert(x). amx_min_rows > 0: bf16 experts with that many
+ * rows or more take the AMX tiles (kernels/cpu_amx.c) where AMX can run, the others moe_swiglu: a row's result
+ * depends on the other rows only through which of the two its expert took.
  * Replaces ~25 small torch ops per layer (slot lookup, sort, gather, offsets, weighting, index_add). */
 static void moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *topk_idx, const float *topk_w,
                         int64_t top_k, const int64_t *slot_of, int64_t n_experts, int64_t n_slots, const void *w13,
@@ -132,9 +133,11 @@ static void moe_forward(const float *x, int64_t ldx, int64_t t, const int64_t *t
     }
     int64_t most = 0;
     for (int64_t s = 0; s < n_slots; s++) most = offs[s + 1] - offs[s] > most ? offs[s + 1] - offs[s] : most;
+    /* experts with amx_min_rows rows or more on AMX, the rest here (each expert's rows by one of the two) */
     const int amx = total > 0 && wdtype == W_BF16 && amx_min_rows > 0 && most >= amx_min_rows &&
-                    mm_moe_swiglu_amx(xs, offs, n_slots, w13, w2, d, inter, ys, nthreads) == 0;
-    if (total > 0 && !amx) moe_swiglu(xs, offs, n_slots, w13, w2, wdtype, q, d, inter, h, ys, nthreads);
+                    mm_moe_swiglu_amx(xs, offs, n_slots, amx_min_rows, w13, w2, d, inter, ys, nthreads) == 0;
+    if (total > 0)
+        moe_swiglu(xs, offs, n_slots, amx ? amx_min_rows : 0, w13, w2, wdtype, q, d, inter, h, ys, nthreads);
     /* Each row's sum runs in ascending slot order (stable), as the shard's torch path adds its sorted assignments
        with index_add_: then a row's bits do not depend on which side of the row limit its batch fell. */
     int64_t *by_slot = (int64_t *)malloc(sizeof(int64_t) * (top_k > 0 ? top_k : 1));

@@ -106,10 +106,10 @@ MM_INTERNAL void cpu_fp8_block_product(const float *x, int64_t ldx, int64_t m, c
                                        const fp8_scales *q, int64_t n0, int nb, int64_t k, float *scratch,
                                        float *out, int64_t ldo);
 
-/* The routed experts' layer on AMX tiles (kernels/cpu_amx.c): 0, or -1 where it cannot run (then nothing is
- * written). */
-int mm_moe_swiglu_amx(const float *xs, const int64_t *offs, int64_t n_slots, const uint16_t *w13, const uint16_t *w2,
-                      int64_t d, int64_t inter, float *ys, int nthreads);
+/* The routed experts' layer on AMX tiles (kernels/cpu_amx.c) for the slots with min_rows rows or more: 0, or -1
+ * where it cannot run (then nothing is written). */
+int mm_moe_swiglu_amx(const float *xs, const int64_t *offs, int64_t n_slots, int64_t min_rows, const uint16_t *w13,
+                      const uint16_t *w2, int64_t d, int64_t inter, float *ys, int nthreads);
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;

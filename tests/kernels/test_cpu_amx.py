@@ -161,3 +161,24 @@ def test_switched_off_by_environment(monkeypatch):
     assert not cpu_kernels.amx_ready()
     with pytest.raises(RuntimeError, match="no AMX here"):
         cpu_kernels.moe_swiglu_amx(torch.randn(1, 64), _offs([1]), *_experts(1, 64, 32, seed=0))
+
+
+@needs_amx
+def test_moe_forward_splits_a_layer_by_rows_per_expert():
+    # experts with AMX_MIN_ROWS rows or more take AMX, the others the AVX-512 kernel in the same call: a decode
+    # batch where one expert is hot keeps the AVX-512 kernel's speed (and bits) on the rest
+    E, D, I = 3, 64, 32
+    w13, w2 = _experts(E, D, I, seed=13)
+    counts = {0: AMX_MIN_ROWS + 8, 1: 3, 2: AMX_MIN_ROWS - 1}
+    idx = torch.tensor([e for e, n in counts.items() for _ in range(n)]).unsqueeze(1)  # [T, 1]
+    T = idx.shape[0]
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(14))
+    w = torch.rand(T, 1, generator=torch.Generator().manual_seed(15))
+    before = cpu_kernels.amx_layers_run()
+    got = cpu_kernels.moe_forward(x, idx, w, torch.arange(E), w13, w2, amx_min_rows=AMX_MIN_ROWS)
+    assert cpu_kernels.amx_layers_run() == before + 1
+    avx = cpu_kernels.moe_forward(x, idx, w, torch.arange(E), w13, w2)
+    hot = idx[:, 0] == 0
+    assert torch.equal(got[~hot], avx[~hot])  # the AVX-512 kernel's rows, bit for bit
+    amx = cpu_kernels.moe_swiglu_amx(x[hot], _offs([int(hot.sum()), 0, 0]), w13, w2)
+    assert torch.equal(got[hot], w[hot] * amx)  # the AMX rows: AMX's bits, times the gate weight
