@@ -317,8 +317,9 @@ class ExpertShard:
 
     def _forward_cpu(self, le: _LayerExperts, x, topk_idx, topk_weights, out) -> torch.Tensor:
         """The CPU strategies: hosted assignments sorted by slot, computed per expert segment (host reads)."""
-        amx_ok = self._amx_ok(le, x)
-        if self._whole_layer_kernel(le, x, amx_ok):
+        layer_ok = self._layer_kernel_ok(le, x)
+        amx_ok = layer_ok and self._amx_ok(le)
+        if layer_ok and self._whole_layer_kernel(le, x, amx_ok):
             return cpu_kernels.moe_forward(x.contiguous(), topk_idx.long().contiguous(),
                                            topk_weights.float().contiguous(), le.slot_of, le.w13, le.w2,
                                            amx_min_rows=AMX_MIN_ROWS if amx_ok else 0)
@@ -339,12 +340,10 @@ class ExpertShard:
             kernel_ok = self.dtype == torch.float32 and x.device.type == "cpu" and cpu_kernels.available()
             path = choose_expert_path(int(counts.max()), le.w13.dtype, kernel_ok, amx_ok)
             strategy = path if path != "torch" else _pick_strategy(counts, slots.numel(), x.is_cuda)
-        if strategy == "amx":
+        if strategy in ("amx", "kernel"):
             offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E_l + 1] row offsets per slot
-            ys = cpu_kernels.moe_swiglu_amx(xs.contiguous(), offs, le.w13, le.w2)
-        elif strategy == "kernel":
-            offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E_l + 1] row offsets per slot
-            ys = cpu_kernels.moe_swiglu(xs.contiguous(), offs, le.w13, le.w2)
+            swiglu = cpu_kernels.moe_swiglu_amx if strategy == "amx" else cpu_kernels.moe_swiglu
+            ys = swiglu(xs.contiguous(), offs, le.w13, le.w2)
         elif strategy == "padded":
             ys = _padded_swiglu(xs, slots, counts, le)
         elif strategy == "looped":
@@ -359,13 +358,15 @@ class ExpertShard:
         """Whether the layer runs as one C call, bookkeeping included: no expert can get more rows than the
         batch has (each token picks distinct experts; a repeated id would only cost speed, never correctness),
         so T within the kernel's limit decides it with no host read of the routing; with AMX there is no limit
-        (the C call itself takes AMX once an expert has AMX_MIN_ROWS rows)."""
-        return x.dtype == torch.float32 and self._layer_kernel_ok(le, x) and \
+        (the C call itself gives AMX the experts with AMX_MIN_ROWS rows or more). The caller has checked
+        _layer_kernel_ok."""
+        return x.dtype == torch.float32 and \
             choose_expert_path(x.shape[0], le.w13.dtype, True, amx_ok) in ("kernel", "amx")
 
-    def _amx_ok(self, le: _LayerExperts, x: torch.Tensor) -> bool:
-        """bf16 experts this CPU shard may run on AMX tiles: AMX usable here and the shapes tile."""
-        return (self.strategy == "auto" and le.w13.dtype == torch.bfloat16 and self._layer_kernel_ok(le, x)
+    def _amx_ok(self, le: _LayerExperts) -> bool:
+        """bf16 experts this CPU shard (kernels usable: _layer_kernel_ok) may run on AMX tiles: its strategy is
+        free to choose, AMX usable here, the shapes tile."""
+        return (self.strategy == "auto" and le.w13.dtype == torch.bfloat16
                 and amx_fits(le.w13.shape[2], le.w2.shape[2]) and cpu_kernels.amx_ready())
 
     def _layer_kernel_ok(self, le: _LayerExperts, x: torch.Tensor) -> bool:

@@ -14,8 +14,9 @@
  * holds, per column, the terms of k = 2p and 2p + 1 in one 32-bit word).
  *
  * A row's bits depend on nothing but its own values and the weights (every column is summed over k in one
- * order), but not on the AVX-512 kernels' bits: the expert path switches by rows per expert
- * (choose_expert_path), as it already did to torch's GEMMs.
+ * order), but they are not the AVX-512 kernel's: kernels/cpu_moe.c's moe_forward gives the experts with many
+ * rows to this file and the others to the AVX-512 kernel, as the routed path already switched to torch's GEMMs
+ * past a row limit.
  */
 #define _GNU_SOURCE
 #include "cpu_simd.h"

@@ -1,6 +1,5 @@
 """The CPU kernels (cpu_gemv.c, cpu_moe.c, cpu_amx.c, cpu_decode_ops.c, cpu_mla_layer.c, cpu_fp8.c, cpu_simd.h):
-built once per
-machine with the C compiler, cached, loaded by ctypes.
+built once per machine with the C compiler, cached, loaded by ctypes.
 
 No torch headers and no ninja: ``cc -O3 -march=native -fopenmp -shared`` compiles the C files into one
 library in about a second. The library is cached under ``$MOEMESH_KERNEL_CACHE`` (default ``~/.cache/moemesh/cpu-kernels``),

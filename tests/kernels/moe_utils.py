@@ -23,3 +23,14 @@ def sort_by_expert(idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tens
     """Each row's (ids, weights) ordered by expert id, so routings compare as sets."""
     ids, order = idx.cpu().sort(dim=1)
     return ids, weights.cpu().float().gather(1, order)
+
+
+def sorted_experts_ref(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """float64 ``moe_swiglu``: rows ``offs[s]:offs[s+1]`` of ``xs`` through expert ``s`` ([E, 2I, D] gate;up,
+    [E, D, I] down), rounded to fp32 once at the end."""
+    inter, out = w2.shape[-1], []
+    for s in range(w13.shape[0]):
+        x = xs[offs[s]:offs[s + 1]].double()
+        gu = x @ w13[s].double().t()
+        out.append((torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]) @ w2[s].double().t())
+    return torch.cat(out).float()

@@ -15,6 +15,8 @@ from moemesh.expert_node.shard import ExpertShard
 from moemesh.kernels import cpu_kernels
 from moemesh.kernels.cpu_paths import AMX_MIN_ROWS, KERNEL_MAX_ROWS_HALF, amx_fits, choose_expert_path
 
+from .moe_utils import sorted_experts_ref
+
 needs_amx = pytest.mark.skipif(not (cpu_kernels.available() and cpu_kernels.amx_ready()),
                                reason="no AMX-BF16 on this CPU, or the kernels were built without it")
 
@@ -45,15 +47,6 @@ def _offs(counts: list[int]) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor(counts).cumsum(0)])
 
 
-def _reference(xs, offs, w13, w2):
-    inter, out = w2.shape[-1], []
-    for s in range(w13.shape[0]):
-        x = xs[offs[s]:offs[s + 1]].double()
-        gu = x @ w13[s].double().t()
-        out.append((F.silu(gu[:, :inter]) * gu[:, inter:]) @ w2[s].double().t())
-    return torch.cat(out).float()
-
-
 @needs_amx
 @pytest.mark.parametrize("counts", [[1, 0, 2], [15, 16, 17], [0, 33, 0], [40, 1, 100]])
 @pytest.mark.parametrize("D, I", [(64, 32), (96, 64)])
@@ -61,7 +54,7 @@ def test_moe_swiglu_amx_matches_float64(counts, D, I):
     w13, w2 = _experts(len(counts), D, I, seed=sum(counts) + D)
     offs = _offs(counts)
     xs = torch.randn(int(offs[-1]), D, generator=torch.Generator().manual_seed(1)) * 3
-    got, ref = cpu_kernels.moe_swiglu_amx(xs, offs, w13, w2), _reference(xs, offs, w13, w2)
+    got, ref = cpu_kernels.moe_swiglu_amx(xs, offs, w13, w2), sorted_experts_ref(xs, offs, w13, w2)
     # fp32 rounding of the row sums (measured ~1.3e-7 of the largest output, as the AVX-512 kernel's), where
     # two bf16 terms instead of three measured 3.5-5e-6: the bound tells fp32-exact rows from 16-bit ones
     bound = 1e-6 * float(ref.abs().max())
@@ -89,7 +82,7 @@ def test_tiny_and_huge_values_stay_fp32_exact():
     w13, w2 = _experts(1, 64, 32, seed=5)
     g = torch.Generator().manual_seed(6)
     xs = torch.randn(20, 64, generator=g) * torch.logspace(-6, 6, 20).unsqueeze(1)
-    got, ref = cpu_kernels.moe_swiglu_amx(xs, _offs([20]), w13, w2), _reference(xs, _offs([20]), w13, w2)
+    got, ref = cpu_kernels.moe_swiglu_amx(xs, _offs([20]), w13, w2), sorted_experts_ref(xs, _offs([20]), w13, w2)
     scale = ref.abs().amax(dim=1, keepdim=True)
     assert ((got - ref).abs() <= 1e-6 * scale + 1e-30).all()
 

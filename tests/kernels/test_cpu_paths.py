@@ -14,6 +14,8 @@ from moemesh.kernels import cpu_kernels
 from moemesh.kernels.cpu_paths import (KERNEL_MAX_ROWS_FP32, KERNEL_MAX_ROWS_HALF, choose_expert_path,
                                        choose_linear_path, cpu_linear, cpu_rmsnorm, cpu_swiglu)
 
+from .moe_utils import sorted_experts_ref
+
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: CPU kernels not built")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -65,15 +67,6 @@ def test_linear_reads_strided_rows_and_threads_agree():
     assert (one - (x.double() @ w.double().t()).float()).abs().max() <= _bound(x, w)
 
 
-def _moe_reference(xs, offs, w13, w2):
-    inter, out = w2.shape[-1], []
-    for s in range(w13.shape[0]):
-        x = xs[offs[s]:offs[s + 1]].double()
-        gu = x @ w13[s].double().t()
-        out.append((F.silu(gu[:, :inter]) * gu[:, inter:]) @ w2[s].double().t())
-    return torch.cat(out).float()
-
-
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("counts", [[3, 0, 1, 5, 2], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1], [0, 9, 0, 0, 0]])
@@ -84,7 +77,7 @@ def test_moe_swiglu_matches_float64(dtype, counts):
     c = torch.tensor(counts)
     offs = torch.cat([torch.zeros(1, dtype=torch.int64), c.cumsum(0)])
     xs = torch.randn(int(c.sum()), D, generator=g)
-    got, ref = cpu_kernels.moe_swiglu(xs, offs, w13, w2), _moe_reference(xs, offs, w13, w2)
+    got, ref = cpu_kernels.moe_swiglu(xs, offs, w13, w2), sorted_experts_ref(xs, offs, w13, w2)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max()))
 
 
