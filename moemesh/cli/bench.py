@@ -50,7 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "FILE and prints the table too")
     p.add_argument("--mesh", action="store_true",
                    help="instead: start 2 expert node processes on loopback and compare the single process with "
-                   "the mesh (micro-batch overlap on and off), and one dispatch hop with a raw TCP echo")
+                   "the mesh (micro-batch overlap on, off and auto), and one dispatch hop with a raw TCP echo "
+                   "of the same bytes and the kernel's floor for them (C ping-pongs, spinning and blocking)")
     p.add_argument("--hop-samples", type=positive_int, default=300, help="round trips timed for the hop (--mesh)")
     p.add_argument("--shared-prefix", type=positive_int, default=None, metavar="N",
                    help="instead: --batch prompts sharing an N-token prefix (then --prompt-len distinct tokens each), "

@@ -4,7 +4,9 @@ Reports tokens/s of the single process and of the mesh with micro-batch overlap
 on (2, or ``--micro-batches N``), off, and ``auto`` (what the engine chose, step by step), and the round trip of one dispatch message (a decode step's rows for
 one node) against a raw TCP echo of the same number of bytes on loopback (the gRPC message's size; the
 torch frames are within a few percent of it each way), timed in alternating rounds so that both see the
-same load, each figure its quickest round's median and the echo the quickest of the whole run. With
+same load, each figure its quickest round's median and the echo the quickest of the whole run; beside them the
+kernel's floors for the same bytes (``moemesh/wire/tcp_floor.py``: C ping-pongs, spinning on two cores as the
+tcp stream does, and blocking on one core as the echo usually runs), the physical limit of each. With
 ``--transport torch`` the expert nodes serve both transports and every figure of
 the mesh is measured for gRPC and for torch.distributed side by side.
 """
@@ -19,12 +21,14 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
 from moemesh.attn_node.experts.remote_backend import NodeLink
 from moemesh.attn_node.experts.torch_link import TorchLink
 from moemesh.sampling import SamplingParams
+from moemesh.wire import tcp_floor
 from moemesh.wire.codec import to_proto
 from moemesh.cli.generate import engine_config
 from moemesh.launch.embedded import build_local, build_remote
@@ -109,18 +113,31 @@ class _Echo:
         self.server.wait()
 
 
-def _hops_and_echo(link: NodeLink, echo: _Echo, shape: tuple, n: int) -> tuple[float, float, float, int]:
-    """(hop us, hop with one expert's work us, echo us, bytes): hop and echo of the same bytes in alternating
-    rounds under the same load, each the quickest round's median (a busy machine slows some rounds of either)."""
+class Floors(NamedTuple):
+    """The kernel's floors for the hop's bytes (moemesh/wire/tcp_floor.py), each the quickest round's median (us):
+    C ping-pongs spinning on two cores (the tcp stream's mode) and blocking on one core (a blocking echo's when
+    the scheduler keeps it beside its client); None without a C compiler."""
+
+    spin_us: float | None
+    one_core_us: float | None
+
+
+def _hops_and_echo(link: NodeLink, echo: _Echo, shape: tuple, n: int) -> tuple[float, float, float, int, Floors]:
+    """(hop us, hop with one expert's work us, echo us, bytes, floors): hop, echo and the C floors of the same bytes
+    in alternating rounds under the same load, each the quickest round's median (a busy machine slows some rounds
+    of any)."""
     transport, nbytes = _hop_message(*shape, expert=-1)
     work, _ = _hop_message(*shape, expert=0)
     per_round = max(1, n // HOP_ROUNDS)
-    hop = hop_work = echo_us = float("inf")
+    hop = hop_work = echo_us = spin = one_core = float("inf")
     for _ in range(HOP_ROUNDS):
         hop = min(hop, _hop_round(link, transport, per_round))
         echo_us = min(echo_us, echo.round(nbytes, per_round))
+        spin = min(spin, tcp_floor.floor_us(nbytes, per_round, spin=True) or float("inf"))
+        one_core = min(one_core, tcp_floor.floor_us(nbytes, per_round, spin=False, one_core=True) or float("inf"))
         hop_work = min(hop_work, _hop_round(link, work, per_round))
-    return hop, hop_work, echo_us, nbytes
+    floors = Floors(*(None if v == float("inf") else v for v in (spin, one_core)))
+    return hop, hop_work, echo_us, nbytes, floors
 
 
 def _mesh_run(args, econf, node_list, transport: str, micro_batches: int | str, prompts, params):
@@ -136,6 +153,16 @@ def _mesh_run(args, econf, node_list, transport: str, micro_batches: int | str, 
         return tps, tokens, fallbacks, dict(getattr(mesh.engine.micro, "steps_by_m", {}))
     finally:
         mesh.close()
+
+
+def _least(values) -> float | None:
+    """The smallest of the values that are not None; None if all are."""
+    got = [v for v in values if v is not None]
+    return min(got) if got else None
+
+
+def _ratio(a: float, b: float | None) -> float | None:
+    return None if b is None else a / b
 
 
 def _steps(by_m: dict[int, int]) -> dict[str, int]:
@@ -201,6 +228,7 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
                 node.stop()
     nbytes = hops["grpc"][3]
     echo = min(h[2] for h in hops.values())  # the quickest echo round of the whole run
+    floors = Floors(*(_least(h[4][i] for h in hops.values()) for i in range(2)))  # likewise
     grpc_on, grpc_off = results["grpc", "on"][0], results["grpc", "off"][0]
     out = {
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
@@ -214,6 +242,9 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
         "tokens_match": all(r[1] == local_tokens for r in results.values()),
         "hop_us": hops["grpc"][0], "tcp_echo_us": echo, "hop_vs_tcp_echo": hops["grpc"][0] / echo, "hop_bytes": nbytes,
         "hop_with_expert_us": hops["grpc"][1],
+        # the kernel's floors for these bytes (C, no Python): the hop's own mode, and a blocking echo's on one core
+        "tcp_floor_spin_us": floors.spin_us, "tcp_floor_one_core_us": floors.one_core_us,
+        "hop_vs_tcp_floor": _ratio(hops["grpc"][0], floors.spin_us),
     }
     if "torch" in transports:
         out.update({
@@ -223,6 +254,7 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
             "torch_mesh_auto_steps_by_micro_batches": _steps(results["torch", "auto"][3]),
             "torch_hop_us": hops["torch"][0], "torch_hop_with_expert_us": hops["torch"][1],
             "torch_hop_vs_tcp_echo": hops["torch"][0] / echo,
+            "torch_hop_vs_tcp_floor": _ratio(hops["torch"][0], floors.spin_us),
             "torch_fallback_messages": sum(results["torch", o][2] for o in ("on", "off", "auto")),
         })
     from moemesh.cli.bench import emit_json
@@ -241,10 +273,14 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
             print(f"{label:30}{tps:10.1f}{tps / local_tps:10.2f}x{chose}")
     print(f"identical tokens: {'yes' if out['tokens_match'] else 'NO'}")
     print(f"dispatch hop ({nbytes} B of gRPC message, {args.batch} rows; raw TCP echo of the same bytes: {echo:.0f} us):")
+    if floors.spin_us is not None:
+        print(f"  the kernel's floor for these bytes (C ping-pong, no Python): {floors.spin_us:.0f} us spinning on two "
+              f"cores (the tcp stream's mode), {floors.one_core_us:.0f} us blocking on one core")
     for transport in transports:
         hop, hop_compute = hops[transport][:2]
-        print(f"  {transport:5} no expert work: {hop:7.0f} us ({hop / echo:.2f}x echo); with one expert's work: "
-              f"{hop_compute:7.0f} us")
+        floor = f", {hop / floors.spin_us:.2f}x the spinning floor" if floors.spin_us else ""
+        print(f"  {transport:5} no expert work: {hop:7.0f} us ({hop / echo:.2f}x echo{floor}); with one expert's "
+              f"work: {hop_compute:7.0f} us")
     if "torch" in transports and out["torch_fallback_messages"]:
         print(f"note: {out['torch_fallback_messages']} torch messages fell back to gRPC")
     return 0

@@ -24,8 +24,9 @@ def test_bench_mesh_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("engine_tokens_per_s", "mesh_tokens_per_s", "mesh_no_overlap_tokens_per_s", "mesh_auto_tokens_per_s",
-                "hop_us", "tcp_echo_us"):
+                "hop_us", "tcp_echo_us", "tcp_floor_spin_us", "tcp_floor_one_core_us"):
         assert out[key] > 0, key
+    assert out["hop_vs_tcp_floor"] == pytest.approx(out["hop_us"] / out["tcp_floor_spin_us"])
     assert out["tokens_match"] is True
     # auto ran every step (warm-up and timed run) and says how: (3 + 2 steps' prefill and decode) at most
     steps = out["mesh_auto_steps_by_micro_batches"]

@@ -26,7 +26,7 @@ def test_bench_mesh_torch_json(tmp_path):
     assert out["transports"] == ["grpc", "torch"]
     for key in ("mesh_tokens_per_s", "hop_us", "torch_mesh_tokens_per_s", "torch_mesh_no_overlap_tokens_per_s",
                 "torch_mesh_auto_tokens_per_s", "torch_hop_us", "torch_hop_with_expert_us", "tcp_echo_us",
-                "torch_hop_vs_tcp_echo"):
+                "torch_hop_vs_tcp_echo", "torch_hop_vs_tcp_floor"):
         assert out[key] > 0, key
     assert out["tokens_match"] is True
     assert out["torch_fallback_messages"] == 0
