@@ -317,6 +317,10 @@ class ExpertShard:
 
     def _forward_cpu(self, le: _LayerExperts, x, topk_idx, topk_weights, out) -> torch.Tensor:
         """The CPU strategies: hosted assignments sorted by slot, computed per expert segment (host reads)."""
+        if x.dtype != torch.float32 and self.dtype == torch.float32:
+            # half rows (a GPU attention node's) widen exactly to the fp32 this shard computes in: the layer is then
+            # the fp32 rows' (the whole-layer call included), summed over experts in fp32 and rounded once
+            return self._forward_cpu(le, x.float(), topk_idx, topk_weights, out.float()).to(x.dtype)
         layer_ok = self._layer_kernel_ok(le, x)
         amx_ok = layer_ok and self._amx_ok(le)
         if layer_ok and self._whole_layer_kernel(le, x, amx_ok):
@@ -336,14 +340,13 @@ class ExpertShard:
         counts = torch.bincount(slots, minlength=len(le.expert_ids))  # [E_l]
         xs = x[rows].to(self.dtype)  # [A, D]
         strategy = self.strategy
-        if strategy == "auto":
+        if strategy == "auto":  # (AMX never gets here: with it the whole-layer call above takes every batch)
             kernel_ok = self.dtype == torch.float32 and x.device.type == "cpu" and cpu_kernels.available()
-            path = choose_expert_path(int(counts.max()), le.w13.dtype, kernel_ok, amx_ok)
+            path = choose_expert_path(int(counts.max()), le.w13.dtype, kernel_ok)
             strategy = path if path != "torch" else _pick_strategy(counts, slots.numel(), x.is_cuda)
-        if strategy in ("amx", "kernel"):
+        if strategy == "kernel":
             offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E_l + 1] row offsets per slot
-            swiglu = cpu_kernels.moe_swiglu_amx if strategy == "amx" else cpu_kernels.moe_swiglu
-            ys = swiglu(xs.contiguous(), offs, le.w13, le.w2)
+            ys = cpu_kernels.moe_swiglu(xs.contiguous(), offs, le.w13, le.w2)
         elif strategy == "padded":
             ys = _padded_swiglu(xs, slots, counts, le)
         elif strategy == "looped":

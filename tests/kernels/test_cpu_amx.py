@@ -148,6 +148,20 @@ def test_a_bf16_shard_runs_a_prefill_sized_batch_on_amx():
     torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
+@needs_amx
+def test_bf16_rows_from_a_gpu_attention_node_take_amx_too():
+    E, D, I, K, T = 8, 64, 32, 2, 200
+    w13, w2 = _experts(E, D, I, seed=10)
+    shard = ExpertShard(E, torch.float32, weight_dtype=torch.bfloat16)
+    shard.add_experts(0, {e: (w13[e, :I].clone(), w13[e, I:].clone(), w2[e].clone()) for e in range(E)})
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(11)).bfloat16()
+    idx, w = _routing(T, E, K, seed=12)
+    before = cpu_kernels.amx_layers_run()
+    got = shard.forward(0, x, idx, w)
+    assert cpu_kernels.amx_layers_run() == before + 1 and got.dtype == torch.bfloat16
+    assert torch.equal(got, shard.forward(0, x.float(), idx, w).bfloat16())
+
+
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_state", {k: v for k, v in cpu_kernels._state.items() if k != "amx"})
     monkeypatch.setenv("MOEMESH_CPU_AMX", "0")

@@ -233,6 +233,24 @@ def test_half_weights_under_fp32_compute_equal_fp32_math_on_the_widened_weights(
         close(out, ref)
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: no whole-layer kernel")
+@pytest.mark.parametrize("row_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T", [8, 40])  # within the kernel's limits for both weight dtypes, past fp32's
+def test_half_rows_are_the_fp32_rows_layer_rounded_once(row_dtype, weight_dtype, T):
+    # A GPU attention node sends bf16 rows to a CPU expert node: they widen exactly to fp32, so the layer is
+    # the fp32 rows' layer (the whole-layer kernel where it takes them), summed over experts in fp32 and rounded
+    # once (summing each expert's part into a half-precision output rounds once per expert: this test fails).
+    half = {e: tuple(t.to(weight_dtype) for t in ws) for e, ws in make_weights().items()}
+    shard = ExpertShard(E, torch.float32, weight_dtype=weight_dtype)
+    shard.add_experts(LAYER, half)
+    x, idx, w = make_batch(T)
+    x = x.to(row_dtype)
+    out = shard.forward(LAYER, x, idx, w)
+    assert out.dtype == row_dtype
+    assert torch.equal(out, shard.forward(LAYER, x.float(), idx, w).to(row_dtype))
+
+
 def test_local_backend():
     weights = make_weights()
     backend = LocalExpertBackend(shard_with(weights, range(E)))
