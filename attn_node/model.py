@@ -142,7 +142,7 @@ def _yarn_inv_freq(cfg: ModelConfig, inv_freq_extra: torch.Tensor) -> tuple[torc
 # ---- attention ---------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttnGroup:
     """Sequences attended together as one padded batch (B sequences, Q queries, S context)."""
 
@@ -155,7 +155,7 @@ class AttnGroup:
     block_size: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttnBatch:
     """Where each token of a step sits: positions, cache slots to write, groups to attend."""
 

@@ -90,6 +90,31 @@ def test_the_fused_layer_equals_the_unfused_ops(arch, dtype, interleave):
 
 
 @needs_kernel
+@pytest.mark.parametrize("swap", ["data", "parameter"])
+def test_weights_swapped_after_a_step_are_the_ones_computed_with(swap):
+    # the layer's weight struct is kept per module: a loader that swaps a tensor (or its storage) must be seen
+    lens, order = [5, 1, 9], [1, 2, 0]
+    fused_model, ref_model = _model("deepseek_v3", torch.bfloat16), _model("deepseek_v3", torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(64, fused_model.cfg.kv_cache_dim, generator=g)
+    x = torch.randn(len(lens), fused_model.cfg.hidden_size, generator=g)
+    batch = _decode_batch(lens, order, 64)
+    _run(fused_model, x, batch, cache.clone(), fused=True)  # the struct is built and kept
+    for model in (fused_model, ref_model):
+        for name in ("wq_b", "wo", "kv_norm"):
+            mod = getattr(model.layers[0].attn, name)
+            new = torch.randn(mod.weight.shape, generator=torch.Generator().manual_seed(4)).to(mod.weight.dtype)
+            if swap == "data":
+                mod.weight.data = new
+            else:
+                mod.weight = torch.nn.Parameter(new, requires_grad=False)
+    fused_cache, ref_cache = cache.clone(), cache.clone()
+    got = _run(fused_model, x, batch, fused_cache, fused=True)
+    assert torch.equal(got, _run(ref_model, x, batch, ref_cache, fused=False))
+    assert torch.equal(fused_cache, ref_cache)
+
+
+@needs_kernel
 def test_a_rows_bits_do_not_depend_on_its_batch():
     model = _model("deepseek_v2", torch.bfloat16)
     lens = [7, 2, 11, 4]
