@@ -69,6 +69,11 @@ class _LayerExperts:
 
     _accepts = cached_property(lambda self: np.concatenate([[True], self.hosted]))  # [E + 1]: -1 first, then experts
 
+    @cached_property
+    def kernel_tables(self) -> cpu_kernels.ExpertTables:
+        """The C layer call's weight and slot arguments, checked once: a snapshot never changes its tensors."""
+        return cpu_kernels.expert_tables(self.slot_of, self.w13, self.w2)
+
     def accepts_ids(self, ids: np.ndarray) -> bool:
         """Every id is -1 or hosted here: one gather (ids + 1 seen unsigned puts ids < -1 past the table's end)."""
         shifted = (ids + 1).view(np.uint32 if ids.dtype.itemsize == 4 else np.uint64)
@@ -289,15 +294,14 @@ class ExpertShard:
         host: a device sync on GPUs, so GPU callers pass ``host_ids`` (the Dispatch
         service has them) or ``validate=False`` (ids from the model's own gate).
         """
-        out = torch.zeros_like(x)  # [T, D]
         le = self._layers.get(layer_id) if snapshot is None else snapshot  # one snapshot for the whole call
         if validate and (snapshot is None or host_ids is None):
             ids = host_ids if host_ids is not None else topk_idx.detach().cpu().numpy()
             self._validate(layer_id, le, np.asarray(ids))
         if le is None or x.shape[0] == 0 or topk_idx.shape[1] == 0:
-            return out
+            return torch.zeros_like(x)  # [T, D]
         if host_ids is not None and not (np.asarray(host_ids) >= 0).any():
-            return out  # every assignment is computed elsewhere: no math (the host copy says so at no device cost)
+            return torch.zeros_like(x)  # every assignment is computed elsewhere: no math (the host copy says so)
         if le.w13_scale_inv is not None:
             # the CPU FP8 kernel (kernels/cpu_fp8.py): one C call, one byte read per weight; rows in any dtype (a GPU
             # attention node sends bf16) computed in fp32; else the FP8 op (Triton on CUDA, the reference elsewhere)
@@ -313,20 +317,21 @@ class ExpertShard:
             local = _local_slots(le, topk_idx)  # [T, K]
             return self.fused_moe(x.to(self.dtype), le.w13, le.w2, local, topk_weights.float(),
                                   check_ids=False).to(x.dtype)
-        return self._forward_cpu(le, x, topk_idx, topk_weights, out)
+        return self._forward_cpu(le, x, topk_idx, topk_weights)
 
-    def _forward_cpu(self, le: _LayerExperts, x, topk_idx, topk_weights, out) -> torch.Tensor:
+    def _forward_cpu(self, le: _LayerExperts, x, topk_idx, topk_weights) -> torch.Tensor:
         """The CPU strategies: hosted assignments sorted by slot, computed per expert segment (host reads)."""
         if x.dtype != torch.float32 and self.dtype == torch.float32:
             # half rows (a GPU attention node's) widen exactly to the fp32 this shard computes in: the layer is then
             # the fp32 rows' (the whole-layer call included), summed over experts in fp32 and rounded once
-            return self._forward_cpu(le, x.float(), topk_idx, topk_weights, out.float()).to(x.dtype)
+            return self._forward_cpu(le, x.float(), topk_idx, topk_weights).to(x.dtype)
         layer_ok = self._layer_kernel_ok(le, x)
         amx_ok = layer_ok and self._amx_ok(le)
         if layer_ok and self._whole_layer_kernel(le, x, amx_ok):
-            return cpu_kernels.moe_forward(x.contiguous(), topk_idx.long().contiguous(),
-                                           topk_weights.float().contiguous(), le.slot_of, le.w13, le.w2,
-                                           amx_min_rows=AMX_MIN_ROWS if amx_ok else 0)
+            return cpu_kernels.moe_forward_tables(_contiguous(x), _contiguous(topk_idx, torch.int64),
+                                                  _contiguous(topk_weights, torch.float32), le.kernel_tables,
+                                                  amx_min_rows=AMX_MIN_ROWS if amx_ok else 0)
+        out = torch.zeros_like(x)  # [T, D]
         top_k = topk_idx.shape[1]
         # -1 marks an assignment another node computes (a replica took it): skip it like a foreign expert.
         slots = _local_slots(le, topk_idx).reshape(-1)  # [T*K], -1 where not ours
@@ -376,6 +381,13 @@ class ExpertShard:
         """A CPU shard computing in fp32 with the C kernels built, its strategy free to take them."""
         return (self.strategy in ("auto", "kernel") and self.dtype == torch.float32 and x.device.type == "cpu"
                 and le.slot_of.device.type == "cpu" and cpu_kernels.available())
+
+
+def _contiguous(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` in ``dtype`` (default its own), contiguous: itself when it is already (each torch call costs ~0.3 us)."""
+    if (dtype is None or t.dtype == dtype) and t.is_contiguous():
+        return t
+    return t.to(dtype or t.dtype).contiguous()
 
 
 def _local_slots(le: _LayerExperts, topk_idx: torch.Tensor) -> torch.Tensor:

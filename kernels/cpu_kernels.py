@@ -21,6 +21,7 @@ import os
 import platform
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -198,11 +199,17 @@ def expert_shapes(w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int]:
 def check_routing(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, slot_of: torch.Tensor,
                   d: int) -> tuple[int, int]:
     """(T, K) of a layer's routed rows, as the moe_forward kernels read them; else ValueError."""
+    t, k = check_rows(x, topk_idx, topk_weights, d)
+    _check_table("slot_of", slot_of, torch.int64, (slot_of.shape[0],) if slot_of.dim() == 1 else (-1,))
+    return t, k
+
+
+def check_rows(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, d: int) -> tuple[int, int]:
+    """(T, K) of the rows and their routing, as the moe_forward kernels read them; else ValueError."""
     _check_x("x", x, d)
     t, k = x.shape[0], topk_idx.shape[-1] if topk_idx.dim() == 2 else -1
     _check_table("topk_idx", topk_idx, torch.int64, (t, k))
     _check_table("topk_weights", topk_weights, torch.float32, (t, k))
-    _check_table("slot_of", slot_of, torch.int64, (slot_of.shape[0],) if slot_of.dim() == 1 else (-1,))
     return t, k
 
 
@@ -306,6 +313,30 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
     return y
 
 
+class ExpertTables(NamedTuple):
+    """An expert stack and its slot table, checked once, as :func:`moe_forward_tables` passes them to C: a
+    shard's layer snapshot never changes its tensors, so its layers need not check them on every call."""
+
+    code: int  # the weights' dtype (WEIGHT_CODES)
+    n_slots: int
+    d: int
+    inter: int
+    w13: int  # addresses
+    w2: int
+    slot_of: int
+    n_experts: int
+    tensors: tuple  # (slot_of, w13, w2): kept alive while their addresses are in use
+
+
+def expert_tables(slot_of: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> ExpertTables:
+    """``slot_of`` [E] int64 (logical id -> local slot, -1 when not hosted), ``w13`` [E_l, 2I, D], ``w2`` [E_l, D, I]
+    checked for :func:`moe_forward_tables`; ValueError when they are not the kernel's."""
+    code, n_slots, d, inter = _check_experts(w13, w2)
+    _check_table("slot_of", slot_of, torch.int64, (slot_of.shape[0],) if slot_of.dim() == 1 else (-1,))
+    return ExpertTables(code, n_slots, d, inter, w13.data_ptr(), w2.data_ptr(), slot_of.data_ptr(), slot_of.shape[0],
+                        (slot_of, w13, w2))
+
+
 def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, slot_of: torch.Tensor,
                 w13: torch.Tensor, w2: torch.Tensor, threads: int | None = None,
                 amx_min_rows: int = 0) -> torch.Tensor:
@@ -315,14 +346,19 @@ def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Ten
     ascending slot order, as the shard's sorted torch path adds them). The routing bookkeeping (slots, sort,
     gather, weighting, scatter) runs in C with the math. ``amx_min_rows`` > 0: bf16 experts with that many rows
     or more run on AMX tiles (:func:`moe_swiglu_amx`) where AMX can run here, the others as ever; 0: never."""
+    return moe_forward_tables(x, topk_idx, topk_weights, expert_tables(slot_of, w13, w2), threads, amx_min_rows)
+
+
+def moe_forward_tables(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, tables: ExpertTables,
+                       threads: int | None = None, amx_min_rows: int = 0) -> torch.Tensor:
+    """:func:`moe_forward` over experts checked once (:func:`expert_tables`): only the rows are checked here."""
     lib = _lib()
-    code, n_slots, d, inter = _check_experts(w13, w2)
-    t, k = check_routing(x, topk_idx, topk_weights, slot_of, d)
+    t, k = check_rows(x, topk_idx, topk_weights, tables.d)
     if amx_min_rows < 0:
         raise ValueError(f"amx_min_rows must be >= 0 (0: never AMX), got {amx_min_rows}")
-    out = torch.empty(t, d, dtype=torch.float32, device=_CPU)
-    lib.mm_moe_forward(x.data_ptr(), x.stride(0), t, topk_idx.data_ptr(), topk_weights.data_ptr(), k,
-                       slot_of.data_ptr(), slot_of.shape[0], n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
+    out = torch.empty(t, tables.d, dtype=torch.float32, device=_CPU)
+    lib.mm_moe_forward(x.data_ptr(), x.stride(0), t, topk_idx.data_ptr(), topk_weights.data_ptr(), k, tables.slot_of,
+                       tables.n_experts, tables.n_slots, tables.w13, tables.w2, tables.code, tables.d, tables.inter,
                        amx_min_rows, out.data_ptr(), threads or torch.get_num_threads())
     return out
 

@@ -101,6 +101,22 @@ def test_kernel_inputs_are_checked():
         cpu_kernels.linear(xs, torch.randn(8, 4).t())
 
 
+def test_expert_tables_are_checked_once_and_the_rows_every_call():
+    w13, w2, slot_of = torch.randn(2, 8, 8), torch.randn(2, 8, 4), torch.tensor([1, -1, 0])
+    with pytest.raises(ValueError, match="are not \\[E, 2I, D\\] and \\[E, D, I\\]"):
+        cpu_kernels.expert_tables(slot_of, w13, torch.randn(2, 8, 3))
+    with pytest.raises(ValueError, match="slot_of must be a contiguous \\[3\\] torch.int64"):
+        cpu_kernels.expert_tables(slot_of.int(), w13, w2)
+    tables = cpu_kernels.expert_tables(slot_of, w13, w2)
+    x, idx, w = torch.randn(3, 8), torch.tensor([[0, 2], [1, -1], [2, 0]]), torch.rand(3, 2)
+    assert torch.equal(cpu_kernels.moe_forward_tables(x, idx, w, tables),
+                       cpu_kernels.moe_forward(x, idx, w, slot_of, w13, w2))
+    with pytest.raises(ValueError, match="x must be a \\[M, 8\\] float32"):
+        cpu_kernels.moe_forward_tables(torch.randn(3, 7), idx, w, tables)
+    with pytest.raises(ValueError, match="topk_weights must be a contiguous \\[3, 2\\] torch.float32"):
+        cpu_kernels.moe_forward_tables(x, idx, w.double(), tables)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7, 32), (2, 3, 32), (KERNEL_MAX_ROWS_HALF + 1, 32)])
 def test_cpu_linear_equals_fp32_math_on_the_widened_weight(dtype, shape):
