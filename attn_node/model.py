@@ -161,7 +161,7 @@ class AttnBatch:
 
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64
-    groups: list[AttnGroup]
+    groups: tuple[AttnGroup, ...]
     # [T] int64: each token's row in the groups' outputs, flattened [B * Q] and concatenated in group
     # order. Padding queries are never picked, so the attention output is one gather (no boolean mask,
     # whose data-dependent size would be a host sync on a GPU).

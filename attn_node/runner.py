@@ -188,7 +188,7 @@ class ModelRunner:
 
     def _build(self, plan: _PartPlan, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, AttnBatch, torch.Tensor]:
         batch = AttnBatch(positions=inputs[plan.positions], slot_mapping=inputs[plan.slot_mapping],
-                          groups=[self._group(g, inputs) for g in plan.groups], out_rows=inputs[plan.out_rows])
+                          groups=tuple(self._group(g, inputs) for g in plan.groups), out_rows=inputs[plan.out_rows])
         return inputs[plan.ids], batch, inputs[plan.sample_rows]
 
     def _group(self, g: _GroupPlan, inputs: list[torch.Tensor]) -> AttnGroup:

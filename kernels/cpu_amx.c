@@ -35,9 +35,13 @@
  * to request the tile state: ARCH_REQ_XCOMP_PERM). Called once, from Python under its lock. */
 int mm_amx_ready(void) {
 #ifdef MM_AMX
-    static int ready = -1;
-    if (ready < 0) ready = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-    return ready;
+    static int ready = -1; /* asked once; the request is idempotent, so a race only asks twice */
+    int got = __atomic_load_n(&ready, __ATOMIC_ACQUIRE);
+    if (got < 0) {
+        got = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+        __atomic_store_n(&ready, got, __ATOMIC_RELEASE);
+    }
+    return got;
 #else
     return 0;
 #endif
@@ -264,17 +268,28 @@ static int64_t carve(const int64_t *offs, int64_t n_slots, int64_t min_rows, int
 #endif
 
 /* The calling thread's workspace of at least `bytes`, kept for its next call: a fresh prefill-sized buffer per
- * call paid its page faults and zeroing every time (~10% of a layer's time under perf). Grows, never shrinks:
- * a shard's prefill workspace is a few MB per calling thread. */
+ * call paid its page faults and zeroing every time (~10% of a layer's time under perf). It takes ~64 KB per
+ * padded row at DeepSeek-V3's sizes (the rows' terms, their hidden and its transpose), so one past
+ * WORKSPACE_KEEP (a long prefill's) is freed after its call (release_large_workspace) rather than held. */
+#define WORKSPACE_KEEP ((int64_t)64 << 20)
+static __thread void *ws_buf;
+static __thread int64_t ws_have;
+
 static void *thread_workspace(int64_t bytes) {
-    static __thread void *buf;
-    static __thread int64_t have;
-    if (bytes > have) {
-        free(buf);
-        buf = aligned_alloc(64, (size_t)((bytes + 63) / 64 * 64));
-        have = buf ? bytes : 0;
+    if (bytes > ws_have) {
+        free(ws_buf);
+        ws_buf = aligned_alloc(64, (size_t)((bytes + 63) / 64 * 64));
+        ws_have = ws_buf ? bytes : 0;
     }
-    return buf;
+    return ws_buf;
+}
+
+static void release_large_workspace(void) {
+    if (ws_have > WORKSPACE_KEEP) {
+        free(ws_buf);
+        ws_buf = NULL;
+        ws_have = 0;
+    }
 }
 
 /* mm_moe_swiglu's contract (kernels/cpu_moe.c) over bf16 experts on AMX tiles, for the slots with min_rows (>= 1)
@@ -343,6 +358,7 @@ int mm_moe_swiglu_amx(const float *xs, const int64_t *offs, int64_t n_slots, int
         _tile_release();
     }
     free(idx);
+    release_large_workspace();
     __atomic_fetch_add(&layers_run, 1, __ATOMIC_RELAXED);
     return 0;
 #else

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import cpu_kernels
-from .cpu_kernels import _CPU, _check_table, _lib, check_routing, expert_shapes
+from .cpu_kernels import _CPU, _allocated, _check_table, _lib, check_routing, expert_shapes
 
 
 def _check_fp8(name: str, q: torch.Tensor, scale_inv: torch.Tensor, dims: int, block: tuple[int, int]) -> None:
@@ -59,10 +59,10 @@ def moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Ten
     n_slots, d, inter = expert_shapes(w13, w2)
     t, k = check_routing(x, topk_idx, topk_weights, slot_of, d)
     out = torch.empty(t, d, dtype=torch.float32, device=_CPU)
-    lib.mm_moe_forward_fp8(x.data_ptr(), x.stride(0), t, topk_idx.data_ptr(), topk_weights.data_ptr(), k,
-                           slot_of.data_ptr(), slot_of.shape[0], n_slots, w13.data_ptr(), w13_scale_inv.data_ptr(),
-                           w2.data_ptr(), w2_scale_inv.data_ptr(), bn, bk, d, inter, out.data_ptr(),
-                           threads or torch.get_num_threads())
+    _allocated(lib.mm_moe_forward_fp8(x.data_ptr(), x.stride(0), t, topk_idx.data_ptr(), topk_weights.data_ptr(), k,
+                                      slot_of.data_ptr(), slot_of.shape[0], n_slots, w13.data_ptr(),
+                                      w13_scale_inv.data_ptr(), w2.data_ptr(), w2_scale_inv.data_ptr(), bn, bk, d, inter,
+                                      out.data_ptr(), threads or torch.get_num_threads()), t)
     return out
 
 

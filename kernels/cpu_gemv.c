@@ -264,4 +264,4 @@ void mm_linear(const float *x, int64_t ldx, int64_t m, const void *w, int wdtype
     }
 }
 
-int mm_abi_version(void) { return 8; }
+int mm_abi_version(void) { return 9; }

@@ -39,7 +39,7 @@ HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # a compiler without -march=native
 WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once tried
@@ -96,7 +96,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_linear.argtypes = [p, i64, i64, p, i32, i64, i64, p, i32]
     lib.mm_linear.restype = None
     lib.mm_moe_swiglu.argtypes = [p, p, i64, p, p, i32, i64, i64, p, p, i32]
-    lib.mm_moe_swiglu.restype = None
+    lib.mm_moe_swiglu.restype = i32
     lib.mm_moe_swiglu_amx.argtypes = [p, p, i64, i64, p, p, i64, i64, p, i32]
     lib.mm_moe_swiglu_amx.restype = i32
     lib.mm_amx_ready.argtypes = []
@@ -106,9 +106,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mm_swiglu.argtypes = [p, i64, i64, p, p, p, i32, i64, i64, p, p, i32]
     lib.mm_swiglu.restype = None
     lib.mm_moe_forward.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, i32, i64, i64, i64, p, i32]
-    lib.mm_moe_forward.restype = None
+    lib.mm_moe_forward.restype = i32
     lib.mm_moe_forward_fp8.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, p, p, i64, i64, i64, i64, p, i32]
-    lib.mm_moe_forward_fp8.restype = None
+    lib.mm_moe_forward_fp8.restype = i32
     lib.mm_dequant_fp8.argtypes = [p, p, i64, i64, i64, i64, p]
     lib.mm_dequant_fp8.restype = None
     lib.mm_rmsnorm.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, i64]
@@ -225,8 +225,8 @@ def moe_swiglu(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torc
     _check_sorted_rows(xs, offs, n_slots, d)
     h = torch.empty(xs.shape[0], inter, dtype=torch.float32, device=_CPU)
     ys = torch.empty(xs.shape[0], d, dtype=torch.float32, device=_CPU)
-    lib.mm_moe_swiglu(xs.data_ptr(), offs.data_ptr(), n_slots, w13.data_ptr(), w2.data_ptr(), code, d, inter,
-                      h.data_ptr(), ys.data_ptr(), threads or torch.get_num_threads())
+    _allocated(lib.mm_moe_swiglu(xs.data_ptr(), offs.data_ptr(), n_slots, w13.data_ptr(), w2.data_ptr(), code, d,
+                                 inter, h.data_ptr(), ys.data_ptr(), threads or torch.get_num_threads()), xs.shape[0])
     return ys
 
 
@@ -278,6 +278,13 @@ def _check_sorted_rows(xs: torch.Tensor, offs: torch.Tensor, n_slots: int, d: in
         raise ValueError(f"offs must be [{n_slots + 1}] int64, got {list(offs.shape)} {offs.dtype}")
     if int(offs[0]) != 0 or int(offs[-1]) != xs.shape[0] or bool((offs[1:] < offs[:-1]).any()):
         raise ValueError(f"offs must rise from 0 to {xs.shape[0]} (the rows of xs)")
+
+
+def _allocated(rc: int, rows: int) -> None:
+    """A routed-expert call's return code: MemoryError when the C side could not allocate its buffers."""
+    if rc != 0:
+        raise MemoryError(f"the CPU expert kernel could not allocate its buffers for {rows} rows; send fewer rows "
+                          "per call (a smaller --max-batched-tokens) or give the node more memory")
 
 
 def _lib() -> ctypes.CDLL:
@@ -357,9 +364,12 @@ def moe_forward_tables(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: to
     if amx_min_rows < 0:
         raise ValueError(f"amx_min_rows must be >= 0 (0: never AMX), got {amx_min_rows}")
     out = torch.empty(t, tables.d, dtype=torch.float32, device=_CPU)
-    lib.mm_moe_forward(x.data_ptr(), x.stride(0), t, topk_idx.data_ptr(), topk_weights.data_ptr(), k, tables.slot_of,
-                       tables.n_experts, tables.n_slots, tables.w13, tables.w2, tables.code, tables.d, tables.inter,
-                       amx_min_rows, out.data_ptr(), threads or torch.get_num_threads())
+    if amx_min_rows and not amx_ready():  # MOEMESH_CPU_AMX=0, or no AMX here: the C call would not ask again
+        amx_min_rows = 0
+    _allocated(lib.mm_moe_forward(x.data_ptr(), x.stride(0), t, topk_idx.data_ptr(), topk_weights.data_ptr(), k,
+                                  tables.slot_of, tables.n_experts, tables.n_slots, tables.w13, tables.w2, tables.code,
+                                  tables.d, tables.inter, amx_min_rows, out.data_ptr(),
+                                  threads or torch.get_num_threads()), t)
     return out
 
 

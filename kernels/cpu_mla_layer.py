@@ -102,13 +102,17 @@ def _build_layer_weights(mla, interleave: bool) -> MlaWeights | None:
 def _step_fields(batch, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int):
     """What a decode step's MLA layers share (every layer gets the same batch and rope): (the tables' addresses,
     B, max blocks, block size, longest context) once the step's tensors pass the kernel's checks; None where
-    the call does not apply; ValueError where they disagree. Checked once per step: the last step's answer is
-    kept with the very objects it was made for (an AttnBatch is frozen: the same batch holds the same tables)."""
-    last = _last_step
-    if last[0] is batch and last[1] is cos and last[2] is sin:
-        return last[3]
+    the call does not apply; ValueError where they disagree. Checked once per step (per micro-batch: they
+    interleave), not per layer: the answers of the last few are kept with the very objects they were made for,
+    the tables included (an AttnBatch and its groups are frozen: the same batch holds the same tables, and a
+    kept entry keeps them alive, so their addresses stay theirs)."""
+    held = _recent_steps
+    for entry in held:
+        if entry[0] is batch and entry[1] is cos and entry[2] is sin:
+            return entry[3]
     fields = _check_step(batch, cos, sin, rope_dim)
-    globals()["_last_step"] = (batch, cos, sin, fields)  # replaced whole: a reader sees the old or the new
+    # replaced whole: a reader on another thread sees the old tuple or the new one
+    globals()["_recent_steps"] = ((batch, cos, sin, fields), *held[:_RECENT_STEPS - 1])
     return fields
 
 
@@ -132,10 +136,12 @@ def _check_step(batch, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int):
         raise ValueError(f"a decode step's tensors disagree: cos {list(cos.shape)}, out_rows "
                          f"{list(batch.out_rows.shape)}, slot_mapping {list(batch.slot_mapping.shape)}, "
                          f"{B} sequences")
-    return (tuple(t.data_ptr() for t in tables), T, B, g.block_tables.shape[1], g.block_size, g.ctx_slots.shape[1])
+    return (tuple(t.data_ptr() for t in tables), T, B, g.block_tables.shape[1], g.block_size, g.ctx_slots.shape[1],
+            tables)  # the tensors last: the memo keeps them (their addresses) alive
 
 
-_last_step: tuple = (None, None, None, None)  # (batch, cos, sin, their _step_fields)
+_RECENT_STEPS = 4  # micro-batches a step interleaves (ping-pong: 2), with room to spare
+_recent_steps: tuple = ()  # ((batch, cos, sin, their _step_fields), ...), newest first
 
 
 def cpu_mla_layer(mla, x: torch.Tensor, rope, batch, kv_cache: torch.Tensor) -> torch.Tensor | None:
@@ -152,7 +158,7 @@ def cpu_mla_layer(mla, x: torch.Tensor, rope, batch, kv_cache: torch.Tensor) -> 
     weights = _layer_weights(mla, rotary.interleave)
     if weights is None:
         return None
-    tables, T, B, max_blocks, block_size, max_s = step_fields
+    tables, T, B, max_blocks, block_size, max_s, _ = step_fields
     if tuple(x.shape) != (T, weights.D):
         raise ValueError(f"a decode step's tensors disagree: x {list(x.shape)} for {T} rows of {weights.D}")
     y = torch.empty(T, weights.D, dtype=torch.float32, device=x.device)

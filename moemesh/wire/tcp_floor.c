@@ -132,7 +132,11 @@ int64_t mm_tcp_floor(int64_t n, int64_t warmup, int64_t rounds, int32_t spin, in
     if (n < 1 || rounds < 1 || warmup < 0) return -EINVAL;
     cpu_set_t mine;
     int cpu = one_core ? sched_getcpu() : -1, pinned = 0;
-    if (one_core && (cpu < 0 || pthread_getaffinity_np(pthread_self(), sizeof mine, &mine))) return -errno;
+    if (one_core && cpu < 0) return errno ? -errno : -EINVAL;
+    if (one_core) { /* pthread_* return their error number and leave errno alone */
+        int err = pthread_getaffinity_np(pthread_self(), sizeof mine, &mine);
+        if (err) return -err;
+    }
     int client, server, rc = connect_pair(&client, &server);
     char *buf = malloc((size_t)n);
     double *times = malloc(sizeof(double) * (size_t)rounds);
@@ -154,7 +158,7 @@ int64_t mm_tcp_floor(int64_t n, int64_t warmup, int64_t rounds, int32_t spin, in
     if (client >= 0) shutdown(client, SHUT_RDWR); /* the echo's read ends at once if this side stopped early */
     if (started) {
         pthread_join(th, NULL);
-        if (rc == 0) rc = a.rc;
+        if (a.rc != 0) rc = a.rc; /* the echo's own failure (a pin, a timeout) is the cause of this side's */
     }
     if (rc == 0) {
         qsort(times, (size_t)rounds, sizeof(double), cmp_double);

@@ -53,7 +53,7 @@ def _decode_batch(context_lens: list[int], order: list[int], slots: int) -> Attn
     positions[token_index[:, 0]] = ctx - 1
     mask = (key_pos[None, None, :] <= (ctx - 1)[:, None, None]).unsqueeze(1)  # [B, 1, 1, S]
     group = AttnGroup(token_index, ctx_slots, mask, True, tables, ctx, BLOCK)
-    return AttnBatch(positions, slot_mapping, [group], out_rows)
+    return AttnBatch(positions, slot_mapping, (group,), out_rows)
 
 
 def _run(model: Transformer, x, batch: AttnBatch, cache: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -126,9 +126,9 @@ def test_a_rows_bits_do_not_depend_on_its_batch():
         alone = _decode_batch(lens, list(range(4)), 64)  # the same tables; then keep sequence b only
         grp = alone.groups[0]
         one = AttnBatch(alone.positions[b:b + 1], alone.slot_mapping[b:b + 1],
-                        [AttnGroup(torch.zeros(1, 1, dtype=torch.int64), grp.ctx_slots[b:b + 1, :lens[b]],
+                        (AttnGroup(torch.zeros(1, 1, dtype=torch.int64), grp.ctx_slots[b:b + 1, :lens[b]],
                                    grp.mask[b:b + 1, ..., :lens[b]], True, grp.block_tables[b:b + 1].contiguous(),
-                                   grp.context_lens[b:b + 1], BLOCK)], torch.zeros(1, dtype=torch.int64))
+                                   grp.context_lens[b:b + 1], BLOCK),), torch.zeros(1, dtype=torch.int64))
         assert torch.equal(_run(model, x[b:b + 1], one, cache.clone(), fused=True), whole[b:b + 1]), b
 
 
@@ -162,5 +162,5 @@ def test_bad_indices_raise_and_other_steps_are_not_taken():
     batch = _decode_batch([3, 4], [0, 1], 64)
     assert call(batch, x.double()) is None  # not fp32 activations: the model's own ops
     prefill = _decode_batch([3, 4], [0, 1], 64)
-    prefill.groups[0] = dataclasses.replace(prefill.groups[0], absorbed=False)
+    prefill = dataclasses.replace(prefill, groups=(dataclasses.replace(prefill.groups[0], absorbed=False),))
     assert call(prefill) is None

@@ -6,6 +6,9 @@ summation order, so the bounds below are a few ulps of the row sums, not a bf16 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,6 +102,32 @@ def test_kernel_inputs_are_checked():
         cpu_kernels.linear(xs, torch.randn(4, 8).double())
     with pytest.raises(ValueError, match="contiguous 2-d CPU tensor"):
         cpu_kernels.linear(xs, torch.randn(8, 4).t())
+
+
+_OUT_OF_MEMORY = """
+import resource, torch
+from moemesh.kernels import cpu_kernels
+t, k, d, i, e = 4096, 6, 512, 256, 8
+x, w = torch.randn(t, d), torch.rand(t, k)
+idx = torch.randint(0, e, (t, k))
+w13, w2 = torch.randn(e, 2 * i, d), torch.randn(e, d, i)
+tables = cpu_kernels.expert_tables(torch.arange(e), w13, w2)
+cpu_kernels.moe_forward_tables(x[:4], idx[:4], w[:4], tables, threads=1)  # built and warm
+size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + (24 << 20), resource.RLIM_INFINITY))  # out fits, the sorted rows not
+try:
+    cpu_kernels.moe_forward_tables(x, idx, w, tables, threads=1)
+except MemoryError as exc:
+    print("MemoryError:", exc)
+"""
+
+
+def test_a_layer_too_large_for_memory_raises_instead_of_crashing():
+    # 24576 routed rows need ~125 MB of sorted rows and hiddens in C: under a 24 MB allowance the C call's
+    # allocations fail, and the call says so (it used to write through a NULL pointer)
+    proc = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MemoryError: the CPU expert kernel could not allocate its buffers for 4096 rows" in proc.stdout
 
 
 def test_expert_tables_are_checked_once_and_the_rows_every_call():

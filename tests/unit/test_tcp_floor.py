@@ -42,3 +42,14 @@ def test_without_a_compiler_there_is_no_floor(monkeypatch):
     monkeypatch.setattr(tcp_floor, "find_compiler", lambda: None)
     monkeypatch.setattr(tcp_floor, "_state", {})
     assert tcp_floor.floor_us(600, 10, spin=True) is None
+
+
+def test_a_floor_that_fails_leaves_the_bench_its_other_figures(monkeypatch):
+    from moemesh.cli import bench_mesh
+
+    def refuse(*args, **kwargs):
+        raise OSError(110, "timed out")
+
+    monkeypatch.setattr(tcp_floor, "floor_us", refuse)
+    assert bench_mesh._floor(600, 10, spin=True) == float("inf")
+    assert bench_mesh._least([None, 3.0, 2.0]) == 2.0 and bench_mesh._least([None]) is None
