@@ -200,8 +200,12 @@ def check_routing(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
                   d: int) -> tuple[int, int]:
     """(T, K) of a layer's routed rows, as the moe_forward kernels read them; else ValueError."""
     t, k = check_rows(x, topk_idx, topk_weights, d)
-    _check_table("slot_of", slot_of, torch.int64, (slot_of.shape[0],) if slot_of.dim() == 1 else (-1,))
+    _check_slot_of(slot_of)
     return t, k
+
+
+def _check_slot_of(slot_of: torch.Tensor) -> None:
+    _check_table("slot_of", slot_of, torch.int64, (slot_of.shape[0],) if slot_of.dim() == 1 else (-1,))
 
 
 def check_rows(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, d: int) -> tuple[int, int]:
@@ -339,7 +343,7 @@ def expert_tables(slot_of: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) ->
     """``slot_of`` [E] int64 (logical id -> local slot, -1 when not hosted), ``w13`` [E_l, 2I, D], ``w2`` [E_l, D, I]
     checked for :func:`moe_forward_tables`; ValueError when they are not the kernel's."""
     code, n_slots, d, inter = _check_experts(w13, w2)
-    _check_table("slot_of", slot_of, torch.int64, (slot_of.shape[0],) if slot_of.dim() == 1 else (-1,))
+    _check_slot_of(slot_of)
     return ExpertTables(code, n_slots, d, inter, w13.data_ptr(), w2.data_ptr(), slot_of.data_ptr(), slot_of.shape[0],
                         (slot_of, w13, w2))
 

@@ -72,30 +72,31 @@ def _layer_weights(mla, interleave: bool) -> MlaWeights | None:
     if held is not None and held[2] == interleave and len(held[0]) == len(tensors) and all(
             a is b and a.data_ptr() == p for a, b, p in zip(tensors, held[0], held[1])):
         return held[3]
-    weights = _build_layer_weights(mla, interleave)
+    weights = _build_layer_weights(mla, tensors, interleave)
     _by_module[mla] = (tensors, tuple(t.data_ptr() for t in tensors), interleave, weights)
     return weights
 
 
-def _build_layer_weights(mla, interleave: bool) -> MlaWeights | None:
-    """The layer's weight struct (its pointers and shapes); None where the kernel does not take its weights."""
-    projections = ([mla.wq.weight] if mla.q_lora_rank is None else [mla.wq_a.weight, mla.wq_b.weight]) + \
-        [mla.wkv_a.weight, mla.wo.weight]
+def _build_layer_weights(mla, tensors: tuple[torch.Tensor, ...], interleave: bool) -> MlaWeights | None:
+    """The layer's weight struct over ``tensors`` (:func:`_weight_tensors`' order); None where the kernel does not
+    take them."""
+    q_lora = mla.q_lora_rank is not None
+    n_proj = 4 if q_lora else 3
+    projections, small = tensors[:n_proj], tensors[n_proj:]
     code = cpu_kernels.WEIGHT_CODES.get(projections[0].dtype)
     if code is None or any(w.dtype != projections[0].dtype or w.device.type != "cpu" or not w.is_contiguous()
                            for w in projections):
         return None
-    small = [mla.kv_norm.weight, mla.wkv_b.weight] + ([] if mla.q_lora_rank is None else [mla.q_norm.weight])
     if not _fp32_cpu(*small):
         return None
-    q_lora = mla.q_lora_rank is not None
+    addr = dict(zip(("wq_a", "wq_b") if q_lora else ("wq",), (t.data_ptr() for t in projections)))
+    wkv_a, wo = projections[-2:]
+    kv_norm, wkv_b = small[:2]
     return MlaWeights(
-        wq=None if q_lora else mla.wq.weight.data_ptr(), wq_a=mla.wq_a.weight.data_ptr() if q_lora else None,
-        wq_b=mla.wq_b.weight.data_ptr() if q_lora else None, wkv_a=mla.wkv_a.weight.data_ptr(),
-        wo=mla.wo.weight.data_ptr(), q_norm=mla.q_norm.weight.data_ptr() if q_lora else None,
-        kv_norm=mla.kv_norm.weight.data_ptr(), wkv_b=mla.wkv_b.weight.data_ptr(),
+        wq=addr.get("wq"), wq_a=addr.get("wq_a"), wq_b=addr.get("wq_b"), wkv_a=wkv_a.data_ptr(), wo=wo.data_ptr(),
+        q_norm=small[2].data_ptr() if q_lora else None, kv_norm=kv_norm.data_ptr(), wkv_b=wkv_b.data_ptr(),
         q_eps=mla.q_norm.eps if q_lora else 0.0, kv_eps=mla.kv_norm.eps, scale=mla.softmax_scale, wdtype=code,
-        interleave=int(interleave), D=mla.wkv_a.weight.shape[1], Lq=mla.q_lora_rank or 0, H=mla.n_heads,
+        interleave=int(interleave), D=wkv_a.shape[1], Lq=mla.q_lora_rank or 0, H=mla.n_heads,
         N=mla.qk_nope_head_dim, R=mla.qk_rope_head_dim, C=mla.kv_lora_rank, V=mla.v_head_dim)
 
 

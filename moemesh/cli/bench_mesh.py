@@ -119,10 +119,10 @@ class _Echo:
 class Floors(NamedTuple):
     """The kernel's floors for the hop's bytes (moemesh/wire/tcp_floor.py), each the quickest round's median (us):
     C ping-pongs spinning on two cores (the tcp stream's mode) and blocking on one core (a blocking echo's when
-    the scheduler keeps it beside its client); None without a C compiler."""
+    the scheduler keeps it beside its client); inf where they could not be measured (:func:`_floor`)."""
 
-    spin_us: float | None
-    one_core_us: float | None
+    spin_us: float
+    one_core_us: float
 
 
 def _hops_and_echo(link: NodeLink, echo: _Echo, shape: tuple, n: int) -> tuple[float, float, float, int, Floors]:
@@ -139,8 +139,7 @@ def _hops_and_echo(link: NodeLink, echo: _Echo, shape: tuple, n: int) -> tuple[f
         spin = min(spin, _floor(nbytes, per_round, spin=True))
         one_core = min(one_core, _floor(nbytes, per_round, spin=False, one_core=True))
         hop_work = min(hop_work, _hop_round(link, work, per_round))
-    floors = Floors(*(None if v == float("inf") else v for v in (spin, one_core)))
-    return hop, hop_work, echo_us, nbytes, floors
+    return hop, hop_work, echo_us, nbytes, Floors(spin, one_core)
 
 
 def _mesh_run(args, econf, node_list, transport: str, micro_batches: int | str, prompts, params):
@@ -169,10 +168,8 @@ def _floor(nbytes: int, rounds: int, **mode) -> float:
     return float("inf") if got is None else got
 
 
-def _least(values) -> float | None:
-    """The smallest of the values that are not None; None if all are."""
-    got = [v for v in values if v is not None]
-    return min(got) if got else None
+def _measured(us: float) -> float | None:
+    return None if us == float("inf") else us
 
 
 def _ratio(a: float, b: float | None) -> float | None:
@@ -242,7 +239,8 @@ def run_mesh_bench(args: argparse.Namespace) -> int:
                 node.stop()
     nbytes = hops["grpc"][3]
     echo = min(h[2] for h in hops.values())  # the quickest echo round of the whole run
-    floors = Floors(*(_least(h[4][i] for h in hops.values()) for i in range(2)))  # likewise
+    # likewise; None from here on where a floor was not measured
+    floors = Floors(*(_measured(min(h[4][i] for h in hops.values())) for i in range(2)))
     grpc_on, grpc_off = results["grpc", "on"][0], results["grpc", "off"][0]
     out = {
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,

@@ -52,4 +52,4 @@ def test_a_floor_that_fails_leaves_the_bench_its_other_figures(monkeypatch):
 
     monkeypatch.setattr(tcp_floor, "floor_us", refuse)
     assert bench_mesh._floor(600, 10, spin=True) == float("inf")
-    assert bench_mesh._least([None, 3.0, 2.0]) == 2.0 and bench_mesh._least([None]) is None
+    assert bench_mesh._measured(float("inf")) is None and bench_mesh._measured(2.0) == 2.0
